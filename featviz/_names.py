@@ -1,0 +1,18 @@
+"""Choice names shared by the CLI and the registries (torch-free).
+
+The CLI needs these names for ``--help`` without importing torch; tests keep them in sync
+with the registries that hold the real objects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+FormatName = Literal[
+    "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino",
+    "solo_learn", "lightly", "simclr_v1", "cac", "timm", "torchvision",
+]
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+CheckpointKey = Literal["teacher", "student"]

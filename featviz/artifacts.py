@@ -1,0 +1,148 @@
+"""The files stages exchange: embeddings ``.npz`` plus ``manifest.json`` (numpy only, no torch).
+
+An embeddings file holds ``features`` (N, D) float32, ``labels`` (N,) int64 (-1 = unknown),
+``class_names``, ``ids`` and, for pixel embeddings, ``image_index`` (N,) and ``yx`` (N, 2).
+It is written with ``allow_pickle=False`` and carries its own manifest as a JSON string under
+``manifest``; a ``manifest.json`` with the same content is written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featviz.errors import ArtifactError, DataError
+from featviz.outputs import atomic_path, check_writable, to_jsonable, write_json
+
+REQUIRED = ("features", "labels")
+
+
+@dataclass
+class Embeddings:
+    """Image or pixel embeddings with their labels.
+
+    Attributes:
+        features: (N, D) float32.
+        labels: (N,) int64; -1 means unknown.
+        class_names: names for label values 0..C-1 (may be empty).
+        ids: (N,) str, e.g. image paths.
+        image_index: (N,) int64 for pixel embeddings: which image each pixel came from.
+        yx: (N, 2) int64 for pixel embeddings: the pixel's (y, x) in its image/mask.
+        manifest: provenance (versions, arguments, checkpoint load report, seed).
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    class_names: list[str] = field(default_factory=list)
+    ids: np.ndarray | None = None
+    image_index: np.ndarray | None = None
+    yx: np.ndarray | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
+        if self.features.ndim != 2:
+            raise ArtifactError(f"features must be (N, D), got shape {self.features.shape}")
+        n = len(self.features)
+        self.labels = np.full(n, -1, np.int64) if self.labels is None else np.asarray(self.labels, np.int64)
+        if self.labels.shape != (n,):
+            raise ArtifactError(f"labels must be ({n},) to match features, got {self.labels.shape}")
+        if self.ids is None:
+            self.ids = np.array([str(i) for i in range(n)])
+        self.ids = np.asarray(self.ids).astype(str)
+        self.class_names = [str(c) for c in self.class_names]
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def is_pixels(self) -> bool:
+        return self.image_index is not None
+
+    def label_names(self) -> list[str]:
+        """Name per label value present, falling back to the number itself."""
+        return [self.class_names[i] if 0 <= i < len(self.class_names) else str(i)
+                for i in range(int(self.labels.max(initial=-1)) + 1)]
+
+    def subset(self, idx: np.ndarray) -> Embeddings:
+        """Rows ``idx`` as a new Embeddings (same class names and manifest)."""
+        return Embeddings(
+            self.features[idx], self.labels[idx], self.class_names, self.ids[idx],
+            None if self.image_index is None else self.image_index[idx],
+            None if self.yx is None else self.yx[idx], dict(self.manifest),
+        )
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write ``path`` (.npz, allow_pickle=False) and ``manifest.json`` beside it, atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ArtifactError(f"embeddings are saved as .npz, got {path.name!r}; use a name ending in .npz")
+        check_writable(path, force=force)
+        manifest = to_jsonable({**self.manifest, "output": path.name, "n": self.n, "d": self.d})
+        arrays: dict[str, np.ndarray] = {
+            "features": self.features, "labels": self.labels,
+            "class_names": np.array(self.class_names, dtype=str), "ids": self.ids,
+            "manifest": np.array(json.dumps(manifest)),
+        }
+        if self.image_index is not None:
+            arrays["image_index"] = np.asarray(self.image_index, np.int64)
+            arrays["yx"] = np.asarray(self.yx, np.int64).reshape(-1, 2)
+        with atomic_path(path, force=True) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        write_json(path.with_name("manifest.json"), manifest, force=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embeddings:
+        """Read an embeddings ``.npz`` written by ``save`` (or any npz with ``features``).
+
+        Raises:
+            ArtifactError: missing file, not an npz, or without a (N, D) ``features`` array.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"embeddings file {str(path)!r} does not exist; create it with `featviz embed`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{str(path)!r} is not a readable .npz file ({e})") from None
+        if "features" not in data:
+            raise ArtifactError(f"{str(path)!r} has no 'features' array (found: {sorted(data)}); "
+                                "expected an embeddings file from `featviz embed`")
+        manifest = {}
+        if "manifest" in data:
+            try:
+                manifest = json.loads(str(data["manifest"]))
+            except json.JSONDecodeError:
+                manifest = {}
+        return cls(
+            features=data["features"], labels=data.get("labels"),
+            class_names=list(data.get("class_names", [])), ids=data.get("ids"),
+            image_index=data.get("image_index"), yx=data.get("yx"), manifest=manifest,
+        )
+
+
+def check_finite(features: np.ndarray, *, what: str = "features", drop: bool = False) -> np.ndarray:
+    """Return a boolean mask of finite rows; raise unless ``drop`` when some are not.
+
+    Raises:
+        DataError: NaN/Inf rows exist and ``drop`` is False.
+    """
+    ok = np.isfinite(features).all(axis=1)
+    bad = int((~ok).sum())
+    if bad and not drop:
+        raise DataError(f"{bad} of {len(features)} {what} rows contain NaN or Inf; "
+                        "fix the model/inputs, or pass --drop-nonfinite to drop them")
+    return ok

@@ -1,0 +1,229 @@
+"""The featviz command line: a thin Typer view over the library.
+
+Module-level imports stay torch-free (typer, rich, stdlib, featviz's light modules), so
+``featviz --help`` is fast; each command imports the library module it needs inside its body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from featviz import __version__
+from featviz._names import CheckpointKey, DeviceName, FormatName
+from featviz.errors import FeatvizError
+
+app = typer.Typer(
+    name="featviz",
+    help="Visualize and diagnose the features that self-supervised vision models learn.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+out = Console()  # results
+err = Console(stderr=True)  # progress, logs, errors
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a FeatvizError into one red line on stderr and exit code 1."""
+    try:
+        yield
+    except FeatvizError as e:
+        msg = str(e).replace("[", r"\[")
+        err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def _echo_json(obj: Any) -> None:
+    from featviz.outputs import to_jsonable
+
+    typer.echo(json.dumps(to_jsonable(obj), indent=2))
+
+
+def _progress(description: str):
+    """A rich progress wrapper for library loops (the library itself has no rich dependency)."""
+
+    def wrap(iterable, total: int | None = None):
+        from rich.progress import track
+
+        return track(iterable, description=description, total=total, console=err, transient=True)
+
+    return wrap
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"featviz {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log details to stderr.")] = False,
+) -> None:
+    """Visualize and diagnose the features that self-supervised vision models learn."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_time=False, show_path=verbose)],
+        force=True,
+    )
+    # library warnings always reach the user; third-party chatter only with -v
+    logging.getLogger("featviz").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# ---------------------------------------------------------------- shared options
+CheckpointOpt = Annotated[
+    Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors).")
+]
+ArchOpt = Annotated[
+    Optional[str],
+    typer.Option("--arch", "-a", help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. Inferred from the checkpoint when omitted."),
+]
+FormatOpt = Annotated[FormatName, typer.Option("--format", help="Checkpoint layout; 'auto' detects it.")]
+NumHeadsOpt = Annotated[
+    Optional[int], typer.Option("--num-heads", min=1, help="ViT attention heads (cannot be inferred from weights).")
+]
+CheckpointKeyOpt = Annotated[
+    Optional[CheckpointKey], typer.Option("--checkpoint-key", help="DINO full checkpoints: which network (default teacher).")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust-checkpoint", help="Allow arbitrary pickles (weights_only=False). Only for files you trust."),
+]
+DeviceOpt = Annotated[DeviceName, typer.Option("--device", help="auto = CUDA when available, else CPU.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+
+
+def _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust) -> dict[str, Any]:
+    return dict(arch=arch, format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust)
+
+
+# ---------------------------------------------------------------- checkpoints
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file to inspect.")],
+    arch: ArchOpt = None,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Detect a checkpoint's layout and architecture, and verify that its encoder loads."""
+    from featviz import checkpoints
+
+    with _user_errors():
+        _, report = checkpoints.load_backbone(
+            checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        )
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        out.print(report.to_rich())
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to convert.")],
+    output: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    arch: ArchOpt = None,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Write the encoder plus metadata to a pickle-free .safetensors file."""
+    from featviz import checkpoints
+
+    with _user_errors():
+        path = checkpoints.convert_checkpoint(
+            checkpoint, output, force=force, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        )
+    typer.echo(str(path))
+
+
+@app.command()
+def layers(
+    arch: ArchOpt = None,
+    checkpoint: CheckpointOpt = None,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="Dummy input size (default: the model's).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List named modules with their output shapes: the names that cam and embed accept."""
+    from featviz import models
+
+    with _user_errors():
+        model = models.resolve_model(
+            arch=arch, checkpoint=checkpoint, **_load_kwargs(None, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        )
+        rows = models.list_layers(model, image_size=image_size)
+    if as_json:
+        _echo_json([r._asdict() for r in rows])
+        return
+    from rich.table import Table
+
+    table = Table("layer", "type", "output shape", "params", box=None)
+    for r in rows:
+        table.add_row(r.name, r.type, "×".join(map(str, r.shape)) if r.shape else "-", f"{r.params:,}")
+    out.print(table)
+
+
+# ---------------------------------------------------------------- embed / tsne
+
+
+# ---------------------------------------------------------------- cam
+
+
+# ---------------------------------------------------------------- collapse
+
+
+# ---------------------------------------------------------------- train
+
+
+# ---------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("featviz-demo"),
+    force: ForceOpt = True,
+) -> None:
+    """Run featviz end to end on the bundled sample data (offline, CPU)."""
+    from featviz import demo as demo_lib
+
+    with _user_errors():
+        outputs = demo_lib.run_demo(out_dir, force=force, progress=_progress)
+    for name, (path, command) in outputs.items():
+        out.print(f"[bold]{name}[/]: {path}\n  [dim]$ {command}[/]", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
