@@ -16,3 +16,7 @@ FormatName = Literal[
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 CheckpointKey = Literal["teacher", "student"]
+
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+
+FigureName = Literal["cac"]
