@@ -366,7 +366,7 @@ def tsne(
             if checkpoints and len(checkpoints) > 1:
                 raise _usage("end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files")
             emb = embed_lib.run_embed(
-                out=None, images=images, checkpoint=checkpoints[0] if checkpoints else None, arch=arch,
+                out=None, checkpoint=checkpoints[0] if checkpoints else None, arch=arch,
                 progress=_progress("embedding"), load_kwargs=load_kwargs,
                 **_embed_kwargs(images, labels, pixels, masks, layer, max_pixels_per_class, image_size,
                                 batch_size, device, precision, workers, seed, strict, drop_nonfinite))
