@@ -179,7 +179,7 @@ def layers(
 
     with _user_errors():
         model = models.resolve_model(
-            arch=arch, checkpoint=checkpoint, **_load_kwargs(None, fmt, num_heads, checkpoint_key, trust_checkpoint)
+            checkpoint=checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
         rows = models.list_layers(model, image_size=image_size)
     if as_json:
