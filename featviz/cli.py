@@ -208,8 +208,8 @@ def layers(
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("featviz-demo"),
-    force: ForceOpt = True,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (an earlier demo's is replaced).")] = Path("featviz-demo"),
+    force: ForceOpt = False,
 ) -> None:
     """Run featviz end to end on the bundled sample data (offline, CPU)."""
     from featviz import demo as demo_lib
