@@ -84,8 +84,7 @@ def _main(
         handlers=[RichHandler(console=err, show_time=False, show_path=verbose)],
         force=True,
     )
-    # library warnings always reach the user; third-party chatter only with -v
-    logging.getLogger("featviz").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v
 
 
 # ---------------------------------------------------------------- shared options
