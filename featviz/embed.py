@@ -407,6 +407,8 @@ def _concat_pixels(parts: list[PixelFeatures], k: int | None) -> PixelFeatures:
         np.concatenate([p.keys for p in parts]),
         sorted(i for p in parts for i in p.skipped), sorted(i for p in parts for i in p.ignore_only),
         next((p.grid for p in parts if p.grid), None))
+    if k is None:  # keep everything: no second copy of the features
+        return cat
     keep = _bottom_k(cat.labels, cat.keys, k)
     return PixelFeatures(cat.features[keep], cat.labels[keep], cat.image_index[keep], cat.yx[keep],
                          cat.keys[keep], cat.skipped, cat.ignore_only, cat.grid)
