@@ -148,3 +148,16 @@ def test_torchrun_two_processes_write_the_same_file(tmp_path, seg_small):
     np.testing.assert_array_equal(merged.ids, single.ids)
     np.testing.assert_allclose(merged.features, single.features, rtol=1e-5, atol=1e-5)
     assert len(set(merged.image_index)) == 6  # both shards made it into the file
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_matches_cpu_float32(sample_dir):
+    """The GPU path (autocast bf16/fp16, channels_last, pinned memory, workers) gives the CPU features."""
+    kw = dict(out=None, images=sample_dir / "photos", arch=ARCH, image_size=32, batch_size=8)
+    cpu = embed.run_embed(device="cpu", **kw)
+    gpu = embed.run_embed(device="cuda", **kw)
+    assert gpu.manifest["autocast"] in ("bfloat16", "float16") and gpu.features.dtype == np.float32
+    np.testing.assert_array_equal(gpu.ids, cpu.ids)
+    cos = (gpu.features * cpu.features).sum(1) / (np.linalg.norm(gpu.features, axis=1) * np.linalg.norm(cpu.features, axis=1))
+    assert cos.min() > 0.99
