@@ -370,7 +370,7 @@ def tsne(
                 **_embed_kwargs(images, labels, pixels, masks, layer, max_pixels_per_class, image_size,
                                 batch_size, device, precision, workers, seed, strict, drop_nonfinite))
             embs = [emb]
-            panel_names = _split_names(names, 1, [Path(str(checkpoints[0])).stem if checkpoints else f"{arch} (random init)"])
+            panel_names = _split_names(names, 1, [_checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"])
         else:
             raise _usage("give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
                          "--checkpoint/--arch, or --figure cac")
@@ -391,6 +391,16 @@ def tsne(
         typer.echo(str(coords))
 
 
+def _checkpoint_name(path: Path) -> str:
+    """A checkpoint's display name: its file name without checkpoint suffixes (``x.pth.tar`` -> ``x``)."""
+    name = path.name
+    while True:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext.lower() not in ("tar", "pth", "pt", "ckpt", "safetensors", "bin", "pkl"):
+            return name
+        name = stem
+
+
 def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size, base_size, max_pixels, row_names,
                  model_seeds, layer, seed, perplexity, iterations, device, force, load_kwargs) -> dict[str, Any]:
     from featviz import embed as embed_lib
@@ -402,7 +412,7 @@ def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size,
     if checkpoints:
         for c in checkpoints:
             model, report = embed_lib.load_model(checkpoint=c, arch=arch, **load_kwargs)
-            rows.append((c.stem, model, {"checkpoint": str(c), "load_report": report}))
+            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
     elif arch:
         for s in model_seeds or [0]:
             model, _ = embed_lib.load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
