@@ -288,7 +288,7 @@ def tsne(
     sample: Annotated[Optional[int], typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")] = None,
     perplexity: Annotated[float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")] = 30.0,
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="Optimisation iterations after early exaggeration.")] = 500,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", help="openTSNE threads (default: 1 below 20k points, else all cores).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="openTSNE threads (default: 1 below 20k points, else the idle cores).")] = None,
     names: Annotated[Optional[str], typer.Option("--names", help="Panel names, comma-separated (default: file stems).")] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
     seed: SeedOpt = 0,

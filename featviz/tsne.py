@@ -38,12 +38,7 @@ THREADS_FROM = 20_000
 
 @dataclass
 class TsneParams:
-    """openTSNE settings featviz exposes (openTSNE's defaults; ``n_jobs=None`` picks by size).
-
-    ``n_jobs=None`` uses one thread below ``THREADS_FROM`` points, where openTSNE's thread
-    start-up costs more than it saves (measured: digits 1.8k points, 2 threads 3x slower than
-    one on a busy 2-core machine), and every core above it.
-    """
+    """openTSNE settings featviz exposes (openTSNE's defaults; ``n_jobs=None`` picks, see ``auto_jobs``)."""
 
     perplexity: float = 30.0
     seed: int = 0
@@ -143,6 +138,25 @@ def _callbacks(progress: Progress, total: int):
     return step, finish
 
 
+def auto_jobs(n: int) -> int:
+    """openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
+
+    Below 20k points thread start-up costs more than it saves; above, extra threads only help when
+    cores are free: on a busy machine they fight for the same cores (measured on a shared 2-core
+    machine: 20k points, 75 s with 2 threads vs 60 s with 1; digits, 3x slower with 2).
+    """
+    if n < THREADS_FROM:
+        return 1
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        busy = 0.0
+    jobs = max(1, min(cores, int(cores - busy + 0.5)))
+    log.debug("openTSNE threads: %d (%d cores, load %.1f)", jobs, cores, busy)
+    return jobs
+
+
 def _tsne(params: TsneParams, n: int, progress: Progress):
     """An openTSNE ``TSNE`` for ``n`` points (``params.perplexity`` already clamped)."""
     from openTSNE import TSNE
@@ -152,7 +166,7 @@ def _tsne(params: TsneParams, n: int, progress: Progress):
     neighbors = params.neighbors
     if neighbors == "auto" and n < 1000:
         neighbors = "exact"
-    n_jobs = params.n_jobs if params.n_jobs is not None else (1 if n < THREADS_FROM else (os.cpu_count() or 1))
+    n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
     tsne = TSNE(perplexity=perplexity, n_iter=params.n_iter, early_exaggeration_iter=params.early_exaggeration_iter,
                 metric=params.metric, neighbors=neighbors, negative_gradient_method=params.negative_gradient_method,
                 n_jobs=n_jobs, random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
