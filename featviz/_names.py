@@ -16,3 +16,9 @@ FormatName = Literal[
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 CheckpointKey = Literal["teacher", "student"]
+
+MethodName = Literal[
+    "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",
+]
+
+OptimizerName = Literal["sgd", "adamw"]

@@ -59,7 +59,8 @@ class TrainConfig:
         method: a name in ``methods.METHODS`` or ``supervised_seg`` / ``cac``.
         data: an image folder, a labels CSV, ``digits``, or (segmentation) a VOC-layout folder.
         out: the run folder.
-        arch: backbone architecture (``featviz.models`` names).
+        arch: backbone architecture (``featviz.models`` names); default ``resnet18_w16-cifar``
+            (segmentation: ``resnet50_w16-os8``).
         epochs, batch_size: global batch size (split over DDP processes).
         lr: peak learning rate; default: the method's base lr scaled by batch_size / 256.
         optimizer: ``sgd`` or ``adamw``; default per method.
@@ -80,7 +81,7 @@ class TrainConfig:
     method: str
     data: str
     out: str
-    arch: str = "resnet18_w16-cifar"
+    arch: str | None = None
     epochs: int = 10
     batch_size: int = 256
     lr: float | None = None
@@ -119,13 +120,14 @@ class TrainConfig:
         return cls(**d)
 
 
-# method -> (optimizer, base lr per 256 images, weight decay); small-scale settings from the
-# papers' CIFAR-scale recipes (SGD + momentum 0.9, cosine), DINO's AdamW
+# method -> (optimizer, base lr, reference batch, weight decay): lr = base * batch / reference.
+# SSL: CIFAR-scale recipes (SGD + momentum 0.9, cosine; DINO AdamW); segmentation: CAC's
+# configs (SGD lr 0.01 for a batch of 8).
 _OPTIM = {
-    "simsiam": ("sgd", 0.06, 5e-4), "simclr": ("sgd", 0.3, 5e-4), "moco_v2": ("sgd", 0.06, 5e-4),
-    "moco_v3": ("sgd", 0.3, 5e-4), "byol": ("sgd", 0.3, 5e-4), "barlow_twins": ("sgd", 0.3, 5e-4),
-    "swav": ("sgd", 0.3, 5e-4), "dino": ("adamw", 5e-4, 0.04),
-    "supervised_seg": ("sgd", 0.02, 1e-4), "cac": ("sgd", 0.02, 1e-4),
+    "simsiam": ("sgd", 0.06, 256, 5e-4), "simclr": ("sgd", 0.3, 256, 5e-4), "moco_v2": ("sgd", 0.06, 256, 5e-4),
+    "moco_v3": ("sgd", 0.3, 256, 5e-4), "byol": ("sgd", 0.3, 256, 5e-4), "barlow_twins": ("sgd", 0.3, 256, 5e-4),
+    "swav": ("sgd", 0.3, 256, 5e-4), "dino": ("adamw", 5e-4, 256, 0.04),
+    "supervised_seg": ("sgd", 0.01, 8, 1e-4), "cac": ("sgd", 0.01, 8, 1e-4),
 }
 
 
@@ -369,7 +371,8 @@ def _choose_precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, boo
 
 
 def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
-          progress: Progress | None = None, on_log: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          progress: Progress | None = None, on_log: Callable[[dict[str, Any]], None] | None = None,
+          ) -> TrainResult | None:
     """Train ``config.method`` and write checkpoints and metrics to ``config.out``.
 
     Args:
@@ -380,6 +383,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
             ``progress(iterable, total=n)``); the loop sets ``.description`` of nothing itself.
         on_log: called with each metrics record (loss, lr, throughput, ...) as it is written.
 
+    Returns:
+        The result on the main process; None on the other DDP ranks.
+
     Raises:
         OutputExistsError: ``out`` exists without ``resume``/``force``, or ``resume`` finds nothing.
         DataError: the dataset is smaller than one batch, or unreadable.
@@ -389,6 +395,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
     from featviz.collapse import CollapseMonitor
 
     cfg = config
+    if cfg.arch is None:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "arch": "resnet50_w16-os8" if cfg.method in SEG_METHODS
+                                     else "resnet18_w16-cifar"})
     info = init_distributed(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
@@ -399,8 +408,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
             out = _prepare_run_dir(cfg, resume=resume, force=force)
             write_json(out / "config.json", cfg.to_dict())
         barrier(info)
-        return _run(cfg, task, info, out, resume=resume, progress=progress, on_log=on_log,
-                    monitor_cls=CollapseMonitor)
+        result = _run(cfg, task, info, out, resume=resume, progress=progress, on_log=on_log,
+                      monitor_cls=CollapseMonitor)
+        return result if info.is_main else None
     finally:
         cleanup(info)
 
@@ -421,9 +431,9 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
     else:
         ddp = model
 
-    opt_name, base_lr, wd = _OPTIM.get(cfg.method, ("sgd", 0.06, 5e-4))
+    opt_name, base_lr, ref_batch, wd = _OPTIM[cfg.method]
     opt_name = cfg.optimizer or opt_name
-    peak = cfg.lr if cfg.lr is not None else base_lr * cfg.batch_size / 256
+    peak = cfg.lr if cfg.lr is not None else base_lr * cfg.batch_size / ref_batch
     wd = cfg.weight_decay if cfg.weight_decay is not None else wd
     params = [p for p in model.parameters() if p.requires_grad]
     if opt_name == "adamw":
@@ -479,10 +489,11 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
             task.after_step(step, total)
             step += 1
             losses.append(float(loss.detach()))
-            seen += len(batch[1]) * info.world_size
+            seen += cfg.batch_size  # drop_last: every global batch is full
             if step % cfg.log_every == 0 and info.is_main:
                 rec = _log(monitor, task, out, step, kind="step", loss=losses[-1], lr=lr, epoch=epoch,
-                           images_per_s=round(seen / (time.perf_counter() - t_epoch), 1))
+                           images_per_s=round(seen / (time.perf_counter() - t_epoch), 1),
+                           **getattr(task, "last_parts", {}))
                 if rec and on_log:
                     on_log(rec)
         if not losses:
