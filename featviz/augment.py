@@ -49,11 +49,14 @@ def _maybe(t: Callable, p: float) -> Callable | None:
 
 def _view(size: int, *, scale: tuple[float, float], jitter: tuple[float, float, float, float],
           jitter_p: float = 0.8, gray_p: float = 0.2, blur_p: float = 0.0, solarize_p: float = 0.0,
+          hflip: bool = True, min_scale: float | None = None,
           mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> T.Compose:
     blur_p = blur_p if size >= 64 else 0.0  # papers drop blur at CIFAR scale
+    if min_scale is not None:
+        scale = (min_scale, max(min_scale, scale[1]))
     steps = [
         T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
+        T.RandomHorizontalFlip() if hflip else None,
         _maybe(T.ColorJitter(*jitter), jitter_p),
         _maybe(T.Grayscale(num_output_channels=3), gray_p),
         _maybe(GaussianBlur(scale=size / 224), blur_p),
@@ -95,14 +98,15 @@ RECIPES: dict[str, Recipe] = {
 class MultiView:
     """Turn one PIL image into the list of tensors a method's recipe asks for."""
 
-    def __init__(self, recipe: str, size: int, *, local_crops: int = 0,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, recipe: str, size: int, *, local_crops: int = 0, hflip: bool = True,
+                 min_scale: float | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         r = RECIPES[recipe]
-        self.globals_ = [_view(size, mean=mean, std=std, **g) for g in r.globals_]
+        self.globals_ = [_view(size, mean=mean, std=std, hflip=hflip, min_scale=min_scale, **g) for g in r.globals_]
         self.locals_ = []
-        if local_crops and r.local is not None:
+        if local_crops and r.local is not None:  # local crops keep their small scale range
             local_size = max(8, int(round(size * 96 / 224)))
-            self.locals_ = [_view(local_size, mean=mean, std=std, **r.local)] * local_crops
+            self.locals_ = [_view(local_size, mean=mean, std=std, hflip=hflip, **r.local)] * local_crops
 
     def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         return [t(img) for t in self.globals_] + [t(img) for t in self.locals_]
@@ -116,7 +120,6 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: Sequence, labels: np.ndarray, views: MultiView, *, seed: int = 0):
         self.items, self.labels, self.views, self.seed, self.epoch = list(items), labels, views, seed, 0
-        self._cache: dict[int, Image.Image] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -146,11 +149,3 @@ def collate_views(batch):
     n_views = len(batch[0][0])
     views = [torch.stack([b[0][v] for b in batch]) for v in range(n_views)]
     return views, torch.tensor([b[1] for b in batch]), torch.tensor([b[2] for b in batch])
-
-
-def lowlevel_augment(size: int | None = None) -> T.Compose:
-    """CAC's low-level (photometric) augmentation on a PIL crop (voc.py ``train_transform``)."""
-    steps = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if size is None or size >= 64:
-        steps.insert(0, T.RandomApply([GaussianBlur(scale=(size or 224) / 224)], p=0.5))
-    return T.Compose(steps)

@@ -254,6 +254,9 @@ def train(
     force: ForceOpt = False,
     no_stop_grad: Annotated[bool, typer.Option("--no-stop-grad", help="SimSiam ablation: let gradients through both branches (it collapses).")] = False,
     local_crops: Annotated[int, typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino).")] = 0,
+    min_scale: Annotated[Optional[float], typer.Option("--min-scale", min=0.01, max=1.0, help="Smallest crop area (overrides the recipe's, e.g. 0.5 for digits).")] = None,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (turn off for digits/text).")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (1 helps on a busy shared CPU).")] = None,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between metrics.jsonl lines.")] = 10,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N images.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 0,
@@ -277,7 +280,8 @@ def train(
     cfg = train_lib.TrainConfig(
         method=method, data=data, out=str(out_dir), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
-        device=device, seed=seed, stop_grad=not no_stop_grad, local_crops=local_crops, log_every=log_every,
+        device=device, seed=seed, stop_grad=not no_stop_grad, local_crops=local_crops, min_scale=min_scale,
+        hflip=hflip, threads=threads, log_every=log_every,
         limit=limit, workers=workers, amp=amp, channels_last=channels_last, selected_num=selected_num,
         iou_bound=tuple(iou_bound), temp=temp, weight_unsup=weight_unsup)
     wrap, on_log = _train_progress(log_every)

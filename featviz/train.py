@@ -69,6 +69,9 @@ class TrainConfig:
         image_size: training crop size (SSL) / crop size (segmentation).
         stop_grad: SimSiam's stop-gradient (False = the collapse ablation).
         local_crops: extra small crops for multi-crop methods (SwAV, DINO).
+        min_scale: override the recipe's smallest crop area (e.g. 0.5 for digits, whose identity
+            a 20% crop destroys). hflip: horizontal flips (off for digits: a flipped 2 is no 2).
+        threads: torch CPU threads (None = torch's default; 1 helps on a busy shared CPU).
         val_fraction: held-out share of labelled images for the kNN monitor.
         knn_k: neighbours of the kNN monitor.
         log_every: steps between metrics lines (an epoch line is always written).
@@ -93,6 +96,9 @@ class TrainConfig:
     seed: int = 0
     stop_grad: bool = True
     local_crops: int = 0
+    min_scale: float | None = None
+    hflip: bool = True
+    threads: int | None = None
     val_fraction: float = 0.2
     knn_k: int = 20
     log_every: int = 10
@@ -212,7 +218,8 @@ class SSLTask:
         self.items = [imgs.items[i] for i in self.train_idx]
         self.labels = labels[self.train_idx]
         self.all_items, self.all_labels = imgs.items, labels
-        views = augment.MultiView(cls.recipe, cfg.image_size, local_crops=cfg.local_crops if cls.multi_crop else 0)
+        views = augment.MultiView(cls.recipe, cfg.image_size, local_crops=cfg.local_crops if cls.multi_crop else 0,
+                                  hflip=cfg.hflip, min_scale=cfg.min_scale)
         self.dataset = augment.ViewDataset(self.items, self.labels, views, seed=cfg.seed)
         self.collate = augment.collate_views
         self.mean, self.std = data.IMAGENET_MEAN, data.IMAGENET_STD
@@ -398,6 +405,8 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
     if cfg.arch is None:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "arch": "resnet50_w16-os8" if cfg.method in SEG_METHODS
                                      else "resnet18_w16-cifar"})
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
@@ -481,7 +490,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                 kept = f"; the last good checkpoint is {str(last_good)!r}" if last_good.exists() else \
                     "; no epoch finished, so there is no checkpoint"
                 raise TrainingDivergedError(
-                    f"loss became {float(loss)} at epoch {epoch}, step {step} ({cfg.method}, lr {lr:.3g}){kept}; "
+                    f"loss became {float(loss.detach())} at epoch {epoch}, step {step} ({cfg.method}, lr {lr:.3g}){kept}; "
                     "lower --lr or add --warmup-epochs")
             opt.zero_grad(set_to_none=True)
             loss.backward()
