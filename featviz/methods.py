@@ -463,7 +463,8 @@ class DINO(MomentumMixin, SSLMethod):
         return {"backbone": self.target_backbone, "projector": self.target_projector}
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        s = [self.projector(self.backbone(v)) for v in views]
+        h = [self.backbone(v) for v in views]
+        s = [self.projector(x) for x in h]
         with torch.no_grad():
             t = [self.target_projector(self.target_backbone(v)) for v in views[:2]]
         loss, terms = 0.0, 0
@@ -471,7 +472,7 @@ class DINO(MomentumMixin, SSLMethod):
             for j, sj in enumerate(s):
                 if i != j:
                     loss, terms = loss + dino_h(ti, sj, self.center, self.tps, self.tpt), terms + 1
-        self._keep(s[0], s[1])
+        self._keep(h[0], h[1])  # backbone features: the K-way outputs are too wide to monitor cheaply
         self._teacher_mean = torch.cat(t).mean(dim=0, keepdim=True)
         return loss / terms
 

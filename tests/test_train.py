@@ -298,18 +298,23 @@ def test_cli_train_runs_and_resumes(cli, tmp_path):
 def test_ddp_two_processes_match_one(tmp_path):
     """2 gloo processes at global batch 8 end with the 1-process weights (DINO on a ViT: no BatchNorm)."""
     common = ["-m", "dino", "-d", "digits", "-a", "vit_tiny_patch8_32", "--image-size", "32", "-b", "8",
-              "--limit", "20", "-e", "1", "--device", "cpu", "--log-every", "1"]
+              "--limit", "20", "-e", "1", "--device", "cpu", "--log-every", "1", "--optimizer", "sgd", "--lr", "0.5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "featviz", "train", *common, "-o", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=150)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "featviz", "train", *common, "-o", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=150)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = _tensors(tmp_path / "one" / "last.safetensors"), _tensors(tmp_path / "two" / "last.safetensors")
+    # SGD, not AdamW: Adam's first steps are ~lr*sign(grad), which turns float-order noise in
+    # near-zero gradients into visible weight differences. Compare the full method state: the
+    # student (trained by gradients) and the EMA teacher.
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=True)["model"] for d in ("one", "two"))
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst < 1e-4, worst
+    init = build_backbone("vit_tiny_patch8_32", seed=0).state_dict()
+    moved = max((a[f"backbone.{k}"].float() - v.float()).abs().max().item() for k, v in init.items())
+    assert moved > 100 * worst and worst < 1e-4, (worst, moved)  # the runs trained, and agree
 
 
 # ---------------------------------------------------------------- GPU path
