@@ -239,7 +239,7 @@ def train(
     method: Annotated[MethodName, typer.Option("--method", "-m", help="SSL method, or supervised_seg / cac for segmentation.")],
     data: Annotated[str, typer.Option("--data", "-d", help="Image folder, labels CSV or 'digits'; for supervised_seg/cac a VOC-layout folder.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (RUN_DIR): checkpoints, metrics.jsonl, config.json.")],
-    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Backbone (default resnet18_w16-cifar; segmentation resnet50_w16-os8). resnet50 is the GPU path.")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Backbone (default resnet18_w16-cifar; segmentation resnet18_w16-os8). resnet50 is the GPU path.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.")] = 10,
     batch_size: BatchSizeOpt = 256,
     lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's base lr x batch/256).")] = None,

@@ -95,7 +95,7 @@ class Segmenter(nn.Module):
             from featviz.errors import ArchitectureError
 
             raise ArchitectureError(f"segmentation needs a torchvision ResNet backbone, got "
-                                    f"{backbone.featviz_arch.name!r}; use e.g. resnet50-os16 or resnet50_w16-os8")
+                                    f"{backbone.featviz_arch.name!r}; use e.g. resnet50-os16 or resnet18_w16-os8")
         self.backbone = backbone
         self.head_spec, self.projector_spec = dict(head), projector
         self.head = DeepLabV3PlusHead(head["in_ch"], head["low_ch"], head["num_classes"], head["dim"],
@@ -310,7 +310,7 @@ class SegTask:
             from featviz.errors import ArchitectureError
 
             raise ArchitectureError(f"segmentation needs a torchvision ResNet, got {cfg.arch!r}; "
-                                    "use e.g. resnet50_w16-os8 (CPU) or resnet50-os16")
+                                    "use e.g. resnet18_w16-os8 (CPU) or resnet50-os16")
         spec = head_spec(backbone, len(names), cfg.image_size)
         proj = {"type": "conv_mlp", "out": min(128, spec["dim"])} if cfg.method == "cac" else None
         self.model = Segmenter(backbone, spec, proj, names)

@@ -60,7 +60,7 @@ class TrainConfig:
         data: an image folder, a labels CSV, ``digits``, or (segmentation) a VOC-layout folder.
         out: the run folder.
         arch: backbone architecture (``featviz.models`` names); default ``resnet18_w16-cifar``
-            (segmentation: ``resnet50_w16-os8``).
+            (segmentation: ``resnet18_w16-os8``).
         epochs, batch_size: global batch size (split over DDP processes).
         lr: peak learning rate; default: the method's base lr scaled by batch_size / 256.
         optimizer: ``sgd`` or ``adamw``; default per method.
@@ -403,7 +403,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
 
     cfg = config
     if cfg.arch is None:
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "arch": "resnet50_w16-os8" if cfg.method in SEG_METHODS
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "arch": "resnet18_w16-os8" if cfg.method in SEG_METHODS
                                      else "resnet18_w16-cifar"})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
