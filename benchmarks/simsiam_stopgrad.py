@@ -67,7 +67,7 @@ def main() -> None:
     ax1.axhline(0.1 * ideal, color="black", ls=":", lw=1, label=r"$0.1/\sqrt{d}$")
     ax1.set(xlabel="training step", ylabel="std of l2-normalised output z", ylim=(0, ideal * 1.25),
             title=f"Collapse monitor (d = {d})")
-    ax1.legend(fontsize=8, loc="center right")
+    ax1.legend(fontsize=8, loc="lower left")
     ax2.axhline(100 * rnd, color="gray", ls="--", lw=1, label=f"random-init encoder ({100 * rnd:.1f}%)")
     ax2.set(xlabel="epoch", ylabel="kNN accuracy on held-out digits (%)", title="kNN monitor (k=20)")
     ax2.legend(fontsize=8, loc="lower right")

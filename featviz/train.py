@@ -245,11 +245,14 @@ class SSLTask:
         if self._eval_cache is None:
             from featviz.data import ImageDataset, collate, eval_transform
 
-            idx = np.concatenate([self.train_idx[:5000], self.val_idx[:2000]])
+            # cached as float16 within ~400 MB: 7000 images at 32 px, ~1300 at 224 px (2/3 bank, 1/3 queries)
+            cap = max(300, int(4e8 // (3 * self.cfg.image_size ** 2 * 2)))
+            self._n_bank = min(len(self.train_idx), 5000, cap * 2 // 3)
+            idx = np.concatenate([self.train_idx[:self._n_bank], self.val_idx[:min(2000, cap // 3)]])
             ds = ImageDataset([self.all_items[i] for i in idx], self.all_labels[idx],
                               eval_transform(self.cfg.image_size, self.mean, self.std), strict=True)
             x, y, _, _ = collate([ds[i] for i in range(len(ds))])
-            self._eval_cache = (x, y)
+            self._eval_cache = (x.half(), y)
         return self._eval_cache
 
     @torch.no_grad()
@@ -261,9 +264,9 @@ class SSLTask:
         was = backbone.training
         backbone.eval()
         x, y = self._eval_tensors()
-        feats = torch.cat([backbone(x[i:i + 512].to(device)).float().cpu() for i in range(0, len(x), 512)])
+        feats = torch.cat([backbone(x[i:i + 512].to(device).float()).float().cpu() for i in range(0, len(x), 512)])
         backbone.train(was)
-        n_tr = min(len(self.train_idx), 5000)
+        n_tr = self._n_bank
         return {"knn_acc": knn_accuracy(feats[:n_tr], y[:n_tr], feats[n_tr:], y[n_tr:], self.cfg.knn_k)}
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
