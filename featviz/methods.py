@@ -198,7 +198,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
     With DDP the candidates come from every rank (the global batch).
     """
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # fp32 under bf16 autocast
     z = torch.cat([gather(z1), gather(z2)])  # 2N x d (global)
     n = z.shape[0] // 2
     sim = z @ z.T / tau
@@ -211,12 +211,12 @@ def neg_cosine(p: torch.Tensor, z: torch.Tensor, stop_grad: bool = True) -> torc
     """SimSiam's D(p, z) = -cos(p, stopgrad(z)), averaged over the batch."""
     if stop_grad:
         z = z.detach()
-    return -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(dim=1).mean()
+    return -(F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
 
 
 def moco_ctr(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     """MoCo v3's ctr(q, k): InfoNCE against the (global) batch of keys, scaled by 2*tau."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
     k = gather(k)
     offset = dist.get_rank() * q.shape[0] if _distributed() else 0
     labels = torch.arange(q.shape[0], device=q.device) + offset
@@ -225,7 +225,7 @@ def moco_ctr(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
 
 def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
     """Barlow Twins: sum_i (1 - C_ii)^2 + lambda * sum_{i!=j} C_ij^2, C the batch cross-correlation."""
-    z1, z2 = gather(z1), gather(z2)
+    z1, z2 = gather(z1.float()), gather(z2.float())
     n = z1.shape[0]
     z1 = (z1 - z1.mean(0)) / z1.std(0, unbiased=False).add(1e-5)  # = BatchNorm1d(affine=False)
     z2 = (z2 - z2.mean(0)) / z2.std(0, unbiased=False).add(1e-5)
@@ -238,6 +238,7 @@ def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tenso
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """SwAV's Sinkhorn-Knopp: equipartitioned soft codes Q (B x K) from prototype scores."""
+    scores = scores.float()
     q = torch.exp((scores - scores.max()) / eps).T  # K x B; the max shift cancels in the normalisation
     k, b = q.shape
     q /= q.sum()
@@ -251,8 +252,8 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 
 def dino_h(t: torch.Tensor, s: torch.Tensor, center: torch.Tensor, tps: float, tpt: float) -> torch.Tensor:
     """DINO's H(t, s) = -sum softmax((t - C)/tpt) * log softmax(s/tps), averaged over the batch."""
-    t = F.softmax((t.detach() - center) / tpt, dim=1)
-    return -(t * F.log_softmax(s / tps, dim=1)).sum(dim=1).mean()
+    t = F.softmax((t.detach().float() - center) / tpt, dim=1)
+    return -(t * F.log_softmax(s.float() / tps, dim=1)).sum(dim=1).mean()
 
 
 # ---------------------------------------------------------------- methods
@@ -290,9 +291,9 @@ class MoCoV2(MomentumMixin, SSLMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        q = F.normalize(self.projector(self.backbone(views[0])), dim=1)  # NxC
+        q = F.normalize(self.projector(self.backbone(views[0])).float(), dim=1)  # NxC
         with torch.no_grad():
-            k = F.normalize(self.target_projector(self.target_backbone(views[1])), dim=1)
+            k = F.normalize(self.target_projector(self.target_backbone(views[1])).float(), dim=1)
         l_pos = (q * k).sum(dim=1, keepdim=True)  # Nx1
         l_neg = q @ self.queue.clone().T  # NxK
         logits = torch.cat([l_pos, l_neg], dim=1) / self.tau

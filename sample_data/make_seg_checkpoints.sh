@@ -5,7 +5,7 @@
 # `featviz tsne --figure cac` draws them as its two rows. Run from the repository root.
 set -euo pipefail
 RUNS=${RUNS:-runs}
-common=(-d sample_data/seg -a resnet18_w16-os8 -b 4 --image-size 64 -e 40 --threads 1 --log-every 3 --seed 0 --force)
+common=(-d sample_data/seg -a resnet18_w16-os8 -b 4 --image-size 64 -e 40 --lr 0.05 --threads 1 --log-every 3 --seed 0 --force)
 featviz train -m supervised_seg -o "$RUNS/seg_supervised" "${common[@]}"
 featviz train -m cac -o "$RUNS/seg_cac" "${common[@]}" --selected-num 256 --iou-bound 0.1 1.0
 cp "$RUNS/seg_supervised/last.safetensors" sample_data/checkpoints/seg_supervised.safetensors
