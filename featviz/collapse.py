@@ -90,6 +90,28 @@ def as_array(z: Any, *, what: str = "embeddings") -> np.ndarray:
     return z
 
 
+def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndarray:
+    """Read ``features`` from a featviz ``.npz``, or a raw ``.npy`` matrix (memory-mapped, not loaded).
+
+    Raises:
+        ArtifactError: missing file, unknown extension or malformed content.
+    """
+    from featviz.artifacts import Embeddings
+    from featviz.errors import ArtifactError
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        return Embeddings.load(path).features
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise ArtifactError(f"{what} file {str(path)!r} does not exist")
+        try:
+            return as_array(np.load(path, mmap_mode="r", allow_pickle=False), what=what)
+        except ValueError as e:
+            raise ArtifactError(f"{str(path)!r} is not a readable .npy matrix ({e})") from None
+    raise ArtifactError(f"{what} must be an .npz from `featviz embed` or an (N, D) .npy, got {path.name!r}")
+
+
 def _check_shape(n: int, d: int, what: str = "embeddings") -> None:
     if d < 2:
         raise DataError(f"{what} have D={d} channel; collapse metrics need D ≥ 2 "
@@ -237,12 +259,13 @@ def alpha_req_from_eigenvalues(lam: np.ndarray, fit_range: tuple[int, int] = ALP
 
     Returns:
         (alpha, r2, (lo, hi) actually used); alpha and r2 are None when fewer than 5
-        positive eigenvalues fall in the range (D too small, or a collapsed spectrum).
+        eigenvalues above the float64 noise floor (1e-12·λ_1) fall in the range (D too small,
+        or a collapsed spectrum).
     """
     lo, hi = int(fit_range[0]), int(min(fit_range[1], len(lam) + 1))
     ranks = np.arange(max(lo, 1), hi)
     vals = lam[ranks - 1] if len(ranks) else np.array([])
-    good = vals > 0
+    good = vals > 1e-12 * lam[0] if len(lam) and lam[0] > 0 else np.zeros(len(vals), bool)  # above float64 noise
     if good.sum() < 5:
         return None, None, (lo, hi)
     x, y, w = np.log(ranks[good]), np.log(vals[good]), 1.0 / ranks[good]
@@ -423,7 +446,8 @@ class CollapseReport:
         return min(self.n, self.d)
 
     def flags(self, std_fraction: float = 0.3, rank_fraction: float = 0.1) -> list[str]:
-        """Human-readable warnings: complete collapse (std) and dimensional collapse (ranks)."""
+        """Collapse warnings: complete collapse (std_l2 below ``std_fraction``/√d) and dimensional
+        collapse (RankMe below ``rank_fraction``·min(N, D), or effective rank below 1.5)."""
         out = []
         if self.std_l2 < std_fraction * self.std_l2_ideal:
             out.append(f"std_l2 {self.std_l2:.4g} < {std_fraction:g} × 1/√d ({self.std_l2_ideal:.4g}): "
@@ -431,8 +455,6 @@ class CollapseReport:
         if self.rankme < rank_fraction * self.rank_bound or self.effective_rank < 1.5:
             out.append(f"dimensional collapse: RankMe {self.rankme:.3g} and effective rank "
                        f"{self.effective_rank:.3g} of at most {self.rank_bound}")
-        if self.n_nonfinite:
-            out.append(f"{self.n_nonfinite} rows with NaN/Inf were dropped")
         return out
 
     def to_dict(self, *, spectra: bool = False) -> dict[str, Any]:
@@ -488,6 +510,46 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
         alignment_alpha=alpha, uniformity_t=t, singular_values=sv, cov_eigenvalues=lam,
         normalized_cov_eigenvalues=lam_n,
     )
+
+
+def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.3, title: str | None = None):
+    """A rich Table: one row per metric, one column per output (backbone, projector, pixels …)."""
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    table = Table(title=title, box=None, header_style="bold")
+    table.add_column("metric")
+    for name in reports:
+        table.add_column(name, justify="right")
+    table.add_column("definition", style="dim", overflow="fold")
+    rows = [("n", "rows used"), ("d", "channels"), ("std_l2", DEFINITIONS["std_l2"]),
+            ("std_l2_ideal", DEFINITIONS["std_l2_ideal"]), ("collapse_level", DEFINITIONS["collapse_level"]),
+            ("rankme", DEFINITIONS["rankme"]), ("effective_rank", DEFINITIONS["effective_rank"]),
+            ("alpha_req", "power-law decay of cov(Z) eigenvalues, ranks [lo, hi), weights 1/i (Agrawal et al. 2022)"),
+            ("alpha_req_r2", "R² of that log-log fit"), ("alignment", DEFINITIONS["alignment"]),
+            ("uniformity", DEFINITIONS["uniformity"]), ("uniformity_ci95", "95 % CI when sampled (exact: -)")]
+    for key, definition in rows:
+        vals = []
+        for r in reports.values():
+            v = getattr(r, key)
+            if key == "uniformity_ci95" and v is not None:
+                v = f"[{v[0]:.4g}, {v[1]:.4g}] ({r.uniformity_pairs:,} pairs)"
+            elif key == "alpha_req" and v is not None:
+                v = f"{v:.3g} [{r.alpha_req_range[0]}, {r.alpha_req_range[1]})"
+            elif key == "std_l2":
+                style = "red" if v < std_fraction * r.std_l2_ideal else "green"
+                v = f"[{style}]{v:.4g}[/] ({100 * v / r.std_l2_ideal:.0f}% of ideal)"
+            vals.append(fmt(v))
+        table.add_row(key, *vals, definition)
+    return table
 
 
 # ------------------------------------------------------------------ training-loop monitor
@@ -632,3 +694,115 @@ def __getattr__(name: str) -> Any:
     if name == "CollapseCallback":
         return _lightning_callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------ plots (matplotlib, lazily)
+def _save(fig, path: str | os.PathLike, force: bool) -> Path:
+    from featviz.outputs import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    return Path(path)
+
+
+def plot_spectrum(reports: dict[str, CollapseReport], path: str | os.PathLike, *, title: str | None = None,
+                  force: bool = True) -> Path:
+    """Log-scale spectra of one or more outputs (backbone, projector, pixels …), PNG/PDF/SVG by extension.
+
+    Three panels, each normalised by its largest value: singular values of the uncentred Z (what
+    RankMe sees), eigenvalues of the centred covariance (effective rank, with the α-ReQ fit),
+    and eigenvalues of cov(normalize(Z)) (Jing et al. 2022's dimensional-collapse plot).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    floor = 1e-12  # log(0) guard: a collapsed direction plots at the floor, not off the axis
+    for (name, r), c in zip(reports.items(), colors * 4):
+        panels = [
+            (r.singular_values, f"{name}: RankMe {r.rankme:.1f}"),
+            (r.cov_eigenvalues, f"{name}: eff. rank {r.effective_rank:.1f}"
+             + (f", α={r.alpha_req:.2f} (R²={r.alpha_req_r2:.2f})" if r.alpha_req is not None else "")),
+            (r.normalized_cov_eigenvalues, f"{name}: std_l2 {r.std_l2:.3g} (ideal {r.std_l2_ideal:.3g})"),
+        ]
+        for ax, (vals, label) in zip(axes, panels):
+            if len(vals) == 0 or vals[0] <= 0:
+                continue
+            rel = np.maximum(vals / vals[0], floor)
+            ax.plot(np.arange(1, len(rel) + 1), rel, color=c, lw=1.8, label=label)
+        if r.alpha_req is not None:  # the fitted power law over its range, dashed
+            lo, hi = r.alpha_req_range
+            ranks = np.arange(lo, hi)
+            lam = r.cov_eigenvalues[ranks - 1] / r.cov_eigenvalues[0]
+            ranks, lam = ranks[lam > 0], lam[lam > 0]
+            b = np.average(np.log(lam) + r.alpha_req * np.log(ranks), weights=1 / ranks)
+            axes[1].plot(ranks, np.exp(b) * ranks ** -r.alpha_req, "--", color=c, lw=1, alpha=0.8)
+    titles = ["σ_k of Z (uncentred) — RankMe", "λ_k of cov(Z) (centred) — eff. rank, α-ReQ",
+              "λ_k of cov(normalize(Z)) — Jing et al."]
+    for ax, t in zip(axes, titles):
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        # at least three decades, so a healthy (flat) spectrum looks flat next to a collapsed one
+        ax.set_ylim(min(ax.get_ylim()[0], 1e-3), 2.0)
+        ax.set_xlabel("rank k")
+        ax.set_ylabel("relative to the largest")
+        ax.set_title(t, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower left")
+    any_r = next(iter(reports.values()))
+    fig.suptitle(title or f"Singular-value spectrum (N={any_r.n:,}, d={any_r.d})", fontsize=12)
+    return _save(fig, path, force)
+
+
+CURVE_PANELS = (
+    ("std_l2", "std of l2-normalised z", ("std_l2",)),
+    ("rank", "rank", ("rankme", "effective_rank")),
+    ("geometry", "alignment / uniformity", ("alignment", "uniformity")),
+    ("training", "training", ("loss", "knn_acc")),
+)
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_fraction: float = 0.3,
+                title: str | None = None, force: bool = True) -> Path:
+    """Metric curves over training steps from ``CollapseMonitor`` records (one panel per group).
+
+    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d.
+    """
+    from matplotlib.figure import Figure
+
+    recs = [r for r in records if "step" in r and r.get("event") is None and r.get("step") is not None]
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    styles = ["-o", "-s"]
+    for ax, (group, label, keys) in zip(axes, CURVE_PANELS):
+        lines = []
+        for k, (key, style) in enumerate(zip(keys, styles)):
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            # different units (alignment vs uniformity, loss vs accuracy) get their own y axis
+            target = ax.twinx() if k and group != "rank" else ax
+            x, y = zip(*pts)
+            lines += target.plot(x, y, style, ms=3, lw=1.5, color=f"C{k}", label=key)
+            if target is not ax:
+                target.set_ylabel(key, color=f"C{k}")
+                ax.set_ylabel(keys[0], color="C0")
+        if group == "std_l2":
+            ideal = [(r["step"], r["std_l2_ideal"]) for r in recs if r.get("std_l2_ideal")]
+            if ideal:
+                x, y = zip(*ideal)
+                lines += ax.plot(x, y, "--", color="gray", lw=1, label="ideal 1/√d")
+                lines += ax.plot(x, [v * std_fraction for v in y], ":", color="red", lw=1.2,
+                                 label=f"alarm {std_fraction:g}/√d")
+            ax.set_ylim(bottom=0)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(title or f"Collapse metrics over training ({len(recs)} records)", fontsize=12)
+    return _save(fig, path, force)
