@@ -274,7 +274,10 @@ def collapse(
     else:
         from featviz.collapse import report_table
 
-        out.print(report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {source}"))
+        wide = out.width >= 140  # definitions need room; narrow terminals get a pointer instead
+        out.print(report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {source}", definitions=wide))
+        if not wide:
+            out.print("[dim]definitions and papers: docs/metrics.md (or --json / report.json)[/]")
         for name, r in reports.items():
             if r.n_nonfinite:
                 err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")

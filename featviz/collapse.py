@@ -143,6 +143,10 @@ class Moments:
     Gram matrices are accumulated around a shift (the first kept row) so that a constant or
     strongly offset Z keeps its tiny covariance exactly; the uncentred Gram is rebuilt
     algebraically: ZᵀZ = G_s + a sᵀ + s aᵀ + n s sᵀ with a = Σ(z − s).
+
+    The Gram of Z is float64 throughout (RankMe needs tiny singular values right). The Gram of
+    normalize(Z) only feeds the spectrum plot, so its chunk products run in float32 (3× faster;
+    eigenvalues below ~1e-6 of the largest are rounding noise); std_l2 uses float64 column sums.
     """
 
     n: int
@@ -153,12 +157,18 @@ class Moments:
     shift_n: np.ndarray
     a_n: np.ndarray
     gram_n: np.ndarray
+    ss_n: np.ndarray | None = None
     align_sum: float = 0.0
     n_pairs: int = 0
 
     def uncentred_gram(self) -> np.ndarray:
         s, a = self.shift, self.a
         return self.gram + np.outer(a, s) + np.outer(s, a) + self.n * np.outer(s, s)
+
+    def std_l2(self) -> float:
+        """Mean over channels of the unbiased std of normalize(Z), from float64 column sums."""
+        var = (self.ss_n - self.a_n**2 / self.n) / (self.n - 1)
+        return float(np.sqrt(np.clip(var, 0, None)).mean())
 
     def covariance(self, normalized: bool = False) -> np.ndarray:
         g, a = (self.gram_n, self.a_n) if normalized else (self.gram, self.a)
@@ -194,35 +204,51 @@ def stream_moments(z: np.ndarray, z2: np.ndarray | None = None, *, alpha: float 
     if progress is not None:
         starts = progress(starts)
     m: Moments | None = None
+    # chunk buffers are allocated once: fresh 32 MB temporaries per chunk cost page faults
+    buf = np.empty((min(step, n), d))
+    nbuf = np.empty_like(buf)
+    nbuf32 = np.empty(buf.shape, np.float32)
+    ybuf = None if z2 is None else np.empty_like(buf)
     for s in starts:
-        x = np.asarray(z[s:s + step], dtype=np.float64)
-        y = None if z2 is None else np.asarray(z2[s:s + step], dtype=np.float64)
-        ok = np.isfinite(x).all(axis=1)
-        if y is not None:
-            ok &= np.isfinite(y).all(axis=1)
-        keep[s:s + step] = ok
+        rows = min(step, n - s)
+        x, xn = buf[:rows], nbuf[:rows]
+        x[...] = z[s:s + rows]  # float64 copy of the chunk
+        sq = np.einsum("ij,ij->i", x, x)  # NaN/Inf anywhere in a row makes its norm non-finite
+        ok = np.isfinite(sq)
+        y = None
+        if ybuf is not None:
+            y = ybuf[:rows]
+            y[...] = z2[s:s + rows]
+            ysq = np.einsum("ij,ij->i", y, y)
+            ok &= np.isfinite(ysq)
+        keep[s:s + rows] = ok
         if not ok.all():
             if not drop_nonfinite:
                 continue  # keep counting; refused after the pass with the full count
-            x = x[ok]
-            y = None if y is None else y[ok]
+            x, xn, sq = x[ok], xn[:int(ok.sum())], sq[ok]
+            if y is not None:
+                y, ysq = y[ok], ysq[ok]
         if not len(x):
             continue
-        xn = _normalize(x)
+        np.divide(x, np.maximum(np.sqrt(sq), NORM_EPS)[:, None], out=xn)
         if m is None:
             m = Moments(0, d, x[0].copy(), np.zeros(d), np.zeros((d, d)),
-                        xn[0].copy(), np.zeros(d), np.zeros((d, d)))
-        xs = x - m.shift
-        m.a += xs.sum(axis=0)
-        m.gram += xs.T @ xs  # numpy dispatches a.T @ a to SYRK (half the FLOPs)
-        xs = xn - m.shift_n
-        m.a_n += xs.sum(axis=0)
-        m.gram_n += xs.T @ xs
-        m.n += len(x)
+                        xn[0].copy(), np.zeros(d), np.zeros((d, d)), np.zeros(d))
         if y is not None:
-            diff = xn - _normalize(y)
-            m.align_sum += float(np.sum(np.sqrt(np.einsum("ij,ij->i", diff, diff)) ** alpha))
+            y /= np.maximum(np.sqrt(ysq), NORM_EPS)[:, None]
+            y -= xn
+            m.align_sum += float(np.sum(np.sqrt(np.einsum("ij,ij->i", y, y)) ** alpha))
             m.n_pairs += len(x)
+        x -= m.shift  # in place: the chunk is not needed unshifted any more
+        m.a += x.sum(axis=0)
+        m.gram += x.T @ x  # numpy dispatches a.T @ a to SYRK (half the FLOPs)
+        xn -= m.shift_n
+        m.a_n += xn.sum(axis=0)
+        m.ss_n += np.einsum("ij,ij->j", xn, xn)
+        x32 = nbuf32[:len(xn)]
+        x32[...] = xn
+        m.gram_n += x32.T @ x32
+        m.n += len(x)
     bad = int(n - keep.sum())
     if bad and not drop_nonfinite:
         raise DataError(f"{bad} of {n} rows{' (or their positives)' if z2 is not None else ''} contain "
@@ -340,15 +366,17 @@ def uniformity_sampled(z: Any, t: float = 2.0, *, pairs: int = UNIFORMITY_PAIRS,
     _check_shape(n, z.shape[1])
     rng = np.random.default_rng(seed)
     s1 = s2 = 0.0
-    step = max(1, _chunk_rows(z.shape[1]) // 2)
+    step = 16384
     for s in range(0, pairs, step):
         m = min(step, pairs - s)
         i = rng.integers(0, n, m)
         j = rng.integers(0, n - 1, m)
         j += j >= i  # uniform over ordered distinct pairs = uniform over unordered pairs
-        a = _normalize(np.asarray(z[idx[i]], dtype=np.float64))
-        b = _normalize(np.asarray(z[idx[j]], dtype=np.float64))
-        e = np.exp(-t * np.maximum(2.0 - 2.0 * np.einsum("ij,ij->i", a, b), 0.0))
+        a, b = np.asarray(z[idx[i]]), np.asarray(z[idx[j]])
+        # cos = aᵀb/(‖a‖‖b‖) without normalised copies; ‖â−b̂‖² = 2 − 2cos
+        cos = np.einsum("ij,ij->i", a, b) / np.maximum(
+            np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b)), NORM_EPS)
+        e = np.exp(-t * np.maximum(2.0 - 2.0 * cos.astype(np.float64), 0.0))
         s1 += float(e.sum())
         s2 += float((e * e).sum())
     mean = s1 / pairs
@@ -378,7 +406,7 @@ def std_l2(z: Any) -> float:
     Gaussian gives ≈1/√d, complete collapse gives 0 (Chen & He, CVPR 2021, §4.1).
     """
     m, _ = stream_moments(as_array(z))
-    return float(np.sqrt(np.clip(np.diag(m.covariance(normalized=True)), 0, None)).mean())
+    return m.std_l2()
 
 
 def alignment(x: Any, y: Any, alpha: float = 2.0) -> float:
@@ -496,11 +524,11 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
     lam = _eigh_desc(m.covariance())
     lam_n = _eigh_desc(m.covariance(normalized=True))
-    std = float(np.sqrt(np.clip(np.diag(m.covariance(normalized=True)), 0, None)).mean())
+    std = m.std_l2()
     ideal = 1.0 / math.sqrt(m.d)
     rows = None if keep.all() else np.flatnonzero(keep)
     uni = uniformity(z, t, exact_max=uniformity_exact_max, pairs=uniformity_pairs, seed=seed, rows=rows)
-    a, r2, used = alpha_req_from_eigenvalues(lam, alpha_range)
+    a, r2, used = alpha_req_from_eigenvalues(lam[: min(m.n - 1, m.d)], alpha_range)  # cov rank ≤ N − 1
     return CollapseReport(
         n=m.n, d=m.d, std_l2=std, std_l2_ideal=ideal, collapse_level=max(0.0, 1.0 - std / ideal),
         alignment=(m.align_sum / m.n_pairs) if m.n_pairs else None,
@@ -512,8 +540,10 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     )
 
 
-def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.3, title: str | None = None):
-    """A rich Table: one row per metric, one column per output (backbone, projector, pixels …)."""
+def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.3, title: str | None = None,
+                 definitions: bool = True):
+    """A rich Table: one row per metric, one column per output (backbone, projector, pixels …),
+    and each metric's definition when ``definitions``."""
     from rich.table import Table
 
     def fmt(v: Any) -> str:
@@ -529,7 +559,8 @@ def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.
     table.add_column("metric")
     for name in reports:
         table.add_column(name, justify="right")
-    table.add_column("definition", style="dim", overflow="fold")
+    if definitions:
+        table.add_column("definition", style="dim", overflow="fold")
     rows = [("n", "rows used"), ("d", "channels"), ("std_l2", DEFINITIONS["std_l2"]),
             ("std_l2_ideal", DEFINITIONS["std_l2_ideal"]), ("collapse_level", DEFINITIONS["collapse_level"]),
             ("rankme", DEFINITIONS["rankme"]), ("effective_rank", DEFINITIONS["effective_rank"]),
@@ -548,7 +579,7 @@ def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.
                 style = "red" if v < std_fraction * r.std_l2_ideal else "green"
                 v = f"[{style}]{v:.4g}[/] ({100 * v / r.std_l2_ideal:.0f}% of ideal)"
             vals.append(fmt(v))
-        table.add_row(key, *vals, definition)
+        table.add_row(key, *vals, *([definition] if definitions else []))
     return table
 
 

@@ -155,3 +155,21 @@ def test_watch_until_step_partial_lines_and_max_wait(cli, tmp_path):
 def test_watch_gives_up_on_a_run_that_never_appears(cli, tmp_path):
     res = cli("collapse", "--watch", tmp_path / "never", "--interval", "0.02", "--max-wait", "0.2")
     assert res.exit_code == 1 and "no metrics appeared" in res.output and "waiting for" in res.stderr
+
+
+def test_featviz_checkpoint_with_projector_reports_backbone_and_says_so(cli, sample_dir, tmp_path):
+    import torch
+
+    from featviz.checkpoints import save_featviz
+    from featviz.models import build_backbone
+
+    m = build_backbone("resnet18_w16-cifar", seed=1)
+    tensors = {f"backbone.{k}": v for k, v in m.state_dict().items()}
+    tensors["projector.0.weight"] = torch.randn(64, 128)
+    ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": m.featviz_arch.to_dict(),
+                      "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "source_format": "featviz"})
+    res = cli("collapse", "--checkpoint", ck, "--images", sample_dir / "photos", "--json", "--batch-size", "8",
+              "--device", "cpu")
+    data = _json(res)
+    assert set(data["outputs"]) == {"backbone"} and data["n"] == 20 and data["d"] == 128
+    assert "projector weights" in res.stderr
