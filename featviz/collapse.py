@@ -522,13 +522,14 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     z2 = None if z2 is None else as_array(z2, what="positives")
     m, keep = stream_moments(z, z2, alpha=alpha, drop_nonfinite=drop_nonfinite, progress=progress)
     sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
-    lam = _eigh_desc(m.covariance())
-    lam_n = _eigh_desc(m.covariance(normalized=True))
+    rank = min(m.n - 1, m.d)  # a covariance of N rows has rank ≤ N − 1: the rest is exactly zero
+    lam = _eigh_desc(m.covariance())[:rank]
+    lam_n = _eigh_desc(m.covariance(normalized=True))[:rank]
     std = m.std_l2()
     ideal = 1.0 / math.sqrt(m.d)
     rows = None if keep.all() else np.flatnonzero(keep)
     uni = uniformity(z, t, exact_max=uniformity_exact_max, pairs=uniformity_pairs, seed=seed, rows=rows)
-    a, r2, used = alpha_req_from_eigenvalues(lam[: min(m.n - 1, m.d)], alpha_range)  # cov rank ≤ N − 1
+    a, r2, used = alpha_req_from_eigenvalues(lam, alpha_range)
     return CollapseReport(
         n=m.n, d=m.d, std_l2=std, std_l2_ideal=ideal, collapse_level=max(0.0, 1.0 - std / ideal),
         alignment=(m.align_sum / m.n_pairs) if m.n_pairs else None,
