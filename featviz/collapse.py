@@ -90,6 +90,28 @@ def as_array(z: Any, *, what: str = "embeddings") -> np.ndarray:
     return z
 
 
+def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndarray:
+    """Read ``features`` from a featviz ``.npz``, or a raw ``.npy`` matrix (memory-mapped, not loaded).
+
+    Raises:
+        ArtifactError: missing file, unknown extension or malformed content.
+    """
+    from featviz.artifacts import Embeddings
+    from featviz.errors import ArtifactError
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        return Embeddings.load(path).features
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise ArtifactError(f"{what} file {str(path)!r} does not exist")
+        try:
+            return as_array(np.load(path, mmap_mode="r", allow_pickle=False), what=what)
+        except ValueError as e:
+            raise ArtifactError(f"{str(path)!r} is not a readable .npy matrix ({e})") from None
+    raise ArtifactError(f"{what} must be an .npz from `featviz embed` or an (N, D) .npy, got {path.name!r}")
+
+
 def _check_shape(n: int, d: int, what: str = "embeddings") -> None:
     if d < 2:
         raise DataError(f"{what} have D={d} channel; collapse metrics need D ≥ 2 "
@@ -121,6 +143,10 @@ class Moments:
     Gram matrices are accumulated around a shift (the first kept row) so that a constant or
     strongly offset Z keeps its tiny covariance exactly; the uncentred Gram is rebuilt
     algebraically: ZᵀZ = G_s + a sᵀ + s aᵀ + n s sᵀ with a = Σ(z − s).
+
+    The Gram of Z is float64 throughout (RankMe needs tiny singular values right). The Gram of
+    normalize(Z) only feeds the spectrum plot, so its chunk products run in float32 (3× faster;
+    eigenvalues below ~1e-6 of the largest are rounding noise); std_l2 uses float64 column sums.
     """
 
     n: int
@@ -131,12 +157,18 @@ class Moments:
     shift_n: np.ndarray
     a_n: np.ndarray
     gram_n: np.ndarray
+    ss_n: np.ndarray | None = None
     align_sum: float = 0.0
     n_pairs: int = 0
 
     def uncentred_gram(self) -> np.ndarray:
         s, a = self.shift, self.a
         return self.gram + np.outer(a, s) + np.outer(s, a) + self.n * np.outer(s, s)
+
+    def std_l2(self) -> float:
+        """Mean over channels of the unbiased std of normalize(Z), from float64 column sums."""
+        var = (self.ss_n - self.a_n**2 / self.n) / (self.n - 1)
+        return float(np.sqrt(np.clip(var, 0, None)).mean())
 
     def covariance(self, normalized: bool = False) -> np.ndarray:
         g, a = (self.gram_n, self.a_n) if normalized else (self.gram, self.a)
@@ -172,35 +204,51 @@ def stream_moments(z: np.ndarray, z2: np.ndarray | None = None, *, alpha: float 
     if progress is not None:
         starts = progress(starts)
     m: Moments | None = None
+    # chunk buffers are allocated once: fresh 32 MB temporaries per chunk cost page faults
+    buf = np.empty((min(step, n), d))
+    nbuf = np.empty_like(buf)
+    nbuf32 = np.empty(buf.shape, np.float32)
+    ybuf = None if z2 is None else np.empty_like(buf)
     for s in starts:
-        x = np.asarray(z[s:s + step], dtype=np.float64)
-        y = None if z2 is None else np.asarray(z2[s:s + step], dtype=np.float64)
-        ok = np.isfinite(x).all(axis=1)
-        if y is not None:
-            ok &= np.isfinite(y).all(axis=1)
-        keep[s:s + step] = ok
+        rows = min(step, n - s)
+        x, xn = buf[:rows], nbuf[:rows]
+        x[...] = z[s:s + rows]  # float64 copy of the chunk
+        sq = np.einsum("ij,ij->i", x, x)  # NaN/Inf anywhere in a row makes its norm non-finite
+        ok = np.isfinite(sq)
+        y = None
+        if ybuf is not None:
+            y = ybuf[:rows]
+            y[...] = z2[s:s + rows]
+            ysq = np.einsum("ij,ij->i", y, y)
+            ok &= np.isfinite(ysq)
+        keep[s:s + rows] = ok
         if not ok.all():
             if not drop_nonfinite:
                 continue  # keep counting; refused after the pass with the full count
-            x = x[ok]
-            y = None if y is None else y[ok]
+            x, xn, sq = x[ok], xn[:int(ok.sum())], sq[ok]
+            if y is not None:
+                y, ysq = y[ok], ysq[ok]
         if not len(x):
             continue
-        xn = _normalize(x)
+        np.divide(x, np.maximum(np.sqrt(sq), NORM_EPS)[:, None], out=xn)
         if m is None:
             m = Moments(0, d, x[0].copy(), np.zeros(d), np.zeros((d, d)),
-                        xn[0].copy(), np.zeros(d), np.zeros((d, d)))
-        xs = x - m.shift
-        m.a += xs.sum(axis=0)
-        m.gram += xs.T @ xs  # numpy dispatches a.T @ a to SYRK (half the FLOPs)
-        xs = xn - m.shift_n
-        m.a_n += xs.sum(axis=0)
-        m.gram_n += xs.T @ xs
-        m.n += len(x)
+                        xn[0].copy(), np.zeros(d), np.zeros((d, d)), np.zeros(d))
         if y is not None:
-            diff = xn - _normalize(y)
-            m.align_sum += float(np.sum(np.sqrt(np.einsum("ij,ij->i", diff, diff)) ** alpha))
+            y /= np.maximum(np.sqrt(ysq), NORM_EPS)[:, None]
+            y -= xn
+            m.align_sum += float(np.sum(np.sqrt(np.einsum("ij,ij->i", y, y)) ** alpha))
             m.n_pairs += len(x)
+        x -= m.shift  # in place: the chunk is not needed unshifted any more
+        m.a += x.sum(axis=0)
+        m.gram += x.T @ x  # numpy dispatches a.T @ a to SYRK (half the FLOPs)
+        xn -= m.shift_n
+        m.a_n += xn.sum(axis=0)
+        m.ss_n += np.einsum("ij,ij->j", xn, xn)
+        x32 = nbuf32[:len(xn)]
+        x32[...] = xn
+        m.gram_n += x32.T @ x32
+        m.n += len(x)
     bad = int(n - keep.sum())
     if bad and not drop_nonfinite:
         raise DataError(f"{bad} of {n} rows{' (or their positives)' if z2 is not None else ''} contain "
@@ -237,12 +285,13 @@ def alpha_req_from_eigenvalues(lam: np.ndarray, fit_range: tuple[int, int] = ALP
 
     Returns:
         (alpha, r2, (lo, hi) actually used); alpha and r2 are None when fewer than 5
-        positive eigenvalues fall in the range (D too small, or a collapsed spectrum).
+        eigenvalues above the float64 noise floor (1e-12·λ_1) fall in the range (D too small,
+        or a collapsed spectrum).
     """
     lo, hi = int(fit_range[0]), int(min(fit_range[1], len(lam) + 1))
     ranks = np.arange(max(lo, 1), hi)
     vals = lam[ranks - 1] if len(ranks) else np.array([])
-    good = vals > 0
+    good = vals > 1e-12 * lam[0] if len(lam) and lam[0] > 0 else np.zeros(len(vals), bool)  # above float64 noise
     if good.sum() < 5:
         return None, None, (lo, hi)
     x, y, w = np.log(ranks[good]), np.log(vals[good]), 1.0 / ranks[good]
@@ -317,15 +366,17 @@ def uniformity_sampled(z: Any, t: float = 2.0, *, pairs: int = UNIFORMITY_PAIRS,
     _check_shape(n, z.shape[1])
     rng = np.random.default_rng(seed)
     s1 = s2 = 0.0
-    step = max(1, _chunk_rows(z.shape[1]) // 2)
+    step = 16384
     for s in range(0, pairs, step):
         m = min(step, pairs - s)
         i = rng.integers(0, n, m)
         j = rng.integers(0, n - 1, m)
         j += j >= i  # uniform over ordered distinct pairs = uniform over unordered pairs
-        a = _normalize(np.asarray(z[idx[i]], dtype=np.float64))
-        b = _normalize(np.asarray(z[idx[j]], dtype=np.float64))
-        e = np.exp(-t * np.maximum(2.0 - 2.0 * np.einsum("ij,ij->i", a, b), 0.0))
+        a, b = np.asarray(z[idx[i]]), np.asarray(z[idx[j]])
+        # cos = aᵀb/(‖a‖‖b‖) without normalised copies; ‖â−b̂‖² = 2 − 2cos
+        cos = np.einsum("ij,ij->i", a, b) / np.maximum(
+            np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b)), NORM_EPS)
+        e = np.exp(-t * np.maximum(2.0 - 2.0 * cos.astype(np.float64), 0.0))
         s1 += float(e.sum())
         s2 += float((e * e).sum())
     mean = s1 / pairs
@@ -355,7 +406,7 @@ def std_l2(z: Any) -> float:
     Gaussian gives ≈1/√d, complete collapse gives 0 (Chen & He, CVPR 2021, §4.1).
     """
     m, _ = stream_moments(as_array(z))
-    return float(np.sqrt(np.clip(np.diag(m.covariance(normalized=True)), 0, None)).mean())
+    return m.std_l2()
 
 
 def alignment(x: Any, y: Any, alpha: float = 2.0) -> float:
@@ -423,7 +474,8 @@ class CollapseReport:
         return min(self.n, self.d)
 
     def flags(self, std_fraction: float = 0.3, rank_fraction: float = 0.1) -> list[str]:
-        """Human-readable warnings: complete collapse (std) and dimensional collapse (ranks)."""
+        """Collapse warnings: complete collapse (std_l2 below ``std_fraction``/√d) and dimensional
+        collapse (RankMe below ``rank_fraction``·min(N, D), or effective rank below 1.5)."""
         out = []
         if self.std_l2 < std_fraction * self.std_l2_ideal:
             out.append(f"std_l2 {self.std_l2:.4g} < {std_fraction:g} × 1/√d ({self.std_l2_ideal:.4g}): "
@@ -431,8 +483,6 @@ class CollapseReport:
         if self.rankme < rank_fraction * self.rank_bound or self.effective_rank < 1.5:
             out.append(f"dimensional collapse: RankMe {self.rankme:.3g} and effective rank "
                        f"{self.effective_rank:.3g} of at most {self.rank_bound}")
-        if self.n_nonfinite:
-            out.append(f"{self.n_nonfinite} rows with NaN/Inf were dropped")
         return out
 
     def to_dict(self, *, spectra: bool = False) -> dict[str, Any]:
@@ -472,9 +522,10 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     z2 = None if z2 is None else as_array(z2, what="positives")
     m, keep = stream_moments(z, z2, alpha=alpha, drop_nonfinite=drop_nonfinite, progress=progress)
     sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
-    lam = _eigh_desc(m.covariance())
-    lam_n = _eigh_desc(m.covariance(normalized=True))
-    std = float(np.sqrt(np.clip(np.diag(m.covariance(normalized=True)), 0, None)).mean())
+    rank = min(m.n - 1, m.d)  # a covariance of N rows has rank ≤ N − 1: the rest is exactly zero
+    lam = _eigh_desc(m.covariance())[:rank]
+    lam_n = _eigh_desc(m.covariance(normalized=True))[:rank]
+    std = m.std_l2()
     ideal = 1.0 / math.sqrt(m.d)
     rows = None if keep.all() else np.flatnonzero(keep)
     uni = uniformity(z, t, exact_max=uniformity_exact_max, pairs=uniformity_pairs, seed=seed, rows=rows)
@@ -488,6 +539,49 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
         alignment_alpha=alpha, uniformity_t=t, singular_values=sv, cov_eigenvalues=lam,
         normalized_cov_eigenvalues=lam_n,
     )
+
+
+def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.3, title: str | None = None,
+                 definitions: bool = True):
+    """A rich Table: one row per metric, one column per output (backbone, projector, pixels …),
+    and each metric's definition when ``definitions``."""
+    from rich.table import Table
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    table = Table(title=title, box=None, header_style="bold")
+    table.add_column("metric")
+    for name in reports:
+        table.add_column(name, justify="right")
+    if definitions:
+        table.add_column("definition", style="dim", overflow="fold")
+    rows = [("n", "rows used"), ("d", "channels"), ("std_l2", DEFINITIONS["std_l2"]),
+            ("std_l2_ideal", DEFINITIONS["std_l2_ideal"]), ("collapse_level", DEFINITIONS["collapse_level"]),
+            ("rankme", DEFINITIONS["rankme"]), ("effective_rank", DEFINITIONS["effective_rank"]),
+            ("alpha_req", "power-law decay of cov(Z) eigenvalues, ranks [lo, hi), weights 1/i (Agrawal et al. 2022)"),
+            ("alpha_req_r2", "R² of that log-log fit"), ("alignment", DEFINITIONS["alignment"]),
+            ("uniformity", DEFINITIONS["uniformity"]), ("uniformity_ci95", "95 % CI when sampled (exact: -)")]
+    for key, definition in rows:
+        vals = []
+        for r in reports.values():
+            v = getattr(r, key)
+            if key == "uniformity_ci95" and v is not None:
+                v = f"[{v[0]:.4g}, {v[1]:.4g}] ({r.uniformity_pairs:,} pairs)"
+            elif key == "alpha_req" and v is not None:
+                v = f"{v:.3g} [{r.alpha_req_range[0]}, {r.alpha_req_range[1]})"
+            elif key == "std_l2":
+                style = "red" if v < std_fraction * r.std_l2_ideal else "green"
+                v = f"[{style}]{v:.4g}[/] ({100 * v / r.std_l2_ideal:.0f}% of ideal)"
+            vals.append(fmt(v))
+        table.add_row(key, *vals, *([definition] if definitions else []))
+    return table
 
 
 # ------------------------------------------------------------------ training-loop monitor
@@ -632,3 +726,115 @@ def __getattr__(name: str) -> Any:
     if name == "CollapseCallback":
         return _lightning_callback_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------ plots (matplotlib, lazily)
+def _save(fig, path: str | os.PathLike, force: bool) -> Path:
+    from featviz.outputs import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    return Path(path)
+
+
+def plot_spectrum(reports: dict[str, CollapseReport], path: str | os.PathLike, *, title: str | None = None,
+                  force: bool = True) -> Path:
+    """Log-scale spectra of one or more outputs (backbone, projector, pixels …), PNG/PDF/SVG by extension.
+
+    Three panels, each normalised by its largest value: singular values of the uncentred Z (what
+    RankMe sees), eigenvalues of the centred covariance (effective rank, with the α-ReQ fit),
+    and eigenvalues of cov(normalize(Z)) (Jing et al. 2022's dimensional-collapse plot).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    floor = 1e-12  # log(0) guard: a collapsed direction plots at the floor, not off the axis
+    for (name, r), c in zip(reports.items(), colors * 4):
+        panels = [
+            (r.singular_values, f"{name}: RankMe {r.rankme:.1f}"),
+            (r.cov_eigenvalues, f"{name}: eff. rank {r.effective_rank:.1f}"
+             + (f", α={r.alpha_req:.2f} (R²={r.alpha_req_r2:.2f})" if r.alpha_req is not None else "")),
+            (r.normalized_cov_eigenvalues, f"{name}: std_l2 {r.std_l2:.3g} (ideal {r.std_l2_ideal:.3g})"),
+        ]
+        for ax, (vals, label) in zip(axes, panels):
+            if len(vals) == 0 or vals[0] <= 0:
+                continue
+            rel = np.maximum(vals / vals[0], floor)
+            ax.plot(np.arange(1, len(rel) + 1), rel, color=c, lw=1.8, label=label)
+        if r.alpha_req is not None:  # the fitted power law over its range, dashed
+            lo, hi = r.alpha_req_range
+            ranks = np.arange(lo, hi)
+            lam = r.cov_eigenvalues[ranks - 1] / r.cov_eigenvalues[0]
+            ranks, lam = ranks[lam > 0], lam[lam > 0]
+            b = np.average(np.log(lam) + r.alpha_req * np.log(ranks), weights=1 / ranks)
+            axes[1].plot(ranks, np.exp(b) * ranks ** -r.alpha_req, "--", color=c, lw=1, alpha=0.8)
+    titles = ["σ_k of Z (uncentred) — RankMe", "λ_k of cov(Z) (centred) — eff. rank, α-ReQ",
+              "λ_k of cov(normalize(Z)) — Jing et al."]
+    for ax, t in zip(axes, titles):
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        # at least three decades, so a healthy (flat) spectrum looks flat next to a collapsed one
+        ax.set_ylim(min(ax.get_ylim()[0], 1e-3), 2.0)
+        ax.set_xlabel("rank k")
+        ax.set_ylabel("relative to the largest")
+        ax.set_title(t, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8, loc="lower left")
+    any_r = next(iter(reports.values()))
+    fig.suptitle(title or f"Singular-value spectrum (N={any_r.n:,}, d={any_r.d})", fontsize=12)
+    return _save(fig, path, force)
+
+
+CURVE_PANELS = (
+    ("std_l2", "std of l2-normalised z", ("std_l2",)),
+    ("rank", "rank", ("rankme", "effective_rank")),
+    ("geometry", "alignment / uniformity", ("alignment", "uniformity")),
+    ("training", "training", ("loss", "knn_acc")),
+)
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_fraction: float = 0.3,
+                title: str | None = None, force: bool = True) -> Path:
+    """Metric curves over training steps from ``CollapseMonitor`` records (one panel per group).
+
+    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d.
+    """
+    from matplotlib.figure import Figure
+
+    recs = [r for r in records if "step" in r and r.get("event") is None and r.get("step") is not None]
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    styles = ["-o", "-s"]
+    for ax, (group, label, keys) in zip(axes, CURVE_PANELS):
+        lines = []
+        for k, (key, style) in enumerate(zip(keys, styles)):
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if not pts:
+                continue
+            # different units (alignment vs uniformity, loss vs accuracy) get their own y axis
+            target = ax.twinx() if k and group != "rank" else ax
+            x, y = zip(*pts)
+            lines += target.plot(x, y, style, ms=3, lw=1.5, color=f"C{k}", label=key)
+            if target is not ax:
+                target.set_ylabel(key, color=f"C{k}")
+                ax.set_ylabel(keys[0], color="C0")
+        if group == "std_l2":
+            ideal = [(r["step"], r["std_l2_ideal"]) for r in recs if r.get("std_l2_ideal")]
+            if ideal:
+                x, y = zip(*ideal)
+                lines += ax.plot(x, y, "--", color="gray", lw=1, label="ideal 1/√d")
+                lines += ax.plot(x, [v * std_fraction for v in y], ":", color="red", lw=1.2,
+                                 label=f"alarm {std_fraction:g}/√d")
+            ax.set_ylim(bottom=0)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(title or f"Collapse metrics over training ({len(recs)} records)", fontsize=12)
+    return _save(fig, path, force)
