@@ -22,3 +22,7 @@ MethodName = Literal[
 ]
 
 OptimizerName = Literal["sgd", "adamw"]
+
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+
+FigureName = Literal["cac"]

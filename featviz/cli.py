@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from featviz import __version__
-from featviz._names import CheckpointKey, DeviceName, FormatName
+from featviz._names import CheckpointKey, DeviceName, FigureName, FormatName, PrecisionName
 from featviz.errors import FeatvizError
 
 app = typer.Typer(
@@ -193,6 +193,240 @@ def layers(
 
 
 # ---------------------------------------------------------------- embed / tsne
+ImagesOpt = Annotated[
+    Optional[str],
+    typer.Option("--images", "-i", help="Folder (class subfolders = labels), CSV of path,label, or 'digits'."),
+]
+PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Dense pixel features labelled from --masks.")]
+MasksOpt = Annotated[
+    Optional[Path], typer.Option("--masks", help="Folder of class-index masks named like the images (255 = ignore).")
+]
+LayerOpt = Annotated[Optional[str], typer.Option("--layer", help="Layer for --pixels (default: ResNet layer4, ViT norm).")]
+MaxPixOpt = Annotated[
+    Optional[int], typer.Option("--max-pixels-per-class", min=1, help="Class-balanced pixel sample (seeded).")
+]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", min=8, help="Input side (default: the model's; native size for --pixels).")]
+PrecisionOpt = Annotated[PrecisionName, typer.Option("--precision", help="auto = bf16/fp16 autocast on CUDA, float32 on CPU.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers (default: 8 on CUDA, 0 on CPU).")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Stop at the first undecodable image instead of skipping it.")]
+DropNonfiniteOpt = Annotated[bool, typer.Option("--drop-nonfinite", help="Drop NaN/Inf feature rows instead of failing.")]
+
+
+def _embed_kwargs(images, labels, pixels, masks, layer, max_pixels_per_class, image_size, batch_size, device,
+                  precision, workers, seed, strict, drop_nonfinite) -> dict[str, Any]:
+    return dict(images=images, labels_csv=labels, pixels=pixels, masks=masks, layer=layer,
+                max_pixels_per_class=max_pixels_per_class, image_size=image_size, batch_size=batch_size,
+                device=device, precision=precision, workers=workers, seed=seed, strict=strict,
+                drop_nonfinite=drop_nonfinite)
+
+
+@app.command()
+def embed(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output embeddings file (.npz); manifest.json is written beside it.")],
+    images: ImagesOpt = None,
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of path,label for the images in --images.")] = None,
+    pixels: PixelsOpt = False,
+    masks: MasksOpt = None,
+    layer: LayerOpt = None,
+    max_pixels_per_class: MaxPixOpt = None,
+    image_size: ImageSizeOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    drop_nonfinite: DropNonfiniteOpt = False,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Embed images (pooled) or pixels (--pixels --masks) with a checkpoint, or seeded random weights (--arch).
+
+    Runs under torchrun too: `torchrun --nproc_per_node N -m featviz embed ...` shards the images and rank 0
+    writes one merged file.
+    """
+    from featviz import embed as embed_lib
+
+    with _user_errors():
+        if images is None:
+            raise _usage("--images is required (a folder, a CSV of path,label, or 'digits')")
+        emb = embed_lib.run_embed(
+            out=out_path, checkpoint=checkpoint, arch=arch, force=force, progress=_progress("embedding"),
+            load_kwargs=dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint),
+            **_embed_kwargs(images, labels, pixels, masks, layer, max_pixels_per_class, image_size, batch_size,
+                            device, precision, workers, seed, strict, drop_nonfinite))
+    if emb is not None:  # rank 0 (or a single process)
+        kind = "pixels" if emb.is_pixels else "images"
+        typer.echo(f"{out_path}  ({emb.n:,} {kind} x {emb.d} dims, {len(emb.class_names)} classes)")
+
+
+def _usage(message: str) -> typer.BadParameter:
+    """A usage mistake: typer prints it with the usage line and exits 2."""
+    return typer.BadParameter(message)
+
+
+def _split_names(names: Optional[str], n: int, default: list[str]) -> list[str]:
+    if not names:
+        return default
+    parts = [p.strip() for p in names.split(",")]
+    if len(parts) != n:
+        raise _usage(f"--names/--row-names has {len(parts)} names for {n} panels/rows; give one per panel, comma-separated")
+    return parts
+
+
+@app.command()
+def tsne(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Plot file: .png, .pdf or .svg.")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(help="Embeddings files (.npz from `featviz embed`); several share one map.", show_default=False)] = None,
+    coords: Annotated[Optional[Path], typer.Option("--coords", help="Also save the coordinates (.npz) for re-plotting.")] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Fit on this file; place the others with openTSNE transform.")] = None,
+    sample: Annotated[Optional[int], typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")] = None,
+    perplexity: Annotated[float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")] = 30.0,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="Optimisation iterations after early exaggeration.")] = 500,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="openTSNE threads (default: 1 below 20k points, else all cores).")] = None,
+    names: Annotated[Optional[str], typer.Option("--names", help="Panel names, comma-separated (default: file stems).")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
+    seed: SeedOpt = 0,
+    drop_nonfinite: DropNonfiniteOpt = False,
+    figure: Annotated[Optional[FigureName], typer.Option("--figure", help="'cac': reproduce CAC Figure 3 (--image, --mask, --checkpoint ...).")] = None,
+    checkpoints: Annotated[Optional[list[Path]], typer.Option("--checkpoint", "-c", help="Checkpoint; repeat for one CAC-figure row per checkpoint.")] = None,
+    arch: ArchOpt = None,
+    images: ImagesOpt = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV of path,label for --images.")] = None,
+    pixels: PixelsOpt = False,
+    masks: MasksOpt = None,
+    layer: LayerOpt = None,
+    max_pixels_per_class: MaxPixOpt = None,
+    image_size: ImageSizeOpt = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="--figure cac: the image.")] = None,
+    mask: Annotated[Optional[Path], typer.Option("--mask", help="--figure cac: its class mask (255 = ignore).")] = None,
+    iou_bound: Annotated[tuple[float, float], typer.Option("--iou-bound", help="--figure cac: crop IoU range (CAC: 0.1 1.0).")] = (0.1, 1.0),
+    crop_size: Annotated[int, typer.Option("--crop-size", min=8, help="--figure cac: crop side (CAC VOC: 320).")] = 320,
+    base_size: Annotated[int, typer.Option("--base-size", min=8, help="--figure cac: rescale base (long side 0.8-2.0x; CAC VOC: 400).")] = 400,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=4, help="--figure cac: overlap pixels shown per view.")] = 1000,
+    row_names: Annotated[Optional[str], typer.Option("--row-names", help="--figure cac: row labels, comma-separated (default: checkpoint stems).")] = None,
+    model_seeds: Annotated[Optional[list[int]], typer.Option("--model-seed", help="--figure cac with --arch and no checkpoint: one random-init row per seed.")] = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """t-SNE map of embeddings files (one shared map for several), end to end from --images, or CAC Figure 3.
+
+    [bold]featviz tsne emb.npz --out map.png[/]  ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
+    ·  [bold]featviz tsne --arch resnet18 --images DIR --out map.png[/]
+    ·  [bold]featviz tsne --figure cac -c sup.safetensors -c cac.safetensors --image IMG --mask MASK --out fig.png[/]
+    """
+    load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
+    with _user_errors():
+        if figure == "cac":
+            report = _tsne_figure(checkpoints or [], arch, image, mask, out_path, iou_bound, crop_size, base_size,
+                                  max_pixels, row_names, model_seeds, layer, seed, perplexity, iterations, device,
+                                  force, load_kwargs)
+            for row in report["rows"]:
+                m = row["metrics"]
+                out.print(f"[bold]{row['name']}[/]: cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.3f}  "
+                          f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.3f}  kNN agreement II→I "
+                          f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}",
+                          highlight=False)
+            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}")
+            return
+        from featviz import plotting
+        from featviz import tsne as tsne_lib
+        from featviz.artifacts import Embeddings
+        from featviz.outputs import check_writable
+
+        plotting.check_format(out_path)
+        check_writable(out_path, force=force)
+        if coords is not None:
+            check_writable(coords, force=force)
+        files = list(inputs or [])
+        if reference is not None and reference not in files:
+            files.insert(0, reference)
+        if files and (images is not None or checkpoints):
+            raise _usage("give embeddings files, or --images with --checkpoint/--arch, not both")
+        if files:
+            embs = [Embeddings.load(f) for f in files]
+            panel_names = _split_names(names, len(files), [f.stem for f in files])
+        elif images is not None:
+            from featviz import embed as embed_lib
+
+            if checkpoints and len(checkpoints) > 1:
+                raise _usage("end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files")
+            emb = embed_lib.run_embed(
+                out=None, checkpoint=checkpoints[0] if checkpoints else None, arch=arch,
+                progress=_progress("embedding"), load_kwargs=load_kwargs,
+                **_embed_kwargs(images, labels, pixels, masks, layer, max_pixels_per_class, image_size,
+                                batch_size, device, precision, workers, seed, strict, drop_nonfinite))
+            embs = [emb]
+            panel_names = _split_names(names, 1, [_checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"])
+        else:
+            raise _usage("give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
+                         "--checkpoint/--arch, or --figure cac")
+        if drop_nonfinite:
+            import numpy as np
+
+            embs = [e.subset(np.flatnonzero(tsne_lib.check_finite(e.features, drop=True))) for e in embs]
+        params = tsne_lib.TsneParams(perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs)
+        ref_idx = files.index(reference) if reference is not None else None
+        result = tsne_lib.shared_map(embs, panel_names, reference=ref_idx, sample=sample, params=params,
+                                     progress=_progress("t-SNE"))
+        plotting.scatter_panels([result.panel(g) for g in range(len(embs))], result.class_names, out_path,
+                                titles=panel_names, suptitle=title, force=force)
+        if coords is not None:
+            result.save(coords, force=force)
+    typer.echo(str(out_path))
+    if coords is not None:
+        typer.echo(str(coords))
+
+
+def _checkpoint_name(path: Path) -> str:
+    """A checkpoint's display name: its file name without checkpoint suffixes (``x.pth.tar`` -> ``x``)."""
+    name = path.name
+    while True:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext.lower() not in ("tar", "pth", "pt", "ckpt", "safetensors", "bin", "pkl"):
+            return name
+        name = stem
+
+
+def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size, base_size, max_pixels, row_names,
+                 model_seeds, layer, seed, perplexity, iterations, device, force, load_kwargs) -> dict[str, Any]:
+    from featviz import embed as embed_lib
+    from featviz import figure as figure_lib
+
+    if image is None or mask is None:
+        raise _usage("--figure cac needs --image IMG and --mask MASK")
+    rows = []
+    if checkpoints:
+        for c in checkpoints:
+            model, report = embed_lib.load_model(checkpoint=c, arch=arch, **load_kwargs)
+            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+    elif arch:
+        for s in model_seeds or [0]:
+            model, _ = embed_lib.load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
+    else:
+        raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
+    labels = _split_names(row_names, len(rows), [r[0] for r in rows])
+    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows)]
+    from featviz.distributed import resolve_device
+
+    return figure_lib.cac_figure(models, image, mask, out_path, iou_bound=iou_bound, crop_size=crop_size,
+                                 base_size=base_size, layer=layer, max_pixels=max_pixels, seed=seed,
+                                 perplexity=perplexity, n_iter=iterations, device=resolve_device(device),
+                                 force=force, progress=_progress("CAC figure rows"))
 
 
 # ---------------------------------------------------------------- cam

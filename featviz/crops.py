@@ -314,7 +314,7 @@ class LowLevelAugment:
                 im = ops[i](im)
         if params.grayscale:
             im = TF.to_grayscale(im, num_output_channels=3)
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
     def __call__(self, image: np.ndarray | Image.Image) -> np.ndarray:
         self.last = self.draw()
