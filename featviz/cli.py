@@ -653,6 +653,9 @@ def _train_progress(every: int):
 
     def wrap(iterable, total: int | None = None):
         state["epoch"] += 1
+        if not err.is_terminal:  # logs and CI: the epoch lines are enough
+            yield from iterable
+            return
         with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s"), TimeRemainingColumn(),
                       console=err, transient=True) as bar:
