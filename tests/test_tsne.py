@@ -1,0 +1,136 @@
+"""featviz tsne: map quality vs scikit-learn, seeds, perplexity clamp, sampling, shared maps, plots."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from featviz import plotting, tsne
+from featviz.artifacts import Embeddings
+from featviz.errors import DataError
+
+FAST = tsne.TsneParams(n_iter=150, early_exaggeration_iter=100, seed=0)
+
+
+def _blobs(n_per: int, d: int, k: int = 4, seed: int = 0, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 3
+    x = np.concatenate([c + spread * rng.normal(size=(n_per, d)) for c in centers]).astype(np.float32)
+    return x, np.repeat(np.arange(k), n_per)
+
+
+def test_digits_map_is_as_good_as_sklearn():
+    """Raw-pixel digits: 10-NN class accuracy in the 2-D map >= scikit-learn TSNE's - 0.01."""
+    from sklearn.datasets import load_digits
+    from sklearn.manifold import TSNE
+
+    d = load_digits()
+    idx = tsne.stratified_sample(d.target, 700, seed=0)
+    x, y = d.data[idx].astype(np.float32), d.target[idx]
+    ours = tsne.knn_accuracy(tsne.fit(x, tsne.TsneParams(seed=0)), y)
+    ref = tsne.knn_accuracy(TSNE(random_state=0, n_jobs=1).fit_transform(x), y)
+    assert ours >= ref - 0.01, (ours, ref)
+    assert ours > 0.9
+
+
+def test_seed_gives_identical_coordinates():
+    x, _ = _blobs(40, 20)
+    a, b = tsne.fit(x, FAST), tsne.fit(x, FAST)
+    c = tsne.fit(x, tsne.TsneParams(n_iter=150, early_exaggeration_iter=100, seed=1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_perplexity_is_clamped_with_a_warning(caplog):
+    x, _ = _blobs(3, 5)  # 12 points: perplexity must be < 11/3
+    with caplog.at_level(logging.WARNING, logger="featviz.tsne"):
+        c = tsne.fit(x, FAST)
+    assert c.shape == (12, 2) and np.isfinite(c).all()
+    assert any("perplexity 30 is too large for 12 points" in r.message for r in caplog.records)
+
+
+def test_too_few_points_and_nan_are_refused():
+    with pytest.raises(DataError, match="at least 4 points"):
+        tsne.fit(np.zeros((3, 5), np.float32))
+    x, _ = _blobs(10, 5)
+    x[3, 1] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        tsne.fit(x)
+
+
+def test_stratified_sample_keeps_class_shares():
+    labels = np.repeat([0, 1, 2], [700, 250, 50])
+    idx = tsne.stratified_sample(labels, 100, seed=0)
+    assert len(idx) == 100 and list(np.bincount(labels[idx])) == [70, 25, 5]
+    np.testing.assert_array_equal(idx, tsne.stratified_sample(labels, 100, seed=0))
+    tiny = tsne.stratified_sample(np.repeat([0, 1, 2], [98, 1, 1]), 5, seed=0)
+    assert len(tiny) == 5 and set(np.repeat([0, 1, 2], [98, 1, 1])[tiny]) == {0, 1, 2}
+
+
+def test_pca_only_when_wider_than_50():
+    x, y = _blobs(30, 80)
+    wide = tsne.shared_map([Embeddings(x, y)], params=FAST)
+    narrow = tsne.shared_map([Embeddings(x[:, :20], y)], params=FAST)
+    assert wide.info["pca_dim"] == 50 and narrow.info["pca_dim"] is None
+    assert tsne.knn_accuracy(wide.coords, y) > 0.95
+
+
+def test_union_map_keeps_groups_and_rows():
+    x, y = _blobs(25, 10)
+    a, b = Embeddings(x, y, ["a", "b", "c", "d"]), Embeddings(x[::2] + 0.01, y[::2], ["a", "b", "c", "d"])
+    m = tsne.shared_map([a, b], ["A", "B"], params=FAST)
+    assert m.info["mode"] == "union" and len(m.coords) == 150
+    ca, la = m.panel(0)
+    cb, lb = m.panel(1)
+    np.testing.assert_array_equal(la, y)
+    # b's points are a's points nudged: they land beside their twins
+    assert np.linalg.norm(cb - ca[::2], axis=1).mean() < 0.1 * np.ptp(m.coords, axis=0).max()
+
+
+def test_reference_map_does_not_move_and_places_new_points_by_class():
+    x, y = _blobs(40, 10, seed=1)
+    new, ynew = _blobs(10, 10, seed=1)  # same centres, fresh noise
+    new = new + np.random.default_rng(5).normal(scale=0.05, size=new.shape).astype(np.float32)
+    m = tsne.shared_map([Embeddings(x, y), Embeddings(new, ynew)], reference=0, params=FAST)
+    alone = tsne.fit(x, FAST)
+    np.testing.assert_allclose(m.panel(0)[0], alone, rtol=1e-5, atol=1e-4)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(5).fit(alone, y)
+    assert (clf.predict(m.panel(1)[0]) == ynew).mean() > 0.95
+
+
+def test_mismatched_widths_are_refused():
+    with pytest.raises(DataError, match="different feature widths"):
+        tsne.shared_map([Embeddings(np.zeros((10, 4)), None), Embeddings(np.zeros((10, 5)), None)])
+
+
+def test_coords_round_trip(tmp_path):
+    x, y = _blobs(10, 6)
+    m = tsne.shared_map([Embeddings(x, y, ["w", "x", "y", "z"])], ["only"], params=FAST)
+    m.save(tmp_path / "c.npz")
+    back = tsne.TsneMap.load(tmp_path / "c.npz")
+    np.testing.assert_array_equal(back.coords, m.coords)
+    assert back.class_names == ["w", "x", "y", "z"] and back.info["mode"] == "union"
+
+
+def test_plots_by_extension_with_shared_axes(tmp_path):
+    x, y = _blobs(30, 2)
+    panels = [(x, y), (x * 2 + 5, y)]
+    for ext, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")):
+        p = plotting.scatter_panels(panels, ["a", "b", "c", "d"], tmp_path / f"m{ext}", titles=["one", "two"])
+        assert p.read_bytes()[:5].startswith(magic)
+    (xl, xh), (yl, yh) = plotting.shared_limits([c for c, _ in panels])
+    assert xh - xl == pytest.approx(yh - yl)
+    for c, _ in panels:
+        assert (c[:, 0] >= xl).all() and (c[:, 0] <= xh).all() and (c[:, 1] >= yl).all() and (c[:, 1] <= yh).all()
+    with pytest.raises(DataError, match="must end in"):
+        plotting.scatter_panels(panels, [], tmp_path / "m.jpg")
+
+
+def test_point_style_shrinks_with_n():
+    sizes = [plotting.point_style(n) for n in (10, 1_000, 100_000, 10_000_000)]
+    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes, sizes[1:]))
+    assert sizes[0][0] > 20 * sizes[-1][0]
