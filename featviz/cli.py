@@ -244,6 +244,11 @@ def collapse(
     modes = [m for m, on in (("EMB", embeddings), ("--checkpoint/--arch", checkpoint or arch), ("--watch", watch_dir)) if on]
     if len(modes) != 1:
         raise typer.BadParameter(f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})")
+    misplaced = [flag for flag, given, allowed in (
+        ("--positives", positives, ("EMB",)), ("--pixels", pixels, ("--checkpoint/--arch",)),
+        ("--images", images, ("--checkpoint/--arch", "--watch"))) if given and modes[0] not in allowed]
+    if misplaced:  # refuse rather than ignore a flag that would change nothing
+        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
     with _user_errors():
         kwargs = dict(drop_nonfinite=drop_nonfinite, uniformity_exact_max=exact_max, uniformity_pairs=pairs,
                       alpha_range=_parse_range(alpha_range))

@@ -28,6 +28,7 @@ estimated from random pairs above, with a 95 % confidence interval.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -686,6 +687,7 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+@functools.cache  # one class per process, so isinstance checks work
 def _lightning_callback_class():
     try:
         import lightning.pytorch as pl
