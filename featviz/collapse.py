@@ -832,7 +832,8 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
                 title: str | None = None, force: bool = True) -> Path:
     """Metric curves over training steps from ``CollapseMonitor`` records (one panel per group).
 
-    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d.
+    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d; records
+    where ``featviz.watch`` raised an alarm (``_alarms``) get a red vertical line.
     """
     from matplotlib.figure import Figure
 
@@ -861,6 +862,16 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
                 lines += ax.plot(x, [v * std_fraction for v in y], ":", color="red", lw=1.2,
                                  label=f"alarm {std_fraction:g}/√d")
             ax.set_ylim(bottom=0)
+        alarm_steps, prev = [], set()  # onsets of alarms flagged by featviz.watch (``_alarms``)
+        for r in recs:
+            now = set(r.get("_alarms") or ())
+            if now - prev:
+                alarm_steps.append(r["step"])
+            prev = now
+        for k, step in enumerate(alarm_steps):
+            line = ax.axvline(step, color="red", alpha=0.25, lw=2, label="alarm starts")
+            if k == 0 and lines:
+                lines.append(line)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
