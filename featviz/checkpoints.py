@@ -783,7 +783,8 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
                                     f"{_describe_keys(ck)}") from None
     sd = ex.state_dict
     spec, source, details, not_inf, inferred = _resolve_arch(ex, arch, num_heads)
-    model = build_backbone(spec)
+    with torch.device("meta"):  # shapes only: random init of a ResNet-50 costs more than reading it
+        model = build_backbone(spec)
     if keep_classifier and ex.classifier:
         model = _attach_classifier(model, ex.classifier)
         if getattr(model, "featviz_num_classes", None):
@@ -802,7 +803,7 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
             + ("; " if hard_missing and unexpected else "")
             + (f"{len(unexpected)} unexpected ({shorten(unexpected, 3)})" if unexpected else "")
             + f"{guess}; check --arch, or --format if the layout was misdetected")
-    model.load_state_dict(sd, strict=False)
+    model = _materialize(model, sd, spec)
     model.featviz_normalization = {k: ex.normalization[k] for k in ("mean", "std")}
     model.featviz_arch = spec
     report = LoadReport(
@@ -814,6 +815,32 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     for w in ex.warnings:
         log.info("%s: %s", ck.path.name, w)
     return model.eval(), report
+
+
+def _materialize(meta_model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec) -> nn.Module:
+    """Put the checkpoint's tensors into a model built on the meta device.
+
+    BatchNorm counters the file lacks (converted BYOL) become 0. Any other tensor left
+    without data (a non-persistent buffer some timm models compute at init) means the model
+    must be built for real, so it is, and loaded the ordinary way.
+    """
+    own = meta_model.state_dict()
+    sd = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in sd.items()}  # fp16 files
+    meta_model.load_state_dict(sd, strict=False, assign=True)
+    left = [n for n, t in [*meta_model.named_parameters(), *meta_model.named_buffers()] if t.is_meta]
+    if all(n.endswith("num_batches_tracked") for n in left):
+        for n in left:
+            parent, _, leaf = n.rpartition(".")
+            meta_model.get_submodule(parent)._buffers[leaf] = torch.tensor(0, dtype=torch.long)
+        return meta_model
+    model = build_backbone(spec)
+    if hasattr(meta_model, "featviz_num_classes"):
+        name = "fc" if hasattr(model, "fc") and isinstance(getattr(meta_model, "fc", None), nn.Linear) else "head"
+        lin = getattr(meta_model, name)
+        setattr(model, name, nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None))
+        model.featviz_num_classes = meta_model.featviz_num_classes
+    model.load_state_dict(sd, strict=False)
+    return model
 
 
 def _count_tensors(obj: Any) -> int:
