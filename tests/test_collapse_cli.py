@@ -130,6 +130,10 @@ def test_watch_alarm_fails_the_run(cli, tmp_path):
     t.join()
     assert res.exit_code == 3, res.output
     assert "ALARM" in res.stderr and "step 5" in res.stderr and "RankMe fell" in res.stderr
+    summary = json.loads(cli("collapse", "--watch", run, "--interval", "0.02", "--json", "--out", tmp_path / "w",
+                             "--force").stdout)  # the finished run, read again: a JSON summary for scripts
+    assert summary["reason"] == "done" and summary["records"] == 10 and summary["last"]["step"] == 9
+    assert [a["kind"] for a in summary["alarms"]] == ["rankme"] and summary["alarms"][0]["step"] == 5
 
 
 def test_watch_until_step_partial_lines_and_max_wait(cli, tmp_path):
