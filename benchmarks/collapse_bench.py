@@ -26,50 +26,62 @@ import time
 from pathlib import Path
 
 GB = 1024**3
+_ARGS: argparse.Namespace
 
 
 # ------------------------------------------------------------------ workers (run in subprocesses)
-def _worker(name: str, path: str, n_exact: int) -> dict:
+def _worker(name: str, path: str, n_exact) -> dict:
+    """One measurement; imports happen before the clock starts, and only what the side needs."""
     import numpy as np
 
-    t0 = time.perf_counter()
-    if name == "featviz_all":
-        from featviz.collapse import collapse_report
+    if name == "make":
+        make_data(Path(path), *n_exact)
+        return {}
+    if name.startswith("featviz"):  # featviz's side never imports torch
+        from featviz.collapse import collapse_report, uniformity_exact
 
-        z = np.load(path, mmap_mode="r")
-        r = collapse_report(z)
-        return {"seconds": time.perf_counter() - t0, "std_l2": r.std_l2, "rankme": r.rankme,
-                "effective_rank": r.effective_rank, "alpha_req": r.alpha_req, "uniformity": r.uniformity,
-                "uniformity_ci95": r.uniformity_ci95, "uniformity_pairs": r.uniformity_pairs}
+        t0 = time.perf_counter()
+        if name == "featviz_all":
+            r = collapse_report(np.load(path, mmap_mode="r"))
+            return {"seconds": time.perf_counter() - t0, "std_l2": r.std_l2, "rankme": r.rankme,
+                    "effective_rank": r.effective_rank, "alpha_req": r.alpha_req, "uniformity": r.uniformity,
+                    "uniformity_ci95": r.uniformity_ci95, "uniformity_pairs": r.uniformity_pairs}
+        value = uniformity_exact(np.ascontiguousarray(np.load(path, mmap_mode="r")[:n_exact]))
+        return {"seconds": time.perf_counter() - t0, "uniformity": value}
     import torch
     import torch.nn.functional as F
 
+    t0 = time.perf_counter()
     if name == "torch_reference_all":
         z = torch.from_numpy(np.load(path))  # the reference needs the matrix in memory
         std = torch.std(F.normalize(z, dim=1), dim=0).mean().item()  # lightly std_of_l2_normalized
         sv = torch.linalg.svdvals(z).double()
         p = sv / sv.sum() + 1e-7
         return {"seconds": time.perf_counter() - t0, "std_l2": std, "rankme": math.exp(-(p * p.log()).sum().item())}
-    x = np.load(path, mmap_mode="r")[:n_exact]
-    if name == "featviz_uniformity":
-        from featviz.collapse import uniformity_exact
+    x = np.ascontiguousarray(np.load(path, mmap_mode="r")[:n_exact])
+    if name == "rankme_accuracy":  # float64 SVD is the exact answer; float32 SVD has its own error
+        from featviz.collapse import rankme
 
-        return {"seconds": time.perf_counter() - t0, "uniformity": uniformity_exact(np.ascontiguousarray(x))}
+        sv = torch.linalg.svdvals(torch.from_numpy(x).double())
+        p = sv / sv.sum() + 1e-7
+        return {"seconds": time.perf_counter() - t0, "featviz": rankme(x),
+                "svd_f64": math.exp(-(p * p.log()).sum().item())}
     if name == "pdist_uniformity":
-        xt = F.normalize(torch.from_numpy(np.ascontiguousarray(x)), dim=1)
-        return {"seconds": time.perf_counter() - t0,
-                "uniformity": torch.pdist(xt, p=2).pow(2).mul(-2).exp().mean().log().item()}
+        xt = F.normalize(torch.from_numpy(x), dim=1)
+        value = torch.pdist(xt, p=2).pow(2).mul(-2).exp().mean().log().item()  # Wang & Isola, verbatim
+        return {"seconds": time.perf_counter() - t0, "uniformity": value}
     raise ValueError(name)
 
 
 def _run_wait4(name: str, path: Path, n_exact: int, timeout: float) -> dict:
-    """Run one worker and measure its own peak RSS with os.wait4."""
-    cmd = [sys.executable, __file__, "--worker", name, "--data", str(path), "--n-exact", str(n_exact)]
+    """Run one worker in a fresh interpreter (its result carries its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--worker", name, "--data", str(path), "--n-exact", str(n_exact),
+           "--n", str(_ARGS.n), "--d", str(_ARGS.d)]
     with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
         proc = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
         start = time.monotonic()
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() - start > timeout:
@@ -84,9 +96,7 @@ def _run_wait4(name: str, path: Path, n_exact: int, timeout: float) -> dict:
     if proc.returncode:
         tail = err.strip().splitlines()[-1] if err.strip() else ""
         return {"error": f"exit {proc.returncode} {tail}"}
-    res = json.loads(out.strip().splitlines()[-1])
-    res["peak_rss_gb"] = usage.ru_maxrss * 1024 / GB  # ru_maxrss is in KiB on Linux
-    return res
+    return json.loads(out.strip().splitlines()[-1])  # peak_rss_gb: the worker's own VmHWM
 
 
 # ------------------------------------------------------------------ data
@@ -114,35 +124,58 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the .npy (default: a temp dir)")
     ap.add_argument("--skip-reference-all", action="store_true", help="skip the in-memory torch SVD reference")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--only", choices=["A", "B"], help="run one part only")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global _ARGS
+    _ARGS = args
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.data, args.n_exact)))
+        res = _worker(args.worker, args.data, (args.n, args.d) if args.worker == "make" else args.n_exact)
+        res["peak_rss_gb"] = _vm_hwm_gb()
+        print(json.dumps(res))
         return
 
     tmp = tempfile.TemporaryDirectory(dir=args.dir)
     path = Path(tmp.name) / "emb.npy"
     t = time.perf_counter()
-    make_data(path, args.n, args.d)
+    made = _run_wait4("make", path, 0, args.timeout)  # in a subprocess: this process stays small
+    if "error" in made:
+        sys.exit(f"could not write the data: {made['error']}")
     file_gb = path.stat().st_size / GB
     print(f"data: {args.n:,} × {args.d} float32 memmap, {file_gb:.2f} GB, written in {time.perf_counter() - t:.1f} s")
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}\n")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other processes share "
+          f"the cores; compare ratios, not absolute times); python {sys.version.split()[0]}\n", flush=True)
 
     def show(label: str, r: dict, extra: str = "") -> None:
         if "error" in r:
-            print(f"  {label:<34} {r['error']}")
+            print(f"  {label:<34} {r['error']}", flush=True)
         else:
-            print(f"  {label:<34} {r['seconds']:8.2f} s   peak RSS {r['peak_rss_gb']:6.2f} GB   {extra}")
+            print(f"  {label:<34} {r['seconds']:8.2f} s   peak RSS {r['peak_rss_gb']:6.2f} GB   "
+                  f"(load avg {os.getloadavg()[0]:.1f})   {extra}", flush=True)
 
+    if args.only != "B":
+        part_a(args, path, file_gb, show)
+    if args.only != "A":
+        part_b(args, path, show)
+    tmp.cleanup()
+
+
+def part_a(args, path: Path, file_gb: float, show) -> None:
+    """All metrics on the memmap: featviz vs the in-memory torch references."""
     print(f"A. all metrics on {args.n:,} × {args.d} (.npy memmap)")
     fv = _run_wait4("featviz_all", path, args.n_exact, args.timeout)
     show("featviz collapse_report", fv, "" if "error" in fv else
          f"RankMe {fv['rankme']:.4f}  std_l2 {fv['std_l2']:.5f}  uniformity {fv['uniformity']:.4f} "
-         f"CI95 [{fv['uniformity_ci95'][0]:.4f}, {fv['uniformity_ci95'][1]:.4f}] ({fv['uniformity_pairs']:,} pairs)")
+         + (f"CI95 [{fv['uniformity_ci95'][0]:.4f}, {fv['uniformity_ci95'][1]:.4f}] ({fv['uniformity_pairs']:,} pairs)"
+            if fv["uniformity_ci95"] else "(exact)"))
     ref = {"error": "skipped"} if args.skip_reference_all else _run_wait4("torch_reference_all", path, args.n_exact, args.timeout)
     show("torch std + svdvals (in memory)", ref, "" if "error" in ref else
          f"RankMe {ref['rankme']:.4f}  std_l2 {ref['std_l2']:.5f}  (no uniformity: pdist needs {args.n**2 * 2 / GB:,.0f} GB)")
+    acc = _run_wait4("rankme_accuracy", path, min(args.n, 100_000), args.timeout)
+    if "error" not in acc:
+        print(f"  RankMe on the first {min(args.n, 100_000):,} rows: featviz {acc['featviz']:.6f}, float64 torch.linalg.svdvals "
+              f"{acc['svd_f64']:.6f}, |Δ| {abs(acc['featviz'] - acc['svd_f64']):.1e} (target ≤ 1e-4)")
     if "error" not in fv:
         above = fv["peak_rss_gb"] - file_gb
         print(f"  featviz: {fv['seconds']:.1f} s (target ≤ 60 s: {'PASS' if fv['seconds'] <= 60 else 'FAIL'}), "
@@ -150,15 +183,19 @@ def main() -> None:
         if "error" not in ref:
             print(f"  ratios featviz/reference: time {fv['seconds'] / ref['seconds']:.2f}×, "
                   f"peak RSS {fv['peak_rss_gb'] / ref['peak_rss_gb']:.2f}×; "
-                  f"|ΔRankMe| {abs(fv['rankme'] - ref['rankme']):.2e} (target ≤ 1e-4), "
+                  f"|ΔRankMe| vs float32 SVD {abs(fv['rankme'] - ref['rankme']):.2e}, "
                   f"|Δstd_l2| {abs(fv['std_l2'] - ref['std_l2']):.2e}")
 
+
+
+def part_b(args, path: Path, show) -> None:
+    """Exact uniformity: featviz's blocked GEMM vs torch.pdist."""
     print(f"\nB. exact uniformity on {args.n_exact:,} × {args.d} ({args.n_exact * (args.n_exact - 1) // 2:,} pairs)")
     fu = _run_wait4("featviz_uniformity", path, args.n_exact, args.timeout)
     show("featviz uniformity_exact", fu, "" if "error" in fu else f"value {fu['uniformity']:.7f}")
     need = args.n_exact**2 / 2 * 4 * 2 / GB  # pdist output plus one temporary, float32
     avail = _mem_available_gb()
-    if avail < need * 1.2:
+    if avail < need * 1.3:  # leave room for everything else on the machine
         pu = {"error": f"skipped: torch.pdist needs ≈{need:.1f} GB, only {avail:.1f} GB available"}
     else:
         pu = _run_wait4("pdist_uniformity", path, args.n_exact, args.timeout)
@@ -169,7 +206,14 @@ def main() -> None:
               f"peak RSS {fu['peak_rss_gb']:.2f} vs {pu['peak_rss_gb']:.2f} GB "
               f"({fu['peak_rss_gb'] / pu['peak_rss_gb']:.3f}×; lower: {'PASS' if fu['peak_rss_gb'] < pu['peak_rss_gb'] else 'FAIL'}), "
               f"|Δ| {abs(fu['uniformity'] - pu['uniformity']):.2e}")
-    tmp.cleanup()
+
+
+def _vm_hwm_gb() -> float:
+    """This process's peak resident set (VmHWM): its own, unlike ru_maxrss, which exec inherits."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / GB
+    return float("nan")
 
 
 def _mem_available_gb() -> float:

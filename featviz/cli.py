@@ -477,6 +477,11 @@ def collapse(
     modes = [m for m, on in (("EMB", embeddings), ("--checkpoint/--arch", checkpoint or arch), ("--watch", watch_dir)) if on]
     if len(modes) != 1:
         raise typer.BadParameter(f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})")
+    misplaced = [flag for flag, given, allowed in (
+        ("--positives", positives, ("EMB",)), ("--pixels", pixels, ("--checkpoint/--arch",)),
+        ("--images", images, ("--checkpoint/--arch", "--watch"))) if given and modes[0] not in allowed]
+    if misplaced:  # refuse rather than ignore a flag that would change nothing
+        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
     with _user_errors():
         kwargs = dict(drop_nonfinite=drop_nonfinite, uniformity_exact_max=exact_max, uniformity_pairs=pairs,
                       alpha_range=_parse_range(alpha_range))
@@ -484,7 +489,7 @@ def collapse(
         if watch_dir is not None:
             code = _collapse_watch(watch_dir, out_dir, force, interval, max_wait, until_step, std_fraction, rankme_drop,
                                    fail_on_collapse, images, load, dict(image_size=image_size, batch_size=batch_size,
-                                   seed=seed, device=device, report_kwargs=kwargs))
+                                   seed=seed, device=device, report_kwargs=kwargs), as_json)
             raise typer.Exit(code)
         if out_dir is not None:
             from featviz.outputs import check_writable
@@ -566,8 +571,9 @@ def _collapse_outputs(out_dir: Path, reports: dict, source: str, force: bool) ->
 
 
 def _collapse_watch(run_dir, out_dir, force, interval, max_wait, until_step, std_fraction, rankme_drop,
-                    fail_on_collapse, images, load, ckpt_kwargs) -> int:
+                    fail_on_collapse, images, load, ckpt_kwargs, as_json=False) -> int:
     import time
+    from contextlib import nullcontext
 
     from rich.live import Live
 
@@ -592,12 +598,15 @@ def _collapse_watch(run_dir, out_dir, force, interval, max_wait, until_step, std
             C.plot_curves(watcher.records, out_dir / "curves.png", std_fraction=std_fraction, title=title)
             last_plot[0] = time.monotonic()
 
-    with Live(watcher.to_rich(title=title), console=out, refresh_per_second=4, transient=False) as live:
+    # with --json stdout carries only the final JSON summary, so no live table
+    live_ctx = nullcontext() if as_json else Live(watcher.to_rich(title=title), console=out, refresh_per_second=4)
+    with live_ctx as live:
         def on_event(kind: str, info: dict) -> None:
             if kind == "waiting":
                 err.print(f"[dim]{info['message']}…[/]", highlight=False)
             elif kind == "records":
-                live.update(watcher.to_rich(title=title))
+                if live is not None:
+                    live.update(watcher.to_rich(title=title))
                 if checkpoint_metrics is not None:  # keep what was computed from checkpoints
                     out_dir.mkdir(parents=True, exist_ok=True)
                     for r in info["records"]:
@@ -605,7 +614,7 @@ def _collapse_watch(run_dir, out_dir, force, interval, max_wait, until_step, std
                 for a in info["alarms"]:
                     err.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
                 redraw()
-            elif kind == "stopped":
+            elif kind == "stopped" and live is not None:
                 live.update(watcher.to_rich(title=title))
 
         result = W.watch(run_dir, watcher=watcher, interval=interval, max_wait=max_wait, until_step=until_step,
@@ -618,6 +627,10 @@ def _collapse_watch(run_dir, out_dir, force, interval, max_wait, until_step, std
                "max_wait": f"nothing new for {max_wait} s", "alarm": "collapse alarm"}
     err.print(f"stopped: {reasons[result.reason]}; {result.records} records, {len(result.alarms)} alarms"
               + (f"; curves: {out_dir / 'curves.png'}" if (out_dir / "curves.png").exists() else ""), highlight=False)
+    if as_json:
+        last = {k: v for k, v in watcher.records[-1].items() if not k.startswith("_")}
+        _echo_json({"reason": result.reason, "records": result.records, "alarms": result.alarms, "last": last,
+                    "curves": str(out_dir / "curves.png")})
     return 3 if fail_on_collapse and result.alarms else 0
 
 

@@ -28,6 +28,7 @@ estimated from random pairs above, with a 95 % confidence interval.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -261,8 +262,35 @@ def stream_moments(z: np.ndarray, z2: np.ndarray | None = None, *, alpha: float 
 
 # ------------------------------------------------------------------ spectral metrics
 def _eigh_desc(mat: np.ndarray) -> np.ndarray:
-    w = np.linalg.eigvalsh((mat + mat.T) / 2)[::-1]
-    return np.clip(w, 0.0, None)
+    """Eigenvalues of a symmetric PSD matrix, descending, negatives (rounding) clipped to 0.
+
+    LAPACK's eigensolver is made of many small BLAS-2 steps; with a threaded BLAS each step
+    synchronises its threads, which on a busy machine made a 512² problem take 10 s instead of
+    0.1 s. One BLAS thread is as fast when idle and immune to that.
+    """
+    try:
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency, pure Python
+    except ImportError:  # pragma: no cover
+        w = np.linalg.eigvalsh((mat + mat.T) / 2)
+    else:
+        with threadpool_limits(1, user_api="blas"):
+            w = np.linalg.eigvalsh((mat + mat.T) / 2)
+    return np.clip(w[::-1], 0.0, None)
+
+
+def _spectra_direct(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """σ(Z), eig cov(Z), eig cov(normalize Z) from the N×N Gram matrices (for N < D; float64).
+
+    ZZᵀ has the same non-zero eigenvalues as ZᵀZ and is much smaller for a batch of a wide
+    projector (512 × 2048: a 512² eigenproblem instead of 2048²).
+    """
+    n = len(x)
+    xn = _normalize(x)
+    xc, xnc = x - x.mean(axis=0), xn - xn.mean(axis=0)
+    sv = np.sqrt(_eigh_desc(x @ x.T))
+    lam = _eigh_desc(xc @ xc.T)[: n - 1] / (n - 1)
+    lam_n = _eigh_desc(xnc @ xnc.T)[: n - 1] / (n - 1)
+    return sv, lam, lam_n
 
 
 def rankme_from_singular_values(sv: np.ndarray, eps: float = RANKME_EPS) -> float:
@@ -521,10 +549,13 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     z = as_array(z)
     z2 = None if z2 is None else as_array(z2, what="positives")
     m, keep = stream_moments(z, z2, alpha=alpha, drop_nonfinite=drop_nonfinite, progress=progress)
-    sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
     rank = min(m.n - 1, m.d)  # a covariance of N rows has rank ≤ N − 1: the rest is exactly zero
-    lam = _eigh_desc(m.covariance())[:rank]
-    lam_n = _eigh_desc(m.covariance(normalized=True))[:rank]
+    if m.n < m.d:  # a training batch of a wide projector: an SVD of the N×D rows beats eigh of D×D
+        sv, lam, lam_n = _spectra_direct(np.asarray(z[keep], dtype=np.float64))
+    else:
+        sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
+        lam = _eigh_desc(m.covariance())[:rank]
+        lam_n = _eigh_desc(m.covariance(normalized=True))[:rank]
     std = m.std_l2()
     ideal = 1.0 / math.sqrt(m.d)
     rows = None if keep.all() else np.flatnonzero(keep)
@@ -686,6 +717,7 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+@functools.cache  # one class per process, so isinstance checks work
 def _lightning_callback_class():
     try:
         import lightning.pytorch as pl
@@ -800,7 +832,8 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
                 title: str | None = None, force: bool = True) -> Path:
     """Metric curves over training steps from ``CollapseMonitor`` records (one panel per group).
 
-    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d.
+    The std panel shows the ideal 1/√d and the alarm threshold ``std_fraction``/√d; records
+    where ``featviz.watch`` raised an alarm (``_alarms``) get a red vertical line.
     """
     from matplotlib.figure import Figure
 
@@ -829,6 +862,16 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
                 lines += ax.plot(x, [v * std_fraction for v in y], ":", color="red", lw=1.2,
                                  label=f"alarm {std_fraction:g}/√d")
             ax.set_ylim(bottom=0)
+        alarm_steps, prev = [], set()  # onsets of alarms flagged by featviz.watch (``_alarms``)
+        for r in recs:
+            now = set(r.get("_alarms") or ())
+            if now - prev:
+                alarm_steps.append(r["step"])
+            prev = now
+        for k, step in enumerate(alarm_steps):
+            line = ax.axvline(step, color="red", alpha=0.25, lw=2, label="alarm starts")
+            if k == 0 and lines:
+                lines.append(line)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

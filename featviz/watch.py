@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featviz.errors import FeatvizError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".tar")
@@ -220,6 +222,7 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
 
     while True:
         new: list[dict[str, Any]] = []
+        pending = False  # checkpoints seen but not measured yet
         if not run_dir.is_dir():
             msg = f"waiting for {run_dir} to appear"
         elif tail.path.exists() or checkpoint_metrics is None:
@@ -232,13 +235,18 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
             for ck in _checkpoints(run_dir):
                 if ck in done_ckpts:
                     continue
+                pending = True
                 st = ck.stat()
                 sig = (st.st_size, st.st_mtime)
                 if seen.get(ck) != sig:  # still being written, or just appeared: look again next poll
                     seen[ck] = sig
                     continue
-                rec = {"step": _step_of(ck, len(done_ckpts)), "checkpoint": ck.name, **checkpoint_metrics(ck)}
                 done_ckpts.add(ck)
+                try:
+                    rec = {"step": _step_of(ck, len(done_ckpts) - 1), "checkpoint": ck.name, **checkpoint_metrics(ck)}
+                except FeatvizError as e:  # one unreadable checkpoint must not end the watch
+                    log.warning("skipping %s: %s", ck.name, e)
+                    continue
                 new.append(rec)
         if msg and msg != waiting_said and not new:
             emit("waiting", {"message": msg})
@@ -253,7 +261,7 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
             if until_step is not None and any(isinstance(r.get("step"), int) and r["step"] >= until_step
                                               for r in new):
                 return finish("until_step")
-        if watcher.done or (run_dir / DONE_FILE).exists() and not new:
+        if watcher.done or ((run_dir / DONE_FILE).exists() and not new and not pending):
             # a DONE file may land before the last lines are read: read once more first
             rest = tail.read() if run_dir.is_dir() else []
             fired = [a for r in rest for a in watcher.add(r)]

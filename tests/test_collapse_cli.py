@@ -90,17 +90,10 @@ def test_positives_mismatch_and_usage_errors(cli, emb, tmp_path):
     assert cli("collapse", a, "--watch", tmp_path).exit_code == 2  # two inputs
     assert cli("collapse", "--arch", "resnet18_w16-cifar").exit_code == 2  # no --images
     assert cli("collapse", a, "--alpha-range", "5").exit_code == 2
+    assert cli("collapse", a, "--pixels").exit_code == 2  # a flag that would change nothing is refused
+    assert cli("collapse", "--watch", tmp_path, "--positives", a).exit_code == 2
     missing = cli("collapse", tmp_path / "nope.npz")
     assert missing.exit_code == 1 and "does not exist" in missing.output
-
-
-def test_random_init_model_on_photos_with_pixels(cli, sample_dir, tmp_path):
-    data = _json(cli("collapse", "--arch", "resnet18_w16-cifar", "--images", sample_dir / "photos", "--pixels",
-                     "--pixels-per-image", "16", "--device", "cpu", "--json", "--out", tmp_path / "o"))
-    assert set(data["outputs"]) == {"backbone", "pixels"}
-    assert data["outputs"]["backbone"]["n"] == 20 and data["outputs"]["pixels"]["n"] == 20 * 16
-    assert data["alignment"] > 0  # two different augmented views
-    assert (tmp_path / "o" / "spectrum.png").exists()
 
 
 # ------------------------------------------------------------------ --watch
@@ -137,6 +130,10 @@ def test_watch_alarm_fails_the_run(cli, tmp_path):
     t.join()
     assert res.exit_code == 3, res.output
     assert "ALARM" in res.stderr and "step 5" in res.stderr and "RankMe fell" in res.stderr
+    summary = json.loads(cli("collapse", "--watch", run, "--interval", "0.02", "--json", "--out", tmp_path / "w",
+                             "--force").stdout)  # the finished run, read again: a JSON summary for scripts
+    assert summary["reason"] == "done" and summary["records"] == 10 and summary["last"]["step"] == 9
+    assert [a["kind"] for a in summary["alarms"]] == ["rankme"] and summary["alarms"][0]["step"] == 5
 
 
 def test_watch_until_step_partial_lines_and_max_wait(cli, tmp_path):
@@ -157,7 +154,7 @@ def test_watch_gives_up_on_a_run_that_never_appears(cli, tmp_path):
     assert res.exit_code == 1 and "no metrics appeared" in res.output and "waiting for" in res.stderr
 
 
-def test_featviz_checkpoint_with_projector_reports_backbone_and_says_so(cli, sample_dir, tmp_path):
+def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_path):
     import torch
 
     from featviz.checkpoints import save_featviz
@@ -169,7 +166,32 @@ def test_featviz_checkpoint_with_projector_reports_backbone_and_says_so(cli, sam
     ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": m.featviz_arch.to_dict(),
                       "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "source_format": "featviz"})
     res = cli("collapse", "--checkpoint", ck, "--images", sample_dir / "photos", "--json", "--batch-size", "8",
-              "--device", "cpu")
+              "--device", "cpu", "--pixels", "--pixels-per-image", "16", "--out", tmp_path / "o")
     data = _json(res)
-    assert set(data["outputs"]) == {"backbone"} and data["n"] == 20 and data["d"] == 128
-    assert "projector weights" in res.stderr
+    assert set(data["outputs"]) == {"backbone", "pixels"} and data["n"] == 20 and data["d"] == 128
+    assert data["outputs"]["pixels"]["n"] == 20 * 16
+    assert data["alignment"] > 0  # two different augmented views
+    assert "projector weights" in res.stderr  # heads are found, and skipped out loud
+    assert (tmp_path / "o" / "spectrum.png").exists()
+
+
+def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
+    from featviz.checkpoints import save_featviz
+    from featviz.models import build_backbone
+
+    run = tmp_path / "ckpts"
+    run.mkdir()
+    for epoch in (1, 2):
+        m = build_backbone("resnet18_w16-cifar", seed=epoch)
+        save_featviz(run / f"epoch_{epoch:03d}.safetensors", {f"backbone.{k}": v for k, v in m.state_dict().items()},
+                     {"arch": m.featviz_arch.to_dict(), "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    (run / "broken.pth").write_bytes(b"not a checkpoint")  # skipped with a warning, the watch goes on
+    (run / "DONE").touch()
+    out = tmp_path / "w"
+    res = cli("collapse", "--watch", run, "--images", sample_dir / "photos", "--interval", "0.05",
+              "--max-wait", "60", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2] and recs[0]["checkpoint"] == "epoch_001.safetensors"
+    assert all(r["output"] == "backbone" and r["n"] == 20 for r in recs)
+    assert "skipping broken.pth" in res.stderr and "the run finished" in res.stderr
