@@ -64,10 +64,10 @@ def view_pair(img, size: int, mean: Sequence[float], std: Sequence[float], *, sh
 def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
     """Extra named outputs computed from the pooled backbone features (projector, predictor).
 
-    Only featviz-format checkpoints (``.safetensors`` with ``projector.*``/``predictor.*``
-    tensors) carry heads. This is the single place to wire in the head builders of
-    ``featviz train``: return ``{"projector": proj, "predictor": lambda h: pred(proj(h))}``.
-    Until a builder exists, heads found in a file are reported and skipped.
+    Only featviz-format checkpoints (``featviz train``) carry heads: ``projector.*`` and
+    ``predictor.*`` tensors plus their JSON specs in the metadata, rebuilt with
+    ``featviz.methods.build_head``. The predictor is applied to the projector's output, as in
+    training.
     """
     if checkpoint is None or Path(checkpoint).suffix != ".safetensors":
         return {}
@@ -78,22 +78,27 @@ def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
         tensors, meta = read_featviz(checkpoint)
     except CheckpointError:
         return {}  # a plain safetensors file (timm/torchvision weights): no heads
-    names = sorted({k.split(".", 1)[0] for k in tensors} & {"projector", "predictor"})
-    builder = _head_builder()
-    if names and builder is None:
-        log.warning("%s has %s weights, but this featviz cannot build heads yet; reporting the backbone only",
-                    Path(checkpoint).name, " and ".join(names))
-        return {}
-    return builder(tensors, meta) if names else {}
+    from featviz.methods import build_head
 
-
-def _head_builder() -> Callable[[dict, dict], dict[str, Head]] | None:
-    """The train branch's head builder, when it is installed (``featviz.methods.build_heads``)."""
-    try:
-        from featviz.methods import build_heads  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return build_heads
+    specs = meta.get("heads") or {}
+    modules: dict[str, nn.Module] = {}
+    for name in ("projector", "predictor"):
+        weights = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        if not weights:
+            continue
+        if name not in specs:
+            log.warning("%s has %s weights but no spec to rebuild them; skipping that head",
+                        Path(checkpoint).name, name)
+            continue
+        head = build_head(specs[name])
+        head.load_state_dict(weights, strict=True)
+        modules[name] = head.eval()
+    heads: dict[str, Head] = {}
+    if "projector" in modules:
+        heads["projector"] = modules["projector"]
+        if "predictor" in modules:
+            heads["predictor"] = lambda h: modules["predictor"](modules["projector"](h))
+    return heads
 
 
 def _dense_layer(model: nn.Module) -> tuple[nn.Module, int | None]:

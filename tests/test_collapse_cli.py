@@ -160,18 +160,27 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
     from featviz.checkpoints import save_featviz
     from featviz.models import build_backbone
 
+    from featviz.methods import build_head
+
     m = build_backbone("resnet18_w16-cifar", seed=1)
+    specs = {"projector": {"type": "mlp", "dims": [128, 64, 32], "bn": True, "last_bn": True},
+             "predictor": {"type": "mlp", "dims": [32, 16, 32], "bn": True}}
     tensors = {f"backbone.{k}": v for k, v in m.state_dict().items()}
-    tensors["projector.0.weight"] = torch.randn(64, 128)
-    ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": m.featviz_arch.to_dict(),
+    for name, spec in specs.items():
+        head = build_head(spec)
+        for p in head.parameters():
+            torch.nn.init.normal_(p)
+        tensors.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
+    ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": m.featviz_arch.to_dict(), "heads": specs,
                       "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "source_format": "featviz"})
     res = cli("collapse", "--checkpoint", ck, "--images", sample_dir / "photos", "--json", "--batch-size", "8",
               "--device", "cpu", "--pixels", "--pixels-per-image", "16", "--out", tmp_path / "o")
     data = _json(res)
-    assert set(data["outputs"]) == {"backbone", "pixels"} and data["n"] == 20 and data["d"] == 128
+    assert set(data["outputs"]) == {"backbone", "projector", "predictor", "pixels"}
+    assert data["n"] == 20 and data["d"] == 128
+    assert data["outputs"]["projector"]["d"] == 32 and data["outputs"]["predictor"]["d"] == 32
     assert data["outputs"]["pixels"]["n"] == 20 * 16
     assert data["alignment"] > 0  # two different augmented views
-    assert "projector weights" in res.stderr  # heads are found, and skipped out loud
     assert (tmp_path / "o" / "spectrum.png").exists()
 
 
