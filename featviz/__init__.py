@@ -18,7 +18,7 @@ except PackageNotFoundError:  # running from a source tree without installing
 
 _SUBMODULES = {
     "artifacts", "augment", "cam", "checkpoints", "collapse", "data", "embed", "errors",
-    "figure", "methods", "models", "outputs", "plotting", "registry", "train", "tsne",
+    "figure", "methods", "models", "outputs", "plotting", "registry", "train", "tsne", "views", "watch",
 }
 
 

@@ -17,6 +17,12 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 
 CheckpointKey = Literal["teacher", "student"]
 
+MethodName = Literal[
+    "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",
+]
+
+OptimizerName = Literal["sgd", "adamw"]
+
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 FigureName = Literal["cac"]

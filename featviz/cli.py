@@ -433,9 +433,325 @@ def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size,
 
 
 # ---------------------------------------------------------------- collapse
+_WATCH = "Watching a run (--watch)"
+_CKPT = "From a checkpoint (--checkpoint / --arch + --images)"
+_METRIC = "Metrics"
+
+
+@app.command()
+def collapse(
+    embeddings: Annotated[Optional[Path], typer.Argument(help="Embeddings .npz (from `featviz embed`) or an (N, D) .npy.")] = None,
+    positives: Annotated[Optional[Path], typer.Option("--positives", help="Second views: row i pairs with row i of EMB (for alignment).")] = None,
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    images: Annotated[Optional[Path], typer.Option("--images", "-i", help="Folder of images (or 'digits').", rich_help_panel=_CKPT)] = None,
+    pixels: Annotated[bool, typer.Option("--pixels", help="Also measure dense features (ResNet layer4 / ViT patch tokens).", rich_help_panel=_CKPT)] = False,
+    pixels_per_image: Annotated[int, typer.Option("--pixels-per-image", min=1, help="Cells sampled per image with --pixels.", rich_help_panel=_CKPT)] = 64,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=8, help="View size (default: the model's).", rich_help_panel=_CKPT)] = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    watch_dir: Annotated[Optional[Path], typer.Option("--watch", help="Follow RUN_DIR/metrics.jsonl (or new checkpoints, with --images) live.", rich_help_panel=_WATCH)] = None,
+    interval: Annotated[float, typer.Option("--interval", min=0.01, help="Seconds between polls.", rich_help_panel=_WATCH)] = 2.0,
+    max_wait: Annotated[Optional[float], typer.Option("--max-wait", min=0, help="Stop after this many seconds with nothing new.", rich_help_panel=_WATCH)] = None,
+    until_step: Annotated[Optional[int], typer.Option("--until-step", help="Stop once a record reaches this step.", rich_help_panel=_WATCH)] = None,
+    rankme_drop: Annotated[float, typer.Option("--rankme-drop", min=0.0, max=1.0, help="Alarm when RankMe falls below (1 - this) × its peak.", rich_help_panel=_WATCH)] = 0.5,
+    std_fraction: Annotated[float, typer.Option("--std-fraction", min=0.0, max=1.0, help="Alarm when std_l2 < this × 1/√d.", rich_help_panel=_METRIC)] = 0.3,
+    fail_on_collapse: Annotated[bool, typer.Option("--fail-on-collapse", help="Exit with code 3 when collapse is flagged (watch: at the first alarm).")] = False,
+    drop_nonfinite: Annotated[bool, typer.Option("--drop-nonfinite", help="Drop rows with NaN/Inf (counted) instead of refusing.", rich_help_panel=_METRIC)] = False,
+    exact_max: Annotated[int, typer.Option("--uniformity-exact-max", min=2, help="Exact uniformity up to this many rows; sampled with a 95% CI above.", rich_help_panel=_METRIC)] = 20_000,
+    pairs: Annotated[int, typer.Option("--uniformity-pairs", min=100, help="Random pairs for sampled uniformity.", rich_help_panel=_METRIC)] = 1_000_000,
+    alpha_range: Annotated[str, typer.Option("--alpha-range", help="α-ReQ fit ranks LO,HI (1-based, HI excluded).", rich_help_panel=_METRIC)] = "10,100",
+    seed: SeedOpt = 0,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.json + spectrum.png (watch: curves.png; default RUN_DIR/collapse-watch).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure collapse: std of l2-normalised outputs, alignment/uniformity, RankMe, effective rank, α-ReQ, spectrum.
+
+    Give an embeddings file, a checkpoint (two augmented views of --images are made), or --watch a training run.
+    """
+    modes = [m for m, on in (("EMB", embeddings), ("--checkpoint/--arch", checkpoint or arch), ("--watch", watch_dir)) if on]
+    if len(modes) != 1:
+        raise typer.BadParameter(f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})")
+    misplaced = [flag for flag, given, allowed in (
+        ("--positives", positives, ("EMB",)), ("--pixels", pixels, ("--checkpoint/--arch",)),
+        ("--images", images, ("--checkpoint/--arch", "--watch"))) if given and modes[0] not in allowed]
+    if misplaced:  # refuse rather than ignore a flag that would change nothing
+        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    with _user_errors():
+        kwargs = dict(drop_nonfinite=drop_nonfinite, uniformity_exact_max=exact_max, uniformity_pairs=pairs,
+                      alpha_range=_parse_range(alpha_range))
+        load = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        if watch_dir is not None:
+            code = _collapse_watch(watch_dir, out_dir, force, interval, max_wait, until_step, std_fraction, rankme_drop,
+                                   fail_on_collapse, images, load, dict(image_size=image_size, batch_size=batch_size,
+                                   seed=seed, device=device, report_kwargs=kwargs), as_json)
+            raise typer.Exit(code)
+        if out_dir is not None:
+            from featviz.outputs import check_writable
+
+            check_writable(out_dir, force=force)  # fail before the (possibly long) computation
+        if embeddings is not None:
+            reports, source = _collapse_embeddings(embeddings, positives, seed, kwargs)
+        else:
+            if images is None:
+                raise typer.BadParameter("--checkpoint/--arch needs --images DIR (two augmented views are made of each)")
+            reports, source = _collapse_checkpoint(checkpoint, images, load, pixels, pixels_per_image, image_size,
+                                                   batch_size, seed, device, kwargs)
+        if out_dir is not None:
+            _collapse_outputs(out_dir, reports, source, force)
+    flags = {name: r.flags(std_fraction) for name, r in reports.items()}
+    if as_json:
+        first = next(iter(reports.values()))
+        _echo_json({**first.to_dict(), "output": next(iter(reports)), "flags": flags[next(iter(reports))],
+                    "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()}})
+    else:
+        from featviz.collapse import report_table
+
+        wide = out.width >= 140  # definitions need room; narrow terminals get a pointer instead
+        out.print(report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {source}", definitions=wide))
+        if not wide:
+            out.print("[dim]definitions and papers: docs/metrics.md (or --json / report.json)[/]")
+        for name, r in reports.items():
+            if r.n_nonfinite:
+                err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")
+            for f in flags[name]:
+                out.print(f"[bold red]{name}:[/] {f}", highlight=False)
+        if out_dir is not None:
+            out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'spectrum.png'}", highlight=False)
+    if fail_on_collapse and any(flags.values()):
+        raise typer.Exit(3)
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--alpha-range takes LO,HI (two integers), got {text!r}") from None
+    if not 1 <= lo < hi:
+        raise typer.BadParameter(f"--alpha-range needs 1 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _collapse_embeddings(path: Path, positives: Optional[Path], seed: int, kwargs: dict):
+    from featviz import collapse as C
+
+    z2 = None if positives is None else C.load_matrix(positives, what="positives")
+    return {path.stem: C.collapse_report(C.load_matrix(path), z2, seed=seed, progress=_progress("collapse"), **kwargs)}, str(path)
+
+
+def _collapse_checkpoint(checkpoint, images, load, pixels, pixels_per_image, image_size, batch_size, seed, device, kwargs):
+    from featviz import data, models, views
+    from featviz.distributed import resolve_device
+
+    model = models.resolve_model(checkpoint=checkpoint, seed=seed, **load)
+    items = data.labelled_images(images).items
+    reports, skipped = views.model_collapse_reports(
+        model, items, heads=views.checkpoint_heads(checkpoint), image_size=image_size, batch_size=batch_size,
+        seed=seed, pixels=pixels, pixels_per_image=pixels_per_image, device=resolve_device(device),
+        progress=_progress("two views"), **kwargs)
+    if skipped:
+        err.print(f"[yellow]skipped {len(skipped)} undecodable images[/]")
+    return reports, str(checkpoint or f"{load['arch']} (random init)")
+
+
+def _collapse_outputs(out_dir: Path, reports: dict, source: str, force: bool) -> None:
+    from featviz import collapse as C
+    from featviz.outputs import atomic_dir, manifest, write_json
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        write_json(tmp / "report.json", manifest(
+            "collapse", {"source": source}, definitions=C.DEFINITIONS,
+            outputs={k: {**r.to_dict(spectra=True), "flags": r.flags()} for k, r in reports.items()}))
+        C.plot_spectrum(reports, tmp / "spectrum.png", title=f"Singular-value spectrum: {Path(source).name}")
+
+
+def _collapse_watch(run_dir, out_dir, force, interval, max_wait, until_step, std_fraction, rankme_drop,
+                    fail_on_collapse, images, load, ckpt_kwargs, as_json=False) -> int:
+    import time
+    from contextlib import nullcontext
+
+    from rich.live import Live
+
+    from featviz import collapse as C
+    from featviz import watch as W
+    from featviz.errors import DataError
+    from featviz.outputs import check_writable
+
+    out_dir = out_dir or run_dir / "collapse-watch"
+    if out_dir.exists():
+        check_writable(out_dir, force=force)
+    watcher = W.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop)
+    title = f"collapse watch: {run_dir}"
+    checkpoint_metrics = None
+    if images is not None:
+        checkpoint_metrics = _checkpoint_metrics_fn(images, load, ckpt_kwargs)
+    last_plot = [0.0]
+
+    def redraw(final: bool = False) -> None:
+        if watcher.records and (final or time.monotonic() - last_plot[0] > 5.0):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            C.plot_curves(watcher.records, out_dir / "curves.png", std_fraction=std_fraction, title=title)
+            last_plot[0] = time.monotonic()
+
+    # with --json stdout carries only the final JSON summary, so no live table
+    live_ctx = nullcontext() if as_json else Live(watcher.to_rich(title=title), console=out, refresh_per_second=4)
+    with live_ctx as live:
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "waiting":
+                err.print(f"[dim]{info['message']}…[/]", highlight=False)
+            elif kind == "records":
+                if live is not None:
+                    live.update(watcher.to_rich(title=title))
+                if checkpoint_metrics is not None:  # keep what was computed from checkpoints
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    for r in info["records"]:
+                        C.append_jsonl(out_dir / "metrics.jsonl", {k: v for k, v in r.items() if not k.startswith("_")})
+                for a in info["alarms"]:
+                    err.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
+                redraw()
+            elif kind == "stopped" and live is not None:
+                live.update(watcher.to_rich(title=title))
+
+        result = W.watch(run_dir, watcher=watcher, interval=interval, max_wait=max_wait, until_step=until_step,
+                         stop_on_alarm=fail_on_collapse, checkpoint_metrics=checkpoint_metrics, on_event=on_event)
+    redraw(final=True)
+    if not result.records:
+        raise DataError(f"no metrics appeared in {run_dir} within --max-wait {max_wait:g} s; is the run writing "
+                        "metrics.jsonl (CollapseMonitor / featviz train)?")
+    reasons = {"done": "the run finished", "until_step": f"reached step {until_step}",
+               "max_wait": f"nothing new for {max_wait} s", "alarm": "collapse alarm"}
+    err.print(f"stopped: {reasons[result.reason]}; {result.records} records, {len(result.alarms)} alarms"
+              + (f"; curves: {out_dir / 'curves.png'}" if (out_dir / "curves.png").exists() else ""), highlight=False)
+    if as_json:
+        last = {k: v for k, v in watcher.records[-1].items() if not k.startswith("_")}
+        _echo_json({"reason": result.reason, "records": result.records, "alarms": result.alarms, "last": last,
+                    "curves": str(out_dir / "curves.png")})
+    return 3 if fail_on_collapse and result.alarms else 0
+
+
+def _checkpoint_metrics_fn(images, load, kw):
+    from featviz import data, views
+    from featviz.checkpoints import load_backbone
+    from featviz.distributed import resolve_device
+
+    items = data.labelled_images(images).items
+    device = resolve_device(kw["device"])
+
+    def metrics(path: Path) -> dict:
+        model, _ = load_backbone(path, **load)
+        heads = views.checkpoint_heads(path)
+        reports, _ = views.model_collapse_reports(
+            model, items, heads=heads, image_size=kw["image_size"], batch_size=kw["batch_size"], seed=kw["seed"],
+            device=device, **kw["report_kwargs"])
+        name = "projector" if "projector" in reports else "backbone"  # what the SSL loss sees, when present
+        return {**reports[name].to_dict(), "output": name}
+
+    return metrics
 
 
 # ---------------------------------------------------------------- train
+from featviz._names import MethodName, OptimizerName  # noqa: E402  (kept in this section for clean merges)
+
+
+def _train_progress(every: int):
+    """A rich progress bar per epoch showing the loss and throughput of the latest metrics line."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    state: dict[str, Any] = {"epoch": 0, "progress": None, "task": None}
+
+    def wrap(iterable, total: int | None = None):
+        state["epoch"] += 1
+        if not err.is_terminal:  # logs and CI: the epoch lines are enough
+            yield from iterable
+            return
+        with Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s"), TimeRemainingColumn(),
+                      console=err, transient=True) as bar:
+            state["progress"], state["task"] = bar, bar.add_task("train", total=total, epoch=state["epoch"],
+                                                                   loss="-", ips="-")
+            for item in iterable:
+                yield item
+                bar.advance(state["task"])
+
+    def on_log(rec: dict[str, Any]) -> None:
+        if rec.get("kind") == "epoch":
+            extra = "".join(f"  {k} {rec[k]:.3f}" for k in ("knn_acc", "miou", "std_l2") if rec.get(k) is not None)
+            err.print(f"epoch {rec.get('epoch')}: loss {rec.get('loss', float('nan')):.4f}  "
+                      f"{rec.get('images_per_s', 0):.0f} img/s{extra}", highlight=False)
+        elif state["progress"] is not None:
+            state["progress"].update(state["task"], loss=f"{rec.get('loss', float('nan')):.4f}",
+                                     ips=f"{rec.get('images_per_s', 0):.0f}")
+
+    return wrap, on_log
+
+
+@app.command()
+def train(
+    method: Annotated[MethodName, typer.Option("--method", "-m", help="SSL method, or supervised_seg / cac for segmentation.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Image folder, labels CSV or 'digits'; for supervised_seg/cac a VOC-layout folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run folder (RUN_DIR): checkpoints, metrics.jsonl, config.json.")],
+    arch: Annotated[Optional[str], typer.Option("--arch", "-a", help="Backbone (default resnet18_w16-cifar; segmentation resnet18_w16-os8). resnet50 is the GPU path.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.")] = 10,
+    batch_size: BatchSizeOpt = 256,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's base lr x batch/256).")] = None,
+    optimizer: Annotated[Optional[OptimizerName], typer.Option("--optimizer", help="Default: per method (DINO adamw, others sgd).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", min=0.0, help="Default: per method.")] = None,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")] = 0.0,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Training crop size in pixels.")] = 32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last epoch.")] = False,
+    force: ForceOpt = False,
+    no_stop_grad: Annotated[bool, typer.Option("--no-stop-grad", help="SimSiam ablation: let gradients through both branches (it collapses).")] = False,
+    local_crops: Annotated[int, typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino).")] = 0,
+    min_scale: Annotated[Optional[float], typer.Option("--min-scale", min=0.01, max=1.0, help="Smallest crop area (overrides the recipe's, e.g. 0.5 for digits).")] = None,
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (turn off for digits/text).")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (1 helps on a busy shared CPU).")] = None,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between metrics.jsonl lines.")] = 10,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N images.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 0,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast (default: on with CUDA).")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Default: on with CUDA.")] = None,
+    selected_num: Annotated[int, typer.Option("--selected-num", min=1, help="CAC: pixels sampled per crop as negatives.")] = 6400,
+    iou_bound: Annotated[tuple[float, float], typer.Option("--iou-bound", help="CAC: accepted IoU range of the two crops.")] = (0.1, 1.0),
+    temp: Annotated[float, typer.Option("--temp", min=1e-4, help="CAC: contrast temperature.")] = 0.1,
+    weight_unsup: Annotated[float, typer.Option("--weight-unsup", min=0.0, help="CAC: weight of the pixel contrast loss.")] = 0.1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an SSL model (or a segmentation model, with CAC) with checkpoints and collapse metrics.
+
+    Writes RUN_DIR/last.safetensors and best.safetensors every epoch (they load in inspect,
+    embed, tsne, cam and collapse with no flags), RUN_DIR/metrics.jsonl (follow it with
+    `featviz collapse --watch RUN_DIR`) and RUN_DIR/state.pt for --resume.
+    Multi-GPU: `torchrun --nproc_per_node N -m featviz train ...`.
+    """
+    from featviz import train as train_lib
+
+    cfg = train_lib.TrainConfig(
+        method=method, data=data, out=str(out_dir), arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, weight_decay=weight_decay, warmup_epochs=warmup_epochs, image_size=image_size,
+        device=device, seed=seed, stop_grad=not no_stop_grad, local_crops=local_crops, min_scale=min_scale,
+        hflip=hflip, threads=threads, log_every=log_every,
+        limit=limit, workers=workers, amp=amp, channels_last=channels_last, selected_num=selected_num,
+        iou_bound=tuple(iou_bound), temp=temp, weight_unsup=weight_unsup)
+    wrap, on_log = _train_progress(log_every)
+    with _user_errors():
+        result = train_lib.train(cfg, resume=resume, force=force, progress=wrap, on_log=on_log)
+    if result is None:  # a non-zero DDP rank
+        return
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        final = result.history[-1] if result.history else {}
+        extra = "".join(f", {k} {final[k]:.3f}" for k in ("knn_acc", "miou") if k in final)
+        out.print(f"{result.last} ({result.steps} steps in {result.seconds:.0f}s{extra})", highlight=False)
+
+
 
 
 # ---------------------------------------------------------------- demo

@@ -1,0 +1,330 @@
+"""featviz train: SSL objectives against their formulas, the loop, resume, DDP, segmentation, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featviz import methods
+from featviz._names import MethodName
+from featviz.methods import METHODS, build_method, dino_h, moco_ctr, neg_cosine, nt_xent, sinkhorn
+from featviz.models import build_backbone
+from featviz.segmentation import directional_contrast, load_segmenter
+from featviz.train import TrainConfig, TrainingDivergedError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(arch="resnet18_w16-cifar", image_size=16, batch_size=16, limit=40, log_every=1, seed=0)
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI box is small and shared: one thread avoids OpenMP oversubscription stalls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_method_names_in_sync():
+    assert set(get_args(MethodName)) == set(METHODS.names()) | {"supervised_seg", "cac"}
+
+
+# ---------------------------------------------------------------- formulas on hand-checked cases
+def test_nt_xent_matches_hand_computation():
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    tau = 0.5
+    # view 0 = (1,0): positive (1,0) sim 1; negatives: (0,1) twice sim 0 -> -log(e^2 / (e^2 + 2))
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))  # the same for all 4 views by symmetry
+    assert nt_xent(z1, z2, tau).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_neg_cosine_and_stop_gradient():
+    p = torch.tensor([[2.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    loss = neg_cosine(p, z)
+    assert loss.item() == pytest.approx(-(1 + 0) / 2)
+    loss.backward()
+    assert z.grad is None and p.grad is not None  # stop-gradient on z
+    z2 = z.detach().clone().requires_grad_(True)
+    neg_cosine(p.detach(), z2, stop_grad=False).backward()
+    assert z2.grad is not None and z2.grad.abs().sum() > 0
+
+
+def test_moco_v3_ctr_matches_formula():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    tau = 0.2
+    logits = torch.tensor([[1.0, 0.6], [0.0, 0.8]]) / tau
+    ce = -(torch.log_softmax(logits, 1)[0, 0] + torch.log_softmax(logits, 1)[1, 1]) / 2
+    assert moco_ctr(q, k, tau).item() == pytest.approx(2 * tau * ce.item(), rel=1e-6)
+
+
+def test_barlow_twins_formula():
+    z = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+    # identical, decorrelated, standardised views: C = I -> loss 0
+    assert methods.barlow_loss(z, z, 5e-3).item() == pytest.approx(0.0, abs=1e-6)
+    # z2 = first column copied to both: C = [[1, 1], [0, 0]] -> (1-1)^2 + (0-1)^2 + lambda * 1^2
+    z2 = torch.stack([z[:, 0], z[:, 0]], 1)
+    assert methods.barlow_loss(z, z2, 0.5).item() == pytest.approx(1 + 0.5, rel=1e-4)
+
+
+def test_byol_loss_is_two_minus_two_cosine():
+    p, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    byol = 2 + 2 * neg_cosine(p, t)
+    assert byol.item() == pytest.approx(((F.normalize(p) - F.normalize(t)) ** 2).sum().item(), rel=1e-6)
+
+
+def test_sinkhorn_equipartition():
+    scores = torch.randn(12, 4)
+    q = sinkhorn(scores, eps=0.5, iters=50)
+    assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-4)  # each sample: a distribution
+    assert torch.allclose(q.sum(0), torch.full((4,), 3.0), atol=1e-3)  # prototypes equally used
+
+
+def test_dino_h_formula():
+    t = torch.tensor([[0.0, 0.0]])
+    s = torch.tensor([[math.log(3.0), 0.0]])
+    # uniform teacher (centred, any temperature): H = -(0.5 log 0.75 + 0.5 log 0.25) with tps = 1
+    expected = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
+    assert dino_h(t, s, torch.zeros(1, 2), tps=1.0, tpt=0.04).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_simsiam_forward_equals_paper_formula():
+    m = build_method("simsiam", build_backbone("resnet18_w16-cifar", seed=0)).train()
+    v = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
+    torch.manual_seed(1)
+    loss = m(v)
+    z1, z2 = m.projector(m.backbone(v[0])), m.projector(m.backbone(v[1]))
+    p1, p2 = m.predictor(z1), m.predictor(z2)
+    d = lambda p, z: -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(1).mean()  # noqa: E731
+    assert loss.item() == pytest.approx((d(p1, z2) / 2 + d(p2, z1) / 2).item(), rel=1e-5)
+
+
+def test_cac_directional_contrast_hand_case():
+    f1 = torch.tensor([[1.0, 0.0]])
+    f2 = torch.tensor([[1.0, 0.0]])
+    negs = torch.tensor([[0.0, 1.0]])
+    kw = dict(temp=1.0, pos_thresh=0.5)
+    # counterpart more confident: -log(e^1 / (e^1 + e^0)) = log(1 + e^-1)
+    got = directional_contrast(f1, f2, torch.tensor([0.6]), torch.tensor([0.9]), torch.tensor([1]),
+                               negs, torch.tensor([2]), **kw)
+    assert got.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    # the other direction is masked out: the more confident feature does not move
+    assert directional_contrast(f1, f2, torch.tensor([0.9]), torch.tensor([0.6]), torch.tensor([1]),
+                                negs, torch.tensor([2]), **kw).item() == 0.0
+    # a negative with the anchor's pseudo label is filtered: only the positive remains -> 0
+    assert directional_contrast(f1, f2, torch.tensor([0.6]), torch.tensor([0.9]), torch.tensor([1]),
+                                negs, torch.tensor([1]), **kw).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- every method trains
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_trains_few_steps_without_nan(name):
+    m = build_method(name, build_backbone("resnet18_w16-cifar", seed=0)).train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+        if m.multi_crop:
+            views.append(torch.randn(8, 3, 8, 8, generator=g))
+        loss = m(views)
+        assert torch.isfinite(loss), (name, step, loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.on_step_end(step / 3)
+    changed = any(not torch.equal(before[k], v) for k, v in m.backbone.state_dict().items())
+    assert changed
+    assert m.embeddings is not None and m.embeddings[0].shape[0] == 8
+    assert set(m.exported()) == {"backbone", *m.head_specs}
+
+
+# ---------------------------------------------------------------- the loop
+def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
+    from featviz.checkpoints import load_backbone, read_featviz
+
+    cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=2, **TINY)
+    logs = []
+    res = train(cfg, on_log=logs.append)
+    run = tmp_path / "run"
+    for f in ("last.safetensors", "best.safetensors", "state.pt", "config.json", "metrics.jsonl"):
+        assert (run / f).exists(), f
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r.get("kind") == "epoch"]
+    assert len(epochs) == 2 and lines[-1]["event"] == "done"
+    for key in ("loss", "lr", "std_l2", "rankme", "alignment", "uniformity", "knn_acc"):
+        assert key in epochs[-1], key
+    assert 0.0 <= epochs[-1]["knn_acc"] <= 1.0
+    tensors, meta = read_featviz(run / "last.safetensors")
+    assert meta["method"] == "simsiam" and set(meta["heads"]) == {"projector", "predictor"}
+    assert {k.split(".")[0] for k in tensors} == {"backbone", "projector", "predictor"}
+    model, report = load_backbone(run / "last.safetensors")  # no --arch / --format
+    assert report.to_dict()["format"] == "featviz" and not report.to_dict()["missing"]
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], tensors[f"backbone.{k}"]) for k in sd)
+    assert res.steps == 2 * (32 // 16)  # 40 images, 8 held out for kNN, batch 16
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    base = dict(method="byol", data="digits", epochs=3, **TINY)  # momentum encoder + RNG-driven views
+    train(TrainConfig(out=str(tmp_path / "full"), **base))
+
+    calls = {"n": 0}
+
+    def killer(it, total=None):
+        calls["n"] += 1
+        for i, x in enumerate(it):
+            if calls["n"] == 2 and i == 1:  # mid-way through epoch 2
+                raise KeyboardInterrupt
+            yield x
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "cut"), **base), progress=killer)
+    state = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)
+    assert int(state["epoch"]) == 1  # the last good checkpoint is epoch 1
+    train(TrainConfig(out=str(tmp_path / "cut"), **base), resume=True)
+    a, b = _tensors(tmp_path / "full" / "last.safetensors"), _tensors(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("kind") == "step"]
+    assert steps == sorted(set(steps))  # no duplicated lines after the resume
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=3, **TINY)
+    real = methods.SimSiam.forward
+    count = {"n": 0}
+
+    def flaky(self, views):
+        count["n"] += 1
+        loss = real(self, views)
+        return loss * float("nan") if count["n"] > 4 else loss  # 2 steps per epoch: epoch 3 diverges
+
+    monkeypatch.setattr(methods.SimSiam, "forward", flaky)
+    with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
+        train(cfg)
+    _, meta = __import__("featviz.checkpoints", fromlist=["read_featviz"]).read_featviz(
+        tmp_path / "run" / "last.safetensors")
+    assert meta["training"]["epoch"] == 2
+    assert '"diverged"' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+# ---------------------------------------------------------------- segmentation
+@pytest.mark.parametrize("method", ["supervised_seg", "cac"])
+def test_segmentation_trains_and_loads(tmp_path, sample_dir, method):
+    cfg = TrainConfig(method=method, data=str(sample_dir / "seg"), out=str(tmp_path / method), epochs=1,
+                      batch_size=2, image_size=32, limit=4, selected_num=64, log_every=1)
+    res = train(cfg)
+    assert "miou" in res.history[-1] and math.isfinite(res.history[-1]["loss"])
+    if method == "cac":
+        assert res.history[-1]["loss_unsup"] >= 0
+    seg = load_segmenter(res.last)
+    out = seg(torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 4, 48, 48)
+    assert seg.class_names == ["background", "disc", "square", "triangle"]
+    assert (seg.projector is not None) == (method == "cac")
+    from featviz.checkpoints import load_backbone
+
+    load_backbone(res.last)  # the backbone alone loads with no flags
+
+
+# ---------------------------------------------------------------- CLI errors: one line, non-zero
+def _one_error_line(r):
+    assert r.exit_code != 0
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert "Traceback" not in r.output
+    return lines
+
+
+def test_cli_errors(cli, tmp_path, sample_dir):
+    r = cli("train", "-m", "simsiam", "-d", str(sample_dir / "photos"), "-o", tmp_path / "a", "-b", "64")
+    lines = _one_error_line(r)
+    assert len(lines) == 1 and "fewer than one batch of 64" in lines[0]
+
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    shutil.copy(sample_dir / "seg" / "JPEGImages" / "scene_000.jpg", voc / "JPEGImages")
+    r = cli("train", "-m", "cac", "-d", voc, "-o", tmp_path / "b", "-b", "2")
+    lines = _one_error_line(r)
+    assert len(lines) == 1 and "no mask" in lines[0]
+
+    r = cli("train", "-m", "simsiam", "-d", "digits", "-o", tmp_path / "c", "-a", "resnet19")
+    lines = _one_error_line(r)
+    assert len(lines) == 1 and "unknown architecture" in lines[0]
+
+    r = cli("train", "-m", "simsaim", "-d", "digits", "-o", tmp_path / "d")
+    assert r.exit_code == 2 and "simsaim" in r.output  # typer's usage error lists the choices
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    r = cli("train", "-m", "simsiam", "-d", "digits", "-o", tmp_path / "e")
+    lines = _one_error_line(r)
+    assert len(lines) == 1 and "--resume" in lines[0] and "--force" in lines[0]
+    assert (tmp_path / "e" / "notes.txt").exists()
+
+
+def test_cli_train_runs_and_resumes(cli, tmp_path):
+    args = ["train", "-m", "simsiam", "-d", "digits", "-o", tmp_path / "run", "-a", "resnet18_w16-cifar",
+            "--image-size", "16", "-b", "16", "--limit", "40", "-e", "1", "--json"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["steps"] == 2
+    r = cli(*args[:-3], "-e", "2", "--resume", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["steps"] == 4
+
+
+# ---------------------------------------------------------------- DDP (gloo, 2 CPU processes)
+def test_ddp_two_processes_match_one(tmp_path):
+    """2 gloo processes at global batch 8 end with the 1-process weights (DINO on a ViT: no BatchNorm)."""
+    common = ["-m", "dino", "-d", "digits", "-a", "vit_tiny_patch8_32", "--image-size", "32", "-b", "8",
+              "--limit", "20", "-e", "1", "--device", "cpu", "--log-every", "1", "--optimizer", "sgd", "--lr", "0.5"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "featviz", "train", *common, "-o", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=150)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "featviz", "train", *common, "-o", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=150)
+    assert two.returncode == 0, two.stderr[-2000:]
+    # SGD, not AdamW: Adam's first steps are ~lr*sign(grad), which turns float-order noise in
+    # near-zero gradients into visible weight differences. Compare the full method state: the
+    # student (trained by gradients) and the EMA teacher.
+    a, b = (torch.load(tmp_path / d / "state.pt", weights_only=True)["model"] for d in ("one", "two"))
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    init = build_backbone("vit_tiny_patch8_32", seed=0).state_dict()
+    moved = max((a[f"backbone.{k}"].float() - v.float()).abs().max().item() for k, v in init.items())
+    assert moved > 100 * worst and worst < 1e-4, (worst, moved)  # the runs trained, and agree
+
+
+# ---------------------------------------------------------------- GPU path
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last(tmp_path):
+    cfg = TrainConfig(method="simclr", data="digits", out=str(tmp_path / "run"), epochs=1, device="cuda",
+                      **{**TINY, "batch_size": 16})
+    res = train(cfg)
+    t = _tensors(res.last)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in t.values())
+    assert math.isfinite(res.history[-1]["loss"])
+    assert np.isfinite(res.history[-1]["knn_acc"])
