@@ -16,3 +16,10 @@ FormatName = Literal[
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 CheckpointKey = Literal["teacher", "student"]
+
+CAM_METHOD_NAMES = (
+    "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
+    "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",
+    "seg_eigen_cam", "refinecam", "sess", "random_cam",
+)
+"""``featviz cam --method`` names (featviz.cam.CAM_METHODS holds the classes; a test keeps them in sync)."""

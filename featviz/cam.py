@@ -132,29 +132,31 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 
 
 def make_cam(name: str, model: nn.Module, layers: list[nn.Module], reshape_transform=None, *,
-             batch_size: int = 32, token_layer: bool = False, output_kind: str = "logits"):
+             batch_size: int = 32, token_layer: bool = False, output_kind: str = "logits",
+             options: dict[str, Any] | None = None):
     """Construct the pytorch-grad-cam object for ``name`` (this registers its hooks).
 
-    Call ``release_cam`` on the result when done; featviz never relies on ``with`` because
-    pytorch-grad-cam's ``__exit__`` swallows ``IndexError``.
+    ``options`` are extra constructor arguments (e.g. ``{"num_scales": 4}`` for SESS, ``{"k": 3}``
+    for FEM). Call ``release_cam`` on the result when done; featviz never relies on ``with``
+    because pytorch-grad-cam's ``__exit__`` swallows ``IndexError``.
     """
     import pytorch_grad_cam as pgc
 
     spec = CAM_METHODS[name]
     cls = getattr(pgc, spec.cls)
+    kw = dict(options or {})
     if name == "ablationcam":
-        layer = pgc.AblationLayerVit() if token_layer else pgc.AblationLayer()  # fresh: the default is shared
-        return cls(model, layers, reshape_transform, ablation_layer=layer, batch_size=batch_size)
-    if name == "scorecam":
-        cam = cls(model, layers, reshape_transform)
-        cam.batch_size = batch_size  # masked images per forward (pytorch-grad-cam's default is 16)
-        return cam
+        kw.setdefault("ablation_layer", pgc.AblationLayerVit() if token_layer else pgc.AblationLayer())  # fresh
+        kw.setdefault("batch_size", batch_size)
+    elif name == "sess":
+        kw.setdefault("batch_size", batch_size)
+        kw.setdefault("use_softmax_scores", output_kind == "logits")  # softmax over embedding dims means nothing
     if name == "fullgrad":
-        return cls(model, [], reshape_transform)  # FullGrad picks every conv/BN bias layer itself
-    if name == "sess":
-        return cls(model, layers, reshape_transform, batch_size=batch_size,
-                   use_softmax_scores=output_kind == "logits")
-    return cls(model, layers, reshape_transform)
+        layers = []  # FullGrad picks every conv/BN bias layer itself
+    cam = cls(model, layers, reshape_transform, **kw)
+    if name == "scorecam":
+        cam.batch_size = batch_size  # masked images per forward (pytorch-grad-cam's default is 16)
+    return cam
 
 
 def _base_cams(cam) -> list:
@@ -238,7 +240,7 @@ class CamTarget:
             value = self(o)
             (grad,) = torch.autograd.grad(value.sum(), o, allow_unused=True)
         self.score = float(value.detach())
-        slope = 0.0 if grad is None else float(grad.norm() * o.norm())
+        slope = 0.0 if grad is None else float(grad.norm() * o.detach().norm())
         self.slope = slope / max(abs(self.score), 1e-12)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -671,6 +673,24 @@ def _cut_graph_hook(zero: torch.Tensor):
     return hook
 
 
+@contextmanager
+def _quiet_inner_loops() -> Iterator[None]:
+    """Silence the per-image tqdm bars of ScoreCAM/AblationCAM (featviz shows one progress bar)."""
+    import types
+
+    from pytorch_grad_cam import ablation_cam, score_cam
+
+    quiet = types.SimpleNamespace(tqdm=lambda iterable, *a, **k: iterable)
+    saved = [(mod, mod.tqdm) for mod in (score_cam, ablation_cam)]
+    try:
+        for mod, _ in saved:
+            mod.tqdm = quiet
+        yield
+    finally:
+        for mod, orig in saved:
+            mod.tqdm = orig
+
+
 def _grad_on_hook(_module, _inputs, _output) -> None:
     torch.set_grad_enabled(True)  # a backbone under torch.no_grad() still records after the layer
 
@@ -682,7 +702,8 @@ class GradientError(FeatvizError):
 def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Module],
             targets: list[CamTarget], *, reshape_transform=None, aug_smooth: bool = False,
             eigen_smooth: bool = False, batch_size: int = 32, token_layer: bool = False,
-            method_kwargs: dict[str, Any] | None = None) -> tuple[np.ndarray, list[MapStats]]:
+            method_kwargs: dict[str, Any] | None = None,
+            options: dict[str, Any] | None = None) -> tuple[np.ndarray, list[MapStats]]:
     """Compute one method's maps for a batch, with featviz's guard rails.
 
     Args:
@@ -697,6 +718,7 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
         batch_size: Inner batch of ScoreCAM/AblationCAM/SESS forwards.
         token_layer: The layers output tokens (picks AblationCAM's ViT ablation layer).
         method_kwargs: Extra call arguments (FinerCAM's ``target_idx``).
+        options: Extra constructor arguments for the method (see ``make_cam``).
 
     Returns:
         maps (B, H, W) float32 in [0, 1] exactly as pytorch-grad-cam returns them, and per-image
@@ -710,9 +732,12 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
         raise ValueError(f"one target per image is required: got {len(targets)} targets for {x.shape[0]} images")
     spec = CAM_METHODS[method]
     model = info.forward
+    if (aug_smooth or method == "sess") and not all(t.bound for t in targets):
+        bind_targets(info, x, targets)  # their first forward is not the clean batch
     recorder = _Recorder(x.shape[0])
     with ExitStack() as stack:
         stack.enter_context(_model_state(model, weights_require_grad=spec.input_gradient))
+        stack.enter_context(_quiet_inner_loops())
         handles = []
         stack.callback(lambda: [h.remove() for h in handles])
         if method in _CUT_GRAPH:
@@ -740,7 +765,7 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
 
         handles.append(model.register_forward_hook(on_output))
         cam = make_cam(method, model, layers, reshape_transform, batch_size=batch_size,
-                       token_layer=token_layer, output_kind=info.kind)
+                       token_layer=token_layer, output_kind=info.kind, options=options)
         stack.callback(release_cam, cam)
         if method == "ablationcam":
             stack.callback(_restore_ablated, model, cam, layers)
@@ -876,12 +901,15 @@ def bind_targets(info: ModelInfo, x: torch.Tensor, targets: list[CamTarget]) -> 
 
 
 def not_applicable(method: str, info: ModelInfo, *, token_layer: bool, aug_smooth: bool,
-                   target: TargetSpec) -> str | None:
-    """Why ``method`` cannot run on this model/layer/target (None when it can)."""
+                   target: TargetSpec, input_hw: tuple[int, int] | None = None) -> str | None:
+    """Why ``method`` cannot run on this model/layer/target/input size (None when it can)."""
     if method == "finercam" and (info.kind != "logits" or info.num_classes < 2):
         return "finercam compares a class with its most similar classes, so it needs a classifier with ≥ 2 classes"
     if method == "sess" and info.kind == "segmentation":
         return "sess scores image patches with one score per patch, so it needs an (N, D) output, not a segmenter"
+    if method == "sess" and input_hw is not None and input_hw[0] != input_hw[1]:
+        return (f"sess slides square windows of the shorter side over the image, so it needs square inputs; "
+                f"this run uses {input_hw[0]}×{input_hw[1]}")
     if method == "shapleycam" and token_layer:
         return ("shapleycam does not apply to token layers: pytorch-grad-cam 1.5.7 skips the reshape_transform on "
                 "its activations (detach=False path); pick a convolutional layer")
@@ -1092,7 +1120,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     ctx = TargetContext(spec_t, info, mean, std, reference, list(class_names), seed)
 
     skipped = {m: why for m in names if (why := not_applicable(m, info, token_layer=token, aug_smooth=aug_smooth,
-                                                              target=spec_t))}
+                                                              target=spec_t, input_hw=hw))}
     explicit = not any(str(m).strip().lower() == "all" for m in ([methods] if isinstance(methods, str) else methods)
                        for m in str(m).split(","))
     if skipped and explicit:
@@ -1122,8 +1150,6 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             x = x.to(dev)
             rgb = ((x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
             targets = make_targets(ctx, x)
-            if aug_smooth or run_methods[0] == "sess":
-                bind_targets(info, x, targets)
             for m in run_methods:
                 kw = {"target_idx": int(spec_t.arg)} if m == "finercam" and spec_t.kind == "class" else None
                 batch_maps, batch_stats = explain(info, x, m, layer_mods, targets, reshape_transform=reshape,
