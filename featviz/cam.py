@@ -939,26 +939,33 @@ def faithfulness(info: ModelInfo, x: torch.Tensor, maps: np.ndarray, targets: li
     """Per-image ROAD and confidence-change scores (pytorch-grad-cam metrics) for bound targets.
 
     Works for any target, embedding targets included: each target keeps what it bound on the
-    clean image (class, direction, reference), so perturbed images are scored against it.
+    clean image (class, direction, reference), so perturbed images are scored against it. The
+    definitions are pytorch-grad-cam's (``ROAD*RelevantFirstAverage``, ``DropInConfidence``,
+    ``IncreaseInConfidence``); the clean image is scored once instead of once per metric.
     """
-    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence, IncreaseInConfidence
-    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
 
     model = info.forward
     was = [(m, m.training) for m in model.modules()]
     model.eval()
+    n = len(targets)
+
+    def after(metric) -> np.ndarray:
+        return np.asarray(metric(x, maps, targets, model, return_diff=False), np.float64).reshape(n, -1)[:, 0]
+
     try:
         with torch.no_grad():
-            morf = ROADMostRelevantFirstAverage(list(ROAD_PERCENTILES))(x, maps, targets, model)
-            lerf = ROADLeastRelevantFirstAverage(list(ROAD_PERCENTILES))(x, maps, targets, model)
-            drop = DropInConfidence()(x, maps, targets, model)
-            inc = IncreaseInConfidence()(x, maps, targets, model)
+            out = model(x)
+            base = np.array([float(t(o)) for t, o in zip(targets, out)])
+            morf = np.mean([after(ROADMostRelevantFirst(p)) - base for p in ROAD_PERCENTILES], axis=0)
+            lerf = np.mean([after(ROADLeastRelevantFirst(p)) - base for p in ROAD_PERCENTILES], axis=0)
+            change = after(CamMultImageConfidenceChange()) - base
     finally:
         for m, flag in was:
             m.training = flag
-    flat = lambda a: np.asarray(a, dtype=np.float64).reshape(len(targets), -1)[:, 0]  # noqa: E731
-    return {"road_morf": flat(morf), "road_lerf": flat(lerf), "road_combined": (flat(lerf) - flat(morf)) / 2,
-            "confidence_drop": flat(drop), "confidence_increase": flat(inc)}
+    return {"road_morf": morf, "road_lerf": lerf, "road_combined": (lerf - morf) / 2,
+            "confidence_drop": np.maximum(-change, 0), "confidence_increase": (change > 0).astype(np.float64)}
 
 
 # ------------------------------------------------------------------ the whole run

@@ -391,13 +391,13 @@ def test_cli_writes_overlays_maps_sheet_manifest(cli, photos, tmp_path):
 
 
 def test_cli_vit_encoder_and_method_that_does_not_apply(cli, photos, tmp_path):
-    args = ("cam", photos / "coffee", "--arch", "vit_tiny_patch16_224", "--out", tmp_path / "v")
+    args = ("cam", photos / "coffee", "--arch", "vit_tiny_patch8_32", "--target", "self", "--out", tmp_path / "v")
     r = cli(*args, "--method", "eigencam", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["layers"] == ["blocks[-1].norm1"] and summary["map_status"]["eigencam"]["ok"] == 1
     man = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert man["reshape_transform"] == {"grid": [14, 14], "prefix_tokens": 1}
+    assert man["reshape_transform"] == {"grid": [4, 4], "prefix_tokens": 1}
     line = _bad(cli, *args[1:], "--method", "shapleycam", "--force")
     assert "does not apply" in line and "token layers" in line
 
@@ -426,4 +426,20 @@ def test_cli_bad_inputs(cli, photos, tmp_path, monkeypatch):
     det = _DetachedHead().eval()
     det.featviz_has_classifier = True
     monkeypatch.setattr(C, "load_model", lambda **kw: (det, None))
-    assert "none flow" in _bad(cli, photos, *base, "--layer", "body", "--method", "gradcam")
+    assert "none flow" in _bad(cli, photos, *base, "--layer", "body", "--method", "gradcam", "--target", "top1")
+
+
+def test_metrics_match_pytorch_grad_cam_definitions(resnet, x32):
+    from pytorch_grad_cam.metrics.cam_mult_image import DropInConfidence
+    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirstAverage
+
+    info = C.probe_model(resnet, x32)
+    targets = _targets(info, x32, "top1")
+    maps, _ = C.explain(info, x32, "gradcam", [resnet.layer4], targets)
+    ours = C.faithfulness(info, x32, maps, targets)
+    torch.manual_seed(0)  # ROAD's imputation adds noise: same seed for both
+    np.random.seed(0)
+    theirs = ROADMostRelevantFirstAverage(list(C.ROAD_PERCENTILES))(x32, maps, targets, resnet)
+    np.testing.assert_allclose(ours["confidence_drop"], DropInConfidence()(x32, maps, targets, resnet).ravel(),
+                               atol=1e-5)
+    assert np.all(np.abs(ours["road_morf"] - np.ravel(theirs)) < 0.05 * (1 + np.abs(np.ravel(theirs))))
