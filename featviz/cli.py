@@ -84,8 +84,7 @@ def _main(
         handlers=[RichHandler(console=err, show_time=False, show_path=verbose)],
         force=True,
     )
-    # library warnings always reach the user; third-party chatter only with -v
-    logging.getLogger("featviz").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v
 
 
 # ---------------------------------------------------------------- shared options
@@ -179,7 +178,7 @@ def layers(
 
     with _user_errors():
         model = models.resolve_model(
-            arch=arch, checkpoint=checkpoint, **_load_kwargs(None, fmt, num_heads, checkpoint_key, trust_checkpoint)
+            checkpoint=checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
         rows = models.list_layers(model, image_size=image_size)
     if as_json:
@@ -265,8 +264,8 @@ def cam(
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("featviz-demo"),
-    force: ForceOpt = True,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (an earlier demo's is replaced).")] = Path("featviz-demo"),
+    force: ForceOpt = False,
 ) -> None:
     """Run featviz end to end on the bundled sample data (offline, CPU)."""
     from featviz import demo as demo_lib

@@ -126,6 +126,8 @@ def _make_resnet(depth: int, width: int, width_per_group: int, cifar: bool, outp
     bottleneck, blocks = _RESNET_LAYOUT[depth]
     block = tv.Bottleneck if bottleneck else tv.BasicBlock
     dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[output_stride]
+    if not bottleneck:  # torchvision's BasicBlock refuses dilation: build plain, dilate after (_dilate)
+        dilate, basic_dilate = [False, False, False], dilate
     model = tv.ResNet(block, list(blocks), width_per_group=width_per_group,
                       replace_stride_with_dilation=dilate, zero_init_residual=False)
     if width != 64:  # torchvision hard-codes a base width of 64: rebuild the stages narrower/wider
@@ -134,6 +136,12 @@ def _make_resnet(depth: int, width: int, width_per_group: int, cifar: bool, outp
         model.bn1 = nn.BatchNorm2d(width)
         for i, (n, d) in enumerate(zip(blocks, [False, *dilate])):
             setattr(model, f"layer{i + 1}", model._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2, dilate=d))
+    if not bottleneck:
+        rate = 1
+        for i, d in enumerate(basic_dilate):
+            if d:
+                rate *= 2
+                _dilate(getattr(model, f"layer{i + 2}"), rate)
     if cifar:  # 3x3 stride-1 stem, no max-pool (solo-learn / CIFAR convention)
         model.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
@@ -142,6 +150,15 @@ def _make_resnet(depth: int, width: int, width_per_group: int, cifar: bool, outp
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def _dilate(layer: nn.Module, rate: int) -> None:
+    """Trade a stage's stride for dilation (DeepLab output stride); weights keep their shapes."""
+    for m in layer.modules():
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (rate, rate), (rate, rate)
 
 
 def _make_vit(spec: ArchSpec) -> nn.Module:
@@ -352,6 +369,7 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 
 def resolve_model(*, arch: str | None = None, checkpoint=None, num_heads: int | None = None,
                   seed: int = 0, **load_kwargs: Any) -> nn.Module:
+    # load_kwargs: format, checkpoint_key, trust, keep_classifier (see checkpoints.load_backbone)
     """A backbone from a checkpoint (``arch`` optional) or, without one, random weights.
 
     Raises:

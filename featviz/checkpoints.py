@@ -1,0 +1,920 @@
+"""Read SSL checkpoints safely, detect their layout, and pull a verified encoder out of them.
+
+Three steps, each its own function (``shared/reference/style-anchors.md`` §4.7):
+
+1. ``read_checkpoint``: sniff the first bytes (HTML page, truncated zip, TorchScript, plain
+   pickle, safetensors), then ``torch.load(..., weights_only=True)`` with a small allow-list.
+2. ``detect_format``: every registered layout has a ``detect`` predicate; exactly one must match.
+   Zero or several matches are errors that show the keys and suggest ``--format``.
+3. The layout's ``extract`` unwraps the container, strips the prefix (always with its trailing
+   dot), and drops heads and momentum/target encoders by name. Any key it cannot account for is
+   an error, never a silent ``strict=False``.
+
+``load_backbone`` then builds the architecture (given, from metadata, or inferred from shapes),
+checks every shape, loads, and returns the encoder plus a ``LoadReport``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from featviz.errors import (
+    ArchitectureError,
+    CheckpointError,
+    CheckpointFormatError,
+    FeatvizError,
+    UnsafeCheckpointError,
+    shorten,
+)
+from featviz.models import IMAGENET_MEAN, IMAGENET_STD, ArchSpec, build_backbone, infer_arch, parse_arch
+from featviz.outputs import atomic_path
+from featviz.registry import Registry
+
+log = logging.getLogger(__name__)
+
+FEATVIZ_META_KEY = "featviz"
+IMAGENET = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "source": "ImageNet mean/std"}
+NO_NORM = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "source": "none: inputs in [0, 1]"}
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+_CLASSIFIER_KEYS = ("fc.", "head.", "head.fc.", "classifier.")
+
+
+# ------------------------------------------------------------------ 1. reading
+def _safe_globals() -> list[Any]:
+    """Harmless globals official checkpoints pickle: argparse.Namespace (DINO, timm) and the
+    numpy scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
+    import numpy as np
+
+    allowed: list[Any] = [argparse.Namespace, np.dtype]
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
+def sniff(path: Path) -> str:
+    """Classify a file by its first bytes: 'zip', 'legacy', 'safetensors'.
+
+    Raises:
+        CheckpointError: the file is missing, empty, a web page, text, truncated, TorchScript
+            or a plain pickle; the message says which and what to do.
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a folder; expected a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes); the download or save did not finish")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
+        raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (starts with {head[:15]!r}); "
+                              "the download probably saved a web page; use the direct download link")
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{str(path)!r} is a git-lfs pointer, not the weights; run `git lfs pull`")
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= min(size - 8, 100_000_000):
+            return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            raise CheckpointError(f"{str(path)!r} is a truncated or corrupt zip checkpoint (no central "
+                                  f"directory; {size:,} bytes); download it again and check its SHA-256") from None
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            raise CheckpointError(f"{str(path)!r} is a TorchScript archive (a program, not a weights file); "
+                                  "featviz does not run TorchScript; export a state_dict with torch.save")
+        return "zip"
+    if head.startswith(_LEGACY_MAGIC):
+        return "legacy"
+    if head[:1] == b"\x80":
+        raise CheckpointError(f"{str(path)!r} is a plain (or dill) pickle, not a torch.save checkpoint "
+                              "(e.g. BYOL's original Haiku .pkl); featviz does not unpickle arbitrary objects; "
+                              "convert it to a PyTorch state_dict first (for BYOL: ajtejankar/byol-convert)")
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        raise CheckpointError(f"{str(path)!r} is a text file (starts with {head[:20]!r}), not a checkpoint")
+    raise CheckpointError(f"{str(path)!r} is not a recognised checkpoint (first bytes {head[:8]!r}); "
+                          "expected a torch.save file or .safetensors")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory: its top-level object and, for safetensors, metadata."""
+
+    path: Path
+    obj: Any
+    container: str  # "safetensors" | "zip" | "legacy"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def featviz_meta(self) -> dict[str, Any] | None:
+        raw = self.metadata.get(FEATVIZ_META_KEY)
+        return json.loads(raw) if raw else None
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoint:
+    """Read a checkpoint without running code: safetensors, or ``torch.load(weights_only=True)``.
+
+    Args:
+        path: The file.
+        trust: Use ``weights_only=False`` (arbitrary pickles). Only for files the user trusts;
+            this is never an automatic fallback.
+
+    Raises:
+        CheckpointError: unreadable or corrupt file (see ``sniff``).
+        UnsafeCheckpointError: the pickle needs globals outside the allow-list; they are named.
+    """
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            tensors = {}
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                for k in f.keys():
+                    tensors[k] = f.get_tensor(k)
+        except SafetensorError as e:
+            raise CheckpointError(f"{str(path)!r} is a damaged .safetensors file ({e}); download it again") from None
+        return Checkpoint(path, tensors, kind, meta)
+    if trust:
+        log.warning("loading %s with weights_only=False (--trust-checkpoint): this runs any code the pickle "
+                    "contains; use it only for files you trust", path.name)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
+            raise CheckpointError(f"cannot read {str(path)!r} even with --trust-checkpoint: {e}") from None
+        return Checkpoint(path, obj, kind)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - classify below
+        msg = str(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg:
+            blocked = _blocked_globals(path)
+            raise UnsafeCheckpointError(
+                f"refused {path.name!r}: it contains pickled objects outside featviz's allow-list: "
+                f"{', '.join(blocked) or 'unknown'}; featviz loads files with torch.load(weights_only=True). "
+                f"Convert it once with `featviz convert {path.name} out.safetensors --trust-checkpoint`, "
+                "or re-run with --trust-checkpoint, only if you trust this file", blocked) from None
+        if "central directory" in msg or "PytorchStreamReader" in msg or "EOF" in msg or "truncated" in msg.lower():
+            raise CheckpointError(f"{str(path)!r} is truncated or corrupt ({msg.splitlines()[0]}); "
+                                  "download it again and check its SHA-256") from None
+        raise CheckpointError(f"cannot read {str(path)!r}: {msg.splitlines()[0]}") from None
+    return Checkpoint(path, obj, kind)
+
+
+def _blocked_globals(path: Path) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - legacy files are not supported by the static scanner
+        return []
+    allowed = set()
+    for g in _safe_globals():
+        if isinstance(g, tuple):
+            allowed.add(g[1])
+        else:
+            allowed.add(f"{g.__module__}.{g.__qualname__}")
+    return [g for g in found if g not in allowed]
+
+
+# ------------------------------------------------------------------ 2. layouts
+@dataclass
+class Extracted:
+    """What a layout adapter pulls out of a checkpoint."""
+
+    state_dict: dict[str, torch.Tensor]
+    container_key: str | None
+    prefix: str
+    dropped: dict[str, int]
+    arch: ArchSpec | None = None
+    num_heads: int | None = None
+    normalization: dict[str, Any] = field(default_factory=lambda: dict(IMAGENET))
+    warnings: list[str] = field(default_factory=list)
+    source: str = ""
+    classifier: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A checkpoint layout: where it comes from, how to recognise it, how to extract the encoder."""
+
+    name: str
+    title: str
+    detect: Callable[[Checkpoint], bool]
+    extract: Callable[[Checkpoint, dict[str, Any]], Extracted]
+
+
+FORMATS: Registry[Format] = Registry("checkpoint format")
+
+
+def _fmt(name: str, title: str):
+    def deco(cls):
+        FORMATS.register(name)(Format(name, title, cls.detect, cls.extract))
+        return cls
+
+    return deco
+
+
+def _is_sd(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _inner(ck: Checkpoint, key: str) -> dict[str, torch.Tensor] | None:
+    obj = ck.obj
+    if isinstance(obj, dict) and key in obj and _is_sd(obj[key]):
+        return obj[key]
+    return None
+
+
+def _has(sd: dict | None, *prefixes: str) -> bool:
+    return bool(sd) and any(k.startswith(prefixes) for k in sd)
+
+
+def _split(sd: dict[str, torch.Tensor], prefix: str, *, drop: tuple[str, ...] = (),
+           drop_inside: tuple[str, ...] = _CLASSIFIER_KEYS
+           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str], dict[str, torch.Tensor]]:
+    """Strip ``prefix`` (with its dot); drop ``drop`` prefixes outside it and heads inside it.
+
+    Returns the backbone tensors, counts of dropped keys per prefix, keys nobody claimed, and
+    the dropped classifier tensors (``fc.``/``head.`` inside the prefix, prefix stripped).
+    """
+    out: dict[str, torch.Tensor] = {}
+    classifier: dict[str, torch.Tensor] = {}
+    dropped: Counter[str] = Counter()
+    unclaimed: list[str] = []
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            rest = k[len(prefix):]
+            head = next((d for d in drop_inside if rest.startswith(d)), None)
+            if head:
+                dropped[prefix + head] += 1
+                if head in _CLASSIFIER_KEYS:
+                    classifier[rest] = v
+            else:
+                out[rest] = v
+        else:
+            d = next((d for d in drop if k.startswith(d) or k == d.rstrip(".")), None)
+            if d:
+                dropped[d] += 1
+            else:
+                unclaimed.append(k)
+    return out, dict(dropped), unclaimed, classifier
+
+
+def _finish(ck: Checkpoint, sd: dict, key: str | None, prefix: str, opts: dict, *, drop=(),
+            drop_inside=_CLASSIFIER_KEYS, **kw) -> Extracted:
+    body, dropped, unclaimed, classifier = _split(sd, prefix, drop=drop, drop_inside=drop_inside)
+    if unclaimed:
+        raise CheckpointError(
+            f"{ck.path.name}: {len(unclaimed)} keys outside the encoder prefix {prefix!r} are not a known head "
+            f"of this layout: {shorten(unclaimed)}; pass --format to choose another layout")
+    if not body:
+        raise CheckpointError(f"{ck.path.name}: no tensors under prefix {prefix!r}")
+    return Extracted(body, key, prefix, dropped, classifier=classifier, **kw)
+
+
+def _opt_module(sd: dict, prefix: str) -> str:
+    """``module.`` is optional (models saved without DDP); return the prefix actually used."""
+    return f"module.{prefix}" if _has(sd, f"module.{prefix}") else prefix
+
+
+@_fmt("moco", "MoCo v1/v2 (facebookresearch/moco): online encoder 'encoder_q'")
+class _MoCo:
+    @staticmethod
+    def detect(ck):
+        sd = _inner(ck, "state_dict")
+        return _has(sd, "module.encoder_q.", "encoder_q.")
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _inner(ck, "state_dict")
+        p = _opt_module(sd, "encoder_q.")
+        m = p[: -len("encoder_q.")]
+        return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}encoder_k.", f"{m}queue_ptr", f"{m}queue"),
+                       source="MoCo v1/v2")
+
+
+@_fmt("moco_v3", "MoCo v3 (facebookresearch/moco-v3): 'base_encoder', ResNet or ViT")
+class _MoCoV3:
+    @staticmethod
+    def detect(ck):
+        sd = _inner(ck, "state_dict")
+        return _has(sd, "module.base_encoder.", "base_encoder.")
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _inner(ck, "state_dict")
+        p = _opt_module(sd, "base_encoder.")
+        m = p[: -len("base_encoder.")]
+        ex = _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}momentum_encoder.", f"{m}predictor."),
+                     source="MoCo v3")
+        if "cls_token" in ex.state_dict:
+            ex.num_heads = 12  # MoCo v3's vit_small and vit_base both use 12 heads (moco-v3 README)
+            ex.warnings.append("MoCo v3 ViTs use 12 attention heads (its ViT-S differs from DeiT's 6); "
+                               "using 12; override with --num-heads")
+        return ex
+
+
+@_fmt("simsiam", "SimSiam (facebookresearch/simsiam): 'encoder' + 'predictor'")
+class _SimSiam:
+    @staticmethod
+    def detect(ck):
+        sd = _inner(ck, "state_dict")
+        return _has(sd, "module.encoder.conv1.", "encoder.conv1.") and _has(sd, "module.predictor.", "predictor.")
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _inner(ck, "state_dict")
+        p = _opt_module(sd, "encoder.")
+        m = p[: -len("encoder.")]
+        return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}predictor.",), source="SimSiam")
+
+
+def _full_model(ck: Checkpoint) -> dict | None:
+    obj = ck.obj
+    if isinstance(obj, dict) and "model" in obj and "epoch" in obj and _is_sd(obj.get("model")):
+        return obj["model"]
+    return None
+
+
+@_fmt("barlow_twins", "Barlow Twins full checkpoint (facebookresearch/barlowtwins checkpoint.pth)")
+class _Barlow:
+    @staticmethod
+    def detect(ck):
+        sd = _full_model(ck)
+        return _has(sd, "module.backbone.") and _has(sd, "module.bn.")
+
+    @staticmethod
+    def extract(ck, opts):
+        return _finish(ck, _full_model(ck), "model", "module.backbone.", opts,
+                       drop=("module.projector.", "module.bn."), source="Barlow Twins")
+
+
+@_fmt("vicreg", "VICReg full checkpoint (facebookresearch/vicreg *_fullckpt.pth)")
+class _VICReg:
+    @staticmethod
+    def detect(ck):
+        sd = _full_model(ck)
+        return _has(sd, "module.backbone.") and _has(sd, "module.projector.") and not _has(sd, "module.bn.")
+
+    @staticmethod
+    def extract(ck, opts):
+        return _finish(ck, _full_model(ck), "model", "module.backbone.", opts,
+                       drop=("module.projector.",), source="VICReg")
+
+
+@_fmt("swav", "SwAV / DeepCluster-v2 / SeLa-v2 (facebookresearch/swav): bare state_dict with 'module.'")
+class _SwAV:
+    @staticmethod
+    def detect(ck):
+        return _is_sd(ck.obj) and "module.conv1.weight" in ck.obj and all(k.startswith("module.") for k in ck.obj)
+
+    @staticmethod
+    def extract(ck, opts):
+        return _finish(ck, ck.obj, None, "module.", opts,
+                       drop_inside=(*_CLASSIFIER_KEYS, "projection_head.", "prototypes."), source="SwAV")
+
+
+@_fmt("dino", "DINO full checkpoint (facebookresearch/dino): 'teacher'/'student'")
+class _DINO:
+    @staticmethod
+    def detect(ck):
+        return isinstance(ck.obj, dict) and _is_sd(ck.obj.get("teacher")) and _is_sd(ck.obj.get("student"))
+
+    @staticmethod
+    def extract(ck, opts):
+        key = opts.get("checkpoint_key") or "teacher"
+        sd = ck.obj[key]
+        p = _opt_module(sd, "backbone.")
+        m = p[: -len("backbone.")]
+        ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), source=f"DINO ({key})")
+        args = ck.obj.get("args")
+        arch = getattr(args, "arch", None)
+        if arch and str(arch).startswith("vit_"):
+            # DINO's own vit_tiny/small/base: 3/6/12 heads, like timm
+            ex.num_heads = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}.get(str(arch))
+        if key == "student":
+            ex.warnings.append("using the DINO student; DINO evaluates the teacher (the default)")
+        return ex
+
+
+_LIGHTNING_KEYS = ("pytorch-lightning_version", "global_step", "loops")
+_LIGHTLY_HEADS = ("projection_head.", "prediction_head.", "online_classifier.", "backbone_momentum.",
+                  "student_backbone.", "student_projection_head.", "student_head.", "teacher_backbone.",
+                  "teacher_projection_head.", "teacher_head.", "projection_head_momentum.")
+_SOLO_HEADS = ("classifier.", "projector.", "predictor.", "prototypes.", "head.", "momentum_backbone.",
+               "momentum_projector.", "momentum_classifier.", "momentum_head.", "momentum_predictor.")
+
+
+def _lightning_sd(ck: Checkpoint) -> dict | None:
+    obj = ck.obj
+    if isinstance(obj, dict) and any(k in obj for k in _LIGHTNING_KEYS):
+        return _inner(ck, "state_dict")
+    return None
+
+
+@_fmt("solo_learn", "solo-learn Lightning .ckpt (vturrisi/solo-learn): 'backbone'")
+class _Solo:
+    @staticmethod
+    def detect(ck):
+        sd = _lightning_sd(ck)
+        return (_has(sd, "backbone.", "encoder.") and not _has(sd, *_LIGHTLY_HEADS)
+                and not _has(sd, "backbone.0.", "backbone.vit."))
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _lightning_sd(ck)
+        p = "backbone." if _has(sd, "backbone.") else "encoder."  # older solo-learn: 'encoder.'
+        ex = _finish(ck, sd, "state_dict", p, opts, drop=_SOLO_HEADS, source="solo-learn")
+        args_json = ck.path.parent / "args.json"
+        if args_json.is_file():
+            try:
+                method = json.loads(args_json.read_text()).get("method")
+            except (OSError, json.JSONDecodeError):
+                method = None
+            if method == "mocov3" and "cls_token" in ex.state_dict:
+                ex.num_heads = 12
+                ex.warnings.append("solo-learn mocov3 ViTs use 12 heads (from args.json)")
+        return ex
+
+
+_SEQ_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+@_fmt("lightly", "lightly (lightly-ai/lightly): 'backbone' (benchmarks, incl. nn.Sequential numeric keys)")
+class _Lightly:
+    @staticmethod
+    def detect(ck):
+        sd = _lightning_sd(ck) or _inner(ck, "state_dict") or _inner(ck, "resnet18_parameters")
+        return _has(sd, "backbone.") and (_has(sd, *_LIGHTLY_HEADS) or _has(sd, "backbone.0.", "backbone.vit."))
+
+    @staticmethod
+    def extract(ck, opts):
+        key = "resnet18_parameters" if _inner(ck, "resnet18_parameters") else "state_dict"
+        sd = _inner(ck, key)
+        p = "backbone.vit." if _has(sd, "backbone.vit.") else "backbone."
+        drop = (*_LIGHTLY_HEADS, "backbone.mask_token")
+        ex = _finish(ck, sd, key, p, opts, drop=drop, source="lightly")
+        if any(k.split(".", 1)[0].isdigit() for k in ex.state_dict):  # nn.Sequential(*resnet.children()[:-1])
+            renamed = {}
+            for k, v in ex.state_dict.items():
+                i, rest = k.split(".", 1)
+                if i not in _SEQ_NAMES:
+                    raise CheckpointError(f"{ck.path.name}: numeric backbone key {k!r} is not a torchvision "
+                                          "ResNet child (0,1,4-7); this lightly model is not supported")
+                renamed[f"{_SEQ_NAMES[i]}.{rest}"] = v
+            ex.state_dict = renamed
+            ex.warnings.append("mapped lightly's nn.Sequential indices to torchvision names (0→conv1, 4..7→layer1..4)")
+        return ex
+
+
+def _torchvision_names(sd: dict | None) -> bool:
+    return bool(sd) and "conv1.weight" in sd and any(k.startswith("layer1.") for k in sd)
+
+
+@_fmt("simclr_v1", "SimCLR v1 converted from TF (tonylins/simclr-converter): {'state_dict'} only")
+class _SimCLR:
+    @staticmethod
+    def detect(ck):
+        return isinstance(ck.obj, dict) and set(ck.obj) == {"state_dict"} and _torchvision_names(ck.obj["state_dict"])
+
+    @staticmethod
+    def extract(ck, opts):
+        ex = _finish(ck, ck.obj["state_dict"], "state_dict", "", opts, source="SimCLR v1 (converted)",
+                     normalization=dict(NO_NORM))
+        if any(k.startswith("fc.") for k in ck.obj["state_dict"]):
+            ex.warnings.append("its fc is a supervised ImageNet head from the TF release, not SSL; dropped")
+        return ex
+
+
+@_fmt("cac", "CAC (dvlab-research/Context-Aware-Consistency): DeepLabv3+ 'encoder.backbone'")
+class _CAC:
+    @staticmethod
+    def detect(ck):
+        sd = _inner(ck, "state_dict")
+        return _has(sd, "module.encoder.backbone.", "encoder.backbone.")
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _inner(ck, "state_dict")
+        p = _opt_module(sd, "encoder.backbone.")
+        m = p[: -len("encoder.backbone.")]
+        ex = _finish(ck, sd, "state_dict", p, opts,
+                     drop=(f"{m}encoder.aspp.", f"{m}encoder.decoder.", f"{m}encoder.", f"{m}classifier.",
+                           f"{m}project."), source="CAC")
+        cfg = ck.obj.get("config") if isinstance(ck.obj.get("config"), dict) else {}
+        model_cfg = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
+        os_ = model_cfg.get("output_stride") or model_cfg.get("out_stride")
+        ex.warnings.append(
+            "CAC's encoder is a segmentation backbone with a dilated (multi-grid) layer4; featviz loads its "
+            f"weights into a {'dilated (output stride ' + str(os_) + ')' if os_ else 'standard'} ResNet"
+            + ("" if os_ else "; pass --arch resnetNN-os8 (or -os16) to use dilation"))
+        if os_ in (8, 16):
+            inf = infer_arch(ex.state_dict)
+            ex.arch = ArchSpec("resnet", f"{inf.spec.name}-os{os_}")
+        return ex
+
+
+_TIMM_TRAIN_KEYS = ("state_dict_ema", "model_ema", "version")  # timm CheckpointSaver writes version=2
+
+
+@_fmt("timm", "timm (huggingface/pytorch-image-models): hub weights, bare timm names, or training checkpoints")
+class _Timm:
+    @staticmethod
+    def detect(ck):
+        obj = ck.obj
+        if ck.container == "safetensors":
+            return ck.featviz_meta is None
+        if not isinstance(obj, dict):
+            return False
+        if "state_dict" in obj and _is_sd(obj["state_dict"]) and any(k in obj for k in _TIMM_TRAIN_KEYS):
+            return True
+        sd = _inner(ck, "model") if set(obj) <= {"model"} else obj if _is_sd(obj) else None
+        return bool(sd) and not _torchvision_names(sd) and not all(k.startswith("module.") for k in sd)
+
+    @staticmethod
+    def extract(ck, opts):
+        obj = ck.obj
+        key = None
+        if ck.container != "safetensors" and "state_dict" in obj:
+            key = "state_dict_ema" if _is_sd(obj.get("state_dict_ema")) else \
+                "model_ema" if _is_sd(obj.get("model_ema")) else "state_dict"
+            sd = obj[key]
+        elif ck.container != "safetensors" and set(obj) == {"model"}:
+            key, sd = "model", obj["model"]
+        else:
+            sd = obj
+        cleaned = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+        dropped = {}
+        if key in ("state_dict_ema", "model_ema"):
+            dropped["state_dict (non-EMA weights)"] = len(obj["state_dict"])
+        ex = _finish(ck, cleaned, key, "", opts, source="timm")
+        for k, v in dropped.items():
+            ex.dropped[k] = v
+        if key in ("state_dict_ema", "model_ema"):
+            ex.warnings.append(f"using the EMA weights ({key}), as timm does by default")
+        ex.warnings.append("normalisation not recorded in the file; assuming ImageNet mean/std "
+                           "(timm's generic ViT default would be 0.5/0.5)")
+        return ex
+
+
+@_fmt("torchvision", "bare torchvision-named ResNet state_dict (torchvision, Barlow Twins/VICReg resnet50.pth, "
+      "DINO ResNet backbone-only, converted BYOL)")
+class _Torchvision:
+    @staticmethod
+    def detect(ck):
+        return ck.container != "safetensors" and _is_sd(ck.obj) and _torchvision_names(ck.obj)
+
+    @staticmethod
+    def extract(ck, opts):
+        ex = _finish(ck, ck.obj, None, "", opts, source="torchvision-named state_dict")
+        if "fc.weight" in ck.obj:
+            ex.warnings.append("the file has an fc classifier (torchvision / converted BYOL: a supervised head)")
+        if not any(k.endswith("num_batches_tracked") for k in ck.obj):
+            ex.warnings.append("no BatchNorm num_batches_tracked buffers (typical of converted BYOL); "
+                               "they are not needed for inference")
+        return ex
+
+
+@_fmt("featviz", "featviz's own .safetensors (featviz convert / featviz train)")
+class _Featviz:
+    @staticmethod
+    def detect(ck):
+        return ck.container == "safetensors" and ck.featviz_meta is not None
+
+    @staticmethod
+    def extract(ck, opts):
+        meta = ck.featviz_meta or {}
+        heads = tuple(sorted({k.split(".", 1)[0] + "." for k in ck.obj if not k.startswith("backbone.")}))
+        ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads, source=f"featviz ({meta.get('source_format', '?')})")
+        if meta.get("arch"):
+            ex.arch = ArchSpec.from_dict(meta["arch"])
+        if meta.get("normalization"):
+            ex.normalization = dict(meta["normalization"])
+        return ex
+
+
+def detect_format(ck: Checkpoint) -> Format:
+    """The one registered layout whose ``detect`` matches ``ck``.
+
+    Raises:
+        CheckpointFormatError: none or several match; shows keys and suggests ``--format``.
+    """
+    hits = [f for _, f in FORMATS.items() if f.detect(ck)]
+    if len(hits) == 1:
+        return hits[0]
+    summary = _describe_keys(ck)
+    if not hits:
+        raise CheckpointFormatError(
+            f"{ck.path.name}: keys match no known checkpoint layout; {summary}; "
+            f"pass --format ({', '.join(FORMATS.names())}) if you know the source")
+    raise CheckpointFormatError(
+        f"{ck.path.name}: layout is ambiguous, it matches {', '.join(f.name for f in hits)}; {summary}; "
+        "pass --format to choose")
+
+
+def _describe_keys(ck: Checkpoint) -> str:
+    obj = ck.obj
+    if not isinstance(obj, dict):
+        return f"top-level object is a {type(obj).__name__}, not a dict"
+    if _is_sd(obj):
+        prefixes = Counter(k.split(".", 1)[0] + "." for k in obj)
+        return f"bare state_dict of {len(obj)} tensors, first names {shorten(list(obj), 3)}; prefixes " + \
+            ", ".join(f"{p!r}({n})" for p, n in prefixes.most_common(5))
+    parts = [f"top-level keys {shorten(sorted(map(str, obj)), 8)}"]
+    for k, v in obj.items():
+        if _is_sd(v):
+            prefixes = Counter(".".join(n.split(".")[:2]) + "." for n in v)
+            parts.append(f"{k!r} holds {len(v)} tensors with prefixes "
+                         + ", ".join(f"{p!r}({n})" for p, n in prefixes.most_common(4)))
+            break
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ 3. loading
+@dataclass
+class LoadReport:
+    """What ``load_backbone`` did, for ``featviz inspect`` and every output manifest."""
+
+    path: str
+    format: str
+    format_title: str
+    container_key: str | None
+    prefix: str
+    dropped: dict[str, int]
+    arch: dict[str, Any]
+    arch_details: dict[str, Any]
+    arch_source: str
+    not_inferable: list[str]
+    normalization: dict[str, Any]
+    loaded: int
+    missing: list[str]
+    unexpected: list[str]
+    tensors_in_file: int
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def to_rich(self):
+        """A rich renderable summary."""
+        from rich.table import Table
+
+        t = Table(show_header=False, box=None, title=f"[bold]{Path(self.path).name}", title_justify="left")
+        t.add_column(style="bold cyan")
+        t.add_column()
+        t.add_row("format", f"{self.format}  [dim]{self.format_title}[/]")
+        t.add_row("container key", str(self.container_key))
+        t.add_row("prefix stripped", repr(self.prefix))
+        t.add_row("dropped", ", ".join(f"{k} ({v})" for k, v in self.dropped.items()) or "-")
+        t.add_row("architecture", f"{self.arch['name']}  [dim]({self.arch_source})[/]")
+        t.add_row("details", ", ".join(f"{k}={v}" for k, v in self.arch_details.items()))
+        if self.not_inferable:
+            t.add_row("not inferable", ", ".join(self.not_inferable))
+        t.add_row("normalisation", f"mean={self.normalization['mean']} std={self.normalization['std']}"
+                  f"  [dim]{self.normalization.get('source', '')}[/]")
+        t.add_row("tensors", f"{self.loaded} loaded, {len(self.missing)} missing, "
+                  f"{len(self.unexpected)} unexpected (file has {self.tensors_in_file})")
+        for w in self.warnings:
+            t.add_row("[yellow]warning", w)
+        return t
+
+
+def _resolve_arch(ex: Extracted, arch: str | ArchSpec | None, num_heads: int | None):
+    """Pick the architecture: user's --arch > checkpoint metadata > inferred from shapes."""
+    inferred = None
+    try:
+        inferred = infer_arch(ex.state_dict)
+    except ArchitectureError:
+        if arch is None and ex.arch is None:
+            raise
+    if arch is not None:
+        spec = arch if isinstance(arch, ArchSpec) else parse_arch(arch, num_heads=num_heads)
+        source = "--arch"
+    elif ex.arch is not None:
+        spec, source = ex.arch, "checkpoint metadata"
+    else:
+        spec, source = inferred.spec, "inferred from weights"
+    heads = num_heads or (spec.kwargs.get("num_heads") if source != "inferred from weights" else None) or ex.num_heads
+    if spec.family == "vit" and "embed_dim" in spec.kwargs and not heads:
+        dim = spec.kwargs["embed_dim"]
+        raise ArchitectureError(
+            f"{spec.name}: a ViT's num_heads cannot be inferred from its weights (embed_dim {dim}); pass "
+            f"--num-heads (MoCo v3 / solo-learn mocov3 ViT-S: 12; DINO/DeiT ViT-S: 6), or --arch with a timm "
+            "name such as vit_small_patch16_224 to use its default")
+    if spec.family == "vit" and heads:
+        spec = ArchSpec(spec.family, spec.name, {**spec.kwargs, "num_heads": heads})
+    details = inferred.details if inferred else {}
+    not_inf = [n for n in (inferred.not_inferable if inferred else ()) if not (n == "num_heads" and heads)]
+    if spec.family == "vit" and heads and num_heads is None and source == "inferred from weights":
+        details = {**details, "num_heads": f"{heads} (from the source's convention)"}
+    return spec, source, details, not_inf, inferred
+
+
+def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec, inferred) -> None:
+    own = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if not bad:
+        return
+    k, theirs, ours = bad[0]
+    hint = ""
+    if inferred is not None and inferred.spec.name != spec.name:
+        hint = f"; the checkpoint looks like {inferred.spec.name}: try --arch {inferred.spec.name}"
+    if k == "conv1.weight" and theirs[-1] == 3 and ours[-1] == 7:
+        hint += " (a CIFAR-style 3x3 stem, e.g. solo-learn CIFAR runs)"
+    raise ArchitectureError(
+        f"shape mismatch for {k!r}: checkpoint {theirs} vs {spec.name} {ours}"
+        f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}{hint or '; check --arch'}")
+
+
+def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, format: str = "auto", *,
+                  num_heads: int | None = None, checkpoint_key: str | None = None, trust: bool = False,
+                  keep_classifier: bool = False) -> tuple[nn.Module, LoadReport]:
+    """Load the encoder of any supported SSL checkpoint, verified tensor by tensor.
+
+    Args:
+        path: Checkpoint file.
+        arch: Architecture name or spec; inferred from metadata or shapes when None.
+        format: A registered layout name, or "auto" to detect it.
+        num_heads: ViT attention heads (not inferable from weights).
+        checkpoint_key: DINO full checkpoints: "teacher" (default) or "student".
+        trust: Allow arbitrary pickles (``weights_only=False``); never automatic.
+        keep_classifier: Keep an ``fc``/``head`` classifier when the file has one, so that
+            ``forward`` returns logits (for CAM class targets).
+
+    Returns:
+        ``(model, report)``: the model in eval mode whose ``forward`` gives pooled features
+        ``(N, D)`` (or logits with ``keep_classifier``), and its ``LoadReport``.
+
+    Raises:
+        CheckpointError: unreadable, unsafe, unknown/ambiguous layout, missing or unexpected keys.
+        ArchitectureError: the architecture does not fit or cannot be inferred.
+    """
+    ck = read_checkpoint(path, trust=trust)
+    fmt = detect_format(ck) if format == "auto" else FORMATS.get(format)
+    if format != "auto" and not fmt.detect(ck):
+        log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
+    try:
+        ex = fmt.extract(ck, {"checkpoint_key": checkpoint_key, "keep_classifier": keep_classifier})
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointFormatError(f"{ck.path.name} does not fit layout {fmt.name!r} ({type(e).__name__}: {e}); "
+                                    f"{_describe_keys(ck)}") from None
+    sd = ex.state_dict
+    spec, source, details, not_inf, inferred = _resolve_arch(ex, arch, num_heads)
+    with torch.device("meta"):  # shapes only: random init of a ResNet-50 costs more than reading it
+        model = build_backbone(spec)
+    if keep_classifier and ex.classifier:
+        model = _attach_classifier(model, ex.classifier)
+        if getattr(model, "featviz_num_classes", None):
+            sd = {**sd, **ex.classifier}
+    _check_shapes(model, sd, spec, inferred)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
+    hard_missing = [k for k in missing if k not in tolerated]
+    if hard_missing or unexpected:
+        guess = f"; the weights look like {inferred.spec.name}" if inferred and inferred.spec.name != spec.name else ""
+        raise CheckpointError(
+            f"{ck.path.name} ({fmt.name}) does not fit {spec.name}: "
+            + (f"{len(hard_missing)} encoder tensors missing ({shorten(hard_missing, 3)})" if hard_missing else "")
+            + ("; " if hard_missing and unexpected else "")
+            + (f"{len(unexpected)} unexpected ({shorten(unexpected, 3)})" if unexpected else "")
+            + f"{guess}; check --arch, or --format if the layout was misdetected")
+    model = _materialize(model, sd, spec)
+    model.featviz_normalization = {k: ex.normalization[k] for k in ("mean", "std")}
+    model.featviz_arch = spec
+    report = LoadReport(
+        path=str(path), format=fmt.name, format_title=fmt.title, container_key=ex.container_key,
+        prefix=ex.prefix, dropped=ex.dropped, arch=spec.to_dict(), arch_details=details, arch_source=source,
+        not_inferable=not_inf, normalization=ex.normalization, loaded=len(sd), missing=missing,
+        unexpected=unexpected, tensors_in_file=_count_tensors(ck.obj), warnings=list(ex.warnings),
+    )
+    for w in ex.warnings:
+        log.info("%s: %s", ck.path.name, w)
+    return model.eval(), report
+
+
+def _materialize(meta_model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec) -> nn.Module:
+    """Put the checkpoint's tensors into a model built on the meta device.
+
+    BatchNorm counters the file lacks (converted BYOL) become 0. Any other tensor left
+    without data (a non-persistent buffer some timm models compute at init) means the model
+    must be built for real, so it is, and loaded the ordinary way.
+    """
+    own = meta_model.state_dict()
+    sd = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in sd.items()}  # fp16 files
+    meta_model.load_state_dict(sd, strict=False, assign=True)
+    left = [n for n, t in [*meta_model.named_parameters(), *meta_model.named_buffers()] if t.is_meta]
+    if all(n.endswith("num_batches_tracked") for n in left):
+        for n in left:
+            parent, _, leaf = n.rpartition(".")
+            meta_model.get_submodule(parent)._buffers[leaf] = torch.tensor(0, dtype=torch.long)
+        return meta_model
+    model = build_backbone(spec)
+    if hasattr(meta_model, "featviz_num_classes"):
+        name = "fc" if hasattr(model, "fc") and isinstance(getattr(meta_model, "fc", None), nn.Linear) else "head"
+        lin = getattr(meta_model, name)
+        setattr(model, name, nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None))
+        model.featviz_num_classes = meta_model.featviz_num_classes
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def _count_tensors(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_count_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_tensors(v) for v in obj)
+    return 0
+
+
+def _attach_classifier(model: nn.Module, classifier: dict[str, torch.Tensor]) -> nn.Module:
+    """Give the backbone back a single linear classifier (fc / head) so that forward returns logits.
+
+    An SSL projector MLP in the same place (MoCo's ``fc.0``/``fc.2``) is not a classifier: it
+    stays dropped, with a warning.
+    """
+    name = "fc" if "fc.weight" in classifier else "head" if "head.weight" in classifier else None
+    if name is None or set(classifier) - {f"{name}.weight", f"{name}.bias"}:
+        log.warning("the checkpoint's %s is not a single linear classifier (an SSL projector?); "
+                    "keeping the encoder only", shorten(sorted(classifier), 3))
+        return model
+    w = classifier[f"{name}.weight"]
+    setattr(model, name, nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in classifier))
+    if hasattr(model, "num_classes"):
+        model.num_classes = int(w.shape[0])
+    model.featviz_num_classes = int(w.shape[0])
+    return model
+
+
+# ------------------------------------------------------------------ featviz format
+def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
+                 force: bool = False) -> Path:
+    """Write featviz's own checkpoint: safetensors + a JSON ``featviz`` metadata entry, atomically.
+
+    Tensor names are ``backbone.<name>`` plus optional heads (``projector.``, ``predictor.``, ``head.``).
+    """
+    from safetensors.torch import save_file
+
+    if not any(k.startswith("backbone.") for k in tensors):
+        raise ValueError("featviz checkpoints need 'backbone.*' tensors")
+    meta = {"version": 1, **meta}
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path, force=force) as tmp:
+        save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
+    return Path(path)
+
+
+def read_featviz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a featviz ``.safetensors`` file: ``(tensors, metadata)``.
+
+    Raises:
+        CheckpointError: not a featviz file.
+    """
+    ck = read_checkpoint(path)
+    if ck.featviz_meta is None:
+        raise CheckpointError(f"{Path(path).name} is not a featviz checkpoint (no 'featviz' metadata); "
+                              "make one with `featviz convert` or `featviz train`")
+    return ck.obj, ck.featviz_meta
+
+
+def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, force: bool = False,
+                       **load_kwargs: Any) -> Path:
+    """Load any supported checkpoint and write its encoder as featviz ``.safetensors``.
+
+    The file carries the architecture, source format and normalisation, so ``inspect`` and
+    ``load_backbone`` read it with no flags, and no pickle is ever involved again.
+    """
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise FeatvizError(f"output must end in .safetensors, got {output.name!r}")
+    model, report = load_backbone(path, **load_kwargs)
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,
+            "normalization": report.normalization, "method": None}
+    return save_featviz(output, sd, meta, force=force)
