@@ -387,6 +387,8 @@ def has_classifier(model: nn.Module) -> bool:
     flag = getattr(model, "featviz_has_classifier", None)
     if flag is not None:
         return bool(flag)
+    if getattr(model, "featviz_num_classes", None):  # load_backbone(keep_classifier=True) attached one
+        return True
     for attr in ("fc", "head", "classifier"):
         head = getattr(model, attr, None)
         if isinstance(head, nn.Module) and not isinstance(head, nn.Identity) and any(
@@ -1258,10 +1260,16 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5, cmap: str =
     return np.uint8(np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255 + 0.5)
 
 
-def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path) -> None:
-    """Write ``overlay(rgb, cam)`` as a PNG."""
+def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path, *, min_side: int = 224) -> None:
+    """Write ``overlay(rgb, cam)`` as a PNG, enlarged to at least ``min_side`` px (32-px inputs)."""
     from PIL import Image
 
+    h, w = cam.shape
+    k = max(1, math.ceil(min_side / min(h, w)))
+    if k > 1:  # image bicubic, map bilinear: a readable picture of exactly what the model saw
+        size = (w * k, h * k)
+        rgb = np.asarray(Image.fromarray(np.uint8(rgb * 255 + 0.5)).resize(size, Image.BICUBIC)) / 255.0
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
     Image.fromarray(overlay(rgb, cam)).save(path)
 
 
