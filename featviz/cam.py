@@ -902,8 +902,8 @@ def bind_targets(info: ModelInfo, x: torch.Tensor, targets: list[CamTarget]) -> 
 # ------------------------------------------------------------------ applicability
 
 
-def not_applicable(method: str, info: ModelInfo, *, token_layer: bool, aug_smooth: bool,
-                   target: TargetSpec, input_hw: tuple[int, int] | None = None) -> str | None:
+def not_applicable(method: str, info: ModelInfo, *, token_layer: bool, aug_smooth: bool = False,
+                   input_hw: tuple[int, int] | None = None) -> str | None:
     """Why ``method`` cannot run on this model/layer/target/input size (None when it can)."""
     if method == "finercam" and (info.kind != "logits" or info.num_classes < 2):
         return "finercam compares a class with its most similar classes, so it needs a classifier with ≥ 2 classes"
@@ -1129,9 +1129,10 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     ctx = TargetContext(spec_t, info, mean, std, reference, list(class_names), seed)
 
     skipped = {m: why for m in names if (why := not_applicable(m, info, token_layer=token, aug_smooth=aug_smooth,
-                                                              target=spec_t, input_hw=hw))}
-    explicit = not any(str(m).strip().lower() == "all" for m in ([methods] if isinstance(methods, str) else methods)
-                       for m in str(m).split(","))
+                                                              input_hw=hw))}
+    requested = [part.strip().lower() for item in ([methods] if isinstance(methods, str) else methods)
+                 for part in str(item).split(",")]
+    explicit = "all" not in requested
     if skipped and explicit:
         m, why = next(iter(skipped.items()))
         raise DataError(f"--method {m} does not apply to this model: {why}")
@@ -1152,8 +1153,8 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     batches: Iterable = loader if progress is None else progress(loader, total=n_batches)
     mean_t = torch.tensor(mean).view(3, 1, 1)
     std_t = torch.tensor(std).view(3, 1, 1)
-    torch.manual_seed(seed)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         (tmp / "overlays").mkdir()
         for x, _, idx, _ in batches:
             x = x.to(dev)

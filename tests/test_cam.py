@@ -128,11 +128,9 @@ def _run_all(model, x, layer_name, kind):
     shapes = C._layer_shapes(model, [layer], x)
     token = len(shapes[0]) == 3
     rt = C.reshape_transform_for(model, shapes, tuple(x.shape[-2:]))
-    spec = C.TargetSpec(kind)
     ran, said = {}, {}
     for name in C.CAM_METHODS:
-        why = C.not_applicable(name, info, token_layer=token, aug_smooth=False, target=spec,
-                               input_hw=tuple(x.shape[-2:]))
+        why = C.not_applicable(name, info, token_layer=token, input_hw=tuple(x.shape[-2:]))
         if why:
             said[name] = why
             continue
@@ -443,3 +441,20 @@ def test_metrics_match_pytorch_grad_cam_definitions(resnet, x32):
     np.testing.assert_allclose(ours["confidence_drop"], DropInConfidence()(x32, maps, targets, resnet).ravel(),
                                atol=1e-5)
     assert np.all(np.abs(ours["road_morf"] - np.ravel(theirs)) < 0.05 * (1 + np.abs(np.ravel(theirs))))
+
+
+def test_aug_smooth_and_eigen_smooth_match_pytorch_grad_cam(resnet, x32):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    info = C.probe_model(resnet, x32)
+    with torch.no_grad():
+        top1 = resnet(x32).argmax(1).tolist()
+    for kw in ({"aug_smooth": True}, {"eigen_smooth": True}):
+        ours, _ = C.explain(info, x32, "gradcam", [resnet.layer4], _targets(info, x32, "top1"), **kw)
+        cam = GradCAM(resnet, [resnet.layer4])
+        try:
+            theirs = cam(x32, [ClassifierOutputTarget(c) for c in top1], **kw)
+        finally:
+            cam.activations_and_grads.release()
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
