@@ -1228,9 +1228,12 @@ def _warn_degenerate(run: CamRun) -> list[str]:
         kinds = sorted({s.status for _, s in bad})
         worst = max((s.raw_max or 0.0) for _, s in bad if s.raw_max is not None and math.isfinite(s.raw_max)) \
             if any(s.raw_max is not None and math.isfinite(s.raw_max) for _, s in bad) else float("nan")
+        why = {"blank": "all ≤ 0 before ReLU: the target decreases with every feature at this layer",
+               "noise": "the target is flat at the image, so the gradients are float rounding that min-max "
+                        "scaling blows up into a convincing heatmap",
+               "nan": "the raw map is not finite"}
         line = (f"{m}: {len(bad)} of {len(run.ids)} maps are {'/'.join(kinds)} (raw max ≤ {worst:.3g}, e.g. "
-                f"{bad[0][0]}); min-max scaling makes such maps look like real heatmaps. The target is flat at "
-                "this layer or the method's weights vanish; try another target, layer or method")
+                f"{bad[0][0]}): {'; '.join(why[k] for k in kinds)}. Try another target, layer or method")
         log.warning(line)
         lines.append(line)
     return lines
