@@ -26,3 +26,10 @@ OptimizerName = Literal["sgd", "adamw"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 FigureName = Literal["cac"]
+
+CAM_METHOD_NAMES = (
+    "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
+    "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",
+    "seg_eigen_cam", "refinecam", "sess", "random_cam",
+)
+"""``featviz cam --method`` names (featviz.cam.CAM_METHODS holds the classes; a test keeps them in sync)."""
