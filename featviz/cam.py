@@ -449,9 +449,15 @@ def load_model(*, checkpoint: str | Path | None = None, arch: str | None = None,
         (model, load report as a dict or None).
     """
     if checkpoint is not None:
-        from featviz.checkpoints import load_backbone
+        from featviz.checkpoints import featviz_metadata, load_backbone
 
-        # featviz segmentation checkpoints will load via featviz.segmentation.load_segmenter(path)
+        meta = featviz_metadata(checkpoint)
+        if meta and "head" in (meta.get("heads") or {}):  # a featviz segmenter: explain its pixel logits
+            from featviz.segmentation import load_segmenter
+
+            model = load_segmenter(checkpoint)
+            return model, {"format": "featviz", "method": meta.get("method"), "arch": meta.get("arch"),
+                           "class_names": meta.get("class_names"), "path": str(checkpoint)}
         model, report = load_backbone(checkpoint, arch=arch, keep_classifier=True, **load_kwargs)
         return model.eval(), report.to_dict()
     if not arch:
@@ -1120,6 +1126,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     token = any(len(s) == 3 for s in shapes)
     reshape = reshape_transform_for(model, shapes, hw)
     spec_t = spec_t or default_target(info)
+    class_names = list(class_names) or list(getattr(model, "class_names", []) or [])  # a segmenter knows its own
     check_target(spec_t, info, class_names)
     reference = None
     if spec_t.kind == "similarity":

@@ -861,8 +861,8 @@ def _attach_classifier(model: nn.Module, classifier: dict[str, torch.Tensor]) ->
     """
     name = "fc" if "fc.weight" in classifier else "head" if "head.weight" in classifier else None
     if name is None or set(classifier) - {f"{name}.weight", f"{name}.bias"}:
-        log.warning("the checkpoint's %s is not a single linear classifier (an SSL projector?); "
-                    "keeping the encoder only", shorten(sorted(classifier), 3))
+        log.info("the checkpoint's %s is not a single linear classifier (an SSL projector); "
+                 "keeping the encoder only", shorten(sorted(classifier), 3))
         return model
     w = classifier[f"{name}.weight"]
     setattr(model, name, nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in classifier))
@@ -888,6 +888,23 @@ def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     with atomic_path(path, force=force) as tmp:
         save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
     return Path(path)
+
+
+def featviz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``featviz`` metadata of a ``.safetensors`` file, reading only its header; None otherwise."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        if sniff(path) != "safetensors":
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(FEATVIZ_META_KEY)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the real load
+        return None
+    return json.loads(raw) if raw else None
 
 
 def read_featviz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

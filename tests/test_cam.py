@@ -458,3 +458,16 @@ def test_aug_smooth_and_eigen_smooth_match_pytorch_grad_cam(resnet, x32):
         finally:
             cam.activations_and_grads.release()
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_cli_seg_target_on_a_bundled_featviz_segmenter(cli, sample_dir, tmp_path):
+    """A featviz segmentation checkpoint loads as a segmenter; seg:NAME uses its class names."""
+    images = sorted((sample_dir / "seg" / "JPEGImages").glob("*.jpg"))[:2]
+    res = cli("cam", *images, "--checkpoint", sample_dir / "checkpoints" / "seg_supervised.safetensors",
+              "--target", "seg:disc", "--method", "eigencam", "--image-size", "64", "--out", tmp_path / "o", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["model_kind"] == "segmentation" and data["target"].startswith("seg:disc")
+    bad = cli("cam", *images, "--checkpoint", sample_dir / "checkpoints" / "seg_supervised.safetensors",
+              "--target", "seg:hexagon", "--method", "eigencam", "--out", tmp_path / "p")
+    assert bad.exit_code == 1 and "disc" in bad.output
