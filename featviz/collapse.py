@@ -881,3 +881,55 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(title or f"Collapse metrics over training ({len(recs)} records)", fontsize=12)
     return _save(fig, path, force)
+
+
+def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
+                        baseline_knn: float | None = None, title: str | None = None, force: bool = True) -> Path:
+    """Several training runs' collapse curves side by side (SimSiam's Figure 2 style).
+
+    Panels: std of the l2-normalised output against 1/√d (and 0.5/√d, 0.1/√d), RankMe on a log
+    scale, and kNN accuracy per epoch when the runs logged it (``baseline_knn``: a dashed line,
+    e.g. a random-init encoder). ``runs`` maps a label to the run's ``metrics.jsonl`` records.
+    """
+    from matplotlib.figure import Figure
+
+    from featviz.outputs import atomic_path
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    has_knn = any("knn_acc" in r for recs in runs.values() for r in recs)
+    fig = Figure(figsize=(14 if has_knn else 9.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if has_knn else 2)
+    d = None
+    for color, (label, recs) in zip(colors, runs.items()):
+        steps = [r for r in recs if r.get("kind", "step") == "step" and "std_l2" in r and "step" in r]
+        if not steps:
+            continue
+        d = d or steps[0].get("d")
+        xs = [r["step"] for r in steps]
+        axes[0].plot(xs, [r["std_l2"] for r in steps], color=color, label=label, lw=1.8)
+        axes[1].plot(xs, [r["rankme"] for r in steps], color=color, label=label, lw=1.8)
+        epochs = [r for r in recs if r.get("kind") == "epoch" and "knn_acc" in r]
+        if has_knn and epochs:
+            axes[2].plot([r["epoch"] for r in epochs], [100 * r["knn_acc"] for r in epochs], "o-", color=color,
+                         label=label, ms=4)
+    if d:
+        ideal = 1 / math.sqrt(d)
+        axes[0].axhline(ideal, color="gray", ls="--", lw=1, label=r"$1/\sqrt{d}$ (isotropic)")
+        axes[0].axhline(0.5 * ideal, color="gray", ls=":", lw=1, label=r"$0.5/\sqrt{d}$")
+        axes[0].axhline(0.1 * ideal, color="black", ls=":", lw=1, label=r"$0.1/\sqrt{d}$")
+        axes[0].set_ylim(0, ideal * 1.25)
+    axes[0].set(xlabel="training step", ylabel="std of l2-normalised output z", title=f"Collapse monitor (d = {d})")
+    axes[0].legend(fontsize=8, loc="center right")
+    axes[1].set(xlabel="training step", ylabel="RankMe of z", yscale="log", title="Rank of the output (RankMe)")
+    axes[1].legend(fontsize=8, loc="lower left")
+    if has_knn:
+        if baseline_knn is not None:
+            axes[2].axhline(100 * baseline_knn, color="gray", ls="--", lw=1,
+                            label=f"random-init encoder ({100 * baseline_knn:.1f}%)")
+        axes[2].set(xlabel="epoch", ylabel="kNN accuracy on held-out data (%)", title="kNN monitor")
+        axes[2].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, dpi=120)
+    return Path(path)

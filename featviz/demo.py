@@ -1,72 +1,273 @@
 """`featviz demo`: run featviz end to end on the bundled sample data (offline, CPU).
 
-Each step writes into the demo folder and records the command that makes the same output
-on the user's own data.
+The demo is a scripted tour of the real commands: each step runs ``python -m featviz …`` exactly
+as printed (so the command shown next to an output is the one that made it), writes into the
+demo folder, and records the command that does the same on the user's own data. It ends with
+``index.html``, one self-contained page (images inlined) with every figure, the collapse table
+and the manifests.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from featviz.outputs import atomic_dir, write_json
+from featviz.errors import DataError, FeatvizError
+from featviz.outputs import atomic_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
-CHECKPOINT = SAMPLE / "checkpoints" / "moco_v2_tiny.pth.tar"
-
-
-def _sample(path: Path) -> Path:
-    from featviz.errors import DataError
-
-    if not path.exists():
-        raise DataError(f"bundled sample {str(path)!r} is missing; run featviz demo from a source checkout "
-                        "(pip install -e .) or regenerate it with sample_data/make_sample_*.py")
-    return path
-
-
-def _inspect(out: Path) -> tuple[Path, str]:
-    from featviz.checkpoints import load_backbone
-
-    _, report = load_backbone(_sample(CHECKPOINT))
-    path = write_json(out / "inspect.json", report.to_dict())
-    return path, "featviz inspect YOUR_CHECKPOINT.pth --json"
-
-
-def _layers(out: Path) -> tuple[Path, str]:
-    from featviz.models import list_layers, resolve_model
-
-    model = resolve_model(checkpoint=_sample(CHECKPOINT))
-    rows = [r._asdict() for r in list_layers(model)]
-    path = write_json(out / "layers.json", rows)
-    return path, "featviz layers --checkpoint YOUR_CHECKPOINT.pth"
-
-
-STEPS: dict[str, Callable[[Path], tuple[Path, str]]] = {
-    "checkpoint report": _inspect,
-    "layer names": _layers,
-}
-
-
+CKPT = SAMPLE / "checkpoints"
 MARKER = ".featviz-demo"
 
 
-def run_demo(out_dir: str | Path, *, force: bool = False,
-             progress: Callable | None = None) -> dict[str, tuple[Path, str]]:
-    """Run every demo step into ``out_dir``; return ``{step: (output path, command for your data)}``.
+@dataclass
+class Step:
+    """One demo output: what it is, where it is, the command that made it, and yours."""
+
+    title: str
+    files: list[str]
+    command: str
+    yours: str
+    note: str = ""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sample(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"bundled sample {str(path)!r} is missing; run featviz demo from a source checkout "
+                        "(pip install -e .), or remake it with `featviz demo --retrain`")
+    return path
+
+
+def _rel(p: Path) -> str:
+    """A path as the user would type it from the repository root."""
+    try:
+        return str(p.resolve().relative_to(SAMPLE.parent))
+    except ValueError:
+        return str(p)
+
+
+def _featviz(args: list[str], cwd: Path, log_file: Path, *, tmp: Path, root: Path) -> str:
+    """Run ``python -m featviz ARGS`` in ``cwd``; return the command as a user would type it.
+
+    ``{out}`` in an argument is the demo folder: the temporary one while running, the final
+    one in the command shown.
+    """
+    shown = "featviz " + " ".join(shlex.quote(a.replace("{out}", str(root))) for a in args)
+    args = [a.replace("{out}", str(tmp)) for a in args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SAMPLE.parent), os.environ.get("PYTHONPATH")])),
+           "COLUMNS": "100"}
+    res = subprocess.run([sys.executable, "-m", "featviz", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write(f"$ {shown}\n{res.stdout}{res.stderr}\n")
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise FeatvizError(f"demo step failed: `{shown}` exited {res.returncode}: {last}")
+    return shown
+
+
+def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
+    """The tour. ``root`` is the final demo folder (for printed commands), ``tmp`` where files go now."""
+    logf = tmp / "demo.log"
+    moco = _sample(CKPT / "moco_v2_tiny.pth.tar")
+    simsiam = _sample(CKPT / "simsiam_digits.safetensors")
+    seg_sup, seg_cac = _sample(CKPT / "seg_supervised.safetensors"), _sample(CKPT / "seg_cac.safetensors")
+    scene = SAMPLE / "seg" / "JPEGImages" / "scene_003.jpg"
+    mask = SAMPLE / "seg" / "SegmentationClass" / "scene_003.png"
+
+    def run(args: list[str]) -> str:
+        return _featviz(args, SAMPLE.parent, logf, tmp=tmp, root=root)
+
+    def inspect() -> Step:
+        from featviz.checkpoints import load_backbone
+
+        _, report = load_backbone(moco)
+        write_json(tmp / "inspect.json", report.to_dict())
+        return Step("Checkpoint report (MoCo v2 layout, detected and verified)", ["inspect.json"],
+                    f"featviz inspect {_rel(moco)} --json", "featviz inspect YOUR_CHECKPOINT.pth",
+                    extra={"report": report.to_dict()})
+
+    def tsne_digits() -> Step:
+        c1 = run(["embed", "--checkpoint", _rel(simsiam), "--images", "digits", "--image-size", "16",
+                  "--out", "{out}/digits.npz"])
+        c2 = run(["tsne", "{out}/digits.npz", "--out", "{out}/digits_tsne.png", "--coords", "{out}/digits_coords.npz",
+                  "--title", "SimSiam (digits, 15 epochs on CPU): t-SNE of image embeddings"])
+        return Step("Image t-SNE of digits (SimSiam checkpoint trained by featviz train)",
+                    ["digits_tsne.png", "digits.npz", "manifest.json"], f"{c1}\n{c2}",
+                    "featviz tsne --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGE_FOLDER --out map.png")
+
+    def cac_figure() -> Step:
+        c = run(["tsne", "--figure", "cac", "-c", _rel(seg_sup), "-c", _rel(seg_cac), "--row-names",
+                 "supervised only,CAC (ours)", "--image", _rel(scene), "--mask", _rel(mask),
+                 "--out", "{out}/cac_figure.png"])
+        metrics = json.loads((tmp / "cac_figure.json").read_text())
+        return Step("CAC Figure 3 reproduction (rows: supervised only vs CAC)", ["cac_figure.png", "cac_figure.json"],
+                    c, "featviz tsne --figure cac -c SUPERVISED.pth -c CAC.pth --image IMG --mask MASK --out fig.png",
+                    extra={"figure": metrics})
+
+    def cam_photos() -> Step:
+        c = run(["cam", _rel(SAMPLE / "photos"), "--checkpoint", _rel(moco), "--target", "self",
+                 "--method", "gradcam,gradcam++,layercam,eigencam", "--image-size", "64", "--out", "{out}/cam_photos"])
+        return Step("Grad-CAM contact sheet over the sample photos (SSL 'self' target)",
+                    ["cam_photos/contact_sheet.png", "cam_photos/manifest.json"], c,
+                    "featviz cam YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --method gradcam,eigencam --out cam",
+                    note="The bundled MoCo-layout checkpoint has untrained weights: the maps show the machinery "
+                         "(an SSL encoder explained with no classifier), not learned attention.")
+
+    def cam_seg() -> Step:
+        scenes = [_rel(SAMPLE / "seg" / "JPEGImages" / f"scene_{i:03d}.jpg") for i in (32, 34, 35, 36)]
+        c = run(["cam", *scenes, "--checkpoint", _rel(seg_cac), "--target", "seg:disc", "--method",
+                 "gradcam,eigencam,layercam", "--layer", "head.aspp", "--image-size", "96", "--out", "{out}/cam_seg"])
+        return Step("Grad-CAM of a segmenter's 'disc' logits (CAC checkpoint, held-out scenes)",
+                    ["cam_seg/contact_sheet.png", "cam_seg/manifest.json"], c,
+                    "featviz cam YOUR_IMAGES --checkpoint SEG.safetensors --target seg:CLASS --out cam")
+
+    def collapse() -> Step:
+        c = run(["collapse", "{out}/digits.npz", "--out", "{out}/collapse", "--json"])
+        report = json.loads((tmp / "collapse" / "report.json").read_text())
+        from featviz.collapse import plot_run_comparison
+
+        runs = {}
+        for label, name in (("SimSiam (stop-gradient)", "simsiam_digits"),
+                            ("without stop-gradient", "simsiam_digits_nostopgrad")):
+            path = _sample(SAMPLE / "runs" / name / "metrics.jsonl")
+            runs[label] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        plot_run_comparison(runs, tmp / "collapse" / "simsiam_stopgrad.png",
+                            title="SimSiam's stop-gradient ablation on digits (featviz train, CPU)")
+        return Step("Collapse report of the digits embeddings, and the SimSiam stop-gradient ablation",
+                    ["collapse/report.json", "collapse/spectrum.png", "collapse/simsiam_stopgrad.png"],
+                    c + "\n# curves: metrics.jsonl of `featviz train -m simsiam [--no-stop-grad]` (sample_data/runs)",
+                    "featviz collapse --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGES   "
+                    "# live: featviz collapse --watch RUN_DIR", extra={"collapse": report})
+
+    return [inspect, tsne_digits, cac_figure, cam_photos, cam_seg, collapse]
+
+
+def retrain(progress: Callable | None = None) -> None:
+    """Remake the bundled checkpoints and run logs with `featviz train` (minutes on CPU)."""
+    script = SAMPLE / "make_demo_checkpoints.sh"
+    env = {**os.environ, "FEATVIZ": f"{sys.executable} -m featviz",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SAMPLE.parent), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(["bash", str(script)], cwd=SAMPLE.parent, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise FeatvizError(f"retraining failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = False,
+             progress: Callable | None = None) -> list[Step]:
+    """Run every demo step into ``out_dir`` and write ``index.html``; return the steps.
 
     A folder written by an earlier demo (it holds a ``.featviz-demo`` marker) is replaced;
     any other existing, non-empty folder needs ``force``.
     """
     out_dir = Path(out_dir)
     force = force or (out_dir / MARKER).is_file()
-    results: dict[str, tuple[Path, str]] = {}
+    if retrain_first:
+        retrain(progress)
     with atomic_dir(out_dir, force=force) as tmp:
         (tmp / MARKER).write_text("written by featviz demo; the next demo run replaces this folder\n")
-        steps = list(STEPS.items())
-        for name, step in (progress("demo")(steps) if progress else steps):
-            path, command = step(tmp)
-            results[name] = (out_dir / path.relative_to(tmp), command)
-    return results
+        steps: list[Step] = []
+        todo = _steps(out_dir, tmp)
+        for make in (progress("featviz demo")(todo) if progress else todo):
+            t = time.perf_counter()
+            step = make()
+            step.seconds = time.perf_counter() - t
+            steps.append(step)
+        write_text(tmp / "index.html", render_html(steps, tmp))
+        write_json(tmp / "demo.json", [{k: v for k, v in s.__dict__.items() if k != "extra"} for s in steps])
+    for s in steps:
+        s.files = [str(out_dir / f) for f in s.files]
+    steps.append(Step("HTML report (open it in a browser; no server needed)", [str(out_dir / "index.html")],
+                      "featviz demo", "featviz demo --out DIR"))
+    return steps
+
+
+# ------------------------------------------------------------------ HTML
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+pre,code{background:#f6f8fa;border-radius:4px;font-size:.86em} pre{padding:.7em;overflow-x:auto;white-space:pre-wrap}
+img{max-width:100%;border:1px solid #e3e3e3;border-radius:4px;margin:.4em 0}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} .note{color:#8a5300;font-size:.92em}
+.muted{color:#666;font-size:.9em} details{margin:.5em 0}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _collapse_table(report: dict[str, Any]) -> str:
+    outputs = report.get("outputs") or {"embeddings": report}
+    keys = ["n", "d", "std_l2", "std_l2_ideal", "collapse_level", "rankme", "effective_rank", "alignment",
+            "uniformity", "alpha_req"]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["metric", *outputs])
+    rows = []
+    for k in keys:
+        cells = []
+        for r in outputs.values():
+            v = r.get(k)
+            cells.append("–" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v)))
+        rows.append(f"<tr><td>{k}</td>{''.join(f'<td>{c}</td>' for c in cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def render_html(steps: list[Step], root: Path) -> str:
+    """One self-contained page: figures inlined as data URIs, commands, collapse table, manifests."""
+    from featviz import __version__
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>featviz demo</title><style>{_CSS}</style>"
+             "</head><body>", "<h1>featviz demo</h1>",
+             f"<p class='muted'>featviz {html.escape(__version__)} · bundled sample data · CPU, offline. Each section "
+             "shows the command that made it and the one to run on your own data.</p>"]
+    for s in steps:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.note:
+            parts.append(f"<p class='note'>{html.escape(s.note)}</p>")
+        for f in s.files:
+            p = root / f
+            if p.suffix == ".png" and p.is_file():
+                parts.append(_img(p))
+        if "collapse" in s.extra:
+            parts.append(_collapse_table(s.extra["collapse"]))
+            parts.append("<p class='muted'>Definitions and papers: docs/metrics.md.</p>")
+        if "figure" in s.extra:
+            rows = s.extra["figure"].get("rows", [])
+            cells = []
+            for r in rows:
+                m = r.get("metrics", {})
+                cos, knn = m.get("cosine_same_pixel", {}), m.get("knn_class_agreement", {})
+                cells.append(f"<tr><td>{html.escape(str(r.get('name', '')))}</td><td>{cos.get('I_vs_II', 0):.3f}</td>"
+                             f"<td>{cos.get('I_vs_III', 0):.3f}</td><td>{knn.get('II_to_I', 0):.3f}</td>"
+                             f"<td>{knn.get('III_to_I', 0):.3f}</td></tr>")
+            parts.append("<table><tr><th>row</th><th>cos(I,II)</th><th>cos(I,III)</th><th>kNN agr. II→I</th>"
+                         f"<th>kNN agr. III→I</th></tr>{''.join(cells)}</table>")
+        parts.append(f"<p>Made by:</p><pre>{html.escape(s.command)}</pre>"
+                     f"<p>On your data:</p><pre>{html.escape(s.yours)}</pre>")
+        manifests = [f for f in s.files if f.endswith(".json")]
+        for f in manifests:
+            p = root / f
+            if p.is_file():
+                text = p.read_text()
+                parts.append(f"<details><summary>{html.escape(f)}</summary><pre>{html.escape(text[:20000])}</pre>"
+                             "</details>")
+        parts.append(f"<p class='muted'>{s.seconds:.1f} s</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

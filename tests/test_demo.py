@@ -1,23 +1,78 @@
-"""`featviz demo` runs on the bundled data and says where each output is and how to make it."""
+"""`featviz demo`: every output on the bundled data, the commands that made them, and an HTML report
+that opens in a real headless browser."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+EXPECTED = ["inspect.json", "digits_tsne.png", "digits.npz", "cac_figure.png", "cac_figure.json",
+            "cam_photos/contact_sheet.png", "cam_seg/contact_sheet.png", "collapse/report.json",
+            "collapse/spectrum.png", "collapse/simsiam_stopgrad.png", "index.html"]
 
 
-def test_demo_writes_outputs_and_commands(cli, tmp_path):
-    out = tmp_path / "demo"
-    r = cli("demo", "--out", out)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from featviz.cli import app
+
+    out = tmp_path_factory.mktemp("d") / "demo"
+    r = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert r.exit_code == 0, r.output
+    return out, r
+
+
+def test_demo_writes_every_output_and_says_how(demo):
+    out, r = demo
+    for f in EXPECTED:
+        assert (out / f).is_file(), f
+    for f in ("inspect.json", "digits_tsne.png", "cac_figure.png", "contact_sheet.png", "index.html"):
+        assert f in r.stdout
+    assert r.stdout.count("on your data:") >= 6
     report = json.loads((out / "inspect.json").read_text())
     assert report["format"] == "moco" and report["arch"]["name"] == "resnet18_w8-cifar"
-    assert any(row["name"] == "layer4" for row in json.loads((out / "layers.json").read_text()))
-    assert "featviz inspect" in r.stdout and str(out / "inspect.json") in r.stdout
-    # a second run replaces its own earlier output without --force
-    assert cli("demo", "--out", out).exit_code == 0
+    steps = json.loads((out / "demo.json").read_text())
+    assert all(s["command"].startswith("featviz ") for s in steps)
 
 
-def test_demo_refuses_a_foreign_folder(cli, tmp_path):
+def test_demo_figures_are_real_pictures(demo):
+    out, _ = demo
+    for f in EXPECTED:
+        if f.endswith(".png"):
+            a = np.asarray(Image.open(out / f).convert("L"), dtype=float)
+            assert a.shape[0] > 200 and a.shape[1] > 200 and a.std() > 10, f  # not blank
+
+
+def test_demo_collapse_numbers_match_the_trained_checkpoint(demo):
+    out, _ = demo
+    rep = json.loads((out / "collapse" / "report.json").read_text())["outputs"]["digits"]
+    assert rep["d"] == 128 and rep["n"] == 1797 and rep["rankme"] > 5  # a trained, uncollapsed encoder
+
+
+def test_demo_html_is_self_contained_and_renders(demo, tmp_path):
+    out, _ = demo
+    text = (out / "index.html").read_text()
+    assert text.count("data:image/png;base64,") >= 6 and 'src="http' not in text and "file://" not in text
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2000", f"--screenshot={shot}", (out / "index.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    a = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert a.shape == (2000, 1280) and a.std() > 20  # text and figures, not a blank or error page
+
+
+def test_demo_second_run_replaces_its_own_folder_but_not_a_foreign_one(demo, cli, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     r = cli("demo", "--out", tmp_path)
     assert r.exit_code == 1 and "--force" in r.output
