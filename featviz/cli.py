@@ -831,8 +831,8 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m featviz`` and ``torchrun -m featviz``)."""
+    app(prog_name="featviz")
 
 
 if __name__ == "__main__":
