@@ -44,7 +44,7 @@ def main() -> None:
         out = []
         for i in range(0, len(xs), bs):
             xb = xs[i:i + bs]
-            maps, _ = C.explain(info, xb, method, [layer], C.make_targets(_ctx(C, info), xb), batch_size=64)
+            maps, _ = C.explain(info, xb, method, [layer], C.make_targets(_ctx(C, info), xb), batch_size=16)
             out.append(maps)
         return np.concatenate(out)
 
