@@ -449,7 +449,7 @@ def load_model(*, checkpoint: str | Path | None = None, arch: str | None = None,
         (model, load report as a dict or None).
     """
     if checkpoint is not None:
-        from featviz.checkpoints import featviz_metadata, load_backbone
+        from featviz.checkpoints import featviz_metadata
 
         meta = featviz_metadata(checkpoint)
         if meta and "head" in (meta.get("heads") or {}):  # a featviz segmenter: explain its pixel logits
@@ -458,13 +458,10 @@ def load_model(*, checkpoint: str | Path | None = None, arch: str | None = None,
             model = load_segmenter(checkpoint)
             return model, {"format": "featviz", "method": meta.get("method"), "arch": meta.get("arch"),
                            "class_names": meta.get("class_names"), "path": str(checkpoint)}
-        model, report = load_backbone(checkpoint, arch=arch, keep_classifier=True, **load_kwargs)
-        return model.eval(), report.to_dict()
-    if not arch:
-        raise ArchitectureError("give --checkpoint, or --arch for a randomly initialised model")
-    from featviz.models import build_backbone
+    from featviz.models import resolve_model
 
-    return build_backbone(arch, num_heads=load_kwargs.get("num_heads"), seed=seed), None
+    return resolve_model(checkpoint=checkpoint, arch=arch, seed=seed, keep_classifier=checkpoint is not None,
+                         **load_kwargs)
 
 
 # ------------------------------------------------------------------ layers and token grids

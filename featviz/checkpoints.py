@@ -293,9 +293,11 @@ def _finish(ck: Checkpoint, sd: dict, key: str | None, prefix: str, opts: dict, 
     return Extracted(body, key, prefix, dropped, classifier=classifier, **kw)
 
 
-def _opt_module(sd: dict, prefix: str) -> str:
-    """``module.`` is optional (models saved without DDP); return the prefix actually used."""
-    return f"module.{prefix}" if _has(sd, f"module.{prefix}") else prefix
+def _opt_module(sd: dict, prefix: str) -> tuple[str, str]:
+    """``module.`` is optional (models saved without DDP): the prefix actually used, and the
+    wrapper part (``"module."`` or ``""``) to put before the layout's sibling keys."""
+    m = "module." if _has(sd, f"module.{prefix}") else ""
+    return m + prefix, m
 
 
 @_fmt("moco", "MoCo v1/v2 (facebookresearch/moco): online encoder 'encoder_q'")
@@ -308,8 +310,7 @@ class _MoCo:
     @staticmethod
     def extract(ck, opts):
         sd = _inner(ck, "state_dict")
-        p = _opt_module(sd, "encoder_q.")
-        m = p[: -len("encoder_q.")]
+        p, m = _opt_module(sd, "encoder_q.")
         return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}encoder_k.", f"{m}queue_ptr", f"{m}queue"),
                        source="MoCo v1/v2")
 
@@ -324,8 +325,7 @@ class _MoCoV3:
     @staticmethod
     def extract(ck, opts):
         sd = _inner(ck, "state_dict")
-        p = _opt_module(sd, "base_encoder.")
-        m = p[: -len("base_encoder.")]
+        p, m = _opt_module(sd, "base_encoder.")
         ex = _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}momentum_encoder.", f"{m}predictor."),
                      source="MoCo v3")
         if "cls_token" in ex.state_dict:
@@ -345,8 +345,7 @@ class _SimSiam:
     @staticmethod
     def extract(ck, opts):
         sd = _inner(ck, "state_dict")
-        p = _opt_module(sd, "encoder.")
-        m = p[: -len("encoder.")]
+        p, m = _opt_module(sd, "encoder.")
         return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}predictor.",), source="SimSiam")
 
 
@@ -405,8 +404,7 @@ class _DINO:
     def extract(ck, opts):
         key = opts.get("checkpoint_key") or "teacher"
         sd = ck.obj[key]
-        p = _opt_module(sd, "backbone.")
-        m = p[: -len("backbone.")]
+        p, m = _opt_module(sd, "backbone.")
         ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), source=f"DINO ({key})")
         args = ck.obj.get("args")
         arch = getattr(args, "arch", None)
@@ -517,8 +515,7 @@ class _CAC:
     @staticmethod
     def extract(ck, opts):
         sd = _inner(ck, "state_dict")
-        p = _opt_module(sd, "encoder.backbone.")
-        m = p[: -len("encoder.backbone.")]
+        p, m = _opt_module(sd, "encoder.backbone.")
         ex = _finish(ck, sd, "state_dict", p, opts,
                      drop=(f"{m}encoder.aspp.", f"{m}encoder.decoder.", f"{m}encoder.", f"{m}classifier.",
                            f"{m}project."), source="CAC")

@@ -177,7 +177,7 @@ def layers(
     from featviz import models
 
     with _user_errors():
-        model = models.resolve_model(
+        model, _ = models.resolve_model(
             checkpoint=checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
         rows = models.list_layers(model, image_size=image_size)
@@ -403,7 +403,7 @@ def _checkpoint_name(path: Path) -> str:
 
 def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size, base_size, max_pixels, row_names,
                  model_seeds, layer, seed, perplexity, iterations, device, force, load_kwargs) -> dict[str, Any]:
-    from featviz import embed as embed_lib
+    from featviz import models
     from featviz import figure as figure_lib
 
     if image is None or mask is None:
@@ -411,11 +411,11 @@ def _tsne_figure(checkpoints, arch, image, mask, out_path, iou_bound, crop_size,
     rows = []
     if checkpoints:
         for c in checkpoints:
-            model, report = embed_lib.load_model(checkpoint=c, arch=arch, **load_kwargs)
+            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
             rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = embed_lib.load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
             rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
@@ -605,7 +605,7 @@ def _collapse_checkpoint(checkpoint, images, load, pixels, pixels_per_image, ima
     from featviz import data, models, views
     from featviz.distributed import resolve_device
 
-    model = models.resolve_model(checkpoint=checkpoint, seed=seed, **load)
+    model, _ = models.resolve_model(checkpoint=checkpoint, seed=seed, **load)
     items = data.labelled_images(images).items
     reports, skipped = views.model_collapse_reports(
         model, items, heads=views.checkpoint_heads(checkpoint), image_size=image_size, batch_size=batch_size,

@@ -29,7 +29,7 @@ from featviz.data import (IMAGE_EXTS, ImageDataset, LabelledImages, collate, fin
                           load_image, normalization_of)
 from featviz.distributed import DistInfo, init_distributed, shard
 from featviz.errors import DataError, UnknownNameError
-from featviz.models import default_image_size, get_layer
+from featviz.models import default_image_size, get_layer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +38,6 @@ IGNORE_INDEX = 255
 
 
 # ------------------------------------------------------------------ model and precision
-def load_model(*, checkpoint: str | os.PathLike | None = None, arch: str | None = None, seed: int = 0,
-               **load_kwargs: Any) -> tuple[torch.nn.Module, dict[str, Any] | None]:
-    """A backbone from a checkpoint, or with seeded random weights from ``arch`` alone.
-
-    Returns:
-        (model in eval mode, the checkpoint load report as a dict or None for random init).
-
-    Raises:
-        ArchitectureError: neither a checkpoint nor an architecture is given.
-    """
-    from featviz.errors import ArchitectureError
-
-    if checkpoint is not None:
-        from featviz.checkpoints import load_backbone
-
-        model, report = load_backbone(checkpoint, arch=arch, **load_kwargs)
-        return model.eval(), report.to_dict()
-    if not arch:
-        raise ArchitectureError("give --checkpoint, or --arch for a randomly initialised model")
-    from featviz.models import build_backbone
-
-    return build_backbone(arch, num_heads=load_kwargs.get("num_heads"), seed=seed), None
-
-
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain float32.
 
@@ -524,7 +500,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         check_writable(out, force=force)
     info = init_distributed(device)
     try:
-        model, report = load_model(checkpoint=checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))
+        model, report = resolve_model(checkpoint=checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))
         args = dict(images=str(images), checkpoint=None if checkpoint is None else str(checkpoint), arch=arch,
                     pixels=pixels, masks=None if masks is None else str(masks), layer=layer,
                     max_pixels_per_class=max_pixels_per_class, image_size=image_size, batch_size=batch_size,

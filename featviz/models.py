@@ -368,9 +368,14 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def resolve_model(*, arch: str | None = None, checkpoint=None, num_heads: int | None = None,
-                  seed: int = 0, **load_kwargs: Any) -> nn.Module:
-    # load_kwargs: format, checkpoint_key, trust, keep_classifier (see checkpoints.load_backbone)
-    """A backbone from a checkpoint (``arch`` optional) or, without one, random weights.
+                  seed: int = 0, **load_kwargs: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A backbone from a checkpoint (``arch`` optional) or, without one, seeded random weights.
+
+    ``load_kwargs`` go to ``checkpoints.load_backbone`` (format, checkpoint_key, trust,
+    keep_classifier).
+
+    Returns:
+        (model in eval mode, the checkpoint load report as a dict, or None for random init).
 
     Raises:
         ArchitectureError: neither ``arch`` nor ``checkpoint`` is given.
@@ -378,11 +383,11 @@ def resolve_model(*, arch: str | None = None, checkpoint=None, num_heads: int | 
     if checkpoint is not None:
         from featviz.checkpoints import load_backbone
 
-        model, _ = load_backbone(checkpoint, arch=arch, num_heads=num_heads, **load_kwargs)
-        return model
+        model, report = load_backbone(checkpoint, arch=arch, num_heads=num_heads, **load_kwargs)
+        return model.eval(), report.to_dict()
     if not arch:
         raise ArchitectureError("give --checkpoint, or --arch for a randomly initialised model")
-    return build_backbone(arch, num_heads=num_heads, seed=seed)
+    return build_backbone(arch, num_heads=num_heads, seed=seed), None
 
 
 def feature_dim(model: nn.Module) -> int:
