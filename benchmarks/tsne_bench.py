@@ -1,7 +1,8 @@
 """featviz t-SNE next to openTSNE's defaults (called directly) and scikit-learn's TSNE, in one run.
 
 Data: pixel-like embeddings with known labels, ``--n`` x ``--dim``: ``--classes`` class centres
-plus within-class variation whose eigenspectrum decays as a power law (variance ~ i^-1.5, the
+(``--separation``: their scale; the default makes the classes overlap, 10-NN class accuracy 0.89
+in the 256-d input at 20k, so accuracy in the map can tell methods apart) plus within-class variation whose eigenspectrum decays as a power law (variance ~ i^-1.5, the
 kind of spectrum trained network features show), in a random rotation; ReLU'd and
 L2-normalised like pooled/projected features.
 
@@ -23,9 +24,10 @@ import time
 import numpy as np
 
 
-def pixel_like(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pixel_like(n: int, dim: int, classes: int, seed: int = 0, separation: float = 0.03
+               ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(classes, dim)) * 0.06
+    centres = rng.normal(size=(classes, dim)) * separation  # 0.03: 10-NN accuracy 0.89 in the input space
     labels = rng.integers(0, classes, n)
     scale = np.arange(1, dim + 1) ** -0.75  # std per principal direction: variance ~ i^-1.5
     rot, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
@@ -48,6 +50,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--sklearn-n", type=int, default=20_000, help="0 skips the scikit-learn comparison")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--separation", type=float, default=0.03, help="scale of the class centres (0.06: separable)")
     ap.add_argument("--featviz-first", action="store_true", help="time featviz before openTSNE (default: after)")
     ap.add_argument("--json", type=str, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
 
     from featviz import tsne
 
-    x, y = pixel_like(args.n, args.dim, args.classes, args.seed)
+    x, y = pixel_like(args.n, args.dim, args.classes, args.seed, args.separation)
     print(f"data: {args.n:,} x {args.dim} pixel-like embeddings, {args.classes} classes; "
           f"{os.cpu_count()} CPU cores; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
 

