@@ -844,13 +844,21 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
     for ax, (group, label, keys) in zip(axes, CURVE_PANELS):
         lines = []
         for k, (key, style) in enumerate(zip(keys, styles)):
-            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            pts = [(r["step"], r[key], r.get("split") == "held_out") for r in recs
+                   if isinstance(r.get(key), (int, float))]
             if not pts:
                 continue
             # different units (alignment vs uniformity, loss vs accuracy) get their own y axis
             target = ax.twinx() if k and group != "rank" else ax
-            x, y = zip(*pts)
-            lines += target.plot(x, y, style, ms=3, lw=1.5, color=f"C{k}", label=key)
+            # featviz train: training-batch lines and per-epoch held-out lines are two series
+            series = [(pts, key, style, 1.5)] if not any(h for *_, h in pts) or key == "knn_acc" else \
+                [([p for p in pts if not p[2]], f"{key} (batches)", "-", 0.8),
+                 ([p for p in pts if p[2]], f"{key} ({'epoch mean' if key == 'loss' else 'held-out'})", style, 1.8)]
+            for sel, name, st, lw in series:
+                if sel:
+                    x, y, _ = zip(*sel)
+                    lines += target.plot(x, y, st, ms=3, lw=lw, color=f"C{k}", label=name,
+                                         alpha=0.5 if name.endswith("(batches)") else 1.0)
             if target is not ax:
                 target.set_ylabel(key, color=f"C{k}")
                 ax.set_ylabel(keys[0], color="C0")
@@ -884,12 +892,15 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
 
 
 def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
-                        baseline_knn: float | None = None, title: str | None = None, force: bool = True) -> Path:
+                        baseline_knn: float | dict[str, float] | None = None, title: str | None = None,
+                        force: bool = True) -> Path:
     """Several training runs' collapse curves side by side (SimSiam's Figure 2 style).
 
     Panels: std of the l2-normalised output against 1/√d (and 0.5/√d, 0.1/√d), RankMe on a log
     scale, and kNN accuracy per epoch when the runs logged it (``baseline_knn``: a dashed line,
-    e.g. a random-init encoder). ``runs`` maps a label to the run's ``metrics.jsonl`` records.
+    e.g. a random-init encoder, or ``{label: accuracy}`` for several). ``runs`` maps a label to the run's ``metrics.jsonl`` records.
+    Epoch lines measured on held-out images (``split == "held_out"``) are drawn bold with markers
+    (with the predictor's output dashed when logged), training-batch lines faintly behind them.
     """
     from matplotlib.figure import Figure
 
@@ -902,12 +913,21 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
     d = None
     for color, (label, recs) in zip(colors, runs.items()):
         steps = [r for r in recs if r.get("kind", "step") == "step" and "std_l2" in r and "step" in r]
-        if not steps:
+        held = [r for r in recs if r.get("split") == "held_out" and "std_l2" in r and "step" in r]
+        if not steps and not held:
             continue
-        d = d or steps[0].get("d")
-        xs = [r["step"] for r in steps]
-        axes[0].plot(xs, [r["std_l2"] for r in steps], color=color, label=label, lw=1.8)
-        axes[1].plot(xs, [r["rankme"] for r in steps], color=color, label=label, lw=1.8)
+        d = d or (held or steps)[0].get("d")
+        for key, ax in (("std_l2", axes[0]), ("rankme", axes[1])):
+            if held:  # the epoch's held-out images in eval mode: the curve to read
+                ax.plot([r["step"] for r in held], [r[key] for r in held], "o-", color=color, ms=3.5, lw=1.8,
+                        label=f"{label}: z")
+                pred = [r for r in held if f"{key}_predictor" in r]
+                if pred:  # SimSiam/BYOL/MoCo v3: the predictor's output p = h(z), no BN at its end
+                    ax.plot([r["step"] for r in pred], [r[f"{key}_predictor"] for r in pred], "s--", color=color,
+                            ms=3, lw=1.2, label=f"{label}: predictor p")
+            if steps:  # training batches (train-mode BN): faint behind, for the live view
+                ax.plot([r["step"] for r in steps], [r[key] for r in steps], color=color, lw=0.8,
+                        alpha=0.3 if held else 1.0, label=None if held else label)
         epochs = [r for r in recs if r.get("kind") == "epoch" and "knn_acc" in r]
         if has_knn and epochs:
             axes[2].plot([r["epoch"] for r in epochs], [100 * r["knn_acc"] for r in epochs], "o-", color=color,
@@ -918,16 +938,20 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
         axes[0].axhline(0.5 * ideal, color="gray", ls=":", lw=1, label=r"$0.5/\sqrt{d}$")
         axes[0].axhline(0.1 * ideal, color="black", ls=":", lw=1, label=r"$0.1/\sqrt{d}$")
         axes[0].set_ylim(0, ideal * 1.25)
-    axes[0].set(xlabel="training step", ylabel="std of l2-normalised output z", title=f"Collapse monitor (d = {d})")
-    axes[0].legend(fontsize=8, loc="center right")
-    axes[1].set(xlabel="training step", ylabel="RankMe of z", yscale="log", title="Rank of the output (RankMe)")
+    axes[0].set(xlabel="training step", ylabel="std of l2-normalised output",
+                title=f"Collapse monitor (d = {d}; faint: training batches)")
+    axes[0].legend(fontsize=7, loc="center right", bbox_to_anchor=(1.0, 0.56), framealpha=0.9)
+    axes[1].set(xlabel="training step", ylabel="RankMe", yscale="log", title="Rank of the output (RankMe)")
     axes[1].legend(fontsize=8, loc="lower left")
     if has_knn:
-        if baseline_knn is not None:
-            axes[2].axhline(100 * baseline_knn, color="gray", ls="--", lw=1,
-                            label=f"random-init encoder ({100 * baseline_knn:.1f}%)")
+        baselines = baseline_knn if isinstance(baseline_knn, dict) else \
+            ({} if baseline_knn is None else {"random-init encoder": baseline_knn})
+        for (name, value), ls in zip(baselines.items(), ("--", ":", "-.")):
+            axes[2].axhline(100 * value, color="gray", ls=ls, lw=1, label=f"{name} ({100 * value:.1f}%)")
         axes[2].set(xlabel="epoch", ylabel="kNN accuracy on held-out data (%)", title="kNN monitor")
-        axes[2].legend(fontsize=8, loc="lower right")
+        lo, hi = axes[2].get_ylim()
+        axes[2].set_ylim(lo - 0.45 * (hi - lo), hi)  # room below the curves for the legend
+        axes[2].legend(fontsize=7, loc="lower right", framealpha=0.9)
     if title:
         fig.suptitle(title, fontsize=11)
     with atomic_path(path, force=force) as tmp:

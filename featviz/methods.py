@@ -164,6 +164,18 @@ class SSLMethod(nn.Module):
     def _keep(self, z1: torch.Tensor, z2: torch.Tensor) -> None:
         self.embeddings = (z1.detach().float(), z2.detach().float())
 
+    # what ``forward`` hands to ``_keep``: the projector output (None: the backbone's features)
+    monitor_head: str | None = "projector"
+    monitor_normalize: bool = False
+
+    @torch.no_grad()
+    def monitored(self, x: torch.Tensor) -> torch.Tensor:
+        """The output the collapse monitor watches, for one batch of views (no loss, no gather)."""
+        z = self.backbone(x)
+        if self.monitor_head is not None:
+            z = getattr(self, self.monitor_head)(z)
+        return (F.normalize(z, dim=1) if self.monitor_normalize else z).float()
+
 
 class MomentumMixin:
     """A frozen EMA copy of some modules: ``target = m * target + (1 - m) * online``."""
@@ -281,6 +293,7 @@ class MoCoV2(MomentumMixin, SSLMethod):
     and a queue of past keys; "an MLP projection head" and stronger augmentation than MoCo v1."""
 
     name, recipe = "moco_v2", "moco_v2"
+    monitor_normalize = True
 
     def __init__(self, backbone: nn.Module, *, tau: float = 0.2, queue_size: int = 4096, momentum: float = 0.99):
         super().__init__(backbone)
@@ -415,6 +428,7 @@ class SwAV(SSLMethod):
     from the other: L = -sum_k q2_k log softmax(z1 . c / tau)_k + (1 <-> 2); multi-crop optional."""
 
     name, recipe, multi_crop = "swav", "swav", True
+    monitor_normalize = True
 
     def __init__(self, backbone: nn.Module, *, tau: float = 0.1, eps: float = 0.05, prototypes: int | None = None):
         super().__init__(backbone)
@@ -447,6 +461,7 @@ class DINO(MomentumMixin, SSLMethod):
     is an EMA of the student and C an EMA of the teacher's batch mean."""
 
     name, recipe, multi_crop = "dino", "dino", True
+    monitor_head = None
 
     def __init__(self, backbone: nn.Module, *, out: int | None = None, tps: float = 0.1, tpt: float = 0.04,
                  center_momentum: float = 0.9, momentum: float = 0.996):

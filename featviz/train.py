@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
@@ -224,6 +225,8 @@ class SSLTask:
         self.collate = augment.collate_views
         self.mean, self.std = data.IMAGENET_MEAN, data.IMAGENET_STD
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._held_out_aug: torch.Tensor | None = None
+        self.held_out_z: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -255,19 +258,84 @@ class SSLTask:
             self._eval_cache = (x.half(), y)
         return self._eval_cache
 
+    def _held_out_views(self) -> torch.Tensor:
+        """One view of each held-out query image drawn from the method's recipe, the same every epoch."""
+        if self._held_out_aug is None:
+            from featviz import augment
+
+            x, _ = self._eval_tensors()
+            idx = self.val_idx[:len(x) - self._n_bank]  # the kNN queries, in the same order
+            ds = augment.ViewDataset([self.all_items[i] for i in idx], self.all_labels[idx], self.dataset.views,
+                                     seed=self.cfg.seed + 1)
+            self._held_out_aug = torch.stack([ds[i][0][0] for i in range(len(ds))]).half()
+        return self._held_out_aug
+
+    @torch.no_grad()
+    def _precise_bn(self, device: torch.device, x: torch.Tensor, batches: int = 8) -> None:
+        """Re-estimate the BatchNorm running statistics of the monitored path (backbone and head)
+        as exact averages over up to ``batches`` training batches (PreciseBN, Wu & Johnson 2021).
+
+        The running averages lag the weights by ~10 steps (momentum 0.1); after an epoch of a few
+        dozen steps that lag alone made a healthy SimSiam look half collapsed in eval mode. The
+        statistics never enter a train-mode forward, so training is unchanged; checkpoints get the
+        better ones. Skipped under DDP, where SyncBN would need every rank (its epochs are long).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return
+        model = self.model
+        mods = [model.backbone] + ([getattr(model, model.monitor_head)] if model.monitor_head else [])
+        bns = [m for mod in mods for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        momenta = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        model.train()
+        bs = max(2, self.cfg.batch_size)
+        for i in range(0, min(len(x), batches * bs), bs):
+            if len(x) - i >= 2:
+                model.monitored(x[i:i + bs].to(device).float())
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+
     @torch.no_grad()
     def evaluate(self, device: torch.device) -> dict[str, float]:
-        """kNN accuracy of backbone features on the held-out split (empty without labels)."""
+        """kNN accuracy of backbone features on the held-out split (empty without labels).
+
+        Also keeps ``held_out_z``, for the epoch's collapse metrics: the monitored output
+        (``SSLMethod.monitored``) in eval mode, after PreciseBN, of the held-out images as they
+        are (std, rank, uniformity) and of one fixed augmented view of each (alignment). With a
+        predictor, adds ``std_l2_predictor``/``rankme_predictor`` of its output: a projector
+        ending in BatchNorm (SimSiam, MoCo v3) cannot output one vector for a whole batch, so a
+        collapsed model sends almost every image to one point and ~1.5 % to its opposite, and
+        std_l2 of z stays near 2*sqrt(p(1-p)) ~ 0.25 x 1/sqrt(d); the predictor has no BN at its
+        end and shows the point (digits without stop-gradient: 0.26 x for z, 0.023 x for p).
+        """
         if not len(self.val_idx):
             return {}
-        backbone = self.model.exported()["backbone"]
-        was = backbone.training
-        backbone.eval()
+        model = self.model
+        was = model.training
         x, y = self._eval_tensors()
-        feats = torch.cat([backbone(x[i:i + 512].to(device).float()).float().cpu() for i in range(0, len(x), 512)])
-        backbone.train(was)
         n_tr = self._n_bank
-        return {"knn_acc": knn_accuracy(feats[:n_tr], y[:n_tr], feats[n_tr:], y[n_tr:], self.cfg.knn_k)}
+        self._precise_bn(device, x[:n_tr])
+        model.eval()
+        backbone = model.exported()["backbone"]
+        feats = torch.cat([backbone(x[i:i + 512].to(device).float()).float().cpu() for i in range(0, len(x), 512)])
+        self.held_out_z = tuple(
+            torch.cat([model.monitored(v[i:i + 512].to(device).float()).cpu() for i in range(0, len(v), 512)])
+            for v in (x[n_tr:], self._held_out_views()))
+        out = {"knn_acc": knn_accuracy(feats[:n_tr], y[:n_tr], feats[n_tr:], y[n_tr:], self.cfg.knn_k)}
+        if "predictor" in model.head_specs and model.monitor_head == "projector":
+            from featviz.collapse import rankme, std_l2
+
+            # the predictor's output has no BatchNorm at its end: a collapse to one point shows
+            # there even when the projector's final BN keeps a few outliers per batch
+            z = self.held_out_z[0]
+            p = torch.cat([model.predictor(z[i:i + 512].to(device)).float().cpu() for i in range(0, len(z), 512)])
+            out.update(std_l2_predictor=std_l2(p.numpy()), rankme_predictor=rankme(p.numpy()))
+        model.train(was)
+        return out
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (``backbone.*``, heads) and metadata for the model checkpoint."""
@@ -521,7 +589,8 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                "images_per_s": seen / (time.perf_counter() - t_epoch), **ev}
         history.append(row)
         if info.is_main:
-            rec = _log(monitor, task, out, step, kind="epoch", **{k: v for k, v in row.items() if k != "step"})
+            rec = _log(monitor, task, out, step, kind="epoch", held_out=True,
+                       **{k: v for k, v in row.items() if k != "step"})
             if rec and on_log:
                 on_log(rec)
             meta = {"epoch": epoch + 1, "step": step, **ev, "loss": mean_loss}
@@ -535,11 +604,17 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                        time.perf_counter() - t_start)
 
 
-def _log(monitor, task, out: Path, step: int, **values: Any) -> dict[str, Any]:
-    """One metrics line: collapse metrics of the task's last embeddings (if any) plus ``values``."""
-    z = task.embeddings()
+def _log(monitor, task, out: Path, step: int, *, held_out: bool = False, **values: Any) -> dict[str, Any]:
+    """One metrics line: collapse metrics plus ``values``.
+
+    Step lines measure the last training batch (train mode); epoch lines (``held_out``) measure
+    the held-out views in eval mode when the task has them. ``split`` says which.
+    """
+    z = getattr(task, "held_out_z", None) if held_out else None
+    split = "held_out" if z is not None else "train_batch"
+    z = z if z is not None else task.embeddings()
     if z is not None:
-        return monitor.update(z[0], z[1], step=step, **values)
+        return monitor.update(z[0], z[1], step=step, split=split, **values)
     rec = {"step": step, "time": round(time.time(), 3), **values}
     _append(out / "metrics.jsonl", rec)
     return rec

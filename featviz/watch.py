@@ -125,11 +125,16 @@ class CollapseWatcher:
         return new
 
     def trend(self, key: str, i: int | None = None) -> str:
-        """↑, ↓ or → comparing record ``i`` (default: the last) with the one before (change > 2 %)."""
+        """↑, ↓ or → comparing record ``i`` (default: the last) with the one before it measured the
+        same way (same ``split``: training batch or held-out; change > 2 %)."""
         i = len(self.records) - 1 if i is None else i
         if i < 1 or i >= len(self.records):
             return ""
-        a, b = self.records[i - 1].get(key), self.records[i].get(key)
+        split = self.records[i].get("split")
+        prev = next((r for r in reversed(self.records[:i]) if r.get("split") == split), None)
+        if prev is None:
+            return ""
+        a, b = prev.get(key), self.records[i].get(key)
         if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
             return ""
         if abs(b - a) <= 0.02 * max(abs(a), 1e-12):
@@ -141,7 +146,7 @@ class CollapseWatcher:
         from rich.table import Table
 
         table = Table(title=title, box=None, header_style="bold")
-        cols = [("step", "step"), ("epoch", "epoch"), ("loss", "loss"), ("std_l2", "std_l2 (% of 1/√d)"),
+        cols = [("step", "step"), ("epoch", "epoch"), ("split", "on"), ("loss", "loss"), ("std_l2", "std_l2 (% of 1/√d)"),
                 ("rankme", "RankMe"), ("effective_rank", "eff. rank"), ("uniformity", "uniformity"),
                 ("alignment", "alignment"), ("knn_acc", "kNN acc")]
         present = [(k, h) for k, h in cols if any(k in r for r in self.records)] or cols[:1]
@@ -154,7 +159,9 @@ class CollapseWatcher:
             cells = []
             for k, _ in present:
                 v = r.get(k)
-                if k == "std_l2" and isinstance(v, (int, float)) and r.get("std_l2_ideal"):
+                if k == "split":
+                    cells.append({"train_batch": "batch", "held_out": "held-out"}.get(v, v or ""))
+                elif k == "std_l2" and isinstance(v, (int, float)) and r.get("std_l2_ideal"):
                     cells.append(f"{v:.4f} ({100 * v / r['std_l2_ideal']:.0f}%) {self.trend(k, i)}")
                 elif isinstance(v, float):
                     cells.append(f"{v:.4g} {self.trend(k, i) if k in ('rankme', 'effective_rank', 'loss') else ''}".strip())

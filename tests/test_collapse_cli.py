@@ -204,3 +204,15 @@ def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
     assert [r["step"] for r in recs] == [1, 2] and recs[0]["checkpoint"] == "epoch_001.safetensors"
     assert all(r["output"] == "backbone" and r["n"] == 20 for r in recs)
     assert "skipping broken.pth" in res.stderr and "the run finished" in res.stderr
+
+
+def test_watch_trend_compares_records_measured_the_same_way():
+    from featviz.watch import CollapseWatcher
+
+    w = CollapseWatcher()
+    for rec in ({"step": 5, "split": "train_batch", "rankme": 10.0}, {"step": 10, "split": "held_out", "rankme": 2.0},
+                {"step": 15, "split": "train_batch", "rankme": 10.1}, {"step": 20, "split": "held_out", "rankme": 4.0}):
+        w.add(rec)
+    assert w.trend("rankme", 1) == ""  # the first held-out record has nothing to compare with
+    assert w.trend("rankme", 2) == "→"  # against step 5, not the held-out step 10
+    assert w.trend("rankme", 3) == "↑"

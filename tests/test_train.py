@@ -156,9 +156,37 @@ def test_method_trains_few_steps_without_nan(name):
     assert changed
     assert m.embeddings is not None and m.embeddings[0].shape[0] == 8
     assert set(m.exported()) == {"backbone", *m.head_specs}
+    # ``monitored`` (the held-out collapse metrics) is what forward hands to the monitor
+    m.eval()
+    with torch.no_grad():
+        m(views)
+    assert torch.allclose(m.monitored(views[0]), m.embeddings[0], atol=1e-5), name
 
 
 # ---------------------------------------------------------------- the loop
+def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(tmp_path):
+    from featviz.distributed import DistInfo
+    from featviz.train import SSLTask
+
+    cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=1, **TINY)
+    task = SSLTask(cfg, DistInfo())
+    task.model.train()
+    ev = task.evaluate(torch.device("cpu"))
+    d = task.held_out_z[0].shape[1]
+    assert task.model.training  # evaluate restores train mode
+    assert task.held_out_z[0].shape == task.held_out_z[1].shape == (8, d)  # 8 held-out images, 2 views
+    assert ev["std_l2_predictor"] > 0.3 / d ** 0.5  # random init: spread out
+    with torch.no_grad():
+        task.model.predictor[-1].weight.zero_()  # p = bias: every image gets the same output
+    ev = task.evaluate(torch.device("cpu"))
+    assert ev["std_l2_predictor"] < 1e-6 and ev["rankme_predictor"] < 1.01
+    # PreciseBN: the running statistics are exact averages over the training images, the
+    # momentum is restored, and BatchNorm layers outside the monitored path are untouched
+    bn = task.model.projector[-1]
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2  # 32 training images in batches of 16
+    assert int(task.model.predictor[1].num_batches_tracked) == 0
+
+
 def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     from featviz.checkpoints import load_backbone, read_featviz
 
@@ -174,6 +202,10 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     for key in ("loss", "lr", "std_l2", "rankme", "alignment", "uniformity", "knn_acc"):
         assert key in epochs[-1], key
     assert 0.0 <= epochs[-1]["knn_acc"] <= 1.0
+    # step lines measure training batches; epoch lines the 8 held-out images in eval mode
+    assert {r["split"] for r in epochs} == {"held_out"} and epochs[-1]["n"] == 8
+    assert {r["split"] for r in lines if r.get("kind") == "step"} == {"train_batch"}
+    assert 0.0 <= epochs[-1]["std_l2_predictor"] <= 1.0 and epochs[-1]["rankme_predictor"] >= 1.0
     tensors, meta = read_featviz(run / "last.safetensors")
     assert meta["method"] == "simsiam" and set(meta["heads"]) == {"projector", "predictor"}
     assert {k.split(".")[0] for k in tensors} == {"backbone", "projector", "predictor"}
