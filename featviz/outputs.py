@@ -43,9 +43,11 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+    mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, mode)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they are given
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -288,6 +289,9 @@ def test_convert_refuses_to_overwrite(tmp_path):
     with pytest.raises(Exception, match="--force"):
         C.convert_checkpoint(p, out)
     C.convert_checkpoint(p, out, force=True)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600: others may read it
 
 
 # ------------------------------------------------------------------ refusals
