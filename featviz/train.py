@@ -571,7 +571,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
             losses.append(float(loss.detach()))
             seen += cfg.batch_size  # drop_last: every global batch is full
             if step % cfg.log_every == 0 and info.is_main:
-                rec = _log(monitor, task, out, step, kind="step", loss=losses[-1], lr=lr, epoch=epoch,
+                rec = _log(monitor, task, out, step, kind="step", loss=losses[-1], lr=lr, epoch=epoch + 1,
                            images_per_s=round(seen / (time.perf_counter() - t_epoch), 1),
                            **getattr(task, "last_parts", {}))
                 if rec and on_log:

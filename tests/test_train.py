@@ -205,6 +205,7 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     # step lines measure training batches; epoch lines the 8 held-out images in eval mode
     assert {r["split"] for r in epochs} == {"held_out"} and epochs[-1]["n"] == 8
     assert {r["split"] for r in lines if r.get("kind") == "step"} == {"train_batch"}
+    assert {r["epoch"] for r in lines if r.get("kind") == "step"} == {1, 2}  # numbered like epoch lines
     assert 0.0 <= epochs[-1]["std_l2_predictor"] <= 1.0 and epochs[-1]["rankme_predictor"] >= 1.0
     tensors, meta = read_featviz(run / "last.safetensors")
     assert meta["method"] == "simsiam" and set(meta["heads"]) == {"projector", "predictor"}
