@@ -195,6 +195,20 @@ class MomentumMixin:
         """Cosine schedule from ``base_momentum`` to 1 (BYOL Sec. 3.2, MoCo v3, DINO)."""
         return 1 - (1 - self.base_momentum) * (math.cos(math.pi * progress) + 1) / 2
 
+    def predict_targets(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """BYOL / MoCo v3: predictions q = predictor(projector(backbone(v))) of the two global views
+        and the target network's projections k of the same views (no gradient); keeps z for the monitor."""
+        z = [self.projector(self.backbone(v)) for v in views[:2]]
+        q = [self.predictor(x) for x in z]
+        with torch.no_grad():
+            k = [self.target_projector(self.target_backbone(v)) for v in views[:2]]
+        self._keep(z[0], z[1])
+        return q, k
+
+    def on_step_end(self, progress: float) -> None:
+        """EMA update with the cosine momentum schedule (MoCo v2 and DINO add to it)."""
+        self.update_targets(self.momentum(progress))
+
     @torch.no_grad()
     def update_targets(self, m: float) -> None:
         for online, target in self._pairs:
@@ -342,15 +356,8 @@ class MoCoV3(MomentumMixin, SSLMethod):
         self.make_target("backbone", "projector")
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
-        q1, q2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            k1, k2 = (self.target_projector(self.target_backbone(v)) for v in views[:2])
-        self._keep(z1, z2)
+        (q1, q2), (k1, k2) = self.predict_targets(views)
         return moco_ctr(q1, k2, self.tau) + moco_ctr(q2, k1, self.tau)
-
-    def on_step_end(self, progress: float) -> None:
-        self.update_targets(self.momentum(progress))
 
 
 @METHODS.register("byol")
@@ -369,15 +376,8 @@ class BYOL(MomentumMixin, SSLMethod):
         self.make_target("backbone", "projector")
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            t1, t2 = (self.target_projector(self.target_backbone(v)) for v in views[:2])
-        self._keep(z1, z2)
+        (p1, p2), (t1, t2) = self.predict_targets(views)
         return (2 + 2 * neg_cosine(p1, t2)) + (2 + 2 * neg_cosine(p2, t1))
-
-    def on_step_end(self, progress: float) -> None:
-        self.update_targets(self.momentum(progress))
 
 
 @METHODS.register("simsiam")
@@ -493,7 +493,7 @@ class DINO(MomentumMixin, SSLMethod):
         return loss / terms
 
     def on_step_end(self, progress: float) -> None:
-        self.update_targets(self.momentum(progress))
+        super().on_step_end(progress)
         self.center.mul_(self.center_momentum).add_(all_mean(self._teacher_mean), alpha=1 - self.center_momentum)
 
 
