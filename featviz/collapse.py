@@ -850,15 +850,16 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
                 continue
             # different units (alignment vs uniformity, loss vs accuracy) get their own y axis
             target = ax.twinx() if k and group != "rank" else ax
-            # featviz train: training-batch lines and per-epoch held-out lines are two series
-            series = [(pts, key, style, 1.5)] if not any(h for *_, h in pts) or key == "knn_acc" else \
-                [([p for p in pts if not p[2]], f"{key} (batches)", "-", 0.8),
-                 ([p for p in pts if p[2]], f"{key} ({'epoch mean' if key == 'loss' else 'held-out'})", style, 1.8)]
-            for sel, name, st, lw in series:
-                if sel:
-                    x, y, _ = zip(*sel)
-                    lines += target.plot(x, y, st, ms=3, lw=lw, color=f"C{k}", label=name,
-                                         alpha=0.5 if name.endswith("(batches)") else 1.0)
+            held = [p for p in pts if p[2]]
+            if held and len(held) < len(pts):  # featviz train: training batches faint, epochs bold
+                epoch_name = "epoch mean" if key == "loss" else "held-out"
+                series = [([p for p in pts if not p[2]], f"{key} (batches)", "-", 0.8, 0.5),
+                          (held, f"{key} ({epoch_name})", style, 1.8, 1.0)]
+            else:  # one kind of line (kNN accuracy, or a CollapseMonitor of your own)
+                series = [(pts, key, style, 1.5, 1.0)]
+            for sel, name, st, lw, alpha in series:
+                x, y, _ = zip(*sel)
+                lines += target.plot(x, y, st, ms=3, lw=lw, color=f"C{k}", label=name, alpha=alpha)
             if target is not ax:
                 target.set_ylabel(key, color=f"C{k}")
                 ax.set_ylabel(keys[0], color="C0")
