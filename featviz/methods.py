@@ -1111,6 +1111,15 @@ def arch_family(backbone: nn.Module) -> str:
     return "vit" if hasattr(backbone, "patch_embed") else "resnet"
 
 
+def analysis_view(method: str | None) -> View:
+    """The view analysis draws for a model trained with ``method`` (its recipe's first global
+    view), or ``augment.ANALYSIS_VIEW`` when the method is unknown or has no recipe."""
+    from featviz.augment import ANALYSIS_VIEW
+
+    spec = METHODS._items.get(method) if method else None
+    return spec.recipe.globals_[0] if spec is not None and spec.recipe is not None else ANALYSIS_VIEW
+
+
 def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
     """Instantiate a registered SSL method around ``backbone`` with its official defaults.
 
@@ -1130,6 +1139,20 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
     bad = [k for k in kwargs if k not in allowed]
     if bad:
         raise UnknownNameError(f"{name} has no hyperparameter {bad[0]!r}; expected one of: {', '.join(allowed)}")
+    for k, v in kwargs.items():  # values from the command line: check their type against the default
+        default = spec.hparams.get(k, sig[k].default)
+        if default is inspect.Parameter.empty or default is None or v is None:
+            continue
+        ok = isinstance(v, bool) if isinstance(default, bool) else \
+            (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(default, (int, float)) else True
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and not v.is_integer():
+            ok = False
+        if not ok:
+            from featviz.errors import DataError
+
+            raise DataError(f"{name} hyperparameter {k}={v!r}: expected {type(default).__name__} (default {default!r})")
+        if isinstance(default, int) and not isinstance(default, bool):
+            kwargs[k] = int(v)
     hp = {**spec.hparams, **kwargs}
     if spec.zero_init_residual:
         zero_init_residual(backbone)
