@@ -854,10 +854,10 @@ class BarlowTwins(SSLMethod):
 
     name = "barlow_twins"
 
-    def __init__(self, backbone: nn.Module, *, lambd: float = 0.0051):
+    def __init__(self, backbone: nn.Module, *, lambd: float = 0.0051, proj_dim: int | None = None):
         super().__init__(backbone)
         self.lambd = lambd
-        d = scaled(8192, self.dim)
+        d = proj_dim or scaled(8192, self.dim)  # main.py --projector 8192-8192-8192
         self.head("projector", {"type": "mlp", "dims": [self.dim, d, d, d], "bn": True, "last_bias": False})
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:

@@ -888,6 +888,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                     on_log(rec)
         if not losses:
             raise DataError(f"epoch {epoch} ran no step: {task.n} images, batch {cfg.batch_size}")
+        train_seconds = time.perf_counter() - t_epoch
         ev = task.evaluate(device) if info.is_main else {}
         mean_loss = float(np.mean(losses))
         score = ev.get("knn_acc", ev.get("miou"))
@@ -896,7 +897,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
         if better:
             best = score if score is not None else -mean_loss
         row = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr,
-               "images_per_s": seen / (time.perf_counter() - t_epoch), **ev}
+               "images_per_s": seen / train_seconds, "train_seconds": round(train_seconds, 3), **ev}
         history.append(row)
         if info.is_main:
             rec = _log(monitor, task, out, step, kind="epoch", held_out=True,
