@@ -51,6 +51,8 @@ class View:
         blur_p: Gaussian blur probability, sigma drawn from ``blur_sigma`` (224 px pixels).
         solarize_p: solarization probability (threshold 128, BYOL).
         interpolation: ``bilinear`` (torchvision's default, the MoCo/SimSiam code) or ``bicubic``.
+        rotate, shear: a random affine before the crop, in degrees (none in the papers' recipes;
+            the digits preset uses them for handwriting's slant), black fill.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)
@@ -63,6 +65,8 @@ class View:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     interpolation: str = "bilinear"
+    rotate: float = 0.0
+    shear: float = 0.0
 
     def with_(self, **changes: Any) -> View:
         return replace(self, **changes)
@@ -74,8 +78,12 @@ class View:
     def geometric(self, size: int | tuple[int, int]) -> list:
         """Crop and flip (what pixel-aligned view pairs share); ``size`` is a side or (h, w)."""
         interp = v2.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
-        steps: list = [v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, interpolation=interp,
-                                            antialias=True)]
+        steps: list = []
+        if self.rotate or self.shear:
+            steps.append(v2.RandomAffine(degrees=self.rotate, shear=self.shear or None,
+                                         interpolation=v2.InterpolationMode.BILINEAR))
+        steps.append(v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, interpolation=interp,
+                                          antialias=True))
         if self.hflip > 0:
             steps.append(v2.RandomHorizontalFlip(p=self.hflip))
         return steps
@@ -170,7 +178,8 @@ class Recipe:
                 "local": None if self.local is None else self.local.to_dict(), "source": self.source}
 
     def adjusted(self, *, min_scale: float | None = None, global_scale: tuple[float, float] | None = None,
-                 hflip: bool | None = None, jitter_strength: float | None = None) -> Recipe:
+                 hflip: bool | None = None, jitter_strength: float | None = None, rotate: float | None = None,
+                 shear: float | None = None) -> Recipe:
         """This recipe with a dataset's or a user's changes (``min_scale`` wins over ``global_scale``)."""
         def fix(v: View, is_global: bool) -> View:
             ch: dict[str, Any] = {}
@@ -182,6 +191,10 @@ class Recipe:
                 ch["hflip"] = 0.5 if hflip else 0.0
             if jitter_strength is not None:
                 ch["jitter"] = tuple(j * jitter_strength for j in v.jitter)
+            if rotate is not None:
+                ch["rotate"] = rotate
+            if shear is not None:
+                ch["shear"] = shear
             return v.with_(**ch)
 
         return replace(self, globals_=tuple(fix(g, True) for g in self.globals_),

@@ -78,9 +78,11 @@ class TrainConfig:
         stop_grad: SimSiam's stop-gradient (False = the collapse ablation).
         local_crops: multi-crop local crops (SwAV, DINO); default per method.
         min_scale: the global crops' smallest area (overrides the recipe's); hflip: flips.
+        rotate, shear: a random affine (degrees) before the crop; none by default (digits preset).
         hparams: method hyperparameters (constructor keywords, e.g. ``queue_size``, ``tau``).
         precise_bn: re-estimate BatchNorm statistics before each evaluation (PreciseBN); the
             checkpoints carry the re-estimated statistics.
+        eval_every: epochs between kNN / held-out evaluations (the last epoch is always evaluated).
         threads: torch CPU threads (None = torch's default; 1 helps on a busy shared CPU).
         val_fraction: held-out share of labelled images for the kNN monitor.
         knn_k: neighbours of the kNN monitor.
@@ -109,8 +111,11 @@ class TrainConfig:
     local_crops: int | None = None
     min_scale: float | None = None
     hflip: bool | None = None
+    rotate: float | None = None
+    shear: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     precise_bn: bool = True
+    eval_every: int = 1
     threads: int | None = None
     val_fraction: float = 0.2
     knn_k: int = 20
@@ -141,7 +146,7 @@ class TrainConfig:
 
 
 RESOLVED = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "image_size",
-            "local_crops", "min_scale", "hflip")
+            "local_crops", "min_scale", "hflip", "rotate", "shear")
 FEATVIZ_DEFAULTS = {"epochs": 10, "batch_size": 256}
 OPTIMIZERS = ("sgd", "adamw", "lars", "larc")
 
@@ -391,7 +396,7 @@ class SSLTask:
         local = cfg.local_crops if self.spec.multi_crop else 0
         if not local:
             recipe = recipe.without_local()
-        self.recipe = recipe.adjusted(min_scale=cfg.min_scale, hflip=cfg.hflip)
+        self.recipe = recipe.adjusted(min_scale=cfg.min_scale, hflip=cfg.hflip, rotate=cfg.rotate, shear=cfg.shear)
         self.mean, self.std = data.IMAGENET_MEAN, data.IMAGENET_STD
         views = augment.MultiView(self.recipe, cfg.image_size, local_crops=local, mean=self.mean, std=self.std)
         self.dataset = augment.ViewDataset(self.items, self.labels, views, seed=cfg.seed)
@@ -889,18 +894,19 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
         if not losses:
             raise DataError(f"epoch {epoch} ran no step: {task.n} images, batch {cfg.batch_size}")
         train_seconds = time.perf_counter() - t_epoch
-        ev = task.evaluate(device) if info.is_main else {}
+        evaluate = info.is_main and ((epoch + 1) % max(1, cfg.eval_every) == 0 or epoch + 1 == cfg.epochs)
+        ev = task.evaluate(device) if evaluate else {}
         mean_loss = float(np.mean(losses))
         score = ev.get("knn_acc", ev.get("miou"))
-        better = (score is not None and (best is None or score > best)) or \
-                 (score is None and (best is None or -mean_loss > best))
+        better = evaluate and ((score is not None and (best is None or score > best)) or
+                               (score is None and (best is None or -mean_loss > best)))
         if better:
             best = score if score is not None else -mean_loss
         row = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr,
                "images_per_s": seen / train_seconds, "train_seconds": round(train_seconds, 3), **ev}
         history.append(row)
         if info.is_main:
-            rec = _log(monitor, task, out, step, kind="epoch", held_out=True,
+            rec = _log(monitor, task, out, step, kind="epoch", held_out=evaluate,
                        **{k: v for k, v in row.items() if k != "step"})
             if rec and on_log:
                 on_log(rec)

@@ -150,6 +150,15 @@ def train(
         bool | None,
         typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (default on; off for digits)."),
     ] = None,
+    rotate: Annotated[
+        float | None, typer.Option("--rotate", min=0.0, help="Random rotation in degrees before the crop (default 0).")
+    ] = None,
+    shear: Annotated[
+        float | None, typer.Option("--shear", min=0.0, help="Random shear in degrees before the crop (default 0).")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Epochs between kNN/held-out evaluations (the last always).")
+    ] = 1,
     hparam: Annotated[
         list[str] | None,
         typer.Option(
@@ -211,6 +220,9 @@ def train(
         local_crops=local_crops,
         min_scale=min_scale,
         hflip=hflip,
+        rotate=rotate,
+        shear=shear,
+        eval_every=eval_every,
         hparams=_parse_hparams(hparam or []),
         precise_bn=precise_bn,
         threads=threads,
