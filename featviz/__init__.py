@@ -17,9 +17,9 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.1.0+src"
 
 _SUBMODULES = {
-    "artifacts", "augment", "cam", "checkpoints", "collapse", "crops", "data", "demo", "distributed", "embed",
-    "errors", "figure", "methods", "models", "outputs", "plotting", "registry", "segmentation", "train", "tsne",
-    "views", "watch",
+    "artifacts", "augment", "cam", "checkpoints", "collapse", "crops", "data", "demo", "description",
+    "distributed", "embed", "errors", "features", "figure", "loader", "methods", "models", "outputs", "plotting",
+    "registry", "segmentation", "train", "tsne", "views", "watch",
 }
 
 
