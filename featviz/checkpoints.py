@@ -31,14 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from featviz.errors import (
-    ArchitectureError,
-    CheckpointError,
-    CheckpointFormatError,
-    FeatvizError,
-    UnsafeCheckpointError,
-    shorten,
-)
 from featviz.description import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -47,6 +39,14 @@ from featviz.description import (
     ModelDescription,
     Normalization,
     attach,
+)
+from featviz.errors import (
+    ArchitectureError,
+    CheckpointError,
+    CheckpointFormatError,
+    FeatvizError,
+    UnsafeCheckpointError,
+    shorten,
 )
 from featviz.models import (
     build_backbone,
@@ -499,7 +499,7 @@ class _IBOT:
         ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), drop_inside=("masked_embed",),
                      source=f"iBOT ({key})", normalization=_imagenet("iBOT"), method="ibot")
         arch = getattr(ck.obj.get("args"), "arch", None)
-        if arch and str(arch).startswith(("vit_", "deit_")):  # iBOT's ViTs: 3/6/12/16 heads (models/vision_transformer.py)
+        if arch and str(arch).startswith(("vit_", "deit_")):  # iBOT's ViTs: 3/6/12/16 heads (vision_transformer.py)
             ex.num_heads = _DINO_HEADS.get(str(arch).replace("deit_", "vit_"))
         if key == "student":
             ex.warnings.append("using the iBOT student; iBOT evaluates the teacher (the default)")
@@ -686,9 +686,11 @@ class _DINOv2:
     def extract(ck, opts):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        ex = _finish(ck, ck.obj, None, "", opts, drop_inside=("mask_token",), source="DINOv2",
-                     normalization=_imagenet("DINOv2"), method="dinov2", input_size=(224, 224),
+        # timm's own filter maps the hub names (it recognises them by mask_token, which it drops)
+        ex = _finish(ck, ck.obj, None, "", opts, source="DINOv2", normalization=_imagenet("DINOv2"),
+                     method="dinov2", input_size=(224, 224),
                      convert=lambda sd, model: checkpoint_filter_fn(dict(sd), model))
+        ex.dropped["mask_token"] = 1
         sd = ex.state_dict
         proj = sd["patch_embed.proj.weight"]
         dim, patch = int(proj.shape[0]), int(proj.shape[-1])
@@ -711,9 +713,6 @@ class _DINOv2:
         name = f"vit_{size}_patch{patch}{reg_name}_dinov2" if size and side * patch == 518 else \
             f"vit_d{dim}_patch{patch}_{side * patch}{reg_name}_dinov2"
         ex.arch, ex.arch_source, ex.num_heads = ArchSpec("vit", name, kwargs), "the DINOv2 layout (shapes)", heads
-        if reg:  # timm's conversion: registers carry no position, so the class token's moves into it
-            ex.warnings.append(f"{reg} register tokens: loaded as timm reg_token (no_embed_class), as timm's "
-                               "DINOv2 filter does; exact at every size")
         return ex
 
 
@@ -721,9 +720,12 @@ def _mae_sd(sd: dict | None) -> bool:
     return _vit_names(sd) and (_has(sd, "decoder_") or "mask_token" in sd or "fc_norm.weight" in sd)
 
 
+_MAE_KEYS = {"model", "optimizer", "epoch", "scaler", "args"}  # mae util/misc.py save_model
+
+
 def _mae_container(ck: Checkpoint) -> dict | None:
     obj = ck.obj
-    if isinstance(obj, dict) and _is_sd(obj.get("model")) and set(obj) <= {"model", "optimizer", "epoch", "scaler", "args"}:
+    if isinstance(obj, dict) and _is_sd(obj.get("model")) and set(obj) <= _MAE_KEYS:
         return obj["model"]
     return None
 
@@ -808,14 +810,12 @@ class _EfficientNetPyTorch:
                                   f"{'none' if not hits else ' and '.join(h[0] for h in hits)} of timm's "
                                   f"{', '.join(_EFF_LITE)}; pass --arch timm:NAME and --format timm after renaming")
         name, renamed = hits[0]
-        ex = Extracted(renamed, None, "", {}, arch=ArchSpec("timm", f"timm:{name}"),
-                       arch_source="EfficientNet-PyTorch layout (shapes match timm, one to one)",
-                       normalization=Normalization(IMAGENET_MEAN, IMAGENET_STD,
-                                                   f"ImageNet mean/std (EfficientNet-PyTorch; timm's {name} config)"),
-                       source="EfficientNet-PyTorch", keeps_classifier=True)
-        ex.warnings.append(f"renamed EfficientNet-PyTorch keys to timm's {name} (_blocks.N → blocks.S.I, _fc → "
-                           "classifier), one to one in order and shape")
-        return ex
+        # renamed one to one, in order and shape: _blocks.N -> blocks.S.I, _fc -> classifier
+        norm = Normalization(IMAGENET_MEAN, IMAGENET_STD,
+                             f"ImageNet mean/std (EfficientNet-PyTorch; timm's {name} config)")
+        return Extracted(renamed, None, "", {}, arch=ArchSpec("timm", f"timm:{name}"),
+                         arch_source="EfficientNet-PyTorch layout (shapes match timm, one to one)",
+                         normalization=norm, source="EfficientNet-PyTorch", keeps_classifier=True)
 
 
 _TIMM_TRAIN_KEYS = ("state_dict_ema", "model_ema", "version")  # timm CheckpointSaver writes version=2
@@ -896,8 +896,8 @@ class _Featviz:
     def extract(ck, opts):
         meta = ck.featviz_meta or {}
         heads = tuple(sorted({k.split(".", 1)[0] + "." for k in ck.obj if not k.startswith("backbone.")}))
-        ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads, source=f"featviz ({meta.get('source_format', '?')})",
-                     method=meta.get("method"))
+        ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads,
+                     source=f"featviz ({meta.get('source_format', '?')})", method=meta.get("method"))
         if meta.get("arch"):
             ex.arch = ArchSpec.from_dict(meta["arch"])
         if meta.get("normalization"):
@@ -1063,8 +1063,10 @@ def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec,
         f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}{hint or '; check --arch'}")
 
 
-def _split_classifier(sd: dict[str, torch.Tensor], model: nn.Module
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None, dict[str, int]]:
+Tensors = dict[str, torch.Tensor]
+
+
+def _split_classifier(sd: Tensors, model: nn.Module) -> tuple[Tensors, Tensors, dict[str, Any] | None, dict[str, int]]:
     """Split the architecture's classifier (by its module name) off the encoder tensors.
 
     Returns (encoder tensors, classifier tensors, {"name", "num_classes"} or None, dropped): a

@@ -25,8 +25,16 @@ import torch
 from PIL import Image
 
 from featviz.artifacts import Embeddings, check_finite
-from featviz.data import (IMAGE_EXTS, ImageDataset, LabelledImages, collate, find_images, labelled_images,
-                          load_image, normalization_of)
+from featviz.data import (
+    IMAGE_EXTS,
+    ImageDataset,
+    LabelledImages,
+    collate,
+    find_images,
+    labelled_images,
+    load_image,
+    normalization_of,
+)
 from featviz.distributed import DistInfo, init_distributed, shard
 from featviz.errors import DataError
 from featviz.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
@@ -335,7 +343,8 @@ def _concat_pixels(parts: list[PixelFeatures], k: int | None) -> PixelFeatures:
 
 
 def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None = None,
-                 image_size: int | str | Sequence[int] | None = None, max_pixels_per_class: int | None = None, seed: int = 0,
+                 image_size: int | str | Sequence[int] | None = None, max_pixels_per_class: int | None = None,
+                 seed: int = 0,
                  batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
                  ignore_index: int = IGNORE_INDEX, progress: Progress = None) -> PixelFeatures:
@@ -377,7 +386,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                 fmap = dense(_to_device(x, device)).float().cpu()  # (B, C, h, w)
                 h, w = fmap.shape[-2:]
                 grid = (int(h), int(w))
-                for b, (mask, i) in enumerate(zip(masks, ids)):
+                for b, (mask, i) in enumerate(zip(masks, ids, strict=True)):
                     rows, cols = grid_rows(mask.shape[0], h), grid_rows(mask.shape[1], w)
                     lab = mask[np.ix_(rows, cols)]
                     ok = lab != ignore_index

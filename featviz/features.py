@@ -288,7 +288,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def _is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") and isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)) \
+    blocks = getattr(model, "blocks", None)
+    return hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) \
         and hasattr(model, "num_prefix_tokens")
 
 

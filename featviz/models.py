@@ -27,7 +27,7 @@ from featviz.description import (
     attach,
     describe,
 )
-from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean
+from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean, shorten
 from featviz.features import LayerInfo, get_layer, list_layers
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "LayerInfo", "build_backbone",
@@ -122,8 +122,9 @@ def _make_resnet(depth: int, width: int, width_per_group: int, cifar: bool, outp
         model.inplanes, model.dilation = width, 1
         model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         model.bn1 = nn.BatchNorm2d(width)
-        for i, (n, d) in enumerate(zip(blocks, [False, *dilate])):
-            setattr(model, f"layer{i + 1}", model._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2, dilate=d))
+        for i, (n, d) in enumerate(zip(blocks, [False, *dilate], strict=True)):
+            stage = model._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2, dilate=d)
+            setattr(model, f"layer{i + 1}", stage)
     if not bottleneck:
         rate = 1
         for i, d in enumerate(basic_dilate):
@@ -251,6 +252,10 @@ def classifier_name(model: nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if isinstance(cfg.get("classifier"), str):
         return cfg["classifier"]
+    get = getattr(model, "get_classifier", None)  # timm models built from their class
+    if callable(get):
+        head = get()
+        return next((n for n, m in model.named_modules() if m is head and n), None)
     if hasattr(model, "fc") and hasattr(model, "layer4"):  # torchvision ResNets
         return "fc"
     return None
@@ -365,7 +370,8 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
         inner = int(sd["layer1.0.conv1.weight"].shape[0])
         wpg = inner * 64 // width if bottleneck else 64
         if wpg not in (64, 128):
-            raise ArchitectureError(f"ResNet stage-1 width {inner} fits no known variant (conv1 width {width}); pass --arch")
+            raise ArchitectureError(f"ResNet stage-1 width {inner} fits no known variant (conv1 width {width}); "
+                                    "pass --arch")
         name = resnet_name(depth, width=width, width_per_group=wpg, cifar=kernel == 3)
         details = {"family": "ResNet", "depth": depth, "width": width, "stem": f"{kernel}x{kernel}",
                    "block": "Bottleneck" if bottleneck else "BasicBlock", "wide": wpg == 128,
@@ -384,9 +390,12 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
             grid, no_embed_class = tokens, True
         side = math.isqrt(grid) if grid else 14
         avg = "fc_norm.weight" in sd or not cls
+        fc1 = "blocks.0.mlp.fc1.weight" if "blocks.0.mlp.fc1.weight" in sd else "blocks.0.mlp.w12.weight"
+        if fc1 not in sd:
+            raise ArchitectureError(f"ViT-like weights without an MLP fc1 ({shorten(list(sd), 3)}); pass --arch")
         kwargs: dict[str, Any] = {
             "embed_dim": dim, "depth": depth, "patch_size": patch, "img_size": side * patch,
-            "mlp_ratio": mlp_ratio(int(sd["blocks.0.mlp.fc1.weight"].shape[0]), dim),
+            "mlp_ratio": mlp_ratio(int(sd[fc1].shape[0]), dim),
             "qkv_bias": "blocks.0.attn.qkv.bias" in sd, "class_token": cls, "reg_tokens": reg,
             "no_embed_class": no_embed_class, "global_pool": "avg" if avg else "token",
         }
@@ -394,6 +403,8 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
             kwargs["fc_norm"] = False  # norm every token, then average (I-JEPA), not timm's pool-then-norm
         if "blocks.0.ls1.gamma" in sd:
             kwargs["init_values"] = 1.0  # LayerScale (DINOv2, DeiT-3); the values come from the file
+        if fc1.endswith("w12.weight"):
+            kwargs["mlp"] = "swiglu"  # DINOv2 ViT-g's fused SwiGLU (w12, w3)
         size = _VIT_SIZES.get(dim)
         name = f"vit_{size}_patch{patch}_{side * patch}" if size else f"vit_d{dim}_patch{patch}_{side * patch}"
         details = {"family": "ViT", "embed_dim": dim, "depth": depth, "patch_size": patch,
