@@ -1273,5 +1273,5 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     model, report = load_backbone(path, **load_kwargs)
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,
-            "normalization": report.normalization, "method": None}
+            "normalization": report.normalization, "method": report.method}
     return save_featviz(output, sd, meta, force=force)

@@ -385,6 +385,8 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
         reg = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
         tokens = int(sd["pos_embed"].shape[1]) if "pos_embed" in sd else None
         grid = tokens - (int(cls) + reg) if tokens else None
+        if "register_tokens" in sd:  # DINOv2 names: registers have no position
+            reg, grid = int(sd["register_tokens"].shape[1]), tokens - int(cls) if tokens else None
         no_embed_class = False
         if grid and math.isqrt(grid) ** 2 != grid and math.isqrt(tokens) ** 2 == tokens:
             grid, no_embed_class = tokens, True
