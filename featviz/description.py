@@ -98,7 +98,7 @@ class ModelDescription:
     normalization: Normalization = IMAGENET
     input_size: tuple[int, int] = (224, 224)
     method: str | None = None
-    source: dict[str, Any] | None = field(default=None, compare=False)
+    source: dict[str, Any] | None = None
     warnings: tuple[str, ...] = ()
 
     @property

