@@ -99,5 +99,5 @@ def test_no_ad_hoc_model_attributes_outside_the_transition():
     for p in PACKAGE.rglob("*.py"):
         text = p.read_text()
         for attr in old:
-            if p.name != "cam.py":  # cam.has_classifier still reads featviz_has_classifier (part 2)
+            if p.name != "layers.py":  # cam.layers.has_classifier still reads it (issue 11 part 2)
                 assert attr not in text, (p.name, attr)
