@@ -175,7 +175,6 @@ def load_segmenter(path: str | os.PathLike) -> Segmenter:
         arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=model.num_classes,
         class_names=tuple(model.class_names), normalization=norm, input_size=describe(backbone).input_size,
         method=meta.get("method"), source={"format": "featviz", "path": str(path), "heads": sorted(heads)}))
-    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model.eval()
 
 

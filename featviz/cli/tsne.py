@@ -269,23 +269,24 @@ def _tsne_figure(
     load_kwargs,
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
-    from featviz import models
+    from featviz.loader import load_model
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
     rows = []
     if checkpoints:
         for c in checkpoints:
-            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
-            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+            model, desc = load_model(c, arch=arch, **load_kwargs)
+            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "model": desc.to_dict()}))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
-            rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
+            model, desc = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            src = {"arch": arch, "init_seed": s, "model": desc.to_dict()}
+            rows.append((f"{arch} random init (seed {s})", model, src))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows)]
+    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
