@@ -200,6 +200,12 @@ def to_map(output: Any, layout: TokenLayout | None, *, channels_last: bool = Fal
     if not isinstance(t, torch.Tensor):
         raise NoSpatialMapError(f"{what} outputs {type(t).__name__}, not a tensor: it has no spatial map")
     if t.ndim == 4:
+        if layout is not None and not channels_last and tuple(t.shape[2:]) != layout.grid:
+            tokens = layout.prefix + layout.grid[0] * layout.grid[1]
+            if tokens in (t.shape[2], t.shape[3]):  # (N, heads, T, d) or (N, heads, T, T) inside attention
+                raise NoSpatialMapError(
+                    f"{what} outputs per-head tokens {tuple(t.shape)}, which have no spatial map; pick a transformer "
+                    "block or its norm1/norm2/attn/mlp")
         return t.permute(0, 3, 1, 2) if channels_last else t
     if t.ndim == 3 and layout is not None:
         return _tokens_to_map(t, layout, what)

@@ -159,9 +159,8 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
     import torch
 
     from featviz.checkpoints import save_featviz
-    from featviz.models import build_backbone
-
     from featviz.methods import build_head
+    from featviz.models import build_backbone
 
     m = build_backbone("resnet18_w16-cifar", seed=1)
     specs = {"projector": {"type": "mlp", "dims": [128, 64, 32], "bn": True, "last_bn": True},
