@@ -233,6 +233,7 @@ def weighted_knn(
     temperature: float = DEFAULT_TEMPERATURE,
     num_classes: int | None = None,
     normalize: bool = True,
+    copy: bool = True,
     block_rows: int = BLOCK_ROWS,
     block_cols: int = BLOCK_COLS,
     progress: Progress = None,
@@ -246,6 +247,7 @@ def weighted_knn(
         temperature: T in the vote weight ``exp(s / T)``.
         num_classes: default ``max(label) + 1``.
         normalize: L2-normalise both sets first (DINO does); False if they already are.
+        copy: False normalises float32 inputs in place, saving a copy of the training set.
         block_rows, block_cols: query and training rows per block (memory: their product).
         progress: wraps the loop over query blocks (a progress bar).
 
@@ -267,14 +269,12 @@ def weighted_knn(
             f"k={kmax} is more than the {len(train_features)} training rows; use a smaller --k"
         )
     n_cls = int(num_classes or max(train_labels.max(), val_labels.max()) + 1)
-    train = (
-        l2_normalize(train_features)
-        if normalize
-        else np.ascontiguousarray(train_features, np.float32)
-    )
-    val = (
-        l2_normalize(val_features) if normalize else np.ascontiguousarray(val_features, np.float32)
-    )
+    if normalize:
+        train = l2_normalize(train_features, inplace=not copy)
+        val = l2_normalize(val_features, inplace=not copy)
+    else:
+        train = np.ascontiguousarray(train_features, np.float32)
+        val = np.ascontiguousarray(val_features, np.float32)
     hits = {k: [0, 0] for k in ks}
     starts = range(0, len(val), block_rows)
     for i0 in progress(starts, total=len(starts)) if progress is not None else starts:
@@ -355,6 +355,7 @@ def run_knn(
         ks=ks,
         temperature=temperature,
         num_classes=splits.num_classes,
+        copy=False,  # the splits are ours: normalise in place
         progress=wrap,
     )
     result = {
