@@ -78,6 +78,7 @@ def grid_sheet(
     row_labels: Sequence[str] = (),
     title: str = "",
     contours: Sequence[Sequence[np.ndarray | None]] | None = None,
+    cell_titles: Sequence[Sequence[str]] | None = None,
     cell: float = 1.6,
     dpi: int = 110,
 ) -> Path:
@@ -103,7 +104,9 @@ def grid_sheet(
                 m = upsample(contours[r][c].astype(float), cells[r][c].shape[:2])
                 if 0 < m.mean() < 1:
                     ax.contour(m, levels=[0.5], colors=[MASK_COLOR], linewidths=0.8)
-            if r == 0 and c < len(col_titles):
+            if cell_titles is not None and c < len(cell_titles[r]) and cell_titles[r][c]:
+                ax.set_title(_short(cell_titles[r][c], 28), fontsize=7)
+            elif r == 0 and c < len(col_titles):
                 ax.set_title(col_titles[c], fontsize=8)
             if c == 0 and r < len(row_labels):
                 ax.set_ylabel(
