@@ -294,14 +294,16 @@ def _from_one_set(
                 f"--images {str(images)!r} needs a model: --checkpoint C (or --arch A for random "
                 "weights); only `--images digits` has a model-free raw-pixel mode"
             )
-        s = labelled_images(images, image_size=32)
+        model, report, info = _model(checkpoint, arch, load_kwargs)
+        s = labelled_images(
+            images, image_size=_size_of(model, image_size)
+        )  # digits: drawn at that size
         if (s.labels < 0).any():
             raise DataError(
                 f"--images {str(images)!r} has {int((s.labels < 0).sum())} images outside class "
                 "subfolders; put each class in its own subfolder (DIR/<class>/*.jpg)"
             )
         labels, names, ids = s.labels, s.class_names, list(s.ids)
-        model, report, info = _model(checkpoint, arch, load_kwargs)
         feats = _embed(model, s.items, image_size, batch_size, device, progress, "images")
         info["image_size"] = _size_of(model, image_size)
     single = [
