@@ -77,9 +77,7 @@ def _fit(c: float, x: np.ndarray, y: np.ndarray, max_iter: int) -> tuple[Any, bo
     return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
-def topk_hits(
-    proba: np.ndarray, classes: np.ndarray, targets: np.ndarray, k: int = 5
-) -> tuple[int, int]:
+def topk_hits(proba: np.ndarray, classes: np.ndarray, targets: np.ndarray, k: int = 5) -> tuple[int, int]:
     """(top-1 hits, top-``min(k, C)`` hits) from class probabilities; ties ranked by class order."""
     ranked = classes[np.argsort(-proba, axis=1, kind="stable")[:, : min(k, proba.shape[1])]]
     hit = ranked == targets[:, None]
@@ -154,9 +152,7 @@ def linear_probe(
             max_iter,
         )
     h1, h5 = topk_hits(model.predict_proba(xva), model.classes_, yva)
-    return ProbeResult(
-        h1 / len(yva), h5 / len(yva), best, tuple(grid), len(fit_i), len(sel_i), ok and converged
-    )
+    return ProbeResult(h1 / len(yva), h5 / len(yva), best, tuple(grid), len(fit_i), len(sel_i), ok and converged)
 
 
 def run_probe(
@@ -189,13 +185,9 @@ def run_probe(
         if Path(out).suffix != ".json":
             raise DataError(f"--out must end in .json, got {str(out)!r}")
         check_writable(out, force=force)
-    splits = load_splits(progress=progress, seed=seed, **sources)
+    splits = load_splits(progress=progress, seed=seed, **sources)  # the --images split: the same seed
     t0 = time.perf_counter()
-    wrap = (
-        None
-        if progress is None
-        else (lambda it, total=None: progress(it, total=total, description="probe: C grid"))
-    )
+    wrap = None if progress is None else (lambda it, total=None: progress(it, total=total, description="probe: C grid"))
     res = linear_probe(
         splits.train.features,
         splits.train.labels,
