@@ -73,4 +73,4 @@ def test_pca_writes_once_then_needs_force(cli, tmp_path, sample_dir):
     r = cli("pca", img, "--arch", "resnet18", "--layer", "layer3", "--image-size", "96", "--out", tmp_path / "p",
             "--foreground", "none", "--force")
     assert r.exit_code == 0, r.output
-    assert "sheet:" in r.output and "foreground" not in r.output
+    assert "sheet:" in r.output and "no background removal" in r.output and "foreground:" not in r.output

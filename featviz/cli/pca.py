@@ -109,5 +109,6 @@ def pca(
             f"{100 * s['first_component_explained_variance_ratio']:.1f} %)",
             highlight=False,
         )
-    out.print(f"RGB = components 1-3 of the foreground patches ({evr} of their variance)", highlight=False)
+    fitted = "the foreground patches" if s["foreground"] == "auto" else "all patches (no background removal)"
+    out.print(f"RGB = components 1-3 of {fitted} ({evr} of their variance)", highlight=False)
     out.print(f"sheet: {s['files']['sheet']}", highlight=False)
