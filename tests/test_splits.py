@@ -116,3 +116,22 @@ def test_bad_inputs_are_one_line_errors(kwargs, match):
     with pytest.raises(FeatvizError, match=match) as e:
         load_splits(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_npz_path_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    for side in ("tr", "va"):
+        Embeddings(np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3).save(tmp_path / side / "e.npz")
+    script = (
+        "import sys\n"
+        "from featviz.knn import run_knn\n"
+        f"r = run_knn(train={str(tmp_path / 'tr' / 'e.npz')!r}, val={str(tmp_path / 'va' / 'e.npz')!r}, ks=[3])\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'timm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print(r['knn'][0]['top1'])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) == 1.0  # every val row is also a train row
