@@ -402,48 +402,51 @@ def run_attention(
     batches: Iterable = (
         loader if progress is None else progress(loader, total=math.ceil(len(dataset) / batch_size))
     )
-    heads, shares, rolls, rgbs = [], [], [], []
+    heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
     mean_t, std_t = torch.tensor(mean_c).view(3, 1, 1), torch.tensor(std_c).view(3, 1, 1)
-    for x, _, _, _ in batches:
-        out = class_attention(
-            model,
-            x.to(dev),
-            layer=li,
-            rollout_maps=rollout_maps,
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-        )
-        heads.append(out.heads)
-        shares.append(out.prefix_share)
-        if out.rollout is not None:
-            rolls.append(out.rollout)
-        rgbs += list((x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
-    h_all = np.concatenate(heads).astype(np.float32)
-    mean_map = h_all.mean(axis=1)
-    run = AttentionRun(
-        ids,
-        h_all,
-        mean_map,
-        threshold_masks(h_all, threshold),
-        threshold_masks(mean_map, threshold),
-        np.concatenate(shares).astype(np.float32),
-        np.concatenate(rolls).astype(np.float32) if rolls else None,
-        lay,
-        li,
-        hw,
-    )
     arch = _arch_name(model)
-    share = float(run.prefix_share.mean())
-    notes = []
-    if lay.prefix > 1:
-        notes.append(
-            f"{lay.describe()}: the maps show the patches only; the class token sends "
-            f"{share:.1%} of its attention (mean over heads and images) to the prefix tokens, "
-            "itself "
-            "included"
-        )
     with atomic_dir(out_dir, force=force) as tmp:
         (tmp / "overlays").mkdir()
+        start = 0
+        for x, _, _, _ in batches:
+            out = class_attention(
+                model,
+                x.to(dev),
+                layer=li,
+                rollout_maps=rollout_maps,
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+            )
+            batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
+            rgb = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
+                write_overlays(tmp / "overlays", _safe(ids[start + j]), img, batch, j)
+            rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
+            heads.append(out.heads)
+            shares.append(out.prefix_share)
+            if out.rollout is not None:
+                rolls.append(out.rollout)
+            start += len(x)
+        run = _run_of(
+            ids,
+            AttentionBatch(
+                np.concatenate(heads),
+                np.concatenate(shares),
+                np.concatenate(rolls) if rolls else None,
+            ),
+            threshold,
+            lay,
+            li,
+            hw,
+        )
+        share = float(run.prefix_share.mean())
+        notes = []
+        if lay.prefix > 1:
+            notes.append(
+                f"{lay.describe()}: the maps show the patches only; the class token sends "
+                f"{share:.1%} of its attention (mean over heads and images) to the prefix tokens, "
+                "itself included"
+            )
         arrays = {
             "ids": np.array(ids),
             "attention": run.heads,
@@ -457,8 +460,6 @@ def run_attention(
         if run.rollout is not None:
             arrays["rollout"] = run.rollout
         np.savez_compressed(tmp / "maps.npz", **arrays)
-        for i, rgb in enumerate(rgbs):
-            write_overlays(tmp / "overlays", _safe(ids[i]), rgb, run, i)
         title = (
             f"{arch} · block {li} of {len(blocks)} · class-token attention per head · "
             f"{hw[0]}x{hw[1]} ({lay.grid[0]}x{lay.grid[1]} patches) · "
@@ -531,6 +532,26 @@ def run_attention(
     for n in notes:
         log.info(n)
     return summary
+
+
+def _run_of(
+    ids, out: AttentionBatch, threshold: float, lay: TokenLayout, li: int, hw
+) -> AttentionRun:
+    heads = out.heads.astype(np.float32)
+    mean = heads.mean(axis=1)
+    roll = None if out.rollout is None else out.rollout.astype(np.float32)
+    return AttentionRun(
+        list(ids),
+        heads,
+        mean,
+        threshold_masks(heads, threshold),
+        threshold_masks(mean, threshold),
+        out.prefix_share.astype(np.float32),
+        roll,
+        lay,
+        li,
+        hw,
+    )
 
 
 # ------------------------------------------------------------------ pictures

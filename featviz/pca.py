@@ -164,8 +164,10 @@ def feature_maps(
     batch_size: int = 8,
     device: str = "cpu",
     progress: Progress = None,
+    keep_images: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], str]:
-    """(N, C, h, w) maps of ``layer`` for the images, the RGB inputs in [0, 1], the layer name."""
+    """(N, C, h, w) maps of ``layer``, the first ``keep_images`` RGB inputs in [0, 1] (all when
+    None), and the layer name."""
     import torch
 
     from featviz.data import ImageDataset, collate, normalization_of
@@ -188,7 +190,8 @@ def feature_maps(
     with DenseFeatures(model, layer) as dense, torch.inference_mode():
         for x, _, _, _ in batches:
             maps.append(dense(x.to(dev)).float().cpu().numpy())
-            rgbs += list((x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+            room = len(x) if keep_images is None else max(0, keep_images - len(rgbs))
+            rgbs += list((x[:room] * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
         name = dense.layer
     return np.concatenate(maps), rgbs, str(name)
 
@@ -242,7 +245,14 @@ def run_pca(
     check_patch_multiple(model, hw)
     files, ids = _image_ids(inputs)
     maps, rgbs, layer_name = feature_maps(
-        model, files, layer=layer, hw=hw, batch_size=batch_size, device=device, progress=progress
+        model,
+        files,
+        layer=layer,
+        hw=hw,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        keep_images=sheet_images,
     )
     res = patch_pca(
         maps, components=components, foreground=foreground, threshold=threshold, seed=seed
@@ -261,10 +271,13 @@ def run_pca(
         (tmp / "rgb").mkdir()
         from featviz.sheets import grid_sheet, save_png, upsample
 
-        pictures = [upsample(res.rgb[i], rgbs[i].shape[:2]) for i in range(len(ids))]
-        for i, pic in enumerate(pictures):
+        pictures = []  # the PCA images at the input size; kept for the sheet only
+        for i in range(len(ids)):
+            pic = upsample(res.rgb[i], hw)
             save_png(pic, tmp / "rgb" / f"{_safe(ids[i])}.png", min_side=224)
-        shown = min(len(ids), sheet_images)
+            if i < len(rgbs):
+                pictures.append(pic)
+        shown = len(rgbs)
         per_row = 1 if shown <= 4 else 2 if shown <= 8 else 4
         cells, titles = [], []
         for r in range(0, shown, per_row):
