@@ -183,3 +183,19 @@ def test_bad_inputs_are_one_line_errors():
         weighted_knn(x, y, bad, y, ks=[2])
     with pytest.raises(DataError, match="temperature"):
         weighted_knn(x, y, x, y, ks=[2], temperature=0)
+
+
+def test_working_memory_is_bounded_by_the_blocks():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    train = rng.standard_normal((100_000, 8), dtype=np.float32)
+    val = rng.standard_normal((1024, 8), dtype=np.float32)
+    ytr, yva = rng.integers(0, 50, len(train)), rng.integers(0, 50, len(val))
+    tracemalloc.start()
+    weighted_knn(train, ytr, val, yva, ks=(10, 200), copy=False, block_rows=512, block_cols=8192)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 512 x 8192 blocks (16 MB of similarities, 32 MB of partition indices), never the whole
+    # (1024, 100000) similarity matrix (410 MB)
+    assert peak < 80e6, peak
