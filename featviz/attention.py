@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -376,6 +375,7 @@ def run_attention(
     from featviz.distributed import resolve_device
     from featviz.models import default_image_size
     from featviz.outputs import atomic_dir, check_writable, manifest, write_json
+    from featviz.sheets import image_ids, safe_stem
     from featviz.sizing import check_patch_multiple, eval_transform, parse_image_size
 
     out_dir = Path(out_dir)
@@ -391,7 +391,7 @@ def run_attention(
     hw = parse_image_size(image_size, default_image_size(model))
     check_patch_multiple(model, hw)
     lay = token_layout(model, hw)
-    files, ids = _image_ids(inputs)
+    files, ids = image_ids(inputs)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     mean_c, std_c = normalization_of(model)
@@ -420,7 +420,7 @@ def run_attention(
             batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
             rgb = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
             for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
-                write_overlays(tmp / "overlays", _safe(ids[start + j]), img, batch, j)
+                write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j)
             rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
             heads.append(out.heads)
             shares.append(out.prefix_share)
@@ -595,24 +595,6 @@ def contact_sheet(
         title=title,
         contours=contours,
     )
-
-
-def _image_ids(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    from featviz.data import find_images
-
-    files: list[Path] = []
-    ids: list[str] = []
-    for item in inputs:
-        root = Path(item)
-        for f in find_images(root):
-            files.append(f)
-            ids.append(str(f.relative_to(root)) if root.is_dir() else f.name)
-    return files, ids
-
-
-def _safe(image_id: str) -> str:
-    stem = re.sub(r"\.[A-Za-z0-9]+$", "", image_id)
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", stem.replace("/", "__"))
 
 
 def _arch_name(model: nn.Module) -> str:

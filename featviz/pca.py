@@ -230,9 +230,10 @@ def run_pca(
         DataError: bad options or size, no images, a layer without a spatial map.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
-    from featviz.attention import _arch_name, _image_ids, _safe
+    from featviz.attention import _arch_name
     from featviz.models import default_image_size
     from featviz.outputs import atomic_dir, check_writable, manifest, write_json
+    from featviz.sheets import image_ids, safe_stem
     from featviz.sizing import check_patch_multiple, parse_image_size
 
     out_dir = Path(out_dir)
@@ -243,7 +244,7 @@ def run_pca(
         raise DataError(f"--components must be ≥ 1, got {components}")
     hw = parse_image_size(image_size, default_image_size(model))
     check_patch_multiple(model, hw)
-    files, ids = _image_ids(inputs)
+    files, ids = image_ids(inputs)
     maps, rgbs, layer_name = feature_maps(
         model,
         files,
@@ -274,7 +275,7 @@ def run_pca(
         pictures = []  # the PCA images at the input size; kept for the sheet only
         for i in range(len(ids)):
             pic = upsample(res.rgb[i], hw)
-            save_png(pic, tmp / "rgb" / f"{_safe(ids[i])}.png", min_side=224)
+            save_png(pic, tmp / "rgb" / f"{safe_stem(ids[i])}.png", min_side=224)
             if i < len(rgbs):
                 pictures.append(pic)
         shown = len(rgbs)
