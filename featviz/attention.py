@@ -91,8 +91,7 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None or getattr(model, "patch_embed", None) is None or not len(blocks):
-        spec = getattr(model, "featviz_arch", None)
-        name = spec.name if spec is not None else type(model).__name__
+        name = _arch_name(model)
         raise ArchitectureError(
             f"featviz attention needs a ViT with a class token; {name} has no transformer "
             "blocks (a CNN?): use `featviz cam` for its class-activation maps, or "
@@ -102,30 +101,24 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
 
 
 def token_layout(model: nn.Module, hw: tuple[int, int]) -> TokenLayout:
-    """The prefix tokens and the patch grid of ``model`` for an ``hw`` input.
+    """The prefix tokens and the patch grid of ``model`` for an ``hw`` input (the feature core's
+    ``token_layout``, with its prefix split into class, register and other tokens).
 
     Raises:
         ArchitectureError: not a ViT, or a ViT without a class token.
+        DataError: ``hw`` is not a size this ViT takes.
     """
+    from featviz import features
+
     vit_blocks(model)
     if getattr(model, "cls_token", None) is None:
         raise ArchitectureError(
             "this ViT has no class token (I-JEPA-style average pooling), so it has no class-token "
             "attention to show; use `featviz cam` or `featviz pca`"
         )
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    core = features.token_layout(model, hw)
     reg = int(getattr(model, "num_reg_tokens", 0) or 0)
-    pe = model.patch_embed
-    if hasattr(pe, "dynamic_feat_size"):
-        grid = tuple(int(v) for v in pe.dynamic_feat_size(hw))
-    else:
-        p = (
-            pe.patch_size
-            if isinstance(pe.patch_size, (tuple, list))
-            else (pe.patch_size, pe.patch_size)
-        )
-        grid = (hw[0] // p[0], hw[1] // p[1])
-    return TokenLayout(grid, 1, reg, prefix - 1 - reg)
+    return TokenLayout(core.grid, 1, reg, core.prefix - 1 - reg)
 
 
 def _resolve_layer(blocks: Sequence[nn.Module], layer: int | None) -> int:
@@ -350,7 +343,7 @@ def run_attention(
     batch_size: int = 8,
     device: str = "cpu",
     force: bool = False,
-    load_report: dict[str, Any] | None = None,
+    description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
     progress: Progress = None,
     sheet_rows: int = 24,
@@ -371,12 +364,11 @@ def run_attention(
         DataError: bad size, layer, threshold, fusion or discard ratio; unreadable images.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
-    from featviz.data import ImageDataset, collate, normalization_of
+    from featviz.data import ImageDataset, collate, eval_transform, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.models import default_image_size
+    from featviz.features import input_size
     from featviz.outputs import atomic_dir, check_writable, manifest, write_json
     from featviz.sheets import image_ids, safe_stem
-    from featviz.sizing import check_patch_multiple, eval_transform, parse_image_size
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force=force)
@@ -388,8 +380,7 @@ def run_attention(
         raise DataError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
     if not 0.0 < threshold <= 1.0:
         raise DataError(f"--threshold must be in (0, 1], got {threshold}")
-    hw = parse_image_size(image_size, default_image_size(model))
-    check_patch_multiple(model, hw)
+    hw = input_size(model, image_size)
     lay = token_layout(model, hw)
     files, ids = image_ids(inputs)
     dev = resolve_device(device)
@@ -498,7 +489,7 @@ def run_attention(
             manifest(
                 "attention",
                 arguments or {},
-                model={"arch": arch, "load_report": load_report},
+                model={"arch": arch, "description": description},
                 layer=li,
                 blocks=len(blocks),
                 heads=int(run.heads.shape[1]),
@@ -598,5 +589,7 @@ def contact_sheet(
 
 
 def _arch_name(model: nn.Module) -> str:
-    spec = getattr(model, "featviz_arch", None)
-    return spec.name if spec is not None else type(model).__name__
+    from featviz.description import describe
+
+    name = describe(model).name
+    return type(model).__name__ if name == "unknown" else name

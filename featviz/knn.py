@@ -318,7 +318,7 @@ def run_knn(
 
     Returns:
         ``{"knn": [{"k", "temperature", "top1", "top5"}, …], "n_train", "n_val", …}`` (fractions),
-        plus ``dim``, ``num_classes``, ``protocol`` and the checkpoint ``load_report``.
+        plus ``dim``, ``num_classes``, ``protocol`` and the ``model`` description (with its load report).
 
     Raises:
         DataError: see ``load_splits`` and ``weighted_knn``.
@@ -370,7 +370,7 @@ def run_knn(
             "weights": "exp(similarity / temperature)",
             "rule": "DINO eval_knn.knn_classifier",
         },
-        "load_report": splits.load_report,
+        "model": splits.model,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if out is not None:

@@ -170,10 +170,9 @@ def feature_maps(
     None), and the layer name."""
     import torch
 
-    from featviz.data import ImageDataset, collate, normalization_of
+    from featviz.data import ImageDataset, collate, eval_transform, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.embed import DenseFeatures
-    from featviz.sizing import eval_transform
+    from featviz.features import FeatureExtractor
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
@@ -187,7 +186,7 @@ def feature_maps(
     )
     maps, rgbs = [], []
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-    with DenseFeatures(model, layer) as dense, torch.inference_mode():
+    with FeatureExtractor(model, layer) as dense, torch.inference_mode():
         for x, _, _, _ in batches:
             maps.append(dense(x.to(dev)).float().cpu().numpy())
             room = len(x) if keep_images is None else max(0, keep_images - len(rgbs))
@@ -211,7 +210,7 @@ def run_pca(
     device: str = "cpu",
     seed: int = 0,
     force: bool = False,
-    load_report: dict[str, Any] | None = None,
+    description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
     progress: Progress = None,
     sheet_images: int = 40,
@@ -231,10 +230,9 @@ def run_pca(
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
     from featviz.attention import _arch_name
-    from featviz.models import default_image_size
+    from featviz.features import input_size
     from featviz.outputs import atomic_dir, check_writable, manifest, write_json
     from featviz.sheets import image_ids, safe_stem
-    from featviz.sizing import check_patch_multiple, parse_image_size
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force=force)
@@ -242,8 +240,7 @@ def run_pca(
         raise DataError(f"--foreground {foreground!r}: expected one of {', '.join(FOREGROUND)}")
     if components < 1:
         raise DataError(f"--components must be ≥ 1, got {components}")
-    hw = parse_image_size(image_size, default_image_size(model))
-    check_patch_multiple(model, hw)
+    hw = input_size(model, image_size)
     files, ids = image_ids(inputs)
     maps, rgbs, layer_name = feature_maps(
         model,
@@ -349,7 +346,7 @@ def run_pca(
             manifest(
                 "pca",
                 arguments or {},
-                model={"arch": arch, "load_report": load_report},
+                model={"arch": arch, "description": description},
                 layer=layer_name,
                 image_size=list(hw),
                 grid=summary["grid"],

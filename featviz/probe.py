@@ -212,7 +212,7 @@ def run_probe(
             f"held out (stratified, seed {seed}), then refit on all training rows",
             "max_iter": max_iter,
         },
-        "load_report": splits.load_report,
+        "model": splits.model,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if out is not None:

@@ -56,7 +56,7 @@ class Splits:
     val: Split
     class_names: list[str]
     protocol: dict[str, Any]
-    load_report: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None  # the model description (featviz.description), if a model was used
 
     @property
     def dim(self) -> int:
@@ -295,9 +295,7 @@ def _from_one_set(
                 "weights); only `--images digits` has a model-free raw-pixel mode"
             )
         model, report, info = _model(checkpoint, arch, load_kwargs)
-        s = labelled_images(
-            images, image_size=_size_of(model, image_size)
-        )  # digits: drawn at that size
+        s = labelled_images(images, image_size=_size_of(model, image_size)[0])  # digits: at that size
         if (s.labels < 0).any():
             raise DataError(
                 f"--images {str(images)!r} has {int((s.labels < 0).sum())} images outside class "
@@ -343,16 +341,17 @@ def _from_one_set(
     )
 
 
-def _model(checkpoint, arch, load_kwargs) -> tuple[Any, dict[str, Any] | None, dict[str, Any]]:
-    from featviz.models import resolve_model
+def _model(checkpoint, arch, load_kwargs) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The model in eval mode (the loader logs its warnings), its description as a dict, and the
+    protocol lines that say how it is used."""
+    from featviz.loader import load_model
 
-    model, report = resolve_model(checkpoint=checkpoint, arch=arch, **(load_kwargs or {}))
+    model, desc = load_model(checkpoint, arch=arch, **(load_kwargs or {}))
     model.eval()
     n_bn = sum(1 for m in model.modules() if "BatchNorm" in type(m).__name__)
-    spec = getattr(model, "featviz_arch", None)
     info = {
         "features": "pooled backbone output (the model's forward)",
-        "model": spec.name if spec is not None else type(model).__name__,
+        "model": desc.name,
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "batchnorm": (
             f"eval mode: {n_bn} BatchNorm layers use their running statistics"
@@ -361,13 +360,13 @@ def _model(checkpoint, arch, load_kwargs) -> tuple[Any, dict[str, Any] | None, d
         ),
         "mode": "eval",
     }
-    return model, report, info
+    return model, desc.to_dict(), info
 
 
-def _size_of(model, image_size) -> int:
-    from featviz.models import default_image_size
+def _size_of(model, image_size) -> list[int]:
+    from featviz.features import input_size
 
-    return int(image_size or default_image_size(model))
+    return list(input_size(model, image_size))
 
 
 def _embed(model, items, image_size, batch_size, device, progress, what: str) -> np.ndarray:

@@ -188,14 +188,13 @@ def test_run_attention_files(tmp_path, sample_dir, vit_s16):
         run_attention(imgs, out, model=model)
     with pytest.raises(
         DataError,
-        match="patch size 16x16; use a height of 224 and a width of 320 or 336",
+        match="not a multiple of this ViT.s 16x16 patches; nearest valid sizes: 224x320 or 224x336",
     ):
         run_attention(imgs, tmp_path / "bad", model=model, image_size="224x330")
     assert not (tmp_path / "bad").exists()
 
 
 def _input(path, model, hw):
-    from featviz.data import load_image, normalization_of
-    from featviz.sizing import eval_transform
+    from featviz.data import eval_transform, load_image, normalization_of
 
     return eval_transform(hw, *normalization_of(model))(load_image(path))[None]

@@ -120,6 +120,6 @@ def test_run_pca_on_a_cnn_layer_and_a_vit(tmp_path, sample_dir):
     ).eval()
     s = run_pca(imgs[1:], tmp_path / "vit", model=vit, image_size="96x160", foreground="none")
     assert s["grid"] == [6, 10] and s["feature_dim"] == 192 and s["foreground_share"] == 1.0
-    with pytest.raises(DataError, match="patch size"):
+    with pytest.raises(DataError, match="16x16 patches"):
         run_pca(imgs[1:], tmp_path / "bad", model=vit, image_size="100x160")
     assert not (tmp_path / "bad").exists()

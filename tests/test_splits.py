@@ -47,15 +47,15 @@ def test_checkpoint_and_folders_embed_in_eval_mode(photo_split, sample_dir):
     assert a["knn"] == b["knn"]  # eval-mode BatchNorm: a feature does not depend on its batch
     assert a["n_train"] == 15 and a["n_val"] == 5 and a["num_classes"] == 5
     assert "eval mode" in a["protocol"]["batchnorm"] and a["protocol"]["mode"] == "eval"
-    assert a["load_report"]["format"] and a["protocol"]["checkpoint"].endswith(
+    assert a["model"]["source"]["format"] and a["protocol"]["checkpoint"].endswith(
         "moco_v2_tiny.pth.tar"
     )
 
     from featviz.data import labelled_images
     from featviz.embed import embed_images
-    from featviz.models import resolve_model
+    from featviz.loader import load_model
 
-    model, _ = resolve_model(checkpoint=ckpt)
+    model, _ = load_model(ckpt)
     tr, va = labelled_images(photo_split / "train"), labelled_images(photo_split / "val")
     ftr, fva = embed_images(model, tr.items).features, embed_images(model, va.items).features
     want = weighted_knn(ftr, tr.labels, fva, va.labels, ks=(1, 3))

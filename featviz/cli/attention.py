@@ -26,18 +26,12 @@ from featviz.cli.options import (
 _ROLL = "Attention rollout"
 
 
-def load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust, seed) -> tuple[Any, dict[str, Any] | None]:
-    """The model and its load report; the report's warnings go to stderr, one line each."""
-    import logging
+def load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust, seed) -> tuple[Any, dict[str, Any]]:
+    """The model and its description as a dict (the loader logs its warnings on stderr)."""
+    from featviz.loader import load_model
 
-    from featviz.models import resolve_model
-
-    model, report = resolve_model(
-        checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust)
-    )
-    for w in (report or {}).get("warnings", []):
-        logging.getLogger("featviz.loader").warning("%s: %s", Path(str(checkpoint)).name, w)
-    return model, report
+    model, desc = load_model(checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust))
+    return model, desc.to_dict()
 
 
 @app.command()
@@ -115,7 +109,7 @@ def attention(
             batch_size=batch_size,
             device=device,
             force=force,
-            load_report=report,
+            description=report,
             arguments=args,
             progress=_progress("attention"),
         )

@@ -89,7 +89,7 @@ def pca(
             device=device,
             seed=seed,
             force=force,
-            load_report=report,
+            description=report,
             arguments=args,
             progress=_progress("pca"),
         )
