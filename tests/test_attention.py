@@ -198,3 +198,26 @@ def _input(path, model, hw):
     from featviz.data import eval_transform, load_image, normalization_of
 
     return eval_transform(hw, *normalization_of(model))(load_image(path))[None]
+
+
+def test_dino_vit_s16_checkpoint_loads_with_no_flags_and_matches(cli, tmp_path, sample_dir, vit_s16):
+    """Done-when of issue 13: the official DINO backbone layout (bare timm key names), random weights,
+    `featviz attention --image-size 224x320`: maps.npz holds (6, 14, 20) per image, equal to a
+    transcription of the reference model's last-block class-token attention."""
+    ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(vit_s16.state_dict(), ckpt)  # what DINO publishes: the backbone state dict, no wrapper
+    img = sample_dir / "photos" / "astronaut" / "astronaut_1.jpg"
+    r = cli("attention", img, "--checkpoint", ckpt, "--image-size", "224x320", "--out", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["grid"] == [14, 20]
+    with np.load(tmp_path / "a" / "maps.npz") as z:
+        maps = z["attention"][0]
+    assert maps.shape == (6, 14, 20)
+    from featviz.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
+
+    x = eval_transform((224, 320), IMAGENET_MEAN, IMAGENET_STD)(load_image(img))[None]  # DINO's normalisation
+    ref, _ = transcribed_cls_attention(vit_s16, x)
+    want = ref[-1][0, :, 1:].reshape(6, 14, 20).numpy()
+    for j in range(6):
+        assert np.corrcoef(maps[j].ravel(), want[j].ravel())[0, 1] >= 0.99
+    np.testing.assert_allclose(maps, want, rtol=1e-3, atol=1e-6)
