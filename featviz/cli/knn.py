@@ -116,7 +116,8 @@ def print_protocol(result: dict[str, Any]) -> None:
     out.print(f"features: {p['features']}", highlight=False)
     if p.get("model"):
         src = f" from {p['checkpoint']}" if p.get("checkpoint") else " (random weights)"
-        out.print(f"model: {p['model']}{src} · {p['batchnorm']} · input {p.get('image_size')} px", highlight=False)
+        size = "x".join(str(v) for v in p.get("image_size") or [])
+        out.print(f"model: {p['model']}{src} · input {size} px · {p['batchnorm']}", highlight=False)
     sizes = f"{result['n_train']:,} train, {result['n_val']:,} val, {result['dim']}-d, {result['num_classes']} classes"
     split = p.get("split")
     if split:
