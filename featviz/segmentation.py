@@ -317,6 +317,19 @@ def load_segmenter(path: str | os.PathLike, *, trust: bool = False, output_strid
     return model.eval()
 
 
+def describe_segmenter(model: Segmenter) -> dict[str, Any]:
+    """What ``inspect`` shows of a whole segmenter: layout, backbone, strides, head widths, classes."""
+    spec = model.head_spec
+    return {"kind": "segmenter", "layout": getattr(model, "featviz_layout", None),
+            "method": getattr(model, "featviz_method", None), "arch": model.backbone.featviz_arch.name,
+            "output_stride": getattr(model, "featviz_output_stride", None) or _output_stride(model.backbone),
+            "dilation": "CAC multi-grid (1, 2, 4)" if getattr(model, "featviz_layout", None) == "cac" else "torchvision",
+            "aspp_rates": list(spec["rates"]), "decoder_dim": int(spec["dim"]), "feature_stride": FEATURE_STRIDE,
+            "projector_dim": None if model.projector is None else int(model.projector[-1].out_channels),
+            "num_classes": model.num_classes, "class_names": list(model.class_names),
+            "trained_crop": getattr(model, "featviz_crop", None)}
+
+
 def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
     from featviz.models import ArchSpec, build_backbone
 

@@ -286,3 +286,70 @@ def test_settings_read_from_a_config():
     s = CACSettings.from_config(SimpleNamespace(weight_unsup=0.5, temp=0.2, pos_thresh=0.9, selected_num=10))
     assert (s.weight_unsup, s.temp, s.pos_thresh, s.selected_num, s.step_save, s.epoch_start_unsup) == \
         (0.5, 0.2, 0.9, 10, 1, 5)
+
+
+# ---------------------------------------------------------------- DDP: gathered, detached negatives
+def _rank_tensors(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    z1 = F.normalize(torch.randn(2, 8, 5, 5, generator=g), dim=1).requires_grad_()
+    z2 = F.normalize(torch.randn(2, 8, 5, 5, generator=g), dim=1).requires_grad_()
+    logits = [torch.randn(2, 3, 5, 5, generator=g) * 3 for _ in range(2)]
+    ov1 = torch.tensor([[0, 8, 40, 40], [8, 0, 40, 32]])
+    ov2 = torch.tensor([[0, 0, 40, 32], [0, 8, 32, 40]])
+    flips = torch.tensor([[True, False], [False, True]])
+    return z1, z2, logits, ov1, ov2, flips
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        z1, z2, logits, ov1, ov2, flips = _rank_tensors(rank)
+        loss, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+                                            rng_for(0, 0, rank))
+        loss.backward()
+        neg, labels = parts["negatives"]
+        torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad, "neg": neg, "labels": labels,
+                    "neg_grad": neg.requires_grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_negatives_are_gathered_from_every_rank_without_gradient(tmp_path):
+    """Each rank's loss uses its own anchors and every rank's (detached) negatives, in rank order;
+    its gradient is its own (DDP averages them), with no equal-loss assumption."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not got[0]["neg_grad"] and torch.equal(got[0]["neg"], got[1]["neg"]) and len(got[0]["neg"]) == 2 * 2 * 12
+    own = []
+    for r in range(2):  # this rank's 2 x 12 sampled pixels, drawn alone
+        z1, z2, logits, ov1, ov2, flips = _rank_tensors(r)
+        _, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+                                         rng_for(0, 0, r))
+        own.append(parts["negatives"])
+    np.testing.assert_allclose(got[0]["neg"].numpy(), torch.cat([own[0][0], own[1][0]]).numpy(), atol=1e-7)
+    for r in range(2):
+        z1, z2, logits, ov1, ov2, flips = _rank_tensors(r)
+        other = own[1 - r]
+        loss, _ = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+                                        rng_for(0, 0, r), [other])  # the other rank's negatives, as if gathered
+        loss.backward()
+        assert got[r]["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+        np.testing.assert_allclose(got[r]["g1"].numpy(), z1.grad.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[r]["g2"].numpy(), z2.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert abs(got[0]["loss"].item() - got[1]["loss"].item()) > 1e-3  # the ranks' losses differ
+
+
+def test_describe_segmenter_for_inspect(cac_r50):
+    d = seg_lib.describe_segmenter(load_segmenter(cac_r50[0]))
+    assert d["layout"] == "cac" and d["arch"] == "resnet50-os16" and d["output_stride"] == 16
+    assert (d["decoder_dim"], d["projector_dim"], d["feature_stride"], d["num_classes"]) == (256, 128, 8, 21)
+    assert d["aspp_rates"] == [6, 12, 18] and d["trained_crop"] == {"crop_size": 320, "base_size": 400}
