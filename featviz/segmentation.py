@@ -239,12 +239,13 @@ def _state_dict_of(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def segmenter_layout(path: str | os.PathLike) -> str | None:
+def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | None:
     """Which whole-segmenter layout a checkpoint has: ``"featviz"``, ``"cac"`` or None.
 
     Reads only the safetensors header, or the pickle's key names (``torch.load`` with
     ``weights_only=True`` and ``mmap=True``: no code runs and no tensor data is read). A file that
-    cannot be read that way gives None; the real load then reports why.
+    cannot be read that way gives None; the real load then reports why. With ``trust`` a pickle
+    outside the allow-list is read in full (``weights_only=False``; only for files you trust).
     """
     from featviz.checkpoints import featviz_metadata, sniff
 
@@ -264,7 +265,14 @@ def segmenter_layout(path: str | os.PathLike) -> str | None:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception:  # noqa: BLE001 - unreadable here: not ours to classify
-        return None
+        if not trust:
+            return None
+        from featviz.checkpoints import read_checkpoint
+
+        try:
+            obj = read_checkpoint(path, trust=True).obj
+        except CheckpointError:
+            return None
     sd = _state_dict_of(obj)
     return "cac" if sd is not None and _cac_module_prefix(sd) is not None else None
 

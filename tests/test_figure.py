@@ -160,3 +160,22 @@ def test_features_choice_per_row(tmp_path):
         assert feats[0].shape == (len(views.labels), dim)
     assert figure.view_features(cac, views, features="projector")[1]["layer"] is None
     assert figure.view_features(sup, views, features="backbone")[1]["layer"] == "layer4"
+
+
+# ---------------------------------------------------------------- the CLI on the bundled segmenters
+def test_cli_figure_on_whole_segmenters(cli, tmp_path, sample_dir):
+    ck, seg = sample_dir / "checkpoints", sample_dir / "seg"
+    common = ["tsne", "--figure", "cac", "-c", ck / "seg_supervised.safetensors", "-c", ck / "seg_cac.safetensors",
+              "--image", seg / "JPEGImages/scene_034.jpg", "--mask", seg / "SegmentationClass/scene_034.png",
+              "--max-pixels", "60", "--iterations", "100"]
+    r = cli(*common, "--features", "projector", "--out", tmp_path / "p.png")
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "has no CAC projector" in lines[0], r.output
+    assert not list(tmp_path.iterdir())
+    r = cli(*common, "--row-names", "supervised,CAC", "--out", tmp_path / "fig.png")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "fig.json").read_text())
+    assert [(x["name"], x["features"], x["feature_stride"]) for x in rep["rows"]] == \
+        [("supervised", "decoder", 8), ("CAC", "decoder", 8)]
+    assert rep["crop_from"] == "the checkpoints' training crop" and rep["rescale_factor"] <= 1
+    assert rep["rows"][1]["source"]["segmenter"]["projector_dim"] is not None
