@@ -89,9 +89,9 @@ class CropPair:
         Same slicing as CAC's ``output[:, :, ul[0]//8:br[0]//8, ul[1]//8:br[1]//8]``, applied to
         unflipped features.
         """
-        t, l, b, r = self.overlap1 if which == 1 else self.overlap2
+        top, left, bottom, right = self.overlap1 if which == 1 else self.overlap2
         s = self.stride
-        return slice(t // s, b // s), slice(l // s, r // s)
+        return slice(top // s, bottom // s), slice(left // s, right // s)
 
 
 def rescale(image: Image.Image, mask: np.ndarray | None, long_side: int) -> tuple[Image.Image, np.ndarray | None]:
@@ -192,7 +192,7 @@ def apply_crop_pair(image: Image.Image | np.ndarray, mask: np.ndarray | None, pa
     img = _pad(img, s, padding_rgb)
     m = None if mask is None else _pad(np.asarray(mask), s, ignore_index)
     outs = []
-    for (y, x), f in zip((pair.crop1, pair.crop2), pair.flip):
+    for (y, x), f in zip((pair.crop1, pair.crop2), pair.flip, strict=True):
         c = img[y:y + s, x:x + s]
         mc = None if m is None else m[y:y + s, x:x + s]
         if f:

@@ -119,11 +119,11 @@ def resolve_features(models: Sequence[FigureModel], features: str | None) -> str
             return "decoder"
         if not any(seg):
             return "backbone"
-        kinds = ", ".join(f"{m.name!r} ({'segmenter' if s else 'encoder'})" for m, s in zip(models, seg))
+        kinds = ", ".join(f"{m.name!r} ({'segmenter' if s else 'encoder'})" for m, s in zip(models, seg, strict=True))
         raise DataError(f"the rows mix segmenters and plain encoders ({kinds}); pass --features backbone to compare "
                         "their backbones, or give only segmenters (default: decoder features)")
     if features in ("decoder", "projector"):
-        plain = [m.name for m, s in zip(models, seg) if not s]
+        plain = [m.name for m, s in zip(models, seg, strict=True) if not s]
         if plain:
             raise DataError(f"--features {features} needs segmenters, but {', '.join(map(repr, plain))} "
                             f"{'is a plain encoder' if len(plain) == 1 else 'are plain encoders'} (no decoder); "
@@ -295,10 +295,10 @@ def row_metrics(feats: list[np.ndarray], coords: list[np.ndarray], labels: np.nd
 
 
 def _overlap_box_display(pair: crops.CropPair, which: int, flipped: bool) -> tuple[int, int, int, int]:
-    t, l, b, r = pair.overlap1 if which == 1 else pair.overlap2
+    top, left, bottom, right = pair.overlap1 if which == 1 else pair.overlap2
     if flipped:
-        l, r = pair.crop_size - r, pair.crop_size - l
-    return t, l, b, r
+        left, right = pair.crop_size - right, pair.crop_size - left
+    return top, left, bottom, right
 
 
 def draw_figure(views: CacViews, rows: list[dict[str, Any]], row_coords: list[list[np.ndarray]],
@@ -317,19 +317,21 @@ def draw_figure(views: CacViews, rows: list[dict[str, Any]], row_coords: list[li
     for v in range(3):
         ax = axes[0][v]
         ax.imshow(views.images[v])
-        t, l, b, r = _overlap_box_display(pair, 2 if v == 1 else 1, views.flips[v])
-        ax.add_patch(Rectangle((l - 0.5, t - 0.5), r - l, b - t, fill=False, edgecolor="yellow", linewidth=2.2))
+        top, left, bottom, right = _overlap_box_display(pair, 2 if v == 1 else 1, views.flips[v])
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor="yellow",
+                               linewidth=2.2))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(VIEW_NAMES[v] + ("  (flipped)" if views.flips[v] else ""), fontsize=10)
     axes[0][0].set_ylabel("input crops", fontsize=10)
     n_classes = max(len(class_names), int(views.labels.max()) + 1)
     colors = class_colors(n_classes)
-    for i, (row, coords) in enumerate(zip(rows, row_coords), start=1):
+    for i, (row, coords) in enumerate(zip(rows, row_coords, strict=True), start=1):
         xlim, ylim = shared_limits(coords)
         m = row["metrics"]
-        notes = ["", f"cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.2f} · kNN agr. {m['knn_class_agreement']['II_to_I']:.2f}",
-                 f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.2f} · kNN agr. {m['knn_class_agreement']['III_to_I']:.2f}"]
+        cos, knn = m["cosine_same_pixel"], m["knn_class_agreement"]
+        notes = ["", f"cos(I,II) {cos['I_vs_II']:.2f} · kNN agr. {knn['II_to_I']:.2f}",
+                 f"cos(I,III) {cos['I_vs_III']:.2f} · kNN agr. {knn['III_to_I']:.2f}"]
         for v in range(3):
             ax = axes[i][v]
             draw_scatter(ax, coords[v], views.labels, colors, n_for_style=len(coords[v]), seed=v)
@@ -430,8 +432,9 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                out: str | os.PathLike, *, features: str | None = None,
                iou_bound: tuple[float, float] = crops.CAC_IOU_BOUND, crop_size: int | None = None,
                base_size: int | None = None, layer: str | None = None, max_pixels: int = 1000, seed: int = 0,
-               perplexity: float = 30.0, n_iter: int = 500, device: str = "cpu", class_names: Sequence[str] | None = None,
-               force: bool = False, progress: Progress = None) -> dict[str, Any]:
+               perplexity: float = 30.0, n_iter: int = 500, device: str = "cpu",
+               class_names: Sequence[str] | None = None, force: bool = False,
+               progress: Progress = None) -> dict[str, Any]:
     """Build CAC's Figure 3 for ``models`` on one image and mask; write PNG/PDF/SVG + JSON + NPZ.
 
     Args:
@@ -485,9 +488,9 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                     views.sample.long_side, base_size)
     p = views.sample.pair
     report = manifest(
-        "tsne --figure cac", {"image": str(image), "mask": str(mask), "features": features, "iou_bound": list(iou_bound),
-                              "crop_size": crop_size, "base_size": base_size, "max_pixels": max_pixels, "seed": seed,
-                              "perplexity": perplexity},
+        "tsne --figure cac", {"image": str(image), "mask": str(mask), "features": features,
+                              "iou_bound": list(iou_bound), "crop_size": crop_size, "base_size": base_size,
+                              "max_pixels": max_pixels, "seed": seed, "perplexity": perplexity},
         figure=out.name, features=features, crop_from=crop_from, stride=fr.stride, class_names=names,
         views=list(VIEW_NAMES), n_pixels=int(len(views.labels)),
         class_counts={names[c]: int((views.labels == c).sum()) for c in np.unique(views.labels)},

@@ -67,7 +67,8 @@ CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "
 
 # ---------------------------------------------------------------- model
 def _conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class DeepLabV3PlusHead(nn.Module):
@@ -331,7 +332,8 @@ def describe_segmenter(model: Segmenter) -> dict[str, Any]:
     return {"kind": "segmenter", "layout": getattr(model, "featviz_layout", None),
             "method": getattr(model, "featviz_method", None), "arch": model.backbone.featviz_arch.name,
             "output_stride": getattr(model, "featviz_output_stride", None) or _output_stride(model.backbone),
-            "dilation": "CAC multi-grid (1, 2, 4)" if getattr(model, "featviz_layout", None) == "cac" else "torchvision",
+            "dilation": "CAC multi-grid (1, 2, 4)" if getattr(model, "featviz_layout", None) == "cac"
+            else "torchvision",
             "aspp_rates": list(spec["rates"]), "decoder_dim": int(spec["dim"]), "feature_stride": FEATURE_STRIDE,
             "projector_dim": None if model.projector is None else int(model.projector[-1].out_channels),
             "num_classes": model.num_classes, "class_names": list(model.class_names),
@@ -403,8 +405,10 @@ def cac_key_map(prefix: str = "") -> list[tuple[str, str]]:
               (f"{m}encoder.aspp.global_avg_pool.2.", "head.aspp.convs.4.2."),
               (f"{m}encoder.aspp.conv1.", "head.aspp.project.0."), (f"{m}encoder.aspp.bn1.", "head.aspp.project.1."),
               (f"{m}encoder.decoder.conv1.", "head.low.0."), (f"{m}encoder.decoder.bn1.", "head.low.1."),
-              (f"{m}encoder.decoder.last_conv.0.", "head.fuse.0.0."), (f"{m}encoder.decoder.last_conv.1.", "head.fuse.0.1."),
-              (f"{m}encoder.decoder.last_conv.4.", "head.fuse.1.0."), (f"{m}encoder.decoder.last_conv.5.", "head.fuse.1.1."),
+              (f"{m}encoder.decoder.last_conv.0.", "head.fuse.0.0."),
+              (f"{m}encoder.decoder.last_conv.1.", "head.fuse.0.1."),
+              (f"{m}encoder.decoder.last_conv.4.", "head.fuse.1.0."),
+              (f"{m}encoder.decoder.last_conv.5.", "head.fuse.1.1."),
               (f"{m}classifier.1.", "head.classifier."),
               (f"{m}project.0.", "projector.0."), (f"{m}project.2.", "projector.2.")]
     return pairs
@@ -441,7 +445,8 @@ def _cac_segmenter(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, A
     head = {"type": "deeplabv3plus", "in_ch": int(w["head.aspp.convs.0.0.weight"].shape[1]),
             "low_ch": int(w["head.low.0.weight"].shape[1]), "num_classes": num_classes,
             "dim": int(w["head.aspp.project.0.weight"].shape[0]), "low_dim": int(w["head.low.0.weight"].shape[0]),
-            "rates": [6, 12, 18] if os_ == 16 else [12, 24, 36],  # CAC's aspp.py dilations [1, 6, 12, 18] / [1, 12, 24, 36]
+            # CAC's aspp.py: dilations [1, 6, 12, 18] at output stride 16, [1, 12, 24, 36] at 8
+            "rates": [6, 12, 18] if os_ == 16 else [12, 24, 36],
             "align_corners": True, "decoder_dropout": 0.5, "classifier_dropout": 0.1}
     proj = None
     if "projector.2.weight" in w:
@@ -463,8 +468,8 @@ def _cac_segmenter(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, A
     model.featviz_layout = "cac"
     model.featviz_output_stride = os_
     tr = config.get("train_unsupervised") or config.get("train_supervised") or {}
-    model.featviz_crop = {"crop_size": int(tr["crop_size"]), "base_size": int(tr["base_size"])} \
-        if isinstance(tr, dict) and isinstance(tr.get("crop_size"), int) and isinstance(tr.get("base_size"), int) else None
+    known = isinstance(tr, dict) and isinstance(tr.get("crop_size"), int) and isinstance(tr.get("base_size"), int)
+    model.featviz_crop = {"crop_size": int(tr["crop_size"]), "base_size": int(tr["base_size"])} if known else None
     return model
 
 
@@ -553,11 +558,11 @@ def overlap_pixels(maps: list[torch.Tensor], box: tuple[int, int, int, int], fli
                    stride: int = FEATURE_STRIDE) -> list[torch.Tensor]:
     """Flip each (..., h, w) map of one crop back and cut CAC's overlap ``[ul//8 : br//8]``, flattened
     to (n, ...) rows in row-major pixel order (``permute(1, 2, 0).view(-1, c)`` for features)."""
-    t, l, b, r = (int(v) for v in box)
+    top, left, bottom, right = (int(v) for v in box)
     out = []
     for m in maps:
         m = m.flip(-1) if flip else m
-        m = m[..., t // stride:b // stride, l // stride:r // stride]
+        m = m[..., top // stride:bottom // stride, left // stride:right // stride]
         out.append(m.reshape(-1) if m.ndim == 2 else m.permute(1, 2, 0).reshape(-1, m.shape[0]))
     return out
 
@@ -591,7 +596,7 @@ def cac_unsupervised_loss(z1: torch.Tensor, z2: torch.Tensor, logits1: torch.Ten
     for i in range(len(z1)):
         f1, l1, c1 = overlap_pixels([z1[i], lab1[i], conf1[i]], overlap1[i].tolist(), bool(flips[i][0]))
         f2, l2, c2 = overlap_pixels([z2[i], lab2[i], conf2[i]], overlap2[i].tolist(), bool(flips[i][1]))
-        for k, v in zip(rows, (f1, f2, l1, l2, c1, c2)):
+        for k, v in zip(rows, (f1, f2, l1, l2, c1, c2), strict=True):
             rows[k].append(v)
     f1, f2, l1, l2, c1, c2 = (torch.cat(rows[k]) for k in rows)
     if f1.shape != f2.shape:
@@ -828,7 +833,8 @@ class SegTask:
         bank.push(*parts["negatives"])
         bank.steps += 1
         self.last_parts = {"loss_sup": float(sup.detach()), "loss_unsup": float(unsup.detach()),
-                           "loss_unsup_1": float(parts["loss1"].detach()), "loss_unsup_2": float(parts["loss2"].detach())}
+                           "loss_unsup_1": float(parts["loss1"].detach()),
+                           "loss_unsup_2": float(parts["loss2"].detach())}
         return sup + unsup
 
     def after_step(self, step: int, total: int) -> None:

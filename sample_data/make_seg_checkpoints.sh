@@ -8,7 +8,9 @@
 # Both: crop 96, base 120 (scenes are 240x180: CAC's rescale to a long side of 96-240 px never upsamples),
 # 200 epochs = 600 steps of batch 4, lr 0.05, seed 0. `featviz tsne --figure cac` draws them as its two rows;
 # benchmarks/cac_effect.py measures them. Run from the repository root.
-# Measured on the project's shared 2-core CPU (other jobs running, --threads 1): supervised_seg 129 s, cac 565 s.
+# Measured on the project's shared 2-core CPU with other jobs running (load 7-10), --threads 1, two runs:
+# supervised_seg 129 s and 315 s, cac 565 s and 612 s (about 12-16 minutes for both). Training is
+# deterministic on CPU: both runs gave bit-identical weights.
 set -euo pipefail
 RUNS=${RUNS:-runs}
 FEATVIZ=${FEATVIZ:-featviz}  # e.g. FEATVIZ="python -m featviz" without an installed entry point

@@ -112,7 +112,8 @@ class ASPP(nn.Module):
         self.aspp2 = _ASPPModule(inplanes, 256, 3, padding=dilations[1], dilation=dilations[1])
         self.aspp3 = _ASPPModule(inplanes, 256, 3, padding=dilations[2], dilation=dilations[2])
         self.aspp4 = _ASPPModule(inplanes, 256, 3, padding=dilations[3], dilation=dilations[3])
-        self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Conv2d(inplanes, 256, 1, stride=1, bias=False),
+        self.global_avg_pool = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)),
+                                             nn.Conv2d(inplanes, 256, 1, stride=1, bias=False),
                                              nn.BatchNorm2d(256), nn.ReLU())
         self.conv1 = nn.Conv2d(1280, 256, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(256)
@@ -250,7 +251,8 @@ class UnsupLoss:
         output_ul2_flatten = output_ul2.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
         selected_idx1 = rng.choice(b * h * w, selected_num, replace=False)
         selected_idx2 = rng.choice(b * h * w, selected_num, replace=False)
-        output_ul_flatten_selected = torch.cat([output_ul1_flatten[selected_idx1], output_ul2_flatten[selected_idx2]], 0)
+        output_ul_flatten_selected = torch.cat([output_ul1_flatten[selected_idx1],
+                                                output_ul2_flatten[selected_idx2]], 0)
         output_ul_all = concat_all_gather(output_ul_flatten_selected)
         pseudo_label_flatten_selected = torch.cat([pseudo_label1.view(-1)[selected_idx1],
                                                    pseudo_label2.view(-1)[selected_idx2]], 0)

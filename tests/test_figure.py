@@ -117,7 +117,8 @@ def test_rows_with_different_strides_share_pixels(tmp_path):
     img, mask = _scene(160)
     img.save(tmp_path / "img.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    models = [figure.FigureModel("s8", _pointwise_model(0, 8), {}), figure.FigureModel("s16", _pointwise_model(1, 16), {})]
+    models = [figure.FigureModel("s8", _pointwise_model(0, 8), {}),
+              figure.FigureModel("s16", _pointwise_model(1, 16), {})]
     rep = figure.cac_figure(models, tmp_path / "img.png", tmp_path / "mask.png", tmp_path / "fig.png", crop_size=96,
                             base_size=120, features="act", max_pixels=80, seed=2, n_iter=100)
     assert rep["stride"] == 16 and [r["feature_stride"] for r in rep["rows"]] == [8, 16]

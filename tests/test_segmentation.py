@@ -289,6 +289,9 @@ def test_settings_read_from_a_config():
 
 
 # ---------------------------------------------------------------- DDP: gathered, detached negatives
+SETTINGS = CACSettings(selected_num=12, pos_thresh=0.4)
+
+
 def _rank_tensors(rank: int):
     g = torch.Generator().manual_seed(100 + rank)
     z1 = F.normalize(torch.randn(2, 8, 5, 5, generator=g), dim=1).requires_grad_()
@@ -306,7 +309,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         z1, z2, logits, ov1, ov2, flips = _rank_tensors(rank)
-        loss, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+        loss, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, SETTINGS,
                                             rng_for(0, 0, rank))
         loss.backward()
         neg, labels = parts["negatives"]
@@ -332,14 +335,14 @@ def test_ddp_negatives_are_gathered_from_every_rank_without_gradient(tmp_path):
     own = []
     for r in range(2):  # this rank's 2 x 12 sampled pixels, drawn alone
         z1, z2, logits, ov1, ov2, flips = _rank_tensors(r)
-        _, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+        _, parts = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, SETTINGS,
                                          rng_for(0, 0, r))
         own.append(parts["negatives"])
     np.testing.assert_allclose(got[0]["neg"].numpy(), torch.cat([own[0][0], own[1][0]]).numpy(), atol=1e-7)
     for r in range(2):
         z1, z2, logits, ov1, ov2, flips = _rank_tensors(r)
         other = own[1 - r]
-        loss, _ = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, CACSettings(selected_num=12, pos_thresh=0.4),
+        loss, _ = cac_unsupervised_loss(z1, z2, *logits, ov1, ov2, flips, SETTINGS,
                                         rng_for(0, 0, r), [other])  # the other rank's negatives, as if gathered
         loss.backward()
         assert got[r]["loss"].item() == pytest.approx(loss.item(), rel=1e-6)

@@ -298,7 +298,8 @@ def _tsne_figure(
             layout = segmenter_layout(c, trust=trust) if load_kwargs.get("format") in (None, "auto") else None
             if layout is not None:  # a whole segmenter: decoder, classifier and projector kept
                 model = load_segmenter(c, trust=trust)
-                rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "segmenter": describe_segmenter(model)}))
+                src = {"checkpoint": str(c), "segmenter": describe_segmenter(model)}
+                rows.append((_checkpoint_name(c), model, src))
                 continue
             model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
             rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
@@ -309,7 +310,7 @@ def _tsne_figure(
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows)]
+    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
