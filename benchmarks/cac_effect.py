@@ -35,11 +35,11 @@ def load(path: Path, trust: bool):
     """A whole segmenter when the file holds one, else the encoder."""
     from featviz.segmentation import load_segmenter, segmenter_layout
 
-    if segmenter_layout(path) is not None:
+    if segmenter_layout(path, trust=trust) is not None:
         return load_segmenter(path, trust=trust)
-    from featviz.models import resolve_model
+    from featviz.loader import load_model
 
-    return resolve_model(checkpoint=path, trust=trust)[0]
+    return load_model(path, trust=trust).model
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:

@@ -142,16 +142,10 @@ def _feature_layer(model: torch.nn.Module, features: str) -> tuple[torch.nn.Modu
     if features in ("decoder", "projector"):
         return model, None
     if features == "backbone":
-        from featviz.embed import default_layer
+        from featviz.features import default_layer
 
         target = model.backbone if is_segmenter(model) else model
-        layer = default_layer(target)
-        if layer is None:
-            from featviz.errors import UnknownNameError
-
-            raise UnknownNameError(f"no default feature layer for {type(target).__name__}; pass --features LAYER "
-                                   "(`featviz layers` lists the names)")
-        return target, layer
+        return target, default_layer(target)
     return model, features
 
 
@@ -159,14 +153,14 @@ def feature_maps(model: torch.nn.Module, features: str, x: torch.Tensor) -> torc
     """The (N, C, h, w) map ``features`` names for a batch: ``decoder``/``projector`` (segmenters:
     ``pixel_features``), ``backbone`` (the backbone's default layer, ResNet ``layer4``) or a layer
     name, at the layer's native resolution (never resized)."""
-    from featviz.embed import DenseFeatures
+    from featviz.features import FeatureExtractor
 
     target, layer = _feature_layer(model, features)
     with torch.inference_mode():
         if layer is None:
             return model.pixel_features(x, features)
-        with DenseFeatures(target, layer) as dense:
-            return dense(x)
+        with FeatureExtractor(target, layer) as fx:  # the feature core: one (N, C, H, W) rule for every model
+            return fx(x)
 
 
 def _check_stride(h: int, w: int, crop_size: int, what: str) -> int:
@@ -379,8 +373,11 @@ def working_crop(models: Sequence[FigureModel], crop_size: int | None, base_size
     checkpoints record it) when they agree, else CAC VOC's 320 / 400. Returns (crop, base, why)."""
     if crop_size is not None and base_size is not None:
         return crop_size, base_size, "given"
-    known = {(c["crop_size"], c["base_size"]) for c in (getattr(m.model, "featviz_crop", None) for m in models) if c}
-    if len(known) == 1 and all(getattr(m.model, "featviz_crop", None) for m in models):
+    from featviz.description import describe
+
+    recorded = [(describe(m.model).source or {}).get("crop") for m in models]
+    known = {(c["crop_size"], c["base_size"]) for c in recorded if c}
+    if len(known) == 1 and all(recorded):
         c, b = known.pop()
         return crop_size or c, base_size or b, "the checkpoints' training crop"
     if len(known) > 1:

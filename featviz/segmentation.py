@@ -40,6 +40,7 @@ from PIL import Image
 from torch import nn
 
 from featviz.data import IMAGENET_MEAN, IMAGENET_STD, load_image
+from featviz.description import IMAGENET, ModelDescription, Normalization, attach, describe
 from featviz.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,14 @@ def head_spec(backbone: nn.Module, num_classes: int, crop_size: int) -> dict[str
 
 
 def _output_stride(backbone: nn.Module) -> int:
-    name = backbone.featviz_arch.name
+    name = describe(backbone).name
     stride = 8 if name.endswith("-os8") else 16 if name.endswith("-os16") else 32
     return stride // 4 if "-cifar" in name else stride
 
 
 def _low_stride(backbone: nn.Module) -> int:
     """Stride of ``layer1`` (the decoder's resolution): 4, or 1 with a CIFAR stem."""
-    return 1 if "-cifar" in backbone.featviz_arch.name else 4
+    return 1 if "-cifar" in describe(backbone).name else 4
 
 
 class Segmenter(nn.Module):
@@ -149,7 +150,7 @@ class Segmenter(nn.Module):
             from featviz.errors import ArchitectureError
 
             raise ArchitectureError(f"segmentation needs a torchvision ResNet backbone, got "
-                                    f"{backbone.featviz_arch.name!r}; use e.g. resnet50-os16 or resnet18_w16-os8")
+                                    f"{describe(backbone).name!r}; use e.g. resnet50-os16 or resnet18_w16-os8")
         self.backbone = backbone
         self.head_spec, self.projector_spec = dict(head), projector
         self.head = DeepLabV3PlusHead(head["in_ch"], head["low_ch"], head["num_classes"], head["dim"],
@@ -283,9 +284,11 @@ def load_segmenter(path: str | os.PathLike, *, trust: bool = False, output_strid
     """Rebuild a whole ``Segmenter`` (eval mode) from a featviz segmentation checkpoint or one of
     CAC's official DeepLabv3+ checkpoints.
 
-    The model's ``forward`` gives per-pixel logits (N, C, H, W); ``class_names``,
-    ``featviz_normalization``, ``featviz_method``, ``featviz_arch``, ``featviz_layout`` and
-    ``featviz_crop`` (the crop and base size it was trained with, when known) are attached.
+    The model's ``forward`` gives per-pixel logits (N, C, H, W); ``class_names`` and its
+    ``ModelDescription`` (``featviz.description.describe``: kind ``segmenter``, method, classes,
+    normalisation) are attached. ``describe(model).source`` holds the layout (``format``:
+    ``featviz`` | ``cac``), ``crop`` (the crop and base size it was trained with, when known) and
+    ``output_stride``.
 
     Args:
         path: the checkpoint.
@@ -323,21 +326,21 @@ def load_segmenter(path: str | os.PathLike, *, trust: bool = False, output_strid
         if len(class_names) != model.num_classes:
             raise CheckpointError(f"{len(class_names)} class names for a {model.num_classes}-class segmenter")
         model.class_names = list(class_names)
+        attach(model, describe(model).with_changes(class_names=tuple(class_names)))
     return model.eval()
 
 
 def describe_segmenter(model: Segmenter) -> dict[str, Any]:
     """What ``inspect`` shows of a whole segmenter: layout, backbone, strides, head widths, classes."""
-    spec = model.head_spec
-    return {"kind": "segmenter", "layout": getattr(model, "featviz_layout", None),
-            "method": getattr(model, "featviz_method", None), "arch": model.backbone.featviz_arch.name,
-            "output_stride": getattr(model, "featviz_output_stride", None) or _output_stride(model.backbone),
-            "dilation": "CAC multi-grid (1, 2, 4)" if getattr(model, "featviz_layout", None) == "cac"
-            else "torchvision",
-            "aspp_rates": list(spec["rates"]), "decoder_dim": int(spec["dim"]), "feature_stride": FEATURE_STRIDE,
+    spec, desc = model.head_spec, describe(model)
+    src = desc.source or {}
+    return {"kind": "segmenter", "layout": src.get("format"), "method": desc.method, "arch": desc.name,
+            "output_stride": src.get("output_stride") or _output_stride(model.backbone),
+            "dilation": src.get("dilation", "torchvision"), "aspp_rates": list(spec["rates"]),
+            "decoder_dim": int(spec["dim"]), "feature_stride": FEATURE_STRIDE,
             "projector_dim": None if model.projector is None else int(model.projector[-1].out_channels),
             "num_classes": model.num_classes, "class_names": list(model.class_names),
-            "trained_crop": getattr(model, "featviz_crop", None)}
+            "trained_crop": src.get("crop")}
 
 
 def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
@@ -354,11 +357,15 @@ def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit its own metadata: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    model.featviz_normalization = meta.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
-    model.featviz_method = meta.get("method")
-    model.featviz_arch = backbone.featviz_arch
-    model.featviz_layout = "featviz"
-    model.featviz_crop = meta.get("crop")
+    norm = Normalization.from_dict(meta["normalization"], "featviz checkpoint metadata") \
+        if meta.get("normalization") else IMAGENET
+    source = {"format": "featviz", "path": str(path), "heads": sorted(heads), "crop": meta.get("crop"),
+              "output_stride": _output_stride(backbone)}
+    attach(model, ModelDescription(
+        arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=model.num_classes,
+        class_names=tuple(model.class_names), normalization=norm, input_size=describe(backbone).input_size,
+        method=meta.get("method"), source=source))
+    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model
 
 
@@ -461,15 +468,17 @@ def _cac_segmenter(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, A
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit CAC's DeepLabv3+ (ResNet-{depth}): missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    model.featviz_normalization = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # CAC's VOC/City loaders
     semi = bool(mcfg.get("semi", proj is not None))
-    model.featviz_method = "cac" if semi else "supervised_seg"
-    model.featviz_arch = backbone.featviz_arch
-    model.featviz_layout = "cac"
-    model.featviz_output_stride = os_
     tr = config.get("train_unsupervised") or config.get("train_supervised") or {}
     known = isinstance(tr, dict) and isinstance(tr.get("crop_size"), int) and isinstance(tr.get("base_size"), int)
-    model.featviz_crop = {"crop_size": int(tr["crop_size"]), "base_size": int(tr["base_size"])} if known else None
+    source = {"format": "cac", "path": str(path), "heads": ["head", *(["projector"] if proj else [])],
+              "crop": {"crop_size": int(tr["crop_size"]), "base_size": int(tr["base_size"])} if known else None,
+              "output_stride": os_, "dilation": "CAC multi-grid (1, 2, 4)", "state_dict_prefix": prefix}
+    attach(model, ModelDescription(
+        arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=num_classes,
+        class_names=tuple(model.class_names), normalization=IMAGENET,  # CAC's VOC/City loaders: ImageNet mean/std
+        input_size=(320, 320), method="cac" if semi else "supervised_seg", source=source))
+    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model
 
 
@@ -878,7 +887,7 @@ class SegTask:
         hparams: dict[str, Any] = {"iou_bound": list(self.cfg.iou_bound)}
         if self.settings is not None:
             hparams.update(self.settings.to_dict())
-        meta = {"arch": seg.backbone.featviz_arch.to_dict(),
+        meta = {"arch": describe(seg.backbone).arch.to_dict(),
                 "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
                 "source_format": "featviz", "method": self.cfg.method, "heads": heads,
                 "num_classes": seg.num_classes, "class_names": seg.class_names,

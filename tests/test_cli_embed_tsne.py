@@ -113,7 +113,7 @@ def test_mask_size_differs(cli, tmp_path, seg):
 
 def test_mask_with_only_ignore(cli, tmp_path, seg):
     for p in (seg / "masks").iterdir():
-        Image.fromarray(np.full((96, 96), 255, np.uint8)).save(p)
+        Image.fromarray(np.full((180, 240), 255, np.uint8)).save(p)  # the bundled scenes are 240x180
     out = _one_error_line(cli("embed", "--arch", ARCH, "--images", seg / "img", "--masks", seg / "masks", "--pixels",
                               "--image-size", "32", "--out", tmp_path / "p.npz"))
     assert "only ignore" in out

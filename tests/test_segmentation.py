@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cac_reference import CAC, UnsupLoss, randomise, rng_for
 
 from featviz import segmentation as seg_lib
+from featviz.description import describe
 from featviz.errors import CheckpointError
 from featviz.segmentation import (
     CACSettings,
@@ -61,8 +62,10 @@ def test_cac_checkpoint_loads_whole_and_matches_reference(cac_r50, output_stride
     path, refs = cac_r50
     assert segmenter_layout(path) == "cac"
     seg = load_segmenter(path, output_stride=output_stride)
-    assert seg.featviz_layout == "cac" and seg.featviz_method == "cac" and seg.featviz_output_stride == output_stride
-    assert seg.class_names[15] == "person" and seg.featviz_crop == {"crop_size": 320, "base_size": 400}
+    d = describe(seg)
+    assert d.kind == "segmenter" and d.method == "cac" and d.num_classes == 21 and d.class_names[15] == "person"
+    assert d.source["format"] == "cac" and d.source["output_stride"] == output_stride
+    assert d.source["crop"] == {"crop_size": 320, "base_size": 400} and d.arch.name == f"resnet50-os{output_stride}"
     _assert_same_outputs(seg, refs[output_stride], torch.randn(2, 3, 32, 48))  # non-square
 
 
@@ -70,7 +73,7 @@ def test_cac_output_stride_defaults_to_the_config_else_16(cac_r50, tmp_path):
     path, refs = cac_r50
     x = torch.randn(1, 3, 32, 32)
     seg = load_segmenter(path)  # the config names none: CAC's code builds DeepLab at its default, 16
-    assert seg.featviz_output_stride == 16
+    assert describe(seg).source["output_stride"] == 16
     with torch.no_grad():
         assert not torch.allclose(seg(x), refs[8](x), atol=1e-3)  # the dilation matters
     ref = CAC(num_classes=19, layers=101, output_stride=16, semi=False).eval()  # PyTorch's default init
@@ -78,7 +81,8 @@ def test_cac_output_stride_defaults_to_the_config_else_16(cac_r50, tmp_path):
     _save_cac(city, ref, ddp=False, config={"dataset": "cityscapes",
                                             "model": {"supervised": True, "semi": False, "output_stride": 16}})
     seg = load_segmenter(city)
-    assert seg.class_names[0] == "road" and seg.projector is None and seg.featviz_method == "supervised_seg"
+    assert seg.class_names[0] == "road" and seg.projector is None and describe(seg).method == "supervised_seg"
+    assert describe(seg).arch.name == "resnet101-os16"
     with torch.no_grad():
         y = torch.randn(1, 3, 32, 32)
         want = ref(y)
@@ -97,8 +101,9 @@ def test_layouts_are_told_apart(tmp_path, sample_dir):
 
 def test_featviz_segmenter_loads_with_its_crop(sample_dir):
     seg = load_segmenter(sample_dir / "checkpoints" / "seg_cac.safetensors")
-    assert seg.featviz_layout == "featviz" and seg.projector is not None
-    assert seg.featviz_crop == {"crop_size": 96, "base_size": 120}  # the scenes' working resolution
+    d = describe(seg)
+    assert d.kind == "segmenter" and d.source["format"] == "featviz" and seg.projector is not None
+    assert d.source["crop"] == {"crop_size": 96, "base_size": 120}  # the scenes' working resolution
     assert seg.head_spec["align_corners"] and seg.head_spec["classifier_dropout"] == 0.1  # CAC's head
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -286,7 +286,7 @@ def _tsne_figure(
     load_kwargs,
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
-    from featviz import models
+    from featviz.loader import load_model
     from featviz.segmentation import describe_segmenter, load_segmenter, segmenter_layout
 
     if image is None or mask is None:
@@ -296,25 +296,25 @@ def _tsne_figure(
         for c in checkpoints:
             trust = bool(load_kwargs.get("trust"))
             layout = segmenter_layout(c, trust=trust) if load_kwargs.get("format") in (None, "auto") else None
-            if layout is not None:  # a whole segmenter: decoder, classifier and projector kept
+            if layout is not None:  # a whole segmenter (featviz or CAC's layout): decoder, classifier, projector
                 model = load_segmenter(c, trust=trust)
                 src = {"checkpoint": str(c), "segmenter": describe_segmenter(model)}
-                rows.append((_checkpoint_name(c), model, src))
-                continue
-            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
-            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+            else:
+                model, desc = load_model(c, arch=arch, **load_kwargs)
+                src = {"checkpoint": str(c), "description": desc.to_dict()}
+            rows.append((_checkpoint_name(c), model, src))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            model, _ = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
             rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
+    figure_rows = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
-        models,
+        figure_rows,
         image,
         mask,
         out_path,
