@@ -165,7 +165,6 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
 
 
 # ------------------------------------------------------------------ dense features
-DenseFeatures = FeatureExtractor  # the feature core's extractor, under its old name (featviz.figure uses it)
 
 def grid_rows(size: int, cells: int) -> np.ndarray:
     """Source rows of a nearest-neighbour downsample from ``size`` to ``cells`` (torch's rule)."""

@@ -118,7 +118,7 @@ def test_every_command_runs_on_an_official_vit_layout_at_a_non_square_size(cli, 
                 "--crop-size", crop, "--base-size", 96, "--max-pixels", 40, "--iterations", 50,
                 "--out", tmp_path / "fig.png"))
     fig = json.loads((tmp_path / "fig.json").read_text())
-    assert fig["rows"][0]["source"]["model"]["warnings"] == desc["warnings"]
+    assert fig["rows"][0]["source"]["description"]["warnings"] == desc["warnings"]
 
     # layers: the same grid in the map column
     r = _ok(cli("layers", "-c", path, "--image-size", size, "--json"))
