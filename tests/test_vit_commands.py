@@ -108,6 +108,7 @@ def test_every_command_runs_on_an_official_vit_layout_at_a_non_square_size(cli, 
     r = _ok(cli("collapse", "-c", path, "--images", data / "photos", "--pixels", "--pixels-per-image", "4",
                 "--image-size", size, "--batch-size", "4", "--out", tmp_path / "col", "--json"))
     out = json.loads(r.stdout)["outputs"]
+    assert json.loads(r.stdout)["warnings"] == desc["warnings"]
     assert out["pixels"]["n"] == 4 * 4 and out["pixels"]["d"] == 384
     report = json.loads((tmp_path / "col" / "report.json").read_text())
     assert report["warnings"] == desc["warnings"] and report["model"]["source"]["path"] == str(path)

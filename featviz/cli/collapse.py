@@ -251,6 +251,7 @@ def collapse(
                 "output": first,
                 "flags": flags[first],
                 "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
+                **({} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}),
             }
         )
     else:
