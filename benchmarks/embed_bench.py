@@ -148,7 +148,7 @@ def main() -> None:
         return
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; median of {args.runs} runs; "
           "command = build the model + embed (+ write the .npz for featviz), loop = embed a built model")
-    print(f"{'case':<32}{'images':>7}{'bare img/s':>12}{'featviz img/s':>15}{'featviz/bare':>14}{'target':>9}"
+    print(f"{'case':<42}{'images':>7}{'bare img/s':>12}{'featviz img/s':>15}{'featviz/bare':>14}{'target':>9}"
           f"{'max |diff|':>12}")
     for r in results:
         for what in ("command", "loop"):
