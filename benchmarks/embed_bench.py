@@ -153,7 +153,7 @@ def main() -> None:
     for r in results:
         for what in ("command", "loop"):
             ips = r["images_per_s"][what]
-            print(f"{r['arch'] + ' @ ' + str(r['image_size']) + ' px, ' + what:<32}{r['images']:>7}"
+            print(f"{r['arch'] + ' @ ' + str(r['image_size']) + ' px, ' + what:<42}{r['images']:>7}"
                   f"{ips['bare']:>12.2f}{ips['featviz']:>15.2f}{r['ratio'][what]:>13.2f}x"
                   f"{'>= ' + str(r['target']):>9}{r['max_abs_feature_difference']:>12.2e}")
     for r in results:
