@@ -345,17 +345,20 @@ def write_html(
             sources.append((src, p.keys is not None))
             k += 1
         figs.append(fig_row)
-    legend = Legend(
-        items=[
-            LegendItem(label=names[c] if c >= 0 else "unknown", renderers=r)
-            for c, r in items.items()
-        ],
-        click_policy="hide",
-        title="class (click to hide)",
-        location="top_left",
-    )
-    figs[0][-1].add_layout(legend, "right")
-    figs[0][-1].width += 150
+    # one legend beside each row (every row's last panel keeps the same width); each entry
+    # holds the class's renderers of every panel, so a click hides the class everywhere
+    for fig_row in figs:
+        legend = Legend(
+            items=[
+                LegendItem(label=names[c] if c >= 0 else "unknown", renderers=r)
+                for c, r in items.items()
+            ],
+            click_policy="hide",
+            title="class (click to hide)",
+            location="top_left",
+        )
+        fig_row[-1].add_layout(legend, "right")
+        fig_row[-1].width += 150
     if link:
         linked = [s for s, has in sources if has]
         for s in linked:
@@ -554,4 +557,83 @@ def map_page(
     )
     return write_html(
         out, [panels], m.class_names, uris, title=title, notes=note_lines, force=force
+    )
+
+
+def views_page(
+    out: str | os.PathLike,
+    view_images: Sequence[np.ndarray],
+    view_yx: Sequence[np.ndarray],
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    view_names: Sequence[str],
+    window: int | None = None,
+    title: str | None = None,
+    notes: Sequence[str] = (),
+    force: bool = False,
+) -> Path:
+    """A page of views of the same pixels (CAC's Figure 3): a row per model, a panel per view.
+
+    Every panel shows the same P pixels, so all panels are linked: selecting pixels in one
+    selects them in every view and every row. Hover shows a crop of the view's image around the
+    pixel with the pixel marked.
+
+    Args:
+        out: the ``.html`` file.
+        view_images: per view, the (H, W, 3) uint8 image the model saw (crop, flips included).
+        view_yx: per view, (P, 2) the (y, x) of each pixel in that view's image.
+        rows: (row name, per-view (P, 2) map coordinates) for each model.
+        labels: (P,) class of each pixel.
+        class_names: label value -> name.
+        view_names: one name per view.
+        window: crop side around the pixel, in image pixels (default: a third of the image).
+        title, notes, force: as ``write_html``.
+    """
+    from featviz import thumbnails as th
+
+    labels = np.asarray(labels, np.int64)
+    n_views = len(view_images)
+    if len(view_yx) != n_views or len(view_names) != n_views:
+        raise DataError(
+            f"give one image, one (y, x) array and one name per view ({n_views} images)"
+        )
+    store = th.ThumbnailStore(th.side_for(n_views * len(labels)))
+    thumbs = []
+    for v, (img, yx) in enumerate(zip(view_images, view_yx, strict=True)):
+        pil = th.Image.fromarray(np.asarray(img, np.uint8)).convert("RGB")
+        thumbs.append(
+            np.array(
+                [
+                    store.add_pixel((v, i), pil, int(y), int(x), window=window)
+                    for i, (y, x) in enumerate(yx)
+                ],
+                np.int64,
+            )
+        )
+    keys = np.arange(len(labels))
+    grid = []
+    for name, coords in rows:
+        if len(coords) != n_views:
+            raise DataError(
+                f"row {name!r} has {len(coords)} coordinate arrays; expected {n_views} (one a view)"
+            )
+        grid.append(
+            [
+                Panel(
+                    f"{name} · {view_names[v]}",
+                    coords[v],
+                    labels,
+                    files=[f"{view_names[v]} crop"] * len(labels),
+                    yx=np.asarray(view_yx[v]),
+                    keys=keys,
+                    thumbs=thumbs[v],
+                )
+                for v in range(n_views)
+            ]
+        )
+    lines = [f"{len(labels):,} pixels seen in {n_views} views; {len(rows)} row(s), one map per row"]
+    return write_html(
+        out, grid, class_names, store.uris(), title=title, notes=lines + list(notes), force=force
     )

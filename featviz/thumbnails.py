@@ -224,13 +224,14 @@ def pixel_thumbnail(
 ) -> Image.Image:
     """A ``side`` x ``side`` crop around pixel (y, x) of ``img`` with the pixel marked.
 
-    ``window`` is the crop's side in image pixels (default: a quarter of the shorter side, at
-    least 16); near a border the crop shifts inward so it stays inside the image.
+    ``window`` is the crop's side in image pixels (default: a third of the shorter side, at
+    least 32); near a border the crop shifts inward so it stays inside the image. The mark is
+    a red ring with ticks on a white halo, so the pixel itself stays visible in its middle.
     """
     if isinstance(img, np.ndarray):
         img = Image.fromarray(np.asarray(img, np.uint8)).convert("RGB")
     w_img, h_img = img.size
-    win = window or max(16, min(w_img, h_img) // 4)
+    win = window or max(32, min(w_img, h_img) // 3)
     win = int(min(win, w_img, h_img))
     x0 = min(max(int(x) - win // 2, 0), w_img - win)
     y0 = min(max(int(y) - win // 2, 0), h_img - win)
@@ -241,19 +242,12 @@ def pixel_thumbnail(
     cx, cy = (x - x0 + 0.5) * s, (y - y0 + 0.5) * s
     d = ImageDraw.Draw(crop)
     r = max(3.0, side / 12)
-    for col, wd in (((0, 0, 0), 3), (MARK, 1)):
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), outline=col, width=wd)
-        for dx, dy in (
-            (1, 0),
-            (-1, 0),
-            (0, 1),
-            (0, -1),
-        ):  # ticks outside the ring leave the pixel visible
-            d.line(
-                (cx + dx * r * 1.4, cy + dy * r * 1.4, cx + dx * r * 2.4, cy + dy * r * 2.4),
-                fill=col,
-                width=wd,
-            )
+    ticks = ((1, 0), (-1, 0), (0, 1), (0, -1))
+    for col, wd in (((255, 255, 255), 4), (MARK, 2)):
+        d.ellipse((cx - r - 1, cy - r - 1, cx + r + 1, cy + r + 1), outline=col, width=wd)
+        for dx, dy in ticks:
+            a, b = r * 1.5, r * 2.6
+            d.line((cx + dx * a, cy + dy * a, cx + dx * b, cy + dy * b), fill=col, width=wd)
     return crop
 
 

@@ -432,3 +432,64 @@ def test_selection_in_one_panel_selects_the_same_rows_in_the_other(tmp_path, bro
     assert sorted(sel) == want and len(want) == 4
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "linked.png")
+
+
+def _views_page(tmp_path: Path) -> tuple[Path, int]:
+    rng = np.random.default_rng(0)
+    img = np.asarray(
+        Image.open(SAMPLE / "photos" / "cat" / "cat_0.jpg").convert("RGB").resize((96, 96))
+    )
+    views = [img, img[:, ::-1], (img * 0.5).astype(np.uint8)]
+    p = 30
+    yx = rng.integers(0, 96, size=(p, 2))
+    view_yx = [yx, np.c_[yx[:, 0], 95 - yx[:, 1]], yx]
+    labels = rng.integers(0, 3, p)
+    rows = [(f"model {r}", [rng.normal(size=(p, 2)) for _ in range(3)]) for r in range(2)]
+    out = interactive.views_page(
+        tmp_path / "views.html",
+        views,
+        view_yx,
+        rows,
+        labels,
+        ["a", "b", "c"],
+        view_names=["I", "II", "III"],
+        title="views",
+    )
+    return out, p
+
+
+def test_views_page_has_a_thumbnail_per_view_and_pixel(tmp_path):
+    out, p = _views_page(tmp_path)
+    html = out.read_text()
+    assert (
+        len(set(_data_uris(html))) == 3 * p
+    )  # each view's crop around each pixel, shared by both rows
+    assert html.count("featviz-panel-") >= 6
+    with pytest.raises(interactive.DataError, match="one a view"):
+        interactive.views_page(
+            tmp_path / "bad.html",
+            [np.zeros((8, 8, 3))] * 3,
+            [np.zeros((2, 2))] * 3,
+            [("m", [np.zeros((2, 2))])],
+            [0, 1],
+            ["a", "b"],
+            view_names=["I", "II", "III"],
+        )
+
+
+def test_views_page_links_every_panel(tmp_path, browser):
+    out, p = _views_page(tmp_path)
+    browser.open(out.resolve().as_uri())
+    browser.wait_for("window.featviz !== undefined && featviz.ready()")
+    src = "featviz._view('featviz-panel-{}').model.renderers[0].data_source"
+    keys0 = browser.eval(f"Array.from({src.format(0)}.data.key)")
+    pick = [i for i, k in enumerate(keys0) if k % 3 == 0]
+    browser.eval(f"{src.format(0)}.selected.indices = {json.dumps(pick)}")
+    for k in range(1, 6):
+        sel = browser.eval(
+            f"(() => {{ const s = {src.format(k)}; "
+            "return Array.from(s.selected.indices).map(i => s.data.key[i]); })()"
+        )
+        assert sorted(sel) == sorted(keys0[i] for i in pick), k
+    if os.environ.get("FEATVIZ_SCREENSHOTS"):
+        browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "views_linked.png")
