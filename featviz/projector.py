@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from featviz.artifacts import Embeddings
-from featviz.errors import FeatvizError
+from featviz.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ SPRITE_MAX = 4096
 MAX_SIDE = 64
 MIN_SIDE = 8
 TAG = "featviz"
-
-
-class MissingDependencyError(FeatvizError):
-    """An optional extra is not installed."""
 
 
 def require_tensorboard():

@@ -40,9 +40,17 @@ EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^
 THREADS_FROM = 20_000
 
 
+METHODS = ("tsne", "umap", "pca")
+
+
 @dataclass
 class TsneParams:
-    """openTSNE settings featviz exposes (openTSNE's defaults; ``n_jobs=None`` picks, see ``auto_jobs``)."""
+    """Map settings: the method and its options (``n_jobs=None`` picks, see ``auto_jobs``).
+
+    ``method`` is ``tsne`` (openTSNE), ``umap`` (umap-learn, ``n_neighbors``/``min_dist``) or
+    ``pca`` (scikit-learn, the first two principal components). The t-SNE fields are openTSNE's
+    options; ``pca_dim`` is the PCA reduction before t-SNE/UMAP (None: none).
+    """
 
     perplexity: float = 30.0
     seed: int = 0
@@ -53,6 +61,16 @@ class TsneParams:
     neighbors: str = "auto"
     negative_gradient_method: str = "auto"
     n_jobs: int | None = None
+    method: str = "tsne"
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            from featviz.errors import UnknownNameError, did_you_mean
+
+            raise UnknownNameError(f"unknown map method {self.method!r}; expected one of {', '.join(METHODS)}"
+                                   f"{did_you_mean(self.method, METHODS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -165,20 +183,116 @@ def _tsne(params: TsneParams, n: int, progress: Progress):
     """An openTSNE ``TSNE`` for ``n`` points (``params.perplexity`` already clamped)."""
     from openTSNE import TSNE
 
-    perplexity = params.perplexity
     cb, finish = _callbacks(progress, params.n_iter + params.early_exaggeration_iter)
     neighbors = params.neighbors
     if neighbors == "auto" and n <= EXACT_KNN_MAX:
         neighbors = "exact"
     n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
-    tsne = TSNE(perplexity=perplexity, n_iter=params.n_iter, early_exaggeration_iter=params.early_exaggeration_iter,
-                metric=params.metric, neighbors=neighbors, negative_gradient_method=params.negative_gradient_method,
+    tsne = TSNE(perplexity=params.perplexity, n_iter=params.n_iter,
+                early_exaggeration_iter=params.early_exaggeration_iter, metric=params.metric,
+                neighbors=neighbors, negative_gradient_method=params.negative_gradient_method,
                 n_jobs=n_jobs, random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
-    return tsne, perplexity, finish
+    return tsne, finish
+
+
+def clamp_neighbors(n_neighbors: int, n: int) -> int:
+    """UMAP's ``n_neighbors`` for ``n`` points: at most n - 1 (with a warning)."""
+    if n < MIN_POINTS:
+        raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}; embed more images or pixels")
+    if n_neighbors >= n:
+        log.warning("n_neighbors %d is too large for %d points; using %d", n_neighbors, n, n - 1)
+        return n - 1
+    return n_neighbors
+
+
+class Projection:
+    """One 2-D method behind one interface: ``fit(x)`` on the map's points, then ``place(x_new)``
+    to put other points into the fitted map (openTSNE ``transform``, UMAP ``transform``, PCA
+    ``transform``). ``info`` records what was used (perplexity/n_neighbors after clamping, PCA).
+    """
+
+    def __init__(self, params: TsneParams, progress: Progress = None, *, will_place: bool = False):
+        self.params, self.progress, self.will_place = params, progress, will_place
+        self.pca = _Pca(params.pca_dim if params.method != "pca" else None, params.seed)
+        self.model: Any = None
+        self.info: dict[str, Any] = {"method": params.method}
+
+    def fit(self, features: np.ndarray) -> np.ndarray:
+        """(N, 2) float32 coordinates of ``features``.
+
+        Raises:
+            DataError: fewer than 4 points.
+        """
+        p = self.params
+        n = len(features)
+        if p.method == "tsne":
+            perp = clamp_perplexity(p.perplexity, n)
+            x = self.pca.fit_transform(features)
+            tsne, finish = _tsne(replace(p, perplexity=perp), n, self.progress)
+            self.model = tsne.fit(x)
+            finish()
+            self.info["perplexity_used"] = perp
+            coords = self.model
+        elif p.method == "umap":
+            k = clamp_neighbors(p.n_neighbors, n)
+            x = self.pca.fit_transform(features)
+            # featviz's exact neighbours (as for t-SNE) unless new points will be placed: UMAP's
+            # transform needs its own NNDescent index. Exact is also faster for small N (no numba
+            # compilation of the neighbour search: digits 7 s vs 24 s of CPU)
+            knn = None if self.will_place or n > EXACT_KNN_MAX else _exact_knn(x, k, p.metric)
+            self.model, coords = _umap_fit(x, k, p, knn)
+            self.info.update(n_neighbors_used=k, neighbors="umap (NNDescent)" if knn is None else "exact")
+        else:
+            if n < MIN_POINTS:
+                raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}")
+            from sklearn.decomposition import PCA
+
+            self.model = PCA(n_components=2, random_state=p.seed)
+            coords = self.model.fit_transform(np.asarray(features, np.float32))
+            self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
+        self.info["pca_dim"] = None if self.pca.model is None else p.pca_dim
+        return np.asarray(coords, np.float32)
+
+    def place(self, features: np.ndarray) -> np.ndarray:
+        """(M, 2) coordinates of new rows in the fitted map (the map itself does not move)."""
+        if self.params.method == "pca":
+            return np.asarray(self.model.transform(np.asarray(features, np.float32)), np.float32)
+        x = self.pca.transform(np.asarray(features, np.float32))
+        # openTSNE's transform places each new point against the frozen reference map only
+        return np.asarray(self.model.transform(x), np.float32)
+
+
+def _exact_knn(x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray, None]:
+    """(indices, distances, None) of each row's ``k`` nearest rows, itself first (UMAP's layout)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, idx = NearestNeighbors(n_neighbors=k, metric=metric).fit(x).kneighbors(x)
+    return idx, dist.astype(np.float32), None
+
+
+def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any, np.ndarray]:
+    """A seeded umap-learn ``UMAP`` fitted on ``x`` (seeding makes umap single-threaded, as it warns)."""
+    import warnings
+
+    try:
+        import umap
+    except ImportError:
+        from featviz.errors import MissingDependencyError
+
+        raise MissingDependencyError("--method umap needs umap-learn: pip install 'featviz[umap]' "
+                                     "(or pip install umap-learn)") from None
+    model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=p.min_dist, metric=p.metric,
+                      random_state=p.seed, n_jobs=1, transform_seed=p.seed,
+                      precomputed_knn=knn if knn is not None else (None, None, None))
+    with warnings.catch_warnings():  # both are known and intended: seeded, and no transform without an index
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        coords = model.fit_transform(x)
+    return model, coords
 
 
 def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress = None) -> np.ndarray:
-    """Fit a 2-D openTSNE map of ``features`` (PCA first when wider than ``params.pca_dim``).
+    """Fit a 2-D map of ``features`` (t-SNE by default; ``params.method`` picks UMAP or PCA).
 
     Returns:
         (N, 2) float32 coordinates.
@@ -189,12 +303,7 @@ def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Pro
     params = params or TsneParams()
     x = np.asarray(features, dtype=np.float32)
     check_finite(x)
-    params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(x)))
-    x = _Pca(params.pca_dim, params.seed).fit_transform(x)
-    tsne, _, finish = _tsne(params, len(x), progress)
-    emb = tsne.fit(x)
-    finish()
-    return np.asarray(emb, dtype=np.float32)
+    return Projection(params, progress).fit(x)
 
 
 @dataclass
@@ -309,31 +418,18 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     all_rows = np.concatenate(rows)
     info: dict[str, Any] = {"params": params.to_dict(), "sample": sample, "inputs": names,
                             "n_per_input": [len(r) for r in rows]}
-    pca = _Pca(params.pca_dim, params.seed)
+    proj = Projection(params, progress, will_place=reference is not None)
     if reference is None:
-        x = np.concatenate([e.features[r] for e, r in zip(embs, rows)])
-        params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(x)))
-        x = pca.fit_transform(x)
-        tsne, perp, finish = _tsne(params, len(x), progress)
-        coords = np.asarray(tsne.fit(x), np.float32)
-        finish()
-        info.update(mode="union", perplexity_used=perp)
+        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows)]))
+        info.update(mode="union")
     else:
-        ref = embs[reference].features[rows[reference]]
-        params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(ref)))
-        xr = pca.fit_transform(ref)
-        tsne, perp, finish = _tsne(params, len(xr), progress)
-        emb = tsne.fit(xr)
-        finish()
         coords = np.zeros((len(labels), 2), np.float32)
-        coords[groups == reference] = np.asarray(emb)
+        coords[groups == reference] = proj.fit(embs[reference].features[rows[reference]])
         for i, (e, r) in enumerate(zip(embs, rows)):
-            if i == reference:
-                continue
-            # transform places each new point against the frozen reference map only
-            coords[groups == i] = np.asarray(emb.transform(pca.transform(e.features[r])))
-        info.update(mode="reference", reference=names[reference], perplexity_used=perp)
-    info["pca_dim"] = None if pca.model is None else params.pca_dim
+            if i != reference:
+                coords[groups == i] = proj.place(e.features[r])
+        info.update(mode="reference", reference=names[reference])
+    info.update(proj.info)
     return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
 
 
@@ -360,3 +456,70 @@ def knn_recall(high: np.ndarray, low: np.ndarray, k: int = 10, *, n_eval: int | 
     ih = NearestNeighbors(n_neighbors=k + 1).fit(high).kneighbors(high[q], return_distance=False)[:, 1:]
     il = NearestNeighbors(n_neighbors=k + 1).fit(low).kneighbors(low[q], return_distance=False)[:, 1:]
     return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il)]))
+
+
+def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
+            embeddings: Sequence[Embeddings] | None = None, names: Sequence[str] | None = None,
+            reference: int | None = None, sample: int | None = None, params: TsneParams | None = None,
+            coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+            image_root: str | os.PathLike | None = None, title: str | None = None,
+            drop_nonfinite: bool = False, force: bool = False, progress: Progress = None) -> dict[str, Any]:
+    """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
+
+    Args:
+        out: the plot (.png, .pdf, .svg).
+        files: embeddings files (one panel each; several share one map).
+        embeddings: already-loaded inputs instead of ``files`` (e.g. embedded end to end).
+        names: one panel name per input (default: file stems).
+        reference: index of the input to fit on; the others are placed into its map.
+        sample: at most this many rows per input, stratified by class.
+        params: the method and its settings.
+        coords: also save the coordinates here (.npz).
+        html: also write the interactive page here (.html, thumbnails from the inputs' images).
+        image_root: the folder the inputs' image ids are relative to (for the thumbnails).
+        title: figure/page title.
+        drop_nonfinite: drop NaN/Inf rows instead of failing.
+        force: overwrite outputs.
+
+    Returns:
+        What was written and how: paths, method, points per input, the map's info.
+
+    Raises:
+        DataError / ArtifactError: bad inputs (see ``shared_map``); OutputExistsError: an output
+        exists and ``force`` is False. Every output is checked before any work.
+    """
+    from featviz import plotting
+    from featviz.outputs import check_writable
+
+    params = params or TsneParams()
+    plotting.check_format(out)
+    if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--html must end in .html, got {Path(html).name!r}")
+    if coords is not None and Path(coords).suffix != ".npz":
+        raise DataError(f"--coords must end in .npz, got {Path(coords).name!r}")
+    for p in (out, coords, html):
+        if p is not None:
+            check_writable(p, force=force)
+    if embeddings is None:
+        embeddings = [Embeddings.load(f) for f in files]
+    embs = list(embeddings)
+    if not embs:
+        raise DataError("give at least one embeddings file")
+    names = list(names or [Path(f).stem for f in files] or [f"input {i}" for i in range(len(embs))])
+    if drop_nonfinite:
+        embs = [e.subset(np.flatnonzero(check_finite(e.features, drop=True))) for e in embs]
+    m = shared_map(embs, names, reference=reference, sample=sample, params=params, progress=progress)
+    plotting.scatter_panels([m.panel(g) for g in range(len(embs))], m.class_names, out, titles=names,
+                            suptitle=title, force=force)
+    written = {"plot": str(out)}
+    if coords is not None:
+        m.save(coords, force=force)
+        written["coords"] = str(coords)
+    if html is not None:
+        from featviz import interactive
+
+        paths = [str(f) for f in files] if files else None
+        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force)
+        written["html"] = str(html)
+    return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
+            "inputs": names, "info": m.info}

@@ -134,3 +134,47 @@ def test_point_style_shrinks_with_n():
     sizes = [plotting.point_style(n) for n in (10, 1_000, 100_000, 10_000_000)]
     assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes, sizes[1:]))
     assert sizes[0][0] > 20 * sizes[-1][0]
+
+
+def test_umap_on_digits_keeps_classes_apart():
+    """--method umap on digits raw pixels: 10-NN class accuracy of the 2-D map >= 0.95."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    c = tsne.fit(d.data.astype(np.float32), tsne.TsneParams(method="umap", seed=0))
+    assert c.shape == (len(d.target), 2)
+    acc = tsne.knn_accuracy(c, d.target)
+    assert acc >= 0.95, acc
+
+
+def test_umap_is_seeded_and_places_new_points_with_its_transform():
+    x, y = _blobs(40, 10, seed=1)
+    new, ynew = _blobs(10, 10, seed=1)
+    params = tsne.TsneParams(method="umap", seed=0, n_neighbors=10)
+    np.testing.assert_array_equal(tsne.fit(x, params), tsne.fit(x, params))  # seeded: the same map twice
+    m = tsne.shared_map([Embeddings(x, y), Embeddings(new + 0.01, ynew)], reference=0, params=params)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(5).fit(m.panel(0)[0], y)
+    assert (clf.predict(m.panel(1)[0]) == ynew).mean() > 0.95
+    assert m.info["method"] == "umap" and m.info["n_neighbors_used"] == 10
+
+
+def test_pca_method_is_scikit_learns_pca():
+    from sklearn.decomposition import PCA
+
+    x, y = _blobs(30, 80)
+    m = tsne.shared_map([Embeddings(x, y)], params=tsne.TsneParams(method="pca", seed=0))
+    np.testing.assert_allclose(m.coords, PCA(2, random_state=0).fit_transform(x), rtol=1e-4, atol=1e-4)
+    ref = tsne.shared_map([Embeddings(x[:60], y[:60]), Embeddings(x[60:], y[60:])], reference=0,
+                          params=tsne.TsneParams(method="pca"))
+    p = PCA(2, random_state=0).fit(x[:60])
+    np.testing.assert_allclose(ref.panel(1)[0], p.transform(x[60:]), rtol=1e-4, atol=1e-4)
+    assert m.info["method"] == "pca" and len(m.info["explained_variance_ratio"]) == 2
+
+
+def test_unknown_method_is_refused():
+    from featviz.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="umap"):
+        tsne.TsneParams(method="umpa")
