@@ -16,18 +16,21 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.1.0+src"
 
-_SUBMODULES = {
-    "artifacts", "augment", "cam", "checkpoints", "collapse", "crops", "data", "demo", "distributed", "embed",
-    "errors", "figure", "methods", "models", "outputs", "plotting", "registry", "segmentation", "train", "tsne",
-    "views", "watch",
-}
+
+def _submodules() -> set[str]:
+    """featviz's modules and packages, found on disk (so a new module needs no list entry)."""
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    return {p.stem for p in here.glob("[a-z]*.py")} | {p.name for p in here.iterdir()
+                                                       if p.is_dir() and (p / "__init__.py").exists()}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
+    if name in _submodules():
         return importlib.import_module(f"featviz.{name}")
     raise AttributeError(f"module 'featviz' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES)
+    return sorted(set(globals()) | _submodules())

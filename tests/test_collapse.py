@@ -127,7 +127,7 @@ def test_rankme_matches_svd_and_streaming_matches_one_shot(rng, monkeypatch):
     p = sv / sv.sum() + 1e-7
     assert C.rankme(z) == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), abs=1e-4)
     whole = C.collapse_report(z, z[::-1].copy()).to_dict()
-    monkeypatch.setattr(C, "_CHUNK_ELEMS", 40 * 7)  # 7-row chunks
+    monkeypatch.setattr(C.metrics, "_CHUNK_ELEMS", 40 * 7)  # 7-row chunks
     chunked = C.collapse_report(z, z[::-1].copy()).to_dict()
     for k in ("std_l2", "rankme", "effective_rank", "alignment", "uniformity", "alpha_req"):
         assert chunked[k] == pytest.approx(whole[k], rel=1e-9, abs=1e-12), k

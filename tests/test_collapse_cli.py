@@ -207,7 +207,7 @@ def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
 
 
 def test_watch_trend_compares_records_measured_the_same_way():
-    from featviz.watch import CollapseWatcher
+    from featviz.collapse import CollapseWatcher
 
     w = CollapseWatcher()
     for rec in ({"step": 5, "split": "train_batch", "rankme": 10.0}, {"step": 10, "split": "held_out", "rankme": 2.0},

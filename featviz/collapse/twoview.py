@@ -216,9 +216,56 @@ def model_collapse_reports(model: nn.Module, images: Sequence[Any], *, heads: di
         (reports, skipped): ``{"backbone": CollapseReport, "projector": ..., "pixels": ...}``
         (alignment from the view pairs, other metrics from view 1), and undecodable image indices.
     """
-    from featviz.collapse import collapse_report
+    from featviz.collapse.metrics import collapse_report
 
     feats, skipped = two_view_features(model, images, image_size=image_size, batch_size=batch_size, seed=seed,
                                        pixels=pixels, pixels_per_image=pixels_per_image, heads=heads,
                                        device=device, progress=progress)
     return {name: collapse_report(z1, z2, seed=seed, **report_kwargs) for name, (z1, z2) in feats.items()}, skipped
+
+
+def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.PathLike, *,
+                       load_kwargs: dict[str, Any], image_size: int | None = None, batch_size: int = 64,
+                       seed: int = 0, pixels: bool = False, pixels_per_image: int = 64, device: str = "auto",
+                       progress: Callable[[Iterable], Iterable] | None = None, **report_kwargs: Any):
+    """Collapse reports of a checkpoint (or a seeded random-init ``arch``) on two views of ``images``.
+
+    ``load_kwargs`` are the model-loading options (arch, format, num_heads, checkpoint_key, trust).
+
+    Returns:
+        (reports, source, skipped): the reports per output (backbone, projector, predictor,
+        pixels), a display name of the model, and the indices of undecodable images.
+    """
+    from featviz import data, models
+    from featviz.distributed import resolve_device
+
+    model, _ = models.resolve_model(checkpoint=checkpoint, seed=seed, **load_kwargs)
+    items = data.labelled_images(images).items
+    reports, skipped = model_collapse_reports(
+        model, items, heads=checkpoint_heads(checkpoint), image_size=image_size, batch_size=batch_size,
+        seed=seed, pixels=pixels, pixels_per_image=pixels_per_image, device=resolve_device(device),
+        progress=progress, **report_kwargs)
+    return reports, str(checkpoint or f"{load_kwargs.get('arch')} (random init)"), skipped
+
+
+def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any], *, image_size: int | None = None,
+                          batch_size: int = 64, seed: int = 0, device: str = "auto",
+                          **report_kwargs: Any) -> Callable[[Path], dict[str, Any]]:
+    """A function turning one checkpoint file into a metrics record, for ``watch`` on a run that
+    writes checkpoints but no ``metrics.jsonl``: the projector's report when the checkpoint has one
+    (what the SSL loss sees), else the backbone's."""
+    from featviz import data
+    from featviz.checkpoints import load_backbone
+    from featviz.distributed import resolve_device
+
+    items = data.labelled_images(images).items
+    dev = resolve_device(device)
+
+    def metrics(path: Path) -> dict[str, Any]:
+        model, _ = load_backbone(path, **load_kwargs)
+        reports, _ = model_collapse_reports(model, items, heads=checkpoint_heads(path), image_size=image_size,
+                                            batch_size=batch_size, seed=seed, device=dev, **report_kwargs)
+        name = "projector" if "projector" in reports else "backbone"
+        return {**reports[name].to_dict(), "output": name}
+
+    return metrics

@@ -1,11 +1,12 @@
-"""Follow a training run's collapse metrics while it is written (torch-free).
+"""Collapse metrics during training: write them (``CollapseMonitor``, the Lightning callback) and
+follow them live (``watch``, ``CollapseWatcher``); torch-free.
 
-A run folder holds ``metrics.jsonl`` (one JSON object per line, as written by
-``featviz.collapse.CollapseMonitor`` and ``featviz train``), or checkpoints that appear one by
-one. ``watch`` polls it, hands every new record to ``CollapseWatcher`` (trend and alarms) and
-reports events to a callback (the CLI draws a live table and curve plots from them).
+A run folder holds ``metrics.jsonl`` (one JSON object per line, as written by ``CollapseMonitor``
+and ``featviz train``), or checkpoints that appear one by one. ``watch`` polls it, hands every new
+record to ``CollapseWatcher`` (trend and alarms) and reports events to a callback (the CLI draws a
+live table and curve plots from them).
 
-When does it stop?
+When does a watch stop?
 
 * the run writes a final ``{"event": "done"}`` line (``CollapseMonitor.close()``), or a file
   named ``DONE`` appears in the run folder;
@@ -19,6 +20,7 @@ Alarms: std_l2 below ``std_fraction``/√d (complete collapse), RankMe below
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,10 +32,157 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featviz.errors import FeatvizError
+from featviz.collapse.metrics import collapse_report
+from featviz.errors import DataError, FeatvizError
 
 log = logging.getLogger(__name__)
 
+# ------------------------------------------------------------------ training-loop monitor
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line with a single write, then flush and fsync.
+
+    The line is written by one ``os.write`` on an ``O_APPEND`` descriptor, so concurrent readers
+    see either the whole line or nothing of it; readers must still ignore a last line without
+    its newline (a crash mid-write).
+    """
+    from featviz.outputs import to_jsonable
+
+    data = (json.dumps(to_jsonable(record), allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may be short on exotic filesystems; keep appending the rest
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CollapseMonitor:
+    """Log collapse metrics from any training loop to ``out_dir/filename`` (JSON lines).
+
+    Example::
+
+        monitor = CollapseMonitor("runs/simsiam", every=50)
+        for step, (x1, x2) in enumerate(loader):
+            z1, z2 = model(x1), model(x2)
+            ...
+            monitor.update(z1, z2, step=step, loss=loss.item(), lr=sched.get_last_lr()[0])
+        monitor.close()  # writes {"event": "done"}; `featviz collapse --watch` stops there
+
+    Each line holds ``step``, ``time``, every scalar of ``CollapseReport.to_dict()`` and the
+    ``extra`` keyword values. NaN/Inf rows never raise here (a diverging run must still be
+    logged): they are dropped and counted in ``n_nonfinite``; if fewer than 2 rows are finite the
+    line holds ``"error"`` and no metrics. Needs no Lightning.
+
+    Args:
+        out_dir: folder for the metrics file (created).
+        every: log when ``step % every == 0`` (the call count stands in when ``step`` is None).
+        filename: metrics file name.
+        enabled: False turns every call into a no-op (e.g. on non-zero ranks of a DDP job).
+        **report_kwargs: passed to ``collapse_report`` (e.g. ``uniformity_exact_max``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, every: int = 1, filename: str = "metrics.jsonl",
+                 *, enabled: bool = True, **report_kwargs: Any):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.path = Path(out_dir) / filename
+        self.every, self.enabled, self.report_kwargs = every, enabled, report_kwargs
+        self.calls = 0
+        self.last_step: int | None = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def update(self, z1: Any, z2: Any = None, step: int | None = None, **extra: Any) -> dict[str, Any] | None:
+        """Compute metrics on ``z1`` (and alignment with ``z2``) and append one line.
+
+        Returns:
+            The record written, or None when skipped by ``every`` (or disabled).
+        """
+        count = self.calls
+        self.calls += 1
+        if not self.enabled or (step if step is not None else count) % self.every:
+            return None
+        record: dict[str, Any] = {"step": count if step is None else int(step), "time": round(time.time(), 3)}
+        try:
+            rep = collapse_report(z1, z2, drop_nonfinite=True, **self.report_kwargs)
+            record.update(rep.to_dict())
+        except DataError as e:  # e.g. every row NaN: log the failure instead of crashing training
+            record["error"] = str(e)
+        record.update({k: _scalar(v) for k, v in extra.items()})
+        append_jsonl(self.path, record)
+        self.last_step = record["step"]
+        return record
+
+    def close(self, **extra: Any) -> None:
+        """Append the ``{"event": "done"}`` marker that tells ``--watch`` the run ended."""
+        if self.enabled:
+            append_jsonl(self.path, {"event": "done", "step": self.last_step, "time": round(time.time(), 3),
+                                     **{k: _scalar(v) for k, v in extra.items()}})
+
+    def __enter__(self) -> CollapseMonitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _scalar(v: Any) -> Any:
+    """Turn 0-d tensors / numpy scalars into Python numbers (``loss=loss`` works)."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@functools.cache  # one class per process, so isinstance checks work
+def _lightning_callback_class():
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            raise AttributeError(
+                "featviz.collapse.CollapseCallback needs lightning (or pytorch_lightning), which is not "
+                "installed; use CollapseMonitor directly in your loop") from None
+
+    class CollapseCallback(pl.Callback):
+        """Lightning callback: logs ``CollapseMonitor`` lines from ``training_step`` outputs.
+
+        ``training_step`` must return a dict with ``loss`` and ``z1`` (and optionally ``z2``),
+        e.g. ``{"loss": loss, "z1": z1.detach(), "z2": z2.detach()}``. Only rank 0 writes.
+        """
+
+        def __init__(self, out_dir: str | os.PathLike, every: int = 50, **kwargs: Any):
+            super().__init__()
+            self.monitor = CollapseMonitor(out_dir, every=every, **kwargs)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
+            if not trainer.is_global_zero or not isinstance(outputs, dict) or "z1" not in outputs:
+                return
+            self.monitor.update(outputs["z1"], outputs.get("z2"), step=trainer.global_step,
+                                loss=outputs.get("loss"), epoch=trainer.current_epoch)
+
+        def on_train_end(self, trainer, pl_module):  # noqa: D102
+            if trainer.is_global_zero:
+                self.monitor.close()
+
+    return CollapseCallback
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: importing lightning costs >1 s, so the callback class is built on first access only
+    if name == "CollapseCallback":
+        return _lightning_callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------ following a run
 CHECKPOINT_EXTS = (".safetensors", ".pth", ".pt", ".ckpt", ".tar")
 DONE_FILE = "DONE"
 
@@ -280,3 +429,81 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
         if max_wait is not None and time.monotonic() - last_new > max_wait:
             return finish("max_wait")
         sleep(interval)
+
+
+@dataclass
+class FollowResult:
+    """How ``follow_run`` ended, and where its outputs are."""
+
+    reason: str
+    records: int
+    alarms: list[dict[str, Any]]
+    last: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def curves(self) -> Path:
+        return self.out_dir / "curves.png"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "records": self.records, "alarms": self.alarms, "last": self.last,
+                "curves": str(self.curves)}
+
+
+STOP_REASONS = {"done": "the run finished", "until_step": "reached --until-step", "max_wait": "nothing new for --max-wait",
+                "alarm": "collapse alarm"}
+
+
+def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
+               out_dir: str | os.PathLike | None = None, force: bool = False, interval: float = 2.0,
+               max_wait: float | None = None, until_step: int | None = None, stop_on_alarm: bool = False,
+               checkpoint_metrics: Callable[[Path], dict[str, Any]] | None = None,
+               on_event: Callable[[str, dict[str, Any]], None] | None = None, title: str | None = None,
+               plot_every: float = 5.0) -> FollowResult:
+    """``featviz collapse --watch``: follow a run, keep ``curves.png`` current, save what is computed.
+
+    Wraps ``watch``: the curves are redrawn at most every ``plot_every`` seconds and once at the
+    end, into ``out_dir`` (default ``RUN_DIR/collapse-watch``); records computed from checkpoints
+    (``checkpoint_metrics``) are appended to ``out_dir/metrics.jsonl`` so they are not lost.
+    ``on_event`` receives ``watch``'s events (for a live display).
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and ``force`` is False.
+        DataError: no metrics appeared before ``max_wait``.
+    """
+    from featviz.collapse.plots import plot_curves
+    from featviz.outputs import check_writable
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "collapse-watch"
+    if out.exists():
+        check_writable(out, force=force)
+    watcher = watcher or CollapseWatcher()
+    title = title or f"collapse watch: {run_dir}"
+    last_plot = [0.0]
+
+    def redraw(final: bool = False) -> None:
+        if watcher.records and (final or time.monotonic() - last_plot[0] > plot_every):
+            out.mkdir(parents=True, exist_ok=True)
+            plot_curves(watcher.records, out / "curves.png", std_fraction=watcher.std_fraction, title=title)
+            last_plot[0] = time.monotonic()
+
+    def event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "records":
+            if checkpoint_metrics is not None:  # keep what was computed from checkpoints
+                out.mkdir(parents=True, exist_ok=True)
+                for r in info["records"]:
+                    append_jsonl(out / "metrics.jsonl", {k: v for k, v in r.items() if not k.startswith("_")})
+        if on_event is not None:
+            on_event(kind, info)
+        if kind == "records":
+            redraw()
+
+    result = watch(run_dir, watcher=watcher, interval=interval, max_wait=max_wait, until_step=until_step,
+                   stop_on_alarm=stop_on_alarm, checkpoint_metrics=checkpoint_metrics, on_event=event)
+    redraw(final=True)
+    if not result.records:
+        raise DataError(f"no metrics appeared in {run_dir} within --max-wait {max_wait:g} s; is the run writing "
+                        "metrics.jsonl (CollapseMonitor / featviz train)?")
+    last = {k: v for k, v in watcher.records[-1].items() if not k.startswith("_")}
+    return FollowResult(result.reason, result.records, result.alarms, last, out)

@@ -1,0 +1,131 @@
+"""`featviz cam`: class activation maps of any layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featviz._names import CAM_METHOD_NAMES
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    NumHeadsOpt,
+    SeedOpt,
+    TrustOpt,
+    _load_kwargs,
+)
+
+
+@app.command()
+def cam(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (overlays, maps.npz, contact sheet, manifest).")
+    ],
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            "-l",
+            help="Layer name, e.g. layer4, 'layer4[-1]', blocks.11.norm1 (repeat to average "
+            "layers; default per architecture; `featviz layers` lists them).",
+        ),
+    ] = None,
+    method: Annotated[
+        list[str],
+        typer.Option(
+            "--method",
+            "-m",
+            help="Method(s), comma-separated or repeated, or 'all': " + ", ".join(CAM_METHOD_NAMES) + ".",
+        ),
+    ] = ["gradcam"],  # noqa: B006 - typer needs a list default
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="top1 | class:N | seg:CLASS | similarity:REF_IMAGE | self | pair "
+            "(default: top1 with a classifier, else self).",
+        ),
+    ] = None,
+    image_size: Annotated[str | None, typer.Option("--image-size", help="N or HxW (default: the model's).")] = None,
+    aug_smooth: Annotated[
+        bool, typer.Option("--aug-smooth", help="Average over flips and scalings (6× slower).")
+    ] = False,
+    eigen_smooth: Annotated[
+        bool, typer.Option("--eigen-smooth", help="First principal component of the weighted maps.")
+    ] = False,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Add ROAD and confidence drop/increase per map.")] = False,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 16,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Heatmaps of where a classifier, segmenter or SSL encoder looks, with any pytorch-grad-cam method."""
+    from featviz import cam as cam_lib
+
+    args = {
+        "images": images,
+        "out": out_dir,
+        "checkpoint": checkpoint,
+        "arch": arch,
+        "layer": layer,
+        "method": method,
+        "target": target,
+        "image_size": image_size,
+        "aug_smooth": aug_smooth,
+        "eigen_smooth": eigen_smooth,
+        "metrics": metrics,
+        "device": device,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    with _user_errors():
+        model, report = cam_lib.load_model(
+            checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        )
+        summary = cam_lib.run_cam(
+            images,
+            out_dir,
+            model=model,
+            methods=method,
+            layers=layer,
+            target=target,
+            image_size=image_size,
+            batch_size=batch_size,
+            aug_smooth=aug_smooth,
+            eigen_smooth=eigen_smooth,
+            metrics=metrics,
+            device=device,
+            seed=seed,
+            force=force,
+            load_report=report,
+            arguments=args,
+            progress=_progress("cam"),
+        )
+    if as_json:
+        _echo_json(summary)
+        return
+    out.print(
+        f"[bold]{summary['images']}[/] images × {len(summary['methods'])} methods "
+        f"({', '.join(summary['methods'])}) · layer {', '.join(summary['layers'])} · target {summary['target']}"
+    )
+    out.print(f"contact sheet: {summary['files']['contact_sheet']}", highlight=False)
+    for name, values in (summary["metrics"] or {}).items():
+        out.print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), highlight=False)

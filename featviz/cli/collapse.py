@@ -1,0 +1,322 @@
+"""`featviz collapse`: collapse metrics of embeddings, a checkpoint, or a live run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, err, out
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    NumHeadsOpt,
+    SeedOpt,
+    TrustOpt,
+    _load_kwargs,
+)
+
+_WATCH = "Watching a run (--watch)"
+_CKPT = "From a checkpoint (--checkpoint / --arch + --images)"
+_METRIC = "Metrics"
+
+
+@app.command()
+def collapse(
+    embeddings: Annotated[
+        Path | None, typer.Argument(help="Embeddings .npz (from `featviz embed`) or an (N, D) .npy.")
+    ] = None,
+    positives: Annotated[
+        Path | None, typer.Option("--positives", help="Second views: row i pairs with row i of EMB (for alignment).")
+    ] = None,
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    images: Annotated[
+        Path | None, typer.Option("--images", "-i", help="Folder of images (or 'digits').", rich_help_panel=_CKPT)
+    ] = None,
+    pixels: Annotated[
+        bool,
+        typer.Option(
+            "--pixels", help="Also measure dense features (ResNet layer4 / ViT patch tokens).", rich_help_panel=_CKPT
+        ),
+    ] = False,
+    pixels_per_image: Annotated[
+        int,
+        typer.Option("--pixels-per-image", min=1, help="Cells sampled per image with --pixels.", rich_help_panel=_CKPT),
+    ] = 64,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", min=8, help="View size (default: the model's).", rich_help_panel=_CKPT)
+    ] = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    watch_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--watch",
+            help="Follow RUN_DIR/metrics.jsonl (or new checkpoints, with --images) live.",
+            rich_help_panel=_WATCH,
+        ),
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.01, help="Seconds between polls.", rich_help_panel=_WATCH)
+    ] = 2.0,
+    max_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--max-wait", min=0, help="Stop after this many seconds with nothing new.", rich_help_panel=_WATCH
+        ),
+    ] = None,
+    until_step: Annotated[
+        int | None, typer.Option("--until-step", help="Stop once a record reaches this step.", rich_help_panel=_WATCH)
+    ] = None,
+    rankme_drop: Annotated[
+        float,
+        typer.Option(
+            "--rankme-drop",
+            min=0.0,
+            max=1.0,
+            help="Alarm when RankMe falls below (1 - this) × its peak.",
+            rich_help_panel=_WATCH,
+        ),
+    ] = 0.5,
+    std_fraction: Annotated[
+        float,
+        typer.Option(
+            "--std-fraction", min=0.0, max=1.0, help="Alarm when std_l2 < this × 1/√d.", rich_help_panel=_METRIC
+        ),
+    ] = 0.3,
+    fail_on_collapse: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-collapse", help="Exit with code 3 when collapse is flagged (watch: at the first alarm)."
+        ),
+    ] = False,
+    drop_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--drop-nonfinite", help="Drop rows with NaN/Inf (counted) instead of refusing.", rich_help_panel=_METRIC
+        ),
+    ] = False,
+    exact_max: Annotated[
+        int,
+        typer.Option(
+            "--uniformity-exact-max",
+            min=2,
+            help="Exact uniformity up to this many rows; sampled with a 95% CI above.",
+            rich_help_panel=_METRIC,
+        ),
+    ] = 20_000,
+    pairs: Annotated[
+        int,
+        typer.Option(
+            "--uniformity-pairs", min=100, help="Random pairs for sampled uniformity.", rich_help_panel=_METRIC
+        ),
+    ] = 1_000_000,
+    alpha_range: Annotated[
+        str,
+        typer.Option("--alpha-range", help="α-ReQ fit ranks LO,HI (1-based, HI excluded).", rich_help_panel=_METRIC),
+    ] = "10,100",
+    seed: SeedOpt = 0,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for report.json + spectrum.png (watch: curves.png; default RUN_DIR/collapse-watch).",
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure collapse: std of l2-normalised outputs, alignment/uniformity, RankMe, effective rank, α-ReQ, spectrum.
+
+    Give an embeddings file, a checkpoint (two augmented views of --images are made), or --watch a training run.
+    """
+    modes = [
+        m for m, on in (("EMB", embeddings), ("--checkpoint/--arch", checkpoint or arch), ("--watch", watch_dir)) if on
+    ]
+    if len(modes) != 1:
+        raise typer.BadParameter(
+            f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})"
+        )
+    misplaced = [
+        flag
+        for flag, given, allowed in (
+            ("--positives", positives, ("EMB",)),
+            ("--pixels", pixels, ("--checkpoint/--arch",)),
+            ("--images", images, ("--checkpoint/--arch", "--watch")),
+        )
+        if given and modes[0] not in allowed
+    ]
+    if misplaced:  # refuse rather than ignore a flag that would change nothing
+        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    if modes[0] == "--checkpoint/--arch" and images is None:
+        raise typer.BadParameter("--checkpoint/--arch needs --images DIR (two augmented views are made of each)")
+    from featviz import collapse as C
+
+    with _user_errors():
+        kwargs = dict(
+            drop_nonfinite=drop_nonfinite,
+            uniformity_exact_max=exact_max,
+            uniformity_pairs=pairs,
+            alpha_range=_parse_range(alpha_range),
+        )
+        load = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        if watch_dir is not None:
+            metrics_fn = None
+            if images is not None:
+                metrics_fn = C.twoview.checkpoint_metrics_fn(
+                    images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, **kwargs
+                )
+            raise typer.Exit(
+                _watch(
+                    watch_dir,
+                    out_dir,
+                    force,
+                    interval,
+                    max_wait,
+                    until_step,
+                    std_fraction,
+                    rankme_drop,
+                    fail_on_collapse,
+                    metrics_fn,
+                    as_json,
+                )
+            )
+        if out_dir is not None:
+            from featviz.outputs import check_writable
+
+            check_writable(out_dir, force=force)  # fail before the (possibly long) computation
+        if embeddings is not None:
+            reports, source = (
+                C.file_reports(embeddings, positives, seed=seed, progress=_progress("collapse"), **kwargs),
+                str(embeddings),
+            )
+        else:
+            reports, source, skipped = C.twoview.checkpoint_reports(
+                checkpoint,
+                images,
+                load_kwargs=load,
+                image_size=image_size,
+                batch_size=batch_size,
+                seed=seed,
+                pixels=pixels,
+                pixels_per_image=pixels_per_image,
+                device=device,
+                progress=_progress("two views"),
+                **kwargs,
+            )
+            if skipped:
+                err.print(f"[yellow]skipped {len(skipped)} undecodable images[/]")
+        if out_dir is not None:
+            C.write_report(out_dir, reports, source, force=force)
+    flags = {name: r.flags(std_fraction) for name, r in reports.items()}
+    if as_json:
+        first = next(iter(reports))
+        _echo_json(
+            {
+                **reports[first].to_dict(),
+                "output": first,
+                "flags": flags[first],
+                "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
+            }
+        )
+    else:
+        wide = out.width >= 140  # definitions need room; narrow terminals get a pointer instead
+        out.print(
+            C.report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {source}", definitions=wide)
+        )
+        if not wide:
+            out.print("[dim]definitions and papers: docs/metrics.md (or --json / report.json)[/]")
+        for name, r in reports.items():
+            if r.n_nonfinite:
+                err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")
+            for f in flags[name]:
+                out.print(f"[bold red]{name}:[/] {f}", highlight=False)
+        if out_dir is not None:
+            out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'spectrum.png'}", highlight=False)
+    if fail_on_collapse and any(flags.values()):
+        raise typer.Exit(3)
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--alpha-range takes LO,HI (two integers), got {text!r}") from None
+    if not 1 <= lo < hi:
+        raise typer.BadParameter(f"--alpha-range needs 1 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _watch(
+    run_dir,
+    out_dir,
+    force,
+    interval,
+    max_wait,
+    until_step,
+    std_fraction,
+    rankme_drop,
+    fail_on_collapse,
+    metrics_fn,
+    as_json,
+) -> int:
+    """--watch: the library follows the run; this draws the live table and prints alarms."""
+    from contextlib import nullcontext
+
+    from rich.live import Live
+
+    from featviz import collapse as C
+
+    watcher = C.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop)
+    title = f"collapse watch: {run_dir}"
+    # with --json stdout carries only the final JSON summary, so no live table
+    live_ctx = nullcontext() if as_json else Live(watcher.to_rich(title=title), console=out, refresh_per_second=4)
+    with live_ctx as live:
+
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "waiting":
+                err.print(f"[dim]{info['message']}…[/]", highlight=False)
+            elif kind in ("records", "stopped") and live is not None:
+                live.update(watcher.to_rich(title=title))
+            for a in info.get("alarms", ()):
+                err.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
+
+        result = C.follow_run(
+            run_dir,
+            watcher=watcher,
+            out_dir=out_dir,
+            force=force,
+            interval=interval,
+            max_wait=max_wait,
+            until_step=until_step,
+            stop_on_alarm=fail_on_collapse,
+            checkpoint_metrics=metrics_fn,
+            on_event=on_event,
+            title=title,
+        )
+    reason = (
+        C.STOP_REASONS[result.reason]
+        .replace("--until-step", f"step {until_step}")
+        .replace("--max-wait", f"{max_wait} s")
+    )
+    err.print(
+        f"stopped: {reason}; {result.records} records, {len(result.alarms)} alarms"
+        + (f"; curves: {result.curves}" if result.curves.exists() else ""),
+        highlight=False,
+    )
+    if as_json:
+        _echo_json(result.to_dict())
+    return 3 if fail_on_collapse and result.alarms else 0

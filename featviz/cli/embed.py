@@ -1,0 +1,101 @@
+"""`featviz embed`: image or pixel embeddings to .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featviz.cli._app import _progress, _usage, _user_errors, app
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    DropNonfiniteOpt,
+    ForceOpt,
+    FormatOpt,
+    ImageSizeOpt,
+    ImagesOpt,
+    LayerOpt,
+    MasksOpt,
+    MaxPixOpt,
+    NumHeadsOpt,
+    PixelsOpt,
+    PrecisionOpt,
+    SeedOpt,
+    StrictOpt,
+    TrustOpt,
+    WorkersOpt,
+    _embed_kwargs,
+)
+
+
+@app.command()
+def embed(
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output embeddings file (.npz); manifest.json is written beside it.")
+    ],
+    images: ImagesOpt = None,
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="CSV of path,label for the images in --images.")
+    ] = None,
+    pixels: PixelsOpt = False,
+    masks: MasksOpt = None,
+    layer: LayerOpt = None,
+    max_pixels_per_class: MaxPixOpt = None,
+    image_size: ImageSizeOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    drop_nonfinite: DropNonfiniteOpt = False,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Embed images (pooled) or pixels (--pixels --masks) with a checkpoint, or seeded random weights (--arch).
+
+    Runs under torchrun too: `torchrun --nproc_per_node N -m featviz embed ...` shards the images and rank 0
+    writes one merged file.
+    """
+    from featviz import embed as embed_lib
+
+    with _user_errors():
+        if images is None:
+            raise _usage("--images is required (a folder, a CSV of path,label, or 'digits')")
+        emb = embed_lib.run_embed(
+            out=out_path,
+            checkpoint=checkpoint,
+            arch=arch,
+            force=force,
+            progress=_progress("embedding"),
+            load_kwargs=dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint),
+            **_embed_kwargs(
+                images,
+                labels,
+                pixels,
+                masks,
+                layer,
+                max_pixels_per_class,
+                image_size,
+                batch_size,
+                device,
+                precision,
+                workers,
+                seed,
+                strict,
+                drop_nonfinite,
+            ),
+        )
+    if emb is not None:  # rank 0 (or a single process)
+        kind = "pixels" if emb.is_pixels else "images"
+        typer.echo(f"{out_path}  ({emb.n:,} {kind} x {emb.d} dims, {len(emb.class_names)} classes)")

@@ -1,0 +1,106 @@
+"""Options shared by several commands, defined once (their names and help read the same everywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featviz._names import CheckpointKey, DeviceName, FormatName, PrecisionName
+
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors).")
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        "-a",
+        help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. Inferred from the checkpoint when omitted.",
+    ),
+]
+FormatOpt = Annotated[FormatName, typer.Option("--format", help="Checkpoint layout; 'auto' detects it.")]
+NumHeadsOpt = Annotated[
+    int | None, typer.Option("--num-heads", min=1, help="ViT attention heads (cannot be inferred from weights).")
+]
+CheckpointKeyOpt = Annotated[
+    CheckpointKey | None,
+    typer.Option("--checkpoint-key", help="DINO full checkpoints: which network (default teacher)."),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option("--trust-checkpoint", help="Allow arbitrary pickles (weights_only=False). Only for files you trust."),
+]
+DeviceOpt = Annotated[DeviceName, typer.Option("--device", help="auto = CUDA when available, else CPU.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+
+
+def _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust) -> dict[str, Any]:
+    return dict(arch=arch, format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust)
+
+
+ImagesOpt = Annotated[
+    str | None,
+    typer.Option("--images", "-i", help="Folder (class subfolders = labels), CSV of path,label, or 'digits'."),
+]
+PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Dense pixel features labelled from --masks.")]
+MasksOpt = Annotated[
+    Path | None, typer.Option("--masks", help="Folder of class-index masks named like the images (255 = ignore).")
+]
+LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer for --pixels (default: ResNet layer4, ViT norm).")]
+MaxPixOpt = Annotated[
+    int | None, typer.Option("--max-pixels-per-class", min=1, help="Class-balanced pixel sample (seeded).")
+]
+ImageSizeOpt = Annotated[
+    int | None, typer.Option("--image-size", min=8, help="Input side (default: the model's; native size for --pixels).")
+]
+PrecisionOpt = Annotated[
+    PrecisionName, typer.Option("--precision", help="auto = bf16/fp16 autocast on CUDA, float32 on CPU.")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=0, help="DataLoader workers (default: 8 on CUDA, 0 on CPU).")
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Stop at the first undecodable image instead of skipping it.")
+]
+DropNonfiniteOpt = Annotated[
+    bool, typer.Option("--drop-nonfinite", help="Drop NaN/Inf feature rows instead of failing.")
+]
+
+
+def _embed_kwargs(
+    images,
+    labels,
+    pixels,
+    masks,
+    layer,
+    max_pixels_per_class,
+    image_size,
+    batch_size,
+    device,
+    precision,
+    workers,
+    seed,
+    strict,
+    drop_nonfinite,
+) -> dict[str, Any]:
+    return dict(
+        images=images,
+        labels_csv=labels,
+        pixels=pixels,
+        masks=masks,
+        layer=layer,
+        max_pixels_per_class=max_pixels_per_class,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        workers=workers,
+        seed=seed,
+        strict=strict,
+        drop_nonfinite=drop_nonfinite,
+    )

@@ -1,0 +1,197 @@
+"""`featviz train`: SSL and segmentation training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featviz._names import MethodName, OptimizerName
+from featviz.cli._app import _echo_json, _user_errors, app, err, out
+from featviz.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    SeedOpt,
+)
+
+
+def _train_progress(every: int):
+    """A rich progress bar per epoch showing the loss and throughput of the latest metrics line."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    state: dict[str, Any] = {"epoch": 0, "progress": None, "task": None}
+
+    def wrap(iterable, total: int | None = None):
+        state["epoch"] += 1
+        if not err.is_terminal:  # logs and CI: the epoch lines are enough
+            yield from iterable
+            return
+        with Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            state["progress"], state["task"] = (
+                bar,
+                bar.add_task("train", total=total, epoch=state["epoch"], loss="-", ips="-"),
+            )
+            for item in iterable:
+                yield item
+                bar.advance(state["task"])
+
+    def on_log(rec: dict[str, Any]) -> None:
+        if rec.get("kind") == "epoch":
+            extra = "".join(f"  {k} {rec[k]:.3f}" for k in ("knn_acc", "miou", "std_l2") if rec.get(k) is not None)
+            err.print(
+                f"epoch {rec.get('epoch')}: loss {rec.get('loss', float('nan')):.4f}  "
+                f"{rec.get('images_per_s', 0):.0f} img/s{extra}",
+                highlight=False,
+            )
+        elif state["progress"] is not None:
+            state["progress"].update(
+                state["task"], loss=f"{rec.get('loss', float('nan')):.4f}", ips=f"{rec.get('images_per_s', 0):.0f}"
+            )
+
+    return wrap, on_log
+
+
+@app.command()
+def train(
+    method: Annotated[
+        MethodName, typer.Option("--method", "-m", help="SSL method, or supervised_seg / cac for segmentation.")
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="Image folder, labels CSV or 'digits'; for supervised_seg/cac a VOC-layout folder."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder (RUN_DIR): checkpoints, metrics.jsonl, config.json.")
+    ],
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            "-a",
+            help="Backbone (default resnet18_w16-cifar; segmentation resnet18_w16-os8). resnet50 is the GPU path.",
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.")] = 10,
+    batch_size: BatchSizeOpt = 256,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's base lr x batch/256)."),
+    ] = None,
+    optimizer: Annotated[
+        OptimizerName | None, typer.Option("--optimizer", help="Default: per method (DINO adamw, others sgd).")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Default: per method.")] = None,
+    warmup_epochs: Annotated[
+        float, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
+    ] = 0.0,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Training crop size in pixels.")] = 32,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last epoch.")] = False,
+    force: ForceOpt = False,
+    no_stop_grad: Annotated[
+        bool,
+        typer.Option("--no-stop-grad", help="SimSiam ablation: let gradients through both branches (it collapses)."),
+    ] = False,
+    local_crops: Annotated[
+        int, typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino).")
+    ] = 0,
+    min_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--min-scale", min=0.01, max=1.0, help="Smallest crop area (overrides the recipe's, e.g. 0.5 for digits)."
+        ),
+    ] = None,
+    hflip: Annotated[
+        bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (turn off for digits/text).")
+    ] = True,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for torch (1 helps on a busy shared CPU).")
+    ] = None,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between metrics.jsonl lines.")] = 10,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Use only the first N images.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.")] = 0,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 autocast (default: on with CUDA).")] = None,
+    channels_last: Annotated[
+        bool | None, typer.Option("--channels-last/--no-channels-last", help="Default: on with CUDA.")
+    ] = None,
+    selected_num: Annotated[
+        int, typer.Option("--selected-num", min=1, help="CAC: pixels sampled per crop as negatives.")
+    ] = 6400,
+    iou_bound: Annotated[
+        tuple[float, float], typer.Option("--iou-bound", help="CAC: accepted IoU range of the two crops.")
+    ] = (0.1, 1.0),
+    temp: Annotated[float, typer.Option("--temp", min=1e-4, help="CAC: contrast temperature.")] = 0.1,
+    weight_unsup: Annotated[
+        float, typer.Option("--weight-unsup", min=0.0, help="CAC: weight of the pixel contrast loss.")
+    ] = 0.1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train an SSL model (or a segmentation model, with CAC) with checkpoints and collapse metrics.
+
+    Writes RUN_DIR/last.safetensors and best.safetensors every epoch (they load in inspect,
+    embed, tsne, cam and collapse with no flags), RUN_DIR/metrics.jsonl (follow it with
+    `featviz collapse --watch RUN_DIR`) and RUN_DIR/state.pt for --resume.
+    Multi-GPU: `torchrun --nproc_per_node N -m featviz train ...`.
+    """
+    from featviz import train as train_lib
+
+    cfg = train_lib.TrainConfig(
+        method=method,
+        data=data,
+        out=str(out_dir),
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        image_size=image_size,
+        device=device,
+        seed=seed,
+        stop_grad=not no_stop_grad,
+        local_crops=local_crops,
+        min_scale=min_scale,
+        hflip=hflip,
+        threads=threads,
+        log_every=log_every,
+        limit=limit,
+        workers=workers,
+        amp=amp,
+        channels_last=channels_last,
+        selected_num=selected_num,
+        iou_bound=tuple(iou_bound),
+        temp=temp,
+        weight_unsup=weight_unsup,
+    )
+    wrap, on_log = _train_progress(log_every)
+    with _user_errors():
+        result = train_lib.train(cfg, resume=resume, force=force, progress=wrap, on_log=on_log)
+    if result is None:  # a non-zero DDP rank
+        return
+    if as_json:
+        _echo_json(result.to_dict())
+    else:
+        final = result.history[-1] if result.history else {}
+        extra = "".join(f", {k} {final[k]:.3f}" for k in ("knn_acc", "miou") if k in final)
+        out.print(f"{result.last} ({result.steps} steps in {result.seconds:.0f}s{extra})", highlight=False)

@@ -1,0 +1,307 @@
+"""`featviz tsne`: 2-D maps of embeddings, and CAC's Figure 3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featviz._names import FigureName
+from featviz.cli._app import (
+    _checkpoint_name,
+    _progress,
+    _usage,
+    _user_errors,
+    app,
+    out,
+)
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    DeviceOpt,
+    DropNonfiniteOpt,
+    ForceOpt,
+    FormatOpt,
+    ImageSizeOpt,
+    ImagesOpt,
+    LayerOpt,
+    MasksOpt,
+    MaxPixOpt,
+    NumHeadsOpt,
+    PixelsOpt,
+    PrecisionOpt,
+    SeedOpt,
+    StrictOpt,
+    TrustOpt,
+    WorkersOpt,
+    _embed_kwargs,
+)
+
+
+def _split_names(names: str | None, n: int, default: list[str]) -> list[str]:
+    if not names:
+        return default
+    parts = [p.strip() for p in names.split(",")]
+    if len(parts) != n:
+        raise _usage(
+            f"--names/--row-names has {len(parts)} names for {n} panels/rows; give one per panel, comma-separated"
+        )
+    return parts
+
+
+@app.command()
+def tsne(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Plot file: .png, .pdf or .svg.")],
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Embeddings files (.npz from `featviz embed`); several share one map.", show_default=False),
+    ] = None,
+    coords: Annotated[
+        Path | None, typer.Option("--coords", help="Also save the coordinates (.npz) for re-plotting.")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="Fit on this file; place the others with openTSNE transform.")
+    ] = None,
+    sample: Annotated[
+        int | None, typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")
+    ] = None,
+    perplexity: Annotated[
+        float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")
+    ] = 30.0,
+    iterations: Annotated[
+        int, typer.Option("--iterations", min=1, help="Optimisation iterations after early exaggeration.")
+    ] = 500,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", help="openTSNE threads (default: 1 below 20k points, else the idle cores).")
+    ] = None,
+    names: Annotated[
+        str | None, typer.Option("--names", help="Panel names, comma-separated (default: file stems).")
+    ] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
+    seed: SeedOpt = 0,
+    drop_nonfinite: DropNonfiniteOpt = False,
+    figure: Annotated[
+        FigureName | None,
+        typer.Option("--figure", help="'cac': reproduce CAC Figure 3 (--image, --mask, --checkpoint ...)."),
+    ] = None,
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Option("--checkpoint", "-c", help="Checkpoint; repeat for one CAC-figure row per checkpoint."),
+    ] = None,
+    arch: ArchOpt = None,
+    images: ImagesOpt = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="CSV of path,label for --images.")] = None,
+    pixels: PixelsOpt = False,
+    masks: MasksOpt = None,
+    layer: LayerOpt = None,
+    max_pixels_per_class: MaxPixOpt = None,
+    image_size: ImageSizeOpt = None,
+    image: Annotated[Path | None, typer.Option("--image", help="--figure cac: the image.")] = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="--figure cac: its class mask (255 = ignore).")] = None,
+    iou_bound: Annotated[
+        tuple[float, float], typer.Option("--iou-bound", help="--figure cac: crop IoU range (CAC: 0.1 1.0).")
+    ] = (0.1, 1.0),
+    crop_size: Annotated[int, typer.Option("--crop-size", min=8, help="--figure cac: crop side (CAC VOC: 320).")] = 320,
+    base_size: Annotated[
+        int, typer.Option("--base-size", min=8, help="--figure cac: rescale base (long side 0.8-2.0x; CAC VOC: 400).")
+    ] = 400,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=4, help="--figure cac: overlap pixels shown per view.")
+    ] = 1000,
+    row_names: Annotated[
+        str | None,
+        typer.Option("--row-names", help="--figure cac: row labels, comma-separated (default: checkpoint stems)."),
+    ] = None,
+    model_seeds: Annotated[
+        list[int] | None,
+        typer.Option("--model-seed", help="--figure cac with --arch and no checkpoint: one random-init row per seed."),
+    ] = None,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = None,
+    strict: StrictOpt = False,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """t-SNE map of embeddings files (one shared map for several), end to end from --images, or CAC Figure 3.
+
+    [bold]featviz tsne emb.npz --out map.png[/]  ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
+    ·  [bold]featviz tsne --arch resnet18 --images DIR --out map.png[/]
+    ·  [bold]featviz tsne --figure cac -c sup.safetensors -c cac.safetensors --image IMG --mask MASK --out fig.png[/]
+    """
+    load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
+    with _user_errors():
+        if figure == "cac":
+            report = _tsne_figure(
+                checkpoints or [],
+                arch,
+                image,
+                mask,
+                out_path,
+                iou_bound,
+                crop_size,
+                base_size,
+                max_pixels,
+                row_names,
+                model_seeds,
+                layer,
+                seed,
+                perplexity,
+                iterations,
+                device,
+                force,
+                load_kwargs,
+            )
+            for row in report["rows"]:
+                m = row["metrics"]
+                out.print(
+                    f"[bold]{row['name']}[/]: cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.3f}  "
+                    f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.3f}  kNN agreement II→I "
+                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}",
+                    highlight=False,
+                )
+            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}")
+            return
+        from featviz import plotting
+        from featviz import tsne as tsne_lib
+        from featviz.artifacts import Embeddings
+        from featviz.outputs import check_writable
+
+        plotting.check_format(out_path)
+        check_writable(out_path, force=force)
+        if coords is not None:
+            check_writable(coords, force=force)
+        files = list(inputs or [])
+        if reference is not None and reference not in files:
+            files.insert(0, reference)
+        if files and (images is not None or checkpoints):
+            raise _usage("give embeddings files, or --images with --checkpoint/--arch, not both")
+        if files:
+            embs = [Embeddings.load(f) for f in files]
+            panel_names = _split_names(names, len(files), [f.stem for f in files])
+        elif images is not None:
+            from featviz import embed as embed_lib
+
+            if checkpoints and len(checkpoints) > 1:
+                raise _usage(
+                    "end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files"
+                )
+            emb = embed_lib.run_embed(
+                out=None,
+                checkpoint=checkpoints[0] if checkpoints else None,
+                arch=arch,
+                progress=_progress("embedding"),
+                load_kwargs=load_kwargs,
+                **_embed_kwargs(
+                    images,
+                    labels,
+                    pixels,
+                    masks,
+                    layer,
+                    max_pixels_per_class,
+                    image_size,
+                    batch_size,
+                    device,
+                    precision,
+                    workers,
+                    seed,
+                    strict,
+                    drop_nonfinite,
+                ),
+            )
+            embs = [emb]
+            panel_names = _split_names(
+                names, 1, [_checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"]
+            )
+        else:
+            raise _usage(
+                "give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
+                "--checkpoint/--arch, or --figure cac"
+            )
+        if drop_nonfinite:
+            import numpy as np
+
+            embs = [e.subset(np.flatnonzero(tsne_lib.check_finite(e.features, drop=True))) for e in embs]
+        params = tsne_lib.TsneParams(perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs)
+        ref_idx = files.index(reference) if reference is not None else None
+        result = tsne_lib.shared_map(
+            embs, panel_names, reference=ref_idx, sample=sample, params=params, progress=_progress("t-SNE")
+        )
+        plotting.scatter_panels(
+            [result.panel(g) for g in range(len(embs))],
+            result.class_names,
+            out_path,
+            titles=panel_names,
+            suptitle=title,
+            force=force,
+        )
+        if coords is not None:
+            result.save(coords, force=force)
+    typer.echo(str(out_path))
+    if coords is not None:
+        typer.echo(str(coords))
+
+
+def _tsne_figure(
+    checkpoints,
+    arch,
+    image,
+    mask,
+    out_path,
+    iou_bound,
+    crop_size,
+    base_size,
+    max_pixels,
+    row_names,
+    model_seeds,
+    layer,
+    seed,
+    perplexity,
+    iterations,
+    device,
+    force,
+    load_kwargs,
+) -> dict[str, Any]:
+    from featviz import figure as figure_lib
+    from featviz import models
+
+    if image is None or mask is None:
+        raise _usage("--figure cac needs --image IMG and --mask MASK")
+    rows = []
+    if checkpoints:
+        for c in checkpoints:
+            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
+            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+    elif arch:
+        for s in model_seeds or [0]:
+            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
+    else:
+        raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
+    labels = _split_names(row_names, len(rows), [r[0] for r in rows])
+    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows)]
+    from featviz.distributed import resolve_device
+
+    return figure_lib.cac_figure(
+        models,
+        image,
+        mask,
+        out_path,
+        iou_bound=iou_bound,
+        crop_size=crop_size,
+        base_size=base_size,
+        layer=layer,
+        max_pixels=max_pixels,
+        seed=seed,
+        perplexity=perplexity,
+        n_iter=iterations,
+        device=resolve_device(device),
+        force=force,
+        progress=_progress("CAC figure rows"),
+    )
