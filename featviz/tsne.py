@@ -119,7 +119,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     while take.sum() > n:  # the at-least-one rule can overshoot: trim the largest classes
         take[np.argmax(take)] -= 1
     idx = [rng.choice(np.flatnonzero(labels == c), size=min(t, cnt), replace=False)
-           for c, t, cnt in zip(classes, take, counts) if t > 0]
+           for c, t, cnt in zip(classes, take, counts, strict=True) if t > 0]
     return np.sort(np.concatenate(idx))
 
 
@@ -361,7 +361,8 @@ class TsneMap:
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{str(path)!r} is not a readable coordinates .npz ({e})") from None
         if "coords" not in d or "groups" not in d:
-            raise ArtifactError(f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
+            raise ArtifactError(
+                f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
         return cls(d["coords"], d["labels"], list(d["class_names"]), d["groups"], list(d["group_names"]), d["rows"],
                    json.loads(str(d["info"])) if "info" in d else {})
 
@@ -414,18 +415,18 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
         rows.append(r)
     class_names = _merge_class_names(embs)
     groups = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
-    labels = np.concatenate([e.labels[r] for e, r in zip(embs, rows)])
+    labels = np.concatenate([e.labels[r] for e, r in zip(embs, rows, strict=True)])
     all_rows = np.concatenate(rows)
     info: dict[str, Any] = {"params": params.to_dict(), "sample": sample, "inputs": names,
                             "n_per_input": [len(r) for r in rows]}
     proj = Projection(params, progress, will_place=reference is not None)
     if reference is None:
-        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows)]))
+        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)]))
         info.update(mode="union")
     else:
         coords = np.zeros((len(labels), 2), np.float32)
         coords[groups == reference] = proj.fit(embs[reference].features[rows[reference]])
-        for i, (e, r) in enumerate(zip(embs, rows)):
+        for i, (e, r) in enumerate(zip(embs, rows, strict=True)):
             if i != reference:
                 coords[groups == i] = proj.place(e.features[r])
         info.update(mode="reference", reference=names[reference])
@@ -455,7 +456,27 @@ def knn_recall(high: np.ndarray, low: np.ndarray, k: int = 10, *, n_eval: int | 
         np.random.default_rng(seed).choice(len(high), n_eval, replace=False)
     ih = NearestNeighbors(n_neighbors=k + 1).fit(high).kneighbors(high[q], return_distance=False)[:, 1:]
     il = NearestNeighbors(n_neighbors=k + 1).fit(low).kneighbors(low[q], return_distance=False)[:, 1:]
-    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il)]))
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il, strict=True)]))
+
+
+def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | None = None,
+                      html: str | os.PathLike | None = None, force: bool = False) -> None:
+    """Refuse bad output names and existing outputs (without ``force``) before any work.
+
+    Raises:
+        DataError: a wrong extension; OutputExistsError: an output exists and ``force`` is False.
+    """
+    from featviz import plotting
+    from featviz.outputs import check_writable
+
+    plotting.check_format(out)
+    if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--html must end in .html, got {Path(html).name!r}")
+    if coords is not None and Path(coords).suffix != ".npz":
+        raise DataError(f"--coords must end in .npz, got {Path(coords).name!r}")
+    for p in (out, coords, html):
+        if p is not None:
+            check_writable(p, force=force)
 
 
 def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
@@ -489,17 +510,9 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         exists and ``force`` is False. Every output is checked before any work.
     """
     from featviz import plotting
-    from featviz.outputs import check_writable
 
     params = params or TsneParams()
-    plotting.check_format(out)
-    if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
-        raise DataError(f"--html must end in .html, got {Path(html).name!r}")
-    if coords is not None and Path(coords).suffix != ".npz":
-        raise DataError(f"--coords must end in .npz, got {Path(coords).name!r}")
-    for p in (out, coords, html):
-        if p is not None:
-            check_writable(p, force=force)
+    check_map_outputs(out, coords=coords, html=html, force=force)
     if embeddings is None:
         embeddings = [Embeddings.load(f) for f in files]
     embs = list(embeddings)

@@ -132,7 +132,7 @@ def test_plots_by_extension_with_shared_axes(tmp_path):
 
 def test_point_style_shrinks_with_n():
     sizes = [plotting.point_style(n) for n in (10, 1_000, 100_000, 10_000_000)]
-    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes, sizes[1:]))
+    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     assert sizes[0][0] > 20 * sizes[-1][0]
 
 

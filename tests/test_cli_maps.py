@@ -1,0 +1,61 @@
+"""`featviz tsne --html/--method` and `featviz embed --tensorboard` from the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from featviz import _names, tsne
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture(scope="module")
+def photos_npz(tmp_path_factory) -> Path:
+    from typer.testing import CliRunner
+
+    from featviz.cli import app
+
+    d = tmp_path_factory.mktemp("photos")
+    r = CliRunner().invoke(app, ["embed", "--checkpoint", str(SAMPLE / "checkpoints" / "moco_v2_tiny.pth.tar"),
+                                 "--images", str(SAMPLE / "photos"), "--image-size", "32",
+                                 "--out", str(d / "photos.npz"), "--tensorboard", str(d / "tb")])
+    assert r.exit_code == 0, r.output
+    return d / "photos.npz"
+
+
+def test_method_names_match_the_library():
+    assert set(_names.MapMethod.__args__) == set(tsne.METHODS)
+
+
+@pytest.mark.slow
+def test_tsne_html_on_the_sample_photos(cli, photos_npz, tmp_path):
+    """The issue's command: one self-contained file, one thumbnail per image."""
+    r = cli("tsne", photos_npz, "--out", tmp_path / "map.png", "--html", tmp_path / "map.html")
+    assert r.exit_code == 0, r.output
+    html = (tmp_path / "map.html").read_text()
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+    assert not re.search(r"<script[^>]+src=", html)
+    assert len(set(re.findall(r"data:image/webp;base64,[A-Za-z0-9+/=]+", html))) == 20
+    assert str(tmp_path / "map.html") in r.output
+
+
+def test_embed_tensorboard_wrote_the_projector(photos_npz):
+    tb = photos_npz.parent / "tb"
+    assert (tb / "projector_config.pbtxt").is_file()
+    assert (tb / "00000" / "featviz" / "sprite.png").is_file()
+
+
+def test_pca_json_and_bad_outputs(cli, photos_npz, tmp_path):
+    r = cli("tsne", photos_npz, "--method", "pca", "--out", tmp_path / "p.png", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["method"] == "pca" and summary["n_per_input"] == [20]
+    bad = cli("tsne", photos_npz, "--out", tmp_path / "q.png", "--html", tmp_path / "q.htm1")
+    assert bad.exit_code == 1 and "--html must end in .html" in bad.output
+    assert not (tmp_path / "q.png").exists()  # checked before any work
+    again = cli("tsne", photos_npz, "--method", "pca", "--out", tmp_path / "p.png")
+    assert again.exit_code == 1 and "--force" in again.output
