@@ -119,3 +119,29 @@ def test_run_embed_records_the_image_root_and_writes_the_projector(tmp_path, mon
         tmp_path / "tb" / e.sprite.image_path
     ).is_file()
     assert len((tmp_path / "tb" / e.metadata_path).read_text().splitlines()) == emb.n + 1 == 21
+
+
+def test_collapse_monitor_writes_its_scalars_to_a_summary_writer(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from featviz.collapse import CollapseMonitor
+
+    rng = np.random.default_rng(0)
+    writer = projector.summary_writer(tmp_path / "tb")
+    mon = CollapseMonitor(tmp_path / "run", every=2, writer=writer)
+    records = [mon.update(rng.normal(size=(64, 8)), rng.normal(size=(64, 8)), step=s, loss=1.0 / (s + 1))
+               for s in range(5)]
+    mon.close()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"collapse/rankme", "collapse/std_l2", "collapse/loss"} <= tags
+    assert "collapse/step" not in tags and "collapse/time" not in tags
+    ev = acc.Scalars("collapse/rankme")
+    assert [e.step for e in ev] == [0, 2, 4]  # every=2
+    written = [r for r in records if r is not None]
+    np.testing.assert_allclose([e.value for e in ev], [r["rankme"] for r in written], rtol=1e-6)
+    # the JSON lines are unchanged by the writer
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"event": "done"' in lines[-1]
