@@ -69,11 +69,36 @@ def test_stratified_sample_keeps_class_shares():
     assert len(tiny) == 5 and set(np.repeat([0, 1, 2], [98, 1, 1])[tiny]) == {0, 1, 2}
 
 
-def test_pca_only_when_wider_than_50():
+def test_neighbours_are_exact_in_the_full_space():
+    """The affinities use each point's true nearest neighbours in the features as given."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x, _ = _blobs(100, 20)  # narrow: an exact search
+    idx, dist = tsne.NeighborSearch(x).neighbors(10)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x)
+    np.testing.assert_array_equal(idx, ref_i[:, 1:])
+    np.testing.assert_allclose(dist, ref_d[:, 1:], rtol=1e-4, atol=1e-4)
+    # wide, with the long spectrum of network features: PCA-50 candidates, re-ranked in 256-d
+    rng = np.random.default_rng(0)
+    wide = (rng.normal(size=(2000, 256)) * np.arange(1, 257) ** -0.75).astype(np.float32)
+    search = tsne.NeighborSearch(wide)
+    assert search.refined
+    idx, dist = search.neighbors(30)
+    ref = NearestNeighbors(n_neighbors=31).fit(wide).kneighbors(wide, return_distance=False)[:, 1:]
+    recall = np.mean([len(np.intersect1d(a, b)) / 30 for a, b in zip(idx, ref, strict=True)])
+    pca_only = NearestNeighbors(n_neighbors=31).fit(search.z).kneighbors(search.z, return_distance=False)[:, 1:]
+    recall_pca = np.mean([len(np.intersect1d(a, b)) / 30 for a, b in zip(pca_only, ref, strict=True)])
+    assert recall >= 0.99 and recall_pca < recall - 0.03, (recall, recall_pca)  # the 50 PCs alone lose some
+    np.testing.assert_allclose(dist, np.linalg.norm(wide[idx] - wide[:, None], axis=2), rtol=1e-3, atol=1e-4)
+    assert (np.diff(dist, axis=1) >= -1e-6).all()  # nearest first
+    qi, qd = search.query(wide[:5] + 1e-4, 3)
+    assert (qi[:, 0] == np.arange(5)).all()
+
+
+def test_wide_features_keep_their_map_quality():
     x, y = _blobs(30, 80)
     wide = tsne.shared_map([Embeddings(x, y)], params=FAST)
-    narrow = tsne.shared_map([Embeddings(x[:, :20], y)], params=FAST)
-    assert wide.info["pca_dim"] == 50 and narrow.info["pca_dim"] is None
+    assert wide.info["neighbor_search"] == "candidates in 50 PCA dims, re-ranked in all 80"
     assert tsne.knn_accuracy(wide.coords, y) > 0.95
 
 
