@@ -340,7 +340,7 @@ def write_html(
                 )
                 items[c].append(r)
                 rends.append(r)
-            f.add_tools(HoverTool(renderers=rends, tooltips=tip, formatters={"@thumb": fmt}))
+            f.add_tools(HoverTool(renderers=rends, tooltips=tip, formatters={"@thumb": fmt}, limit=1))
             fig_row.append(f)
             sources.append((src, p.keys is not None))
             k += 1

@@ -199,7 +199,7 @@ TOOLTIP_IMG = """(() => {
   walk(document.body);
   return found.map(i => { const r = i.getBoundingClientRect();
     return {src: i.src, w: i.naturalWidth, complete: i.complete, x: r.left, y: r.top,
-            rw: r.width, rh: r.height}; })
+            rw: r.width, rh: r.height, text: i.parentElement.textContent}; })
     .filter(i => i.rw > 1 && i.rh > 1);
 })()"""
 
@@ -383,7 +383,11 @@ def test_page_renders_and_hover_shows_the_thumbnail(tmp_path, browser):
     before = browser.screenshot()
     assert _not_blank(before)
     assert browser.eval(TOOLTIP_IMG) == []
-    row = 3
+    src = "featviz._view('featviz-panel-0').model.renderers[0].data_source"
+    xs = np.array(browser.eval(f"Array.from({src}.data.x)"))
+    ys = np.array(browser.eval(f"Array.from({src}.data.y)"))
+    gap = np.hypot(xs[:, None] - xs, ys[:, None] - ys) + np.eye(len(xs)) * 1e9
+    row = int(gap.min(1).argmax())  # the most isolated point: the tooltip can only be its own
     x, y = browser.eval(f"featviz.locate(0, {row})")
     browser.hover(x, y)
     browser.wait_for(f"({TOOLTIP_IMG}).length > 0", timeout=10)
@@ -404,6 +408,7 @@ def test_page_renders_and_hover_shows_the_thumbnail(tmp_path, browser):
     diff = np.abs(np.asarray(shown, np.float32) - np.asarray(want, np.float32)).mean()
     assert diff < 20, diff
     assert _not_blank(shown)
+    assert src in t["text"] and src.split("/")[0] in t["text"]  # its file and its class
     before.save(tmp_path / "screenshot.png")
     after.save(tmp_path / "hover.png")
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
