@@ -109,6 +109,16 @@ def _digits(image_size: int = 32) -> list[Image.Image]:
     ]
 
 
+def _side(value: Any, default: int = 32) -> int:
+    """The square side ``featviz embed`` built digits at: ``16``, ``"16"``, ``[16, 16]`` or ``"16x16"``."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    try:
+        return int(str(value).lower().replace("×", "x").replace(",", "x").split("x")[0])
+    except ValueError:
+        return default
+
+
 class ImageResolver:
     """Finds and decodes the image behind each row of an embeddings file (with a small cache).
 
@@ -147,9 +157,7 @@ class ImageResolver:
         src = args.get("images")
         if src and src != "digits":
             s = Path(src)
-            base = (
-                s if not s.suffix else s.parent
-            )  # a CSV or a single file: ids are relative to its folder
+            base = s if not s.suffix else s.parent  # a CSV or a single file: ids are relative to its folder
             if args.get("pixels") and (base / "JPEGImages").is_dir():
                 base = base / "JPEGImages"
             cands.append(base)
@@ -189,12 +197,8 @@ class ImageResolver:
         """Row ``i``'s decoded image (None when missing or unreadable)."""
         if self.digits:
             if self._digits is None:
-                size = (
-                    self.manifest.get("image_size")
-                    or (self.manifest.get("arguments") or {}).get("image_size")
-                    or 32
-                )
-                self._digits = _digits(int(size))
+                args = self.manifest.get("arguments") or {}
+                self._digits = _digits(_side(self.manifest.get("image_size") or args.get("image_size")))
             k = self.ids[i].rpartition("/")[2]
             return self._digits[int(k)] if k.isdigit() and int(k) < len(self._digits) else None
         key = self.ids[i]
@@ -235,9 +239,7 @@ def pixel_thumbnail(
     win = int(min(win, w_img, h_img))
     x0 = min(max(int(x) - win // 2, 0), w_img - win)
     y0 = min(max(int(y) - win // 2, 0), h_img - win)
-    crop = img.crop((x0, y0, x0 + win, y0 + win)).resize(
-        (side, side), Image.BICUBIC if win < side else Image.LANCZOS
-    )
+    crop = img.crop((x0, y0, x0 + win, y0 + win)).resize((side, side), Image.BICUBIC if win < side else Image.LANCZOS)
     s = side / win
     cx, cy = (x - x0 + 0.5) * s, (y - y0 + 0.5) * s
     d = ImageDraw.Draw(crop)
@@ -342,9 +344,7 @@ def for_embeddings(
         key = res.key(r)
         if emb.is_pixels:
             y, x = (int(v) for v in emb.yx[r])
-            out[k] = store.add(
-                (key, y, x), lambda r=r, y=y, x=x: _pixel_or_none(res.image(r), y, x, store.side)
-            )
+            out[k] = store.add((key, y, x), lambda r=r, y=y, x=x: _pixel_or_none(res.image(r), y, x, store.side))
         else:
             out[k] = store.add(key, lambda r=r: _image_or_none(res.image(r), store.side))
         if out[k] < 0:

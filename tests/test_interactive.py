@@ -498,3 +498,13 @@ def test_views_page_links_every_panel(tmp_path, browser):
         assert sorted(sel) == sorted(keys0[i] for i in pick), k
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "views_linked.png")
+
+
+def test_builtin_digits_thumbnails_are_the_images_embed_saw():
+    from featviz.data import digits
+
+    want = digits(16)
+    res = thumbnails.ImageResolver(want.ids, {"arguments": {"images": "digits"}, "image_size": [16, 16]})
+    for i in (0, 7, 1796):
+        np.testing.assert_array_equal(np.asarray(res.image(i)), np.asarray(want.items[i]))
+    assert res.key(7) != res.key(8)
