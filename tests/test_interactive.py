@@ -98,9 +98,7 @@ class Chromium:
                 raise TimeoutError("chromium did not answer in time")
             chunk = os.read(self.r, 1 << 20)
             if not chunk:
-                raise RuntimeError(
-                    "chromium exited: " + self.proc.stderr.read().decode(errors="replace")[-2000:]
-                )
+                raise RuntimeError("chromium exited: " + self.proc.stderr.read().decode(errors="replace")[-2000:])
             self.buf += chunk
         msg, _, self.buf = self.buf.partition(b"\0")
         return json.loads(msg)
@@ -131,9 +129,7 @@ class Chromium:
 
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", browser=True, url="about:blank")["targetId"]
-        self.session = self.send(
-            "Target.attachToTarget", browser=True, targetId=target, flatten=True
-        )["sessionId"]
+        self.session = self.send("Target.attachToTarget", browser=True, targetId=target, flatten=True)["sessionId"]
         self.send("Page.enable")
         self.send("Runtime.enable")
         self.send(
@@ -155,9 +151,7 @@ class Chromium:
             returnByValue=True,
         )
         if "exceptionDetails" in r:
-            raise RuntimeError(
-                r["exceptionDetails"].get("exception", {}).get("description", str(r))
-            )
+            raise RuntimeError(r["exceptionDetails"].get("exception", {}).get("description", str(r)))
         return r["result"].get("value")
 
     def wait_for(self, expr: str, timeout: float = 30) -> None:
@@ -225,9 +219,7 @@ def _photo_embeddings(tmp_path: Path, n_per: int = 4) -> tuple[Embeddings, Path]
         "arguments": {"images": str(SAMPLE / "photos")},
         "image_root": thumbnails.image_root(files, ids),
     }
-    return Embeddings(
-        np.array(feats), np.array(labels), classes, np.array(ids), manifest=man
-    ), SAMPLE / "photos"
+    return Embeddings(np.array(feats), np.array(labels), classes, np.array(ids), manifest=man), SAMPLE / "photos"
 
 
 def _pixel_embeddings(n_per_image: int, images: list[Path], root: Path) -> Embeddings:
@@ -333,9 +325,7 @@ def test_shared_map_panels_are_linked_by_row(tmp_path):
     emb, _ = _photo_embeddings(tmp_path)
     other = emb.subset(np.arange(0, 20, 2))
     m = tsne.shared_map([emb, other], ["all", "even"], params=FAST)
-    keys = interactive._correspondence_keys(
-        [(emb, m.rows[m.groups == 0]), (other, m.rows[m.groups == 1])]
-    )
+    keys = interactive._correspondence_keys([(emb, m.rows[m.groups == 0]), (other, m.rows[m.groups == 1])])
     assert keys is not None and set(keys[1]) <= set(keys[0]) and len(set(keys[0])) == 20
     html = interactive.map_page(m, [emb, other], tmp_path / "m.html").read_text()
     assert len(_data_uris(html)) == 20  # the same images in two panels: thumbnails stored once
@@ -395,16 +385,10 @@ def test_page_renders_and_hover_shows_the_thumbnail(tmp_path, browser):
     after = browser.screenshot()
     assert len(tips) == 1 and tips[0]["complete"] and tips[0]["w"] == thumbnails.side_for(20)
     # the thumbnail shown is the hovered point's image: compare the pixels on screen with it
-    src = browser.eval(
-        f"featviz._view('featviz-panel-0').model.renderers[0].data_source.data.file[{row}]"
-    )
-    want = thumbnails.image_thumbnail(
-        Image.open(SAMPLE / "photos" / src).convert("RGB"), tips[0]["w"]
-    )
+    src = browser.eval(f"featviz._view('featviz-panel-0').model.renderers[0].data_source.data.file[{row}]")
+    want = thumbnails.image_thumbnail(Image.open(SAMPLE / "photos" / src).convert("RGB"), tips[0]["w"])
     t = tips[0]
-    shown = after.crop(
-        (round(t["x"]), round(t["y"]), round(t["x"]) + want.width, round(t["y"]) + want.height)
-    )
+    shown = after.crop((round(t["x"]), round(t["y"]), round(t["x"]) + want.width, round(t["y"]) + want.height))
     diff = np.abs(np.asarray(shown, np.float32) - np.asarray(want, np.float32)).mean()
     assert diff < 20, diff
     assert _not_blank(shown)
@@ -430,20 +414,44 @@ def test_selection_in_one_panel_selects_the_same_rows_in_the_other(tmp_path, bro
     pick = [i for i, f in enumerate(files) if f.startswith(("cat/", "rocket/"))]
     browser.eval(f"{src.format(0)}.selected.indices = {json.dumps(pick)}")
     sel = browser.eval(
-        f"(() => {{ const s = {src.format(1)}; "
-        "return s.selected.indices.map(i => s.data.file[i]); })()"
+        f"(() => {{ const s = {src.format(1)}; return s.selected.indices.map(i => s.data.file[i]); }})()"
     )
     want = sorted(f for f in other.ids if f.startswith(("cat/", "rocket/")))
     assert sorted(sel) == want and len(want) == 4
+    # each legend entry holds its class's renderers in both panels, so one click hides the class in both
+    legends = browser.eval("""(() => {
+      const models = [...Bokeh.documents[0].all_models].filter(m => m.type === 'Legend');
+      return models.map(l => l.items.map(it => [it.label.value,
+        new Set(it.renderers.map(r => r.data_source.name)).size]));
+    })()""")
+    assert legends and all(len(entry) == 5 and all(n == 2 for _, n in entry) for entry in legends), legends
+    # and a real click on the legend hides that class in both panels; a second click shows it again
+    box = browser.eval("""(() => { const pv = featviz._view('featviz-panel-1');
+      const leg = [...Bokeh.documents[0].all_models].find(m => m.type === 'Legend');
+      const b = pv.views.find_one(leg).bbox, r = pv.canvas_view.el.getBoundingClientRect();
+      return [r.left + b.left, r.top + b.top, b.height]; })()""")
+    hidden = """[...Bokeh.documents[0].all_models].filter(m => m.type === 'GlyphRenderer' && !m.visible)
+      .map(m => m.data_source.name + ':' + m.view.filter.group)"""
+
+    def click(y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            browser.send("Input.dispatchMouseEvent", type=kind, x=box[0] + 20, y=y, button="left", clickCount=1)
+
+    for y in np.arange(box[1], box[1] + box[2], 3.0):
+        click(y)
+        gone = browser.eval(hidden)
+        if gone:
+            break
+    assert len(gone) == 2 and len({g.split(":")[1] for g in gone}) == 1, gone  # one class, both panels
+    click(y)
+    assert browser.eval(hidden) == []
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "linked.png")
 
 
 def _views_page(tmp_path: Path) -> tuple[Path, int]:
     rng = np.random.default_rng(0)
-    img = np.asarray(
-        Image.open(SAMPLE / "photos" / "cat" / "cat_0.jpg").convert("RGB").resize((96, 96))
-    )
+    img = np.asarray(Image.open(SAMPLE / "photos" / "cat" / "cat_0.jpg").convert("RGB").resize((96, 96)))
     views = [img, img[:, ::-1], (img * 0.5).astype(np.uint8)]
     p = 30
     yx = rng.integers(0, 96, size=(p, 2))
@@ -466,9 +474,7 @@ def _views_page(tmp_path: Path) -> tuple[Path, int]:
 def test_views_page_has_a_thumbnail_per_view_and_pixel(tmp_path):
     out, p = _views_page(tmp_path)
     html = out.read_text()
-    assert (
-        len(set(_data_uris(html))) == 3 * p
-    )  # each view's crop around each pixel, shared by both rows
+    assert len(set(_data_uris(html))) == 3 * p  # each view's crop around each pixel, shared by both rows
     assert html.count("featviz-panel-") >= 6
     with pytest.raises(interactive.DataError, match="one a view"):
         interactive.views_page(
@@ -492,8 +498,7 @@ def test_views_page_links_every_panel(tmp_path, browser):
     browser.eval(f"{src.format(0)}.selected.indices = {json.dumps(pick)}")
     for k in range(1, 6):
         sel = browser.eval(
-            f"(() => {{ const s = {src.format(k)}; "
-            "return Array.from(s.selected.indices).map(i => s.data.key[i]); })()"
+            f"(() => {{ const s = {src.format(k)}; return Array.from(s.selected.indices).map(i => s.data.key[i]); }})()"
         )
         assert sorted(sel) == sorted(keys0[i] for i in pick), k
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
