@@ -104,7 +104,7 @@ def main() -> None:
         print(f"\nN = {n:,}: 10-NN class accuracy in the {args.dim}-d input {acc_in:.3f}; order {order}",
               flush=True)
         for name in order:
-            c, t = timed(lambda name=name: runs[name](x))
+            c, t = timed(lambda name=name, x=x: runs[name](x))
             row[name] = {"s": t, "knn_accuracy@10": tsne.knn_accuracy(c, y),
                          "knn_recall@10": tsne.knn_recall(x, c, 10, n_eval=5000, seed=args.seed)}
             print(f"  {name:13s} {t:8.1f} s   10-NN accuracy {row[name]['knn_accuracy@10']:.3f}   "
