@@ -177,6 +177,7 @@ def tsne(
                 device,
                 force,
                 load_kwargs,
+                html,
             )
             for row in report["rows"]:
                 m = row["metrics"]
@@ -186,7 +187,7 @@ def tsne(
                     f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}",
                     highlight=False,
                 )
-            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}")
+            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
             return
         from featviz import tsne as tsne_lib
 
@@ -273,9 +274,18 @@ def _tsne_figure(
     device,
     force,
     load_kwargs,
+    html=None,
 ) -> dict[str, Any]:
+    import inspect
+
     from featviz import figure as figure_lib
     from featviz import models
+
+    page = {}
+    if html is not None:  # the figure writes its page with featviz.interactive.views_page
+        if "html" not in inspect.signature(figure_lib.cac_figure).parameters:
+            raise _usage("--html with --figure cac needs featviz.figure.cac_figure(html=...), which this build lacks")
+        page = {"html": html}
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
@@ -310,4 +320,5 @@ def _tsne_figure(
         device=resolve_device(device),
         force=force,
         progress=_progress("CAC figure rows"),
+        **page,
     )
