@@ -132,7 +132,14 @@ def main() -> None:
                   f"{f['knn_accuracy@10']:.3f} | {p['knn_accuracy@10']:.3f} | {dacc:+.3f} | "
                   f"{f['knn_recall@10']:.3f} | {p['knn_recall@10']:.3f} | {target} | "
                   f"{'yes' if met else 'NO'} |")
-    print(f"\nall targets met: {all(verdicts)}" if verdicts else "", flush=True)
+    print()
+    for row in results:
+        for peer, v in row.get("vs", {}).items():
+            print(f"N={row['n']:,} featviz vs {peer}: time ratio {v['time_ratio']:.2f}x, 10-NN accuracy "
+                  f"{v['accuracy_diff']:+.3f} (target: "
+                  f"{'>= -0.01 and <= 0.5x' if peer == 'scikit-learn' else '>= -0.01 and <= 0.8x'}): "
+                  f"{'met' if v['met'] else 'NOT met'}")
+    print(f"all targets met: {all(verdicts)}" if verdicts else "", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "load_at_start": load, "results": results}, fh, indent=2)
