@@ -7,8 +7,8 @@ What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2
 - the neighbours behind the affinities are each point's true nearest neighbours in the features
   as given (``NeighborSearch``): for wide features, candidates from an exact search in 50 PCA
   dimensions, re-ranked by the full-dimensional distance (99.6 % of the exact 90 neighbours on the
-  benchmark's 256-d features, at the CPU cost of a brute-force search at 20k and ~0.7x of it at
-  100k). featviz used to search the 50 PCs alone (77 % of the true neighbours), which is why its
+  benchmark's 256-d features, at about the CPU cost of a brute-force search at 20k; see
+  ``NeighborSearch``). featviz used to search the 50 PCs alone (77 % of the true neighbours), which is why its
   maps were worse than scikit-learn's on overlapping classes (10-NN class accuracy 0.579 vs 0.625
   at 20k; with the true neighbours 0.623). openTSNE's default Annoy index finds 75 % of them at
   100k x 256 (class accuracy 0.814 vs 0.856 with exact neighbours);

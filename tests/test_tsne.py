@@ -203,3 +203,14 @@ def test_unknown_method_is_refused():
 
     with pytest.raises(UnknownNameError, match="umap"):
         tsne.TsneParams(method="umpa")
+
+
+def test_wide_reference_map_places_points_through_the_neighbour_search():
+    x, y = _blobs(60, 80, seed=2)
+    new, ynew = _blobs(15, 80, seed=2)
+    m = tsne.shared_map([Embeddings(x, y), Embeddings(new + 0.01, ynew)], reference=0, params=FAST)
+    assert m.info["neighbor_search"].startswith("candidates in 50 PCA dims")
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(5).fit(m.panel(0)[0], y)
+    assert (clf.predict(m.panel(1)[0]) == ynew).mean() > 0.95
