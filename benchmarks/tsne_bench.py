@@ -125,7 +125,7 @@ def main() -> None:
             if peer == "scikit-learn":
                 target, met = "acc >= peer - 0.01, time <= 0.5x", dacc >= -0.01 and ratio <= 0.5
             else:
-                target, met = "time <= 0.8x, |acc diff| <= 0.01", ratio <= 0.8 and dacc >= -0.01
+                target, met = "time <= 0.8x, acc >= peer - 0.01", ratio <= 0.8 and dacc >= -0.01
             row.setdefault("vs", {})[peer] = {"time_ratio": ratio, "accuracy_diff": dacc, "met": met}
             verdicts.append(met)
             print(f"| {row['n']:,} | {peer} | {f['s']:.1f} | {p['s']:.1f} | {ratio:.2f}x | "
