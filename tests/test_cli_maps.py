@@ -82,3 +82,21 @@ def test_cac_figure_html(cli, tmp_path):
     n = json.loads((tmp_path / "fig.json").read_text())["n_pixels"]
     assert len(set(re.findall(r"data:image/webp;base64,[A-Za-z0-9+/=]+", html))) == 3 * n
     assert html.count("featviz-panel-5") >= 1  # 2 rows x 3 views
+
+
+def test_view_pixels_sit_on_the_labelled_pixel_of_every_view():
+    """The page's (y, x) per view: the masks of all three displayed crops carry the point's label there."""
+    import numpy as np
+    from PIL import Image
+
+    from featviz import figure
+    from featviz.embed import read_mask
+
+    seg = SAMPLE / "seg"
+    img = Image.open(seg / "JPEGImages/scene_003.jpg").convert("RGB")
+    mask = read_mask(seg / "SegmentationClass/scene_003.png").astype(np.uint8)
+    for seed in (0, 1, 2):  # flips differ between seeds
+        v = figure.make_views(img, mask, seed=seed, crop_size=96, base_size=120, stride=8, max_pixels=200)
+        yx = figure.view_pixels(v)
+        for k, m in enumerate((v.sample.mask1, v.sample.mask2, v.sample.mask1)):
+            np.testing.assert_array_equal(m[yx[k][:, 0], yx[k][:, 1]], v.labels)

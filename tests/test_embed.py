@@ -71,7 +71,7 @@ def test_pixel_labels_come_from_the_mask(tmp_path, seg_small):
     assert emb.class_names == ["background", "disc", "square", "triangle"]
     assert emb.is_pixels and emb.yx.shape == (emb.n, 2)
     grid = emb.manifest["feature_grid"]
-    assert grid == [24, 24]  # 96 px, cifar stem, layer3 = stride 4
+    assert grid == [45, 60]  # 240x180 px scenes, cifar stem, layer3 = stride 4
     names = sorted(p.name for p in (seg_small / "JPEGImages").iterdir())
     for i, name in enumerate(names):
         mask = np.asarray(Image.open(seg_small / "SegmentationClass" / name.replace(".jpg", ".png")))

@@ -120,10 +120,24 @@ def tsne(
     iou_bound: Annotated[
         tuple[float, float], typer.Option("--iou-bound", help="--figure cac: crop IoU range (CAC: 0.1 1.0).")
     ] = (0.1, 1.0),
-    crop_size: Annotated[int, typer.Option("--crop-size", min=8, help="--figure cac: crop side (CAC VOC: 320).")] = 320,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features",
+            help="--figure cac: decoder | projector | backbone | LAYER (default: decoder for segmenters, the "
+            "classifier's stride-8 input; backbone for encoders).",
+        ),
+    ] = None,
+    crop_size: Annotated[
+        int | None,
+        typer.Option("--crop-size", min=8, help="--figure cac: crop side (default: the checkpoints' training crop, "
+                     "else CAC VOC's 320)."),
+    ] = None,
     base_size: Annotated[
-        int, typer.Option("--base-size", min=8, help="--figure cac: rescale base (long side 0.8-2.0x; CAC VOC: 400).")
-    ] = 400,
+        int | None,
+        typer.Option("--base-size", min=8, help="--figure cac: rescale base, long side 0.8-2.0x (default: the "
+                     "checkpoints' training base, else CAC VOC's 400)."),
+    ] = None,
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", min=4, help="--figure cac: overlap pixels shown per view.")
     ] = 1000,
@@ -158,6 +172,8 @@ def tsne(
     load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
     with _user_errors():
         if figure == "cac":
+            if features is not None and layer is not None and features != layer:
+                raise _usage(f"--features {features} and --layer {layer} disagree; give --features only")
             report = _tsne_figure(
                 checkpoints or [],
                 arch,
@@ -170,7 +186,7 @@ def tsne(
                 max_pixels,
                 row_names,
                 model_seeds,
-                layer,
+                features or layer,
                 seed,
                 perplexity,
                 iterations,
@@ -184,7 +200,8 @@ def tsne(
                 out.print(
                     f"[bold]{row['name']}[/]: cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.3f}  "
                     f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.3f}  kNN agreement II→I "
-                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}",
+                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}  "
+                    f"({row['features']} features, {row['feature_dim']}-d, stride {row['feature_stride']})",
                     highlight=False,
                 )
             typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
@@ -267,7 +284,7 @@ def _tsne_figure(
     max_pixels,
     row_names,
     model_seeds,
-    layer,
+    features,
     seed,
     perplexity,
     iterations,
@@ -276,43 +293,43 @@ def _tsne_figure(
     load_kwargs,
     html=None,
 ) -> dict[str, Any]:
-    import inspect
-
     from featviz import figure as figure_lib
-    from featviz import models
-
-    page = {}
-    if html is not None:  # the figure writes its page with featviz.interactive.views_page
-        if "html" not in inspect.signature(figure_lib.cac_figure).parameters:
-            raise _usage("--html with --figure cac needs featviz.figure.cac_figure(html=...), which this build lacks")
-        page = {"html": html}
+    from featviz.loader import load_model
+    from featviz.segmentation import describe_segmenter, load_segmenter, segmenter_layout
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
     rows = []
     if checkpoints:
         for c in checkpoints:
-            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
-            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+            trust = bool(load_kwargs.get("trust"))
+            layout = segmenter_layout(c, trust=trust) if load_kwargs.get("format") in (None, "auto") else None
+            if layout is not None:  # a whole segmenter (featviz or CAC's layout): decoder, classifier, projector
+                model = load_segmenter(c, trust=trust)
+                src = {"checkpoint": str(c), "segmenter": describe_segmenter(model)}
+            else:
+                model, desc = load_model(c, arch=arch, **load_kwargs)
+                src = {"checkpoint": str(c), "description": desc.to_dict()}
+            rows.append((_checkpoint_name(c), model, src))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            model, _ = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
             rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
+    figure_rows = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
-        models,
+        figure_rows,
         image,
         mask,
         out_path,
         iou_bound=iou_bound,
         crop_size=crop_size,
         base_size=base_size,
-        layer=layer,
+        features=features,
         max_pixels=max_pixels,
         seed=seed,
         perplexity=perplexity,
@@ -320,5 +337,5 @@ def _tsne_figure(
         device=resolve_device(device),
         force=force,
         progress=_progress("CAC figure rows"),
-        **page,
+        html=html,
     )
