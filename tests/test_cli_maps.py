@@ -63,25 +63,20 @@ def test_pca_json_and_bad_outputs(cli, photos_npz, tmp_path):
 
 def test_cac_figure_html(cli, tmp_path):
     """`--figure cac --html`: every view of every row linked; a crop around each pixel per view."""
-    import inspect
-
-    from featviz import figure
-
     seg = SAMPLE / "seg"
     args = ["tsne", "--figure", "cac", "--arch", "resnet18_w16-cifar", "--model-seed", "0", "--model-seed", "1",
             "--image", seg / "JPEGImages/scene_003.jpg", "--mask", seg / "SegmentationClass/scene_003.png",
             "--crop-size", "64", "--base-size", "80", "--max-pixels", "40", "--iterations", "100",
             "--out", tmp_path / "fig.png", "--html", tmp_path / "fig.html"]
     r = cli(*args)
-    if "html" not in inspect.signature(figure.cac_figure).parameters:
-        # until the CAC figure writes its page: one clear line, nothing written
-        assert r.exit_code == 2 and "cac_figure(html=...)" in r.output and not (tmp_path / "fig.png").exists()
-        return
     assert r.exit_code == 0, r.output
     html = (tmp_path / "fig.html").read_text()
     n = json.loads((tmp_path / "fig.json").read_text())["n_pixels"]
     assert len(set(re.findall(r"data:image/webp;base64,[A-Za-z0-9+/=]+", html))) == 3 * n
     assert html.count("featviz-panel-5") >= 1  # 2 rows x 3 views
+    assert str(tmp_path / "fig.html") in r.output
+    bad = cli(*args[:-1], tmp_path / "fig.htm1", "--force")
+    assert bad.exit_code == 1 and "--html must end in .html" in bad.output
 
 
 def test_view_pixels_sit_on_the_labelled_pixel_of_every_view():
