@@ -531,7 +531,8 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
 
         interactive.views_page(html, views.images, view_pixels(views),
                                [(r["name"], c) for r, c in zip(fr.rows, fr.coords, strict=True)], views.labels, names,
-                               view_names=VIEW_NAMES, title=f"CAC Figure 3: {Path(image).name} ({features} features)",
+                               view_names=VIEW_NAMES, source=Path(image).name,
+                               title=f"CAC Figure 3: {Path(image).name} ({features} features)",
                                notes=["the pixels of the crops' overlap (yellow box in the PNG); each row is one "
                                       "t-SNE map over I ∪ II ∪ III"], force=force)
     return report

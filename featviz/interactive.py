@@ -570,6 +570,7 @@ def views_page(
     *,
     view_names: Sequence[str],
     window: int | None = None,
+    source: str | None = None,
     title: str | None = None,
     notes: Sequence[str] = (),
     force: bool = False,
@@ -589,6 +590,7 @@ def views_page(
         class_names: label value -> name.
         view_names: one name per view.
         window: crop side around the pixel, in image pixels (default: a third of the image).
+        source: the image the views were cut from (the hover names it with the view).
         title, notes, force: as ``write_html``.
     """
     from featviz import thumbnails as th
@@ -625,7 +627,7 @@ def views_page(
                     f"{name} · {view_names[v]}",
                     coords[v],
                     labels,
-                    files=[f"{view_names[v]} crop"] * len(labels),
+                    files=[f"{source + ' · ' if source else ''}{view_names[v]} crop"] * len(labels),
                     yx=np.asarray(view_yx[v]),
                     keys=keys,
                     thumbs=thumbs[v],
