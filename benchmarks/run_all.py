@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "load_bench": (["--runs", "3"], ["--runs", "5"]),
     "embed_bench": (["--n", "256", "--vit-n", "64"], ["--n", "1024", "--vit-n", "256"]),
     "cam_grid": ([], ["--methods", "gradcam,gradcam++,layercam"]),
-    "tsne_bench": (["--n", "20000", "--sklearn-n", "5000"], []),
+    "tsne_bench": (["--sizes", "10000"], []),
     "cam_bench": (["--images", "16"], ["--images", "64", "--score-images", "2"]),
     "collapse_bench": (["--n", "250000", "--n-exact", "20000"], []),
     "train_bench": (["--repeats", "1"], ["--repeats", "3"]),

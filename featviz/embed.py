@@ -38,6 +38,7 @@ from featviz.data import (
 from featviz.distributed import DistInfo, init_distributed, shard
 from featviz.errors import DataError
 from featviz.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
+from featviz.thumbnails import image_root
 
 log = logging.getLogger(__name__)
 
@@ -439,11 +440,13 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               batch_size: int = 64,
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
-              load_kwargs: dict[str, Any] | None = None, progress: Progress = None) -> Embeddings | None:
+              load_kwargs: dict[str, Any] | None = None, progress: Progress = None,
+              tensorboard: str | os.PathLike | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
-    ``out`` (when given). Outputs are checked before any work, and written atomically.
+    ``out`` (when given). Outputs are checked before any work, and written atomically. With
+    ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.projector``).
 
     Raises:
         DataError: no usable images/pixels, NaN features (unless ``drop_nonfinite``), bad masks.
@@ -455,6 +458,11 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
         check_writable(out, force=force)
+    if tensorboard is not None:
+        from featviz.projector import require_tensorboard
+
+        require_tensorboard()
+        check_writable(tensorboard, force=force)
     info = init_distributed(device)
     try:
         from featviz.loader import load_model
@@ -484,6 +492,10 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         emb.manifest = manifest("embed", args, **extra, **emb.manifest)
         if out is not None:
             emb.save(out, force=force)
+        if tensorboard is not None:
+            from featviz.projector import write_projector
+
+            write_projector(emb, tensorboard, npz_path=out, force=force)
         return emb
     finally:
         from featviz.distributed import cleanup
@@ -509,7 +521,8 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
     index = index[order]
     ids = np.array(src.ids)[index]
     return Embeddings(feats[order], src.labels[index], src.class_names, ids,
-                      manifest={"skipped_images": [src.ids[i] for i in skipped]})
+                      manifest={"skipped_images": [src.ids[i] for i in skipped],
+                                "image_root": image_root(src.items, src.ids)})
 
 
 def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo, run: dict,
@@ -544,4 +557,5 @@ def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo
     extra["feature_grid"] = merged.grid
     ids = np.array(pix.ids)[merged.image_index]
     return Embeddings(merged.features, merged.labels, names, ids, merged.image_index, merged.yx,
-                      manifest={"images": pix.ids, "skipped_images": [pix.ids[i] for i in merged.skipped]})
+                      manifest={"images": pix.ids, "skipped_images": [pix.ids[i] for i in merged.skipped],
+                                "image_root": image_root(pix.images, pix.ids)})

@@ -288,6 +288,23 @@ def row_metrics(feats: list[np.ndarray], coords: list[np.ndarray], labels: np.nd
     }
 
 
+def view_pixels(views: CacViews) -> list[np.ndarray]:
+    """Per view, (P, 2) (y, x) of each sampled point in ``views.images[v]`` as displayed (flips included).
+
+    The point is its stride cell's top-left pixel, the one whose mask label it carries (a test
+    checks the labels of all three views' masks there).
+    """
+    p = views.sample.pair
+    out = []
+    for v in range(3):
+        y = (views.grids[v][0].start + views.cells[:, 0]) * p.stride
+        x = (views.grids[v][1].start + views.cells[:, 1]) * p.stride
+        if views.flips[v]:
+            x = p.crop_size - 1 - x
+        out.append(np.stack([y, x], 1).astype(np.int64))
+    return out
+
+
 def _overlap_box_display(pair: crops.CropPair, which: int, flipped: bool) -> tuple[int, int, int, int]:
     top, left, bottom, right = pair.overlap1 if which == 1 else pair.overlap2
     if flipped:
@@ -431,7 +448,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                base_size: int | None = None, layer: str | None = None, max_pixels: int = 1000, seed: int = 0,
                perplexity: float = 30.0, n_iter: int = 500, device: str = "cpu",
                class_names: Sequence[str] | None = None, force: bool = False,
-               progress: Progress = None) -> dict[str, Any]:
+               progress: Progress = None, html: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build CAC's Figure 3 for ``models`` on one image and mask; write PNG/PDF/SVG + JSON + NPZ.
 
     Args:
@@ -440,6 +457,9 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
             plain encoders; a segmenter's backbone ``layer4``) or a layer name.
         crop_size, base_size: default: the checkpoints' training crop if recorded, else 320 / 400.
         layer: the same as ``features=LAYER`` (older spelling).
+        html: also write the interactive page (``featviz.interactive.views_page``): a row per model,
+            a panel per view, every panel linked (they show the same pixels), hover = a crop of the
+            view around the pixel.
 
     Returns:
         The JSON report (also written to ``out`` with suffix ``.json``); each row records its
@@ -459,6 +479,10 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
     json_path, npz_path = out.with_suffix(".json"), out.with_suffix(".npz")
     for p in (out, json_path, npz_path):
         check_writable(p, force=force)
+    if html is not None:
+        if Path(html).suffix.lower() not in (".html", ".htm"):
+            raise DataError(f"--html must end in .html, got {Path(html).name!r}")
+        check_writable(html, force=force)
     if not models:
         raise DataError("give at least one --checkpoint (or --arch for a random-init row)")
     if layer is not None and features is not None and layer != features:
@@ -502,4 +526,13 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                  row_names=np.array([r["name"] for r in fr.rows], dtype=str),
                  **{f"coords_row{i}": np.concatenate(c) for i, c in enumerate(fr.coords)})
     write_json(json_path, report, force=True)
+    if html is not None:
+        from featviz import interactive
+
+        interactive.views_page(html, views.images, view_pixels(views),
+                               [(r["name"], c) for r, c in zip(fr.rows, fr.coords, strict=True)], views.labels, names,
+                               view_names=VIEW_NAMES, source=Path(image).name,
+                               title=f"CAC Figure 3: {Path(image).name} ({features} features)",
+                               notes=["the pixels of the crops' overlap (yellow box in the PNG); each row is one "
+                                      "t-SNE map over I ∪ II ∪ III"], force=force)
     return report

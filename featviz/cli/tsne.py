@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import FigureName
+from featviz._names import FigureName, MapMethod
 from featviz.cli._app import (
     _checkpoint_name,
+    _echo_json,
     _progress,
     _usage,
     _user_errors,
@@ -26,6 +27,7 @@ from featviz.cli.options import (
     FormatOpt,
     ImageSizeOpt,
     ImagesOpt,
+    JsonOpt,
     LayerOpt,
     MasksOpt,
     MaxPixOpt,
@@ -67,9 +69,24 @@ def tsne(
     sample: Annotated[
         int | None, typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")
     ] = None,
+    method: Annotated[
+        MapMethod, typer.Option("--method", help="tsne (openTSNE), umap (umap-learn) or pca (scikit-learn).")
+    ] = "tsne",
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write an interactive page (.html, self-contained; hover shows thumbnails)."),
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option("--image-root", help="--html: folder the images' ids are relative to (default: the manifest's)."),
+    ] = None,
     perplexity: Annotated[
         float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")
     ] = 30.0,
+    neighbors: Annotated[
+        int, typer.Option("--neighbors", min=2, help="UMAP n_neighbors (clamped for small N).")
+    ] = 15,
+    min_dist: Annotated[float, typer.Option("--min-dist", min=0.0, help="UMAP min_dist.")] = 0.1,
     iterations: Annotated[
         int, typer.Option("--iterations", min=1, help="Optimisation iterations after early exaggeration.")
     ] = 500,
@@ -142,10 +159,13 @@ def tsne(
     checkpoint_key: CheckpointKeyOpt = None,
     trust_checkpoint: TrustOpt = False,
     force: ForceOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """t-SNE map of embeddings files (one shared map for several), end to end from --images, or CAC Figure 3.
+    """2-D map (t-SNE, UMAP or PCA) of embeddings files (one shared map for several), end to end from --images,
+    or CAC Figure 3.
 
-    [bold]featviz tsne emb.npz --out map.png[/]  ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
+    [bold]featviz tsne emb.npz --out map.png --html map.html[/]  ·  [bold]featviz tsne e.npz --method umap -o m.png[/]
+    ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
     ·  [bold]featviz tsne --arch resnet18 --images DIR --out map.png[/]
     ·  [bold]featviz tsne --figure cac -c sup.safetensors -c cac.safetensors --image IMG --mask MASK --out fig.png[/]
     """
@@ -173,6 +193,7 @@ def tsne(
                 device,
                 force,
                 load_kwargs,
+                html,
             )
             for row in report["rows"]:
                 m = row["metrics"]
@@ -183,32 +204,42 @@ def tsne(
                     f"({row['features']} features, {row['feature_dim']}-d, stride {row['feature_stride']})",
                     highlight=False,
                 )
-            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}")
+            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
             return
-        from featviz import plotting
         from featviz import tsne as tsne_lib
-        from featviz.artifacts import Embeddings
-        from featviz.outputs import check_writable
 
-        plotting.check_format(out_path)
-        check_writable(out_path, force=force)
-        if coords is not None:
-            check_writable(coords, force=force)
         files = list(inputs or [])
         if reference is not None and reference not in files:
             files.insert(0, reference)
         if files and (images is not None or checkpoints):
             raise _usage("give embeddings files, or --images with --checkpoint/--arch, not both")
+        if not files and images is None:
+            raise _usage(
+                "give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
+                "--checkpoint/--arch, or --figure cac"
+            )
+        if checkpoints and len(checkpoints) > 1:
+            raise _usage(
+                "end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files"
+            )
+        params = tsne_lib.TsneParams(
+            method=method, perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs, n_neighbors=neighbors,
+            min_dist=min_dist,
+        )
+        run = dict(
+            reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
+            coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
+            progress=_progress("t-SNE") if method == "tsne" else None,
+        )
         if files:
-            embs = [Embeddings.load(f) for f in files]
-            panel_names = _split_names(names, len(files), [f.stem for f in files])
-        elif images is not None:
+            tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)
+            summary = tsne_lib.run_map(
+                out_path, files=files, names=_split_names(names, len(files), [f.stem for f in files]), **run
+            )
+        else:
             from featviz import embed as embed_lib
 
-            if checkpoints and len(checkpoints) > 1:
-                raise _usage(
-                    "end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files"
-                )
+            tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)  # before embedding
             emb = embed_lib.run_embed(
                 out=None,
                 checkpoint=checkpoints[0] if checkpoints else None,
@@ -232,37 +263,13 @@ def tsne(
                     drop_nonfinite,
                 ),
             )
-            embs = [emb]
-            panel_names = _split_names(
-                names, 1, [_checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"]
-            )
-        else:
-            raise _usage(
-                "give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
-                "--checkpoint/--arch, or --figure cac"
-            )
-        if drop_nonfinite:
-            import numpy as np
-
-            embs = [e.subset(np.flatnonzero(tsne_lib.check_finite(e.features, drop=True))) for e in embs]
-        params = tsne_lib.TsneParams(perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs)
-        ref_idx = files.index(reference) if reference is not None else None
-        result = tsne_lib.shared_map(
-            embs, panel_names, reference=ref_idx, sample=sample, params=params, progress=_progress("t-SNE")
-        )
-        plotting.scatter_panels(
-            [result.panel(g) for g in range(len(embs))],
-            result.class_names,
-            out_path,
-            titles=panel_names,
-            suptitle=title,
-            force=force,
-        )
-        if coords is not None:
-            result.save(coords, force=force)
-    typer.echo(str(out_path))
-    if coords is not None:
-        typer.echo(str(coords))
+            default = _checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"
+            summary = tsne_lib.run_map(out_path, embeddings=[emb], names=_split_names(names, 1, [default]), **run)
+    if json_out:
+        _echo_json(summary)
+        return
+    for path in summary["outputs"].values():
+        typer.echo(path)
 
 
 def _tsne_figure(
@@ -284,6 +291,7 @@ def _tsne_figure(
     device,
     force,
     load_kwargs,
+    html=None,
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
     from featviz.loader import load_model
@@ -327,4 +335,5 @@ def _tsne_figure(
         device=resolve_device(device),
         force=force,
         progress=_progress("CAC figure rows"),
+        html=html,
     )
