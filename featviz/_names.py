@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 FormatName = Literal[
-    "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino",
-    "solo_learn", "lightly", "simclr_v1", "cac", "timm", "torchvision",
+    "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dinov2",
+    "ibot", "ijepa", "msn", "mae", "solo_learn", "lightly", "simclr_v1", "cac", "efficientnet_pytorch", "timm",
+    "torchvision",
 ]
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
-CheckpointKey = Literal["teacher", "student"]
+CheckpointKey = Literal["teacher", "student", "target_encoder", "encoder"]
 
 MethodName = Literal[
     "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",
@@ -26,6 +27,9 @@ OptimizerName = Literal["sgd", "adamw", "lars", "larc"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 FigureName = Literal["cac"]
+
+MapMethod = Literal["tsne", "umap", "pca"]
+"""``featviz tsne --method`` (featviz.tsne.METHODS; a test keeps them in sync)."""
 
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",

@@ -1100,15 +1100,12 @@ register(MethodSpec(
 
 
 def arch_family(backbone: nn.Module) -> str:
-    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies."""
-    arch = getattr(backbone, "featviz_arch", None)
-    if arch is None:
-        try:
-            from featviz.description import describe  # the model description (issue 11)
+    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
+    from the model description (``featviz.description.describe``); a module featviz did not build
+    counts as a ViT when it has a ``patch_embed``, else as a ResNet."""
+    from featviz.description import describe
 
-            arch = describe(backbone).arch
-        except ImportError:
-            arch = None
+    arch = describe(backbone).arch
     if arch is not None:
         return arch.family
     return "vit" if hasattr(backbone, "patch_embed") else "resnet"

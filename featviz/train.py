@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from featviz.description import describe
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputExistsError, UnknownNameError, did_you_mean
 from featviz.outputs import atomic_path, write_json
@@ -91,6 +92,8 @@ class TrainConfig:
         workers: DataLoader worker processes.
         amp: bf16 autocast (default: on CUDA only). channels_last: same default.
         selected_num, iou_bound, temp, weight_unsup, pos_thresh: CAC's pixel-contrast settings.
+        step_save: CAC: steps whose gathered negatives are kept as extra negatives (CAC's 1).
+        epoch_start_unsup: CAC: epochs of supervised-only warm-up before the contrast loss (CAC's 5).
         defaults: where each resolved value came from (filled by ``resolve_config``).
     """
 
@@ -129,6 +132,8 @@ class TrainConfig:
     temp: float = 0.1
     weight_unsup: float = 0.1
     pos_thresh: float = 0.75
+    step_save: int = 1
+    epoch_start_unsup: int = 5
     defaults: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -566,7 +571,7 @@ class SSLTask:
         """Tensors (``backbone.*``, heads) and metadata for the model checkpoint."""
         tensors = {f"{prefix}.{k}": v for prefix, mod in self.model.exported().items()
                    for k, v in mod.state_dict().items()}
-        meta = {"arch": self.model.backbone.featviz_arch.to_dict(),
+        meta = {"arch": describe(self.model.backbone).arch.to_dict(),
                 "normalization": {"mean": list(self.mean), "std": list(self.std)},
                 "input_size": self.cfg.image_size,
                 "source_format": "featviz", "method": self.cfg.method, "heads": self.model.head_specs,

@@ -191,6 +191,12 @@ def train(
     weight_unsup: Annotated[
         float, typer.Option("--weight-unsup", min=0.0, help="CAC: weight of the pixel contrast loss.")
     ] = 0.1,
+    step_save: Annotated[
+        int, typer.Option("--step-save", min=0, help="CAC: earlier steps whose negatives are kept (0 = none).")
+    ] = 1,
+    epoch_start_unsup: Annotated[
+        int, typer.Option("--epoch-start-unsup", min=0, help="CAC: supervised-only epochs before the contrast loss.")
+    ] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Train an SSL model (or a segmentation model, with CAC) with checkpoints and collapse metrics.
@@ -235,6 +241,8 @@ def train(
         iou_bound=tuple(iou_bound),
         temp=temp,
         weight_unsup=weight_unsup,
+        step_save=step_save,
+        epoch_start_unsup=epoch_start_unsup,
     )
     wrap, on_log = _train_progress(log_every)
     with _user_errors():
