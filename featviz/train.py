@@ -325,8 +325,9 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
     """Recompute the kNN accuracy a run logged, from its exported checkpoint alone.
 
     Reads the protocol from the checkpoint's metadata (``training.knn``), loads the backbone
-    with ``featviz.checkpoints.load_backbone``, embeds the bank and the queries with
-    ``featviz.embed.embed_images`` and scores them with ``knn_accuracy``.
+    with ``featviz.loader.load_model`` (eval mode, the checkpoint's BatchNorm statistics), embeds
+    the bank and the queries with ``featviz.embed.embed_images`` and scores them with
+    ``knn_accuracy``.
 
     Returns:
         ``{"knn_acc": ..., "logged": ..., "protocol": ...}``.
@@ -335,8 +336,9 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
         DataError: the checkpoint was not written by ``featviz train`` with a kNN monitor.
     """
     from featviz import data
-    from featviz.checkpoints import load_backbone, read_featviz
+    from featviz.checkpoints import read_featviz
     from featviz.embed import embed_images
+    from featviz.loader import load_model
 
     _, meta = read_featviz(checkpoint)
     training = meta.get("training") or {}
@@ -350,7 +352,7 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
     train_idx, val_idx = held_out_split(labels, proto["split"]["val_fraction"], proto["split"]["seed"])
     bank, queries = train_idx[:proto["n_bank"]], val_idx[:proto["n_queries"]]
     idx = np.concatenate([bank, queries])
-    model, _ = load_backbone(checkpoint)
+    model = load_model(checkpoint).model
     f = embed_images(model, [imgs.items[i] for i in idx], image_size=proto["image_size"],
                      batch_size=proto["batch_size"], device=device, strict=True)
     x = torch.from_numpy(f.features)

@@ -89,10 +89,11 @@ def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(
 
 def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     """The kNN accuracy `featviz train` logs comes back from last.safetensors alone, through
-    the public API: load_backbone, embed_images, the documented split, knn_accuracy."""
+    the public API: load_model, embed_images, the documented split, knn_accuracy."""
     from featviz import data
-    from featviz.checkpoints import load_backbone, read_featviz
+    from featviz.checkpoints import read_featviz
     from featviz.embed import embed_images
+    from featviz.loader import load_model
     from featviz.train import checkpoint_knn, held_out_split, knn_accuracy
 
     cfg = TrainConfig(method="byol", data="digits", out=str(tmp_path / "run"), epochs=1,
@@ -107,7 +108,8 @@ def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     imgs = data.labelled_images("digits", image_size=16)
     labels = np.asarray(imgs.labels[:100])
     tr, va = held_out_split(labels, 0.2, 0)
-    model, _ = load_backbone(res.last)
+    model = load_model(res.last).model
+    assert not model.training  # eval mode: the checkpoint's BatchNorm statistics
     f = embed_images(model, [imgs.items[i] for i in np.concatenate([tr, va])], image_size=16, batch_size=256)
     x = torch.from_numpy(f.features)
     assert knn_accuracy(x[:len(tr)], labels[tr], x[len(tr):], labels[va], k=20, t=0.07) == logged
