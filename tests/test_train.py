@@ -298,3 +298,22 @@ def test_cuda_bf16_channels_last(tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in t.values())
     assert math.isfinite(res.history[-1]["loss"])
     assert np.isfinite(res.history[-1]["knn_acc"])
+
+
+def test_cli_cac_step_save_and_epoch_start_unsup_reach_the_trainer(cli, tmp_path, sample_dir, monkeypatch):
+    """--step-save / --epoch-start-unsup (like --temp / --weight-unsup) land in the TrainConfig and in
+    the settings SegTask reads; without them CAC's defaults (1, 5) apply."""
+    import featviz.train as train_lib
+    from featviz.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
+
+    seen = []
+    monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: seen.append(cfg))
+    base = ["train", "-m", "cac", "-d", sample_dir / "seg", "-o", tmp_path / "run"]
+    assert cli(*base, "--step-save", "3", "--epoch-start-unsup", "0").exit_code == 0
+    assert cli(*base).exit_code == 0
+    s = CACSettings.from_config(seen[0])
+    assert (seen[0].step_save, seen[0].epoch_start_unsup, s.step_save, s.epoch_start_unsup) == (3, 0, 3, 0)
+    assert (seen[1].step_save, seen[1].epoch_start_unsup) == (CAC_STEP_SAVE, CAC_EPOCH_START_UNSUP) == (1, 5)
+    assert TrainConfig.from_dict(seen[0].to_dict()).step_save == 3  # config.json round trip
+    r = cli(*base, "--step-save", "-1")
+    assert r.exit_code == 2 and "--step-save" in r.output
