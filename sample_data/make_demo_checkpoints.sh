@@ -9,7 +9,7 @@
 set -euo pipefail
 RUNS=${RUNS:-runs}
 FEATVIZ=${FEATVIZ:-featviz}
-common=(-m simsiam -d digits --seed 0 --log-every 5 --force)
+common=(-m simsiam -d digits --seed 0 --force)
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits"
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits_nostopgrad" --no-stop-grad
 cp "$RUNS/simsiam_digits/last.safetensors" sample_data/checkpoints/simsiam_digits.safetensors
