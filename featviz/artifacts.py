@@ -1,9 +1,10 @@
-"""The files stages exchange: embeddings ``.npz`` plus ``manifest.json`` (numpy only, no torch).
+"""The files stages exchange: embeddings ``.npz`` plus its manifest (numpy only, no torch).
 
 An embeddings file holds ``features`` (N, D) float32, ``labels`` (N,) int64 (-1 = unknown),
 ``class_names``, ``ids`` and, for pixel embeddings, ``image_index`` (N,) and ``yx`` (N, 2).
 It is written with ``allow_pickle=False`` and carries its own manifest as a JSON string under
-``manifest``; a ``manifest.json`` with the same content is written beside it.
+``manifest``; the same content is written beside it, named after it (``e.npz`` ->
+``e.manifest.json``), so two embeddings in one folder keep their own manifests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import ArtifactError, DataError
-from featviz.outputs import atomic_path, check_writable, to_jsonable, write_json
+from featviz.outputs import atomic_path, check_output, manifest_path, to_jsonable, write_json
 
 REQUIRED = ("features", "labels")
 
@@ -83,11 +84,8 @@ class Embeddings:
         )
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write ``path`` (.npz, allow_pickle=False) and ``manifest.json`` beside it, atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ArtifactError(f"embeddings are saved as .npz, got {path.name!r}; use a name ending in .npz")
-        check_writable(path, force=force)
+        """Write ``path`` (.npz, allow_pickle=False) and ``<stem>.manifest.json`` beside it, atomically."""
+        path = check_save(path, force=force)
         manifest = to_jsonable({**self.manifest, "output": path.name, "n": self.n, "d": self.d})
         arrays: dict[str, np.ndarray] = {
             "features": self.features, "labels": self.labels,
@@ -100,7 +98,7 @@ class Embeddings:
         with atomic_path(path, force=True) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-        write_json(path.with_name("manifest.json"), manifest, force=True)
+        write_json(manifest_path(path), manifest, force=True)
         return path
 
     @classmethod
@@ -132,6 +130,21 @@ class Embeddings:
             class_names=list(data.get("class_names", [])), ids=data.get("ids"),
             image_index=data.get("image_index"), yx=data.get("yx"), manifest=manifest,
         )
+
+
+def check_save(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Check, before any work, that embeddings can be saved at ``path`` (and its manifest beside it).
+
+    Raises:
+        ArtifactError: ``path`` does not end in .npz.
+        OutputError, OutputExistsError: see ``featviz.outputs.check_output``.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ArtifactError(f"embeddings are saved as .npz, got {path.name!r}; use a name ending in .npz")
+    check_output(path, force=force, folder=False)
+    check_output(manifest_path(path), force=force, folder=False)
+    return path
 
 
 def check_finite(features: np.ndarray, *, what: str = "features", drop: bool = False) -> np.ndarray:

@@ -39,7 +39,7 @@ from featviz.errors import (
     shorten,
 )
 from featviz.models import IMAGENET_MEAN, IMAGENET_STD, ArchSpec, build_backbone, infer_arch, parse_arch
-from featviz.outputs import atomic_path
+from featviz.outputs import atomic_path, check_output
 from featviz.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -927,6 +927,7 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     output = Path(output)
     if output.suffix != ".safetensors":
         raise FeatvizError(f"output must end in .safetensors, got {output.name!r}")
+    check_output(output, force=force, folder=False)  # before the checkpoint is read
     model, report = load_backbone(path, **load_kwargs)
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from featviz.errors import DataError, FeatvizError
-from featviz.outputs import atomic_dir, write_json, write_text
+from featviz.outputs import LEGACY_MARKERS, atomic_dir, check_output, read_marker, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 CKPT = SAMPLE / "checkpoints"
-MARKER = ".featviz-demo"
 
 
 @dataclass
@@ -167,19 +166,24 @@ def retrain(progress: Callable | None = None) -> None:
         raise FeatvizError(f"retraining failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
+def _is_demo_folder(path: Path) -> bool:
+    return path.is_dir() and (read_marker(path).get("command") == "demo"
+                              or any((path / m).is_file() for m in LEGACY_MARKERS))
+
+
 def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = False,
              progress: Callable | None = None) -> list[Step]:
     """Run every demo step into ``out_dir`` and write ``index.html``; return the steps.
 
-    A folder written by an earlier demo (it holds a ``.featviz-demo`` marker) is replaced;
-    any other existing, non-empty folder needs ``force``.
+    A folder written by an earlier demo is replaced (featviz's files in it; other files are kept);
+    another featviz output needs ``force``, and a folder featviz did not write is refused.
     """
     out_dir = Path(out_dir)
-    force = force or (out_dir / MARKER).is_file()
+    force = force or _is_demo_folder(out_dir)
+    check_output(out_dir, force=force, folder=True)
     if retrain_first:
         retrain(progress)
-    with atomic_dir(out_dir, force=force) as tmp:
-        (tmp / MARKER).write_text("written by featviz demo; the next demo run replaces this folder\n")
+    with atomic_dir(out_dir, force=force, command="demo") as tmp:
         steps: list[Step] = []
         todo = _steps(out_dir, tmp)
         for make in (progress("featviz demo")(todo) if progress else todo):

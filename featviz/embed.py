@@ -492,12 +492,13 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         DataError: no usable images/pixels, NaN features (unless ``drop_nonfinite``), bad masks.
         OutputExistsError: ``out`` exists and ``force`` is False.
     """
-    from featviz.outputs import check_writable, manifest
+    from featviz.artifacts import check_save
+    from featviz.outputs import manifest
 
     if out is not None:
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
-        check_writable(out, force=force)
+        check_save(out, force=force)  # the .npz and its manifest, writable, before any work
     info = init_distributed(device)
     try:
         model, report = resolve_model(checkpoint=checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))

@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
-from featviz.errors import DataError, FeatvizError, OutputExistsError, UnknownNameError, did_you_mean
-from featviz.outputs import atomic_path, write_json
+from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError, UnknownNameError, did_you_mean
+from featviz.outputs import atomic_path, check_place, write_json
 
 log = logging.getLogger(__name__)
 
@@ -375,19 +375,27 @@ def _prepare_run_dir(cfg: TrainConfig, *, resume: bool, force: bool) -> Path:
     present = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
         if not (out / "state.pt").exists():
-            raise OutputExistsError(f"--resume: {str(out)!r} has no state.pt to resume from; "
+            if present:  # config.json etc. but no finished epoch: a run stopped before its first epoch ended
+                raise OutputExistsError(f"--resume: the run in {str(out)!r} stopped before its first epoch ended, "
+                                        "so there is no state.pt to resume from; start it over with --force")
+            raise OutputExistsError(f"--resume: {str(out)!r} has no run to resume (no state.pt); "
                                     "start a new run without --resume")
         saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
         for key in ("method", "data", "arch", "batch_size", "seed", "image_size", "stop_grad", "limit"):
             if getattr(saved, key) != getattr(cfg, key):
                 raise FeatvizError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {str(out)!r} used "
                                    f"{getattr(saved, key)!r}; resume with the same settings or use a new --out")
-        return out
-    if out.exists() and (present or (out.is_dir() and any(out.iterdir()))) and not force:
-        raise OutputExistsError(f"run folder {str(out)!r} already exists; pass --resume to continue it "
-                                "or --force to start over")
+        return check_place(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; expected a run folder")
+    if out.is_dir() and not present and any(out.iterdir()):
+        raise OutputError(f"run folder {str(out)!r} is not empty and holds no featviz run; --force only replaces "
+                          "featviz's run files, so choose a new or empty folder")
+    if present and not force:
+        how = "pass --resume to continue it or --force to start over" if (out / "state.pt").exists() else \
+            "it stopped before its first epoch ended (no state.pt to resume); pass --force to start over"
+        raise OutputExistsError(f"run folder {str(out)!r} already exists; {how}")
+    check_place(out)  # writable, no file in the way
     for f in present:  # --force: remove only featviz's own run files, never the user's others
         (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)

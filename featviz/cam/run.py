@@ -125,13 +125,13 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     Returns:
         The summary that ``--json`` prints.
     """
-    from featviz.outputs import atomic_dir, check_writable
+    from featviz.outputs import atomic_dir, check_output
 
     out_dir = Path(out_dir)
-    check_writable(out_dir, force=force)
+    check_output(out_dir, force=force, folder=True)
     setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=image_size,
                      batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names)
-    with atomic_dir(out_dir, force=force) as tmp, torch.random.fork_rng(devices=[]):
+    with atomic_dir(out_dir, force=force, command="cam") as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                                        metrics=metrics, progress=progress, sheet_rows=sheet_rows)

@@ -97,6 +97,9 @@ def cam(
         "seed": seed,
     }
     with _user_errors():
+        from featviz.outputs import check_output
+
+        check_output(out_dir, force=force, folder=True)  # before the model is loaded
         model, report = cam_lib.load_model(
             checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )

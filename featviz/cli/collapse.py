@@ -195,9 +195,9 @@ def collapse(
                 )
             )
         if out_dir is not None:
-            from featviz.outputs import check_writable
+            from featviz.outputs import check_output
 
-            check_writable(out_dir, force=force)  # fail before the (possibly long) computation
+            check_output(out_dir, force=force, folder=True)  # fail before the (possibly long) computation
         if embeddings is not None:
             reports, source = (
                 C.file_reports(embeddings, positives, seed=seed, progress=_progress("collapse"), **kwargs),

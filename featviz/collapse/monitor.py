@@ -472,26 +472,32 @@ def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = 
         DataError: no metrics appeared before ``max_wait``.
     """
     from featviz.collapse.plots import plot_curves
-    from featviz.outputs import check_writable
+    from featviz.outputs import check_output, prepare_folder
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "collapse-watch"
-    if out.exists():
-        check_writable(out, force=force)
+    check_output(out, force=force, folder=True)  # now; the folder is made when the first record arrives
     watcher = watcher or CollapseWatcher()
     title = title or f"collapse watch: {run_dir}"
     last_plot = [0.0]
+    prepared = [False]
+
+    def prepare() -> None:
+        if not prepared[0]:
+            files = ["curves.png"] + (["metrics.jsonl"] if checkpoint_metrics is not None else [])
+            prepare_folder(out, files, force=force, command="collapse --watch")
+            prepared[0] = True
 
     def redraw(final: bool = False) -> None:
         if watcher.records and (final or time.monotonic() - last_plot[0] > plot_every):
-            out.mkdir(parents=True, exist_ok=True)
+            prepare()
             plot_curves(watcher.records, out / "curves.png", std_fraction=watcher.std_fraction, title=title)
             last_plot[0] = time.monotonic()
 
     def event(kind: str, info: dict[str, Any]) -> None:
         if kind == "records":
             if checkpoint_metrics is not None:  # keep what was computed from checkpoints
-                out.mkdir(parents=True, exist_ok=True)
+                prepare()
                 for r in info["records"]:
                     append_jsonl(out / "metrics.jsonl", {k: v for k, v in r.items() if not k.startswith("_")})
         if on_event is not None:

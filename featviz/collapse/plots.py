@@ -219,7 +219,7 @@ def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport],
     from featviz.collapse.metrics import DEFINITIONS
     from featviz.outputs import atomic_dir, manifest, write_json
 
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, command="collapse") as tmp:
         write_json(tmp / "report.json", manifest(
             "collapse", {"source": source}, definitions=DEFINITIONS,
             outputs={k: {**r.to_dict(spectra=True), "flags": r.flags()} for k, r in reports.items()}))
