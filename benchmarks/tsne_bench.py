@@ -82,7 +82,7 @@ def main() -> None:
     q = {}
     for name, c in (("featviz", fv), ("openTSNE", ot)):
         q[name] = {"knn_recall@10": tsne.knn_recall(x, c, 10, n_eval=5000, seed=args.seed),
-                   "knn_accuracy@10": tsne.knn_accuracy(c, y, 10)}
+                   "knn_accuracy@10": tsne.leave_one_out_knn_accuracy(c, y, 10)}
     res = {"n": args.n, "dim": args.dim, "featviz_s": t_fv, "openTSNE_s": t_ot, "ratio_featviz_over_openTSNE": t_fv / t_ot,
            "quality": q}
     print(f"\n{'':10s} {'time s':>8s} {'10-NN recall':>13s} {'10-NN class acc':>16s}")
@@ -101,8 +101,8 @@ def main() -> None:
         sk, t_sk = timed(lambda: SKTSNE(random_state=args.seed).fit_transform(xs))
         fs, t_fs = timed(lambda: tsne.fit(xs, tsne.TsneParams(seed=args.seed)))
         res.update(sklearn_n=len(idx), featviz_small_s=t_fs, sklearn_s=t_sk, speedup_vs_sklearn=t_sk / t_fs,
-                   sklearn_quality={"featviz_knn_accuracy@10": tsne.knn_accuracy(fs, ys),
-                                    "sklearn_knn_accuracy@10": tsne.knn_accuracy(sk, ys)})
+                   sklearn_quality={"featviz_knn_accuracy@10": tsne.leave_one_out_knn_accuracy(fs, ys),
+                                    "sklearn_knn_accuracy@10": tsne.leave_one_out_knn_accuracy(sk, ys)})
         print(f"\nat {len(idx):,} points: featviz {t_fs:.1f} s, scikit-learn TSNE {t_sk:.1f} s -> "
               f"{t_sk / t_fs:.1f}x faster (target >= 5x); 10-NN class acc featviz "
               f"{res['sklearn_quality']['featviz_knn_accuracy@10']:.3f} vs sklearn "

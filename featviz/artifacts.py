@@ -111,6 +111,7 @@ class Embeddings:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"embeddings file {str(path)!r} does not exist; create it with `featviz embed`")
+        check_array_file(path, "npz", expected="an embeddings .npz from `featviz embed`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
@@ -130,6 +131,51 @@ class Embeddings:
             class_names=list(data.get("class_names", [])), ids=data.get("ids"),
             image_index=data.get("image_index"), yx=data.get("yx"), manifest=manifest,
         )
+
+
+_MAGIC = {"npz": (b"PK\x03\x04", b"PK\x05\x06"), "npy": (b"\x93NUMPY",)}
+
+
+def check_array_file(path: str | os.PathLike, kind: str, *, expected: str) -> None:
+    """Check a file's first bytes before NumPy reads it, so a wrong file gets a name, not NumPy's guess.
+
+    (NumPy calls anything that is neither a zip nor a .npy "pickled (object) data".)
+
+    Args:
+        path: The file.
+        kind: ``"npz"`` or ``"npy"``.
+        expected: What the caller wants, for the message.
+
+    Raises:
+        ArtifactError: the file is not of ``kind``; the message says what it looks like.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_MAGIC[kind]):
+        return
+    raise ArtifactError(f"{str(path)!r} is not a NumPy .{kind} file: it looks like {_looks_like(head)}; "
+                        f"expected {expected}")
+
+
+def _looks_like(head: bytes) -> str:
+    signatures = [
+        (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+        (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF document"), (b"\x80", "a Python pickle"),
+        (b"\x93NUMPY", "a NumPy .npy array (not an .npz archive)"), (b"PK\x03\x04", "a zip archive"),
+        (b"\x1f\x8b", "a gzip file"),
+    ]
+    for magic, name in signatures:
+        if head.startswith(magic):
+            return name
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting with {head[:8]!r}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (starting {first!r})"
 
 
 def check_save(path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -771,13 +771,15 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     """
     ck = read_checkpoint(path, trust=trust)
     fmt = detect_format(ck) if format == "auto" else FORMATS.get(format)
-    if format != "auto" and not fmt.detect(ck):
-        log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
+    forced_mismatch = format != "auto" and not fmt.detect(ck)
     try:
         ex = fmt.extract(ck, {"checkpoint_key": checkpoint_key, "keep_classifier": keep_classifier})
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointFormatError(f"{ck.path.name} does not fit layout {fmt.name!r} ({type(e).__name__}: {e}); "
-                                    f"{_describe_keys(ck)}") from None
+    except (KeyError, TypeError, AttributeError):
+        # the adapter's own KeyError/AttributeError says nothing to a user: say what the layout expects
+        raise CheckpointFormatError(f"{ck.path.name} does not fit --format {fmt.name} ({fmt.title}); found: "
+                                    f"{_describe_keys(ck)}; drop --format to detect the layout") from None
+    if forced_mismatch:
+        log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
     sd = ex.state_dict
     spec, source, details, not_inf, inferred = _resolve_arch(ex, arch, num_heads)
     with torch.device("meta"):  # shapes only: random init of a ResNet-50 costs more than reading it

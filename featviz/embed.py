@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,15 @@ import torch
 from PIL import Image
 
 from featviz.artifacts import Embeddings, check_finite
-from featviz.data import (IMAGE_EXTS, ImageDataset, LabelledImages, collate, find_images, labelled_images,
-                          load_image, normalization_of)
+from featviz.data import (IMAGE_EXTS, ImageDataset, LabelledImages, check_pixels, collate, find_images,
+                          labelled_images, load_image, normalization_of)
 from featviz.distributed import DistInfo, init_distributed, shard
 from featviz.errors import DataError, UnknownNameError
+from featviz.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
 from featviz.models import default_image_size, get_layer, resolve_model
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., Iterable] | None
-IGNORE_INDEX = 255
 
 
 # ------------------------------------------------------------------ model and precision
@@ -88,7 +87,7 @@ def _loader(dataset, *, batch_size: int, workers: int, device: torch.device, col
         prefetch_factor=4 if workers > 0 else None)
 
 
-def _iterate(loader, progress: Progress):
+def _iterate(loader, progress: Progress | None):
     return progress(loader) if progress is not None else loader
 
 
@@ -105,7 +104,7 @@ class ImageFeatures:
 def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: int | None = None,
                  batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
-                 progress: Progress = None) -> ImageFeatures:
+                 progress: Progress | None = None) -> ImageFeatures:
     """Pooled ``model(x)`` features for images (paths or PIL images).
 
     Args:
@@ -140,6 +139,8 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
     feats, idxs, skipped = [], [], []
     with torch.inference_mode(), _autocast(device, dtype):
         for x, _y, idx, bad in _iterate(loader, progress):
+            for i in bad:  # too large is not undecodable: one line that says how to lift the limit
+                check_pixels(items[i])
             if bad and strict:
                 load_image(items[bad[0]])  # raises the DataError that names the file
             skipped += [int(i) for i in bad]
@@ -305,9 +306,7 @@ def check_mask_sizes(pixels: PixelSet, indices: Sequence[int]) -> None:
                 msize = m.size
         except Exception:  # noqa: BLE001 - undecodable files are reported (or skipped) by the loader
             continue
-        if isize != msize:
-            raise DataError(f"mask {pixels.masks[i].name} is {msize[0]}x{msize[1]} but image {pixels.images[i].name} "
-                            f"is {isize[0]}x{isize[1]}; a mask must have its image's size")
+        check_same_size(msize, isize, mask=f"mask {pixels.masks[i].name}", image=f"image {pixels.images[i].name}")
 
 
 class _PixelDataset(torch.utils.data.Dataset):
@@ -327,10 +326,8 @@ class _PixelDataset(torch.utils.data.Dataset):
         except DataError:
             return None, None, i
         mask = read_mask(self.pixels.masks[i])
-        if mask.shape != (img.size[1], img.size[0]):
-            raise DataError(f"mask {self.pixels.masks[i].name} is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{self.pixels.images[i].name} is {img.size[0]}x{img.size[1]}; a mask must have its "
-                            "image's size")
+        check_same_size(array_wh(mask), img.size, mask=f"mask {self.pixels.masks[i].name}",
+                        image=f"image {self.pixels.images[i].name}")
         if self.image_size:
             img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
         return self.tf(img), mask, i
@@ -394,7 +391,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                  image_size: int | None = None, max_pixels_per_class: int | None = None, seed: int = 0,
                  batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
-                 ignore_index: int = IGNORE_INDEX, progress: Progress = None) -> PixelFeatures:
+                 ignore_index: int = IGNORE_INDEX, progress: Progress | None = None) -> PixelFeatures:
     """Dense features of ``layer``, one row per feature-map cell with a labelled mask pixel.
 
     Each cell is labelled from the mask downsampled with nearest neighbour (the cell's top-left
@@ -422,6 +419,8 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
     grid = None
     with DenseFeatures(model, layer) as dense, torch.inference_mode(), _autocast(device, dtype):
         for groups, bad in _iterate(loader, progress):
+            for i in bad:
+                check_pixels(pixels.images[i])
             if bad and strict:
                 load_image(pixels.images[bad[0]])  # raises the DataError that names the file
             skipped += bad
@@ -430,6 +429,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                 h, w = fmap.shape[-2:]
                 grid = (int(h), int(w))
                 for b, (mask, i) in enumerate(zip(masks, ids)):
+                    check_values(mask, pixels.class_names, name=f"mask {pixels.masks[i].name}", ignore_index=ignore_index)
                     rows, cols = grid_rows(mask.shape[0], h), grid_rows(mask.shape[1], w)
                     lab = mask[np.ix_(rows, cols)]
                     ok = lab != ignore_index
@@ -482,7 +482,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               max_pixels_per_class: int | None = None, image_size: int | None = None, batch_size: int = 64,
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
-              load_kwargs: dict[str, Any] | None = None, progress: Progress = None) -> Embeddings | None:
+              load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes

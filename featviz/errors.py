@@ -42,6 +42,10 @@ class DataError(FeatvizError):
     """Input data is missing, empty, corrupt or too small for the request."""
 
 
+class ImageTooLargeError(DataError):
+    """An image is above Pillow's decompression-bomb limit (``--max-image-pixels`` lifts it)."""
+
+
 class ArtifactError(FeatvizError):
     """An embeddings/coords/metrics file is malformed or of the wrong schema."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from featviz import crops
 from featviz.errors import DataError
+from featviz.masks import array_wh, check_same_size
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 VIEW_NAMES = ("I. Original", "II. Contextual aug", "III. Low-level aug")
 KNN_K = 10
 
@@ -229,7 +230,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                crop_size: int = crops.CAC_CROP_SIZE, base_size: int = crops.CAC_BASE_SIZE,
                stride: int = crops.CAC_STRIDE, layer: str | None = None, max_pixels: int = 1000, seed: int = 0,
                perplexity: float = 30.0, n_iter: int = 500, device: str = "cpu", class_names: Sequence[str] | None = None,
-               force: bool = False, progress: Progress = None) -> dict[str, Any]:
+               force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Build CAC's Figure 3 for ``models`` on one image and mask; write PNG/PDF/SVG + JSON + NPZ.
 
     Returns:
@@ -253,9 +254,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
         raise DataError("give at least one --checkpoint (or --arch for a random-init row)")
     img = load_image(image)
     m = read_mask(mask)
-    if m.shape != (img.size[1], img.size[0]):
-        raise DataError(f"mask {Path(mask).name} is {m.shape[1]}x{m.shape[0]} but image {Path(image).name} is "
-                        f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
+    check_same_size(array_wh(m), img.size, mask=f"mask {Path(mask).name}", image=f"image {Path(image).name}")
     if not (m != crops.IGNORE_INDEX).any():
         raise DataError(f"mask {Path(mask).name} has only ignore ({crops.IGNORE_INDEX}) pixels; nothing to show")
     names = list(class_names or find_class_names(Path(mask).parent))

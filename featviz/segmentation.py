@@ -31,10 +31,9 @@ from torch import nn
 
 from featviz.data import IMAGENET_MEAN, IMAGENET_STD, load_image
 from featviz.errors import CheckpointError, DataError
+from featviz.masks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
 
 
 # ---------------------------------------------------------------- model

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,10 @@ from torch import nn
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError, UnknownNameError, did_you_mean
 from featviz.outputs import atomic_path, check_place, write_json
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 RUN_FILES = ("last.safetensors", "best.safetensors", "state.pt", "config.json", "metrics.jsonl")
 SEG_METHODS = ("supervised_seg", "cac")
 

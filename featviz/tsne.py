@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,10 @@ import numpy as np
 
 from featviz.artifacts import Embeddings, check_finite
 from featviz.errors import ArtifactError, DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 MIN_POINTS = 4
 PCA_DIM = 50
 EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^2
@@ -56,6 +56,17 @@ class TsneParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def check_width(features: np.ndarray, *, what: str = "the features") -> None:
+    """A 2-D map needs at least 2 feature dimensions (scikit-learn's PCA initialisation does too).
+
+    Raises:
+        DataError: (N, 0) or (N, 1) features.
+    """
+    if features.ndim != 2 or features.shape[1] < 2:
+        raise DataError(f"{what} are {tuple(features.shape)}: a 2-D map needs features of at least 2 dimensions; "
+                        "check the embeddings (a score or label column instead of features?)")
 
 
 def clamp_perplexity(perplexity: float, n: int) -> float:
@@ -123,7 +134,7 @@ class _Pca:
         return x if self.model is None else self.model.transform(x).astype(np.float32)
 
 
-def _callbacks(progress: Progress, total: int):
+def _callbacks(progress: Progress | None, total: int):
     """openTSNE calls back every 50 iterations; advance a progress bar by as many steps."""
     if progress is None:
         return None, lambda: None
@@ -161,7 +172,7 @@ def auto_jobs(n: int) -> int:
     return jobs
 
 
-def _tsne(params: TsneParams, n: int, progress: Progress):
+def _tsne(params: TsneParams, n: int, progress: Progress | None):
     """An openTSNE ``TSNE`` for ``n`` points (``params.perplexity`` already clamped)."""
     from openTSNE import TSNE
 
@@ -177,7 +188,7 @@ def _tsne(params: TsneParams, n: int, progress: Progress):
     return tsne, perplexity, finish
 
 
-def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress = None) -> np.ndarray:
+def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress | None = None) -> np.ndarray:
     """Fit a 2-D openTSNE map of ``features`` (PCA first when wider than ``params.pca_dim``).
 
     Returns:
@@ -189,6 +200,7 @@ def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Pro
     params = params or TsneParams()
     x = np.asarray(features, dtype=np.float32)
     check_finite(x)
+    check_width(x)
     params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(x)))
     x = _Pca(params.pca_dim, params.seed).fit_transform(x)
     tsne, _, finish = _tsne(params, len(x), progress)
@@ -272,7 +284,7 @@ def _merge_class_names(embs: Sequence[Embeddings]) -> list[str]:
 
 def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *, reference: int | None = None,
                sample: int | None = None, params: TsneParams | None = None,
-               progress: Progress = None) -> TsneMap:
+               progress: Progress | None = None) -> TsneMap:
     """One map for one or several embeddings files.
 
     Without ``reference`` the map is fitted on the union of all inputs (the symmetric choice:
@@ -298,6 +310,7 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     if len(widths) > 1:
         raise DataError(f"the inputs have different feature widths {sorted(widths)}; a shared map needs "
                         "embeddings from the same layer/model width")
+    check_width(embs[0].features, what=f"the features of {names[0]}")
     rows = []
     for i, e in enumerate(embs):
         r = stratified_sample(e.labels, sample, params.seed) if sample else np.arange(e.n)
@@ -337,7 +350,7 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
 
 
-def knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+def leave_one_out_knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     """Leave-one-out k-NN class accuracy in a space (majority vote of the k nearest others)."""
     from sklearn.neighbors import NearestNeighbors
 

@@ -201,3 +201,148 @@ def test_train_killed_before_first_epoch_gives_advice_that_works(cli, tmp_path):
         line = _one_line(cli(*args, *extra))
         assert "--force" in line and "pass --resume" not in line and "without --resume" not in line
     assert cli(*args, "--force").exit_code == 0
+
+
+# ------------------------------------------------------------------ bad input that was not one line
+@pytest.mark.parametrize("size", ["0", "0x32", "8x0", "1", "7", "abc", "32x"])
+def test_cam_image_size_below_8_or_not_a_size_is_one_line(cli, cats, tmp_path, size):
+    line = _one_line(cli("cam", cats, "--arch", "resnet18_w8-cifar", "--image-size", size, "--out", tmp_path / "o"))
+    assert "--image-size" in line and ("at least 8" in line or "expected N or HxW" in line)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cam_skips_undecodable_images_unless_strict(cli, cats, tmp_path):
+    (cats / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = cli("cam", cats, *TINY, "--method", "eigencam", "--out", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["images"] == 2 and summary["undecodable_images"] == ["broken.jpg"]
+    assert "skipping broken.jpg" in r.stderr and "--strict" in r.stderr
+    with np.load(tmp_path / "o" / "maps.npz") as z:
+        assert list(z["ids"]) == ["cat_0.jpg", "cat_1.jpg"] and z["eigencam"].shape == (2, 32, 32)
+    line = _one_line(cli("cam", cats, *TINY, "--method", "eigencam", "--out", tmp_path / "s", "--strict"))
+    assert "broken.jpg" in line and not (tmp_path / "s").exists()
+
+
+def test_tsne_on_one_dimensional_features_is_one_line(cli, tmp_path):
+    from featviz.artifacts import Embeddings
+
+    Embeddings(np.random.default_rng(0).normal(size=(40, 1)), np.zeros(40)).save(tmp_path / "n1.npz")
+    line = _one_line(cli("tsne", tmp_path / "n1.npz", "--out", tmp_path / "m.png"))
+    assert "(40, 1)" in line and "at least 2 dimensions" in line
+
+
+@pytest.fixture
+def voc(tmp_path):
+    """Two scenes with masks whose values go past classes.txt (4 classes; value 200 besides 255 = ignore)."""
+    from PIL import Image
+
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    shutil.copy(SAMPLE / "seg" / "classes.txt", root / "classes.txt")
+    for name in ("scene_003", "scene_004"):
+        shutil.copy(SAMPLE / "seg" / "JPEGImages" / f"{name}.jpg", root / "JPEGImages")
+        m = np.asarray(Image.open(SAMPLE / "seg" / "SegmentationClass" / f"{name}.png")).copy()
+        if name == "scene_004":
+            m[:48, :48] = 200
+        Image.fromarray(m).save(root / "SegmentationClass" / f"{name}.png")
+    return root
+
+
+def test_embed_pixels_with_mask_values_outside_classes_txt_is_one_line(cli, voc, tmp_path):
+    line = _one_line(cli("embed", "--pixels", "--images", voc, "--arch", "resnet18_w8-cifar", "--out", tmp_path / "p.npz"))
+    assert "scene_004.png" in line and "200" in line and "4 classes" in line
+    assert not (tmp_path / "p.npz").exists()
+
+
+def test_forced_format_of_another_layout_names_the_layout_not_an_attribute_error(cli, tmp_path):
+    import torch
+
+    p = tmp_path / "other.pth"
+    torch.save({"model": {"a.weight": torch.zeros(2)}}, p)
+    for cmd in (["inspect", p], ["embed", "--checkpoint", p, "--images", SAMPLE / "photos" / "cat", "--out",
+                                 tmp_path / "e.npz"]):
+        line = _one_line(cli(*cmd, "--format", "moco"))
+        assert "--format moco" in line and "encoder_q" in line and "drop --format" in line
+        assert "AttributeError" not in line and "NoneType" not in line
+
+
+@pytest.mark.parametrize("content,looks", [(b"hello world\n", "a text file"), (None, "a JPEG image")])
+def test_a_wrong_file_passed_as_npz_is_named_for_what_it_is(cli, tmp_path, content, looks):
+    p = tmp_path / "emb.npz"
+    if content is None:
+        shutil.copy(SAMPLE / "photos" / "cat" / "cat_0.jpg", p)
+    else:
+        p.write_bytes(content)
+    for cmd in (["tsne", p, "--out", tmp_path / "m.png"], ["collapse", p]):
+        line = _one_line(cli(*cmd))
+        assert looks in line and "pickled" not in line
+
+
+@pytest.fixture
+def large_image(tmp_path, monkeypatch):
+    """A 200x200 photo under a 10,000-pixel decompression-bomb limit (the 10000x10000 case, scaled down)."""
+    from PIL import Image
+
+    d = tmp_path / "large"
+    d.mkdir()
+    Image.open(SAMPLE / "photos" / "cat" / "cat_0.jpg").convert("RGB").resize((200, 200)).save(d / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # restored after the test (the CLI sets it)
+    return d
+
+
+@pytest.mark.parametrize("command", ["embed", "cam"])
+def test_decompression_bomb_limit_is_named_and_can_be_lifted(cli, large_image, tmp_path, command):
+    args = {"embed": ["embed", "--images", large_image, *TINY, "--out", tmp_path / "e.npz"],
+            "cam": ["cam", large_image, *TINY, "--method", "eigencam", "--out", tmp_path / "c"]}[command]
+    line = _one_line(cli(*args))
+    assert "200x200 = 40,000 pixels" in line and "decompression-bomb limit of 10,000" in line
+    assert "--max-image-pixels 40000" in line and "could not be decoded" not in line
+    r = cli(*args, "--max-image-pixels", "40000")
+    assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------ the console
+def _help_texts(cli):
+    import typer.main
+
+    from featviz.cli import app
+
+    yield "featviz", cli("--help").output
+    for name in sorted(typer.main.get_command(app).commands):
+        yield name, cli(name, "--help").output
+
+
+def test_flags_show_no_value_placeholder_in_help(cli):
+    for name, text in _help_texts(cli):
+        assert "<bool>" not in text, name
+    embed = cli("embed", "--help").output
+    images = next(ln for ln in embed.splitlines() if "--images" in ln)
+    assert images.lstrip("│ ").startswith("*")  # required, and shown so
+
+
+def _run_piped(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "TERMINAL_WIDTH")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "featviz", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=120)
+
+
+def test_piped_help_keeps_option_names(tmp_path):
+    res = _run_piped("collapse", "--help")
+    assert res.returncode == 0, res.stderr
+    for name in ("--uniformity-exact-max", "--uniformity-pairs", "--fail-on-collapse", "--drop-nonfinite"):
+        assert name in res.stdout
+    assert max(len(ln) for ln in res.stdout.splitlines()) > 80
+
+
+def test_piped_watch_table_keeps_its_cells(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(SAMPLE / "runs" / "simsiam_digits", run)
+    res = _run_piped("collapse", "--watch", str(run), "--max-wait", "1", "--interval", "0.1")
+    assert res.returncode == 0, res.stderr
+    header = next(ln for ln in res.stdout.splitlines() if "step" in ln and "RankMe" in ln)
+    for cell in ("std_l2 (% of 1/√d)", "eff. rank", "uniformity", "alignment", "kNN acc", "status"):
+        assert cell in header, header
+    assert "…" not in res.stdout

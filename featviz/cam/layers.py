@@ -4,7 +4,7 @@ layer, and the ViT token grid a layer's output is reshaped to."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from featviz.errors import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 
 

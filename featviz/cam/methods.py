@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,6 @@ from featviz.errors import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 
 

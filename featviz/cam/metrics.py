@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -13,7 +12,6 @@ from featviz.cam.targets import CamTarget
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 
 METRIC_DEFINITIONS = {

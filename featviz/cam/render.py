@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from featviz.cam.methods import MapStats
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,11 @@ from featviz.cam.targets import (
     make_targets,
     parse_target,
 )
-from featviz.errors import (
-    DataError,
-)
+from featviz.errors import DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     """Image files under ``inputs`` and readable ids (paths relative to the folder given).
@@ -58,21 +56,46 @@ def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, ids
 
 
-def _parse_size(size: int | str | Sequence[int] | None, model: nn.Module) -> tuple[int, int]:
+MIN_IMAGE_SIDE = 8  # NOTE: the same rule as the feature core's parse_image_size; the lead unifies them
+
+
+def parse_size(size: int | str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``N``, ``"N"``, ``"HxW"`` (also ``×`` or ``,``) or ``(H, W)`` as ``(H, W)``; None stays None.
+
+    Raises:
+        DataError: not a size, or a side below ``MIN_IMAGE_SIDE`` pixels.
+    """
+    expected = "expected N or HxW (e.g. 224 or 224x320)"
+    if size is None:
+        return None
+    if isinstance(size, bool):
+        raise DataError(f"--image-size {size!r}: {expected}")
+    if isinstance(size, int):
+        hw = (size, size)
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*", size)
+        if not m:
+            raise DataError(f"--image-size {size!r}: {expected}")
+        hw = (int(m[1]), int(m[2] or m[1]))
+    else:
+        try:
+            h, w = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise DataError(f"--image-size {size!r}: {expected}") from None
+        hw = (h, w)
+    if min(hw) < MIN_IMAGE_SIDE:
+        shown = size.strip() if isinstance(size, str) else f"{hw[0]}x{hw[1]}"
+        raise DataError(f"--image-size {shown} is {hw[0]}x{hw[1]} px; each side must be at least {MIN_IMAGE_SIDE} px")
+    return hw
+
+
+def _model_size(hw: tuple[int, int] | None, model: nn.Module) -> tuple[int, int]:
     from featviz.models import default_image_size
 
-    if size is None:
-        s = default_image_size(model)
-        return s, s
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[x×,]\s*(\d+))?\s*", size)
-        if not m:
-            raise DataError(f"--image-size {size!r}: expected N or HxW (e.g. 224 or 224x320)")
-        return int(m[1]), int(m[2] or m[1])
-    h, w = size
-    return int(h), int(w)
+    if hw is not None:
+        return hw
+    s = default_image_size(model)
+    return s, s
 
 
 def _transform(hw: tuple[int, int], mean, std):
@@ -90,7 +113,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             methods: str | Sequence[str] = "gradcam", layers: Sequence[str] | None = None,
             target: str | None = None, image_size: int | str | Sequence[int] | None = None,
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
-            metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False,
+            metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), load_report: dict[str, Any] | None = None,
             arguments: dict[str, Any] | None = None, progress: Progress | None = None,
             sheet_rows: int = 24) -> dict[str, Any]:
@@ -115,7 +138,8 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         metrics: Add ROAD and confidence-change scores per map.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: Seed for ``pair`` views and ROAD's imputation noise.
-        force: Replace an existing ``out_dir``.
+        force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
+        strict: Stop at the first undecodable image instead of skipping it (with a warning).
         class_names: Names for ``seg:NAME`` targets.
         load_report: The checkpoint load report, copied into the manifest.
         arguments: The command's arguments, for the manifest.
@@ -129,8 +153,10 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
 
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, folder=True)
-    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=image_size,
-                     batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names)
+    hw = parse_size(image_size)
+    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
+                     batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
+                     strict=strict)
     with atomic_dir(out_dir, force=force, command="cam") as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
@@ -162,10 +188,11 @@ class _Setup:
     skipped: dict[str, str]
     inner_batch: int
     device: torch.device
+    undecodable: list[str]
 
 
 def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int, aug_smooth: bool,
-             device: str, seed: int, class_names: Sequence[str]) -> _Setup:
+             device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
     from featviz.data import ImageDataset, collate, load_image, normalization_of
     from featviz.distributed import resolve_device
     from featviz.models import get_layer
@@ -175,14 +202,14 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     files, ids = image_ids(inputs)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    hw = _parse_size(image_size, model)
+    hw = _model_size(image_size, model)
     mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
     layer_names = list(layers) if layers else default_layers(model)
     layer_mods = [get_layer(model, n) for n in layer_names]
-    dataset = ImageDataset(files, None, transform, strict=True)
+    dataset = ImageDataset(files, None, transform, strict=strict)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    first = dataset[0][0][None].to(dev)
+    first = _first_decodable(dataset, files)[None].to(dev)
     info = probe_model(model, first)
     shapes = _layer_shapes(info.forward, layer_mods, first)
     token = any(len(s) == 3 for s in shapes)
@@ -201,7 +228,20 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
                   token, reshape_transform_for(model, shapes, hw), spec,
                   TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
-                  inner, dev)
+                  inner, dev, [])
+
+
+def _first_decodable(dataset, files: list[Path]) -> torch.Tensor:
+    """The first image that decodes (the model is probed with it); one clear line when none does."""
+    from featviz.data import check_pixels, load_image
+
+    for i in range(len(dataset)):
+        x = dataset[i][0]
+        if x is not None:
+            return x
+        check_pixels(files[i])  # too large is not undecodable: say how to lift the limit
+    load_image(files[0])  # raises the DataError that names the first file and what is wrong with it
+    raise DataError(f"none of the {len(files)} images could be decoded")
 
 
 def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, aug_smooth: bool,
@@ -235,7 +275,11 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
     sheet_imgs: list[np.ndarray] = []
     batches: Iterable = s.loader if progress is None else progress(s.loader, total=len(s.loader))
     mean_t, std_t = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
-    for x, _, idx, _ in batches:
+    bad: list[int] = []
+    for x, _, idx, skipped in batches:
+        bad += _skipped(s, skipped)
+        if x is None:
+            continue
         x = x.to(s.device)
         rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         targets = make_targets(s.ctx, x)
@@ -254,10 +298,26 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
         labels += [t.label for t in targets]
         scores += [t.score for t in targets]
         sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    if bad:  # the outputs hold the images that were explained, in order
+        gone = set(bad)
+        s.undecodable = [s.ids[i] for i in sorted(gone)]
+        s.files = [f for i, f in enumerate(s.files) if i not in gone]
+        s.ids = [f for i, f in enumerate(s.ids) if i not in gone]
     run = CamRun(s.ids, s.methods, s.skipped, {m: np.concatenate(v) for m, v in maps.items()}, stats, labels, scores,
                  {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in mets.items()}, s.layer_names,
                  str(s.spec), s.hw, s.info.kind)
     return run, sheet_imgs
+
+
+def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
+    """Undecodable images of a batch: warned about and left out (images above the decompression-bomb
+    limit stop the run with the way to lift it)."""
+    from featviz.data import check_pixels
+
+    for i in skipped:
+        check_pixels(s.files[i])
+        log.warning("skipping %s: it could not be decoded (pass --strict to stop instead)", s.ids[i])
+    return list(skipped)
 
 
 def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
@@ -280,6 +340,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
         reshape_transform=None if s.reshape is None else {"grid": s.reshape.grid, "prefix_tokens": s.reshape.prefix},
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
+        undecodable_images=s.undecodable,
         device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
         metric_definitions=METRIC_DEFINITIONS if metrics else None,
         noise_rule=f"gradient maps are 'noise' when the target's relative slope ‖∂t/∂o‖·‖o‖/|t| < {NOISE_RATIO}, "
@@ -289,7 +350,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
                               **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()}}
                           for m in run.methods}} for i in range(len(run.ids))],
         warnings=warnings))
-    return _summary(run, out_dir, warnings)
+    return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
 
 
 def _safe(image_id: str) -> str:

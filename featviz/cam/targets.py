@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from featviz.errors import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 _TARGET_RE = re.compile(r"^(?P<kind>top1|self|pair|class|seg|similarity)(?::(?P<arg>.+))?$")
 TARGET_KINDS = ("top1", "class:N", "seg:CLASS", "similarity:REF_IMAGE", "self", "pair")

@@ -8,18 +8,79 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
+import typer.rich_utils
 from rich.console import Console
+from typer.core import TyperGroup
 
 from featviz import __version__
 from featviz.errors import FeatvizError
 
+PIPE_WIDTH = 160
+"""Console width when output goes to a pipe or a file: rich's default there is 80 columns, which cuts
+table cells (``std_…``) and option names in ``--help``; a terminal keeps its own width, and
+``COLUMNS`` always wins."""
+
+
+def _width(stream: IO[str]) -> int | None:
+    if os.environ.get("COLUMNS"):
+        return None  # rich reads it
+    try:
+        if stream.isatty():
+            return None
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        pass
+    return PIPE_WIDTH
+
+
+if typer.rich_utils.MAX_WIDTH is None and _width(sys.stdout):  # --help, piped
+    typer.rich_utils.MAX_WIDTH = PIPE_WIDTH
+
+
+def _flags_as_flags(params: list[Any]) -> None:
+    """A boolean flag takes no value, so --help shows none (Typer shows ``<bool>``, and ``--json true`` fails)."""
+    for p in params:  # Typer's own (vendored) click options
+        if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+
+
+def _help_as_flag(cmd: Any) -> None:
+    """The same for ``--help``, which click makes on demand."""
+    make = cmd.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        opt = make(ctx)
+        if opt is not None:
+            _flags_as_flags([opt])
+        return opt
+
+    cmd.get_help_option = get_help_option
+
+
+class _Group(TyperGroup):
+    """featviz's command group: Typer's, with flags shown as flags in every command's --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for cmd in (self, *self.commands.values()):
+            _flags_as_flags(cmd.params)
+            _help_as_flag(cmd)
+
+    def add_command(self, cmd: Any, name: str | None = None) -> None:
+        _flags_as_flags(cmd.params)
+        _help_as_flag(cmd)
+        super().add_command(cmd, name)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="featviz",
     help="Visualize and diagnose the features that self-supervised vision models learn.",
     no_args_is_help=True,
@@ -28,8 +89,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-out = Console()  # results
-err = Console(stderr=True)  # progress, logs, errors
+out = Console(width=_width(sys.stdout))  # results
+err = Console(stderr=True, width=_width(sys.stderr))  # progress, logs, errors
 
 
 @contextmanager
@@ -58,6 +119,14 @@ def _progress(description: str):
         return track(iterable, description=description, total=total, console=err, transient=True)
 
     return wrap
+
+
+def _image_limit(max_image_pixels: int | None) -> None:
+    """Apply ``--max-image-pixels`` (Pillow's decompression-bomb limit) for this process."""
+    if max_image_pixels is not None:
+        from featviz.data import set_max_image_pixels
+
+        set_max_image_pixels(max_image_pixels)
 
 
 def _version_callback(value: bool) -> None:

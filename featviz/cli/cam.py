@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from featviz._names import CAM_METHOD_NAMES
-from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
+from featviz.cli._app import _echo_json, _image_limit, _progress, _user_errors, app, out
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -18,8 +18,10 @@ from featviz.cli.options import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    MaxImagePixelsOpt,
     NumHeadsOpt,
     SeedOpt,
+    StrictOpt,
     TrustOpt,
     _load_kwargs,
 )
@@ -74,6 +76,8 @@ def cam(
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    max_image_pixels: MaxImagePixelsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -95,11 +99,13 @@ def cam(
         "device": device,
         "batch_size": batch_size,
         "seed": seed,
+        "strict": strict,
     }
     with _user_errors():
         from featviz.outputs import check_output
 
         check_output(out_dir, force=force, folder=True)  # before the model is loaded
+        _image_limit(max_image_pixels)
         model, report = cam_lib.load_model(
             checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
@@ -118,6 +124,7 @@ def cam(
             device=device,
             seed=seed,
             force=force,
+            strict=strict,
             load_report=report,
             arguments=args,
             progress=_progress("cam"),

@@ -43,10 +43,9 @@ def _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust) -> dict[str, Any]:
     return dict(arch=arch, format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust)
 
 
-ImagesOpt = Annotated[
-    str | None,
-    typer.Option("--images", "-i", help="Folder (class subfolders = labels), CSV of path,label, or 'digits'."),
-]
+_IMAGES_HELP = "Folder (class subfolders = labels), CSV of path,label, or 'digits'."
+ImagesOpt = Annotated[str | None, typer.Option("--images", "-i", help=_IMAGES_HELP)]
+RequiredImagesOpt = Annotated[str, typer.Option("--images", "-i", help=_IMAGES_HELP, show_default=False)]
 PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Dense pixel features labelled from --masks.")]
 MasksOpt = Annotated[
     Path | None, typer.Option("--masks", help="Folder of class-index masks named like the images (255 = ignore).")
@@ -66,6 +65,14 @@ WorkersOpt = Annotated[
 ]
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Stop at the first undecodable image instead of skipping it.")
+]
+MaxImagePixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-pixels",
+        min=0,
+        help="Lift Pillow's decompression-bomb limit (89,478,485 pixels) for large images you trust; 0 = no limit.",
+    ),
 ]
 DropNonfiniteOpt = Annotated[
     bool, typer.Option("--drop-nonfinite", help="Drop NaN/Inf feature rows instead of failing.")

@@ -93,7 +93,7 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
     Raises:
         ArtifactError: missing file, unknown extension or malformed content.
     """
-    from featviz.artifacts import Embeddings
+    from featviz.artifacts import Embeddings, check_array_file
     from featviz.errors import ArtifactError
 
     path = Path(path)
@@ -102,6 +102,7 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
     if path.suffix == ".npy":
         if not path.is_file():
             raise ArtifactError(f"{what} file {str(path)!r} does not exist")
+        check_array_file(path, "npy", expected=f"an (N, D) .npy matrix of {what}")
         try:
             return as_array(np.load(path, mmap_mode="r", allow_pickle=False), what=what)
         except ValueError as e:
