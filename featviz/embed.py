@@ -25,12 +25,21 @@ import torch
 from PIL import Image
 
 from featviz.artifacts import Embeddings, check_finite
-from featviz.data import (IMAGE_EXTS, ImageDataset, LabelledImages, check_pixels, collate, find_images,
-                          labelled_images, load_image, normalization_of)
+from featviz.data import (
+    IMAGE_EXTS,
+    ImageDataset,
+    LabelledImages,
+    check_pixels,
+    collate,
+    find_images,
+    labelled_images,
+    load_image,
+    normalization_of,
+)
 from featviz.distributed import DistInfo, init_distributed, shard
-from featviz.errors import DataError, UnknownNameError
+from featviz.errors import DataError
+from featviz.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
 from featviz.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
-from featviz.models import default_image_size, get_layer, resolve_model
 from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -101,7 +110,7 @@ class ImageFeatures:
     skipped: list[int]
 
 
-def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: int | None = None,
+def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: int | str | Sequence[int] | None = None,
                  batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
                  progress: Progress | None = None) -> ImageFeatures:
@@ -110,7 +119,8 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
     Args:
         model: a backbone whose forward returns (B, D).
         items: image paths or PIL images.
-        image_size: input side (default: the model's).
+        image_size: input size, N or (H, W) or "HxW" (default: the model's); a ViT's must be a
+            multiple of its patch size.
         batch_size: images per forward.
         device: torch device.
         precision: auto | fp32 | bf16 | fp16 (see ``autocast_dtype``).
@@ -125,7 +135,7 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
     from featviz.data import eval_transform
 
     device = torch.device(device)
-    size = image_size or default_image_size(model)
+    size = input_size(model, image_size)
     mean, std = normalization_of(model)
     # decode errors are handled here, in the main process, so that --strict reports one clean line
     # even when the failure happened in a DataLoader worker
@@ -157,64 +167,7 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
 
 
 # ------------------------------------------------------------------ dense features
-def default_layer(model: torch.nn.Module) -> str | None:
-    """The layer whose map ``--pixels`` uses by default: ResNet ``layer4``, ViT final ``norm``."""
-    names = dict(model.named_modules())
-    for cand in ("layer4", "norm", "blocks.-1"):
-        if cand in names or (cand == "blocks.-1" and "blocks" in names):
-            return cand
-    return None
-
-
-class DenseFeatures:
-    """Capture a named layer's output as a (B, C, h, w) map (ViT tokens are reshaped to a grid).
-
-    Use as a context manager; ``__call__(x)`` runs the model and returns the captured map.
-    """
-
-    def __init__(self, model: torch.nn.Module, layer: str | None = None):
-        self.model = model
-        self.layer = layer or default_layer(model)
-        if self.layer is None:
-            names = [n for n, _ in model.named_modules() if n]
-            raise UnknownNameError(f"no default dense layer for {type(model).__name__}; pass --layer "
-                                   f"(e.g. {', '.join(names[-3:])}); `featviz layers` lists them")
-        self.module = get_layer(model, self.layer)
-        self._out: torch.Tensor | None = None
-        self._handle = None
-
-    def __enter__(self) -> DenseFeatures:
-        def hook(_m, _i, o):
-            self._out = o[0] if isinstance(o, (tuple, list)) else o
-
-        self._handle = self.module.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._out = None
-        self.model(x)
-        out = self._out
-        if not isinstance(out, torch.Tensor):
-            raise UnknownNameError(f"layer {self.layer!r} did not produce a tensor; pick another --layer")
-        if out.ndim == 4:
-            return out
-        if out.ndim == 3:  # ViT tokens (B, N, C): drop prefix tokens, reshape to the patch grid
-            prefix = int(getattr(self.model, "num_prefix_tokens", 1 if getattr(self.model, "cls_token", None) is not None else 0))
-            patch = getattr(getattr(self.model, "patch_embed", None), "patch_size", (16, 16))
-            gh, gw = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
-            tokens = out[:, -gh * gw:] if out.shape[1] - prefix == gh * gw else None
-            if tokens is None:
-                raise UnknownNameError(f"layer {self.layer!r} has {out.shape[1]} tokens, which do not fit a "
-                                       f"{gh}x{gw} patch grid plus {prefix} prefix tokens; pick another --layer")
-            return tokens.transpose(1, 2).reshape(out.shape[0], out.shape[2], gh, gw)
-        raise UnknownNameError(f"layer {self.layer!r} outputs shape {tuple(out.shape)}, not a feature map; "
-                               "pick a convolutional stage or transformer block (`featviz layers`)")
-
+DenseFeatures = FeatureExtractor  # the feature core's extractor, under its old name (featviz.figure uses it)
 
 def grid_rows(size: int, cells: int) -> np.ndarray:
     """Source rows of a nearest-neighbour downsample from ``size`` to ``cells`` (torch's rule)."""
@@ -310,7 +263,7 @@ def check_mask_sizes(pixels: PixelSet, indices: Sequence[int]) -> None:
 
 
 class _PixelDataset(torch.utils.data.Dataset):
-    def __init__(self, pixels: PixelSet, indices: Sequence[int], image_size: int | None, mean, std):
+    def __init__(self, pixels: PixelSet, indices: Sequence[int], image_size: tuple[int, int] | None, mean, std):
         from torchvision import transforms as T
 
         self.pixels, self.indices, self.image_size = pixels, list(indices), image_size
@@ -329,7 +282,7 @@ class _PixelDataset(torch.utils.data.Dataset):
         check_same_size(array_wh(mask), img.size, mask=f"mask {self.pixels.masks[i].name}",
                         image=f"image {self.pixels.images[i].name}")
         if self.image_size:
-            img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+            img = img.resize((self.image_size[1], self.image_size[0]), Image.BICUBIC)
         return self.tf(img), mask, i
 
 
@@ -388,7 +341,8 @@ def _concat_pixels(parts: list[PixelFeatures], k: int | None) -> PixelFeatures:
 
 
 def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None = None,
-                 image_size: int | None = None, max_pixels_per_class: int | None = None, seed: int = 0,
+                 image_size: int | str | Sequence[int] | None = None, max_pixels_per_class: int | None = None,
+                 seed: int = 0,
                  batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
                  ignore_index: int = IGNORE_INDEX, progress: Progress | None = None) -> PixelFeatures:
@@ -400,15 +354,19 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
     with a key drawn from ``(seed, image index)``, so the choice does not depend on the batch
     size or on how torchrun shards the images.
 
+    ``image_size`` (N, (H, W) or "HxW") resizes every image (the mask keeps its own size and is
+    sampled at the map's grid); None keeps each image's own size.
+
     Returns:
         The kept pixels sorted by (image, y, x), plus skipped (undecodable) images and images
         whose masks had only ignore pixels.
     """
     device = torch.device(device)
     mean, std = normalization_of(model)
+    hw = None if image_size is None else input_size(model, image_size)
     idx = list(range(len(pixels.images))) if indices is None else list(indices)
     check_mask_sizes(pixels, idx)
-    dataset = _PixelDataset(pixels, idx, image_size, mean, std)
+    dataset = _PixelDataset(pixels, idx, hw, mean, std)
     workers = default_workers(device) if workers is None else workers
     loader = _loader(dataset, batch_size=batch_size, workers=workers, device=device, collate_fn=_collate_by_shape)
     model = _prepare(model, device)
@@ -417,7 +375,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
     skipped: list[int] = []
     ignore_only: list[int] = []
     grid = None
-    with DenseFeatures(model, layer) as dense, torch.inference_mode(), _autocast(device, dtype):
+    with FeatureExtractor(model, layer) as dense, torch.inference_mode(), _autocast(device, dtype):
         for groups, bad in _iterate(loader, progress):
             for i in bad:
                 check_pixels(pixels.images[i])
@@ -428,8 +386,9 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                 fmap = dense(_to_device(x, device)).float().cpu()  # (B, C, h, w)
                 h, w = fmap.shape[-2:]
                 grid = (int(h), int(w))
-                for b, (mask, i) in enumerate(zip(masks, ids)):
-                    check_values(mask, pixels.class_names, name=f"mask {pixels.masks[i].name}", ignore_index=ignore_index)
+                for b, (mask, i) in enumerate(zip(masks, ids, strict=True)):
+                    check_values(mask, pixels.class_names, name=f"mask {pixels.masks[i].name}",
+                                 ignore_index=ignore_index)
                     rows, cols = grid_rows(mask.shape[0], h), grid_rows(mask.shape[1], w)
                     lab = mask[np.ix_(rows, cols)]
                     ok = lab != ignore_index
@@ -479,7 +438,8 @@ def _skip_note(n_skipped: int, n_total: int, what: str) -> None:
 
 def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, checkpoint=None, arch: str | None = None,
               labels_csv=None, pixels: bool = False, masks=None, layer: str | None = None,
-              max_pixels_per_class: int | None = None, image_size: int | None = None, batch_size: int = 64,
+              max_pixels_per_class: int | None = None, image_size: int | str | Sequence[int] | None = None,
+              batch_size: int = 64,
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
               load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None) -> Embeddings | None:
@@ -501,15 +461,17 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         check_save(out, force=force)  # the .npz and its manifest, writable, before any work
     info = init_distributed(device)
     try:
-        model, report = resolve_model(checkpoint=checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))
+        from featviz.loader import load_model
+
+        model, desc = load_model(checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))
         args = dict(images=str(images), checkpoint=None if checkpoint is None else str(checkpoint), arch=arch,
                     pixels=pixels, masks=None if masks is None else str(masks), layer=layer,
                     max_pixels_per_class=max_pixels_per_class, image_size=image_size, batch_size=batch_size,
                     device=device, precision=precision, strict=strict)
-        extra = dict(seed=seed, checkpoint_report=report, world_size=info.world_size, device=str(info.device),
+        extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
                      autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
                      autocast_dtype(info.device, precision) else "float32",
-                     arch=getattr(getattr(model, "featviz_arch", None), "to_dict", lambda: None)())
+                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict())
         run = dict(batch_size=batch_size, device=info.device, precision=precision, workers=workers, strict=strict,
                    progress=progress if info.is_main else None)
         if pixels:
@@ -533,10 +495,9 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
 
 
 def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict, extra: dict) -> Embeddings | None:
-    src: LabelledImages = labelled_images(images, labels_csv=labels_csv,
-                                          image_size=image_size or default_image_size(model))
-    size = image_size or default_image_size(model)
-    extra["image_size"] = size
+    size = input_size(model, image_size)
+    src: LabelledImages = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
+    extra["image_size"] = size[0] if size[0] == size[1] else list(size)
     part = embed_images(model, src.items, image_size=size, indices=shard(len(src), info), **run)
     parts = _gather_to_main(part, info)
     if parts is None:
@@ -558,8 +519,12 @@ def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo
                 extra: dict) -> Embeddings | None:
     pix = pair_masks(images, masks)
     layer = layer or default_layer(model)
-    get_layer(model, layer or "")  # fail fast with suggestions, before any decoding
-    extra.update(layer=layer, image_size=image_size, max_pixels_per_class=k, ignore_index=IGNORE_INDEX)
+    get_layer(model, layer)  # fail fast with suggestions, before any decoding
+    hw = parse_image_size(image_size)
+    if hw is not None:
+        input_size(model, hw)  # a ViT's size must be a multiple of its patch: say so before decoding
+    extra.update(layer=layer, image_size=None if hw is None else hw[0] if hw[0] == hw[1] else list(hw),
+                 max_pixels_per_class=k, ignore_index=IGNORE_INDEX)
     part = embed_pixels(model, pix, layer=layer, image_size=image_size, max_pixels_per_class=k, seed=seed,
                         indices=shard(len(pix.images), info), **run)
     parts = _gather_to_main(part, info)

@@ -11,18 +11,31 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean
+from featviz.description import (
+    IMAGENET,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ArchSpec,
+    ModelDescription,
+    Normalization,
+    attach,
+    describe,
+)
+from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean, shorten
+from featviz.features import LayerInfo, get_layer, list_layers
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "LayerInfo", "build_backbone",
+           "classifier_name", "default_image_size", "default_input_size", "default_normalization",
+           "feature_dim", "get_layer", "infer_arch", "list_layers", "parse_arch", "resnet_name",
+           "resolve_model", "standard_num_heads"]
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESNET_LAYOUT = {  # depth -> (bottleneck, blocks per stage)
     18: (False, (2, 2, 2, 2)),
@@ -37,31 +50,6 @@ _RESNET_RE = re.compile(
     r"^(?P<wide>wide_)?resnet(?P<depth>\d+)(?:_(?P<wpg>2))?(?:_w(?P<width>\d+))?"
     r"(?P<cifar>-cifar)?(?:-os(?P<os>8|16))?$"
 )
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A buildable architecture: a family, a canonical name, and constructor arguments.
-
-    ``name`` is what users type (``resnet50``, ``resnet18-cifar``, ``vit_small_patch16_224``,
-    ``timm:convnext_atto``); ``kwargs`` holds what the name does not say (ViT ``num_heads``,
-    ``img_size``). It round-trips through JSON (``to_dict``/``from_dict``).
-    """
-
-    family: str  # "resnet" | "vit" | "timm"
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
-        return cls(family=d["family"], name=d["name"], kwargs=dict(d.get("kwargs", {})))
-
-    def describe(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
-        return f"{self.name} ({extra})" if extra else self.name
 
 
 # ------------------------------------------------------------------ names -> specs
@@ -134,8 +122,9 @@ def _make_resnet(depth: int, width: int, width_per_group: int, cifar: bool, outp
         model.inplanes, model.dilation = width, 1
         model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         model.bn1 = nn.BatchNorm2d(width)
-        for i, (n, d) in enumerate(zip(blocks, [False, *dilate])):
-            setattr(model, f"layer{i + 1}", model._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2, dilate=d))
+        for i, (n, d) in enumerate(zip(blocks, [False, *dilate], strict=True)):
+            stage = model._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2, dilate=d)
+            setattr(model, f"layer{i + 1}", stage)
     if not bottleneck:
         rate = 1
         for i, d in enumerate(basic_dilate):
@@ -161,7 +150,23 @@ def _dilate(layer: nn.Module, rate: int) -> None:
                 m.dilation, m.padding = (rate, rate), (rate, rate)
 
 
-def _make_vit(spec: ArchSpec) -> nn.Module:
+_MLP_LAYERS = ("mlp", "swiglu")  # ArchSpec kwargs["mlp"]: timm Mlp (default) or SwiGLUPacked (DINOv2 ViT-g)
+
+
+def _vit_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Turn JSON-able ArchSpec kwargs into timm VisionTransformer arguments."""
+    kwargs = dict(kwargs)
+    mlp = kwargs.pop("mlp", "mlp")
+    if mlp not in _MLP_LAYERS:
+        raise ArchitectureError(f"unknown ViT mlp {mlp!r}; expected one of {', '.join(_MLP_LAYERS)}")
+    if mlp == "swiglu":
+        from timm.layers import SwiGLUPacked
+
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return kwargs
+
+
+def _make_vit(spec: ArchSpec, num_classes: int) -> nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -181,20 +186,104 @@ def _make_vit(spec: ArchSpec) -> nn.Module:
             kwargs.setdefault("num_heads", _VIT_DEFAULT_HEADS[size])
         if "num_heads" not in kwargs:
             raise ArchitectureError("a ViT's num_heads cannot be inferred from its weights; pass --num-heads")
-        return VisionTransformer(num_classes=0, **kwargs)
-    return timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+        return VisionTransformer(num_classes=num_classes, dynamic_img_size=True, **_vit_kwargs(kwargs))
+    return timm.create_model(spec.name, pretrained=False, num_classes=num_classes, dynamic_img_size=True,
+                             **_vit_kwargs(kwargs))
 
 
-def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: int | None = None) -> nn.Module:
-    """Build a backbone with random weights whose ``forward`` returns pooled features ``(N, D)``.
+def _make_timm(spec: ArchSpec, num_classes: int) -> nn.Module:
+    import timm
+
+    tname = spec.name.removeprefix("timm:")
+    if not timm.is_model(tname):
+        raise UnknownNameError(f"timm has no model {tname!r}{did_you_mean(tname, timm.list_models())}")
+    try:  # ViT-like timm models interpolate their position embeddings for any input size
+        return timm.create_model(tname, pretrained=False, num_classes=num_classes, dynamic_img_size=True,
+                                 **spec.kwargs)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise
+        return timm.create_model(tname, pretrained=False, num_classes=num_classes, **spec.kwargs)
+
+
+def _timm_cfg(spec: ArchSpec) -> dict[str, Any]:
+    """timm's pretrained_cfg for a timm architecture, without any download ({} when unknown)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec.name.removeprefix("timm:"))
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def default_normalization(spec: ArchSpec) -> Normalization:
+    """The normalisation featviz uses for weights of ``spec`` when the file does not record one.
+
+    timm architectures (``timm:NAME``) take mean/std from timm's ``pretrained_cfg``. ResNets and
+    featviz's ViT family (the backbones of SSL checkpoints: DINO, MoCo v3, MAE, iBOT, I-JEPA, MSN)
+    use ImageNet's, as those methods do; timm's own ``vit_*`` configs say 0.5/0.5, which is
+    right for timm's supervised ViT weights only.
+    """
+    if spec.family == "timm":
+        cfg = _timm_cfg(spec)
+        if cfg.get("mean") and cfg.get("std"):
+            return Normalization(tuple(cfg["mean"]), tuple(cfg["std"]),
+                                 f"timm pretrained_cfg of {spec.name.removeprefix('timm:')}")
+    if spec.family == "vit":
+        return Normalization(IMAGENET.mean, IMAGENET.std, "ImageNet mean/std (the SSL ViT convention)")
+    return IMAGENET
+
+
+def default_input_size(spec: ArchSpec, model: nn.Module) -> tuple[int, int]:
+    """The input (H, W) a backbone is built for: a ViT's ``img_size``, timm's ``pretrained_cfg``
+    input size, 32 for CIFAR-stem ResNets, else 224."""
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img:
+        return int(img[0]), int(img[1])
+    if spec.family == "timm":
+        size = _timm_cfg(spec).get("input_size")
+        if size:
+            return int(size[1]), int(size[2])
+    if "-cifar" in spec.name:
+        return 32, 32
+    return 224, 224
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The module name a classifier of this architecture has (``fc``, ``head``, ``classifier``, ``head.fc``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if isinstance(cfg.get("classifier"), str):
+        return cfg["classifier"]
+    get = getattr(model, "get_classifier", None)  # timm models built from their class
+    if callable(get):
+        head = get()
+        return next((n for n, m in model.named_modules() if m is head and n), None)
+    if hasattr(model, "fc") and hasattr(model, "layer4"):  # torchvision ResNets
+        return "fc"
+    return None
+
+
+def _set_resnet_classes(model: nn.Module, num_classes: int) -> None:
+    in_features = model.layer4[-1].conv3.out_channels if hasattr(model.layer4[-1], "conv3") else \
+        model.layer4[-1].conv2.out_channels
+    model.fc = nn.Linear(in_features, num_classes)
+
+
+def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: int | None = None,
+                   num_classes: int = 0, description: ModelDescription | None = None) -> nn.Module:
+    """Build a model with random weights: a backbone whose ``forward`` returns pooled features ``(N, D)``,
+    or with ``num_classes`` a classifier whose ``forward`` returns logits.
+
+    timm ViTs are built with ``dynamic_img_size=True``: position embeddings are interpolated, so
+    any input size that is a multiple of the patch size works.
 
     Args:
         arch: An architecture name (see ``parse_arch``) or an ``ArchSpec``.
         num_heads: ViT attention heads, overriding the name's default.
         seed: Seed for the random initialisation (the "random init" baseline).
+        num_classes: Give the model a linear classifier of this many classes (0: none).
+        description: The description to attach (default: one for random weights).
 
     Returns:
-        The backbone in eval mode, with ``featviz_arch`` (its ``ArchSpec``) attached.
+        The model in eval mode, its ``ModelDescription`` attached (``featviz.description.describe``).
     """
     spec = parse_arch(arch, num_heads=num_heads) if isinstance(arch, str) else arch
     if num_heads and spec.family == "vit":
@@ -205,20 +294,34 @@ def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: 
     try:
         if spec.family == "resnet":
             model = _make_resnet(**_resnet_params(spec.name))
+            if num_classes:
+                _set_resnet_classes(model, num_classes)
         elif spec.family == "vit":
-            model = _make_vit(spec)
+            model = _make_vit(spec, num_classes)
         else:
-            import timm
-
-            tname = spec.name.removeprefix("timm:")
-            if not timm.is_model(tname):
-                raise UnknownNameError(f"timm has no model {tname!r}{did_you_mean(tname, timm.list_models())}")
-            model = timm.create_model(tname, pretrained=False, num_classes=0, **spec.kwargs)
+            model = _make_timm(spec, num_classes)
     finally:
         if seed is not None:
             torch.random.set_rng_state(gen_state)
-    model.featviz_arch = spec
+    if description is None:
+        head = classifier_name(model) if num_classes else None
+        description = ModelDescription(arch=spec, kind="classifier" if num_classes else "backbone", head=head,
+                                       num_classes=num_classes or None, normalization=default_normalization(spec),
+                                       input_size=default_input_size(spec, model))
+    attach(model, description)
+    model.featviz_arch = spec  # read by cam.py until it reads describe(model) (issue 11 part 2)
     return model.eval()
+
+
+_STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+
+
+def standard_num_heads(embed_dim: int) -> int | None:
+    """The usual head count for a ViT width: DeiT/timm ViT-T/S/B/L/H 3/6/12/16/16, ViT-g 16 (1408,
+    I-JEPA) or 24 (1536, DINOv2), else 64-wide heads; None when the width fits none of these."""
+    if embed_dim in _STANDARD_HEADS:
+        return _STANDARD_HEADS[embed_dim]
+    return embed_dim // 64 if embed_dim % 64 == 0 else None
 
 
 # ------------------------------------------------------------------ weights -> specs
@@ -229,6 +332,12 @@ class Inferred:
     spec: ArchSpec
     details: dict[str, Any]
     not_inferable: tuple[str, ...] = ()
+
+
+def mlp_ratio(hidden: int, dim: int) -> float:
+    """An ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` gives back ``hidden`` exactly."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
 
 
 def _count(sd: dict, prefix: str) -> int:
@@ -261,7 +370,8 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
         inner = int(sd["layer1.0.conv1.weight"].shape[0])
         wpg = inner * 64 // width if bottleneck else 64
         if wpg not in (64, 128):
-            raise ArchitectureError(f"ResNet stage-1 width {inner} fits no known variant (conv1 width {width}); pass --arch")
+            raise ArchitectureError(f"ResNet stage-1 width {inner} fits no known variant (conv1 width {width}); "
+                                    "pass --arch")
         name = resnet_name(depth, width=width, width_per_group=wpg, cifar=kernel == 3)
         details = {"family": "ResNet", "depth": depth, "width": width, "stem": f"{kernel}x{kernel}",
                    "block": "Bottleneck" if bottleneck else "BasicBlock", "wide": wpg == 128,
@@ -275,17 +385,28 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
         reg = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
         tokens = int(sd["pos_embed"].shape[1]) if "pos_embed" in sd else None
         grid = tokens - (int(cls) + reg) if tokens else None
+        if "register_tokens" in sd:  # DINOv2 names: registers have no position
+            reg, grid = int(sd["register_tokens"].shape[1]), tokens - int(cls) if tokens else None
         no_embed_class = False
         if grid and math.isqrt(grid) ** 2 != grid and math.isqrt(tokens) ** 2 == tokens:
             grid, no_embed_class = tokens, True
         side = math.isqrt(grid) if grid else 14
+        avg = "fc_norm.weight" in sd or not cls
+        fc1 = "blocks.0.mlp.fc1.weight" if "blocks.0.mlp.fc1.weight" in sd else "blocks.0.mlp.w12.weight"
+        if fc1 not in sd:
+            raise ArchitectureError(f"ViT-like weights without an MLP fc1 ({shorten(list(sd), 3)}); pass --arch")
         kwargs: dict[str, Any] = {
             "embed_dim": dim, "depth": depth, "patch_size": patch, "img_size": side * patch,
-            "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+            "mlp_ratio": mlp_ratio(int(sd[fc1].shape[0]), dim),
             "qkv_bias": "blocks.0.attn.qkv.bias" in sd, "class_token": cls, "reg_tokens": reg,
-            "no_embed_class": no_embed_class,
-            "global_pool": "avg" if "fc_norm.weight" in sd or not cls else "token",
+            "no_embed_class": no_embed_class, "global_pool": "avg" if avg else "token",
         }
+        if avg and "fc_norm.weight" not in sd and "norm.weight" in sd:
+            kwargs["fc_norm"] = False  # norm every token, then average (I-JEPA), not timm's pool-then-norm
+        if "blocks.0.ls1.gamma" in sd:
+            kwargs["init_values"] = 1.0  # LayerScale (DINOv2, DeiT-3); the values come from the file
+        if fc1.endswith("w12.weight"):
+            kwargs["mlp"] = "swiglu"  # DINOv2 ViT-g's fused SwiGLU (w12, w3)
         size = _VIT_SIZES.get(dim)
         name = f"vit_{size}_patch{patch}_{side * patch}" if size else f"vit_d{dim}_patch{patch}_{side * patch}"
         details = {"family": "ViT", "embed_dim": dim, "depth": depth, "patch_size": patch,
@@ -296,98 +417,26 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
     raise ArchitectureError(f"cannot infer an architecture from keys like {keys}; pass --arch")
 
 
-# ------------------------------------------------------------------ layers
-class LayerInfo(NamedTuple):
-    """One named module and the shape of its output for a dummy input."""
-
-    name: str
-    type: str
-    shape: tuple[int, ...] | None
-    params: int
-
-
+# ------------------------------------------------------------------ facts of built models
 def default_image_size(model: nn.Module) -> int:
-    """The input size a model expects: the ViT's img_size, 32 for CIFAR stems, else 224."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        return int(pe.img_size[0])
-    spec = getattr(model, "featviz_arch", None)
-    if spec is not None and "-cifar" in spec.name:
-        return 32
-    return 224
-
-
-def list_layers(model: nn.Module, *, image_size: int | None = None) -> list[LayerInfo]:
-    """Run a dummy input through ``model`` and record every named module's output shape."""
-    size = image_size or default_image_size(model)
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-
-        def hook(_m, _i, o, name=name):
-            t = o[0] if isinstance(o, (tuple, list)) else o
-            if isinstance(t, torch.Tensor):
-                shapes.setdefault(name, tuple(t.shape[1:]))
-
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
-    finally:
-        for h in handles:
-            h.remove()
-    return [LayerInfo(n, type(m).__name__, shapes.get(n), sum(p.numel() for p in m.parameters()))
-            for n, m in model.named_modules() if n]
-
-
-_INDEX_RE = re.compile(r"\[(-?\d+)\]")
-
-
-def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """Find a submodule by dotted name; ``layer4[-1]`` and ``blocks.-1`` index sequences.
-
-    Raises:
-        UnknownNameError: no such module; the message suggests close names.
-    """
-    path = _INDEX_RE.sub(r".\1", name).strip(".")
-    mod: nn.Module = model
-    for part in path.split(".") if path else []:
-        try:
-            if re.fullmatch(r"-?\d+", part) and isinstance(mod, (nn.Sequential, nn.ModuleList)):
-                mod = mod[int(part)]
-            else:
-                mod = mod.get_submodule(part)
-        except (AttributeError, IndexError):
-            names = [n for n, _ in model.named_modules() if n]
-            raise UnknownNameError(
-                f"model has no layer {name!r}{did_you_mean(name, names)}; "
-                "run `featviz layers` to list the names") from None
-    return mod
+    """The input side a model expects (the height of ``describe(model).input_size``)."""
+    return describe(model).input_size[0]
 
 
 def resolve_model(*, arch: str | None = None, checkpoint=None, num_heads: int | None = None,
-                  seed: int = 0, **load_kwargs: Any) -> tuple[nn.Module, dict[str, Any] | None]:
-    """A backbone from a checkpoint (``arch`` optional) or, without one, seeded random weights.
+                  seed: int = 0, keep_classifier: bool = False, **load_kwargs: Any
+                  ) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Deprecated alias of ``featviz.loader.load_model`` for the commands not yet switched to it.
 
-    ``load_kwargs`` go to ``checkpoints.load_backbone`` (format, checkpoint_key, trust,
-    keep_classifier).
-
-    Returns:
-        (model in eval mode, the checkpoint load report as a dict, or None for random init).
-
-    Raises:
-        ArchitectureError: neither ``arch`` nor ``checkpoint`` is given.
+    Returns ``(model, load report as a dict or None)``. Removed with issue 11 part 2, when every
+    command calls ``loader.load_model`` (this function-level import is the one back-edge
+    ``tests/test_import_graph.py`` allows until then).
     """
-    if checkpoint is not None:
-        from featviz.checkpoints import load_backbone
+    from featviz.loader import load_model
 
-        model, report = load_backbone(checkpoint, arch=arch, num_heads=num_heads, **load_kwargs)
-        return model.eval(), report.to_dict()
-    if not arch:
-        raise ArchitectureError("give --checkpoint, or --arch for a randomly initialised model")
-    return build_backbone(arch, num_heads=num_heads, seed=seed), None
+    model, desc = load_model(checkpoint, arch=arch, num_heads=num_heads, seed=seed, head=keep_classifier,
+                             **load_kwargs)
+    return model, desc.source
 
 
 def feature_dim(model: nn.Module) -> int:
@@ -395,5 +444,5 @@ def feature_dim(model: nn.Module) -> int:
     if hasattr(model, "num_features"):
         return int(model.num_features)
     with torch.no_grad():
-        size = default_image_size(model)
-        return int(model(torch.zeros(1, 3, size, size)).shape[1])
+        h, w = describe(model).input_size
+        return int(model(torch.zeros(1, 3, h, w)).shape[1])

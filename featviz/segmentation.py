@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from featviz.data import IMAGENET_MEAN, IMAGENET_STD, load_image
+from featviz.description import IMAGENET, ModelDescription, Normalization, attach, describe
 from featviz.errors import CheckpointError, DataError
 from featviz.masks import IGNORE_INDEX
 
@@ -74,14 +75,14 @@ def head_spec(backbone: nn.Module, num_classes: int, crop_size: int) -> dict[str
 
 
 def _output_stride(backbone: nn.Module) -> int:
-    name = backbone.featviz_arch.name
+    name = describe(backbone).name
     stride = 8 if name.endswith("-os8") else 16 if name.endswith("-os16") else 32
     return stride // 4 if "-cifar" in name else stride
 
 
 def _low_stride(backbone: nn.Module) -> int:
     """Stride of ``layer1`` (the decoder's resolution): 4, or 1 with a CIFAR stem."""
-    return 1 if "-cifar" in backbone.featviz_arch.name else 4
+    return 1 if "-cifar" in describe(backbone).name else 4
 
 
 class Segmenter(nn.Module):
@@ -94,7 +95,7 @@ class Segmenter(nn.Module):
             from featviz.errors import ArchitectureError
 
             raise ArchitectureError(f"segmentation needs a torchvision ResNet backbone, got "
-                                    f"{backbone.featviz_arch.name!r}; use e.g. resnet50-os16 or resnet18_w16-os8")
+                                    f"{describe(backbone).name!r}; use e.g. resnet50-os16 or resnet18_w16-os8")
         self.backbone = backbone
         self.head_spec, self.projector_spec = dict(head), projector
         self.head = DeepLabV3PlusHead(head["in_ch"], head["low_ch"], head["num_classes"], head["dim"],
@@ -147,8 +148,8 @@ class Segmenter(nn.Module):
 def load_segmenter(path: str | os.PathLike) -> Segmenter:
     """Rebuild a ``Segmenter`` (eval mode) from a featviz segmentation checkpoint.
 
-    The model's ``forward`` gives per-pixel logits (N, C, H, W); ``class_names``,
-    ``featviz_normalization`` and ``featviz_method`` are attached.
+    The model's ``forward`` gives per-pixel logits (N, C, H, W); ``class_names`` and its
+    ``ModelDescription`` (``featviz.description.describe``) are attached.
 
     Raises:
         CheckpointError: not a featviz segmentation checkpoint.
@@ -167,9 +168,13 @@ def load_segmenter(path: str | os.PathLike) -> Segmenter:
     if missing or unexpected:
         raise CheckpointError(f"{Path(path).name} does not fit its own metadata: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    model.featviz_normalization = meta.get("normalization", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
-    model.featviz_method = meta.get("method")
-    model.featviz_arch = backbone.featviz_arch
+    norm = Normalization.from_dict(meta["normalization"], "featviz checkpoint metadata") \
+        if meta.get("normalization") else IMAGENET
+    attach(model, ModelDescription(
+        arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=model.num_classes,
+        class_names=tuple(model.class_names), normalization=norm, input_size=describe(backbone).input_size,
+        method=meta.get("method"), source={"format": "featviz", "path": str(path), "heads": sorted(heads)}))
+    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model.eval()
 
 
@@ -415,7 +420,7 @@ class SegTask:
         if seg.projector is not None:
             tensors.update({f"projector.{k}": v for k, v in seg.projector.state_dict().items()})
             heads["projector"] = seg.projector_spec
-        meta = {"arch": seg.backbone.featviz_arch.to_dict(),
+        meta = {"arch": describe(seg.backbone).arch.to_dict(),
                 "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
                 "source_format": "featviz", "method": self.cfg.method, "heads": heads,
                 "num_classes": seg.num_classes, "class_names": seg.class_names}

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from featviz.description import describe
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError, UnknownNameError, did_you_mean
 from featviz.outputs import atomic_path, check_place, write_json
@@ -341,7 +342,7 @@ class SSLTask:
         """Tensors (``backbone.*``, heads) and metadata for the model checkpoint."""
         tensors = {f"{prefix}.{k}": v for prefix, mod in self.model.exported().items()
                    for k, v in mod.state_dict().items()}
-        meta = {"arch": self.model.backbone.featviz_arch.to_dict(),
+        meta = {"arch": describe(self.model.backbone).arch.to_dict(),
                 "normalization": {"mean": list(self.mean), "std": list(self.std)},
                 "source_format": "featviz", "method": self.cfg.method, "heads": self.model.head_specs,
                 "hparams": {**self.model.hparams, "stop_grad": self.cfg.stop_grad}, "class_names": self.class_names}

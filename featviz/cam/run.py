@@ -33,6 +33,7 @@ from featviz.cam.targets import (
     parse_target,
 )
 from featviz.errors import DataError
+from featviz.features import input_size, parse_image_size
 from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -54,48 +55,6 @@ def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
             files.append(f)
             ids.append(str(f.relative_to(root)) if root.is_dir() else f.name)
     return files, ids
-
-
-MIN_IMAGE_SIDE = 8  # NOTE: the same rule as the feature core's parse_image_size; the lead unifies them
-
-
-def parse_size(size: int | str | Sequence[int] | None) -> tuple[int, int] | None:
-    """``N``, ``"N"``, ``"HxW"`` (also ``×`` or ``,``) or ``(H, W)`` as ``(H, W)``; None stays None.
-
-    Raises:
-        DataError: not a size, or a side below ``MIN_IMAGE_SIDE`` pixels.
-    """
-    expected = "expected N or HxW (e.g. 224 or 224x320)"
-    if size is None:
-        return None
-    if isinstance(size, bool):
-        raise DataError(f"--image-size {size!r}: {expected}")
-    if isinstance(size, int):
-        hw = (size, size)
-    elif isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*", size)
-        if not m:
-            raise DataError(f"--image-size {size!r}: {expected}")
-        hw = (int(m[1]), int(m[2] or m[1]))
-    else:
-        try:
-            h, w = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise DataError(f"--image-size {size!r}: {expected}") from None
-        hw = (h, w)
-    if min(hw) < MIN_IMAGE_SIDE:
-        shown = size.strip() if isinstance(size, str) else f"{hw[0]}x{hw[1]}"
-        raise DataError(f"--image-size {shown} is {hw[0]}x{hw[1]} px; each side must be at least {MIN_IMAGE_SIDE} px")
-    return hw
-
-
-def _model_size(hw: tuple[int, int] | None, model: nn.Module) -> tuple[int, int]:
-    from featviz.models import default_image_size
-
-    if hw is not None:
-        return hw
-    s = default_image_size(model)
-    return s, s
 
 
 def _transform(hw: tuple[int, int], mean, std):
@@ -153,7 +112,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
 
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, folder=True)
-    hw = parse_size(image_size)
+    hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
     setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
                      batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
                      strict=strict)
@@ -202,7 +161,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     files, ids = image_ids(inputs)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    hw = _model_size(image_size, model)
+    hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
     mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
     layer_names = list(layers) if layers else default_layers(model)
