@@ -346,3 +346,29 @@ def test_piped_watch_table_keeps_its_cells(tmp_path):
     for cell in ("std_l2 (% of 1/√d)", "eff. rank", "uniformity", "alignment", "kNN acc", "status"):
         assert cell in header, header
     assert "…" not in res.stdout
+
+
+# ------------------------------------------------------------------ the contact sheet says what it shows
+def test_class_labels_carry_names_and_probability(tmp_path):
+    import torch
+
+    from featviz.cam.run import read_class_names
+    from featviz.cam.targets import ClassTarget
+
+    t = ClassTarget(None, 3, ["cat", "dog", "cup"])
+    t.bind(torch.tensor([0.0, 2.0, 1.0]))
+    assert t.label == "class 1 dog (p=0.67)"
+    assert read_class_names("imagenet")[285] == "Egyptian cat" and len(read_class_names("imagenet")) == 1000
+    (tmp_path / "names.txt").write_text("a\nb\n\n")
+    assert read_class_names(tmp_path / "names.txt") == ["a", "b"]
+
+
+def test_random_weights_say_so_on_the_sheet_and_in_the_manifest(cli, cats, tmp_path):
+    from PIL import Image
+
+    r = cli("cam", cats, *TINY, "--method", "eigencam", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert man["weights"] == "random weights, seed 0"
+    w, h = Image.open(tmp_path / "o" / "contact_sheet.png").size
+    assert w >= 2 * 160 and h >= 2 * 160  # 32-px inputs are enlarged to readable thumbnails

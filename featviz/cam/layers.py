@@ -138,6 +138,7 @@ _DEFAULT_LAYERS = (  # (attribute path that must exist, layer name), first match
     ("blocks.-1.norm1", "blocks[-1].norm1"),  # timm ViT / DeiT
     ("encoder.layers.-1.ln_1", "encoder.layers[-1].ln_1"),  # torchvision ViT
     ("stages.-1", "stages[-1]"),  # timm ConvNeXt and friends
+    ("conv_head", "bn2"),  # timm EfficientNet / MobileNet: the head's conv + BN + activation
     ("features", "features"),  # VGG / MobileNet / DenseNet style
 )
 

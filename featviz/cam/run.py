@@ -57,6 +57,32 @@ def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, ids
 
 
+def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
+    """Class names from ``"imagenet"`` (timm's ImageNet-1k descriptions), a text file with one name
+    per line, or a list; ``[]`` for None.
+
+    Raises:
+        DataError: the file does not exist or is empty.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Path)) and str(spec).lower() in ("imagenet", "imagenet-1k", "imagenet1k"):
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(info.num_classes())]
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"--class-names {str(spec)!r}: expected 'imagenet' or a text file with one class name "
+                            "per line, and there is no such file")
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not names:
+            raise DataError(f"--class-names {str(spec)!r} holds no names; expected one class name per line")
+        return names
+    return [str(n) for n in spec]
+
+
 def _transform(hw: tuple[int, int], mean, std):
     from featviz.data import eval_transform
 
@@ -75,7 +101,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), load_report: dict[str, Any] | None = None,
             arguments: dict[str, Any] | None = None, progress: Progress | None = None,
-            sheet_rows: int = 24) -> dict[str, Any]:
+            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
     Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
@@ -99,11 +125,14 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         seed: Seed for ``pair`` views and ROAD's imputation noise.
         force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
         strict: Stop at the first undecodable image instead of skipping it (with a warning).
-        class_names: Names for ``seg:NAME`` targets.
+        class_names: The model's class names (``seg:NAME`` targets; class labels on the contact
+            sheet), as a list, a text file (one per line) or ``"imagenet"`` (see ``read_class_names``).
         load_report: The checkpoint load report, copied into the manifest.
         arguments: The command's arguments, for the manifest.
         progress: Wraps the batch loop (a progress bar).
         sheet_rows: Images shown on the contact sheet (all maps are still saved).
+        weights: What the weights are, for the sheet's title (a checkpoint name, ``random weights``).
+        note: A line under the sheet's title.
 
     Returns:
         The summary that ``--json`` prints.
@@ -113,6 +142,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, folder=True)
     hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
+    class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
     setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
                      batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
                      strict=strict)
@@ -121,7 +151,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                                        metrics=metrics, progress=progress, sheet_rows=sheet_rows)
         return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, load_report=load_report,
-                              arguments=arguments)
+                              arguments=arguments, weights=weights, note=note)
 
 
 @dataclass
@@ -175,6 +205,9 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     spec = spec or default_target(info)
     class_names = list(class_names) or list(getattr(model, "class_names", []) or [])  # a segmenter knows its own
     check_target(spec, info, class_names)
+    if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
+        raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
+                        "classes; give one name per class")
     reference = None
     if spec.kind == "similarity":
         ref = transform(load_image(spec.arg or ""))[None].to(dev)
@@ -280,8 +313,8 @@ def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
 
 
 def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, load_report: dict[str, Any] | None, arguments: dict[str, Any] | None
-                   ) -> dict[str, Any]:
+                   metrics: bool, load_report: dict[str, Any] | None, arguments: dict[str, Any] | None,
+                   weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
     from featviz.outputs import manifest, write_json
 
@@ -291,7 +324,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         arrays[f"{m}.raw_max"] = np.array([np.nan if st.raw_max is None else st.raw_max for st in run.stats[m]])
     np.savez_compressed(tmp / "maps.npz", **arrays)
     warnings = _warn_degenerate(run)
-    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run))
+    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
     write_json(tmp / "manifest.json", manifest(
         "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
                                       "output_shape": s.info.out_shape, "output_selected": s.info.selected,
@@ -299,7 +332,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
         reshape_transform=None if s.reshape is None else {"grid": s.reshape.grid, "prefix_tokens": s.reshape.prefix},
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
-        undecodable_images=s.undecodable,
+        undecodable_images=s.undecodable, weights=weights, note=note,
         device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
         metric_definitions=METRIC_DEFINITIONS if metrics else None,
         noise_rule=f"gradient maps are 'noise' when the target's relative slope ‖∂t/∂o‖·‖o‖/|t| < {NOISE_RATIO}, "
@@ -322,8 +355,9 @@ def _arch_name(model: nn.Module) -> str:
     return spec.name if spec is not None else type(model).__name__
 
 
-def _sheet_title(model: nn.Module, run: CamRun) -> str:
-    return f"{_arch_name(model)} · layer {', '.join(run.layers)} · target {run.target}"
+def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
+    arch = _arch_name(model) + (f" ({weights})" if weights else "")
+    return f"{arch} · layer {', '.join(run.layers)} · target {run.target}"
 
 
 def _warn_degenerate(run: CamRun) -> list[str]:

@@ -62,6 +62,14 @@ def cam(
         ),
     ] = None,
     image_size: Annotated[str | None, typer.Option("--image-size", help="N or HxW (default: the model's).")] = None,
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            "--class-names",
+            help="Class names for the labels: 'imagenet' (ImageNet-1k, from timm) or a text file, one per line.",
+        ),
+    ] = None,
+    note: Annotated[str | None, typer.Option("--note", help="A line under the contact sheet's title.")] = None,
     aug_smooth: Annotated[
         bool, typer.Option("--aug-smooth", help="Average over flips and scalings (6× slower).")
     ] = False,
@@ -100,6 +108,7 @@ def cam(
         "batch_size": batch_size,
         "seed": seed,
         "strict": strict,
+        "class_names": class_names,
     }
     with _user_errors():
         from featviz.outputs import check_output
@@ -125,6 +134,9 @@ def cam(
             seed=seed,
             force=force,
             strict=strict,
+            class_names=class_names or (),
+            weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
+            note=note,
             load_report=report,
             arguments=args,
             progress=_progress("cam"),
