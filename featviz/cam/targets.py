@@ -286,7 +286,7 @@ def bind_targets(info: ModelInfo, x: torch.Tensor, targets: list[CamTarget]) -> 
     """Bind targets on a clean forward (for methods whose first forward is not the clean batch)."""
     with torch.no_grad():
         out = info.forward(x)
-    for t, o in zip(targets, out):
+    for t, o in zip(targets, out, strict=True):
         if not t.bound:
             t.bind(o)
 

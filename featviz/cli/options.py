@@ -17,7 +17,8 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         "-a",
-        help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. Inferred from the checkpoint when omitted.",
+        help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. "
+        "Inferred from the checkpoint when omitted.",
     ),
 ]
 FormatOpt = Annotated[FormatName, typer.Option("--format", help="Checkpoint layout; 'auto' detects it.")]
