@@ -315,3 +315,16 @@ def test_demo_delegates_to_run_demo(cli, monkeypatch, tmp_path):
     kw = dict(spy.kwargs)
     assert callable(kw.pop("progress")) and kw == dict(force=True, retrain_first=False)
     assert "on your data: featviz y" in r.stdout
+
+
+def test_progress_bar_runs_no_threads_and_closes_with_its_loop():
+    """rich's track() runs refresh/track threads; an abandoned one can deadlock with another bar's (seen in cam)."""
+    import threading
+
+    from featviz.cli._app import _progress
+
+    before = threading.active_count()
+    bar = _progress("x")(range(5))
+    assert next(bar) == 0 and threading.active_count() == before
+    bar.close()
+    assert list(_progress("y")([1, 2])) == [1, 2] and threading.active_count() == before

@@ -268,28 +268,33 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
     batches: Iterable = s.loader if progress is None else progress(s.loader, total=len(s.loader))
     mean_t, std_t = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
     bad: list[int] = []
-    for x, _, idx, skipped in batches:
-        bad += _skipped(s, skipped)
-        if x is None:
-            continue
-        x = x.to(s.device)
-        rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        targets = make_targets(s.ctx, x)
-        for m in s.methods:
-            kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
-            batch_maps, batch_stats = explain(s.info, x, m, s.layer_mods, targets, reshape_transform=s.reshape,
-                                              aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
-                                              batch_size=s.inner_batch, token_layer=s.token, method_kwargs=kw)
-            maps[m].append(batch_maps)
-            stats[m] += batch_stats
-            if metrics:
-                for k, v in faithfulness(s.info, x, batch_maps, targets).items():
-                    mets[m].setdefault(k, []).append(v)
-            for j, i in enumerate(idx.tolist()):
-                overlay_png(rgb[j], batch_maps[j], overlays / f"{_safe(s.ids[i])}.{m}.png")
-        labels += [t.label for t in targets]
-        scores += [t.score for t in targets]
-        sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    try:
+        for x, _, idx, skipped in batches:
+            bad += _skipped(s, skipped)
+            if x is None:
+                continue
+            x = x.to(s.device)
+            rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            targets = make_targets(s.ctx, x)
+            for m in s.methods:
+                kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
+                batch_maps, batch_stats = explain(s.info, x, m, s.layer_mods, targets, reshape_transform=s.reshape,
+                                                  aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
+                                                  batch_size=s.inner_batch, token_layer=s.token, method_kwargs=kw)
+                maps[m].append(batch_maps)
+                stats[m] += batch_stats
+                if metrics:
+                    for k, v in faithfulness(s.info, x, batch_maps, targets).items():
+                        mets[m].setdefault(k, []).append(v)
+                for j, i in enumerate(idx.tolist()):
+                    overlay_png(rgb[j], batch_maps[j], overlays / f"{_safe(s.ids[i])}.{m}.png")
+            labels += [t.label for t in targets]
+            scores += [t.score for t in targets]
+            sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    finally:
+        close = getattr(batches, "close", None)  # a progress bar ends with the loop, error or not
+        if close is not None:
+            close()
     if bad:  # the outputs hold the images that were explained, in order
         gone = set(bad)
         s.undecodable = [s.ids[i] for i in sorted(gone)]

@@ -111,12 +111,26 @@ def _echo_json(obj: Any) -> None:
 
 
 def _progress(description: str):
-    """A rich progress wrapper for library loops (the library itself has no rich dependency)."""
+    """A rich progress wrapper for library loops (the library itself has no rich dependency).
+
+    The bar is redrawn by the loop itself (``auto_refresh=False``): no refresh or tracking threads,
+    so a loop that stops with an error, and leaves its generator to the garbage collector, cannot
+    deadlock with another bar's refresh thread (``rich.progress.track`` can).
+    """
 
     def wrap(iterable, total: int | None = None):
-        from rich.progress import track
+        from rich.progress import Progress
 
-        return track(iterable, description=description, total=total, console=err, transient=True)
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        bar = Progress(*Progress.get_default_columns(), console=err, transient=True, auto_refresh=False)
+        with bar:
+            task = bar.add_task(description, total=total)
+            bar.refresh()
+            for item in iterable:
+                yield item
+                bar.advance(task)
+                bar.refresh()
 
     return wrap
 
