@@ -28,6 +28,9 @@ PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 FigureName = Literal["cac"]
 
+MapMethod = Literal["tsne", "umap", "pca"]
+"""``featviz tsne --method`` (featviz.tsne.METHODS; a test keeps them in sync)."""
+
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
     "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",

@@ -660,10 +660,15 @@ class _CAC:
         cfg = ck.obj.get("config") if isinstance(ck.obj.get("config"), dict) else {}
         model_cfg = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
         os_ = model_cfg.get("output_stride") or model_cfg.get("out_stride")
+        if model_cfg.get("supervised") and not model_cfg.get("semi"):
+            ex.method = "supervised_seg"  # CAC's supervised-only baseline (no projector)
         ex.warnings.append(
-            "CAC's encoder is a segmentation backbone with a dilated (multi-grid) layer4; featviz loads its "
-            f"weights into a {'dilated (output stride ' + str(os_) + ')' if os_ else 'standard'} ResNet"
-            + ("" if os_ else "; pass --arch resnetNN-os8 (or -os16) to use dilation"))
+            "CAC's encoder is a segmentation backbone (its code builds output stride 16 with a multi-grid "
+            "(1, 2, 4) layer4); as an encoder featviz loads its weights into a "
+            f"{'torchvision-dilated (output stride ' + str(os_) + ')' if os_ else 'standard'} ResNet"
+            + ("" if os_ else "; pass --arch resnetNN-os16 (or -os8) to dilate it")
+            + "; the whole segmenter, with CAC's dilation, ASPP, decoder, classifier and projector, is "
+            "featviz.segmentation.load_segmenter (used by tsne --figure cac)")
         if os_ in (8, 16):
             inf = infer_arch(ex.state_dict)
             ex.arch = ArchSpec("resnet", f"{inf.spec.name}-os{os_}")
@@ -1176,9 +1181,6 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     attach(model, ModelDescription(
         arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
         normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings)))
-    model.featviz_arch = spec  # read by cam.py until it reads describe(model) (issue 11 part 2)
-    if num_classes:
-        model.featviz_num_classes = num_classes  # read by cam.has_classifier until part 2
     for w in warnings:
         log.warning("%s: %s", ck.path.name, w)
     return model.eval(), report

@@ -12,6 +12,10 @@ dvlab-research/Context-Aware-Consistency (see ``shared/reference/features-and-ap
 4. the overlap box in each crop's coordinates;
 5. an independent horizontal flip per crop, undone on the features (``unflip``).
 
+The labelled branch (``labelled_crop``) is CAC's ``base/base_dataset.py`` ``_augmentation``: a
+rescale of the long side to ``randint(0.5 * base, 2.0 * base)``, padding, one random crop and a
+horizontal flip with p=0.5; no photometric change.
+
 The low-level augmentation (``LowLevelAugment``) is CAC's photometric ``train_transform``:
 a 5x5 Gaussian blur with p=0.5, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p=0.8 and grayscale
 with p=0.2. Every random draw comes from a ``numpy.random.Generator`` the caller passes, so a
@@ -39,7 +43,8 @@ CAC_CROP_SIZE = 320
 CAC_BASE_SIZE = 400
 CAC_IOU_BOUND = (0.1, 1.0)
 CAC_STRIDE = 8
-CAC_SCALE_RANGE = (0.8, 2.0)
+CAC_SCALE_RANGE = (0.8, 2.0)  # the unlabelled pair (dataloaders/voc.py PairVOCDataset)
+CAC_LABELLED_SCALE_RANGE = (0.5, 2.0)  # the labelled branch (base/base_dataset.py _resize)
 CAC_MAX_ITERS = 50
 
 
@@ -84,9 +89,9 @@ class CropPair:
         Same slicing as CAC's ``output[:, :, ul[0]//8:br[0]//8, ul[1]//8:br[1]//8]``, applied to
         unflipped features.
         """
-        t, l, b, r = self.overlap1 if which == 1 else self.overlap2
+        top, left, bottom, right = self.overlap1 if which == 1 else self.overlap2
         s = self.stride
-        return slice(t // s, b // s), slice(l // s, r // s)
+        return slice(top // s, bottom // s), slice(left // s, right // s)
 
 
 def rescale(image: Image.Image, mask: np.ndarray | None, long_side: int) -> tuple[Image.Image, np.ndarray | None]:
@@ -187,7 +192,7 @@ def apply_crop_pair(image: Image.Image | np.ndarray, mask: np.ndarray | None, pa
     img = _pad(img, s, padding_rgb)
     m = None if mask is None else _pad(np.asarray(mask), s, ignore_index)
     outs = []
-    for (y, x), f in zip((pair.crop1, pair.crop2), pair.flip):
+    for (y, x), f in zip((pair.crop1, pair.crop2), pair.flip, strict=True):
         c = img[y:y + s, x:x + s]
         mc = None if m is None else m[y:y + s, x:x + s]
         if f:
@@ -244,6 +249,49 @@ def cac_pair(image: Image.Image, mask: np.ndarray | None, rng: np.random.Generat
                             stride=stride, max_iters=max_iters, flip=flip)
     c1, c2, m1, m2 = apply_crop_pair(image, mask, pair)
     return CACSample(c1, c2, m1, m2, pair, long_side)
+
+
+@dataclass
+class LabelledCrop:
+    """One labelled training crop: the image, its mask and where it came from."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    long_side: int
+    corner: tuple[int, int]
+    flip: bool
+
+
+def labelled_crop(image: Image.Image, mask: np.ndarray, rng: np.random.Generator, *, base_size: int = CAC_BASE_SIZE,
+                  crop_size: int = CAC_CROP_SIZE, scale_range: tuple[float, float] = CAC_LABELLED_SCALE_RANGE,
+                  padding_rgb: tuple[int, int, int] = IMAGENET_MEAN_RGB, ignore_index: int = IGNORE_INDEX,
+                  ) -> LabelledCrop:
+    """CAC's labelled-branch augmentation (``base_dataset._augmentation``): rescale, pad, crop, flip.
+
+    The long side goes to ``randint(scale_range[0] * base, scale_range[1] * base)`` (bicubic image,
+    nearest mask), the image is padded bottom/right to the crop (mean colour, mask ``ignore_index``),
+    one window is cut at a random corner and flipped horizontally with p=0.5. No blur, jitter or
+    grayscale: CAC's labelled loader has ``jitter`` off.
+
+    Raises:
+        DataError: the mask's size differs from the image's.
+    """
+    mask = np.asarray(mask)
+    if tuple(mask.shape[:2]) != (image.size[1], image.size[0]):
+        raise DataError(f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.size[0]}x{image.size[1]}; "
+                        "masks must have the image's size")
+    lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
+    long_side = int(rng.integers(lo, hi + 1))
+    image, mask = rescale(image, mask, long_side)
+    img = _pad(np.asarray(image.convert("RGB"), dtype=np.uint8), crop_size, padding_rgb)
+    m = _pad(mask, crop_size, ignore_index)
+    y = int(rng.integers(0, img.shape[0] - crop_size + 1))
+    x = int(rng.integers(0, img.shape[1] - crop_size + 1))
+    img, m = img[y:y + crop_size, x:x + crop_size], m[y:y + crop_size, x:x + crop_size]
+    flip = bool(rng.random() < 0.5)
+    if flip:
+        img, m = img[:, ::-1], m[:, ::-1]
+    return LabelledCrop(np.ascontiguousarray(img), np.ascontiguousarray(m), long_side, (y, x), flip)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from featviz.errors import DataError
 from featviz.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
 from featviz.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
 from featviz.progress import Progress
+from featviz.thumbnails import image_root
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,6 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
 
 
 # ------------------------------------------------------------------ dense features
-DenseFeatures = FeatureExtractor  # the feature core's extractor, under its old name (featviz.figure uses it)
 
 def grid_rows(size: int, cells: int) -> np.ndarray:
     """Source rows of a nearest-neighbour downsample from ``size`` to ``cells`` (torch's rule)."""
@@ -442,23 +442,30 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               batch_size: int = 64,
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
-              load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None) -> Embeddings | None:
+              load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None,
+              tensorboard: str | os.PathLike | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
-    ``out`` (when given). Outputs are checked before any work, and written atomically.
+    ``out`` (when given). Outputs are checked before any work, and written atomically. With
+    ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.projector``).
 
     Raises:
         DataError: no usable images/pixels, NaN features (unless ``drop_nonfinite``), bad masks.
         OutputExistsError: ``out`` exists and ``force`` is False.
     """
     from featviz.artifacts import check_save
-    from featviz.outputs import manifest
+    from featviz.outputs import check_output, manifest
 
     if out is not None:
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
         check_save(out, force=force)  # the .npz and its manifest, writable, before any work
+    if tensorboard is not None:
+        from featviz.projector import require_tensorboard
+
+        require_tensorboard()
+        check_output(tensorboard, force=force, folder=True)
     info = init_distributed(device)
     try:
         from featviz.loader import load_model
@@ -471,7 +478,8 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
                      autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
                      autocast_dtype(info.device, precision) else "float32",
-                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict())
+                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict(),
+                     warnings=list(desc.warnings))  # the load's warnings (also on stderr)
         run = dict(batch_size=batch_size, device=info.device, precision=precision, workers=workers, strict=strict,
                    progress=progress if info.is_main else None)
         if pixels:
@@ -487,6 +495,10 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         emb.manifest = manifest("embed", args, **extra, **emb.manifest)
         if out is not None:
             emb.save(out, force=force)
+        if tensorboard is not None:
+            from featviz.projector import write_projector
+
+            write_projector(emb, tensorboard, npz_path=out, force=force)
         return emb
     finally:
         from featviz.distributed import cleanup
@@ -512,7 +524,8 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
     index = index[order]
     ids = np.array(src.ids)[index]
     return Embeddings(feats[order], src.labels[index], src.class_names, ids,
-                      manifest={"skipped_images": [src.ids[i] for i in skipped]})
+                      manifest={"skipped_images": [src.ids[i] for i in skipped],
+                                "image_root": image_root(src.items, src.ids)})
 
 
 def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo, run: dict,
@@ -547,4 +560,5 @@ def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo
     extra["feature_grid"] = merged.grid
     ids = np.array(pix.ids)[merged.image_index]
     return Embeddings(merged.features, merged.labels, names, ids, merged.image_index, merged.yx,
-                      manifest={"images": pix.ids, "skipped_images": [pix.ids[i] for i in merged.skipped]})
+                      manifest={"images": pix.ids, "skipped_images": [pix.ids[i] for i in merged.skipped],
+                                "image_root": image_root(pix.images, pix.ids)})

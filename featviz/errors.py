@@ -59,6 +59,10 @@ class OutputExistsError(OutputError):
     """An output already exists and ``--force`` was not given."""
 
 
+class MissingDependencyError(FeatvizError):
+    """An optional extra (e.g. ``featviz[tensorboard]``, ``featviz[umap]``) is not installed."""
+
+
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Return up to ``n`` candidates that look like ``name`` (for 'did you mean' hints)."""
     candidates = list(candidates)

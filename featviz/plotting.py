@@ -50,7 +50,8 @@ def class_colors(n_classes: int) -> np.ndarray:
     return colormaps["hsv"](np.linspace(0, 1, n_classes, endpoint=False))
 
 
-def shared_limits(panels: Sequence[np.ndarray], margin: float = 0.04) -> tuple[tuple[float, float], tuple[float, float]]:
+def shared_limits(panels: Sequence[np.ndarray],
+                  margin: float = 0.04) -> tuple[tuple[float, float], tuple[float, float]]:
     """Square x and y limits that contain every panel's points (one frame for all panels).
 
     Square, because t-SNE axes have the same units: a stretched frame would distort distances.
@@ -74,7 +75,8 @@ def draw_scatter(ax, coords: np.ndarray, labels: np.ndarray, colors: np.ndarray,
     size, alpha = point_style(n_for_style or len(coords))
     order = np.random.default_rng(seed).permutation(len(coords))
     c = np.array([colors[i] if 0 <= i < len(colors) else UNKNOWN_COLOR for i in labels[order]]).reshape(-1, 4)
-    ax.scatter(coords[order, 0], coords[order, 1], s=size, c=c, alpha=alpha, linewidths=0, rasterized=len(coords) > 5000)
+    ax.scatter(coords[order, 0], coords[order, 1], s=size, c=c, alpha=alpha, linewidths=0,
+               rasterized=len(coords) > 5000)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect("equal", adjustable="box")
@@ -118,7 +120,7 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     axes = fig.subplots(1, k, squeeze=False)[0]
     xlim, ylim = shared_limits([c for c, _ in panels])
     n_max = max(len(c) for c, _ in panels)
-    for i, (ax, (coords, labels)) in enumerate(zip(axes, panels)):
+    for i, (ax, (coords, labels)) in enumerate(zip(axes, panels, strict=True)):
         draw_scatter(ax, coords, labels, colors, n_for_style=n_max, seed=i)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)

@@ -1,23 +1,32 @@
-"""t-SNE maps of embeddings with openTSNE: one map, or one shared map for several files.
+"""2-D maps of embeddings (t-SNE with openTSNE, UMAP, PCA): one map, or one shared map for several files.
 
 No torch here: this reads ``Embeddings`` files and writes coordinates and plots.
 
 What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2.2):
 
-- PCA to 50 dimensions first when D > 50 (the kNN search is the cost for wide features);
-- exact neighbours up to ``EXACT_KNN_MAX`` points: scikit-learn's multithreaded brute-force search
-  on the 50 PCA dimensions beats openTSNE's default Annoy index there (measured on 2 cores: 1.4 s
-  vs 8.2 s at 20k, 32 s vs 46 s at 100k) and is exact rather than ~96 % recall;
+- the neighbours behind the affinities are each point's true nearest neighbours in the features
+  as given (``NeighborSearch``): for wide features, candidates from an exact search in 50 PCA
+  dimensions, re-ranked by the full-dimensional distance (99.6 % of the exact 90 neighbours on the
+  benchmark's 256-d features, at about the CPU cost of a brute-force search at 20k; see
+  ``NeighborSearch``). featviz used to search the 50 PCs alone (77 % of the true neighbours), which is why its
+  maps were worse than scikit-learn's on overlapping classes (10-NN class accuracy 0.579 vs 0.625
+  at 20k; with the true neighbours 0.623). openTSNE's default Annoy index finds 75 % of them at
+  100k x 256 (class accuracy 0.814 vs 0.856 with exact neighbours);
+- otherwise openTSNE's defaults (250 early-exaggeration + 500 iterations, learning rate N/12 then
+  N, PCA initialisation): more iterations, scikit-learn's learning rate or a coarser FFT grid did
+  not close the gap or cost accuracy (docs/tsne.md has the measurements);
+- threads: one below 20k points, above that the cores idle right now (``idle_cores``);
 - the perplexity is clamped, with a warning, when N is too small for it;
-- ``seed`` fixes PCA, the neighbour index and the optimisation, so coordinates repeat;
+- ``seed`` fixes PCA, the neighbour search and the optimisation, so coordinates repeat;
 - ``stratified_sample`` keeps class proportions when ``--sample`` thins a file;
 - several files share one map: fitted on their union, or fitted on a reference and the others
-  placed into it with openTSNE's ``transform``;
+  placed into it with openTSNE's (UMAP's, PCA's) ``transform``;
 - coordinates are saved (``TsneMap.save``) so a plot can be redrawn without refitting.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,14 +44,25 @@ from featviz.progress import Progress
 log = logging.getLogger(__name__)
 
 MIN_POINTS = 4
-PCA_DIM = 50
-EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^2
+PCA_DIM = 50  # the space neighbour candidates are searched in (the neighbours themselves are exact)
+CANDIDATES = 3  # candidates per neighbour, re-ranked by the full-dimensional distance
+EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^2 (for the candidates)
 THREADS_FROM = 20_000
+
+
+METHODS = ("tsne", "umap", "pca")
 
 
 @dataclass
 class TsneParams:
-    """openTSNE settings featviz exposes (openTSNE's defaults; ``n_jobs=None`` picks, see ``auto_jobs``)."""
+    """Map settings: the method and its options (``n_jobs=None`` picks, see ``auto_jobs``).
+
+    ``method`` is ``tsne`` (openTSNE), ``umap`` (umap-learn, ``n_neighbors``/``min_dist``) or
+    ``pca`` (scikit-learn, the first two principal components). The t-SNE fields are openTSNE's
+    options; ``pca_dim`` is the space featviz's neighbour search draws candidates from before
+    re-ranking them by the full-dimensional distance (None: an exact search in all dimensions;
+    see ``NeighborSearch``). ``neighbors="auto"`` is that search; another value is openTSNE's.
+    """
 
     perplexity: float = 30.0
     seed: int = 0
@@ -53,6 +73,16 @@ class TsneParams:
     neighbors: str = "auto"
     negative_gradient_method: str = "auto"
     n_jobs: int | None = None
+    method: str = "tsne"
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            from featviz.errors import UnknownNameError, did_you_mean
+
+            raise UnknownNameError(f"unknown map method {self.method!r}; expected one of {', '.join(METHODS)}"
+                                   f"{did_you_mean(self.method, METHODS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,26 +142,140 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     while take.sum() > n:  # the at-least-one rule can overshoot: trim the largest classes
         take[np.argmax(take)] -= 1
     idx = [rng.choice(np.flatnonzero(labels == c), size=min(t, cnt), replace=False)
-           for c, t, cnt in zip(classes, take, counts) if t > 0]
+           for c, t, cnt in zip(classes, take, counts, strict=True) if t > 0]
     return np.sort(np.concatenate(idx))
 
 
-class _Pca:
-    """PCA to ``dim`` components when the data are wider, fitted once and reusable on new rows."""
+class NeighborSearch:
+    """Each point's k nearest neighbours by the Euclidean (or cosine) distance of the full features.
 
-    def __init__(self, dim: int | None, seed: int):
-        self.dim, self.seed, self.model = dim, seed, None
+    Wide features (D > ``pca_dim``): candidates are found by an exact search in the first
+    ``pca_dim`` principal components (``CANDIDATES`` x k of them; Annoy instead above
+    ``EXACT_KNN_MAX`` points), then re-ranked by the exact distance in the full feature space.
+    Measured on the benchmark's features (256-d): at 20k, 99.6 % of the true 90 nearest
+    neighbours for the CPU time of a brute-force search in 256-d (5.6 vs 5.8 s); at 100k, 98.4 %
+    for 75 s of CPU (openTSNE's default Annoy index on the raw features: 75 % for 78 s). Taking
+    the 90 nearest in PCA-50 space alone, as featviz did before, keeps only 77 % of them, and the
+    maps' 10-NN class accuracy shows it (0.579 vs 0.623 at 20k; see docs/tsne.md). Narrow
+    features are searched exactly as they are.
 
-    def fit_transform(self, x: np.ndarray) -> np.ndarray:
-        if self.dim is None or x.shape[1] <= self.dim or len(x) <= self.dim:
-            return np.ascontiguousarray(x, dtype=np.float32)
-        from sklearn.decomposition import PCA
+    ``query`` finds the neighbours of new rows among the fitted ones (for ``transform``).
+    """
 
-        self.model = PCA(n_components=self.dim, random_state=self.seed)
-        return self.model.fit_transform(x).astype(np.float32)
+    def __init__(self, x: np.ndarray, *, metric: str = "euclidean", pca_dim: int | None = PCA_DIM, seed: int = 0,
+                 n_jobs: int = 1):
+        if metric not in ("euclidean", "cosine"):
+            raise DataError(f"featviz's neighbour search supports euclidean and cosine, got {metric!r}; "
+                            "pass neighbors='exact' (or 'annoy') to use openTSNE's own")
+        self.metric, self.seed, self.n_jobs = metric, seed, n_jobs
+        self.x = self._prep(x)
+        self.pca = None
+        self.z = self.x
+        if pca_dim is not None and self.x.shape[1] > pca_dim and len(self.x) > pca_dim:
+            from sklearn.decomposition import PCA
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return x if self.model is None else self.model.transform(x).astype(np.float32)
+            self.pca = PCA(n_components=pca_dim, random_state=seed)
+            self.z = np.ascontiguousarray(self.pca.fit_transform(self.x), np.float32)
+        self._nn = None
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if self.metric == "cosine":  # cosine ranking = Euclidean ranking of unit vectors
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    def _dist(self, d: np.ndarray) -> np.ndarray:
+        return d * d / 2.0 if self.metric == "cosine" else d  # |a-b|^2 = 2 (1 - cos) for unit vectors
+
+    @property
+    def refined(self) -> bool:
+        return self.pca is not None
+
+    def _candidates(self, zq: np.ndarray | None, m: int) -> np.ndarray:
+        """``m`` nearest fitted rows in the search space, for ``zq`` (None: the fitted rows, self excluded)."""
+        n = len(self.z)
+        if n <= EXACT_KNN_MAX:
+            from sklearn.neighbors import NearestNeighbors
+
+            if self._nn is None:
+                self._nn = NearestNeighbors(n_jobs=self.n_jobs).fit(self.z)
+            if zq is None:
+                return self._nn.kneighbors(n_neighbors=m, return_distance=False)
+            return self._nn.kneighbors(zq, n_neighbors=m, return_distance=False)
+        from openTSNE.nearest_neighbors import Annoy
+
+        if self._nn is None:
+            self._nn = Annoy(self.z, m, metric="euclidean", n_jobs=self.n_jobs, random_state=self.seed)
+            idx, _ = self._nn.build()
+            if zq is None:
+                return idx
+        return self._nn.query(zq, m)[0]
+
+    def neighbors(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances) of every fitted row's ``k`` nearest others, nearest first."""
+        k = min(k, len(self.x) - 1)
+        if not self.refined:
+            m = k
+        else:
+            m = min(len(self.x) - 1, CANDIDATES * k)
+        cand = self._candidates(None, m)
+        idx, dist = rerank(self.x, self.x, cand, k)
+        return idx, self._dist(dist)
+
+    def query(self, x_new: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances) of the ``k`` nearest fitted rows of each new row."""
+        q = self._prep(x_new)
+        zq = q if self.pca is None else np.ascontiguousarray(self.pca.transform(q), np.float32)
+        k = min(k, len(self.x))
+        m = k if not self.refined else min(len(self.x), CANDIDATES * k)
+        idx, dist = rerank(q, self.x, self._candidates(zq, m), k)
+        return idx, self._dist(dist)
+
+
+def rerank(query: np.ndarray, ref: np.ndarray, candidates: np.ndarray, k: int,
+           block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query row's ``candidates`` (rows of ``ref``) by exact Euclidean distance.
+
+    Returns:
+        (indices, distances), (Q, k) each, nearest first.
+    """
+    q = np.asarray(query, np.float32)
+    r = np.asarray(ref, np.float32)
+    sq_r = np.einsum("ij,ij->i", r, r)
+    idx = np.empty((len(q), k), np.int64)
+    dist = np.empty((len(q), k), np.float64)
+    for s in range(0, len(q), block):
+        c = np.asarray(candidates[s:s + block])
+        qb = q[s:s + block]
+        d2 = sq_r[c] - 2.0 * np.einsum("bd,bmd->bm", qb, r[c]) + np.einsum("ij,ij->i", qb, qb)[:, None]
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < c.shape[1] else np.broadcast_to(
+            np.arange(k), (len(c), k))
+        dp = np.take_along_axis(d2, part, 1)
+        order = np.argsort(dp, axis=1, kind="stable")
+        idx[s:s + block] = np.take_along_axis(np.take_along_axis(c, part, 1), order, 1)
+        dist[s:s + block] = np.sqrt(np.maximum(np.take_along_axis(dp, order, 1), 0.0))
+    return idx, dist
+
+
+@functools.cache
+def _knn_index_class():
+    """openTSNE's extension point for neighbour search, backed by ``NeighborSearch``."""
+    from openTSNE.nearest_neighbors import KNNIndex
+
+    class FeaturevizKNN(KNNIndex):
+        VALID_METRICS = ["euclidean", "cosine"]
+
+        def __init__(self, search: NeighborSearch, k: int):
+            super().__init__(search.x, k, metric=search.metric, n_jobs=search.n_jobs, random_state=search.seed)
+            self.search = search
+
+        def build(self):
+            return self.search.neighbors(self.k)
+
+        def query(self, query, k):
+            return self.search.query(query, k)
+
+    return FeaturevizKNN
 
 
 def _callbacks(progress: Progress | None, total: int):
@@ -153,6 +297,43 @@ def _callbacks(progress: Progress | None, total: int):
     return step, finish
 
 
+def _cpu_times() -> tuple[float, float] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            parts = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return parts[3] + (parts[4] if len(parts) > 4 else 0.0), sum(parts[:8])
+
+
+def idle_cores(window: float = 0.25) -> float:
+    """How many of the cores this process may use are idle now (sampled over ``window`` s).
+
+    Measured from /proc/stat while featviz itself sleeps, so its own earlier work does not count
+    (the 1-minute load average, the fallback elsewhere, still includes a process that has just
+    been busy, e.g. a benchmark that ran another method first).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    a = _cpu_times()
+    if a is not None:
+        import time
+
+        time.sleep(window)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            all_cores = os.cpu_count() or cores
+            idle = (b[0] - a[0]) / (b[1] - a[1]) * all_cores
+            return float(min(cores, idle))
+    try:
+        return float(max(0.0, cores - os.getloadavg()[0]))
+    except OSError:  # not available on this platform
+        return float(cores)
+
+
 def auto_jobs(n: int) -> int:
     """openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
 
@@ -162,34 +343,138 @@ def auto_jobs(n: int) -> int:
     """
     if n < THREADS_FROM:
         return 1
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        busy = 0.0
-    jobs = max(1, min(cores, int(cores - busy + 0.5)))
-    log.debug("openTSNE threads: %d (%d cores, load %.1f)", jobs, cores, busy)
+    idle = idle_cores()
+    jobs = max(1, int(idle + 0.5))
+    log.debug("openTSNE threads: %d (%.1f idle cores)", jobs, idle)
     return jobs
 
 
-def _tsne(params: TsneParams, n: int, progress: Progress | None):
-    """An openTSNE ``TSNE`` for ``n`` points (``params.perplexity`` already clamped)."""
-    from openTSNE import TSNE
+def _tsne_fit(params: TsneParams, x: np.ndarray, progress: Progress | None):
+    """Fit openTSNE on ``x`` (``params.perplexity`` already clamped); returns its ``TSNEEmbedding``.
 
-    perplexity = params.perplexity
+    With ``neighbors="auto"`` (the default) the affinities come from featviz's ``NeighborSearch``
+    through openTSNE's ``PerplexityBasedNN(knn_index=...)``; any other value is openTSNE's own
+    method on the features as they are. Everything else is openTSNE's ``TSNE`` with its defaults.
+    """
+    from openTSNE import TSNE, affinity
+
+    n = len(x)
     cb, finish = _callbacks(progress, params.n_iter + params.early_exaggeration_iter)
-    neighbors = params.neighbors
-    if neighbors == "auto" and n <= EXACT_KNN_MAX:
-        neighbors = "exact"
     n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
-    tsne = TSNE(perplexity=perplexity, n_iter=params.n_iter, early_exaggeration_iter=params.early_exaggeration_iter,
-                metric=params.metric, neighbors=neighbors, negative_gradient_method=params.negative_gradient_method,
-                n_jobs=n_jobs, random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
-    return tsne, perplexity, finish
+    tsne = TSNE(perplexity=params.perplexity, n_iter=params.n_iter,
+                early_exaggeration_iter=params.early_exaggeration_iter, metric=params.metric,
+                neighbors=params.neighbors if params.neighbors != "auto" else "exact",
+                negative_gradient_method=params.negative_gradient_method, n_jobs=n_jobs,
+                random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
+    if params.neighbors == "auto":
+        search = NeighborSearch(x, metric=params.metric, pca_dim=params.pca_dim, seed=params.seed, n_jobs=n_jobs)
+        index = _knn_index_class()(search, min(n - 1, int(3 * params.perplexity)))
+        aff = affinity.PerplexityBasedNN(perplexity=params.perplexity, knn_index=index, n_jobs=n_jobs,
+                                         random_state=params.seed)
+        emb = tsne.fit(x, affinities=aff)
+    else:
+        emb = tsne.fit(x)
+    finish()
+    return emb
+
+
+def clamp_neighbors(n_neighbors: int, n: int) -> int:
+    """UMAP's ``n_neighbors`` for ``n`` points: at most n - 1 (with a warning)."""
+    if n < MIN_POINTS:
+        raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}; embed more images or pixels")
+    if n_neighbors >= n:
+        log.warning("n_neighbors %d is too large for %d points; using %d", n_neighbors, n, n - 1)
+        return n - 1
+    return n_neighbors
+
+
+class Projection:
+    """One 2-D method behind one interface: ``fit(x)`` on the map's points, then ``place(x_new)``
+    to put other points into the fitted map (openTSNE ``transform``, UMAP ``transform``, PCA
+    ``transform``). ``info`` records what was used (perplexity/n_neighbors after clamping, PCA).
+    """
+
+    def __init__(self, params: TsneParams, progress: Progress | None = None, *, will_place: bool = False):
+        self.params, self.progress, self.will_place = params, progress, will_place
+        self.model: Any = None
+        self.info: dict[str, Any] = {"method": params.method}
+
+    def fit(self, features: np.ndarray) -> np.ndarray:
+        """(N, 2) float32 coordinates of ``features``.
+
+        Raises:
+            DataError: fewer than 4 points.
+        """
+        p = self.params
+        n = len(features)
+        x = np.ascontiguousarray(features, np.float32)
+        if p.method == "tsne":
+            perp = clamp_perplexity(p.perplexity, n)
+            self.model = _tsne_fit(replace(p, perplexity=perp), x, self.progress)
+            self.info["perplexity_used"] = perp
+            coords = self.model
+        elif p.method == "umap":
+            k = clamp_neighbors(p.n_neighbors, n)
+            # featviz's neighbours (as for t-SNE) unless new points will be placed: UMAP's transform
+            # needs its own NNDescent index. They are also faster for small N (no numba compilation
+            # of UMAP's neighbour search: digits 7 s vs 24 s of CPU)
+            knn = None
+            if not self.will_place and p.neighbors == "auto" and p.metric in ("euclidean", "cosine"):
+                knn = _umap_knn(NeighborSearch(x, metric=p.metric, pca_dim=p.pca_dim, seed=p.seed), k)
+            self.model, coords = _umap_fit(x, k, p, knn)
+            self.info.update(n_neighbors_used=k, neighbors="featviz" if knn is not None else "umap (NNDescent)")
+        else:
+            if n < MIN_POINTS:
+                raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}")
+            from sklearn.decomposition import PCA
+
+            self.model = PCA(n_components=2, random_state=p.seed)
+            coords = self.model.fit_transform(x)
+            self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
+        if p.method != "pca":
+            self.info["neighbor_search"] = (f"candidates in {p.pca_dim} PCA dims, re-ranked in all {x.shape[1]}"
+                                            if p.pca_dim is not None and x.shape[1] > p.pca_dim else
+                                            f"exact in all {x.shape[1]} dims")
+        return np.asarray(coords, np.float32)
+
+    def place(self, features: np.ndarray) -> np.ndarray:
+        """(M, 2) coordinates of new rows in the fitted map (the map itself does not move)."""
+        x = np.ascontiguousarray(features, np.float32)
+        # openTSNE's transform places each new point against the frozen reference map only
+        return np.asarray(self.model.transform(x), np.float32)
+
+
+def _umap_knn(search: NeighborSearch, k: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """UMAP's ``precomputed_knn``: each row's ``k`` nearest rows with itself first (distance 0)."""
+    idx, dist = search.neighbors(k - 1)
+    n = len(idx)
+    return (np.concatenate([np.arange(n)[:, None], idx], 1),
+            np.concatenate([np.zeros((n, 1)), dist], 1).astype(np.float32), None)
+
+
+def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any, np.ndarray]:
+    """A seeded umap-learn ``UMAP`` fitted on ``x`` (seeding makes umap single-threaded, as it warns)."""
+    import warnings
+
+    try:
+        import umap
+    except ImportError:
+        from featviz.errors import MissingDependencyError
+
+        raise MissingDependencyError("--method umap needs umap-learn: pip install 'featviz[umap]' "
+                                     "(or pip install umap-learn)") from None
+    model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=p.min_dist, metric=p.metric,
+                      random_state=p.seed, n_jobs=1, transform_seed=p.seed,
+                      precomputed_knn=knn if knn is not None else (None, None, None))
+    with warnings.catch_warnings():  # both are known and intended: seeded, and no transform without an index
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        coords = model.fit_transform(x)
+    return model, coords
 
 
 def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress | None = None) -> np.ndarray:
-    """Fit a 2-D openTSNE map of ``features`` (PCA first when wider than ``params.pca_dim``).
+    """Fit a 2-D map of ``features`` (t-SNE by default; ``params.method`` picks UMAP or PCA).
 
     Returns:
         (N, 2) float32 coordinates.
@@ -201,12 +486,7 @@ def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Pro
     x = np.asarray(features, dtype=np.float32)
     check_finite(x)
     check_width(x)
-    params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(x)))
-    x = _Pca(params.pca_dim, params.seed).fit_transform(x)
-    tsne, _, finish = _tsne(params, len(x), progress)
-    emb = tsne.fit(x)
-    finish()
-    return np.asarray(emb, dtype=np.float32)
+    return Projection(params, progress).fit(x)
 
 
 @dataclass
@@ -264,7 +544,8 @@ class TsneMap:
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{str(path)!r} is not a readable coordinates .npz ({e})") from None
         if "coords" not in d or "groups" not in d:
-            raise ArtifactError(f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
+            raise ArtifactError(
+                f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
         return cls(d["coords"], d["labels"], list(d["class_names"]), d["groups"], list(d["group_names"]), d["rows"],
                    json.loads(str(d["info"])) if "info" in d else {})
 
@@ -318,35 +599,22 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
         rows.append(r)
     class_names = _merge_class_names(embs)
     groups = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
-    labels = np.concatenate([e.labels[r] for e, r in zip(embs, rows)])
+    labels = np.concatenate([e.labels[r] for e, r in zip(embs, rows, strict=True)])
     all_rows = np.concatenate(rows)
     info: dict[str, Any] = {"params": params.to_dict(), "sample": sample, "inputs": names,
                             "n_per_input": [len(r) for r in rows]}
-    pca = _Pca(params.pca_dim, params.seed)
+    proj = Projection(params, progress, will_place=reference is not None)
     if reference is None:
-        x = np.concatenate([e.features[r] for e, r in zip(embs, rows)])
-        params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(x)))
-        x = pca.fit_transform(x)
-        tsne, perp, finish = _tsne(params, len(x), progress)
-        coords = np.asarray(tsne.fit(x), np.float32)
-        finish()
-        info.update(mode="union", perplexity_used=perp)
+        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)]))
+        info.update(mode="union")
     else:
-        ref = embs[reference].features[rows[reference]]
-        params = replace(params, perplexity=clamp_perplexity(params.perplexity, len(ref)))
-        xr = pca.fit_transform(ref)
-        tsne, perp, finish = _tsne(params, len(xr), progress)
-        emb = tsne.fit(xr)
-        finish()
         coords = np.zeros((len(labels), 2), np.float32)
-        coords[groups == reference] = np.asarray(emb)
-        for i, (e, r) in enumerate(zip(embs, rows)):
-            if i == reference:
-                continue
-            # transform places each new point against the frozen reference map only
-            coords[groups == i] = np.asarray(emb.transform(pca.transform(e.features[r])))
-        info.update(mode="reference", reference=names[reference], perplexity_used=perp)
-    info["pca_dim"] = None if pca.model is None else params.pca_dim
+        coords[groups == reference] = proj.fit(embs[reference].features[rows[reference]])
+        for i, (e, r) in enumerate(zip(embs, rows, strict=True)):
+            if i != reference:
+                coords[groups == i] = proj.place(e.features[r])
+        info.update(mode="reference", reference=names[reference])
+    info.update(proj.info)
     return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
 
 
@@ -372,4 +640,83 @@ def knn_recall(high: np.ndarray, low: np.ndarray, k: int = 10, *, n_eval: int | 
         np.random.default_rng(seed).choice(len(high), n_eval, replace=False)
     ih = NearestNeighbors(n_neighbors=k + 1).fit(high).kneighbors(high[q], return_distance=False)[:, 1:]
     il = NearestNeighbors(n_neighbors=k + 1).fit(low).kneighbors(low[q], return_distance=False)[:, 1:]
-    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il)]))
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il, strict=True)]))
+
+
+def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | None = None,
+                      html: str | os.PathLike | None = None, force: bool = False) -> None:
+    """Refuse bad output names and existing outputs (without ``force``) before any work.
+
+    Raises:
+        DataError: a wrong extension; OutputExistsError: an output exists and ``force`` is False.
+    """
+    from featviz import plotting
+    from featviz.outputs import check_writable
+
+    plotting.check_format(out)
+    if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--html must end in .html, got {Path(html).name!r}")
+    if coords is not None and Path(coords).suffix != ".npz":
+        raise DataError(f"--coords must end in .npz, got {Path(coords).name!r}")
+    for p in (out, coords, html):
+        if p is not None:
+            check_writable(p, force=force)
+
+
+def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
+            embeddings: Sequence[Embeddings] | None = None, names: Sequence[str] | None = None,
+            reference: int | None = None, sample: int | None = None, params: TsneParams | None = None,
+            coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+            image_root: str | os.PathLike | None = None, title: str | None = None,
+            drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
+
+    Args:
+        out: the plot (.png, .pdf, .svg).
+        files: embeddings files (one panel each; several share one map).
+        embeddings: already-loaded inputs instead of ``files`` (e.g. embedded end to end).
+        names: one panel name per input (default: file stems).
+        reference: index of the input to fit on; the others are placed into its map.
+        sample: at most this many rows per input, stratified by class.
+        params: the method and its settings.
+        coords: also save the coordinates here (.npz).
+        html: also write the interactive page here (.html, thumbnails from the inputs' images).
+        image_root: the folder the inputs' image ids are relative to (for the thumbnails).
+        title: figure/page title.
+        drop_nonfinite: drop NaN/Inf rows instead of failing.
+        force: overwrite outputs.
+
+    Returns:
+        What was written and how: paths, method, points per input, the map's info.
+
+    Raises:
+        DataError / ArtifactError: bad inputs (see ``shared_map``); OutputExistsError: an output
+        exists and ``force`` is False. Every output is checked before any work.
+    """
+    from featviz import plotting
+
+    params = params or TsneParams()
+    check_map_outputs(out, coords=coords, html=html, force=force)
+    if embeddings is None:
+        embeddings = [Embeddings.load(f) for f in files]
+    embs = list(embeddings)
+    if not embs:
+        raise DataError("give at least one embeddings file")
+    names = list(names or [Path(f).stem for f in files] or [f"input {i}" for i in range(len(embs))])
+    if drop_nonfinite:
+        embs = [e.subset(np.flatnonzero(check_finite(e.features, drop=True))) for e in embs]
+    m = shared_map(embs, names, reference=reference, sample=sample, params=params, progress=progress)
+    plotting.scatter_panels([m.panel(g) for g in range(len(embs))], m.class_names, out, titles=names,
+                            suptitle=title, force=force)
+    written = {"plot": str(out)}
+    if coords is not None:
+        m.save(coords, force=force)
+        written["coords"] = str(coords)
+    if html is not None:
+        from featviz import interactive
+
+        paths = [str(f) for f in files] if files else None
+        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force)
+        written["html"] = str(html)
+    return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
+            "inputs": names, "info": m.info}

@@ -5,6 +5,9 @@
 photos/<class>/*.jpg  20 crops (128 px) of scikit-image's public-domain sample photos, 5 classes.
 seg/                  a small generated segmentation set in VOC layout: textured shapes on
                       textured backgrounds; classes in seg/classes.txt, 255 = ignore (object borders).
+                      40 scenes of 240x180 px: the working resolution of the bundled segmenters
+                      (crop 96, base 120: CAC's rescale draws a long side of 96-240 px, so a crop
+                      is never upsampled). 12 train (labelled), 20 unlabeled, 8 val.
 """
 
 from __future__ import annotations
@@ -44,31 +47,37 @@ def make_photos(rng: np.random.Generator) -> None:
                 k += 1
 
 
-def _texture(rng: np.random.Generator, size: int, base: np.ndarray, freq: float) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]
+SEG_SIZE = (240, 180)  # (w, h): long side = 2.0 x base 120, the largest rescale CAC's pair crops draw
+_REF = 96  # the scenes were first drawn at 96 px; shapes and texture periods scale with the short side
+
+
+def _texture(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray, freq: float) -> np.ndarray:
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
     angle = rng.uniform(0, np.pi)
     wave = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * freq + rng.uniform(0, 6.28))
-    noise = rng.normal(0, 12, (size, size, 3))
+    noise = rng.normal(0, 12, (h, w, 3))
     return np.clip(base[None, None] + 35 * wave[..., None] + noise, 0, 255)
 
 
-def make_seg(rng: np.random.Generator, n: int = 40, size: int = 96) -> None:
+def make_seg(rng: np.random.Generator, n: int = 40, size: tuple[int, int] = SEG_SIZE) -> None:
     root = HERE / "seg"
-    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
-    (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    w, h = size
+    k = min(size) / _REF
     colors = {1: (200, 60, 50), 2: (60, 170, 70), 3: (60, 90, 210)}
-    freqs = {1: 0.9, 2: 0.45, 3: 0.2}
+    freqs = {1: 0.9 / k, 2: 0.45 / k, 3: 0.2 / k}  # texture periods in scene pixels scale with the scene
     names = []
     for i in range(n):
         bg_base = rng.uniform(90, 170, 3)
-        img = _texture(rng, size, bg_base, 0.05)
-        mask = np.zeros((size, size), np.uint8)
+        img = _texture(rng, size, bg_base, 0.05 / k)
+        mask = np.zeros((h, w), np.uint8)
         for cls in rng.permutation([1, 2, 3])[: int(rng.integers(2, 4))]:
-            layer = Image.new("L", (size, size), 0)
+            layer = Image.new("L", (w, h), 0)
             d = ImageDraw.Draw(layer)
-            r = int(rng.integers(12, 22))
-            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+            r = int(rng.integers(round(12 * k), round(22 * k)))
+            cx, cy = int(rng.integers(r, w - r)), int(rng.integers(r, h - r))
             if cls == 1:
                 d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
             elif cls == 2:
@@ -93,6 +102,9 @@ def make_seg(rng: np.random.Generator, n: int = 40, size: int = 96) -> None:
 
 
 if __name__ == "__main__":
-    make_photos(np.random.default_rng(0))
+    import sys
+
+    if "--seg-only" not in sys.argv:
+        make_photos(np.random.default_rng(0))
     make_seg(np.random.default_rng(1))
-    print("wrote", HERE / "photos", "and", HERE / "seg")
+    print("wrote", *([] if "--seg-only" in sys.argv else [HERE / "photos", "and"]), HERE / "seg")

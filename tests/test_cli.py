@@ -105,8 +105,12 @@ def test_convert_failure_writes_nothing(cli, tmp_path):
 def test_layers_lists_names_cam_accepts(cli, moco_ckpt):
     r = cli("layers", "--checkpoint", moco_ckpt, "--json", "--image-size", "64")
     assert r.exit_code == 0, r.output
-    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    d = json.loads(r.stdout)
+    rows = {row["name"]: row for row in d["layers"]}
     assert rows["layer4"]["shape"] == [64, 2, 2] and rows["layer4.1.conv2"]["type"] == "Conv2d"
+    assert rows["layer4"]["map"] == [64, 2, 2] and rows["avgpool"]["map"] == [64, 1, 1] and rows["fc"]["map"] is None
+    assert d["image_size"] == [64, 64] and d["model"]["source"]["format"] == "moco"
+    assert d["warnings"] == d["model"]["warnings"]
 
 
 def test_layers_needs_arch_or_checkpoint(cli):
@@ -138,21 +142,33 @@ class _Spy:
         return self.calls[0][0]
 
 
-def test_inspect_delegates_to_load_backbone(cli, monkeypatch, tmp_path):
-    from featviz import checkpoints
+class _Desc:
+    """Stands in for a ``ModelDescription``."""
 
-    class Report:
-        def to_dict(self):
-            return {"format": "moco"}
+    def __init__(self, source=None):
+        self.source, self.warnings, self.name = source, [], "resnet18"
 
-    spy = _Spy((None, Report()))
-    monkeypatch.setattr(checkpoints, "load_backbone", spy)
+    def to_dict(self):
+        return {"name": self.name}
+
+
+def _report(**kw):
+    return dict(path="c.pth", format="moco", format_title="MoCo", container_key=None, prefix="", dropped={},
+                arch={}, arch_details={}, arch_source="shapes", not_inferable=[], normalization={}, loaded=1,
+                missing=[], unexpected=[], tensors_in_file=1, warnings=[], **kw)
+
+
+def test_inspect_delegates_to_load_model(cli, monkeypatch, tmp_path):
+    from featviz import loader
+
+    spy = _Spy(("MODEL", _Desc(_report())))
+    monkeypatch.setattr(loader, "load_model", spy)
     r = cli("inspect", tmp_path / "c.pth", "--format", "moco", "--num-heads", "6", "--checkpoint-key", "student",
             "--trust-checkpoint", "--json")
     assert r.exit_code == 0, r.output
     assert spy.args == (tmp_path / "c.pth",)
     assert spy.kwargs == dict(arch=None, format="moco", num_heads=6, checkpoint_key="student", trust=True)
-    assert json.loads(r.stdout) == {"format": "moco"}
+    assert json.loads(r.stdout)["format"] == "moco"
 
 
 def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
@@ -167,17 +183,20 @@ def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
                               trust=False)
 
 
-def test_layers_delegates_to_resolve_model_and_list_layers(cli, monkeypatch):
-    from featviz import models
+def test_layers_delegates_to_load_model_and_list_layers(cli, monkeypatch):
+    from featviz import features, loader
 
-    resolve, rows = _Spy(("MODEL", None)), _Spy([])
-    monkeypatch.setattr(models, "resolve_model", resolve)
-    monkeypatch.setattr(models, "list_layers", rows)
+    load, rows, size = _Spy(("MODEL", _Desc())), _Spy([]), _Spy((96, 96))
+    monkeypatch.setattr(loader, "load_model", load)
+    monkeypatch.setattr(features, "list_layers", rows)
+    monkeypatch.setattr(features, "input_size", size)
     r = cli("layers", "--arch", "vit_small_patch16_224", "--num-heads", "6", "--image-size", "96", "--json")
     assert r.exit_code == 0, r.output
-    assert resolve.kwargs == dict(checkpoint=None, arch="vit_small_patch16_224", format="auto", num_heads=6,
-                                  checkpoint_key=None, trust=False)
-    assert rows.args == ("MODEL",) and rows.kwargs == dict(image_size=96)
+    assert load.args == (None,) and load.kwargs == dict(arch="vit_small_patch16_224", format="auto", num_heads=6,
+                                                         checkpoint_key=None, trust=False)
+    assert size.args == ("MODEL", 96)
+    assert rows.args == ("MODEL",) and rows.kwargs == dict(image_size=(96, 96))
+    assert json.loads(r.stdout) == {"model": {"name": "resnet18"}, "image_size": [96, 96], "warnings": [], "layers": []}
 
 
 def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
@@ -188,7 +207,8 @@ def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
     out = tmp_path / "e.npz"
     r = cli("embed", "--images", "digits", "--arch", "resnet18", "--out", out, "--pixels", "--masks", tmp_path,
             "--layer", "layer3", "--max-pixels-per-class", "5", "--image-size", "64", "-b", "8", "--device", "cpu",
-            "--precision", "fp32", "--workers", "2", "--seed", "3", "--strict", "--drop-nonfinite", "--force")
+            "--precision", "fp32", "--workers", "2", "--seed", "3", "--strict", "--drop-nonfinite", "--force",
+            "--tensorboard", tmp_path / "tb")
     assert r.exit_code == 0, r.output
     kw = dict(spy.kwargs)
     assert callable(kw.pop("progress"))
@@ -196,31 +216,31 @@ def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
                       load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False),
                       images="digits", labels_csv=None, pixels=True, masks=tmp_path, layer="layer3",
                       max_pixels_per_class=5, image_size=64, batch_size=8, device="cpu", precision="fp32", workers=2,
-                      seed=3, strict=True, drop_nonfinite=True)
+                      seed=3, strict=True, drop_nonfinite=True, tensorboard=tmp_path / "tb")
 
 
 def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
-    from featviz import cam
+    from featviz import cam, loader
 
-    load, run = _Spy(("MODEL", {"format": "moco"})), _Spy({"images": 1, "methods": ["gradcam"], "layers": ["layer4"],
+    load, run = _Spy(("MODEL", _Desc())), _Spy({"images": 1, "methods": ["gradcam"], "layers": ["layer4"],
                                                           "target": "self", "files": {"contact_sheet": "x.png"},
                                                           "metrics": None})
-    monkeypatch.setattr(cam, "load_model", load)
+    monkeypatch.setattr(loader, "load_model", load)
     monkeypatch.setattr(cam, "run_cam", run)
     ck = tmp_path / "c.pth"
     r = cli("cam", tmp_path / "a.jpg", tmp_path / "b", "--out", tmp_path / "o", "--checkpoint", ck, "--layer", "layer3",
             "--method", "gradcam,eigencam", "--target", "class:3", "--image-size", "64x96", "--class-names", "imagenet",
             "--note", "trained", "--aug-smooth", "--eigen-smooth", "--metrics", "--seed", "2", "-b", "4", "--strict")
     assert r.exit_code == 0, r.output
-    assert load.kwargs == dict(checkpoint=ck, seed=2, arch=None, format="auto", num_heads=None, checkpoint_key=None,
+    assert load.args == (ck,)
+    assert load.kwargs == dict(seed=2, head=True, arch=None, format="auto", num_heads=None, checkpoint_key=None,
                                trust=False)
     assert run.args == ([tmp_path / "a.jpg", tmp_path / "b"], tmp_path / "o")
     kw = dict(run.kwargs)
     assert callable(kw.pop("progress")) and kw.pop("arguments")["method"] == ["gradcam,eigencam"]
     assert kw == dict(model="MODEL", methods=["gradcam,eigencam"], layers=["layer3"], target="class:3",
                       image_size="64x96", batch_size=4, aug_smooth=True, eigen_smooth=True, metrics=True, device="auto",
-                      seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained",
-                      load_report={"format": "moco"})
+                      seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained")
 
 
 def _reports():
@@ -246,13 +266,13 @@ def test_collapse_file_mode_delegates_to_file_reports_and_write_report(cli, monk
     assert reports.args == (tmp_path / "e.npz", tmp_path / "p.npz")
     assert kw == dict(seed=4, drop_nonfinite=True, uniformity_exact_max=100, uniformity_pairs=500, alpha_range=(2, 20))
     assert write.args[0] == tmp_path / "o" and write.args[2] == str(tmp_path / "e.npz")
-    assert write.kwargs == dict(force=False)
+    assert write.kwargs == dict(force=False, model=None)
 
 
 def test_collapse_checkpoint_mode_delegates_to_checkpoint_reports(cli, monkeypatch, tmp_path):
     from featviz.collapse import twoview
 
-    spy = _Spy((_reports(), "c.pth", []))
+    spy = _Spy(twoview.CheckpointReports(_reports(), "c.pth", [], None))
     monkeypatch.setattr(twoview, "checkpoint_reports", spy)
     r = cli("collapse", "--checkpoint", tmp_path / "c.pth", "--images", tmp_path, "--pixels", "--pixels-per-image",
             "9", "--image-size", "32", "-b", "8", "--json")
@@ -261,7 +281,7 @@ def test_collapse_checkpoint_mode_delegates_to_checkpoint_reports(cli, monkeypat
     assert callable(kw.pop("progress"))
     assert spy.args == (tmp_path / "c.pth", tmp_path)
     assert kw == dict(load_kwargs=dict(arch=None, format="auto", num_heads=None, checkpoint_key=None, trust=False),
-                      image_size=32, batch_size=8, seed=0, pixels=True, pixels_per_image=9, device="auto",
+                      image_size=32, batch_size=8, seed=0, pixels=True, pixels_per_image=9, layer=None, device="auto",
                       drop_nonfinite=False, uniformity_exact_max=20_000, uniformity_pairs=1_000_000,
                       alpha_range=(10, 100))
 

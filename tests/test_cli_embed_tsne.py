@@ -107,13 +107,13 @@ def test_mask_size_differs(cli, tmp_path, seg):
     m.resize((90, 96), Image.NEAREST).save(seg / "masks/scene_001.png")
     out = _one_error_line(cli("embed", "--arch", ARCH, "--images", seg / "img", "--masks", seg / "masks", "--pixels",
                               "--out", tmp_path / "p.npz"))
-    assert "scene_001.png is 90x96" in out and "96x96" in out
+    assert "scene_001.png is 90x96" in out and "240x180" in out  # the bundled scenes are 240x180
     _no_outputs(tmp_path)
 
 
 def test_mask_with_only_ignore(cli, tmp_path, seg):
     for p in (seg / "masks").iterdir():
-        Image.fromarray(np.full((96, 96), 255, np.uint8)).save(p)
+        Image.fromarray(np.full((180, 240), 255, np.uint8)).save(p)  # the bundled scenes are 240x180
     out = _one_error_line(cli("embed", "--arch", ARCH, "--images", seg / "img", "--masks", seg / "masks", "--pixels",
                               "--image-size", "32", "--out", tmp_path / "p.npz"))
     assert "only ignore" in out

@@ -92,7 +92,7 @@ def test_low_level_augment_is_seeded_photometric_only():
     a, b = crops.LowLevelAugment(7), crops.LowLevelAugment(7)
     outs_a = [a(img) for _ in range(20)]
     outs_b = [b(img) for _ in range(20)]
-    for x, y in zip(outs_a, outs_b):
+    for x, y in zip(outs_a, outs_b, strict=True):
         np.testing.assert_array_equal(x, y)
         assert x.shape == img.shape and x.dtype == np.uint8
     params = [crops.LowLevelAugment(i).draw() for i in range(400)]

@@ -115,22 +115,35 @@ def read_only(tmp_path, monkeypatch):
 
 def _refuses_to_compute(monkeypatch):
     """Any model load means work started before the output was checked."""
-    from featviz import checkpoints, models
+    from featviz import checkpoints, loader, models
 
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
 
-    monkeypatch.setattr(models, "resolve_model", boom)
+    monkeypatch.setattr(loader, "load_model", boom)
+    monkeypatch.setattr(models, "build_backbone", boom)
     monkeypatch.setattr(checkpoints, "load_backbone", boom)
 
 
 @pytest.mark.parametrize("command", ["embed", "tsne", "tsne-end-to-end", "cam", "collapse", "convert", "demo",
-                                     "train"])
-def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb_npz, cats, command, monkeypatch):
+                                     "train", "knn", "probe", "attention", "pca", "tsne-html", "embed-tensorboard"])
+def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb_npz, cats, command, monkeypatch,
+                                                             tmp_path):
     ckpt = SAMPLE / "checkpoints" / "moco_v2_tiny.pth.tar"
     if command != "train":
         _refuses_to_compute(monkeypatch)
+    if command in ("knn", "probe"):
+        from featviz import splits
+
+        monkeypatch.setattr(splits, "load_splits", lambda *a, **k: pytest.fail("work started before the check"))
     args = {
+        "knn": ["knn", "--train", emb_npz, "--val", emb_npz, "--out", read_only / "knn.json"],
+        "probe": ["probe", "--train", emb_npz, "--val", emb_npz, "--out", read_only / "probe.json"],
+        "attention": ["attention", cats, "--arch", "vit_small_patch16_224", "--out", read_only / "att"],
+        "pca": ["pca", cats, *TINY, "--out", read_only / "pca"],
+        "tsne-html": ["tsne", emb_npz, "--out", tmp_path / "map.png", "--html", read_only / "map.html"],
+        "embed-tensorboard": ["embed", *TINY, "--images", cats, "--out", tmp_path / "e.npz",
+                              "--tensorboard", read_only / "tb"],
         "embed": ["embed", *TINY, "--images", cats, "--out", read_only / "e.npz"],
         "tsne": ["tsne", emb_npz, "--out", read_only / "map.png"],
         "tsne-end-to-end": ["tsne", *TINY, "--images", cats, "--out", read_only / "map.png"],
@@ -143,6 +156,48 @@ def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb
     }[command]
     assert "is not writable" in _one_line(cli(*args))
     assert list(read_only.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["pca", "attention", "embed-tensorboard"])
+def test_new_folder_outputs_refuse_a_folder_featviz_did_not_write(cli, cats, tmp_path, command, monkeypatch):
+    _refuses_to_compute(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    _users_files(out)
+    args = {"pca": ["pca", cats, *TINY, "--out", out],
+            "attention": ["attention", cats, "--arch", "vit_small_patch16_224", "--out", out],
+            "embed-tensorboard": ["embed", *TINY, "--images", cats, "--out", tmp_path / "e.npz", "--tensorboard", out],
+            }[command]
+    for force in ((), ("--force",)):
+        assert "not written by featviz" in _one_line(cli(*args, *force))
+    _still_there(out)
+    assert not (tmp_path / "e.npz").exists()
+
+
+@pytest.mark.parametrize("command", ["pca", "embed-tensorboard"])
+def test_new_folder_outputs_force_keeps_the_users_files(cli, cats, tmp_path, command):
+    out = tmp_path / "out"
+    args = {"pca": ["pca", cats, *TINY, "--out", out],
+            "embed-tensorboard": ["embed", *TINY, "--images", cats, "--out", tmp_path / "e.npz", "--tensorboard", out],
+            }[command]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / ".featviz-output.json").read_text())["files"]
+    _users_files(out)
+    assert "--force" in _one_line(cli(*args))  # featviz's own folder: replaced only with --force
+    r = cli(*args, "--force")
+    assert r.exit_code == 0, r.output
+    _still_there(out)
+    marker = json.loads((out / ".featviz-output.json").read_text())
+    assert marker["command"] == command.replace("-", " --") and "thesis.tex" not in marker["files"]
+    assert len(marker["files"]) == len(first)
+
+
+@pytest.mark.parametrize("args", [("attention", "--image-size", "0"), ("pca", "--image-size", "8x0")])
+def test_new_commands_image_size_is_one_line(cli, cats, tmp_path, args):
+    line = _one_line(cli(args[0], cats, "--arch", "resnet18_w8-cifar", *args[1:], "--out", tmp_path / "o"), code=2)
+    assert "--image-size" in line and "at least 8" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_read_only_folder_for_a_real_unprivileged_user(emb_npz):
@@ -206,7 +261,8 @@ def test_train_killed_before_first_epoch_gives_advice_that_works(cli, tmp_path):
 # ------------------------------------------------------------------ bad input that was not one line
 @pytest.mark.parametrize("size", ["0", "0x32", "8x0", "1", "7", "abc", "32x"])
 def test_cam_image_size_below_8_or_not_a_size_is_one_line(cli, cats, tmp_path, size):
-    line = _one_line(cli("cam", cats, "--arch", "resnet18_w8-cifar", "--image-size", size, "--out", tmp_path / "o"))
+    line = _one_line(cli("cam", cats, "--arch", "resnet18_w8-cifar", "--image-size", size, "--out", tmp_path / "o"),
+                     code=2)  # a usage error, said in one line
     assert "--image-size" in line and ("at least 8" in line or "expected N or HxW" in line)
     assert not (tmp_path / "o").exists()
 

@@ -69,11 +69,36 @@ def test_stratified_sample_keeps_class_shares():
     assert len(tiny) == 5 and set(np.repeat([0, 1, 2], [98, 1, 1])[tiny]) == {0, 1, 2}
 
 
-def test_pca_only_when_wider_than_50():
+def test_neighbours_are_exact_in_the_full_space():
+    """The affinities use each point's true nearest neighbours in the features as given."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x, _ = _blobs(100, 20)  # narrow: an exact search
+    idx, dist = tsne.NeighborSearch(x).neighbors(10)
+    ref_d, ref_i = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x)
+    np.testing.assert_array_equal(idx, ref_i[:, 1:])
+    np.testing.assert_allclose(dist, ref_d[:, 1:], rtol=1e-4, atol=1e-4)
+    # wide, with the long spectrum of network features: PCA-50 candidates, re-ranked in 256-d
+    rng = np.random.default_rng(0)
+    wide = (rng.normal(size=(2000, 256)) * np.arange(1, 257) ** -0.75).astype(np.float32)
+    search = tsne.NeighborSearch(wide)
+    assert search.refined
+    idx, dist = search.neighbors(30)
+    ref = NearestNeighbors(n_neighbors=31).fit(wide).kneighbors(wide, return_distance=False)[:, 1:]
+    recall = np.mean([len(np.intersect1d(a, b)) / 30 for a, b in zip(idx, ref, strict=True)])
+    pca_only = NearestNeighbors(n_neighbors=31).fit(search.z).kneighbors(search.z, return_distance=False)[:, 1:]
+    recall_pca = np.mean([len(np.intersect1d(a, b)) / 30 for a, b in zip(pca_only, ref, strict=True)])
+    assert recall >= 0.99 and recall_pca < recall - 0.03, (recall, recall_pca)  # the 50 PCs alone lose some
+    np.testing.assert_allclose(dist, np.linalg.norm(wide[idx] - wide[:, None], axis=2), rtol=1e-3, atol=1e-4)
+    assert (np.diff(dist, axis=1) >= -1e-6).all()  # nearest first
+    qi, qd = search.query(wide[:5] + 1e-4, 3)
+    assert (qi[:, 0] == np.arange(5)).all()
+
+
+def test_wide_features_keep_their_map_quality():
     x, y = _blobs(30, 80)
     wide = tsne.shared_map([Embeddings(x, y)], params=FAST)
-    narrow = tsne.shared_map([Embeddings(x[:, :20], y)], params=FAST)
-    assert wide.info["pca_dim"] == 50 and narrow.info["pca_dim"] is None
+    assert wide.info["neighbor_search"] == "candidates in 50 PCA dims, re-ranked in all 80"
     assert tsne.leave_one_out_knn_accuracy(wide.coords, y) > 0.95
 
 
@@ -132,5 +157,60 @@ def test_plots_by_extension_with_shared_axes(tmp_path):
 
 def test_point_style_shrinks_with_n():
     sizes = [plotting.point_style(n) for n in (10, 1_000, 100_000, 10_000_000)]
-    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes, sizes[1:]))
+    assert all(a[0] >= b[0] and a[1] >= b[1] for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     assert sizes[0][0] > 20 * sizes[-1][0]
+
+
+def test_umap_on_digits_keeps_classes_apart():
+    """--method umap on digits raw pixels: 10-NN class accuracy of the 2-D map >= 0.95."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    c = tsne.fit(d.data.astype(np.float32), tsne.TsneParams(method="umap", seed=0))
+    assert c.shape == (len(d.target), 2)
+    acc = tsne.leave_one_out_knn_accuracy(c, d.target)
+    assert acc >= 0.95, acc
+
+
+def test_umap_is_seeded_and_places_new_points_with_its_transform():
+    x, y = _blobs(40, 10, seed=1)
+    new, ynew = _blobs(10, 10, seed=1)
+    params = tsne.TsneParams(method="umap", seed=0, n_neighbors=10)
+    np.testing.assert_array_equal(tsne.fit(x, params), tsne.fit(x, params))  # seeded: the same map twice
+    m = tsne.shared_map([Embeddings(x, y), Embeddings(new + 0.01, ynew)], reference=0, params=params)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(5).fit(m.panel(0)[0], y)
+    assert (clf.predict(m.panel(1)[0]) == ynew).mean() > 0.95
+    assert m.info["method"] == "umap" and m.info["n_neighbors_used"] == 10
+
+
+def test_pca_method_is_scikit_learns_pca():
+    from sklearn.decomposition import PCA
+
+    x, y = _blobs(30, 80)
+    m = tsne.shared_map([Embeddings(x, y)], params=tsne.TsneParams(method="pca", seed=0))
+    np.testing.assert_allclose(m.coords, PCA(2, random_state=0).fit_transform(x), rtol=1e-4, atol=1e-4)
+    ref = tsne.shared_map([Embeddings(x[:60], y[:60]), Embeddings(x[60:], y[60:])], reference=0,
+                          params=tsne.TsneParams(method="pca"))
+    p = PCA(2, random_state=0).fit(x[:60])
+    np.testing.assert_allclose(ref.panel(1)[0], p.transform(x[60:]), rtol=1e-4, atol=1e-4)
+    assert m.info["method"] == "pca" and len(m.info["explained_variance_ratio"]) == 2
+
+
+def test_unknown_method_is_refused():
+    from featviz.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="umap"):
+        tsne.TsneParams(method="umpa")
+
+
+def test_wide_reference_map_places_points_through_the_neighbour_search():
+    x, y = _blobs(60, 80, seed=2)
+    new, ynew = _blobs(15, 80, seed=2)
+    m = tsne.shared_map([Embeddings(x, y), Embeddings(new + 0.01, ynew)], reference=0, params=FAST)
+    assert m.info["neighbor_search"].startswith("candidates in 50 PCA dims")
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(5).fit(m.panel(0)[0], y)
+    assert (clf.predict(m.panel(1)[0]) == ynew).mean() > 0.95

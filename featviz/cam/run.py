@@ -14,13 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featviz.cam.layers import (
-    ModelInfo,
-    _layer_shapes,
-    default_layers,
-    probe_model,
-    reshape_transform_for,
-)
+from featviz.cam.layers import ModelInfo, _layer_shapes, probe_model
 from featviz.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.cam.metrics import METRIC_DEFINITIONS, faithfulness
 from featviz.cam.render import CamRun, contact_sheet, overlay_png
@@ -32,8 +26,9 @@ from featviz.cam.targets import (
     make_targets,
     parse_target,
 )
+from featviz.description import describe
 from featviz.errors import DataError
-from featviz.features import input_size, parse_image_size
+from featviz.features import parse_image_size
 from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -99,8 +94,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             target: str | None = None, image_size: int | str | Sequence[int] | None = None,
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
-            class_names: Sequence[str] = (), load_report: dict[str, Any] | None = None,
-            arguments: dict[str, Any] | None = None, progress: Progress | None = None,
+            class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
             sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
@@ -111,11 +105,13 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     Args:
         inputs: Image files and/or folders (searched recursively).
         out_dir: Output folder; must not exist unless ``force``.
-        model: The model to explain (``load_model``).
+        model: The model to explain (``featviz.loader.load_model(head=True)``); its description
+            (``featviz.description.describe``) goes into the manifest, load warnings included.
         methods: Method names, comma-separated names, or ``all``.
         layers: Layer names (default per architecture); several layers are averaged.
         target: A ``--target`` string (default: ``top1`` with a classifier, else ``self``).
-        image_size: N or (H, W) / ``"HxW"`` (default: the model's size).
+        image_size: N or (H, W) / ``"HxW"`` (default: the model's size); a ViT takes any multiple of
+            its patch size, non-square included.
         batch_size: Images per batch (and, on CUDA, the ScoreCAM/AblationCAM inner batch, at least 32;
             16 on CPU, as in pytorch-grad-cam).
         aug_smooth: Test-time augmentation smoothing.
@@ -126,8 +122,8 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
         strict: Stop at the first undecodable image instead of skipping it (with a warning).
         class_names: The model's class names (``seg:NAME`` targets; class labels on the contact
-            sheet), as a list, a text file (one per line) or ``"imagenet"`` (see ``read_class_names``).
-        load_report: The checkpoint load report, copied into the manifest.
+            sheet), as a list, a text file (one per line) or ``"imagenet"`` (see ``read_class_names``);
+            default: the model's own (a segmenter's).
         arguments: The command's arguments, for the manifest.
         progress: Wraps the batch loop (a progress bar).
         sheet_rows: Images shown on the contact sheet (all maps are still saved).
@@ -150,8 +146,8 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                                        metrics=metrics, progress=progress, sheet_rows=sheet_rows)
-        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, load_report=load_report,
-                              arguments=arguments, weights=weights, note=note)
+        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments,
+                              weights=weights, note=note)
 
 
 @dataclass
@@ -184,7 +180,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
              device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
     from featviz.data import ImageDataset, collate, load_image, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.models import get_layer
+    from featviz.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
     spec = parse_target(target) if target else None
@@ -194,7 +190,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
     mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
-    layer_names = list(layers) if layers else default_layers(model)
+    layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
     dataset = ImageDataset(files, None, transform, strict=strict)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -203,7 +199,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     shapes = _layer_shapes(info.forward, layer_mods, first)
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
-    class_names = list(class_names) or list(getattr(model, "class_names", []) or [])  # a segmenter knows its own
+    class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
     check_target(spec, info, class_names)
     if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
         raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
@@ -218,7 +214,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     # CPU pytorch-grad-cam's own 16 is faster (ResNet-50 ScoreCAM at 112 px: 16 → 27-29 s, 64 → 33-36 s)
     inner = max(32, batch_size) if dev.type == "cuda" else 16
     return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
-                  token, reshape_transform_for(model, shapes, hw), spec,
+                  token, reshape_transform(model, hw, layer_mods), spec,
                   TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
                   inner, dev, [])
 
@@ -318,7 +314,7 @@ def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
 
 
 def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, load_report: dict[str, Any] | None, arguments: dict[str, Any] | None,
+                   metrics: bool, arguments: dict[str, Any] | None,
                    weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
     from featviz.outputs import manifest, write_json
@@ -328,14 +324,15 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         arrays[m] = run.maps[m]
         arrays[f"{m}.raw_max"] = np.array([np.nan if st.raw_max is None else st.raw_max for st in run.stats[m]])
     np.savez_compressed(tmp / "maps.npz", **arrays)
-    warnings = _warn_degenerate(run)
+    desc = describe(s.model)
+    warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
     contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
     write_json(tmp / "manifest.json", manifest(
         "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
                                       "output_shape": s.info.out_shape, "output_selected": s.info.selected,
-                                      "load_report": load_report},
+                                      "description": desc.to_dict()},
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
-        reshape_transform=None if s.reshape is None else {"grid": s.reshape.grid, "prefix_tokens": s.reshape.prefix},
+        reshape_transform=None if s.reshape is None else s.reshape.to_dict(),
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
         undecodable_images=s.undecodable, weights=weights, note=note,
         device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
@@ -356,8 +353,8 @@ def _safe(image_id: str) -> str:
 
 
 def _arch_name(model: nn.Module) -> str:
-    spec = getattr(model, "featviz_arch", None)
-    return spec.name if spec is not None else type(model).__name__
+    desc = describe(model)
+    return desc.name if desc.arch is not None else type(model).__name__
 
 
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:

@@ -7,7 +7,19 @@ command imports the library it needs inside its body (tests/test_import_cost.py 
 
 from __future__ import annotations
 
-from featviz.cli import cam, checkpoint, collapse, demo, embed, train, tsne  # noqa: F401 - registers the commands
+from featviz.cli import (  # noqa: F401 - registers the commands
+    attention,
+    cam,
+    checkpoint,
+    collapse,
+    demo,
+    embed,
+    knn,
+    pca,
+    probe,
+    train,
+    tsne,
+)
 from featviz.cli._app import app, main
 
 __all__ = ["app", "main"]

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, NoReturn
 
 import typer
 import typer.rich_utils
@@ -104,6 +104,12 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
+def usage_error(message: str) -> NoReturn:
+    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors)."""
+    err.print("[bold red]error:[/] " + message.replace("[", r"\["), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
 def _echo_json(obj: Any) -> None:
     from featviz.outputs import to_jsonable
 
@@ -115,10 +121,11 @@ def _progress(description: str):
 
     The bar is redrawn by the loop itself (``auto_refresh=False``): no refresh or tracking threads,
     so a loop that stops with an error, and leaves its generator to the garbage collector, cannot
-    deadlock with another bar's refresh thread (``rich.progress.track`` can).
+    deadlock with another bar's refresh thread (``rich.progress.track`` can). A library loop may name
+    its own stage: ``progress(it, total=n, description="embedding train")``.
     """
 
-    def wrap(iterable, total: int | None = None):
+    def wrap(iterable, total: int | None = None, description: str = description):
         from rich.progress import Progress
 
         if total is None and hasattr(iterable, "__len__"):
@@ -143,6 +150,28 @@ def _image_limit(max_image_pixels: int | None) -> None:
         set_max_image_pixels(max_image_pixels)
 
 
+class _LineHandler(logging.Handler):
+    """Each log record as one line on stderr (``warning: ...``), never wrapped, so that every warning
+    of a load or a run reads as one line however narrow the terminal; ``-v`` adds the logger name."""
+
+    _STYLE = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "INFO": "dim", "DEBUG": "dim"}
+
+    def __init__(self, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = " ".join(self.format(record).split())  # one line: no embedded newlines
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+            return
+        where = f" [dim]({record.name})[/]" if self.verbose else ""
+        style = self._STYLE.get(record.levelname, "")
+        err.print(f"[{style}]{record.levelname.lower()}:[/]{where} " + msg.replace("[", r"\["),
+                  soft_wrap=True, highlight=False)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"featviz {__version__}")
@@ -158,12 +187,10 @@ def _main(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log details to stderr.")] = False,
 ) -> None:
     """Visualize and diagnose the features that self-supervised vision models learn."""
-    from rich.logging import RichHandler
-
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err, show_time=False, show_path=verbose)],
+        handlers=[_LineHandler(verbose)],
         force=True,
     )
     # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v

@@ -24,6 +24,7 @@ from featviz.cli.options import (
     StrictOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 
@@ -61,7 +62,14 @@ def cam(
             "(default: top1 with a classifier, else self).",
         ),
     ] = None,
-    image_size: Annotated[str | None, typer.Option("--image-size", help="N or HxW (default: the model's).")] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            callback=image_size_value,
+            help="N or HxW (default: the model's; a ViT takes any multiple of its patch size, e.g. 224x320).",
+        ),
+    ] = None,
     class_names: Annotated[
         str | None,
         typer.Option(
@@ -91,6 +99,7 @@ def cam(
 ) -> None:
     """Heatmaps of where a classifier, segmenter or SSL encoder looks, with any pytorch-grad-cam method."""
     from featviz import cam as cam_lib
+    from featviz.loader import load_model
 
     args = {
         "images": images,
@@ -115,8 +124,8 @@ def cam(
 
         check_output(out_dir, force=force, folder=True)  # before the model is loaded
         _image_limit(max_image_pixels)
-        model, report = cam_lib.load_model(
-            checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        model, _ = load_model(
+            checkpoint, seed=seed, head=True, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
         summary = cam_lib.run_cam(
             images,
@@ -137,7 +146,6 @@ def cam(
             class_names=class_names or (),
             weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
             note=note,
-            load_report=report,
             arguments=args,
             progress=_progress("cam"),
         )

@@ -63,6 +63,14 @@ def embed(
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
     trust_checkpoint: TrustOpt = False,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            "--tensorboard",
+            help="Also write TensorBoard projector files here (embeddings, labels, thumbnail sprite); "
+            "needs featviz[tensorboard].",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Embed images (pooled) or pixels (--pixels --masks) with a checkpoint, or seeded random weights (--arch).
@@ -79,6 +87,7 @@ def embed(
             checkpoint=checkpoint,
             arch=arch,
             force=force,
+            tensorboard=tensorboard,
             progress=_progress("embedding"),
             load_kwargs=dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint),
             **_embed_kwargs(
@@ -101,3 +110,5 @@ def embed(
     if emb is not None:  # rank 0 (or a single process)
         kind = "pixels" if emb.is_pixels else "images"
         typer.echo(f"{out_path}  ({emb.n:,} {kind} x {emb.d} dims, {len(emb.class_names)} classes)")
+        if tensorboard is not None:
+            typer.echo(f"{tensorboard}  (tensorboard --logdir {tensorboard}, Projector tab)")

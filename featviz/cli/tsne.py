@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import FigureName
+from featviz._names import FigureName, MapMethod
 from featviz.cli._app import (
     _checkpoint_name,
+    _echo_json,
     _progress,
     _usage,
     _user_errors,
@@ -26,6 +27,7 @@ from featviz.cli.options import (
     FormatOpt,
     ImageSizeOpt,
     ImagesOpt,
+    JsonOpt,
     LayerOpt,
     MasksOpt,
     MaxPixOpt,
@@ -67,9 +69,24 @@ def tsne(
     sample: Annotated[
         int | None, typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")
     ] = None,
+    method: Annotated[
+        MapMethod, typer.Option("--method", help="tsne (openTSNE), umap (umap-learn) or pca (scikit-learn).")
+    ] = "tsne",
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write an interactive page (.html, self-contained; hover shows thumbnails)."),
+    ] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option("--image-root", help="--html: folder the images' ids are relative to (default: the manifest's)."),
+    ] = None,
     perplexity: Annotated[
         float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")
     ] = 30.0,
+    neighbors: Annotated[
+        int, typer.Option("--neighbors", min=2, help="UMAP n_neighbors (clamped for small N).")
+    ] = 15,
+    min_dist: Annotated[float, typer.Option("--min-dist", min=0.0, help="UMAP min_dist.")] = 0.1,
     iterations: Annotated[
         int, typer.Option("--iterations", min=1, help="Optimisation iterations after early exaggeration.")
     ] = 500,
@@ -103,10 +120,24 @@ def tsne(
     iou_bound: Annotated[
         tuple[float, float], typer.Option("--iou-bound", help="--figure cac: crop IoU range (CAC: 0.1 1.0).")
     ] = (0.1, 1.0),
-    crop_size: Annotated[int, typer.Option("--crop-size", min=8, help="--figure cac: crop side (CAC VOC: 320).")] = 320,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features",
+            help="--figure cac: decoder | projector | backbone | LAYER (default: decoder for segmenters, the "
+            "classifier's stride-8 input; backbone for encoders).",
+        ),
+    ] = None,
+    crop_size: Annotated[
+        int | None,
+        typer.Option("--crop-size", min=8, help="--figure cac: crop side (default: the checkpoints' training crop, "
+                     "else CAC VOC's 320)."),
+    ] = None,
     base_size: Annotated[
-        int, typer.Option("--base-size", min=8, help="--figure cac: rescale base (long side 0.8-2.0x; CAC VOC: 400).")
-    ] = 400,
+        int | None,
+        typer.Option("--base-size", min=8, help="--figure cac: rescale base, long side 0.8-2.0x (default: the "
+                     "checkpoints' training base, else CAC VOC's 400)."),
+    ] = None,
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", min=4, help="--figure cac: overlap pixels shown per view.")
     ] = 1000,
@@ -128,16 +159,21 @@ def tsne(
     checkpoint_key: CheckpointKeyOpt = None,
     trust_checkpoint: TrustOpt = False,
     force: ForceOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """t-SNE map of embeddings files (one shared map for several), end to end from --images, or CAC Figure 3.
+    """2-D map (t-SNE, UMAP or PCA) of embeddings files (one shared map for several), end to end from --images,
+    or CAC Figure 3.
 
-    [bold]featviz tsne emb.npz --out map.png[/]  ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
+    [bold]featviz tsne emb.npz --out map.png --html map.html[/]  ·  [bold]featviz tsne e.npz --method umap -o m.png[/]
+    ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
     ·  [bold]featviz tsne --arch resnet18 --images DIR --out map.png[/]
     ·  [bold]featviz tsne --figure cac -c sup.safetensors -c cac.safetensors --image IMG --mask MASK --out fig.png[/]
     """
     load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
     with _user_errors():
         if figure == "cac":
+            if features is not None and layer is not None and features != layer:
+                raise _usage(f"--features {features} and --layer {layer} disagree; give --features only")
             report = _tsne_figure(
                 checkpoints or [],
                 arch,
@@ -150,48 +186,60 @@ def tsne(
                 max_pixels,
                 row_names,
                 model_seeds,
-                layer,
+                features or layer,
                 seed,
                 perplexity,
                 iterations,
                 device,
                 force,
                 load_kwargs,
+                html,
             )
             for row in report["rows"]:
                 m = row["metrics"]
                 out.print(
                     f"[bold]{row['name']}[/]: cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.3f}  "
                     f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.3f}  kNN agreement II→I "
-                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}",
+                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}  "
+                    f"({row['features']} features, {row['feature_dim']}-d, stride {row['feature_stride']})",
                     highlight=False,
                 )
-            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}")
+            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
             return
-        from featviz import plotting
         from featviz import tsne as tsne_lib
-        from featviz.artifacts import Embeddings
-        from featviz.outputs import check_writable
 
-        plotting.check_format(out_path)
-        check_writable(out_path, force=force)
-        if coords is not None:
-            check_writable(coords, force=force)
         files = list(inputs or [])
         if reference is not None and reference not in files:
             files.insert(0, reference)
         if files and (images is not None or checkpoints):
             raise _usage("give embeddings files, or --images with --checkpoint/--arch, not both")
+        if not files and images is None:
+            raise _usage(
+                "give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
+                "--checkpoint/--arch, or --figure cac"
+            )
+        if checkpoints and len(checkpoints) > 1:
+            raise _usage(
+                "end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files"
+            )
+        params = tsne_lib.TsneParams(
+            method=method, perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs, n_neighbors=neighbors,
+            min_dist=min_dist,
+        )
+        run = dict(
+            reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
+            coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
+            progress=_progress("t-SNE") if method == "tsne" else None,
+        )
         if files:
-            embs = [Embeddings.load(f) for f in files]
-            panel_names = _split_names(names, len(files), [f.stem for f in files])
-        elif images is not None:
+            tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)
+            summary = tsne_lib.run_map(
+                out_path, files=files, names=_split_names(names, len(files), [f.stem for f in files]), **run
+            )
+        else:
             from featviz import embed as embed_lib
 
-            if checkpoints and len(checkpoints) > 1:
-                raise _usage(
-                    "end-to-end tsne takes one --checkpoint; embed each with `featviz embed` and pass the .npz files"
-                )
+            tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)  # before embedding
             emb = embed_lib.run_embed(
                 out=None,
                 checkpoint=checkpoints[0] if checkpoints else None,
@@ -215,37 +263,13 @@ def tsne(
                     drop_nonfinite,
                 ),
             )
-            embs = [emb]
-            panel_names = _split_names(
-                names, 1, [_checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"]
-            )
-        else:
-            raise _usage(
-                "give embeddings files (featviz tsne emb.npz --out map.png), or --images with "
-                "--checkpoint/--arch, or --figure cac"
-            )
-        if drop_nonfinite:
-            import numpy as np
-
-            embs = [e.subset(np.flatnonzero(tsne_lib.check_finite(e.features, drop=True))) for e in embs]
-        params = tsne_lib.TsneParams(perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs)
-        ref_idx = files.index(reference) if reference is not None else None
-        result = tsne_lib.shared_map(
-            embs, panel_names, reference=ref_idx, sample=sample, params=params, progress=_progress("t-SNE")
-        )
-        plotting.scatter_panels(
-            [result.panel(g) for g in range(len(embs))],
-            result.class_names,
-            out_path,
-            titles=panel_names,
-            suptitle=title,
-            force=force,
-        )
-        if coords is not None:
-            result.save(coords, force=force)
-    typer.echo(str(out_path))
-    if coords is not None:
-        typer.echo(str(coords))
+            default = _checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"
+            summary = tsne_lib.run_map(out_path, embeddings=[emb], names=_split_names(names, 1, [default]), **run)
+    if json_out:
+        _echo_json(summary)
+        return
+    for path in summary["outputs"].values():
+        typer.echo(path)
 
 
 def _tsne_figure(
@@ -260,43 +284,50 @@ def _tsne_figure(
     max_pixels,
     row_names,
     model_seeds,
-    layer,
+    features,
     seed,
     perplexity,
     iterations,
     device,
     force,
     load_kwargs,
+    html=None,
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
-    from featviz import models
+    from featviz.loader import load_model
+    from featviz.segmentation import describe_segmenter
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
     rows = []
     if checkpoints:
         for c in checkpoints:
-            model, report = models.resolve_model(checkpoint=c, arch=arch, **load_kwargs)
-            rows.append((_checkpoint_name(c), model, {"checkpoint": str(c), "load_report": report}))
+            # head=True: a whole segmenter (featviz or CAC's layout) keeps its decoder, classifier and projector
+            model, desc = load_model(c, arch=arch, head=True, **load_kwargs)
+            src = {"checkpoint": str(c), "description": desc.to_dict()}
+            if desc.kind == "segmenter":
+                src["segmenter"] = describe_segmenter(model)
+            rows.append((_checkpoint_name(c), model, src))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = models.resolve_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
-            rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
+            model, desc = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            src = {"arch": arch, "init_seed": s, "description": desc.to_dict()}
+            rows.append((f"{arch} random init (seed {s})", model, src))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    models = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows)]
+    figure_rows = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
-        models,
+        figure_rows,
         image,
         mask,
         out_path,
         iou_bound=iou_bound,
         crop_size=crop_size,
         base_size=base_size,
-        layer=layer,
+        features=features,
         max_pixels=max_pixels,
         seed=seed,
         perplexity=perplexity,
@@ -304,4 +335,5 @@ def _tsne_figure(
         device=resolve_device(device),
         force=force,
         progress=_progress("CAC figure rows"),
+        html=html,
     )

@@ -80,15 +80,19 @@ class CollapseMonitor:
         every: log when ``step % every == 0`` (the call count stands in when ``step`` is None).
         filename: metrics file name.
         enabled: False turns every call into a no-op (e.g. on non-zero ranks of a DDP job).
+        writer: also send every numeric value of a line to this TensorBoard ``SummaryWriter``
+            (``add_scalar("collapse/<key>", value, step)``, e.g. ``collapse/rankme``); featviz
+            flushes it on ``close`` but leaves closing it to you. Any object with ``add_scalar``
+            works; ``featviz.projector.summary_writer(dir)`` makes one.
         **report_kwargs: passed to ``collapse_report`` (e.g. ``uniformity_exact_max``).
     """
 
     def __init__(self, out_dir: str | os.PathLike, every: int = 1, filename: str = "metrics.jsonl",
-                 *, enabled: bool = True, **report_kwargs: Any):
+                 *, enabled: bool = True, writer: Any = None, **report_kwargs: Any):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.path = Path(out_dir) / filename
-        self.every, self.enabled, self.report_kwargs = every, enabled, report_kwargs
+        self.every, self.enabled, self.report_kwargs, self.writer = every, enabled, report_kwargs, writer
         self.calls = 0
         self.last_step: int | None = None
         if enabled:
@@ -113,6 +117,11 @@ class CollapseMonitor:
         record.update({k: _scalar(v) for k, v in extra.items()})
         append_jsonl(self.path, record)
         self.last_step = record["step"]
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    self.writer.add_scalar(f"collapse/{key}", value, global_step=record["step"])
         return record
 
     def close(self, **extra: Any) -> None:
@@ -120,6 +129,8 @@ class CollapseMonitor:
         if self.enabled:
             append_jsonl(self.path, {"event": "done", "step": self.last_step, "time": round(time.time(), 3),
                                      **{k: _scalar(v) for k, v in extra.items()}})
+            if self.writer is not None and hasattr(self.writer, "flush"):
+                self.writer.flush()
 
     def __enter__(self) -> CollapseMonitor:
         return self

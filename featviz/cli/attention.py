@@ -1,0 +1,147 @@
+"""`featviz attention`: a ViT's class-token attention per head, DINO's masks and attention rollout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    NumHeadsOpt,
+    SeedOpt,
+    TrustOpt,
+    _load_kwargs,
+    image_size_value,
+)
+
+_ROLL = "Attention rollout"
+
+
+def load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust, seed) -> tuple[Any, dict[str, Any]]:
+    """The model and its description as a dict (the loader logs its warnings on stderr)."""
+    from featviz.loader import load_model
+
+    model, desc = load_model(checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust))
+    return model, desc.to_dict()
+
+
+@app.command()
+def attention(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (maps.npz, contact sheet, overlays, manifest).")
+    ],
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size", callback=image_size_value, help="N or HxW, multiples of the patch size (default: the model's)."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="Block index (negative counts from the end; default: the last).")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="DINO's masks keep the patches holding this share of the mass.")
+    ] = 0.6,
+    rollout: Annotated[
+        bool, typer.Option("--rollout", help="Also attention rollout (Abnar & Zuidema 2020).", rich_help_panel=_ROLL)
+    ] = False,
+    head_fusion: Annotated[
+        Literal["mean", "max", "min"],
+        typer.Option("--head-fusion", help="How rollout fuses the heads of a block.", rich_help_panel=_ROLL),
+    ] = "mean",
+    discard_ratio: Annotated[
+        float,
+        typer.Option(
+            "--discard-ratio",
+            help="Rollout zeroes this lowest share of each block's fused weights.",
+            rich_help_panel=_ROLL,
+        ),
+    ] = 0.0,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 8,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A ViT's class-token self-attention per head (any size, registers excluded), DINO's masks, rollout."""
+    from featviz.attention import run_attention
+
+    args = {
+        "images": images,
+        "out": out_dir,
+        "checkpoint": checkpoint,
+        "arch": arch,
+        "image_size": image_size,
+        "layer": layer,
+        "threshold": threshold,
+        "rollout": rollout,
+        "head_fusion": head_fusion,
+        "discard_ratio": discard_ratio,
+        "device": device,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    with _user_errors():
+        from featviz.outputs import check_output
+
+        check_output(out_dir, force=force, folder=True)  # before the model is loaded
+        model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
+        summary = run_attention(
+            images,
+            out_dir,
+            model=model,
+            layer=layer,
+            image_size=image_size,
+            threshold=threshold,
+            rollout_maps=rollout,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            batch_size=batch_size,
+            device=device,
+            force=force,
+            description=report,
+            arguments=args,
+            progress=_progress("attention"),
+        )
+    if as_json:
+        _echo_json(summary)
+        return
+    s = summary
+    tok = s["prefix_tokens"]
+    excluded = f"{tok['excluded_from_maps']} prefix token" + ("s" if tok["excluded_from_maps"] != 1 else "")
+    parts = [f"{tok['class']} class"] + ([f"{tok['register']} register"] if tok["register"] else [])
+    parts += [f"{tok['other']} other"] if tok["other"] else []
+    out.print(
+        f"[bold]{s['images']}[/] images · {s['arch']} block {s['layer']} of {s['blocks']} · {s['heads']} heads · "
+        f"{s['image_size'][0]}x{s['image_size'][1]} → {s['grid'][0]}x{s['grid'][1]} patches",
+        highlight=False,
+    )
+    out.print(
+        f"excluded from the maps: {excluded} ({' + '.join(parts)}); they take "
+        f"{100 * s['prefix_attention_share']:.1f} % of the class token's attention",
+        highlight=False,
+    )
+    if s["rollout"]:
+        r = s["rollout"]
+        out.print(
+            f"rollout: blocks {r['blocks']}, heads fused by {r['head_fusion']}, discard ratio {r['discard_ratio']:g}",
+            highlight=False,
+        )
+    out.print(f"contact sheet: {s['files']['contact_sheet']}", highlight=False)

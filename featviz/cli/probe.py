@@ -1,0 +1,143 @@
+"""`featviz probe`: a linear probe (standardised logistic regression) on frozen features."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from featviz.cli._app import _echo_json, _user_errors, app, out
+from featviz.cli.knn import (
+    EvalSizeOpt,
+    OutJsonOpt,
+    SetOpt,
+    TrainImagesOpt,
+    TrainOpt,
+    ValFractionOpt,
+    ValImagesOpt,
+    ValOpt,
+    print_protocol,
+    progress,
+    sources,
+)
+from featviz.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CheckpointOpt,
+    DeviceOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    NumHeadsOpt,
+    SeedOpt,
+    TrustOpt,
+)
+
+
+def parse_grid(text: str) -> list[float]:
+    """``"1e-4,1e-3,…"`` as floats.
+
+    Raises:
+        DataError: a value that is not a number.
+    """
+    from featviz.errors import DataError
+
+    try:
+        return [float(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        raise DataError(f"--c-grid expects comma-separated numbers such as 0.01,0.1,1,10; got {text!r}") from None
+
+
+@app.command()
+def probe(
+    train: TrainOpt = None,
+    val: ValOpt = None,
+    checkpoint: CheckpointOpt = None,
+    arch: ArchOpt = None,
+    train_images: TrainImagesOpt = None,
+    val_images: ValImagesOpt = None,
+    images: SetOpt = None,
+    c_grid: Annotated[
+        str, typer.Option("--c-grid", help="Inverse regularisation strengths to choose from.")
+    ] = "1e-4,1e-3,1e-2,1e-1,1,10,100,1000,10000",
+    selection_fraction: Annotated[
+        float, typer.Option("--selection-fraction", help="Share of the training rows held out to choose C.")
+    ] = 0.2,
+    max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit.")] = 1000,
+    image_size: EvalSizeOpt = None,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    fmt: FormatOpt = "auto",
+    num_heads: NumHeadsOpt = None,
+    checkpoint_key: CheckpointKeyOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    device: DeviceOpt = "auto",
+    out_path: OutJsonOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Linear probe on frozen features: standardised logistic regression, C chosen on held-out training rows."""
+    from featviz.probe import run_probe
+
+    args = {
+        "train": train,
+        "val": val,
+        "checkpoint": checkpoint,
+        "arch": arch,
+        "train_images": train_images,
+        "val_images": val_images,
+        "images": images,
+        "c_grid": c_grid,
+        "selection_fraction": selection_fraction,
+        "max_iter": max_iter,
+        "image_size": image_size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "out": out_path,
+    }
+    src = sources(
+        train,
+        val,
+        checkpoint,
+        arch,
+        train_images,
+        val_images,
+        images,
+        image_size,
+        val_fraction,
+        seed,
+        batch_size,
+        device,
+        fmt,
+        num_heads,
+        checkpoint_key,
+        trust_checkpoint,
+    )
+    src.pop("seed")  # run_probe splits with its own seed argument
+    with _user_errors():
+        result = run_probe(
+            cs=parse_grid(c_grid),
+            selection_fraction=selection_fraction,
+            seed=seed,
+            max_iter=max_iter,
+            out=out_path,
+            force=force,
+            arguments=args,
+            progress=progress(),
+            **src,
+        )
+    if as_json:
+        _echo_json(result)
+        return
+    print_protocol(result)
+    best = max(g["selection_top1"] for g in result["grid"])
+    out.print(
+        f"C chosen on {result['selection']['n_held_out']:,} held-out training rows: {result['C']:g} "
+        f"(held-out top-1 {100 * best:.1f} %)",
+        highlight=False,
+    )
+    out.print(f"top-1 {100 * result['top1']:.2f} %   top-5 {100 * result['top5']:.2f} %", highlight=False)
+    if out_path is not None:
+        out.print(f"wrote {out_path}", highlight=False)

@@ -1,0 +1,125 @@
+"""featviz.pca: the DINOv2 patch-PCA recipe, its foreground rule, and the command's files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from featviz.errors import DataError, OutputExistsError
+from featviz.pca import patch_pca, run_pca
+
+
+def object_maps(n=4, c=16, h=12, w=16, seed=0, sign=1.0):
+    """Feature maps with a square 'object' whose patches differ along one direction."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(c)
+    u /= np.linalg.norm(u)
+    x = 0.3 * rng.standard_normal((n, h, w, c))
+    obj = np.zeros((n, h, w), bool)
+    for i in range(n):
+        y0, x0 = 3 + i % 2, 4 + i % 3
+        obj[i, y0 : y0 + 6, x0 : x0 + 7] = True
+    x[obj] += sign * 3.0 * u
+    x[obj] += (
+        0.8 * rng.standard_normal((int(obj.sum()), c)) @ np.diag(np.linspace(1, 0, c))
+    )  # structure inside
+    return x.transpose(0, 3, 1, 2).astype(np.float32), obj
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_foreground_is_the_object_whatever_the_components_sign(sign):
+    feats, obj = object_maps(sign=sign)
+    res = patch_pca(feats)
+    assert res.foreground.shape == obj.shape
+    iou = (res.foreground & obj).sum() / (res.foreground | obj).sum()
+    assert iou > 0.9  # a sign error would give ~0, all-foreground 0.22
+    assert (res.rgb[~res.foreground] == 0).all() and res.rgb[res.foreground].max() == pytest.approx(
+        1.0
+    )
+
+
+def test_equals_the_dinov2_recipe_written_out():
+    from sklearn.decomposition import PCA
+
+    feats, _ = object_maps(seed=3)
+    n, c, h, w = feats.shape
+    x = feats.transpose(0, 2, 3, 1).reshape(-1, c)
+    p1 = PCA(n_components=1).fit(x)
+    s = p1.transform(x)[:, 0]
+    border = np.zeros((h, w), bool)
+    border[[0, -1]] = True
+    border[:, [0, -1]] = True
+    sb = s.reshape(n, h, w)
+    if sb[:, border].mean() > sb[:, ~border].mean():
+        s = -s
+    fg = s > 0
+    p2 = PCA(n_components=3).fit(x[fg])
+    t = p2.transform(x)
+    t = (t - t[fg].min(0)) / (t[fg].max(0) - t[fg].min(0))
+    t[~fg] = 0
+    res = patch_pca(feats)
+    np.testing.assert_array_equal(res.foreground.reshape(-1), fg)
+    np.testing.assert_allclose(res.rgb.reshape(-1, 3), np.clip(t, 0, 1), atol=2e-5)
+    np.testing.assert_allclose(
+        res.explained_variance_ratio, p2.explained_variance_ratio_, rtol=1e-4
+    )
+    assert res.first_explained_variance_ratio == pytest.approx(
+        p1.explained_variance_ratio_[0], rel=1e-5
+    )
+
+
+def test_foreground_none_is_one_pca_of_all_patches():
+    from sklearn.decomposition import PCA
+
+    feats, _ = object_maps(seed=4)
+    x = feats.transpose(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    t = PCA(n_components=3).fit_transform(x)
+    t = (t - t.min(0)) / (t.max(0) - t.min(0))
+    res = patch_pca(feats, foreground="none")
+    assert res.foreground.all() and res.first_component is None
+    np.testing.assert_allclose(res.rgb.reshape(-1, 3), t, atol=2e-5)
+
+
+def test_bad_options():
+    feats, _ = object_maps()
+    with pytest.raises(DataError, match="--foreground"):
+        patch_pca(feats, foreground="yes")
+    with pytest.raises(DataError, match="between 1 and the feature width 16"):
+        patch_pca(feats, components=17)
+
+
+def test_run_pca_on_a_cnn_layer_and_a_vit(tmp_path, sample_dir):
+    from featviz.models import build_backbone
+
+    imgs = [sample_dir / "photos" / "cat", sample_dir / "photos" / "coffee" / "coffee_0.jpg"]
+    cnn = build_backbone("resnet18", seed=0)
+    s = run_pca(imgs, tmp_path / "cnn", model=cnn, layer="layer3", image_size=128)
+    assert (
+        s["images"] == 5
+        and s["layer"] == "layer3"
+        and s["grid"] == [8, 8]
+        and s["feature_dim"] == 256
+    )
+    with np.load(tmp_path / "cnn" / "pca.npz") as z:
+        assert z["components"].shape == (3, 256) and z["projections"].shape == (5, 8, 8, 3)
+        assert z["rgb"].shape == (5, 8, 8, 3) and z["foreground"].dtype == bool
+        assert abs(float(np.linalg.norm(z["first_component"])) - 1) < 1e-5
+    m = json.loads((tmp_path / "cnn" / "manifest.json").read_text())
+    assert m["command"] == "pca" and len(m["images"]) == 5
+    assert len(list((tmp_path / "cnn" / "rgb").glob("*.png"))) == 5
+    assert (tmp_path / "cnn" / "sheet.png").stat().st_size > 10_000
+    with pytest.raises(OutputExistsError):
+        run_pca(imgs, tmp_path / "cnn", model=cnn)
+
+    import timm
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2, dynamic_img_size=True
+    ).eval()
+    s = run_pca(imgs[1:], tmp_path / "vit", model=vit, image_size="96x160", foreground="none")
+    assert s["grid"] == [6, 10] and s["feature_dim"] == 192 and s["foreground_share"] == 1.0
+    with pytest.raises(DataError, match="16x16 patches"):
+        run_pca(imgs[1:], tmp_path / "bad", model=vit, image_size="100x160")
+    assert not (tmp_path / "bad").exists()
