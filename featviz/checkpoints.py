@@ -70,9 +70,10 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 # ------------------------------------------------------------------ 1. reading
-def _safe_globals() -> list[Any]:
-    """Harmless globals official checkpoints pickle: argparse.Namespace (DINO, timm) and the
-    numpy scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
+def allowed_globals() -> list[Any]:
+    """The allow-list of featviz's weights-only unpickler (``torch.serialization.safe_globals``):
+    harmless globals official checkpoints pickle, argparse.Namespace (DINO, timm) and the numpy
+    scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
     import numpy as np
 
     allowed: list[Any] = [argparse.Namespace, np.dtype]
@@ -183,7 +184,7 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             raise CheckpointError(f"cannot read {str(path)!r} even with --trust-checkpoint: {e}") from None
         return Checkpoint(path, obj, kind)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # the weights-only unpickler met a global outside the allow-list
         blocked = _blocked_globals(path)
@@ -206,7 +207,7 @@ def _blocked_globals(path: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - legacy files are not supported by the static scanner
         return []
     allowed = set()
-    for g in _safe_globals():
+    for g in allowed_globals():
         if isinstance(g, tuple):
             allowed.add(g[1])
         else:

@@ -262,9 +262,9 @@ def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | N
     if kind == "safetensors":
         return None  # a safetensors file without featviz metadata holds no head specs
     try:
-        from featviz.checkpoints import _safe_globals  # the allow-list read_checkpoint uses
+        from featviz.checkpoints import allowed_globals  # the allow-list read_checkpoint uses
 
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception:  # noqa: BLE001 - unreadable here: not ours to classify
         if not trust:

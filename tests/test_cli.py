@@ -158,17 +158,31 @@ def _report(**kw):
                 missing=[], unexpected=[], tensors_in_file=1, warnings=[], **kw)
 
 
-def test_inspect_delegates_to_load_model(cli, monkeypatch, tmp_path):
+def test_inspect_delegates_to_inspect_checkpoint(cli, monkeypatch, tmp_path):
     from featviz import loader
 
-    spy = _Spy(("MODEL", _Desc(_report())))
-    monkeypatch.setattr(loader, "load_model", spy)
+    spy = _Spy(_report())
+    monkeypatch.setattr(loader, "inspect_checkpoint", spy)
     r = cli("inspect", tmp_path / "c.pth", "--format", "moco", "--num-heads", "6", "--checkpoint-key", "student",
             "--trust-checkpoint", "--json")
     assert r.exit_code == 0, r.output
     assert spy.args == (tmp_path / "c.pth",)
     assert spy.kwargs == dict(arch=None, format="moco", num_heads=6, checkpoint_key="student", trust=True)
     assert json.loads(r.stdout)["format"] == "moco"
+
+
+def test_inspect_describes_a_segmenter_as_a_segmenter(cli, sample_dir):
+    path = sample_dir / "checkpoints" / "seg_cac.safetensors"
+    r = cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert (d["kind"], d["layout"], d["method"], d["num_classes"], d["projector_dim"]) == (
+        "segmenter", "featviz", "cac", 4, 64)
+    r = cli("inspect", path)
+    assert r.exit_code == 0 and "whole segmenter" in r.stdout and "dropped" not in r.stdout, r.stdout
+    assert "ASPP" in r.stdout and "triangle" in r.stdout
+    r = cli("inspect", path, "--format", "featviz", "--json")  # a forced layout: the encoder alone
+    assert r.exit_code == 0 and "head." in json.loads(r.stdout)["dropped"]
 
 
 def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
@@ -335,6 +349,110 @@ def test_demo_delegates_to_run_demo(cli, monkeypatch, tmp_path):
     kw = dict(spy.kwargs)
     assert callable(kw.pop("progress")) and kw == dict(force=True, retrain_first=False)
     assert "on your data: featviz y" in r.stdout
+
+
+def test_sample_data_delegates_to_sample_data(cli, monkeypatch, tmp_path):
+    from featviz import samples
+
+    spy = _Spy(tmp_path / "photos")
+    monkeypatch.setattr(samples, "sample_data", spy)
+    r = cli("sample-data", "photos", "cat")
+    assert r.exit_code == 0 and r.stdout.strip() == str(tmp_path / "photos")
+    assert spy.args == ("photos", "cat") and spy.kwargs == {}
+
+
+_EVAL = {"knn": [{"k": 10, "temperature": 0.07, "top1": 0.5, "top5": 0.9}], "n_train": 8, "n_val": 4, "dim": 3,
+         "num_classes": 2, "protocol": {"features": "given"}, "C": 1.0, "top1": 0.5, "top5": 1.0,
+         "selection": {"n_held_out": 2}, "grid": [{"C": 1.0, "selection_top1": 0.5}]}
+
+
+def test_knn_delegates_to_run_knn(cli, monkeypatch, tmp_path):
+    from featviz import knn
+
+    spy = _Spy(_EVAL)
+    monkeypatch.setattr(knn, "run_knn", spy)
+    r = cli("knn", "--train", tmp_path / "a.npz", "--val", tmp_path / "b.npz", "--k", "5,10", "-T", "0.1",
+            "--out", tmp_path / "k.json", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    kw = dict(spy.kwargs)
+    assert callable(kw.pop("progress")) and kw.pop("arguments")["k"] == "5,10"
+    assert kw == dict(ks="5,10", temperature=0.1, out=tmp_path / "k.json", force=True, train=tmp_path / "a.npz",
+                      val=tmp_path / "b.npz", checkpoint=None, arch=None, train_images=None, val_images=None,
+                      images=None, image_size=None, val_fraction=0.2, seed=0, batch_size=64, device="auto",
+                      load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False))
+    assert json.loads(r.stdout) == _EVAL
+
+
+def test_probe_delegates_to_run_probe(cli, monkeypatch, tmp_path):
+    from featviz import probe
+
+    spy = _Spy(_EVAL)
+    monkeypatch.setattr(probe, "run_probe", spy)
+    r = cli("probe", "--images", "digits", "--seed", "3", "--json")
+    assert r.exit_code == 0, r.output
+    kw = dict(spy.kwargs)
+    assert callable(kw.pop("progress")) and kw.pop("arguments")["images"] == "digits"
+    assert kw.pop("images") == "digits" and kw.pop("seed") == 3 and kw.pop("out") is None and "cs" in kw
+    assert kw["load_kwargs"] == dict(format="auto", num_heads=None, checkpoint_key=None, trust=False)
+
+
+def _sheet_summary(**kw):
+    return {"images": 1, "arch": "vit", "layer": 0, "blocks": 1, "heads": 2, "image_size": [32, 32], "grid": [2, 2],
+            "files": {"contact_sheet": "s.png", "sheet": "s.png"}, **kw}
+
+
+def test_attention_delegates_to_load_model_and_run_attention(cli, monkeypatch, tmp_path):
+    from featviz import attention, loader
+
+    load = _Spy(("MODEL", _Desc()))
+    run = _Spy(_sheet_summary(prefix_tokens={"excluded_from_maps": 1, "class": 1, "register": 0, "other": 0},
+                              prefix_attention_share=0.1, rollout=None))
+    monkeypatch.setattr(loader, "load_model", load)
+    monkeypatch.setattr(attention, "run_attention", run)
+    r = cli("attention", tmp_path / "a.jpg", "--out", tmp_path / "o", "--arch", "vit_small_patch16_224",
+            "--image-size", "224x320", "--layer", "-2", "--rollout", "--head-fusion", "max", "--discard-ratio", "0.5")
+    assert r.exit_code == 0, r.output
+    assert load.args == (None,) and load.kwargs["arch"] == "vit_small_patch16_224"
+    assert run.args == ([tmp_path / "a.jpg"], tmp_path / "o")
+    kw = dict(run.kwargs)
+    assert callable(kw.pop("progress")) and kw.pop("arguments")["layer"] == -2
+    assert kw == dict(model="MODEL", layer=-2, image_size="224x320", threshold=0.6, rollout_maps=True,
+                      head_fusion="max", discard_ratio=0.5, batch_size=8, device="auto", force=False,
+                      description={"name": "resnet18"})
+
+
+def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
+    from featviz import loader, pca
+
+    load = _Spy(("MODEL", _Desc()))
+    run = _Spy(_sheet_summary(explained_variance_ratio=[0.5, 0.2, 0.1], feature_dim=8, foreground="none",
+                              threshold=0.0))
+    monkeypatch.setattr(loader, "load_model", load)
+    monkeypatch.setattr(pca, "run_pca", run)
+    r = cli("pca", tmp_path / "a.jpg", "--out", tmp_path / "o", "--arch", "resnet18", "--layer", "layer3",
+            "--components", "4", "--foreground", "none", "--image-size", "64", "--seed", "1")
+    assert r.exit_code == 0, r.output
+    kw = dict(run.kwargs)
+    assert callable(kw.pop("progress")) and kw.pop("arguments")["components"] == 4
+    assert kw == dict(model="MODEL", layer="layer3", image_size=64, components=4, foreground="none", threshold=0.0,
+                      batch_size=8, device="auto", seed=1, force=False, description={"name": "resnet18"})
+
+
+def test_tsne_delegates_to_run_map(cli, monkeypatch, tmp_path):
+    from featviz import tsne
+
+    check, run = _Spy(None), _Spy({"outputs": {"plot": "m.png"}})
+    monkeypatch.setattr(tsne, "check_map_outputs", check)
+    monkeypatch.setattr(tsne, "run_map", run)
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    r = cli("tsne", a, b, "--reference", b, "--out", tmp_path / "m.png", "--html", tmp_path / "m.html",
+            "--method", "umap", "--sample", "50", "--names", "x,y")
+    assert r.exit_code == 0, r.output
+    assert check.args == (tmp_path / "m.png",) and check.kwargs["html"] == tmp_path / "m.html"
+    kw = dict(run.kwargs)
+    assert run.args == (tmp_path / "m.png",) and kw.pop("files") == [a, b] and kw.pop("names") == ["x", "y"]
+    assert kw.pop("reference") == 1 and kw.pop("sample") == 50 and kw.pop("params").method == "umap"
+    assert kw.pop("html") == tmp_path / "m.html" and kw.pop("progress") is None
 
 
 def test_progress_bar_runs_no_threads_and_closes_with_its_loop():

@@ -58,6 +58,14 @@ def test_demo_photo_cam_explains_the_real_imagenet_model(demo):
     assert w >= columns * 240 and h >= len(man["images"]) * 240  # thumbnails at the model's input size or larger
 
 
+def test_demo_cac_figure_is_on_a_held_out_scene_with_plain_row_labels(demo):
+    out, _ = demo
+    fig = json.loads((out / "cac_figure.json").read_text())
+    val = (Path(__file__).resolve().parents[1] / "sample_data/seg/ImageSets/Segmentation/val.txt").read_text().split()
+    assert Path(fig["arguments"]["image"]).stem == "scene_034" and "scene_034" in val
+    assert [r["name"] for r in fig["rows"]] == ["supervised only", "CAC"]
+
+
 def test_demo_figures_are_real_pictures(demo):
     out, _ = demo
     for f in EXPECTED:
