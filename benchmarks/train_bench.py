@@ -44,10 +44,10 @@ class LoopTimer:
 def bare_loop(epochs: int, batch_size: int, image_size: int, limit: int, threads: int) -> tuple[int, float, float]:
     """The loop a researcher would write by hand: build, load, forward, backward, step."""
     from featviz import augment, data
+    from featviz.distributed import DistInfo
     from featviz.methods import build_method
     from featviz.models import build_backbone
     from featviz.train import epoch_batches
-    from featviz.distributed import DistInfo
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -119,7 +119,8 @@ def main() -> None:
     b, f = statistics.median(bare), statistics.median(fv)
     rb, rf = statistics.median(bare_run), statistics.median(fv_run)
     print(f"SimSiam resnet18_w16-cifar {args.image_size}px batch {args.batch_size}, {args.threads} thread(s), "
-          f"median of {args.repeats}:\n  training steps/s: bare loop {b:.2f}, featviz train {f:.2f}, ratio {f / b:.2f}x "
+          f"median of {args.repeats}:\n  training steps/s: bare loop {b:.2f}, featviz train {f:.2f}, "
+          f"ratio {f / b:.2f}x "
           f"(target >= 0.9x)\n  whole run (+ per-epoch evaluation and checkpoints): bare {rb:.1f} s, featviz "
           f"{rf:.1f} s, ratio {rb / rf:.2f}x")
 

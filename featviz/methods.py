@@ -50,7 +50,7 @@ def build_head(spec: dict[str, Any]) -> nn.Module:
         return nn.Linear(dims[0], dims[1], bias=spec.get("bias", False))
     act = nn.GELU if spec.get("act", "relu") == "gelu" else nn.ReLU
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         last = i == len(dims) - 2
         bn = spec.get("last_bn", False) if last else spec.get("bn", True)
         layers.append(nn.Linear(a, b, bias=not bn))  # hack: no bias before BN (SimSiam builder)
@@ -212,9 +212,9 @@ class MomentumMixin:
     @torch.no_grad()
     def update_targets(self, m: float) -> None:
         for online, target in self._pairs:
-            for po, pt in zip(online.parameters(), target.parameters()):
+            for po, pt in zip(online.parameters(), target.parameters(), strict=True):
                 pt.mul_(m).add_(po.detach(), alpha=1 - m)
-            for bo, bt in zip(online.buffers(), target.buffers()):
+            for bo, bt in zip(online.buffers(), target.buffers(), strict=True):
                 bt.copy_(bo)
 
 

@@ -153,7 +153,8 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": str(self.out), "last": str(self.last), "best": str(self.best), "epochs": self.epochs,
-                "steps": self.steps, "seconds": round(self.seconds, 2), "final": self.history[-1] if self.history else {}}
+                "steps": self.steps, "seconds": round(self.seconds, 2),
+                "final": self.history[-1] if self.history else {}}
 
 
 # ---------------------------------------------------------------- data order
@@ -297,7 +298,7 @@ class SSLTask:
         for i in range(0, min(len(x), batches * bs), bs):
             if len(x) - i >= 2:
                 model.monitored(x[i:i + bs].to(device).float())
-        for bn, m in zip(bns, momenta):
+        for bn, m in zip(bns, momenta, strict=True):
             bn.momentum = m
 
     @torch.no_grad()
@@ -570,7 +571,8 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                 kept = f"; the last good checkpoint is {str(last_good)!r}" if last_good.exists() else \
                     "; no epoch finished, so there is no checkpoint"
                 raise TrainingDivergedError(
-                    f"loss became {float(loss.detach())} at epoch {epoch}, step {step} ({cfg.method}, lr {lr:.3g}){kept}; "
+                    f"loss became {float(loss.detach())} at epoch {epoch}, step {step} "
+                    f"({cfg.method}, lr {lr:.3g}){kept}; "
                     "lower --lr or add --warmup-epochs")
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -46,7 +46,9 @@ def attention(
     image_size: Annotated[
         str | None,
         typer.Option(
-            "--image-size", callback=image_size_value, help="N or HxW, multiples of the patch size (default: the model's)."
+            "--image-size",
+            callback=image_size_value,
+            help="N or HxW, multiples of the patch size (default: the model's).",
         ),
     ] = None,
     layer: Annotated[
