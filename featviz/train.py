@@ -492,6 +492,8 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
     try:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
+        if info.is_main:
+            check_place(cfg.out)  # a folder that cannot be written: said before the data and the model are built
         task = _make_task(cfg, info)  # validates method/arch/data before touching RUN_DIR
         out = Path(cfg.out)
         if info.is_main:

@@ -267,6 +267,22 @@ def test_cam_image_size_below_8_or_not_a_size_is_one_line(cli, cats, tmp_path, s
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,says", [
+    (["collapse", "e.npz", "--json", "true"], "unexpected extra argument"),  # --json is a flag: no value
+    (["cam"], "Missing argument"),
+    (["inspect", "x.pth", "--format", "nope"], "'nope' is not one of"),
+    (["knn", "--k", "5", "--image-size", "4"], "--image-size"),
+])
+def test_usage_errors_are_one_line_too(cli, args, says):
+    line = _one_line(cli(*args), code=2)
+    assert says in line and "-h for help" in line and "╭" not in line
+
+
+def test_featviz_alone_still_shows_its_help(cli):
+    r = cli()
+    assert "Usage" in r.output and "cam" in r.output and "error:" not in r.output
+
+
 def test_cam_skips_undecodable_images_unless_strict(cli, cats, tmp_path):
     (cats / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     r = cli("cam", cats, *TINY, "--method", "eigencam", "--out", tmp_path / "o", "--json")

@@ -78,6 +78,32 @@ class _Group(TyperGroup):
         _help_as_flag(cmd)
         super().add_command(cmd, name)
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Typer's main, with every usage error (a missing option, a bad value, an extra argument) said
+        in one red line, exit code 2, like featviz's own errors (Typer draws a box of several lines)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+        from typer.exceptions import Abort
+
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # `featviz` alone: the help, as Typer shows it
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(e)
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            where = getattr(getattr(e, "ctx", None), "command_path", None)
+            hint = f" ({where} -h for help)" if isinstance(e, UsageError) and where else ""
+            err.print("[bold red]error:[/] " + (e.format_message() + hint).replace("[", r"\["), highlight=False,
+                      soft_wrap=True)
+            sys.exit(e.exit_code)
+        except Abort:
+            err.print("Aborted!")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
     cls=_Group,
