@@ -29,11 +29,14 @@ def random_init_knn(run: Path, *, precise_bn: bool = True) -> float:
     import torch
 
     from featviz.distributed import DistInfo
+    from featviz.models import build_backbone
     from featviz.train import SSLTask, TrainConfig
 
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     torch.set_num_threads(1)
-    task = SSLTask(cfg, DistInfo())  # builds the backbone with the run's seed, untrained
+    task = SSLTask(cfg, DistInfo())  # the run's split, data and evaluation, untrained
+    # plain random init (torchvision's, as `featviz embed --arch` builds it), not SimSiam's zero-init residual
+    task.model.backbone.load_state_dict(build_backbone(cfg.arch, seed=cfg.seed).state_dict())
     if not precise_bn:
         task._precise_bn = lambda *args, **kwargs: None
     return task.evaluate(torch.device("cpu"))["knn_acc"]

@@ -22,7 +22,7 @@ MethodName = Literal[
     "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",
 ]
 
-OptimizerName = Literal["sgd", "adamw"]
+OptimizerName = Literal["sgd", "adamw", "lars", "larc"]
 
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -10,7 +10,6 @@ import typer
 from featviz._names import MethodName, OptimizerName
 from featviz.cli._app import _echo_json, _user_errors, app, err, out
 from featviz.cli.options import (
-    BatchSizeOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -68,6 +67,22 @@ def _train_progress(every: int):
     return wrap, on_log
 
 
+def _parse_hparams(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict; values read as JSON (numbers, true/false, lists), else text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparam")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 @app.command()
 def train(
     method: Annotated[
@@ -90,20 +105,29 @@ def train(
             help="Backbone (default resnet18_w16-cifar; segmentation resnet18_w16-os8). resnet50 is the GPU path.",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.")] = 10,
-    batch_size: BatchSizeOpt = 256,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", "-e", min=1, help="Epochs (default: the dataset preset's, else 10).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, help="Global batch (default: the dataset preset's, else 256)."),
+    ] = None,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's base lr x batch/256)."),
+        typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's lr x batch / reference batch)."),
     ] = None,
     optimizer: Annotated[
-        OptimizerName | None, typer.Option("--optimizer", help="Default: per method (DINO adamw, others sgd).")
+        OptimizerName | None,
+        typer.Option("--optimizer", help="sgd, adamw, lars (official LARS) or larc (SwAV's). Default: per method."),
     ] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Default: per method.")] = None,
     warmup_epochs: Annotated[
-        float, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
-    ] = 0.0,
-    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Training crop size in pixels.")] = 32,
+        float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", min=8, help="Training crop size (default: the preset's, else the arch's input)."),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last epoch.")] = False,
@@ -113,8 +137,9 @@ def train(
         typer.Option("--no-stop-grad", help="SimSiam ablation: let gradients through both branches (it collapses)."),
     ] = False,
     local_crops: Annotated[
-        int, typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino).")
-    ] = 0,
+        int | None,
+        typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino; default 0 on CPU)."),
+    ] = None,
     min_scale: Annotated[
         float | None,
         typer.Option(
@@ -122,7 +147,29 @@ def train(
         ),
     ] = None,
     hflip: Annotated[
-        bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (turn off for digits/text).")
+        bool | None,
+        typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (default on; off for digits)."),
+    ] = None,
+    rotate: Annotated[
+        float | None, typer.Option("--rotate", min=0.0, help="Random rotation in degrees before the crop (default 0).")
+    ] = None,
+    shear: Annotated[
+        float | None, typer.Option("--shear", min=0.0, help="Random shear in degrees before the crop (default 0).")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Epochs between kNN/held-out evaluations (the last always).")
+    ] = 1,
+    hparam: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hparam",
+            help="A method hyperparameter KEY=VALUE, repeatable (e.g. queue_size=4096, tau=0.2, bn_splits=8; "
+            "see docs/train.md).",
+        ),
+    ] = None,
+    precise_bn: Annotated[
+        bool,
+        typer.Option("--precise-bn/--no-precise-bn", help="Re-estimate BatchNorm statistics before each evaluation."),
     ] = True,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="CPU threads for torch (1 helps on a busy shared CPU).")
@@ -173,6 +220,11 @@ def train(
         local_crops=local_crops,
         min_scale=min_scale,
         hflip=hflip,
+        rotate=rotate,
+        shear=shear,
+        eval_every=eval_every,
+        hparams=_parse_hparams(hparam or []),
+        precise_bn=precise_bn,
         threads=threads,
         log_every=log_every,
         limit=limit,
