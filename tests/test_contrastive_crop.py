@@ -1,0 +1,242 @@
+"""ContrastiveCrop: the transform against a transcription of the official code, its centre
+distribution, crops inside the image, exact boxes from known heatmaps, the training schedule,
+resume and DDP (gloo) of the boxes, and `featviz crops`."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from featviz.contrastive_crop import (
+    ContrastiveCrop,
+    CropSchedule,
+    box_tensor,
+    boxes_from_heatmaps,
+    heatmaps,
+)
+
+
+# ---------------------------------------------------------------- the official code, transcribed
+def official_get_params(width: int, height: int, box, scale, ratio, beta):
+    """xyupeng/ContrastiveCrop datasets/transforms/ContrastiveCrop.py:16-66 (get_params), line by line."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            h0, w0, h1, w1 = box
+            ch0 = min(max(int(height * h0) - h // 2, 0), height - h)
+            ch1 = min(max(int(height * h1) - h // 2, 0), height - h)
+            cw0 = min(max(int(width * w0) - w // 2, 0), width - w)
+            cw1 = min(max(int(width * w1) - w // 2, 0), width - w)
+            i = ch0 + int((ch1 - ch0) * beta.sample())
+            j = cw0 + int((cw1 - cw0) * beta.sample())
+            return i, j, h, w
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    i = (height - h) // 2
+    j = (width - w) // 2
+    return i, j, h, w
+
+
+def _random_box(rng: random.Random, grid: int):
+    """A box as the official update_box makes them: row/column indices over the grid, as float32."""
+    r0, r1 = sorted(rng.randrange(grid) for _ in range(2))
+    c0, c1 = sorted(rng.randrange(grid) for _ in range(2))
+    return torch.tensor([r0 / grid, c0 / grid, r1 / grid, c1 / grid]).float().tolist()
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.6, 1.0])
+def test_transform_equals_official_geometry_on_fixed_draws(alpha):
+    rng = random.Random(0)
+    scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
+    t = ContrastiveCrop(32, scale=scale, ratio=ratio, alpha=alpha)
+    beta = torch.distributions.Beta(alpha, alpha)
+    for k in range(400):
+        width, height = rng.choice([(32, 32), (64, 48), (31, 57), (224, 224), (500, 375), (40, 400)])
+        box = _random_box(rng, rng.choice([32, 224])) if k % 7 else [0.0, 0.0, 1.0, 1.0]
+        torch.manual_seed(k)
+        want = official_get_params(width, height, box, scale, ratio, beta)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(k)
+        got = t.make_params([box_tensor(box, (height, width))])
+        assert (got["top"], got["left"], got["height"], got["width"]) == want, (k, width, height, box)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the same draws were consumed
+
+
+def test_transform_output_is_the_official_crop_and_the_rng_stream_matches():
+    """Through a v2.Compose with the box in the sample: the pixels are F.resized_crop at the
+    official parameters, and the draws after the crop (flip, jitter) see the same RNG state."""
+    import torchvision.transforms.functional as TF
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    box = [0.25, 0.125, 0.75, 0.5]
+    ours = v2.Compose([ContrastiveCrop(16, alpha=0.1), v2.RandomHorizontalFlip()])
+    beta = torch.distributions.Beta(0.1, 0.1)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out, _ = ours(img, box_tensor(box, (48, 64)))
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        i, j, h, w = official_get_params(64, 48, box, (0.2, 1.0), (3 / 4, 4 / 3), beta)
+        ref = TF.resized_crop(img, i, j, h, w, [16, 16], TF.InterpolationMode.BILINEAR)
+        if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+            ref = TF.hflip(ref)
+        assert torch.rand(1).item() == after_ours.item()
+        assert np.array_equal(np.asarray(out), np.asarray(ref)), seed
+
+
+def test_without_a_box_the_whole_image_is_the_box():
+    t = ContrastiveCrop(8, alpha=0.5)
+    img = Image.new("RGB", (40, 30))
+    torch.manual_seed(3)
+    a = t.make_params([img])
+    torch.manual_seed(3)
+    b = t.make_params([img, box_tensor([0.0, 0.0, 1.0, 1.0], (30, 40))])
+    assert a == b
+
+
+def _beta_gof(cells: np.ndarray, n: int, alpha: float) -> float:
+    """Chi-square p-value of ``cells`` (integers k in [0, n], the official ``int(n * Beta(a, a))``)
+    against Beta(alpha, alpha), on 20 bins whose edges lie on the grid: k < e <=> B < e / n, so the
+    expected counts are exact even where Beta(0.1, 0.1) piles up against the ends."""
+    from scipy import stats
+
+    dist = stats.beta(alpha, alpha)
+    edges = np.unique(np.round(dist.ppf(np.linspace(0, 1, 21)[1:-1]) * n).astype(np.int64))
+    edges = edges[(edges > 0) & (edges < n)]  # the last bin holds k = n (float32 Beta draws of 1.0)
+    p = np.diff(np.concatenate([[0.0], dist.cdf(edges / n), [1.0]]))
+    observed = np.bincount(np.searchsorted(edges, cells, side="right"), minlength=len(p))
+    return float(stats.chisquare(observed, p * len(cells)).pvalue)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.6, 2.0])
+def test_centre_sampler_is_beta(alpha):
+    """Goodness of fit: on a canvas where nothing is clipped, the crop centre's offset in the box,
+    ``top - lo`` in [0, hi - lo], is ``int((hi - lo) * Beta(alpha, alpha))`` (3000 draws per axis,
+    chi-square p > 0.001), and the same draws reject a wrong alpha (p < 1e-6)."""
+    side = 100_000
+    t = ContrastiveCrop(8, scale=(1e-4, 1e-4), ratio=(1.0, 1.0), alpha=alpha)
+    box = [0.3, 0.25, 0.7, 0.65]
+    b = box_tensor(box, (side, side))
+    torch.manual_seed(0)
+    k_h, k_w, spans = [], [], set()
+    for _ in range(3000):
+        p = t.make_params([b])
+        h, w = p["height"], p["width"]
+        lo_h, hi_h = int(side * box[0]) - h // 2, int(side * box[2]) - h // 2
+        lo_w, hi_w = int(side * box[1]) - w // 2, int(side * box[3]) - w // 2
+        k_h.append(p["top"] - lo_h)
+        k_w.append(p["left"] - lo_w)
+        spans.add((hi_h - lo_h, hi_w - lo_w))
+        assert side * box[0] <= p["top"] + h // 2 <= side * box[2]  # the centre lies in the box
+    assert spans == {(40_000, 40_000)}  # scale and ratio fixed: one span per axis
+    wrong = 1.0 if alpha != 1.0 else 0.3
+    for k in (np.array(k_h), np.array(k_w)):
+        assert _beta_gof(k, 40_000, alpha) > 1e-3
+        assert _beta_gof(k, 40_000, wrong) < 1e-6
+
+
+def test_crops_never_leave_the_image():
+    rng = random.Random(1)
+    for alpha in (0.05, 0.6, 3.0):
+        t = ContrastiveCrop(16, scale=(0.01, 1.0), ratio=(0.2, 5.0), alpha=alpha)
+        for k in range(600):
+            height, width = rng.randint(1, 90), rng.randint(1, 90)
+            kind = k % 4
+            if kind == 0:  # a box at an edge or a corner
+                box = rng.choice([[0, 0, 0, 0], [1, 1, 1, 1], [0, 0.9, 0.05, 1], [0.99, 0, 1, 0.02]])
+            elif kind == 1:  # a degenerate point box
+                y, x = rng.random(), rng.random()
+                box = [y, x, y, x]
+            else:
+                box = _random_box(rng, rng.choice([7, 32, 224]))
+            p = t.make_params([box_tensor(box, (height, width))])
+            assert p["top"] >= 0 and p["left"] >= 0 and p["height"] >= 1 and p["width"] >= 1, (p, box)
+            assert p["top"] + p["height"] <= height and p["left"] + p["width"] <= width, (p, box, height, width)
+
+
+# ---------------------------------------------------------------- boxes from heatmaps
+def official_boxes(eval_train_map: torch.Tensor, t: float) -> torch.Tensor:
+    """DDP_simsiam_ccrop.py:113-121, for (N, 1, Hi, Wi) maps already scaled and upsampled."""
+    Hi, Wi = eval_train_map.shape[-2:]
+    boxes = []
+    for hmap in eval_train_map:
+        hmap = hmap.squeeze(0)
+        h_filter = (hmap.max(1)[0] > t).int()
+        w_filter = (hmap.max(0)[0] > t).int()
+        h_min, h_max = torch.nonzero(h_filter).view(-1)[[0, -1]] / Hi
+        w_min, w_max = torch.nonzero(w_filter).view(-1)[[0, -1]] / Wi
+        boxes.append(torch.tensor([h_min, w_min, h_max, w_max]))
+    return torch.stack(boxes)
+
+
+def test_boxes_from_a_known_heatmap_are_exact():
+    h = torch.zeros(3, 10, 20)
+    h[0, 2:5, 3:9] = 1.0  # a rectangle: rows 2-4, columns 3-8
+    h[1, 7, 15] = 0.5     # one pixel above 0.1
+    h[1, 1, 1] = 0.1      # not above 0.1 (strictly greater)
+    h[2] = 1.0            # everything: the whole image
+    b = boxes_from_heatmaps(h, 0.1)
+    want = torch.tensor([[2 / 10, 3 / 20, 4 / 10, 8 / 20], [7 / 10, 15 / 20, 7 / 10, 15 / 20],
+                         [0.0, 0.0, 9 / 10, 19 / 20]])
+    assert torch.equal(b.boxes, want.float())
+    assert torch.allclose(b.area, torch.tensor([3 * 6 / 200, 1 / 200, 1.0]))
+    assert b.whole.tolist() == [False, False, True] and b.constant.tolist() == [False] * 3
+    # the same boxes as the official loop, on random scaled maps
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(16, 1, 4, 4, generator=g) ** 3
+    lo, hi = maps.amin((2, 3), keepdim=True), maps.amax((2, 3), keepdim=True)
+    maps = (maps - lo) / (hi - lo)
+    up = torch.nn.functional.interpolate(maps, size=(32, 32), mode="bilinear")
+    for t in (0.05, 0.1, 0.5, 0.9):
+        assert torch.equal(boxes_from_heatmaps(up[:, 0], t).boxes, official_boxes(up, t).float()), t
+
+
+def test_heatmap_is_the_channel_mean_scaled_and_upsampled_and_constant_maps_get_the_whole_image():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer4 = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.layer4(x[:, :, ::4, ::4])  # an (N, 3, 4, 4) "feature map"
+
+    x = torch.zeros(2, 3, 16, 16)
+    x[0, :, 4, 8] = torch.tensor([3.0, 6.0, 9.0])  # feature (1, 2) of image 0
+    hm, const = heatmaps(Net(), x)
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 1, 2] = 1.0
+    assert torch.equal(hm[0], torch.nn.functional.interpolate(m, size=(16, 16), mode="bilinear")[0, 0])
+    assert const.tolist() == [False, True] and float(hm[1].abs().max()) == 0.0
+    b = boxes_from_heatmaps(hm, 0.1, const)
+    assert b.boxes[1].tolist() == [0.0, 0.0, 1.0, 1.0] and bool(b.whole[1]) and int(b.constant.sum()) == 1
+
+
+# ---------------------------------------------------------------- the schedule
+def test_schedule_is_the_official_one():
+    # official (1-based E): use_box = E >= warmup + 1; update after E if E >= warmup, E != epochs, E % every == 0
+    for warmup, every, epochs in [(100, 100, 500), (20, 20, 100), (2, 2, 10), (0, 501, 500), (3, 2, 9), (1, 1, 3)]:
+        s = CropSchedule(0.1, 0.6, warmup, every, epochs)
+        for e0 in range(epochs):
+            E = e0 + 1
+            assert s.uses_boxes(e0) == (E >= warmup + 1)
+            assert s.updates_after(e0) == (E >= warmup and E != epochs and E % every == 0)
+    assert CropSchedule(0.1, 0.6, 100, 100, 500).update_epochs() == [100, 200, 300, 400]
