@@ -4,6 +4,7 @@ resume and DDP (gloo) of the boxes, and `featviz crops`."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -240,3 +241,155 @@ def test_schedule_is_the_official_one():
             assert s.uses_boxes(e0) == (E >= warmup + 1)
             assert s.updates_after(e0) == (E >= warmup and E != epochs and E % every == 0)
     assert CropSchedule(0.1, 0.6, 100, 100, 500).update_epochs() == [100, 200, 300, 400]
+
+
+# ---------------------------------------------------------------- training: views, resume, DDP
+TINY = dict(arch="resnet18_w16-cifar", image_size=16, batch_size=16, limit=40, log_every=1, seed=0)
+CCROP = dict(crop="contrastive", crop_threshold=0.5, crop_warmup=1, crop_update_every=1)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_view_dataset_crops_inside_the_boxes_after_the_warmup():
+    """With boxes set, each global view is ContrastiveCrop in that image's box (same seeded draws
+    as the pipeline built by hand); without, RandomResizedCrop as before."""
+    from featviz.augment import MultiView, View, ViewDataset, finish, sample_seed
+
+    view = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
+    from featviz.augment import Recipe
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (24, 20, 3), np.uint8)) for _ in range(3)]
+    ds = ViewDataset(imgs, np.zeros(3, np.int64), MultiView(Recipe((view, view)), 8, crop_alpha=0.1), seed=5)
+    plain = [ds[i][0] for i in range(3)]
+    ds.boxes = torch.tensor([[0.0, 0.0, 0.25, 0.25], [0.5, 0.5, 1.0, 1.0], [0.2, 0.1, 0.3, 0.9]])
+    boxed = [ds[i][0] for i in range(3)]
+    by_hand = v2.Compose([*view.geometric(8, crop_alpha=0.1), *view.photometric(8), *finish()])
+    for i in range(3):
+        torch.manual_seed(sample_seed(5, 0, i))
+        want = [by_hand(imgs[i], box_tensor(ds.boxes[i], (24, 20)))[0] for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(boxed[i], want, strict=True))
+        assert not torch.equal(boxed[i][0], plain[i][0])
+
+
+def test_resume_reproduces_the_boxes_and_the_weights(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from featviz.train import TrainConfig, train
+
+    base = dict(method="simsiam", data="digits", epochs=3, **TINY, **CCROP)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **base))
+    calls = {"n": 0}
+
+    def killer(it, total=None):
+        calls["n"] += 1
+        for i, x in enumerate(it):
+            if calls["n"] == 2 and i == 1:  # mid-way through epoch 2, which crops in the boxes of epoch 1
+                raise KeyboardInterrupt
+            yield x
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "cut"), **base), progress=killer)
+    st = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)
+    assert int(st["epoch"]) == 1 and int(st["ccrop_updated"]) == 1
+    train(TrainConfig(out=str(tmp_path / "cut"), **base), resume=True)
+    a, b = (load_file(str(tmp_path / d / "last.safetensors")) for d in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (torch.load(tmp_path / d / "state.pt", weights_only=True) for d in ("full", "cut"))
+    assert torch.equal(sa["ccrop_boxes"], sb["ccrop_boxes"]) and int(sb["ccrop_updated"]) == 2
+    npz = np.load(tmp_path / "cut" / "boxes.npz")
+    assert np.array_equal(npz["boxes"], sb["ccrop_boxes"].numpy()) and int(npz["epoch"]) == 2
+    assert len(npz["ids"]) == 32 and str(npz["ids"][0]).startswith("digits/")
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert not (sb["ccrop_boxes"] == whole).all(1).all()  # the boxes moved off the whole image
+    # metrics.jsonl: one boxes line per update (after epochs 1 and 2, not the last), none repeated
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    boxes = [r for r in lines if r.get("event") == "boxes"]
+    assert [r["epoch"] for r in boxes] == [1, 2] and [r["step"] for r in boxes] == [2, 4]
+    for r in boxes:
+        assert 0 < r["mean_box_area"] <= 1 and 0 <= r["whole_image_share"] <= 1 and r["n"] == 32
+    assert full.config["contrastive_crop"]["updates_after_epochs"] == [1, 2]
+
+
+def _scale_bn(model, k: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var *= k
+
+
+def _ddp_items() -> list:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)) for _ in range(7)]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from featviz.contrastive_crop import compute_boxes
+    from featviz.distributed import DistInfo
+    from featviz.models import build_backbone
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build_backbone("resnet18_w16-cifar", seed=0)
+        _scale_bn(model, 1 + 0.5 * rank)  # each rank's BatchNorm statistics differ, as after a DDP epoch
+        b = compute_boxes(model, _ddp_items(), image_size=32, threshold=0.5, mean=(0.5,) * 3, std=(0.25,) * 3,
+                          info=DistInfo(rank, world, rank, torch.device("cpu")), batch_size=2)
+        torch.save({"boxes": b.boxes, "area": b.area, "whole": b.whole}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_boxes_are_each_ranks_shard_all_gathered(tmp_path):
+    """2 gloo processes (7 images: shards of 4 and 3) end with the same boxes on both ranks, equal
+    to one process's with rank 0's BatchNorm statistics."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from featviz.contrastive_crop import compute_boxes
+    from featviz.models import build_backbone
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    kw = dict(image_size=32, threshold=0.5, mean=(0.5,) * 3, std=(0.25,) * 3)
+    one = compute_boxes(build_backbone("resnet18_w16-cifar", seed=0), _ddp_items(), **kw)
+    assert len(r0["boxes"]) == 7
+    for r in (r0, r1):
+        assert torch.equal(r["boxes"], one.boxes) and torch.equal(r["area"], one.area)
+    assert not one.whole.any()  # the boxes are not trivial
+    other = build_backbone("resnet18_w16-cifar", seed=0)
+    _scale_bn(other, 1.5)  # rank 1's own statistics give other boxes: the broadcast matters
+    assert not torch.equal(compute_boxes(other, _ddp_items(), **kw).boxes, one.boxes)
+
+
+def test_crop_names_match_the_cli_and_train_flags_fail_in_one_line(cli, tmp_path):
+    from typing import get_args
+
+    from featviz._names import CropName
+    from featviz.contrastive_crop import CROPS
+
+    assert set(get_args(CropName)) == set(CROPS)
+    base = ["train", "-m", "simsiam", "-d", "digits", "-a", "resnet18_w16-cifar", "--image-size", "16"]
+    cases = [(["--crop-alpha", "0.3"], "only apply with --crop contrastive"),
+             (["-m", "cac", "--crop", "contrastive"], "makes its own crops")]
+    for extra, msg in cases:
+        r = cli(*base, *extra, "-o", tmp_path / "x")
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and msg in lines[0], r.output
+        assert not (tmp_path / "x").exists()
+    r = cli(*base, "--crop", "contrastiv", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "contrastiv" in r.output
