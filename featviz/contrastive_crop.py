@@ -158,11 +158,12 @@ class ContrastiveCrop(v2.RandomResizedCrop):
 
 
 # ---------------------------------------------------------------- heatmaps and boxes
-def box_input(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """How an image enters the box computation: resized to (size, size), no crop, normalised."""
-    from featviz.augment import finish
-
-    return v2.Compose([v2.Resize((size, size), antialias=True), *finish(mean, std)])
+def box_input(size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """How an image enters the box computation: resized to (size, size) (or (H, W)), no crop, normalised
+    (``augment.finish``'s three steps; ``featviz.augment`` imports this module, not the reverse)."""
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return v2.Compose([v2.Resize(hw, antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
 
 
 def heatmaps(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

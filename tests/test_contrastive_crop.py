@@ -211,6 +211,15 @@ def test_boxes_from_a_known_heatmap_are_exact():
         assert torch.equal(boxes_from_heatmaps(up[:, 0], t).boxes, official_boxes(up, t).float()), t
 
 
+def test_box_input_is_the_pipelines_normalisation():
+    from featviz.augment import finish
+    from featviz.contrastive_crop import box_input
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8))
+    want = v2.Compose([v2.Resize((16, 16), antialias=True), *finish((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))])(img)
+    assert torch.equal(box_input(16, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4))(img), want)
+
+
 def test_heatmap_is_the_channel_mean_scaled_and_upsampled_and_constant_maps_get_the_whole_image():
     class Net(torch.nn.Module):
         def __init__(self):
@@ -393,3 +402,77 @@ def test_crop_names_match_the_cli_and_train_flags_fail_in_one_line(cli, tmp_path
         assert not (tmp_path / "x").exists()
     r = cli(*base, "--crop", "contrastiv", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "contrastiv" in r.output
+
+
+# ---------------------------------------------------------------- featviz crops
+def test_view_statistics_match_brute_force():
+    from featviz.crop_report import box_pixels, inside_share, object_share, pair_iou
+
+    rng = np.random.default_rng(0)
+    mask = rng.choice([0, 0, 0, 1, 2, 255], size=(30, 40))
+    views = np.array([[[0, 0, 30, 40], [10, 5, 10, 20]], [[2, 3, 5, 5], [20, 30, 10, 10]],
+                      [[4, 4, 6, 6], [4, 4, 6, 6]]])
+    for (a, b), iou in zip(views, pair_iou(views), strict=True):
+        pa, pb = np.zeros((30, 40), bool), np.zeros((30, 40), bool)
+        pa[a[0]:a[0] + a[2], a[1]:a[1] + a[3]] = True
+        pb[b[0]:b[0] + b[2], b[1]:b[1] + b[3]] = True
+        assert iou == pytest.approx((pa & pb).sum() / (pa | pb).sum())
+    box = box_pixels([0.2, 0.25, 0.5, 0.5], (30, 40), (10, 8))  # rows 6 .. (0.5 + 0.1) * 30 = 18
+    assert box == pytest.approx((6.0, 10.0, 18.0, 25.0))
+    ins = inside_share(views, box)
+    obj = object_share(views, mask)
+    for i in range(3):
+        for v in range(2):
+            t, le, h, w = views[i, v]
+            cell = np.zeros((30, 40), bool)
+            cell[t:t + h, le:le + w] = True
+            inb = np.zeros((30, 40), bool)
+            inb[6:18, 10:25] = True
+            assert ins[i, v] == pytest.approx((cell & inb).sum() / cell.sum())
+            m = mask[cell]
+            assert obj[i, v] == pytest.approx(((m != 0) & (m != 255)).sum() / (m != 255).sum())
+
+
+def test_crops_cli_writes_the_sheet_and_the_numbers(cli, tmp_path, sample_dir):
+    import shutil
+
+    imgs, masks = tmp_path / "imgs", tmp_path / "masks"
+    imgs.mkdir()
+    masks.mkdir()
+    for s in ("scene_000", "scene_001", "scene_004"):
+        shutil.copy(sample_dir / "seg" / "JPEGImages" / f"{s}.jpg", imgs)
+        shutil.copy(sample_dir / "seg" / "SegmentationClass" / f"{s}.png", masks)
+    out = tmp_path / "out"
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "--masks", masks, "--samples", "64",
+            "--pairs", "2", "--threshold", "0.3", "-o", out, "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout[r.stdout.index("{"):])
+    assert s["images"] == 3 and s["masks"] == 3 and s["heatmap_size"] == [32, 32] and s["alpha"] == 0.1
+    assert s["layer"] == "layer4" and s["samples"] == 64
+    z = np.load(out / "crops.npz")
+    assert z["views_contrastive"].shape == (3, 64, 2, 4) and z["heatmaps"].shape == (3, 32, 32)
+    assert z["object_rrc"].shape == (3, 64, 2)
+    for m in ("contrastive", "rrc"):
+        assert s[m]["iou"] == pytest.approx(float(z[f"iou_{m}"].mean(1).mean()), abs=1e-6)
+        assert s[m]["object_share"] == pytest.approx(float(np.nanmean(np.nanmean(z[f"object_{m}"], (1, 2)))), 1e-6)
+        v = z[f"views_{m}"]  # crops inside the 240x180 scenes
+        assert (v[..., 0] >= 0).all() and (v[..., 0] + v[..., 2] <= 180).all() and (v[..., 1] + v[..., 3] <= 240).all()
+    # the boxes are the thresholded heatmaps' bounding boxes
+    assert np.array_equal(z["boxes"], boxes_from_heatmaps(torch.from_numpy(z["heatmaps"].astype(np.float32)),
+                                                          0.3).boxes.numpy())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["command"] == "crops" and len(man["per_image"]) == 3 and "versions" in man
+    assert (out / "sheet.png").stat().st_size > 20_000
+    # the human summary, and errors: one line, nothing written
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", out, "--samples", "8")
+    assert r.exit_code == 1 and "--force" in r.output and len(r.stderr.strip().splitlines()) == 1
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o2", "--samples", "8",
+            "--masks", tmp_path / "nope")
+    assert r.exit_code == 1 and "is not a folder" in r.stderr and not (tmp_path / "o2").exists()
+    Image.new("L", (10, 10)).save(masks / "scene_001.png")
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o3", "--samples", "8",
+            "--masks", masks)
+    assert r.exit_code == 1 and "10x10" in r.stderr and "240x180" in r.stderr and not (tmp_path / "o3").exists()
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o4", "--samples", "16")
+    assert r.exit_code == 0, r.output
+    assert "IoU of the two views" in r.stdout and "sheet:" in r.stdout
