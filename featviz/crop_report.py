@@ -403,7 +403,7 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
     lines.append(f"over {s['samples']} pairs per image, mean of {s['images']} images: {means} · "
                  f"mean box {100 * s['mean_box_area']:.0f}% of the map, {100 * s['whole_image_share']:.0f}% whole")
     fig.suptitle("\n".join(lines), fontsize=8)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
 
 
 def _spread(n: int, k: int) -> list[int]:
