@@ -23,14 +23,15 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "cli_startup": (["--runs", "9"], ["--runs", "15"]),
     "load_bench": (["--runs", "3"], ["--runs", "5"]),
-    "embed_bench": (["--n", "256"], ["--n", "1024"]),
+    "embed_bench": (["--n", "256", "--vit-n", "64"], ["--n", "1024", "--vit-n", "256"]),
+    "cam_grid": ([], ["--methods", "gradcam,gradcam++,layercam"]),
     "tsne_bench": (["--sizes", "10000"], []),
     "cam_bench": (["--images", "16"], ["--images", "64", "--score-images", "2"]),
     "collapse_bench": (["--n", "250000", "--n-exact", "20000"], []),
     "train_bench": (["--repeats", "1"], ["--repeats", "3"]),
     "memory_bench": (["--pixels", "50000"], []),
 }
-KEYWORDS = ("target", " x ", "x)", "×", "ratio", "faster", "speed", "peak")
+KEYWORDS = ("target", " x ", "x)", "×", "ratio", "faster", "speed", "peak", "chance")
 
 
 def main() -> None:

@@ -300,15 +300,16 @@ def collate_views(batch):
 ANALYSIS_VIEW = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), interpolation="bicubic")
 
 
-def view_pair(img, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
-              shared_geometry: bool = False, view: View = ANALYSIS_VIEW) -> tuple[torch.Tensor, torch.Tensor]:
+def view_pair(img, size: int | tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD, *, shared_geometry: bool = False,
+              view: View = ANALYSIS_VIEW) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented, normalised tensors of one image (torch's global RNG drives the draws).
 
-    With ``shared_geometry`` both views use one crop and flip (pixel-aligned pairs) and differ
-    only photometrically.
+    ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
+    (pixel-aligned pairs) and differ only photometrically.
     """
     geometry = v2.Compose(view.geometric(size))
-    colour = v2.Compose([*view.photometric(size), *finish(mean, std)])
+    colour = v2.Compose([*view.photometric(size if isinstance(size, int) else min(size)), *finish(mean, std)])
     if shared_geometry:
         base = geometry(img)
         return colour(base), colour(base)

@@ -1178,9 +1178,6 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     attach(model, ModelDescription(
         arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
         normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings)))
-    model.featviz_arch = spec  # read by cam.py until it reads describe(model) (issue 11 part 2)
-    if num_classes:
-        model.featviz_num_classes = num_classes  # read by cam.has_classifier until part 2
     for w in warnings:
         log.warning("%s: %s", ck.path.name, w)
     return model.eval(), report

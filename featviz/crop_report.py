@@ -309,9 +309,10 @@ def run_crops(
 def _arch(model: Any, description: dict[str, Any] | None) -> str:
     if description and isinstance(description.get("arch"), dict) and description["arch"].get("name"):
         return str(description["arch"]["name"])
-    from featviz.attention import _arch_name
+    from featviz.description import describe
 
-    return _arch_name(model)
+    name = describe(model).name
+    return type(model).__name__ if name == "unknown" else name
 
 
 # ---------------------------------------------------------------- the sheet

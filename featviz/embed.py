@@ -166,7 +166,6 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
 
 
 # ------------------------------------------------------------------ dense features
-DenseFeatures = FeatureExtractor  # the feature core's extractor, under its old name (featviz.figure uses it)
 
 def grid_rows(size: int, cells: int) -> np.ndarray:
     """Source rows of a nearest-neighbour downsample from ``size`` to ``cells`` (torch's rule)."""
@@ -476,7 +475,8 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
                      autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
                      autocast_dtype(info.device, precision) else "float32",
-                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict())
+                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict(),
+                     warnings=list(desc.warnings))  # the load's warnings (also on stderr)
         run = dict(batch_size=batch_size, device=info.device, precision=precision, workers=workers, strict=strict,
                    progress=progress if info.is_main else None)
         if pixels:

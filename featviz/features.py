@@ -200,6 +200,12 @@ def to_map(output: Any, layout: TokenLayout | None, *, channels_last: bool = Fal
     if not isinstance(t, torch.Tensor):
         raise NoSpatialMapError(f"{what} outputs {type(t).__name__}, not a tensor: it has no spatial map")
     if t.ndim == 4:
+        if layout is not None and not channels_last and tuple(t.shape[2:]) != layout.grid:
+            tokens = layout.prefix + layout.grid[0] * layout.grid[1]
+            if tokens in (t.shape[2], t.shape[3]):  # (N, heads, T, d) or (N, heads, T, T) inside attention
+                raise NoSpatialMapError(
+                    f"{what} outputs per-head tokens {tuple(t.shape)}, which have no spatial map; pick a transformer "
+                    "block or its norm1/norm2/attn/mlp")
         return t.permute(0, 3, 1, 2) if channels_last else t
     if t.ndim == 3 and layout is not None:
         return _tokens_to_map(t, layout, what)
@@ -240,10 +246,25 @@ class TokenReshape:
                 "channels_last": self.channels_last}
 
 
-def reshape_transform(model: nn.Module, input_hw: tuple[int, int]) -> TokenReshape | None:
-    """The grad-cam ``reshape_transform`` for ``model`` at ``input_hw``; None for channels-first CNNs."""
-    layout = token_layout(model, input_hw)
-    nhwc = str(getattr(getattr(model, "output_fmt", None), "value", getattr(model, "output_fmt", None))) == "NHWC"
+def _fmt(obj: Any) -> str | None:
+    fmt = getattr(obj, "output_fmt", None)
+    return None if fmt is None else str(getattr(fmt, "value", fmt))
+
+
+def reshape_transform(model: nn.Module, input_hw: tuple[int, int],
+                      layers: Sequence[nn.Module] = ()) -> TokenReshape | None:
+    """The grad-cam ``reshape_transform`` for ``model`` at ``input_hw``; None for channels-first CNNs.
+
+    A segmenter's token layout is its ``backbone``'s. ``layers`` (the CAM's target modules) mark
+    their 4-D outputs channels-last when timm says so per module (a dynamic-size ViT's
+    ``patch_embed``) or per model (Swin).
+    """
+    owner = model
+    if patch_size(model) is None and isinstance(getattr(model, "backbone", None), nn.Module):
+        owner = model.backbone
+    layout = token_layout(owner, input_hw)
+    fmts = [_fmt(m) for m in layers]
+    nhwc = any(f == "NHWC" for f in fmts) or (_fmt(owner) == "NHWC" and not any(f == "NCHW" for f in fmts))
     if layout is None and not nhwc:
         return None
     return TokenReshape(layout, channels_last=nhwc)
@@ -438,10 +459,32 @@ class FeatureExtractor:
             self.model(x)
         except _Stop:
             pass
-        if self._out is None:
+        return self._map(self._out, layout)
+
+    def run(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The model's own output and this layer's (N, C, H, W) map, from one full forward.
+
+        For callers that need both (``collapse --pixels``: pooled features and the dense map of
+        the same views). Needs no context manager.
+
+        Raises:
+            DataError: a ViT cannot take this input size.
+            NoSpatialMapError: the layer's output has no spatial map.
+        """
+        layout = token_layout(self.model, (int(x.shape[-2]), int(x.shape[-1])))
+        seen: list[Any] = []
+        handle = self.module.register_forward_hook(lambda _m, _i, o: seen.append(o) if not seen else None)
+        try:
+            output = self.model(x)
+        finally:
+            handle.remove()
+        return output, self._map(seen[0] if seen else None, layout)
+
+    def _map(self, raw: Any, layout: TokenLayout | None) -> torch.Tensor:
+        if raw is None:
             raise NoSpatialMapError(f"layer {self.layer!r} is never run by the model's forward; pick a layer on the "
                                     "path from input to output (`featviz layers`)")
-        out = self._out[0] if isinstance(self._out, (tuple, list)) and self._out else self._out
+        out = raw[0] if isinstance(raw, (tuple, list)) and raw else raw
         cl = isinstance(out, torch.Tensor) and out.ndim == 4 and _channels_last(self.model, self.module, out, layout)
         return to_map(out, layout, channels_last=cl, what=f"layer {self.layer!r}")
 

@@ -29,13 +29,13 @@ class LoadedModel(NamedTuple):
     description: ModelDescription
 
 
-def _is_segmenter_checkpoint(checkpoint: str | os.PathLike) -> bool:
-    """A featviz segmentation checkpoint (``featviz train --method supervised_seg|cac``): its
-    metadata lists a segmentation ``head``."""
-    from featviz.checkpoints import featviz_metadata
+def _is_segmenter_checkpoint(checkpoint: str | os.PathLike, trust: bool) -> bool:
+    """A whole segmenter: a featviz segmentation checkpoint (``featviz train --method
+    supervised_seg|cac``, its metadata lists a ``head``) or CAC's official DeepLabv3+ file
+    (``featviz.segmentation.segmenter_layout``: header or key names only)."""
+    from featviz.segmentation import segmenter_layout
 
-    meta = featviz_metadata(checkpoint)
-    return bool(meta) and "head" in (meta.get("heads") or {})
+    return segmenter_layout(checkpoint, trust=trust) is not None
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchSpec | None = None,
@@ -55,7 +55,8 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchS
         trust: Allow arbitrary pickles (``weights_only=False``); never automatic.
         seed: Seed of the random initialisation (no checkpoint).
         head: Keep what the checkpoint has beyond the encoder: its linear classifier (timm ``fc``,
-            ``classifier``, ``head``, ``head.fc``; torchvision ``fc``), or a featviz segmenter whole.
+            ``classifier``, ``head``, ``head.fc``; torchvision ``fc``), or a whole segmenter (featviz's,
+            or CAC's official DeepLabv3+; with ``format="auto"``).
 
     Returns:
         ``LoadedModel(model, description)``.
@@ -65,10 +66,10 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchS
         CheckpointError: the checkpoint cannot be read or does not fit its layout.
     """
     if checkpoint is not None:
-        if head and _is_segmenter_checkpoint(checkpoint):  # explain its pixel logits, not just the encoder
+        if head and format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):  # pixel logits, not the encoder
             from featviz.segmentation import load_segmenter
 
-            model = load_segmenter(checkpoint)
+            model = load_segmenter(checkpoint, trust=trust)
         else:
             from featviz.checkpoints import load_backbone
 

@@ -1098,14 +1098,9 @@ register(MethodSpec(
 
 def arch_family(backbone: nn.Module) -> str:
     """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies."""
-    arch = getattr(backbone, "featviz_arch", None)
-    if arch is None:
-        try:
-            from featviz.description import describe  # the model description (issue 11)
+    from featviz.description import describe  # the one model description
 
-            arch = describe(backbone).arch
-        except ImportError:
-            arch = None
+    arch = describe(backbone).arch
     if arch is not None:
         return arch.family
     return "vit" if hasattr(backbone, "patch_embed") else "resnet"

@@ -1,4 +1,4 @@
-"""Backbone architectures: build them by name, infer them from weights, and name their layers.
+"""Backbone architectures: build them by name and infer them from weights (their layers and maps: featviz.features).
 
 Every backbone featviz builds returns pooled features ``(N, D)`` from ``forward`` (the
 classifier is removed) and keeps the module names of its source library (torchvision or
@@ -28,12 +28,10 @@ from featviz.description import (
     describe,
 )
 from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean, shorten
-from featviz.features import LayerInfo, get_layer, list_layers
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "LayerInfo", "build_backbone",
-           "classifier_name", "default_image_size", "default_input_size", "default_normalization",
-           "feature_dim", "get_layer", "infer_arch", "list_layers", "parse_arch", "resnet_name",
-           "resolve_model", "standard_num_heads"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "build_backbone", "classifier_name",
+           "default_input_size", "default_normalization", "feature_dim", "infer_arch", "parse_arch", "resnet_name",
+           "standard_num_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +307,6 @@ def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: 
                                        num_classes=num_classes or None, normalization=default_normalization(spec),
                                        input_size=default_input_size(spec, model))
     attach(model, description)
-    model.featviz_arch = spec  # read by cam.py until it reads describe(model) (issue 11 part 2)
     return model.eval()
 
 
@@ -418,27 +415,6 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
 
 
 # ------------------------------------------------------------------ facts of built models
-def default_image_size(model: nn.Module) -> int:
-    """The input side a model expects (the height of ``describe(model).input_size``)."""
-    return describe(model).input_size[0]
-
-
-def resolve_model(*, arch: str | None = None, checkpoint=None, num_heads: int | None = None,
-                  seed: int = 0, keep_classifier: bool = False, **load_kwargs: Any
-                  ) -> tuple[nn.Module, dict[str, Any] | None]:
-    """Deprecated alias of ``featviz.loader.load_model`` for the commands not yet switched to it.
-
-    Returns ``(model, load report as a dict or None)``. Removed with issue 11 part 2, when every
-    command calls ``loader.load_model`` (this function-level import is the one back-edge
-    ``tests/test_import_graph.py`` allows until then).
-    """
-    from featviz.loader import load_model
-
-    model, desc = load_model(checkpoint, arch=arch, num_heads=num_heads, seed=seed, head=keep_classifier,
-                             **load_kwargs)
-    return model, desc.source
-
-
 def feature_dim(model: nn.Module) -> int:
     """Width of the pooled features ``forward`` returns."""
     if hasattr(model, "num_features"):

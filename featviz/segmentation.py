@@ -365,7 +365,6 @@ def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
         arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=model.num_classes,
         class_names=tuple(model.class_names), normalization=norm, input_size=describe(backbone).input_size,
         method=meta.get("method"), source=source))
-    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model
 
 
@@ -478,7 +477,6 @@ def _cac_segmenter(sd: dict[str, torch.Tensor], prefix: str, config: dict[str, A
         arch=describe(backbone).arch, kind="segmenter", head="head", num_classes=num_classes,
         class_names=tuple(model.class_names), normalization=IMAGENET,  # CAC's VOC/City loaders: ImageNet mean/std
         input_size=(320, 320), method="cac" if semi else "supervised_seg", source=source))
-    model.featviz_arch = describe(backbone).arch  # read by cam.py until issue 11 part 2
     return model
 
 

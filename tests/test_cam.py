@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from featviz import cam as C
+from featviz import features as F
 from featviz._names import CAM_METHOD_NAMES
+from featviz.description import attach, describe
 from featviz.errors import DataError, FeatvizError, UnknownNameError
-from featviz.models import build_backbone, get_layer
+from featviz.features import get_layer
+from featviz.models import build_backbone
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -23,7 +26,13 @@ def _resnet(num_classes: int | None = 10) -> nn.Module:
     m = build_backbone("resnet18_w8-cifar", seed=0)
     if num_classes:
         m.fc = nn.Linear(64, num_classes)
+        attach(m, describe(m).with_changes(kind="classifier", head="fc", num_classes=num_classes))
     return m.eval()
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """``model`` described as a classifier (what ``load_model(head=True)`` attaches for one)."""
+    return attach(model, describe(model).with_changes(kind="classifier"))
 
 
 def _vit(num_classes: int = 0, img_size=(32, 48)) -> nn.Module:
@@ -103,7 +112,7 @@ def test_maps_equal_direct_pytorch_grad_cam(method, arch, x32):
             "blocks[-1].norm1", _vit_reshape
     layer = get_layer(model, layer_name)
     info = C.probe_model(model, x)
-    rt = C.reshape_transform_for(model, C._layer_shapes(model, [layer], x), tuple(x.shape[-2:]))
+    rt = F.reshape_transform(model, tuple(x.shape[-2:]), [layer])
     ours, stats = C.explain(info, x, method, [layer], _targets(info, x, "top1"), reshape_transform=rt,
                             token_layer=arch == "vit")
     cam = getattr(pgc, C.CAM_METHODS[method].cls)(model, [layer], reshape)
@@ -127,7 +136,7 @@ def _run_all(model, x, layer_name, kind):
     info = C.probe_model(model, x)
     shapes = C._layer_shapes(model, [layer], x)
     token = len(shapes[0]) == 3
-    rt = C.reshape_transform_for(model, shapes, tuple(x.shape[-2:]))
+    rt = F.reshape_transform(model, tuple(x.shape[-2:]), [layer])
     ran, said = {}, {}
     for name in C.CAM_METHODS:
         why = C.not_applicable(name, info, token_layer=token, input_hw=tuple(x.shape[-2:]))
@@ -165,9 +174,8 @@ def test_every_method_runs_on_vit_encoder_or_says_why():
 
 def test_vit_reshape_finds_prefix_tokens_and_non_square_grid():
     model = _vit(img_size=(32, 48))
-    layer = get_layer(model, C.default_layers(model)[0])
-    x = torch.randn(1, 3, 32, 48)
-    rt = C.reshape_transform_for(model, C._layer_shapes(model, [layer], x), (32, 48))
+    layer = get_layer(model, F.default_cam_layer(model))
+    rt = F.reshape_transform(model, (32, 48), [layer])
     assert (rt.grid, rt.prefix) == ((4, 6), 3)  # class + 2 register tokens
     tokens = torch.arange(2 * 27 * 5, dtype=torch.float32).view(2, 27, 5)
     grid = rt(tokens)
@@ -178,10 +186,10 @@ def test_vit_reshape_finds_prefix_tokens_and_non_square_grid():
 
 
 def test_default_layers():
-    assert C.default_layers(_resnet()) == ["layer4"]
-    assert C.default_layers(_vit()) == ["blocks[-1].norm1"]
+    assert F.default_cam_layer(_resnet()) == "layer4"
+    assert F.default_cam_layer(_vit()) == "blocks.0.norm1"
     with pytest.raises(FeatvizError, match="--layer"):
-        C.default_layers(nn.Sequential(nn.Conv2d(3, 4, 3)))
+        F.default_cam_layer(nn.Sequential(nn.Conv2d(3, 4, 3)))
 
 
 # ------------------------------------------------------------------ guard rails
@@ -252,8 +260,7 @@ def test_no_grad_backbone_works_and_detached_model_says_why(x32):
     info = C.probe_model(model, x32)
     maps, stats = C.explain(info, x32, "gradcam", [model.body[2]], _targets(info, x32, "self"))
     assert all(s.status == "ok" for s in stats) and maps.max() > 0.99
-    det = _DetachedHead().eval()
-    det.featviz_has_classifier = True
+    det = _classifier(_DetachedHead().eval())
     info = C.probe_model(det, x32)
     with pytest.raises(C.GradientError, match="none flow.*gradient-free"):
         C.explain(info, x32, "gradcam", [det.body], _targets(info, x32, "top1"))
@@ -275,8 +282,7 @@ class _TupleOut(nn.Module):
 def test_tuple_and_dict_outputs_are_wrapped(resnet, x32, as_dict):
     info0 = C.probe_model(resnet, x32)
     ref, _ = C.explain(info0, x32, "gradcam", [resnet.layer4], _targets(info0, x32, "class", "4"))
-    wrapped = _TupleOut(resnet, as_dict).eval()
-    wrapped.featviz_has_classifier = True
+    wrapped = _classifier(_TupleOut(resnet, as_dict).eval())
     info = C.probe_model(wrapped, x32)
     assert info.selected and ("logits" in info.selected if as_dict else "element 0" in info.selected)
     maps, _ = C.explain(info, x32, "gradcam", [resnet.layer4], _targets(info, x32, "class", "4"))
@@ -393,9 +399,10 @@ def test_cli_vit_encoder_and_method_that_does_not_apply(cli, photos, tmp_path):
     r = cli(*args, "--method", "eigencam", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["layers"] == ["blocks[-1].norm1"] and summary["map_status"]["eigencam"]["ok"] == 1
+    assert summary["layers"] == ["blocks.11.norm1"] and summary["map_status"]["eigencam"]["ok"] == 1
     man = json.loads((tmp_path / "v" / "manifest.json").read_text())
-    assert man["reshape_transform"] == {"grid": [4, 4], "prefix_tokens": 1}
+    assert man["reshape_transform"] == {"grid": [4, 4], "prefix_tokens": 1, "channels_last": False}
+    assert man["model"]["description"]["arch"]["name"] == "vit_tiny_patch8_32"
     line = _bad(cli, *args[1:], "--method", "shapleycam", "--force")
     assert "does not apply" in line and "token layers" in line
 
@@ -419,11 +426,12 @@ def test_cli_bad_inputs(cli, photos, tmp_path, monkeypatch):
     (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert "broken.jpg" in _bad(cli, bad, *base)
     assert "did you mean" in _bad(cli, photos, *base, "--method", "gradcma")
-    monkeypatch.setattr(C, "load_model", lambda **kw: (_resnet(10), None))
+    from featviz import loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **kw: (_resnet(10), None))
     assert "out of range" in _bad(cli, photos, *base, "--target", "class:10")
-    det = _DetachedHead().eval()
-    det.featviz_has_classifier = True
-    monkeypatch.setattr(C, "load_model", lambda **kw: (det, None))
+    det = _classifier(_DetachedHead().eval())
+    monkeypatch.setattr(loader, "load_model", lambda *a, **kw: (det, None))
     assert "none flow" in _bad(cli, photos, *base, "--layer", "body", "--method", "gradcam", "--target", "top1")
 
 

@@ -43,7 +43,8 @@ def test_inspect_json_contract(cli, moco_ckpt):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["format"] == "moco" and d["arch"]["name"] == "resnet18_w8"
-    assert d["loaded"] == len(build_backbone("resnet18_w8").state_dict()) and d["missing"] == [] and d["unexpected"] == []
+    assert d["loaded"] == len(build_backbone("resnet18_w8").state_dict())
+    assert d["missing"] == [] and d["unexpected"] == []
     for key in ("dropped", "warnings", "normalization", "prefix", "container_key"):
         assert key in d
 
@@ -103,8 +104,12 @@ def test_convert_failure_writes_nothing(cli, tmp_path):
 def test_layers_lists_names_cam_accepts(cli, moco_ckpt):
     r = cli("layers", "--checkpoint", moco_ckpt, "--json", "--image-size", "64")
     assert r.exit_code == 0, r.output
-    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    d = json.loads(r.stdout)
+    rows = {row["name"]: row for row in d["layers"]}
     assert rows["layer4"]["shape"] == [64, 2, 2] and rows["layer4.1.conv2"]["type"] == "Conv2d"
+    assert rows["layer4"]["map"] == [64, 2, 2] and rows["avgpool"]["map"] == [64, 1, 1] and rows["fc"]["map"] is None
+    assert d["image_size"] == [64, 64] and d["model"]["source"]["format"] == "moco"
+    assert d["warnings"] == d["model"]["warnings"]
 
 
 def test_layers_needs_arch_or_checkpoint(cli):

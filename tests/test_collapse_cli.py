@@ -11,6 +11,7 @@ import pytest
 
 from featviz.artifacts import Embeddings
 from featviz.collapse import CollapseMonitor, append_jsonl
+from featviz.description import describe
 
 
 @pytest.fixture
@@ -158,9 +159,8 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
     import torch
 
     from featviz.checkpoints import save_featviz
-    from featviz.models import build_backbone
-
     from featviz.methods import build_head
+    from featviz.models import build_backbone
 
     m = build_backbone("resnet18_w16-cifar", seed=1)
     specs = {"projector": {"type": "mlp", "dims": [128, 64, 32], "bn": True, "last_bn": True},
@@ -171,7 +171,7 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
         for p in head.parameters():
             torch.nn.init.normal_(p)
         tensors.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
-    ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": m.featviz_arch.to_dict(), "heads": specs,
+    ck = save_featviz(tmp_path / "ck.safetensors", tensors, {"arch": describe(m).arch.to_dict(), "heads": specs,
                       "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "source_format": "featviz"})
     res = cli("collapse", "--checkpoint", ck, "--images", sample_dir / "photos", "--json", "--batch-size", "8",
               "--device", "cpu", "--pixels", "--pixels-per-image", "16", "--out", tmp_path / "o")
@@ -193,7 +193,7 @@ def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
     for epoch in (1, 2):
         m = build_backbone("resnet18_w16-cifar", seed=epoch)
         save_featviz(run / f"epoch_{epoch:03d}.safetensors", {f"backbone.{k}": v for k, v in m.state_dict().items()},
-                     {"arch": m.featviz_arch.to_dict(), "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+                     {"arch": describe(m).arch.to_dict(), "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}})
     (run / "broken.pth").write_bytes(b"not a checkpoint")  # skipped with a warning, the watch goes on
     (run / "DONE").touch()
     out = tmp_path / "w"

@@ -17,6 +17,7 @@ from PIL import Image
 from featviz import embed
 from featviz.artifacts import Embeddings
 from featviz.data import eval_transform, load_image
+from featviz.features import FeatureExtractor
 from featviz.models import build_backbone
 
 ARCH = "resnet18_w16-cifar"
@@ -87,7 +88,7 @@ def test_pixel_labels_come_from_the_mask(tmp_path, seg_small):
 
     tf = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     img = load_image(seg_small / "JPEGImages" / names[2])
-    with embed.DenseFeatures(model, "layer3") as dense, torch.no_grad():
+    with FeatureExtractor(model, "layer3") as dense, torch.no_grad():
         fmap = dense(tf(img)[None])[0].numpy()
     rows = np.flatnonzero(emb.image_index == 2)[:10]
     ref = fmap[:, emb.yx[rows, 0] // 4, emb.yx[rows, 1] // 4].T
@@ -117,7 +118,7 @@ def test_unknown_layer_suggests_names(seg_small):
 
 def test_vit_tokens_become_a_grid():
     model = build_backbone("vit_tiny_patch16_224", seed=0)
-    with embed.DenseFeatures(model) as dense, torch.no_grad():
+    with FeatureExtractor(model) as dense, torch.no_grad():
         fmap = dense(torch.zeros(1, 3, 224, 224))
     assert fmap.shape == (1, 192, 14, 14)
 
@@ -159,5 +160,6 @@ def test_cuda_autocast_matches_cpu_float32(sample_dir):
     gpu = embed.run_embed(device="cuda", **kw)
     assert gpu.manifest["autocast"] in ("bfloat16", "float16") and gpu.features.dtype == np.float32
     np.testing.assert_array_equal(gpu.ids, cpu.ids)
-    cos = (gpu.features * cpu.features).sum(1) / (np.linalg.norm(gpu.features, axis=1) * np.linalg.norm(cpu.features, axis=1))
+    norms = np.linalg.norm(gpu.features, axis=1) * np.linalg.norm(cpu.features, axis=1)
+    cos = (gpu.features * cpu.features).sum(1) / norms
     assert cos.min() > 0.99

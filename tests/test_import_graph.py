@@ -6,9 +6,6 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featviz"
-# The one back-edge left until issue 11 part 2 switches the CLI to featviz.loader: models.resolve_model
-# (a deprecated alias, imports loader inside the function). Remove this entry with that function.
-TRANSITIONAL = {("featviz.models", "featviz.loader")}
 
 
 def _modules() -> dict[str, Path]:
@@ -74,10 +71,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    graph = _graph()
-    for a, b in TRANSITIONAL:
-        graph[a].discard(b)
-    assert _cycles(graph) == []
+    assert _cycles(_graph()) == []
 
 
 def test_the_model_facts_modules_stay_at_the_bottom():
@@ -92,12 +86,18 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_ad_hoc_model_attributes_outside_the_transition():
-    """The model facts live in featviz.description; the old attributes are only still *set* for cam.py
-    (featviz_arch, featviz_num_classes), which switches to describe() in issue 11 part 2."""
-    old = ("featviz_normalization", "featviz_method", "featviz_has_classifier")
+def test_no_ad_hoc_model_attributes():
+    """The model facts live in featviz.description only: no module sets or reads the old attributes."""
+    old = ("featviz_normalization", "featviz_method", "featviz_has_classifier", "featviz_arch", "featviz_num_classes")
     for p in PACKAGE.rglob("*.py"):
         text = p.read_text()
         for attr in old:
-            if p.name != "layers.py":  # cam.layers.has_classifier still reads it (issue 11 part 2)
-                assert attr not in text, (p.name, attr)
+            assert attr not in text, (p.name, attr)
+
+
+def test_every_command_loads_its_model_through_the_loader():
+    """One load_model: no CLI module builds or loads a model any other way."""
+    for p in (PACKAGE / "cli").glob("*.py"):
+        text = p.read_text()
+        for other in ("load_backbone", "build_backbone", "resolve_model", "load_segmenter"):
+            assert other not in text, (p.name, other)

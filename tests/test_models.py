@@ -48,11 +48,13 @@ def test_unknown_timm_model_suggests():
 
 
 def test_get_layer_forms():
+    from featviz.features import get_layer
+
     m = models.build_backbone("resnet18_w8")
-    assert models.get_layer(m, "layer4[-1]") is m.layer4[1]
-    assert models.get_layer(m, "layer4.-1.conv2") is m.layer4[1].conv2
+    assert get_layer(m, "layer4[-1]") is m.layer4[1]
+    assert get_layer(m, "layer4.-1.conv2") is m.layer4[1].conv2
     with pytest.raises(UnknownNameError, match="layer4"):
-        models.get_layer(m, "layer5")
+        get_layer(m, "layer5")
 
 
 def test_infer_rejects_unknown_keys():
@@ -85,7 +87,7 @@ def test_normalisation_and_input_size_by_family():
     assert describe(ssl_vit).normalization.mean == (0.485, 0.456, 0.406)
     assert describe(lite).input_size == (224, 224) and describe(lite).normalization.mean == (0.485, 0.456, 0.406)
     assert describe(models.build_backbone("resnet18_w8-cifar")).input_size == (32, 32)
-    assert models.default_image_size(models.build_backbone("resnet18_w8")) == 224
+    assert describe(models.build_backbone("resnet18_w8")).input_size == (224, 224)
 
 
 @pytest.mark.parametrize("arch,head", [("resnet18_w8", "fc"), ("timm:test_efficientnet", "classifier"),

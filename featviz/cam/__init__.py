@@ -5,8 +5,10 @@ classes, so the numbers are the numbers pytorch-grad-cam computes. Around it fea
 the library leaves to the user (``shared/reference/features-and-apis.md`` §2.1, §5, §6):
 
 * layers by dotted name (``layer4``, ``layer4[-1]``, ``blocks.11.norm1``) with suggestions, and
-  a default per architecture;
-* an automatic ``reshape_transform`` for ViTs (prefix tokens and a possibly non-square grid);
+  a default per architecture (``featviz.features.default_cam_layer``: timm's ``feature_info``
+  for any timm CNN);
+* an automatic ``reshape_transform`` for ViTs from the feature core
+  (``featviz.features.reshape_transform``: prefix tokens, any grid, non-square included);
 * targets as code: ``top1``, ``class:N``, ``seg:CLASS`` and, for encoders without a classifier,
   ``similarity:REF_IMAGE``, ``self`` and ``pair``;
 * guard rails: one target per image, errors never swallowed, gradients enabled temporarily on
@@ -16,9 +18,10 @@ the library leaves to the user (``shared/reference/features-and-apis.md`` §2.1,
   no weight gradients are computed, so a backward pass only reaches down to the layer.
 
 One module per concern: ``methods`` (the method table and the grad-cam adapter, ``explain``),
-``targets``, ``layers`` (model probing, default layers, token grids), ``metrics`` (faithfulness),
+``targets``, ``layers`` (model probing), ``metrics`` (faithfulness),
 ``run`` (``run_cam``: the whole command) and ``render`` (overlays, the contact sheet). Their
-public names are importable from here. The CLI imports this package only inside ``featviz cam``.
+public names are importable from here. The CLI imports this package only inside ``featviz cam``; the model comes from
+``featviz.loader.load_model(head=True)``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,8 @@ from __future__ import annotations
 from featviz.cam.layers import (
     ModelInfo,
     OutputSelector,
-    TokenGrid,
     _layer_shapes,  # noqa: F401 - used by tests
-    default_layers,
-    has_classifier,
-    load_model,
-    prefix_tokens,
     probe_model,
-    reshape_transform_for,
 )
 from featviz.cam.methods import (
     CAM_METHODS,
@@ -71,9 +68,8 @@ from featviz.cam.targets import (
 __all__ = [
     "CAM_METHODS", "METRIC_DEFINITIONS", "NOISE_RATIO", "NOT_CAM_METHODS", "ROAD_PERCENTILES", "TARGET_KINDS",
     "CamRun", "CamTarget", "ClassTarget", "CosineTarget", "GradientError", "MapStats", "MethodSpec", "ModelInfo",
-    "OutputSelector", "SegTarget", "SelfTarget", "TargetContext", "TargetSpec", "TokenGrid", "augment_views",
-    "bind_targets", "check_target", "contact_sheet", "default_layers", "default_target", "explain", "faithfulness",
-    "has_classifier", "image_ids", "load_model", "make_cam", "make_targets", "not_applicable", "overlay",
-    "overlay_png", "parse_methods", "parse_target", "prefix_tokens", "probe_model", "release_cam",
-    "reshape_transform_for", "run_cam",
+    "OutputSelector", "SegTarget", "SelfTarget", "TargetContext", "TargetSpec", "augment_views",
+    "bind_targets", "check_target", "contact_sheet", "default_target", "explain", "faithfulness",
+    "image_ids", "make_cam", "make_targets", "not_applicable", "overlay",
+    "overlay_png", "parse_methods", "parse_target", "probe_model", "release_cam", "run_cam",
 ]

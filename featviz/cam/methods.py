@@ -321,7 +321,7 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
         method: A ``CAM_METHODS`` name.
         layers: Target layer modules (several are averaged, as pytorch-grad-cam does).
         targets: One target per image (never broadcast silently).
-        reshape_transform: For token layers (``reshape_transform_for``).
+        reshape_transform: For token layers (``featviz.features.reshape_transform``).
         aug_smooth: pytorch-grad-cam's test-time augmentation smoothing (6 passes).
         eigen_smooth: First principal component of the weighted activations.
         batch_size: Inner batch of ScoreCAM/AblationCAM/SESS forwards.

@@ -65,8 +65,9 @@ def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: s
     from matplotlib.figure import Figure
 
     rows, cols = len(images), len(run.methods) + 1
-    cell = 1.7
-    fig = Figure(figsize=(cell * cols, cell * rows + 0.7), layout="constrained")
+    aspect = images[0].shape[0] / images[0].shape[1] if images else 1.0  # non-square inputs (224x320): cells follow
+    width = 1.7 * min(1.6, max(1.0, 1 / aspect)) ** 0.5
+    fig = Figure(figsize=(width * cols, width * aspect * rows + 0.7), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for r in range(rows):
         for c in range(cols):

@@ -14,13 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featviz.cam.layers import (
-    ModelInfo,
-    _layer_shapes,
-    default_layers,
-    probe_model,
-    reshape_transform_for,
-)
+from featviz.cam.layers import ModelInfo, _layer_shapes, probe_model
 from featviz.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.cam.metrics import METRIC_DEFINITIONS, faithfulness
 from featviz.cam.render import CamRun, contact_sheet, overlay_png
@@ -32,9 +26,8 @@ from featviz.cam.targets import (
     make_targets,
     parse_target,
 )
-from featviz.errors import (
-    DataError,
-)
+from featviz.description import describe
+from featviz.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +51,6 @@ def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, ids
 
 
-def _parse_size(size: int | str | Sequence[int] | None, model: nn.Module) -> tuple[int, int]:
-    from featviz.models import default_image_size
-
-    if size is None:
-        s = default_image_size(model)
-        return s, s
-    if isinstance(size, int):
-        return size, size
-    if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:[x×,]\s*(\d+))?\s*", size)
-        if not m:
-            raise DataError(f"--image-size {size!r}: expected N or HxW (e.g. 224 or 224x320)")
-        return int(m[1]), int(m[2] or m[1])
-    h, w = size
-    return int(h), int(w)
-
-
 def _transform(hw: tuple[int, int], mean, std):
     from featviz.data import eval_transform
 
@@ -91,8 +67,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             target: str | None = None, image_size: int | str | Sequence[int] | None = None,
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False,
-            class_names: Sequence[str] = (), load_report: dict[str, Any] | None = None,
-            arguments: dict[str, Any] | None = None, progress: Progress | None = None,
+            class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
             sheet_rows: int = 24) -> dict[str, Any]:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
@@ -103,11 +78,13 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     Args:
         inputs: Image files and/or folders (searched recursively).
         out_dir: Output folder; must not exist unless ``force``.
-        model: The model to explain (``load_model``).
+        model: The model to explain (``featviz.loader.load_model(head=True)``); its description
+            (``featviz.description.describe``) goes into the manifest, load warnings included.
         methods: Method names, comma-separated names, or ``all``.
         layers: Layer names (default per architecture); several layers are averaged.
         target: A ``--target`` string (default: ``top1`` with a classifier, else ``self``).
-        image_size: N or (H, W) / ``"HxW"`` (default: the model's size).
+        image_size: N or (H, W) / ``"HxW"`` (default: the model's size); a ViT takes any multiple of
+            its patch size, non-square included.
         batch_size: Images per batch (and, on CUDA, the ScoreCAM/AblationCAM inner batch, at least 32;
             16 on CPU, as in pytorch-grad-cam).
         aug_smooth: Test-time augmentation smoothing.
@@ -116,8 +93,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: Seed for ``pair`` views and ROAD's imputation noise.
         force: Replace an existing ``out_dir``.
-        class_names: Names for ``seg:NAME`` targets.
-        load_report: The checkpoint load report, copied into the manifest.
+        class_names: Names for ``seg:NAME`` targets (default: the model's own, a segmenter's).
         arguments: The command's arguments, for the manifest.
         progress: Wraps the batch loop (a progress bar).
         sheet_rows: Images shown on the contact sheet (all maps are still saved).
@@ -135,8 +111,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                                        metrics=metrics, progress=progress, sheet_rows=sheet_rows)
-        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, load_report=load_report,
-                              arguments=arguments)
+        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments)
 
 
 @dataclass
@@ -168,17 +143,17 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
              device: str, seed: int, class_names: Sequence[str]) -> _Setup:
     from featviz.data import ImageDataset, collate, load_image, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.models import get_layer
+    from featviz.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
     spec = parse_target(target) if target else None
     files, ids = image_ids(inputs)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    hw = _parse_size(image_size, model)
+    hw = input_size(model, image_size)
     mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
-    layer_names = list(layers) if layers else default_layers(model)
+    layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
     dataset = ImageDataset(files, None, transform, strict=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
@@ -187,7 +162,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     shapes = _layer_shapes(info.forward, layer_mods, first)
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
-    class_names = list(class_names) or list(getattr(model, "class_names", []) or [])  # a segmenter knows its own
+    class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
     check_target(spec, info, class_names)
     reference = None
     if spec.kind == "similarity":
@@ -199,7 +174,7 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     # CPU pytorch-grad-cam's own 16 is faster (ResNet-50 ScoreCAM at 112 px: 16 → 27-29 s, 64 → 33-36 s)
     inner = max(32, batch_size) if dev.type == "cuda" else 16
     return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
-                  token, reshape_transform_for(model, shapes, hw), spec,
+                  token, reshape_transform(model, hw, layer_mods), spec,
                   TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
                   inner, dev)
 
@@ -261,8 +236,7 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
 
 
 def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, load_report: dict[str, Any] | None, arguments: dict[str, Any] | None
-                   ) -> dict[str, Any]:
+                   metrics: bool, arguments: dict[str, Any] | None) -> dict[str, Any]:
     """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
     from featviz.outputs import manifest, write_json
 
@@ -271,14 +245,15 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         arrays[m] = run.maps[m]
         arrays[f"{m}.raw_max"] = np.array([np.nan if st.raw_max is None else st.raw_max for st in run.stats[m]])
     np.savez_compressed(tmp / "maps.npz", **arrays)
-    warnings = _warn_degenerate(run)
+    desc = describe(s.model)
+    warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
     contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run))
     write_json(tmp / "manifest.json", manifest(
         "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
                                       "output_shape": s.info.out_shape, "output_selected": s.info.selected,
-                                      "load_report": load_report},
+                                      "description": desc.to_dict()},
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
-        reshape_transform=None if s.reshape is None else {"grid": s.reshape.grid, "prefix_tokens": s.reshape.prefix},
+        reshape_transform=None if s.reshape is None else s.reshape.to_dict(),
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
         device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
         metric_definitions=METRIC_DEFINITIONS if metrics else None,
@@ -298,8 +273,8 @@ def _safe(image_id: str) -> str:
 
 
 def _arch_name(model: nn.Module) -> str:
-    spec = getattr(model, "featviz_arch", None)
-    return spec.name if spec is not None else type(model).__name__
+    desc = describe(model)
+    return desc.name if desc.arch is not None else type(model).__name__
 
 
 def _sheet_title(model: nn.Module, run: CamRun) -> str:

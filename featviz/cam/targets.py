@@ -169,10 +169,8 @@ def augment_views(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], 
 
 def _trained_with(model: torch.nn.Module) -> str | None:
     """The SSL method a model's weights come from, when its checkpoint says so."""
-    try:
-        from featviz.description import describe
-    except ImportError:
-        return getattr(model, "featviz_method", None)
+    from featviz.description import describe
+
     return describe(model).method
 
 

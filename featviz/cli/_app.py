@@ -60,6 +60,28 @@ def _progress(description: str):
     return wrap
 
 
+class _LineHandler(logging.Handler):
+    """Each log record as one line on stderr (``warning: ...``), never wrapped, so that every warning
+    of a load or a run reads as one line however narrow the terminal; ``-v`` adds the logger name."""
+
+    _STYLE = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "INFO": "dim", "DEBUG": "dim"}
+
+    def __init__(self, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = " ".join(self.format(record).split())  # one line: no embedded newlines
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+            return
+        where = f" [dim]({record.name})[/]" if self.verbose else ""
+        style = self._STYLE.get(record.levelname, "")
+        err.print(f"[{style}]{record.levelname.lower()}:[/]{where} " + msg.replace("[", r"\["),
+                  soft_wrap=True, highlight=False)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"featviz {__version__}")
@@ -75,12 +97,10 @@ def _main(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Log details to stderr.")] = False,
 ) -> None:
     """Visualize and diagnose the features that self-supervised vision models learn."""
-    from rich.logging import RichHandler
-
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err, show_time=False, show_path=verbose)],
+        handlers=[_LineHandler(verbose)],
         force=True,
     )
     # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v

@@ -22,6 +22,7 @@ from featviz.cli.options import (
     SeedOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 
@@ -59,7 +60,14 @@ def cam(
             "(default: top1 with a classifier, else self).",
         ),
     ] = None,
-    image_size: Annotated[str | None, typer.Option("--image-size", help="N or HxW (default: the model's).")] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            "--image-size",
+            callback=image_size_value,
+            help="N or HxW (default: the model's; a ViT takes any multiple of its patch size, e.g. 224x320).",
+        ),
+    ] = None,
     aug_smooth: Annotated[
         bool, typer.Option("--aug-smooth", help="Average over flips and scalings (6× slower).")
     ] = False,
@@ -79,6 +87,7 @@ def cam(
 ) -> None:
     """Heatmaps of where a classifier, segmenter or SSL encoder looks, with any pytorch-grad-cam method."""
     from featviz import cam as cam_lib
+    from featviz.loader import load_model
 
     args = {
         "images": images,
@@ -97,8 +106,8 @@ def cam(
         "seed": seed,
     }
     with _user_errors():
-        model, report = cam_lib.load_model(
-            checkpoint=checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        model, _ = load_model(
+            checkpoint, seed=seed, head=True, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
         summary = cam_lib.run_cam(
             images,
@@ -115,7 +124,6 @@ def cam(
             device=device,
             seed=seed,
             force=force,
-            load_report=report,
             arguments=args,
             progress=_progress("cam"),
         )

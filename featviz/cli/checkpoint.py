@@ -18,6 +18,7 @@ from featviz.cli.options import (
     NumHeadsOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 
@@ -32,12 +33,12 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Detect a checkpoint's layout and architecture, and verify that its encoder loads."""
-    from featviz import checkpoints
+    from featviz.checkpoints import LoadReport
+    from featviz.loader import load_model
 
     with _user_errors():
-        _, report = checkpoints.load_backbone(
-            checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
-        )
+        _, desc = load_model(checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint))
+    report = LoadReport(**desc.source)  # the load report, as the description records it
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -74,24 +75,44 @@ def layers(
     checkpoint_key: CheckpointKeyOpt = None,
     trust_checkpoint: TrustOpt = False,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", min=8, help="Dummy input size (default: the model's).")
+        str | None,
+        typer.Option(
+            "--image-size", callback=image_size_value, help="Dummy input size, N or HxW (default: the model's)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List named modules with their output shapes: the names that cam and embed accept."""
-    from featviz import models
+    """List named modules with their output shapes and (C×H×W) maps: the names that cam and embed accept.
+
+    The map column is what `embed --pixels`, `cam` and `collapse --pixels` get from a layer ("-": it has no
+    spatial map); ViT tokens become the patch grid of --image-size.
+    """
+    from featviz.features import input_size, list_layers
+    from featviz.loader import load_model
 
     with _user_errors():
-        model, _ = models.resolve_model(
-            checkpoint=checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
-        )
-        rows = models.list_layers(model, image_size=image_size)
+        model, desc = load_model(checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint))
+        hw = input_size(model, image_size)
+        rows = list_layers(model, image_size=hw)
     if as_json:
-        _echo_json([r._asdict() for r in rows])
+        _echo_json(
+            {
+                "model": desc.to_dict(),
+                "image_size": list(hw),
+                "warnings": list(desc.warnings),
+                "layers": [r._asdict() for r in rows],
+            }
+        )
         return
     from rich.table import Table
 
-    table = Table("layer", "type", "output shape", "params", box=None)
+    table = Table("layer", "type", "output shape", "map", "params", box=None, title=f"{desc.name} at {hw[0]}x{hw[1]}")
     for r in rows:
-        table.add_row(r.name, r.type, "×".join(map(str, r.shape)) if r.shape else "-", f"{r.params:,}")
+        table.add_row(
+            r.name,
+            r.type,
+            "×".join(map(str, r.shape)) if r.shape else "-",
+            "×".join(map(str, r.map)) if r.map else "-",
+            f"{r.params:,}",
+        )
     out.print(table)

@@ -21,6 +21,7 @@ from featviz.cli.options import (
     SeedOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 _WATCH = "Watching a run (--watch)"
@@ -55,8 +56,22 @@ def collapse(
         int,
         typer.Option("--pixels-per-image", min=1, help="Cells sampled per image with --pixels.", rich_help_panel=_CKPT),
     ] = 64,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            "--layer",
+            help="Layer for --pixels (default: ResNet layer4, ViT norm; `featviz layers` shows the maps).",
+            rich_help_panel=_CKPT,
+        ),
+    ] = None,
     image_size: Annotated[
-        int | None, typer.Option("--image-size", min=8, help="View size (default: the model's).", rich_help_panel=_CKPT)
+        str | None,
+        typer.Option(
+            "--image-size",
+            callback=image_size_value,
+            help="View size, N or HxW (default: the model's; a ViT takes any multiple of its patch size).",
+            rich_help_panel=_CKPT,
+        ),
     ] = None,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
@@ -155,12 +170,15 @@ def collapse(
         for flag, given, allowed in (
             ("--positives", positives, ("EMB",)),
             ("--pixels", pixels, ("--checkpoint/--arch",)),
+            ("--layer", layer, ("--checkpoint/--arch",)),
             ("--images", images, ("--checkpoint/--arch", "--watch")),
         )
         if given and modes[0] not in allowed
     ]
     if misplaced:  # refuse rather than ignore a flag that would change nothing
         raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    if layer is not None and not pixels:
+        raise typer.BadParameter("--layer picks the dense layer of --pixels; add --pixels")
     if modes[0] == "--checkpoint/--arch" and images is None:
         raise typer.BadParameter("--checkpoint/--arch needs --images DIR (two augmented views are made of each)")
     from featviz import collapse as C
@@ -198,13 +216,14 @@ def collapse(
             from featviz.outputs import check_writable
 
             check_writable(out_dir, force=force)  # fail before the (possibly long) computation
+        model = None
         if embeddings is not None:
             reports, source = (
                 C.file_reports(embeddings, positives, seed=seed, progress=_progress("collapse"), **kwargs),
                 str(embeddings),
             )
         else:
-            reports, source, skipped = C.twoview.checkpoint_reports(
+            measured = C.twoview.checkpoint_reports(
                 checkpoint,
                 images,
                 load_kwargs=load,
@@ -213,14 +232,16 @@ def collapse(
                 seed=seed,
                 pixels=pixels,
                 pixels_per_image=pixels_per_image,
+                layer=layer,
                 device=device,
                 progress=_progress("two views"),
                 **kwargs,
             )
-            if skipped:
-                err.print(f"[yellow]skipped {len(skipped)} undecodable images[/]")
+            reports, source, model = measured.reports, measured.source, measured.model
+            if measured.skipped:
+                err.print(f"[yellow]skipped {len(measured.skipped)} undecodable images[/]")
         if out_dir is not None:
-            C.write_report(out_dir, reports, source, force=force)
+            C.write_report(out_dir, reports, source, force=force, model=model)
     flags = {name: r.flags(std_fraction) for name, r in reports.items()}
     if as_json:
         first = next(iter(reports))
@@ -230,6 +251,7 @@ def collapse(
                 "output": first,
                 "flags": flags[first],
                 "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
+                **({} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}),
             }
         )
     else:

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
-from featviz.cli.attention import load
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -21,6 +20,8 @@ from featviz.cli.options import (
     NumHeadsOpt,
     SeedOpt,
     TrustOpt,
+    _load_kwargs,
+    image_size_value,
 )
 
 
@@ -54,7 +55,8 @@ def crops(
         tuple[float, float], typer.Option("--scale", help="Crop area range of both crops (official 0.2 1.0).")
     ] = (0.2, 1.0),
     image_size: Annotated[
-        str | None, typer.Option("--image-size", help="Heatmap input N or HxW (default: the model's).")
+        str | None,
+        typer.Option("--image-size", callback=image_size_value, help="Heatmap input N or HxW (default: the model's)."),
     ] = None,
     layer: Annotated[
         str | None, typer.Option("--layer", "-l", help="Feature map (default: the last: ResNet layer4, ViT norm).")
@@ -91,11 +93,14 @@ def crops(
         "seed": seed,
     }
     with _user_errors():
-        model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
+        from featviz.loader import load_model
+
+        kw = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        loaded = load_model(checkpoint, seed=seed, **kw)
         s = run_crops(
             images,
             out_dir,
-            model=model,
+            model=loaded.model,
             threshold=threshold,
             alpha=alpha,
             pairs=pairs,
@@ -109,7 +114,7 @@ def crops(
             seed=seed,
             force=force,
             sheet_images=sheet_images,
-            description=report,
+            description=loaded.description.to_dict(),
             arguments=args,
             progress=_progress("heatmaps"),
         )

@@ -26,7 +26,11 @@ NumHeadsOpt = Annotated[
 ]
 CheckpointKeyOpt = Annotated[
     CheckpointKey | None,
-    typer.Option("--checkpoint-key", help="DINO full checkpoints: which network (default teacher)."),
+    typer.Option(
+        "--checkpoint-key",
+        help="Which network of a multi-network file: DINO/iBOT teacher (default) or student; I-JEPA/MSN "
+        "target_encoder (default) or encoder.",
+    ),
 ]
 TrustOpt = Annotated[
     bool,
@@ -55,8 +59,29 @@ LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer for --pixel
 MaxPixOpt = Annotated[
     int | None, typer.Option("--max-pixels-per-class", min=1, help="Class-balanced pixel sample (seeded).")
 ]
+def image_size_value(value: str | None) -> int | str | None:
+    """``--image-size`` N or HxW, checked by the feature core's parser: a malformed size is a usage
+    error (exit 2) before any model is loaded; N comes back as an int, HxW as ``"HxW"``."""
+    if value is None:
+        return None
+    from featviz.errors import DataError
+    from featviz.features import parse_image_size
+
+    try:
+        h, w = parse_image_size(value)
+    except DataError as e:
+        raise typer.BadParameter(str(e).removeprefix(f"--image-size {value!r}: ")) from None
+    return h if value.strip().isdigit() else f"{h}x{w}"
+
+
 ImageSizeOpt = Annotated[
-    int | None, typer.Option("--image-size", min=8, help="Input side (default: the model's; native size for --pixels).")
+    str | None,
+    typer.Option(
+        "--image-size",
+        callback=image_size_value,
+        help="Input size, N or HxW (default: the model's; --pixels: each image's own). A ViT takes any multiple "
+        "of its patch size, e.g. 224x320.",
+    ),
 ]
 PrecisionOpt = Annotated[
     PrecisionName, typer.Option("--precision", help="auto = bf16/fp16 autocast on CUDA, float32 on CPU.")

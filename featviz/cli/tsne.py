@@ -295,26 +295,24 @@ def _tsne_figure(
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
     from featviz.loader import load_model
-    from featviz.segmentation import describe_segmenter, load_segmenter, segmenter_layout
+    from featviz.segmentation import describe_segmenter
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
     rows = []
     if checkpoints:
         for c in checkpoints:
-            trust = bool(load_kwargs.get("trust"))
-            layout = segmenter_layout(c, trust=trust) if load_kwargs.get("format") in (None, "auto") else None
-            if layout is not None:  # a whole segmenter (featviz or CAC's layout): decoder, classifier, projector
-                model = load_segmenter(c, trust=trust)
-                src = {"checkpoint": str(c), "segmenter": describe_segmenter(model)}
-            else:
-                model, desc = load_model(c, arch=arch, **load_kwargs)
-                src = {"checkpoint": str(c), "description": desc.to_dict()}
+            # head=True: a whole segmenter (featviz or CAC's layout) keeps its decoder, classifier and projector
+            model, desc = load_model(c, arch=arch, head=True, **load_kwargs)
+            src = {"checkpoint": str(c), "description": desc.to_dict()}
+            if desc.kind == "segmenter":
+                src["segmenter"] = describe_segmenter(model)
             rows.append((_checkpoint_name(c), model, src))
     elif arch:
         for s in model_seeds or [0]:
-            model, _ = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
-            rows.append((f"{arch} random init (seed {s})", model, {"arch": arch, "init_seed": s}))
+            model, desc = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
+            src = {"arch": arch, "init_seed": s, "description": desc.to_dict()}
+            rows.append((f"{arch} random init (seed {s})", model, src))
     else:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
     labels = _split_names(row_names, len(rows), [r[0] for r in rows])

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from featviz.collapse.metrics import CollapseReport
+from featviz.description import ModelDescription
 
 
 def _save(fig, path: str | os.PathLike, force: bool) -> Path:
@@ -213,15 +214,17 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
 
 
 def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport], source: str, *,
-                 force: bool = False) -> Path:
+                 force: bool = False, model: ModelDescription | None = None) -> Path:
     """Write ``report.json`` (every output's metrics, spectra, flags and the definitions, plus the
-    manifest) and ``spectrum.png`` into ``out_dir``, as one atomic folder."""
+    manifest: the measured model's description and its load warnings when ``model`` is given) and
+    ``spectrum.png`` into ``out_dir``, as one atomic folder."""
     from featviz.collapse.metrics import DEFINITIONS
     from featviz.outputs import atomic_dir, manifest, write_json
 
+    about = {} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}
     with atomic_dir(out_dir, force=force) as tmp:
         write_json(tmp / "report.json", manifest(
-            "collapse", {"source": source}, definitions=DEFINITIONS,
+            "collapse", {"source": source}, **about, definitions=DEFINITIONS,
             outputs={k: {**r.to_dict(spectra=True), "flags": r.flags()} for k, r in reports.items()}))
         plot_spectrum(reports, tmp / "spectrum.png", title=f"Singular-value spectrum: {Path(source).name}")
     return Path(out_dir)

@@ -4,7 +4,9 @@ Alignment needs positive pairs, so every image is augmented twice (SimSiam-style
 random resized crop, flip, colour jitter, grayscale) and both views go through the backbone.
 The result is a dict of named ``(z1, z2)`` pairs: ``backbone`` always, extra named outputs
 such as ``projector``/``predictor`` when the checkpoint carries heads (see ``checkpoint_heads``),
-and ``pixels`` (dense features of the last stage) on request.
+and ``pixels`` (dense features of a layer, by default the feature core's ``default_layer``:
+ResNet ``layer4``, a ViT's final ``norm`` as its patch grid) on request. Views may be
+non-square (``--image-size 224x320``): a ViT takes any multiple of its patch size.
 
 Pixel pairs share their geometry: both views use the same crop and flip and differ only in
 colour, so the feature at grid cell (y, x) of view 1 is the positive of cell (y, x) of view 2.
@@ -16,28 +18,29 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from featviz.data import load_image, normalization_of
+from featviz.description import ModelDescription
 from featviz.errors import DataError
-from featviz.models import default_image_size, get_layer
+from featviz.features import FeatureExtractor, input_size
 
 log = logging.getLogger(__name__)
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def view_pair(img, size: int, mean: Sequence[float], std: Sequence[float], *, shared_geometry: bool = False,
-              view=None) -> tuple[torch.Tensor, torch.Tensor]:
+def view_pair(img, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
+              shared_geometry: bool = False, view=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented, normalised tensors of one PIL image: ``featviz.augment.view_pair`` (the one
     augmentation pipeline; default ``augment.ANALYSIS_VIEW``, SimSiam's views without blur).
 
-    With ``shared_geometry`` both views use one crop and flip (pixel-aligned pairs) and differ
-    only photometrically.
+    ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
+    (pixel-aligned pairs) and differ only photometrically.
     """
     from featviz import augment
 
@@ -84,43 +87,66 @@ def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
     return heads
 
 
-def _dense_layer(model: nn.Module) -> tuple[nn.Module, int | None]:
-    """The module whose output is the last dense feature map, and the ViT prefix-token count."""
-    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
-        return model.norm, int(getattr(model, "num_prefix_tokens", 1))
-    if hasattr(model, "layer4"):
-        return get_layer(model, "layer4"), None
-    raise DataError(f"--pixels supports ResNet and ViT backbones; {type(model).__name__} has neither "
-                    "layer4 nor ViT blocks")
+Size = int | str | Sequence[int] | None
 
 
-def _to_nchw(t: torch.Tensor, prefix: int | None) -> torch.Tensor:
-    if prefix is None:
-        return t
-    tokens = t[:, prefix:]
-    side = int(round(tokens.shape[1] ** 0.5))
-    if side * side != tokens.shape[1]:
-        raise DataError(f"cannot arrange {tokens.shape[1]} patch tokens into a square grid; "
-                        "use a square --image-size that is a multiple of the patch size")
-    return tokens.transpose(1, 2).reshape(t.shape[0], -1, side, side)
+def _decode(item: Any, k: int) -> Any | None:
+    """A PIL image from a path (None, with a warning, when it cannot be decoded) or the image itself."""
+    if not isinstance(item, (str, os.PathLike)):
+        return item
+    try:
+        return load_image(item)
+    except DataError as e:
+        log.warning("skipping image %d: %s", k, e)
+        return None
+
+
+def _view_batch(images: Sequence[Any], start: int, batch_size: int, size: tuple[int, int], mean, std, *,
+                shared_geometry: bool, skipped: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both views of ``images[start:start + batch_size]`` as two batches; None when none decodes."""
+    v1, v2 = [], []
+    for k, item in enumerate(images[start:start + batch_size], start=start):
+        img = _decode(item, k)
+        if img is None:
+            skipped.append(k)
+            continue
+        a, b = view_pair(img, size, mean, std, shared_geometry=shared_geometry)
+        v1.append(a)
+        v2.append(b)
+    return (torch.stack(v1), torch.stack(v2)) if v1 else None
+
+
+def _pick_cells(fmap: torch.Tensor, per_image: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``per_image`` distinct grid cells of each image's map (all of them when the grid is smaller)."""
+    cells = fmap.shape[2] * fmap.shape[3]
+    return [rng.choice(cells, min(per_image, cells), replace=False) for _ in range(len(fmap))]
+
+
+def _cell_rows(fmap: torch.Tensor, pick: list[np.ndarray]) -> np.ndarray:
+    """The picked cells' feature vectors, (sum of picks, C) float32."""
+    flat = fmap.float().cpu().flatten(2).transpose(1, 2)  # (B, cells, C)
+    return np.concatenate([flat[i, p].numpy() for i, p in enumerate(pick)])
 
 
 @torch.no_grad()
-def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: int | None = None,
+def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Size = None,
                       batch_size: int = 64, seed: int = 0, pixels: bool = False, pixels_per_image: int = 64,
-                      heads: dict[str, Head] | None = None, device: str | torch.device = "cpu",
-                      progress: Callable[[Iterable], Iterable] | None = None,
+                      layer: str | None = None, heads: dict[str, Head] | None = None,
+                      device: str | torch.device = "cpu", progress: Callable[[Iterable], Iterable] | None = None,
                       ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[int]]:
     """Run two augmented views of every image through ``model`` (and its heads).
 
     Args:
         model: a featviz backbone (``forward`` gives pooled features).
         images: paths or PIL images.
-        image_size: view size (default: the model's).
+        image_size: view size, N or (H, W) or ``"HxW"`` (default: the model's); a ViT's must be a
+            multiple of its patch size.
         batch_size: images per forward pass.
         seed: seeds the augmentations and the pixel sampling (same seed, same views).
-        pixels: also return ``pixels``: dense features of the last stage (ResNet ``layer4``,
-            ViT patch tokens), ``pixels_per_image`` cells per image, same cells in both views.
+        pixels: also return ``pixels``: the (N, C, H, W) map of ``layer`` (the feature core's rule),
+            ``pixels_per_image`` cells per image, the same cells in both views.
+        layer: the layer for ``pixels`` (default ``featviz.features.default_layer``: ResNet
+            ``layer4``, ViT ``norm``).
         heads: extra outputs computed from the pooled features (see ``checkpoint_heads``).
         device: where the model runs.
         progress: wrapper for the batch loop.
@@ -130,68 +156,44 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: in
         images that could not be decoded.
 
     Raises:
-        DataError: no image could be decoded.
+        DataError: no image could be decoded, or a ViT cannot take ``image_size``.
+        NoSpatialMapError: ``layer`` has no spatial map.
     """
-    size = image_size or default_image_size(model)
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if fixed and getattr(model.patch_embed, "strict_img_size", True) and tuple(fixed) != (size, size):
-        raise DataError(f"this ViT takes {fixed[0]}×{fixed[1]} inputs, got --image-size {size}; "
-                        f"drop --image-size or pass {fixed[0]}")
+    size = input_size(model, image_size)
     mean, std = normalization_of(model)
     model = model.to(device).eval()
     heads = heads or {}
-    outs: dict[str, list[list[np.ndarray]]] = {k: [[], []] for k in ["backbone", *heads, *(["pixels"] if pixels else [])]}
-    dense: list[torch.Tensor] = []
-    hook = None
-    if pixels:
-        layer, prefix = _dense_layer(model)
-        hook = layer.register_forward_hook(lambda _m, _i, o: dense.append(o[0] if isinstance(o, tuple) else o))
+    fx = FeatureExtractor(model, layer) if pixels else None
+    outs: dict[str, tuple[list, list]] = {k: ([], []) for k in ["backbone", *heads, *(["pixels"] if pixels else [])]}
     rng = np.random.default_rng(seed)
     skipped: list[int] = []
     starts: Iterable[int] = range(0, len(images), batch_size)
     if progress is not None:
         starts = progress(starts)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for s in starts:
-                v1, v2 = [], []
-                for k, item in enumerate(images[s:s + batch_size], start=s):
-                    try:
-                        img = item if not isinstance(item, (str, os.PathLike)) else load_image(item)
-                    except DataError as e:
-                        log.warning("skipping image %d: %s", k, e)
-                        skipped.append(k)
-                        continue
-                    a, b = view_pair(img, size, mean, std, shared_geometry=pixels)
-                    v1.append(a)
-                    v2.append(b)
-                if not v1:
-                    continue
-                for view, x in enumerate((torch.stack(v1), torch.stack(v2))):
-                    dense.clear()
-                    h = model(x.to(device))
-                    outs["backbone"][view].append(h.float().cpu().numpy())
-                    for name, head in heads.items():
-                        outs[name][view].append(head(h).float().cpu().numpy())
-                    if pixels:
-                        fmap = _to_nchw(dense[-1], prefix).float().cpu()
-                        if view == 0:  # the same cells in both views
-                            cells = fmap.shape[2] * fmap.shape[3]
-                            pick = [rng.choice(cells, min(pixels_per_image, cells), replace=False) for _ in range(len(fmap))]
-                        flat = fmap.flatten(2).transpose(1, 2)  # (B, cells, C)
-                        outs["pixels"][view].append(np.concatenate([flat[i, p].numpy() for i, p in enumerate(pick)]))
-    finally:
-        if hook is not None:
-            hook.remove()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for s in starts:
+            views = _view_batch(images, s, batch_size, size, mean, std, shared_geometry=pixels, skipped=skipped)
+            if views is None:
+                continue
+            pick = None
+            for view, x in enumerate(views):
+                h, fmap = fx.run(x.to(device)) if fx is not None else (model(x.to(device)), None)
+                outs["backbone"][view].append(h.float().cpu().numpy())
+                for name, head in heads.items():
+                    outs[name][view].append(head(h).float().cpu().numpy())
+                if fmap is not None:
+                    pick = pick if pick is not None else _pick_cells(fmap, pixels_per_image, rng)  # same cells twice
+                    outs["pixels"][view].append(_cell_rows(fmap, pick))
     if not outs["backbone"][0]:
         raise DataError(f"none of the {len(images)} images could be decoded")
     return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in outs.items()}, skipped
 
 
 def model_collapse_reports(model: nn.Module, images: Sequence[Any], *, heads: dict[str, Head] | None = None,
-                           image_size: int | None = None, batch_size: int = 64, seed: int = 0,
-                           pixels: bool = False, pixels_per_image: int = 64, device: str | torch.device = "cpu",
+                           image_size: Size = None, batch_size: int = 64, seed: int = 0,
+                           pixels: bool = False, pixels_per_image: int = 64, layer: str | None = None,
+                           device: str | torch.device = "cpu",
                            progress: Callable[[Iterable], Iterable] | None = None, **report_kwargs: Any):
     """Collapse reports of every output of ``model`` on two augmented views of ``images``.
 
@@ -202,53 +204,68 @@ def model_collapse_reports(model: nn.Module, images: Sequence[Any], *, heads: di
     from featviz.collapse.metrics import collapse_report
 
     feats, skipped = two_view_features(model, images, image_size=image_size, batch_size=batch_size, seed=seed,
-                                       pixels=pixels, pixels_per_image=pixels_per_image, heads=heads,
+                                       pixels=pixels, pixels_per_image=pixels_per_image, layer=layer, heads=heads,
                                        device=device, progress=progress)
     return {name: collapse_report(z1, z2, seed=seed, **report_kwargs) for name, (z1, z2) in feats.items()}, skipped
 
 
+class CheckpointReports(NamedTuple):
+    """What ``checkpoint_reports`` measured, and on which model."""
+
+    reports: dict[str, Any]  # output name -> CollapseReport
+    source: str  # a display name of the model
+    skipped: list[int]  # undecodable image indices
+    model: ModelDescription  # what was loaded (warnings included), for report.json
+
+
 def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.PathLike, *,
-                       load_kwargs: dict[str, Any], image_size: int | None = None, batch_size: int = 64,
-                       seed: int = 0, pixels: bool = False, pixels_per_image: int = 64, device: str = "auto",
-                       progress: Callable[[Iterable], Iterable] | None = None, **report_kwargs: Any):
+                       load_kwargs: dict[str, Any], image_size: Size = None, batch_size: int = 64,
+                       seed: int = 0, pixels: bool = False, pixels_per_image: int = 64, layer: str | None = None,
+                       device: str = "auto", progress: Callable[[Iterable], Iterable] | None = None,
+                       **report_kwargs: Any) -> CheckpointReports:
     """Collapse reports of a checkpoint (or a seeded random-init ``arch``) on two views of ``images``.
 
-    ``load_kwargs`` are the model-loading options (arch, format, num_heads, checkpoint_key, trust).
+    ``load_kwargs`` are the model-loading options of ``featviz.loader.load_model`` (arch, format,
+    num_heads, checkpoint_key, trust).
 
     Returns:
-        (reports, source, skipped): the reports per output (backbone, projector, predictor,
-        pixels), a display name of the model, and the indices of undecodable images.
+        ``CheckpointReports``: the reports per output (backbone, projector, predictor, pixels), a
+        display name of the model, the indices of undecodable images, and the model's description.
     """
-    from featviz import data, models
+    from featviz import data
     from featviz.distributed import resolve_device
+    from featviz.loader import load_model
 
-    model, _ = models.resolve_model(checkpoint=checkpoint, seed=seed, **load_kwargs)
+    model, desc = load_model(checkpoint, seed=seed, **load_kwargs)
     items = data.labelled_images(images).items
     reports, skipped = model_collapse_reports(
         model, items, heads=checkpoint_heads(checkpoint), image_size=image_size, batch_size=batch_size,
-        seed=seed, pixels=pixels, pixels_per_image=pixels_per_image, device=resolve_device(device),
+        seed=seed, pixels=pixels, pixels_per_image=pixels_per_image, layer=layer, device=resolve_device(device),
         progress=progress, **report_kwargs)
-    return reports, str(checkpoint or f"{load_kwargs.get('arch')} (random init)"), skipped
+    return CheckpointReports(reports, str(checkpoint or f"{load_kwargs.get('arch')} (random init)"), skipped, desc)
 
 
-def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any], *, image_size: int | None = None,
+def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any], *, image_size: Size = None,
                           batch_size: int = 64, seed: int = 0, device: str = "auto",
                           **report_kwargs: Any) -> Callable[[Path], dict[str, Any]]:
     """A function turning one checkpoint file into a metrics record, for ``watch`` on a run that
     writes checkpoints but no ``metrics.jsonl``: the projector's report when the checkpoint has one
-    (what the SSL loss sees), else the backbone's."""
+    (what the SSL loss sees), else the backbone's; the load's warnings ride along."""
     from featviz import data
-    from featviz.checkpoints import load_backbone
     from featviz.distributed import resolve_device
+    from featviz.loader import load_model
 
     items = data.labelled_images(images).items
     dev = resolve_device(device)
 
     def metrics(path: Path) -> dict[str, Any]:
-        model, _ = load_backbone(path, **load_kwargs)
+        model, desc = load_model(path, **load_kwargs)
         reports, _ = model_collapse_reports(model, items, heads=checkpoint_heads(path), image_size=image_size,
                                             batch_size=batch_size, seed=seed, device=dev, **report_kwargs)
         name = "projector" if "projector" in reports else "backbone"
-        return {**reports[name].to_dict(), "output": name}
+        record = {**reports[name].to_dict(), "output": name}
+        if desc.warnings:
+            record["load_warnings"] = list(desc.warnings)
+        return record
 
     return metrics
