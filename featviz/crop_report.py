@@ -139,7 +139,9 @@ def _read_masks(files: Sequence[Path], masks: str | os.PathLike) -> list[np.ndar
     found = sum(m is not None for m in out)
     if not found:
         raise DataError(f"none of the {len(files)} images has a mask with the same file stem in {str(mdir)!r} "
-                        f"(found {len(by_stem)} masks)")
+                        f"(found {len(by_stem)} image files there, e.g. {next(iter(by_stem), 'none')!r}, for images "
+                        f"like {files[0].stem!r}); point --masks at the class-index PNGs named like the images "
+                        "(VOC: SegmentationClass/)")
     if found < len(files):
         log.warning("%d of %d images have no mask in %s: their object statistics are left out",
                     len(files) - found, len(files), mdir)

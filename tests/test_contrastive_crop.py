@@ -469,6 +469,13 @@ def test_crops_cli_writes_the_sheet_and_the_numbers(cli, tmp_path, sample_dir):
     r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o2", "--samples", "8",
             "--masks", tmp_path / "nope")
     assert r.exit_code == 1 and "is not a folder" in r.stderr and not (tmp_path / "o2").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("L", (240, 180)).save(other / "cat.png")
+    r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o5", "--samples", "8",
+            "--masks", other)
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "same file stem" in r.stderr
+    assert "'cat'" in r.stderr and not (tmp_path / "o5").exists()
     Image.new("L", (10, 10)).save(masks / "scene_001.png")
     r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o3", "--samples", "8",
             "--masks", masks)
