@@ -305,11 +305,13 @@ def view_pair(img, size: int | tuple[int, int], mean: Sequence[float] = IMAGENET
               view: View = ANALYSIS_VIEW) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented, normalised tensors of one image (torch's global RNG drives the draws).
 
-    ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
-    (pixel-aligned pairs) and differ only photometrically.
+    ``size`` is N or (H, W) (the blur, if any, scales with the shorter side). With
+    ``shared_geometry`` both views use one crop and flip (pixel-aligned pairs) and differ only
+    photometrically.
     """
-    geometry = v2.Compose(view.geometric(size))
-    colour = v2.Compose([*view.photometric(size if isinstance(size, int) else min(size)), *finish(mean, std)])
+    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    geometry = v2.Compose(view.geometric(hw))
+    colour = v2.Compose([*view.photometric(min(hw)), *finish(mean, std)])
     if shared_geometry:
         base = geometry(img)
         return colour(base), colour(base)

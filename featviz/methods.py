@@ -731,10 +731,11 @@ class MoCoV3(MomentumMixin, SSLMethod):
     name = "moco_v3"
 
     def __init__(self, backbone: nn.Module, *, tau: float = 1.0, momentum: float = 0.99, proj_layers: int = 2,
-                 pred_last_bn: bool = False):
+                 pred_last_bn: bool = False, mlp_dim: int | None = None, dim: int | None = None):
         super().__init__(backbone)
         self.tau, self.base_momentum = tau, momentum
-        hid, out = scaled(4096, self.dim), scaled(256, self.dim)
+        # main_moco.py --moco-mlp-dim 4096, --moco-dim 256 (for 2048-d features)
+        hid, out = mlp_dim or scaled(4096, self.dim), dim or scaled(256, self.dim)
         self.head("projector", {"type": "mlp", "dims": [self.dim] + [hid] * (proj_layers - 1) + [out], "bn": True,
                                 "last_bn": True, "last_affine": False, "last_bias": False})
         self.head("predictor", {"type": "mlp", "dims": [out, hid, out], "bn": True, "last_bn": pred_last_bn,
@@ -778,10 +779,12 @@ class BYOL(MomentumMixin, SSLMethod):
 
     name = "byol"
 
-    def __init__(self, backbone: nn.Module, *, momentum: float = 0.996):
+    def __init__(self, backbone: nn.Module, *, momentum: float = 0.996, hidden_dim: int | None = None,
+                 out_dim: int | None = None):
         super().__init__(backbone)
         self.base_momentum = momentum
-        hid, out = scaled(4096, self.dim), scaled(256, self.dim)
+        # configs/byol.py projector_hidden_size 4096, projector_output_size 256 (for 2048-d features)
+        hid, out = hidden_dim or scaled(4096, self.dim), out_dim or scaled(256, self.dim)
         self.head("projector", {"type": "mlp", "dims": [self.dim, hid, out], "bn": True, "last_bias": False})
         self.head("predictor", {"type": "mlp", "dims": [out, hid, out], "bn": True, "last_bias": False})
         self.make_target("backbone", "projector")
@@ -995,14 +998,14 @@ class DINO(MomentumMixin, SSLMethod):
     def __init__(self, backbone: nn.Module, *, out: int | None = None, tps: float = 0.1, tpt: float = 0.04,
                  warmup_tpt: float | None = None, warmup_tpt_epochs: int = 0, center_momentum: float = 0.9,
                  momentum: float = 0.996, norm_last_layer: bool = True, freeze_last_layer: int = 1,
-                 use_bn_in_head: bool = False):
+                 use_bn_in_head: bool = False, hidden_dim: int | None = None, bottleneck_dim: int | None = None):
         super().__init__(backbone)
         self.tps, self.tpt, self.center_momentum, self.base_momentum = tps, tpt, center_momentum, momentum
         self.warmup_tpt, self.warmup_tpt_epochs = warmup_tpt, warmup_tpt_epochs
         self.freeze_last_layer = freeze_last_layer
         k = out or scaled(65536, self.dim, lo=256)
-        self.head("projector", {"type": "dino", "dims": [self.dim, scaled(2048, self.dim), scaled(2048, self.dim),
-                                                         scaled(256, self.dim)],
+        hid = hidden_dim or scaled(2048, self.dim)  # DINOHead hidden_dim 2048, bottleneck_dim 256
+        self.head("projector", {"type": "dino", "dims": [self.dim, hid, hid, bottleneck_dim or scaled(256, self.dim)],
                                 "bn": use_bn_in_head, "act": "gelu", "out": k, "norm_last_layer": norm_last_layer})
         self.make_target("backbone", "projector")
         self.register_buffer("center", torch.zeros(1, k))
@@ -1097,8 +1100,10 @@ register(MethodSpec(
 
 
 def arch_family(backbone: nn.Module) -> str:
-    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies."""
-    from featviz.description import describe  # the one model description
+    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
+    from the model description (``featviz.description.describe``); a module featviz did not build
+    counts as a ViT when it has a ``patch_embed``, else as a ResNet."""
+    from featviz.description import describe
 
     arch = describe(backbone).arch
     if arch is not None:
@@ -1126,6 +1131,7 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
     from featviz.errors import UnknownNameError
 
     spec = METHODS.get(name).for_family(arch_family(backbone))
+    zero_init = bool(kwargs.pop("zero_init_residual", spec.zero_init_residual))
     if spec.kind != "ssl":
         raise UnknownNameError(f"{name!r} is a segmentation method; it has no SSLMethod to build")
     cls = spec.model_class()
@@ -1133,7 +1139,8 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
     allowed = [p for p in sig if p not in ("self", "backbone")]
     bad = [k for k in kwargs if k not in allowed]
     if bad:
-        raise UnknownNameError(f"{name} has no hyperparameter {bad[0]!r}; expected one of: {', '.join(allowed)}")
+        raise UnknownNameError(f"{name} has no hyperparameter {bad[0]!r}; expected one of: "
+                               f"{', '.join([*allowed, 'zero_init_residual'])}")
     for k, v in kwargs.items():  # values from the command line: check their type against the default
         default = spec.hparams.get(k, sig[k].default)
         if default is inspect.Parameter.empty or default is None or v is None:
@@ -1149,8 +1156,8 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
         if isinstance(default, int) and not isinstance(default, bool):
             kwargs[k] = int(v)
     hp = {**spec.hparams, **kwargs}
-    if spec.zero_init_residual:
+    if zero_init:
         zero_init_residual(backbone)
     method = cls(backbone, **hp)
-    method.hparams = {**{k: sig[k].default for k in allowed}, **hp}  # every constructor argument, resolved
+    method.hparams = {**{k: sig[k].default for k in allowed}, **hp, "zero_init_residual": zero_init}
     return method

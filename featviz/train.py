@@ -99,6 +99,8 @@ class TrainConfig:
         crop_threshold, crop_alpha, crop_update_every, crop_warmup: ContrastiveCrop's heatmap
             threshold k, Beta alpha, epochs between box updates, warm-up epochs of plain crops;
             default the official code's (``contrastive_crop.OFFICIAL``).
+        step_save: CAC: steps whose gathered negatives are kept as extra negatives (CAC's 1).
+        epoch_start_unsup: CAC: epochs of supervised-only warm-up before the contrast loss (CAC's 5).
         defaults: where each resolved value came from (filled by ``resolve_config``).
     """
 
@@ -142,6 +144,8 @@ class TrainConfig:
     crop_alpha: float | None = None
     crop_update_every: int | None = None
     crop_warmup: int | None = None
+    step_save: int = 1
+    epoch_start_unsup: int = 5
     defaults: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -339,8 +343,9 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
     """Recompute the kNN accuracy a run logged, from its exported checkpoint alone.
 
     Reads the protocol from the checkpoint's metadata (``training.knn``), loads the backbone
-    with ``featviz.checkpoints.load_backbone``, embeds the bank and the queries with
-    ``featviz.embed.embed_images`` and scores them with ``knn_accuracy``.
+    with ``featviz.loader.load_model`` (eval mode, the checkpoint's BatchNorm statistics), embeds
+    the bank and the queries with ``featviz.embed.embed_images`` and scores them with
+    ``knn_accuracy``.
 
     Returns:
         ``{"knn_acc": ..., "logged": ..., "protocol": ...}``.
@@ -349,8 +354,9 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
         DataError: the checkpoint was not written by ``featviz train`` with a kNN monitor.
     """
     from featviz import data
-    from featviz.checkpoints import load_backbone, read_featviz
+    from featviz.checkpoints import read_featviz
     from featviz.embed import embed_images
+    from featviz.loader import load_model
 
     _, meta = read_featviz(checkpoint)
     training = meta.get("training") or {}
@@ -364,7 +370,7 @@ def checkpoint_knn(checkpoint: str | Path, *, device: str = "cpu") -> dict[str, 
     train_idx, val_idx = held_out_split(labels, proto["split"]["val_fraction"], proto["split"]["seed"])
     bank, queries = train_idx[:proto["n_bank"]], val_idx[:proto["n_queries"]]
     idx = np.concatenate([bank, queries])
-    model, _ = load_backbone(checkpoint)
+    model = load_model(checkpoint).model
     f = embed_images(model, [imgs.items[i] for i in idx], image_size=proto["image_size"],
                      batch_size=proto["batch_size"], device=device, strict=True)
     x = torch.from_numpy(f.features)

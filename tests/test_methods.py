@@ -344,7 +344,7 @@ def test_batch_shuffle_ddp_shuffles_across_processes_and_undoes():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # no re-import of torch (spawn costs ~10 s more)
     q = ctx.Queue()
     procs = [ctx.Process(target=_ddp_shuffle_worker, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:

@@ -89,10 +89,11 @@ def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(
 
 def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     """The kNN accuracy `featviz train` logs comes back from last.safetensors alone, through
-    the public API: load_backbone, embed_images, the documented split, knn_accuracy."""
+    the public API: load_model, embed_images, the documented split, knn_accuracy."""
     from featviz import data
-    from featviz.checkpoints import load_backbone, read_featviz
+    from featviz.checkpoints import read_featviz
     from featviz.embed import embed_images
+    from featviz.loader import load_model
     from featviz.train import checkpoint_knn, held_out_split, knn_accuracy
 
     cfg = TrainConfig(method="byol", data="digits", out=str(tmp_path / "run"), epochs=1,
@@ -107,7 +108,8 @@ def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     imgs = data.labelled_images("digits", image_size=16)
     labels = np.asarray(imgs.labels[:100])
     tr, va = held_out_split(labels, 0.2, 0)
-    model, _ = load_backbone(res.last)
+    model = load_model(res.last).model
+    assert not model.training  # eval mode: the checkpoint's BatchNorm statistics
     f = embed_images(model, [imgs.items[i] for i in np.concatenate([tr, va])], image_size=16, batch_size=256)
     x = torch.from_numpy(f.features)
     assert knn_accuracy(x[:len(tr)], labels[tr], x[len(tr):], labels[va], k=20, t=0.07) == logged
@@ -296,3 +298,22 @@ def test_cuda_bf16_channels_last(tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in t.values())
     assert math.isfinite(res.history[-1]["loss"])
     assert np.isfinite(res.history[-1]["knn_acc"])
+
+
+def test_cli_cac_step_save_and_epoch_start_unsup_reach_the_trainer(cli, tmp_path, sample_dir, monkeypatch):
+    """--step-save / --epoch-start-unsup (like --temp / --weight-unsup) land in the TrainConfig and in
+    the settings SegTask reads; without them CAC's defaults (1, 5) apply."""
+    import featviz.train as train_lib
+    from featviz.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
+
+    seen = []
+    monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: seen.append(cfg))
+    base = ["train", "-m", "cac", "-d", sample_dir / "seg", "-o", tmp_path / "run"]
+    assert cli(*base, "--step-save", "3", "--epoch-start-unsup", "0").exit_code == 0
+    assert cli(*base).exit_code == 0
+    s = CACSettings.from_config(seen[0])
+    assert (seen[0].step_save, seen[0].epoch_start_unsup, s.step_save, s.epoch_start_unsup) == (3, 0, 3, 0)
+    assert (seen[1].step_save, seen[1].epoch_start_unsup) == (CAC_STEP_SAVE, CAC_EPOCH_START_UNSUP) == (1, 5)
+    assert TrainConfig.from_dict(seen[0].to_dict()).step_save == 3  # config.json round trip
+    r = cli(*base, "--step-save", "-1")
+    assert r.exit_code == 2 and "--step-save" in r.output

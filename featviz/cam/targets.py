@@ -174,9 +174,6 @@ def _trained_with(model: torch.nn.Module) -> str | None:
     return describe(model).method
 
 
-
-
-
 @dataclass
 class TargetContext:
     """What building targets needs besides the images: the model, reference embedding, views."""

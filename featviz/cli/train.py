@@ -245,6 +245,12 @@ def train(
             rich_help_panel="ContrastiveCrop",
         ),
     ] = None,
+    step_save: Annotated[
+        int, typer.Option("--step-save", min=0, help="CAC: earlier steps whose negatives are kept (0 = none).")
+    ] = 1,
+    epoch_start_unsup: Annotated[
+        int, typer.Option("--epoch-start-unsup", min=0, help="CAC: supervised-only epochs before the contrast loss.")
+    ] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Train an SSL model (or a segmentation model, with CAC) with checkpoints and collapse metrics.
@@ -294,6 +300,8 @@ def train(
         crop_alpha=crop_alpha,
         crop_update_every=crop_update_every,
         crop_warmup=crop_warmup,
+        step_save=step_save,
+        epoch_start_unsup=epoch_start_unsup,
     )
     wrap, on_log = _train_progress(log_every)
     with _user_errors():
