@@ -19,11 +19,12 @@ v2 transform before the crop (featviz's optional affine) moves it with the image
 **Semantic-aware localisation** (``heatmaps``, ``boxes_from_heatmaps``, ``compute_boxes``;
 official ``DDP_simsiam_ccrop.py:95-132``). The image, resized to (S, S) with no crop
 (``datasets/transforms/imagenet.py:60-66``), goes through the model in eval mode; its last
-feature map (``featviz.features.FeatureExtractor`` at ``default_layer``: ResNet ``layer4``, a
-ViT's final norm as a patch map) is averaged over channels, min-max scaled to [0, 1] per image,
-upsampled bilinearly to (S, S); the box is (first row, first column, last row, last column) of
-the pixels above the threshold k, divided by S: ``(h0, w0, h1, w1)`` fractions, the official
-order. The official code sums over channels, which min-max scaling makes the same map.
+feature map (``featviz.features.FeatureExtractor`` at ``heatmap_layer``: ResNet ``layer4``, a
+ViT's last block as a patch map, since its final LayerNorm zeroes every token's channel mean)
+is averaged over channels, min-max scaled to [0, 1] per image, upsampled bilinearly to (S, S);
+the box is (first row, first column, last row, last column) of the pixels above the threshold k,
+divided by S: ``(h0, w0, h1, w1)`` fractions, the official order. The official code sums over
+channels, which min-max scaling makes the same map.
 
 **Schedule** (``CropSchedule``; ``DDP_simsiam_ccrop.py:273, 279``): the first ``warmup`` epochs
 use plain ``RandomResizedCrop``; from then on ContrastiveCrop with the current boxes (whole
@@ -166,23 +167,46 @@ def box_input(size: int | tuple[int, int], mean: Sequence[float], std: Sequence[
                        v2.Normalize(list(mean), list(std))])
 
 
+def heatmap_layer(model: nn.Module, layer: str | None = None) -> str:
+    """The layer whose channel mean is the heatmap: ``layer`` when given, else the feature core's
+    ``default_layer`` (ResNet ``layer4``, a timm CNN's last ``feature_info`` stage), except that a
+    ViT whose default is its final ``norm`` uses its last block's output instead: a LayerNorm
+    centres every token over the channels, so the channel mean of its output is zero up to
+    rounding (a named deviation; the official code has ResNets only)."""
+    from featviz.features import _is_vit, default_layer
+
+    if layer is not None:
+        return layer
+    name = default_layer(model)
+    if name == "norm" and _is_vit(model):
+        return f"blocks.{len(model.blocks) - 1}"
+    return name
+
+
+# a channel-mean map whose range is below this share of the features' magnitude counts as constant
+CONSTANT_RTOL = 1e-5
+
+
+@torch.no_grad()
 def heatmaps(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's last feature map of ``x`` (N, 3, H, W) averaged over channels, min-max scaled to
-    [0, 1] per image and upsampled bilinearly to (H, W).
+    """The model's last feature map (``heatmap_layer``) of ``x`` (N, 3, H, W) averaged over channels,
+    min-max scaled to [0, 1] per image and upsampled bilinearly to (H, W).
 
     Returns:
-        (heatmaps (N, H, W) float32, constant (N,) bool: images whose map had no range, all zeros).
+        (heatmaps (N, H, W) float32, constant (N,) bool: images whose map had no range, i.e. less
+        than ``CONSTANT_RTOL`` of the features' largest magnitude (rounding noise); all zeros).
     """
     from featviz.features import FeatureExtractor
 
-    with FeatureExtractor(model, layer) as fx:
+    with FeatureExtractor(model, heatmap_layer(model, layer)) as fx:
         fmap = fx(x)
     m = fmap.float().mean(1)  # (N, h, w)
     n = m.shape[0]
     flat = m.reshape(n, -1)
     lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
     rng = hi - lo
-    constant = ~(torch.isfinite(rng) & (rng > 0)).reshape(n)
+    scale = fmap.float().abs().reshape(n, -1).amax(1, keepdim=True)
+    constant = ~(torch.isfinite(rng) & (rng > CONSTANT_RTOL * scale)).reshape(n)
     flat = torch.where(constant[:, None], torch.zeros_like(flat), (flat - lo) / torch.where(rng > 0, rng, 1))
     up = F.interpolate(flat.reshape(n, 1, *m.shape[1:]), size=tuple(x.shape[-2:]), mode="bilinear")
     return up[:, 0], constant

@@ -183,10 +183,17 @@ def run_crops(
     """
     from torchvision.transforms import v2
 
-    from featviz.contrastive_crop import ContrastiveCrop, box_input, boxes_from_heatmaps, default_alpha, heatmaps
+    from featviz.contrastive_crop import (
+        ContrastiveCrop,
+        box_input,
+        boxes_from_heatmaps,
+        default_alpha,
+        heatmap_layer,
+        heatmaps,
+    )
     from featviz.data import load_image, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.features import default_layer, input_size, resolve_layer
+    from featviz.features import input_size, resolve_layer
     from featviz.outputs import atomic_dir, check_writable, manifest, write_json
     from featviz.sheets import image_ids
 
@@ -213,7 +220,7 @@ def run_crops(
              "rrc": v2.RandomResizedCrop(VIEW_PX, scale=scale, ratio=ratio)}
     heat, boxes_l, areas, whole, const = [], [], [], [], []
     batches = range(0, len(files), batch_size)
-    layer_name = resolve_layer(model, layer if layer is not None else default_layer(model))[0]
+    layer_name = resolve_layer(model, heatmap_layer(model, layer))[0]
     with torch.no_grad():
         for s in (batches if progress is None else progress(batches, total=len(batches))):
             x = torch.stack([prep(load_image(f)) for f in files[s:s + batch_size]]).to(dev)

@@ -483,3 +483,28 @@ def test_crops_cli_writes_the_sheet_and_the_numbers(cli, tmp_path, sample_dir):
     r = cli("crops", imgs, "-a", "resnet18_w16-cifar", "--image-size", "32", "-o", tmp_path / "o4", "--samples", "16")
     assert r.exit_code == 0, r.output
     assert "IoU of the two views" in r.stdout and "sheet:" in r.stdout
+
+
+def test_vit_heatmap_is_the_patch_tokens_channel_mean():
+    """A ViT's heatmap (through the feature core): its last block's patch tokens (class and
+    register tokens left out) on the patch grid, channel mean, scaled, upsampled. Not the final
+    norm's: a LayerNorm centres each token, its channel mean is rounding noise, which the
+    constant-map rule catches (whole-image boxes, not boxes drawn from noise)."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), depth=1, reg_tokens=2, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 48)
+    hm, const = heatmaps(vit, x)
+    with torch.no_grad():
+        tok = vit.blocks(vit.norm_pre(vit._pos_embed(vit.patch_embed(x))))[:, vit.num_prefix_tokens:]  # (2, 6, 192)
+    m = tok.mean(2).reshape(2, 1, 2, 3)
+    lo, hi = m.amin((2, 3), keepdim=True), m.amax((2, 3), keepdim=True)
+    want = torch.nn.functional.interpolate((m - lo) / (hi - lo), size=(32, 48), mode="bilinear")[:, 0]
+    assert hm.shape == (2, 32, 48) and not const.any()
+    assert torch.allclose(hm, want, atol=1e-5)
+    assert torch.equal(boxes_from_heatmaps(hm, 0.5).boxes, boxes_from_heatmaps(want, 0.5).boxes)
+    normed, const = heatmaps(vit, x, layer="norm")
+    assert const.all() and float(normed.abs().max()) == 0.0
+    b = boxes_from_heatmaps(normed, 0.5, const)
+    assert b.whole.all() and int(b.constant.sum()) == 2
