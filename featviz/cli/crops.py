@@ -59,7 +59,10 @@ def crops(
         typer.Option("--image-size", callback=image_size_value, help="Heatmap input N or HxW (default: the model's)."),
     ] = None,
     layer: Annotated[
-        str | None, typer.Option("--layer", "-l", help="Feature map (default: the last: ResNet layer4, ViT norm).")
+        str | None,
+        typer.Option(
+            "--layer", "-l", help="Feature map (default: ResNet layer4, a timm CNN's last stage, a ViT's last block)."
+        ),
     ] = None,
     sheet_images: Annotated[int, typer.Option("--sheet-images", min=1, help="Images shown on the sheet.")] = 12,
     fmt: FormatOpt = "auto",
