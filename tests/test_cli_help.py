@@ -1,0 +1,18 @@
+"""``featviz --help`` groups every command into a panel of ``featviz.cli.PANELS``, in that order."""
+
+from typer.testing import CliRunner
+
+from featviz.cli import PANELS, app
+
+
+def test_every_command_has_a_panel_and_help_follows_the_panels():
+    names = [i.name or i.callback.__name__.replace("_", "-") for i in app.registered_commands]
+    placed = {n for group in PANELS.values() for n in group}
+    assert set(names) <= placed, f"commands without a panel in featviz.cli.PANELS: {set(names) - placed}"
+    assert all(i.rich_help_panel in PANELS for i in app.registered_commands)
+    text = CliRunner().invoke(app, ["--help"], terminal_width=100).output
+    positions = [text.index(panel) for panel in PANELS if any(n in names for n in PANELS[panel])]
+    assert positions == sorted(positions)
+    rows = [line.split()[1] for line in text.splitlines() if line.startswith("│ ") and len(line.split()) > 1]
+    listed = [r for r in rows if r in names]
+    assert listed.index("demo") < listed.index("inspect") < listed.index("embed") < listed.index("cam")
