@@ -130,8 +130,8 @@ def measure(args) -> dict:
                 for crop in ("rrc", "contrastive"):
                     out = tmp / ds / method / f"{crop}_s{seed}"
                     kw = {"crop_threshold": args.threshold} if crop == "contrastive" and args.threshold else {}
-                    cfg = TrainConfig(method=method, out=str(out), seed=seed, crop=crop, eval_every=base["epochs"], **kw,
-                                      log_every=1000, threads=args.threads,
+                    cfg = TrainConfig(method=method, out=str(out), seed=seed, crop=crop, eval_every=base["epochs"],
+                                      log_every=1000, threads=args.threads, **kw,
                                       **{k: v for k, v in base.items() if k != "epochs"}, epochs=base["epochs"])
                     t0 = time.perf_counter()
                     r = train(cfg, force=True)
