@@ -171,8 +171,8 @@ def table(res: dict) -> str:
         return f"{f(d['mean'])} [{lo}, {hi}]"
 
     lines = [f"ContrastiveCrop vs RandomResizedCrop, {res['seeds']} seeds each, same budget "
-             f"({res['seconds']:.0f} s, {res['threads']} thread(s)), k {res['threshold']:g}; kNN % on the held-out "
-             "split, mean [95% CI]"]
+             f"({res['seconds']:.0f} s, {res['threads']} thread(s)), k {res.get('threshold', 0.1):g}; kNN % on the "
+             "held-out split, mean [95% CI]"]
     head = (f"{'data':7s} {'method':8s} {'kNN rrc':>19s} {'kNN contrastive':>19s} {'gain (pts)':>19s} {'+':>4s} "
             f"{'rand':>5s} | {'box area':>8s} {'whole':>6s} | {'IoU rrc':>7s} {'IoU cc':>7s} {'in-box rrc':>10s} "
             f"{'in-box cc':>9s}")
