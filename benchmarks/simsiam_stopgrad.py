@@ -52,6 +52,7 @@ def main() -> None:
     from featviz.collapse import plot_run_comparison
 
     runs = {"SimSiam (stop-gradient)": args.stopgrad, "without stop-gradient": args.no_stopgrad}
+    cfg = json.loads((args.stopgrad / "config.json").read_text())
     rnd = random_init_knn(args.stopgrad)
     rnd_init_bn = random_init_knn(args.stopgrad, precise_bn=False)
     for label, run in runs.items():
@@ -71,7 +72,8 @@ def main() -> None:
     plot_run_comparison({label: _lines(run) for label, run in runs.items()}, args.out,
                         baseline_knn={"random init, BN statistics re-estimated (as the runs)": rnd,
                                       "random init, initial BN statistics": rnd_init_bn},
-                        title="SimSiam on digits (resnet18_w16-cifar, 16 px): stop-gradient prevents collapse")
+                        title=f"SimSiam on digits ({cfg['arch']}, {cfg['image_size']} px, {cfg['epochs']} epochs): "
+                              "stop-gradient prevents collapse")
     print(f"wrote {args.out}")
 
 

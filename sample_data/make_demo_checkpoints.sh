@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Remake every checkpoint and run log that `featviz demo` uses (CPU; about 10 minutes on 2 quiet cores).
+# Remake every checkpoint and run log that `featviz demo` uses (CPU). Measured 2026-12-01 on the project's
+# shared 2-core machine: each 10-epoch SimSiam run took 115 s at load ~2.5 and 853 s at load 5-6 (other jobs);
+# make_seg_checkpoints.sh adds 12-16 minutes (its own comment), so 15-35 minutes in all.
 # `featviz demo --retrain` runs this. Run from the repository root.
 #   checkpoints/simsiam_digits.safetensors   SimSiam with featviz's digits defaults (resnet18_w16-cifar, 32 px,
 #                                            10 epochs; see docs/train.md), i.e. no flag but the seed
@@ -9,7 +11,7 @@
 set -euo pipefail
 RUNS=${RUNS:-runs}
 FEATVIZ=${FEATVIZ:-featviz}
-common=(-m simsiam -d digits --seed 0 --log-every 5 --force)
+common=(-m simsiam -d digits --seed 0 --force)
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits"
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits_nostopgrad" --no-stop-grad
 cp "$RUNS/simsiam_digits/last.safetensors" sample_data/checkpoints/simsiam_digits.safetensors

@@ -79,6 +79,21 @@ def test_unknown_hyperparameter_is_one_clear_error():
         build_method("moco_v2", build_backbone(ARCH, seed=0), queue_sise=16)
 
 
+def test_head_widths_and_zero_init_residual_are_hyperparameters():
+    """--hparam hidden_dim/out_dim (BYOL), mlp_dim/dim (MoCo v3), hidden_dim/bottleneck_dim (DINO) set the
+    heads; zero_init_residual (official for SimSiam) can be turned off and is recorded."""
+    byol = _net("byol", hidden_dim=48, out_dim=24)
+    assert [m.out_features for m in byol.projector if isinstance(m, nn.Linear)] == [48, 24]
+    v3 = _net("moco_v3", mlp_dim=40, dim=20)
+    assert [m.out_features for m in v3.predictor if isinstance(m, nn.Linear)] == [40, 20]
+    dino = _net("dino", hidden_dim=36, bottleneck_dim=12, out=64)
+    assert [m.out_features for m in dino.projector.modules() if isinstance(m, nn.Linear)][:3] == [36, 36, 12]
+    on, off = _net("simsiam"), _net("simsiam", zero_init_residual=False)
+    assert on.hparams["zero_init_residual"] is True and off.hparams["zero_init_residual"] is False
+    assert float(on.backbone.layer1[0].bn2.weight.detach().abs().sum()) == 0.0
+    assert float(off.backbone.layer1[0].bn2.weight.detach().abs().sum()) > 0.0
+
+
 # ---------------------------------------------------------------- losses = the official formulas
 def test_nt_xent_equals_simclr_add_contrastive_loss():
     """google-research/simclr tf2/objective.py:35-89, transcribed to torch."""
@@ -514,6 +529,7 @@ def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
     cfg = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path)))
     assert cfg.defaults["image_size"].startswith("preset:digits") or cfg.defaults["image_size"] == "architecture"
     assert cfg.defaults["epochs"] == "preset:digits" and cfg.hflip is False
+    assert cfg.lr == 0.1 and cfg.defaults["lr"] == "preset:digits"  # measured; the official 0.05 x 64/256 was not
     user = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path), batch_size=16, hflip=True))
     assert user.batch_size == 16 and user.hflip is True and user.defaults["batch_size"] == "user"
     assert resolve_config(user) == user  # idempotent
