@@ -29,11 +29,14 @@ def random_init_knn(run: Path, *, precise_bn: bool = True) -> float:
     import torch
 
     from featviz.distributed import DistInfo
+    from featviz.models import build_backbone
     from featviz.train import SSLTask, TrainConfig
 
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     torch.set_num_threads(1)
-    task = SSLTask(cfg, DistInfo())  # builds the backbone with the run's seed, untrained
+    task = SSLTask(cfg, DistInfo())  # the run's split, data and evaluation, untrained
+    # plain random init (torchvision's, as `featviz embed --arch` builds it), not SimSiam's zero-init residual
+    task.model.backbone.load_state_dict(build_backbone(cfg.arch, seed=cfg.seed).state_dict())
     if not precise_bn:
         task._precise_bn = lambda *args, **kwargs: None
     return task.evaluate(torch.device("cpu"))["knn_acc"]
@@ -49,6 +52,7 @@ def main() -> None:
     from featviz.collapse import plot_run_comparison
 
     runs = {"SimSiam (stop-gradient)": args.stopgrad, "without stop-gradient": args.no_stopgrad}
+    cfg = json.loads((args.stopgrad / "config.json").read_text())
     rnd = random_init_knn(args.stopgrad)
     rnd_init_bn = random_init_knn(args.stopgrad, precise_bn=False)
     for label, run in runs.items():
@@ -68,7 +72,8 @@ def main() -> None:
     plot_run_comparison({label: _lines(run) for label, run in runs.items()}, args.out,
                         baseline_knn={"random init, BN statistics re-estimated (as the runs)": rnd,
                                       "random init, initial BN statistics": rnd_init_bn},
-                        title="SimSiam on digits (resnet18_w16-cifar, 16 px): stop-gradient prevents collapse")
+                        title=f"SimSiam on digits ({cfg['arch']}, {cfg['image_size']} px, {cfg['epochs']} epochs): "
+                              "stop-gradient prevents collapse")
     print(f"wrote {args.out}")
 
 

@@ -1,26 +1,32 @@
 """Steps/s of `featviz train` against a bare hand-written loop of the same model and loss.
 
-Both sides train SimSiam (resnet18_w16-cifar, digits) on the same seeded views through the same
-DataLoader; the bare loop has no checkpoints, metrics, kNN monitor or NaN check. Two figures:
+Two methods: SimSiam (two symmetric branches, fixed predictor lr) and MoCo v2 with its queue,
+momentum encoder and shuffle-BN (SplitBatchNorm + a shuffled key batch in one process). Both
+sides build the same ``featviz.methods`` model with the same hyperparameters, draw the same
+seeded views through the same DataLoader (``featviz.augment``) on the digits training split;
+the bare loop is what a researcher writes by hand: forward, the loss written out, backward,
+step, the momentum update and the enqueue -- no checkpoints, metrics, kNN monitor, NaN check,
+schedules or gradient hooks. Two figures:
 
 - training steps/s: the time spent in the epochs' batch loops (data loading, forward, backward,
-  optimiser step; featviz adds its NaN check and metrics lines every `log_every` steps), timed
-  from outside on both sides (featviz: through its `progress` hook). Target >= 0.9x.
+  optimiser step; featviz adds its schedule, NaN check, hooks and metrics lines every
+  `log_every` steps), timed from outside on both sides (featviz: through its `progress` hook).
+  Target >= 0.95x.
 - whole run: from loading the data and building the model to the end; featviz's is its whole
-  `train()` call, which adds per epoch the kNN and held-out collapse evaluation (PreciseBN, ~0.8 s
-  on digits) and three checkpoint files. Digits' epochs are only 22 steps, so this per-epoch
-  work weighs far more here than on a real dataset.
+  `train()` call, which adds per epoch the kNN and held-out collapse evaluation and three
+  checkpoint files.
 
-The default is the documented digits run's setting (all 1,438 training images, 22 steps per
-epoch) for 3 epochs. Runs alternate (bare, featviz, bare, featviz, ...) so a busy machine hurts
-both alike; the median of the repeats is reported.
+Runs alternate (bare, featviz, bare, featviz, ...) so a busy machine hurts both alike; the
+median of the repeats is reported. ``--device cuda`` times both under bf16 autocast.
 
-    python benchmarks/train_bench.py [--epochs 3] [--batch-size 64] [--image-size 16] [--repeats 3] [--limit N]
+    python benchmarks/train_bench.py [--methods simsiam,moco_v2] [--epochs 2] [--batch-size 64]
+                                     [--image-size 32] [--repeats 3] [--threads 1] [--device cpu] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -41,53 +47,81 @@ class LoopTimer:
         self.seconds += time.perf_counter() - t
 
 
-def bare_loop(epochs: int, batch_size: int, image_size: int, limit: int, threads: int) -> tuple[int, float, float]:
+def _config(method: str, args, out: str):
+    from featviz.train import TrainConfig, resolve_config
+
+    return resolve_config(TrainConfig(method=method, data="digits", out=out, epochs=args.epochs,
+                                      batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
+                                      device=args.device, log_every=10))
+
+
+def bare_loop(method: str, args) -> tuple[int, float, float]:
     """The loop a researcher would write by hand: build, load, forward, backward, step."""
-    from featviz import augment, data
     from featviz.distributed import DistInfo
-    from featviz.methods import build_method
-    from featviz.models import build_backbone
-    from featviz.train import epoch_batches
+    from featviz.train import SSLTask, epoch_batches
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    imgs = data.digits(image_size)
-    items, labels = imgs.items[:limit or None], imgs.labels[:limit or None]
-    n = int(round(len(items) * 0.8))  # what featviz trains on (20% held out for its kNN monitor)
-    ds = augment.ViewDataset(items[:n], labels[:n], augment.MultiView("simsiam", image_size, hflip=False,
-                                                                       min_scale=0.5))
-    model = build_method("simsiam", build_backbone("resnet18_w16-cifar", seed=0)).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.9, weight_decay=5e-4)
-
-    def d(p, z):  # SimSiam's D, written out
-        return -(F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1).mean()
-
+    cfg = _config(method, args, "unused")
+    task = SSLTask(cfg, DistInfo())  # the same model, hyperparameters, views and split as featviz
+    dev = torch.device(args.device)
+    model = task.model.to(dev).train()
+    amp = dev.type == "cuda"
+    if method == "simsiam":
+        opt = torch.optim.SGD([{"params": [p for n, p in model.named_parameters() if not n.startswith("predictor")]},
+                               {"params": model.predictor.parameters()}], lr=cfg.lr, momentum=0.9,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=0.9,
+                              weight_decay=cfg.weight_decay)
     steps, loop = 0, 0.0
-    for epoch in range(epochs):
-        ds.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=epoch_batches(n, batch_size, epoch, 0, DistInfo()),
-                                             collate_fn=augment.collate_views)
+    for epoch in range(cfg.epochs):
+        task.dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(task.dataset, batch_sampler=epoch_batches(task.n, cfg.batch_size, epoch,
+                                             cfg.seed, DistInfo()), collate_fn=task.collate)
         t = time.perf_counter()
         for (x1, x2), _, _ in loader:
-            z1, z2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
-            p1, p2 = model.predictor(z1), model.predictor(z2)
-            loss = d(p1, z2) / 2 + d(p2, z1) / 2
+            x1, x2 = x1.to(dev), x2.to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                if method == "simsiam":
+                    z1, z2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
+                    p1, p2 = model.predictor(z1), model.predictor(z2)
+                    cos = F.cosine_similarity
+                    loss = -(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) / 2
+                else:  # MoCo v2: query, shuffled keys from the momentum encoder, the queue
+                    q = F.normalize(model.projector(model.backbone(x1)).float(), dim=1)
+                    with torch.no_grad():
+                        perm = torch.randperm(len(x2), device=dev)
+                        k = F.normalize(model.target_projector(model.target_backbone(x2[perm])).float(), dim=1)
+                        k = k[torch.argsort(perm)]
+                    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ model.queue.clone().T], 1) / model.tau
+                    loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=dev))
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if method == "moco_v2":
+                with torch.no_grad():
+                    m = model.base_momentum
+                    online = [*model.backbone.parameters(), *model.projector.parameters()]
+                    target = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+                    for po, pt in zip(online, target, strict=True):
+                        pt.mul_(m).add_(po, alpha=1 - m)
+                    n, size = len(k), model.queue.shape[0]
+                    idx = (model.queue_ptr + torch.arange(n, device=dev)) % size
+                    model.queue[idx] = k
+                    model.queue_ptr.copy_((model.queue_ptr + n) % size)
             steps += 1
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         loop += time.perf_counter() - t
     return steps, loop, time.perf_counter() - t0
 
 
-def featviz_train(epochs: int, batch_size: int, image_size: int, limit: int, threads: int
-                  ) -> tuple[int, float, float]:
-    from featviz.train import TrainConfig, train
+def featviz_train(method: str, args) -> tuple[int, float, float]:
+    from featviz.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(method="simsiam", data="digits", out=f"{tmp}/run", arch="resnet18_w16-cifar",
-                          epochs=epochs, batch_size=batch_size, image_size=image_size, limit=limit or None,
-                          min_scale=0.5, hflip=False, threads=threads, lr=0.015, log_every=5)
+        cfg = _config(method, args, f"{tmp}/run")
         timer = LoopTimer()
         t0 = time.perf_counter()
         res = train(cfg, progress=timer)
@@ -96,33 +130,45 @@ def featviz_train(epochs: int, batch_size: int, image_size: int, limit: int, thr
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--methods", default="simsiam,moco_v2")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--limit", type=int, default=0, help="use the first N digits (0: all 1,797)")
+    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    kw = dict(epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, limit=args.limit,
-              threads=args.threads)
-    bare, fv, bare_run, fv_run = [], [], [], []
-    for _ in range(args.repeats):
-        s, loop, run = bare_loop(**kw)
-        s2, loop2, run2 = featviz_train(**kw)
-        assert s2 == s, (s, s2)
-        bare.append(s / loop)
-        fv.append(s2 / loop2)
-        bare_run.append(run)
-        fv_run.append(run2)
-        print(f"  training steps/s: bare {s / loop:6.2f}, featviz {s2 / loop2:6.2f}  |  whole run: bare {run:5.1f} s, "
-              f"featviz {run2:5.1f} s  ({s} steps each)", flush=True)
-    b, f = statistics.median(bare), statistics.median(fv)
-    rb, rf = statistics.median(bare_run), statistics.median(fv_run)
-    print(f"SimSiam resnet18_w16-cifar {args.image_size}px batch {args.batch_size}, {args.threads} thread(s), "
-          f"median of {args.repeats}:\n  training steps/s: bare loop {b:.2f}, featviz train {f:.2f}, "
-          f"ratio {f / b:.2f}x "
-          f"(target >= 0.9x)\n  whole run (+ per-epoch evaluation and checkpoints): bare {rb:.1f} s, featviz "
-          f"{rf:.1f} s, ratio {rb / rf:.2f}x")
+    results = {}
+    for method in args.methods.split(","):
+        bare, fv, bare_run, fv_run = [], [], [], []
+        for _ in range(args.repeats):
+            s, loop, run = bare_loop(method, args)
+            s2, loop2, run2 = featviz_train(method, args)
+            assert s2 == s, (s, s2)
+            bare.append(s / loop)
+            fv.append(s2 / loop2)
+            bare_run.append(run)
+            fv_run.append(run2)
+            if not args.json:
+                print(f"  {method}: training steps/s bare {s / loop:6.2f}, featviz {s2 / loop2:6.2f}  |  whole run: "
+                      f"bare {run:5.1f} s, featviz {run2:5.1f} s  ({s} steps each)", flush=True)
+        b, f = statistics.median(bare), statistics.median(fv)
+        results[method] = {"bare_steps_per_s": b, "featviz_steps_per_s": f, "ratio": f / b,
+                           "bare_run_s": statistics.median(bare_run), "featviz_run_s": statistics.median(fv_run),
+                           "steps": s}
+    if args.json:
+        print(json.dumps({"args": vars(args), "results": results}, indent=2))
+        return
+    print(f"\ndigits {args.image_size}px batch {args.batch_size}, {args.epochs} epochs, {args.threads} thread(s), "
+          f"{args.device}, median of {args.repeats}:")
+    print("| method | bare loop steps/s | featviz train steps/s | ratio (target >= 0.95) | "
+          "whole run bare / featviz s |")
+    print("|---|---|---|---|---|")
+    for m, r in results.items():
+        print(f"| {m} | {r['bare_steps_per_s']:.2f} | {r['featviz_steps_per_s']:.2f} | {r['ratio']:.2f}x | "
+              f"{r['bare_run_s']:.1f} / {r['featviz_run_s']:.1f} |")
+
 
 if __name__ == "__main__":
     main()

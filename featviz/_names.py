@@ -22,7 +22,10 @@ MethodName = Literal[
     "simclr", "moco_v2", "moco_v3", "byol", "simsiam", "barlow_twins", "swav", "dino", "supervised_seg", "cac",
 ]
 
-OptimizerName = Literal["sgd", "adamw"]
+OptimizerName = Literal["sgd", "adamw", "lars", "larc"]
+
+CropName = Literal["rrc", "contrastive"]
+"""``featviz train --crop`` (featviz.contrastive_crop.CROPS; a test keeps them in sync)."""
 
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -16,8 +16,8 @@ The labelled branch (``labelled_crop``) is CAC's ``base/base_dataset.py`` ``_aug
 rescale of the long side to ``randint(0.5 * base, 2.0 * base)``, padding, one random crop and a
 horizontal flip with p=0.5; no photometric change.
 
-The low-level augmentation (``LowLevelAugment``) is CAC's photometric ``train_transform``:
-a 5x5 Gaussian blur with p=0.5, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p=0.8 and grayscale
+The low-level augmentation (``LowLevelAugment``, in ``featviz.augment``) is CAC's photometric
+``train_transform``: a 5x5 Gaussian blur with p=0.5, ``ColorJitter(0.4, 0.4, 0.4, 0.1)`` with p=0.8 and grayscale
 with p=0.2. Every random draw comes from a ``numpy.random.Generator`` the caller passes, so a
 fixed seed gives the same crops and the same augmentation on every run, independent of
 torch's or Python's global random state.
@@ -294,75 +294,11 @@ def labelled_crop(image: Image.Image, mask: np.ndarray, rng: np.random.Generator
     return LabelledCrop(np.ascontiguousarray(img), np.ascontiguousarray(m), long_side, (y, x), flip)
 
 
-@dataclass(frozen=True)
-class LowLevelParams:
-    """The photometric changes one call of ``LowLevelAugment`` drew (for manifests)."""
+def __getattr__(name: str):
+    """``LowLevelAugment`` / ``LowLevelParams`` live in ``featviz.augment`` (the one augmentation
+    pipeline); imported lazily here so that this module stays torch-free."""
+    if name in ("LowLevelAugment", "LowLevelParams"):
+        from featviz import augment
 
-    blur: bool
-    jitter: bool
-    brightness: float
-    contrast: float
-    saturation: float
-    hue: float
-    order: tuple[int, ...]
-    grayscale: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class LowLevelAugment:
-    """CAC's low-level (photometric) augmentation with its own random source.
-
-    Gaussian blur (cv2, 5x5 kernel, sigma from the kernel size) with ``p_blur``;
-    ``ColorJitter(brightness, contrast, saturation, hue)`` with ``p_jitter``, factors and order
-    drawn as torchvision does; grayscale with ``p_gray``. The geometry is never changed.
-
-    Args:
-        seed: seed of the internal generator, or a ``numpy.random.Generator`` to share.
-    """
-
-    def __init__(self, seed: int | np.random.Generator = 0, *, p_blur: float = 0.5, blur_kernel: int = 5,
-                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), p_jitter: float = 0.8,
-                 p_gray: float = 0.2):
-        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.p_blur, self.blur_kernel, self.jitter = p_blur, blur_kernel, jitter
-        self.p_jitter, self.p_gray = p_jitter, p_gray
-        self.last: LowLevelParams | None = None
-
-    def draw(self) -> LowLevelParams:
-        """Draw the next set of photometric parameters."""
-        r = self.rng
-        b, c, s, h = self.jitter
-        blur = bool(r.random() < self.p_blur)
-        jit = bool(r.random() < self.p_jitter)
-        params = LowLevelParams(
-            blur=blur, jitter=jit,
-            brightness=float(r.uniform(max(0, 1 - b), 1 + b)), contrast=float(r.uniform(max(0, 1 - c), 1 + c)),
-            saturation=float(r.uniform(max(0, 1 - s), 1 + s)), hue=float(r.uniform(-h, h)),
-            order=tuple(int(i) for i in r.permutation(4)), grayscale=bool(r.random() < self.p_gray))
-        return params
-
-    def apply(self, image: np.ndarray | Image.Image, params: LowLevelParams) -> np.ndarray:
-        """Apply ``params`` to an RGB uint8 image; returns an (H, W, 3) uint8 array."""
-        import cv2
-        import torchvision.transforms.functional as TF
-
-        arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-        if params.blur:
-            arr = cv2.GaussianBlur(arr, (self.blur_kernel, self.blur_kernel), 0)
-        im = Image.fromarray(arr)
-        if params.jitter:
-            ops = (lambda x: TF.adjust_brightness(x, params.brightness),
-                   lambda x: TF.adjust_contrast(x, params.contrast),
-                   lambda x: TF.adjust_saturation(x, params.saturation),
-                   lambda x: TF.adjust_hue(x, params.hue))
-            for i in params.order:
-                im = ops[i](im)
-        if params.grayscale:
-            im = TF.to_grayscale(im, num_output_channels=3)
-        return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
-
-    def __call__(self, image: np.ndarray | Image.Image) -> np.ndarray:
-        self.last = self.draw()
-        return self.apply(image, self.last)
+        return getattr(augment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -745,8 +745,9 @@ class SegTask:
 
     Driven by ``featviz.train`` through ``loss``, ``after_step``, ``evaluate``, ``export``, ``model``,
     ``dataset``, ``collate``, ``n`` and ``last_parts``. CAC's settings come from the config's
-    ``weight_unsup``, ``temp``, ``pos_thresh``, ``selected_num`` and, when it has them,
-    ``step_save`` and ``epoch_start_unsup`` (CAC's defaults otherwise).
+    ``weight_unsup``, ``temp``, ``pos_thresh``, ``selected_num``, ``step_save`` and
+    ``epoch_start_unsup`` (``featviz train --step-save/--epoch-start-unsup``; CAC's defaults
+    for a config without them).
     """
 
     def __init__(self, cfg, info):

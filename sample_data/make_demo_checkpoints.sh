@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Remake every checkpoint and run log that `featviz demo` uses (CPU; about 7 minutes on 2 cores).
+# Remake every checkpoint and run log that `featviz demo` uses (CPU). Measured 2026-12-01 on the project's
+# shared 2-core machine: each 10-epoch SimSiam run took 115 s at load ~2.5 and 853 s at load 5-6 (other jobs);
+# make_seg_checkpoints.sh adds 12-16 minutes (its own comment), so 15-35 minutes in all.
 # `featviz demo --retrain` runs this. Run from the repository root.
-#   checkpoints/simsiam_digits.safetensors   SimSiam, resnet18_w16-cifar, digits at 16 px, 30 epochs
+#   checkpoints/simsiam_digits.safetensors   SimSiam with featviz's digits defaults (resnet18_w16-cifar, 32 px,
+#                                            10 epochs; see docs/train.md), i.e. no flag but the seed
 #   runs/simsiam_digits*/metrics.jsonl        its collapse metrics, and those of the --no-stop-grad ablation
 #   checkpoints/seg_{supervised,cac}.safetensors   via make_seg_checkpoints.sh
 #   checkpoints/moco_v2_tiny.pth.tar          via make_sample_checkpoints.py (seeded random weights)
 set -euo pipefail
 RUNS=${RUNS:-runs}
 FEATVIZ=${FEATVIZ:-featviz}
-common=(-m simsiam -d digits -a resnet18_w16-cifar --image-size 16 -b 64 --lr 0.1 -e 30 --min-scale 0.8 --no-hflip
-        --log-every 5 --seed 0 --force)
+common=(-m simsiam -d digits --seed 0 --force)
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits"
 $FEATVIZ train "${common[@]}" -o "$RUNS/simsiam_digits_nostopgrad" --no-stop-grad
 cp "$RUNS/simsiam_digits/last.safetensors" sample_data/checkpoints/simsiam_digits.safetensors

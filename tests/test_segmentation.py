@@ -377,11 +377,9 @@ def test_cac_resume_replays_the_negative_bank(tmp_path, sample_dir):
     from featviz.train import TrainConfig, train
 
     def cfg(out):
-        c = TrainConfig(method="cac", data=str(sample_dir / "seg"), out=str(tmp_path / out), epochs=3,
-                        arch="resnet18_w16-os8",
-                        batch_size=2, image_size=32, limit=4, selected_num=16, log_every=1, threads=1)
-        object.__setattr__(c, "epoch_start_unsup", 0)  # not a TrainConfig field (yet): CAC's 5 otherwise
-        return c
+        return TrainConfig(method="cac", data=str(sample_dir / "seg"), out=str(tmp_path / out), epochs=3,
+                           arch="resnet18_w16-os8", batch_size=2, image_size=32, limit=4, selected_num=16,
+                           log_every=1, threads=1, epoch_start_unsup=0)
 
     train(cfg("full"))
     calls = {"n": 0}

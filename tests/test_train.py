@@ -1,4 +1,4 @@
-"""featviz train: SSL objectives against their formulas, the loop, resume, DDP, segmentation, errors."""
+"""featviz train: the loop, defaults, the kNN protocol, resume, DDP, segmentation, errors (methods: test_methods.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from featviz import methods
-from featviz._names import MethodName
-from featviz.methods import METHODS, build_method, dino_h, moco_ctr, neg_cosine, nt_xent, sinkhorn
 from featviz.models import build_backbone
 from featviz.segmentation import directional_contrast, load_segmenter
 from featviz.train import TrainConfig, TrainingDivergedError, train
@@ -42,82 +38,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_method_names_in_sync():
-    assert set(get_args(MethodName)) == set(METHODS.names()) | {"supervised_seg", "cac"}
-
-
-# ---------------------------------------------------------------- formulas on hand-checked cases
-def test_nt_xent_matches_hand_computation():
-    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    tau = 0.5
-    # view 0 = (1,0): positive (1,0) sim 1; negatives: (0,1) twice sim 0 -> -log(e^2 / (e^2 + 2))
-    expected = -math.log(math.exp(2) / (math.exp(2) + 2))  # the same for all 4 views by symmetry
-    assert nt_xent(z1, z2, tau).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_neg_cosine_and_stop_gradient():
-    p = torch.tensor([[2.0, 0.0], [0.0, 3.0]], requires_grad=True)
-    z = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
-    loss = neg_cosine(p, z)
-    assert loss.item() == pytest.approx(-(1 + 0) / 2)
-    loss.backward()
-    assert z.grad is None and p.grad is not None  # stop-gradient on z
-    z2 = z.detach().clone().requires_grad_(True)
-    neg_cosine(p.detach(), z2, stop_grad=False).backward()
-    assert z2.grad is not None and z2.grad.abs().sum() > 0
-
-
-def test_moco_v3_ctr_matches_formula():
-    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    k = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
-    tau = 0.2
-    logits = torch.tensor([[1.0, 0.6], [0.0, 0.8]]) / tau
-    ce = -(torch.log_softmax(logits, 1)[0, 0] + torch.log_softmax(logits, 1)[1, 1]) / 2
-    assert moco_ctr(q, k, tau).item() == pytest.approx(2 * tau * ce.item(), rel=1e-6)
-
-
-def test_barlow_twins_formula():
-    z = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
-    # identical, decorrelated, standardised views: C = I -> loss 0
-    assert methods.barlow_loss(z, z, 5e-3).item() == pytest.approx(0.0, abs=1e-6)
-    # z2 = first column copied to both: C = [[1, 1], [0, 0]] -> (1-1)^2 + (0-1)^2 + lambda * 1^2
-    z2 = torch.stack([z[:, 0], z[:, 0]], 1)
-    assert methods.barlow_loss(z, z2, 0.5).item() == pytest.approx(1 + 0.5, rel=1e-4)
-
-
-def test_byol_loss_is_two_minus_two_cosine():
-    p, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
-    byol = 2 + 2 * neg_cosine(p, t)
-    assert byol.item() == pytest.approx(((F.normalize(p) - F.normalize(t)) ** 2).sum().item(), rel=1e-6)
-
-
-def test_sinkhorn_equipartition():
-    scores = torch.randn(12, 4)
-    q = sinkhorn(scores, eps=0.5, iters=50)
-    assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-4)  # each sample: a distribution
-    assert torch.allclose(q.sum(0), torch.full((4,), 3.0), atol=1e-3)  # prototypes equally used
-
-
-def test_dino_h_formula():
-    t = torch.tensor([[0.0, 0.0]])
-    s = torch.tensor([[math.log(3.0), 0.0]])
-    # uniform teacher (centred, any temperature): H = -(0.5 log 0.75 + 0.5 log 0.25) with tps = 1
-    expected = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
-    assert dino_h(t, s, torch.zeros(1, 2), tps=1.0, tpt=0.04).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_simsiam_forward_equals_paper_formula():
-    m = build_method("simsiam", build_backbone("resnet18_w16-cifar", seed=0)).train()
-    v = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
-    torch.manual_seed(1)
-    loss = m(v)
-    z1, z2 = m.projector(m.backbone(v[0])), m.projector(m.backbone(v[1]))
-    p1, p2 = m.predictor(z1), m.predictor(z2)
-    d = lambda p, z: -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(1).mean()  # noqa: E731
-    assert loss.item() == pytest.approx((d(p1, z2) / 2 + d(p2, z1) / 2).item(), rel=1e-5)
-
-
 def test_cac_directional_contrast_hand_case():
     f1 = torch.tensor([[1.0, 0.0]])
     f2 = torch.tensor([[1.0, 0.0]])
@@ -135,36 +55,9 @@ def test_cac_directional_contrast_hand_case():
                                 negs, torch.tensor([1]), **kw).item() == pytest.approx(0.0, abs=1e-6)
 
 
-# ---------------------------------------------------------------- every method trains
-@pytest.mark.parametrize("name", METHODS.names())
-def test_method_trains_few_steps_without_nan(name):
-    m = build_method(name, build_backbone("resnet18_w16-cifar", seed=0)).train()
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    for step in range(3):
-        views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-        if m.multi_crop:
-            views.append(torch.randn(8, 3, 8, 8, generator=g))
-        loss = m(views)
-        assert torch.isfinite(loss), (name, step, loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        m.on_step_end(step / 3)
-    changed = any(not torch.equal(before[k], v) for k, v in m.backbone.state_dict().items())
-    assert changed
-    assert m.embeddings is not None and m.embeddings[0].shape[0] == 8
-    assert set(m.exported()) == {"backbone", *m.head_specs}
-    # ``monitored`` (the held-out collapse metrics) is what forward hands to the monitor
-    m.eval()
-    with torch.no_grad():
-        m(views)
-    assert torch.allclose(m.monitored(views[0]), m.embeddings[0], atol=1e-5), name
-
-
 # ---------------------------------------------------------------- the loop
 def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(tmp_path):
+    from featviz.collapse import alignment
     from featviz.distributed import DistInfo
     from featviz.train import SSLTask
 
@@ -174,17 +67,55 @@ def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(
     ev = task.evaluate(torch.device("cpu"))
     d = task.held_out_z[0].shape[1]
     assert task.model.training  # evaluate restores train mode
-    assert task.held_out_z[0].shape == task.held_out_z[1].shape == (8, d)  # 8 held-out images, 2 views
+    assert task.held_out_z[0].shape == (8, d)  # the 8 held-out images as they are
+    # alignment is Wang & Isola's: between two augmented views of each held-out image
+    v1, v2 = task._held_out_views()
+    assert v1.shape == v2.shape == (8, 3, 16, 16) and not torch.equal(v1, v2)
+    task.model.eval()
+    assert task.held_out_alignment == pytest.approx(
+        alignment(task.model.monitored(v1).numpy(), task.model.monitored(v2).numpy()), rel=1e-5)
+    task.model.train()
     assert ev["std_l2_predictor"] > 0.3 / d ** 0.5  # random init: spread out
     with torch.no_grad():
         task.model.predictor[-1].weight.zero_()  # p = bias: every image gets the same output
     ev = task.evaluate(torch.device("cpu"))
     assert ev["std_l2_predictor"] < 1e-6 and ev["rankme_predictor"] < 1.01
     # PreciseBN: the running statistics are exact averages over the training images, the
-    # momentum is restored, and BatchNorm layers outside the monitored path are untouched
+    # momentum is restored, and BatchNorm layers outside the exported/monitored path are untouched
     bn = task.model.projector[-1]
     assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2  # 32 training images in batches of 16
     assert int(task.model.predictor[1].num_batches_tracked) == 0
+
+
+def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
+    """The kNN accuracy `featviz train` logs comes back from last.safetensors alone, through
+    the public API: load_model, embed_images, the documented split, knn_accuracy."""
+    from featviz import data
+    from featviz.checkpoints import read_featviz
+    from featviz.embed import embed_images
+    from featviz.loader import load_model
+    from featviz.train import checkpoint_knn, held_out_split, knn_accuracy
+
+    cfg = TrainConfig(method="byol", data="digits", out=str(tmp_path / "run"), epochs=1,
+                      **{**TINY, "limit": 100, "batch_size": 20})
+    res = train(cfg)
+    logged = res.history[-1]["knn_acc"]
+    assert checkpoint_knn(res.last)["knn_acc"] == logged
+    # the same by hand, as a user would
+    _, meta = read_featviz(res.last)
+    proto = meta["training"]["knn"]
+    assert (proto["k"], proto["t"], proto["image_size"]) == (20, 0.07, 16)
+    imgs = data.labelled_images("digits", image_size=16)
+    labels = np.asarray(imgs.labels[:100])
+    tr, va = held_out_split(labels, 0.2, 0)
+    model = load_model(res.last).model
+    assert not model.training  # eval mode: the checkpoint's BatchNorm statistics
+    f = embed_images(model, [imgs.items[i] for i in np.concatenate([tr, va])], image_size=16, batch_size=256)
+    x = torch.from_numpy(f.features)
+    assert knn_accuracy(x[:len(tr)], labels[tr], x[len(tr):], labels[va], k=20, t=0.07) == logged
+    # an embedding the model was not trained for gives another number (the protocol matters)
+    f32 = embed_images(model, [imgs.items[i] for i in np.concatenate([tr, va])], image_size=32, batch_size=256)
+    assert not np.allclose(f32.features, f.features)
 
 
 def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
@@ -215,6 +146,12 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     sd = model.state_dict()
     assert all(torch.equal(sd[k], tensors[f"backbone.{k}"]) for k in sd)
     assert res.steps == 2 * (32 // 16)  # 40 images, 8 held out for kNN, batch 16
+    # config.json: the resolved settings, where each default came from, the method's own
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["batch_size"] == 16 and saved["defaults"]["batch_size"] == "user"
+    assert saved["defaults"]["optimizer"] == "method" and saved["optimizer"] == "sgd"
+    assert saved["hparams_resolved"]["stop_grad"] is True and saved["knn"]["k"] == 20
+    assert saved["recipe"]["globals"][0]["hflip"] == 0.0 and saved["defaults"]["hflip"] == "preset:digits"
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
@@ -362,3 +299,22 @@ def test_cuda_bf16_channels_last(tmp_path):
     assert all(v.dtype in (torch.float32, torch.int64) for v in t.values())
     assert math.isfinite(res.history[-1]["loss"])
     assert np.isfinite(res.history[-1]["knn_acc"])
+
+
+def test_cli_cac_step_save_and_epoch_start_unsup_reach_the_trainer(cli, tmp_path, sample_dir, monkeypatch):
+    """--step-save / --epoch-start-unsup (like --temp / --weight-unsup) land in the TrainConfig and in
+    the settings SegTask reads; without them CAC's defaults (1, 5) apply."""
+    import featviz.train as train_lib
+    from featviz.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
+
+    seen = []
+    monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: seen.append(cfg))
+    base = ["train", "-m", "cac", "-d", sample_dir / "seg", "-o", tmp_path / "run"]
+    assert cli(*base, "--step-save", "3", "--epoch-start-unsup", "0").exit_code == 0
+    assert cli(*base).exit_code == 0
+    s = CACSettings.from_config(seen[0])
+    assert (seen[0].step_save, seen[0].epoch_start_unsup, s.step_save, s.epoch_start_unsup) == (3, 0, 3, 0)
+    assert (seen[1].step_save, seen[1].epoch_start_unsup) == (CAC_STEP_SAVE, CAC_EPOCH_START_UNSUP) == (1, 5)
+    assert TrainConfig.from_dict(seen[0].to_dict()).step_save == 3  # config.json round trip
+    r = cli(*base, "--step-save", "-1")
+    assert r.exit_code == 2 and "--step-save" in r.output

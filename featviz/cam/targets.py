@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,36 +161,22 @@ class SelfTarget(CamTarget):
         return (output * self.direction.to(output.device)).sum(dim=-1)
 
 
-def augment_views(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, seed: int = 0) -> torch.Tensor:
-    """A second SimCLR-style view of each normalised image: random resized crop, flip, colour jitter.
+def augment_views(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, seed: int = 0,
+                  method: str | None = None) -> torch.Tensor:
+    """A second view of each normalised image, from ``featviz.augment`` (the one pipeline): the
+    first training view of ``method`` when the model says how it was trained, else
+    ``augment.ANALYSIS_VIEW``. Deterministic for a ``seed``; same size, normalised."""
+    from featviz.augment import augment_batch
+    from featviz.methods import analysis_view
 
-    Deterministic for a ``seed``; works in the model's input space and returns normalised tensors
-    of the same size.
-    """
-    g = torch.Generator().manual_seed(seed)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    img = (x * s + m).clamp(0, 1)
-    H, W = img.shape[-2:]
-    views = []
-    for im in img:
-        area = float(torch.empty(1).uniform_(0.35, 1.0, generator=g))
-        ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
-        h = max(1, min(H, round(math.sqrt(area * H * W / ratio))))
-        w = max(1, min(W, round(math.sqrt(area * H * W * ratio))))
-        top = int(torch.randint(0, H - h + 1, (1,), generator=g))
-        left = int(torch.randint(0, W - w + 1, (1,), generator=g))
-        v = F.interpolate(im[None, :, top:top + h, left:left + w], size=(H, W), mode="bilinear",
-                          align_corners=False)[0]
-        if float(torch.rand(1, generator=g)) < 0.5:
-            v = v.flip(-1)
-        b, c = (float(t) for t in torch.empty(2).uniform_(0.6, 1.4, generator=g))
-        v = ((v * b - (v * b).mean()) * c + (v * b).mean()).clamp(0, 1)
-        views.append(v)
-    return (torch.stack(views) - m) / s
+    return augment_batch(x, mean, std, seed=seed, view=analysis_view(method))
 
 
+def _trained_with(model: torch.nn.Module) -> str | None:
+    """The SSL method a model's weights come from, when its checkpoint says so."""
+    from featviz.description import describe
 
+    return describe(model).method
 
 
 @dataclass
@@ -275,7 +260,7 @@ def make_targets(ctx: TargetContext, x: torch.Tensor) -> list[CamTarget]:
         assert ctx.reference is not None
         return [CosineTarget(ctx.reference, f"similarity to {Path(spec.arg or '').name}") for _ in range(n)]
     if spec.kind == "pair":
-        views = augment_views(x, ctx.mean, ctx.std, seed=ctx.seed)
+        views = augment_views(x, ctx.mean, ctx.std, seed=ctx.seed, method=_trained_with(info.forward))
         with torch.no_grad():
             z = info.forward(views)
         return [CosineTarget(z[i], "agreement with an augmented view") for i in range(n)]

@@ -7,10 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import MethodName, OptimizerName
+from featviz._names import CropName, MethodName, OptimizerName
 from featviz.cli._app import _echo_json, _user_errors, app, err, out
 from featviz.cli.options import (
-    BatchSizeOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
@@ -53,7 +52,14 @@ def _train_progress(every: int):
                 bar.advance(state["task"])
 
     def on_log(rec: dict[str, Any]) -> None:
-        if rec.get("kind") == "epoch":
+        if rec.get("kind") == "boxes":
+            err.print(
+                f"ContrastiveCrop boxes after epoch {rec.get('epoch')}: mean area {rec['mean_box_area']:.3f}, "
+                f"{100 * rec['whole_image_share']:.0f} % whole images, IoU with the previous "
+                f"{rec['box_iou_previous']:.3f} ({rec['seconds']:.1f}s)",
+                highlight=False,
+            )
+        elif rec.get("kind") == "epoch":
             extra = "".join(f"  {k} {rec[k]:.3f}" for k in ("knn_acc", "miou", "std_l2") if rec.get(k) is not None)
             err.print(
                 f"epoch {rec.get('epoch')}: loss {rec.get('loss', float('nan')):.4f}  "
@@ -66,6 +72,22 @@ def _train_progress(every: int):
             )
 
     return wrap, on_log
+
+
+def _parse_hparams(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> a dict; values read as JSON (numbers, true/false, lists), else text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparam")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 @app.command()
@@ -90,20 +112,29 @@ def train(
             help="Backbone (default resnet18_w16-cifar; segmentation resnet18_w16-os8). resnet50 is the GPU path.",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", "-e", min=1, help="Epochs.")] = 10,
-    batch_size: BatchSizeOpt = 256,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", "-e", min=1, help="Epochs (default: the dataset preset's, else 10).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, help="Global batch (default: the dataset preset's, else 256)."),
+    ] = None,
     lr: Annotated[
         float | None,
-        typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's base lr x batch/256)."),
+        typer.Option("--lr", min=0.0, help="Peak learning rate (default: the method's lr x batch / reference batch)."),
     ] = None,
     optimizer: Annotated[
-        OptimizerName | None, typer.Option("--optimizer", help="Default: per method (DINO adamw, others sgd).")
+        OptimizerName | None,
+        typer.Option("--optimizer", help="sgd, adamw, lars (official LARS) or larc (SwAV's). Default: per method."),
     ] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Default: per method.")] = None,
     warmup_epochs: Annotated[
-        float, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
-    ] = 0.0,
-    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Training crop size in pixels.")] = 32,
+        float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", min=8, help="Training crop size (default: the preset's, else the arch's input)."),
+    ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR from its last epoch.")] = False,
@@ -113,8 +144,9 @@ def train(
         typer.Option("--no-stop-grad", help="SimSiam ablation: let gradients through both branches (it collapses)."),
     ] = False,
     local_crops: Annotated[
-        int, typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino).")
-    ] = 0,
+        int | None,
+        typer.Option("--local-crops", min=0, help="Multi-crop: extra small crops (swav, dino; default 0 on CPU)."),
+    ] = None,
     min_scale: Annotated[
         float | None,
         typer.Option(
@@ -122,7 +154,29 @@ def train(
         ),
     ] = None,
     hflip: Annotated[
-        bool, typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (turn off for digits/text).")
+        bool | None,
+        typer.Option("--hflip/--no-hflip", help="Horizontal flips in the views (default on; off for digits)."),
+    ] = None,
+    rotate: Annotated[
+        float | None, typer.Option("--rotate", min=0.0, help="Random rotation in degrees before the crop (default 0).")
+    ] = None,
+    shear: Annotated[
+        float | None, typer.Option("--shear", min=0.0, help="Random shear in degrees before the crop (default 0).")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Epochs between kNN/held-out evaluations (the last always).")
+    ] = 1,
+    hparam: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hparam",
+            help="A method hyperparameter KEY=VALUE, repeatable (e.g. queue_size=4096, tau=0.2, bn_splits=8; "
+            "see docs/train.md).",
+        ),
+    ] = None,
+    precise_bn: Annotated[
+        bool,
+        typer.Option("--precise-bn/--no-precise-bn", help="Re-estimate BatchNorm statistics before each evaluation."),
     ] = True,
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="CPU threads for torch (1 helps on a busy shared CPU).")
@@ -144,6 +198,59 @@ def train(
     weight_unsup: Annotated[
         float, typer.Option("--weight-unsup", min=0.0, help="CAC: weight of the pixel contrast loss.")
     ] = 0.1,
+    crop: Annotated[
+        CropName,
+        typer.Option(
+            "--crop",
+            help="Global views' crop: rrc (RandomResizedCrop) or contrastive (ContrastiveCrop, Peng et al. 2022: "
+            "centres drawn from Beta(alpha, alpha) inside each image's heatmap box; docs/crops.md).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = "rrc",
+    crop_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--crop-threshold",
+            min=0.0,
+            max=0.999,
+            help="Heatmap threshold k of the boxes (official 0.10; the paper: 0.05-0.20 good).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--crop-alpha",
+            min=1e-3,
+            help="Beta(alpha, alpha) of the crop centres (official 0.1 for <= 96 px crops, 0.6 above; < 1 pushes "
+            "the two views apart).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_update_every: Annotated[
+        int | None,
+        typer.Option(
+            "--crop-update-every",
+            min=1,
+            help="Epochs between box updates (official: a fifth of the run).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_warmup: Annotated[
+        int | None,
+        typer.Option(
+            "--crop-warmup",
+            min=0,
+            help="Epochs of plain RandomResizedCrop first (official: a fifth of the run).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    step_save: Annotated[
+        int, typer.Option("--step-save", min=0, help="CAC: earlier steps whose negatives are kept (0 = none).")
+    ] = 1,
+    epoch_start_unsup: Annotated[
+        int, typer.Option("--epoch-start-unsup", min=0, help="CAC: supervised-only epochs before the contrast loss.")
+    ] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Train an SSL model (or a segmentation model, with CAC) with checkpoints and collapse metrics.
@@ -173,6 +280,11 @@ def train(
         local_crops=local_crops,
         min_scale=min_scale,
         hflip=hflip,
+        rotate=rotate,
+        shear=shear,
+        eval_every=eval_every,
+        hparams=_parse_hparams(hparam or []),
+        precise_bn=precise_bn,
         threads=threads,
         log_every=log_every,
         limit=limit,
@@ -183,6 +295,13 @@ def train(
         iou_bound=tuple(iou_bound),
         temp=temp,
         weight_unsup=weight_unsup,
+        crop=crop,
+        crop_threshold=crop_threshold,
+        crop_alpha=crop_alpha,
+        crop_update_every=crop_update_every,
+        crop_warmup=crop_warmup,
+        step_save=step_save,
+        epoch_start_unsup=epoch_start_unsup,
     )
     wrap, on_log = _train_progress(log_every)
     with _user_errors():

@@ -45,7 +45,7 @@ RANKME_EPS = 1e-7  # Garrido et al. 2023, Eq. 1
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: a zero row stays zero
 UNIFORMITY_EXACT_MAX = 20_000  # exact pairs up to this many rows (≈2·10^8 pairs, a few s on 2 cores)
 UNIFORMITY_PAIRS = 1_000_000  # random pairs above it
-ALPHA_RANGE = (10, 100)  # ranks i (1-based) with lo <= i < hi, as in RPX's default fit range
+ALPHA_RANGE = (11, 101)  # ranks i (1-based), lo <= i < hi: reptrix get_powerlaw / fastssl fit 0-based 10..99
 _CHUNK_ELEMS = 1 << 22  # 4M values per streamed chunk: 32 MB in float64
 _BLOCK = 2048  # uniformity block edge: a 2048×2048 float32 tile is 16 MB
 

@@ -34,36 +34,17 @@ log = logging.getLogger(__name__)
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _photometric():
-    from torchvision import transforms as T
-
-    return T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)])
-
-
 def view_pair(img, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
-              shared_geometry: bool = False, scale: tuple[float, float] = (0.2, 1.0)
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented, normalised tensors of one PIL image (torch's global RNG drives the draws).
+              shared_geometry: bool = False, view=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented, normalised tensors of one PIL image: ``featviz.augment.view_pair`` (the one
+    augmentation pipeline; default ``augment.ANALYSIS_VIEW``, SimSiam's views without blur).
 
     ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
     (pixel-aligned pairs) and differ only photometrically.
     """
-    from torchvision import transforms as T
-    from torchvision.transforms import functional as TF
+    from featviz import augment
 
-    hw = [size, size] if isinstance(size, int) else [int(size[0]), int(size[1])]
-    colour, finish = _photometric(), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    crop = T.RandomResizedCrop(hw, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
-
-    def geometry(im):
-        i, j, h, w = crop.get_params(im, crop.scale, crop.ratio)
-        im = TF.resized_crop(im, i, j, h, w, hw, interpolation=T.InterpolationMode.BICUBIC)
-        return TF.hflip(im) if torch.rand(1).item() < 0.5 else im
-
-    if shared_geometry:
-        base = geometry(img)
-        return finish(colour(base)), finish(colour(base))
-    return finish(colour(geometry(img))), finish(colour(geometry(img)))
+    return augment.view_pair(img, size, mean, std, shared_geometry=shared_geometry, view=view or augment.ANALYSIS_VIEW)
 
 
 def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
