@@ -169,17 +169,21 @@ def part_a(args, path: Path, file_gb: float, show) -> None:
          f"RankMe {fv['rankme']:.4f}  std_l2 {fv['std_l2']:.5f}  uniformity {fv['uniformity']:.4f} "
          + (f"CI95 [{fv['uniformity_ci95'][0]:.4f}, {fv['uniformity_ci95'][1]:.4f}] ({fv['uniformity_pairs']:,} pairs)"
             if fv["uniformity_ci95"] else "(exact)"))
-    ref = {"error": "skipped"} if args.skip_reference_all else _run_wait4("torch_reference_all", path, args.n_exact, args.timeout)
+    ref = {"error": "skipped"} if args.skip_reference_all else \
+        _run_wait4("torch_reference_all", path, args.n_exact, args.timeout)
     show("torch std + svdvals (in memory)", ref, "" if "error" in ref else
-         f"RankMe {ref['rankme']:.4f}  std_l2 {ref['std_l2']:.5f}  (no uniformity: pdist needs {args.n**2 * 2 / GB:,.0f} GB)")
+         f"RankMe {ref['rankme']:.4f}  std_l2 {ref['std_l2']:.5f}  "
+          f"(no uniformity: pdist needs {args.n**2 * 2 / GB:,.0f} GB)")
     acc = _run_wait4("rankme_accuracy", path, min(args.n, 100_000), args.timeout)
     if "error" not in acc:
-        print(f"  RankMe on the first {min(args.n, 100_000):,} rows: featviz {acc['featviz']:.6f}, float64 torch.linalg.svdvals "
+        print(f"  RankMe on the first {min(args.n, 100_000):,} rows: featviz {acc['featviz']:.6f}, "
+              "float64 torch.linalg.svdvals "
               f"{acc['svd_f64']:.6f}, |Δ| {abs(acc['featviz'] - acc['svd_f64']):.1e} (target ≤ 1e-4)")
     if "error" not in fv:
         above = fv["peak_rss_gb"] - file_gb
         print(f"  featviz: {fv['seconds']:.1f} s (target ≤ 60 s: {'PASS' if fv['seconds'] <= 60 else 'FAIL'}), "
-              f"peak RSS {above:.2f} GB above the {file_gb:.2f} GB file (target ≤ 2 GB: {'PASS' if above <= 2 else 'FAIL'})")
+              f"peak RSS {above:.2f} GB above the {file_gb:.2f} GB file "
+              f"(target ≤ 2 GB: {'PASS' if above <= 2 else 'FAIL'})")
         if "error" not in ref:
             print(f"  ratios featviz/reference: time {fv['seconds'] / ref['seconds']:.2f}×, "
                   f"peak RSS {fv['peak_rss_gb'] / ref['peak_rss_gb']:.2f}×; "
@@ -204,7 +208,8 @@ def part_b(args, path: Path, show) -> None:
         speed = pu["seconds"] / fu["seconds"]
         print(f"  speed-up {speed:.2f}× (target ≥ 2×: {'PASS' if speed >= 2 else 'FAIL'}), "
               f"peak RSS {fu['peak_rss_gb']:.2f} vs {pu['peak_rss_gb']:.2f} GB "
-              f"({fu['peak_rss_gb'] / pu['peak_rss_gb']:.3f}×; lower: {'PASS' if fu['peak_rss_gb'] < pu['peak_rss_gb'] else 'FAIL'}), "
+              f"({fu['peak_rss_gb'] / pu['peak_rss_gb']:.3f}×; lower: "
+              f"{'PASS' if fu['peak_rss_gb'] < pu['peak_rss_gb'] else 'FAIL'}), "
               f"|Δ| {abs(fu['uniformity'] - pu['uniformity']):.2e}")
 
 

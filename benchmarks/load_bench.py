@@ -19,7 +19,8 @@ from pathlib import Path
 BARE = """
 import sys, torch, torchvision
 sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
-sd = {k.removeprefix("module.encoder_q."): v for k, v in sd.items() if k.startswith("module.encoder_q.") and ".fc." not in k}
+sd = {k.removeprefix("module.encoder_q."): v for k, v in sd.items()
+      if k.startswith("module.encoder_q.") and ".fc." not in k}
 m = torchvision.models.resnet50()
 m.fc = torch.nn.Identity()
 m.load_state_dict(sd, strict=True)
@@ -35,7 +36,8 @@ def make_checkpoint(path: Path) -> None:
     m.fc = torch.nn.Identity()
     sd = m.state_dict()
     state = {f"module.encoder_q.{k}": v for k, v in sd.items()}
-    state.update({"module.encoder_q.fc.0.weight": torch.randn(2048, 2048), "module.encoder_q.fc.0.bias": torch.randn(2048)})
+    state.update({"module.encoder_q.fc.0.weight": torch.randn(2048, 2048),
+                  "module.encoder_q.fc.0.bias": torch.randn(2048)})
     torch.save({"epoch": 200, "arch": "resnet50", "state_dict": state}, path)
 
 

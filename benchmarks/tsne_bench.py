@@ -105,7 +105,7 @@ def main() -> None:
               flush=True)
         for name in order:
             c, t = timed(lambda name=name, x=x: runs[name](x))
-            row[name] = {"s": t, "knn_accuracy@10": tsne.knn_accuracy(c, y),
+            row[name] = {"s": t, "knn_accuracy@10": tsne.leave_one_out_knn_accuracy(c, y),
                          "knn_recall@10": tsne.knn_recall(x, c, 10, n_eval=5000, seed=args.seed)}
             print(f"  {name:13s} {t:8.1f} s   10-NN accuracy {row[name]['knn_accuracy@10']:.3f}   "
                   f"10-NN recall {row[name]['knn_recall@10']:.3f}", flush=True)

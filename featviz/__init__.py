@@ -17,6 +17,16 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.1.0+src"
 
 
+def sample_data(*parts: str):
+    """The bundled sample data folder (or a path inside it), wherever featviz is installed.
+
+    ``featviz.sample_data()`` -> the folder; ``featviz.sample_data("photos")`` -> its photos.
+    """
+    from featviz.samples import sample_data as _find
+
+    return _find(*parts)
+
+
 def _submodules() -> set[str]:
     """featviz's modules and packages, found on disk (so a new module needs no list entry)."""
     from pathlib import Path

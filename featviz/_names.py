@@ -24,6 +24,9 @@ MethodName = Literal[
 
 OptimizerName = Literal["sgd", "adamw", "lars", "larc"]
 
+CropName = Literal["rrc", "contrastive"]
+"""``featviz train --crop`` (featviz.contrastive_crop.CROPS; a test keeps them in sync)."""
+
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 
 FigureName = Literal["cac"]

@@ -1,9 +1,10 @@
-"""The files stages exchange: embeddings ``.npz`` plus ``manifest.json`` (numpy only, no torch).
+"""The files stages exchange: embeddings ``.npz`` plus its manifest (numpy only, no torch).
 
 An embeddings file holds ``features`` (N, D) float32, ``labels`` (N,) int64 (-1 = unknown),
 ``class_names``, ``ids`` and, for pixel embeddings, ``image_index`` (N,) and ``yx`` (N, 2).
 It is written with ``allow_pickle=False`` and carries its own manifest as a JSON string under
-``manifest``; a ``manifest.json`` with the same content is written beside it.
+``manifest``; the same content is written beside it, named after it (``e.npz`` ->
+``e.manifest.json``), so two embeddings in one folder keep their own manifests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import ArtifactError, DataError
-from featviz.outputs import atomic_path, check_writable, to_jsonable, write_json
+from featviz.outputs import atomic_path, check_output, manifest_path, to_jsonable, write_json
 
 REQUIRED = ("features", "labels")
 
@@ -83,11 +84,8 @@ class Embeddings:
         )
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write ``path`` (.npz, allow_pickle=False) and ``manifest.json`` beside it, atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ArtifactError(f"embeddings are saved as .npz, got {path.name!r}; use a name ending in .npz")
-        check_writable(path, force=force)
+        """Write ``path`` (.npz, allow_pickle=False) and ``<stem>.manifest.json`` beside it, atomically."""
+        path = check_save(path, force=force)
         manifest = to_jsonable({**self.manifest, "output": path.name, "n": self.n, "d": self.d})
         arrays: dict[str, np.ndarray] = {
             "features": self.features, "labels": self.labels,
@@ -100,7 +98,7 @@ class Embeddings:
         with atomic_path(path, force=True) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-        write_json(path.with_name("manifest.json"), manifest, force=True)
+        write_json(manifest_path(path), manifest, force=True)
         return path
 
     @classmethod
@@ -113,6 +111,7 @@ class Embeddings:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"embeddings file {str(path)!r} does not exist; create it with `featviz embed`")
+        check_array_file(path, "npz", expected="an embeddings .npz from `featviz embed`")
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
@@ -132,6 +131,66 @@ class Embeddings:
             class_names=list(data.get("class_names", [])), ids=data.get("ids"),
             image_index=data.get("image_index"), yx=data.get("yx"), manifest=manifest,
         )
+
+
+_MAGIC = {"npz": (b"PK\x03\x04", b"PK\x05\x06"), "npy": (b"\x93NUMPY",)}
+
+
+def check_array_file(path: str | os.PathLike, kind: str, *, expected: str) -> None:
+    """Check a file's first bytes before NumPy reads it, so a wrong file gets a name, not NumPy's guess.
+
+    (NumPy calls anything that is neither a zip nor a .npy "pickled (object) data".)
+
+    Args:
+        path: The file.
+        kind: ``"npz"`` or ``"npy"``.
+        expected: What the caller wants, for the message.
+
+    Raises:
+        ArtifactError: the file is not of ``kind``; the message says what it looks like.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_MAGIC[kind]):
+        return
+    raise ArtifactError(f"{str(path)!r} is not a NumPy .{kind} file: it looks like {_looks_like(head)}; "
+                        f"expected {expected}")
+
+
+def _looks_like(head: bytes) -> str:
+    signatures = [
+        (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+        (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF document"), (b"\x80", "a Python pickle"),
+        (b"\x93NUMPY", "a NumPy .npy array (not an .npz archive)"), (b"PK\x03\x04", "a zip archive"),
+        (b"\x1f\x8b", "a gzip file"),
+    ]
+    for magic, name in signatures:
+        if head.startswith(magic):
+            return name
+    if not head:
+        return "an empty file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data starting with {head[:8]!r}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (starting {first!r})"
+
+
+def check_save(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Check, before any work, that embeddings can be saved at ``path`` (and its manifest beside it).
+
+    Raises:
+        ArtifactError: ``path`` does not end in .npz.
+        OutputError, OutputExistsError: see ``featviz.outputs.check_output``.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ArtifactError(f"embeddings are saved as .npz, got {path.name!r}; use a name ending in .npz")
+    check_output(path, force=force, folder=False)
+    check_output(manifest_path(path), force=force, folder=False)
+    return path
 
 
 def check_finite(features: np.ndarray, *, what: str = "features", drop: bool = False) -> np.ndarray:

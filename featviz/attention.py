@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from featviz.errors import ArchitectureError, DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
@@ -345,7 +345,7 @@ def run_attention(
     force: bool = False,
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
     sheet_rows: int = 24,
 ) -> dict[str, Any]:
     """Everything ``featviz attention`` does; writes ``out_dir`` as one atomic folder.
@@ -367,11 +367,11 @@ def run_attention(
     from featviz.data import ImageDataset, collate, eval_transform, normalization_of
     from featviz.distributed import resolve_device
     from featviz.features import input_size
-    from featviz.outputs import atomic_dir, check_writable, manifest, write_json
+    from featviz.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.sheets import image_ids, safe_stem
 
     out_dir = Path(out_dir)
-    check_writable(out_dir, force=force)
+    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
     blocks = vit_blocks(model)
     li = _resolve_layer(blocks, layer)
     if head_fusion not in HEAD_FUSIONS:
@@ -396,7 +396,7 @@ def run_attention(
     heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
     mean_t, std_t = torch.tensor(mean_c).view(3, 1, 1), torch.tensor(std_c).view(3, 1, 1)
     arch = _arch_name(model)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, command="attention") as tmp:
         (tmp / "overlays").mkdir()
         start = 0
         for x, _, _, _ in batches:

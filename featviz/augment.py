@@ -7,6 +7,8 @@ Everything in featviz that augments an image goes through this module:
 - the two views ``collapse`` draws to measure alignment (``view_pair``);
 - the second view of the ``pair`` CAM target (``augment_batch``, on normalised tensors);
 - CAC's low-level augmentation of its overlapping crops (``LowLevelAugment``, numpy-seeded);
+- ContrastiveCrop's boxed crops (``crop_alpha``: the global views' ``RandomResizedCrop`` becomes
+  ``featviz.contrastive_crop.ContrastiveCrop``, and ``ViewDataset.boxes`` hands each image its box);
 - normalisation of arrays and PIL images into model input (``to_input``, ``normalize``).
 
 A ``View`` is a paper's augmentation list (crop scale, flip, colour jitter, grayscale, blur,
@@ -75,15 +77,25 @@ class View:
         return asdict(self)
 
     # -- the three stages: geometry, photometry, tensor -----------------------------------
-    def geometric(self, size: int | tuple[int, int]) -> list:
-        """Crop and flip (what pixel-aligned view pairs share); ``size`` is a side or (h, w)."""
+    def geometric(self, size: int | tuple[int, int], *, crop_alpha: float | None = None) -> list:
+        """Crop and flip (what pixel-aligned view pairs share); ``size`` is a side or (h, w).
+
+        With ``crop_alpha`` the crop is ``ContrastiveCrop`` (same scale, ratio, interpolation; its
+        centre drawn from Beta(crop_alpha, crop_alpha) inside the box that comes with the image).
+        """
         interp = v2.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
         steps: list = []
         if self.rotate or self.shear:
             steps.append(v2.RandomAffine(degrees=self.rotate, shear=self.shear or None,
                                          interpolation=v2.InterpolationMode.BILINEAR))
-        steps.append(v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, interpolation=interp,
-                                          antialias=True))
+        if crop_alpha is None:
+            steps.append(v2.RandomResizedCrop(size, scale=self.scale, ratio=self.ratio, interpolation=interp,
+                                              antialias=True))
+        else:
+            from featviz.contrastive_crop import ContrastiveCrop
+
+            steps.append(ContrastiveCrop(size, scale=self.scale, ratio=self.ratio, interpolation=interp,
+                                         antialias=True, alpha=crop_alpha))
         if self.hflip > 0:
             steps.append(v2.RandomHorizontalFlip(p=self.hflip))
         return steps
@@ -109,10 +121,11 @@ class View:
         return steps
 
     def transform(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                  *, reference_size: int | None = None) -> v2.Compose:
-        """PIL image (or uint8 tensor) -> normalised float tensor of one view."""
-        return v2.Compose([*self.geometric(size), *self.photometric(size, reference_size=reference_size),
-                           *finish(mean, std)])
+                  *, reference_size: int | None = None, crop_alpha: float | None = None) -> v2.Compose:
+        """PIL image (or uint8 tensor) -> normalised float tensor of one view (with ``crop_alpha``:
+        called as ``t(image, box)``, see ``geometric``)."""
+        return v2.Compose([*self.geometric(size, crop_alpha=crop_alpha),
+                           *self.photometric(size, reference_size=reference_size), *finish(mean, std)])
 
 
 def _maybe(t, p: float):
@@ -208,20 +221,32 @@ class Recipe:
 
 
 class MultiView:
-    """Turn one image into the list of tensors a recipe asks for (globals first, then locals)."""
+    """Turn one image into the list of tensors a recipe asks for (globals first, then locals).
+
+    With ``crop_alpha``, ``views(img, box)`` crops the global views with ContrastiveCrop inside
+    ``box`` (``(h0, w0, h1, w1)`` fractions); ``views(img)`` stays RandomResizedCrop. Local crops
+    are always RandomResizedCrop (the official ContrastiveCrop code has no multi-crop).
+    """
 
     def __init__(self, recipe: Recipe, size: int, *, local_crops: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+                 std: Sequence[float] = IMAGENET_STD, crop_alpha: float | None = None):
         self.recipe, self.size = recipe, size
         self.globals_ = [g.transform(size, mean, std) for g in recipe.globals_]
+        self.boxed = None if crop_alpha is None else \
+            [g.transform(size, mean, std, crop_alpha=crop_alpha) for g in recipe.globals_]
         self.locals_: list = []
         if local_crops and recipe.local is not None:
             local_size = max(8, int(round(size * LOCAL_RATIO)))
             t = recipe.local.transform(local_size, mean, std, reference_size=size)
             self.locals_ = [t] * local_crops
 
-    def __call__(self, img) -> list[torch.Tensor]:
-        return [t(img) for t in self.globals_] + [t(img) for t in self.locals_]
+    def __call__(self, img, box=None) -> list[torch.Tensor]:
+        if box is None or self.boxed is None:
+            return [t(img) for t in self.globals_] + [t(img) for t in self.locals_]
+        from featviz.contrastive_crop import image_box
+
+        b = image_box(img, box)
+        return [t(img, b)[0] for t in self.boxed] + [t(img) for t in self.locals_]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -232,11 +257,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ViewDataset(torch.utils.data.Dataset):
     """Images (paths or PIL) -> (views, label, index), with views seeded by (seed, epoch, index).
 
-    Call ``set_epoch`` before each epoch (like ``DistributedSampler``).
+    Call ``set_epoch`` before each epoch (like ``DistributedSampler``). ``boxes`` (N, 4), when
+    set, are ContrastiveCrop's boxes of the images (``views(img, boxes[i])``).
     """
 
     def __init__(self, items: Sequence, labels: np.ndarray, views: MultiView, *, seed: int = 0):
         self.items, self.labels, self.views, self.seed, self.epoch = list(items), labels, views, seed, 0
+        self.boxes: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -257,7 +284,7 @@ class ViewDataset(torch.utils.data.Dataset):
         img = self._image(i)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            views = self.views(img)
+            views = self.views(img) if self.boxes is None else self.views(img, self.boxes[i])
         return views, int(self.labels[i]), i
 
 

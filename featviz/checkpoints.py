@@ -21,6 +21,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import struct
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -58,7 +60,7 @@ from featviz.models import (
     parse_arch,
     standard_num_heads,
 )
-from featviz.outputs import atomic_path
+from featviz.outputs import atomic_path, check_output
 from featviz.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 # ------------------------------------------------------------------ 1. reading
-def _safe_globals() -> list[Any]:
-    """Harmless globals official checkpoints pickle: argparse.Namespace (DINO, timm) and the
-    numpy scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
+def allowed_globals() -> list[Any]:
+    """The allow-list of featviz's weights-only unpickler (``torch.serialization.safe_globals``):
+    harmless globals official checkpoints pickle, argparse.Namespace (DINO, timm) and the numpy
+    scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
     import numpy as np
 
     allowed: list[Any] = [argparse.Namespace, np.dtype]
@@ -181,21 +184,20 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
             raise CheckpointError(f"cannot read {str(path)!r} even with --trust-checkpoint: {e}") from None
         return Checkpoint(path, obj, kind)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - classify below
-        msg = str(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "WeightsUnpickler" in msg:
-            blocked = _blocked_globals(path)
-            raise UnsafeCheckpointError(
-                f"refused {path.name!r}: it contains pickled objects outside featviz's allow-list: "
-                f"{', '.join(blocked) or 'unknown'}; featviz loads files with torch.load(weights_only=True). "
-                f"Convert it once with `featviz convert {path.name} out.safetensors --trust-checkpoint`, "
-                "or re-run with --trust-checkpoint, only if you trust this file", blocked) from None
-        if "central directory" in msg or "PytorchStreamReader" in msg or "EOF" in msg or "truncated" in msg.lower():
-            raise CheckpointError(f"{str(path)!r} is truncated or corrupt ({msg.splitlines()[0]}); "
-                                  "download it again and check its SHA-256") from None
-        raise CheckpointError(f"cannot read {str(path)!r}: {msg.splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # the weights-only unpickler met a global outside the allow-list
+        blocked = _blocked_globals(path)
+        raise UnsafeCheckpointError(
+            f"refused {path.name!r}: it contains pickled objects outside featviz's allow-list: "
+            f"{', '.join(blocked) or 'unknown'}; featviz loads files with torch.load(weights_only=True). "
+            f"Convert it once with `featviz convert {path.name} out.safetensors --trust-checkpoint`, "
+            "or re-run with --trust-checkpoint, only if you trust this file", blocked) from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, OSError, struct.error, zipfile.BadZipFile) as e:
+        # what torch.load raises on a cut or damaged file: zip reader errors, unexpected EOF, bad offsets
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt ({first}); "
+                              "download it again and check its SHA-256") from None
     return Checkpoint(path, obj, kind)
 
 
@@ -205,7 +207,7 @@ def _blocked_globals(path: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - legacy files are not supported by the static scanner
         return []
     allowed = set()
-    for g in _safe_globals():
+    for g in allowed_globals():
         if isinstance(g, tuple):
             allowed.add(g[1])
         else:
@@ -1122,13 +1124,15 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     """
     ck = read_checkpoint(path, trust=trust)
     fmt = detect_format(ck) if format == "auto" else FORMATS.get(format)
-    if format != "auto" and not fmt.detect(ck):
-        log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
+    forced_mismatch = format != "auto" and not fmt.detect(ck)
     try:
         ex = fmt.extract(ck, {"checkpoint_key": checkpoint_key, "keep_classifier": keep_classifier})
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointFormatError(f"{ck.path.name} does not fit layout {fmt.name!r} ({type(e).__name__}: {e}); "
-                                    f"{_describe_keys(ck)}") from None
+    except (KeyError, TypeError, AttributeError):
+        # the adapter's own KeyError/AttributeError says nothing to a user: say what the layout expects
+        raise CheckpointFormatError(f"{ck.path.name} does not fit --format {fmt.name} ({fmt.title}); found: "
+                                    f"{_describe_keys(ck)}; drop --format to detect the layout") from None
+    if forced_mismatch:
+        log.warning("--format %s forced: %s does not look like that layout", format, ck.path.name)
     spec, source, details, not_inf, inferred, warnings = _resolve_arch(ex, arch, num_heads)
     warnings = [*ex.warnings, *warnings]
     with torch.device("meta"):  # shapes only: random init of a ResNet-50 costs more than reading it
@@ -1272,6 +1276,7 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     output = Path(output)
     if output.suffix != ".safetensors":
         raise FeatvizError(f"output must end in .safetensors, got {output.name!r}")
+    check_output(output, force=force, folder=False)  # before the checkpoint is read
     model, report = load_backbone(path, **load_kwargs)
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,

@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image
 
 from featviz.errors import DataError
+from featviz.masks import IGNORE_INDEX, array_wh, check_same_size
 
-IGNORE_INDEX = 255
 IMAGENET_MEAN_RGB = (124, 116, 104)  # ImageNet mean * 255, CAC's image padding value
 
 # CAC configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json
@@ -240,9 +240,8 @@ def cac_pair(image: Image.Image, mask: np.ndarray | None, rng: np.random.Generat
     Raises:
         DataError: the mask's size differs from the image's.
     """
-    if mask is not None and tuple(np.asarray(mask).shape[:2]) != (image.size[1], image.size[0]):
-        raise DataError(f"mask is {np.asarray(mask).shape[1]}x{np.asarray(mask).shape[0]} but its image is "
-                        f"{image.size[0]}x{image.size[1]}; masks must have the image's size")
+    if mask is not None:
+        check_same_size(array_wh(mask), image.size)
     lo, hi = int(base_size * scale_range[0]), int(base_size * scale_range[1])
     long_side = int(rng.integers(lo, hi + 1))
     image, mask = rescale(image, None if mask is None else np.asarray(mask), long_side)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featviz.description import IMAGENET_MEAN, IMAGENET_STD, describe
-from featviz.errors import DataError
+from featviz.errors import DataError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,56 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 log.warning("%s has %d frames; using the first", path.name, im.n_frames)
                 im.seek(0)
             im.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(_too_large(path)) from None
+    except UnidentifiedImageError as e:
         raise DataError(f"{str(path)!r} is not a readable image ({type(e).__name__}: {e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{str(path)!r} is corrupt or truncated ({e})") from None
     im = ImageOps.exif_transpose(im)
     return _to_rgb(im)
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """Set Pillow's decompression-bomb limit to ``n`` pixels (0 or None: no limit); ``--max-image-pixels``."""
+    if n is not None and n < 0:
+        raise DataError(f"--max-image-pixels must be >= 0 (0 = no limit), got {n}")
+    Image.MAX_IMAGE_PIXELS = n or None
+
+
+def _too_large(path: Path) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    saved, Image.MAX_IMAGE_PIXELS = limit, None
+    try:  # the header only, to say how large; nothing is decoded
+        with Image.open(path, formats=ALLOWED_FORMATS) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - the size is only for the message
+        w = h = 0
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    size = f"{w}x{h} = {w * h:,} pixels" if w else "larger than allowed"
+    return (f"{str(path)!r} is {size}, above Pillow's decompression-bomb limit of {limit:,} pixels (a guard against "
+            f"malicious files); if you trust it, pass --max-image-pixels {max(w * h, 1):d} (0 = no limit)")
+
+
+def check_pixels(item: Any) -> None:
+    """Raise ``ImageTooLargeError`` when ``item`` (a path) is above the decompression-bomb limit.
+
+    Loops that skip undecodable images call it for the ones they skipped: a large image is not a
+    broken one, and the user can lift the limit.
+    """
+    if isinstance(item, (str, os.PathLike)) and Image.MAX_IMAGE_PIXELS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below
+                with Image.open(item, formats=ALLOWED_FORMATS) as im:
+                    w, h = im.size
+        except Image.DecompressionBombError:
+            raise ImageTooLargeError(_too_large(Path(item))) from None
+        except Exception:  # noqa: BLE001 - undecodable: the caller's skip rule applies
+            return
+        if w * h > Image.MAX_IMAGE_PIXELS:
+            raise ImageTooLargeError(_too_large(Path(item)))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

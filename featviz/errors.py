@@ -42,11 +42,20 @@ class DataError(FeatvizError):
     """Input data is missing, empty, corrupt or too small for the request."""
 
 
+class ImageTooLargeError(DataError):
+    """An image is above Pillow's decompression-bomb limit (``--max-image-pixels`` lifts it)."""
+
+
 class ArtifactError(FeatvizError):
     """An embeddings/coords/metrics file is malformed or of the wrong schema."""
 
 
-class OutputExistsError(FeatvizError):
+class OutputError(FeatvizError):
+    """An output cannot be written: its folder is not writable, a parent is a file, or the folder
+    exists and was not written by featviz."""
+
+
+class OutputExistsError(OutputError):
     """An output already exists and ``--force`` was not given."""
 
 

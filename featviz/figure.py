@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ import torch
 
 from featviz import crops
 from featviz.errors import DataError
+from featviz.masks import array_wh, check_same_size
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 VIEW_NAMES = ("I. Original", "II. Contextual aug", "III. Low-level aug")
 KNN_K = 10
 _FEATURE_TITLES = {"decoder": "decoder features", "projector": "projector features",
@@ -407,7 +408,7 @@ def figure_rows(models: Sequence[FigureModel], img, mask: np.ndarray, *, feature
                 crop_size: int = crops.CAC_CROP_SIZE, base_size: int = crops.CAC_BASE_SIZE,
                 iou_bound: tuple[float, float] = crops.CAC_IOU_BOUND, max_pixels: int = 1000, seed: int = 0,
                 perplexity: float = 30.0, n_iter: int = 500, device: str | torch.device = "cpu",
-                class_names: Sequence[str] = (), progress: Progress = None) -> FigureRows:
+                class_names: Sequence[str] = (), progress: Progress | None = None) -> FigureRows:
     """The figure's numbers for one image (no drawing, no files): crops, features, maps, metrics.
 
     Each row's features are read on their native grid; the crops are snapped to the least common
@@ -448,7 +449,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
                base_size: int | None = None, layer: str | None = None, max_pixels: int = 1000, seed: int = 0,
                perplexity: float = 30.0, n_iter: int = 500, device: str = "cpu",
                class_names: Sequence[str] | None = None, force: bool = False,
-               progress: Progress = None, html: str | os.PathLike | None = None) -> dict[str, Any]:
+               progress: Progress | None = None, html: str | os.PathLike | None = None) -> dict[str, Any]:
     """Build CAC's Figure 3 for ``models`` on one image and mask; write PNG/PDF/SVG + JSON + NPZ.
 
     Args:
@@ -491,9 +492,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
     crop_size, base_size, crop_from = working_crop(models, crop_size, base_size)
     img = load_image(image)
     m = read_mask(mask)
-    if m.shape != (img.size[1], img.size[0]):
-        raise DataError(f"mask {Path(mask).name} is {m.shape[1]}x{m.shape[0]} but image {Path(image).name} is "
-                        f"{img.size[0]}x{img.size[1]}; a mask must have its image's size")
+    check_same_size(array_wh(m), img.size, mask=f"mask {Path(mask).name}", image=f"image {Path(image).name}")
     if not (m != crops.IGNORE_INDEX).any():
         raise DataError(f"mask {Path(mask).name} has only ignore ({crops.IGNORE_INDEX}) pixels; nothing to show")
     names = list(class_names or find_class_names(Path(mask).parent))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import DataError
-
-Progress = Callable[..., Iterable] | None
+from featviz.progress import Progress
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -236,7 +235,7 @@ def weighted_knn(
     copy: bool = True,
     block_rows: int = BLOCK_ROWS,
     block_cols: int = BLOCK_COLS,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> list[KnnScore]:
     """DINO's weighted k-NN accuracy of ``val`` against ``train``, for every ``k`` in one pass.
 
@@ -302,7 +301,7 @@ def run_knn(
     out: str | os.PathLike | None = None,
     force: bool = False,
     arguments: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
     **sources: Any,
 ) -> dict[str, Any]:
     """Everything ``featviz knn`` does: read or embed the two splits, score every ``k``, report.

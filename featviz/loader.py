@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -82,3 +82,30 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchS
 
     model = build_backbone(arch, num_heads=num_heads, seed=seed)
     return LoadedModel(model, describe(model))
+
+
+def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | None = None, format: str = "auto",
+                       num_heads: int | None = None, checkpoint_key: str | None = None,
+                       trust: bool = False) -> dict[str, Any]:
+    """What ``featviz inspect`` shows of a checkpoint, as one JSON-able dict.
+
+    A whole segmenter (featviz's, or CAC's official DeepLabv3+; with ``format="auto"``) is described
+    as the segmenter it is (``kind: "segmenter"``, its layout, backbone, strides, head widths,
+    classes: ``featviz.segmentation.describe_segmenter``): it loads whole, nothing is dropped. Any
+    other checkpoint gives its encoder's load report (``featviz.checkpoints.LoadReport``: layout,
+    prefix, what was dropped, architecture, normalisation, tensors).
+
+    Raises:
+        CheckpointError, ArchitectureError: the file cannot be read or does not fit its layout.
+    """
+    if format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):
+        from featviz.segmentation import describe_segmenter, load_segmenter
+
+        model = load_segmenter(checkpoint, trust=trust)
+        desc = describe(model)
+        return {"path": str(checkpoint), "format": (desc.source or {}).get("format"), **describe_segmenter(model),
+                "normalization": desc.normalization.to_dict() if desc.normalization else None,
+                "warnings": list(desc.warnings)}
+    _, desc = load_model(checkpoint, arch=arch, format=format, num_heads=num_heads, checkpoint_key=checkpoint_key,
+                         trust=trust)
+    return dict(desc.source)  # the load report, as the description records it

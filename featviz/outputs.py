@@ -1,56 +1,226 @@
-"""Writing outputs without losing anything: atomic files, --force checks, manifests (torch-free)."""
+"""Writing outputs without losing anything: checks before work, atomic files and folders, manifests
+(torch-free).
+
+The rules every command follows:
+
+* **Checked first.** ``check_output`` runs before any work: the output's parent must be a folder
+  (or creatable below one) that can be written, and an existing output may only be replaced with
+  ``--force``.
+* **Atomic.** A file is written to a hidden temporary file beside it and renamed onto it
+  (``atomic_path``); a folder is written to a hidden temporary folder and then installed
+  (``atomic_dir``). A failed or killed run leaves the old output as it was; the hidden temporary
+  files of a killed run are removed by the next write of the same output.
+* **Only featviz's own files.** A folder featviz writes carries a marker, ``.featviz-output.json``,
+  listing the files it wrote. ``--force`` replaces exactly those: files in the folder that featviz
+  did not write (``thesis.tex``, ``sub/data.csv``) are kept as they are. A non-empty folder without
+  the marker was not made by featviz and is refused, ``--force`` or not. A new file that would land on
+  a file featviz did not write is refused too, so nothing of the user's is ever overwritten.
+* **Manifests are named after their output**: ``e.npz`` gets ``e.manifest.json`` (``manifest_path``);
+  a folder output holds its ``manifest.json`` inside.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from featviz.errors import OutputExistsError
+from featviz.errors import OutputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+MARKER = ".featviz-output.json"
+"""The marker file of a folder featviz wrote: which command, and every file it wrote there."""
+LEGACY_MARKERS = (".featviz-demo",)
+"""Markers of earlier featviz versions (a demo folder): the folder is featviz's, its file list unknown."""
+_TMP_DIR_PREFIX = ".featviz-tmp-"
 
 
-def check_writable(path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Refuse to overwrite an existing output unless ``force``; create the parent folder.
+# ------------------------------------------------------------------ checks
+def check_output(path: str | os.PathLike, *, force: bool = False, folder: bool | None = None) -> Path:
+    """Check, before any work, that ``path`` can be written; return it.
+
+    Args:
+        path: The output file or folder.
+        force: An existing output may be replaced (for a folder: featviz's own files in it).
+        folder: True for a folder output, False for a file, None to go by what exists.
 
     Raises:
-        OutputExistsError: ``path`` exists (and is not an empty folder) and ``force`` is False.
+        OutputError: a parent is a file, the folder it goes in cannot be written, the path is a file
+            where a folder is expected (or the reverse), or the folder exists and was not written by
+            featviz.
+        OutputExistsError: the output exists and ``force`` is False.
     """
     path = Path(path)
-    if path.exists() and not force and not (path.is_dir() and not any(path.iterdir())):
-        raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    full = _absolute(path)
+    if full.exists() or full.is_symlink():
+        _check_existing(path, full, force=force, folder=folder)
+    return check_place(path)
+
+
+def check_place(path: str | os.PathLike) -> Path:
+    """Check only where ``path`` goes: no parent is a file, and the folder it is written in is writable
+    (the output itself when it is an existing folder). What is already there is not judged.
+
+    Raises:
+        OutputError: a parent is a file, or the folder cannot be written.
+    """
+    path = Path(path)
+    full = _absolute(path)
+    if full.exists() or full.is_symlink():
+        writes_in = full if full.is_dir() else full.parent
+    else:
+        writes_in = _nearest_existing(full.parent)
+        if not writes_in.is_dir():
+            raise OutputError(f"cannot write {str(path)!r}: {str(writes_in)!r} is a file, not a folder; "
+                              "choose another output")
+    if not os.access(writes_in, os.W_OK | os.X_OK):
+        where = "the output folder" if writes_in == full else "folder"
+        raise OutputError(f"cannot write {str(path)!r}: {where} {str(writes_in)!r} is not writable; "
+                          "choose an output somewhere you can write (--out)")
     return path
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+def check_writable(path: str | os.PathLike, *, force: bool = False, folder: bool | None = None) -> Path:
+    """``check_output``, then create the output's parent folder (the earlier API; prefer ``check_output``)."""
+    path = check_output(path, force=force, folder=folder)
+    _mkdir(_absolute(path).parent, path)
+    return path
 
-    The temporary name keeps the real suffix, so writers that pick a format by extension
-    (matplotlib, numpy) behave. On any exception the temporary file is removed and the
-    existing ``path`` (if any) is left untouched.
+
+def _check_existing(path: Path, full: Path, *, force: bool, folder: bool | None) -> None:
+    if full.is_dir():
+        if folder is False:
+            raise OutputError(f"output {str(path)!r} is a folder; a file name is expected here")
+        state = folder_state(full)
+        if state == "foreign":
+            raise OutputError(
+                f"output folder {str(path)!r} is not empty and was not written by featviz (it has no {MARKER}); "
+                "--force only replaces featviz's own outputs, so choose a new or empty folder")
+        if state == "featviz" and not force:
+            raise OutputExistsError(f"output folder {str(path)!r} already exists; pass --force to replace "
+                                    "featviz's files in it (other files are kept)")
+    else:
+        if folder:
+            raise OutputError(f"output {str(path)!r} is a file; a folder is expected here")
+        if not force:
+            raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
+
+
+def folder_state(path: str | os.PathLike) -> str:
+    """``"empty"``, ``"featviz"`` (it holds featviz's marker) or ``"foreign"`` (anything else).
+
+    Hidden temporary folders of killed featviz runs do not count as content.
     """
-    path = check_writable(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
-    os.chmod(tmp, mode)
+    path = Path(path)
+    if (path / MARKER).is_file() or any((path / m).is_file() for m in LEGACY_MARKERS):
+        return "featviz"
+    if any(not _is_featviz_tmp(p.name) for p in path.iterdir()):
+        return "foreign"
+    return "empty"
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    """The marker of a featviz folder (``{}`` when it has none or it is unreadable)."""
     try:
-        yield tmp
-        os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they are given
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))  # normalises '.' and '..' without following links
+
+
+def _nearest_existing(full: Path) -> Path:
+    for p in (full, *full.parents):
+        if p.exists():
+            return p
+    return Path(full.anchor)
+
+
+def _mkdir(folder: Path, shown: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {str(shown)!r}: cannot create folder {str(folder)!r} ({e.strerror})") from None
+
+
+# ------------------------------------------------------------------ temporary files
+def _live(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but belongs to someone else
+        return True
+    return True
+
+
+def _tmp_file_re(name: str) -> re.Pattern[str]:
+    stem, suffix = os.path.splitext(name)
+    return re.compile(
+        rf"\.{re.escape(name)}\.(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp{re.escape(suffix)}"  # this version's
+        rf"|\.{re.escape(stem)}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}"  # earlier versions' (no pid)
+        rf"|\.{re.escape(name)}\.(?P<dpid>\d+)-[A-Za-z0-9_]+\.tmp"  # a folder's temporary twin
+        rf"|\.{re.escape(name)}\.old-(?P<opid>\d+)"  # an earlier version's swapped-out folder
+    )
+
+
+def _is_featviz_tmp(name: str) -> bool:
+    return name.startswith(_TMP_DIR_PREFIX)
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the hidden temporary files that killed runs left for the output ``path``.
+
+    A temporary name holds the writer's process id; one whose process is gone is stale. (Names of
+    earlier featviz versions hold no id and are always stale.) Returns what was removed.
+    """
+    full = _absolute(Path(path))
+    removed: list[Path] = []
+    pattern = _tmp_file_re(full.name)
+    candidates = [(p, pattern.fullmatch(p.name)) for p in _listdir(full.parent)]
+    if full.is_dir():
+        candidates += [(p, re.fullmatch(rf"{_TMP_DIR_PREFIX}(?P<pid>\d+)-\w+", p.name)) for p in _listdir(full)]
+    for p, m in candidates:
+        if m is None:
+            continue
+        pid = next((m[g] for g in ("pid", "dpid", "opid") if g in m.re.groupindex and m[g]), None)
+        if pid is not None and _live(int(pid)):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d stale temporary file(s) of %s left by a killed run", len(removed), full.name)
+    return removed
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _umask() -> int:
@@ -60,22 +230,192 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``path`` as a whole if the block succeeds."""
-    path = check_writable(path, force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+def _as_output_error(path: Path) -> Iterator[None]:
+    """Turn a failed write (permissions changed, disk full) into one line."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}"
+                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(path) else ''}") from None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary name keeps the real suffix, so writers that pick a format by extension
+    (matplotlib, numpy) behave. On any exception the temporary file is removed and the
+    existing ``path`` (if any) is left untouched. Stale temporary files of ``path`` (a killed
+    earlier write) are removed first.
+    """
+    path = Path(path)
+    check_output(path, force=force, folder=False)
+    full = _absolute(path)
+    _mkdir(full.parent, path)
+    remove_stale(full)
+    with _as_output_error(path):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{full.name}.{os.getpid()}-", suffix=f".tmp{full.suffix}",
+                                        dir=full.parent)
+        os.close(fd)
+    tmp = Path(tmp_name)
+    mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        os.chmod(tmp, mode)
+        yield tmp
+        with _as_output_error(path):
+            os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they are given
+            os.replace(tmp, full)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, force: bool = False, command: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder whose files become the folder ``path`` if the block succeeds.
+
+    A new ``path`` appears whole, by one rename. An existing one (empty, or featviz's with
+    ``force``) gets featviz's files swapped: the files its marker lists are removed, the new ones
+    moved in, and every other file is left where it is. The folder gets a marker listing what was
+    written, so a later ``--force`` knows what it may replace.
+
+    Raises:
+        OutputError, OutputExistsError: see ``check_output``; also when a new file would overwrite
+            a file featviz did not write.
+    """
+    path = Path(path)
+    check_output(path, force=force, folder=True)
+    full = _absolute(path)
+    _mkdir(full.parent, path)
+    remove_stale(full)
+    exists = full.is_dir()
+    with _as_output_error(path):
+        if exists:  # the temporary folder goes inside, so '--out .' needs no writable parent
+            tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_DIR_PREFIX}{os.getpid()}-", dir=full))
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.{os.getpid()}-", suffix=".tmp", dir=full.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _as_output_error(path):
+            files = _files_under(tmp)
+            if not exists:
+                _write_marker(tmp, command, files)
+                os.replace(tmp, full)
+            else:
+                install_files(tmp, full, files, command=command, shown=path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != MARKER)
+
+
+def _write_marker(folder: Path, command: str | None, files: Iterable[str]) -> None:
+    from featviz import __version__
+
+    data = {"featviz": __version__, "command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": sorted(set(files)),
+            "note": "written by featviz: --force replaces the files listed here and keeps every other file"}
+    tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MARKER)
+
+
+def _listed(folder: Path) -> set[str]:
+    """The files a folder's marker says featviz wrote (only plain relative paths inside it).
+
+    A folder with only an earlier version's marker (a demo folder, whose marker said the next demo
+    replaces it) counts as featviz's throughout.
+    """
+    if not (folder / MARKER).is_file() and any((folder / m).is_file() for m in LEGACY_MARKERS):
+        return {f for f in _files_under(folder) if not _is_featviz_tmp(f.split("/")[0])}
+    files = read_marker(folder).get("files", [])
+    out = set()
+    for f in files if isinstance(files, list) else []:
+        p = Path(str(f))
+        if p.parts and not p.is_absolute() and ".." not in p.parts:
+            out.add(p.as_posix())
+    return out
+
+
+def install_files(src: Path, dst: Path, files: list[str], *, command: str | None = None,
+                  shown: Path | None = None) -> None:
+    """Move ``files`` (relative to ``src``) into the folder ``dst``, replacing featviz's earlier files.
+
+    Files listed in ``dst``'s marker are removed first (a crash part-way leaves a marker that lists
+    old and new files, so the next ``--force`` still knows them); nothing else in ``dst`` is touched.
+
+    Raises:
+        OutputError: a new file would land on (or under) a file featviz did not write.
+    """
+    shown = shown or dst
+    old = _listed(dst)
+    clashes = [f for f in files if f not in old and (_blocked(dst, f))]
+    if clashes:
+        raise OutputError(f"cannot write {str(shown)!r}: {str(dst / clashes[0])!r} exists and was not written by "
+                          f"featviz{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}; move it away "
+                          "or choose another output folder")
+    _write_marker(dst, command, old | set(files))
+    for f in sorted(old - set(files)):
+        target = dst / f
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    for f in files:
+        target = dst / f
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src / f, target)
+    _prune_empty(dst, old - set(files))
+    kept = [f for f in _files_under(dst) if f not in files and not _is_featviz_tmp(f.split("/")[0])]
+    if kept:
+        log.info("kept %d file(s) in %s that featviz did not write: %s", len(kept), shown, ", ".join(kept[:5]))
+    _write_marker(dst, command, files)
+
+
+def _blocked(dst: Path, rel: str) -> bool:
+    """A user's file sits at ``rel`` or where one of its parent folders must go."""
+    target = dst / rel
+    if target.exists() or target.is_symlink():
+        return True
+    return any(p.exists() and not p.is_dir() for p in target.parents if p != dst and dst in p.parents)
+
+
+def _prune_empty(root: Path, removed: Iterable[str]) -> None:
+    dirs = {p for f in removed for p in (root / f).parents if p != root and root in p.parents}
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def prepare_folder(path: str | os.PathLike, files: Iterable[str], *, force: bool = False,
+                   command: str | None = None) -> Path:
+    """A folder featviz fills over time (``collapse --watch``): checked, cleared of featviz's earlier
+    files (with ``force``), and marked as holding ``files``. Write into it with ``atomic_path``.
+
+    Raises:
+        OutputError, OutputExistsError: see ``check_output``.
+    """
+    path = Path(path)
+    check_output(path, force=force, folder=True)
+    full = _absolute(path)
+    _mkdir(full, path)
+    remove_stale(full)
+    with _as_output_error(path):
+        old = _listed(full)
+        clashes = [f for f in files if f not in old and _blocked(full, f)]
+        if clashes:
+            raise OutputError(f"cannot write {str(path)!r}: {str(full / clashes[0])!r} exists and was not written "
+                              "by featviz; move it away or choose another output folder")
+        for f in sorted(old):
+            target = full / f
+            if target.is_file() or target.is_symlink():
+                target.unlink()
+        _prune_empty(full, old)
+        _write_marker(full, command, files)
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str, *, force: bool = True) -> Path:
@@ -103,6 +443,27 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any, *, force: bool = True) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     return write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n", force=force)
+
+
+# ------------------------------------------------------------------ manifests
+def manifest_path(output: str | os.PathLike) -> Path:
+    """The manifest of a file output, named after it: ``run/e.npz`` -> ``run/e.manifest.json``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.manifest.json")
+
+
+def read_manifest(output: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest beside a file output: ``<stem>.manifest.json``, else the ``manifest.json`` of
+    earlier featviz versions when it names this output; None when there is none."""
+    output = Path(output)
+    for candidate in (manifest_path(output), output.with_name("manifest.json")):
+        try:
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (candidate.name != "manifest.json" or data.get("output") in (None, output.name)):
+            return data
+    return None
 
 
 def versions() -> dict[str, str]:

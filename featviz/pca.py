@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 FOREGROUND = ("auto", "none")
 
 
@@ -163,7 +163,7 @@ def feature_maps(
     hw: tuple[int, int],
     batch_size: int = 8,
     device: str = "cpu",
-    progress: Progress = None,
+    progress: Progress | None = None,
     keep_images: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], str]:
     """(N, C, h, w) maps of ``layer``, the first ``keep_images`` RGB inputs in [0, 1] (all when
@@ -212,7 +212,7 @@ def run_pca(
     force: bool = False,
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
     sheet_images: int = 40,
 ) -> dict[str, Any]:
     """Everything ``featviz pca`` does; writes ``out_dir`` as one atomic folder.
@@ -231,11 +231,11 @@ def run_pca(
     """
     from featviz.attention import _arch_name
     from featviz.features import input_size
-    from featviz.outputs import atomic_dir, check_writable, manifest, write_json
+    from featviz.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.sheets import image_ids, safe_stem
 
     out_dir = Path(out_dir)
-    check_writable(out_dir, force=force)
+    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
     if foreground not in FOREGROUND:
         raise DataError(f"--foreground {foreground!r}: expected one of {', '.join(FOREGROUND)}")
     if components < 1:
@@ -265,7 +265,7 @@ def run_pca(
             "layer too early); the colours are fitted on those patches anyway"
         )
         log.warning(warnings[-1])
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, command="pca") as tmp:
         (tmp / "rgb").mkdir()
         from featviz.sheets import grid_sheet, save_png, upsample
 

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 SELECTION_FRACTION = 0.2
@@ -94,7 +94,7 @@ def linear_probe(
     selection_fraction: float = SELECTION_FRACTION,
     seed: int = 0,
     max_iter: int = MAX_ITER,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> ProbeResult:
     """Choose ``C`` on a held-out part of the training set, refit on all of it, score val.
 
@@ -164,7 +164,7 @@ def run_probe(
     out: str | os.PathLike | None = None,
     force: bool = False,
     arguments: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
     **sources: Any,
 ) -> dict[str, Any]:
     """Everything ``featviz probe`` does: read or embed the two splits, probe, report.

@@ -140,11 +140,11 @@ def write_projector(
     """
     import torch
 
-    from featviz.outputs import atomic_dir, check_writable
+    from featviz.outputs import atomic_dir, check_output
 
     logdir = Path(logdir)
     require_tensorboard()  # fail on a missing extra before any work
-    check_writable(logdir, force=force)
+    check_output(logdir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
     meta, header = metadata_rows(emb)
     label_img = None
     if sprite:
@@ -162,7 +162,7 @@ def write_projector(
             label_img = torch.from_numpy(
                 sprite_images(emb, side, npz_path=npz_path, image_root=image_root)
             )
-    with atomic_dir(logdir, force=force) as tmp:
+    with atomic_dir(logdir, force=force, command="embed --tensorboard") as tmp:
         writer = summary_writer(tmp)
         try:
             writer.add_embedding(

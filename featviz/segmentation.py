@@ -42,10 +42,10 @@ from torch import nn
 from featviz.data import IMAGENET_MEAN, IMAGENET_STD, load_image
 from featviz.description import IMAGENET, ModelDescription, Normalization, attach, describe
 from featviz.errors import CheckpointError, DataError
+from featviz.masks import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 FEATURE_STRIDE = 8  # CAC's pixel features: decoder output avg-pooled from stride 4 to 8
 
 # CAC's defaults: configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json "model"
@@ -262,9 +262,9 @@ def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | N
     if kind == "safetensors":
         return None  # a safetensors file without featviz metadata holds no head specs
     try:
-        from featviz.checkpoints import _safe_globals  # the allow-list read_checkpoint uses
+        from featviz.checkpoints import allowed_globals  # the allow-list read_checkpoint uses
 
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception:  # noqa: BLE001 - unreadable here: not ours to classify
         if not trust:

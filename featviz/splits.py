@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -84,7 +83,7 @@ def load_splits(
     batch_size: int = 64,
     device: str = "auto",
     load_kwargs: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> Splits:
     """Train and val features from whichever source the arguments name (see the module docstring).
 

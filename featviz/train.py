@@ -11,8 +11,10 @@ Run folder (``RUN_DIR``):
   ``best`` is the epoch with the highest kNN accuracy (mIoU for segmentation; lowest loss
   without labels).
 - ``state.pt``: what only ``--resume`` needs (full method state incl. momentum encoders and
-  queues, optimiser, RNG states, epoch/step); a plain-tensor file loaded with
-  ``weights_only=True``.
+  queues, optimiser, RNG states, epoch/step, ContrastiveCrop's boxes); a plain-tensor file
+  loaded with ``weights_only=True``.
+- ``boxes.npz`` (``--crop contrastive``): the training images' current boxes
+  (``featviz.contrastive_crop``), rewritten at each update.
 - ``config.json``: the resolved ``TrainConfig`` (every default filled in, ``defaults`` saying
   where each came from) plus the method's resolved hyperparameters, views and kNN protocol;
   ``metrics.jsonl``: one line per logging step and per
@@ -29,7 +31,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,13 +43,13 @@ from torch import nn
 
 from featviz.description import describe
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
-from featviz.errors import DataError, FeatvizError, OutputExistsError, UnknownNameError, did_you_mean
-from featviz.outputs import atomic_path, write_json
+from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError, UnknownNameError, did_you_mean
+from featviz.outputs import atomic_path, check_place, write_json
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
-RUN_FILES = ("last.safetensors", "best.safetensors", "state.pt", "config.json", "metrics.jsonl")
+RUN_FILES = ("last.safetensors", "best.safetensors", "state.pt", "config.json", "metrics.jsonl", "boxes.npz")
 
 
 class TrainingDivergedError(FeatvizError):
@@ -92,6 +94,11 @@ class TrainConfig:
         workers: DataLoader worker processes.
         amp: bf16 autocast (default: on CUDA only). channels_last: same default.
         selected_num, iou_bound, temp, weight_unsup, pos_thresh: CAC's pixel-contrast settings.
+        crop: ``rrc`` (RandomResizedCrop, the recipes') or ``contrastive`` (ContrastiveCrop, Peng et
+            al. 2022, ``featviz.contrastive_crop``): the global views' crop after a warm-up.
+        crop_threshold, crop_alpha, crop_update_every, crop_warmup: ContrastiveCrop's heatmap
+            threshold k, Beta alpha, epochs between box updates, warm-up epochs of plain crops;
+            default the official code's (``contrastive_crop.OFFICIAL``).
         step_save: CAC: steps whose gathered negatives are kept as extra negatives (CAC's 1).
         epoch_start_unsup: CAC: epochs of supervised-only warm-up before the contrast loss (CAC's 5).
         defaults: where each resolved value came from (filled by ``resolve_config``).
@@ -132,6 +139,11 @@ class TrainConfig:
     temp: float = 0.1
     weight_unsup: float = 0.1
     pos_thresh: float = 0.75
+    crop: str = "rrc"
+    crop_threshold: float | None = None
+    crop_alpha: float | None = None
+    crop_update_every: int | None = None
+    crop_warmup: int | None = None
     step_save: int = 1
     epoch_start_unsup: int = 5
     defaults: dict[str, str] = field(default_factory=dict)
@@ -235,6 +247,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         d["local_crops"], src["local_crops"] = spec.local_crops, "method"
     if d["hflip"] is None:
         d["hflip"], src["hflip"] = True, "method"
+    if d["crop"] != "rrc" and spec.recipe is None:
+        raise DataError(f"--crop {d['crop']} replaces RandomResizedCrop in a method's views; {cfg.method!r} makes "
+                        "its own crops (segmentation), so use an SSL method or --crop rrc")
+    from featviz.contrastive_crop import resolve as resolve_crop
+
+    resolve_crop(d, src)
     d["defaults"] = src
     return TrainConfig.from_dict(d)
 
@@ -405,7 +423,17 @@ class SSLTask:
             recipe = recipe.without_local()
         self.recipe = recipe.adjusted(min_scale=cfg.min_scale, hflip=cfg.hflip, rotate=cfg.rotate, shear=cfg.shear)
         self.mean, self.std = data.IMAGENET_MEAN, data.IMAGENET_STD
-        views = augment.MultiView(self.recipe, cfg.image_size, local_crops=local, mean=self.mean, std=self.std)
+        self.boxes = None  # ContrastiveCrop's boxes of the training images (featviz.contrastive_crop)
+        if cfg.crop == "contrastive":
+            from featviz.contrastive_crop import BoxTracker, CropSchedule
+
+            schedule = CropSchedule(cfg.crop_threshold, cfg.crop_alpha, cfg.crop_warmup, cfg.crop_update_every,
+                                    cfg.epochs)
+            self.boxes = BoxTracker(schedule, self.items, [imgs.ids[i] for i in self.train_idx] if imgs.ids else
+                                    [str(i) for i in self.train_idx], image_size=cfg.image_size, mean=self.mean,
+                                    std=self.std)
+        views = augment.MultiView(self.recipe, cfg.image_size, local_crops=local, mean=self.mean, std=self.std,
+                                  crop_alpha=cfg.crop_alpha if self.boxes else None)
         self.dataset = augment.ViewDataset(self.items, self.labels, views, seed=cfg.seed)
         self.collate = augment.collate_views
         self._eval_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -421,6 +449,25 @@ class SSLTask:
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
         self.model.set_epoch(epoch)
+        if self.boxes is not None:  # warm-up: RandomResizedCrop; then ContrastiveCrop in the current boxes
+            self.dataset.boxes = self.boxes.for_epoch(epoch)
+
+    def after_epoch(self, epoch: int, step: int, device: torch.device) -> dict[str, Any] | None:
+        """ContrastiveCrop: recompute the boxes with the online backbone in eval mode when the
+        schedule says so (every rank its shard, then all-gathered); the metrics record, or None."""
+        if self.boxes is None:
+            return None
+        rec = self.boxes.update(self.model.backbone, epoch, step, device=device, info=self.info)
+        if rec and self.info.is_main:
+            self.boxes.save(Path(self.cfg.out) / "boxes.npz")
+        return rec
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return self.boxes.state() if self.boxes is not None else {}
+
+    def load_extra_state(self, st: dict[str, Any]) -> None:
+        if self.boxes is not None:
+            self.boxes.load_state(st)
 
     def loss(self, model: nn.Module, batch, device: torch.device, channels_last: bool) -> torch.Tensor:
         views = [v.to(device, non_blocking=True) for v in batch[0]]
@@ -585,6 +632,7 @@ class SSLTask:
         """What the run's config.json adds to the ``TrainConfig``: the resolved method settings."""
         return {"hparams_resolved": self.model.hparams, "hparam_sources": self.hparam_sources,
                 "recipe": self.recipe.to_dict(), "optim": self.spec.optim.to_dict(),
+                "contrastive_crop": self.boxes.schedule.to_dict() if self.boxes is not None else None,
                 "knn": knn_protocol(self.cfg, len(self.bank_idx), len(self.query_idx)) if len(self.query_idx) else None}
 
 
@@ -698,19 +746,27 @@ def _prepare_run_dir(cfg: TrainConfig, *, resume: bool, force: bool) -> Path:
     present = [f for f in RUN_FILES if (out / f).exists()]
     if resume:
         if not (out / "state.pt").exists():
-            raise OutputExistsError(f"--resume: {str(out)!r} has no state.pt to resume from; "
+            if present:  # config.json etc. but no finished epoch: a run stopped before its first epoch ended
+                raise OutputExistsError(f"--resume: the run in {str(out)!r} stopped before its first epoch ended, "
+                                        "so there is no state.pt to resume from; start it over with --force")
+            raise OutputExistsError(f"--resume: {str(out)!r} has no run to resume (no state.pt); "
                                     "start a new run without --resume")
         saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
-        for key in ("method", "data", "arch", "batch_size", "seed", "image_size", "stop_grad", "limit"):
+        for key in ("method", "data", "arch", "batch_size", "seed", "image_size", "stop_grad", "limit", "crop"):
             if getattr(saved, key) != getattr(cfg, key):
                 raise FeatvizError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {str(out)!r} used "
                                    f"{getattr(saved, key)!r}; resume with the same settings or use a new --out")
-        return out
-    if out.exists() and (present or (out.is_dir() and any(out.iterdir()))) and not force:
-        raise OutputExistsError(f"run folder {str(out)!r} already exists; pass --resume to continue it "
-                                "or --force to start over")
+        return check_place(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; expected a run folder")
+    if out.is_dir() and not present and any(out.iterdir()):
+        raise OutputError(f"run folder {str(out)!r} is not empty and holds no featviz run; --force only replaces "
+                          "featviz's run files, so choose a new or empty folder")
+    if present and not force:
+        how = "pass --resume to continue it or --force to start over" if (out / "state.pt").exists() else \
+            "it stopped before its first epoch ended (no state.pt to resume); pass --force to start over"
+        raise OutputExistsError(f"run folder {str(out)!r} already exists; {how}")
+    check_place(out)  # writable, no file in the way
     for f in present:  # --force: remove only featviz's own run files, never the user's others
         (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -753,11 +809,12 @@ def _save_model(path: Path, task, extra_meta: dict[str, Any]) -> None:
 
 
 def _save_state(out: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int,
-                best: float | None, history: list) -> None:
+                best: float | None, history: list, extra: dict[str, torch.Tensor] | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_state(),
              "epoch": torch.tensor(epoch), "step": torch.tensor(step),
              "best": torch.tensor(float("nan") if best is None else best),
-             "history": torch.tensor(np.frombuffer(json.dumps(history).encode(), np.uint8).copy())}
+             "history": torch.tensor(np.frombuffer(json.dumps(history).encode(), np.uint8).copy()),
+             **(extra or {})}
     with atomic_path(out / "state.pt") as tmp:
         torch.save(state, tmp)
 
@@ -802,6 +859,8 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
     try:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
+        if info.is_main:
+            check_place(cfg.out)  # a folder that cannot be written: said before the data and the model are built
         task = _make_task(cfg, info)  # validates method/arch/data before touching RUN_DIR
         out = Path(cfg.out)
         record = {**cfg.to_dict(), **(task.record() if hasattr(task, "record") else {})}
@@ -856,6 +915,8 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
         epoch0, step = int(st["epoch"]), int(st["step"])
         best = None if math.isnan(float(st["best"])) else float(st["best"])
         history = json.loads(bytes(st["history"].numpy()).decode())
+        if hasattr(task, "load_extra_state"):
+            task.load_extra_state(st)
         _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resuming %s at epoch %d (step %d)", out, epoch0, step)
     monitor = monitor_cls(out, every=1, enabled=info.is_main)  # the loop decides when to log
@@ -864,6 +925,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
     last_good = out / "last.safetensors"
     set_epoch = getattr(task, "set_epoch", None) or task.dataset.set_epoch
     before_step = getattr(task, "before_step", lambda step: None)
+    after_epoch = getattr(task, "after_epoch", lambda epoch, step, device: None)  # every rank
 
     for epoch in range(epoch0, cfg.epochs):
         model.train()
@@ -917,12 +979,19 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                        **{k: v for k, v in row.items() if k != "step"})
             if rec and on_log:
                 on_log(rec)
+        boxes_rec = after_epoch(epoch, step, device)  # ContrastiveCrop's box update (all ranks take part)
+        if info.is_main:
+            if boxes_rec:
+                _append(out / "metrics.jsonl", boxes_rec)
+                if on_log:
+                    on_log(boxes_rec)
             meta = {"epoch": epoch + 1, "step": step, **ev, "loss": mean_loss,
                     "knn": record.get("knn"), "config": {k: record[k] for k in ("data", "seed", "limit", "method")}}
             _save_model(out / "last.safetensors", task, meta)
             if better:
                 _save_model(out / "best.safetensors", task, meta)
-            _save_state(out, model, opt, epoch + 1, step, best, history)
+            _save_state(out, model, opt, epoch + 1, step, best, history,
+                        task.extra_state() if hasattr(task, "extra_state") else None)
         barrier(info)
     monitor.close()
     return TrainResult(out, out / "last.safetensors", out / "best.safetensors", cfg.epochs, step, history,

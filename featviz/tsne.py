@@ -30,7 +30,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,10 @@ import numpy as np
 
 from featviz.artifacts import Embeddings, check_finite
 from featviz.errors import ArtifactError, DataError
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 MIN_POINTS = 4
 PCA_DIM = 50  # the space neighbour candidates are searched in (the neighbours themselves are exact)
 CANDIDATES = 3  # candidates per neighbour, re-ranked by the full-dimensional distance
@@ -86,6 +86,17 @@ class TsneParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def check_width(features: np.ndarray, *, what: str = "the features") -> None:
+    """A 2-D map needs at least 2 feature dimensions (scikit-learn's PCA initialisation does too).
+
+    Raises:
+        DataError: (N, 0) or (N, 1) features.
+    """
+    if features.ndim != 2 or features.shape[1] < 2:
+        raise DataError(f"{what} are {tuple(features.shape)}: a 2-D map needs features of at least 2 dimensions; "
+                        "check the embeddings (a score or label column instead of features?)")
 
 
 def clamp_perplexity(perplexity: float, n: int) -> float:
@@ -267,7 +278,7 @@ def _knn_index_class():
     return FeaturevizKNN
 
 
-def _callbacks(progress: Progress, total: int):
+def _callbacks(progress: Progress | None, total: int):
     """openTSNE calls back every 50 iterations; advance a progress bar by as many steps."""
     if progress is None:
         return None, lambda: None
@@ -338,7 +349,7 @@ def auto_jobs(n: int) -> int:
     return jobs
 
 
-def _tsne_fit(params: TsneParams, x: np.ndarray, progress: Progress):
+def _tsne_fit(params: TsneParams, x: np.ndarray, progress: Progress | None):
     """Fit openTSNE on ``x`` (``params.perplexity`` already clamped); returns its ``TSNEEmbedding``.
 
     With ``neighbors="auto"`` (the default) the affinities come from featviz's ``NeighborSearch``
@@ -383,7 +394,7 @@ class Projection:
     ``transform``). ``info`` records what was used (perplexity/n_neighbors after clamping, PCA).
     """
 
-    def __init__(self, params: TsneParams, progress: Progress = None, *, will_place: bool = False):
+    def __init__(self, params: TsneParams, progress: Progress | None = None, *, will_place: bool = False):
         self.params, self.progress, self.will_place = params, progress, will_place
         self.model: Any = None
         self.info: dict[str, Any] = {"method": params.method}
@@ -462,7 +473,7 @@ def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any,
     return model, coords
 
 
-def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress = None) -> np.ndarray:
+def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress | None = None) -> np.ndarray:
     """Fit a 2-D map of ``features`` (t-SNE by default; ``params.method`` picks UMAP or PCA).
 
     Returns:
@@ -474,6 +485,7 @@ def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Pro
     params = params or TsneParams()
     x = np.asarray(features, dtype=np.float32)
     check_finite(x)
+    check_width(x)
     return Projection(params, progress).fit(x)
 
 
@@ -553,7 +565,7 @@ def _merge_class_names(embs: Sequence[Embeddings]) -> list[str]:
 
 def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *, reference: int | None = None,
                sample: int | None = None, params: TsneParams | None = None,
-               progress: Progress = None) -> TsneMap:
+               progress: Progress | None = None) -> TsneMap:
     """One map for one or several embeddings files.
 
     Without ``reference`` the map is fitted on the union of all inputs (the symmetric choice:
@@ -579,6 +591,7 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     if len(widths) > 1:
         raise DataError(f"the inputs have different feature widths {sorted(widths)}; a shared map needs "
                         "embeddings from the same layer/model width")
+    check_width(embs[0].features, what=f"the features of {names[0]}")
     rows = []
     for i, e in enumerate(embs):
         r = stratified_sample(e.labels, sample, params.seed) if sample else np.arange(e.n)
@@ -605,7 +618,7 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
 
 
-def knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+def leave_one_out_knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
     """Leave-one-out k-NN class accuracy in a space (majority vote of the k nearest others)."""
     from sklearn.neighbors import NearestNeighbors
 
@@ -655,7 +668,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
             reference: int | None = None, sample: int | None = None, params: TsneParams | None = None,
             coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
             image_root: str | os.PathLike | None = None, title: str | None = None,
-            drop_nonfinite: bool = False, force: bool = False, progress: Progress = None) -> dict[str, Any]:
+            drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
 
     Args:

@@ -76,13 +76,15 @@ def build_moco_v3(tmp, src):
     head = "head." if "cls_token" in sd else "fc."
     state = {**_pre(sd, "module.base_encoder."), **_mlp(f"module.base_encoder.{head}", 3),
              **_pre(_noisy(sd), "module.momentum_encoder."), **_mlp("module.predictor.")}
-    return _save(tmp, "r-50-100ep.pth.tar", {"epoch": 100, "arch": "x", "state_dict": state, "optimizer": {}, "scaler": {}})
+    return _save(tmp, "r-50-100ep.pth.tar",
+                 {"epoch": 100, "arch": "x", "state_dict": state, "optimizer": {}, "scaler": {}})
 
 
 def build_simsiam(tmp, src):
     sd = _sd(src)
     state = {**_pre(sd, "module.encoder."), **_mlp("module.encoder.fc.", 3), **_mlp("module.predictor.")}
-    return _save(tmp, "checkpoint_0099.pth.tar", {"epoch": 99, "arch": "resnet50", "state_dict": state, "optimizer": {}})
+    return _save(tmp, "checkpoint_0099.pth.tar",
+                 {"epoch": 99, "arch": "resnet50", "state_dict": state, "optimizer": {}})
 
 
 def build_barlow_bare(tmp, src):

@@ -142,7 +142,7 @@ def test_nan_features_and_too_few_points(cli, tmp_path):
 
 def test_not_an_embeddings_file(cli, tmp_path):
     (tmp_path / "x.npz").write_bytes(b"nope")
-    assert "not a readable .npz" in _one_error_line(cli("tsne", tmp_path / "x.npz", "--out", tmp_path / "x.png"))
+    assert "not a NumPy .npz file" in _one_error_line(cli("tsne", tmp_path / "x.npz", "--out", tmp_path / "x.png"))
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,28 @@ def test_demo_writes_every_output_and_says_how(demo):
     assert report["format"] == "moco" and report["arch"]["name"] == "resnet18_w8-cifar"
     steps = json.loads((out / "demo.json").read_text())
     assert all(s["command"].startswith("featviz ") for s in steps)
+    # the commands work from any folder: bundled files as "$S/..." (S=$(featviz sample-data)), never cwd-relative
+    assert all(" sample_data/" not in s["command"] for s in steps) and any('"$S/' in s["command"] for s in steps)
+
+
+def test_demo_photo_cam_explains_the_real_imagenet_model(demo):
+    out, _ = demo
+    man = json.loads((out / "cam_photos" / "manifest.json").read_text())
+    assert man["model"]["arch"] == "timm:efficientnet_lite1" and man["image_size"] == [240, 240]
+    top1 = {Path(i["path"]).name: i["target"] for i in man["images"]}
+    assert top1["cat_0.jpg"].startswith("class 285 Egyptian cat")
+    assert top1["coffee_0.jpg"].startswith("class 967 espresso")
+    w, h = Image.open(out / "cam_photos" / "contact_sheet.png").size
+    columns = len(man["methods"]) + 1
+    assert w >= columns * 240 and h >= len(man["images"]) * 240  # thumbnails at the model's input size or larger
+
+
+def test_demo_cac_figure_is_on_a_held_out_scene_with_plain_row_labels(demo):
+    out, _ = demo
+    fig = json.loads((out / "cac_figure.json").read_text())
+    val = (Path(__file__).resolve().parents[1] / "sample_data/seg/ImageSets/Segmentation/val.txt").read_text().split()
+    assert Path(fig["arguments"]["image"]).stem == "scene_034" and "scene_034" in val
+    assert [r["name"] for r in fig["rows"]] == ["supervised only", "CAC"]
 
 
 def test_demo_figures_are_real_pictures(demo):

@@ -43,7 +43,7 @@ def test_image_embeddings_equal_a_plain_forward(tmp_path, sample_dir):
     with np.load(out, allow_pickle=False) as z:
         assert {"features", "labels", "class_names", "ids"} <= set(z.files)
         assert z["features"].dtype == np.float32 and z["labels"].dtype == np.int64
-    assert (tmp_path / "manifest.json").is_file()
+    assert (tmp_path / "emb.manifest.json").is_file()  # named after its output
     assert emb.class_names == ["astronaut", "cat", "cells", "coffee", "rocket"]
     assert list(emb.labels) == [i // 4 for i in range(20)]
     assert emb.ids[0] == "astronaut/astronaut_0.jpg"

@@ -362,6 +362,11 @@ def test_describe_segmenter_for_inspect(cac_r50):
     assert d["layout"] == "cac" and d["arch"] == "resnet50-os16" and d["output_stride"] == 16
     assert (d["decoder_dim"], d["projector_dim"], d["feature_stride"], d["num_classes"]) == (256, 128, 8, 21)
     assert d["aspp_rates"] == [6, 12, 18] and d["trained_crop"] == {"crop_size": 320, "base_size": 400}
+    from featviz.loader import inspect_checkpoint
+
+    info = inspect_checkpoint(cac_r50[0])  # what `featviz inspect` prints: the segmenter, nothing "dropped"
+    assert (info["kind"], info["format"], info["layout"], info["num_classes"]) == ("segmenter", "cac", "cac", 21)
+    assert "dropped" not in info
 
 
 def test_cac_resume_replays_the_negative_bank(tmp_path, sample_dir):

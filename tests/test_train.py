@@ -247,10 +247,11 @@ def test_cli_errors(cli, tmp_path, sample_dir):
 
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "notes.txt").write_text("mine")
-    r = cli("train", "-m", "simsiam", "-d", "digits", "-o", tmp_path / "e")
-    lines = _one_error_line(r)
-    assert len(lines) == 1 and "--resume" in lines[0] and "--force" in lines[0]
-    assert (tmp_path / "e" / "notes.txt").exists()
+    for force in ((), ("--force",)):  # a folder featviz did not write: refused either way (issue 15), kept whole
+        r = cli("train", "-m", "simsiam", "-d", "digits", "-o", tmp_path / "e", *force)
+        lines = _one_error_line(r)
+        assert len(lines) == 1 and "holds no featviz run" in lines[0] and "new or empty folder" in lines[0]
+    assert (tmp_path / "e" / "notes.txt").read_text() == "mine"
 
 
 def test_cli_train_runs_and_resumes(cli, tmp_path):

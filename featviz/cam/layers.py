@@ -6,7 +6,7 @@ the target layers. The model facts (classifier or not, class names) come from it
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +17,6 @@ from featviz.description import describe
 from featviz.errors import ArchitectureError
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., Iterable]
-
 
 
 @dataclass

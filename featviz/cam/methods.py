@@ -3,9 +3,14 @@ rails (one target per image, graph cut at the layer, hooks released, blank/noise
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import re
+import sys
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +21,9 @@ from torch import nn
 
 from featviz.cam.layers import ModelInfo
 from featviz.cam.targets import CamTarget, bind_targets
-from featviz.errors import (
-    FeatvizError,
-    UnknownNameError,
-    did_you_mean,
-)
+from featviz.errors import FeatvizError, UnknownNameError, did_you_mean
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[..., Iterable]
-
 
 
 @dataclass(frozen=True)
@@ -118,12 +116,16 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
 def make_cam(name: str, model: nn.Module, layers: list[nn.Module], reshape_transform=None, *,
              batch_size: int = 32, token_layer: bool = False, output_kind: str = "logits",
              options: dict[str, Any] | None = None):
-    """Construct the pytorch-grad-cam object for ``name`` (this registers its hooks).
+    """Construct the pytorch-grad-cam object for ``name``, extended by featviz (this registers its hooks).
 
-    ``options`` are extra constructor arguments (e.g. ``{"num_scales": 4}`` for SESS, ``{"k": 3}``
-    for FEM). Call ``release_cam`` on the result when done; featviz never relies on ``with``
-    because pytorch-grad-cam's ``__exit__`` swallows ``IndexError``.
+    The object is an instance of ``extended(<pytorch-grad-cam class>)`` (meta-methods get an
+    extended ``base_method``), so its maps are pytorch-grad-cam's own. ``options`` are extra
+    constructor arguments (e.g. ``{"num_scales": 4}`` for SESS, ``{"k": 3}`` for FEM). Call
+    ``release_cam`` on the result when done; featviz never relies on ``with`` because
+    pytorch-grad-cam's ``__exit__`` swallows ``IndexError``.
     """
+    import inspect
+
     import pytorch_grad_cam as pgc
 
     spec = CAM_METHODS[name]
@@ -137,9 +139,14 @@ def make_cam(name: str, model: nn.Module, layers: list[nn.Module], reshape_trans
         kw.setdefault("use_softmax_scores", output_kind == "logits")  # softmax over embedding dims means nothing
     if name == "fullgrad":
         layers = []  # FullGrad picks every conv/BN bias layer itself
-    cam = cls(model, layers, reshape_transform, **kw)
+    base = inspect.signature(cls).parameters.get("base_method")
+    if base is not None:  # FinerCAM, SESS, RefineCAM wrap a BaseCAM method: extend that one
+        kw["base_method"] = extended(kw.get("base_method", base.default))
+        cam = cls(model, layers, reshape_transform, **kw)
+    else:
+        cam = extended(cls)(model, layers, reshape_transform, **kw)
     if name == "scorecam":
-        cam.batch_size = batch_size  # masked images per forward (pytorch-grad-cam's default is 16)
+        cam.batch_size = batch_size  # masked images per forward (pytorch-grad-cam reads this attribute; 16 default)
     return cam
 
 
@@ -155,16 +162,9 @@ def _base_cams(cam) -> list:
 def release_cam(cam) -> None:
     """Remove every hook a CAM object registered and drop its tensors (memory must not grow)."""
     for base in _base_cams(cam):
-        ag = base.activations_and_grads
-        for h in ag.handles:
-            h.remove()
-        ag.handles.clear()
-        # plain reassignment: ActivationsAndGradients.clear() detaches in place, which fails on views
-        ag.activations, ag.gradients = [], []
+        base.activations_and_grads.release()  # featviz's recorder: see _ActivationsAndGradients
         base.outputs = None
-
-
-
+        base.featviz_recorder = None
 
 
 @dataclass
@@ -209,35 +209,112 @@ def _classify(st: MapStats, slope: float | None) -> MapStats:
 
 
 class _Recorder:
-    """Wraps ``get_cam_image`` of a CAM object to record each image's raw map and gradient size."""
+    """Each image's raw map and gradient size, as the extended method's ``get_cam_image`` sees them."""
 
     def __init__(self, n: int):
         self.stats = [MapStats() for _ in range(n)]
 
-    def wrap(self, base) -> None:
-        orig = base.get_cam_image
-
-        def get_cam_image(input_tensor, target_layer, targets, activations, grads, eigen_smooth=False):
-            cam = orig(input_tensor, target_layer, targets, activations, grads, eigen_smooth)
-            raw = np.maximum(np.asarray(cam, dtype=np.float64), 0)
-            if raw.shape[0] != len(self.stats):  # SESS explains patches, not images
-                return cam
-            for i, st in enumerate(self.stats):
-                mx = float(raw[i].max()) if np.isfinite(raw[i]).all() else float("nan")
-                st.raw_max = mx if st.raw_max is None else max(st.raw_max, mx)
-                st.raw_mean = float(raw[i].mean()) if st.raw_mean is None else max(st.raw_mean, float(raw[i].mean()))
-                if grads is not None and base.uses_gradients:
-                    g = float(np.linalg.norm(np.asarray(_numpy(grads[i]), dtype=np.float64)))
-                    st.grad_norm = g if st.grad_norm is None else max(st.grad_norm, g)
-            return cam
-
-        base.get_cam_image = get_cam_image
+    def record(self, cam, grads, uses_gradients: bool) -> None:
+        raw = np.maximum(np.asarray(cam, dtype=np.float64), 0)
+        if raw.shape[0] != len(self.stats):  # SESS explains patches, not images
+            return
+        for i, st in enumerate(self.stats):
+            mx = float(raw[i].max()) if np.isfinite(raw[i]).all() else float("nan")
+            st.raw_max = mx if st.raw_max is None else max(st.raw_max, mx)
+            st.raw_mean = float(raw[i].mean()) if st.raw_mean is None else max(st.raw_mean, float(raw[i].mean()))
+            if grads is not None and uses_gradients:
+                g = float(np.linalg.norm(np.asarray(_numpy(grads[i]), dtype=np.float64)))
+                st.grad_norm = g if st.grad_norm is None else max(st.grad_norm, g)
 
 
 def _numpy(a) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+# ------------------------------------------------------------------ the pytorch-grad-cam extension
+_BAR = re.compile(r"\s*\d+%\|.*\|\s*\d+/\d+\s*\[.*\]\s*")  # a tqdm progress line
+
+
+@contextmanager
+def _inner_bars_hidden() -> Iterator[None]:
+    """ScoreCAM/AblationCAM draw a tqdm bar per image on stderr while they score masked copies;
+    featviz shows one bar for the run. Their stderr is held for that loop, and everything in it
+    but those bars (a warning, a log line) is passed on afterwards."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        rest = [ln for ln in re.split(r"[\r\n]", held.getvalue()) if ln.strip() and not _BAR.fullmatch(ln)]
+        if rest:
+            sys.stderr.write("\n".join(rest) + "\n")
+
+
+def _activations_and_gradients_class():
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+    class _ActivationsAndGradients(ActivationsAndGradients):
+        """pytorch-grad-cam's recorder, whose ``clear`` lets go of the tensors instead of detaching
+        them in place (``detach_`` fails on the views a ``reshape_transform`` returns)."""
+
+        def clear(self) -> None:
+            self.activations, self.gradients = [], []
+
+    return _ActivationsAndGradients
+
+
+class _FeatvizCAM:
+    """What featviz adds to a pytorch-grad-cam method, by subclassing it (see ``extended``):
+
+    * ``get_cam_image``: the raw map of every image is recorded (``_Recorder``), before
+      pytorch-grad-cam's ReLU and min-max scaling hide its size;
+    * ``get_cam_weights``: ScoreCAM's/AblationCAM's per-image tqdm bars are held back
+      (``_inner_bars_hidden``), and AblationCAM puts the target layer back if scoring fails;
+    * ``activations_and_grads``: a recorder whose ``release`` works on token layers too.
+    """
+
+    featviz_recorder: _Recorder | None = None
+    _featviz_quiet = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        ag = self.activations_and_grads
+        ag.release()  # nothing is recorded yet; featviz's recorder takes its place
+        self.activations_and_grads = _activations_and_gradients_class()(
+            ag.model, self.target_layers, ag.reshape_transform, ag.detach)
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+        if not self._featviz_quiet:
+            return super().get_cam_weights(input_tensor, target_layer, targets, activations, grads)
+        try:
+            with _inner_bars_hidden():
+                return super().get_cam_weights(input_tensor, target_layer, targets, activations, grads)
+        except BaseException:
+            ablation = getattr(self, "ablation_layer", None)
+            if ablation is not None:  # AblationCAM swaps the layer out while it scores
+                from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
+
+                replace_layer_recursive(self.model, ablation, target_layer)
+            raise
+
+    def get_cam_image(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False):
+        cam = super().get_cam_image(input_tensor, target_layer, targets, activations, grads, eigen_smooth)
+        if self.featviz_recorder is not None:
+            self.featviz_recorder.record(cam, grads, self.uses_gradients)
+        return cam
+
+
+@functools.cache
+def extended(cls: type) -> type:
+    """The pytorch-grad-cam method ``cls`` with featviz's additions (``_FeatvizCAM``): a subclass
+    with the same name, whose maps are ``cls``'s own."""
+    quiet = cls.__name__ in ("ScoreCAM", "AblationCAM")  # the methods that draw per-image tqdm bars
+    attrs = {"__module__": __name__, "_featviz_quiet": quiet,
+             "__doc__": f"pytorch-grad-cam's {cls.__name__}, extended by featviz"}
+    return type(cls.__name__, (_FeatvizCAM, cls), attrs)
+
+
+# ------------------------------------------------------------------ one method on one batch
 @contextmanager
 def _model_state(model: nn.Module, *, weights_require_grad: bool = False) -> Iterator[None]:
     """Eval mode and chosen weight ``requires_grad``; restore every flag and ``.grad`` afterwards.
@@ -280,24 +357,6 @@ def _cut_graph_hook(zero: torch.Tensor):
         return None
 
     return hook
-
-
-@contextmanager
-def _quiet_inner_loops() -> Iterator[None]:
-    """Silence the per-image tqdm bars of ScoreCAM/AblationCAM (featviz shows one progress bar)."""
-    import types
-
-    from pytorch_grad_cam import ablation_cam, score_cam
-
-    quiet = types.SimpleNamespace(tqdm=lambda iterable, *a, **k: iterable)
-    saved = [(mod, mod.tqdm) for mod in (score_cam, ablation_cam)]
-    try:
-        for mod, _ in saved:
-            mod.tqdm = quiet
-        yield
-    finally:
-        for mod, orig in saved:
-            mod.tqdm = orig
 
 
 def _grad_on_hook(_module, _inputs, _output) -> None:
@@ -346,68 +405,68 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
     recorder = _Recorder(x.shape[0])
     with ExitStack() as stack:
         stack.enter_context(_model_state(model, weights_require_grad=spec.input_gradient))
-        stack.enter_context(_quiet_inner_loops())
-        handles = []
+        handles = _guard_hooks(info, method, layers, targets, x)
         stack.callback(lambda: [h.remove() for h in handles])
-        if method in _CUT_GRAPH:
-            zero = torch.zeros((), device=x.device, requires_grad=True)
-            # prepend: the cut must happen before pytorch-grad-cam's own hooks see the output
-            handles += [m.register_forward_hook(_cut_graph_hook(zero), prepend=True) for m in layers]
-        elif spec.gradients:  # FullGrad/ShapleyCAM differentiate the input: grad mode must stay on
-            handles += [m.register_forward_hook(_grad_on_hook, prepend=True) for m in layers]
-
-        state = {"first": True}
-
-        def on_output(_module, _inputs, output):
-            if not state["first"]:
-                return
-            state["first"] = False
-            for t, o in zip(targets, output):
-                if not t.bound:
-                    t.bind(o.detach())
-            if spec.gradients and not output.requires_grad:
-                raise GradientError(
-                    f"{method} needs gradients from the model output back to layer(s) "
-                    f"{_layer_names(info, layers)}, but none flow: the model detaches or runs under "
-                    "torch.no_grad() after that layer. Use a gradient-free method (eigencam, scorecam, "
-                    "ablationcam, kpca_cam, fem) or a later layer")
-
-        handles.append(model.register_forward_hook(on_output))
         cam = make_cam(method, model, layers, reshape_transform, batch_size=batch_size,
                        token_layer=token_layer, output_kind=info.kind, options=options)
         stack.callback(release_cam, cam)
-        if method == "ablationcam":
-            stack.callback(_restore_ablated, model, cam, layers)
         for base in _base_cams(cam):
-            recorder.wrap(base)
+            base.featviz_recorder = recorder
         kwargs = dict(method_kwargs or {})
         if aug_smooth:
             kwargs["aug_smooth"] = True
         maps = cam(x, None if method == "finercam" else targets, eigen_smooth=eigen_smooth, **kwargs)
-        if spec.gradients and method not in ("fullgrad", "sess"):
-            for base in _base_cams(cam):
-                if len(base.activations_and_grads.gradients) < len(base.target_layers):
-                    raise GradientError(
-                        f"{method}: no gradient reached layer(s) {_layer_names(info, layers)}; the model output "
-                        "does not depend on them. Pick a layer on the path to the output")
-    stats = [_classify(st, t.slope) for st, t in zip(recorder.stats, targets)]
+        _check_gradients(info, method, cam, layers)
+    stats = [_classify(st, t.slope) for st, t in zip(recorder.stats, targets, strict=True)]
     return np.asarray(maps, dtype=np.float32), stats
 
 
-def _restore_ablated(model: nn.Module, cam, layers: list[nn.Module]) -> None:
-    """Put the target layer back if AblationCAM failed while its ablation layer was installed."""
-    from pytorch_grad_cam.utils.find_layers import replace_layer_recursive
+def _guard_hooks(info: ModelInfo, method: str, layers: list[nn.Module], targets: list[CamTarget],
+                 x: torch.Tensor) -> list:
+    """featviz's forward hooks for one explanation: where the graph starts, and a check on the first
+    (clean) output that binds the targets and refuses a gradient method when no gradient flows."""
+    spec = CAM_METHODS[method]
+    handles = []
+    if method in _CUT_GRAPH:
+        zero = torch.zeros((), device=x.device, requires_grad=True)
+        # prepend: the cut must happen before pytorch-grad-cam's own hooks see the output
+        handles += [m.register_forward_hook(_cut_graph_hook(zero), prepend=True) for m in layers]
+    elif spec.gradients:  # FullGrad/ShapleyCAM differentiate the input: grad mode must stay on
+        handles += [m.register_forward_hook(_grad_on_hook, prepend=True) for m in layers]
+    state = {"first": True}
 
-    for layer in layers:
-        replace_layer_recursive(model, cam.ablation_layer, layer)
+    def on_output(_module, _inputs, output):
+        if not state["first"]:
+            return
+        state["first"] = False
+        for t, o in zip(targets, output, strict=False):
+            if not t.bound:
+                t.bind(o.detach())
+        if spec.gradients and not output.requires_grad:
+            raise GradientError(
+                f"{method} needs gradients from the model output back to layer(s) "
+                f"{_layer_names(info, layers)}, but none flow: the model detaches or runs under "
+                "torch.no_grad() after that layer. Use a gradient-free method (eigencam, scorecam, "
+                "ablationcam, kpca_cam, fem) or a later layer")
+
+    handles.append(info.forward.register_forward_hook(on_output))
+    return handles
+
+
+def _check_gradients(info: ModelInfo, method: str, cam, layers: list[nn.Module]) -> None:
+    """A gradient method whose layers received no gradient explained nothing: say so."""
+    if not CAM_METHODS[method].gradients or method in ("fullgrad", "sess"):
+        return
+    for base in _base_cams(cam):
+        if len(base.activations_and_grads.gradients) < len(base.target_layers):
+            raise GradientError(
+                f"{method}: no gradient reached layer(s) {_layer_names(info, layers)}; the model output "
+                "does not depend on them. Pick a layer on the path to the output")
 
 
 def _layer_names(info: ModelInfo, layers: list[nn.Module]) -> str:
     names = {id(m): n for n, m in info.forward.named_modules()}
     return ", ".join(repr(names.get(id(m), type(m).__name__)) for m in layers)
-
-
-
 
 
 def not_applicable(method: str, info: ModelInfo, *, token_layer: bool, aug_smooth: bool = False,

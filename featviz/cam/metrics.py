@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -13,7 +12,6 @@ from featviz.cam.targets import CamTarget
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 
 METRIC_DEFINITIONS = {
@@ -50,7 +48,7 @@ def faithfulness(info: ModelInfo, x: torch.Tensor, maps: np.ndarray, targets: li
     try:
         with torch.no_grad():
             out = model(x)
-            base = np.array([float(t(o)) for t, o in zip(targets, out)])
+            base = np.array([float(t(o)) for t, o in zip(targets, out, strict=True)])
             morf = np.mean([after(ROADMostRelevantFirst(p)) - base for p in ROAD_PERCENTILES], axis=0)
             lerf = np.mean([after(ROADLeastRelevantFirst(p)) - base for p in ROAD_PERCENTILES], axis=0)
             change = after(CamMultImageConfidenceChange()) - base

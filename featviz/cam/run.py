@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ from featviz.cam.targets import (
 )
 from featviz.description import describe
 from featviz.errors import DataError
+from featviz.features import parse_image_size
+from featviz.progress import Progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     """Image files under ``inputs`` and readable ids (paths relative to the folder given).
@@ -51,6 +52,32 @@ def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     return files, ids
 
 
+def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
+    """Class names from ``"imagenet"`` (timm's ImageNet-1k descriptions), a text file with one name
+    per line, or a list; ``[]`` for None.
+
+    Raises:
+        DataError: the file does not exist or is empty.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Path)) and str(spec).lower() in ("imagenet", "imagenet-1k", "imagenet1k"):
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(info.num_classes())]
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"--class-names {str(spec)!r}: expected 'imagenet' or a text file with one class name "
+                            "per line, and there is no such file")
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not names:
+            raise DataError(f"--class-names {str(spec)!r} holds no names; expected one class name per line")
+        return names
+    return [str(n) for n in spec]
+
+
 def _transform(hw: tuple[int, int], mean, std):
     from featviz.data import eval_transform
 
@@ -66,9 +93,9 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             methods: str | Sequence[str] = "gradcam", layers: Sequence[str] | None = None,
             target: str | None = None, image_size: int | str | Sequence[int] | None = None,
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
-            metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False,
+            metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
-            sheet_rows: int = 24) -> dict[str, Any]:
+            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
     Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
@@ -92,26 +119,35 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         metrics: Add ROAD and confidence-change scores per map.
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: Seed for ``pair`` views and ROAD's imputation noise.
-        force: Replace an existing ``out_dir``.
-        class_names: Names for ``seg:NAME`` targets (default: the model's own, a segmenter's).
+        force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
+        strict: Stop at the first undecodable image instead of skipping it (with a warning).
+        class_names: The model's class names (``seg:NAME`` targets; class labels on the contact
+            sheet), as a list, a text file (one per line) or ``"imagenet"`` (see ``read_class_names``);
+            default: the model's own (a segmenter's).
         arguments: The command's arguments, for the manifest.
         progress: Wraps the batch loop (a progress bar).
         sheet_rows: Images shown on the contact sheet (all maps are still saved).
+        weights: What the weights are, for the sheet's title (a checkpoint name, ``random weights``).
+        note: A line under the sheet's title.
 
     Returns:
         The summary that ``--json`` prints.
     """
-    from featviz.outputs import atomic_dir, check_writable
+    from featviz.outputs import atomic_dir, check_output
 
     out_dir = Path(out_dir)
-    check_writable(out_dir, force=force)
-    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=image_size,
-                     batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names)
-    with atomic_dir(out_dir, force=force) as tmp, torch.random.fork_rng(devices=[]):
+    check_output(out_dir, force=force, folder=True)
+    hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
+    class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
+    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
+                     batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
+                     strict=strict)
+    with atomic_dir(out_dir, force=force, command="cam") as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
                                        metrics=metrics, progress=progress, sheet_rows=sheet_rows)
-        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments)
+        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments,
+                              weights=weights, note=note)
 
 
 @dataclass
@@ -137,10 +173,11 @@ class _Setup:
     skipped: dict[str, str]
     inner_batch: int
     device: torch.device
+    undecodable: list[str]
 
 
 def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int, aug_smooth: bool,
-             device: str, seed: int, class_names: Sequence[str]) -> _Setup:
+             device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
     from featviz.data import ImageDataset, collate, load_image, normalization_of
     from featviz.distributed import resolve_device
     from featviz.features import default_cam_layer, get_layer, input_size, reshape_transform
@@ -150,20 +187,23 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     files, ids = image_ids(inputs)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    hw = input_size(model, image_size)
+    hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
     mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
     layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
-    dataset = ImageDataset(files, None, transform, strict=True)
+    dataset = ImageDataset(files, None, transform, strict=strict)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    first = dataset[0][0][None].to(dev)
+    first = _first_decodable(dataset, files)[None].to(dev)
     info = probe_model(model, first)
     shapes = _layer_shapes(info.forward, layer_mods, first)
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
     class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
     check_target(spec, info, class_names)
+    if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
+        raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
+                        "classes; give one name per class")
     reference = None
     if spec.kind == "similarity":
         ref = transform(load_image(spec.arg or ""))[None].to(dev)
@@ -176,7 +216,20 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
                   token, reshape_transform(model, hw, layer_mods), spec,
                   TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
-                  inner, dev)
+                  inner, dev, [])
+
+
+def _first_decodable(dataset, files: list[Path]) -> torch.Tensor:
+    """The first image that decodes (the model is probed with it); one clear line when none does."""
+    from featviz.data import check_pixels, load_image
+
+    for i in range(len(dataset)):
+        x = dataset[i][0]
+        if x is not None:
+            return x
+        check_pixels(files[i])  # too large is not undecodable: say how to lift the limit
+    load_image(files[0])  # raises the DataError that names the first file and what is wrong with it
+    raise DataError(f"none of the {len(files)} images could be decoded")
 
 
 def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, aug_smooth: bool,
@@ -210,33 +263,59 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
     sheet_imgs: list[np.ndarray] = []
     batches: Iterable = s.loader if progress is None else progress(s.loader, total=len(s.loader))
     mean_t, std_t = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
-    for x, _, idx, _ in batches:
-        x = x.to(s.device)
-        rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        targets = make_targets(s.ctx, x)
-        for m in s.methods:
-            kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
-            batch_maps, batch_stats = explain(s.info, x, m, s.layer_mods, targets, reshape_transform=s.reshape,
-                                              aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
-                                              batch_size=s.inner_batch, token_layer=s.token, method_kwargs=kw)
-            maps[m].append(batch_maps)
-            stats[m] += batch_stats
-            if metrics:
-                for k, v in faithfulness(s.info, x, batch_maps, targets).items():
-                    mets[m].setdefault(k, []).append(v)
-            for j, i in enumerate(idx.tolist()):
-                overlay_png(rgb[j], batch_maps[j], overlays / f"{_safe(s.ids[i])}.{m}.png")
-        labels += [t.label for t in targets]
-        scores += [t.score for t in targets]
-        sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    bad: list[int] = []
+    try:
+        for x, _, idx, skipped in batches:
+            bad += _skipped(s, skipped)
+            if x is None:
+                continue
+            x = x.to(s.device)
+            rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            targets = make_targets(s.ctx, x)
+            for m in s.methods:
+                kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
+                batch_maps, batch_stats = explain(s.info, x, m, s.layer_mods, targets, reshape_transform=s.reshape,
+                                                  aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
+                                                  batch_size=s.inner_batch, token_layer=s.token, method_kwargs=kw)
+                maps[m].append(batch_maps)
+                stats[m] += batch_stats
+                if metrics:
+                    for k, v in faithfulness(s.info, x, batch_maps, targets).items():
+                        mets[m].setdefault(k, []).append(v)
+                for j, i in enumerate(idx.tolist()):
+                    overlay_png(rgb[j], batch_maps[j], overlays / f"{_safe(s.ids[i])}.{m}.png")
+            labels += [t.label for t in targets]
+            scores += [t.score for t in targets]
+            sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    finally:
+        close = getattr(batches, "close", None)  # a progress bar ends with the loop, error or not
+        if close is not None:
+            close()
+    if bad:  # the outputs hold the images that were explained, in order
+        gone = set(bad)
+        s.undecodable = [s.ids[i] for i in sorted(gone)]
+        s.files = [f for i, f in enumerate(s.files) if i not in gone]
+        s.ids = [f for i, f in enumerate(s.ids) if i not in gone]
     run = CamRun(s.ids, s.methods, s.skipped, {m: np.concatenate(v) for m, v in maps.items()}, stats, labels, scores,
                  {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in mets.items()}, s.layer_names,
                  str(s.spec), s.hw, s.info.kind)
     return run, sheet_imgs
 
 
+def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
+    """Undecodable images of a batch: warned about and left out (images above the decompression-bomb
+    limit stop the run with the way to lift it)."""
+    from featviz.data import check_pixels
+
+    for i in skipped:
+        check_pixels(s.files[i])
+        log.warning("skipping %s: it could not be decoded (pass --strict to stop instead)", s.ids[i])
+    return list(skipped)
+
+
 def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, arguments: dict[str, Any] | None) -> dict[str, Any]:
+                   metrics: bool, arguments: dict[str, Any] | None,
+                   weights: str | None = None, note: str | None = None) -> dict[str, Any]:
     """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
     from featviz.outputs import manifest, write_json
 
@@ -247,7 +326,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
     np.savez_compressed(tmp / "maps.npz", **arrays)
     desc = describe(s.model)
     warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
-    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run))
+    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
     write_json(tmp / "manifest.json", manifest(
         "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
                                       "output_shape": s.info.out_shape, "output_selected": s.info.selected,
@@ -255,6 +334,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
         reshape_transform=None if s.reshape is None else s.reshape.to_dict(),
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
+        undecodable_images=s.undecodable, weights=weights, note=note,
         device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
         metric_definitions=METRIC_DEFINITIONS if metrics else None,
         noise_rule=f"gradient maps are 'noise' when the target's relative slope ‖∂t/∂o‖·‖o‖/|t| < {NOISE_RATIO}, "
@@ -264,7 +344,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
                               **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()}}
                           for m in run.methods}} for i in range(len(run.ids))],
         warnings=warnings))
-    return _summary(run, out_dir, warnings)
+    return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
 
 
 def _safe(image_id: str) -> str:
@@ -277,8 +357,9 @@ def _arch_name(model: nn.Module) -> str:
     return desc.name if desc.arch is not None else type(model).__name__
 
 
-def _sheet_title(model: nn.Module, run: CamRun) -> str:
-    return f"{_arch_name(model)} · layer {', '.join(run.layers)} · target {run.target}"
+def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
+    arch = _arch_name(model) + (f" ({weights})" if weights else "")
+    return f"{arch} · layer {', '.join(run.layers)} · target {run.target}"
 
 
 def _warn_degenerate(run: CamRun) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from featviz.errors import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable]
 
 _TARGET_RE = re.compile(r"^(?P<kind>top1|self|pair|class|seg|similarity)(?::(?P<arg>.+))?$")
 TARGET_KINDS = ("top1", "class:N", "seg:CLASS", "similarity:REF_IMAGE", "self", "pair")
@@ -89,15 +88,21 @@ class CamTarget:
 
 
 class ClassTarget(CamTarget):
-    """A class logit: ``class:N``, or the arg-max class for ``top1`` (fixed by ``bind``)."""
+    """A class logit: ``class:N``, or the arg-max class for ``top1`` (fixed by ``bind``).
 
-    def __init__(self, category: int | None, num_classes: int):
-        self.category, self.num_classes = category, num_classes
+    With ``names`` (one per class) the label carries the class name and its softmax probability.
+    """
+
+    def __init__(self, category: int | None, num_classes: int, names: Sequence[str] = ()):
+        self.category, self.num_classes, self.names = category, num_classes, list(names)
 
     def bind(self, output: torch.Tensor) -> None:
         if self.category is None:
             self.category = int(output.argmax())
         self.label = f"class {self.category}"
+        if self.category < len(self.names):
+            p = float(output.detach().float().softmax(-1)[self.category])
+            self.label += f" {self.names[self.category]} (p={p:.2f})"
         super().bind(output)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
@@ -244,7 +249,8 @@ def make_targets(ctx: TargetContext, x: torch.Tensor) -> list[CamTarget]:
     n = x.shape[0]
     if spec.kind in ("top1", "class"):
         cat = None if spec.kind == "top1" else int(spec.arg or 0)
-        return [ClassTarget(cat, info.num_classes) for _ in range(n)]
+        names = ctx.class_names if len(ctx.class_names) == info.num_classes else ()
+        return [ClassTarget(cat, info.num_classes, names) for _ in range(n)]
     if spec.kind == "seg":
         idx = _seg_category(spec.arg or "", info, ctx.class_names)
         return [SegTarget(idx, spec.arg or str(idx)) for _ in range(n)]
@@ -265,7 +271,7 @@ def bind_targets(info: ModelInfo, x: torch.Tensor, targets: list[CamTarget]) -> 
     """Bind targets on a clean forward (for methods whose first forward is not the clean batch)."""
     with torch.no_grad():
         out = info.forward(x)
-    for t, o in zip(targets, out):
+    for t, o in zip(targets, out, strict=True):
         if not t.bound:
             t.bind(o)
 

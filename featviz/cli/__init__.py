@@ -15,6 +15,7 @@ from featviz.cli import (  # noqa: F401 - registers the commands
     cam,
     checkpoint,
     collapse,
+    crops,
     demo,
     embed,
     knn,

@@ -8,18 +8,105 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any, NoReturn
 
 import typer
+import typer.rich_utils
 from rich.console import Console
+from typer.core import TyperGroup
 
 from featviz import __version__
 from featviz.errors import FeatvizError
 
+PIPE_WIDTH = 160
+"""Console width when output goes to a pipe or a file: rich's default there is 80 columns, which cuts
+table cells (``std_…``) and option names in ``--help``; a terminal keeps its own width, and
+``COLUMNS`` always wins."""
+
+
+def _width(stream: IO[str]) -> int | None:
+    if os.environ.get("COLUMNS"):
+        return None  # rich reads it
+    try:
+        if stream.isatty():
+            return None
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        pass
+    return PIPE_WIDTH
+
+
+if typer.rich_utils.MAX_WIDTH is None and _width(sys.stdout):  # --help, piped
+    typer.rich_utils.MAX_WIDTH = PIPE_WIDTH
+
+
+def _flags_as_flags(params: list[Any]) -> None:
+    """A boolean flag takes no value, so --help shows none (Typer shows ``<bool>``, and ``--json true`` fails)."""
+    for p in params:  # Typer's own (vendored) click options
+        if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+
+
+def _help_as_flag(cmd: Any) -> None:
+    """The same for ``--help``, which click makes on demand."""
+    make = cmd.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        opt = make(ctx)
+        if opt is not None:
+            _flags_as_flags([opt])
+        return opt
+
+    cmd.get_help_option = get_help_option
+
+
+class _Group(TyperGroup):
+    """featviz's command group: Typer's, with flags shown as flags in every command's --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for cmd in (self, *self.commands.values()):
+            _flags_as_flags(cmd.params)
+            _help_as_flag(cmd)
+
+    def add_command(self, cmd: Any, name: str | None = None) -> None:
+        _flags_as_flags(cmd.params)
+        _help_as_flag(cmd)
+        super().add_command(cmd, name)
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Typer's main, with every usage error (a missing option, a bad value, an extra argument) said
+        in one red line, exit code 2, like featviz's own errors (Typer draws a box of several lines)."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+        from typer.exceptions import Abort
+
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # `featviz` alone: the help, as Typer shows it
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(e)
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            where = getattr(getattr(e, "ctx", None), "command_path", None)
+            hint = f" ({where} -h for help)" if isinstance(e, UsageError) and where else ""
+            err.print("[bold red]error:[/] " + (e.format_message() + hint).replace("[", r"\["), highlight=False,
+                      soft_wrap=True)
+            sys.exit(e.exit_code)
+        except Abort:
+            err.print("Aborted!")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="featviz",
     help="Visualize and diagnose the features that self-supervised vision models learn.",
     no_args_is_help=True,
@@ -28,8 +115,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-out = Console()  # results
-err = Console(stderr=True)  # progress, logs, errors
+out = Console(width=_width(sys.stdout))  # results
+err = Console(stderr=True, width=_width(sys.stderr))  # progress, logs, errors
 
 
 @contextmanager
@@ -43,6 +130,12 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(code=1) from None
 
 
+def usage_error(message: str) -> NoReturn:
+    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors)."""
+    err.print("[bold red]error:[/] " + message.replace("[", r"\["), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
 def _echo_json(obj: Any) -> None:
     from featviz.outputs import to_jsonable
 
@@ -50,14 +143,37 @@ def _echo_json(obj: Any) -> None:
 
 
 def _progress(description: str):
-    """A rich progress wrapper for library loops (the library itself has no rich dependency)."""
+    """A rich progress wrapper for library loops (the library itself has no rich dependency).
 
-    def wrap(iterable, total: int | None = None):
-        from rich.progress import track
+    The bar is redrawn by the loop itself (``auto_refresh=False``): no refresh or tracking threads,
+    so a loop that stops with an error, and leaves its generator to the garbage collector, cannot
+    deadlock with another bar's refresh thread (``rich.progress.track`` can). A library loop may name
+    its own stage: ``progress(it, total=n, description="embedding train")``.
+    """
 
-        return track(iterable, description=description, total=total, console=err, transient=True)
+    def wrap(iterable, total: int | None = None, description: str = description):
+        from rich.progress import Progress
+
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        bar = Progress(*Progress.get_default_columns(), console=err, transient=True, auto_refresh=False)
+        with bar:
+            task = bar.add_task(description, total=total)
+            bar.refresh()
+            for item in iterable:
+                yield item
+                bar.advance(task)
+                bar.refresh()
 
     return wrap
+
+
+def _image_limit(max_image_pixels: int | None) -> None:
+    """Apply ``--max-image-pixels`` (Pillow's decompression-bomb limit) for this process."""
+    if max_image_pixels is not None:
+        from featviz.data import set_max_image_pixels
+
+        set_max_image_pixels(max_image_pixels)
 
 
 class _LineHandler(logging.Handler):

@@ -21,6 +21,7 @@ from featviz.cli.options import (
     SeedOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 _ROLL = "Attention rollout"
@@ -43,7 +44,12 @@ def attention(
     checkpoint: CheckpointOpt = None,
     arch: ArchOpt = None,
     image_size: Annotated[
-        str | None, typer.Option("--image-size", help="N or HxW, multiples of the patch size (default: the model's).")
+        str | None,
+        typer.Option(
+            "--image-size",
+            callback=image_size_value,
+            help="N or HxW, multiples of the patch size (default: the model's).",
+        ),
     ] = None,
     layer: Annotated[
         int | None, typer.Option("--layer", help="Block index (negative counts from the end; default: the last).")
@@ -95,6 +101,9 @@ def attention(
         "seed": seed,
     }
     with _user_errors():
+        from featviz.outputs import check_output
+
+        check_output(out_dir, force=force, folder=True)  # before the model is loaded
         model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
         summary = run_attention(
             images,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from featviz._names import CAM_METHOD_NAMES
-from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
+from featviz.cli._app import _echo_json, _image_limit, _progress, _user_errors, app, out
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -18,8 +18,10 @@ from featviz.cli.options import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    MaxImagePixelsOpt,
     NumHeadsOpt,
     SeedOpt,
+    StrictOpt,
     TrustOpt,
     _load_kwargs,
     image_size_value,
@@ -68,6 +70,14 @@ def cam(
             help="N or HxW (default: the model's; a ViT takes any multiple of its patch size, e.g. 224x320).",
         ),
     ] = None,
+    class_names: Annotated[
+        str | None,
+        typer.Option(
+            "--class-names",
+            help="Class names for the labels: 'imagenet' (ImageNet-1k, from timm) or a text file, one per line.",
+        ),
+    ] = None,
+    note: Annotated[str | None, typer.Option("--note", help="A line under the contact sheet's title.")] = None,
     aug_smooth: Annotated[
         bool, typer.Option("--aug-smooth", help="Average over flips and scalings (6× slower).")
     ] = False,
@@ -82,6 +92,8 @@ def cam(
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 16,
     seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    max_image_pixels: MaxImagePixelsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -104,8 +116,14 @@ def cam(
         "device": device,
         "batch_size": batch_size,
         "seed": seed,
+        "strict": strict,
+        "class_names": class_names,
     }
     with _user_errors():
+        from featviz.outputs import check_output
+
+        check_output(out_dir, force=force, folder=True)  # before the model is loaded
+        _image_limit(max_image_pixels)
         model, _ = load_model(
             checkpoint, seed=seed, head=True, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         )
@@ -124,6 +142,10 @@ def cam(
             device=device,
             seed=seed,
             force=force,
+            strict=strict,
+            class_names=class_names or (),
+            weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
+            note=note,
             arguments=args,
             progress=_progress("cam"),
         )

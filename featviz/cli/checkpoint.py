@@ -32,17 +32,48 @@ def inspect(
     trust_checkpoint: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Detect a checkpoint's layout and architecture, and verify that its encoder loads."""
-    from featviz.checkpoints import LoadReport
-    from featviz.loader import load_model
+    """Detect a checkpoint's layout and architecture, and verify that it loads (a segmenter whole, else its encoder)."""
+    from featviz import loader
 
     with _user_errors():
-        _, desc = load_model(checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint))
-    report = LoadReport(**desc.source)  # the load report, as the description records it
+        info = loader.inspect_checkpoint(
+            checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
+        )
     if as_json:
-        _echo_json(report.to_dict())
+        _echo_json(info)
+    elif info.get("kind") == "segmenter":
+        out.print(_segmenter_table(info))
     else:
-        out.print(report.to_rich())
+        from featviz.checkpoints import LoadReport
+
+        out.print(LoadReport(**info).to_rich())
+
+
+def _segmenter_table(s: dict):
+    from rich.table import Table
+
+    layout = {"cac": "CAC's official DeepLabv3+ (dvlab-research/Context-Aware-Consistency)",
+              "featviz": "featviz's segmenter (featviz train -m supervised_seg|cac)"}.get(s["layout"], s["layout"])
+    t = Table(show_header=False, box=None, title=f"[bold]{Path(s['path']).name}", title_justify="left")
+    t.add_column(style="bold cyan")
+    t.add_column()
+    t.add_row("kind", "whole segmenter: backbone, DeepLabv3+ head" + (", projector" if s["projector_dim"] else "")
+              + "  [dim](loads whole: cam and tsne --figure cac use all of it; embed and collapse its backbone)[/]")
+    t.add_row("layout", f"{s['layout']}  [dim]{layout}[/]")
+    t.add_row("method", str(s["method"]))
+    t.add_row("backbone", f"{s['arch']}  [dim](output stride {s['output_stride']}, dilation {s['dilation']})[/]")
+    t.add_row("head", f"ASPP rates {s['aspp_rates']}, decoder {s['decoder_dim']}-d at stride {s['feature_stride']}")
+    t.add_row("projector", f"{s['projector_dim']}-d (CAC's contrastive projector)" if s["projector_dim"] else "-")
+    names = s["class_names"]
+    t.add_row("classes", f"{s['num_classes']}: " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
+    if s.get("trained_crop"):
+        t.add_row("trained crop", ", ".join(f"{k} {v}" for k, v in s["trained_crop"].items()))
+    if s.get("normalization"):
+        n = s["normalization"]
+        t.add_row("normalisation", f"mean={n.get('mean')} std={n.get('std')}")
+    for w in s.get("warnings", []):
+        t.add_row("[yellow]warning", w)
+    return t
 
 
 @app.command()

@@ -213,9 +213,9 @@ def collapse(
                 )
             )
         if out_dir is not None:
-            from featviz.outputs import check_writable
+            from featviz.outputs import check_output
 
-            check_writable(out_dir, force=force)  # fail before the (possibly long) computation
+            check_output(out_dir, force=force, folder=True)  # fail before the (possibly long) computation
         model = None
         if embeddings is not None:
             reports, source = (

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featviz.cli._app import _progress, _usage, _user_errors, app
+from featviz.cli._app import _image_limit, _progress, _user_errors, app
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -18,13 +18,14 @@ from featviz.cli.options import (
     ForceOpt,
     FormatOpt,
     ImageSizeOpt,
-    ImagesOpt,
     LayerOpt,
     MasksOpt,
+    MaxImagePixelsOpt,
     MaxPixOpt,
     NumHeadsOpt,
     PixelsOpt,
     PrecisionOpt,
+    RequiredImagesOpt,
     SeedOpt,
     StrictOpt,
     TrustOpt,
@@ -36,9 +37,10 @@ from featviz.cli.options import (
 @app.command()
 def embed(
     out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="Output embeddings file (.npz); manifest.json is written beside it.")
+        Path,
+        typer.Option("--out", "-o", help="Output embeddings file E.npz; its manifest E.manifest.json goes beside it."),
     ],
-    images: ImagesOpt = None,
+    images: RequiredImagesOpt,
     checkpoint: CheckpointOpt = None,
     arch: ArchOpt = None,
     labels: Annotated[
@@ -55,6 +57,7 @@ def embed(
     workers: WorkersOpt = None,
     seed: SeedOpt = 0,
     strict: StrictOpt = False,
+    max_image_pixels: MaxImagePixelsOpt = None,
     drop_nonfinite: DropNonfiniteOpt = False,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
@@ -78,8 +81,7 @@ def embed(
     from featviz import embed as embed_lib
 
     with _user_errors():
-        if images is None:
-            raise _usage("--images is required (a folder, a CSV of path,label, or 'digits')")
+        _image_limit(max_image_pixels)
         emb = embed_lib.run_embed(
             out=out_path,
             checkpoint=checkpoint,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz.cli._app import _echo_json, _user_errors, app, err, out
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -100,14 +100,8 @@ def sources(
 
 
 def progress():
-    """``progress(iterable, total=…, description=…)``: a transient rich bar on stderr."""
-
-    def wrap(iterable, total: int | None = None, description: str = "working"):
-        from rich.progress import track
-
-        return track(iterable, description=description, total=total, console=err, transient=True)
-
-    return wrap
+    """``progress(iterable, total=…, description=…)``: the CLI's transient bar on stderr (``_progress``)."""
+    return _progress("working")
 
 
 def print_protocol(result: dict[str, Any]) -> None:

@@ -17,7 +17,8 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         "-a",
-        help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. Inferred from the checkpoint when omitted.",
+        help="Architecture: resnet18…152[-cifar], wide_resnet50_2, vit_small_patch16_224, timm:<name>. "
+        "Inferred from the checkpoint when omitted.",
     ),
 ]
 FormatOpt = Annotated[FormatName, typer.Option("--format", help="Checkpoint layout; 'auto' detects it.")]
@@ -47,10 +48,9 @@ def _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust) -> dict[str, Any]:
     return dict(arch=arch, format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust)
 
 
-ImagesOpt = Annotated[
-    str | None,
-    typer.Option("--images", "-i", help="Folder (class subfolders = labels), CSV of path,label, or 'digits'."),
-]
+_IMAGES_HELP = "Folder (class subfolders = labels), CSV of path,label, or 'digits'."
+ImagesOpt = Annotated[str | None, typer.Option("--images", "-i", help=_IMAGES_HELP)]
+RequiredImagesOpt = Annotated[str, typer.Option("--images", "-i", help=_IMAGES_HELP, show_default=False)]
 PixelsOpt = Annotated[bool, typer.Option("--pixels", help="Dense pixel features labelled from --masks.")]
 MasksOpt = Annotated[
     Path | None, typer.Option("--masks", help="Folder of class-index masks named like the images (255 = ignore).")
@@ -59,9 +59,12 @@ LayerOpt = Annotated[str | None, typer.Option("--layer", help="Layer for --pixel
 MaxPixOpt = Annotated[
     int | None, typer.Option("--max-pixels-per-class", min=1, help="Class-balanced pixel sample (seeded).")
 ]
+
+
 def image_size_value(value: str | None) -> int | str | None:
     """``--image-size`` N or HxW, checked by the feature core's parser: a malformed size is a usage
-    error (exit 2) before any model is loaded; N comes back as an int, HxW as ``"HxW"``."""
+    error (exit 2) before any model is loaded, said in one line (``error: --image-size '0': ...``);
+    N comes back as an int, HxW as ``"HxW"``."""
     if value is None:
         return None
     from featviz.errors import DataError
@@ -70,7 +73,9 @@ def image_size_value(value: str | None) -> int | str | None:
     try:
         h, w = parse_image_size(value)
     except DataError as e:
-        raise typer.BadParameter(str(e).removeprefix(f"--image-size {value!r}: ")) from None
+        from featviz.cli._app import usage_error
+
+        usage_error(str(e))
     return h if value.strip().isdigit() else f"{h}x{w}"
 
 
@@ -91,6 +96,14 @@ WorkersOpt = Annotated[
 ]
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Stop at the first undecodable image instead of skipping it.")
+]
+MaxImagePixelsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-pixels",
+        min=0,
+        help="Lift Pillow's decompression-bomb limit (89,478,485 pixels) for large images you trust; 0 = no limit.",
+    ),
 ]
 DropNonfiniteOpt = Annotated[
     bool, typer.Option("--drop-nonfinite", help="Drop NaN/Inf feature rows instead of failing.")

@@ -21,6 +21,7 @@ from featviz.cli.options import (
     NumHeadsOpt,
     SeedOpt,
     TrustOpt,
+    image_size_value,
 )
 
 
@@ -34,7 +35,9 @@ def pca(
         str | None,
         typer.Option("--layer", "-l", help="Layer name (default: ViT final norm, ResNet layer4; `featviz layers`)."),
     ] = None,
-    image_size: Annotated[str | None, typer.Option("--image-size", help="N or HxW (default: the model's).")] = None,
+    image_size: Annotated[
+        str | None, typer.Option("--image-size", callback=image_size_value, help="N or HxW (default: the model's).")
+    ] = None,
     components: Annotated[
         int, typer.Option("--components", min=1, help="Principal components kept; the first three are R, G, B.")
     ] = 3,
@@ -75,6 +78,9 @@ def pca(
         "seed": seed,
     }
     with _user_errors():
+        from featviz.outputs import check_output
+
+        check_output(out_dir, force=force, folder=True)  # before the model is loaded
         model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
         s = run_pca(
             images,

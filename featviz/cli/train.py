@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import MethodName, OptimizerName
+from featviz._names import CropName, MethodName, OptimizerName
 from featviz.cli._app import _echo_json, _user_errors, app, err, out
 from featviz.cli.options import (
     DeviceOpt,
@@ -52,7 +52,14 @@ def _train_progress(every: int):
                 bar.advance(state["task"])
 
     def on_log(rec: dict[str, Any]) -> None:
-        if rec.get("kind") == "epoch":
+        if rec.get("kind") == "boxes":
+            err.print(
+                f"ContrastiveCrop boxes after epoch {rec.get('epoch')}: mean area {rec['mean_box_area']:.3f}, "
+                f"{100 * rec['whole_image_share']:.0f} % whole images, IoU with the previous "
+                f"{rec['box_iou_previous']:.3f} ({rec['seconds']:.1f}s)",
+                highlight=False,
+            )
+        elif rec.get("kind") == "epoch":
             extra = "".join(f"  {k} {rec[k]:.3f}" for k in ("knn_acc", "miou", "std_l2") if rec.get(k) is not None)
             err.print(
                 f"epoch {rec.get('epoch')}: loss {rec.get('loss', float('nan')):.4f}  "
@@ -191,6 +198,53 @@ def train(
     weight_unsup: Annotated[
         float, typer.Option("--weight-unsup", min=0.0, help="CAC: weight of the pixel contrast loss.")
     ] = 0.1,
+    crop: Annotated[
+        CropName,
+        typer.Option(
+            "--crop",
+            help="Global views' crop: rrc (RandomResizedCrop) or contrastive (ContrastiveCrop, Peng et al. 2022: "
+            "centres drawn from Beta(alpha, alpha) inside each image's heatmap box; docs/crops.md).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = "rrc",
+    crop_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--crop-threshold",
+            min=0.0,
+            max=0.999,
+            help="Heatmap threshold k of the boxes (official 0.10; the paper: 0.05-0.20 good).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_alpha: Annotated[
+        float | None,
+        typer.Option(
+            "--crop-alpha",
+            min=1e-3,
+            help="Beta(alpha, alpha) of the crop centres (official 0.1 for <= 96 px crops, 0.6 above; < 1 pushes "
+            "the two views apart).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_update_every: Annotated[
+        int | None,
+        typer.Option(
+            "--crop-update-every",
+            min=1,
+            help="Epochs between box updates (official: a fifth of the run).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
+    crop_warmup: Annotated[
+        int | None,
+        typer.Option(
+            "--crop-warmup",
+            min=0,
+            help="Epochs of plain RandomResizedCrop first (official: a fifth of the run).",
+            rich_help_panel="ContrastiveCrop",
+        ),
+    ] = None,
     step_save: Annotated[
         int, typer.Option("--step-save", min=0, help="CAC: earlier steps whose negatives are kept (0 = none).")
     ] = 1,
@@ -241,6 +295,11 @@ def train(
         iou_bound=tuple(iou_bound),
         temp=temp,
         weight_unsup=weight_unsup,
+        crop=crop,
+        crop_threshold=crop_threshold,
+        crop_alpha=crop_alpha,
+        crop_update_every=crop_update_every,
+        crop_warmup=crop_warmup,
         step_save=step_save,
         epoch_start_unsup=epoch_start_unsup,
     )

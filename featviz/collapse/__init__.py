@@ -66,7 +66,8 @@ from featviz.collapse.plots import (
 
 __all__ = [
     "ALPHA_RANGE", "CURVE_PANELS", "DEFINITIONS", "NORM_EPS", "RANKME_EPS", "UNIFORMITY_EXACT_MAX",
-    "UNIFORMITY_PAIRS", "STOP_REASONS", "CollapseMonitor", "CollapseReport", "CollapseWatcher", "FollowResult", "JsonlTail", "Moments",
+    "UNIFORMITY_PAIRS", "STOP_REASONS", "CollapseMonitor", "CollapseReport", "CollapseWatcher", "FollowResult",
+    "JsonlTail", "Moments",
     "Uniformity", "WatchResult", "alignment", "alpha_req", "alpha_req_from_eigenvalues", "append_jsonl",
     "as_array", "collapse_report", "effective_rank", "effective_rank_from_eigenvalues", "file_reports", "follow_run",
     "load_matrix",

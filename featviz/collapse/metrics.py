@@ -93,7 +93,7 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
     Raises:
         ArtifactError: missing file, unknown extension or malformed content.
     """
-    from featviz.artifacts import Embeddings
+    from featviz.artifacts import Embeddings, check_array_file
     from featviz.errors import ArtifactError
 
     path = Path(path)
@@ -102,6 +102,7 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
     if path.suffix == ".npy":
         if not path.is_file():
             raise ArtifactError(f"{what} file {str(path)!r} does not exist")
+        check_array_file(path, "npy", expected=f"an (N, D) .npy matrix of {what}")
         try:
             return as_array(np.load(path, mmap_mode="r", allow_pickle=False), what=what)
         except ValueError as e:
@@ -561,7 +562,8 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
         n=m.n, d=m.d, std_l2=std, std_l2_ideal=ideal, collapse_level=max(0.0, 1.0 - std / ideal),
         alignment=(m.align_sum / m.n_pairs) if m.n_pairs else None,
         uniformity=uni.value, uniformity_exact=uni.exact, uniformity_pairs=uni.pairs,
-        uniformity_ci95=uni.ci95, rankme=rankme_from_singular_values(sv), effective_rank=effective_rank_from_eigenvalues(lam),
+        uniformity_ci95=uni.ci95, rankme=rankme_from_singular_values(sv),
+        effective_rank=effective_rank_from_eigenvalues(lam),
         alpha_req=a, alpha_req_r2=r2, alpha_req_range=used, n_nonfinite=int((~keep).sum()),
         alignment_alpha=alpha, uniformity_t=t, singular_values=sv, cov_eigenvalues=lam,
         normalized_cov_eigenvalues=lam_n,

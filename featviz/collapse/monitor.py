@@ -274,8 +274,8 @@ class CollapseWatcher:
         rk = rec.get("rankme")
         if isinstance(rk, (int, float)):
             if self._peak and rk < (1 - self.rankme_drop) * self._peak[0]:
-                current["rankme"] = (f"RankMe fell to {rk:.3g} from its peak {self._peak[0]:.3g} at step {self._peak[1]} "
-                                     "(dimensional collapse)")
+                current["rankme"] = (f"RankMe fell to {rk:.3g} from its peak {self._peak[0]:.3g} at step "
+                                     f"{self._peak[1]} (dimensional collapse)")
             if self._peak is None or rk > self._peak[0]:
                 self._peak = (rk, step)
         new = [{"step": step, "kind": k, "message": m} for k, m in current.items() if k not in self._active]
@@ -306,9 +306,9 @@ class CollapseWatcher:
         from rich.table import Table
 
         table = Table(title=title, box=None, header_style="bold")
-        cols = [("step", "step"), ("epoch", "epoch"), ("split", "on"), ("loss", "loss"), ("std_l2", "std_l2 (% of 1/√d)"),
-                ("rankme", "RankMe"), ("effective_rank", "eff. rank"), ("uniformity", "uniformity"),
-                ("alignment", "alignment"), ("knn_acc", "kNN acc")]
+        cols = [("step", "step"), ("epoch", "epoch"), ("split", "on"), ("loss", "loss"),
+                ("std_l2", "std_l2 (% of 1/√d)"), ("rankme", "RankMe"), ("effective_rank", "eff. rank"),
+                ("uniformity", "uniformity"), ("alignment", "alignment"), ("knn_acc", "kNN acc")]
         present = [(k, h) for k, h in cols if any(k in r for r in self.records)] or cols[:1]
         for _, h in present:
             table.add_column(h, justify="right")
@@ -324,7 +324,8 @@ class CollapseWatcher:
                 elif k == "std_l2" and isinstance(v, (int, float)) and r.get("std_l2_ideal"):
                     cells.append(f"{v:.4f} ({100 * v / r['std_l2_ideal']:.0f}%) {self.trend(k, i)}")
                 elif isinstance(v, float):
-                    cells.append(f"{v:.4g} {self.trend(k, i) if k in ('rankme', 'effective_rank', 'loss') else ''}".strip())
+                    arrow = self.trend(k, i) if k in ("rankme", "effective_rank", "loss") else ""
+                    cells.append(f"{v:.4g} {arrow}".strip())
                 else:
                     cells.append("" if v is None else str(v))
             status = ", ".join(r.get("_alarms", [])) or "ok"
@@ -377,9 +378,7 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
     run_dir = Path(run_dir)
     watcher = watcher or CollapseWatcher()
     emit = on_event or (lambda kind, info: None)
-    tail = JsonlTail(run_dir / filename)
-    seen: dict[Path, tuple[int, float]] = {}
-    done_ckpts: set[Path] = set()
+    source = _RunSource(run_dir, filename, checkpoint_metrics)
     last_new = time.monotonic()
     waiting_said = ""
 
@@ -388,58 +387,87 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
         return WatchResult(reason, len(watcher.records), watcher.alarms)
 
     while True:
-        new: list[dict[str, Any]] = []
-        pending = False  # checkpoints seen but not measured yet
-        if not run_dir.is_dir():
-            msg = f"waiting for {run_dir} to appear"
-        elif tail.path.exists() or checkpoint_metrics is None:
-            new = tail.read()
-            msg = f"waiting for {tail.path}" if not tail.path.exists() else ""
-            if not tail.path.exists() and checkpoint_metrics is None and _checkpoints(run_dir):
-                msg += " (checkpoints are there: pass --images DIR to compute metrics from them)"
-        else:
-            msg = f"waiting for checkpoints in {run_dir}"
-            for ck in _checkpoints(run_dir):
-                if ck in done_ckpts:
-                    continue
-                pending = True
-                st = ck.stat()
-                sig = (st.st_size, st.st_mtime)
-                if seen.get(ck) != sig:  # still being written, or just appeared: look again next poll
-                    seen[ck] = sig
-                    continue
-                done_ckpts.add(ck)
-                try:
-                    rec = {"step": _step_of(ck, len(done_ckpts) - 1), "checkpoint": ck.name, **checkpoint_metrics(ck)}
-                except FeatvizError as e:  # one unreadable checkpoint must not end the watch
-                    log.warning("skipping %s: %s", ck.name, e)
-                    continue
-                new.append(rec)
+        new, pending, msg = source.poll()
         if msg and msg != waiting_said and not new:
             emit("waiting", {"message": msg})
             waiting_said = msg
         if new:
-            last_new = time.monotonic()
-            waiting_said = ""
-            fired = [a for r in new for a in watcher.add(r)]
-            emit("records", {"records": new, "alarms": fired})
-            if fired and stop_on_alarm:
-                return finish("alarm")
-            if until_step is not None and any(isinstance(r.get("step"), int) and r["step"] >= until_step
-                                              for r in new):
-                return finish("until_step")
-        if watcher.done or ((run_dir / DONE_FILE).exists() and not new and not pending):
+            last_new, waiting_said = time.monotonic(), ""
+            reason = _take(watcher, new, emit, stop_on_alarm=stop_on_alarm, until_step=until_step)
+            if reason:
+                return finish(reason)
+        if watcher.done or (source.done_file() and not new and not pending):
             # a DONE file may land before the last lines are read: read once more first
-            rest = tail.read() if run_dir.is_dir() else []
-            fired = [a for r in rest for a in watcher.add(r)]
-            if rest:
-                emit("records", {"records": rest, "alarms": fired})
-            if fired and stop_on_alarm:
+            rest = source.read_rest()
+            if rest and _take(watcher, rest, emit, stop_on_alarm=stop_on_alarm, until_step=None) == "alarm":
                 return finish("alarm")
             return finish("done")
         if max_wait is not None and time.monotonic() - last_new > max_wait:
             return finish("max_wait")
         sleep(interval)
+
+
+def _take(watcher: CollapseWatcher, records: list[dict[str, Any]], emit: Callable[[str, dict[str, Any]], None], *,
+          stop_on_alarm: bool, until_step: int | None) -> str | None:
+    """Hand new records to the watcher and report them; the reason to stop now, if any."""
+    fired = [a for r in records for a in watcher.add(r)]
+    emit("records", {"records": records, "alarms": fired})
+    if fired and stop_on_alarm:
+        return "alarm"
+    if until_step is not None and any(isinstance(r.get("step"), int) and r["step"] >= until_step for r in records):
+        return "until_step"
+    return None
+
+
+class _RunSource:
+    """Where a watched run's records come from: its metrics file, or (with ``checkpoint_metrics``
+    and no metrics file) its checkpoints, each measured once its size stops changing."""
+
+    def __init__(self, run_dir: Path, filename: str, checkpoint_metrics: Callable[[Path], dict[str, Any]] | None):
+        self.run_dir, self.checkpoint_metrics = run_dir, checkpoint_metrics
+        self.tail = JsonlTail(run_dir / filename)
+        self.seen: dict[Path, tuple[int, float]] = {}
+        self.measured: set[Path] = set()
+
+    def poll(self) -> tuple[list[dict[str, Any]], bool, str]:
+        """New records, whether checkpoints still wait to be measured, and what is being waited for."""
+        if not self.run_dir.is_dir():
+            return [], False, f"waiting for {self.run_dir} to appear"
+        if self.tail.path.exists() or self.checkpoint_metrics is None:
+            msg = "" if self.tail.path.exists() else f"waiting for {self.tail.path}"
+            if msg and self.checkpoint_metrics is None and _checkpoints(self.run_dir):
+                msg += " (checkpoints are there: pass --images DIR to compute metrics from them)"
+            return self.tail.read(), False, msg
+        new, pending = self._checkpoint_records()
+        return new, pending, f"waiting for checkpoints in {self.run_dir}"
+
+    def _checkpoint_records(self) -> tuple[list[dict[str, Any]], bool]:
+        new: list[dict[str, Any]] = []
+        pending = False
+        for ck in _checkpoints(self.run_dir):
+            if ck in self.measured:
+                continue
+            pending = True
+            st = ck.stat()
+            sig = (st.st_size, st.st_mtime)
+            if self.seen.get(ck) != sig:  # still being written, or just appeared: look again next poll
+                self.seen[ck] = sig
+                continue
+            self.measured.add(ck)
+            try:
+                rec = {"step": _step_of(ck, len(self.measured) - 1), "checkpoint": ck.name,
+                       **self.checkpoint_metrics(ck)}
+            except FeatvizError as e:  # one unreadable checkpoint must not end the watch
+                log.warning("skipping %s: %s", ck.name, e)
+                continue
+            new.append(rec)
+        return new, pending
+
+    def done_file(self) -> bool:
+        return (self.run_dir / DONE_FILE).exists()
+
+    def read_rest(self) -> list[dict[str, Any]]:
+        return self.tail.read() if self.run_dir.is_dir() else []
 
 
 @dataclass
@@ -461,8 +489,8 @@ class FollowResult:
                 "curves": str(self.curves)}
 
 
-STOP_REASONS = {"done": "the run finished", "until_step": "reached --until-step", "max_wait": "nothing new for --max-wait",
-                "alarm": "collapse alarm"}
+STOP_REASONS = {"done": "the run finished", "until_step": "reached --until-step",
+                "max_wait": "nothing new for --max-wait", "alarm": "collapse alarm"}
 
 
 def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
@@ -483,26 +511,32 @@ def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = 
         DataError: no metrics appeared before ``max_wait``.
     """
     from featviz.collapse.plots import plot_curves
-    from featviz.outputs import check_writable
+    from featviz.outputs import check_output, prepare_folder
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "collapse-watch"
-    if out.exists():
-        check_writable(out, force=force)
+    check_output(out, force=force, folder=True)  # now; the folder is made when the first record arrives
     watcher = watcher or CollapseWatcher()
     title = title or f"collapse watch: {run_dir}"
     last_plot = [0.0]
+    prepared = [False]
+
+    def prepare() -> None:
+        if not prepared[0]:
+            files = ["curves.png"] + (["metrics.jsonl"] if checkpoint_metrics is not None else [])
+            prepare_folder(out, files, force=force, command="collapse --watch")
+            prepared[0] = True
 
     def redraw(final: bool = False) -> None:
         if watcher.records and (final or time.monotonic() - last_plot[0] > plot_every):
-            out.mkdir(parents=True, exist_ok=True)
+            prepare()
             plot_curves(watcher.records, out / "curves.png", std_fraction=watcher.std_fraction, title=title)
             last_plot[0] = time.monotonic()
 
     def event(kind: str, info: dict[str, Any]) -> None:
         if kind == "records":
             if checkpoint_metrics is not None:  # keep what was computed from checkpoints
-                out.mkdir(parents=True, exist_ok=True)
+                prepare()
                 for r in info["records"]:
                     append_jsonl(out / "metrics.jsonl", {k: v for k, v in r.items() if not k.startswith("_")})
         if on_event is not None:

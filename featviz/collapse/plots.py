@@ -36,14 +36,14 @@ def plot_spectrum(reports: dict[str, CollapseReport], path: str | os.PathLike, *
     axes = fig.subplots(1, 3)
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
     floor = 1e-12  # log(0) guard: a collapsed direction plots at the floor, not off the axis
-    for (name, r), c in zip(reports.items(), colors * 4):
+    for (name, r), c in zip(reports.items(), colors * 4, strict=False):
         panels = [
             (r.singular_values, f"{name}: RankMe {r.rankme:.1f}"),
             (r.cov_eigenvalues, f"{name}: eff. rank {r.effective_rank:.1f}"
              + (f", α={r.alpha_req:.2f} (R²={r.alpha_req_r2:.2f})" if r.alpha_req is not None else "")),
             (r.normalized_cov_eigenvalues, f"{name}: std_l2 {r.std_l2:.3g} (ideal {r.std_l2_ideal:.3g})"),
         ]
-        for ax, (vals, label) in zip(axes, panels):
+        for ax, (vals, label) in zip(axes, panels, strict=False):
             if len(vals) == 0 or vals[0] <= 0:
                 continue
             rel = np.maximum(vals / vals[0], floor)
@@ -57,7 +57,7 @@ def plot_spectrum(reports: dict[str, CollapseReport], path: str | os.PathLike, *
             axes[1].plot(ranks, np.exp(b) * ranks ** -r.alpha_req, "--", color=c, lw=1, alpha=0.8)
     titles = ["σ_k of Z (uncentred) — RankMe", "λ_k of cov(Z) (centred) — eff. rank, α-ReQ",
               "λ_k of cov(normalize(Z)) — Jing et al."]
-    for ax, t in zip(axes, titles):
+    for ax, t in zip(axes, titles, strict=False):
         ax.set_yscale("log")
         ax.set_xscale("log")
         # at least three decades, so a healthy (flat) spectrum looks flat next to a collapsed one
@@ -94,9 +94,9 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     styles = ["-o", "-s"]
-    for ax, (group, label, keys) in zip(axes, CURVE_PANELS):
+    for ax, (group, label, keys) in zip(axes, CURVE_PANELS, strict=False):
         lines = []
-        for k, (key, style) in enumerate(zip(keys, styles)):
+        for k, (key, style) in enumerate(zip(keys, styles, strict=False)):
             pts = [(r["step"], r[key], r.get("split") == "held_out") for r in recs
                    if isinstance(r.get(key), (int, float))]
             if not pts:
@@ -111,7 +111,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
             else:  # one kind of line (kNN accuracy, or a CollapseMonitor of your own)
                 series = [(pts, key, style, 1.5, 1.0)]
             for sel, name, st, lw, alpha in series:
-                x, y, _ = zip(*sel)
+                x, y, _ = zip(*sel, strict=True)
                 lines += target.plot(x, y, st, ms=3, lw=lw, color=f"C{k}", label=name, alpha=alpha)
             if target is not ax:
                 target.set_ylabel(key, color=f"C{k}")
@@ -119,7 +119,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
         if group == "std_l2":
             ideal = [(r["step"], r["std_l2_ideal"]) for r in recs if r.get("std_l2_ideal")]
             if ideal:
-                x, y = zip(*ideal)
+                x, y = zip(*ideal, strict=True)
                 lines += ax.plot(x, y, "--", color="gray", lw=1, label="ideal 1/√d")
                 lines += ax.plot(x, [v * std_fraction for v in y], ":", color="red", lw=1.2,
                                  label=f"alarm {std_fraction:g}/√d")
@@ -152,7 +152,8 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
 
     Panels: std of the l2-normalised output against 1/√d (and 0.5/√d, 0.1/√d), RankMe on a log
     scale, and kNN accuracy per epoch when the runs logged it (``baseline_knn``: a dashed line,
-    e.g. a random-init encoder, or ``{label: accuracy}`` for several). ``runs`` maps a label to the run's ``metrics.jsonl`` records.
+    e.g. a random-init encoder, or ``{label: accuracy}`` for several). ``runs`` maps a label to the run's
+    ``metrics.jsonl`` records.
     Epoch lines measured on held-out images (``split == "held_out"``) are drawn bold with markers
     (with the predictor's output dashed when logged), training-batch lines faintly behind them.
     """
@@ -165,7 +166,7 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
     fig = Figure(figsize=(14 if has_knn else 9.5, 4.2), layout="constrained")
     axes = fig.subplots(1, 3 if has_knn else 2)
     d = None
-    for color, (label, recs) in zip(colors, runs.items()):
+    for color, (label, recs) in zip(colors, runs.items(), strict=False):
         steps = [r for r in recs if r.get("kind", "step") == "step" and "std_l2" in r and "step" in r]
         held = [r for r in recs if r.get("split") == "held_out" and "std_l2" in r and "step" in r]
         if not steps and not held:
@@ -200,7 +201,7 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
     if has_knn:
         baselines = baseline_knn if isinstance(baseline_knn, dict) else \
             ({} if baseline_knn is None else {"random-init encoder": baseline_knn})
-        for (name, value), ls in zip(baselines.items(), ("--", ":", "-.")):
+        for (name, value), ls in zip(baselines.items(), ("--", ":", "-."), strict=False):
             axes[2].axhline(100 * value, color="gray", ls=ls, lw=1, label=f"{name} ({100 * value:.1f}%)")
         axes[2].set(xlabel="epoch", ylabel="kNN accuracy on held-out data (%)", title="kNN monitor")
         lo, hi = axes[2].get_ylim()
@@ -222,7 +223,7 @@ def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport],
     from featviz.outputs import atomic_dir, manifest, write_json
 
     about = {} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, command="collapse") as tmp:
         write_json(tmp / "report.json", manifest(
             "collapse", {"source": source}, **about, definitions=DEFINITIONS,
             outputs={k: {**r.to_dict(spectra=True), "flags": r.flags()} for k, r in reports.items()}))

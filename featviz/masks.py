@@ -1,0 +1,48 @@
+"""Class masks: the ignore value and the checks every mask reader shares (numpy only, torch-free)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from featviz.errors import DataError
+
+IGNORE_INDEX = 255
+"""Mask value of unlabelled pixels (VOC's boundary value; CAC's and torch's ``ignore_index``)."""
+
+
+def check_same_size(mask_wh: tuple[int, int], image_wh: tuple[int, int], *, mask: str = "mask",
+                    image: str = "its image") -> None:
+    """A mask must have its image's size (``(width, height)`` pairs, as Pillow's ``size``).
+
+    Raises:
+        DataError: the sizes differ (both named).
+    """
+    if tuple(mask_wh) != tuple(image_wh):
+        raise DataError(f"{mask} is {mask_wh[0]}x{mask_wh[1]} but {image} is {image_wh[0]}x{image_wh[1]}; "
+                        "a mask must have its image's size")
+
+
+def array_wh(mask: np.ndarray) -> tuple[int, int]:
+    """``(width, height)`` of an (H, W) mask array."""
+    shape = np.asarray(mask).shape
+    return int(shape[1]), int(shape[0])
+
+
+def check_values(mask: np.ndarray, class_names: Sequence[str], *, name: str = "mask",
+                 ignore_index: int = IGNORE_INDEX) -> None:
+    """Every labelled value of ``mask`` must name a class of ``class_names`` (when there are names).
+
+    Raises:
+        DataError: a value at or above ``len(class_names)`` that is not ``ignore_index``.
+    """
+    if not class_names:
+        return
+    m = np.asarray(mask)
+    bad = (m != ignore_index) & ((m < 0) | (m >= len(class_names)))
+    if bad.any():
+        values = np.unique(m[bad])
+        shown = ", ".join(str(int(v)) for v in values[:5]) + (" …" if len(values) > 5 else "")
+        raise DataError(f"{name} has value(s) {shown}, but classes.txt names {len(class_names)} classes "
+                        f"(values 0..{len(class_names) - 1}, {ignore_index} = ignore); fix the mask or classes.txt")
