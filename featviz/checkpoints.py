@@ -909,6 +909,9 @@ class _Featviz:
             ex.arch = ArchSpec.from_dict(meta["arch"])
         if meta.get("normalization"):
             ex.normalization = Normalization.from_dict(meta["normalization"], "featviz checkpoint metadata")
+        size = meta.get("input_size")  # the size it was trained at (`featviz train` writes it): embed at that size
+        if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2):
+            ex.input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         return ex
 
 
@@ -1280,5 +1283,5 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     model, report = load_backbone(path, **load_kwargs)
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,
-            "normalization": report.normalization, "method": report.method}
+            "normalization": report.normalization, "method": report.method, "input_size": report.input_size}
     return save_featviz(output, sd, meta, force=force)

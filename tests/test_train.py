@@ -146,6 +146,13 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     sd = model.state_dict()
     assert all(torch.equal(sd[k], tensors[f"backbone.{k}"]) for k in sd)
     assert res.steps == 2 * (32 // 16)  # 40 images, 8 held out for kNN, batch 16
+    # the checkpoint knows the size it was trained at (16 px, not the CIFAR stem's 32): embed uses it
+    from featviz.checkpoints import convert_checkpoint
+    from featviz.loader import load_model
+
+    assert load_model(run / "last.safetensors").description.input_size == (16, 16)
+    convert_checkpoint(run / "last.safetensors", tmp_path / "converted.safetensors")
+    assert load_model(tmp_path / "converted.safetensors").description.input_size == (16, 16)
     # config.json: the resolved settings, where each default came from, the method's own
     saved = json.loads((run / "config.json").read_text())
     assert saved["batch_size"] == 16 and saved["defaults"]["batch_size"] == "user"
