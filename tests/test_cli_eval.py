@@ -74,3 +74,12 @@ def test_pca_writes_once_then_needs_force(cli, tmp_path, sample_dir):
             "--foreground", "none", "--force")
     assert r.exit_code == 0, r.output
     assert "sheet:" in r.output and "no background removal" in r.output and "foreground:" not in r.output
+
+
+def test_knn_and_probe_take_the_shared_image_size(cli):
+    """--image-size N|HxW as in every other command: the model is run at 16x24; a bad size is a usage error."""
+    r = cli("knn", "--arch", "resnet18_w8-cifar", "--images", "digits", "--image-size", "16x24", "--k", "5", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["protocol"]["image_size"] == [16, 24]
+    bad = cli("probe", "--images", "digits", "--image-size", "0x3")
+    assert bad.exit_code == 2 and "at least 8 px" in bad.output

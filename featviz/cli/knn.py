@@ -21,6 +21,7 @@ from featviz.cli.options import (
     SeedOpt,
     TrustOpt,
     _load_kwargs,
+    image_size_value,
 )
 
 _NPZ = "Features already computed"
@@ -53,8 +54,9 @@ ValFractionOpt = Annotated[
     float, typer.Option("--val-fraction", help="Val share of the --images split.", rich_help_panel=_IMG)
 ]
 EvalSizeOpt = Annotated[
-    int | None,
-    typer.Option("--image-size", min=8, help="Input side (default: the model's).", rich_help_panel=_IMG),
+    str | None,
+    typer.Option("--image-size", callback=image_size_value, rich_help_panel=_IMG,
+                 help="Input size, N or HxW (default: the model's; a ViT takes any multiple of its patch size)."),
 ]
 OutJsonOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Also write the result and its provenance to this .json file.")
