@@ -31,17 +31,6 @@ METRICS = (("cos_I_II", "same-pixel cosine I vs II (context)"),
            ("knn_III_I", "kNN class agreement III->I (map)"))
 
 
-def load(path: Path, trust: bool):
-    """A whole segmenter when the file holds one, else the encoder."""
-    from featviz.segmentation import load_segmenter, segmenter_layout
-
-    if segmenter_layout(path, trust=trust) is not None:
-        return load_segmenter(path, trust=trust)
-    from featviz.loader import load_model
-
-    return load_model(path, trust=trust).model
-
-
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     """(mean, low, high) of a 95% Student-t interval (the mean alone for one value)."""
     from scipy import stats
@@ -69,8 +58,8 @@ def measure(args) -> dict:
     ids = voc.ids(args.split)
     if not ids:
         raise DataError(f"{str(args.data)!r} has no {args.split!r} list (ImageSets/Segmentation/{args.split}.txt)")
-    rows = [figure.FigureModel(n, load(p, args.trust_checkpoint), {"checkpoint": str(p)})
-            for n, p in (("A", args.a), ("B", args.b))]
+    rows = figure.load_figure_models([args.a, args.b], names=["A", "B"],  # the figure's own rule: whole segmenters
+                                     load_kwargs={"trust": args.trust_checkpoint})
     features = figure.resolve_features(rows, args.features)
     crop, base, crop_from = figure.working_crop(rows, args.crop_size, args.base_size)
     names = voc.class_names or []

@@ -386,6 +386,43 @@ class FigureRows:
     stride: int
 
 
+def load_figure_models(checkpoints: Sequence[str | os.PathLike] = (), *, arch: str | None = None,
+                       seeds: Sequence[int] = (0,), names: Sequence[str] | None = None,
+                       load_kwargs: dict[str, Any] | None = None) -> list[FigureModel]:
+    """The figure's rows: one per checkpoint, in order (a whole segmenter, featviz's or CAC's layout,
+    keeps its decoder, classifier and projector), or without checkpoints one random-init ``arch``
+    per seed. ``names`` replaces the default row names (the checkpoint's name, or arch and seed).
+
+    Raises:
+        DataError: neither checkpoints nor ``arch``, or ``names`` of another length than the rows.
+    """
+    from featviz.loader import load_model
+    from featviz.outputs import checkpoint_display_name
+    from featviz.segmentation import describe_segmenter
+
+    kw = dict(load_kwargs or {})
+    rows: list[FigureModel] = []
+    if checkpoints:
+        for c in checkpoints:
+            model, desc = load_model(c, arch=arch, head=True, **kw)
+            src: dict[str, Any] = {"checkpoint": str(c), "description": desc.to_dict()}
+            if desc.kind == "segmenter":
+                src["segmenter"] = describe_segmenter(model)
+            rows.append(FigureModel(checkpoint_display_name(c), model, src))
+    elif arch:
+        for s in seeds or (0,):
+            model, desc = load_model(arch=arch, seed=s, num_heads=kw.get("num_heads"))
+            rows.append(FigureModel(f"{arch} random init (seed {s})", model,
+                                    {"arch": arch, "init_seed": s, "description": desc.to_dict()}))
+    else:
+        raise DataError("the CAC figure needs checkpoints (one row each), or an architecture for random-init rows")
+    if names is not None:
+        if len(names) != len(rows):
+            raise DataError(f"{len(names)} row names for {len(rows)} rows; give one per row")
+        rows = [FigureModel(n, r.model, r.source) for n, r in zip(names, rows, strict=True)]
+    return rows
+
+
 def working_crop(models: Sequence[FigureModel], crop_size: int | None, base_size: int | None) -> tuple[int, int, str]:
     """Crop and base size of the figure: given ones, else the rows' training crop (featviz and CAC
     checkpoints record it) when they agree, else CAC VOC's 320 / 400. Returns (crop, base, why)."""

@@ -484,3 +484,13 @@ def manifest(command: str, arguments: dict[str, Any], **extra: Any) -> dict[str,
         {"schema_version": SCHEMA_VERSION, "command": command, "arguments": arguments,
          "versions": versions(), **extra}
     )
+
+
+def checkpoint_display_name(path: str | os.PathLike) -> str:
+    """A checkpoint's display name: its file name without checkpoint suffixes (``x.pth.tar`` -> ``x``)."""
+    name = Path(path).name
+    while True:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext.lower() not in ("tar", "pth", "pt", "ckpt", "safetensors", "bin", "pkl"):
+            return name
+        name = stem

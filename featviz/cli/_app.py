@@ -228,13 +228,10 @@ def _usage(message: str) -> typer.BadParameter:
 
 
 def _checkpoint_name(path: Path) -> str:
-    """A checkpoint's display name: its file name without checkpoint suffixes (``x.pth.tar`` -> ``x``)."""
-    name = path.name
-    while True:
-        stem, dot, ext = name.rpartition(".")
-        if not dot or ext.lower() not in ("tar", "pth", "pt", "ckpt", "safetensors", "bin", "pkl"):
-            return name
-        name = stem
+    """A checkpoint's display name (``featviz.outputs.checkpoint_display_name``)."""
+    from featviz.outputs import checkpoint_display_name
+
+    return checkpoint_display_name(path)
 
 
 def main() -> None:

@@ -294,29 +294,15 @@ def _tsne_figure(
     html=None,
 ) -> dict[str, Any]:
     from featviz import figure as figure_lib
-    from featviz.loader import load_model
-    from featviz.segmentation import describe_segmenter
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")
-    rows = []
-    if checkpoints:
-        for c in checkpoints:
-            # head=True: a whole segmenter (featviz or CAC's layout) keeps its decoder, classifier and projector
-            model, desc = load_model(c, arch=arch, head=True, **load_kwargs)
-            src = {"checkpoint": str(c), "description": desc.to_dict()}
-            if desc.kind == "segmenter":
-                src["segmenter"] = describe_segmenter(model)
-            rows.append((_checkpoint_name(c), model, src))
-    elif arch:
-        for s in model_seeds or [0]:
-            model, desc = load_model(arch=arch, seed=s, num_heads=load_kwargs.get("num_heads"))
-            src = {"arch": arch, "init_seed": s, "description": desc.to_dict()}
-            rows.append((f"{arch} random init (seed {s})", model, src))
-    else:
+    if not checkpoints and not arch:
         raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
-    labels = _split_names(row_names, len(rows), [r[0] for r in rows])
-    figure_rows = [figure_lib.FigureModel(n, m, src) for n, (_, m, src) in zip(labels, rows, strict=True)]
+    n_rows = len(checkpoints) if checkpoints else len(model_seeds or [0])
+    names = _split_names(row_names, n_rows, []) if row_names else None
+    figure_rows = figure_lib.load_figure_models(checkpoints or (), arch=arch, seeds=model_seeds or (0,), names=names,
+                                                load_kwargs=load_kwargs)
     from featviz.distributed import resolve_device
 
     return figure_lib.cac_figure(
