@@ -131,8 +131,13 @@ def _user_errors() -> Iterator[None]:
 
 
 def usage_error(message: str) -> NoReturn:
-    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors)."""
-    err.print("[bold red]error:[/] " + message.replace("[", r"\["), highlight=False, soft_wrap=True)
+    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors), with
+    the same ``(featviz CMD -h for help)`` hint as click's own usage errors."""
+    from typer._click.globals import get_current_context  # Typer's own click (its contexts)
+
+    ctx = get_current_context(silent=True)
+    hint = f" ({ctx.command_path} -h for help)" if ctx is not None and ctx.command_path else ""
+    err.print("[bold red]error:[/] " + (message + hint).replace("[", r"\["), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
