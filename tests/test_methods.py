@@ -527,9 +527,11 @@ def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
     from featviz.train import TrainConfig, resolve_config
 
     cfg = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path)))
-    assert cfg.defaults["image_size"].startswith("preset:digits") or cfg.defaults["image_size"] == "architecture"
+    assert cfg.image_size == 16 and cfg.defaults["image_size"] == "preset:digits" and cfg.batch_size == 32
     assert cfg.defaults["epochs"] == "preset:digits" and cfg.hflip is False
-    assert cfg.lr == 0.1 and cfg.defaults["lr"] == "preset:digits"  # measured; the official 0.05 x 64/256 was not
+    assert cfg.lr == 0.2 and cfg.defaults["lr"] == "preset:digits"  # measured; the official 0.05 x 32/256 was not
+    moco = resolve_config(TrainConfig(method="moco_v2", data="digits", out=str(tmp_path)))
+    assert moco.lr == 0.03  # lr 0.1 collapsed its projector (loss -> log(K+1)); docs/train.md
     user = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path), batch_size=16, hflip=True))
     assert user.batch_size == 16 and user.hflip is True and user.defaults["batch_size"] == "user"
     assert resolve_config(user) == user  # idempotent
