@@ -140,7 +140,7 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
         c1 = run(["embed", "--checkpoint", simsiam, "--images", "digits", "--image-size", "16",
                   "--out", "{out}/digits.npz"])
         c2 = run(["tsne", "{out}/digits.npz", "--out", "{out}/digits_tsne.png", "--coords", "{out}/digits_coords.npz",
-                  "--title", "SimSiam (digits, 30 epochs on CPU): t-SNE of image embeddings"])
+                  "--title", "SimSiam (digits, 10 epochs on CPU): t-SNE of image embeddings"])
         return Step("Image t-SNE of digits (SimSiam checkpoint trained by featviz train)",
                     ["digits_tsne.png", "digits.npz", "digits.manifest.json"], f"{c1}\n{c2}",
                     "featviz tsne --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGE_FOLDER --out map.png")
