@@ -64,41 +64,14 @@ OutJsonOpt = Annotated[
 
 
 def sources(
-    train,
-    val,
-    checkpoint,
-    arch,
-    train_images,
-    val_images,
-    images,
-    image_size,
-    val_fraction,
-    seed,
-    batch_size,
-    device,
-    fmt,
-    num_heads,
-    checkpoint_key,
-    trust,
+    *, batch_size, device, fmt, num_heads, checkpoint_key, trust, **shared: Any
 ) -> dict[str, Any]:
-    """The ``featviz.splits.load_splits`` arguments of the shared input options."""
+    """The ``featviz.splits.load_splits`` arguments of the shared input options: ``shared`` is the
+    inputs as a command records them in its provenance (``train``, ``val``, ``checkpoint``, ``arch``,
+    ``train_images``, ``val_images``, ``images``, ``image_size``, ``val_fraction``, ``seed``)."""
     load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
     load.pop("arch")
-    return dict(
-        train=train,
-        val=val,
-        checkpoint=checkpoint,
-        arch=arch,
-        train_images=train_images,
-        val_images=val_images,
-        images=images,
-        image_size=image_size,
-        val_fraction=val_fraction,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        load_kwargs=load,
-    )
+    return dict(**shared, batch_size=batch_size, device=device, load_kwargs=load)
 
 
 def progress():
@@ -156,39 +129,11 @@ def knn(
     """Weighted k-NN accuracy of frozen features (DINO eval_knn: cosine, top-k votes weighted by exp(s/T))."""
     from featviz.knn import run_knn
 
-    args = {
-        "train": train,
-        "val": val,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "train_images": train_images,
-        "val_images": val_images,
-        "images": images,
-        "k": k,
-        "temperature": temperature,
-        "image_size": image_size,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "out": out_path,
-    }
-    src = sources(
-        train,
-        val,
-        checkpoint,
-        arch,
-        train_images,
-        val_images,
-        images,
-        image_size,
-        val_fraction,
-        seed,
-        batch_size,
-        device,
-        fmt,
-        num_heads,
-        checkpoint_key,
-        trust_checkpoint,
-    )
+    shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
+                  val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)
+    args = {**shared, "k": k, "temperature": temperature, "out": out_path}
+    src = sources(batch_size=batch_size, device=device, fmt=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key,
+                  trust=trust_checkpoint, **shared)
     with _user_errors():
         result = run_knn(
             ks=k,

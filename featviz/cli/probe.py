@@ -81,40 +81,12 @@ def probe(
     """Linear probe on frozen features: standardised logistic regression, C chosen on held-out training rows."""
     from featviz.probe import run_probe
 
-    args = {
-        "train": train,
-        "val": val,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "train_images": train_images,
-        "val_images": val_images,
-        "images": images,
-        "c_grid": c_grid,
-        "selection_fraction": selection_fraction,
-        "max_iter": max_iter,
-        "image_size": image_size,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "out": out_path,
-    }
-    src = sources(
-        train,
-        val,
-        checkpoint,
-        arch,
-        train_images,
-        val_images,
-        images,
-        image_size,
-        val_fraction,
-        seed,
-        batch_size,
-        device,
-        fmt,
-        num_heads,
-        checkpoint_key,
-        trust_checkpoint,
-    )
+    shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
+                  val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)
+    args = {**shared, "c_grid": c_grid, "selection_fraction": selection_fraction, "max_iter": max_iter,
+            "out": out_path}
+    src = sources(batch_size=batch_size, device=device, fmt=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key,
+                  trust=trust_checkpoint, **shared)
     src.pop("seed")  # run_probe splits with its own seed argument
     with _user_errors():
         result = run_probe(
