@@ -479,3 +479,19 @@ def test_cli_seg_target_on_a_bundled_featviz_segmenter(cli, sample_dir, tmp_path
     bad = cli("cam", *images, "--checkpoint", sample_dir / "checkpoints" / "seg_supervised.safetensors",
               "--target", "seg:hexagon", "--method", "eigencam", "--out", tmp_path / "p")
     assert bad.exit_code == 1 and "disc" in bad.output
+
+
+def test_cli_same_file_name_in_two_inputs_keeps_both_overlays(cli, tmp_path, sample_dir):
+    """Two inputs holding the same file name: ids fall back to full paths, so no overlay overwrites another."""
+    import shutil
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(sample_dir / "photos" / "cat" / "cat_0.jpg", tmp_path / d / "cat_0.jpg")
+    out = tmp_path / "cam"
+    r = cli("cam", tmp_path / "a", tmp_path / "b", "--arch", "resnet18_w8-cifar", "--image-size", "32",
+            "--method", "gradcam", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "overlays").iterdir())) == 2
+    with np.load(out / "maps.npz", allow_pickle=False) as z:
+        assert len(set(z["ids"])) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,26 +29,9 @@ from featviz.description import describe
 from featviz.errors import DataError
 from featviz.features import parse_image_size
 from featviz.progress import Progress
+from featviz.sheets import image_ids, safe_stem
 
 log = logging.getLogger(__name__)
-
-
-def image_ids(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Image files under ``inputs`` and readable ids (paths relative to the folder given).
-
-    Raises:
-        DataError: an input is missing, or a folder holds no image.
-    """
-    from featviz.data import find_images
-
-    files: list[Path] = []
-    ids: list[str] = []
-    for item in inputs:
-        root = Path(item)
-        for f in find_images(root):
-            files.append(f)
-            ids.append(str(f.relative_to(root)) if root.is_dir() else f.name)
-    return files, ids
 
 
 def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
@@ -283,7 +265,7 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
                     for k, v in faithfulness(s.info, x, batch_maps, targets).items():
                         mets[m].setdefault(k, []).append(v)
                 for j, i in enumerate(idx.tolist()):
-                    overlay_png(rgb[j], batch_maps[j], overlays / f"{_safe(s.ids[i])}.{m}.png")
+                    overlay_png(rgb[j], batch_maps[j], overlays / f"{safe_stem(s.ids[i])}.{m}.png")
             labels += [t.label for t in targets]
             scores += [t.score for t in targets]
             sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
@@ -345,11 +327,6 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
                           for m in run.methods}} for i in range(len(run.ids))],
         warnings=warnings))
     return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
-
-
-def _safe(image_id: str) -> str:
-    stem = re.sub(r"\.[A-Za-z0-9]+$", "", image_id)
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", stem.replace("/", "__"))
 
 
 def _arch_name(model: nn.Module) -> str:
