@@ -121,7 +121,8 @@ class MethodSpec:
         sync_bn: convert BatchNorm to SyncBatchNorm under CUDA DDP (MoCo v2: no, it shuffles).
         zero_init_residual: zero-init the last BN of each residual block (torchvision's flag).
         variants: per backbone family (``vit``) overrides of these fields.
-        presets: per built-in dataset, the measured defaults (``TrainConfig`` keys).
+        presets: per built-in dataset, the measured defaults (``TrainConfig`` keys), measured on
+            ResNets: other backbone families do not take them (``for_family``).
         source: the official repository files.
         deviations: what featviz does differently by default, and why.
     """
@@ -148,8 +149,14 @@ class MethodSpec:
         return self.recipe is not None and self.recipe.local is not None
 
     def for_family(self, family: str) -> MethodSpec:
-        """This spec for a backbone family (``resnet``, ``vit``, ``timm``)."""
+        """This spec for a backbone family (``resnet``, ``vit``, ``timm``).
+
+        The dataset presets were measured on ResNets (an optimiser, lr and head choices for a
+        16 px CNN), so another family keeps only the presets its variant states.
+        """
         changes = dict(self.variants.get(family, {}))
+        if family != "resnet":
+            changes.setdefault("presets", {})
         if "hparams" in changes:
             changes["hparams"] = {**self.hparams, **changes["hparams"]}
         return replace(self, **changes) if changes else self
@@ -575,7 +582,10 @@ def _digits(**changes: Any) -> dict[str, Any]:
     upsampled), see docs/train.md. Digits' identity survives neither a horizontal flip nor a
     small crop; 16 px holds all of an 8x8 image, and batch 32 gives 45 steps an epoch where 64
     gave 22 (ten epochs of 22 steps left most methods below a random-init encoder). The lr is
-    absolute (SGD), chosen per method by the held-out kNN `featviz train` logs."""
+    absolute, chosen per method by the held-out kNN `featviz train` logs. MoCo v3, BYOL, Barlow
+    Twins and SwAV take their official layer-wise optimiser (LARS, SwAV LARC), DINO LARC too (its
+    official ResNet recipe is plain SGD), and the ones measured to gain from it a small random
+    rotation and shear (handwriting's slant), in place of the crops digits cannot take."""
     base: dict[str, Any] = {"image_size": 16, "batch_size": 32, "epochs": 10, "lr": 0.1, "min_scale": 0.8,
                             "hflip": False}
     return {**base, **changes}
@@ -769,7 +779,7 @@ register(MethodSpec(
     source="facebookresearch/moco-v3 moco/builder.py:36-122 (_build_mlp, MoCo_ResNet, MoCo_ViT), "
            "main_moco.py:99-105 (m 0.99 cosine, T 1.0), 420-434 (schedules), 186 (zero_init_residual)",
     deviations=("SGD + momentum instead of LARS by default (`--optimizer lars` is the official one)",),
-    presets={"digits": _digits()},
+    presets={"digits": _digits(optimizer="lars", lr=0.6)},
 ))
 
 
@@ -810,8 +820,9 @@ register(MethodSpec(
     source="google-deepmind/deepmind-research byol/byol_experiment.py:197-250 (loss), 337-343 (target EMA), "
            "utils/schedules.py:20-24 (cosine EMA), utils/helpers.py:109-112 (regression_loss), "
            "utils/networks.py:25-45 (MLP); haiku ResNet BlockV1 (last BN scale_init zeros)",
-    deviations=("SGD + momentum instead of LARS by default (`--optimizer lars` is the official one)",),
-    presets={"digits": _digits()},
+    deviations=("SGD + momentum instead of LARS by default (`--optimizer lars` is the official one)",
+                "digits preset: EMA base 0.99 (0.996 barely moves the target in 440 steps; docs/train.md)"),
+    presets={"digits": _digits(optimizer="lars", lr=2.0, rotate=15.0, shear=10.0, hparams={"momentum": 0.99})},
 ))
 
 
@@ -888,7 +899,7 @@ register(MethodSpec(
     source="facebookresearch/barlowtwins main.py:180-221 (projector, bn, loss), 224-263 (LARS), "
            "191 (zero_init_residual)",
     deviations=("SGD + momentum instead of LARS by default (`--optimizer lars` is the official one)",),
-    presets={"digits": _digits(lr=0.03)},
+    presets={"digits": _digits(optimizer="lars", lr=0.2, rotate=15.0, shear=10.0)},
 ))
 
 
@@ -981,8 +992,9 @@ register(MethodSpec(
            "freeze_prototypes_niters), 353-376 (distributed_sinkhorn); src/resnet50.py:195-217 (head)",
     deviations=("SGD + momentum instead of LARC by default (`--optimizer larc` is the official one)",
                 "no local crops by default on CPU (`--local-crops 6` is the official multi-crop)",
-                "queue length and start, and the prototype freeze, scaled to the data (`_swav_defaults`)"),
-    presets={"digits": _digits()},
+                "queue length and start, and the prototype freeze, scaled to the data (`_swav_defaults`)",
+                "digits preset: epsilon 0.03 (0.05 collapses to uniform codes at batch 32; docs/train.md)"),
+    presets={"digits": _digits(optimizer="larc", lr=1.0, hparams={"eps": 0.03})},
 ))
 
 
@@ -1082,8 +1094,11 @@ register(MethodSpec(
            "301-360 (loop: clip, cancel last layer, EMA), 363-416 (DINOLoss); utils.py:132-149, 187-198; "
            "vision_transformer.py:257-291 (DINOHead)",
     deviations=("no local crops by default on CPU (`--local-crops 8` is the official multi-crop; global crops "
-                "then follow the multi-crop scale of the variant)",),
-    presets={"digits": _digits()},
+                "then follow the multi-crop scale of the variant)",
+                "digits preset: LARC lr 1.0, a BatchNorm head with an unnormalised last layer and EMA base 0.99 "
+                "(without the BN head the teacher goes uniform; docs/train.md)"),
+    presets={"digits": _digits(optimizer="larc", lr=1.0, rotate=15.0, shear=10.0,
+                               hparams={"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True})},
 ))
 
 

@@ -532,6 +532,23 @@ def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
     assert cfg.lr == 0.2 and cfg.defaults["lr"] == "preset:digits"  # measured; the official 0.05 x 32/256 was not
     moco = resolve_config(TrainConfig(method="moco_v2", data="digits", out=str(tmp_path)))
     assert moco.lr == 0.03  # lr 0.1 collapsed its projector (loss -> log(K+1)); docs/train.md
+    # the non-contrastive presets (measured, docs/train.md): layer-wise optimisers, the slant augmentation,
+    # a short-horizon EMA, SwAV's sharper codes and DINO's head with BatchNorm; a user's choice still wins
+    byol = resolve_config(TrainConfig(method="byol", data="digits", out=str(tmp_path)))
+    assert (byol.optimizer, byol.lr, byol.rotate, byol.shear) == ("lars", 2.0, 15.0, 10.0)
+    assert byol.hparams == {"momentum": 0.99} and byol.defaults["hparams.momentum"] == "preset:digits"
+    assert byol.defaults["optimizer"] == "preset:digits" and byol.weight_decay == 1.5e-6
+    swav = resolve_config(TrainConfig(method="swav", data="digits", out=str(tmp_path), hparams={"eps": 0.05}))
+    assert (swav.optimizer, swav.lr, swav.hparams["eps"], swav.defaults["hparams.eps"]) == ("larc", 1.0, 0.05, "user")
+    dino = resolve_config(TrainConfig(method="dino", data="digits", out=str(tmp_path), optimizer="sgd"))
+    assert dino.optimizer == "sgd" and dino.defaults["optimizer"] == "user"
+    assert dino.hparams == {"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True}
+    barlow = resolve_config(TrainConfig(method="barlow_twins", data="digits", out=str(tmp_path)))
+    assert (barlow.optimizer, barlow.lr, barlow.rotate) == ("lars", 0.2, 15.0)
+    # measured on the CPU ResNet: a ViT keeps its own recipe (AdamW, no BatchNorm head), not LARC at lr 1.0
+    vit = resolve_config(TrainConfig(method="dino", data="digits", out=str(tmp_path), arch="vit_small_patch16_224"))
+    assert vit.optimizer == "adamw" and vit.hparams == {} and vit.defaults["optimizer"] == "method"
+    assert vit.image_size == 224 and vit.lr == pytest.approx(5e-4)
     user = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path), batch_size=16, hflip=True))
     assert user.batch_size == 16 and user.hflip is True and user.defaults["batch_size"] == "user"
     assert resolve_config(user) == user  # idempotent
