@@ -218,7 +218,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         src["arch"] = "featviz"
     spec = spec.for_family(models.parse_arch(d["arch"]).family)
     key = dataset_key(cfg.data)
-    for k, v in (spec.presets.get(key, {}) if key else {}).items():
+    preset = dict(spec.presets.get(key, {}) if key else {})
+    if d["optimizer"] is not None and d["optimizer"] != preset.get("optimizer", spec.optim.name):
+        preset.pop("lr", None)  # a preset's lr belongs to its optimiser: another one takes the method's rule
+    for k, v in preset.items():
         if k == "hparams":
             for hk, hv in v.items():
                 if hk not in d["hparams"]:
