@@ -29,6 +29,17 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the CI box is small and shared: no OpenMP oversubscription stalls)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def sample_dir() -> Path:
     return SAMPLE
 

@@ -257,14 +257,6 @@ TINY = dict(arch="resnet18_w16-cifar", image_size=16, batch_size=16, limit=40, l
 CCROP = dict(crop="contrastive", crop_threshold=0.5, crop_warmup=1, crop_update_every=1)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_view_dataset_crops_inside_the_boxes_after_the_warmup():
     """With boxes set, each global view is ContrastiveCrop in that image's box (same seeded draws
     as the pipeline built by hand); without, RandomResizedCrop as before."""

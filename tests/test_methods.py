@@ -19,12 +19,7 @@ from featviz.models import build_backbone
 ARCH = "resnet18_w16-cifar"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _net(name: str, **kw) -> methods.SSLMethod:

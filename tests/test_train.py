@@ -29,13 +29,7 @@ def _tensors(path):
     return load_file(str(path))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI box is small and shared: one thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_cac_directional_contrast_hand_case():
