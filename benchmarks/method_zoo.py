@@ -102,10 +102,10 @@ def plot(rows: list[dict], rnd: float, path: Path) -> None:
         ax.text(i, a + 0.003, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     lo = min(acc + [rnd]) - 0.05
-    ax.set_ylim(max(0.0, lo), min(1.0, max(acc + [rnd]) + 0.04))
+    ax.set_ylim(max(0.0, lo), min(1.0, max(acc + [rnd]) + 0.04) + 0.03)  # headroom: the legend sits above the bars
     ax.set_ylabel("cosine 20-NN accuracy (5-fold)")
     ax.set_title("digits: `featviz embed` features of last.safetensors", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
     axes[1].bar(x, [r["std_l2_x_sqrt_d"] for r in rows], color="#457b9d", width=0.6)
     axes[1].axhline(1.0, color="k", lw=0.8, ls=":")
     axes[1].set_xticks(list(x), names, rotation=30, ha="right")
