@@ -26,5 +26,6 @@ def test_the_commands_are_the_same():
 def test_each_command_offers_the_same_options(command):
     now = json.loads(json.dumps(surface()[command], sort_keys=True))
     assert now == SNAPSHOT[command], (
-        f"featviz {command} -h changed; if on purpose, regenerate: python tests/help_snapshot.py > tests/snapshots/cli_help.json"
+        f"featviz {command} -h changed; if on purpose, regenerate: "
+        "python tests/help_snapshot.py > tests/snapshots/cli_help.json"
     )
