@@ -1,7 +1,7 @@
 """CAC's claim measured: does model B keep a pixel's features under a change of context better than A?
 
 For every scene of a VOC-layout folder's split (default: the held-out ``val`` list) and several
-crop seeds, draws CAC Figure 3's three views (featviz.figure: CAC's crop pair, the overlap on each
+crop seeds, draws CAC Figure 3's three views (featviz.maps.cac_figure: CAC's crop pair, the overlap on each
 view's own feature grid, the low-level augmentation) and measures, for both checkpoints, what the
 figure shows: the same-pixel cosine I vs II (contextual augmentation) and I vs III (low-level
 augmentation), and the cross-view kNN class agreement II->I and III->I in the row's t-SNE map.
@@ -48,10 +48,10 @@ def measure(args) -> dict:
     import numpy as np
     import torch
 
-    from featviz import figure
-    from featviz.embed import read_mask
     from featviz.errors import DataError
-    from featviz.segmentation import VOCFolder
+    from featviz.eval.embed import read_mask
+    from featviz.maps import cac_figure as figure
+    from featviz.train.segmentation import VOCFolder
 
     torch.set_num_threads(args.threads)
     voc = VOCFolder(args.data)

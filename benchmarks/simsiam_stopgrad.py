@@ -29,8 +29,8 @@ def random_init_knn(run: Path, *, precise_bn: bool = True) -> float:
     import torch
 
     from featviz.distributed import DistInfo
-    from featviz.models import build_backbone
-    from featviz.train import SSLTask, TrainConfig
+    from featviz.models.architectures import build_backbone
+    from featviz.train.loop import SSLTask, TrainConfig
 
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     torch.set_num_threads(1)

@@ -2,8 +2,8 @@
 
 Two methods: SimSiam (two symmetric branches, fixed predictor lr) and MoCo v2 with its queue,
 momentum encoder and shuffle-BN (SplitBatchNorm + a shuffled key batch in one process). Both
-sides build the same ``featviz.methods`` model with the same hyperparameters, draw the same
-seeded views through the same DataLoader (``featviz.augment``) on the digits training split;
+sides build the same ``featviz.train.methods`` model with the same hyperparameters, draw the same
+seeded views through the same DataLoader (``featviz.data.augment``) on the digits training split;
 the bare loop is what a researcher writes by hand: forward, the loss written out, backward,
 step, the momentum update and the enqueue -- no checkpoints, metrics, kNN monitor, NaN check,
 schedules or gradient hooks. Two figures:
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 
 class LoopTimer:
-    """A ``progress`` hook for ``featviz.train.train`` that times the batch loops from outside."""
+    """A ``progress`` hook for ``featviz.train.loop.train`` that times the batch loops from outside."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -48,7 +48,7 @@ class LoopTimer:
 
 
 def _config(method: str, args, out: str):
-    from featviz.train import TrainConfig, resolve_config
+    from featviz.train.loop import TrainConfig, resolve_config
 
     return resolve_config(TrainConfig(method=method, data="digits", out=out, epochs=args.epochs,
                                       batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
@@ -58,7 +58,7 @@ def _config(method: str, args, out: str):
 def bare_loop(method: str, args) -> tuple[int, float, float]:
     """The loop a researcher would write by hand: build, load, forward, backward, step."""
     from featviz.distributed import DistInfo
-    from featviz.train import SSLTask, epoch_batches
+    from featviz.train.loop import SSLTask, epoch_batches
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def bare_loop(method: str, args) -> tuple[int, float, float]:
 
 
 def featviz_train(method: str, args) -> tuple[int, float, float]:
-    from featviz.train import train
+    from featviz.train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(method, args, f"{tmp}/run")

@@ -7,7 +7,7 @@ within-class variation whose eigenspectrum decays as a power law (variance ~ i^-
 of spectrum trained network features show), in a random rotation; ReLU'd and L2-normalised
 like pooled/projected features.
 
-For each size in ``--sizes`` it fits featviz (``featviz.tsne.fit`` with its defaults), and
+For each size in ``--sizes`` it fits featviz (``featviz.maps.projection.fit`` with its defaults), and
 scikit-learn's ``TSNE()`` (sizes up to ``--sklearn-max``) and openTSNE's ``TSNE()`` defaults
 (sizes from ``--opentsne-min``), all on the same raw features, and prints one table: wall time,
 10-NN class accuracy and 10-NN recall (Kobak & Berens' KNN, 5,000 query points) of each map, and
@@ -78,7 +78,7 @@ def main() -> None:
     from openTSNE import TSNE as OpenTSNE
     from sklearn.manifold import TSNE as SkTSNE
 
-    from featviz import tsne
+    from featviz.maps import projection as tsne
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     try:

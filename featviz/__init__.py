@@ -22,7 +22,7 @@ def sample_data(*parts: str):
 
     ``featviz.sample_data()`` -> the folder; ``featviz.sample_data("photos")`` -> its photos.
     """
-    from featviz.samples import sample_data as _find
+    from featviz.io.samples import sample_data as _find
 
     return _find(*parts)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from featviz.errors import DataError, FeatvizError
-from featviz.outputs import LEGACY_MARKERS, atomic_dir, check_output, read_marker, write_json, write_text
+from featviz.io.outputs import LEGACY_MARKERS, atomic_dir, check_output, read_marker, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Step:
 
 def _sample(*parts: str) -> str:
     """A bundled sample as a ``{S}/...`` argument: the real path when run, ``"$S/..."`` when shown."""
-    from featviz.samples import sample_data
+    from featviz.io.samples import sample_data
 
     path = sample_data(*parts)  # raises a one-line DataError when it is missing
     if not path.exists():  # pragma: no cover - sample_data checks
@@ -92,7 +92,7 @@ def _featviz(args: list[str], log_file: Path, *, tmp: Path, root: Path) -> str:
     the command shown. ``{S}`` is the bundled sample data: its path while running, ``$S`` in the
     command shown (``S=$(featviz sample-data)``), so the commands work from any folder.
     """
-    from featviz.samples import sample_data
+    from featviz.io.samples import sample_data
 
     shown = "featviz " + " ".join(_shown(a, root) for a in args)
     run = [a.replace("{out}", str(tmp)).replace("{S}", str(sample_data())) for a in args]
@@ -110,7 +110,7 @@ def _featviz(args: list[str], log_file: Path, *, tmp: Path, root: Path) -> str:
 
 def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
     """The tour. ``root`` is the final demo folder (for printed commands), ``tmp`` where files go now."""
-    from featviz.samples import sample_data
+    from featviz.io.samples import sample_data
 
     logf = tmp / "demo.log"
     moco = _sample("checkpoints", "moco_v2_tiny.pth.tar")
@@ -127,7 +127,7 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
         return _featviz(args, logf, tmp=tmp, root=root)
 
     def inspect() -> Step:
-        from featviz.checkpoints import load_backbone
+        from featviz.models.checkpoints import load_backbone
 
         _, report = load_backbone(sample_data("checkpoints", "moco_v2_tiny.pth.tar"))
         write_json(tmp / "inspect.json", report.to_dict())
@@ -200,7 +200,7 @@ def retrain(progress: Callable | None = None) -> None:
         DataError: featviz is installed from a wheel (its sample data is not the checkout's).
         FeatvizError: a training step failed.
     """
-    from featviz.samples import sample_data
+    from featviz.io.samples import sample_data
 
     sample = sample_data()
     if sample.name != "sample_data":

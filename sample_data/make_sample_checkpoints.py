@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from featviz.models import build_backbone
+from featviz.models.architectures import build_backbone
 
 HERE = Path(__file__).resolve().parent
 

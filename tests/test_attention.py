@@ -1,4 +1,4 @@
-"""featviz.attention: class-token attention from q/k, DINO's masks, rollout, the command's files."""
+"""featviz.views.attention: class-token attention from q/k, DINO's masks, rollout, the command's files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from featviz.attention import class_attention, rollout, run_attention, threshold_masks
 from featviz.errors import ArchitectureError, DataError, OutputExistsError
+from featviz.views.attention import class_attention, rollout, run_attention, threshold_masks
 
 
 def vit(**kw):
@@ -155,7 +155,7 @@ def test_rollout_equals_abnar_compute_joint_attention():
 
 
 def test_a_cnn_is_pointed_to_cam():
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
 
     with pytest.raises(ArchitectureError, match="featviz cam"):
         class_attention(build_backbone("resnet18"), torch.randn(1, 3, 64, 64))
@@ -195,7 +195,7 @@ def test_run_attention_files(tmp_path, sample_dir, vit_s16):
 
 
 def _input(path, model, hw):
-    from featviz.data import eval_transform, load_image, normalization_of
+    from featviz.data.images import eval_transform, load_image, normalization_of
 
     return eval_transform(hw, *normalization_of(model))(load_image(path))[None]
 
@@ -213,7 +213,7 @@ def test_dino_vit_s16_checkpoint_loads_with_no_flags_and_matches(cli, tmp_path, 
     with np.load(tmp_path / "a" / "maps.npz") as z:
         maps = z["attention"][0]
     assert maps.shape == (6, 14, 20)
-    from featviz.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
+    from featviz.data.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
 
     x = eval_transform((224, 320), IMAGENET_MEAN, IMAGENET_STD)(load_image(img))[None]  # DINO's normalisation
     ref, _ = transcribed_cls_attention(vit_s16, x)

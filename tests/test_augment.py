@@ -1,4 +1,4 @@
-"""The one augmentation pipeline (featviz.augment) and the consumers that draw from it."""
+"""The one augmentation pipeline (featviz.data.augment) and the consumers that draw from it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from featviz import augment
-from featviz.methods import METHODS, analysis_view
+from featviz.data import augment
+from featviz.train.methods import METHODS, analysis_view
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,7 +75,7 @@ def test_collapse_two_views_come_from_the_pipeline(img):
 
 def test_collapse_two_view_features_use_the_pipeline():
     from featviz.collapse.twoview import two_view_features
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
 
     rng = np.random.default_rng(1)
     imgs = [Image.fromarray((rng.random((36, 36, 3)) * 255).astype(np.uint8)) for _ in range(3)]
@@ -93,7 +93,7 @@ def test_collapse_two_view_features_use_the_pipeline():
 
 
 def test_cam_pair_target_view_comes_from_the_pipeline():
-    from featviz.cam.targets import augment_views
+    from featviz.views.cam.targets import augment_views
 
     x = torch.randn(2, 3, 24, 20)
     ref = augment.augment_batch(x, MEAN, STD, seed=4, view=augment.ANALYSIS_VIEW)
@@ -106,7 +106,7 @@ def test_cam_pair_target_view_comes_from_the_pipeline():
 
 
 def test_cac_low_level_augment_is_the_pipelines():
-    from featviz import crops
+    from featviz.data import cac_crops as crops
 
     assert crops.LowLevelAugment is augment.LowLevelAugment and crops.LowLevelParams is augment.LowLevelParams
     rng = np.random.default_rng(0)

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from featviz import cam as C
-from featviz import features as F
-from featviz._names import CAM_METHOD_NAMES
-from featviz.description import attach, describe
+from featviz.cli.choices import CAM_METHOD_NAMES
 from featviz.errors import DataError, FeatvizError, UnknownNameError
-from featviz.features import get_layer
-from featviz.models import build_backbone
+from featviz.models import features as F
+from featviz.models.architectures import build_backbone
+from featviz.models.description import attach, describe
+from featviz.models.features import get_layer
+from featviz.views import cam as C
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -426,7 +426,7 @@ def test_cli_bad_inputs(cli, photos, tmp_path, monkeypatch):
     (bad / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert "broken.jpg" in _bad(cli, bad, *base)
     assert "did you mean" in _bad(cli, photos, *base, "--method", "gradcma")
-    from featviz import loader
+    from featviz.models import loader
 
     monkeypatch.setattr(loader, "load_model", lambda *a, **kw: (_resnet(10), None))
     assert "out of range" in _bad(cli, photos, *base, "--target", "class:10")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from featviz import checkpoints as C
 from featviz.errors import ArchitectureError, CheckpointError, CheckpointFormatError, UnsafeCheckpointError
-from featviz.models import ArchSpec, build_backbone
+from featviz.models import checkpoints as C
+from featviz.models.architectures import ArchSpec, build_backbone
 
 RESNET = "resnet18_w8"  # tiny but real torchvision key names
 VIT = ArchSpec("vit", "vit_d96_patch8_32", {"embed_dim": 96, "depth": 2, "patch_size": 8, "img_size": 32,
@@ -418,7 +418,7 @@ def test_legacy_format_loads(tmp_path):
 def test_registry_names_match_cli_literals():
     from typing import get_args
 
-    from featviz._names import FormatName
+    from featviz.cli.choices import FormatName
 
     assert set(get_args(FormatName)) - {"auto"} == set(C.FORMATS.names())
 
@@ -563,8 +563,8 @@ def _dinov2_giant_like():
 
 @pytest.mark.parametrize("case", sorted(_VIT_CASES))
 def test_vit_layout_loads_with_no_flags_and_equals_the_reference_at_a_non_square_size(case, tmp_path, caplog):
-    from featviz.description import describe
-    from featviz.features import FeatureExtractor
+    from featviz.models.description import describe
+    from featviz.models.features import FeatureExtractor
 
     builder, fmt, factory, hw, head_warning = _VIT_CASES[case]
     ref = factory()
@@ -573,7 +573,7 @@ def test_vit_layout_loads_with_no_flags_and_equals_the_reference_at_a_non_square
         model, report = C.load_backbone(path)
     assert report.format == fmt and not report.unexpected and not report.missing, report
     assert any("--num-heads" in w for w in report.warnings) == head_warning
-    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "featviz.checkpoints"] \
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records if r.name == "featviz.models.checkpoints"] \
         == report.warnings  # every warning on stderr, one line each
     assert describe(model).warnings == tuple(report.warnings) and describe(model).format == fmt
     x = torch.randn(2, 3, *hw)
@@ -585,7 +585,7 @@ def test_vit_layout_loads_with_no_flags_and_equals_the_reference_at_a_non_square
 
 
 def test_dinov2_drops_mask_token_and_evaluates_at_224(tmp_path):
-    from featviz.description import describe
+    from featviz.models.description import describe
 
     model, report = C.load_backbone(build_dinov2_reg(tmp_path, _vit(14, 28, init_values=1e-5, reg_tokens=4,
                                                                      no_embed_class=True)))
@@ -646,7 +646,7 @@ def test_target_or_teacher_by_default_the_other_by_key(builder, fmt, key, other,
 def test_timm_classifier_keeps_its_head_whatever_its_name(name, head, tmp_path):
     import timm
 
-    from featviz.description import describe
+    from featviz.models.description import describe
 
     torch.manual_seed(0)
     ref = _moved(timm.create_model(name, pretrained=False, num_classes=7))
@@ -719,8 +719,8 @@ def lite1():
 def test_real_efficientnet_lite1_classifies_the_bundled_photos(sample_dir, lite1):
     """The package's ImageNet weights, loaded with no flags: 285 (Egyptian cat) for the cats, 967 (espresso)
     for the coffee cups, with ImageNet mean/std at 224 px (0.5/0.5 gets 6 of 8)."""
-    from featviz.data import eval_transform, load_image
-    from featviz.description import describe
+    from featviz.data.images import eval_transform, load_image
+    from featviz.models.description import describe
 
     _, (model, report) = lite1
     assert report.format == "efficientnet_pytorch" and report.arch["name"] == "timm:efficientnet_lite1"

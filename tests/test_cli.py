@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from featviz.models import build_backbone
+from featviz.models.architectures import build_backbone
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def _report(**kw):
 
 
 def test_inspect_delegates_to_inspect_checkpoint(cli, monkeypatch, tmp_path):
-    from featviz import loader
+    from featviz.models import loader
 
     spy = _Spy(_report())
     monkeypatch.setattr(loader, "inspect_checkpoint", spy)
@@ -186,7 +186,7 @@ def test_inspect_describes_a_segmenter_as_a_segmenter(cli, sample_dir):
 
 
 def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
-    from featviz import checkpoints
+    from featviz.models import checkpoints
 
     spy = _Spy(tmp_path / "o.safetensors")
     monkeypatch.setattr(checkpoints, "convert_checkpoint", spy)
@@ -198,7 +198,7 @@ def test_convert_delegates_to_convert_checkpoint(cli, monkeypatch, tmp_path):
 
 
 def test_layers_delegates_to_load_model_and_list_layers(cli, monkeypatch):
-    from featviz import features, loader
+    from featviz.models import features, loader
 
     load, rows, size = _Spy(("MODEL", _Desc())), _Spy([]), _Spy((96, 96))
     monkeypatch.setattr(loader, "load_model", load)
@@ -214,7 +214,7 @@ def test_layers_delegates_to_load_model_and_list_layers(cli, monkeypatch):
 
 
 def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
-    from featviz import embed
+    from featviz.eval import embed
 
     spy = _Spy(None)  # None: a non-zero torchrun rank, which prints nothing
     monkeypatch.setattr(embed, "run_embed", spy)
@@ -234,7 +234,8 @@ def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
 
 
 def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
-    from featviz import cam, loader
+    from featviz.models import loader
+    from featviz.views import cam
 
     load, run = _Spy(("MODEL", _Desc())), _Spy({"images": 1, "methods": ["gradcam"], "layers": ["layer4"],
                                                           "target": "self", "files": {"contact_sheet": "x.png"},
@@ -318,7 +319,7 @@ def test_collapse_watch_delegates_to_follow_run(cli, monkeypatch, tmp_path):
 
 
 def test_train_delegates_to_train(cli, monkeypatch, tmp_path):
-    from featviz import train
+    from featviz.train import loop as train
 
     spy = _Spy(None)  # None: a non-zero DDP rank
     monkeypatch.setattr(train, "train", spy)
@@ -352,7 +353,7 @@ def test_demo_delegates_to_run_demo(cli, monkeypatch, tmp_path):
 
 
 def test_sample_data_delegates_to_sample_data(cli, monkeypatch, tmp_path):
-    from featviz import samples
+    from featviz.io import samples
 
     spy = _Spy(tmp_path / "photos")
     monkeypatch.setattr(samples, "sample_data", spy)
@@ -367,7 +368,7 @@ _EVAL = {"knn": [{"k": 10, "temperature": 0.07, "top1": 0.5, "top5": 0.9}], "n_t
 
 
 def test_knn_delegates_to_run_knn(cli, monkeypatch, tmp_path):
-    from featviz import knn
+    from featviz.eval import knn
 
     spy = _Spy(_EVAL)
     monkeypatch.setattr(knn, "run_knn", spy)
@@ -384,7 +385,7 @@ def test_knn_delegates_to_run_knn(cli, monkeypatch, tmp_path):
 
 
 def test_probe_delegates_to_run_probe(cli, monkeypatch, tmp_path):
-    from featviz import probe
+    from featviz.eval import probe
 
     spy = _Spy(_EVAL)
     monkeypatch.setattr(probe, "run_probe", spy)
@@ -402,7 +403,8 @@ def _sheet_summary(**kw):
 
 
 def test_attention_delegates_to_load_model_and_run_attention(cli, monkeypatch, tmp_path):
-    from featviz import attention, loader
+    from featviz.models import loader
+    from featviz.views import attention
 
     load = _Spy(("MODEL", _Desc()))
     run = _Spy(_sheet_summary(prefix_tokens={"excluded_from_maps": 1, "class": 1, "register": 0, "other": 0},
@@ -422,7 +424,8 @@ def test_attention_delegates_to_load_model_and_run_attention(cli, monkeypatch, t
 
 
 def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
-    from featviz import loader, pca
+    from featviz.models import loader
+    from featviz.views import pca
 
     load = _Spy(("MODEL", _Desc()))
     run = _Spy(_sheet_summary(explained_variance_ratio=[0.5, 0.2, 0.1], feature_dim=8, foreground="none",
@@ -439,7 +442,7 @@ def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
 
 
 def test_tsne_delegates_to_run_map(cli, monkeypatch, tmp_path):
-    from featviz import tsne
+    from featviz.maps import projection as tsne
 
     check, run = _Spy(None), _Spy({"outputs": {"plot": "m.png"}})
     monkeypatch.setattr(tsne, "check_map_outputs", check)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featviz.artifacts import Embeddings
+from featviz.io.artifacts import Embeddings
 
 ARCH = "resnet18_w16-cifar"
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from featviz.artifacts import Embeddings
+from featviz.io.artifacts import Embeddings
 
 
 def one_line_error(result, match: str) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from featviz import _names, tsne
+from featviz.cli import choices as _names
+from featviz.maps import projection as tsne
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -84,8 +85,8 @@ def test_view_pixels_sit_on_the_labelled_pixel_of_every_view():
     import numpy as np
     from PIL import Image
 
-    from featviz import figure
-    from featviz.embed import read_mask
+    from featviz.eval.embed import read_mask
+    from featviz.maps import cac_figure as figure
 
     seg = SAMPLE / "seg"
     img = Image.open(seg / "JPEGImages/scene_003.jpg").convert("RGB")

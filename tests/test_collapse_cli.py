@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from featviz.artifacts import Embeddings
 from featviz.collapse import CollapseMonitor, append_jsonl
-from featviz.description import describe
+from featviz.io.artifacts import Embeddings
+from featviz.models.description import describe
 
 
 @pytest.fixture
@@ -158,9 +158,9 @@ def test_watch_gives_up_on_a_run_that_never_appears(cli, tmp_path):
 def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_path):
     import torch
 
-    from featviz.checkpoints import save_featviz
-    from featviz.methods import build_head
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
+    from featviz.models.checkpoints import save_featviz
+    from featviz.train.methods import build_head
 
     m = build_backbone("resnet18_w16-cifar", seed=1)
     specs = {"projector": {"type": "mlp", "dims": [128, 64, 32], "bn": True, "last_bn": True},
@@ -185,8 +185,8 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
 
 
 def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
-    from featviz.checkpoints import save_featviz
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
+    from featviz.models.checkpoints import save_featviz
 
     run = tmp_path / "ckpts"
     run.mkdir()

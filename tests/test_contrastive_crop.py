@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from featviz.contrastive_crop import (
+from featviz.data.contrastive_crop import (
     ContrastiveCrop,
     CropSchedule,
     box_tensor,
@@ -212,8 +212,8 @@ def test_boxes_from_a_known_heatmap_are_exact():
 
 
 def test_box_input_is_the_pipelines_normalisation():
-    from featviz.augment import finish
-    from featviz.contrastive_crop import box_input
+    from featviz.data.augment import finish
+    from featviz.data.contrastive_crop import box_input
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8))
     want = v2.Compose([v2.Resize((16, 16), antialias=True), *finish((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))])(img)
@@ -260,10 +260,10 @@ CCROP = dict(crop="contrastive", crop_threshold=0.5, crop_warmup=1, crop_update_
 def test_view_dataset_crops_inside_the_boxes_after_the_warmup():
     """With boxes set, each global view is ContrastiveCrop in that image's box (same seeded draws
     as the pipeline built by hand); without, RandomResizedCrop as before."""
-    from featviz.augment import MultiView, View, ViewDataset, finish, sample_seed
+    from featviz.data.augment import MultiView, View, ViewDataset, finish, sample_seed
 
     view = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1))
-    from featviz.augment import Recipe
+    from featviz.data.augment import Recipe
 
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (24, 20, 3), np.uint8)) for _ in range(3)]
@@ -282,7 +282,7 @@ def test_view_dataset_crops_inside_the_boxes_after_the_warmup():
 def test_resume_reproduces_the_boxes_and_the_weights(tmp_path, one_thread):
     from safetensors.torch import load_file
 
-    from featviz.train import TrainConfig, train
+    from featviz.train.loop import TrainConfig, train
 
     base = dict(method="simsiam", data="digits", epochs=3, **TINY, **CCROP)
     full = train(TrainConfig(out=str(tmp_path / "full"), **base))
@@ -334,9 +334,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     import torch.distributed as dist
 
-    from featviz.contrastive_crop import compute_boxes
+    from featviz.data.contrastive_crop import compute_boxes
     from featviz.distributed import DistInfo
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -358,8 +358,8 @@ def test_ddp_boxes_are_each_ranks_shard_all_gathered(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from featviz.contrastive_crop import compute_boxes
-    from featviz.models import build_backbone
+    from featviz.data.contrastive_crop import compute_boxes
+    from featviz.models.architectures import build_backbone
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -380,8 +380,8 @@ def test_ddp_boxes_are_each_ranks_shard_all_gathered(tmp_path):
 def test_crop_names_match_the_cli_and_train_flags_fail_in_one_line(cli, tmp_path):
     from typing import get_args
 
-    from featviz._names import CropName
-    from featviz.contrastive_crop import CROPS
+    from featviz.cli.choices import CropName
+    from featviz.data.contrastive_crop import CROPS
 
     assert set(get_args(CropName)) == set(CROPS)
     base = ["train", "-m", "simsiam", "-d", "digits", "-a", "resnet18_w16-cifar", "--image-size", "16"]
@@ -398,7 +398,7 @@ def test_crop_names_match_the_cli_and_train_flags_fail_in_one_line(cli, tmp_path
 
 # ---------------------------------------------------------------- featviz crops
 def test_view_statistics_match_brute_force():
-    from featviz.crop_report import box_pixels, inside_share, object_share, pair_iou
+    from featviz.views.crops import box_pixels, inside_share, object_share, pair_iou
 
     rng = np.random.default_rng(0)
     mask = rng.choice([0, 0, 0, 1, 2, 255], size=(30, 40))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featviz import crops
+from featviz.data import cac_crops as crops
 from featviz.errors import DataError
 
 

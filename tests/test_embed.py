@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from featviz import embed
-from featviz.artifacts import Embeddings
-from featviz.data import eval_transform, load_image
-from featviz.features import FeatureExtractor
-from featviz.models import build_backbone
+from featviz.data.images import eval_transform, load_image
+from featviz.eval import embed
+from featviz.io.artifacts import Embeddings
+from featviz.models.architectures import build_backbone
+from featviz.models.features import FeatureExtractor
 
 ARCH = "resnet18_w16-cifar"
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featviz import features as F
 from featviz.errors import ArchitectureError, DataError, FeatvizError, UnknownNameError
-from featviz.models import ArchSpec, build_backbone
+from featviz.models import features as F
+from featviz.models.architectures import ArchSpec, build_backbone
 
 VIT = ArchSpec("vit", "vit_d64_patch8_32", {"embed_dim": 64, "depth": 2, "patch_size": 8, "img_size": 32,
                                             "num_heads": 2})

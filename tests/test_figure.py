@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from featviz import figure
 from featviz.errors import DataError
+from featviz.maps import cac_figure as figure
 
 
 def _pointwise_model(seed: int, stride: int = 8) -> nn.Module:
@@ -132,8 +132,8 @@ def test_rows_with_different_strides_share_pixels(tmp_path):
 
 # ---------------------------------------------------------------- which features
 def _tiny_segmenter(projector: bool):
-    from featviz.models import build_backbone
-    from featviz.segmentation import Segmenter, head_spec
+    from featviz.models.architectures import build_backbone
+    from featviz.train.segmentation import Segmenter, head_spec
 
     bb = build_backbone("resnet18_w16-os8", seed=0)
     spec = head_spec(bb, 3, 64)

@@ -28,7 +28,7 @@ def _one_line(result, code: int = 1) -> str:
 
 @pytest.fixture
 def emb_npz(tmp_path):
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     rng = np.random.default_rng(0)
     p = tmp_path / "emb.npz"
@@ -106,7 +106,7 @@ def read_only(tmp_path, monkeypatch):
     """A folder that cannot be written (os.access says so, as it does for a non-root user)."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    from featviz import outputs
+    from featviz.io import outputs
 
     real = os.access
     monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
@@ -115,7 +115,8 @@ def read_only(tmp_path, monkeypatch):
 
 def _refuses_to_compute(monkeypatch):
     """Any model load means work started before the output was checked."""
-    from featviz import checkpoints, loader, models
+    from featviz.models import architectures as models
+    from featviz.models import checkpoints, loader
 
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
@@ -133,7 +134,7 @@ def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb
     if command != "train":
         _refuses_to_compute(monkeypatch)
     if command in ("knn", "probe"):
-        from featviz import splits
+        from featviz.eval import splits
 
         monkeypatch.setattr(splits, "load_splits", lambda *a, **k: pytest.fail("work started before the check"))
     args = {
@@ -243,7 +244,7 @@ def test_out_dot_works_for_cam_and_collapse(cli, emb_npz, cats, tmp_path, monkey
 
 
 def test_stale_partial_files_are_removed_by_the_next_good_run(cli, emb_npz, tmp_path):
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     stale = tmp_path / ".e.el1i4bzu.tmp.npz"  # what a kill during the save left (earlier versions' name)
     stale.write_bytes(b"partial")
@@ -303,7 +304,7 @@ def test_cam_skips_undecodable_images_unless_strict(cli, cats, tmp_path):
 
 
 def test_tsne_on_one_dimensional_features_is_one_line(cli, tmp_path):
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     Embeddings(np.random.default_rng(0).normal(size=(40, 1)), np.zeros(40)).save(tmp_path / "n1.npz")
     line = _one_line(cli("tsne", tmp_path / "n1.npz", "--out", tmp_path / "m.png"))
@@ -431,8 +432,8 @@ def test_piped_watch_table_keeps_its_cells(tmp_path):
 def test_class_labels_carry_names_and_probability(tmp_path):
     import torch
 
-    from featviz.cam.run import read_class_names
-    from featviz.cam.targets import ClassTarget
+    from featviz.views.cam.run import read_class_names
+    from featviz.views.cam.targets import ClassTarget
 
     t = ClassTarget(None, 3, ["cat", "dog", "cup"])
     t.bind(torch.tensor([0.0, 2.0, 1.0]))
@@ -456,7 +457,7 @@ def test_random_weights_say_so_on_the_sheet_and_in_the_manifest(cli, cats, tmp_p
 def test_scorecam_inner_progress_bars_are_held_back_and_other_output_is_not(cli, cats, tmp_path, capfd):
     import torch
 
-    from featviz.cam.methods import _inner_bars_hidden
+    from featviz.views.cam.methods import _inner_bars_hidden
 
     r = cli("cam", cats, *TINY, "--method", "scorecam,ablationcam", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output

@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featviz import interactive, thumbnails, tsne
-from featviz.artifacts import Embeddings
+from featviz.data import thumbnails
+from featviz.io.artifacts import Embeddings
+from featviz.maps import interactive
+from featviz.maps import projection as tsne
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 FAST = tsne.TsneParams(n_iter=150, early_exaggeration_iter=100, seed=0)
@@ -280,7 +282,7 @@ def test_missing_images_warn_and_the_map_is_still_written(tmp_path, caplog):
     emb, _ = _photo_embeddings(tmp_path)
     emb.manifest = {"arguments": {"images": str(tmp_path / "moved-away")}}
     m = tsne.shared_map([emb], ["photos"], params=FAST)
-    with caplog.at_level(logging.WARNING, logger="featviz.interactive"):
+    with caplog.at_level(logging.WARNING, logger="featviz.maps.interactive"):
         out = interactive.map_page(m, [emb], tmp_path / "map.html")
     assert out.is_file() and not _data_uris(out.read_text())
     msg = " ".join(r.getMessage() for r in caplog.records)
@@ -293,7 +295,7 @@ def test_missing_images_warn_and_the_map_is_still_written(tmp_path, caplog):
 def test_thumbnail_subsample_is_stated(tmp_path, caplog):
     emb, _ = _photo_embeddings(tmp_path)
     m = tsne.shared_map([emb], ["photos"], params=FAST)
-    with caplog.at_level(logging.WARNING, logger="featviz.interactive"):
+    with caplog.at_level(logging.WARNING, logger="featviz.maps.interactive"):
         out = interactive.map_page(m, [emb], tmp_path / "map.html", max_thumbnails=7)
     html = out.read_text()
     assert len(_data_uris(html)) == 7
@@ -506,7 +508,7 @@ def test_views_page_links_every_panel(tmp_path, browser):
 
 
 def test_builtin_digits_thumbnails_are_the_images_embed_saw():
-    from featviz.data import digits
+    from featviz.data.images import digits
 
     want = digits(16)
     res = thumbnails.ImageResolver(want.ids, {"arguments": {"images": "digits"}, "image_size": [16, 16]})

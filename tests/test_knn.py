@@ -1,4 +1,4 @@
-"""featviz.knn: DINO's weighted k-NN, checked against a transcription of eval_knn.knn_classifier."""
+"""featviz.eval.knn: DINO's weighted k-NN, checked against a transcription of eval_knn.knn_classifier."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featviz.errors import DataError
-from featviz.knn import l2_normalize, parse_ks, top_neighbours, weighted_knn
+from featviz.eval.knn import l2_normalize, parse_ks, top_neighbours, weighted_knn
 
 
 def dino_knn_classifier(
@@ -112,8 +112,8 @@ def test_digits_raw_pixels_match_the_formula(tmp_path):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from featviz.artifacts import Embeddings
-    from featviz.knn import run_knn
+    from featviz.eval.knn import run_knn
+    from featviz.io.artifacts import Embeddings
 
     d = load_digits()
     tr, va = train_test_split(

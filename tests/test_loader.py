@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from featviz import loader
-from featviz.description import IMAGENET_MEAN, ArchSpec, ModelDescription, attach, describe
 from featviz.errors import ArchitectureError
-from featviz.models import build_backbone
+from featviz.models import loader
+from featviz.models.architectures import build_backbone
+from featviz.models.description import IMAGENET_MEAN, ArchSpec, ModelDescription, attach, describe
 
 VIT = ArchSpec("vit", "vit_d128_patch16_32", {"embed_dim": 128, "depth": 1, "patch_size": 16, "img_size": 32,
                                               "num_heads": 2})

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featviz import augment, methods
-from featviz._names import MethodName, OptimizerName
-from featviz.methods import METHODS, MethodSpec, Optim, build_method
-from featviz.models import build_backbone
+from featviz.cli.choices import MethodName, OptimizerName
+from featviz.data import augment
+from featviz.models.architectures import build_backbone
+from featviz.train import methods
+from featviz.train.methods import METHODS, MethodSpec, Optim, build_method
 
 ARCH = "resnet18_w16-cifar"
 
@@ -28,7 +29,7 @@ def _net(name: str, **kw) -> methods.SSLMethod:
 
 # ---------------------------------------------------------------- one registration per method
 def test_names_in_sync_with_the_registry():
-    from featviz.train import OPTIMIZERS
+    from featviz.train.loop import OPTIMIZERS
 
     assert set(get_args(MethodName)) == set(METHODS.names())
     assert set(get_args(OptimizerName)) == set(OPTIMIZERS)
@@ -223,7 +224,7 @@ def test_dino_loss_equals_dinoloss_forward():
 
 def test_lars_equals_the_official_lars_step():
     """facebookresearch/barlowtwins main.py:224-263 (= BYOL/MoCo v3/DINO LARS), two steps."""
-    from featviz.train import LARS
+    from featviz.train.loop import LARS
 
     g = torch.Generator().manual_seed(7)
     w0, b0 = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
@@ -445,7 +446,7 @@ def test_momentum_targets_keep_their_own_batchnorm_statistics():
 
 
 def test_simsiam_predictor_lr_stays_fixed():
-    from featviz.train import param_groups, schedule_step
+    from featviz.train.loop import param_groups, schedule_step
 
     m = _net("simsiam")
     spec = METHODS.get("simsiam")
@@ -460,7 +461,7 @@ def test_simsiam_predictor_lr_stays_fixed():
 
 
 def test_no_weight_decay_on_biases_and_norms_and_dino_weight_decay_schedule():
-    from featviz.train import _wd_at, param_groups
+    from featviz.train.loop import _wd_at, param_groups
 
     for name in ("byol", "dino", "barlow_twins"):
         m = _net(name)
@@ -479,7 +480,7 @@ def test_no_weight_decay_on_biases_and_norms_and_dino_weight_decay_schedule():
 
 def test_dino_clip_grad_clips_each_parameter():
     from featviz.distributed import DistInfo
-    from featviz.train import SSLTask, TrainConfig, resolve_config
+    from featviz.train.loop import SSLTask, TrainConfig, resolve_config
 
     cfg = resolve_config(TrainConfig(method="dino", data="digits", out="unused", image_size=16, batch_size=8,
                                      limit=20, epochs=1))
@@ -519,7 +520,7 @@ def test_method_trains_few_steps_without_nan(name):
 
 
 def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
-    from featviz.train import TrainConfig, resolve_config
+    from featviz.train.loop import TrainConfig, resolve_config
 
     cfg = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path)))
     assert cfg.image_size == 16 and cfg.defaults["image_size"] == "preset:digits" and cfg.batch_size == 32

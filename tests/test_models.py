@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featviz import models
 from featviz.errors import ArchitectureError, UnknownNameError
+from featviz.models import architectures as models
 
 
 @pytest.mark.parametrize("name,dim", [
@@ -48,7 +48,7 @@ def test_unknown_timm_model_suggests():
 
 
 def test_get_layer_forms():
-    from featviz.features import get_layer
+    from featviz.models.features import get_layer
 
     m = models.build_backbone("resnet18_w8")
     assert get_layer(m, "layer4[-1]") is m.layer4[1]
@@ -77,7 +77,7 @@ def test_standard_num_heads(dim, heads):
 
 
 def test_normalisation_and_input_size_by_family():
-    from featviz.description import describe
+    from featviz.models.description import describe
 
     with torch.device("meta"):  # facts only
         timm_vit, ssl_vit, lite = (models.build_backbone(a) for a in (
@@ -95,7 +95,7 @@ def test_normalisation_and_input_size_by_family():
                                            "embed_dim": 64, "depth": 1, "patch_size": 8, "img_size": 32,
                                            "num_heads": 2}), "head")])
 def test_build_with_a_classifier(arch, head):
-    from featviz.description import describe
+    from featviz.models.description import describe
 
     m = models.build_backbone(arch, num_classes=6, seed=0)
     assert m(torch.zeros(1, 3, 64, 64)).shape == (1, 6)

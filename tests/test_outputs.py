@@ -1,4 +1,4 @@
-"""featviz.outputs: checks before work, atomic files and folders, --force that replaces only featviz's files."""
+"""featviz.io.outputs: checks before work, atomic files and folders, --force that replaces only featviz's files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from featviz import outputs
 from featviz.errors import OutputError, OutputExistsError
+from featviz.io import outputs
 
 
 def _write_dir(path, files: dict[str, str], **kw):
@@ -122,7 +122,7 @@ def test_stale_temporary_files_of_the_same_output_are_removed(tmp_path):
 
 
 def test_manifests_are_named_after_their_output(tmp_path):
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     for name, d in (("a", 3), ("b", 5)):
         Embeddings(np.ones((4, d)), np.arange(4)).save(tmp_path / f"{name}.npz")
@@ -137,7 +137,7 @@ def test_manifests_are_named_after_their_output(tmp_path):
 
 
 def test_embeddings_are_not_saved_over_an_existing_manifest_without_force(tmp_path):
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     (tmp_path / "e.manifest.json").write_text("{}")
     with pytest.raises(OutputExistsError):

@@ -1,4 +1,4 @@
-"""featviz.pca: the DINOv2 patch-PCA recipe, its foreground rule, and the command's files."""
+"""featviz.views.pca: the DINOv2 patch-PCA recipe, its foreground rule, and the command's files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featviz.errors import DataError, OutputExistsError
-from featviz.pca import patch_pca, run_pca
+from featviz.views.pca import patch_pca, run_pca
 
 
 def object_maps(n=4, c=16, h=12, w=16, seed=0, sign=1.0):
@@ -91,7 +91,7 @@ def test_bad_options():
 
 
 def test_run_pca_on_a_cnn_layer_and_a_vit(tmp_path, sample_dir):
-    from featviz.models import build_backbone
+    from featviz.models.architectures import build_backbone
 
     imgs = [sample_dir / "photos" / "cat", sample_dir / "photos" / "coffee" / "coffee_0.jpg"]
     cnn = build_backbone("resnet18", seed=0)

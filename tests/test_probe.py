@@ -1,4 +1,4 @@
-"""featviz.probe: the logistic-regression probe, its C selection, and the digits baseline."""
+"""featviz.eval.probe: the logistic-regression probe, its C selection, and the digits baseline."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featviz.errors import DataError
-from featviz.probe import linear_probe, run_probe
+from featviz.eval.probe import linear_probe, run_probe
 
 
 @pytest.fixture(scope="module")

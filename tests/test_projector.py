@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featviz import projector, thumbnails
-from featviz.artifacts import Embeddings
+from featviz.data import thumbnails
 from featviz.errors import OutputExistsError
+from featviz.io.artifacts import Embeddings
+from featviz.maps import projector
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -104,7 +105,7 @@ def test_missing_tensorboard_is_one_clear_line(monkeypatch, tmp_path):
 
 
 def test_run_embed_records_the_image_root_and_writes_the_projector(tmp_path, monkeypatch):
-    from featviz import embed
+    from featviz.eval import embed
 
     monkeypatch.chdir(tmp_path)  # relative --images: the manifest still records an absolute root
     (tmp_path / "photos").symlink_to(SAMPLE / "photos")

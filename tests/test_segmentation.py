@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from cac_reference import CAC, UnsupLoss, randomise, rng_for
 
-from featviz import segmentation as seg_lib
-from featviz.description import describe
 from featviz.errors import CheckpointError
-from featviz.segmentation import (
+from featviz.models.description import describe
+from featviz.train import segmentation as seg_lib
+from featviz.train.segmentation import (
     CACSettings,
     cac_unsupervised_loss,
     directional_contrast,
@@ -188,7 +188,7 @@ def test_no_gradient_flows_into_the_negatives():
 # ---------------------------------------------------------------- the full cac step
 def _tiny_task(sample_dir, **over):
     from featviz.distributed import DistInfo
-    from featviz.train import TrainConfig
+    from featviz.train.loop import TrainConfig
 
     cfg = TrainConfig(method="cac", data=str(sample_dir / "seg"), out="unused", arch="resnet18_w16-os8",
                       batch_size=2, image_size=40, selected_num=30, pos_thresh=0.3, seed=3)
@@ -263,7 +263,7 @@ def test_labelled_branch_is_cac_crop_and_flip_only(sample_dir):
     """Labelled crops: long side 0.5-2.0x base, crop, flip; no blur, jitter or grayscale."""
     from PIL import Image
 
-    from featviz import crops
+    from featviz.data import cac_crops as crops
 
     img = Image.new("RGB", (120, 90), (200, 30, 60))
     mask = np.ones((90, 120), np.uint8)
@@ -362,7 +362,7 @@ def test_describe_segmenter_for_inspect(cac_r50):
     assert d["layout"] == "cac" and d["arch"] == "resnet50-os16" and d["output_stride"] == 16
     assert (d["decoder_dim"], d["projector_dim"], d["feature_stride"], d["num_classes"]) == (256, 128, 8, 21)
     assert d["aspp_rates"] == [6, 12, 18] and d["trained_crop"] == {"crop_size": 320, "base_size": 400}
-    from featviz.loader import inspect_checkpoint
+    from featviz.models.loader import inspect_checkpoint
 
     info = inspect_checkpoint(cac_r50[0])  # what `featviz inspect` prints: the segmenter, nothing "dropped"
     assert (info["kind"], info["format"], info["layout"], info["num_classes"]) == ("segmenter", "cac", "cac", 21)
@@ -374,7 +374,7 @@ def test_cac_resume_replays_the_negative_bank(tmp_path, sample_dir):
     uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from featviz.train import TrainConfig, train
+    from featviz.train.loop import TrainConfig, train
 
     def cfg(out):
         return TrainConfig(method="cac", data=str(sample_dir / "seg"), out=str(tmp_path / out), epochs=3,

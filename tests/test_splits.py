@@ -1,4 +1,4 @@
-"""featviz.splits and run_knn inputs: npz files, folders through a model, one stratified set."""
+"""featviz.eval.splits and run_knn inputs: npz files, folders through a model, one stratified set."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from featviz.artifacts import Embeddings
 from featviz.errors import DataError, FeatvizError, OutputExistsError
-from featviz.knn import run_knn, weighted_knn
-from featviz.splits import load_splits
+from featviz.eval.knn import run_knn, weighted_knn
+from featviz.eval.splits import load_splits
+from featviz.io.artifacts import Embeddings
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def test_checkpoint_and_folders_embed_in_eval_mode(photo_split, sample_dir):
         "moco_v2_tiny.pth.tar"
     )
 
-    from featviz.data import labelled_images
-    from featviz.embed import embed_images
-    from featviz.loader import load_model
+    from featviz.data.images import labelled_images
+    from featviz.eval.embed import embed_images
+    from featviz.models.loader import load_model
 
     model, _ = load_model(ckpt)
     tr, va = labelled_images(photo_split / "train"), labelled_images(photo_split / "val")
@@ -126,7 +126,7 @@ def test_npz_path_imports_no_torch(tmp_path):
         Embeddings(np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3).save(tmp_path / side / "e.npz")
     script = (
         "import sys\n"
-        "from featviz.knn import run_knn\n"
+        "from featviz.eval.knn import run_knn\n"
         f"r = run_knn(train={str(tmp_path / 'tr' / 'e.npz')!r}, val={str(tmp_path / 'va' / 'e.npz')!r}, ks=[3])\n"
         "heavy = [m for m in ('torch', 'torchvision', 'timm') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

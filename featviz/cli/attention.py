@@ -29,7 +29,7 @@ _ROLL = "Attention rollout"
 
 def load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust, seed) -> tuple[Any, dict[str, Any]]:
     """The model and its description as a dict (the loader logs its warnings on stderr)."""
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
 
     model, desc = load_model(checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust))
     return model, desc.to_dict()
@@ -83,7 +83,7 @@ def attention(
     as_json: JsonOpt = False,
 ) -> None:
     """A ViT's class-token self-attention per head (any size, registers excluded), DINO's masks, rollout."""
-    from featviz.attention import run_attention
+    from featviz.views.attention import run_attention
 
     args = {
         "images": images,
@@ -101,7 +101,7 @@ def attention(
         "seed": seed,
     }
     with _user_errors():
-        from featviz.outputs import check_output
+        from featviz.io.outputs import check_output
 
         check_output(out_dir, force=force, folder=True)  # before the model is loaded
         model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)

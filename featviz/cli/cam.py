@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from featviz._names import CAM_METHOD_NAMES
 from featviz.cli._app import _echo_json, _image_limit, _progress, _user_errors, app, out
+from featviz.cli.choices import CAM_METHOD_NAMES
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -98,8 +98,8 @@ def cam(
     as_json: JsonOpt = False,
 ) -> None:
     """Heatmaps of where a classifier, segmenter or SSL encoder looks, with any pytorch-grad-cam method."""
-    from featviz import cam as cam_lib
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
+    from featviz.views import cam as cam_lib
 
     args = {
         "images": images,
@@ -120,7 +120,7 @@ def cam(
         "class_names": class_names,
     }
     with _user_errors():
-        from featviz.outputs import check_output
+        from featviz.io.outputs import check_output
 
         check_output(out_dir, force=force, folder=True)  # before the model is loaded
         _image_limit(max_image_pixels)

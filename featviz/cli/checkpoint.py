@@ -33,7 +33,7 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Detect a checkpoint's layout and architecture, and verify that it loads (a segmenter whole, else its encoder)."""
-    from featviz import loader
+    from featviz.models import loader
 
     with _user_errors():
         info = loader.inspect_checkpoint(
@@ -44,7 +44,7 @@ def inspect(
     elif info.get("kind") == "segmenter":
         out.print(_segmenter_table(info))
     else:
-        from featviz.checkpoints import LoadReport
+        from featviz.models.checkpoints import LoadReport
 
         out.print(LoadReport(**info).to_rich())
 
@@ -88,7 +88,7 @@ def convert(
     force: ForceOpt = False,
 ) -> None:
     """Write the encoder plus metadata to a pickle-free .safetensors file."""
-    from featviz import checkpoints
+    from featviz.models import checkpoints
 
     with _user_errors():
         path = checkpoints.convert_checkpoint(
@@ -118,8 +118,8 @@ def layers(
     The map column is what `embed --pixels`, `cam` and `collapse --pixels` get from a layer ("-": it has no
     spatial map); ViT tokens become the patch grid of --image-size.
     """
-    from featviz.features import input_size, list_layers
-    from featviz.loader import load_model
+    from featviz.models.features import input_size, list_layers
+    from featviz.models.loader import load_model
 
     with _user_errors():
         model, desc = load_model(checkpoint, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint))

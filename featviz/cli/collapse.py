@@ -213,7 +213,7 @@ def collapse(
                 )
             )
         if out_dir is not None:
-            from featviz.outputs import check_output
+            from featviz.io.outputs import check_output
 
             check_output(out_dir, force=force, folder=True)  # fail before the (possibly long) computation
         model = None

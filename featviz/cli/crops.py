@@ -77,7 +77,7 @@ def crops(
 ) -> None:
     """ContrastiveCrop (Peng et al. 2022) for any checkpoint: per image the heatmap, its box, view pairs beside
     RandomResizedCrop's, and the numbers (IoU of the views, share inside the box, object share with --masks)."""
-    from featviz.crop_report import run_crops
+    from featviz.views.crops import run_crops
 
     args = {
         "images": images,
@@ -96,7 +96,7 @@ def crops(
         "seed": seed,
     }
     with _user_errors():
-        from featviz.loader import load_model
+        from featviz.models.loader import load_model
 
         kw = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
         loaded = load_model(checkpoint, seed=seed, **kw)

@@ -45,7 +45,7 @@ def sample_data(
     ] = None,
 ) -> None:
     """Print the path of the bundled sample data (works from any folder: S=$(featviz sample-data))."""
-    from featviz.samples import sample_data as find
+    from featviz.io.samples import sample_data as find
 
     with _user_errors():
         path = find(*(parts or []))

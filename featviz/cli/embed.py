@@ -78,7 +78,7 @@ def embed(
     Runs under torchrun too: `torchrun --nproc_per_node N -m featviz embed ...` shards the images and rank 0
     writes one merged file.
     """
-    from featviz import embed as embed_lib
+    from featviz.eval import embed as embed_lib
 
     with _user_errors():
         _image_limit(max_image_pixels)

@@ -66,7 +66,7 @@ OutJsonOpt = Annotated[
 def sources(
     *, batch_size, device, fmt, num_heads, checkpoint_key, trust, **shared: Any
 ) -> dict[str, Any]:
-    """The ``featviz.splits.load_splits`` arguments of the shared input options: ``shared`` is the
+    """The ``featviz.eval.splits.load_splits`` arguments of the shared input options: ``shared`` is the
     inputs as a command records them in its provenance (``train``, ``val``, ``checkpoint``, ``arch``,
     ``train_images``, ``val_images``, ``images``, ``image_size``, ``val_fraction``, ``seed``)."""
     load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
@@ -127,7 +127,7 @@ def knn(
     as_json: JsonOpt = False,
 ) -> None:
     """Weighted k-NN accuracy of frozen features (DINO eval_knn: cosine, top-k votes weighted by exp(s/T))."""
-    from featviz.knn import run_knn
+    from featviz.eval.knn import run_knn
 
     shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
                   val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)

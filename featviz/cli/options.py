@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import CheckpointKey, DeviceName, FormatName, PrecisionName
+from featviz.cli.choices import CheckpointKey, DeviceName, FormatName, PrecisionName
 
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors).")
@@ -68,7 +68,7 @@ def image_size_value(value: str | None) -> int | str | None:
     if value is None:
         return None
     from featviz.errors import DataError
-    from featviz.features import parse_image_size
+    from featviz.models.features import parse_image_size
 
     try:
         h, w = parse_image_size(value)

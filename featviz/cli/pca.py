@@ -61,7 +61,7 @@ def pca(
     as_json: JsonOpt = False,
 ) -> None:
     """PCA of patch (or pixel) features of all images jointly, foreground first, shown as RGB (DINOv2's figure)."""
-    from featviz.pca import run_pca
+    from featviz.views.pca import run_pca
 
     args = {
         "images": images,
@@ -78,7 +78,7 @@ def pca(
         "seed": seed,
     }
     with _user_errors():
-        from featviz.outputs import check_output
+        from featviz.io.outputs import check_output
 
         check_output(out_dir, force=force, folder=True)  # before the model is loaded
         model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)

@@ -79,7 +79,7 @@ def probe(
     as_json: JsonOpt = False,
 ) -> None:
     """Linear probe on frozen features: standardised logistic regression, C chosen on held-out training rows."""
-    from featviz.probe import run_probe
+    from featviz.eval.probe import run_probe
 
     shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
                   val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)

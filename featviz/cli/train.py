@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import CropName, MethodName, OptimizerName
 from featviz.cli._app import _echo_json, _user_errors, app, err, out
+from featviz.cli.choices import CropName, MethodName, OptimizerName
 from featviz.cli.options import (
     DeviceOpt,
     ForceOpt,
@@ -260,7 +260,7 @@ def train(
     `featviz collapse --watch RUN_DIR`) and RUN_DIR/state.pt for --resume.
     Multi-GPU: `torchrun --nproc_per_node N -m featviz train ...`.
     """
-    from featviz import train as train_lib
+    from featviz.train import loop as train_lib
 
     cfg = train_lib.TrainConfig(
         method=method,

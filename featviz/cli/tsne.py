@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 
-from featviz._names import FigureName, MapMethod
 from featviz.cli._app import (
     _checkpoint_name,
     _echo_json,
@@ -17,6 +16,7 @@ from featviz.cli._app import (
     app,
     out,
 )
+from featviz.cli.choices import FigureName, MapMethod
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -206,7 +206,7 @@ def tsne(
                 )
             typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
             return
-        from featviz import tsne as tsne_lib
+        from featviz.maps import projection as tsne_lib
 
         files = list(inputs or [])
         if reference is not None and reference not in files:
@@ -237,7 +237,7 @@ def tsne(
                 out_path, files=files, names=_split_names(names, len(files), [f.stem for f in files]), **run
             )
         else:
-            from featviz import embed as embed_lib
+            from featviz.eval import embed as embed_lib
 
             tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)  # before embedding
             emb = embed_lib.run_embed(
@@ -293,7 +293,7 @@ def _tsne_figure(
     load_kwargs,
     html=None,
 ) -> dict[str, Any]:
-    from featviz import figure as figure_lib
+    from featviz.maps import cac_figure as figure_lib
 
     if image is None or mask is None:
         raise _usage("--figure cac needs --image IMG and --mask MASK")

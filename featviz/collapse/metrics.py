@@ -93,8 +93,8 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
     Raises:
         ArtifactError: missing file, unknown extension or malformed content.
     """
-    from featviz.artifacts import Embeddings, check_array_file
     from featviz.errors import ArtifactError
+    from featviz.io.artifacts import Embeddings, check_array_file
 
     path = Path(path)
     if path.suffix == ".npz":

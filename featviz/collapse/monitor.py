@@ -45,7 +45,7 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     see either the whole line or nothing of it; readers must still ignore a last line without
     its newline (a crash mid-write).
     """
-    from featviz.outputs import to_jsonable
+    from featviz.io.outputs import to_jsonable
 
     data = (json.dumps(to_jsonable(record), allow_nan=False) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -83,7 +83,7 @@ class CollapseMonitor:
         writer: also send every numeric value of a line to this TensorBoard ``SummaryWriter``
             (``add_scalar("collapse/<key>", value, step)``, e.g. ``collapse/rankme``); featviz
             flushes it on ``close`` but leaves closing it to you. Any object with ``add_scalar``
-            works; ``featviz.projector.summary_writer(dir)`` makes one.
+            works; ``featviz.maps.projector.summary_writer(dir)`` makes one.
         **report_kwargs: passed to ``collapse_report`` (e.g. ``uniformity_exact_max``).
     """
 
@@ -511,7 +511,7 @@ def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = 
         DataError: no metrics appeared before ``max_wait``.
     """
     from featviz.collapse.plots import plot_curves
-    from featviz.outputs import check_output, prepare_folder
+    from featviz.io.outputs import check_output, prepare_folder
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "collapse-watch"

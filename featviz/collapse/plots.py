@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from featviz.collapse.metrics import CollapseReport
-from featviz.description import ModelDescription
+from featviz.models.description import ModelDescription
 
 
 def _save(fig, path: str | os.PathLike, force: bool) -> Path:
-    from featviz.outputs import atomic_path
+    from featviz.io.outputs import atomic_path
 
     with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, dpi=130, bbox_inches="tight")
@@ -159,7 +159,7 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
     """
     from matplotlib.figure import Figure
 
-    from featviz.outputs import atomic_path
+    from featviz.io.outputs import atomic_path
 
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     has_knn = any("knn_acc" in r for recs in runs.values() for r in recs)
@@ -220,7 +220,7 @@ def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport],
     manifest: the measured model's description and its load warnings when ``model`` is given) and
     ``spectrum.png`` into ``out_dir``, as one atomic folder."""
     from featviz.collapse.metrics import DEFINITIONS
-    from featviz.outputs import atomic_dir, manifest, write_json
+    from featviz.io.outputs import atomic_dir, manifest, write_json
 
     about = {} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}
     with atomic_dir(out_dir, force=force, command="collapse") as tmp:

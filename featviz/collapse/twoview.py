@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from featviz.data import load_image, normalization_of
-from featviz.description import ModelDescription
+from featviz.data.images import load_image, normalization_of
 from featviz.errors import DataError
-from featviz.features import FeatureExtractor, input_size
+from featviz.models.description import ModelDescription
+from featviz.models.features import FeatureExtractor, input_size
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,13 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 def view_pair(img, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
               shared_geometry: bool = False, view=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented, normalised tensors of one PIL image: ``featviz.augment.view_pair`` (the one
+    """Two augmented, normalised tensors of one PIL image: ``featviz.data.augment.view_pair`` (the one
     augmentation pipeline; default ``augment.ANALYSIS_VIEW``, SimSiam's views without blur).
 
     ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
     (pixel-aligned pairs) and differ only photometrically.
     """
-    from featviz import augment
+    from featviz.data import augment
 
     return augment.view_pair(img, size, mean, std, shared_geometry=shared_geometry, view=view or augment.ANALYSIS_VIEW)
 
@@ -52,19 +52,19 @@ def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
 
     Only featviz-format checkpoints (``featviz train``) carry heads: ``projector.*`` and
     ``predictor.*`` tensors plus their JSON specs in the metadata, rebuilt with
-    ``featviz.methods.build_head``. The predictor is applied to the projector's output, as in
+    ``featviz.train.methods.build_head``. The predictor is applied to the projector's output, as in
     training.
     """
     if checkpoint is None or Path(checkpoint).suffix != ".safetensors":
         return {}
-    from featviz.checkpoints import read_featviz
     from featviz.errors import CheckpointError
+    from featviz.models.checkpoints import read_featviz
 
     try:
         tensors, meta = read_featviz(checkpoint)
     except CheckpointError:
         return {}  # a plain safetensors file (timm/torchvision weights): no heads
-    from featviz.methods import build_head
+    from featviz.train.methods import build_head
 
     specs = meta.get("heads") or {}
     modules: dict[str, nn.Module] = {}
@@ -145,7 +145,7 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
         seed: seeds the augmentations and the pixel sampling (same seed, same views).
         pixels: also return ``pixels``: the (N, C, H, W) map of ``layer`` (the feature core's rule),
             ``pixels_per_image`` cells per image, the same cells in both views.
-        layer: the layer for ``pixels`` (default ``featviz.features.default_layer``: ResNet
+        layer: the layer for ``pixels`` (default ``featviz.models.features.default_layer``: ResNet
             ``layer4``, ViT ``norm``).
         heads: extra outputs computed from the pooled features (see ``checkpoint_heads``).
         device: where the model runs.
@@ -225,16 +225,16 @@ def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.Pa
                        **report_kwargs: Any) -> CheckpointReports:
     """Collapse reports of a checkpoint (or a seeded random-init ``arch``) on two views of ``images``.
 
-    ``load_kwargs`` are the model-loading options of ``featviz.loader.load_model`` (arch, format,
+    ``load_kwargs`` are the model-loading options of ``featviz.models.loader.load_model`` (arch, format,
     num_heads, checkpoint_key, trust).
 
     Returns:
         ``CheckpointReports``: the reports per output (backbone, projector, predictor, pixels), a
         display name of the model, the indices of undecodable images, and the model's description.
     """
-    from featviz import data
+    from featviz.data import images as data
     from featviz.distributed import resolve_device
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
 
     model, desc = load_model(checkpoint, seed=seed, **load_kwargs)
     items = data.labelled_images(images).items
@@ -251,9 +251,9 @@ def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any]
     """A function turning one checkpoint file into a metrics record, for ``watch`` on a run that
     writes checkpoints but no ``metrics.jsonl``: the projector's report when the checkpoint has one
     (what the SSL loss sees), else the backbone's; the load's warnings ride along."""
-    from featviz import data
+    from featviz.data import images as data
     from featviz.distributed import resolve_device
-    from featviz.loader import load_model
+    from featviz.models.loader import load_model
 
     items = data.labelled_images(images).items
     dev = resolve_device(device)

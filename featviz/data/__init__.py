@@ -1,0 +1,1 @@
+"""Images in: image folders and datasets, masks, the augmentation pipeline, crops, thumbnails."""

@@ -1,0 +1,722 @@
+"""2-D maps of embeddings (t-SNE with openTSNE, UMAP, PCA): one map, or one shared map for several files.
+
+No torch here: this reads ``Embeddings`` files and writes coordinates and plots.
+
+What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2.2):
+
+- the neighbours behind the affinities are each point's true nearest neighbours in the features
+  as given (``NeighborSearch``): for wide features, candidates from an exact search in 50 PCA
+  dimensions, re-ranked by the full-dimensional distance (99.6 % of the exact 90 neighbours on the
+  benchmark's 256-d features, at about the CPU cost of a brute-force search at 20k; see
+  ``NeighborSearch``). featviz used to search the 50 PCs alone (77 % of the true neighbours), which is why its
+  maps were worse than scikit-learn's on overlapping classes (10-NN class accuracy 0.579 vs 0.625
+  at 20k; with the true neighbours 0.623). openTSNE's default Annoy index finds 75 % of them at
+  100k x 256 (class accuracy 0.814 vs 0.856 with exact neighbours);
+- otherwise openTSNE's defaults (250 early-exaggeration + 500 iterations, learning rate N/12 then
+  N, PCA initialisation): more iterations, scikit-learn's learning rate or a coarser FFT grid did
+  not close the gap or cost accuracy (docs/tsne.md has the measurements);
+- threads: one below 20k points, above that the cores idle right now (``idle_cores``);
+- the perplexity is clamped, with a warning, when N is too small for it;
+- ``seed`` fixes PCA, the neighbour search and the optimisation, so coordinates repeat;
+- ``stratified_sample`` keeps class proportions when ``--sample`` thins a file;
+- several files share one map: fitted on their union, or fitted on a reference and the others
+  placed into it with openTSNE's (UMAP's, PCA's) ``transform``;
+- coordinates are saved (``TsneMap.save``) so a plot can be redrawn without refitting.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featviz.errors import ArtifactError, DataError
+from featviz.io.artifacts import Embeddings, check_finite
+from featviz.io.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MIN_POINTS = 4
+PCA_DIM = 50  # the space neighbour candidates are searched in (the neighbours themselves are exact)
+CANDIDATES = 3  # candidates per neighbour, re-ranked by the full-dimensional distance
+EXACT_KNN_MAX = 150_000  # above this Annoy's N log N wins over brute force's N^2 (for the candidates)
+THREADS_FROM = 20_000
+
+
+METHODS = ("tsne", "umap", "pca")
+
+
+@dataclass
+class TsneParams:
+    """Map settings: the method and its options (``n_jobs=None`` picks, see ``auto_jobs``).
+
+    ``method`` is ``tsne`` (openTSNE), ``umap`` (umap-learn, ``n_neighbors``/``min_dist``) or
+    ``pca`` (scikit-learn, the first two principal components). The t-SNE fields are openTSNE's
+    options; ``pca_dim`` is the space featviz's neighbour search draws candidates from before
+    re-ranking them by the full-dimensional distance (None: an exact search in all dimensions;
+    see ``NeighborSearch``). ``neighbors="auto"`` is that search; another value is openTSNE's.
+    """
+
+    perplexity: float = 30.0
+    seed: int = 0
+    n_iter: int = 500
+    early_exaggeration_iter: int = 250
+    pca_dim: int | None = PCA_DIM
+    metric: str = "euclidean"
+    neighbors: str = "auto"
+    negative_gradient_method: str = "auto"
+    n_jobs: int | None = None
+    method: str = "tsne"
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            from featviz.errors import UnknownNameError, did_you_mean
+
+            raise UnknownNameError(f"unknown map method {self.method!r}; expected one of {', '.join(METHODS)}"
+                                   f"{did_you_mean(self.method, METHODS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_width(features: np.ndarray, *, what: str = "the features") -> None:
+    """A 2-D map needs at least 2 feature dimensions (scikit-learn's PCA initialisation does too).
+
+    Raises:
+        DataError: (N, 0) or (N, 1) features.
+    """
+    if features.ndim != 2 or features.shape[1] < 2:
+        raise DataError(f"{what} are {tuple(features.shape)}: a 2-D map needs features of at least 2 dimensions; "
+                        "check the embeddings (a score or label column instead of features?)")
+
+
+def clamp_perplexity(perplexity: float, n: int) -> float:
+    """The largest usable perplexity for ``n`` points: below (n - 1) / 3, as openTSNE needs.
+
+    Raises:
+        DataError: fewer than ``MIN_POINTS`` points.
+    """
+    if n < MIN_POINTS:
+        raise DataError(f"t-SNE needs at least {MIN_POINTS} points, got {n}; embed more images or pixels")
+    limit = (n - 1) / 3.0
+    if perplexity >= limit:
+        new = max(1.0, np.floor((limit - 1e-6) * 100) / 100)
+        log.warning("perplexity %g is too large for %d points; using %g instead (must be < (N-1)/3)",
+                    perplexity, n, new)
+        return float(new)
+    return float(perplexity)
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` row indices keeping each label's share (largest remainder), sorted.
+
+    Every label present keeps at least one row when ``n`` allows it.
+    """
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / counts.sum()
+    take = np.floor(quota).astype(int)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    rest = n - take.sum()
+    if rest > 0:
+        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+        for i in order:
+            if rest == 0:
+                break
+            if take[i] < counts[i]:
+                take[i] += 1
+                rest -= 1
+    while take.sum() > n:  # the at-least-one rule can overshoot: trim the largest classes
+        take[np.argmax(take)] -= 1
+    idx = [rng.choice(np.flatnonzero(labels == c), size=min(t, cnt), replace=False)
+           for c, t, cnt in zip(classes, take, counts, strict=True) if t > 0]
+    return np.sort(np.concatenate(idx))
+
+
+class NeighborSearch:
+    """Each point's k nearest neighbours by the Euclidean (or cosine) distance of the full features.
+
+    Wide features (D > ``pca_dim``): candidates are found by an exact search in the first
+    ``pca_dim`` principal components (``CANDIDATES`` x k of them; Annoy instead above
+    ``EXACT_KNN_MAX`` points), then re-ranked by the exact distance in the full feature space.
+    Measured on the benchmark's features (256-d): at 20k, 99.6 % of the true 90 nearest
+    neighbours for the CPU time of a brute-force search in 256-d (5.6 vs 5.8 s); at 100k, 98.4 %
+    for 75 s of CPU (openTSNE's default Annoy index on the raw features: 75 % for 78 s). Taking
+    the 90 nearest in PCA-50 space alone, as featviz did before, keeps only 77 % of them, and the
+    maps' 10-NN class accuracy shows it (0.579 vs 0.623 at 20k; see docs/tsne.md). Narrow
+    features are searched exactly as they are.
+
+    ``query`` finds the neighbours of new rows among the fitted ones (for ``transform``).
+    """
+
+    def __init__(self, x: np.ndarray, *, metric: str = "euclidean", pca_dim: int | None = PCA_DIM, seed: int = 0,
+                 n_jobs: int = 1):
+        if metric not in ("euclidean", "cosine"):
+            raise DataError(f"featviz's neighbour search supports euclidean and cosine, got {metric!r}; "
+                            "pass neighbors='exact' (or 'annoy') to use openTSNE's own")
+        self.metric, self.seed, self.n_jobs = metric, seed, n_jobs
+        self.x = self._prep(x)
+        self.pca = None
+        self.z = self.x
+        if pca_dim is not None and self.x.shape[1] > pca_dim and len(self.x) > pca_dim:
+            from sklearn.decomposition import PCA
+
+            self.pca = PCA(n_components=pca_dim, random_state=seed)
+            self.z = np.ascontiguousarray(self.pca.fit_transform(self.x), np.float32)
+        self._nn = None
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        if self.metric == "cosine":  # cosine ranking = Euclidean ranking of unit vectors
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    def _dist(self, d: np.ndarray) -> np.ndarray:
+        return d * d / 2.0 if self.metric == "cosine" else d  # |a-b|^2 = 2 (1 - cos) for unit vectors
+
+    @property
+    def refined(self) -> bool:
+        return self.pca is not None
+
+    def _candidates(self, zq: np.ndarray | None, m: int) -> np.ndarray:
+        """``m`` nearest fitted rows in the search space, for ``zq`` (None: the fitted rows, self excluded)."""
+        n = len(self.z)
+        if n <= EXACT_KNN_MAX:
+            from sklearn.neighbors import NearestNeighbors
+
+            if self._nn is None:
+                self._nn = NearestNeighbors(n_jobs=self.n_jobs).fit(self.z)
+            if zq is None:
+                return self._nn.kneighbors(n_neighbors=m, return_distance=False)
+            return self._nn.kneighbors(zq, n_neighbors=m, return_distance=False)
+        from openTSNE.nearest_neighbors import Annoy
+
+        if self._nn is None:
+            self._nn = Annoy(self.z, m, metric="euclidean", n_jobs=self.n_jobs, random_state=self.seed)
+            idx, _ = self._nn.build()
+            if zq is None:
+                return idx
+        return self._nn.query(zq, m)[0]
+
+    def neighbors(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances) of every fitted row's ``k`` nearest others, nearest first."""
+        k = min(k, len(self.x) - 1)
+        if not self.refined:
+            m = k
+        else:
+            m = min(len(self.x) - 1, CANDIDATES * k)
+        cand = self._candidates(None, m)
+        idx, dist = rerank(self.x, self.x, cand, k)
+        return idx, self._dist(dist)
+
+    def query(self, x_new: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, distances) of the ``k`` nearest fitted rows of each new row."""
+        q = self._prep(x_new)
+        zq = q if self.pca is None else np.ascontiguousarray(self.pca.transform(q), np.float32)
+        k = min(k, len(self.x))
+        m = k if not self.refined else min(len(self.x), CANDIDATES * k)
+        idx, dist = rerank(q, self.x, self._candidates(zq, m), k)
+        return idx, self._dist(dist)
+
+
+def rerank(query: np.ndarray, ref: np.ndarray, candidates: np.ndarray, k: int,
+           block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query row's ``candidates`` (rows of ``ref``) by exact Euclidean distance.
+
+    Returns:
+        (indices, distances), (Q, k) each, nearest first.
+    """
+    q = np.asarray(query, np.float32)
+    r = np.asarray(ref, np.float32)
+    sq_r = np.einsum("ij,ij->i", r, r)
+    idx = np.empty((len(q), k), np.int64)
+    dist = np.empty((len(q), k), np.float64)
+    for s in range(0, len(q), block):
+        c = np.asarray(candidates[s:s + block])
+        qb = q[s:s + block]
+        d2 = sq_r[c] - 2.0 * np.einsum("bd,bmd->bm", qb, r[c]) + np.einsum("ij,ij->i", qb, qb)[:, None]
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < c.shape[1] else np.broadcast_to(
+            np.arange(k), (len(c), k))
+        dp = np.take_along_axis(d2, part, 1)
+        order = np.argsort(dp, axis=1, kind="stable")
+        idx[s:s + block] = np.take_along_axis(np.take_along_axis(c, part, 1), order, 1)
+        dist[s:s + block] = np.sqrt(np.maximum(np.take_along_axis(dp, order, 1), 0.0))
+    return idx, dist
+
+
+@functools.cache
+def _knn_index_class():
+    """openTSNE's extension point for neighbour search, backed by ``NeighborSearch``."""
+    from openTSNE.nearest_neighbors import KNNIndex
+
+    class FeaturevizKNN(KNNIndex):
+        VALID_METRICS = ["euclidean", "cosine"]
+
+        def __init__(self, search: NeighborSearch, k: int):
+            super().__init__(search.x, k, metric=search.metric, n_jobs=search.n_jobs, random_state=search.seed)
+            self.search = search
+
+        def build(self):
+            return self.search.neighbors(self.k)
+
+        def query(self, query, k):
+            return self.search.query(query, k)
+
+    return FeaturevizKNN
+
+
+def _callbacks(progress: Progress | None, total: int):
+    """openTSNE calls back every 50 iterations; advance a progress bar by as many steps."""
+    if progress is None:
+        return None, lambda: None
+    it = iter(progress(range(total)))
+
+    def step(*_args) -> bool:
+        for _ in range(50):
+            if next(it, None) is None:
+                break
+        return False
+
+    def finish() -> None:
+        for _ in it:
+            pass
+
+    return step, finish
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            parts = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return parts[3] + (parts[4] if len(parts) > 4 else 0.0), sum(parts[:8])
+
+
+def idle_cores(window: float = 0.25) -> float:
+    """How many of the cores this process may use are idle now (sampled over ``window`` s).
+
+    Measured from /proc/stat while featviz itself sleeps, so its own earlier work does not count
+    (the 1-minute load average, the fallback elsewhere, still includes a process that has just
+    been busy, e.g. a benchmark that ran another method first).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    a = _cpu_times()
+    if a is not None:
+        import time
+
+        time.sleep(window)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            all_cores = os.cpu_count() or cores
+            idle = (b[0] - a[0]) / (b[1] - a[1]) * all_cores
+            return float(min(cores, idle))
+    try:
+        return float(max(0.0, cores - os.getloadavg()[0]))
+    except OSError:  # not available on this platform
+        return float(cores)
+
+
+def auto_jobs(n: int) -> int:
+    """openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
+
+    Below 20k points thread start-up costs more than it saves; above, extra threads only help when
+    cores are free: on a busy machine they fight for the same cores (measured on a shared 2-core
+    machine: 20k points, 75 s with 2 threads vs 60 s with 1; digits, 3x slower with 2).
+    """
+    if n < THREADS_FROM:
+        return 1
+    idle = idle_cores()
+    jobs = max(1, int(idle + 0.5))
+    log.debug("openTSNE threads: %d (%.1f idle cores)", jobs, idle)
+    return jobs
+
+
+def _tsne_fit(params: TsneParams, x: np.ndarray, progress: Progress | None):
+    """Fit openTSNE on ``x`` (``params.perplexity`` already clamped); returns its ``TSNEEmbedding``.
+
+    With ``neighbors="auto"`` (the default) the affinities come from featviz's ``NeighborSearch``
+    through openTSNE's ``PerplexityBasedNN(knn_index=...)``; any other value is openTSNE's own
+    method on the features as they are. Everything else is openTSNE's ``TSNE`` with its defaults.
+    """
+    from openTSNE import TSNE, affinity
+
+    n = len(x)
+    cb, finish = _callbacks(progress, params.n_iter + params.early_exaggeration_iter)
+    n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
+    tsne = TSNE(perplexity=params.perplexity, n_iter=params.n_iter,
+                early_exaggeration_iter=params.early_exaggeration_iter, metric=params.metric,
+                neighbors=params.neighbors if params.neighbors != "auto" else "exact",
+                negative_gradient_method=params.negative_gradient_method, n_jobs=n_jobs,
+                random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
+    if params.neighbors == "auto":
+        search = NeighborSearch(x, metric=params.metric, pca_dim=params.pca_dim, seed=params.seed, n_jobs=n_jobs)
+        index = _knn_index_class()(search, min(n - 1, int(3 * params.perplexity)))
+        aff = affinity.PerplexityBasedNN(perplexity=params.perplexity, knn_index=index, n_jobs=n_jobs,
+                                         random_state=params.seed)
+        emb = tsne.fit(x, affinities=aff)
+    else:
+        emb = tsne.fit(x)
+    finish()
+    return emb
+
+
+def clamp_neighbors(n_neighbors: int, n: int) -> int:
+    """UMAP's ``n_neighbors`` for ``n`` points: at most n - 1 (with a warning)."""
+    if n < MIN_POINTS:
+        raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}; embed more images or pixels")
+    if n_neighbors >= n:
+        log.warning("n_neighbors %d is too large for %d points; using %d", n_neighbors, n, n - 1)
+        return n - 1
+    return n_neighbors
+
+
+class Projection:
+    """One 2-D method behind one interface: ``fit(x)`` on the map's points, then ``place(x_new)``
+    to put other points into the fitted map (openTSNE ``transform``, UMAP ``transform``, PCA
+    ``transform``). ``info`` records what was used (perplexity/n_neighbors after clamping, PCA).
+    """
+
+    def __init__(self, params: TsneParams, progress: Progress | None = None, *, will_place: bool = False):
+        self.params, self.progress, self.will_place = params, progress, will_place
+        self.model: Any = None
+        self.info: dict[str, Any] = {"method": params.method}
+
+    def fit(self, features: np.ndarray) -> np.ndarray:
+        """(N, 2) float32 coordinates of ``features``.
+
+        Raises:
+            DataError: fewer than 4 points.
+        """
+        p = self.params
+        n = len(features)
+        x = np.ascontiguousarray(features, np.float32)
+        if p.method == "tsne":
+            perp = clamp_perplexity(p.perplexity, n)
+            self.model = _tsne_fit(replace(p, perplexity=perp), x, self.progress)
+            self.info["perplexity_used"] = perp
+            coords = self.model
+        elif p.method == "umap":
+            k = clamp_neighbors(p.n_neighbors, n)
+            # featviz's neighbours (as for t-SNE) unless new points will be placed: UMAP's transform
+            # needs its own NNDescent index. They are also faster for small N (no numba compilation
+            # of UMAP's neighbour search: digits 7 s vs 24 s of CPU)
+            knn = None
+            if not self.will_place and p.neighbors == "auto" and p.metric in ("euclidean", "cosine"):
+                knn = _umap_knn(NeighborSearch(x, metric=p.metric, pca_dim=p.pca_dim, seed=p.seed), k)
+            self.model, coords = _umap_fit(x, k, p, knn)
+            self.info.update(n_neighbors_used=k, neighbors="featviz" if knn is not None else "umap (NNDescent)")
+        else:
+            if n < MIN_POINTS:
+                raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}")
+            from sklearn.decomposition import PCA
+
+            self.model = PCA(n_components=2, random_state=p.seed)
+            coords = self.model.fit_transform(x)
+            self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
+        if p.method != "pca":
+            self.info["neighbor_search"] = (f"candidates in {p.pca_dim} PCA dims, re-ranked in all {x.shape[1]}"
+                                            if p.pca_dim is not None and x.shape[1] > p.pca_dim else
+                                            f"exact in all {x.shape[1]} dims")
+        return np.asarray(coords, np.float32)
+
+    def place(self, features: np.ndarray) -> np.ndarray:
+        """(M, 2) coordinates of new rows in the fitted map (the map itself does not move)."""
+        x = np.ascontiguousarray(features, np.float32)
+        # openTSNE's transform places each new point against the frozen reference map only
+        return np.asarray(self.model.transform(x), np.float32)
+
+
+def _umap_knn(search: NeighborSearch, k: int) -> tuple[np.ndarray, np.ndarray, None]:
+    """UMAP's ``precomputed_knn``: each row's ``k`` nearest rows with itself first (distance 0)."""
+    idx, dist = search.neighbors(k - 1)
+    n = len(idx)
+    return (np.concatenate([np.arange(n)[:, None], idx], 1),
+            np.concatenate([np.zeros((n, 1)), dist], 1).astype(np.float32), None)
+
+
+def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any, np.ndarray]:
+    """A seeded umap-learn ``UMAP`` fitted on ``x`` (seeding makes umap single-threaded, as it warns)."""
+    import warnings
+
+    try:
+        import umap
+    except ImportError:
+        from featviz.errors import MissingDependencyError
+
+        raise MissingDependencyError("--method umap needs umap-learn: pip install 'featviz[umap]' "
+                                     "(or pip install umap-learn)") from None
+    model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=p.min_dist, metric=p.metric,
+                      random_state=p.seed, n_jobs=1, transform_seed=p.seed,
+                      precomputed_knn=knn if knn is not None else (None, None, None))
+    with warnings.catch_warnings():  # both are known and intended: seeded, and no transform without an index
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+        coords = model.fit_transform(x)
+    return model, coords
+
+
+def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress | None = None) -> np.ndarray:
+    """Fit a 2-D map of ``features`` (t-SNE by default; ``params.method`` picks UMAP or PCA).
+
+    Returns:
+        (N, 2) float32 coordinates.
+
+    Raises:
+        DataError: fewer than 4 points, or NaN/Inf features.
+    """
+    params = params or TsneParams()
+    x = np.asarray(features, dtype=np.float32)
+    check_finite(x)
+    check_width(x)
+    return Projection(params, progress).fit(x)
+
+
+@dataclass
+class TsneMap:
+    """A fitted map: coordinates of every point with its label, source file and row.
+
+    Attributes:
+        coords: (N, 2) float32.
+        labels: (N,) int64, -1 = unknown.
+        class_names: label value -> name.
+        groups: (N,) int64: which input (panel) each point came from.
+        group_names: one name per input.
+        rows: (N,) int64: the point's row in its input file.
+        info: settings and provenance (perplexity used, PCA, mode, seed, ...).
+    """
+
+    coords: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    groups: np.ndarray
+    group_names: list[str]
+    rows: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def panel(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates and labels of input ``g``."""
+        m = self.groups == g
+        return self.coords[m], self.labels[m]
+
+    def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
+        """Write ``coords.npz`` (allow_pickle=False) atomically."""
+        from featviz.io.outputs import atomic_path, check_writable, to_jsonable
+
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise DataError(f"--coords must end in .npz, got {path.name!r}")
+        check_writable(path, force=force)
+        with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
+            np.savez(f, coords=self.coords, labels=self.labels, class_names=np.array(self.class_names, dtype=str),
+                     groups=self.groups, group_names=np.array(self.group_names, dtype=str), rows=self.rows,
+                     info=np.array(json.dumps(to_jsonable(self.info))))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TsneMap:
+        """Read a coordinates file written by ``save``.
+
+        Raises:
+            ArtifactError: missing, unreadable or not a coordinates file.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                d = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{str(path)!r} is not a readable coordinates .npz ({e})") from None
+        if "coords" not in d or "groups" not in d:
+            raise ArtifactError(
+                f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
+        return cls(d["coords"], d["labels"], list(d["class_names"]), d["groups"], list(d["group_names"]), d["rows"],
+                   json.loads(str(d["info"])) if "info" in d else {})
+
+
+def _merge_class_names(embs: Sequence[Embeddings]) -> list[str]:
+    """One class-name list for several files; they must agree where they overlap."""
+    names: list[str] = []
+    for e in embs:
+        for i, n in enumerate(e.class_names):
+            if i < len(names) and names[i] != n:
+                raise DataError(f"the inputs disagree on class {i}: {names[i]!r} vs {n!r}; "
+                                "embed them with the same labels/classes")
+            if i >= len(names):
+                names.append(n)
+    return names
+
+
+def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *, reference: int | None = None,
+               sample: int | None = None, params: TsneParams | None = None,
+               progress: Progress | None = None) -> TsneMap:
+    """One map for one or several embeddings files.
+
+    Without ``reference`` the map is fitted on the union of all inputs (the symmetric choice:
+    every input shapes the map). With ``reference=i`` it is fitted on input ``i`` alone and the
+    others are placed into it with openTSNE's ``transform`` (the reference map does not move).
+
+    Args:
+        embs: the inputs, all with the same feature width.
+        names: a panel name per input.
+        reference: index of the input to fit on, or None for the union.
+        sample: keep at most this many rows per input, stratified by class (seeded).
+        params: openTSNE settings.
+        progress: progress bar wrapper.
+
+    Raises:
+        DataError: widths differ, too few points, NaN/Inf features.
+    """
+    params = params or TsneParams()
+    names = list(names or [f"input {i}" for i in range(len(embs))])
+    if not embs:
+        raise DataError("give at least one embeddings file")
+    widths = {e.d for e in embs}
+    if len(widths) > 1:
+        raise DataError(f"the inputs have different feature widths {sorted(widths)}; a shared map needs "
+                        "embeddings from the same layer/model width")
+    check_width(embs[0].features, what=f"the features of {names[0]}")
+    rows = []
+    for i, e in enumerate(embs):
+        r = stratified_sample(e.labels, sample, params.seed) if sample else np.arange(e.n)
+        check_finite(e.features[r], what=f"features of {names[i]}")
+        rows.append(r)
+    class_names = _merge_class_names(embs)
+    groups = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(rows)])
+    labels = np.concatenate([e.labels[r] for e, r in zip(embs, rows, strict=True)])
+    all_rows = np.concatenate(rows)
+    info: dict[str, Any] = {"params": params.to_dict(), "sample": sample, "inputs": names,
+                            "n_per_input": [len(r) for r in rows]}
+    proj = Projection(params, progress, will_place=reference is not None)
+    if reference is None:
+        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)]))
+        info.update(mode="union")
+    else:
+        coords = np.zeros((len(labels), 2), np.float32)
+        coords[groups == reference] = proj.fit(embs[reference].features[rows[reference]])
+        for i, (e, r) in enumerate(zip(embs, rows, strict=True)):
+            if i != reference:
+                coords[groups == i] = proj.place(e.features[r])
+        info.update(mode="reference", reference=names[reference])
+    info.update(proj.info)
+    return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
+
+
+def leave_one_out_knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Leave-one-out k-NN class accuracy in a space (majority vote of the k nearest others)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(coords)
+    idx = nn.kneighbors(coords, return_distance=False)[:, 1:]
+    votes = labels[idx]
+    pred = np.array([np.bincount(v - v.min()).argmax() + v.min() for v in votes])
+    return float((pred == labels).mean())
+
+
+def knn_recall(high: np.ndarray, low: np.ndarray, k: int = 10, *, n_eval: int | None = 5000, seed: int = 0) -> float:
+    """Fraction of each point's k high-dimensional neighbours kept among its k map neighbours.
+
+    Kobak & Berens' "KNN" quality; evaluated on ``n_eval`` random query points (all when None).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    q = np.arange(len(high)) if n_eval is None or n_eval >= len(high) else \
+        np.random.default_rng(seed).choice(len(high), n_eval, replace=False)
+    ih = NearestNeighbors(n_neighbors=k + 1).fit(high).kneighbors(high[q], return_distance=False)[:, 1:]
+    il = NearestNeighbors(n_neighbors=k + 1).fit(low).kneighbors(low[q], return_distance=False)[:, 1:]
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il, strict=True)]))
+
+
+def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | None = None,
+                      html: str | os.PathLike | None = None, force: bool = False) -> None:
+    """Refuse bad output names and existing outputs (without ``force``) before any work.
+
+    Raises:
+        DataError: a wrong extension; OutputExistsError: an output exists and ``force`` is False.
+    """
+    from featviz.io.outputs import check_writable
+    from featviz.maps import plotting
+
+    plotting.check_format(out)
+    if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
+        raise DataError(f"--html must end in .html, got {Path(html).name!r}")
+    if coords is not None and Path(coords).suffix != ".npz":
+        raise DataError(f"--coords must end in .npz, got {Path(coords).name!r}")
+    for p in (out, coords, html):
+        if p is not None:
+            check_writable(p, force=force)
+
+
+def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
+            embeddings: Sequence[Embeddings] | None = None, names: Sequence[str] | None = None,
+            reference: int | None = None, sample: int | None = None, params: TsneParams | None = None,
+            coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+            image_root: str | os.PathLike | None = None, title: str | None = None,
+            drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
+
+    Args:
+        out: the plot (.png, .pdf, .svg).
+        files: embeddings files (one panel each; several share one map).
+        embeddings: already-loaded inputs instead of ``files`` (e.g. embedded end to end).
+        names: one panel name per input (default: file stems).
+        reference: index of the input to fit on; the others are placed into its map.
+        sample: at most this many rows per input, stratified by class.
+        params: the method and its settings.
+        coords: also save the coordinates here (.npz).
+        html: also write the interactive page here (.html, thumbnails from the inputs' images).
+        image_root: the folder the inputs' image ids are relative to (for the thumbnails).
+        title: figure/page title.
+        drop_nonfinite: drop NaN/Inf rows instead of failing.
+        force: overwrite outputs.
+
+    Returns:
+        What was written and how: paths, method, points per input, the map's info.
+
+    Raises:
+        DataError / ArtifactError: bad inputs (see ``shared_map``); OutputExistsError: an output
+        exists and ``force`` is False. Every output is checked before any work.
+    """
+    from featviz.maps import plotting
+
+    params = params or TsneParams()
+    check_map_outputs(out, coords=coords, html=html, force=force)
+    if embeddings is None:
+        embeddings = [Embeddings.load(f) for f in files]
+    embs = list(embeddings)
+    if not embs:
+        raise DataError("give at least one embeddings file")
+    names = list(names or [Path(f).stem for f in files] or [f"input {i}" for i in range(len(embs))])
+    if drop_nonfinite:
+        embs = [e.subset(np.flatnonzero(check_finite(e.features, drop=True))) for e in embs]
+    m = shared_map(embs, names, reference=reference, sample=sample, params=params, progress=progress)
+    plotting.scatter_panels([m.panel(g) for g in range(len(embs))], m.class_names, out, titles=names,
+                            suptitle=title, force=force)
+    written = {"plot": str(out)}
+    if coords is not None:
+        m.save(coords, force=force)
+        written["coords"] = str(coords)
+    if html is not None:
+        from featviz.maps import interactive
+
+        paths = [str(f) for f in files] if files else None
+        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force)
+        written["html"] = str(html)
+    return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
+            "inputs": names, "info": m.info}

@@ -1,0 +1,111 @@
+"""The one way every command gets its model: ``load_model``.
+
+A checkpoint gives its encoder (``head=False``), or its encoder with the classifier it carries,
+or the whole featviz segmenter (``head=True``); without a checkpoint an architecture is built
+with seeded random weights (the "random init" baseline). The model always comes back in eval
+mode with its ``ModelDescription`` attached, and the description is returned beside it.
+Every warning of the load has been logged at WARNING (one line each, so every command shows it
+on stderr) and is kept in ``description.warnings`` for the manifests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from featviz.errors import ArchitectureError
+from featviz.models.description import ArchSpec, ModelDescription, describe
+
+log = logging.getLogger(__name__)
+
+
+class LoadedModel(NamedTuple):
+    """A model in eval mode and its description (also attached: ``describe(model)``)."""
+
+    model: nn.Module
+    description: ModelDescription
+
+
+def _is_segmenter_checkpoint(checkpoint: str | os.PathLike, trust: bool) -> bool:
+    """A whole segmenter: a featviz segmentation checkpoint (``featviz train --method
+    supervised_seg|cac``, its metadata lists a ``head``) or CAC's official DeepLabv3+ file
+    (``featviz.train.segmentation.segmenter_layout``: header or key names only)."""
+    from featviz.train.segmentation import segmenter_layout
+
+    return segmenter_layout(checkpoint, trust=trust) is not None
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchSpec | None = None,
+               format: str = "auto", num_heads: int | None = None, checkpoint_key: str | None = None,
+               trust: bool = False, seed: int = 0, head: bool = False) -> LoadedModel:
+    """Load a checkpoint, or build ``arch`` with seeded random weights.
+
+    Args:
+        checkpoint: Any supported checkpoint file (see ``featviz.models.checkpoints.FORMATS``); None for
+            random weights.
+        arch: Architecture name or spec: required without a checkpoint, optional with one
+            (inferred from metadata or shapes).
+        format: A checkpoint layout name, or "auto" to detect it.
+        num_heads: ViT attention heads (a head count changes no weight shape).
+        checkpoint_key: Which network of a multi-network file (DINO/iBOT teacher|student,
+            I-JEPA/MSN target_encoder|encoder).
+        trust: Allow arbitrary pickles (``weights_only=False``); never automatic.
+        seed: Seed of the random initialisation (no checkpoint).
+        head: Keep what the checkpoint has beyond the encoder: its linear classifier (timm ``fc``,
+            ``classifier``, ``head``, ``head.fc``; torchvision ``fc``), or a whole segmenter (featviz's,
+            or CAC's official DeepLabv3+; with ``format="auto"``).
+
+    Returns:
+        ``LoadedModel(model, description)``.
+
+    Raises:
+        ArchitectureError: neither ``checkpoint`` nor ``arch`` is given, or the architecture does not fit.
+        CheckpointError: the checkpoint cannot be read or does not fit its layout.
+    """
+    if checkpoint is not None:
+        if head and format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):  # pixel logits, not the encoder
+            from featviz.train.segmentation import load_segmenter
+
+            model = load_segmenter(checkpoint, trust=trust)
+        else:
+            from featviz.models.checkpoints import load_backbone
+
+            model, _ = load_backbone(checkpoint, arch=arch, format=format, num_heads=num_heads,
+                                     checkpoint_key=checkpoint_key, trust=trust, keep_classifier=head)
+        return LoadedModel(model.eval(), describe(model))
+    if not arch:
+        raise ArchitectureError("give --checkpoint, or --arch for a randomly initialised model")
+    from featviz.models.architectures import build_backbone
+
+    model = build_backbone(arch, num_heads=num_heads, seed=seed)
+    return LoadedModel(model, describe(model))
+
+
+def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | None = None, format: str = "auto",
+                       num_heads: int | None = None, checkpoint_key: str | None = None,
+                       trust: bool = False) -> dict[str, Any]:
+    """What ``featviz inspect`` shows of a checkpoint, as one JSON-able dict.
+
+    A whole segmenter (featviz's, or CAC's official DeepLabv3+; with ``format="auto"``) is described
+    as the segmenter it is (``kind: "segmenter"``, its layout, backbone, strides, head widths,
+    classes: ``featviz.train.segmentation.describe_segmenter``): it loads whole, nothing is dropped. Any
+    other checkpoint gives its encoder's load report (``featviz.models.checkpoints.LoadReport``: layout,
+    prefix, what was dropped, architecture, normalisation, tensors).
+
+    Raises:
+        CheckpointError, ArchitectureError: the file cannot be read or does not fit its layout.
+    """
+    if format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):
+        from featviz.train.segmentation import describe_segmenter, load_segmenter
+
+        model = load_segmenter(checkpoint, trust=trust)
+        desc = describe(model)
+        return {"path": str(checkpoint), "format": (desc.source or {}).get("format"), **describe_segmenter(model),
+                "normalization": desc.normalization.to_dict() if desc.normalization else None,
+                "warnings": list(desc.warnings)}
+    _, desc = load_model(checkpoint, arch=arch, format=format, num_heads=num_heads, checkpoint_key=checkpoint_key,
+                         trust=trust)
+    return dict(desc.source)  # the load report, as the description records it

@@ -1,0 +1,1 @@
+"""Training: the loop, SSL methods and semi-supervised segmentation."""

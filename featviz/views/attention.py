@@ -1,0 +1,595 @@
+"""A ViT's class-token self-attention, per head, at any input size, and attention rollout.
+
+The attention is computed from each block's own projections, never read from a softmax hook
+(timm's fused ``F.scaled_dot_product_attention`` path has no softmax to hook): a forward
+pre-hook records the input of ``blocks[i].attn`` (that is ``norm1(x)``), and the attention is
+
+    q, k = qkv(x) split per head;  q, k = q_norm(q), k_norm(k);  A = softmax(q · scale @ kᵀ)
+
+exactly as timm's ``Attention`` computes it (``tests/test_attention.py`` checks it against a
+block-by-block transcription and against the unfused path's softmax).
+
+What is shown, as in DINO's ``visualize_attention.py`` (Caron et al. 2021):
+
+- per head, the class token's attention to the patch tokens (row 0 of A, the patch columns):
+  softmax probabilities over *all* tokens, so register/distillation tokens are excluded from
+  the map but their share of the class token's attention is reported (``prefix_share``);
+- the mean over heads;
+- DINO's threshold masks: per map, the smallest set of patches holding ``threshold`` of the
+  map's mass over the patches (sort ascending, cumulative sum of the renormalised values,
+  keep ``> 1 - threshold``).
+
+Attention rollout (Abnar & Zuidema 2020, ``compute_joint_attention`` of their code): per block
+the heads are fused (``mean``, or ``max``/``min`` as in jacobgil/vit-explain), optionally the
+lowest ``discard_ratio`` of the fused weights are zeroed (vit-explain's option; the class
+token's attention to itself is kept), the identity is added for the residual, rows are
+renormalised, and the blocks are multiplied, ``R = Â_L … Â_1``; the map is the class token's
+row over the patches. vit-explain divides by column sums (``a / a.sum(dim=-1)`` broadcasts that
+way); featviz renormalises rows, as Abnar & Zuidema's code does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featviz.errors import ArchitectureError, DataError
+from featviz.io.progress import Progress
+
+log = logging.getLogger(__name__)
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+# ------------------------------------------------------------------ the model's tokens
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of a ViT input sit: prefix tokens first, then the patch grid row-major."""
+
+    grid: tuple[int, int]
+    class_tokens: int
+    register_tokens: int
+    other_prefix: int  # distillation and other prefix tokens
+
+    @property
+    def prefix(self) -> int:
+        return self.class_tokens + self.register_tokens + self.other_prefix
+
+    def describe(self) -> str:
+        parts = [f"{self.class_tokens} class"]
+        if self.register_tokens:
+            parts.append(f"{self.register_tokens} register")
+        if self.other_prefix:
+            parts.append(f"{self.other_prefix} other (distillation)")
+        return " + ".join(parts) + " prefix token" + ("s" if self.prefix != 1 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grid": list(self.grid),
+            "class": self.class_tokens,
+            "register": self.register_tokens,
+            "other": self.other_prefix,
+            "excluded_from_maps": self.prefix,
+        }
+
+
+def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
+    """The transformer blocks of a timm-style ViT.
+
+    Raises:
+        ArchitectureError: a CNN or another model without ``blocks`` and ``patch_embed``.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or getattr(model, "patch_embed", None) is None or not len(blocks):
+        name = _arch_name(model)
+        raise ArchitectureError(
+            f"featviz attention needs a ViT with a class token; {name} has no transformer "
+            "blocks (a CNN?): use `featviz cam` for its class-activation maps, or "
+            "`featviz pca` for its feature maps"
+        )
+    return blocks
+
+
+def token_layout(model: nn.Module, hw: tuple[int, int]) -> TokenLayout:
+    """The prefix tokens and the patch grid of ``model`` for an ``hw`` input (the feature core's
+    ``token_layout``, with its prefix split into class, register and other tokens).
+
+    Raises:
+        ArchitectureError: not a ViT, or a ViT without a class token.
+        DataError: ``hw`` is not a size this ViT takes.
+    """
+    from featviz.models import features
+
+    vit_blocks(model)
+    if getattr(model, "cls_token", None) is None:
+        raise ArchitectureError(
+            "this ViT has no class token (I-JEPA-style average pooling), so it has no class-token "
+            "attention to show; use `featviz cam` or `featviz pca`"
+        )
+    core = features.token_layout(model, hw)
+    reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    return TokenLayout(core.grid, 1, reg, core.prefix - 1 - reg)
+
+
+def _resolve_layer(blocks: Sequence[nn.Module], layer: int | None) -> int:
+    n = len(blocks)
+    i = n - 1 if layer is None else int(layer)
+    if not -n <= i < n:
+        raise DataError(
+            f"--layer {layer} is out of range: the model has {n} blocks "
+            f"(0..{n - 1}, or -1 for the last)"
+        )
+    return i % n
+
+
+def _check_attention(attn: nn.Module, index: int) -> None:
+    need = [a for a in ("qkv", "num_heads") if not hasattr(attn, a)]
+    rope = (
+        any(hasattr(attn, a) for a in ("rope", "rotary_emb"))
+        or "rope" in type(attn).__name__.lower()
+    )
+    if need or rope or not isinstance(getattr(attn, "qkv", None), nn.Linear):
+        why = (
+            "rotary position embeddings" if rope else f"no {', '.join(need) or 'fused qkv Linear'}"
+        )
+        raise ArchitectureError(
+            f"block {index}'s attention ({type(attn).__name__}) has {why}; featviz attention "
+            "computes timm's standard multi-head attention (fused qkv, optional q/k norm)"
+        )
+
+
+# ------------------------------------------------------------------ attention from q/k
+def attention_probs(
+    attn: nn.Module, x: torch.Tensor, *, query: slice | None = None
+) -> torch.Tensor:
+    """Softmax attention of a timm ``Attention`` module for its input ``x`` (B, N, C).
+
+    Args:
+        attn: the block's attention module (``qkv``, ``num_heads``, ``scale``, q/k norms).
+        x: the module's input (the block's ``norm1`` output).
+        query: the query rows to compute (default all); ``slice(0, 1)`` gives the class token's row.
+
+    Returns:
+        (B, heads, n_query, N) float32 probabilities.
+    """
+    b, n, _ = x.shape
+    heads = int(attn.num_heads)
+    head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads)))
+    qkv = attn.qkv(x).float().reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    if query is not None:
+        q = q[:, :, query]
+    scale = float(getattr(attn, "scale", head_dim**-0.5))
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+@contextmanager
+def recorded_inputs(blocks: Sequence[nn.Module], indices: Iterable[int]):
+    """Record the input of ``blocks[i].attn`` for each ``i`` (a dict filled by each forward)."""
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in indices:
+
+        def hook(_m, args, i=i):
+            store[i] = args[0].detach()
+
+        handles.append(blocks[i].attn.register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class AttentionBatch:
+    """Maps of one batch at patch resolution."""
+
+    heads: np.ndarray  # (B, H, h, w) class-token attention to each patch, per head
+    prefix_share: np.ndarray  # (B, H) class-token attention on the prefix tokens (itself included)
+    rollout: np.ndarray | None  # (B, h, w)
+
+
+def fuse_heads(a: torch.Tensor, fusion: str) -> torch.Tensor:
+    """(B, H, N, N) -> (B, N, N) by ``mean``, ``max`` or ``min`` over heads."""
+    if fusion == "mean":
+        return a.mean(dim=1)
+    if fusion == "max":
+        return a.amax(dim=1)
+    if fusion == "min":
+        return a.amin(dim=1)
+    raise DataError(f"--head-fusion {fusion!r}: expected one of {', '.join(HEAD_FUSIONS)}")
+
+
+def rollout(
+    attentions: Sequence[torch.Tensor], *, head_fusion: str = "mean", discard_ratio: float = 0.0
+) -> torch.Tensor:
+    """Attention rollout over blocks in forward order: ``R = Â_L … Â_1`` (B, N, N).
+
+    ``Â = rownorm(fuse(A) with the lowest discard_ratio zeroed + I)``.
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise DataError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    result = None
+    for a in attentions:
+        f = fuse_heads(a.float(), head_fusion).clone()
+        b, n, _ = f.shape
+        if discard_ratio > 0:
+            flat = f.view(b, -1)
+            drop = flat.topk(int(flat.shape[1] * discard_ratio), dim=-1, largest=False).indices
+            keep_self = drop != 0  # the class token's attention to itself stays
+            flat.scatter_(1, drop, torch.where(keep_self, 0.0, flat.gather(1, drop)))
+        aug = f + torch.eye(n, dtype=f.dtype, device=f.device)
+        aug = aug / aug.sum(dim=-1, keepdim=True)
+        result = aug if result is None else aug @ result
+    assert result is not None
+    return result
+
+
+@torch.no_grad()
+def class_attention(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    layer: int | None = None,
+    rollout_maps: bool = False,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> AttentionBatch:
+    """The class token's attention in block ``layer`` (default: the last) for a batch ``x``.
+
+    Returns:
+        Per-head patch maps (B, H, h, w), the prefix tokens' share, and, with ``rollout_maps``,
+        the rollout through blocks ``0..layer``.
+    """
+    blocks = vit_blocks(model)
+    li = _resolve_layer(blocks, layer)
+    lay = token_layout(model, (x.shape[-2], x.shape[-1]))
+    wanted = list(range(li + 1)) if rollout_maps else [li]
+    for i in wanted:
+        _check_attention(blocks[i].attn, i)
+    with recorded_inputs(blocks, wanted) as store:
+        forward = getattr(model, "forward_features", model)
+        forward(x)
+    missing = [i for i in wanted if i not in store]
+    if missing:
+        raise ArchitectureError(
+            f"the forward pass never reached block {missing[0]}'s attention; is this a "
+            "timm VisionTransformer?"
+        )
+    n = store[li].shape[1]
+    gh, gw = lay.grid
+    if n != lay.prefix + gh * gw:
+        raise ArchitectureError(
+            f"block {li} sees {n} tokens, not {lay.prefix} prefix + {gh}x{gw} patches; "
+            "the token layout of this ViT is not understood"
+        )
+    cls_row = attention_probs(blocks[li].attn, store[li], query=slice(0, 1))[:, :, 0]  # (B, H, N)
+    heads = cls_row[:, :, lay.prefix :].reshape(len(x), -1, gh, gw)
+    share = cls_row[:, :, : lay.prefix].sum(-1)
+    roll = None
+    if rollout_maps:
+        r = rollout(
+            [attention_probs(blocks[i].attn, store[i]) for i in wanted],
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+        )
+        roll = r[:, 0, lay.prefix :].reshape(len(x), gh, gw).cpu().numpy()
+    return AttentionBatch(heads.cpu().numpy(), share.cpu().numpy(), roll)
+
+
+def threshold_masks(maps: np.ndarray, threshold: float) -> np.ndarray:
+    """DINO's masks: per map (last two axes), the patches that hold ``threshold`` of its mass.
+
+    The values are sorted ascending and renormalised to sum 1; a patch is kept when the cumulative
+    sum at its place exceeds ``1 - threshold`` (``visualize_attention.py``).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise DataError(f"--threshold must be in (0, 1], got {threshold}")
+    shape = maps.shape
+    flat = maps.reshape(-1, shape[-2] * shape[-1]).astype(np.float64)
+    order = np.argsort(flat, axis=1, kind="stable")
+    val = np.take_along_axis(flat, order, 1)
+    val = val / np.maximum(val.sum(axis=1, keepdims=True), 1e-30)
+    keep_sorted = np.cumsum(val, axis=1) > (1.0 - threshold)
+    keep = np.empty_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, 1)
+    return keep.reshape(shape)
+
+
+# ------------------------------------------------------------------ the command
+@dataclass
+class AttentionRun:
+    """Everything ``run_attention`` computed (before rendering)."""
+
+    ids: list[str]
+    heads: np.ndarray  # (N, H, h, w)
+    mean: np.ndarray  # (N, h, w)
+    masks: np.ndarray  # (N, H, h, w) bool
+    mean_mask: np.ndarray  # (N, h, w) bool
+    prefix_share: np.ndarray  # (N, H)
+    rollout: np.ndarray | None  # (N, h, w)
+    layout: TokenLayout
+    layer: int
+    image_size: tuple[int, int]
+
+
+def run_attention(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    model: nn.Module,
+    layer: int | None = None,
+    image_size: int | str | Sequence[int] | None = None,
+    threshold: float = 0.6,
+    rollout_maps: bool = False,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    batch_size: int = 8,
+    device: str = "cpu",
+    force: bool = False,
+    description: dict[str, Any] | None = None,
+    arguments: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    sheet_rows: int = 24,
+) -> dict[str, Any]:
+    """Everything ``featviz attention`` does; writes ``out_dir`` as one atomic folder.
+
+    Files: ``maps.npz`` (``attention`` (N, heads, h, w): image ``i``'s per-head maps at patch
+    resolution; ``mean`` (N, h, w); ``masks`` (N, heads, h, w) and ``mean_mask`` (N, h, w), bool;
+    ``prefix_share`` (N, heads); ``rollout`` (N, h, w) with ``rollout_maps``; ``ids``),
+    ``contact_sheet.png`` (rows = images; columns = input, heads, mean, mask[, rollout]),
+    ``overlays/<image>.{head<j>,mean,mask[,rollout]}.png`` and ``manifest.json``.
+
+    Returns:
+        The summary that ``--json`` prints.
+
+    Raises:
+        ArchitectureError: not a ViT with a class token (a CNN: use ``featviz cam``).
+        DataError: bad size, layer, threshold, fusion or discard ratio; unreadable images.
+        OutputExistsError: ``out_dir`` exists and ``force`` is False.
+    """
+    from featviz.data.images import ImageDataset, collate, eval_transform, normalization_of
+    from featviz.distributed import resolve_device
+    from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
+    from featviz.models.features import input_size
+    from featviz.views.sheets import image_ids, safe_stem
+
+    out_dir = Path(out_dir)
+    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
+    blocks = vit_blocks(model)
+    li = _resolve_layer(blocks, layer)
+    if head_fusion not in HEAD_FUSIONS:
+        raise DataError(f"--head-fusion {head_fusion!r}: expected one of {', '.join(HEAD_FUSIONS)}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise DataError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+    if not 0.0 < threshold <= 1.0:
+        raise DataError(f"--threshold must be in (0, 1], got {threshold}")
+    hw = input_size(model, image_size)
+    lay = token_layout(model, hw)
+    files, ids = image_ids(inputs)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    mean_c, std_c = normalization_of(model)
+    dataset = ImageDataset(files, None, eval_transform(hw, mean_c, std_c), strict=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
+    batches: Iterable = (
+        loader if progress is None else progress(loader, total=math.ceil(len(dataset) / batch_size))
+    )
+    heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
+    mean_t, std_t = torch.tensor(mean_c).view(3, 1, 1), torch.tensor(std_c).view(3, 1, 1)
+    arch = _arch_name(model)
+    with atomic_dir(out_dir, force=force, command="attention") as tmp:
+        (tmp / "overlays").mkdir()
+        start = 0
+        for x, _, _, _ in batches:
+            out = class_attention(
+                model,
+                x.to(dev),
+                layer=li,
+                rollout_maps=rollout_maps,
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+            )
+            batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
+            rgb = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
+                write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j)
+            rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
+            heads.append(out.heads)
+            shares.append(out.prefix_share)
+            if out.rollout is not None:
+                rolls.append(out.rollout)
+            start += len(x)
+        run = _run_of(
+            ids,
+            AttentionBatch(
+                np.concatenate(heads),
+                np.concatenate(shares),
+                np.concatenate(rolls) if rolls else None,
+            ),
+            threshold,
+            lay,
+            li,
+            hw,
+        )
+        share = float(run.prefix_share.mean())
+        notes = []
+        if lay.prefix > 1:
+            notes.append(
+                f"{lay.describe()}: the maps show the patches only; the class token sends "
+                f"{share:.1%} of its attention (mean over heads and images) to the prefix tokens, "
+                "itself included"
+            )
+        arrays = {
+            "ids": np.array(ids),
+            "attention": run.heads,
+            "mean": run.mean,
+            "masks": run.masks,
+            "mean_mask": run.mean_mask,
+            "prefix_share": run.prefix_share,
+            "grid": np.array(lay.grid),
+            "image_size": np.array(hw),
+        }
+        if run.rollout is not None:
+            arrays["rollout"] = run.rollout
+        np.savez_compressed(tmp / "maps.npz", **arrays)
+        title = (
+            f"{arch} · block {li} of {len(blocks)} · class-token attention per head · "
+            f"{hw[0]}x{hw[1]} ({lay.grid[0]}x{lay.grid[1]} patches) · "
+            f"mask keeps {threshold:g} of the mass"
+        )
+        contact_sheet(tmp / "contact_sheet.png", rgbs[:sheet_rows], run, title=title)
+        summary = {
+            "out": str(out_dir),
+            "images": len(ids),
+            "arch": arch,
+            "layer": li,
+            "blocks": len(blocks),
+            "heads": int(run.heads.shape[1]),
+            "grid": list(lay.grid),
+            "image_size": list(hw),
+            "prefix_tokens": lay.to_dict(),
+            "prefix_attention_share": share,
+            "threshold": threshold,
+            "rollout": {
+                "head_fusion": head_fusion,
+                "discard_ratio": discard_ratio,
+                "blocks": f"0..{li}",
+            }
+            if rollout_maps
+            else None,
+            "files": {
+                "contact_sheet": str(out_dir / "contact_sheet.png"),
+                "maps": str(out_dir / "maps.npz"),
+                "manifest": str(out_dir / "manifest.json"),
+                "overlays": len(list((tmp / "overlays").iterdir())),
+            },
+            "notes": notes,
+        }
+        write_json(
+            tmp / "manifest.json",
+            manifest(
+                "attention",
+                arguments or {},
+                model={"arch": arch, "description": description},
+                layer=li,
+                blocks=len(blocks),
+                heads=int(run.heads.shape[1]),
+                image_size=list(hw),
+                tokens=lay.to_dict(),
+                device=str(dev),
+                normalization={"mean": list(mean_c), "std": list(std_c)},
+                definitions={
+                    "attention": "softmax(q·scale @ kᵀ) of the block's own qkv (and q/k norm) on "
+                    "its input, class-token row, patch columns; probabilities over all tokens "
+                    "(prefix tokens not renormalised away)",
+                    "mask": f"DINO visualize_attention: patches holding {threshold:g} of each "
+                    "map's patch mass",
+                    "rollout": None
+                    if not rollout_maps
+                    else f"Abnar & Zuidema 2020: heads fused by {head_fusion}, lowest "
+                    f"{discard_ratio:g} zeroed, "
+                    "(A + I) row-normalised, multiplied over blocks 0..layer",
+                },
+                images=[
+                    {
+                        "id": ids[i],
+                        "path": str(files[i]),
+                        "prefix_share": [float(v) for v in run.prefix_share[i]],
+                    }
+                    for i in range(len(ids))
+                ],
+                notes=notes,
+            ),
+        )
+    for n in notes:
+        log.info(n)
+    return summary
+
+
+def _run_of(
+    ids, out: AttentionBatch, threshold: float, lay: TokenLayout, li: int, hw
+) -> AttentionRun:
+    heads = out.heads.astype(np.float32)
+    mean = heads.mean(axis=1)
+    roll = None if out.rollout is None else out.rollout.astype(np.float32)
+    return AttentionRun(
+        list(ids),
+        heads,
+        mean,
+        threshold_masks(heads, threshold),
+        threshold_masks(mean, threshold),
+        out.prefix_share.astype(np.float32),
+        roll,
+        lay,
+        li,
+        hw,
+    )
+
+
+# ------------------------------------------------------------------ pictures
+def write_overlays(folder: Path, stem: str, rgb: np.ndarray, run: AttentionRun, i: int) -> None:
+    """``<stem>.head<j>.png``, ``.mean.png``, ``.mask.png`` (and ``.rollout.png``) of image i."""
+    from featviz.views.sheets import heat_overlay, mask_overlay, save_png
+
+    for j in range(run.heads.shape[1]):
+        save_png(heat_overlay(rgb, run.heads[i, j]), folder / f"{stem}.head{j}.png", min_side=224)
+    save_png(heat_overlay(rgb, run.mean[i]), folder / f"{stem}.mean.png", min_side=224)
+    save_png(mask_overlay(rgb, run.mean_mask[i]), folder / f"{stem}.mask.png", min_side=224)
+    if run.rollout is not None:
+        save_png(heat_overlay(rgb, run.rollout[i]), folder / f"{stem}.rollout.png", min_side=224)
+
+
+def contact_sheet(
+    path: Path, rgbs: Sequence[np.ndarray], run: AttentionRun, *, title: str = ""
+) -> None:
+    """Rows = images; columns = input, each head, the mean over heads, its mask[, rollout]."""
+    from featviz.views.sheets import grid_sheet, heat_overlay, mask_overlay
+
+    n_heads = run.heads.shape[1]
+    cells, contours = [], []
+    for i, rgb in enumerate(rgbs):
+        row = [rgb] + [heat_overlay(rgb, run.heads[i, j]) for j in range(n_heads)]
+        row += [heat_overlay(rgb, run.mean[i]), mask_overlay(rgb, run.mean_mask[i])]
+        cont = [None] + [run.masks[i, j] for j in range(n_heads)] + [None, run.mean_mask[i]]
+        if run.rollout is not None:
+            row.append(heat_overlay(rgb, run.rollout[i]))
+            cont.append(None)
+        cells.append(row)
+        contours.append(cont)
+    cols = ["input"] + [f"head {j}" for j in range(n_heads)] + ["mean", "mask (mean)"]
+    if run.rollout is not None:
+        cols.append("rollout")
+    grid_sheet(
+        path,
+        cells,
+        col_titles=cols,
+        row_labels=run.ids[: len(rgbs)],
+        title=title,
+        contours=contours,
+    )
+
+
+def _arch_name(model: nn.Module) -> str:
+    from featviz.models.description import describe
+
+    name = describe(model).name
+    return type(model).__name__ if name == "unknown" else name

@@ -1,0 +1,130 @@
+"""The pictures of a cam run: overlays, and the contact sheet (rows = images, columns = methods)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featviz.views.cam.methods import MapStats
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class CamRun:
+    """Everything one ``run_cam`` computed (the files hold the same)."""
+
+    ids: list[str]
+    methods: list[str]
+    skipped: dict[str, str]
+    maps: dict[str, np.ndarray]
+    stats: dict[str, list[MapStats]]
+    target_labels: list[str]
+    scores: list[float | None]
+    metrics: dict[str, dict[str, np.ndarray]]
+    layers: list[str]
+    target: str
+    image_size: tuple[int, int]
+    model_kind: str
+
+
+
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a [0, 1] map onto an RGB image in [0, 1]; returns uint8 (H, W, 3)."""
+    import matplotlib
+
+    heat = matplotlib.colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
+    return np.uint8(np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255 + 0.5)
+
+
+def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path, *, min_side: int = 224) -> None:
+    """Write ``overlay(rgb, cam)`` as a PNG, enlarged to at least ``min_side`` px (32-px inputs)."""
+    from PIL import Image
+
+    h, w = cam.shape
+    k = max(1, math.ceil(min_side / min(h, w)))
+    if k > 1:  # image bicubic, map bilinear: a readable picture of exactly what the model saw
+        size = (w * k, h * k)
+        rgb = np.asarray(Image.fromarray(np.uint8(rgb * 255 + 0.5)).resize(size, Image.BICUBIC)) / 255.0
+        cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
+    Image.fromarray(overlay(rgb, cam)).save(path)
+
+
+SHEET_MIN_SIDE = 160
+"""Smallest thumbnail side on the contact sheet, in pixels; a thumbnail is never smaller than the input."""
+_DPI = 100
+
+
+def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: str = "",
+                  note: str | None = None, min_side: int = SHEET_MIN_SIDE) -> None:
+    """Rows = images (input first), columns = methods, with full labels and a colour bar.
+
+    Every thumbnail is shown at the model's input size or larger (small inputs are enlarged to
+    ``min_side``), laid out in exact pixels; the row label holds the whole image id and the target
+    (class name and probability when known); flagged maps get a red label.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    h, w = images[0].shape[:2] if images else run.image_size
+    k = max(1.0, min_side / min(h, w))
+    tw, th = round(w * k), round(h * k)  # thumbnail, px
+    gap, label_w, top, bottom = 6, 250, 74 + (18 if note else 0), 84
+    rows, cols = len(images), len(run.methods) + 1
+    width = label_w + cols * (tw + gap) + gap
+    height = top + rows * (th + gap) + bottom
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+
+    def box(x: float, y: float, bw: float, bh: float):  # pixels from the top left -> an axes
+        return fig.add_axes((x / width, 1 - (y + bh) / height, bw / width, bh / height))
+
+    for c in range(cols):
+        ax = box(label_w + c * (tw + gap), top - 26, tw, 22)
+        ax.axis("off")
+        ax.text(0.5, 0.2, "input" if c == 0 else run.methods[c - 1], ha="center", fontsize=11, weight="bold")
+    for r in range(rows):
+        y = top + r * (th + gap)
+        ax = box(gap, y, label_w - 2 * gap, th)
+        ax.axis("off")
+        ax.text(1.0, 0.5, _row_label(run.ids[r], run.target_labels[r]), ha="right", va="center", fontsize=9,
+                linespacing=1.3)
+        for c in range(cols):
+            ax = box(label_w + c * (tw + gap), y, tw, th)
+            ax.set_axis_off()
+            if c == 0:
+                ax.imshow(images[r], aspect="auto", interpolation="bicubic" if k > 1 else "nearest")
+                continue
+            m = run.methods[c - 1]
+            ax.imshow(overlay(images[r], run.maps[m][r]), aspect="auto", interpolation="bilinear" if k > 1 else
+                      "nearest")
+            st = run.stats[m][r]
+            if st.status in ("blank", "noise", "nan"):
+                ax.text(0.03, 0.05, st.status, transform=ax.transAxes, fontsize=9, color="white",
+                        bbox={"facecolor": "crimson", "edgecolor": "none", "pad": 1.5})
+    fig.text(gap / width, 1 - 12 / height, title, fontsize=12, weight="bold", va="top")
+    if note:
+        fig.text(gap / width, 1 - 34 / height, note, fontsize=10, va="top", color="#8a5300")
+    cw = min(cols * (tw + gap), 560)
+    cax = box(label_w + (cols * (tw + gap) - cw) / 2, height - bottom + 18, cw, 16)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), cax=cax, orientation="horizontal")
+    bar.set_label("map value: each map min-max scaled to [0, 1] (pytorch-grad-cam); red = most important",
+                  fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    fig.savefig(path, dpi=_DPI)
+
+
+def _row_label(image_id: str, target: str, width: int = 34) -> str:
+    """The whole id and target, wrapped (never cut) to fit the label column."""
+    import textwrap
+
+    lines = textwrap.wrap(image_id, width, break_on_hyphens=False) or [image_id]
+    return "\n".join([*lines, *textwrap.wrap(target, width)])

@@ -1,0 +1,375 @@
+"""``run_cam``: the whole ``featviz cam`` run, from image files to the output folder and its manifest."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from featviz.errors import DataError
+from featviz.io.progress import Progress
+from featviz.models.description import describe
+from featviz.models.features import parse_image_size
+from featviz.views.cam.layers import ModelInfo, _layer_shapes, probe_model
+from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
+from featviz.views.cam.metrics import METRIC_DEFINITIONS, faithfulness
+from featviz.views.cam.render import CamRun, contact_sheet, overlay_png
+from featviz.views.cam.targets import (
+    TargetContext,
+    TargetSpec,
+    check_target,
+    default_target,
+    make_targets,
+    parse_target,
+)
+from featviz.views.sheets import image_ids, safe_stem
+
+log = logging.getLogger(__name__)
+
+
+def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
+    """Class names from ``"imagenet"`` (timm's ImageNet-1k descriptions), a text file with one name
+    per line, or a list; ``[]`` for None.
+
+    Raises:
+        DataError: the file does not exist or is empty.
+    """
+    if spec is None:
+        return []
+    if isinstance(spec, (str, Path)) and str(spec).lower() in ("imagenet", "imagenet-1k", "imagenet1k"):
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(info.num_classes())]
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"--class-names {str(spec)!r}: expected 'imagenet' or a text file with one class name "
+                            "per line, and there is no such file")
+        names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not names:
+            raise DataError(f"--class-names {str(spec)!r} holds no names; expected one class name per line")
+        return names
+    return [str(n) for n in spec]
+
+
+def _transform(hw: tuple[int, int], mean, std):
+    from featviz.data.images import eval_transform
+
+    if hw[0] == hw[1]:
+        return eval_transform(hw[0], mean, std)
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(hw, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)])
+
+
+
+def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Module,
+            methods: str | Sequence[str] = "gradcam", layers: Sequence[str] | None = None,
+            target: str | None = None, image_size: int | str | Sequence[int] | None = None,
+            batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
+            metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
+            class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
+            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> dict[str, Any]:
+    """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
+
+    Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
+    a float32 array (N, H, W) of the normalised maps, plus ``ids`` and ``<method>.raw_max``),
+    ``contact_sheet.png`` (rows = images, columns = methods) and ``manifest.json``.
+
+    Args:
+        inputs: Image files and/or folders (searched recursively).
+        out_dir: Output folder; must not exist unless ``force``.
+        model: The model to explain (``featviz.models.loader.load_model(head=True)``); its description
+            (``featviz.models.description.describe``) goes into the manifest, load warnings included.
+        methods: Method names, comma-separated names, or ``all``.
+        layers: Layer names (default per architecture); several layers are averaged.
+        target: A ``--target`` string (default: ``top1`` with a classifier, else ``self``).
+        image_size: N or (H, W) / ``"HxW"`` (default: the model's size); a ViT takes any multiple of
+            its patch size, non-square included.
+        batch_size: Images per batch (and, on CUDA, the ScoreCAM/AblationCAM inner batch, at least 32;
+            16 on CPU, as in pytorch-grad-cam).
+        aug_smooth: Test-time augmentation smoothing.
+        eigen_smooth: First-principal-component smoothing.
+        metrics: Add ROAD and confidence-change scores per map.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: Seed for ``pair`` views and ROAD's imputation noise.
+        force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
+        strict: Stop at the first undecodable image instead of skipping it (with a warning).
+        class_names: The model's class names (``seg:NAME`` targets; class labels on the contact
+            sheet), as a list, a text file (one per line) or ``"imagenet"`` (see ``read_class_names``);
+            default: the model's own (a segmenter's).
+        arguments: The command's arguments, for the manifest.
+        progress: Wraps the batch loop (a progress bar).
+        sheet_rows: Images shown on the contact sheet (all maps are still saved).
+        weights: What the weights are, for the sheet's title (a checkpoint name, ``random weights``).
+        note: A line under the sheet's title.
+
+    Returns:
+        The summary that ``--json`` prints.
+    """
+    from featviz.io.outputs import atomic_dir, check_output
+
+    out_dir = Path(out_dir)
+    check_output(out_dir, force=force, folder=True)
+    hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
+    class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
+    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
+                     batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
+                     strict=strict)
+    with atomic_dir(out_dir, force=force, command="cam") as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
+        run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
+                                       metrics=metrics, progress=progress, sheet_rows=sheet_rows)
+        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments,
+                              weights=weights, note=note)
+
+
+@dataclass
+class _Setup:
+    """Everything ``run_cam`` decides before the first map: model, inputs, layers, target, methods."""
+
+    model: nn.Module
+    info: ModelInfo
+    files: list[Path]
+    ids: list[str]
+    loader: Any
+    hw: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    layer_names: list[str]
+    layer_mods: list[nn.Module]
+    shapes: list[tuple[int, ...]]
+    token: bool
+    reshape: Any
+    spec: TargetSpec
+    ctx: TargetContext
+    methods: list[str]
+    skipped: dict[str, str]
+    inner_batch: int
+    device: torch.device
+    undecodable: list[str]
+
+
+def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int, aug_smooth: bool,
+             device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
+    from featviz.data.images import ImageDataset, collate, load_image, normalization_of
+    from featviz.distributed import resolve_device
+    from featviz.models.features import default_cam_layer, get_layer, input_size, reshape_transform
+
+    names = parse_methods(methods)
+    spec = parse_target(target) if target else None
+    files, ids = image_ids(inputs)
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
+    mean, std = normalization_of(model)
+    transform = _transform(hw, mean, std)
+    layer_names = list(layers) if layers else [default_cam_layer(model)]
+    layer_mods = [get_layer(model, n) for n in layer_names]
+    dataset = ImageDataset(files, None, transform, strict=strict)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    first = _first_decodable(dataset, files)[None].to(dev)
+    info = probe_model(model, first)
+    shapes = _layer_shapes(info.forward, layer_mods, first)
+    token = any(len(s) == 3 for s in shapes)
+    spec = spec or default_target(info)
+    class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
+    check_target(spec, info, class_names)
+    if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
+        raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
+                        "classes; give one name per class")
+    reference = None
+    if spec.kind == "similarity":
+        ref = transform(load_image(spec.arg or ""))[None].to(dev)
+        with torch.no_grad():
+            reference = info.forward(ref)[0]
+    run_methods, skipped = _applicable(names, methods, info, token=token, aug_smooth=aug_smooth, hw=hw)
+    # masked copies per forward for ScoreCAM/AblationCAM/SESS: larger batches pay on a GPU, but on a
+    # CPU pytorch-grad-cam's own 16 is faster (ResNet-50 ScoreCAM at 112 px: 16 → 27-29 s, 64 → 33-36 s)
+    inner = max(32, batch_size) if dev.type == "cuda" else 16
+    return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
+                  token, reshape_transform(model, hw, layer_mods), spec,
+                  TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
+                  inner, dev, [])
+
+
+def _first_decodable(dataset, files: list[Path]) -> torch.Tensor:
+    """The first image that decodes (the model is probed with it); one clear line when none does."""
+    from featviz.data.images import check_pixels, load_image
+
+    for i in range(len(dataset)):
+        x = dataset[i][0]
+        if x is not None:
+            return x
+        check_pixels(files[i])  # too large is not undecodable: say how to lift the limit
+    load_image(files[0])  # raises the DataError that names the first file and what is wrong with it
+    raise DataError(f"none of the {len(files)} images could be decoded")
+
+
+def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, aug_smooth: bool,
+                hw: tuple[int, int]) -> tuple[list[str], dict[str, str]]:
+    """The methods that apply to this model and layer; an explicitly named one that does not is an error,
+    with ``all`` the others are skipped with a warning."""
+    skipped = {m: why for m in names if (why := not_applicable(m, info, token_layer=token, aug_smooth=aug_smooth,
+                                                              input_hw=hw))}
+    parts = [part.strip().lower() for item in ([requested] if isinstance(requested, str) else requested)
+             for part in str(item).split(",")]
+    if skipped and "all" not in parts:
+        m, why = next(iter(skipped.items()))
+        raise DataError(f"--method {m} does not apply to this model: {why}")
+    for m, why in skipped.items():
+        log.warning("skipping %s: %s", m, why)
+    run_methods = [m for m in names if m not in skipped]
+    if not run_methods:
+        raise DataError("none of the requested methods applies to this model: " + "; ".join(skipped.values()))
+    return run_methods, skipped
+
+
+def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: bool, metrics: bool,
+                 progress: Progress | None, sheet_rows: int) -> tuple[CamRun, list[np.ndarray]]:
+    """Every method on every batch; overlays are written as they come, the maps kept for maps.npz."""
+    overlays.mkdir()
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in s.methods}
+    stats: dict[str, list[MapStats]] = {m: [] for m in s.methods}
+    mets: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in s.methods}
+    labels: list[str] = []
+    scores: list[float | None] = []
+    sheet_imgs: list[np.ndarray] = []
+    batches: Iterable = s.loader if progress is None else progress(s.loader, total=len(s.loader))
+    mean_t, std_t = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
+    bad: list[int] = []
+    try:
+        for x, _, idx, skipped in batches:
+            bad += _skipped(s, skipped)
+            if x is None:
+                continue
+            x = x.to(s.device)
+            rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            targets = make_targets(s.ctx, x)
+            for m in s.methods:
+                kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
+                batch_maps, batch_stats = explain(s.info, x, m, s.layer_mods, targets, reshape_transform=s.reshape,
+                                                  aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
+                                                  batch_size=s.inner_batch, token_layer=s.token, method_kwargs=kw)
+                maps[m].append(batch_maps)
+                stats[m] += batch_stats
+                if metrics:
+                    for k, v in faithfulness(s.info, x, batch_maps, targets).items():
+                        mets[m].setdefault(k, []).append(v)
+                for j, i in enumerate(idx.tolist()):
+                    overlay_png(rgb[j], batch_maps[j], overlays / f"{safe_stem(s.ids[i])}.{m}.png")
+            labels += [t.label for t in targets]
+            scores += [t.score for t in targets]
+            sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+    finally:
+        close = getattr(batches, "close", None)  # a progress bar ends with the loop, error or not
+        if close is not None:
+            close()
+    if bad:  # the outputs hold the images that were explained, in order
+        gone = set(bad)
+        s.undecodable = [s.ids[i] for i in sorted(gone)]
+        s.files = [f for i, f in enumerate(s.files) if i not in gone]
+        s.ids = [f for i, f in enumerate(s.ids) if i not in gone]
+    run = CamRun(s.ids, s.methods, s.skipped, {m: np.concatenate(v) for m, v in maps.items()}, stats, labels, scores,
+                 {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in mets.items()}, s.layer_names,
+                 str(s.spec), s.hw, s.info.kind)
+    return run, sheet_imgs
+
+
+def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
+    """Undecodable images of a batch: warned about and left out (images above the decompression-bomb
+    limit stop the run with the way to lift it)."""
+    from featviz.data.images import check_pixels
+
+    for i in skipped:
+        check_pixels(s.files[i])
+        log.warning("skipping %s: it could not be decoded (pass --strict to stop instead)", s.ids[i])
+    return list(skipped)
+
+
+def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
+                   metrics: bool, arguments: dict[str, Any] | None,
+                   weights: str | None = None, note: str | None = None) -> dict[str, Any]:
+    """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
+    from featviz.io.outputs import manifest, write_json
+
+    arrays: dict[str, np.ndarray] = {"ids": np.array(run.ids)}
+    for m in run.methods:
+        arrays[m] = run.maps[m]
+        arrays[f"{m}.raw_max"] = np.array([np.nan if st.raw_max is None else st.raw_max for st in run.stats[m]])
+    np.savez_compressed(tmp / "maps.npz", **arrays)
+    desc = describe(s.model)
+    warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
+    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
+    write_json(tmp / "manifest.json", manifest(
+        "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
+                                      "output_shape": s.info.out_shape, "output_selected": s.info.selected,
+                                      "description": desc.to_dict()},
+        layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
+        reshape_transform=None if s.reshape is None else s.reshape.to_dict(),
+        target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
+        undecodable_images=s.undecodable, weights=weights, note=note,
+        device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
+        metric_definitions=METRIC_DEFINITIONS if metrics else None,
+        noise_rule=f"gradient maps are 'noise' when the target's relative slope ‖∂t/∂o‖·‖o‖/|t| < {NOISE_RATIO}, "
+                   "'blank' when the raw map is all ≤ 0",
+        images=[{"id": run.ids[i], "path": str(s.files[i]), "target": run.target_labels[i], "score": run.scores[i],
+                 "maps": {m: {**run.stats[m][i].to_dict(),
+                              **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()}}
+                          for m in run.methods}} for i in range(len(run.ids))],
+        warnings=warnings))
+    return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
+
+
+def _arch_name(model: nn.Module) -> str:
+    desc = describe(model)
+    return desc.name if desc.arch is not None else type(model).__name__
+
+
+def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
+    arch = _arch_name(model) + (f" ({weights})" if weights else "")
+    return f"{arch} · layer {', '.join(run.layers)} · target {run.target}"
+
+
+def _warn_degenerate(run: CamRun) -> list[str]:
+    lines = []
+    for m in run.methods:
+        bad = [(run.ids[i], s) for i, s in enumerate(run.stats[m]) if s.status in ("blank", "noise", "nan")]
+        if not bad:
+            continue
+        kinds = sorted({s.status for _, s in bad})
+        worst = max((s.raw_max or 0.0) for _, s in bad if s.raw_max is not None and math.isfinite(s.raw_max)) \
+            if any(s.raw_max is not None and math.isfinite(s.raw_max) for _, s in bad) else float("nan")
+        why = {"blank": "all ≤ 0 before ReLU: the target decreases with every feature at this layer",
+               "noise": "the target is flat at the image, so the gradients are float rounding that min-max "
+                        "scaling blows up into a convincing heatmap",
+               "nan": "the raw map is not finite"}
+        line = (f"{m}: {len(bad)} of {len(run.ids)} maps are {'/'.join(kinds)} (raw max ≤ {worst:.3g}, e.g. "
+                f"{bad[0][0]}): {'; '.join(why[k] for k in kinds)}. Try another target, layer or method")
+        log.warning(line)
+        lines.append(line)
+    return lines
+
+
+def _summary(run: CamRun, out_dir: Path, warnings: list[str]) -> dict[str, Any]:
+    status = {m: {k: sum(s.status == k for s in run.stats[m]) for k in ("ok", "blank", "noise", "nan", "unchecked")}
+              for m in run.methods}
+    return {
+        "out": str(out_dir), "images": len(run.ids), "methods": run.methods, "skipped_methods": run.skipped,
+        "layers": run.layers, "target": run.target, "model_kind": run.model_kind, "image_size": list(run.image_size),
+        "files": {"contact_sheet": str(out_dir / "contact_sheet.png"), "maps": str(out_dir / "maps.npz"),
+                  "manifest": str(out_dir / "manifest.json"), "overlays": len(run.ids) * len(run.methods)},
+        "map_status": status,
+        "metrics": {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.metrics.items() if d} or None,
+        "warnings": warnings,
+    }
+
+

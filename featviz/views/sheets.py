@@ -1,0 +1,151 @@
+"""Pictures of patch-resolution maps: upsampling, heat and mask overlays, PNGs and contact sheets.
+
+Maps are upsampled with nearest neighbour, so each patch stays a visible square of exactly the
+pixels it covers (DINO's ``visualize_attention.py`` does the same). Figures use matplotlib's
+object API (headless, no pyplot).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+MASK_COLOR = (0.15, 0.85, 0.35)
+
+
+def upsample(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of an (h, w[, c]) array to ``hw`` (torch's ``nearest`` rule)."""
+    rows = np.minimum((np.arange(hw[0]) * (a.shape[0] / hw[0])).astype(np.int64), a.shape[0] - 1)
+    cols = np.minimum((np.arange(hw[1]) * (a.shape[1] / hw[1])).astype(np.int64), a.shape[1] - 1)
+    return a[rows][:, cols]
+
+
+def normalize01(m: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1] (a constant map becomes zeros)."""
+    m = np.asarray(m, np.float64)
+    lo, hi = float(m.min()), float(m.max())
+    return np.zeros_like(m) if hi - lo <= 1e-12 * max(1.0, abs(hi)) else (m - lo) / (hi - lo)
+
+
+def heat(m: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """A map as an RGB float image in [0, 1] (min-max scaled)."""
+    from matplotlib import colormaps
+
+    return colormaps[cmap](normalize01(m))[..., :3]
+
+
+def heat_overlay(
+    rgb: np.ndarray, m: np.ndarray, *, alpha: float = 0.6, cmap: str = "inferno"
+) -> np.ndarray:
+    """Blend a patch map (upsampled to the image) onto an RGB image in [0, 1]."""
+    return np.clip((1 - alpha) * rgb + alpha * heat(upsample(m, rgb.shape[:2]), cmap), 0, 1)
+
+
+def mask_overlay(
+    rgb: np.ndarray, mask: np.ndarray, *, color: Sequence[float] = MASK_COLOR
+) -> np.ndarray:
+    """DINO-style mask picture: the masked patches tinted, the rest darkened."""
+    up = upsample(mask.astype(bool), rgb.shape[:2])[..., None]
+    tinted = 0.55 * rgb + 0.45 * np.asarray(color)
+    return np.clip(np.where(up, tinted, 0.35 * rgb), 0, 1)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.uint8(np.clip(img, 0, 1) * 255 + 0.5)
+
+
+def save_png(img: np.ndarray, path: str | os.PathLike, *, min_side: int = 0) -> Path:
+    """Write a float [0, 1] (or uint8) RGB image; enlarged (nearest) to at least ``min_side`` px."""
+    from PIL import Image
+
+    arr = img if img.dtype == np.uint8 else to_uint8(img)
+    im = Image.fromarray(arr)
+    k = max(1, -(-min_side // max(1, min(arr.shape[:2])))) if min_side else 1
+    if k > 1:
+        im = im.resize((arr.shape[1] * k, arr.shape[0] * k), Image.NEAREST)
+    im.save(path)
+    return Path(path)
+
+
+def grid_sheet(
+    path: str | os.PathLike,
+    cells: Sequence[Sequence[np.ndarray]],
+    *,
+    col_titles: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    title: str = "",
+    contours: Sequence[Sequence[np.ndarray | None]] | None = None,
+    cell_titles: Sequence[Sequence[str]] | None = None,
+    cell: float = 1.6,
+    dpi: int = 110,
+) -> Path:
+    """A contact sheet: ``cells[r][c]`` are RGB images; optional mask contours drawn per cell."""
+    from matplotlib.figure import Figure
+
+    rows, cols = len(cells), max(len(r) for r in cells)
+    h, w = cells[0][0].shape[:2]
+    fig = Figure(figsize=(cell * cols * w / h + 0.9, cell * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if c >= len(cells[r]):
+                ax.set_visible(False)
+                continue
+            ax.imshow(cells[r][c], interpolation="nearest")
+            if contours is not None and contours[r][c] is not None:
+                m = upsample(contours[r][c].astype(float), cells[r][c].shape[:2])
+                if 0 < m.mean() < 1:
+                    ax.contour(m, levels=[0.5], colors=[MASK_COLOR], linewidths=0.8)
+            if cell_titles is not None and c < len(cell_titles[r]) and cell_titles[r][c]:
+                ax.set_title(_short(cell_titles[r][c], 28), fontsize=7)
+            elif r == 0 and c < len(col_titles):
+                ax.set_title(col_titles[c], fontsize=8)
+            if c == 0 and r < len(row_labels):
+                ax.set_ylabel(
+                    _short(row_labels[r]),
+                    fontsize=7,
+                    rotation=0,
+                    ha="right",
+                    va="center",
+                    labelpad=4,
+                )
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
+
+
+def _short(text: str, n: int = 22) -> str:
+    return text if len(text) <= n else "…" + text[-(n - 1) :]
+
+
+def image_ids(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """Image files under ``inputs`` and their ids (paths relative to the folder given; full paths
+    when two inputs hold the same names)."""
+    from featviz.data.images import find_images
+
+    files: list[Path] = []
+    ids: list[str] = []
+    for item in inputs:
+        root = Path(item)
+        for f in find_images(root):
+            files.append(f)
+            ids.append(str(f.relative_to(root)) if root.is_dir() else f.name)
+    if len(set(ids)) < len(ids):  # two inputs hold the same names: their overlays must not collide
+        ids = [str(f) for f in files]
+    return files, ids
+
+
+def safe_stem(image_id: str) -> str:
+    """A file-name stem for an image id (``cat/cat_0.jpg`` -> ``cat__cat_0``)."""
+    stem = re.sub(r"\.[A-Za-z0-9]+$", "", image_id)
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", stem.replace("/", "__"))
