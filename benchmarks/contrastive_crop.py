@@ -70,7 +70,7 @@ def random_init_knn(cfg) -> float:
 
     from featviz.distributed import DistInfo
     from featviz.models.architectures import build_backbone
-    from featviz.train.loop import SSLTask
+    from featviz.train.ssl_task import SSLTask
 
     task = SSLTask(cfg, DistInfo())
     task.model.backbone.load_state_dict(build_backbone(cfg.arch, seed=cfg.seed).state_dict())
@@ -86,7 +86,7 @@ def view_stats(run: Path, cfg, samples: int = 16) -> dict:
     from featviz.data.contrastive_crop import ContrastiveCrop
     from featviz.data.images import load_image
     from featviz.distributed import DistInfo
-    from featviz.train.loop import SSLTask
+    from featviz.train.ssl_task import SSLTask
     from featviz.views.crops import box_pixels, inside_share, pair_iou, sample_views
 
     z = np.load(run / "boxes.npz")
@@ -114,7 +114,8 @@ def cfg_alpha(run: Path) -> float:
 def measure(args) -> dict:
     import torch
 
-    from featviz.train.loop import TrainConfig, resolve_config, train
+    from featviz.train.config import TrainConfig, resolve_config
+    from featviz.train.loop import train
 
     torch.set_num_threads(args.threads)
     res: dict = {"seeds": args.seeds, "threads": args.threads, "threshold": args.threshold or 0.10, "datasets": {}}

@@ -8,7 +8,7 @@ For each method this runs exactly what a new user types (issue 16's done-when):
 and scores the embedding with ``benchmarks/digits_knn.py`` (cosine 20-NN, l2-normalised, 5-fold)
 against the same architecture at random init embedded alike (``embed --arch resnet18_w16-cifar``).
 It also reports the held-out kNN accuracy `featviz train` logged (and the same number recomputed
-from the checkpoint with ``featviz.train.loop.checkpoint_knn``), the last epoch's std_l2 and RankMe of
+from the checkpoint with ``featviz.train.knn.checkpoint_knn``), the last epoch's std_l2 and RankMe of
 the monitored output, training steps/s and the wall time of the train command.
 
 With CUDA it adds steps/s of each method under bf16 AMP against a bare AMP loop of the same model
@@ -63,7 +63,7 @@ def run_method(method: str, runs: Path, *, epochs: int, reuse: bool, env: dict[s
     epochs_ = [r for r in lines if r.get("kind") == "epoch"]
     last = epochs_[-1]
     t_steps = sum(r.get("train_seconds", 0.0) for r in epochs_)
-    from featviz.train.loop import checkpoint_knn
+    from featviz.train.knn import checkpoint_knn
 
     return {"method": method, "knn_5fold": npz_accuracy(npz), "knn_logged": last.get("knn_acc"),
             "knn_from_checkpoint": checkpoint_knn(run / "last.safetensors")["knn_acc"],

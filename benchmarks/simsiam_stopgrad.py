@@ -30,7 +30,8 @@ def random_init_knn(run: Path, *, precise_bn: bool = True) -> float:
 
     from featviz.distributed import DistInfo
     from featviz.models.architectures import build_backbone
-    from featviz.train.loop import SSLTask, TrainConfig
+    from featviz.train.config import TrainConfig
+    from featviz.train.ssl_task import SSLTask
 
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ class LoopTimer:
 
 
 def _config(method: str, args, out: str):
-    from featviz.train.loop import TrainConfig, resolve_config
+    from featviz.train.config import TrainConfig, resolve_config
 
     return resolve_config(TrainConfig(method=method, data="digits", out=out, epochs=args.epochs,
                                       batch_size=args.batch_size, image_size=args.image_size, threads=args.threads,
@@ -58,7 +58,8 @@ def _config(method: str, args, out: str):
 def bare_loop(method: str, args) -> tuple[int, float, float]:
     """The loop a researcher would write by hand: build, load, forward, backward, step."""
     from featviz.distributed import DistInfo
-    from featviz.train.loop import SSLTask, epoch_batches
+    from featviz.train.loop import epoch_batches
+    from featviz.train.ssl_task import SSLTask
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -282,7 +282,8 @@ def test_view_dataset_crops_inside_the_boxes_after_the_warmup():
 def test_resume_reproduces_the_boxes_and_the_weights(tmp_path, one_thread):
     from safetensors.torch import load_file
 
-    from featviz.train.loop import TrainConfig, train
+    from featviz.train.config import TrainConfig
+    from featviz.train.loop import train
 
     base = dict(method="simsiam", data="digits", epochs=3, **TINY, **CCROP)
     full = train(TrainConfig(out=str(tmp_path / "full"), **base))

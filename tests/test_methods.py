@@ -29,7 +29,7 @@ def _net(name: str, **kw) -> methods.SSLMethod:
 
 # ---------------------------------------------------------------- one registration per method
 def test_names_in_sync_with_the_registry():
-    from featviz.train.loop import OPTIMIZERS
+    from featviz.train.optim import OPTIMIZERS
 
     assert set(get_args(MethodName)) == set(METHODS.names())
     assert set(get_args(OptimizerName)) == set(OPTIMIZERS)
@@ -224,7 +224,7 @@ def test_dino_loss_equals_dinoloss_forward():
 
 def test_lars_equals_the_official_lars_step():
     """facebookresearch/barlowtwins main.py:224-263 (= BYOL/MoCo v3/DINO LARS), two steps."""
-    from featviz.train.loop import LARS
+    from featviz.train.optim import LARS
 
     g = torch.Generator().manual_seed(7)
     w0, b0 = torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
@@ -446,7 +446,7 @@ def test_momentum_targets_keep_their_own_batchnorm_statistics():
 
 
 def test_simsiam_predictor_lr_stays_fixed():
-    from featviz.train.loop import param_groups, schedule_step
+    from featviz.train.optim import param_groups, schedule_step
 
     m = _net("simsiam")
     spec = METHODS.get("simsiam")
@@ -461,7 +461,7 @@ def test_simsiam_predictor_lr_stays_fixed():
 
 
 def test_no_weight_decay_on_biases_and_norms_and_dino_weight_decay_schedule():
-    from featviz.train.loop import _wd_at, param_groups
+    from featviz.train.optim import _wd_at, param_groups
 
     for name in ("byol", "dino", "barlow_twins"):
         m = _net(name)
@@ -480,7 +480,8 @@ def test_no_weight_decay_on_biases_and_norms_and_dino_weight_decay_schedule():
 
 def test_dino_clip_grad_clips_each_parameter():
     from featviz.distributed import DistInfo
-    from featviz.train.loop import SSLTask, TrainConfig, resolve_config
+    from featviz.train.config import TrainConfig, resolve_config
+    from featviz.train.ssl_task import SSLTask
 
     cfg = resolve_config(TrainConfig(method="dino", data="digits", out="unused", image_size=16, batch_size=8,
                                      limit=20, epochs=1))
@@ -520,7 +521,7 @@ def test_method_trains_few_steps_without_nan(name):
 
 
 def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
-    from featviz.train.loop import TrainConfig, resolve_config
+    from featviz.train.config import TrainConfig, resolve_config
 
     cfg = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path)))
     assert cfg.image_size == 16 and cfg.defaults["image_size"] == "preset:digits" and cfg.batch_size == 32

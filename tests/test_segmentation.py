@@ -188,7 +188,7 @@ def test_no_gradient_flows_into_the_negatives():
 # ---------------------------------------------------------------- the full cac step
 def _tiny_task(sample_dir, **over):
     from featviz.distributed import DistInfo
-    from featviz.train.loop import TrainConfig
+    from featviz.train.config import TrainConfig
 
     cfg = TrainConfig(method="cac", data=str(sample_dir / "seg"), out="unused", arch="resnet18_w16-os8",
                       batch_size=2, image_size=40, selected_num=30, pos_thresh=0.3, seed=3)
@@ -374,7 +374,8 @@ def test_cac_resume_replays_the_negative_bank(tmp_path, sample_dir):
     uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from featviz.train.loop import TrainConfig, train
+    from featviz.train.config import TrainConfig
+    from featviz.train.loop import train
 
     def cfg(out):
         return TrainConfig(method="cac", data=str(sample_dir / "seg"), out=str(tmp_path / out), epochs=3,

@@ -16,7 +16,8 @@ import torch
 
 from featviz.models.architectures import build_backbone
 from featviz.train import methods
-from featviz.train.loop import TrainConfig, TrainingDivergedError, train
+from featviz.train.config import TrainConfig
+from featviz.train.loop import TrainingDivergedError, train
 from featviz.train.segmentation import directional_contrast, load_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_cac_directional_contrast_hand_case():
 def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(tmp_path):
     from featviz.collapse import alignment
     from featviz.distributed import DistInfo
-    from featviz.train.loop import SSLTask
+    from featviz.train.ssl_task import SSLTask
 
     cfg = TrainConfig(method="simsiam", data="digits", out=str(tmp_path / "run"), epochs=1, **TINY)
     task = SSLTask(cfg, DistInfo())
@@ -88,7 +89,7 @@ def test_logged_knn_is_reproduced_from_the_checkpoint(tmp_path):
     from featviz.eval.embed import embed_images
     from featviz.models.checkpoints import read_featviz
     from featviz.models.loader import load_model
-    from featviz.train.loop import checkpoint_knn, held_out_split, knn_accuracy
+    from featviz.train.knn import checkpoint_knn, held_out_split, knn_accuracy
 
     cfg = TrainConfig(method="byol", data="digits", out=str(tmp_path / "run"), epochs=1,
                       **{**TINY, "limit": 100, "batch_size": 20})

@@ -261,8 +261,9 @@ def train(
     Multi-GPU: `torchrun --nproc_per_node N -m featviz train ...`.
     """
     from featviz.train import loop as train_lib
+    from featviz.train.config import TrainConfig
 
-    cfg = train_lib.TrainConfig(
+    cfg = TrainConfig(
         method=method,
         data=data,
         out=str(out_dir),

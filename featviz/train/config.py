@@ -1,0 +1,215 @@
+"""The training run's settings: ``TrainConfig`` and ``resolve_config``, which fills every default
+and records where it came from (saved as ``RUN_DIR/config.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from featviz.errors import DataError, UnknownNameError, did_you_mean
+from featviz.train.optim import OPTIMIZERS
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved, resolved, as ``RUN_DIR/config.json``).
+
+    ``None`` means "the default": a built-in dataset's measured preset for the method (e.g.
+    ``digits``), else the method's registration (``featviz.train.methods.METHODS``), else featviz's
+    own; ``resolve_config`` fills them in and records where each value came from in
+    ``defaults``. A value the user sets always wins.
+
+    Attributes:
+        method: a name in ``methods.METHODS`` (SSL, or ``supervised_seg`` / ``cac``).
+        data: an image folder, a labels CSV, ``digits``, or (segmentation) a VOC-layout folder.
+        out: the run folder.
+        arch: backbone architecture (``featviz.models.architectures`` names); default ``resnet18_w16-cifar``
+            (segmentation: ``resnet18_w16-os8``).
+        epochs, batch_size: global batch size (split over DDP processes); default 10 / 256.
+        lr: peak learning rate; default: the method's lr x batch_size / its reference batch.
+        optimizer: ``sgd``, ``adamw``, ``lars`` or ``larc``; default per method.
+        weight_decay: default per method (DINO: a cosine schedule to its ``weight_decay_end``).
+        warmup_epochs: linear warm-up before the cosine decay (per step).
+        image_size: training crop size; default the architecture's input size (CIFAR stems: 32),
+            which is also what ``featviz embed`` uses for the checkpoint.
+        stop_grad: SimSiam's stop-gradient (False = the collapse ablation).
+        local_crops: multi-crop local crops (SwAV, DINO); default per method.
+        min_scale: the global crops' smallest area (overrides the recipe's); hflip: flips.
+        rotate, shear: a random affine (degrees) before the crop; none by default (digits preset).
+        hparams: method hyperparameters (constructor keywords, e.g. ``queue_size``, ``tau``).
+        precise_bn: re-estimate BatchNorm statistics before each evaluation (PreciseBN); the
+            checkpoints carry the re-estimated statistics.
+        eval_every: epochs between kNN / held-out evaluations (the last epoch is always evaluated).
+        threads: torch CPU threads (None = torch's default; 1 helps on a busy shared CPU).
+        val_fraction: held-out share of labelled images for the kNN monitor.
+        knn_k: neighbours of the kNN monitor.
+        log_every: steps between metrics lines (an epoch line is always written).
+        limit: use only the first N images (quick runs and tests).
+        workers: DataLoader worker processes.
+        amp: bf16 autocast (default: on CUDA only). channels_last: same default.
+        selected_num, iou_bound, temp, weight_unsup, pos_thresh: CAC's pixel-contrast settings.
+        crop: ``rrc`` (RandomResizedCrop, the recipes') or ``contrastive`` (ContrastiveCrop, Peng et
+            al. 2022, ``featviz.data.contrastive_crop``): the global views' crop after a warm-up.
+        crop_threshold, crop_alpha, crop_update_every, crop_warmup: ContrastiveCrop's heatmap
+            threshold k, Beta alpha, epochs between box updates, warm-up epochs of plain crops;
+            default the official code's (``contrastive_crop.OFFICIAL``).
+        step_save: CAC: steps whose gathered negatives are kept as extra negatives (CAC's 1).
+        epoch_start_unsup: CAC: epochs of supervised-only warm-up before the contrast loss (CAC's 5).
+        defaults: where each resolved value came from (filled by ``resolve_config``).
+    """
+
+    method: str
+    data: str
+    out: str
+    arch: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    image_size: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    stop_grad: bool = True
+    local_crops: int | None = None
+    min_scale: float | None = None
+    hflip: bool | None = None
+    rotate: float | None = None
+    shear: float | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    precise_bn: bool = True
+    eval_every: int = 1
+    threads: int | None = None
+    val_fraction: float = 0.2
+    knn_k: int = 20
+    log_every: int = 10
+    limit: int | None = None
+    workers: int = 0
+    amp: bool | None = None
+    channels_last: bool | None = None
+    selected_num: int = 6400
+    iou_bound: tuple[float, float] = (0.1, 1.0)
+    temp: float = 0.1
+    weight_unsup: float = 0.1
+    pos_thresh: float = 0.75
+    crop: str = "rrc"
+    crop_threshold: float | None = None
+    crop_alpha: float | None = None
+    crop_update_every: int | None = None
+    crop_warmup: int | None = None
+    step_save: int = 1
+    epoch_start_unsup: int = 5
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["iou_bound"] = list(self.iou_bound)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "iou_bound" in d:
+            d["iou_bound"] = tuple(d["iou_bound"])
+        return cls(**d)
+
+
+RESOLVED = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "image_size",
+            "local_crops", "min_scale", "hflip", "rotate", "shear")
+FEATVIZ_DEFAULTS = {"epochs": 10, "batch_size": 256}
+
+
+def dataset_key(data: str) -> str | None:
+    """The preset name of a built-in dataset (``digits``), else None."""
+    from featviz.data.images import BUILTIN
+
+    return str(data) if str(data) in BUILTIN else None
+
+
+def input_size(arch: str) -> int:
+    """The input side an architecture expects (what ``featviz embed`` uses by default)."""
+    from featviz.models.architectures import parse_arch
+
+    spec = parse_arch(arch)
+    if spec.family == "vit":
+        import re
+
+        m = re.search(r"_(\d+)$", spec.name)
+        return int(m.group(1)) if m else 224
+    return 32 if "-cifar" in spec.name else 224
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill every ``None`` default of ``cfg`` and record where it came from (``cfg.defaults``).
+
+    Order: the user's value; the method's preset for a built-in dataset (``MethodSpec.presets``,
+    measured); the method's registration (its ``Optim``, local crops); featviz's defaults
+    (10 epochs, batch 256, the architecture's input size). Idempotent.
+
+    Raises:
+        UnknownNameError: unknown method or optimiser.
+    """
+    from featviz.models import architectures as models
+    from featviz.train import methods
+
+    if cfg.method not in methods.METHODS:
+        names = methods.METHODS.names()
+        raise UnknownNameError(f"unknown method {cfg.method!r}{did_you_mean(cfg.method, names)}; "
+                               f"expected one of: {', '.join(names)}")
+    spec = methods.METHODS.get(cfg.method)
+    d = cfg.to_dict()
+    d["hparams"] = dict(d["hparams"])
+    src: dict[str, str] = dict(cfg.defaults)
+    for k in RESOLVED:
+        if d[k] is not None and k not in src:
+            src[k] = "user"
+    for k in d["hparams"]:
+        src.setdefault(f"hparams.{k}", "user")
+    if d["arch"] is None:
+        d["arch"] = "resnet18_w16-os8" if spec.kind == "segmentation" else "resnet18_w16-cifar"
+        src["arch"] = "featviz"
+    spec = spec.for_family(models.parse_arch(d["arch"]).family)
+    key = dataset_key(cfg.data)
+    preset = dict(spec.presets.get(key, {}) if key else {})
+    if d["optimizer"] is not None and d["optimizer"] != preset.get("optimizer", spec.optim.name):
+        preset.pop("lr", None)  # a preset's lr belongs to its optimiser: another one takes the method's rule
+    for k, v in preset.items():
+        if k == "hparams":
+            for hk, hv in v.items():
+                if hk not in d["hparams"]:
+                    d["hparams"][hk], src[f"hparams.{hk}"] = hv, f"preset:{key}"
+        elif d.get(k) is None:
+            d[k], src[k] = v, f"preset:{key}"
+    for k, v in FEATVIZ_DEFAULTS.items():
+        if d[k] is None:
+            d[k], src[k] = v, "featviz"
+    optim = spec.optim
+    if d["optimizer"] is None:
+        d["optimizer"], src["optimizer"] = optim.name, "method"
+    if d["optimizer"] not in OPTIMIZERS:
+        raise UnknownNameError(f"unknown optimizer {d['optimizer']!r}; expected one of: {', '.join(OPTIMIZERS)}")
+    if d["lr"] is None:
+        d["lr"] = optim.lr * d["batch_size"] / optim.ref_batch
+        src["lr"] = f"method ({optim.lr:g} x batch / {optim.ref_batch})"
+    if d["weight_decay"] is None:
+        d["weight_decay"], src["weight_decay"] = optim.weight_decay, "method"
+    if d["warmup_epochs"] is None:
+        d["warmup_epochs"], src["warmup_epochs"] = optim.warmup_epochs, "method"
+    if d["image_size"] is None:
+        d["image_size"] = 32 if spec.kind == "segmentation" else input_size(d["arch"])
+        src["image_size"] = "architecture"
+    if d["local_crops"] is None:
+        d["local_crops"], src["local_crops"] = spec.local_crops, "method"
+    if d["hflip"] is None:
+        d["hflip"], src["hflip"] = True, "method"
+    if d["crop"] != "rrc" and spec.recipe is None:
+        raise DataError(f"--crop {d['crop']} replaces RandomResizedCrop in a method's views; {cfg.method!r} makes "
+                        "its own crops (segmentation), so use an SSL method or --crop rrc")
+    from featviz.data.contrastive_crop import resolve as resolve_crop
+
+    resolve_crop(d, src)
+    d["defaults"] = src
+    return TrainConfig.from_dict(d)
+
