@@ -195,7 +195,7 @@ def run_crops(
     from featviz.distributed import resolve_device
     from featviz.io.outputs import atomic_dir, check_writable, manifest, write_json
     from featviz.models.features import input_size, resolve_layer
-    from featviz.views.sheets import image_ids
+    from featviz.views.runner import image_ids
 
     out_dir = Path(out_dir)
     check_writable(out_dir, force=force)

@@ -232,7 +232,7 @@ def run_pca(
     from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.models.features import input_size
     from featviz.views.attention import _arch_name
-    from featviz.views.sheets import image_ids, safe_stem
+    from featviz.views.runner import image_ids, safe_stem
 
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused

@@ -29,7 +29,7 @@ from featviz.views.cam.targets import (
     make_targets,
     parse_target,
 )
-from featviz.views.sheets import image_ids, safe_stem
+from featviz.views.runner import image_ids, safe_stem
 
 log = logging.getLogger(__name__)
 
