@@ -160,7 +160,7 @@ def test_checkpoint_with_projector_two_views_and_pixels(cli, sample_dir, tmp_pat
 
     from featviz.models.architectures import build_backbone
     from featviz.models.checkpoints import save_featviz
-    from featviz.train.methods import build_head
+    from featviz.models.heads import build_head
 
     m = build_backbone("resnet18_w16-cifar", seed=1)
     specs = {"projector": {"type": "mlp", "dims": [128, 64, 32], "bn": True, "last_bn": True},

@@ -13,9 +13,10 @@ from torch import nn
 
 from featviz.cli.choices import MethodName, OptimizerName
 from featviz.data import augment
+from featviz.models import heads
 from featviz.models.architectures import build_backbone
 from featviz.train import methods
-from featviz.train.methods import METHODS, MethodSpec, Optim, build_method
+from featviz.train.methods import METHODS, MethodSpec, Optim, build_method, contrastive, swav
 
 ARCH = "resnet18_w16-cifar"
 
@@ -63,7 +64,7 @@ def test_every_registered_method_has_every_part(name):
     # the exported heads rebuild from their specs
     m = _net(name)
     for head, hspec in m.head_specs.items():
-        rebuilt = methods.build_head(hspec)
+        rebuilt = heads.build_head(hspec)
         rebuilt.load_state_dict(getattr(m, head).state_dict())
     assert set(m.exported()) == {"backbone", *m.head_specs}
 
@@ -327,7 +328,7 @@ def test_split_batchnorm_statistics_and_eval_equal_plain_batchnorm():
 
 
 def test_moco_v2_defaults_reproduce_the_official_settings():
-    d = methods._moco_v2_defaults
+    d = contrastive._moco_v2_defaults
     cifar = d(methods.DataContext(n_train=50000, batch_size=512, epochs=200, image_size=32))
     assert cifar["queue_size"] == 4096 and cifar["momentum"] == pytest.approx(0.99, abs=1e-3)  # the CIFAR demo
     imagenet = d(methods.DataContext(n_train=1281167, batch_size=256, epochs=200, image_size=224))
@@ -373,8 +374,8 @@ def test_batch_shuffle_ddp_shuffles_across_processes_and_undoes():
 def test_swav_queue_fills_and_is_used_after_epoch_queue_starts(monkeypatch):
     m = _net("swav", queue_length=16, epoch_queue_starts=1, freeze_prototypes_niters=0)
     sizes = []
-    real = methods.sinkhorn
-    monkeypatch.setattr(methods, "sinkhorn", lambda s, *a: sizes.append(s.shape[0]) or real(s, *a))
+    real = swav.sinkhorn
+    monkeypatch.setattr(swav, "sinkhorn", lambda s, *a: sizes.append(s.shape[0]) or real(s, *a))
     g = torch.Generator().manual_seed(0)
     batch = lambda: [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]  # noqa: E731
     m.set_epoch(0)

@@ -64,7 +64,7 @@ def checkpoint_heads(checkpoint: str | os.PathLike | None) -> dict[str, Head]:
         tensors, meta = read_featviz(checkpoint)
     except CheckpointError:
         return {}  # a plain safetensors file (timm/torchvision weights): no heads
-    from featviz.train.methods import build_head
+    from featviz.models.heads import build_head
 
     specs = meta.get("heads") or {}
     modules: dict[str, nn.Module] = {}

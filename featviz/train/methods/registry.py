@@ -1,0 +1,253 @@
+"""The SSL methods' registration types and registry: ``Optim``, ``DataContext``, ``MethodSpec``,
+``METHODS``; and ``build_method``, which instantiates a registered method around a backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from featviz.data.augment import Recipe, View
+from featviz.registry import Registry
+from featviz.train.methods.base import SSLMethod, zero_init_residual
+
+
+# ---------------------------------------------------------------- registration
+@dataclass(frozen=True)
+class Optim:
+    """An optimiser and its schedule, with the lr for ``ref_batch`` images (linear scaling).
+
+    Attributes:
+        name: ``sgd`` (momentum 0.9), ``adamw``, ``lars`` (the official LARS of Barlow Twins /
+            BYOL / MoCo v3 / DINO: 1-D parameters skip decay and adaptation when
+            ``decay_bias_norm`` is False) or ``larc`` (SwAV's apex LARC, via timm's ``Lars``).
+        lr: peak learning rate for a batch of ``ref_batch``.
+        weight_decay: decay of the weights (cosine to ``weight_decay_end`` when given, DINO).
+        decay_bias_norm: False: biases and normalisation parameters get no weight decay.
+        bias_lr: lr multiplier of biases and norm parameters (Barlow Twins: 0.0048 / 0.2).
+        warmup_epochs: linear warm-up; final_lr: the cosine ends at ``final_lr`` x peak.
+        fixed_lr: module-name prefixes whose lr stays at the peak (SimSiam ``--fix-pred-lr``).
+        clip_grad: per-parameter gradient-norm clip (DINO ``utils.clip_gradients``).
+        source: where the official values are (file and line).
+    """
+
+    name: str
+    lr: float
+    weight_decay: float
+    ref_batch: int = 256
+    weight_decay_end: float | None = None
+    decay_bias_norm: bool = True
+    bias_lr: float = 1.0
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    final_lr: float = 0.0
+    fixed_lr: tuple[str, ...] = ()
+    clip_grad: float | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a method's data-dependent defaults depend on."""
+
+    n_train: int
+    batch_size: int
+    epochs: int
+    image_size: int
+    feature_dim: int = 2048
+    world_size: int = 1
+    family: str = "resnet"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n_train // self.batch_size)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything that defines one method, in one place.
+
+    Attributes:
+        name: the registered name (``featviz train --method``).
+        model: the ``SSLMethod`` class, or ``"module:Class"`` of a segmentation task.
+        kind: ``ssl`` or ``segmentation``.
+        recipe: the official training views (None: the task makes its own, e.g. CAC's crops).
+        official: the official optimiser and schedule.
+        optim: featviz's default (``official`` unless a CPU-sized run needs another; see
+            ``deviations``).
+        hparams: constructor defaults that differ from the class's (official values).
+        defaults: data-dependent hyperparameters (``DataContext`` -> constructor kwargs).
+        local_crops: featviz's default number of multi-crop local crops (0: none).
+        official_local_crops: the official number.
+        sync_bn: convert BatchNorm to SyncBatchNorm under CUDA DDP (MoCo v2: no, it shuffles).
+        zero_init_residual: zero-init the last BN of each residual block (torchvision's flag).
+        variants: per backbone family (``vit``) overrides of these fields.
+        presets: per built-in dataset, the measured defaults (``TrainConfig`` keys), measured on
+            ResNets: other backbone families do not take them (``for_family``).
+        source: the official repository files.
+        deviations: what featviz does differently by default, and why.
+    """
+
+    name: str
+    model: type | str
+    kind: str = "ssl"
+    recipe: Recipe | None = None
+    official: Optim | None = None
+    optim: Optim | None = None
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Callable[[DataContext], dict[str, Any]] | None = None
+    local_crops: int = 0
+    official_local_crops: int = 0
+    sync_bn: bool = True
+    zero_init_residual: bool = False
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = ""
+    deviations: tuple[str, ...] = ()
+
+    @property
+    def multi_crop(self) -> bool:
+        return self.recipe is not None and self.recipe.local is not None
+
+    def for_family(self, family: str) -> MethodSpec:
+        """This spec for a backbone family (``resnet``, ``vit``, ``timm``).
+
+        The dataset presets were measured on ResNets (an optimiser, lr and head choices for a
+        16 px CNN), so another family keeps only the presets its variant states.
+        """
+        changes = dict(self.variants.get(family, {}))
+        if family != "resnet":
+            changes.setdefault("presets", {})
+        if "hparams" in changes:
+            changes["hparams"] = {**self.hparams, **changes["hparams"]}
+        return replace(self, **changes) if changes else self
+
+    def model_class(self) -> type:
+        if isinstance(self.model, str):
+            import importlib
+
+            mod, _, attr = self.model.partition(":")
+            return getattr(importlib.import_module(mod), attr)
+        return self.model
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Register ``spec`` under its name (duplicates raise ``ValueError``)."""
+    return METHODS.register(spec.name)(spec)
+
+
+def ssl_names() -> list[str]:
+    return [n for n, s in METHODS.items() if s.kind == "ssl"]
+
+
+# ---------------------------------------------------------------- shared by the methods: the digits preset, the papers' views
+def _digits(**changes: Any) -> dict[str, Any]:
+    """A digits preset: what was measured to work on scikit-learn's 8x8 digits (1797 images,
+    upsampled), see docs/train.md. Digits' identity survives neither a horizontal flip nor a
+    small crop; 16 px holds all of an 8x8 image, and batch 32 gives 45 steps an epoch where 64
+    gave 22 (ten epochs of 22 steps left most methods below a random-init encoder). The lr is
+    absolute, chosen per method by the held-out kNN `featviz train` logs. MoCo v3, BYOL, Barlow
+    Twins and SwAV take their official layer-wise optimiser (LARS, SwAV LARC), DINO LARC too (its
+    official ResNet recipe is plain SGD), and the ones measured to gain from it a small random
+    rotation and shear (handwriting's slant), in place of the crops digits cannot take."""
+    base: dict[str, Any] = {"image_size": 16, "batch_size": 32, "epochs": 10, "lr": 0.1, "min_scale": 0.8,
+                            "hflip": False}
+    return {**base, **changes}
+
+
+# Colour jitter, grayscale and blur lists of the official code, for 224 px crops.
+_SIMCLR_VIEW = View(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, interpolation="bicubic")
+_MOCO_VIEW = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+_BYOL_1 = View(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic")
+_BYOL_2 = _BYOL_1.with_(blur_p=0.1, solarize_p=0.2)
+
+
+# ---------------------------------------------------------------- segmentation methods (featviz.train.segmentation)
+register(MethodSpec(
+    "supervised_seg", "featviz.train.segmentation:SegTask", kind="segmentation",
+    official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
+                   source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
+    optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
+    source="dvlab-research/Context-Aware-Consistency (labelled branch only)",
+))
+register(MethodSpec(
+    "cac", "featviz.train.segmentation:SegTask", kind="segmentation",
+    official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
+                   source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
+    optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
+    source="dvlab-research/Context-Aware-Consistency models/model.py, dataloaders/voc.py",
+))
+
+
+def arch_family(backbone: nn.Module) -> str:
+    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
+    from the model description (``featviz.models.description.describe``); a module featviz did not build
+    counts as a ViT when it has a ``patch_embed``, else as a ResNet."""
+    from featviz.models.description import describe
+
+    arch = describe(backbone).arch
+    if arch is not None:
+        return arch.family
+    return "vit" if hasattr(backbone, "patch_embed") else "resnet"
+
+
+def analysis_view(method: str | None) -> View:
+    """The view analysis draws for a model trained with ``method`` (its recipe's first global
+    view), or ``augment.ANALYSIS_VIEW`` when the method is unknown or has no recipe."""
+    from featviz.data.augment import ANALYSIS_VIEW
+
+    spec = METHODS._items.get(method) if method else None
+    return spec.recipe.globals_[0] if spec is not None and spec.recipe is not None else ANALYSIS_VIEW
+
+
+def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
+    """Instantiate a registered SSL method around ``backbone`` with its official defaults.
+
+    ``kwargs`` override the registration's ``hparams`` (e.g. ``queue_size``, ``tau``); an
+    unknown name raises ``UnknownNameError`` listing the method's hyperparameters.
+    """
+    import inspect
+
+    from featviz.errors import UnknownNameError
+
+    spec = METHODS.get(name).for_family(arch_family(backbone))
+    zero_init = bool(kwargs.pop("zero_init_residual", spec.zero_init_residual))
+    if spec.kind != "ssl":
+        raise UnknownNameError(f"{name!r} is a segmentation method; it has no SSLMethod to build")
+    cls = spec.model_class()
+    sig = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in sig if p not in ("self", "backbone")]
+    bad = [k for k in kwargs if k not in allowed]
+    if bad:
+        raise UnknownNameError(f"{name} has no hyperparameter {bad[0]!r}; expected one of: "
+                               f"{', '.join([*allowed, 'zero_init_residual'])}")
+    for k, v in kwargs.items():  # values from the command line: check their type against the default
+        default = spec.hparams.get(k, sig[k].default)
+        if default is inspect.Parameter.empty or default is None or v is None:
+            continue
+        ok = isinstance(v, bool) if isinstance(default, bool) else \
+            (isinstance(v, (int, float)) and not isinstance(v, bool)) if isinstance(default, (int, float)) else True
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and not v.is_integer():
+            ok = False
+        if not ok:
+            from featviz.errors import DataError
+
+            raise DataError(f"{name} hyperparameter {k}={v!r}: expected {type(default).__name__} (default {default!r})")
+        if isinstance(default, int) and not isinstance(default, bool):
+            kwargs[k] = int(v)
+    hp = {**spec.hparams, **kwargs}
+    if zero_init:
+        zero_init_residual(backbone)
+    method = cls(backbone, **hp)
+    method.hparams = {**{k: sig[k].default for k in allowed}, **hp, "zero_init_residual": zero_init}
+    return method
