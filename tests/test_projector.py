@@ -12,8 +12,8 @@ from PIL import Image
 
 from featviz.data import thumbnails
 from featviz.errors import OutputExistsError
+from featviz.eval import projector
 from featviz.io.artifacts import Embeddings
-from featviz.maps import projector
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

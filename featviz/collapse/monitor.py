@@ -83,7 +83,7 @@ class CollapseMonitor:
         writer: also send every numeric value of a line to this TensorBoard ``SummaryWriter``
             (``add_scalar("collapse/<key>", value, step)``, e.g. ``collapse/rankme``); featviz
             flushes it on ``close`` but leaves closing it to you. Any object with ``add_scalar``
-            works; ``featviz.maps.projector.summary_writer(dir)`` makes one.
+            works; ``featviz.eval.projector.summary_writer(dir)`` makes one.
         **report_kwargs: passed to ``collapse_report`` (e.g. ``uniformity_exact_max``).
     """
 

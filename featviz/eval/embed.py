@@ -448,7 +448,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
     ``out`` (when given). Outputs are checked before any work, and written atomically. With
-    ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.maps.projector``).
+    ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.eval.projector``).
 
     Raises:
         DataError: no usable images/pixels, NaN features (unless ``drop_nonfinite``), bad masks.
@@ -462,7 +462,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
         check_save(out, force=force)  # the .npz and its manifest, writable, before any work
     if tensorboard is not None:
-        from featviz.maps.projector import require_tensorboard
+        from featviz.eval.projector import require_tensorboard
 
         require_tensorboard()
         check_output(tensorboard, force=force, folder=True)
@@ -496,7 +496,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         if out is not None:
             emb.save(out, force=force)
         if tensorboard is not None:
-            from featviz.maps.projector import write_projector
+            from featviz.eval.projector import write_projector
 
             write_projector(emb, tensorboard, npz_path=out, force=force)
         return emb
