@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -42,6 +43,14 @@ _SIZE_RE = re.compile(r"\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*")
 
 class NoSpatialMapError(FeatvizError):
     """A layer's output cannot be arranged as an (N, C, H, W) map."""
+
+
+# ------------------------------------------------------------------ names
+def arch_name(model: nn.Module) -> str:
+    """The model's architecture name for titles and summaries (``describe(model).name``), or its class
+    name for a foreign module featviz did not build (``VisionTransformer``)."""
+    desc = describe(model)
+    return desc.arch.name if desc.arch is not None else type(model).__name__
 
 
 # ------------------------------------------------------------------ sizes
@@ -145,12 +154,65 @@ def input_size(model: nn.Module, size: int | str | Sequence[int] | None = None) 
 
 
 # ------------------------------------------------------------------ tokens -> maps
-class TokenLayout(NamedTuple):
-    """How a ViT lays out its tokens for one input size."""
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of a ViT input sit: the prefix tokens first, then the patch grid row-major.
 
-    grid: tuple[int, int]  # patch rows, patch columns
-    prefix: int  # class + register + distillation tokens before the patches
+    Attributes:
+        grid: Patch rows and columns.
+        prefix: Class + register + distillation tokens before the patches.
+        patch: The patch size (H, W) in pixels.
+        class_tokens: How many of the prefix tokens are class tokens.
+        register_tokens: How many are register tokens (the rest are distillation or other tokens).
+            The split of ``prefix`` describes it and takes no part in equality.
+    """
+
+    grid: tuple[int, int]
+    prefix: int
     patch: tuple[int, int]
+    class_tokens: int = field(default=1, compare=False)
+    register_tokens: int = field(default=0, compare=False)
+
+    @property
+    def other_prefix(self) -> int:
+        """Distillation and other prefix tokens: neither class nor register tokens."""
+        return self.prefix - self.class_tokens - self.register_tokens
+
+    def describe(self) -> str:
+        """The prefix tokens in words: ``1 class + 4 register prefix tokens``."""
+        parts = [f"{self.class_tokens} class"]
+        if self.register_tokens:
+            parts.append(f"{self.register_tokens} register")
+        if self.other_prefix:
+            parts.append(f"{self.other_prefix} other (distillation)")
+        return " + ".join(parts) + " prefix token" + ("s" if self.prefix != 1 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The grid and the prefix tokens by kind, as manifests and summaries record them."""
+        return {
+            "grid": list(self.grid),
+            "class": self.class_tokens,
+            "register": self.register_tokens,
+            "other": self.other_prefix,
+            "excluded_from_maps": self.prefix,
+        }
+
+
+def _class_tokens(model: nn.Module) -> int:
+    """1 when the model has a class token (timm ``cls_token``, torchvision ``class_token``), else 0."""
+    return int(any(isinstance(getattr(model, a, None), torch.Tensor) for a in ("cls_token", "class_token")))
+
+
+def _register_tokens(model: nn.Module) -> int:
+    """Register tokens (timm ``num_reg_tokens``, or the ``reg_token``/``register_tokens`` parameter)."""
+    if hasattr(model, "num_reg_tokens"):
+        return int(model.num_reg_tokens or 0)
+    reg = getattr(model, "reg_token", None)
+    if reg is None:
+        reg = getattr(model, "register_tokens", None)
+    if isinstance(reg, torch.Tensor):
+        return int(reg.shape[1] if reg.ndim == 3 else reg.shape[0])
+    return 0
 
 
 def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout | None:
@@ -168,7 +230,7 @@ def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout | N
         gh, gw = pe.dynamic_feat_size(hw)
     else:
         gh, gw = hw[0] // patch[0], hw[1] // patch[1]
-    return TokenLayout((int(gh), int(gw)), prefix_tokens(model), patch)
+    return TokenLayout((int(gh), int(gw)), prefix_tokens(model), patch, _class_tokens(model), _register_tokens(model))
 
 
 def _tokens_to_map(t: torch.Tensor, layout: TokenLayout, what: str) -> torch.Tensor:

@@ -45,6 +45,8 @@ from torch import nn
 
 from featviz.errors import ArchitectureError, DataError
 from featviz.io.progress import Progress
+from featviz.models import features
+from featviz.models.features import TokenLayout, arch_name
 
 log = logging.getLogger(__name__)
 
@@ -52,37 +54,6 @@ HEAD_FUSIONS = ("mean", "max", "min")
 
 
 # ------------------------------------------------------------------ the model's tokens
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the tokens of a ViT input sit: prefix tokens first, then the patch grid row-major."""
-
-    grid: tuple[int, int]
-    class_tokens: int
-    register_tokens: int
-    other_prefix: int  # distillation and other prefix tokens
-
-    @property
-    def prefix(self) -> int:
-        return self.class_tokens + self.register_tokens + self.other_prefix
-
-    def describe(self) -> str:
-        parts = [f"{self.class_tokens} class"]
-        if self.register_tokens:
-            parts.append(f"{self.register_tokens} register")
-        if self.other_prefix:
-            parts.append(f"{self.other_prefix} other (distillation)")
-        return " + ".join(parts) + " prefix token" + ("s" if self.prefix != 1 else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "grid": list(self.grid),
-            "class": self.class_tokens,
-            "register": self.register_tokens,
-            "other": self.other_prefix,
-            "excluded_from_maps": self.prefix,
-        }
-
-
 def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The transformer blocks of a timm-style ViT.
 
@@ -91,7 +62,7 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None or getattr(model, "patch_embed", None) is None or not len(blocks):
-        name = _arch_name(model)
+        name = arch_name(model)
         raise ArchitectureError(
             f"featviz attention needs a ViT with a class token; {name} has no transformer "
             "blocks (a CNN?): use `featviz cam` for its class-activation maps, or "
@@ -102,23 +73,21 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
 
 def token_layout(model: nn.Module, hw: tuple[int, int]) -> TokenLayout:
     """The prefix tokens and the patch grid of ``model`` for an ``hw`` input (the feature core's
-    ``token_layout``, with its prefix split into class, register and other tokens).
+    ``token_layout``), once the model is known to be a ViT with a class token.
 
     Raises:
         ArchitectureError: not a ViT, or a ViT without a class token.
         DataError: ``hw`` is not a size this ViT takes.
     """
-    from featviz.models import features
-
     vit_blocks(model)
     if getattr(model, "cls_token", None) is None:
         raise ArchitectureError(
             "this ViT has no class token (I-JEPA-style average pooling), so it has no class-token "
             "attention to show; use `featviz cam` or `featviz pca`"
         )
-    core = features.token_layout(model, hw)
-    reg = int(getattr(model, "num_reg_tokens", 0) or 0)
-    return TokenLayout(core.grid, 1, reg, core.prefix - 1 - reg)
+    layout = features.token_layout(model, hw)
+    assert layout is not None  # a model with patch_embed has patches
+    return layout
 
 
 def _resolve_layer(blocks: Sequence[nn.Module], layer: int | None) -> int:
@@ -395,7 +364,7 @@ def run_attention(
     )
     heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
     mean_t, std_t = torch.tensor(mean_c).view(3, 1, 1), torch.tensor(std_c).view(3, 1, 1)
-    arch = _arch_name(model)
+    arch = arch_name(model)
     with atomic_dir(out_dir, force=force, command="attention") as tmp:
         (tmp / "overlays").mkdir()
         start = 0
@@ -586,10 +555,3 @@ def contact_sheet(
         title=title,
         contours=contours,
     )
-
-
-def _arch_name(model: nn.Module) -> str:
-    from featviz.models.description import describe
-
-    name = describe(model).name
-    return type(model).__name__ if name == "unknown" else name

@@ -194,7 +194,7 @@ def run_crops(
     from featviz.data.images import load_image, normalization_of
     from featviz.distributed import resolve_device
     from featviz.io.outputs import atomic_dir, check_writable, manifest, write_json
-    from featviz.models.features import input_size, resolve_layer
+    from featviz.models.features import arch_name, input_size, resolve_layer
     from featviz.views.runner import image_ids
 
     out_dir = Path(out_dir)
@@ -270,7 +270,7 @@ def run_crops(
 
     n_masks = sum(m is not None for m in mask_list)
     summary: dict[str, Any] = {
-        "images": len(files), "masks": n_masks, "arch": _arch(model, description), "layer": layer_name,
+        "images": len(files), "masks": n_masks, "arch": arch_name(model), "layer": layer_name,
         "heatmap_size": list(hw), "threshold": threshold, "alpha": alpha, "scale": list(scale),
         "ratio": list(ratio), "pairs": pairs, "samples": samples, "seed": seed,
         "mean_box_area": float(area_a.mean()), "whole_image_share": float(whole_a.mean()),
@@ -313,15 +313,6 @@ def run_crops(
                                                    summary=summary, per_image=per_image))
     summary["per_image"] = per_image
     return summary
-
-
-def _arch(model: Any, description: dict[str, Any] | None) -> str:
-    if description and isinstance(description.get("arch"), dict) and description["arch"].get("name"):
-        return str(description["arch"]["name"])
-    from featviz.models.description import describe
-
-    name = describe(model).name
-    return type(model).__name__ if name == "unknown" else name
 
 
 # ---------------------------------------------------------------- the sheet

@@ -230,8 +230,7 @@ def run_pca(
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
     from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
-    from featviz.models.features import input_size
-    from featviz.views.attention import _arch_name
+    from featviz.models.features import arch_name, input_size
     from featviz.views.runner import image_ids, safe_stem
 
     out_dir = Path(out_dir)
@@ -255,7 +254,7 @@ def run_pca(
     res = patch_pca(
         maps, components=components, foreground=foreground, threshold=threshold, seed=seed
     )
-    arch = _arch_name(model)
+    arch = arch_name(model)
     share = res.foreground_share
     warnings = []
     if foreground == "auto" and (share.mean() > 0.9 or share.mean() < 0.05):

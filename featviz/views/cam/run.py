@@ -16,7 +16,7 @@ from torch import nn
 from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.models.description import describe
-from featviz.models.features import parse_image_size
+from featviz.models.features import arch_name, parse_image_size
 from featviz.views.cam.layers import ModelInfo, _layer_shapes, probe_model
 from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, faithfulness
@@ -310,7 +310,7 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
     warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
     contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
     write_json(tmp / "manifest.json", manifest(
-        "cam", arguments or {}, model={"arch": _arch_name(s.model), "kind": s.info.kind,
+        "cam", arguments or {}, model={"arch": arch_name(s.model), "kind": s.info.kind,
                                       "output_shape": s.info.out_shape, "output_selected": s.info.selected,
                                       "description": desc.to_dict()},
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
@@ -329,13 +329,8 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
     return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
 
 
-def _arch_name(model: nn.Module) -> str:
-    desc = describe(model)
-    return desc.name if desc.arch is not None else type(model).__name__
-
-
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
-    arch = _arch_name(model) + (f" ({weights})" if weights else "")
+    arch = arch_name(model) + (f" ({weights})" if weights else "")
     return f"{arch} · layer {', '.join(run.layers)} · target {run.target}"
 
 
