@@ -341,7 +341,7 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
     from matplotlib.patches import Rectangle
 
     from featviz.data.images import load_image
-    from featviz.views.sheets import upsample
+    from featviz.views.sheets import heat_overlay
 
     rows = len(files)
     imgs = [load_image(f) for f in files]
@@ -356,8 +356,7 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
         rgb = np.asarray(img, np.float32) / 255
         h, w = rgb.shape[:2]
         bpx = box_pixels(boxes[r], (h, w), grid)
-        hm = colormaps["inferno"](upsample(heat[r].astype(np.float32), (h, w)))[..., :3]
-        panels = [np.clip(0.45 * rgb + 0.55 * hm, 0, 1), rgb, rgb]
+        panels = [heat_overlay(rgb, heat[r].astype(np.float32), alpha=0.55, scale="clip"), rgb, rgb]
         for c in range(5):
             ax = axes[r, c]
             ax.set_xticks([])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -38,10 +39,31 @@ def heat(m: np.ndarray, cmap: str = "inferno") -> np.ndarray:
 
 
 def heat_overlay(
-    rgb: np.ndarray, m: np.ndarray, *, alpha: float = 0.6, cmap: str = "inferno"
+    rgb: np.ndarray,
+    m: np.ndarray,
+    *,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+    scale: Literal["minmax", "clip"] = "minmax",
 ) -> np.ndarray:
-    """Blend a patch map (upsampled to the image) onto an RGB image in [0, 1]."""
-    return np.clip((1 - alpha) * rgb + alpha * heat(upsample(m, rgb.shape[:2]), cmap), 0, 1)
+    """Blend a map onto an RGB image in [0, 1]: the one overlay of every view.
+
+    Args:
+        rgb: (H, W, 3) float image in [0, 1].
+        m: (h, w) map, upsampled to the image (nearest: each patch stays a square).
+        alpha: The map's weight in the blend.
+        cmap: A matplotlib colormap name.
+        scale: ``minmax``: the map is min-max scaled first (attention, PCA); ``clip``: it is in
+            [0, 1] already (a CAM map, a ContrastiveCrop heatmap) and only clipped.
+
+    Returns:
+        (H, W, 3) float image in [0, 1]; ``to_uint8`` makes it 8-bit.
+    """
+    from matplotlib import colormaps
+
+    up = upsample(m, rgb.shape[:2])
+    values = normalize01(up) if scale == "minmax" else np.clip(up, 0, 1)
+    return np.clip((1 - alpha) * rgb + alpha * colormaps[cmap](values)[..., :3], 0, 1)
 
 
 def mask_overlay(
@@ -54,6 +76,7 @@ def mask_overlay(
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
+    """A float [0, 1] image as uint8 (rounded)."""
     return np.uint8(np.clip(img, 0, 1) * 255 + 0.5)
 
 

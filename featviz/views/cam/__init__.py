@@ -46,7 +46,7 @@ from featviz.views.cam.methods import (
     release_cam,
 )
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, ROAD_PERCENTILES, faithfulness
-from featviz.views.cam.render import CamRun, contact_sheet, overlay, overlay_png
+from featviz.views.cam.render import CAM_OVERLAY, CamRun, contact_sheet, overlay_png
 from featviz.views.cam.run import image_ids, run_cam
 from featviz.views.cam.targets import (
     TARGET_KINDS,
@@ -66,10 +66,11 @@ from featviz.views.cam.targets import (
 )
 
 __all__ = [
-    "CAM_METHODS", "METRIC_DEFINITIONS", "NOISE_RATIO", "NOT_CAM_METHODS", "ROAD_PERCENTILES", "TARGET_KINDS",
+    "CAM_METHODS", "CAM_OVERLAY", "METRIC_DEFINITIONS", "NOISE_RATIO",
+    "NOT_CAM_METHODS", "ROAD_PERCENTILES", "TARGET_KINDS",
     "CamRun", "CamTarget", "ClassTarget", "CosineTarget", "GradientError", "MapStats", "MethodSpec", "ModelInfo",
     "OutputSelector", "SegTarget", "SelfTarget", "TargetContext", "TargetSpec", "augment_views",
     "bind_targets", "check_target", "contact_sheet", "default_target", "explain", "faithfulness",
-    "image_ids", "make_cam", "make_targets", "not_applicable", "overlay",
+    "image_ids", "make_cam", "make_targets", "not_applicable",
     "overlay_png", "parse_methods", "parse_target", "probe_model", "release_cam", "run_cam",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from featviz.views.cam.methods import MapStats
+from featviz.views.sheets import heat_overlay, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,14 @@ class CamRun:
 
 
 
-def overlay(rgb: np.ndarray, cam: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] map onto an RGB image in [0, 1]; returns uint8 (H, W, 3)."""
-    import matplotlib
-
-    heat = matplotlib.colormaps[cmap](np.clip(cam, 0, 1))[..., :3]
-    return np.uint8(np.clip((1 - alpha) * rgb + alpha * heat, 0, 1) * 255 + 0.5)
+CAM_OVERLAY = {"alpha": 0.5, "cmap": "jet", "scale": "clip"}
+"""How cam draws a map on its image (``featviz.views.sheets.heat_overlay``): maps are in [0, 1]
+already (pytorch-grad-cam scales them), ``jet``, half and half."""
 
 
 def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path, *, min_side: int = 224) -> None:
-    """Write ``overlay(rgb, cam)`` as a PNG, enlarged to at least ``min_side`` px (32-px inputs)."""
+    """Write the overlay of ``cam`` on ``rgb`` (``CAM_OVERLAY``) as a PNG, enlarged to at least ``min_side`` px
+    (32-px inputs)."""
     from PIL import Image
 
     h, w = cam.shape
@@ -55,7 +54,7 @@ def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path, *, min_side: int =
         size = (w * k, h * k)
         rgb = np.asarray(Image.fromarray(np.uint8(rgb * 255 + 0.5)).resize(size, Image.BICUBIC)) / 255.0
         cam = np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize(size, Image.BILINEAR))
-    Image.fromarray(overlay(rgb, cam)).save(path)
+    Image.fromarray(to_uint8(heat_overlay(rgb, cam, **CAM_OVERLAY))).save(path)
 
 
 SHEET_MIN_SIDE = 160
@@ -104,8 +103,8 @@ def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: s
                 ax.imshow(images[r], aspect="auto", interpolation="bicubic" if k > 1 else "nearest")
                 continue
             m = run.methods[c - 1]
-            ax.imshow(overlay(images[r], run.maps[m][r]), aspect="auto", interpolation="bilinear" if k > 1 else
-                      "nearest")
+            ax.imshow(to_uint8(heat_overlay(images[r], run.maps[m][r], **CAM_OVERLAY)), aspect="auto",
+                      interpolation="bilinear" if k > 1 else "nearest")
             st = run.stats[m][r]
             if st.status in ("blank", "noise", "nan"):
                 ax.text(0.03, 0.05, st.status, transform=ax.transAxes, fontsize=9, color="white",
