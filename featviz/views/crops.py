@@ -193,12 +193,12 @@ def run_crops(
     )
     from featviz.data.images import load_image, normalization_of
     from featviz.distributed import resolve_device
-    from featviz.io.outputs import atomic_dir, check_writable, manifest, write_json
+    from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.models.features import arch_name, input_size, resolve_layer
     from featviz.views.runner import image_ids
 
     out_dir = Path(out_dir)
-    check_writable(out_dir, force=force)
+    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
     if not 0 <= threshold < 1:
         raise DataError(f"--threshold {threshold}: expected a value in [0, 1) (the paper: 0.05-0.20)")
     if pairs < 1 or samples < pairs:
@@ -294,7 +294,7 @@ def run_crops(
         log.warning(warnings[-1])
     summary["warnings"] = warnings
 
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force, command="crops") as tmp:
         npz = {"ids": np.array(ids), "boxes": boxes, "box_area": area_a, "whole_image_box": whole_a,
                "heatmaps": heat_a.astype(np.float16), "heatmap_size": np.array(hw)}
         for k, v in arrays.items():
