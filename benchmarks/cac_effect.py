@@ -51,7 +51,7 @@ def measure(args) -> dict:
     from featviz.errors import DataError
     from featviz.eval.embed import read_mask
     from featviz.maps import cac_figure as figure
-    from featviz.train.segmentation import VOCFolder
+    from featviz.train.segmentation.dataset import VOCFolder
 
     torch.set_num_threads(args.threads)
     voc = VOCFolder(args.data)

@@ -133,7 +133,7 @@ def test_rows_with_different_strides_share_pixels(tmp_path):
 # ---------------------------------------------------------------- which features
 def _tiny_segmenter(projector: bool):
     from featviz.models.architectures import build_backbone
-    from featviz.train.segmentation import Segmenter, head_spec
+    from featviz.models.segmenter import Segmenter, head_spec
 
     bb = build_backbone("resnet18_w16-os8", seed=0)
     spec = head_spec(bb, 3, 64)

@@ -12,16 +12,12 @@ import torch
 import torch.nn.functional as F
 from cac_reference import CAC, UnsupLoss, randomise, rng_for
 
+from featviz.data.images import IMAGENET_MEAN, IMAGENET_STD
 from featviz.errors import CheckpointError
 from featviz.models.description import describe
-from featviz.train import segmentation as seg_lib
-from featviz.train.segmentation import (
-    CACSettings,
-    cac_unsupervised_loss,
-    directional_contrast,
-    load_segmenter,
-    segmenter_layout,
-)
+from featviz.models.segmenter import describe_segmenter, load_segmenter, segmenter_layout
+from featviz.train.segmentation.cac import CACSettings, cac_unsupervised_loss, directional_contrast
+from featviz.train.segmentation.task import SegTask
 
 
 def _save_cac(path, model: torch.nn.Module, *, ddp: bool = True, config: dict | None = None) -> None:
@@ -194,7 +190,7 @@ def _tiny_task(sample_dir, **over):
                       batch_size=2, image_size=40, selected_num=30, pos_thresh=0.3, seed=3)
     for k, v in over.items():
         object.__setattr__(cfg, k, v)
-    task = seg_lib.SegTask(cfg, DistInfo())
+    task = SegTask(cfg, DistInfo())
     for m in task.model.modules():  # the reference must draw the same dropout masks: switch them off
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -284,7 +280,7 @@ def test_labelled_branch_is_cac_crop_and_flip_only(sample_dir):
     want = crops.labelled_crop(task.voc.image(task.dataset.labelled[0]), task.voc.mask(task.dataset.labelled[0]),
                                rng, base_size=task.base_size, crop_size=40)
     np.testing.assert_array_equal(item["mask"].numpy(), want.mask)
-    back = item["image"].numpy().transpose(1, 2, 0) * np.array(seg_lib.IMAGENET_STD) + np.array(seg_lib.IMAGENET_MEAN)
+    back = item["image"].numpy().transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     np.testing.assert_allclose(back * 255, want.image, atol=1e-3)
 
 
@@ -358,7 +354,7 @@ def test_ddp_negatives_are_gathered_from_every_rank_without_gradient(tmp_path):
 
 
 def test_describe_segmenter_for_inspect(cac_r50):
-    d = seg_lib.describe_segmenter(load_segmenter(cac_r50[0]))
+    d = describe_segmenter(load_segmenter(cac_r50[0]))
     assert d["layout"] == "cac" and d["arch"] == "resnet50-os16" and d["output_stride"] == 16
     assert (d["decoder_dim"], d["projector_dim"], d["feature_stride"], d["num_classes"]) == (256, 128, 8, 21)
     assert d["aspp_rates"] == [6, 12, 18] and d["trained_crop"] == {"crop_size": 320, "base_size": 400}

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from featviz.models.architectures import build_backbone
+from featviz.models.segmenter import load_segmenter
 from featviz.train import methods
 from featviz.train.config import TrainConfig
 from featviz.train.loop import TrainingDivergedError, train
-from featviz.train.segmentation import directional_contrast, load_segmenter
+from featviz.train.segmentation.cac import directional_contrast
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(arch="resnet18_w16-cifar", image_size=16, batch_size=16, limit=40, log_every=1, seed=0)
@@ -307,7 +308,7 @@ def test_cli_cac_step_save_and_epoch_start_unsup_reach_the_trainer(cli, tmp_path
     """--step-save / --epoch-start-unsup (like --temp / --weight-unsup) land in the TrainConfig and in
     the settings SegTask reads; without them CAC's defaults (1, 5) apply."""
     import featviz.train.loop as train_lib
-    from featviz.train.segmentation import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
+    from featviz.train.segmentation.cac import CAC_EPOCH_START_UNSUP, CAC_STEP_SAVE, CACSettings
 
     seen = []
     monkeypatch.setattr(train_lib, "train", lambda cfg, **kw: seen.append(cfg))

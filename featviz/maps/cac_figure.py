@@ -398,7 +398,7 @@ def load_figure_models(checkpoints: Sequence[str | os.PathLike] = (), *, arch: s
     """
     from featviz.io.outputs import checkpoint_display_name
     from featviz.models.loader import load_model
-    from featviz.train.segmentation import describe_segmenter
+    from featviz.models.segmenter import describe_segmenter
 
     kw = dict(load_kwargs or {})
     rows: list[FigureModel] = []

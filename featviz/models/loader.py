@@ -33,7 +33,7 @@ def _is_segmenter_checkpoint(checkpoint: str | os.PathLike, trust: bool) -> bool
     """A whole segmenter: a featviz segmentation checkpoint (``featviz train --method
     supervised_seg|cac``, its metadata lists a ``head``) or CAC's official DeepLabv3+ file
     (``featviz.train.segmentation.segmenter_layout``: header or key names only)."""
-    from featviz.train.segmentation import segmenter_layout
+    from featviz.models.segmenter import segmenter_layout
 
     return segmenter_layout(checkpoint, trust=trust) is not None
 
@@ -67,7 +67,7 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchS
     """
     if checkpoint is not None:
         if head and format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):  # pixel logits, not the encoder
-            from featviz.train.segmentation import load_segmenter
+            from featviz.models.segmenter import load_segmenter
 
             model = load_segmenter(checkpoint, trust=trust)
         else:
@@ -99,7 +99,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | 
         CheckpointError, ArchitectureError: the file cannot be read or does not fit its layout.
     """
     if format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):
-        from featviz.train.segmentation import describe_segmenter, load_segmenter
+        from featviz.models.segmenter import describe_segmenter, load_segmenter
 
         model = load_segmenter(checkpoint, trust=trust)
         desc = describe(model)

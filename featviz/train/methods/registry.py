@@ -150,7 +150,7 @@ def ssl_names() -> list[str]:
     return [n for n, s in METHODS.items() if s.kind == "ssl"]
 
 
-# ---------------------------------------------------------------- shared by the methods: the digits preset, the papers' views
+# ---------------------------------------------------------------- shared: the digits preset, the papers' views
 def _digits(**changes: Any) -> dict[str, Any]:
     """A digits preset: what was measured to work on scikit-learn's 8x8 digits (1797 images,
     upsampled), see docs/train.md. Digits' identity survives neither a horizontal flip nor a
@@ -174,14 +174,14 @@ _BYOL_2 = _BYOL_1.with_(blur_p=0.1, solarize_p=0.2)
 
 # ---------------------------------------------------------------- segmentation methods (featviz.train.segmentation)
 register(MethodSpec(
-    "supervised_seg", "featviz.train.segmentation:SegTask", kind="segmentation",
+    "supervised_seg", "featviz.train.segmentation.task:SegTask", kind="segmentation",
     official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
                    source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
     optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
     source="dvlab-research/Context-Aware-Consistency (labelled branch only)",
 ))
 register(MethodSpec(
-    "cac", "featviz.train.segmentation:SegTask", kind="segmentation",
+    "cac", "featviz.train.segmentation.task:SegTask", kind="segmentation",
     official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
                    source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
     optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
