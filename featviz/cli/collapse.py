@@ -1,13 +1,21 @@
-"""`featviz collapse`: collapse metrics of embeddings, a checkpoint, or a live run."""
+"""`featviz collapse`: collapse metrics of embeddings, a checkpoint, or a live run.
+
+One command, three modes, each its own function: ``_measure_file`` (EMB), ``_measure_checkpoint``
+(--checkpoint/--arch with --images) and ``_watch_run`` (--watch RUN_DIR); ``_check_mode`` is the one
+place that decides the mode and refuses flags that do not apply to it. The tables are drawn by
+``featviz.cli.collapse_view``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from featviz.cli._app import _echo_json, _progress, _user_errors, app, err, out
+from featviz.cli.collapse_view import report_table, watch_table
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -158,75 +166,56 @@ def collapse(
 
     Give an embeddings file, a checkpoint (two augmented views of --images are made), or --watch a training run.
     """
-    modes = [
-        m for m, on in (("EMB", embeddings), ("--checkpoint/--arch", checkpoint or arch), ("--watch", watch_dir)) if on
-    ]
-    if len(modes) != 1:
-        raise typer.BadParameter(
-            f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})"
-        )
-    misplaced = [
-        flag
-        for flag, given, allowed in (
-            ("--positives", positives, ("EMB",)),
-            ("--pixels", pixels, ("--checkpoint/--arch",)),
-            ("--layer", layer, ("--checkpoint/--arch",)),
-            ("--images", images, ("--checkpoint/--arch", "--watch")),
-        )
-        if given and modes[0] not in allowed
-    ]
-    if misplaced:  # refuse rather than ignore a flag that would change nothing
-        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
-    if layer is not None and not pixels:
-        raise typer.BadParameter("--layer picks the dense layer of --pixels; add --pixels")
-    if modes[0] == "--checkpoint/--arch" and images is None:
-        raise typer.BadParameter("--checkpoint/--arch needs --images DIR (two augmented views are made of each)")
-    from featviz import collapse as C
-
+    mode = _check_mode(
+        embeddings=embeddings,
+        model=checkpoint or arch,
+        watch_dir=watch_dir,
+        positives=positives,
+        pixels=pixels,
+        layer=layer,
+        images=images,
+    )
     with _user_errors():
-        kwargs = dict(
+        metrics = dict(
             drop_nonfinite=drop_nonfinite,
             uniformity_exact_max=exact_max,
             uniformity_pairs=pairs,
             alpha_range=_parse_range(alpha_range),
         )
         load = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
-        if watch_dir is not None:
-            metrics_fn = None
-            if images is not None:
-                metrics_fn = C.twoview.checkpoint_metrics_fn(
-                    images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, **kwargs
-                )
+        if mode == _WATCH_MODE:
             raise typer.Exit(
-                _watch(
+                _watch_run(
                     watch_dir,
-                    out_dir,
-                    force,
-                    interval,
-                    max_wait,
-                    until_step,
-                    std_fraction,
-                    rankme_drop,
-                    fail_on_collapse,
-                    metrics_fn,
-                    as_json,
+                    images=images,
+                    load=load,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    seed=seed,
+                    device=device,
+                    metrics=metrics,
+                    out_dir=out_dir,
+                    force=force,
+                    interval=interval,
+                    max_wait=max_wait,
+                    until_step=until_step,
+                    std_fraction=std_fraction,
+                    rankme_drop=rankme_drop,
+                    fail_on_collapse=fail_on_collapse,
+                    as_json=as_json,
                 )
             )
         if out_dir is not None:
             from featviz.io.outputs import check_output
 
             check_output(out_dir, force=force, folder=True)  # fail before the (possibly long) computation
-        model = None
-        if embeddings is not None:
-            reports, source = (
-                C.file_reports(embeddings, positives, seed=seed, progress=_progress("collapse"), **kwargs),
-                str(embeddings),
-            )
+        if mode == _FILE_MODE:
+            measured = _measure_file(embeddings, positives, seed=seed, metrics=metrics)
         else:
-            measured = C.twoview.checkpoint_reports(
+            measured = _measure_checkpoint(
                 checkpoint,
                 images,
-                load_kwargs=load,
+                load=load,
                 image_size=image_size,
                 batch_size=batch_size,
                 seed=seed,
@@ -234,42 +223,45 @@ def collapse(
                 pixels_per_image=pixels_per_image,
                 layer=layer,
                 device=device,
-                progress=_progress("two views"),
-                **kwargs,
+                metrics=metrics,
             )
-            reports, source, model = measured.reports, measured.source, measured.model
-            if measured.skipped:
-                err.print(f"[yellow]skipped {len(measured.skipped)} undecodable images[/]")
         if out_dir is not None:
-            C.write_report(out_dir, reports, source, force=force, model=model)
-    flags = {name: r.flags(std_fraction) for name, r in reports.items()}
-    if as_json:
-        first = next(iter(reports))
-        _echo_json(
-            {
-                **reports[first].to_dict(),
-                "output": first,
-                "flags": flags[first],
-                "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
-                **({} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}),
-            }
-        )
-    else:
-        wide = out.width >= 140  # definitions need room; narrow terminals get a pointer instead
-        out.print(
-            C.report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {source}", definitions=wide)
-        )
-        if not wide:
-            out.print("[dim]definitions and papers: docs/metrics.md (or --json / report.json)[/]")
-        for name, r in reports.items():
-            if r.n_nonfinite:
-                err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")
-            for f in flags[name]:
-                out.print(f"[bold red]{name}:[/] {f}", highlight=False)
-        if out_dir is not None:
-            out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'spectrum.png'}", highlight=False)
+            from featviz.collapse import write_report
+
+            write_report(out_dir, measured.reports, measured.source, force=force, model=measured.model)
+    flags = _show(measured, std_fraction=std_fraction, out_dir=out_dir, as_json=as_json)
     if fail_on_collapse and any(flags.values()):
         raise typer.Exit(3)
+
+
+_FILE_MODE, _MODEL_MODE, _WATCH_MODE = "EMB", "--checkpoint/--arch", "--watch"
+
+
+def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images) -> str:
+    """The one place that decides the mode (EMB, --checkpoint/--arch or --watch) and refuses flags that
+    do not apply to it (rather than ignore a flag that would change nothing)."""
+    modes = [m for m, on in ((_FILE_MODE, embeddings), (_MODEL_MODE, model), (_WATCH_MODE, watch_dir)) if on]
+    if len(modes) != 1:
+        raise typer.BadParameter(
+            f"give exactly one of EMB, --checkpoint/--arch or --watch (got {', '.join(modes) or 'none'})"
+        )
+    misplaced = [
+        flag
+        for flag, given, allowed in (
+            ("--positives", positives, (_FILE_MODE,)),
+            ("--pixels", pixels, (_MODEL_MODE,)),
+            ("--layer", layer, (_MODEL_MODE,)),
+            ("--images", images, (_MODEL_MODE, _WATCH_MODE)),
+        )
+        if given and modes[0] not in allowed
+    ]
+    if misplaced:
+        raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    if layer is not None and not pixels:
+        raise typer.BadParameter("--layer picks the dense layer of --pixels; add --pixels")
+    if modes[0] == _MODEL_MODE and images is None:
+        raise typer.BadParameter("--checkpoint/--arch needs --images DIR (two augmented views are made of each)")
+    return modes[0]
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -282,8 +274,90 @@ def _parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _watch(
-    run_dir,
+@dataclass
+class _Measured:
+    """The reports of one run of the EMB or --checkpoint mode, what they measured, and the model."""
+
+    reports: dict[str, Any]
+    source: str
+    model: Any = None
+
+
+def _measure_file(embeddings: Path, positives: Path | None, *, seed: int, metrics: dict[str, Any]) -> _Measured:
+    """EMB mode: the metrics of an embeddings file (alignment with --positives)."""
+    from featviz.collapse import file_reports
+
+    reports = file_reports(embeddings, positives, seed=seed, progress=_progress("collapse"), **metrics)
+    return _Measured(reports, str(embeddings))
+
+
+def _measure_checkpoint(
+    checkpoint, images, *, load, image_size, batch_size, seed, pixels, pixels_per_image, layer, device, metrics
+) -> _Measured:
+    """--checkpoint/--arch mode: two augmented views of --images through the model (and its heads)."""
+    from featviz.collapse import twoview
+
+    measured = twoview.checkpoint_reports(
+        checkpoint,
+        images,
+        load_kwargs=load,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        pixels=pixels,
+        pixels_per_image=pixels_per_image,
+        layer=layer,
+        device=device,
+        progress=_progress("two views"),
+        **metrics,
+    )
+    if measured.skipped:
+        err.print(f"[yellow]skipped {len(measured.skipped)} undecodable images[/]")
+    return _Measured(measured.reports, measured.source, measured.model)
+
+
+def _show(measured: _Measured, *, std_fraction: float, out_dir: Path | None, as_json: bool) -> dict[str, list[str]]:
+    """Print the reports (a table, or --json) and the collapse flags; returns the flags per output."""
+    reports, model = measured.reports, measured.model
+    flags = {name: r.flags(std_fraction) for name, r in reports.items()}
+    if as_json:
+        first = next(iter(reports))
+        _echo_json(
+            {
+                **reports[first].to_dict(),
+                "output": first,
+                "flags": flags[first],
+                "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
+                **({} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}),
+            }
+        )
+        return flags
+    wide = out.width >= 140  # definitions need room; narrow terminals get a pointer instead
+    out.print(
+        report_table(reports, std_fraction=std_fraction, title=f"collapse metrics: {measured.source}", definitions=wide)
+    )
+    if not wide:
+        out.print("[dim]definitions and papers: docs/metrics.md (or --json / report.json)[/]")
+    for name, r in reports.items():
+        if r.n_nonfinite:
+            err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")
+        for f in flags[name]:
+            out.print(f"[bold red]{name}:[/] {f}", highlight=False)
+    if out_dir is not None:
+        out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'spectrum.png'}", highlight=False)
+    return flags
+
+
+def _watch_run(
+    run_dir: Path,
+    *,
+    images,
+    load,
+    image_size,
+    batch_size,
+    seed,
+    device,
+    metrics,
     out_dir,
     force,
     interval,
@@ -292,27 +366,37 @@ def _watch(
     std_fraction,
     rankme_drop,
     fail_on_collapse,
-    metrics_fn,
     as_json,
 ) -> int:
-    """--watch: the library follows the run; this draws the live table and prints alarms."""
+    """--watch mode: the library follows the run; this draws the live table and prints alarms.
+
+    With --images, every new checkpoint in the run folder is measured (two views of the images).
+
+    Returns:
+        The exit code: 3 when --fail-on-collapse and an alarm fired, else 0.
+    """
     from contextlib import nullcontext
 
     from rich.live import Live
 
     from featviz import collapse as C
 
+    metrics_fn = None
+    if images is not None:
+        metrics_fn = C.twoview.checkpoint_metrics_fn(
+            images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, **metrics
+        )
     watcher = C.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop)
     title = f"collapse watch: {run_dir}"
     # with --json stdout carries only the final JSON summary, so no live table
-    live_ctx = nullcontext() if as_json else Live(watcher.to_rich(title=title), console=out, refresh_per_second=4)
+    live_ctx = nullcontext() if as_json else Live(watch_table(watcher, title=title), console=out, refresh_per_second=4)
     with live_ctx as live:
 
         def on_event(kind: str, info: dict) -> None:
             if kind == "waiting":
                 err.print(f"[dim]{info['message']}…[/]", highlight=False)
             elif kind in ("records", "stopped") and live is not None:
-                live.update(watcher.to_rich(title=title))
+                live.update(watch_table(watcher, title=title))
             for a in info.get("alarms", ()):
                 err.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
 

@@ -37,7 +37,6 @@ from featviz.collapse.metrics import (
     load_matrix,
     rankme,
     rankme_from_singular_values,
-    report_table,
     singular_values,
     std_l2,
     stream_moments,
@@ -72,7 +71,7 @@ __all__ = [
     "as_array", "collapse_report", "effective_rank", "effective_rank_from_eigenvalues", "file_reports", "follow_run",
     "load_matrix",
     "plot_curves", "plot_run_comparison", "plot_spectrum", "rankme", "rankme_from_singular_values",
-    "report_table", "singular_values", "std_l2", "stream_moments", "uniformity", "uniformity_exact",
+    "singular_values", "std_l2", "stream_moments", "uniformity", "uniformity_exact",
     "uniformity_sampled", "watch", "write_report",
 ]
 

@@ -570,49 +570,6 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     )
 
 
-def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.3, title: str | None = None,
-                 definitions: bool = True):
-    """A rich Table: one row per metric, one column per output (backbone, projector, pixels …),
-    and each metric's definition when ``definitions``."""
-    from rich.table import Table
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    table = Table(title=title, box=None, header_style="bold")
-    table.add_column("metric")
-    for name in reports:
-        table.add_column(name, justify="right")
-    if definitions:
-        table.add_column("definition", style="dim", overflow="fold")
-    rows = [("n", "rows used"), ("d", "channels"), ("std_l2", DEFINITIONS["std_l2"]),
-            ("std_l2_ideal", DEFINITIONS["std_l2_ideal"]), ("collapse_level", DEFINITIONS["collapse_level"]),
-            ("rankme", DEFINITIONS["rankme"]), ("effective_rank", DEFINITIONS["effective_rank"]),
-            ("alpha_req", "power-law decay of cov(Z) eigenvalues, ranks [lo, hi), weights 1/i (Agrawal et al. 2022)"),
-            ("alpha_req_r2", "R² of that log-log fit"), ("alignment", DEFINITIONS["alignment"]),
-            ("uniformity", DEFINITIONS["uniformity"]), ("uniformity_ci95", "95 % CI when sampled (exact: -)")]
-    for key, definition in rows:
-        vals = []
-        for r in reports.values():
-            v = getattr(r, key)
-            if key == "uniformity_ci95" and v is not None:
-                v = f"[{v[0]:.4g}, {v[1]:.4g}] ({r.uniformity_pairs:,} pairs)"
-            elif key == "alpha_req" and v is not None:
-                v = f"{v:.3g} [{r.alpha_req_range[0]}, {r.alpha_req_range[1]})"
-            elif key == "std_l2":
-                style = "red" if v < std_fraction * r.std_l2_ideal else "green"
-                v = f"[{style}]{v:.4g}[/] ({100 * v / r.std_l2_ideal:.0f}% of ideal)"
-            vals.append(fmt(v))
-        table.add_row(key, *vals, *([definition] if definitions else []))
-    return table
-
-
 def file_reports(path: str | os.PathLike, positives: str | os.PathLike | None = None, *, seed: int = 0,
                  progress=None, **report_kwargs: Any) -> dict[str, CollapseReport]:
     """``{file stem: CollapseReport}`` of an embeddings file (``.npz``/``.npy``), with alignment

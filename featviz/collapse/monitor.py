@@ -301,37 +301,6 @@ class CollapseWatcher:
             return "→"
         return "↑" if b > a else "↓"
 
-    def to_rich(self, rows: int = 15, title: str | None = None):
-        """A rich Table of the last ``rows`` records with trends and alarms."""
-        from rich.table import Table
-
-        table = Table(title=title, box=None, header_style="bold")
-        cols = [("step", "step"), ("epoch", "epoch"), ("split", "on"), ("loss", "loss"),
-                ("std_l2", "std_l2 (% of 1/√d)"), ("rankme", "RankMe"), ("effective_rank", "eff. rank"),
-                ("uniformity", "uniformity"), ("alignment", "alignment"), ("knn_acc", "kNN acc")]
-        present = [(k, h) for k, h in cols if any(k in r for r in self.records)] or cols[:1]
-        for _, h in present:
-            table.add_column(h, justify="right")
-        table.add_column("status")
-        n = len(self.records)
-        for i in range(max(0, n - rows), n):
-            r = self.records[i]
-            cells = []
-            for k, _ in present:
-                v = r.get(k)
-                if k == "split":
-                    cells.append({"train_batch": "batch", "held_out": "held-out"}.get(v, v or ""))
-                elif k == "std_l2" and isinstance(v, (int, float)) and r.get("std_l2_ideal"):
-                    cells.append(f"{v:.4f} ({100 * v / r['std_l2_ideal']:.0f}%) {self.trend(k, i)}")
-                elif isinstance(v, float):
-                    arrow = self.trend(k, i) if k in ("rankme", "effective_rank", "loss") else ""
-                    cells.append(f"{v:.4g} {arrow}".strip())
-                else:
-                    cells.append("" if v is None else str(v))
-            status = ", ".join(r.get("_alarms", [])) or "ok"
-            table.add_row(*cells, f"[red]{status}[/]" if status != "ok" else "[green]ok[/]")
-        return table
-
 
 @dataclass
 class WatchResult:
