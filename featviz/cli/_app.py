@@ -232,6 +232,22 @@ def _usage(message: str) -> typer.BadParameter:
     return typer.BadParameter(message)
 
 
+def split_names(names: str | None, n: int, default: list[str]) -> list[str]:
+    """``--names`` / ``--row-names``: one name per panel or row, comma-separated; ``default`` when not given.
+
+    Raises:
+        typer.BadParameter: not exactly ``n`` names.
+    """
+    if not names:
+        return default
+    parts = [p.strip() for p in names.split(",")]
+    if len(parts) != n:
+        raise _usage(
+            f"--names/--row-names has {len(parts)} names for {n} panels/rows; give one per panel, comma-separated"
+        )
+    return parts
+
+
 def _checkpoint_name(path: Path) -> str:
     """A checkpoint's display name (``featviz.io.outputs.checkpoint_display_name``)."""
     from featviz.io.outputs import checkpoint_display_name

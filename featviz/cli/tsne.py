@@ -1,9 +1,9 @@
-"""`featviz tsne`: 2-D maps of embeddings, and CAC's Figure 3."""
+"""`featviz tsne`: 2-D maps of embeddings, and CAC's Figure 3 (``--figure cac``: ``featviz.cli.figure``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -14,9 +14,10 @@ from featviz.cli._app import (
     _usage,
     _user_errors,
     app,
-    out,
+    split_names,
 )
 from featviz.cli.choices import FigureName, MapMethod
+from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -40,17 +41,6 @@ from featviz.cli.options import (
     WorkersOpt,
     _embed_kwargs,
 )
-
-
-def _split_names(names: str | None, n: int, default: list[str]) -> list[str]:
-    if not names:
-        return default
-    parts = [p.strip() for p in names.split(",")]
-    if len(parts) != n:
-        raise _usage(
-            f"--names/--row-names has {len(parts)} names for {n} panels/rows; give one per panel, comma-separated"
-        )
-    return parts
 
 
 @app.command()
@@ -172,39 +162,28 @@ def tsne(
     load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
     with _user_errors():
         if figure == "cac":
-            if features is not None and layer is not None and features != layer:
-                raise _usage(f"--features {features} and --layer {layer} disagree; give --features only")
-            report = _tsne_figure(
+            cac_figure(
                 checkpoints or [],
-                arch,
-                image,
-                mask,
-                out_path,
-                iou_bound,
-                crop_size,
-                base_size,
-                max_pixels,
-                row_names,
-                model_seeds,
-                features or layer,
-                seed,
-                perplexity,
-                iterations,
-                device,
-                force,
-                load_kwargs,
-                html,
+                arch=arch,
+                image=image,
+                mask=mask,
+                out_path=out_path,
+                iou_bound=iou_bound,
+                crop_size=crop_size,
+                base_size=base_size,
+                max_pixels=max_pixels,
+                row_names=row_names,
+                model_seeds=model_seeds,
+                features=features,
+                layer=layer,
+                seed=seed,
+                perplexity=perplexity,
+                iterations=iterations,
+                device=device,
+                force=force,
+                load_kwargs=load_kwargs,
+                html=html,
             )
-            for row in report["rows"]:
-                m = row["metrics"]
-                out.print(
-                    f"[bold]{row['name']}[/]: cos(I,II) {m['cosine_same_pixel']['I_vs_II']:.3f}  "
-                    f"cos(I,III) {m['cosine_same_pixel']['I_vs_III']:.3f}  kNN agreement II→I "
-                    f"{m['knn_class_agreement']['II_to_I']:.3f}  III→I {m['knn_class_agreement']['III_to_I']:.3f}  "
-                    f"({row['features']} features, {row['feature_dim']}-d, stride {row['feature_stride']})",
-                    highlight=False,
-                )
-            typer.echo(f"{out_path}\n{out_path.with_suffix('.json')}" + (f"\n{html}" if html is not None else ""))
             return
         from featviz.maps import projection as tsne_lib
 
@@ -234,7 +213,7 @@ def tsne(
         if files:
             tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)
             summary = tsne_lib.run_map(
-                out_path, files=files, names=_split_names(names, len(files), [f.stem for f in files]), **run
+                out_path, files=files, names=split_names(names, len(files), [f.stem for f in files]), **run
             )
         else:
             from featviz.eval import embed as embed_lib
@@ -264,62 +243,9 @@ def tsne(
                 ),
             )
             default = _checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"
-            summary = tsne_lib.run_map(out_path, embeddings=[emb], names=_split_names(names, 1, [default]), **run)
+            summary = tsne_lib.run_map(out_path, embeddings=[emb], names=split_names(names, 1, [default]), **run)
     if json_out:
         _echo_json(summary)
         return
     for path in summary["outputs"].values():
         typer.echo(path)
-
-
-def _tsne_figure(
-    checkpoints,
-    arch,
-    image,
-    mask,
-    out_path,
-    iou_bound,
-    crop_size,
-    base_size,
-    max_pixels,
-    row_names,
-    model_seeds,
-    features,
-    seed,
-    perplexity,
-    iterations,
-    device,
-    force,
-    load_kwargs,
-    html=None,
-) -> dict[str, Any]:
-    from featviz.maps import cac_figure as figure_lib
-
-    if image is None or mask is None:
-        raise _usage("--figure cac needs --image IMG and --mask MASK")
-    if not checkpoints and not arch:
-        raise _usage("--figure cac needs --checkpoint (repeat it for more rows), or --arch for random-init rows")
-    n_rows = len(checkpoints) if checkpoints else len(model_seeds or [0])
-    names = _split_names(row_names, n_rows, []) if row_names else None
-    figure_rows = figure_lib.load_figure_models(checkpoints or (), arch=arch, seeds=model_seeds or (0,), names=names,
-                                                load_kwargs=load_kwargs)
-    from featviz.distributed import resolve_device
-
-    return figure_lib.cac_figure(
-        figure_rows,
-        image,
-        mask,
-        out_path,
-        iou_bound=iou_bound,
-        crop_size=crop_size,
-        base_size=base_size,
-        features=features,
-        max_pixels=max_pixels,
-        seed=seed,
-        perplexity=perplexity,
-        n_iter=iterations,
-        device=resolve_device(device),
-        force=force,
-        progress=_progress("CAC figure rows"),
-        html=html,
-    )
