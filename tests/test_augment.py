@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from featviz.data import augment
-from featviz.train.methods import METHODS, analysis_view
+from featviz.train.methods import SSL_METHODS, analysis_view
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -27,7 +27,7 @@ def _seeded(fn, seed=0):
 
 
 def test_view_steps_follow_the_papers_lists():
-    byol1, byol2 = METHODS.get("byol").recipe.globals_
+    byol1, byol2 = SSL_METHODS.get("byol").recipe.globals_
     steps = v2.Compose(byol2.photometric(224)).transforms
     kinds = [type(s.transforms[0]).__name__ if isinstance(s, v2.RandomApply) else type(s).__name__ for s in steps]
     assert kinds == ["ColorJitter", "RandomGrayscale", "GaussianBlur", "RandomSolarize"]
@@ -40,19 +40,19 @@ def test_view_steps_follow_the_papers_lists():
 
 
 def test_multiview_recipe_and_adjustments(img):
-    r = METHODS.get("swav").recipe.adjusted(min_scale=0.5, hflip=False)
+    r = SSL_METHODS.get("swav").recipe.adjusted(min_scale=0.5, hflip=False)
     assert all(g.scale == (0.5, 1.0) and g.hflip == 0.0 for g in r.globals_)
     assert r.local.scale == (0.05, 0.14) and r.local.hflip == 0.0  # local crops keep their small scale
     views = _seeded(lambda: augment.MultiView(r, 64, local_crops=3)(img))
     assert [tuple(v.shape) for v in views] == [(3, 64, 64)] * 2 + [(3, 27, 27)] * 3  # 96/224 of 64
     again = _seeded(lambda: augment.MultiView(r, 64, local_crops=3)(img))
     assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
-    dino_vit = METHODS.get("dino").for_family("vit").recipe
+    dino_vit = SSL_METHODS.get("dino").for_family("vit").recipe
     assert dino_vit.globals_[0].scale == (0.4, 1.0) and dino_vit.without_local().globals_[0].scale == (0.14, 1.0)
 
 
 def test_training_views_are_seeded_per_sample_and_epoch(img):
-    r = METHODS.get("simsiam").recipe
+    r = SSL_METHODS.get("simsiam").recipe
     mv = augment.MultiView(r, 32)
     ds = augment.ViewDataset([img, img], np.array([0, 1]), mv, seed=3)
     ds.set_epoch(2)
@@ -99,8 +99,9 @@ def test_cam_pair_target_view_comes_from_the_pipeline():
     ref = augment.augment_batch(x, MEAN, STD, seed=4, view=augment.ANALYSIS_VIEW)
     assert torch.equal(augment_views(x, MEAN, STD, seed=4), ref)
     byol = augment_views(x, MEAN, STD, seed=4, method="byol")  # a BYOL checkpoint: BYOL's first view
-    assert torch.equal(byol, augment.augment_batch(x, MEAN, STD, seed=4, view=METHODS.get("byol").recipe.globals_[0]))
-    assert analysis_view("byol") is METHODS.get("byol").recipe.globals_[0]
+    byol_view = SSL_METHODS.get("byol").recipe.globals_[0]
+    assert torch.equal(byol, augment.augment_batch(x, MEAN, STD, seed=4, view=byol_view))
+    assert analysis_view("byol") is SSL_METHODS.get("byol").recipe.globals_[0]
     assert analysis_view(None) is augment.ANALYSIS_VIEW
     assert byol.shape == x.shape and not torch.equal(byol, ref)
 

@@ -16,7 +16,8 @@ from featviz.data import augment
 from featviz.models import heads
 from featviz.models.architectures import build_backbone
 from featviz.train import methods
-from featviz.train.methods import METHODS, MethodSpec, Optim, build_method, contrastive, swav
+from featviz.train.methods import SSL_METHODS, MethodRegistration, build_method, contrastive, swav
+from featviz.train.optim import Optim
 
 ARCH = "resnet18_w16-cifar"
 
@@ -30,24 +31,22 @@ def _net(name: str, **kw) -> methods.SSLMethod:
 
 # ---------------------------------------------------------------- one registration per method
 def test_names_in_sync_with_the_registry():
+    from featviz.train.config import method_names
     from featviz.train.optim import OPTIMIZERS
 
-    assert set(get_args(MethodName)) == set(METHODS.names())
+    assert set(get_args(MethodName)) == set(method_names())
     assert set(get_args(OptimizerName)) == set(OPTIMIZERS)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", SSL_METHODS.names())
 def test_every_registered_method_has_every_part(name):
-    spec = METHODS.get(name)
-    assert isinstance(spec, MethodSpec) and spec.name == name
-    assert spec.kind in ("ssl", "segmentation")
+    spec = SSL_METHODS.get(name)
+    assert isinstance(spec, MethodRegistration) and spec.name == name
     assert isinstance(spec.official, Optim) and spec.official.source, "official optimiser with its file and line"
     assert isinstance(spec.optim, Optim) and spec.optim.source
     assert spec.source
-    cls = spec.model_class()
+    cls = spec.model
     assert callable(cls)
-    if spec.kind == "segmentation":
-        return
     assert issubclass(cls, methods.SSLMethod) and cls.name == name
     assert isinstance(spec.recipe, augment.Recipe) and len(spec.recipe.globals_) == 2 and spec.recipe.source
     assert spec.presets.get("digits"), "the measured digits preset"
@@ -67,6 +66,19 @@ def test_every_registered_method_has_every_part(name):
         rebuilt = heads.build_head(hspec)
         rebuilt.load_state_dict(getattr(m, head).state_dict())
     assert set(m.exported()) == {"backbone", *m.head_specs}
+
+
+@pytest.mark.parametrize("name", ["supervised_seg", "cac"])
+def test_every_segmentation_method_has_every_part(name):
+    """Segmentation methods have their own registry, apart from the SSL methods', with the same parts."""
+    from featviz.train.segmentation.registry import SEG_METHODS
+
+    spec = SEG_METHODS.get(name)
+    assert spec.name == name and name not in SSL_METHODS
+    assert isinstance(spec.official, Optim) and spec.official.source, "official optimiser with its file and line"
+    assert isinstance(spec.optim, Optim) and spec.optim.source
+    assert spec.source
+    assert spec.recipe is None and spec.for_family("vit") is spec  # the task makes its own crops
 
 
 def test_unknown_hyperparameter_is_one_clear_error():
@@ -450,7 +462,7 @@ def test_simsiam_predictor_lr_stays_fixed():
     from featviz.train.optim import param_groups, schedule_step
 
     m = _net("simsiam")
-    spec = METHODS.get("simsiam")
+    spec = SSL_METHODS.get("simsiam")
     groups = param_groups(m, spec.optim, weight_decay=1e-4)
     opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     fixed = [g for g in opt.param_groups if g["fix_lr"]]
@@ -466,17 +478,17 @@ def test_no_weight_decay_on_biases_and_norms_and_dino_weight_decay_schedule():
 
     for name in ("byol", "dino", "barlow_twins"):
         m = _net(name)
-        spec = METHODS.get(name)
+        spec = SSL_METHODS.get(name)
         for g in param_groups(m, spec.optim, weight_decay=0.1):
             if g["name"].startswith("1d"):
                 assert g["weight_decay"] == 0 and all(p.ndim == 1 for p in g["params"])
             else:
                 assert g["weight_decay"] == 0.1
-    vit = METHODS.get("dino").for_family("vit").official
+    vit = SSL_METHODS.get("dino").for_family("vit").official
     assert (vit.weight_decay, vit.weight_decay_end) == (0.04, 0.4)
     assert _wd_at(0, 100, 0.04, 0.4) == pytest.approx(0.04) and _wd_at(100, 100, 0.04, 0.4) == pytest.approx(0.4)
     assert _wd_at(50, 100, 0.04, 0.4) == pytest.approx(0.22)
-    assert METHODS.get("dino").optim.clip_grad == 3.0
+    assert SSL_METHODS.get("dino").optim.clip_grad == 3.0
 
 
 def test_dino_clip_grad_clips_each_parameter():
@@ -496,7 +508,7 @@ def test_dino_clip_grad_clips_each_parameter():
 
 
 # ---------------------------------------------------------------- every method trains
-@pytest.mark.parametrize("name", methods.ssl_names())
+@pytest.mark.parametrize("name", list(SSL_METHODS))
 def test_method_trains_few_steps_without_nan(name):
     m = _net(name)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
@@ -504,7 +516,7 @@ def test_method_trains_few_steps_without_nan(name):
     g = torch.Generator().manual_seed(0)
     for step in range(3):
         views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-        if METHODS.get(name).multi_crop:
+        if SSL_METHODS.get(name).multi_crop:
             views.append(torch.randn(8, 3, 8, 8, generator=g))
         loss = m(views)
         assert torch.isfinite(loss), (name, step, loss)

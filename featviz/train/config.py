@@ -1,13 +1,77 @@
 """The training run's settings: ``TrainConfig`` and ``resolve_config``, which fills every default
-and records where it came from (saved as ``RUN_DIR/config.json``)."""
+and records where it came from (saved as ``RUN_DIR/config.json``).
+
+A method comes from one of two registries, the SSL methods' (``featviz.train.methods.SSL_METHODS``)
+and the segmentation methods' (``featviz.train.segmentation.registry.SEG_METHODS``);
+``registration`` finds it in either, and both kinds of registration answer what
+``resolve_config`` asks (``TrainMethod``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from featviz.errors import DataError, UnknownNameError, did_you_mean
-from featviz.train.optim import OPTIMIZERS
+from featviz.train.optim import OPTIMIZERS, Optim
+
+if TYPE_CHECKING:
+    from featviz.data.augment import Recipe
+
+
+class TrainMethod(Protocol):
+    """What a registered method (SSL or segmentation) contributes to a run's defaults.
+
+    Attributes:
+        name: the registered name (``featviz train --method``).
+        optim: featviz's default optimiser and schedule.
+        recipe: the training views (None: the task makes its own crops, e.g. segmentation).
+        local_crops: the default number of multi-crop local crops.
+        presets: per built-in dataset, measured defaults (``TrainConfig`` keys).
+        sync_bn: convert BatchNorm to SyncBatchNorm under CUDA DDP.
+        default_arch: the backbone when ``--arch`` is not given.
+        default_image_size: the training crop when neither the user nor a preset gives one
+            (None: the architecture's input size).
+    """
+
+    name: str
+    optim: Optim
+    recipe: Recipe | None
+    local_crops: int
+    presets: Mapping[str, Mapping[str, Any]]
+    sync_bn: bool
+    default_arch: str
+    default_image_size: int | None
+
+    def for_family(self, family: str) -> TrainMethod:
+        """The registration for a backbone family (``resnet``, ``vit``, ``timm``)."""
+        ...
+
+
+def method_names() -> list[str]:
+    """Every method ``featviz train --method`` takes, SSL and segmentation, sorted."""
+    from featviz.train.methods import SSL_METHODS
+    from featviz.train.segmentation.registry import SEG_METHODS
+
+    return sorted([*SSL_METHODS, *SEG_METHODS])
+
+
+def registration(method: str) -> TrainMethod:
+    """The registration of ``method``, from the SSL or the segmentation registry.
+
+    Raises:
+        UnknownNameError: neither registry has it (the message lists both registries' names).
+    """
+    from featviz.train.methods import SSL_METHODS
+    from featviz.train.segmentation.registry import SEG_METHODS
+
+    for methods in (SSL_METHODS, SEG_METHODS):
+        if method in methods:
+            return methods.get(method)
+    names = method_names()
+    raise UnknownNameError(f"unknown method {method!r}{did_you_mean(method, names)}; "
+                           f"expected one of: {', '.join(names)}")
 
 
 @dataclass
@@ -15,12 +79,12 @@ class TrainConfig:
     """Everything that defines a training run (saved, resolved, as ``RUN_DIR/config.json``).
 
     ``None`` means "the default": a built-in dataset's measured preset for the method (e.g.
-    ``digits``), else the method's registration (``featviz.train.methods.METHODS``), else featviz's
+    ``digits``), else the method's registration (``registration``), else featviz's
     own; ``resolve_config`` fills them in and records where each value came from in
     ``defaults``. A value the user sets always wins.
 
     Attributes:
-        method: a name in ``methods.METHODS`` (SSL, or ``supervised_seg`` / ``cac``).
+        method: a registered method (``method_names``: SSL, or ``supervised_seg`` / ``cac``).
         data: an image folder, a labels CSV, ``digits``, or (segmentation) a VOC-layout folder.
         out: the run folder.
         arch: backbone architecture (``featviz.models.architectures`` names); default ``resnet18_w16-cifar``
@@ -144,7 +208,7 @@ def input_size(arch: str) -> int:
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill every ``None`` default of ``cfg`` and record where it came from (``cfg.defaults``).
 
-    Order: the user's value; the method's preset for a built-in dataset (``MethodSpec.presets``,
+    Order: the user's value; the method's preset for a built-in dataset (``TrainMethod.presets``,
     measured); the method's registration (its ``Optim``, local crops); featviz's defaults
     (10 epochs, batch 256, the architecture's input size). Idempotent.
 
@@ -152,13 +216,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         UnknownNameError: unknown method or optimiser.
     """
     from featviz.models import architectures as models
-    from featviz.train import methods
 
-    if cfg.method not in methods.METHODS:
-        names = methods.METHODS.names()
-        raise UnknownNameError(f"unknown method {cfg.method!r}{did_you_mean(cfg.method, names)}; "
-                               f"expected one of: {', '.join(names)}")
-    spec = methods.METHODS.get(cfg.method)
+    spec = registration(cfg.method)
     d = cfg.to_dict()
     d["hparams"] = dict(d["hparams"])
     src: dict[str, str] = dict(cfg.defaults)
@@ -168,7 +227,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for k in d["hparams"]:
         src.setdefault(f"hparams.{k}", "user")
     if d["arch"] is None:
-        d["arch"] = "resnet18_w16-os8" if spec.kind == "segmentation" else "resnet18_w16-cifar"
+        d["arch"] = spec.default_arch
         src["arch"] = "featviz"
     spec = spec.for_family(models.parse_arch(d["arch"]).family)
     key = dataset_key(cfg.data)
@@ -198,7 +257,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if d["warmup_epochs"] is None:
         d["warmup_epochs"], src["warmup_epochs"] = optim.warmup_epochs, "method"
     if d["image_size"] is None:
-        d["image_size"] = 32 if spec.kind == "segmentation" else input_size(d["arch"])
+        d["image_size"] = spec.default_image_size or input_size(d["arch"])
         src["image_size"] = "architecture"
     if d["local_crops"] is None:
         d["local_crops"], src["local_crops"] = spec.local_crops, "method"

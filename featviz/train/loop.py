@@ -44,7 +44,7 @@ from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError
 from featviz.io.outputs import atomic_path, check_place, write_json
 from featviz.io.progress import Progress
-from featviz.train.config import TrainConfig, resolve_config
+from featviz.train.config import TrainConfig, registration, resolve_config
 from featviz.train.optim import build_optimizer, param_groups, schedule_step
 from featviz.train.ssl_task import SSLTask
 
@@ -91,11 +91,12 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, info: DistInfo
 
 # ---------------------------------------------------------------- the loop
 def _make_task(cfg: TrainConfig, info: DistInfo):
-    from featviz.train import methods
+    from featviz.train.segmentation.registry import SEG_METHODS
 
-    spec = methods.METHODS.get(cfg.method)
-    if spec.kind == "segmentation":
-        return spec.model_class()(cfg, info)
+    if cfg.method in SEG_METHODS:
+        from featviz.train.segmentation.task import SegTask
+
+        return SegTask(cfg, info)
     return SSLTask(cfg, info)
 
 
@@ -235,11 +236,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
 
 def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, progress, on_log, monitor_cls,
          record: dict[str, Any]):
-    from featviz.train.methods import METHODS
-
     device = info.device
     amp, channels_last = _choose_precision(cfg, device)
-    spec = METHODS.get(cfg.method)
+    spec = registration(cfg.method)
     optim = getattr(task, "spec", spec).optim
     model = task.model.to(device)
     if channels_last:

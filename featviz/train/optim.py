@@ -1,9 +1,10 @@
-"""Optimisers and schedules of ``featviz train``: parameter groups, SGD / AdamW / LARS / LARC,
-the warm-up + cosine learning rate and DINO's weight-decay cosine."""
+"""Optimisers and schedules of ``featviz train``: a method's recipe (``Optim``), parameter groups,
+SGD / AdamW / LARS / LARC, the warm-up + cosine learning rate and DINO's weight-decay cosine."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,44 @@ from torch import nn
 from featviz.errors import UnknownNameError
 
 OPTIMIZERS = ("sgd", "adamw", "lars", "larc")
+
+
+@dataclass(frozen=True)
+class Optim:
+    """An optimiser and its schedule, with the lr for ``ref_batch`` images (linear scaling).
+
+    Attributes:
+        name: ``sgd`` (momentum 0.9), ``adamw``, ``lars`` (the official LARS of Barlow Twins /
+            BYOL / MoCo v3 / DINO: 1-D parameters skip decay and adaptation when
+            ``decay_bias_norm`` is False) or ``larc`` (SwAV's apex LARC, via timm's ``Lars``).
+        lr: peak learning rate for a batch of ``ref_batch``.
+        weight_decay: decay of the weights (cosine to ``weight_decay_end`` when given, DINO).
+        decay_bias_norm: False: biases and normalisation parameters get no weight decay.
+        bias_lr: lr multiplier of biases and norm parameters (Barlow Twins: 0.0048 / 0.2).
+        warmup_epochs: linear warm-up; final_lr: the cosine ends at ``final_lr`` x peak.
+        fixed_lr: module-name prefixes whose lr stays at the peak (SimSiam ``--fix-pred-lr``).
+        clip_grad: per-parameter gradient-norm clip (DINO ``utils.clip_gradients``).
+        source: where the official values are (file and line).
+    """
+
+    name: str
+    lr: float
+    weight_decay: float
+    ref_batch: int = 256
+    weight_decay_end: float | None = None
+    decay_bias_norm: bool = True
+    bias_lr: float = 1.0
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    final_lr: float = 0.0
+    fixed_lr: tuple[str, ...] = ()
+    clip_grad: float | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float, final: float = 0.0) -> float:

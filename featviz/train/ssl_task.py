@@ -29,7 +29,7 @@ class SSLTask:
         cfg = resolve_config(cfg)
         self.cfg, self.info = cfg, info
         backbone = models.build_backbone(cfg.arch, seed=cfg.seed)
-        self.spec = methods.METHODS.get(cfg.method).for_family(methods.arch_family(backbone))
+        self.spec = methods.SSL_METHODS.get(cfg.method).for_family(methods.arch_family(backbone))
         imgs = data.labelled_images(cfg.data, image_size=cfg.image_size)
         if cfg.limit:
             imgs = data.LabelledImages(imgs.items[:cfg.limit], imgs.labels[:cfg.limit], imgs.class_names,

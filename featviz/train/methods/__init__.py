@@ -1,17 +1,22 @@
 """Self-supervised methods: one registration per method, each matching its official code.
 
 A method is an ``SSLMethod`` (backbone + heads, ``forward(views) -> loss``) and a frozen
-``MethodSpec`` registered next to it in ``METHODS``: the training views (an
+``MethodRegistration`` registered next to it in ``SSL_METHODS``: the training views (an
 ``featviz.data.augment.Recipe``), the official optimiser and schedule (``Optim``, with the file and
 line it comes from), featviz's default where a CPU-sized run needs another one (each such
 deviation is listed in ``deviations`` and in docs/train.md), the data-dependent
 hyperparameters (``defaults``: MoCo's queue and momentum, SwAV's queue and prototype freezing,
 DINO's last-layer freezing), the presets measured on the built-in ``digits`` set, and whether
-BatchNorm is synchronised under DDP. Segmentation methods (``supervised_seg``, ``cac``) are
-registered here too, pointing at their task in ``featviz.train.segmentation``; ``_names.MethodName``
-lists every registered name (a test keeps them in sync).
+BatchNorm is synchronised under DDP. Segmentation methods (``supervised_seg``, ``cac``) have their
+own registry (``featviz.train.segmentation.registry.SEG_METHODS``); ``featviz.cli.choices.MethodName``
+lists the names of both (a test keeps them in sync).
 
-Heads are built from JSON-able specs (``build_head``) so a checkpoint can rebuild them; their
+Modules: ``registry`` (the registration type, ``SSL_METHODS``, ``build_method``), ``base``
+(``SSLMethod``, ``MomentumMixin``), ``ddp`` (gather, batch shuffle, SplitBatchNorm) and one module
+per family with its losses: ``contrastive`` (SimCLR, MoCo v2, MoCo v3), ``siamese`` (BYOL,
+SimSiam), ``barlow_twins``, ``swav``, ``dino``. Importing this package registers every method.
+
+Heads are built from JSON-able specs (``featviz.models.heads.build_head``) so a checkpoint can rebuild them; their
 tensors are named ``projector.*``, ``predictor.*`` (and ``prototypes.*`` for SwAV), next to
 ``backbone.<torchvision/timm name>``. Head widths follow each paper for a 2048-d ResNet-50 and
 shrink in proportion for narrower backbones (``scaled``).
@@ -42,23 +47,21 @@ from featviz.train.methods.ddp import (
 )
 from featviz.train.methods.dino import DINO, dino_h
 from featviz.train.methods.registry import (
-    METHODS,
+    SSL_METHODS,
     DataContext,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     analysis_view,
     arch_family,
     build_method,
     register,
-    ssl_names,
 )
 from featviz.train.methods.siamese import BYOL, SimSiam, neg_cosine
 from featviz.train.methods.swav import SwAV, sinkhorn
 
 __all__ = [
-    "BYOL", "DINO", "METHODS", "BarlowTwins", "DataContext", "MethodSpec", "MoCoV2", "MoCoV3", "MomentumMixin", "Optim",
-    "SSLMethod", "SimCLR", "SimSiam", "SplitBatchNorm2d", "SwAV", "all_mean", "analysis_view", "arch_family",
-    "barlow_loss", "batch_shuffle_ddp", "batch_unshuffle_ddp", "build_method", "convert_split_bn", "dino_h", "gather",
-    "moco_ctr", "moco_infonce", "neg_cosine", "nt_xent", "register", "set_bn_splits", "sinkhorn", "ssl_names",
+    "BYOL", "DINO", "SSL_METHODS", "BarlowTwins", "DataContext", "MethodRegistration", "MoCoV2", "MoCoV3",
+    "MomentumMixin", "SSLMethod", "SimCLR", "SimSiam", "SplitBatchNorm2d", "SwAV", "all_mean", "analysis_view",
+    "arch_family", "barlow_loss", "batch_shuffle_ddp", "batch_unshuffle_ddp", "build_method", "convert_split_bn",
+    "dino_h", "gather", "moco_ctr", "moco_infonce", "neg_cosine", "nt_xent", "register", "set_bn_splits", "sinkhorn",
     "zero_init_residual",
 ]

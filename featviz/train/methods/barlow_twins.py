@@ -15,11 +15,11 @@ from featviz.train.methods.ddp import (
 from featviz.train.methods.registry import (
     _BYOL_1,
     _BYOL_2,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     _digits,
     register,
 )
+from featviz.train.optim import Optim
 
 
 def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ class BarlowTwins(SSLMethod):
         return barlow_loss(z1, z2, self.lambd)
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "barlow_twins", BarlowTwins,
     recipe=Recipe((_BYOL_1.with_(scale=(0.08, 1.0)), _BYOL_2), source="barlowtwins main.py:290-322 (BYOL's views)"),
     official=Optim("lars", lr=0.2, weight_decay=1.5e-6, decay_bias_norm=False, bias_lr=0.0048 / 0.2,

@@ -27,11 +27,11 @@ from featviz.train.methods.registry import (
     _MOCO_VIEW,
     _SIMCLR_VIEW,
     DataContext,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     _digits,
     register,
 )
+from featviz.train.optim import Optim
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
@@ -92,7 +92,7 @@ class SimCLR(SSLMethod):
         return nt_xent(z1, z2, self.tau)
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "simclr", SimCLR,
     recipe=Recipe((_SIMCLR_VIEW, _SIMCLR_VIEW), source="simclr tf2/data_util.py:298-390 (crop 0.08-1, "
                   "color_jitter strength 1.0: 0.8/0.8/0.8/0.2 p 0.8, grayscale 0.2, blur p 0.5)"),
@@ -186,7 +186,7 @@ def _moco_v2_defaults(ctx: DataContext) -> dict[str, Any]:
     return {"queue_size": int(queue), "momentum": round(m, 4), "bn_splits": splits}
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "moco_v2", MoCoV2,
     recipe=Recipe((_MOCO_VIEW, _MOCO_VIEW), source="moco main_moco.py:326-338 (aug_plus)"),
     official=Optim("sgd", lr=0.03, weight_decay=1e-4, source="moco main_moco.py:78-105 (lr 0.03 for batch 256, "
@@ -233,7 +233,7 @@ class MoCoV3(MomentumMixin, SSLMethod):
 
 _MOCO_V3_VIEWS = Recipe((_BYOL_1.with_(scale=(0.2, 1.0)), _BYOL_2.with_(scale=(0.2, 1.0))),
                         source="moco-v3 main_moco.py:261-282 (BYOL's views), CONFIG.md:15 (--crop-min=.2 for ResNets)")
-register(MethodSpec(
+register(MethodRegistration(
     "moco_v3", MoCoV3, recipe=_MOCO_V3_VIEWS,
     official=Optim("lars", lr=0.6, weight_decay=1e-6, decay_bias_norm=False, warmup_epochs=10,
                    source="moco-v3 main_moco.py:65-70,112-118,190,224-227 (LARS lr 0.6 x batch/256, wd 1e-6, "

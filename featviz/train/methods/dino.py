@@ -15,11 +15,11 @@ from featviz.train.methods.ddp import (
 from featviz.train.methods.registry import (
     _BYOL_1,
     _BYOL_2,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     _digits,
     register,
 )
+from featviz.train.optim import Optim
 
 
 def dino_h(t: torch.Tensor, s: torch.Tensor, center: torch.Tensor, tps: float, tpt: float) -> torch.Tensor:
@@ -94,7 +94,7 @@ class DINO(MomentumMixin, SSLMethod):
 _DINO_GLOBAL_1 = _BYOL_1.with_(scale=(0.4, 1.0))
 _DINO_GLOBAL_2 = _BYOL_2.with_(scale=(0.4, 1.0))
 _DINO_LOCAL = _BYOL_1.with_(scale=(0.05, 0.4), blur_p=0.5)
-register(MethodSpec(
+register(MethodRegistration(
     "dino", DINO,
     recipe=Recipe((_DINO_GLOBAL_1.with_(scale=(0.14, 1.0)), _DINO_GLOBAL_2.with_(scale=(0.14, 1.0))),
                   _DINO_LOCAL.with_(scale=(0.05, 0.14)),

@@ -1,5 +1,7 @@
-"""The SSL methods' registration types and registry: ``Optim``, ``DataContext``, ``MethodSpec``,
-``METHODS``; and ``build_method``, which instantiates a registered method around a backbone."""
+"""The SSL methods' registration type and registry: ``MethodRegistration`` (with ``DataContext``
+for its data-dependent defaults) and ``SSL_METHODS``; and ``build_method``, which instantiates a
+registered method around a backbone. Segmentation methods have their own registry,
+``featviz.train.segmentation.registry.SEG_METHODS``."""
 
 from __future__ import annotations
 
@@ -12,47 +14,10 @@ from torch import nn
 from featviz.data.augment import Recipe, View
 from featviz.registry import Registry
 from featviz.train.methods.base import SSLMethod, zero_init_residual
+from featviz.train.optim import Optim
 
 
 # ---------------------------------------------------------------- registration
-@dataclass(frozen=True)
-class Optim:
-    """An optimiser and its schedule, with the lr for ``ref_batch`` images (linear scaling).
-
-    Attributes:
-        name: ``sgd`` (momentum 0.9), ``adamw``, ``lars`` (the official LARS of Barlow Twins /
-            BYOL / MoCo v3 / DINO: 1-D parameters skip decay and adaptation when
-            ``decay_bias_norm`` is False) or ``larc`` (SwAV's apex LARC, via timm's ``Lars``).
-        lr: peak learning rate for a batch of ``ref_batch``.
-        weight_decay: decay of the weights (cosine to ``weight_decay_end`` when given, DINO).
-        decay_bias_norm: False: biases and normalisation parameters get no weight decay.
-        bias_lr: lr multiplier of biases and norm parameters (Barlow Twins: 0.0048 / 0.2).
-        warmup_epochs: linear warm-up; final_lr: the cosine ends at ``final_lr`` x peak.
-        fixed_lr: module-name prefixes whose lr stays at the peak (SimSiam ``--fix-pred-lr``).
-        clip_grad: per-parameter gradient-norm clip (DINO ``utils.clip_gradients``).
-        source: where the official values are (file and line).
-    """
-
-    name: str
-    lr: float
-    weight_decay: float
-    ref_batch: int = 256
-    weight_decay_end: float | None = None
-    decay_bias_norm: bool = True
-    bias_lr: float = 1.0
-    momentum: float = 0.9
-    warmup_epochs: float = 0.0
-    final_lr: float = 0.0
-    fixed_lr: tuple[str, ...] = ()
-    clip_grad: float | None = None
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
 @dataclass(frozen=True)
 class DataContext:
     """What a method's data-dependent defaults depend on."""
@@ -71,14 +36,13 @@ class DataContext:
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """Everything that defines one method, in one place.
+class MethodRegistration:
+    """Everything that defines one SSL method, in one place.
 
     Attributes:
         name: the registered name (``featviz train --method``).
-        model: the ``SSLMethod`` class, or ``"module:Class"`` of a segmentation task.
-        kind: ``ssl`` or ``segmentation``.
-        recipe: the official training views (None: the task makes its own, e.g. CAC's crops).
+        model: the ``SSLMethod`` class.
+        recipe: the official training views.
         official: the official optimiser and schedule.
         optim: featviz's default (``official`` unless a CPU-sized run needs another; see
             ``deviations``).
@@ -93,11 +57,13 @@ class MethodSpec:
             ResNets: other backbone families do not take them (``for_family``).
         source: the official repository files.
         deviations: what featviz does differently by default, and why.
+        default_arch: the backbone when ``--arch`` is not given.
+        default_image_size: the training crop when neither ``--image-size`` nor a preset gives one
+            (None: the architecture's input size).
     """
 
     name: str
-    model: type | str
-    kind: str = "ssl"
+    model: type
     recipe: Recipe | None = None
     official: Optim | None = None
     optim: Optim | None = None
@@ -111,12 +77,15 @@ class MethodSpec:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = ""
     deviations: tuple[str, ...] = ()
+    default_arch: str = "resnet18_w16-cifar"
+    default_image_size: int | None = None
 
     @property
     def multi_crop(self) -> bool:
+        """Whether the recipe has local crops (SwAV, DINO multi-crop)."""
         return self.recipe is not None and self.recipe.local is not None
 
-    def for_family(self, family: str) -> MethodSpec:
+    def for_family(self, family: str) -> MethodRegistration:
         """This spec for a backbone family (``resnet``, ``vit``, ``timm``).
 
         The dataset presets were measured on ResNets (an optimiser, lr and head choices for a
@@ -129,25 +98,13 @@ class MethodSpec:
             changes["hparams"] = {**self.hparams, **changes["hparams"]}
         return replace(self, **changes) if changes else self
 
-    def model_class(self) -> type:
-        if isinstance(self.model, str):
-            import importlib
 
-            mod, _, attr = self.model.partition(":")
-            return getattr(importlib.import_module(mod), attr)
-        return self.model
+SSL_METHODS: Registry[MethodRegistration] = Registry("method")
 
 
-METHODS: Registry[MethodSpec] = Registry("method")
-
-
-def register(spec: MethodSpec) -> MethodSpec:
+def register(spec: MethodRegistration) -> MethodRegistration:
     """Register ``spec`` under its name (duplicates raise ``ValueError``)."""
-    return METHODS.register(spec.name)(spec)
-
-
-def ssl_names() -> list[str]:
-    return [n for n, s in METHODS.items() if s.kind == "ssl"]
+    return SSL_METHODS.register(spec.name)(spec)
 
 
 # ---------------------------------------------------------------- shared: the digits preset, the papers' views
@@ -172,23 +129,6 @@ _BYOL_1 = View(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, inter
 _BYOL_2 = _BYOL_1.with_(blur_p=0.1, solarize_p=0.2)
 
 
-# ---------------------------------------------------------------- segmentation methods (featviz.train.segmentation)
-register(MethodSpec(
-    "supervised_seg", "featviz.train.segmentation.task:SegTask", kind="segmentation",
-    official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
-                   source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
-    optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
-    source="dvlab-research/Context-Aware-Consistency (labelled branch only)",
-))
-register(MethodSpec(
-    "cac", "featviz.train.segmentation.task:SegTask", kind="segmentation",
-    official=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8,
-                   source="Context-Aware-Consistency configs/voc_cac_deeplabv3+_resnet50_1over8_datalist0.json"),
-    optim=Optim("sgd", lr=0.01, weight_decay=1e-4, ref_batch=8, source="CAC configs"),
-    source="dvlab-research/Context-Aware-Consistency models/model.py, dataloaders/voc.py",
-))
-
-
 def arch_family(backbone: nn.Module) -> str:
     """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
     from the model description (``featviz.models.description.describe``); a module featviz did not build
@@ -206,7 +146,7 @@ def analysis_view(method: str | None) -> View:
     view), or ``augment.ANALYSIS_VIEW`` when the method is unknown or has no recipe."""
     from featviz.data.augment import ANALYSIS_VIEW
 
-    spec = METHODS._items.get(method) if method else None
+    spec = SSL_METHODS._items.get(method) if method else None
     return spec.recipe.globals_[0] if spec is not None and spec.recipe is not None else ANALYSIS_VIEW
 
 
@@ -219,12 +159,13 @@ def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:
     import inspect
 
     from featviz.errors import UnknownNameError
+    from featviz.train.segmentation.registry import SEG_METHODS
 
-    spec = METHODS.get(name).for_family(arch_family(backbone))
-    zero_init = bool(kwargs.pop("zero_init_residual", spec.zero_init_residual))
-    if spec.kind != "ssl":
+    if name in SEG_METHODS:
         raise UnknownNameError(f"{name!r} is a segmentation method; it has no SSLMethod to build")
-    cls = spec.model_class()
+    spec = SSL_METHODS.get(name).for_family(arch_family(backbone))
+    zero_init = bool(kwargs.pop("zero_init_residual", spec.zero_init_residual))
+    cls = spec.model
     sig = inspect.signature(cls.__init__).parameters
     allowed = [p for p in sig if p not in ("self", "backbone")]
     bad = [k for k in kwargs if k not in allowed]

@@ -13,11 +13,11 @@ from featviz.train.methods.registry import (
     _BYOL_1,
     _BYOL_2,
     _MOCO_VIEW,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     _digits,
     register,
 )
+from featviz.train.optim import Optim
 
 
 def neg_cosine(p: torch.Tensor, z: torch.Tensor, stop_grad: bool = True) -> torch.Tensor:
@@ -51,7 +51,7 @@ class BYOL(MomentumMixin, SSLMethod):
         return (2 + 2 * neg_cosine(p1, t2)) + (2 + 2 * neg_cosine(p2, t1))
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "byol", BYOL,
     recipe=Recipe((_BYOL_1, _BYOL_2), source="deepmind-research byol/utils/augmentations.py (view1: blur 1.0, "
                   "solarize 0; view2: blur 0.1, solarize 0.2; jitter 0.4/0.4/0.2/0.1 p 0.8, gray 0.2)"),
@@ -92,7 +92,7 @@ class SimSiam(SSLMethod):
         return neg_cosine(p1, z2, self.stop_grad) / 2 + neg_cosine(p2, z1, self.stop_grad) / 2
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "simsiam", SimSiam,
     recipe=Recipe((_MOCO_VIEW, _MOCO_VIEW), source="simsiam main_simsiam.py:229-238 (MoCo v2's views)"),
     official=Optim("sgd", lr=0.05, weight_decay=1e-4, fixed_lr=("predictor",),

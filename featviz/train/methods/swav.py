@@ -19,11 +19,11 @@ from featviz.train.methods.ddp import (
 from featviz.train.methods.registry import (
     _SIMCLR_VIEW,
     DataContext,
-    MethodSpec,
-    Optim,
+    MethodRegistration,
     _digits,
     register,
 )
+from featviz.train.optim import Optim
 
 
 @torch.no_grad()
@@ -128,7 +128,7 @@ def _swav_defaults(ctx: DataContext) -> dict[str, Any]:
             "epoch_queue_starts": max(1, round(ctx.epochs * 15 / 400))}
 
 
-register(MethodSpec(
+register(MethodRegistration(
     "swav", SwAV,
     recipe=Recipe((_SIMCLR_VIEW.with_(scale=(0.14, 1.0)),) * 2, _SIMCLR_VIEW.with_(scale=(0.05, 0.14)),
                   source="swav src/multicropdataset.py:36-95 (color distortion s=1, blur p 0.5), "
