@@ -29,7 +29,7 @@ def photos_npz(tmp_path_factory) -> Path:
 
 
 def test_method_names_match_the_library():
-    assert set(_names.MapMethod.__args__) == set(tsne.METHODS)
+    assert set(_names.MapMethod.__args__) == set(tsne.MAP_METHODS)
 
 
 @pytest.mark.slow

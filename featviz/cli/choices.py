@@ -32,7 +32,7 @@ PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 FigureName = Literal["cac"]
 
 MapMethod = Literal["tsne", "umap", "pca"]
-"""``featviz tsne --method`` (featviz.maps.projection.METHODS; a test keeps them in sync)."""
+"""``featviz tsne --method`` (featviz.maps.projection.MAP_METHODS; a test keeps them in sync)."""
 
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",

@@ -47,7 +47,8 @@ MIN_POINTS = 4
 THREADS_FROM = 20_000
 
 
-METHODS = ("tsne", "umap", "pca")
+MAP_METHODS = ("tsne", "umap", "pca")
+"""The 2-D map methods (``featviz tsne --method``; ``featviz.cli.choices.MapMethod`` names them too)."""
 
 
 @dataclass
@@ -75,11 +76,11 @@ class TsneParams:
     min_dist: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in MAP_METHODS:
             from featviz.errors import UnknownNameError, did_you_mean
 
-            raise UnknownNameError(f"unknown map method {self.method!r}; expected one of {', '.join(METHODS)}"
-                                   f"{did_you_mean(self.method, METHODS)}")
+            raise UnknownNameError(f"unknown map method {self.method!r}; expected one of {', '.join(MAP_METHODS)}"
+                                   f"{did_you_mean(self.method, MAP_METHODS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
