@@ -70,7 +70,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _prepare(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` in eval mode, channels_last on CUDA (the layout autocast convolutions want).
+
+    Args:
+        model: any module (a backbone, a segmenter).
+        device: where it runs.
+
+    Returns:
+        The same module, moved.
+    """
     model = model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -145,7 +154,7 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
         dataset = torch.utils.data.Subset(dataset, list(indices))
     workers = default_workers(device) if workers is None else workers
     loader = _loader(dataset, batch_size=batch_size, workers=workers, device=device, collate_fn=collate)
-    model = _prepare(model, device)
+    model = prepare_model(model, device)
     dtype = autocast_dtype(device, precision)
     feats, idxs, skipped = [], [], []
     with torch.inference_mode(), _autocast(device, dtype):
@@ -369,7 +378,7 @@ def embed_pixels(model: torch.nn.Module, pixels: PixelSet, *, layer: str | None 
     dataset = _PixelDataset(pixels, idx, hw, mean, std)
     workers = default_workers(device) if workers is None else workers
     loader = _loader(dataset, batch_size=batch_size, workers=workers, device=device, collate_fn=_collate_by_shape)
-    model = _prepare(model, device)
+    model = prepare_model(model, device)
     dtype = autocast_dtype(device, precision)
     parts: list[PixelFeatures] = []
     skipped: list[int] = []

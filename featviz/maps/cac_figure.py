@@ -222,13 +222,13 @@ def view_features(model: torch.nn.Module, views: CacViews, *, features: str = "d
     from torchvision import transforms as T
 
     from featviz.data.images import normalization_of
-    from featviz.eval.embed import _prepare
+    from featviz.eval.embed import prepare_model
 
     device = torch.device(device)
     mean, std = normalization_of(model)
     tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     x = torch.stack([tf(im) for im in views.images]).to(device)
-    model = _prepare(model, device)
+    model = prepare_model(model, device)
     fmap = feature_maps(model, features, x).float()
     pair = views.sample.pair
     s = _check_stride(fmap.shape[-2], fmap.shape[-1], pair.crop_size, f"--features {features}")
@@ -454,11 +454,11 @@ def figure_rows(models: Sequence[FigureModel], img, mask: np.ndarray, *, feature
     Raises:
         DataError: see ``resolve_features``, ``native_stride``, ``make_views``.
     """
-    from featviz.eval.embed import _prepare
+    from featviz.eval.embed import prepare_model
     from featviz.maps.projection import TsneParams, clamp_perplexity, fit
 
     features = resolve_features(models, features)
-    strides = [native_stride(_prepare(m.model, torch.device(device)), features, crop_size, device) for m in models]
+    strides = [native_stride(prepare_model(m.model, torch.device(device)), features, crop_size, device) for m in models]
     stride = int(np.lcm.reduce(strides))
     if crop_size % stride:
         raise DataError(f"the rows' feature strides {strides} need crop offsets on a {stride}-px grid, which a "
