@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from featviz.data import augment
-from featviz.train.methods import SSL_METHODS, analysis_view
+from featviz.data.augment import analysis_view
+from featviz.train.methods import SSL_METHODS
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -49,6 +49,8 @@ def test_every_registered_method_has_every_part(name):
     assert callable(cls)
     assert issubclass(cls, methods.SSLMethod) and cls.name == name
     assert isinstance(spec.recipe, augment.Recipe) and len(spec.recipe.globals_) == 2 and spec.recipe.source
+    assert spec.recipe is augment.METHOD_RECIPES[name]  # the views live in the one augmentation pipeline
+    assert spec.for_family("vit").recipe is augment.VIT_RECIPES.get(name, spec.recipe)
     assert spec.presets.get("digits"), "the measured digits preset"
     params = inspect.signature(cls.__init__).parameters
     assert all(k in params for k in spec.hparams), "hparams are constructor keywords"

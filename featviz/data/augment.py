@@ -414,3 +414,59 @@ class LowLevelAugment:
     def __call__(self, image: np.ndarray | Image.Image) -> np.ndarray:
         self.last = self.draw()
         return self.apply(image, self.last)
+
+
+# ---------------------------------------------------------------- the SSL methods' training views
+# Colour jitter, grayscale and blur lists of the official code, for 224 px crops. Each SSL method's
+# registration (featviz.train.methods) takes its recipe from METHOD_RECIPES (ViTs: VIT_RECIPES).
+_SIMCLR_VIEW = View(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, interpolation="bicubic")
+_MOCO_VIEW = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+_BYOL_1 = View(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic")
+_BYOL_2 = _BYOL_1.with_(blur_p=0.1, solarize_p=0.2)
+_DINO_GLOBAL_1 = _BYOL_1.with_(scale=(0.4, 1.0))
+_DINO_GLOBAL_2 = _BYOL_2.with_(scale=(0.4, 1.0))
+_DINO_LOCAL = _BYOL_1.with_(scale=(0.05, 0.4), blur_p=0.5)
+
+METHOD_RECIPES: dict[str, Recipe] = {
+    "simclr": Recipe((_SIMCLR_VIEW, _SIMCLR_VIEW), source="simclr tf2/data_util.py:298-390 (crop 0.08-1, "
+                     "color_jitter strength 1.0: 0.8/0.8/0.8/0.2 p 0.8, grayscale 0.2, blur p 0.5)"),
+    "moco_v2": Recipe((_MOCO_VIEW, _MOCO_VIEW), source="moco main_moco.py:326-338 (aug_plus)"),
+    "moco_v3": Recipe((_BYOL_1.with_(scale=(0.2, 1.0)), _BYOL_2.with_(scale=(0.2, 1.0))),
+                      source="moco-v3 main_moco.py:261-282 (BYOL's views), CONFIG.md:15 (--crop-min=.2 for ResNets)"),
+    "byol": Recipe((_BYOL_1, _BYOL_2), source="deepmind-research byol/utils/augmentations.py (view1: blur 1.0, "
+                   "solarize 0; view2: blur 0.1, solarize 0.2; jitter 0.4/0.4/0.2/0.1 p 0.8, gray 0.2)"),
+    "simsiam": Recipe((_MOCO_VIEW, _MOCO_VIEW), source="simsiam main_simsiam.py:229-238 (MoCo v2's views)"),
+    "barlow_twins": Recipe((_BYOL_1.with_(scale=(0.08, 1.0)), _BYOL_2),
+                           source="barlowtwins main.py:290-322 (BYOL's views)"),
+    "swav": Recipe((_SIMCLR_VIEW.with_(scale=(0.14, 1.0)),) * 2, _SIMCLR_VIEW.with_(scale=(0.05, 0.14)),
+                   source="swav src/multicropdataset.py:36-95 (color distortion s=1, blur p 0.5), "
+                          "scripts/swav_400ep_bs256_pretrain.sh (2x224 at 0.14-1, 6x96 at 0.05-0.14)"),
+    "dino": Recipe((_DINO_GLOBAL_1.with_(scale=(0.14, 1.0)), _DINO_GLOBAL_2.with_(scale=(0.14, 1.0))),
+                   _DINO_LOCAL.with_(scale=(0.05, 0.14)),
+                   source="dino README.md:207 (ResNet-50: --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14), "
+                          "main_dino.py:419-456 (DataAugmentationDINO)"),
+}
+"""Each SSL method's training views (ResNet backbones), by method name."""
+
+VIT_RECIPES: dict[str, Recipe] = {
+    "moco_v3": Recipe((_BYOL_1, _BYOL_2), source="moco-v3 main_moco.py:117 (crop-min 0.08), CONFIG.md ViT commands"),
+    "dino": Recipe((_DINO_GLOBAL_1, _DINO_GLOBAL_2), _DINO_LOCAL,
+                   source="dino main_dino.py:107-117 (global 0.4-1 with multi-crop, 0.14-1 without; local 0.05-0.4), "
+                          "419-456",
+                   global_scale_without_local=(0.14, 1.0)),
+}
+"""The methods whose ViT recipe differs (their registrations' ``vit`` variant)."""
+
+
+def analysis_view(method: str | None) -> View:
+    """The view analysis draws for a model trained with ``method`` (its recipe's first global
+    view), or ``ANALYSIS_VIEW`` when the method is unknown or has no recipe.
+
+    Args:
+        method: the SSL method a checkpoint was trained with (its metadata's ``method``), or None.
+
+    Returns:
+        One ``View`` (collapse's two views and CAM's ``pair`` target draw it).
+    """
+    recipe = METHOD_RECIPES.get(method) if method else None
+    return recipe.globals_[0] if recipe is not None else ANALYSIS_VIEW

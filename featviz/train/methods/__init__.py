@@ -50,7 +50,6 @@ from featviz.train.methods.registry import (
     SSL_METHODS,
     DataContext,
     MethodRegistration,
-    analysis_view,
     arch_family,
     build_method,
     register,
@@ -60,7 +59,7 @@ from featviz.train.methods.swav import SwAV, sinkhorn
 
 __all__ = [
     "BYOL", "DINO", "SSL_METHODS", "BarlowTwins", "DataContext", "MethodRegistration", "MoCoV2", "MoCoV3",
-    "MomentumMixin", "SSLMethod", "SimCLR", "SimSiam", "SplitBatchNorm2d", "SwAV", "all_mean", "analysis_view",
+    "MomentumMixin", "SSLMethod", "SimCLR", "SimSiam", "SplitBatchNorm2d", "SwAV", "all_mean",
     "arch_family", "barlow_loss", "batch_shuffle_ddp", "batch_unshuffle_ddp", "build_method", "convert_split_bn",
     "dino_h", "gather", "moco_ctr", "moco_infonce", "neg_cosine", "nt_xent", "register", "set_bn_splits", "sinkhorn",
     "zero_init_residual",

@@ -6,15 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featviz.data.augment import Recipe
+from featviz.data.augment import METHOD_RECIPES
 from featviz.models.heads import scaled
 from featviz.train.methods.base import SSLMethod
 from featviz.train.methods.ddp import (
     gather,
 )
 from featviz.train.methods.registry import (
-    _BYOL_1,
-    _BYOL_2,
     MethodRegistration,
     _digits,
     register,
@@ -58,7 +56,7 @@ class BarlowTwins(SSLMethod):
 
 register(MethodRegistration(
     "barlow_twins", BarlowTwins,
-    recipe=Recipe((_BYOL_1.with_(scale=(0.08, 1.0)), _BYOL_2), source="barlowtwins main.py:290-322 (BYOL's views)"),
+    recipe=METHOD_RECIPES["barlow_twins"],
     official=Optim("lars", lr=0.2, weight_decay=1.5e-6, decay_bias_norm=False, bias_lr=0.0048 / 0.2,
                    warmup_epochs=10, final_lr=0.001,
                    source="barlowtwins main.py:33-38 (lr weights 0.2, biases 0.0048 x batch/256, wd 1.5e-6), "

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from featviz.data.augment import Recipe
+from featviz.data.augment import METHOD_RECIPES, VIT_RECIPES
 from featviz.models.heads import scaled
 from featviz.train.methods.base import MomentumMixin, SSLMethod
 from featviz.train.methods.ddp import (
@@ -22,10 +22,6 @@ from featviz.train.methods.ddp import (
     set_bn_splits,
 )
 from featviz.train.methods.registry import (
-    _BYOL_1,
-    _BYOL_2,
-    _MOCO_VIEW,
-    _SIMCLR_VIEW,
     DataContext,
     MethodRegistration,
     _digits,
@@ -94,8 +90,7 @@ class SimCLR(SSLMethod):
 
 register(MethodRegistration(
     "simclr", SimCLR,
-    recipe=Recipe((_SIMCLR_VIEW, _SIMCLR_VIEW), source="simclr tf2/data_util.py:298-390 (crop 0.08-1, "
-                  "color_jitter strength 1.0: 0.8/0.8/0.8/0.2 p 0.8, grayscale 0.2, blur p 0.5)"),
+    recipe=METHOD_RECIPES["simclr"],
     official=Optim("lars", lr=0.3, weight_decay=1e-6, decay_bias_norm=False, warmup_epochs=10,
                    source="simclr tf2/run.py:37-57 (lr 0.3 x batch/256, wd 1e-6, warmup 10, LARS), "
                           "tf2/model.py:29-44 (LARS excludes batch_normalization and bias); CIFAR: "
@@ -188,7 +183,7 @@ def _moco_v2_defaults(ctx: DataContext) -> dict[str, Any]:
 
 register(MethodRegistration(
     "moco_v2", MoCoV2,
-    recipe=Recipe((_MOCO_VIEW, _MOCO_VIEW), source="moco main_moco.py:326-338 (aug_plus)"),
+    recipe=METHOD_RECIPES["moco_v2"],
     official=Optim("sgd", lr=0.03, weight_decay=1e-4, source="moco main_moco.py:78-105 (lr 0.03 for batch 256, "
                    "wd 1e-4, momentum 0.9), README.md:51 (--mlp --moco-t 0.2 --aug-plus --cos)"),
     optim=Optim("sgd", lr=0.03, weight_decay=1e-4, source="moco main_moco.py:78-105"),
@@ -231,18 +226,15 @@ class MoCoV3(MomentumMixin, SSLMethod):
         return moco_ctr(q1, k2, self.tau) + moco_ctr(q2, k1, self.tau)
 
 
-_MOCO_V3_VIEWS = Recipe((_BYOL_1.with_(scale=(0.2, 1.0)), _BYOL_2.with_(scale=(0.2, 1.0))),
-                        source="moco-v3 main_moco.py:261-282 (BYOL's views), CONFIG.md:15 (--crop-min=.2 for ResNets)")
 register(MethodRegistration(
-    "moco_v3", MoCoV3, recipe=_MOCO_V3_VIEWS,
+    "moco_v3", MoCoV3, recipe=METHOD_RECIPES["moco_v3"],
     official=Optim("lars", lr=0.6, weight_decay=1e-6, decay_bias_norm=False, warmup_epochs=10,
                    source="moco-v3 main_moco.py:65-70,112-118,190,224-227 (LARS lr 0.6 x batch/256, wd 1e-6, "
                           "warmup 10), moco/optimizer.py:10-43 (no decay or adaptation for 1-D parameters)"),
     optim=Optim("sgd", lr=0.6, weight_decay=1e-6, decay_bias_norm=False, source="featviz"),
     hparams={"tau": 1.0, "momentum": 0.99, "proj_layers": 2, "pred_last_bn": False}, zero_init_residual=True,
     variants={"vit": {"hparams": {"tau": 0.2, "proj_layers": 3, "pred_last_bn": True},
-                      "recipe": Recipe((_BYOL_1, _BYOL_2), source="moco-v3 main_moco.py:117 (crop-min 0.08), "
-                                       "CONFIG.md ViT commands"),
+                      "recipe": VIT_RECIPES["moco_v3"],
                       "official": Optim("adamw", lr=1.5e-4, weight_decay=0.1, warmup_epochs=40,
                                         source="moco-v3 CONFIG.md ViT-Small (AdamW lr 1.5e-4, wd .1, warmup 40)"),
                       "optim": Optim("adamw", lr=1.5e-4, weight_decay=0.1, source="moco-v3 CONFIG.md"),

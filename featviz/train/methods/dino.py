@@ -6,15 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featviz.data.augment import Recipe
+from featviz.data.augment import METHOD_RECIPES, VIT_RECIPES
 from featviz.models.heads import scaled
 from featviz.train.methods.base import MomentumMixin, SSLMethod, _cancel_grads
 from featviz.train.methods.ddp import (
     all_mean,
 )
 from featviz.train.methods.registry import (
-    _BYOL_1,
-    _BYOL_2,
     MethodRegistration,
     _digits,
     register,
@@ -91,15 +89,9 @@ class DINO(MomentumMixin, SSLMethod):
         self.center.mul_(self.center_momentum).add_(all_mean(self._teacher_mean), alpha=1 - self.center_momentum)
 
 
-_DINO_GLOBAL_1 = _BYOL_1.with_(scale=(0.4, 1.0))
-_DINO_GLOBAL_2 = _BYOL_2.with_(scale=(0.4, 1.0))
-_DINO_LOCAL = _BYOL_1.with_(scale=(0.05, 0.4), blur_p=0.5)
 register(MethodRegistration(
     "dino", DINO,
-    recipe=Recipe((_DINO_GLOBAL_1.with_(scale=(0.14, 1.0)), _DINO_GLOBAL_2.with_(scale=(0.14, 1.0))),
-                  _DINO_LOCAL.with_(scale=(0.05, 0.14)),
-                  source="dino README.md:207 (ResNet-50: --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14), "
-                         "main_dino.py:419-456 (DataAugmentationDINO)"),
+    recipe=METHOD_RECIPES["dino"],
     official=Optim("sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4, decay_bias_norm=False,
                    warmup_epochs=10, clip_grad=3.0,
                    source="dino README.md:207 (ResNet-50: --optimizer sgd --lr 0.03 --weight_decay 1e-4 "
@@ -110,10 +102,7 @@ register(MethodRegistration(
     hparams={"tps": 0.1, "tpt": 0.04, "momentum": 0.996, "center_momentum": 0.9, "norm_last_layer": True,
              "freeze_last_layer": 1},
     local_crops=0, official_local_crops=8,
-    variants={"vit": {"recipe": Recipe((_DINO_GLOBAL_1, _DINO_GLOBAL_2), _DINO_LOCAL,
-                                       source="dino main_dino.py:107-117 (global 0.4-1 with multi-crop, 0.14-1 "
-                                              "without; local 0.05-0.4), 419-456",
-                                       global_scale_without_local=(0.14, 1.0)),
+    variants={"vit": {"recipe": VIT_RECIPES["dino"],
                       "official": Optim("adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4,
                                         decay_bias_norm=False, warmup_epochs=10, clip_grad=3.0,
                                         source="dino main_dino.py:82-104 (AdamW lr 5e-4 x batch/256, weight decay "

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from featviz.data.augment import Recipe, View
+from featviz.data.augment import Recipe
 from featviz.registry import Registry
 from featviz.train.methods.base import SSLMethod, zero_init_residual
 from featviz.train.optim import Optim
@@ -107,7 +107,7 @@ def register(spec: MethodRegistration) -> MethodRegistration:
     return SSL_METHODS.register(spec.name)(spec)
 
 
-# ---------------------------------------------------------------- shared: the digits preset, the papers' views
+# ---------------------------------------------------------------- the digits preset (every method's)
 def _digits(**changes: Any) -> dict[str, Any]:
     """A digits preset: what was measured to work on scikit-learn's 8x8 digits (1797 images,
     upsampled), see docs/train.md. Digits' identity survives neither a horizontal flip nor a
@@ -122,13 +122,6 @@ def _digits(**changes: Any) -> dict[str, Any]:
     return {**base, **changes}
 
 
-# Colour jitter, grayscale and blur lists of the official code, for 224 px crops.
-_SIMCLR_VIEW = View(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, interpolation="bicubic")
-_MOCO_VIEW = View(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
-_BYOL_1 = View(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic")
-_BYOL_2 = _BYOL_1.with_(blur_p=0.1, solarize_p=0.2)
-
-
 def arch_family(backbone: nn.Module) -> str:
     """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
     from the model description (``featviz.models.description.describe``); a module featviz did not build
@@ -139,15 +132,6 @@ def arch_family(backbone: nn.Module) -> str:
     if arch is not None:
         return arch.family
     return "vit" if hasattr(backbone, "patch_embed") else "resnet"
-
-
-def analysis_view(method: str | None) -> View:
-    """The view analysis draws for a model trained with ``method`` (its recipe's first global
-    view), or ``augment.ANALYSIS_VIEW`` when the method is unknown or has no recipe."""
-    from featviz.data.augment import ANALYSIS_VIEW
-
-    spec = SSL_METHODS._items.get(method) if method else None
-    return spec.recipe.globals_[0] if spec is not None and spec.recipe is not None else ANALYSIS_VIEW
 
 
 def build_method(name: str, backbone: nn.Module, **kwargs: Any) -> SSLMethod:

@@ -6,13 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featviz.data.augment import Recipe
+from featviz.data.augment import METHOD_RECIPES
 from featviz.models.heads import scaled
 from featviz.train.methods.base import MomentumMixin, SSLMethod
 from featviz.train.methods.registry import (
-    _BYOL_1,
-    _BYOL_2,
-    _MOCO_VIEW,
     MethodRegistration,
     _digits,
     register,
@@ -53,8 +50,7 @@ class BYOL(MomentumMixin, SSLMethod):
 
 register(MethodRegistration(
     "byol", BYOL,
-    recipe=Recipe((_BYOL_1, _BYOL_2), source="deepmind-research byol/utils/augmentations.py (view1: blur 1.0, "
-                  "solarize 0; view2: blur 0.1, solarize 0.2; jitter 0.4/0.4/0.2/0.1 p 0.8, gray 0.2)"),
+    recipe=METHOD_RECIPES["byol"],
     official=Optim("lars", lr=0.2, weight_decay=1.5e-6, decay_bias_norm=False, warmup_epochs=10,
                    source="deepmind-research byol/configs/byol.py:21-23,58-65 (1000 epochs: lr 0.2 x batch/256, "
                           "wd 1.5e-6, EMA 0.996; 100 epochs: 0.45, 1e-6, 0.99), byol_experiment.py:189-195 "
@@ -94,7 +90,7 @@ class SimSiam(SSLMethod):
 
 register(MethodRegistration(
     "simsiam", SimSiam,
-    recipe=Recipe((_MOCO_VIEW, _MOCO_VIEW), source="simsiam main_simsiam.py:229-238 (MoCo v2's views)"),
+    recipe=METHOD_RECIPES["simsiam"],
     official=Optim("sgd", lr=0.05, weight_decay=1e-4, fixed_lr=("predictor",),
                    source="simsiam main_simsiam.py:56-61 (lr 0.05 x batch/256, wd 1e-4, momentum 0.9), "
                           "90, 193-197, 359-364 (--fix-pred-lr: the predictor's lr is not decayed)"),

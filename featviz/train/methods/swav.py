@@ -10,14 +10,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from featviz.data.augment import Recipe
+from featviz.data.augment import METHOD_RECIPES
 from featviz.models.heads import scaled
 from featviz.train.methods.base import SSLMethod, _cancel_grads
 from featviz.train.methods.ddp import (
     _distributed,
 )
 from featviz.train.methods.registry import (
-    _SIMCLR_VIEW,
     DataContext,
     MethodRegistration,
     _digits,
@@ -130,9 +129,7 @@ def _swav_defaults(ctx: DataContext) -> dict[str, Any]:
 
 register(MethodRegistration(
     "swav", SwAV,
-    recipe=Recipe((_SIMCLR_VIEW.with_(scale=(0.14, 1.0)),) * 2, _SIMCLR_VIEW.with_(scale=(0.05, 0.14)),
-                  source="swav src/multicropdataset.py:36-95 (color distortion s=1, blur p 0.5), "
-                         "scripts/swav_400ep_bs256_pretrain.sh (2x224 at 0.14-1, 6x96 at 0.05-0.14)"),
+    recipe=METHOD_RECIPES["swav"],
     official=Optim("larc", lr=0.6, weight_decay=1e-6, final_lr=0.001,
                    source="swav main_swav.py:170-182 (SGD + LARC trust 0.001 on every parameter, cosine to "
                           "final_lr), scripts/swav_400ep_bs256_pretrain.sh (base_lr 0.6, final_lr 0.0006, wd 1e-6)"),

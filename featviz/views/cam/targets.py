@@ -166,8 +166,7 @@ def augment_views(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], 
     """A second view of each normalised image, from ``featviz.data.augment`` (the one pipeline): the
     first training view of ``method`` when the model says how it was trained, else
     ``augment.ANALYSIS_VIEW``. Deterministic for a ``seed``; same size, normalised."""
-    from featviz.data.augment import augment_batch
-    from featviz.train.methods import analysis_view
+    from featviz.data.augment import analysis_view, augment_batch
 
     return augment_batch(x, mean, std, seed=seed, view=analysis_view(method))
 
