@@ -40,28 +40,50 @@ def _width(stream: IO[str]) -> int | None:
     return PIPE_WIDTH
 
 
-if typer.rich_utils.MAX_WIDTH is None and _width(sys.stdout):  # --help, piped
-    typer.rich_utils.MAX_WIDTH = PIPE_WIDTH
+# ------------------------------------------------------------------ Typer internals (the only place)
+# Typer has no public setting for the two ways featviz's --help differs from Typer's own, so these two
+# functions adjust Typer's internals; nothing else in featviz changes Typer (``_Group.main`` and
+# ``usage_error`` only import click's exception classes and current context from ``typer._click``, which
+# Typer does not re-export). What they rely on (Typer 0.29, which vendors click as ``typer._click``;
+# tests/test_house.py checks that no flag shows a value type):
+#
+# * width: Typer draws --help on a console of its own whose width is the module global
+#   ``typer.rich_utils.MAX_WIDTH`` (public only as the TERMINAL_WIDTH environment variable, read once
+#   when Typer is imported). Piped help gets PIPE_WIDTH like featviz's own consoles, instead of rich's
+#   80 columns that cut option names.
+# * flags: Typer labels a boolean flag's value ``<bool>`` though a flag takes none (and ``--json true``
+#   fails). An option's ``metavar``, when not None, replaces that label (``TyperOption.display_type_rich``);
+#   ``typer.Option(metavar="")`` could set it for featviz's own flags, but not for ``-h/--help``, which
+#   click makes on demand in ``Command.get_help_option(ctx)``: that method is wrapped to blank it too.
 
 
-def _flags_as_flags(params: list[Any]) -> None:
-    """A boolean flag takes no value, so --help shows none (Typer shows ``<bool>``, and ``--json true`` fails)."""
-    for p in params:  # Typer's own (vendored) click options
-        if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
-            p.metavar = ""
+def _typer_help_width() -> None:
+    """Piped ``--help`` is ``PIPE_WIDTH`` wide (a terminal keeps its width; ``COLUMNS`` wins): see above."""
+    if typer.rich_utils.MAX_WIDTH is None and _width(sys.stdout):
+        typer.rich_utils.MAX_WIDTH = PIPE_WIDTH
 
 
-def _help_as_flag(cmd: Any) -> None:
-    """The same for ``--help``, which click makes on demand."""
+def _typer_flags_as_flags(cmd: Any) -> None:
+    """``cmd``'s boolean flags, ``--help`` included, show no value type in ``--help``: see above."""
+
+    def blank(params: list[Any]) -> None:
+        for p in params:
+            if getattr(p, "param_type_name", "") == "option" and getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+
+    blank(cmd.params)
     make = cmd.get_help_option
 
     def get_help_option(ctx: Any) -> Any:
         opt = make(ctx)
         if opt is not None:
-            _flags_as_flags([opt])
+            blank([opt])
         return opt
 
     cmd.get_help_option = get_help_option
+
+
+_typer_help_width()
 
 
 class _Group(TyperGroup):
@@ -70,12 +92,10 @@ class _Group(TyperGroup):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for cmd in (self, *self.commands.values()):
-            _flags_as_flags(cmd.params)
-            _help_as_flag(cmd)
+            _typer_flags_as_flags(cmd)
 
     def add_command(self, cmd: Any, name: str | None = None) -> None:
-        _flags_as_flags(cmd.params)
-        _help_as_flag(cmd)
+        _typer_flags_as_flags(cmd)
         super().add_command(cmd, name)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
