@@ -11,6 +11,7 @@ from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings
 from featviz.maps import plotting
 from featviz.maps import projection as tsne
+from featviz.maps.neighbors import NeighborSearch
 
 FAST = tsne.TsneParams(n_iter=150, early_exaggeration_iter=100, seed=0)
 
@@ -75,14 +76,14 @@ def test_neighbours_are_exact_in_the_full_space():
     from sklearn.neighbors import NearestNeighbors
 
     x, _ = _blobs(100, 20)  # narrow: an exact search
-    idx, dist = tsne.NeighborSearch(x).neighbors(10)
+    idx, dist = NeighborSearch(x).neighbors(10)
     ref_d, ref_i = NearestNeighbors(n_neighbors=11).fit(x).kneighbors(x)
     np.testing.assert_array_equal(idx, ref_i[:, 1:])
     np.testing.assert_allclose(dist, ref_d[:, 1:], rtol=1e-4, atol=1e-4)
     # wide, with the long spectrum of network features: PCA-50 candidates, re-ranked in 256-d
     rng = np.random.default_rng(0)
     wide = (rng.normal(size=(2000, 256)) * np.arange(1, 257) ** -0.75).astype(np.float32)
-    search = tsne.NeighborSearch(wide)
+    search = NeighborSearch(wide)
     assert search.refined
     idx, dist = search.neighbors(30)
     ref = NearestNeighbors(n_neighbors=31).fit(wide).kneighbors(wide, return_distance=False)[:, 1:]
