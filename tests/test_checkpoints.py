@@ -585,12 +585,12 @@ def test_vit_layout_loads_with_no_flags_and_equals_the_reference_at_a_non_square
 
 
 def test_dinov2_drops_mask_token_and_evaluates_at_224(tmp_path):
-    from featviz.models.description import describe
+    from featviz.models.description import IMAGENET_MEAN, describe
 
     model, report = C.load_backbone(build_dinov2_reg(tmp_path, _vit(14, 28, init_values=1e-5, reg_tokens=4,
                                                                      no_embed_class=True)))
     assert report.dropped == {"mask_token": 1} and report.arch["kwargs"]["reg_tokens"] == 4
-    assert report.normalization["mean"] == list(C.IMAGENET_MEAN) and "DINOv2" in report.normalization["source"]
+    assert report.normalization["mean"] == list(IMAGENET_MEAN) and "DINOv2" in report.normalization["source"]
     assert describe(model).input_size == (224, 224) and describe(model).method == "dinov2"  # DINOv2's eval crop
     assert model.num_prefix_tokens == 5
 
