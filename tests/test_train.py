@@ -52,6 +52,29 @@ def test_cac_directional_contrast_hand_case():
 
 
 # ---------------------------------------------------------------- the loop
+def test_both_tasks_implement_the_whole_contract_and_the_loop_probes_for_nothing():
+    """Every member of TrainTask is the task's own (none falls back to the protocol's empty body),
+    and the loop asks the task directly: no getattr/hasattr on it."""
+    import ast
+    import inspect
+
+    from featviz.train import loop
+    from featviz.train.segmentation.task import SegTask
+    from featviz.train.ssl_task import SSLTask
+    from featviz.train.task import TrainTask
+
+    members = {n for n in vars(TrainTask) if not n.startswith("_")}  # its methods and properties
+    assert {"loss", "export", "evaluate", "embeddings", "n", "set_epoch"} <= members
+    for cls in (SSLTask, SegTask):
+        assert TrainTask in cls.__mro__
+        missing = [m for m in sorted(members) if m not in vars(cls)]
+        assert not missing, (cls.__name__, missing)
+    probes = [n for n in ast.walk(ast.parse(inspect.getsource(loop)))
+              if isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("getattr", "hasattr")
+              and isinstance(n.args[0], ast.Name) and n.args[0].id in ("task", "model", "spec")]
+    assert probes == []
+
+
 def test_held_out_evaluation_sees_a_constant_predictor_and_keeps_training_state(tmp_path):
     from featviz.collapse import alignment
     from featviz.distributed import DistInfo

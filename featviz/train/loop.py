@@ -1,8 +1,10 @@
 """``featviz train``: SSL and segmentation training that is resumable, monitored and DDP-ready.
 
-One loop serves every method. A *task* (``SSLTask`` here, ``segmentation.SegTask``) owns the
-model, its data and its loss; the loop owns devices, precision, DDP, the optimiser and its
-schedule, checkpoints, resume, metrics and NaN handling.
+One loop serves every method. A *task* (``featviz.train.task.TrainTask``, the contract: an
+``SSLTask`` for the SSL methods, a ``SegTask`` for segmentation) owns the model, its data, its loss
+and what is evaluated and saved; the loop owns devices, precision, DDP, the optimiser and its
+schedule, checkpoints, resume, metrics and NaN handling, and calls every member of the contract on
+every task.
 
 Run folder (``RUN_DIR``):
 
@@ -44,9 +46,10 @@ from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError
 from featviz.io.outputs import atomic_path, check_place, write_json
 from featviz.io.progress import Progress
-from featviz.train.config import TrainConfig, registration, resolve_config
+from featviz.train.config import TrainConfig, resolve_config
 from featviz.train.optim import build_optimizer, param_groups, schedule_step
 from featviz.train.ssl_task import SSLTask
+from featviz.train.task import TrainTask
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, info: DistInfo
 
 
 # ---------------------------------------------------------------- the loop
-def _make_task(cfg: TrainConfig, info: DistInfo):
+def _make_task(cfg: TrainConfig, info: DistInfo) -> TrainTask:
     from featviz.train.segmentation.registry import SEG_METHODS
 
     if cfg.method in SEG_METHODS:
@@ -160,7 +163,7 @@ def _set_rng_state(st: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def _save_model(path: Path, task, extra_meta: dict[str, Any]) -> None:
+def _save_model(path: Path, task: TrainTask, extra_meta: dict[str, Any]) -> None:
     from featviz.models.checkpoints import save_featviz
 
     tensors, meta = task.export()
@@ -222,7 +225,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
             check_place(cfg.out)  # a folder that cannot be written: said before the data and the model are built
         task = _make_task(cfg, info)  # validates method/arch/data before touching RUN_DIR
         out = Path(cfg.out)
-        record = {**cfg.to_dict(), **(task.record() if hasattr(task, "record") else {})}
+        record = {**cfg.to_dict(), **task.record()}
         if info.is_main:
             out = _prepare_run_dir(cfg, resume=resume, force=force)
             write_json(out / "config.json", record)
@@ -234,20 +237,19 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
         cleanup(info)
 
 
-def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, progress, on_log, monitor_cls,
-         record: dict[str, Any]):
+def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume: bool, progress, on_log,
+         monitor_cls, record: dict[str, Any]):
     device = info.device
     amp, channels_last = _choose_precision(cfg, device)
-    spec = registration(cfg.method)
-    optim = getattr(task, "spec", spec).optim
+    optim = task.optim
     model = task.model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if info.enabled:
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        if device.type == "cuda" and spec.sync_bn:
+        if device.type == "cuda" and task.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif has_bn and spec.sync_bn:
+        elif has_bn and task.sync_bn:
             log.warning("SyncBatchNorm needs CUDA; on CPU each process normalises its own shard of the batch")
         task.model = model
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -272,21 +274,17 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
         epoch0, step = int(st["epoch"]), int(st["step"])
         best = None if math.isnan(float(st["best"])) else float(st["best"])
         history = json.loads(bytes(st["history"].numpy()).decode())
-        if hasattr(task, "load_extra_state"):
-            task.load_extra_state(st)
+        task.load_extra_state(st)
         _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resuming %s at epoch %d (step %d)", out, epoch0, step)
     monitor = monitor_cls(out, every=1, enabled=info.is_main)  # the loop decides when to log
     wrap = progress or (lambda it, total=None: it)
     t_start = time.perf_counter()
     last_good = out / "last.safetensors"
-    set_epoch = getattr(task, "set_epoch", None) or task.dataset.set_epoch
-    before_step = getattr(task, "before_step", lambda step: None)
-    after_epoch = getattr(task, "after_epoch", lambda epoch, step, device: None)  # every rank
 
     for epoch in range(epoch0, cfg.epochs):
         model.train()
-        set_epoch(epoch)
+        task.set_epoch(epoch)
         batches = epoch_batches(task.n, cfg.batch_size, epoch, cfg.seed, info)
         loader = torch.utils.data.DataLoader(task.dataset, batch_sampler=batches, collate_fn=task.collate,
                                              num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -305,7 +303,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                     f"lr {lr:.3g}){kept}; lower --lr or add --warmup-epochs")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            before_step(step)
+            task.before_step(step)
             opt.step()
             task.after_step(step, total)
             step += 1
@@ -314,7 +312,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
             if step % cfg.log_every == 0 and info.is_main:
                 rec = _log(monitor, task, out, step, kind="step", loss=losses[-1], lr=lr, epoch=epoch + 1,
                            images_per_s=round(seen / (time.perf_counter() - t_epoch), 1),
-                           **getattr(task, "last_parts", {}))
+                           **task.step_metrics())
                 if rec and on_log:
                     on_log(rec)
         if not losses:
@@ -336,7 +334,7 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
                        **{k: v for k, v in row.items() if k != "step"})
             if rec and on_log:
                 on_log(rec)
-        boxes_rec = after_epoch(epoch, step, device)  # ContrastiveCrop's box update (all ranks take part)
+        boxes_rec = task.after_epoch(epoch, step, device)  # ContrastiveCrop's box update (every rank takes part)
         if info.is_main:
             if boxes_rec:
                 _append(out / "metrics.jsonl", boxes_rec)
@@ -347,28 +345,23 @@ def _run(cfg: TrainConfig, task, info: DistInfo, out: Path, *, resume: bool, pro
             _save_model(out / "last.safetensors", task, meta)
             if better:
                 _save_model(out / "best.safetensors", task, meta)
-            _save_state(out, model, opt, epoch + 1, step, best, history,
-                        task.extra_state() if hasattr(task, "extra_state") else None)
+            _save_state(out, model, opt, epoch + 1, step, best, history, task.extra_state())
         barrier(info)
     monitor.close()
     return TrainResult(out, out / "last.safetensors", out / "best.safetensors", cfg.epochs, step, history,
                        time.perf_counter() - t_start, record)
 
 
-def _log(monitor, task, out: Path, step: int, *, held_out: bool = False, **values: Any) -> dict[str, Any]:
+def _log(monitor, task: TrainTask, out: Path, step: int, *, held_out: bool = False, **values: Any) -> dict[str, Any]:
     """One metrics line: collapse metrics plus ``values``.
 
     Step lines measure the last training batch (train mode; alignment between its two views);
     epoch lines (``held_out``) measure the held-out images in eval mode when the task has them
-    (alignment between two augmented views of each). ``split`` says which.
+    (alignment between two augmented views of each). ``split`` says which (``TrainTask.embeddings``).
     """
-    z = getattr(task, "held_out_z", None) if held_out else None
-    split = "held_out" if z is not None else "train_batch"
-    if z is not None and getattr(task, "held_out_alignment", None) is not None:
-        values = {**values, "alignment": task.held_out_alignment}  # two augmented views (Wang & Isola)
-    z = z if z is not None else task.embeddings()
+    z = task.embeddings(held_out=held_out)
     if z is not None:
-        return monitor.update(z[0], z[1], step=step, split=split, **values)
+        return monitor.update(z.z1, z.z2, step=step, split=z.split, **values, **z.extra)
     rec = {"step": step, "time": round(time.time(), 3), **values}
     _append(out / "metrics.jsonl", rec)
     return rec

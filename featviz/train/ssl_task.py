@@ -15,10 +15,26 @@ from featviz.errors import DataError
 from featviz.models.description import describe
 from featviz.train.config import TrainConfig, resolve_config
 from featviz.train.knn import EVAL_BATCH, held_out_split, knn_accuracy, knn_protocol, knn_sets
+from featviz.train.optim import Optim
+from featviz.train.task import Embeddings, TrainTask
 
 
-class SSLTask:
-    """An image SSL method on an image folder / CSV / ``digits``, with a kNN monitor."""
+class SSLTask(TrainTask):
+    """An image SSL method on an image folder / CSV / ``digits``, with a kNN monitor.
+
+    The ``TrainTask`` the loop drives for every SSL method: ``model`` is the registered
+    ``SSLMethod`` (backbone + heads + momentum encoders), the data are two (or more) seeded views
+    of each training image, ``evaluate`` is the kNN monitor on held-out images, and ``export``
+    writes the backbone and the heads (DINO: the teacher's).
+
+    Args:
+        cfg: the run's settings (resolved here, if they were not).
+        info: this process's place in a DDP run.
+
+    Raises:
+        DataError: fewer training images than one batch, a batch that does not divide over the
+            processes, or ``--no-stop-grad`` on a method other than SimSiam.
+    """
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         from featviz.data import augment
@@ -85,9 +101,21 @@ class SSLTask:
 
     @property
     def n(self) -> int:
+        """Training images per epoch (the held-out ones excluded)."""
         return len(self.items)
 
+    @property
+    def optim(self) -> Optim:
+        """The method's optimiser recipe for this backbone family."""
+        return self.spec.optim
+
+    @property
+    def sync_bn(self) -> bool:
+        """Whether BatchNorm is synchronised under CUDA DDP (MoCo v2: no, it shuffles keys)."""
+        return self.spec.sync_bn
+
     def set_epoch(self, epoch: int) -> None:
+        """The views' seeds, the method's epoch (queues, frozen layers) and ContrastiveCrop's boxes."""
         self.dataset.set_epoch(epoch)
         self.model.set_epoch(epoch)
         if self.boxes is not None:  # warm-up: RandomResizedCrop; then ContrastiveCrop in the current boxes
@@ -104,19 +132,23 @@ class SSLTask:
         return rec
 
     def extra_state(self) -> dict[str, torch.Tensor]:
+        """ContrastiveCrop's boxes (nothing else: the method's state is in its module)."""
         return self.boxes.state() if self.boxes is not None else {}
 
     def load_extra_state(self, st: dict[str, Any]) -> None:
+        """Restore ContrastiveCrop's boxes from ``state.pt``."""
         if self.boxes is not None:
             self.boxes.load_state(st)
 
     def loss(self, model: nn.Module, batch, device: torch.device, channels_last: bool) -> torch.Tensor:
+        """The method's loss on one batch of views."""
         views = [v.to(device, non_blocking=True) for v in batch[0]]
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return model(views)
 
     def before_step(self, step: int) -> None:
+        """DINO's per-parameter gradient clip, then the method's own hook (frozen prototypes, last layer)."""
         clip = self.spec.optim.clip_grad
         if clip:  # DINO utils.clip_gradients: each parameter's gradient norm at most ``clip``
             for p in self.model.parameters():
@@ -128,10 +160,20 @@ class SSLTask:
         self.model.before_step(step)
 
     def after_step(self, step: int, total: int) -> None:
+        """The method's end-of-step hook (momentum encoders, queues, DINO's centre)."""
         self.model.on_step_end(step / max(1, total))
 
-    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.model.embeddings
+    def step_metrics(self) -> dict[str, float]:
+        """Nothing beyond the loss: an SSL loss is one term."""
+        return {}
+
+    def embeddings(self, *, held_out: bool) -> Embeddings | None:
+        """The held-out images' monitored output (after an evaluation), else the last batch's two views."""
+        if held_out and self.held_out_z is not None:
+            extra = {} if self.held_out_alignment is None else {"alignment": self.held_out_alignment}
+            return Embeddings(self.held_out_z[0], self.held_out_z[1], "held_out", extra)
+        z = self.model.embeddings
+        return None if z is None else Embeddings(z[0], z[1], "train_batch")
 
     def _eval_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank and query images through ``eval_transform``, in index order (float32, cached)."""
@@ -200,7 +242,7 @@ class SSLTask:
                 for bn, m in zip(bns, momenta, strict=True):
                     bn.momentum = m
         finally:
-            set_bn_splits(model, getattr(model, "bn_splits", 1) if getattr(model, "shuffle_bn", False) else 1)
+            set_bn_splits(model, model.train_bn_splits())
 
     @torch.no_grad()
     def features(self, module: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -66,6 +66,10 @@ class SSLMethod(nn.Module):
     def before_step(self, step: int) -> None:
         """Hook between ``backward`` and the optimiser step (gradient surgery); ``step`` is 0-based."""
 
+    def train_bn_splits(self) -> int:
+        """The BatchNorm splits a training forward uses in one process (1: BatchNorm unsplit)."""
+        return 1
+
     @torch.no_grad()
     def on_step_end(self, progress: float) -> None:
         """Hook after each optimiser step (momentum encoders); ``progress`` runs 0 -> 1."""

@@ -130,7 +130,12 @@ class MoCoV2(MomentumMixin, SSLMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def set_splits(self, splits: int) -> None:
+        """Split the backbones' BatchNorm into ``splits`` sub-batches (1: unsplit)."""
         set_bn_splits(self, splits)
+
+    def train_bn_splits(self) -> int:
+        """``bn_splits`` with shuffle-BN (the CIFAR demo's SplitBatchNorm), else 1."""
+        return self.bn_splits if self.shuffle_bn else 1
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The momentum encoder's l2-normalised keys of ``x``, with shuffle-BN (no gradient)."""

@@ -17,24 +17,40 @@ from featviz.models.description import describe
 from featviz.models.segmenter import FEATURE_STRIDE, Segmenter, head_spec
 from featviz.train.segmentation.cac import CACSettings, NegativeBank, cac_unsupervised_loss
 from featviz.train.segmentation.dataset import SegDataset, VOCFolder
+from featviz.train.segmentation.registry import SEG_METHODS
+from featviz.train.task import Embeddings, TrainTask
 
 log = logging.getLogger(__name__)
 
 
-class SegTask:
+class SegTask(TrainTask):
     """``supervised_seg`` (cross-entropy on labelled crops) or ``cac`` (+ CAC's unsupervised loss).
 
-    Driven by ``featviz.train.loop`` through ``loss``, ``after_step``, ``evaluate``, ``export``, ``model``,
-    ``dataset``, ``collate``, ``n`` and ``last_parts``. CAC's settings come from the config's
-    ``weight_unsup``, ``temp``, ``pos_thresh``, ``selected_num``, ``step_save`` and
+    The ``TrainTask`` the loop drives for both segmentation methods: ``model`` is a
+    ``featviz.models.segmenter.Segmenter`` (with CAC's negative bank as buffers, saved in
+    ``state.pt`` but never exported), ``evaluate`` the mean IoU on the ``val`` list, and
+    ``step_metrics`` the supervised and unsupervised loss parts. CAC's settings come from the
+    config's ``weight_unsup``, ``temp``, ``pos_thresh``, ``selected_num``, ``step_save`` and
     ``epoch_start_unsup`` (``featviz train --step-save/--epoch-start-unsup``; CAC's defaults
     for a config without them).
+
+    Args:
+        cfg: the run's resolved settings (``featviz.train.config.TrainConfig``).
+        info: this process's place in a DDP run.
+
+    Raises:
+        DataError: not a VOC-layout folder, training images without masks, no unlabelled images
+            for ``cac``, a batch below 2 or not dividing over the processes, or a crop size that is
+            not a multiple of CAC's feature stride.
+        ArchitectureError: a backbone that is not a torchvision ResNet.
     """
 
     def __init__(self, cfg, info):
         from featviz.models.architectures import build_backbone
 
         self.cfg, self.info = cfg, info
+        registration = SEG_METHODS.get(cfg.method)
+        self.optim, self.sync_bn = registration.optim, registration.sync_bn
         voc = VOCFolder(cfg.data)
         train_ids, val_ids = voc.ids("train"), voc.ids("val")
         if cfg.limit:
@@ -76,7 +92,6 @@ class SegTask:
         self.dataset = SegDataset(voc, train_ids, unlabelled, crop_size=cfg.image_size, iou_bound=cfg.iou_bound,
                                   seed=cfg.seed, base_size=self.base_size)
         self.collate = torch.utils.data.default_collate
-        self.n = len(train_ids)
         self.last_parts: dict[str, float] = {}
         self.settings = CACSettings.from_config(cfg) if cfg.method == "cac" else None
         if self.settings is not None:
@@ -89,10 +104,32 @@ class SegTask:
             # the bank lives on the model (saved in state.pt for --resume, never exported)
             self.model.cac_bank = NegativeBank(self.settings.step_save, per_step, proj["out"])
 
+    @property
+    def n(self) -> int:
+        """Labelled training images per epoch."""
+        return len(self.dataset)
+
+    def record(self) -> dict[str, Any]:
+        """Nothing beyond the ``TrainConfig`` (CAC's settings are config fields)."""
+        return {}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Nothing: CAC's negative bank is a buffer of the model, in ``state.pt`` with it."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Nothing to restore beyond the model (see ``extra_state``)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """The crops' seeds (and whether CAC's warm-up is over)."""
+        self.dataset.set_epoch(epoch)
+
     def _unsup_active(self) -> bool:
         return self.dataset.epoch >= self.settings.epoch_start_unsup
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool):
+        """Cross-entropy on the labelled crops, plus (``cac``, after the warm-up) CAC's unsupervised
+        loss on the crop pairs; the parts are kept for ``step_metrics``."""
         def put(t):
             t = t.to(device)
             return t.contiguous(memory_format=torch.channels_last) if channels_last else t
@@ -126,10 +163,22 @@ class SegTask:
                            "loss_unsup_2": float(parts["loss2"].detach())}
         return sup + unsup
 
-    def after_step(self, step: int, total: int) -> None:
-        pass
+    def before_step(self, step: int) -> None:
+        """Nothing between backward and the step."""
 
-    def embeddings(self):
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing after the step (the bank is updated inside ``loss``)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last step's loss parts (``loss_sup``; ``cac``: ``loss_unsup`` and its two directions)."""
+        return self.last_parts
+
+    def embeddings(self, *, held_out: bool) -> Embeddings | None:
+        """None: a segmenter's pixel features are not monitored for collapse."""
+        return None
+
+    def after_epoch(self, epoch: int, step: int, device: torch.device) -> dict[str, Any] | None:
+        """Nothing after an epoch."""
         return None
 
     @torch.no_grad()
@@ -157,6 +206,7 @@ class SegTask:
         return {"miou": float((inter[present] / union[present]).mean()), **self.last_parts}
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The segmenter's tensors (``backbone.*``, ``head.*``, CAC's ``projector.*``) and metadata."""
         seg = self.model
         tensors = {f"backbone.{k}": v for k, v in seg.backbone.state_dict().items()}
         tensors.update({f"head.{k}": v for k, v in seg.head.state_dict().items()})
