@@ -99,8 +99,11 @@ class _Group(TyperGroup):
         super().add_command(cmd, name)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        """Typer's main, with every usage error (a missing option, a bad value, an extra argument) said
-        in one red line, exit code 2, like featviz's own errors (Typer draws a box of several lines)."""
+        """Typer's main, with every usage error said in one red line, exit code 2.
+
+        A missing option, a bad value or an extra argument reads like featviz's own errors (Typer
+        draws a box of several lines).
+        """
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -151,8 +154,10 @@ def _user_errors() -> Iterator[None]:
 
 
 def usage_error(message: str) -> NoReturn:
-    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors), with
-    the same ``(featviz CMD -h for help)`` hint as click's own usage errors."""
+    """A malformed option value, in one red line on stderr; exit code 2 (click's usage errors).
+
+    The line ends with the same ``(featviz CMD -h for help)`` hint as click's own usage errors.
+    """
     from typer._click.globals import get_current_context  # Typer's own click (its contexts)
 
     ctx = get_current_context(silent=True)
@@ -202,8 +207,11 @@ def _image_limit(max_image_pixels: int | None) -> None:
 
 
 class _LineHandler(logging.Handler):
-    """Each log record as one line on stderr (``warning: ...``), never wrapped, so that every warning
-    of a load or a run reads as one line however narrow the terminal; ``-v`` adds the logger name."""
+    """Each log record as one line on stderr (``warning: ...``), never wrapped.
+
+    So every warning of a load or a run reads as one line however narrow the terminal; ``-v`` adds
+    the logger name.
+    """
 
     _STYLE = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red", "INFO": "dim", "DEBUG": "dim"}
 

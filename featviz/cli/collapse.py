@@ -238,8 +238,17 @@ _FILE_MODE, _MODEL_MODE, _WATCH_MODE = "EMB", "--checkpoint/--arch", "--watch"
 
 
 def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images) -> str:
-    """The one place that decides the mode (EMB, --checkpoint/--arch or --watch) and refuses flags that
-    do not apply to it (rather than ignore a flag that would change nothing)."""
+    """The one place that decides the mode: EMB, --checkpoint/--arch or --watch.
+
+    It also refuses flags that do not apply to that mode (rather than ignore a flag that would change
+    nothing).
+
+    Returns:
+        The mode's name.
+
+    Raises:
+        typer.BadParameter: not exactly one mode, or a flag that does not apply to it.
+    """
     modes = [m for m, on in ((_FILE_MODE, embeddings), (_MODEL_MODE, model), (_WATCH_MODE, watch_dir)) if on]
     if len(modes) != 1:
         raise typer.BadParameter(

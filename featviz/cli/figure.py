@@ -42,13 +42,20 @@ def cac_figure(
     Args:
         checkpoints: one figure row per checkpoint (none: random-init ``arch`` rows, one per model seed).
         arch: the architecture for random-init rows, or to read the checkpoints with.
-        image: the image (``--image``); mask: its class mask (``--mask``).
+        image: the image (``--image``).
+        mask: its class mask (``--mask``).
         out_path: the figure (``--out``); its JSON goes beside it.
-        iou_bound, crop_size, base_size, max_pixels: the crops (``featviz.maps.cac_figure.cac_figure``).
+        iou_bound: the crops' IoU range (``--iou-bound``).
+        crop_size: crop side (``--crop-size``).
+        base_size: rescale base (``--base-size``).
+        max_pixels: overlap pixels shown per view (``--max-pixels``).
         row_names: row labels, comma-separated (``--row-names``).
         model_seeds: random-init seeds, one row each (``--model-seed``).
-        features: ``--features``; layer: ``--layer``, the same choice under tsne's other name.
-        seed, perplexity, iterations: crops' and t-SNE's seed, t-SNE settings.
+        features: which features (``--features``).
+        layer: ``--layer``, the same choice under tsne's other name.
+        seed: the crops' and t-SNE's seed.
+        perplexity: t-SNE perplexity.
+        iterations: t-SNE iterations.
         device: auto | cpu | cuda.
         force: overwrite outputs.
         load_kwargs: checkpoint-reading options (format, num_heads, checkpoint_key, trust).

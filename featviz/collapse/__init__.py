@@ -1,4 +1,4 @@
-"""Collapse and representation-quality diagnostics, one module per concern (torch-free here):
+"""Collapse and representation-quality diagnostics, one module per concern (torch-free here).
 
 * ``metrics``: the metrics on ``(N, D)`` arrays and ``CollapseReport`` (numpy only);
 * ``monitor``: ``CollapseMonitor`` for training loops, the Lightning callback, and ``watch``

@@ -160,6 +160,7 @@ class Moments:
     n_pairs: int = 0
 
     def uncentred_gram(self) -> np.ndarray:
+        """ZᵀZ of the kept rows (float64), rebuilt from the shifted Gram matrix."""
         s, a = self.shift, self.a
         return self.gram + np.outer(a, s) + np.outer(s, a) + self.n * np.outer(s, s)
 
@@ -169,6 +170,7 @@ class Moments:
         return float(np.sqrt(np.clip(var, 0, None)).mean())
 
     def covariance(self, normalized: bool = False) -> np.ndarray:
+        """The unbiased (D, D) covariance of Z, or of normalize(Z) when ``normalized``."""
         g, a = (self.gram_n, self.a_n) if normalized else (self.gram, self.a)
         return (g - np.outer(a, a) / self.n) / (self.n - 1)
 
@@ -383,6 +385,10 @@ def uniformity_sampled(z: Any, t: float = 2.0, *, pairs: int = UNIFORMITY_PAIRS,
     m ± 1.96·s/√M; the reported CI is its log.
 
     Args:
+        z: (N, D) rows (numpy, memmap or torch tensor); they are l2-normalised here.
+        t: the temperature.
+        pairs: how many random pairs.
+        seed: seed of the pair sampler.
         rows: indices of usable rows (e.g. the finite ones); all rows when None.
     """
     z = as_array(z)
@@ -499,8 +505,11 @@ class CollapseReport:
         return min(self.n, self.d)
 
     def flags(self, std_fraction: float = 0.3, rank_fraction: float = 0.1) -> list[str]:
-        """Collapse warnings: complete collapse (std_l2 below ``std_fraction``/√d) and dimensional
-        collapse (RankMe below ``rank_fraction``·min(N, D), or effective rank below 1.5)."""
+        """Collapse warnings, one line each (empty: no collapse flagged).
+
+        Complete collapse: std_l2 below ``std_fraction``/√d. Dimensional collapse: RankMe below
+        ``rank_fraction``·min(N, D), or effective rank below 1.5.
+        """
         out = []
         if self.std_l2 < std_fraction * self.std_l2_ideal:
             out.append(f"std_l2 {self.std_l2:.4g} < {std_fraction:g} × 1/√d ({self.std_l2_ideal:.4g}): "
@@ -535,7 +544,8 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
         drop_nonfinite: drop rows with NaN/Inf (counted in ``n_nonfinite``) instead of raising.
         uniformity_exact_max: exact uniformity up to this many rows, sampled above.
         uniformity_pairs: number of random pairs for the sampled estimate.
-        alpha: alignment exponent; t: uniformity temperature.
+        alpha: alignment exponent.
+        t: uniformity temperature.
         alpha_range: 1-based rank range [lo, hi) of the α-ReQ fit.
         seed: seed of the pair sampler.
         progress: optional wrapper for the streaming loop.
@@ -572,7 +582,10 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
 
 def file_reports(path: str | os.PathLike, positives: str | os.PathLike | None = None, *, seed: int = 0,
                  progress=None, **report_kwargs: Any) -> dict[str, CollapseReport]:
-    """``{file stem: CollapseReport}`` of an embeddings file (``.npz``/``.npy``), with alignment
-    from ``positives`` (row i pairs with row i) when given."""
+    """``{file stem: CollapseReport}`` of an embeddings file (``.npz``/``.npy``).
+
+    Alignment comes from ``positives`` (row i pairs with row i) when given; ``report_kwargs`` go to
+    ``collapse_report``.
+    """
     z2 = None if positives is None else load_matrix(positives, what="positives")
     return {Path(path).stem: collapse_report(load_matrix(path), z2, seed=seed, progress=progress, **report_kwargs)}

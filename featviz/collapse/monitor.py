@@ -1,5 +1,7 @@
-"""Collapse metrics during training: write them (``CollapseMonitor``, the Lightning callback) and
-follow them live (``watch``, ``CollapseWatcher``); torch-free.
+"""Collapse metrics during training: write them, and follow them live; torch-free.
+
+``CollapseMonitor`` (and the Lightning callback) writes them; ``watch`` and ``CollapseWatcher`` follow
+them.
 
 A run folder holds ``metrics.jsonl`` (one JSON object per line, as written by ``CollapseMonitor``
 and ``featviz train``), or checkpoints that appear one by one. ``watch`` polls it, hands every new
@@ -89,6 +91,7 @@ class CollapseMonitor:
 
     def __init__(self, out_dir: str | os.PathLike, every: int = 1, filename: str = "metrics.jsonl",
                  *, enabled: bool = True, writer: Any = None, **report_kwargs: Any):
+        """See the class docstring for the arguments."""
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.path = Path(out_dir) / filename
@@ -133,9 +136,11 @@ class CollapseMonitor:
                 self.writer.flush()
 
     def __enter__(self) -> CollapseMonitor:
+        """The monitor itself: ``with CollapseMonitor(...) as m:`` closes it at the end."""
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        """Close the monitor (write the done marker), whether or not the block raised."""
         self.close()
 
 
@@ -202,6 +207,7 @@ class JsonlTail:
     """Read complete new lines of a growing JSONL file (a partial last line waits for its newline)."""
 
     def __init__(self, path: str | os.PathLike):
+        """Follow ``path`` from its start (it may not exist yet)."""
         self.path = Path(path)
         self.offset = 0
         self.bad_lines = 0
@@ -285,8 +291,11 @@ class CollapseWatcher:
         return new
 
     def trend(self, key: str, i: int | None = None) -> str:
-        """↑, ↓ or → comparing record ``i`` (default: the last) with the one before it measured the
-        same way (same ``split``: training batch or held-out; change > 2 %)."""
+        """↑, ↓ or → for ``key``: record ``i`` (default: the last) against the one before it.
+
+        The one before is the last earlier record measured the same way (same ``split``: training
+        batch or held-out); → when the change is within 2 %; "" when there is nothing to compare.
+        """
         i = len(self.records) - 1 if i is None else i
         if i < 1 or i >= len(self.records):
             return ""
@@ -340,6 +349,7 @@ def watch(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = None,
             (once its size stops changing) is turned into a record by this function.
         on_event: ``on_event(kind, info)`` with kind "waiting", "records" (info: records,
             alarms) or "stopped" (info: reason).
+        sleep: how to wait between polls (tests pass a fake clock).
 
     Returns:
         A ``WatchResult``.
@@ -389,8 +399,11 @@ def _take(watcher: CollapseWatcher, records: list[dict[str, Any]], emit: Callabl
 
 
 class _RunSource:
-    """Where a watched run's records come from: its metrics file, or (with ``checkpoint_metrics``
-    and no metrics file) its checkpoints, each measured once its size stops changing."""
+    """Where a watched run's records come from.
+
+    Its metrics file, or (with ``checkpoint_metrics`` and no metrics file) its checkpoints, each
+    measured once its size stops changing.
+    """
 
     def __init__(self, run_dir: Path, filename: str, checkpoint_metrics: Callable[[Path], dict[str, Any]] | None):
         self.run_dir, self.checkpoint_metrics = run_dir, checkpoint_metrics
@@ -451,9 +464,11 @@ class FollowResult:
 
     @property
     def curves(self) -> Path:
+        """The curves plot, ``out_dir/curves.png``."""
         return self.out_dir / "curves.png"
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` summary: reason, records, alarms, last record, curves path."""
         return {"reason": self.reason, "records": self.records, "alarms": self.alarms, "last": self.last,
                 "curves": str(self.curves)}
 

@@ -1,5 +1,7 @@
-"""Collapse figures: singular-value spectra, metric curves over training, run comparisons
-(matplotlib's object API, imported inside the functions)."""
+"""Collapse figures: singular-value spectra, metric curves over training, run comparisons.
+
+They use matplotlib's object API, imported inside the functions.
+"""
 
 from __future__ import annotations
 
@@ -216,9 +218,11 @@ def plot_run_comparison(runs: dict[str, list[dict[str, Any]]], path: str | os.Pa
 
 def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport], source: str, *,
                  force: bool = False, model: ModelDescription | None = None) -> Path:
-    """Write ``report.json`` (every output's metrics, spectra, flags and the definitions, plus the
-    manifest: the measured model's description and its load warnings when ``model`` is given) and
-    ``spectrum.png`` into ``out_dir``, as one atomic folder."""
+    """Write ``report.json`` and ``spectrum.png`` into ``out_dir``, as one atomic folder.
+
+    ``report.json`` holds every output's metrics, spectra, flags and the definitions, plus the
+    manifest: the measured model's description and its load warnings when ``model`` is given.
+    """
     from featviz.collapse.metrics import DEFINITIONS
     from featviz.io.outputs import atomic_dir, manifest, write_json
 

@@ -36,8 +36,10 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 
 def view_pair(img, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], *,
               shared_geometry: bool = False, view=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented, normalised tensors of one PIL image: ``featviz.data.augment.view_pair`` (the one
-    augmentation pipeline; default ``augment.ANALYSIS_VIEW``, SimSiam's views without blur).
+    """Two augmented, normalised tensors of one PIL image: ``featviz.data.augment.view_pair``.
+
+    That is the one augmentation pipeline; the default view is ``augment.ANALYSIS_VIEW``, SimSiam's
+    views without blur.
 
     ``size`` is N or (H, W). With ``shared_geometry`` both views use one crop and flip
     (pixel-aligned pairs) and differ only photometrically.
@@ -145,6 +147,7 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
         seed: seeds the augmentations and the pixel sampling (same seed, same views).
         pixels: also return ``pixels``: the (N, C, H, W) map of ``layer`` (the feature core's rule),
             ``pixels_per_image`` cells per image, the same cells in both views.
+        pixels_per_image: cells sampled per image with ``pixels``.
         layer: the layer for ``pixels`` (default ``featviz.models.features.default_layer``: ResNet
             ``layer4``, ViT ``norm``).
         heads: extra outputs computed from the pooled features (see ``checkpoint_heads``).
@@ -248,9 +251,12 @@ def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.Pa
 def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any], *, image_size: Size = None,
                           batch_size: int = 64, seed: int = 0, device: str = "auto",
                           **report_kwargs: Any) -> Callable[[Path], dict[str, Any]]:
-    """A function turning one checkpoint file into a metrics record, for ``watch`` on a run that
-    writes checkpoints but no ``metrics.jsonl``: the projector's report when the checkpoint has one
-    (what the SSL loss sees), else the backbone's; the load's warnings ride along."""
+    """A function turning one checkpoint file into a metrics record.
+
+    It is for ``watch`` on a run that writes checkpoints but no ``metrics.jsonl``: the record is the
+    projector's report when the checkpoint has one (what the SSL loss sees), else the backbone's; the
+    load's warnings ride along.
+    """
     from featviz.data import images as data
     from featviz.distributed import resolve_device
     from featviz.models.loader import load_model

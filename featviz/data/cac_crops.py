@@ -81,6 +81,7 @@ class CropPair:
     tries: int
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-able (tuples stay tuples)."""
         return asdict(self)
 
     def overlap_grid(self, which: int) -> tuple[slice, slice]:
@@ -235,7 +236,12 @@ def cac_pair(image: Image.Image, mask: np.ndarray | None, rng: np.random.Generat
         mask: (H, W) class mask with ``IGNORE_INDEX`` for unlabelled pixels, or None.
         rng: the random source.
         base_size: the long side is rescaled to ``randint(scale_range[0]*base, scale_range[1]*base)``.
-        crop_size, iou_bound, stride, max_iters, flip: see ``sample_crop_pair``.
+        crop_size: crop side (see ``sample_crop_pair``).
+        iou_bound: the crops' IoU range (see ``sample_crop_pair``).
+        stride: crop offsets snap to multiples of this (see ``sample_crop_pair``).
+        scale_range: the rescale range, as multiples of ``base_size``.
+        max_iters: tries before giving up (see ``sample_crop_pair``).
+        flip: flip each crop independently with probability 1/2 (see ``sample_crop_pair``).
 
     Raises:
         DataError: the mask's size differs from the image's.
@@ -295,8 +301,10 @@ def labelled_crop(image: Image.Image, mask: np.ndarray, rng: np.random.Generator
 
 
 def __getattr__(name: str):
-    """``LowLevelAugment`` / ``LowLevelParams`` live in ``featviz.data.augment`` (the one augmentation
-    pipeline); imported lazily here so that this module stays torch-free."""
+    """``LowLevelAugment`` / ``LowLevelParams``, from ``featviz.data.augment`` on first access.
+
+    They live in the one augmentation pipeline; imported lazily so that this module stays torch-free.
+    """
     if name in ("LowLevelAugment", "LowLevelParams"):
         from featviz.data import augment
 

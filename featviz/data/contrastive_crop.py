@@ -124,6 +124,7 @@ class ContrastiveCrop(v2.RandomResizedCrop):
     def __init__(self, size: int | Sequence[int], scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: Any = v2.InterpolationMode.BILINEAR,
                  antialias: bool = True, *, alpha: float = 0.6):
+        """See the class docstring for the arguments."""
         super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation, antialias=antialias)
         if not alpha > 0:
             raise DataError(f"ContrastiveCrop alpha must be > 0, got {alpha}")
@@ -131,6 +132,7 @@ class ContrastiveCrop(v2.RandomResizedCrop):
         self.beta = torch.distributions.Beta(torch.tensor(self.alpha), torch.tensor(self.alpha))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """The crop (top, left, height, width) for one call, drawn in the official order (torchvision's hook)."""
         height, width = v2.query_size(flat_inputs)
         y0, x0, y1, x1 = _box_pixels(flat_inputs, height, width)
         area = height * width
@@ -160,19 +162,24 @@ class ContrastiveCrop(v2.RandomResizedCrop):
 
 # ---------------------------------------------------------------- heatmaps and boxes
 def box_input(size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """How an image enters the box computation: resized to (size, size) (or (H, W)), no crop, normalised
-    (``augment.finish``'s three steps; ``featviz.data.augment`` imports this module, not the reverse)."""
+    """How an image enters the box computation: resized to (size, size) (or (H, W)), no crop, normalised.
+
+    These are ``augment.finish``'s three steps (``featviz.data.augment`` imports this module, not the
+    reverse).
+    """
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     return v2.Compose([v2.Resize(hw, antialias=True), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])
 
 
 def heatmap_layer(model: nn.Module, layer: str | None = None) -> str:
-    """The layer whose channel mean is the heatmap: ``layer`` when given, else the feature core's
-    ``default_layer`` (ResNet ``layer4``, a timm CNN's last ``feature_info`` stage), except that a
-    ViT whose default is its final ``norm`` uses its last block's output instead: a LayerNorm
-    centres every token over the channels, so the channel mean of its output is zero up to
-    rounding (a named deviation; the official code has ResNets only)."""
+    """The layer whose channel mean is the heatmap.
+
+    ``layer`` when given, else the feature core's ``default_layer`` (ResNet ``layer4``, a timm CNN's
+    last ``feature_info`` stage), except that a ViT whose default is its final ``norm`` uses its last
+    block's output instead: a LayerNorm centres every token over the channels, so the channel mean of
+    its output is zero up to rounding (a named deviation; the official code has ResNets only).
+    """
     from featviz.models.features import _is_vit, default_layer
 
     if layer is not None:
@@ -189,8 +196,10 @@ CONSTANT_RTOL = 1e-5
 
 @torch.no_grad()
 def heatmaps(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's last feature map (``heatmap_layer``) of ``x`` (N, 3, H, W) averaged over channels,
-    min-max scaled to [0, 1] per image and upsampled bilinearly to (H, W).
+    """The model's heatmaps of ``x`` (N, 3, H, W), one per image.
+
+    Each is the last feature map (``heatmap_layer``) averaged over channels, min-max scaled to [0, 1]
+    per image and upsampled bilinearly to (H, W).
 
     Returns:
         (heatmaps (N, H, W) float32, constant (N,) bool: images whose map had no range, i.e. less
@@ -214,9 +223,12 @@ def heatmaps(model: nn.Module, x: torch.Tensor, *, layer: str | None = None) -> 
 
 @dataclass
 class Boxes:
-    """Boxes of N images: ``boxes`` (N, 4) float32 ``(h0, w0, h1, w1)`` fractions; ``area`` the share
-    of the heatmap's pixels inside each box; ``whole`` boxes spanning every row and column;
-    ``constant`` images whose heatmap was constant (whole-image box)."""
+    """Boxes of N images.
+
+    ``boxes`` (N, 4) float32 ``(h0, w0, h1, w1)`` fractions; ``area`` the share of the heatmap's
+    pixels inside each box; ``whole`` boxes spanning every row and column; ``constant`` images whose
+    heatmap was constant (whole-image box).
+    """
 
     boxes: torch.Tensor
     area: torch.Tensor
@@ -224,6 +236,7 @@ class Boxes:
     constant: torch.Tensor
 
     def stats(self) -> dict[str, Any]:
+        """The metrics line: count, mean box area, share of whole-image boxes, constant heatmaps."""
         return {"n": len(self.boxes), "mean_box_area": float(self.area.mean()) if len(self.area) else float("nan"),
                 "whole_image_share": float(self.whole.float().mean()) if len(self.whole) else float("nan"),
                 "constant_heatmaps": int(self.constant.sum())}
@@ -386,9 +399,11 @@ class CropSchedule:
     epochs: int
 
     def uses_boxes(self, epoch: int) -> bool:
+        """Whether the views of ``epoch`` (0-based) use the boxes (after the warm-up)."""
         return epoch >= self.warmup
 
     def updates_after(self, epoch: int) -> bool:
+        """Whether the boxes are recomputed after ``epoch`` (0-based)."""
         e = epoch + 1
         return e >= self.warmup and e != self.epochs and e % self.update_every == 0
 
@@ -397,6 +412,7 @@ class CropSchedule:
         return [e + 1 for e in range(self.epochs) if self.updates_after(e)]
 
     def to_dict(self) -> dict[str, Any]:
+        """The schedule for config.json, with its update epochs and the official source it follows."""
         return {**asdict(self), "updates_after_epochs": self.update_epochs(),
                 "source": "xyupeng/ContrastiveCrop DDP_simsiam_ccrop.py:95-132, 273, 279; "
                           "datasets/transforms/ContrastiveCrop.py:16-66"}
@@ -413,6 +429,7 @@ class BoxTracker:
 
     def __init__(self, schedule: CropSchedule, items: Sequence[Any], ids: Sequence[str], *, image_size: int,
                  mean: Sequence[float], std: Sequence[float]):
+        """Whole-image boxes for ``items`` (ids ``ids``), computed at ``image_size`` with ``mean``/``std``."""
         self.schedule, self.items, self.ids = schedule, list(items), list(ids)
         self.image_size, self.mean, self.std = image_size, mean, std
         self.boxes = torch.tensor(WHOLE_BOX).repeat(len(self.items), 1)
@@ -441,9 +458,15 @@ class BoxTracker:
                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The boxes and the last update's epoch, for ``state.pt``."""
         return {"ccrop_boxes": self.boxes.clone(), "ccrop_updated": torch.tensor(self.updated)}
 
     def load_state(self, st: dict[str, Any]) -> None:
+        """Restore ``state()`` from a resumed run's ``state.pt``.
+
+        Raises:
+            DataError: the state has no boxes, or boxes for another number of images.
+        """
         if "ccrop_boxes" not in st:
             raise DataError("--resume: this run's state.pt has no ContrastiveCrop boxes (was it started with "
                             "--crop rrc?); resume with the run's own --crop or start a new run")

@@ -151,6 +151,7 @@ class LabelledImages:
     ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
+        """The number of images."""
         return len(self.items)
 
 
@@ -258,13 +259,16 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[Any], labels: Sequence[int] | None, transform, *, strict: bool = False):
+        """``items`` with ``labels`` (None: all -1), each decoded image passed through ``transform``."""
         self.items, self.transform, self.strict = list(items), transform, strict
         self.labels = np.full(len(self.items), -1, np.int64) if labels is None else np.asarray(labels)
 
     def __len__(self) -> int:
+        """The number of items."""
         return len(self.items)
 
     def __getitem__(self, i: int):
+        """``(tensor | None, label, index)`` of item ``i``."""
         item = self.items[i]
         try:
             img = item if isinstance(item, Image.Image) else load_image(item)

@@ -136,6 +136,7 @@ class ImageResolver:
         npz_path: str | os.PathLike | None = None,
         root: str | os.PathLike | None = None,
     ):
+        """See the class docstring for the arguments."""
         self.ids = [str(i) for i in ids]
         self.manifest = manifest or {}
         args = self.manifest.get("arguments") or {}
@@ -254,12 +255,14 @@ def pixel_thumbnail(
 
 
 def encode(img: Image.Image) -> bytes:
+    """``img`` encoded as a small ``FORMAT`` (WebP) file."""
     buf = io.BytesIO()
     img.save(buf, FORMAT, quality=QUALITY, method=2)  # method 2: as small as 4 here, faster
     return buf.getvalue()
 
 
 def data_uri(data: bytes) -> str:
+    """A ``data:`` URI of encoded thumbnail bytes."""
     return f"data:image/{FORMAT.lower()};base64," + base64.b64encode(data).decode("ascii")
 
 
@@ -271,15 +274,18 @@ class ThumbnailStore:
     """
 
     def __init__(self, side: int):
+        """An empty store of ``side``-pixel thumbnails."""
         self.side = side
         self.data: list[bytes] = []
         self._index: dict[Any, int] = {}
 
     def __len__(self) -> int:
+        """The number of distinct thumbnails."""
         return len(self.data)
 
     @property
     def nbytes(self) -> int:
+        """The encoded size of every thumbnail together."""
         return sum(len(d) for d in self.data)
 
     def add(self, key: Any, make) -> int:
@@ -295,6 +301,7 @@ class ThumbnailStore:
         return self._index[key]
 
     def add_image(self, key: Any, img: Image.Image | None) -> int:
+        """Index of ``key``'s thumbnail of a whole image (-1 when ``img`` is None)."""
         return self.add(key, lambda: None if img is None else image_thumbnail(img, self.side))
 
     def add_pixel(
@@ -306,15 +313,18 @@ class ThumbnailStore:
         *,
         window: int | None = None,
     ) -> int:
+        """Index of ``key``'s thumbnail of the pixel (y, x): a crop around it, the pixel marked."""
         return self.add(
             key,
             lambda: None if img is None else pixel_thumbnail(img, y, x, self.side, window=window),
         )
 
     def uris(self) -> list[str]:
+        """Every thumbnail as a data URI, in index order."""
         return [data_uri(d) for d in self.data]
 
     def images(self) -> list[Image.Image]:
+        """Every thumbnail decoded (RGB), in index order."""
         out = []
         for d in self.data:
             with Image.open(io.BytesIO(d)) as im:

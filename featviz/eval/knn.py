@@ -240,14 +240,17 @@ def weighted_knn(
     """DINO's weighted k-NN accuracy of ``val`` against ``train``, for every ``k`` in one pass.
 
     Args:
-        train_features, val_features: (N, D) and (M, D) features (any float dtype).
-        train_labels, val_labels: (N,) and (M,) class indices ≥ 0.
+        train_features: (N, D) training features (any float dtype).
+        train_labels: (N,) their class indices ≥ 0.
+        val_features: (M, D) query features.
+        val_labels: (M,) their class indices ≥ 0.
         ks: neighbour counts; all share one similarity pass.
         temperature: T in the vote weight ``exp(s / T)``.
         num_classes: default ``max(label) + 1``.
         normalize: L2-normalise both sets first (DINO does); False if they already are.
         copy: False normalises float32 inputs in place, saving a copy of the training set.
-        block_rows, block_cols: query and training rows per block (memory: their product).
+        block_rows: query rows per block (memory: block_rows × block_cols).
+        block_cols: training rows per block.
         progress: wraps the loop over query blocks (a progress bar).
 
     Returns:
@@ -307,7 +310,8 @@ def run_knn(
     """Everything ``featviz knn`` does: read or embed the two splits, score every ``k``, report.
 
     Args:
-        ks, temperature: see ``weighted_knn``.
+        ks: neighbour counts (see ``weighted_knn``).
+        temperature: the vote temperature (see ``weighted_knn``).
         out: optional ``.json`` file for the result and its provenance (written atomically).
         force: overwrite ``out``.
         arguments: the command's arguments, for the provenance.

@@ -50,6 +50,7 @@ class ProbeResult:
     converged: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON result: accuracies, chosen ``C``, the grid, the selection split, convergence."""
         return {
             "top1": self.top1,
             "top5": self.top5,
@@ -99,8 +100,10 @@ def linear_probe(
     """Choose ``C`` on a held-out part of the training set, refit on all of it, score val.
 
     Args:
-        train_features, val_features: (N, D) and (M, D) frozen features.
-        train_labels, val_labels: class indices ≥ 0.
+        train_features: (N, D) frozen training features.
+        train_labels: (N,) their class indices ≥ 0.
+        val_features: (M, D) frozen validation features.
+        val_labels: (M,) their class indices ≥ 0.
         cs: the grid of inverse regularisation strengths.
         selection_fraction: share of the training rows held out to choose ``C``.
         seed: seed of that stratified split.

@@ -44,6 +44,7 @@ class Split:
     ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
+        """The number of rows."""
         return len(self.labels)
 
 
@@ -59,10 +60,12 @@ class Splits:
 
     @property
     def dim(self) -> int:
+        """The feature width."""
         return int(self.train.features.shape[1])
 
     @property
     def num_classes(self) -> int:
+        """Classes named or seen in either side."""
         return max(
             len(self.class_names), int(max(self.train.labels.max(), self.val.labels.max())) + 1
         )
@@ -341,8 +344,10 @@ def _from_one_set(
 
 
 def _model(checkpoint, arch, load_kwargs) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """The model in eval mode (the loader logs its warnings), its description as a dict, and the
-    protocol lines that say how it is used."""
+    """The model in eval mode, its description as a dict, and the protocol lines that say how it is used.
+
+    The loader logs its warnings.
+    """
     from featviz.models.loader import load_model
 
     model, desc = load_model(checkpoint, arch=arch, **(load_kwargs or {}))

@@ -1,2 +1,4 @@
-"""Where featviz's outputs go: atomic files and folders, manifests, embedding artifacts, progress,
-the bundled sample data."""
+"""Where featviz's outputs go.
+
+Atomic files and folders, manifests, embedding artifacts, progress, the bundled sample data.
+"""

@@ -46,6 +46,7 @@ class Embeddings:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Coerce the arrays (float32 features, int64 labels, str ids) and check their shapes."""
         self.features = np.asarray(self.features, dtype=np.float32)
         if self.features.ndim != 2:
             raise ArtifactError(f"features must be (N, D), got shape {self.features.shape}")
@@ -60,14 +61,17 @@ class Embeddings:
 
     @property
     def n(self) -> int:
+        """The number of rows."""
         return int(self.features.shape[0])
 
     @property
     def d(self) -> int:
+        """The feature width."""
         return int(self.features.shape[1])
 
     @property
     def is_pixels(self) -> bool:
+        """Whether the rows are pixels (with ``image_index`` and ``yx``) rather than images."""
         return self.image_index is not None
 
     def label_names(self) -> list[str]:

@@ -1,5 +1,6 @@
-"""Writing outputs without losing anything: checks before work, atomic files and folders, manifests
-(torch-free).
+"""Writing outputs without losing anything (torch-free).
+
+Checks before work, atomic files and folders, manifests.
 
 The rules every command follows:
 
@@ -70,8 +71,10 @@ def check_output(path: str | os.PathLike, *, force: bool = False, folder: bool |
 
 
 def check_place(path: str | os.PathLike) -> Path:
-    """Check only where ``path`` goes: no parent is a file, and the folder it is written in is writable
-    (the output itself when it is an existing folder). What is already there is not judged.
+    """Check only where ``path`` goes; what is already there is not judged.
+
+    No parent may be a file, and the folder it is written in (the output itself when it is an
+    existing folder) must be writable.
 
     Raises:
         OutputError: a parent is a file, or the folder cannot be written.
@@ -392,8 +395,10 @@ def _prune_empty(root: Path, removed: Iterable[str]) -> None:
 
 def prepare_folder(path: str | os.PathLike, files: Iterable[str], *, force: bool = False,
                    command: str | None = None) -> Path:
-    """A folder featviz fills over time (``collapse --watch``): checked, cleared of featviz's earlier
-    files (with ``force``), and marked as holding ``files``. Write into it with ``atomic_path``.
+    """A folder featviz fills over time (``collapse --watch``), made ready.
+
+    It is checked, cleared of featviz's earlier files (with ``force``), and marked as holding
+    ``files``. Write into it with ``atomic_path``.
 
     Raises:
         OutputError, OutputExistsError: see ``check_output``.
@@ -453,8 +458,11 @@ def manifest_path(output: str | os.PathLike) -> Path:
 
 
 def read_manifest(output: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest beside a file output: ``<stem>.manifest.json``, else the ``manifest.json`` of
-    earlier featviz versions when it names this output; None when there is none."""
+    """The manifest beside a file output, or None when there is none.
+
+    That is ``<stem>.manifest.json``, else the ``manifest.json`` of earlier featviz versions when it
+    names this output.
+    """
     output = Path(output)
     for candidate in (manifest_path(output), output.with_name("manifest.json")):
         try:

@@ -1,5 +1,8 @@
-"""Where featviz's bundled sample data is: the ``sample_data/`` folder of a source checkout, or the
-copy a ``pip install`` puts inside the package (torch-free)."""
+"""Where featviz's bundled sample data is (torch-free).
+
+The ``sample_data/`` folder of a source checkout, or the copy a ``pip install`` puts inside the
+package.
+"""
 
 from __future__ import annotations
 

@@ -151,9 +151,11 @@ def _feature_layer(model: torch.nn.Module, features: str) -> tuple[torch.nn.Modu
 
 
 def feature_maps(model: torch.nn.Module, features: str, x: torch.Tensor) -> torch.Tensor:
-    """The (N, C, h, w) map ``features`` names for a batch: ``decoder``/``projector`` (segmenters:
-    ``pixel_features``), ``backbone`` (the backbone's default layer, ResNet ``layer4``) or a layer
-    name, at the layer's native resolution (never resized)."""
+    """The (N, C, h, w) map ``features`` names for a batch, at its native resolution (never resized).
+
+    ``features`` is ``decoder``/``projector`` (segmenters: ``pixel_features``), ``backbone`` (the
+    backbone's default layer, ResNet ``layer4``) or a layer name.
+    """
     from featviz.models.features import FeatureExtractor
 
     target, layer = _feature_layer(model, features)
@@ -389,9 +391,10 @@ class FigureRows:
 def load_figure_models(checkpoints: Sequence[str | os.PathLike] = (), *, arch: str | None = None,
                        seeds: Sequence[int] = (0,), names: Sequence[str] | None = None,
                        load_kwargs: dict[str, Any] | None = None) -> list[FigureModel]:
-    """The figure's rows: one per checkpoint, in order (a whole segmenter, featviz's or CAC's layout,
-    keeps its decoder, classifier and projector), or without checkpoints one random-init ``arch``
-    per seed. ``names`` replaces the default row names (the checkpoint's name, or arch and seed).
+    """The figure's rows: one per checkpoint, in order, or one random-init ``arch`` per seed.
+
+    A whole segmenter (featviz's or CAC's layout) keeps its decoder, classifier and projector.
+    ``names`` replaces the default row names (the checkpoint's name, or arch and seed).
 
     Raises:
         DataError: neither checkpoints nor ``arch``, or ``names`` of another length than the rows.
@@ -424,8 +427,11 @@ def load_figure_models(checkpoints: Sequence[str | os.PathLike] = (), *, arch: s
 
 
 def working_crop(models: Sequence[FigureModel], crop_size: int | None, base_size: int | None) -> tuple[int, int, str]:
-    """Crop and base size of the figure: given ones, else the rows' training crop (featviz and CAC
-    checkpoints record it) when they agree, else CAC VOC's 320 / 400. Returns (crop, base, why)."""
+    """Crop and base size of the figure, and why: returns (crop, base, why).
+
+    Given ones win; else the rows' training crop (featviz and CAC checkpoints record it) when they
+    agree; else CAC VOC's 320 / 400.
+    """
     if crop_size is not None and base_size is not None:
         return crop_size, base_size, "given"
     from featviz.models.description import describe
@@ -490,11 +496,25 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
     """Build CAC's Figure 3 for ``models`` on one image and mask; write PNG/PDF/SVG + JSON + NPZ.
 
     Args:
+        models: the rows (``load_figure_models``).
+        image: the image.
+        mask: its class mask (255 = ignore).
+        out: the figure (.png, .pdf or .svg); the JSON and NPZ go beside it.
         features: ``decoder`` (default for segmenters: the stride-8 decoder output CAC's classifier
             and projector read), ``projector`` (every row needs one), ``backbone`` (default for
             plain encoders; a segmenter's backbone ``layer4``) or a layer name.
-        crop_size, base_size: default: the checkpoints' training crop if recorded, else 320 / 400.
+        iou_bound: the crops' IoU range (CAC: 0.1 to 1.0).
+        crop_size: crop side; default: the checkpoints' training crop if recorded, else 320.
+        base_size: rescale base; default: the checkpoints' training base if recorded, else 400.
         layer: the same as ``features=LAYER`` (older spelling).
+        max_pixels: overlap pixels shown per view.
+        seed: seeds the crops, the pixel sample and t-SNE.
+        perplexity: t-SNE perplexity (clamped for few points).
+        n_iter: t-SNE iterations.
+        device: where the models run.
+        class_names: label value -> name (default: a classes.txt beside the mask or one folder up).
+        force: overwrite outputs.
+        progress: wraps the loop over rows (a progress bar).
         html: also write the interactive page (``featviz.maps.interactive.views_page``): a row per model,
             a panel per view, every panel linked (they show the same pixels), hover = a crop of the
             view around the pixel.

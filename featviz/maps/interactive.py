@@ -219,7 +219,9 @@ def views_page(
         view_names: one name per view.
         window: crop side around the pixel, in image pixels (default: a third of the image).
         source: the image the views were cut from (the hover names it with the view).
-        title, notes, force: as ``write_html``.
+        title: page heading.
+        notes: lines shown under the heading.
+        force: overwrite ``out``.
     """
     from featviz.data import thumbnails as th
 

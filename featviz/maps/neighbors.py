@@ -38,6 +38,7 @@ class NeighborSearch:
 
     def __init__(self, x: np.ndarray, *, metric: str = "euclidean", pca_dim: int | None = PCA_DIM, seed: int = 0,
                  n_jobs: int = 1):
+        """Index ``x`` (N, D) for ``metric`` (euclidean or cosine); PCA to ``pca_dim`` when wider."""
         if metric not in ("euclidean", "cosine"):
             raise DataError(f"featviz's neighbour search supports euclidean and cosine, got {metric!r}; "
                             "pass neighbors='exact' (or 'annoy') to use openTSNE's own")
@@ -63,6 +64,7 @@ class NeighborSearch:
 
     @property
     def refined(self) -> bool:
+        """Whether candidates come from the PCA space and are re-ranked (wide features)."""
         return self.pca is not None
 
     def _candidates(self, zq: np.ndarray | None, m: int) -> np.ndarray:
@@ -133,7 +135,7 @@ def rerank(query: np.ndarray, ref: np.ndarray, candidates: np.ndarray, k: int,
 
 @functools.cache
 def _knn_index_class():
-    """openTSNE's extension point for neighbour search, backed by ``NeighborSearch``."""
+    """The class of openTSNE's extension point for neighbour search, backed by ``NeighborSearch``."""
     from openTSNE.nearest_neighbors import KNNIndex
 
     class FeaturevizKNN(KNNIndex):

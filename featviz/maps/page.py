@@ -1,6 +1,7 @@
-"""The interactive page itself: scatter panels in one self-contained HTML file (Bokeh, JavaScript
-inlined; no server/network). ``featviz.maps.interactive`` builds the panels of a map or of the CAC
-figure's views and their thumbnails; ``write_html`` draws any panels.
+"""The interactive page itself: scatter panels in one self-contained HTML file.
+
+Bokeh, JavaScript inlined; no server/network. ``featviz.maps.interactive`` builds the panels of a map
+or of the CAC figure's views and their thumbnails; ``write_html`` draws any panels.
 
 What the page does:
 
@@ -109,6 +110,7 @@ class Panel:
     extra: dict[str, Sequence] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Coerce the arrays; every per-point field must have one entry per point."""
         self.coords = np.asarray(self.coords, np.float64).reshape(-1, 2)
         n = len(self.coords)
         self.labels = np.asarray(self.labels, np.int64).reshape(n)

@@ -76,6 +76,7 @@ class TsneParams:
     min_dist: float = 0.1
 
     def __post_init__(self) -> None:
+        """Refuse an unknown ``method`` (with a did-you-mean)."""
         if self.method not in MAP_METHODS:
             from featviz.errors import UnknownNameError, did_you_mean
 
@@ -83,6 +84,7 @@ class TsneParams:
                                    f"{did_you_mean(self.method, MAP_METHODS)}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, for the map's ``info`` and the coordinates file."""
         return dict(self.__dict__)
 
 
@@ -146,7 +148,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def _callbacks(progress: Progress | None, total: int):
-    """openTSNE calls back every 50 iterations; advance a progress bar by as many steps."""
+    """Callbacks that advance a progress bar by 50 steps each time openTSNE calls back (every 50 iterations)."""
     if progress is None:
         return None, lambda: None
     it = iter(progress(range(total)))
@@ -202,7 +204,7 @@ def idle_cores(window: float = 0.25) -> float:
 
 
 def auto_jobs(n: int) -> int:
-    """openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
+    """The openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
 
     Below 20k points thread start-up costs more than it saves; above, extra threads only help when
     cores are free: on a busy machine they fight for the same cores (measured on a shared 2-core
@@ -256,12 +258,15 @@ def clamp_neighbors(n_neighbors: int, n: int) -> int:
 
 
 class Projection:
-    """One 2-D method behind one interface: ``fit(x)`` on the map's points, then ``place(x_new)``
-    to put other points into the fitted map (openTSNE ``transform``, UMAP ``transform``, PCA
-    ``transform``). ``info`` records what was used (perplexity/n_neighbors after clamping, PCA).
+    """One 2-D method behind one interface: ``fit(x)``, then ``place(x_new)``.
+
+    ``fit`` maps the map's points; ``place`` puts other points into the fitted map (openTSNE
+    ``transform``, UMAP ``transform``, PCA ``transform``). ``info`` records what was used
+    (perplexity/n_neighbors after clamping, PCA).
     """
 
     def __init__(self, params: TsneParams, progress: Progress | None = None, *, will_place: bool = False):
+        """Use ``params``; ``will_place``: other points will be placed (UMAP then keeps its own index)."""
         self.params, self.progress, self.will_place = params, progress, will_place
         self.model: Any = None
         self.info: dict[str, Any] = {"method": params.method}
@@ -544,6 +549,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         title: figure/page title.
         drop_nonfinite: drop NaN/Inf rows instead of failing.
         force: overwrite outputs.
+        progress: wraps the fit's iterations (a progress bar).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
