@@ -9,8 +9,10 @@ and the segmentation methods' (``featviz.train.segmentation.registry.SEG_METHODS
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from featviz.errors import DataError, UnknownNameError, did_you_mean
@@ -272,3 +274,21 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     d["defaults"] = src
     return TrainConfig.from_dict(d)
 
+
+# ---------------------------------------------------------------- RUN_DIR/config.json
+CONFIG_FILE = "config.json"
+
+
+def write_config(out: Path, cfg: TrainConfig, method_record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``RUN_DIR/config.json``: the resolved ``cfg`` plus what the task adds (``TrainTask.record``:
+    the method's resolved hyperparameters, views, optimiser, kNN protocol). Returns the record."""
+    from featviz.io.outputs import write_json
+
+    record = {**cfg.to_dict(), **method_record}
+    write_json(Path(out) / CONFIG_FILE, record)
+    return record
+
+
+def read_config(out: Path) -> TrainConfig:
+    """The ``TrainConfig`` a run folder's ``config.json`` holds (what ``--resume`` compares with)."""
+    return TrainConfig.from_dict(json.loads((Path(out) / CONFIG_FILE).read_text()))

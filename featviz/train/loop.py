@@ -44,9 +44,9 @@ from torch import nn
 
 from featviz.distributed import DistInfo, barrier, cleanup, init_distributed
 from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsError
-from featviz.io.outputs import atomic_path, check_place, write_json
+from featviz.io.outputs import atomic_path, check_place
 from featviz.io.progress import Progress
-from featviz.train.config import TrainConfig, resolve_config
+from featviz.train.config import TrainConfig, read_config, resolve_config, write_config
 from featviz.train.optim import build_optimizer, param_groups, schedule_step
 from featviz.train.ssl_task import SSLTask
 from featviz.train.task import TrainTask
@@ -113,7 +113,7 @@ def _prepare_run_dir(cfg: TrainConfig, *, resume: bool, force: bool) -> Path:
                                         "so there is no state.pt to resume from; start it over with --force")
             raise OutputExistsError(f"--resume: {str(out)!r} has no run to resume (no state.pt); "
                                     "start a new run without --resume")
-        saved = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+        saved = read_config(out)
         for key in ("method", "data", "arch", "batch_size", "seed", "image_size", "stop_grad", "limit", "crop"):
             if getattr(saved, key) != getattr(cfg, key):
                 raise FeatvizError(f"--resume: {key} is {getattr(cfg, key)!r} but the run in {str(out)!r} used "
@@ -225,10 +225,11 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
             check_place(cfg.out)  # a folder that cannot be written: said before the data and the model are built
         task = _make_task(cfg, info)  # validates method/arch/data before touching RUN_DIR
         out = Path(cfg.out)
-        record = {**cfg.to_dict(), **task.record()}
+        method_record = task.record()
+        record = {**cfg.to_dict(), **method_record}
         if info.is_main:
             out = _prepare_run_dir(cfg, resume=resume, force=force)
-            write_json(out / "config.json", record)
+            write_config(out, cfg, method_record)
         barrier(info)
         result = _run(cfg, task, info, out, resume=resume, progress=progress, on_log=on_log,
                       monitor_cls=CollapseMonitor, record=record)
