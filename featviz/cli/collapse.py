@@ -36,6 +36,8 @@ _WATCH = "Watching a run (--watch)"
 _CKPT = "From a checkpoint (--checkpoint / --arch + --images)"
 _METRIC = "Metrics"
 
+_FILE_MODE, _MODEL_MODE, _WATCH_MODE = "EMB", "--checkpoint/--arch", "--watch"  # the modes, as messages name them
+
 
 @app.command()
 def collapse(
@@ -232,9 +234,6 @@ def collapse(
     flags = _show(measured, std_fraction=std_fraction, out_dir=out_dir, as_json=as_json)
     if fail_on_collapse and any(flags.values()):
         raise typer.Exit(3)
-
-
-_FILE_MODE, _MODEL_MODE, _WATCH_MODE = "EMB", "--checkpoint/--arch", "--watch"
 
 
 def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images) -> str:
