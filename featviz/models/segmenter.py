@@ -273,12 +273,12 @@ def load_segmenter(path: str | os.PathLike, *, trust: bool = False, output_strid
     Raises:
         CheckpointError: neither layout, or the tensors do not fit it.
     """
-    from featviz.models.checkpoints import read_checkpoint
+    from featviz.models.checkpoints import featviz_metadata, read_checkpoint
 
-    ck = read_checkpoint(path, trust=trust)
-    meta = ck.featviz_meta
-    if meta is not None:
-        model = _featviz_segmenter(ck, meta, Path(path))
+    # featviz's format (the header says so) is read by its one reader; anything else as a checkpoint
+    ck = None if featviz_metadata(path) is not None else read_checkpoint(path, trust=trust)
+    if ck is None or ck.featviz_meta is not None:  # the latter: a featviz file under another suffix
+        model = _featviz_segmenter(Path(path))
     else:
         sd = _state_dict_of(ck.obj)
         prefix = _cac_module_prefix(sd) if sd is not None else None
@@ -315,9 +315,12 @@ def describe_segmenter(model: Segmenter) -> dict[str, Any]:
             "trained_crop": src.get("crop")}
 
 
-def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
+def _featviz_segmenter(path: Path) -> Segmenter:
+    """A whole ``Segmenter`` from a featviz segmentation checkpoint, read with ``read_featviz``."""
     from featviz.models.architectures import ArchSpec, build_backbone
+    from featviz.models.checkpoints import read_featviz
 
+    tensors, meta = read_featviz(path)
     heads = meta.get("heads") or {}
     if "head" not in heads:
         raise CheckpointError(f"{path.name} holds no segmentation head (method {meta.get('method')!r}); "
@@ -325,7 +328,7 @@ def _featviz_segmenter(ck, meta: dict[str, Any], path: Path) -> Segmenter:
     with torch.device("meta"):  # no random init: every tensor comes from the file
         backbone = build_backbone(ArchSpec.from_dict(meta["arch"])).train()
         model = Segmenter(backbone, heads["head"], heads.get("projector"), meta.get("class_names"))
-    missing, unexpected = _assign(model, ck.obj)
+    missing, unexpected = _assign(model, tensors)
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit its own metadata: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
