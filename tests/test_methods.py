@@ -570,3 +570,15 @@ def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
     other = resolve_config(TrainConfig(method="simsiam", data=str(tmp_path), out=str(tmp_path)))
     assert other.batch_size == 256 and other.lr == pytest.approx(0.05) and other.hflip is True
 
+
+@pytest.mark.parametrize("arch", ["resnet18_w16-cifar", "resnet18", "vit_tiny_patch8_32", "timm:vit_small_patch16_384"])
+def test_default_image_size_is_the_models_input_size(tmp_path, arch):
+    """One input-size rule: a run without --image-size (and no preset) trains at the size the
+    architecture's description gives, which is what `featviz embed` uses for the checkpoint."""
+    from featviz.models.description import describe
+    from featviz.train.config import TrainConfig, resolve_config
+
+    cfg = resolve_config(TrainConfig(method="simsiam", data=str(tmp_path), out=str(tmp_path), arch=arch))
+    assert (cfg.image_size, cfg.image_size) == describe(build_backbone(arch)).input_size
+    assert cfg.defaults["image_size"] == "architecture"
+

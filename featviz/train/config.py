@@ -195,16 +195,21 @@ def dataset_key(data: str) -> str | None:
 
 
 def input_size(arch: str) -> int:
-    """The input side an architecture expects (what ``featviz embed`` uses by default)."""
-    from featviz.models.architectures import parse_arch
+    """The input side an architecture expects: the models' one rule (its ``ModelDescription``'s
+    ``input_size``, ``featviz.models.architectures.default_input_size``), which is what ``featviz
+    embed`` uses by default. The architecture is built on the meta device: no weights are made.
 
-    spec = parse_arch(arch)
-    if spec.family == "vit":
-        import re
+    Raises:
+        UnknownNameError: an architecture name ``featviz.models.architectures.parse_arch`` does not know.
+    """
+    import torch
 
-        m = re.search(r"_(\d+)$", spec.name)
-        return int(m.group(1)) if m else 224
-    return 32 if "-cifar" in spec.name else 224
+    from featviz.models.architectures import build_backbone
+    from featviz.models.description import describe
+
+    with torch.device("meta"):
+        height, _ = describe(build_backbone(arch)).input_size
+    return int(height)
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
