@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
 
@@ -20,19 +20,12 @@ from featviz.cli.options import (
     NumHeadsOpt,
     SeedOpt,
     TrustOpt,
-    _load_kwargs,
+    command_arguments,
     image_size_value,
+    load_view_model,
 )
 
 _ROLL = "Attention rollout"
-
-
-def load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust, seed) -> tuple[Any, dict[str, Any]]:
-    """The model and its description as a dict (the loader logs its warnings on stderr)."""
-    from featviz.models.loader import load_model
-
-    model, desc = load_model(checkpoint, seed=seed, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust))
-    return model, desc.to_dict()
 
 
 @app.command()
@@ -85,26 +78,8 @@ def attention(
     """A ViT's class-token self-attention per head (any size, registers excluded), DINO's masks, rollout."""
     from featviz.views.attention import run_attention
 
-    args = {
-        "images": images,
-        "out": out_dir,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "image_size": image_size,
-        "layer": layer,
-        "threshold": threshold,
-        "rollout": rollout,
-        "head_fusion": head_fusion,
-        "discard_ratio": discard_ratio,
-        "device": device,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
     with _user_errors():
-        from featviz.io.outputs import check_output
-
-        check_output(out_dir, force=force, folder=True)  # before the model is loaded
-        model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
+        model, description = load_view_model(out_dir, force=force)
         summary = run_attention(
             images,
             out_dir,
@@ -118,12 +93,12 @@ def attention(
             batch_size=batch_size,
             device=device,
             force=force,
-            description=report,
-            arguments=args,
+            description=description.to_dict(),
+            arguments=command_arguments(),
             progress=_progress("attention"),
         )
     if as_json:
-        _echo_json(summary)
+        _echo_json(dict(summary))
         return
     s = summary
     tok = s["prefix_tokens"]

@@ -23,8 +23,9 @@ from featviz.cli.options import (
     SeedOpt,
     StrictOpt,
     TrustOpt,
-    _load_kwargs,
+    command_arguments,
     image_size_value,
+    load_view_model,
 )
 
 
@@ -98,35 +99,11 @@ def cam(
     as_json: JsonOpt = False,
 ) -> None:
     """Heatmaps of where a classifier, segmenter or SSL encoder looks, with any pytorch-grad-cam method."""
-    from featviz.models.loader import load_model
     from featviz.views import cam as cam_lib
 
-    args = {
-        "images": images,
-        "out": out_dir,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "layer": layer,
-        "method": method,
-        "target": target,
-        "image_size": image_size,
-        "aug_smooth": aug_smooth,
-        "eigen_smooth": eigen_smooth,
-        "metrics": metrics,
-        "device": device,
-        "batch_size": batch_size,
-        "seed": seed,
-        "strict": strict,
-        "class_names": class_names,
-    }
     with _user_errors():
-        from featviz.io.outputs import check_output
-
-        check_output(out_dir, force=force, folder=True)  # before the model is loaded
         _image_limit(max_image_pixels)
-        model, _ = load_model(
-            checkpoint, seed=seed, head=True, **_load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
-        )
+        model, _ = load_view_model(out_dir, force=force, head=True)
         summary = cam_lib.run_cam(
             images,
             out_dir,
@@ -146,11 +123,11 @@ def cam(
             class_names=class_names or (),
             weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
             note=note,
-            arguments=args,
+            arguments=command_arguments(leave_out=("note", "max_image_pixels")),
             progress=_progress("cam"),
         )
     if as_json:
-        _echo_json(summary)
+        _echo_json(dict(summary))
         return
     out.print(
         f"[bold]{summary['images']}[/] images × {len(summary['methods'])} methods "

@@ -20,8 +20,9 @@ from featviz.cli.options import (
     NumHeadsOpt,
     SeedOpt,
     TrustOpt,
-    _load_kwargs,
+    command_arguments,
     image_size_value,
+    load_view_model,
 )
 
 
@@ -79,31 +80,12 @@ def crops(
     RandomResizedCrop's, and the numbers (IoU of the views, share inside the box, object share with --masks)."""
     from featviz.views.crops import run_crops
 
-    args = {
-        "images": images,
-        "out": out_dir,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "threshold": threshold,
-        "alpha": alpha,
-        "pairs": pairs,
-        "samples": samples,
-        "masks": masks,
-        "scale": scale,
-        "image_size": image_size,
-        "layer": layer,
-        "device": device,
-        "seed": seed,
-    }
     with _user_errors():
-        from featviz.models.loader import load_model
-
-        kw = _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust_checkpoint)
-        loaded = load_model(checkpoint, seed=seed, **kw)
+        model, description = load_view_model(out_dir, force=force)
         s = run_crops(
             images,
             out_dir,
-            model=loaded.model,
+            model=model,
             threshold=threshold,
             alpha=alpha,
             pairs=pairs,
@@ -117,12 +99,12 @@ def crops(
             seed=seed,
             force=force,
             sheet_images=sheet_images,
-            description=loaded.description.to_dict(),
-            arguments=args,
+            description=description.to_dict(),
+            arguments=command_arguments(leave_out=("batch_size", "sheet_images")),
             progress=_progress("heatmaps"),
         )
     if as_json:
-        _echo_json(s)
+        _echo_json(dict(s))
         return
     out.print(
         f"[bold]{s['images']}[/] images · {s['arch']} {s['layer']} · heatmap {s['heatmap_size'][0]}x"

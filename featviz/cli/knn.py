@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -14,88 +13,23 @@ from featviz.cli.options import (
     CheckpointKeyOpt,
     CheckpointOpt,
     DeviceOpt,
+    EvalSizeOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
     NumHeadsOpt,
+    OutJsonOpt,
     SeedOpt,
+    SetOpt,
+    TrainImagesOpt,
+    TrainOpt,
     TrustOpt,
-    _load_kwargs,
-    image_size_value,
+    ValFractionOpt,
+    ValImagesOpt,
+    ValOpt,
+    print_protocol,
+    sources,
 )
-
-_NPZ = "Features already computed"
-_IMG = "Images through a model"
-
-TrainOpt = Annotated[
-    Path | None,
-    typer.Option("--train", help="Training features: an .npz from `featviz embed`.", rich_help_panel=_NPZ),
-]
-ValOpt = Annotated[Path | None, typer.Option("--val", help="Validation features (.npz).", rich_help_panel=_NPZ)]
-TrainImagesOpt = Annotated[
-    Path | None,
-    typer.Option("--train-images", help="Training images, one subfolder per class.", rich_help_panel=_IMG),
-]
-ValImagesOpt = Annotated[
-    Path | None,
-    typer.Option("--val-images", help="Validation images, one subfolder per class.", rich_help_panel=_IMG),
-]
-SetOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--images",
-        "-i",
-        help="One labelled set, split by a fixed stratified split: 'digits' (its raw 8x8 pixels "
-        "without a model) or DIR/<class>/*.",
-        rich_help_panel=_IMG,
-    ),
-]
-ValFractionOpt = Annotated[
-    float, typer.Option("--val-fraction", help="Val share of the --images split.", rich_help_panel=_IMG)
-]
-EvalSizeOpt = Annotated[
-    str | None,
-    typer.Option("--image-size", callback=image_size_value, rich_help_panel=_IMG,
-                 help="Input size, N or HxW (default: the model's; a ViT takes any multiple of its patch size)."),
-]
-OutJsonOpt = Annotated[
-    Path | None, typer.Option("--out", "-o", help="Also write the result and its provenance to this .json file.")
-]
-
-
-def sources(
-    *, batch_size, device, fmt, num_heads, checkpoint_key, trust, **shared: Any
-) -> dict[str, Any]:
-    """The ``featviz.eval.splits.load_splits`` arguments of the shared input options: ``shared`` is the
-    inputs as a command records them in its provenance (``train``, ``val``, ``checkpoint``, ``arch``,
-    ``train_images``, ``val_images``, ``images``, ``image_size``, ``val_fraction``, ``seed``)."""
-    load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
-    load.pop("arch")
-    return dict(**shared, batch_size=batch_size, device=device, load_kwargs=load)
-
-
-def progress():
-    """``progress(iterable, total=…, description=…)``: the CLI's transient bar on stderr (``_progress``)."""
-    return _progress("working")
-
-
-def print_protocol(result: dict[str, Any]) -> None:
-    """What the features are and how they were split (stdout, before the numbers)."""
-    p = result["protocol"]
-    out.print(f"features: {p['features']}", highlight=False)
-    if p.get("model"):
-        src = f" from {p['checkpoint']}" if p.get("checkpoint") else " (random weights)"
-        size = "x".join(str(v) for v in p.get("image_size") or [])
-        out.print(f"model: {p['model']}{src} · input {size} px · {p['batchnorm']}", highlight=False)
-    sizes = f"{result['n_train']:,} train, {result['n_val']:,} val, {result['dim']}-d, {result['num_classes']} classes"
-    split = p.get("split")
-    if split:
-        out.print(
-            f"split: {split['kind']}, val fraction {split['val_fraction']:g}, seed {split['seed']} · {sizes}",
-            highlight=False,
-        )
-    else:
-        out.print(f"data: {sizes}", highlight=False)
 
 
 @app.command()
@@ -141,7 +75,7 @@ def knn(
             out=out_path,
             force=force,
             arguments=args,
-            progress=progress(),
+            progress=_progress("working"),
             **src,
         )
     if as_json:

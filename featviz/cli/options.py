@@ -1,12 +1,23 @@
-"""Options shared by several commands, defined once (their names and help read the same everywhere)."""
+"""What several commands share, defined once: their options (names and help read the same everywhere)
+and the glue that reads them back.
+
+- the options themselves (``CheckpointOpt`` … ``JsonOpt``; the eval inputs of ``knn`` and ``probe``);
+- ``command_arguments``: the running command's parameters as its manifest records them, read from
+  the command itself (click's context), never a hand-built copy of its signature;
+- ``load_view_model``: a view command's output check and the model its model-source options name;
+- ``sources`` and ``print_protocol``: the eval inputs as ``featviz.eval.splits`` takes them, and the
+  protocol line ``knn`` and ``probe`` print.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from featviz.cli._app import out
 from featviz.cli.choices import CheckpointKey, DeviceName, FormatName, PrecisionName
 
 CheckpointOpt = Annotated[
@@ -46,6 +57,68 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to 
 
 def _load_kwargs(arch, fmt, num_heads, checkpoint_key, trust) -> dict[str, Any]:
     return dict(arch=arch, format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust)
+
+
+# ------------------------------------------------------------------ reading a command's options back
+MODEL_SOURCE = ("checkpoint", "arch", "fmt", "num_heads", "checkpoint_key", "trust_checkpoint", "seed")
+"""The parameters that say which model a command reads: a checkpoint and how to read it, or an
+architecture with seeded random weights."""
+
+NOT_RECORDED = ("fmt", "num_heads", "checkpoint_key", "trust_checkpoint", "force", "as_json")
+"""Parameters a manifest's ``arguments`` leave out: how the checkpoint is read (the manifest's model
+description says what was read) and what only steers the output (``--force``, ``--json``)."""
+
+RECORDED_AS = {"out_dir": "out", "out_path": "out"}
+"""Parameters a manifest records under their option's name."""
+
+
+def command_params() -> dict[str, Any]:
+    """The running command's parameters (after their callbacks), in the order of its signature.
+
+    Raises:
+        RuntimeError: no command is running (called outside a CLI command).
+    """
+    from typer._click.globals import get_current_context  # Typer's own click (its contexts)
+
+    ctx = get_current_context()
+    return {p.name: _as_passed(p, ctx.params[p.name]) for p in ctx.command.params if p.name in ctx.params}
+
+
+def _as_passed(param: Any, value: Any) -> Any:
+    """A parameter's value as Typer passes it to the command: a repeated option or a variadic argument
+    as a list, and None when it was not given and defaults to None (click holds an empty tuple)."""
+    if value is not None and (getattr(param, "multiple", False) or getattr(param, "nargs", 1) == -1):
+        return None if param.default is None and len(value) == 0 else list(value)
+    return value
+
+
+def command_arguments(*, leave_out: Iterable[str] = ()) -> dict[str, Any]:
+    """The running command's arguments as its manifest records them: every parameter, in the order of
+    its signature, but ``NOT_RECORDED`` and ``leave_out``; ``out_dir``/``out_path`` as ``out``."""
+    skip = {*NOT_RECORDED, *leave_out}
+    return {RECORDED_AS.get(k, k): v for k, v in command_params().items() if k not in skip}
+
+
+def load_view_model(out_dir: Path, *, force: bool, head: bool = False) -> tuple[Any, Any]:
+    """A view command's first steps: its output folder is checked (before the model is loaded), then
+    the model its ``MODEL_SOURCE`` options name is loaded (``featviz.models.loader.load_model``; the
+    load's warnings go to stderr).
+
+    Returns:
+        The model and its ``ModelDescription``.
+
+    Raises:
+        OutputError, OutputExistsError: the output folder cannot be written, or exists without ``force``.
+        CheckpointError, ArchitectureError: the model cannot be loaded.
+    """
+    from featviz.io.outputs import check_output
+    from featviz.models import loader
+
+    check_output(out_dir, force=force, folder=True)
+    p = command_params()
+    kw = _load_kwargs(p["arch"], p["fmt"], p["num_heads"], p["checkpoint_key"], p["trust_checkpoint"])
+    model, description = loader.load_model(p["checkpoint"], seed=p["seed"], head=head, **kw)
+    return model, description
 
 
 _IMAGES_HELP = "Folder (class subfolders = labels), CSV of path,label, or 'digits'."
@@ -142,3 +215,73 @@ def _embed_kwargs(
         strict=strict,
         drop_nonfinite=drop_nonfinite,
     )
+
+
+# ------------------------------------------------------------------ the eval inputs of knn and probe
+_NPZ = "Features already computed"
+_IMG = "Images through a model"
+
+TrainOpt = Annotated[
+    Path | None,
+    typer.Option("--train", help="Training features: an .npz from `featviz embed`.", rich_help_panel=_NPZ),
+]
+ValOpt = Annotated[Path | None, typer.Option("--val", help="Validation features (.npz).", rich_help_panel=_NPZ)]
+TrainImagesOpt = Annotated[
+    Path | None,
+    typer.Option("--train-images", help="Training images, one subfolder per class.", rich_help_panel=_IMG),
+]
+ValImagesOpt = Annotated[
+    Path | None,
+    typer.Option("--val-images", help="Validation images, one subfolder per class.", rich_help_panel=_IMG),
+]
+SetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--images",
+        "-i",
+        help="One labelled set, split by a fixed stratified split: 'digits' (its raw 8x8 pixels "
+        "without a model) or DIR/<class>/*.",
+        rich_help_panel=_IMG,
+    ),
+]
+ValFractionOpt = Annotated[
+    float, typer.Option("--val-fraction", help="Val share of the --images split.", rich_help_panel=_IMG)
+]
+EvalSizeOpt = Annotated[
+    str | None,
+    typer.Option("--image-size", callback=image_size_value, rich_help_panel=_IMG,
+                 help="Input size, N or HxW (default: the model's; a ViT takes any multiple of its patch size)."),
+]
+OutJsonOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Also write the result and its provenance to this .json file.")
+]
+
+
+def sources(
+    *, batch_size, device, fmt, num_heads, checkpoint_key, trust, **shared: Any
+) -> dict[str, Any]:
+    """The ``featviz.eval.splits.load_splits`` arguments of the shared input options: ``shared`` is the
+    inputs as a command records them in its provenance (``train``, ``val``, ``checkpoint``, ``arch``,
+    ``train_images``, ``val_images``, ``images``, ``image_size``, ``val_fraction``, ``seed``)."""
+    load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
+    load.pop("arch")
+    return dict(**shared, batch_size=batch_size, device=device, load_kwargs=load)
+
+
+def print_protocol(result: dict[str, Any]) -> None:
+    """What the features are and how they were split (stdout, before the numbers)."""
+    p = result["protocol"]
+    out.print(f"features: {p['features']}", highlight=False)
+    if p.get("model"):
+        src = f" from {p['checkpoint']}" if p.get("checkpoint") else " (random weights)"
+        size = "x".join(str(v) for v in p.get("image_size") or [])
+        out.print(f"model: {p['model']}{src} · input {size} px · {p['batchnorm']}", highlight=False)
+    sizes = f"{result['n_train']:,} train, {result['n_val']:,} val, {result['dim']}-d, {result['num_classes']} classes"
+    split = p.get("split")
+    if split:
+        out.print(
+            f"split: {split['kind']}, val fraction {split['val_fraction']:g}, seed {split['seed']} · {sizes}",
+            highlight=False,
+        )
+    else:
+        out.print(f"data: {sizes}", highlight=False)

@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 import typer
 
 from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
-from featviz.cli.attention import load
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -21,7 +20,9 @@ from featviz.cli.options import (
     NumHeadsOpt,
     SeedOpt,
     TrustOpt,
+    command_arguments,
     image_size_value,
+    load_view_model,
 )
 
 
@@ -63,25 +64,8 @@ def pca(
     """PCA of patch (or pixel) features of all images jointly, foreground first, shown as RGB (DINOv2's figure)."""
     from featviz.views.pca import run_pca
 
-    args = {
-        "images": images,
-        "out": out_dir,
-        "checkpoint": checkpoint,
-        "arch": arch,
-        "layer": layer,
-        "image_size": image_size,
-        "components": components,
-        "foreground": foreground,
-        "threshold": threshold,
-        "device": device,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
     with _user_errors():
-        from featviz.io.outputs import check_output
-
-        check_output(out_dir, force=force, folder=True)  # before the model is loaded
-        model, report = load(checkpoint, arch, fmt, num_heads, checkpoint_key, trust_checkpoint, seed)
+        model, description = load_view_model(out_dir, force=force)
         s = run_pca(
             images,
             out_dir,
@@ -95,12 +79,12 @@ def pca(
             device=device,
             seed=seed,
             force=force,
-            description=report,
-            arguments=args,
+            description=description.to_dict(),
+            arguments=command_arguments(),
             progress=_progress("pca"),
         )
     if as_json:
-        _echo_json(s)
+        _echo_json(dict(s))
         return
     evr = ", ".join(f"{100 * v:.1f} %" for v in s["explained_variance_ratio"][:3])
     out.print(

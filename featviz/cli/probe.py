@@ -6,32 +6,29 @@ from typing import Annotated
 
 import typer
 
-from featviz.cli._app import _echo_json, _user_errors, app, out
-from featviz.cli.knn import (
-    EvalSizeOpt,
-    OutJsonOpt,
-    SetOpt,
-    TrainImagesOpt,
-    TrainOpt,
-    ValFractionOpt,
-    ValImagesOpt,
-    ValOpt,
-    print_protocol,
-    progress,
-    sources,
-)
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
     DeviceOpt,
+    EvalSizeOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
     NumHeadsOpt,
+    OutJsonOpt,
     SeedOpt,
+    SetOpt,
+    TrainImagesOpt,
+    TrainOpt,
     TrustOpt,
+    ValFractionOpt,
+    ValImagesOpt,
+    ValOpt,
+    print_protocol,
+    sources,
 )
 
 
@@ -97,7 +94,7 @@ def probe(
             out=out_path,
             force=force,
             arguments=args,
-            progress=progress(),
+            progress=_progress("working"),
             **src,
         )
     if as_json:
