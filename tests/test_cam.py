@@ -134,7 +134,7 @@ def test_maps_equal_direct_pytorch_grad_cam(method, arch, x32):
 def _run_all(model, x, layer_name, kind):
     layer = get_layer(model, layer_name)
     info = C.probe_model(model, x)
-    shapes = C._layer_shapes(model, [layer], x)
+    shapes = C.layer_shapes(model, [layer], x)
     token = len(shapes[0]) == 3
     rt = F.reshape_transform(model, tuple(x.shape[-2:]), [layer])
     ran, said = {}, {}

@@ -31,7 +31,6 @@ way); featviz renormalises rows, as Abnar & Zuidema's code does.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -46,7 +45,8 @@ from torch import nn
 from featviz.errors import ArchitectureError, DataError
 from featviz.io.progress import Progress
 from featviz.models import features
-from featviz.models.features import TokenLayout, arch_name
+from featviz.models.features import TokenLayout, arch_name, input_size
+from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,44 @@ class AttentionRun:
     image_size: tuple[int, int]
 
 
+@dataclass(eq=False)
+class AttentionResult(ViewResult):
+    """What ``featviz attention`` reports (``to_dict()``: its ``--json`` summary)."""
+
+    out: str
+    images: int
+    arch: str
+    layer: int  # the block shown
+    blocks: int
+    heads: int
+    layout: TokenLayout
+    image_size: tuple[int, int]
+    prefix_attention_share: float  # the class token's attention on the prefix tokens, mean of heads and images
+    threshold: float
+    rollout: dict[str, Any] | None  # head_fusion, discard_ratio, blocks; None without rollout
+    files: dict[str, Any]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` summary."""
+        return {
+            "out": self.out,
+            "images": self.images,
+            "arch": self.arch,
+            "layer": self.layer,
+            "blocks": self.blocks,
+            "heads": self.heads,
+            "grid": list(self.layout.grid),
+            "image_size": list(self.image_size),
+            "prefix_tokens": self.layout.to_dict(),
+            "prefix_attention_share": self.prefix_attention_share,
+            "threshold": self.threshold,
+            "rollout": self.rollout,
+            "files": self.files,
+            "notes": self.notes,
+        }
+
+
 def run_attention(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -316,7 +354,7 @@ def run_attention(
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
     sheet_rows: int = 24,
-) -> dict[str, Any]:
+) -> AttentionResult:
     """Everything ``featviz attention`` does; writes ``out_dir`` as one atomic folder.
 
     Files: ``maps.npz`` (``attention`` (N, heads, h, w): image ``i``'s per-head maps at patch
@@ -326,21 +364,14 @@ def run_attention(
     ``overlays/<image>.{head<j>,mean,mask[,rollout]}.png`` and ``manifest.json``.
 
     Returns:
-        The summary that ``--json`` prints.
+        The result; its ``to_dict()`` is the summary that ``--json`` prints.
 
     Raises:
         ArchitectureError: not a ViT with a class token (a CNN: use ``featviz cam``).
         DataError: bad size, layer, threshold, fusion or discard ratio; unreadable images.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
-    from featviz.data.images import ImageDataset, collate, eval_transform, normalization_of
-    from featviz.distributed import resolve_device
-    from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
-    from featviz.models.features import input_size
-    from featviz.views.runner import image_ids, safe_stem
-
-    out_dir = Path(out_dir)
-    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
+    runner = ViewRunner("attention", out_dir, force=force, arguments=arguments, progress=progress)
     blocks = vit_blocks(model)
     li = _resolve_layer(blocks, layer)
     if head_fusion not in HEAD_FUSIONS:
@@ -351,42 +382,34 @@ def run_attention(
         raise DataError(f"--threshold must be in (0, 1], got {threshold}")
     hw = input_size(model, image_size)
     lay = token_layout(model, hw)
-    files, ids = image_ids(inputs)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    mean_c, std_c = normalization_of(model)
-    dataset = ImageDataset(files, None, eval_transform(hw, mean_c, std_c), strict=True)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate
-    )
-    batches: Iterable = (
-        loader if progress is None else progress(loader, total=math.ceil(len(dataset) / batch_size))
-    )
+    files, ids = runner.images(inputs)
+    model = runner.place(model, device)
+    loader = runner.loader(hw=hw, batch_size=batch_size)
     heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
-    mean_t, std_t = torch.tensor(mean_c).view(3, 1, 1), torch.tensor(std_c).view(3, 1, 1)
     arch = arch_name(model)
-    with atomic_dir(out_dir, force=force, command="attention") as tmp:
+    with runner.output() as tmp:
         (tmp / "overlays").mkdir()
         start = 0
-        for x, _, _, _ in batches:
-            out = class_attention(
-                model,
-                x.to(dev),
-                layer=li,
-                rollout_maps=rollout_maps,
-                head_fusion=head_fusion,
-                discard_ratio=discard_ratio,
-            )
-            batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
-            rgb = (x * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-            for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
-                write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j)
-            rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
-            heads.append(out.heads)
-            shares.append(out.prefix_share)
-            if out.rollout is not None:
-                rolls.append(out.rollout)
-            start += len(x)
+        with runner.batches(loader) as batches:
+            for x, _, _, _ in batches:
+                out = class_attention(
+                    model,
+                    x.to(runner.device),
+                    layer=li,
+                    rollout_maps=rollout_maps,
+                    head_fusion=head_fusion,
+                    discard_ratio=discard_ratio,
+                )
+                batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
+                rgb = runner.rgb(x)
+                for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
+                    write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j)
+                rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
+                heads.append(out.heads)
+                shares.append(out.prefix_share)
+                if out.rollout is not None:
+                    rolls.append(out.rollout)
+                start += len(x)
         run = _run_of(
             ids,
             AttentionBatch(
@@ -426,72 +449,63 @@ def run_attention(
             f"mask keeps {threshold:g} of the mass"
         )
         contact_sheet(tmp / "contact_sheet.png", rgbs[:sheet_rows], run, title=title)
-        summary = {
-            "out": str(out_dir),
-            "images": len(ids),
-            "arch": arch,
-            "layer": li,
-            "blocks": len(blocks),
-            "heads": int(run.heads.shape[1]),
-            "grid": list(lay.grid),
-            "image_size": list(hw),
-            "prefix_tokens": lay.to_dict(),
-            "prefix_attention_share": share,
-            "threshold": threshold,
-            "rollout": {
-                "head_fusion": head_fusion,
-                "discard_ratio": discard_ratio,
-                "blocks": f"0..{li}",
-            }
+        result = AttentionResult(
+            out=str(runner.out_dir),
+            images=len(ids),
+            arch=arch,
+            layer=li,
+            blocks=len(blocks),
+            heads=int(run.heads.shape[1]),
+            layout=lay,
+            image_size=hw,
+            prefix_attention_share=share,
+            threshold=threshold,
+            rollout={"head_fusion": head_fusion, "discard_ratio": discard_ratio, "blocks": f"0..{li}"}
             if rollout_maps
             else None,
-            "files": {
-                "contact_sheet": str(out_dir / "contact_sheet.png"),
-                "maps": str(out_dir / "maps.npz"),
-                "manifest": str(out_dir / "manifest.json"),
+            files={
+                "contact_sheet": runner.path("contact_sheet.png"),
+                "maps": runner.path("maps.npz"),
+                "manifest": runner.path("manifest.json"),
                 "overlays": len(list((tmp / "overlays").iterdir())),
             },
-            "notes": notes,
-        }
-        write_json(
-            tmp / "manifest.json",
-            manifest(
-                "attention",
-                arguments or {},
-                model={"arch": arch, "description": description},
-                layer=li,
-                blocks=len(blocks),
-                heads=int(run.heads.shape[1]),
-                image_size=list(hw),
-                tokens=lay.to_dict(),
-                device=str(dev),
-                normalization={"mean": list(mean_c), "std": list(std_c)},
-                definitions={
-                    "attention": "softmax(q·scale @ kᵀ) of the block's own qkv (and q/k norm) on "
-                    "its input, class-token row, patch columns; probabilities over all tokens "
-                    "(prefix tokens not renormalised away)",
-                    "mask": f"DINO visualize_attention: patches holding {threshold:g} of each "
-                    "map's patch mass",
-                    "rollout": None
-                    if not rollout_maps
-                    else f"Abnar & Zuidema 2020: heads fused by {head_fusion}, lowest "
-                    f"{discard_ratio:g} zeroed, "
-                    "(A + I) row-normalised, multiplied over blocks 0..layer",
-                },
-                images=[
-                    {
-                        "id": ids[i],
-                        "path": str(files[i]),
-                        "prefix_share": [float(v) for v in run.prefix_share[i]],
-                    }
-                    for i in range(len(ids))
-                ],
-                notes=notes,
-            ),
+            notes=notes,
+        )
+        runner.write_manifest(
+            tmp,
+            model={"arch": arch, "description": description},
+            layer=li,
+            blocks=len(blocks),
+            heads=result.heads,
+            image_size=list(hw),
+            tokens=lay.to_dict(),
+            device=str(runner.device),
+            normalization=runner.normalization,
+            definitions={
+                "attention": "softmax(q·scale @ kᵀ) of the block's own qkv (and q/k norm) on "
+                "its input, class-token row, patch columns; probabilities over all tokens "
+                "(prefix tokens not renormalised away)",
+                "mask": f"DINO visualize_attention: patches holding {threshold:g} of each "
+                "map's patch mass",
+                "rollout": None
+                if not rollout_maps
+                else f"Abnar & Zuidema 2020: heads fused by {head_fusion}, lowest "
+                f"{discard_ratio:g} zeroed, "
+                "(A + I) row-normalised, multiplied over blocks 0..layer",
+            },
+            images=[
+                {
+                    "id": ids[i],
+                    "path": str(files[i]),
+                    "prefix_share": [float(v) for v in run.prefix_share[i]],
+                }
+                for i in range(len(ids))
+            ],
+            notes=notes,
         )
     for n in notes:
         log.info(n)
-    return summary
+    return result
 
 
 def _run_of(

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 
 from featviz.errors import DataError
+from featviz.views.runner import ViewResult, ViewRunner
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,52 @@ def _read_masks(files: Sequence[Path], masks: str | os.PathLike) -> list[np.ndar
 
 
 # ---------------------------------------------------------------- the command
+@dataclass(eq=False)
+class CropsResult(ViewResult):
+    """What ``featviz crops`` reports (``to_dict()``: its ``--json`` summary; ``manifest.json`` holds it
+    without ``per_image``, which it keeps beside it)."""
+
+    images: int
+    masks: int  # images with a mask
+    arch: str
+    layer: str
+    heatmap_size: tuple[int, int]
+    threshold: float
+    alpha: float
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    pairs: int
+    samples: int
+    seed: int
+    mean_box_area: float
+    whole_image_share: float
+    constant_heatmaps: int
+    methods: dict[str, dict[str, Any]]  # contrastive, rrc -> mean iou, inside_box (object_share, ...)
+    image_object_share: float | None  # with masks only
+    object_in_box: float | None  # with masks only
+    warnings: list[str]
+    sheet_images: list[str]
+    files: dict[str, str]
+    per_image: list[dict[str, Any]]
+
+    def to_dict(self, *, per_image: bool = True) -> dict[str, Any]:
+        """The ``--json`` summary (``per_image=False``: the one ``manifest.json`` holds as ``summary``)."""
+        d: dict[str, Any] = {
+            "images": self.images, "masks": self.masks, "arch": self.arch, "layer": self.layer,
+            "heatmap_size": list(self.heatmap_size), "threshold": self.threshold, "alpha": self.alpha,
+            "scale": list(self.scale), "ratio": list(self.ratio), "pairs": self.pairs, "samples": self.samples,
+            "seed": self.seed, "mean_box_area": self.mean_box_area, "whole_image_share": self.whole_image_share,
+            "constant_heatmaps": self.constant_heatmaps, **self.methods,
+        }
+        if self.masks:
+            d["image_object_share"] = self.image_object_share
+            d["object_in_box"] = self.object_in_box
+        d.update(warnings=self.warnings, sheet_images=self.sheet_images, files=self.files)
+        if per_image:
+            d["per_image"] = self.per_image
+        return d
+
+
 def run_crops(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -171,11 +219,11 @@ def run_crops(
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
     progress: Progress = None,
-) -> dict[str, Any]:
+) -> CropsResult:
     """Everything ``featviz crops`` does; writes ``out_dir`` as one atomic folder.
 
     Returns:
-        The summary that ``--json`` prints (also in ``manifest.json``).
+        The result; its ``to_dict()`` is the summary that ``--json`` prints (also in ``manifest.json``).
 
     Raises:
         DataError: bad options, no images, unreadable masks or a mask of another size.
@@ -191,14 +239,9 @@ def run_crops(
         heatmap_layer,
         heatmaps,
     )
-    from featviz.data.images import load_image, normalization_of
-    from featviz.distributed import resolve_device
-    from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.models.features import arch_name, input_size, resolve_layer
-    from featviz.views.runner import image_ids
 
-    out_dir = Path(out_dir)
-    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
+    runner = ViewRunner("crops", out_dir, force=force, arguments=arguments, progress=progress)
     if not 0 <= threshold < 1:
         raise DataError(f"--threshold {threshold}: expected a value in [0, 1) (the paper: 0.05-0.20)")
     if pairs < 1 or samples < pairs:
@@ -209,22 +252,18 @@ def run_crops(
     alpha = default_alpha(min(hw)) if alpha is None else float(alpha)
     if not alpha > 0:
         raise DataError(f"--alpha {alpha}: expected > 0 (the paper: < 1; 1 is uniform)")
-    files, ids = image_ids(inputs)
+    files, ids = runner.images(inputs)
     mask_list = _read_masks(files, masks) if masks is not None else [None] * len(files)
 
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    mean, std = normalization_of(model)
-    prep = box_input(hw, mean, std)
+    model = runner.place(model, device)
+    loader = runner.loader(transform=box_input(hw, runner.mean, runner.std), batch_size=batch_size)
     crops = {"contrastive": ContrastiveCrop(VIEW_PX, scale=scale, ratio=ratio, alpha=alpha),
              "rrc": v2.RandomResizedCrop(VIEW_PX, scale=scale, ratio=ratio)}
     heat, boxes_l, areas, whole, const = [], [], [], [], []
-    batches = range(0, len(files), batch_size)
     layer_name = resolve_layer(model, heatmap_layer(model, layer))[0]
-    with torch.no_grad():
-        for s in (batches if progress is None else progress(batches, total=len(batches))):
-            x = torch.stack([prep(load_image(f)) for f in files[s:s + batch_size]]).to(dev)
-            hm, c = heatmaps(model, x, layer=layer_name)
+    with torch.no_grad(), runner.batches(loader) as batches:
+        for x, _, _, _ in batches:
+            hm, c = heatmaps(model, x.to(runner.device), layer=layer_name)
             b = boxes_from_heatmaps(hm.cpu(), threshold, c.cpu())
             heat.append(hm.cpu().numpy())
             boxes_l.append(b.boxes.numpy())
@@ -269,32 +308,35 @@ def run_crops(
         per_image.append(row)
 
     n_masks = sum(m is not None for m in mask_list)
-    summary: dict[str, Any] = {
-        "images": len(files), "masks": n_masks, "arch": arch_name(model), "layer": layer_name,
-        "heatmap_size": list(hw), "threshold": threshold, "alpha": alpha, "scale": list(scale),
-        "ratio": list(ratio), "pairs": pairs, "samples": samples, "seed": seed,
-        "mean_box_area": float(area_a.mean()), "whole_image_share": float(whole_a.mean()),
-        "constant_heatmaps": int(const_a.sum()),
-    }
+    methods: dict[str, dict[str, Any]] = {}
     for m in METHODS:
         st = {"iou": _mean([r[m]["iou"] for r in per_image]),
               "inside_box": _mean([r[m]["inside_box"] for r in per_image])}
         if n_masks:
             st["object_share"] = _mean([r[m].get("object_share", np.nan) for r in per_image])
             st["views_without_object"] = _mean([r[m].get("views_without_object", np.nan) for r in per_image])
-        summary[m] = st
-    if n_masks:
-        summary["image_object_share"] = _mean([r.get("image_object_share", np.nan) for r in per_image])
-        summary["object_in_box"] = _mean([r.get("object_in_box") if r.get("object_in_box") is not None else np.nan
-                                          for r in per_image])
+        methods[m] = st
     warnings = []
     if const_a.any():
         warnings.append(f"{int(const_a.sum())} of {len(files)} images have a constant heatmap (a dead or untrained "
                         "layer?); their box is the whole image")
         log.warning(warnings[-1])
-    summary["warnings"] = warnings
+    pick = _spread(len(files), sheet_images)
+    result = CropsResult(
+        images=len(files), masks=n_masks, arch=arch_name(model), layer=layer_name, heatmap_size=hw,
+        threshold=threshold, alpha=alpha, scale=scale, ratio=ratio, pairs=pairs, samples=samples, seed=seed,
+        mean_box_area=float(area_a.mean()), whole_image_share=float(whole_a.mean()),
+        constant_heatmaps=int(const_a.sum()), methods=methods,
+        image_object_share=_mean([r.get("image_object_share", np.nan) for r in per_image]) if n_masks else None,
+        object_in_box=_mean([r.get("object_in_box") if r.get("object_in_box") is not None else np.nan
+                             for r in per_image]) if n_masks else None,
+        warnings=warnings, sheet_images=[ids[i] for i in pick],
+        files={"sheet": runner.path("sheet.png"), "npz": runner.path("crops.npz"),
+               "manifest": runner.path("manifest.json")},
+        per_image=per_image,
+    )
 
-    with atomic_dir(out_dir, force=force, command="crops") as tmp:
+    with runner.output() as tmp:
         npz = {"ids": np.array(ids), "boxes": boxes, "box_area": area_a, "whole_image_box": whole_a,
                "heatmaps": heat_a.astype(np.float16), "heatmap_size": np.array(hw)}
         for k, v in arrays.items():
@@ -302,17 +344,12 @@ def run_crops(
                 continue
             npz[k] = np.stack(v)
         np.savez_compressed(tmp / "crops.npz", **npz)
-        pick = _spread(len(files), sheet_images)
         _sheet(tmp / "sheet.png", [files[i] for i in pick], [ids[i] for i in pick], heat_a[pick], boxes[pick], hw,
                {k: [v[i] for i in pick] for k, v in arrays.items()}, [per_image[i] for i in pick],
-               [mask_list[i] for i in pick], summary, pairs, total=len(files))
-        summary["sheet_images"] = [ids[i] for i in pick]
-        summary["files"] = {"sheet": str(out_dir / "sheet.png"), "npz": str(out_dir / "crops.npz"),
-                            "manifest": str(out_dir / "manifest.json")}
-        write_json(tmp / "manifest.json", manifest("crops", arguments or {}, model=description or {},
-                                                   summary=summary, per_image=per_image))
-    summary["per_image"] = per_image
-    return summary
+               [mask_list[i] for i in pick], result, pairs, total=len(files))
+        runner.write_manifest(tmp, model=description or {}, summary=result.to_dict(per_image=False),
+                              per_image=per_image)
+    return result
 
 
 # ---------------------------------------------------------------- the sheet
@@ -335,7 +372,7 @@ def _stat_line(st: dict[str, Any]) -> str:
 
 def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarray, boxes: np.ndarray,
            grid: tuple[int, int], arrays: dict[str, list], per_image: list[dict[str, Any]],
-           masks: Sequence[np.ndarray | None], summary: dict[str, Any], pairs: int, *, total: int) -> None:
+           masks: Sequence[np.ndarray | None], summary: Mapping[str, Any], pairs: int, *, total: int) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle

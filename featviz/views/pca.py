@@ -23,17 +23,16 @@ scales each component and paints the background black):
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featviz.errors import DataError
 from featviz.io.progress import Progress
+from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 
 log = logging.getLogger(__name__)
 
@@ -156,46 +155,73 @@ def patch_pca(
 
 # ------------------------------------------------------------------ features of images
 def feature_maps(
+    runner: ViewRunner,
     model: Any,
-    items: Sequence[Any],
     *,
     layer: str | None,
     hw: tuple[int, int],
     batch_size: int = 8,
-    device: str = "cpu",
-    progress: Progress | None = None,
     keep_images: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], str]:
-    """(N, C, h, w) maps of ``layer``, the first ``keep_images`` RGB inputs in [0, 1] (all when
-    None), and the layer name."""
+    """(N, C, h, w) maps of ``layer`` for the runner's images (``model`` placed by ``runner.place``),
+    the first ``keep_images`` RGB inputs in [0, 1] (all when None), and the layer name."""
     import torch
 
-    from featviz.data.images import ImageDataset, collate, eval_transform, normalization_of
-    from featviz.distributed import resolve_device
     from featviz.models.features import FeatureExtractor
 
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
-    mean, std = normalization_of(model)
-    ds = ImageDataset(items, None, eval_transform(hw, mean, std), strict=True)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, collate_fn=collate
-    )
-    batches: Iterable = (
-        loader if progress is None else progress(loader, total=math.ceil(len(ds) / batch_size))
-    )
+    loader = runner.loader(hw=hw, batch_size=batch_size)
     maps, rgbs = [], []
-    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-    with FeatureExtractor(model, layer) as dense, torch.inference_mode():
+    with FeatureExtractor(model, layer) as dense, torch.inference_mode(), runner.batches(loader) as batches:
         for x, _, _, _ in batches:
-            maps.append(dense(x.to(dev)).float().cpu().numpy())
+            maps.append(dense(x.to(runner.device)).float().cpu().numpy())
             room = len(x) if keep_images is None else max(0, keep_images - len(rgbs))
-            rgbs += list((x[:room] * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+            rgbs += list(runner.rgb(x[:room]))
         name = dense.layer
     return np.concatenate(maps), rgbs, str(name)
 
 
 # ------------------------------------------------------------------ the command
+@dataclass(eq=False)
+class PcaResult(ViewResult):
+    """What ``featviz pca`` reports (``to_dict()``: its ``--json`` summary)."""
+
+    out: str
+    images: int
+    arch: str
+    layer: str
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    feature_dim: int
+    components: int
+    foreground: str
+    threshold: float | None  # None with foreground="none"
+    foreground_share: float  # mean over the images
+    explained_variance_ratio: list[float]
+    first_component_explained_variance_ratio: float | None
+    files: dict[str, Any]
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` summary."""
+        return {
+            "out": self.out,
+            "images": self.images,
+            "arch": self.arch,
+            "layer": self.layer,
+            "image_size": list(self.image_size),
+            "grid": list(self.grid),
+            "feature_dim": self.feature_dim,
+            "components": self.components,
+            "foreground": self.foreground,
+            "threshold": self.threshold,
+            "foreground_share": self.foreground_share,
+            "explained_variance_ratio": self.explained_variance_ratio,
+            "first_component_explained_variance_ratio": self.first_component_explained_variance_ratio,
+            "files": self.files,
+            "warnings": self.warnings,
+        }
+
+
 def run_pca(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -214,7 +240,7 @@ def run_pca(
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
     sheet_images: int = 40,
-) -> dict[str, Any]:
+) -> PcaResult:
     """Everything ``featviz pca`` does; writes ``out_dir`` as one atomic folder.
 
     Files: ``sheet.png`` (input | PCA image, per image), ``rgb/<image>.png`` (the PCA image at the
@@ -223,33 +249,25 @@ def run_pca(
     ``first_component``/``first_mean``/``first_score``, ``ids``) and ``manifest.json``.
 
     Returns:
-        The summary that ``--json`` prints.
+        The result; its ``to_dict()`` is the summary that ``--json`` prints.
 
     Raises:
         DataError: bad options or size, no images, a layer without a spatial map.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
-    from featviz.io.outputs import atomic_dir, check_output, manifest, write_json
     from featviz.models.features import arch_name, input_size
-    from featviz.views.runner import image_ids, safe_stem
+    from featviz.views.sheets import grid_sheet, save_png, upsample
 
-    out_dir = Path(out_dir)
-    check_output(out_dir, force=force, folder=True)  # before any work; a folder featviz did not write is refused
+    runner = ViewRunner("pca", out_dir, force=force, arguments=arguments, progress=progress)
     if foreground not in FOREGROUND:
         raise DataError(f"--foreground {foreground!r}: expected one of {', '.join(FOREGROUND)}")
     if components < 1:
         raise DataError(f"--components must be ≥ 1, got {components}")
     hw = input_size(model, image_size)
-    files, ids = image_ids(inputs)
+    files, ids = runner.images(inputs)
+    model = runner.place(model, device)
     maps, rgbs, layer_name = feature_maps(
-        model,
-        files,
-        layer=layer,
-        hw=hw,
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-        keep_images=sheet_images,
+        runner, model, layer=layer, hw=hw, batch_size=batch_size, keep_images=sheet_images
     )
     res = patch_pca(
         maps, components=components, foreground=foreground, threshold=threshold, seed=seed
@@ -264,10 +282,8 @@ def run_pca(
             "layer too early); the colours are fitted on those patches anyway"
         )
         log.warning(warnings[-1])
-    with atomic_dir(out_dir, force=force, command="pca") as tmp:
+    with runner.output() as tmp:
         (tmp / "rgb").mkdir()
-        from featviz.views.sheets import grid_sheet, save_png, upsample
-
         pictures = []  # the PCA images at the input size; kept for the sheet only
         for i in range(len(ids)):
             pic = upsample(res.rgb[i], hw)
@@ -318,55 +334,51 @@ def run_pca(
                 threshold=np.float32(threshold),
             )
         np.savez_compressed(tmp / "pca.npz", **arrays)
-        summary = {
-            "out": str(out_dir),
-            "images": len(ids),
-            "arch": arch,
-            "layer": layer_name,
-            "image_size": list(hw),
-            "grid": [int(maps.shape[2]), int(maps.shape[3])],
-            "feature_dim": int(maps.shape[1]),
-            "components": components,
-            "foreground": foreground,
-            "threshold": threshold if foreground == "auto" else None,
-            "foreground_share": float(share.mean()),
-            "explained_variance_ratio": [float(v) for v in res.explained_variance_ratio],
-            "first_component_explained_variance_ratio": res.first_explained_variance_ratio,
-            "files": {
-                "sheet": str(out_dir / "sheet.png"),
-                "pca": str(out_dir / "pca.npz"),
-                "manifest": str(out_dir / "manifest.json"),
+        result = PcaResult(
+            out=str(runner.out_dir),
+            images=len(ids),
+            arch=arch,
+            layer=layer_name,
+            image_size=hw,
+            grid=(int(maps.shape[2]), int(maps.shape[3])),
+            feature_dim=int(maps.shape[1]),
+            components=components,
+            foreground=foreground,
+            threshold=threshold if foreground == "auto" else None,
+            foreground_share=float(share.mean()),
+            explained_variance_ratio=[float(v) for v in res.explained_variance_ratio],
+            first_component_explained_variance_ratio=res.first_explained_variance_ratio,
+            files={
+                "sheet": runner.path("sheet.png"),
+                "pca": runner.path("pca.npz"),
+                "manifest": runner.path("manifest.json"),
                 "rgb": len(ids),
             },
-            "warnings": warnings,
-        }
-        write_json(
-            tmp / "manifest.json",
-            manifest(
-                "pca",
-                arguments or {},
-                model={"arch": arch, "description": description},
-                layer=layer_name,
-                image_size=list(hw),
-                grid=summary["grid"],
-                feature_dim=summary["feature_dim"],
-                definitions={
-                    "fit": "one PCA over the patches of all images together "
-                    "(sklearn.decomposition.PCA, centred)",
-                    "foreground": None
-                    if foreground == "none"
-                    else f"first principal component of all patches > {threshold:g}, its sign "
-                    "chosen so that border patches score lower than interior ones "
-                    f"(flipped: {res.flipped})",
-                    "colours": "second PCA fitted on the foreground patches; each component "
-                    "min-max scaled over "
-                    "them; components 1-3 = R, G, B; background black",
-                },
-                images=[
-                    {"id": ids[i], "path": str(files[i]), "foreground_share": float(share[i])}
-                    for i in range(len(ids))
-                ],
-                warnings=warnings,
-            ),
+            warnings=warnings,
         )
-    return summary
+        runner.write_manifest(
+            tmp,
+            model={"arch": arch, "description": description},
+            layer=layer_name,
+            image_size=list(hw),
+            grid=list(result.grid),
+            feature_dim=result.feature_dim,
+            definitions={
+                "fit": "one PCA over the patches of all images together "
+                "(sklearn.decomposition.PCA, centred)",
+                "foreground": None
+                if foreground == "none"
+                else f"first principal component of all patches > {threshold:g}, its sign "
+                "chosen so that border patches score lower than interior ones "
+                f"(flipped: {res.flipped})",
+                "colours": "second PCA fitted on the foreground patches; each component "
+                "min-max scaled over "
+                "them; components 1-3 = R, G, B; background black",
+            },
+            images=[
+                {"id": ids[i], "path": str(files[i]), "foreground_share": float(share[i])}
+                for i in range(len(ids))
+            ],
+            warnings=warnings,
+        )
+    return result

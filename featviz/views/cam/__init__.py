@@ -26,19 +26,14 @@ public names are importable from here. The CLI imports this package only inside 
 
 from __future__ import annotations
 
-from featviz.views.cam.layers import (
-    ModelInfo,
-    OutputSelector,
-    _layer_shapes,  # noqa: F401 - used by tests
-    probe_model,
-)
+from featviz.views.cam.layers import ModelInfo, OutputSelector, layer_shapes, probe_model
 from featviz.views.cam.methods import (
     CAM_METHODS,
     NOISE_RATIO,
     NOT_CAM_METHODS,
+    CamMethod,
     GradientError,
     MapStats,
-    MethodSpec,
     explain,
     make_cam,
     not_applicable,
@@ -47,7 +42,7 @@ from featviz.views.cam.methods import (
 )
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, ROAD_PERCENTILES, faithfulness
 from featviz.views.cam.render import CAM_OVERLAY, CamRun, contact_sheet, overlay_png
-from featviz.views.cam.run import image_ids, run_cam
+from featviz.views.cam.run import CamResult, read_class_names, run_cam
 from featviz.views.cam.targets import (
     TARGET_KINDS,
     CamTarget,
@@ -64,13 +59,13 @@ from featviz.views.cam.targets import (
     make_targets,
     parse_target,
 )
+from featviz.views.runner import image_ids
 
 __all__ = [
-    "CAM_METHODS", "CAM_OVERLAY", "METRIC_DEFINITIONS", "NOISE_RATIO",
-    "NOT_CAM_METHODS", "ROAD_PERCENTILES", "TARGET_KINDS",
-    "CamRun", "CamTarget", "ClassTarget", "CosineTarget", "GradientError", "MapStats", "MethodSpec", "ModelInfo",
-    "OutputSelector", "SegTarget", "SelfTarget", "TargetContext", "TargetSpec", "augment_views",
-    "bind_targets", "check_target", "contact_sheet", "default_target", "explain", "faithfulness",
-    "image_ids", "make_cam", "make_targets", "not_applicable",
-    "overlay_png", "parse_methods", "parse_target", "probe_model", "release_cam", "run_cam",
+    "CAM_METHODS", "CAM_OVERLAY", "METRIC_DEFINITIONS", "NOISE_RATIO", "NOT_CAM_METHODS", "ROAD_PERCENTILES",
+    "TARGET_KINDS", "CamMethod", "CamResult", "CamRun", "CamTarget", "ClassTarget", "CosineTarget", "GradientError",
+    "MapStats", "ModelInfo", "OutputSelector", "SegTarget", "SelfTarget", "TargetContext", "TargetSpec",
+    "augment_views", "bind_targets", "check_target", "contact_sheet", "default_target", "explain", "faithfulness",
+    "image_ids", "layer_shapes", "make_cam", "make_targets", "not_applicable", "overlay_png", "parse_methods",
+    "parse_target", "probe_model", "read_class_names", "release_cam", "run_cam",
 ]

@@ -98,7 +98,12 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ModelInfo:
     return ModelInfo(forward, kind, tuple(out.shape[1:]), how)
 
 
-def _layer_shapes(info_model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[tuple[int, ...]]:
+def layer_shapes(info_model: nn.Module, layers: list[nn.Module], x: torch.Tensor) -> list[tuple[int, ...]]:
+    """The output shape of each of ``layers`` for one image of ``x`` (one forward of ``info_model``).
+
+    Raises:
+        ArchitectureError: a layer is never run by the forward.
+    """
     shapes: dict[int, tuple[int, ...]] = {}
 
     def record(mod: nn.Module, _inputs, out) -> None:

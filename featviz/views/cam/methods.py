@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MethodSpec:
+class CamMethod:
     """One pytorch-grad-cam method: its class and what it needs from the model.
 
     Attributes:
@@ -43,28 +43,28 @@ class MethodSpec:
     input_gradient: bool = False
 
 
-CAM_METHODS: dict[str, MethodSpec] = {
-    "gradcam": MethodSpec("GradCAM", True, "channel weights = mean gradient"),
-    "hirescam": MethodSpec("HiResCAM", True, "element-wise gradient × activation, summed"),
-    "gradcam_elementwise": MethodSpec("GradCAMElementWise", True, "ReLU(gradient × activation), summed"),
-    "gradcam++": MethodSpec("GradCAMPlusPlus", True, "second-order weights (Chattopadhyay et al.)"),
-    "xgradcam": MethodSpec("XGradCAM", True, "activation-normalised gradient weights"),
-    "ablationcam": MethodSpec("AblationCAM", False, "drop in the target when each channel is zeroed"),
-    "scorecam": MethodSpec("ScoreCAM", False, "target score of the image masked by each channel"),
-    "eigencam": MethodSpec("EigenCAM", False, "first principal component of the activations"),
-    "eigengradcam": MethodSpec("EigenGradCAM", True, "first principal component of gradient × activation"),
-    "layercam": MethodSpec("LayerCAM", True, "ReLU(gradient) × activation"),
-    "fullgrad": MethodSpec("FullGrad", True, "input and bias gradients of all conv/BN layers",
+CAM_METHODS: dict[str, CamMethod] = {
+    "gradcam": CamMethod("GradCAM", True, "channel weights = mean gradient"),
+    "hirescam": CamMethod("HiResCAM", True, "element-wise gradient × activation, summed"),
+    "gradcam_elementwise": CamMethod("GradCAMElementWise", True, "ReLU(gradient × activation), summed"),
+    "gradcam++": CamMethod("GradCAMPlusPlus", True, "second-order weights (Chattopadhyay et al.)"),
+    "xgradcam": CamMethod("XGradCAM", True, "activation-normalised gradient weights"),
+    "ablationcam": CamMethod("AblationCAM", False, "drop in the target when each channel is zeroed"),
+    "scorecam": CamMethod("ScoreCAM", False, "target score of the image masked by each channel"),
+    "eigencam": CamMethod("EigenCAM", False, "first principal component of the activations"),
+    "eigengradcam": CamMethod("EigenGradCAM", True, "first principal component of gradient × activation"),
+    "layercam": CamMethod("LayerCAM", True, "ReLU(gradient) × activation"),
+    "fullgrad": CamMethod("FullGrad", True, "input and bias gradients of all conv/BN layers",
                            input_gradient=True),
-    "kpca_cam": MethodSpec("KPCA_CAM", False, "kernel-PCA component of the activations"),
-    "fem": MethodSpec("FEM", False, "feature explanation method (k-sigma channel masks)"),
-    "shapleycam": MethodSpec("ShapleyCAM", True, "gradient and Hessian-vector product weights",
+    "kpca_cam": CamMethod("KPCA_CAM", False, "kernel-PCA component of the activations"),
+    "fem": CamMethod("FEM", False, "feature explanation method (k-sigma channel masks)"),
+    "shapleycam": CamMethod("ShapleyCAM", True, "gradient and Hessian-vector product weights",
                              input_gradient=True),
-    "finercam": MethodSpec("FinerCAM", True, "target logit minus the most similar classes' logits"),
-    "seg_eigen_cam": MethodSpec("SegEigenCAM", True, "|gradient| × activation, principal component"),
-    "refinecam": MethodSpec("RefineCAM", True, "product of GradCAM++ maps over the layers"),
-    "sess": MethodSpec("SESS", True, "GradCAM over scaled sliding windows, fused"),
-    "random_cam": MethodSpec("RandomCAM", True, "random channel weights (a sanity baseline)"),
+    "finercam": CamMethod("FinerCAM", True, "target logit minus the most similar classes' logits"),
+    "seg_eigen_cam": CamMethod("SegEigenCAM", True, "|gradient| × activation, principal component"),
+    "refinecam": CamMethod("RefineCAM", True, "product of GradCAM++ maps over the layers"),
+    "sess": CamMethod("SESS", True, "GradCAM over scaled sliding windows, fused"),
+    "random_cam": CamMethod("RandomCAM", True, "random channel weights (a sanity baseline)"),
 }
 """snake_case name -> pytorch-grad-cam method; the classes are imported inside ``make_cam``."""
 

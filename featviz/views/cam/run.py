@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.models.description import describe
 from featviz.models.features import arch_name, parse_image_size
-from featviz.views.cam.layers import ModelInfo, _layer_shapes, probe_model
+from featviz.views.cam.layers import ModelInfo, layer_shapes, probe_model
 from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, faithfulness
 from featviz.views.cam.render import CamRun, contact_sheet, overlay_png
@@ -29,7 +29,7 @@ from featviz.views.cam.targets import (
     make_targets,
     parse_target,
 )
-from featviz.views.runner import image_ids, safe_stem
+from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
-            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> dict[str, Any]:
+            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> CamResult:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
     Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
@@ -113,23 +113,19 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         note: A line under the sheet's title.
 
     Returns:
-        The summary that ``--json`` prints.
+        The result; its ``to_dict()`` is the summary that ``--json`` prints.
     """
-    from featviz.io.outputs import atomic_dir, check_output
-
-    out_dir = Path(out_dir)
-    check_output(out_dir, force=force, folder=True)
+    runner = ViewRunner("cam", out_dir, force=force, arguments=arguments, progress=progress)
     hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
     class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
-    setup = _prepare(inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
+    setup = _prepare(runner, inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
                      batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
                      strict=strict)
-    with atomic_dir(out_dir, force=force, command="cam") as tmp, torch.random.fork_rng(devices=[]):
+    with runner.output() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
-        run, sheet_imgs = _explain_all(setup, tmp / "overlays", aug_smooth=aug_smooth, eigen_smooth=eigen_smooth,
-                                       metrics=metrics, progress=progress, sheet_rows=sheet_rows)
-        return _write_outputs(tmp, out_dir, setup, run, sheet_imgs, metrics=metrics, arguments=arguments,
-                              weights=weights, note=note)
+        run, sheet_imgs = _explain_all(runner, setup, tmp / "overlays", aug_smooth=aug_smooth,
+                                       eigen_smooth=eigen_smooth, metrics=metrics, sheet_rows=sheet_rows)
+        return _write_outputs(runner, tmp, setup, run, sheet_imgs, metrics=metrics, weights=weights, note=note)
 
 
 @dataclass
@@ -138,12 +134,10 @@ class _Setup:
 
     model: nn.Module
     info: ModelInfo
-    files: list[Path]
+    files: list[Path]  # the images explained (the undecodable ones leave when skipped)
     ids: list[str]
     loader: Any
     hw: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     layer_names: list[str]
     layer_mods: list[nn.Module]
     shapes: list[tuple[int, ...]]
@@ -154,31 +148,27 @@ class _Setup:
     methods: list[str]
     skipped: dict[str, str]
     inner_batch: int
-    device: torch.device
     undecodable: list[str]
 
 
-def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int, aug_smooth: bool,
-             device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
-    from featviz.data.images import ImageDataset, collate, load_image, normalization_of
-    from featviz.distributed import resolve_device
+def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int,
+             aug_smooth: bool, device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
+    from featviz.data.images import load_image
     from featviz.models.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
     spec = parse_target(target) if target else None
-    files, ids = image_ids(inputs)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
+    files, ids = runner.images(inputs)
+    model = runner.place(model, device)
+    dev, mean, std = runner.device, runner.mean, runner.std
     hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
-    mean, std = normalization_of(model)
     transform = _transform(hw, mean, std)
     layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
-    dataset = ImageDataset(files, None, transform, strict=strict)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    first = _first_decodable(dataset, files)[None].to(dev)
+    loader = runner.loader(transform=transform, batch_size=batch_size, strict=strict)
+    first = _first_decodable(loader.dataset, files)[None].to(dev)
     info = probe_model(model, first)
-    shapes = _layer_shapes(info.forward, layer_mods, first)
+    shapes = layer_shapes(info.forward, layer_mods, first)
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
     class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
@@ -195,10 +185,10 @@ def _prepare(inputs, model: nn.Module, *, methods, layers, target, image_size, b
     # masked copies per forward for ScoreCAM/AblationCAM/SESS: larger batches pay on a GPU, but on a
     # CPU pytorch-grad-cam's own 16 is faster (ResNet-50 ScoreCAM at 112 px: 16 → 27-29 s, 64 → 33-36 s)
     inner = max(32, batch_size) if dev.type == "cuda" else 16
-    return _Setup(model, info, files, ids, loader, hw, tuple(mean), tuple(std), layer_names, layer_mods, shapes,
+    return _Setup(model, info, list(files), list(ids), loader, hw, layer_names, layer_mods, shapes,
                   token, reshape_transform(model, hw, layer_mods), spec,
                   TargetContext(spec, info, mean, std, reference, list(class_names), seed), run_methods, skipped,
-                  inner, dev, [])
+                  inner, [])
 
 
 def _first_decodable(dataset, files: list[Path]) -> torch.Tensor:
@@ -233,8 +223,8 @@ def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, au
     return run_methods, skipped
 
 
-def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: bool, metrics: bool,
-                 progress: Progress | None, sheet_rows: int) -> tuple[CamRun, list[np.ndarray]]:
+def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: bool,
+                 metrics: bool, sheet_rows: int) -> tuple[CamRun, list[np.ndarray]]:
     """Every method on every batch; overlays are written as they come, the maps kept for maps.npz."""
     overlays.mkdir()
     maps: dict[str, list[np.ndarray]] = {m: [] for m in s.methods}
@@ -243,16 +233,14 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
     labels: list[str] = []
     scores: list[float | None] = []
     sheet_imgs: list[np.ndarray] = []
-    batches: Iterable = s.loader if progress is None else progress(s.loader, total=len(s.loader))
-    mean_t, std_t = torch.tensor(s.mean).view(3, 1, 1), torch.tensor(s.std).view(3, 1, 1)
     bad: list[int] = []
-    try:
+    with runner.batches(s.loader) as batches:  # a progress bar ends with the loop, error or not
         for x, _, idx, skipped in batches:
             bad += _skipped(s, skipped)
             if x is None:
                 continue
-            x = x.to(s.device)
-            rgb = (x.cpu() * std_t + mean_t).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+            x = x.to(runner.device)
+            rgb = runner.rgb(x)
             targets = make_targets(s.ctx, x)
             for m in s.methods:
                 kw = {"target_idx": int(s.spec.arg)} if m == "finercam" and s.spec.kind == "class" else None
@@ -269,10 +257,6 @@ def _explain_all(s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: b
             labels += [t.label for t in targets]
             scores += [t.score for t in targets]
             sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
-    finally:
-        close = getattr(batches, "close", None)  # a progress bar ends with the loop, error or not
-        if close is not None:
-            close()
     if bad:  # the outputs hold the images that were explained, in order
         gone = set(bad)
         s.undecodable = [s.ids[i] for i in sorted(gone)]
@@ -295,12 +279,9 @@ def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
     return list(skipped)
 
 
-def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, arguments: dict[str, Any] | None,
-                   weights: str | None = None, note: str | None = None) -> dict[str, Any]:
-    """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the summary."""
-    from featviz.io.outputs import manifest, write_json
-
+def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
+                   metrics: bool, weights: str | None = None, note: str | None = None) -> CamResult:
+    """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the result."""
     arrays: dict[str, np.ndarray] = {"ids": np.array(run.ids)}
     for m in run.methods:
         arrays[m] = run.maps[m]
@@ -309,15 +290,14 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
     desc = describe(s.model)
     warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
     contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
-    write_json(tmp / "manifest.json", manifest(
-        "cam", arguments or {}, model={"arch": arch_name(s.model), "kind": s.info.kind,
-                                      "output_shape": s.info.out_shape, "output_selected": s.info.selected,
-                                      "description": desc.to_dict()},
+    runner.write_manifest(
+        tmp, model={"arch": arch_name(s.model), "kind": s.info.kind, "output_shape": s.info.out_shape,
+                    "output_selected": s.info.selected, "description": desc.to_dict()},
         layers=run.layers, layer_shapes=[list(sh[1:]) for sh in s.shapes],
         reshape_transform=None if s.reshape is None else s.reshape.to_dict(),
         target=run.target, methods=run.methods, skipped_methods=run.skipped, image_size=list(run.image_size),
         undecodable_images=s.undecodable, weights=weights, note=note,
-        device=str(s.device), normalization={"mean": list(s.mean), "std": list(s.std)},
+        device=str(runner.device), normalization=runner.normalization,
         metric_definitions=METRIC_DEFINITIONS if metrics else None,
         noise_rule=f"gradient maps are 'noise' when the target's relative slope ‖∂t/∂o‖·‖o‖/|t| < {NOISE_RATIO}, "
                    "'blank' when the raw map is all ≤ 0",
@@ -325,8 +305,8 @@ def _write_outputs(tmp: Path, out_dir: Path, s: _Setup, run: CamRun, sheet_imgs:
                  "maps": {m: {**run.stats[m][i].to_dict(),
                               **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()}}
                           for m in run.methods}} for i in range(len(run.ids))],
-        warnings=warnings))
-    return {**_summary(run, out_dir, warnings), "undecodable_images": s.undecodable}
+        warnings=warnings)
+    return _result(run, runner, warnings, s.undecodable)
 
 
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
@@ -354,17 +334,43 @@ def _warn_degenerate(run: CamRun) -> list[str]:
     return lines
 
 
-def _summary(run: CamRun, out_dir: Path, warnings: list[str]) -> dict[str, Any]:
+@dataclass(eq=False)
+class CamResult(ViewResult):
+    """What ``featviz cam`` reports (``to_dict()``: its ``--json`` summary)."""
+
+    out: str
+    images: int  # the images explained (undecodable ones skipped)
+    methods: list[str]
+    skipped_methods: dict[str, str]  # method -> why it does not apply
+    layers: list[str]
+    target: str
+    model_kind: str  # logits, embedding or segmentation
+    image_size: tuple[int, int]
+    files: dict[str, Any]
+    map_status: dict[str, dict[str, int]]  # method -> maps per status (ok, blank, noise, nan, unchecked)
+    metrics: dict[str, dict[str, float]] | None  # method -> mean of each faithfulness score
+    warnings: list[str]
+    undecodable_images: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` summary."""
+        return {
+            "out": self.out, "images": self.images, "methods": self.methods, "skipped_methods": self.skipped_methods,
+            "layers": self.layers, "target": self.target, "model_kind": self.model_kind,
+            "image_size": list(self.image_size), "files": self.files, "map_status": self.map_status,
+            "metrics": self.metrics, "warnings": self.warnings, "undecodable_images": self.undecodable_images,
+        }
+
+
+def _result(run: CamRun, runner: ViewRunner, warnings: list[str], undecodable: list[str]) -> CamResult:
     status = {m: {k: sum(s.status == k for s in run.stats[m]) for k in ("ok", "blank", "noise", "nan", "unchecked")}
               for m in run.methods}
-    return {
-        "out": str(out_dir), "images": len(run.ids), "methods": run.methods, "skipped_methods": run.skipped,
-        "layers": run.layers, "target": run.target, "model_kind": run.model_kind, "image_size": list(run.image_size),
-        "files": {"contact_sheet": str(out_dir / "contact_sheet.png"), "maps": str(out_dir / "maps.npz"),
-                  "manifest": str(out_dir / "manifest.json"), "overlays": len(run.ids) * len(run.methods)},
-        "map_status": status,
-        "metrics": {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.metrics.items() if d} or None,
-        "warnings": warnings,
-    }
-
-
+    return CamResult(
+        out=str(runner.out_dir), images=len(run.ids), methods=run.methods, skipped_methods=run.skipped,
+        layers=run.layers, target=run.target, model_kind=run.model_kind, image_size=run.image_size,
+        files={"contact_sheet": runner.path("contact_sheet.png"), "maps": runner.path("maps.npz"),
+               "manifest": runner.path("manifest.json"), "overlays": len(run.ids) * len(run.methods)},
+        map_status=status,
+        metrics={m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.metrics.items() if d} or None,
+        warnings=warnings, undecodable_images=undecodable,
+    )
