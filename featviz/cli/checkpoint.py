@@ -44,9 +44,40 @@ def inspect(
     elif info.get("kind") == "segmenter":
         out.print(_segmenter_table(info))
     else:
-        from featviz.models.checkpoints import LoadReport
+        out.print(_load_report_table(info))
 
-        out.print(LoadReport(**info).to_rich())
+
+def _load_report_table(r: dict):
+    """The table of an encoder's load report (``featviz.models.checkpoints.LoadReport.to_dict()``)."""
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, title=f"[bold]{Path(r['path']).name}", title_justify="left")
+    t.add_column(style="bold cyan")
+    t.add_column()
+    t.add_row("format", f"{r['format']}  [dim]{r['format_title']}[/]")
+    t.add_row("container key", str(r["container_key"]))
+    t.add_row("prefix stripped", repr(r["prefix"]))
+    t.add_row("dropped", ", ".join(f"{k} ({v})" for k, v in r["dropped"].items()) or "-")
+    if r.get("classifier"):
+        c = r["classifier"]
+        t.add_row("classifier", f"{c['name']} ({c['num_classes']} classes)  [dim]"
+                  + ("loaded" if c["loaded"] else "kept in the file: cam --target class:N / top1 loads it")
+                  + "[/]")
+    t.add_row("architecture", f"{r['arch']['name']}  [dim]({r['arch_source']})[/]")
+    t.add_row("details", ", ".join(f"{k}={v}" for k, v in r["arch_details"].items()))
+    if r["not_inferable"]:
+        t.add_row("not inferable", ", ".join(r["not_inferable"]))
+    t.add_row("normalisation", f"mean={r['normalization']['mean']} std={r['normalization']['std']}"
+              f"  [dim]{r['normalization'].get('source', '')}[/]")
+    if r.get("input_size"):
+        t.add_row("input size", f"{r['input_size'][0]}x{r['input_size'][1]}")
+    if r.get("method"):
+        t.add_row("method", r["method"])
+    t.add_row("tensors", f"{r['loaded']} loaded, {len(r['missing'])} missing, "
+              f"{len(r['unexpected'])} unexpected (file has {r['tensors_in_file']})")
+    for w in r["warnings"]:
+        t.add_row("[yellow]warning", w)
+    return t
 
 
 def _segmenter_table(s: dict):

@@ -38,7 +38,11 @@ log = logging.getLogger(__package__)  # "featviz.models.checkpoints", the logger
 
 @dataclass
 class LoadReport:
-    """What ``load_backbone`` did, for ``featviz inspect`` and every output manifest."""
+    """What ``load_backbone`` did, for ``featviz inspect`` and every output manifest.
+
+    Plain data: ``to_dict`` is what manifests record and ``featviz inspect --json`` prints;
+    the CLI draws the table (``featviz.cli.checkpoint``).
+    """
 
     path: str
     format: str
@@ -61,41 +65,10 @@ class LoadReport:
     input_size: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-able dict (its fields, in order)."""
         from dataclasses import asdict
 
         return asdict(self)
-
-    def to_rich(self):
-        """A rich renderable summary."""
-        from rich.table import Table
-
-        t = Table(show_header=False, box=None, title=f"[bold]{Path(self.path).name}", title_justify="left")
-        t.add_column(style="bold cyan")
-        t.add_column()
-        t.add_row("format", f"{self.format}  [dim]{self.format_title}[/]")
-        t.add_row("container key", str(self.container_key))
-        t.add_row("prefix stripped", repr(self.prefix))
-        t.add_row("dropped", ", ".join(f"{k} ({v})" for k, v in self.dropped.items()) or "-")
-        if self.classifier:
-            c = self.classifier
-            t.add_row("classifier", f"{c['name']} ({c['num_classes']} classes)  [dim]"
-                      + ("loaded" if c["loaded"] else "kept in the file: cam --target class:N / top1 loads it")
-                      + "[/]")
-        t.add_row("architecture", f"{self.arch['name']}  [dim]({self.arch_source})[/]")
-        t.add_row("details", ", ".join(f"{k}={v}" for k, v in self.arch_details.items()))
-        if self.not_inferable:
-            t.add_row("not inferable", ", ".join(self.not_inferable))
-        t.add_row("normalisation", f"mean={self.normalization['mean']} std={self.normalization['std']}"
-                  f"  [dim]{self.normalization.get('source', '')}[/]")
-        if self.input_size:
-            t.add_row("input size", f"{self.input_size[0]}x{self.input_size[1]}")
-        if self.method:
-            t.add_row("method", self.method)
-        t.add_row("tensors", f"{self.loaded} loaded, {len(self.missing)} missing, "
-                  f"{len(self.unexpected)} unexpected (file has {self.tensors_in_file})")
-        for w in self.warnings:
-            t.add_row("[yellow]warning", w)
-        return t
 
 
 def _resolve_arch(ex: Extracted, arch: str | ArchSpec | None, num_heads: int | None):
