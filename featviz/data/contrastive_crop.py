@@ -180,12 +180,12 @@ def heatmap_layer(model: nn.Module, layer: str | None = None) -> str:
     block's output instead: a LayerNorm centres every token over the channels, so the channel mean of
     its output is zero up to rounding (a named deviation; the official code has ResNets only).
     """
-    from featviz.models.features import _is_vit, default_layer
+    from featviz.models.features import default_layer, is_vit
 
     if layer is not None:
         return layer
     name = default_layer(model)
-    if name == "norm" and _is_vit(model):
+    if name == "norm" and is_vit(model):
         return f"blocks.{len(model.blocks) - 1}"
     return name
 

@@ -100,12 +100,15 @@ def prefix_tokens(model: nn.Module) -> int:
     if isinstance(getattr(model, "class_token", None), torch.Tensor):  # torchvision ViT
         return 1
     count = sum(int(isinstance(getattr(model, a, None), torch.Tensor)) for a in ("cls_token", "dist_token"))
+    return count + _register_parameter(model)
+
+
+def _register_parameter(model: nn.Module) -> int:
+    """Register tokens counted from the ``reg_token`` (or ``register_tokens``) parameter's shape."""
     reg = getattr(model, "reg_token", None)
     if reg is None:
         reg = getattr(model, "register_tokens", None)
-    if isinstance(reg, torch.Tensor):
-        count += int(reg.shape[1] if reg.ndim == 3 else reg.shape[0])
-    return count
+    return int(reg.shape[1] if reg.ndim == 3 else reg.shape[0]) if isinstance(reg, torch.Tensor) else 0
 
 
 def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
@@ -178,15 +181,6 @@ class TokenLayout:
         """Distillation and other prefix tokens: neither class nor register tokens."""
         return self.prefix - self.class_tokens - self.register_tokens
 
-    def describe(self) -> str:
-        """The prefix tokens in words: ``1 class + 4 register prefix tokens``."""
-        parts = [f"{self.class_tokens} class"]
-        if self.register_tokens:
-            parts.append(f"{self.register_tokens} register")
-        if self.other_prefix:
-            parts.append(f"{self.other_prefix} other (distillation)")
-        return " + ".join(parts) + " prefix token" + ("s" if self.prefix != 1 else "")
-
     def to_dict(self) -> dict[str, Any]:
         """The grid and the prefix tokens by kind, as manifests and summaries record them."""
         return {
@@ -204,15 +198,8 @@ def _class_tokens(model: nn.Module) -> int:
 
 
 def _register_tokens(model: nn.Module) -> int:
-    """Register tokens (timm ``num_reg_tokens``, or the ``reg_token``/``register_tokens`` parameter)."""
-    if hasattr(model, "num_reg_tokens"):
-        return int(model.num_reg_tokens or 0)
-    reg = getattr(model, "reg_token", None)
-    if reg is None:
-        reg = getattr(model, "register_tokens", None)
-    if isinstance(reg, torch.Tensor):
-        return int(reg.shape[1] if reg.ndim == 3 else reg.shape[0])
-    return 0
+    """Register tokens: timm's ``num_reg_tokens``, else the register parameter's shape."""
+    return int(model.num_reg_tokens or 0) if hasattr(model, "num_reg_tokens") else _register_parameter(model)
 
 
 def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout | None:
@@ -294,16 +281,20 @@ class TokenReshape:
 
     @property
     def grid(self) -> tuple[int, int] | None:
+        """The patch grid (None for a channels-last CNN map)."""
         return None if self.layout is None else self.layout.grid
 
     @property
     def prefix(self) -> int:
+        """The prefix tokens dropped before the patches."""
         return 0 if self.layout is None else self.layout.prefix
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """The (B, C, h, w) map of a layer output ``t``."""
         return to_map(t, self.layout, channels_last=self.channels_last and t.ndim == 4)
 
     def to_dict(self) -> dict[str, Any]:
+        """The transform's settings, as cam's manifest records them."""
         return {"grid": None if self.grid is None else list(self.grid), "prefix_tokens": self.prefix,
                 "channels_last": self.channels_last}
 
@@ -370,7 +361,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     return resolve_layer(model, name)[1]
 
 
-def _is_vit(model: nn.Module) -> bool:
+def is_vit(model: nn.Module) -> bool:
+    """A timm-style ViT: ``patch_embed``, a sequence of ``blocks`` and ``num_prefix_tokens``."""
     blocks = getattr(model, "blocks", None)
     return hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) \
         and hasattr(model, "num_prefix_tokens")
@@ -405,7 +397,7 @@ def default_layer(model: nn.Module) -> str:
     """
     if hasattr(model, "layer4"):
         return "layer4"
-    if _is_vit(model):
+    if is_vit(model):
         if not isinstance(getattr(model, "norm", None), (nn.Identity, type(None))):
             return "norm"
         return f"blocks.{len(model.blocks) - 1}"
@@ -428,7 +420,7 @@ def default_cam_layer(model: nn.Module) -> str:
     """
     if hasattr(model, "layer4"):
         return "layer4"
-    if _is_vit(model):
+    if is_vit(model):
         return f"blocks.{len(model.blocks) - 1}.norm1"
     if _is_swin(model):
         return f"layers.{len(model.layers) - 1}.blocks.{len(model.layers[-1].blocks) - 1}.norm1"
@@ -475,7 +467,7 @@ class FeatureExtractor:
     def _timm_block(self) -> tuple[int, bool] | None:
         """(block index, apply the final norm) when timm's ``forward_intermediates`` can give the map."""
         m = self.model
-        if not (_is_vit(m) and hasattr(m, "forward_intermediates")):
+        if not (is_vit(m) and hasattr(m, "forward_intermediates")):
             return None
         match = re.fullmatch(r"blocks\.(\d+)", self.layer)
         if match:

@@ -426,7 +426,7 @@ def run_attention(
         notes = []
         if lay.prefix > 1:
             notes.append(
-                f"{lay.describe()}: the maps show the patches only; the class token sends "
+                f"{_prefix_in_words(lay)}: the maps show the patches only; the class token sends "
                 f"{share:.1%} of its attention (mean over heads and images) to the prefix tokens, "
                 "itself included"
             )
@@ -526,6 +526,16 @@ def _run_of(
         li,
         hw,
     )
+
+
+def _prefix_in_words(lay: TokenLayout) -> str:
+    """The prefix tokens in words: ``1 class + 4 register prefix tokens``."""
+    parts = [f"{lay.class_tokens} class"]
+    if lay.register_tokens:
+        parts.append(f"{lay.register_tokens} register")
+    if lay.other_prefix:
+        parts.append(f"{lay.other_prefix} other (distillation)")
+    return " + ".join(parts) + " prefix token" + ("s" if lay.prefix != 1 else "")
 
 
 # ------------------------------------------------------------------ pictures
