@@ -459,8 +459,10 @@ VIT_RECIPES: dict[str, Recipe] = {
 
 
 def analysis_view(method: str | None) -> View:
-    """The view analysis draws for a model trained with ``method`` (its recipe's first global
-    view), or ``ANALYSIS_VIEW`` when the method is unknown or has no recipe.
+    """The view analysis draws for a model trained with ``method``.
+
+    That is its recipe's first global view, or ``ANALYSIS_VIEW`` when the method is unknown or
+    has no recipe.
 
     Args:
         method: the SSL method a checkpoint was trained with (its metadata's ``method``), or None.

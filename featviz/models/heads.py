@@ -57,10 +57,14 @@ def build_head(spec: dict[str, Any]) -> nn.Module:
 
 
 class DINOHead(nn.Module):
-    """DINO's head (``vision_transformer.py`` ``DINOHead``): MLP to a bottleneck, l2-normalise,
-    weight-normalised linear to K outputs; ``norm_last_layer`` freezes the weight-norm gain at 1."""
+    """DINO's head (``vision_transformer.py`` ``DINOHead``).
+
+    An MLP to a bottleneck, l2-normalised, then a weight-normalised linear layer to K outputs;
+    ``norm_last_layer`` freezes the weight-norm gain at 1.
+    """
 
     def __init__(self, mlp: nn.Module, bottleneck: int, out: int, *, norm_last_layer: bool = True):
+        """The head around ``mlp`` (ending in ``bottleneck`` features), with ``out`` outputs."""
         super().__init__()
         self.mlp = mlp
         for m in self.mlp.modules():  # DINOHead._init_weights: trunc_normal(std .02), zero bias
@@ -79,4 +83,5 @@ class DINOHead(nn.Module):
         return self.last_layer.parametrizations.weight.original0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The K outputs of features ``x`` (N, D)."""
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))

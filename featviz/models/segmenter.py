@@ -57,6 +57,7 @@ class DeepLabV3PlusHead(nn.Module):
     def __init__(self, in_ch: int, low_ch: int, num_classes: int, dim: int = 256, low_dim: int = 48,
                  rates: tuple[int, ...] = (6, 12, 18), *, align_corners: bool = False, decoder_dropout: float = 0.0,
                  classifier_dropout: float = 0.0):
+        """ASPP on ``in_ch``-channel deep features, a ``low_ch``-channel skip, ``num_classes`` logits."""
         super().__init__()
         from torchvision.models.segmentation.deeplabv3 import ASPP
 
@@ -117,6 +118,11 @@ class Segmenter(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: dict[str, Any], projector: dict[str, Any] | None = None,
                  class_names: list[str] | None = None):
+        """The segmenter of ``backbone`` with the head (and CAC projector) ``head_spec`` describes.
+
+        Raises:
+            ArchitectureError: ``backbone`` is not a torchvision ResNet.
+        """
         super().__init__()
         if not hasattr(backbone, "layer4"):
             from featviz.errors import ArchitectureError
@@ -162,23 +168,31 @@ class Segmenter(nn.Module):
         return F.normalize(self.projector(f), dim=1)
 
     def pixel_features(self, x: torch.Tensor, which: str = "decoder") -> torch.Tensor:
-        """Stride-8 pixel features as CAC contrasts them: ``decoder`` (the 256-d decoder output
-        avg-pooled by 2; the classifier's input) or ``projector`` (l2-normalised; CAC models only)."""
+        """Stride-8 pixel features as CAC contrasts them.
+
+        ``decoder``: the 256-d decoder output avg-pooled by 2 (the classifier's input);
+        ``projector``: its l2-normalised projection (CAC models only).
+        """
         if which not in ("decoder", "projector"):
             raise ValueError(f"which must be 'decoder' or 'projector', got {which!r}")
         f = self.to_stride8(self.decoder_features(x))
         return self.project(f) if which == "projector" else f
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits at the input size: the classifier on the stride-4 decoder features, upsampled
-        bilinearly (CAC's eval and labelled-branch path)."""
+        """Logits at the input size (CAC's eval and labelled-branch path).
+
+        The classifier on the stride-4 decoder features, upsampled bilinearly.
+        """
         out = self.head.classify(self.decoder_features(x))
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=self.head.align_corners)
 
     def forward(self, x: torch.Tensor, u1: torch.Tensor | None = None, u2: torch.Tensor | None = None):
-        """Logits (N, C, H, W); with unlabelled crop sets ``u1``, ``u2`` also, per set, a dict of
-        ``z`` (projected, normalised stride-8 features) and ``logits`` (the classifier on the pooled
-        features, computed without gradient: CAC detaches them into pseudo labels and confidences)."""
+        """Logits (N, C, H, W); with unlabelled crop sets ``u1``, ``u2`` also one dict per set.
+
+        Each dict holds ``z`` (projected, normalised stride-8 features) and ``logits`` (the
+        classifier on the pooled features, computed without gradient: CAC detaches them into
+        pseudo labels and confidences).
+        """
         out = self.logits(x)
         if u1 is None:
             return out
@@ -253,8 +267,9 @@ def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | N
 
 def load_segmenter(path: str | os.PathLike, *, trust: bool = False, output_stride: int | None = None,
                    class_names: list[str] | None = None) -> Segmenter:
-    """Rebuild a whole ``Segmenter`` (eval mode) from a featviz segmentation checkpoint or one of
-    CAC's official DeepLabv3+ checkpoints.
+    """Rebuild a whole ``Segmenter`` (eval mode) from a featviz or a CAC DeepLabv3+ checkpoint.
+
+    The checkpoint is featviz's segmentation format or one of CAC's official DeepLabv3+ files.
 
     The model's ``forward`` gives per-pixel logits (N, C, H, W); ``class_names`` and its
     ``ModelDescription`` (``featviz.models.description.describe``: kind ``segmenter``, method, classes,
@@ -344,8 +359,10 @@ def _featviz_segmenter(path: Path) -> Segmenter:
 
 
 def _assign(model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Load ``sd`` into a model built on the meta device (float tensors as float32); returns
-    (missing, unexpected) keys. Anything left on the meta device counts as missing."""
+    """Load ``sd`` into a model built on the meta device (float tensors as float32).
+
+    Returns the (missing, unexpected) keys; anything left on the meta device counts as missing.
+    """
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

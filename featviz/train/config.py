@@ -1,5 +1,7 @@
-"""The training run's settings: ``TrainConfig`` and ``resolve_config``, which fills every default
-and records where it came from (saved as ``RUN_DIR/config.json``).
+"""The training run's settings: ``TrainConfig`` and ``resolve_config``.
+
+``resolve_config`` fills every default and records where it came from (saved as
+``RUN_DIR/config.json``).
 
 A method comes from one of two registries, the SSL methods' (``featviz.train.methods.SSL_METHODS``)
 and the segmentation methods' (``featviz.train.segmentation.registry.SEG_METHODS``);
@@ -169,12 +171,14 @@ class TrainConfig:
     defaults: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able values (``config.json``)."""
         d = asdict(self)
         d["iou_bound"] = list(self.iou_bound)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Settings from ``to_dict`` output (keys that are not fields, e.g. a task's record, are ignored)."""
         names = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if "iou_bound" in d:
@@ -195,9 +199,11 @@ def dataset_key(data: str) -> str | None:
 
 
 def input_size(arch: str) -> int:
-    """The input side an architecture expects: the models' one rule (its ``ModelDescription``'s
-    ``input_size``, ``featviz.models.architectures.default_input_size``), which is what ``featviz
-    embed`` uses by default. The architecture is built on the meta device: no weights are made.
+    """The input side an architecture expects, by the models' one rule.
+
+    That is its ``ModelDescription``'s ``input_size`` (``featviz.models.architectures.default_input_size``),
+    which is what ``featviz embed`` uses by default. The architecture is built on the meta device:
+    no weights are made.
 
     Raises:
         UnknownNameError: an architecture name ``featviz.models.architectures.parse_arch`` does not know.
@@ -285,8 +291,17 @@ CONFIG_FILE = "config.json"
 
 
 def write_config(out: Path, cfg: TrainConfig, method_record: dict[str, Any]) -> dict[str, Any]:
-    """Write ``RUN_DIR/config.json``: the resolved ``cfg`` plus what the task adds (``TrainTask.record``:
-    the method's resolved hyperparameters, views, optimiser, kNN protocol). Returns the record."""
+    """Write ``RUN_DIR/config.json``: the resolved ``cfg`` plus what the task adds.
+
+    Args:
+        out: the run folder.
+        cfg: the resolved settings.
+        method_record: ``TrainTask.record()`` (the method's resolved hyperparameters, views,
+            optimiser, kNN protocol).
+
+    Returns:
+        The record written.
+    """
     from featviz.io.outputs import write_json
 
     record = {**cfg.to_dict(), **method_record}

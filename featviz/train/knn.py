@@ -1,5 +1,8 @@
-"""The kNN monitor of ``featviz train`` (its protocol is public: ``checkpoint_knn`` recomputes a
-logged accuracy from the exported checkpoint alone)."""
+"""The kNN monitor of ``featviz train``.
+
+Its protocol is public: ``checkpoint_knn`` recomputes a logged accuracy from the exported
+checkpoint alone.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ EVAL_BATCH = 256
 
 
 def held_out_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices of the kNN monitor: a seeded permutation, the first
-    ``round(n * val_fraction)`` held out; nothing is held out without labels (or one class)."""
+    """The (train, held-out) indices of the kNN monitor.
+
+    A seeded permutation, the first ``round(n * val_fraction)`` held out; nothing is held out
+    without labels (or with one class).
+    """
     labels = np.asarray(labels)
     order = np.random.default_rng(seed).permutation(len(labels))
     n_val = int(round(len(labels) * val_fraction)) if (labels >= 0).all() and len(set(labels.tolist())) > 1 else 0
@@ -28,16 +34,21 @@ def held_out_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 
 def knn_sets(train_idx: np.ndarray, val_idx: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The bank (training images) and queries (held-out images) the monitor embeds: the first
-    5000 / 2000 of each, fewer for large images (features cached within ~400 MB)."""
+    """The bank (training images) and queries (held-out images) the monitor embeds.
+
+    The first 5000 / 2000 of each, fewer for large images (features cached within ~400 MB).
+    """
     cap = max(300, int(4e8 // (3 * image_size ** 2 * 4)))
     return train_idx[:min(KNN_BANK_MAX, cap * 2 // 3)], val_idx[:min(KNN_QUERIES_MAX, cap // 3)]
 
 
 def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, t: float = KNN_T) -> float:
-    """Weighted kNN on cosine similarity (InstDisc / DINO ``eval_knn``): l2-normalised features,
-    the ``k`` most similar bank images vote with weights exp(sim / t); ties go to the lower class."""
+    """Weighted kNN accuracy on cosine similarity (InstDisc / DINO ``eval_knn``).
+
+    Features are l2-normalised; the ``k`` most similar bank images vote with weights
+    exp(sim / t); ties go to the lower class.
+    """
     train_f = nn.functional.normalize(torch.as_tensor(train_f).float(), dim=1)
     test_f = nn.functional.normalize(torch.as_tensor(test_f).float(), dim=1)
     train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()

@@ -74,6 +74,7 @@ class TrainResult:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """What ``featviz train --json`` prints: paths, epochs, steps, seconds and the last epoch's numbers."""
         return {"out": str(self.out), "last": str(self.last), "best": str(self.best), "epochs": self.epochs,
                 "steps": self.steps, "seconds": round(self.seconds, 2),
                 "final": self.history[-1] if self.history else {}}

@@ -1,5 +1,8 @@
-"""Optimisers and schedules of ``featviz train``: a method's recipe (``Optim``), parameter groups,
-SGD / AdamW / LARS / LARC, the warm-up + cosine learning rate and DINO's weight-decay cosine."""
+"""Optimisers and schedules of ``featviz train``.
+
+A method's recipe (``Optim``), parameter groups, SGD / AdamW / LARS / LARC, the warm-up +
+cosine learning rate and DINO's weight-decay cosine.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class Optim:
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-able values (``config.json``'s ``optim``)."""
         from dataclasses import asdict
 
         return asdict(self)
@@ -74,7 +78,8 @@ def schedule_step(opt: torch.optim.Optimizer, step: int, total: int, warmup: int
     """Set every group's lr and weight decay for ``step``; returns the scheduled lr.
 
     Groups with ``fix_lr`` keep the peak lr (SimSiam ``--fix-pred-lr``); ``lr_scale`` multiplies
-    (Barlow Twins' bias lr); groups with weight decay follow ``_wd_at`` (DINO's cosine)."""
+    (Barlow Twins' bias lr); groups with weight decay follow ``_wd_at`` (DINO's cosine).
+    """
     lr = _lr_at(step, total, warmup, peak, final)
     w = _wd_at(step, total, wd, wd_end)
     for g in opt.param_groups:
@@ -85,14 +90,17 @@ def schedule_step(opt: torch.optim.Optimizer, step: int, total: int, warmup: int
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as the official SSL repositories write it (Barlow Twins ``main.py``, BYOL
-    ``utils/optimizers.py``, MoCo v3 ``moco/optimizer.py``, DINO ``utils.py``): the weight decay
-    is added to the gradient, the result scaled by eta * ||w|| / ||g + wd w||, then SGD momentum
-    (mu = m mu + update; w -= lr mu). Groups with ``lars_exclude`` (biases, norms) skip the
-    scaling. timm's ``Lars`` is APEX's LARC (||g|| + wd ||w|| in the denominator), which SwAV uses
-    (``larc``), so it is not used here."""
+    """LARS as the official SSL repositories write it.
+
+    Barlow Twins ``main.py``, BYOL ``utils/optimizers.py``, MoCo v3 ``moco/optimizer.py``, DINO
+    ``utils.py``: the weight decay is added to the gradient, the result scaled by
+    eta * ||w|| / ||g + wd w||, then SGD momentum (mu = m mu + update; w -= lr mu). Groups with
+    ``lars_exclude`` (biases, norms) skip the scaling. timm's ``Lars`` is APEX's LARC
+    (||g|| + wd ||w|| in the denominator), which SwAV uses (``larc``), so it is not used here.
+    """
 
     def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        """LARS over ``params`` (parameters or groups) with SGD momentum and trust coefficient ``eta``."""
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
 
     @torch.no_grad()
@@ -114,9 +122,11 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, optim, *, weight_decay: float) -> list[dict[str, Any]]:
-    """The optimiser's parameter groups: weights, and biases / norm parameters (1-D, no decay
-    unless ``optim.decay_bias_norm``; lr x ``optim.bias_lr``), each split by ``optim.fixed_lr``
-    module prefixes (their lr is not decayed)."""
+    """The optimiser's parameter groups.
+
+    Weights, and biases / norm parameters (1-D: no decay unless ``optim.decay_bias_norm``; lr x
+    ``optim.bias_lr``), each split by ``optim.fixed_lr`` module prefixes (their lr is not decayed).
+    """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -135,6 +145,11 @@ def param_groups(model: nn.Module, optim, *, weight_decay: float) -> list[dict[s
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum: float = 0.9):
+    """The optimiser ``name`` (``OPTIMIZERS``) over ``groups`` (``param_groups``).
+
+    Raises:
+        UnknownNameError: an optimiser featviz does not have.
+    """
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":

@@ -37,6 +37,7 @@ class SSLTask(TrainTask):
     """
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
+        """Build the backbone, the method, the held-out split and the views of ``cfg``."""
         from featviz.data import augment
         from featviz.data import images as data
         from featviz.models import architectures as models
@@ -122,8 +123,11 @@ class SSLTask(TrainTask):
             self.dataset.boxes = self.boxes.for_epoch(epoch)
 
     def after_epoch(self, epoch: int, step: int, device: torch.device) -> dict[str, Any] | None:
-        """ContrastiveCrop: recompute the boxes with the online backbone in eval mode when the
-        schedule says so (every rank its shard, then all-gathered); the metrics record, or None."""
+        """ContrastiveCrop's box update, when its schedule says so; the metrics record, or None.
+
+        The boxes are recomputed with the online backbone in eval mode (every rank its shard, then
+        all-gathered) and saved as ``boxes.npz``.
+        """
         if self.boxes is None:
             return None
         rec = self.boxes.update(self.model.backbone, epoch, step, device=device, info=self.info)
@@ -188,8 +192,10 @@ class SSLTask(TrainTask):
         return self._eval_cache
 
     def _held_out_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two views of each held-out query image from the method's recipe (Wang & Isola's
-        alignment pairs), the same every epoch."""
+        """Two views of each held-out query image from the method's recipe, the same every epoch.
+
+        They are Wang & Isola's alignment pairs.
+        """
         if self._held_out_aug is None:
             from featviz.data import augment
 
@@ -202,12 +208,12 @@ class SSLTask(TrainTask):
 
     @torch.no_grad()
     def _precise_bn(self, device: torch.device, x: torch.Tensor, batches: int = 8) -> None:
-        """Re-estimate the BatchNorm running statistics of the exported and the monitored modules
-        as exact averages over up to ``batches`` training batches (PreciseBN, Wu & Johnson 2021).
+        """Re-estimate the BatchNorm statistics of the exported and the monitored modules (PreciseBN).
 
-        The running averages lag the weights by ~10 steps (momentum 0.1); after an epoch of a few
-        dozen steps that lag alone made a healthy SimSiam look half collapsed in eval mode. The
-        statistics never enter a train-mode forward, so training is unchanged; checkpoints get the
+        Exact averages over up to ``batches`` training batches (Wu & Johnson 2021). The running
+        averages lag the weights by ~10 steps (momentum 0.1); after an epoch of a few dozen steps
+        that lag alone made a healthy SimSiam look half collapsed in eval mode. The statistics
+        never enter a train-mode forward, so training is unchanged; checkpoints get the
         better ones. Split BatchNorm (MoCo v2) is measured unsplit. Skipped under DDP, where SyncBN
         would need every rank (its epochs are long).
         """
@@ -251,7 +257,7 @@ class SSLTask(TrainTask):
 
     @torch.no_grad()
     def evaluate(self, device: torch.device) -> dict[str, Any]:
-        """kNN accuracy of the exported backbone on the held-out split (empty without labels).
+        """The kNN accuracy of the exported backbone on the held-out split (empty without labels).
 
         The protocol (``knn_protocol``, stored with every checkpoint; ``checkpoint_knn``
         recomputes it from the file): the bank is the first training images, the queries the

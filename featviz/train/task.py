@@ -97,9 +97,12 @@ class TrainTask(Protocol):
         ...
 
     def embeddings(self, *, held_out: bool) -> Embeddings | None:
-        """What a metrics line measures collapse on: for an epoch line (``held_out``) the held-out
-        images when the last ``evaluate`` measured them, else the last training batch; None when
-        the task has no embeddings to monitor (the line keeps only its values)."""
+        """What a metrics line measures collapse on.
+
+        For an epoch line (``held_out``) the held-out images when the last ``evaluate`` measured
+        them, else the last training batch; None when the task has no embeddings to monitor (the
+        line keeps only its values).
+        """
         ...
 
     def evaluate(self, device: torch.device) -> dict[str, Any]:

@@ -21,8 +21,11 @@ from featviz.train.optim import Optim
 
 
 def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
-    """Barlow Twins ``main.py``: c = bn(z1).T bn(z2) / N with ``BatchNorm1d(affine=False)``
-    (biased variance, eps 1e-5); sum_i (1 - c_ii)^2 + lambda * sum_{i!=j} c_ij^2."""
+    """Barlow Twins' loss, as ``main.py`` computes it.
+
+    c = bn(z1).T bn(z2) / N with ``BatchNorm1d(affine=False)`` (biased variance, eps 1e-5);
+    sum_i (1 - c_ii)^2 + lambda * sum_{i!=j} c_ij^2.
+    """
     z1, z2 = gather(z1.float()), gather(z2.float())
     n = z1.shape[0]
     z1 = F.batch_norm(z1, None, None, training=True, eps=1e-5)
@@ -34,8 +37,10 @@ def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tenso
 
 
 class BarlowTwins(SSLMethod):
-    """Barlow Twins (Zbontar et al. 2021): push the cross-correlation matrix of the two views'
-    batch-normalised embeddings to the identity: sum (1-C_ii)^2 + lambda sum_{i!=j} C_ij^2.
+    """Barlow Twins (Zbontar et al. 2021).
+
+    It pushes the cross-correlation matrix of the two views' batch-normalised embeddings to the
+    identity: sum (1-C_ii)^2 + lambda sum_{i!=j} C_ij^2.
 
     The projector is ``main.py``'s: (Linear without bias, BN, ReLU) x 2, Linear without bias.
     """
@@ -43,12 +48,14 @@ class BarlowTwins(SSLMethod):
     name = "barlow_twins"
 
     def __init__(self, backbone: nn.Module, *, lambd: float = 0.0051, proj_dim: int | None = None):
+        """Build the projector around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.lambd = lambd
         d = proj_dim or scaled(8192, self.dim)  # main.py --projector 8192-8192-8192
         self.head("projector", {"type": "mlp", "dims": [self.dim, d, d, d], "bn": True, "last_bias": False})
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views."""
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
         self._keep(z1, z2)
         return barlow_loss(z1, z2, self.lambd)

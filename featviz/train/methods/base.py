@@ -1,5 +1,8 @@
-"""The SSL methods' base class (``SSLMethod``: backbone + heads, ``forward(views) -> loss``) and the
-momentum-encoder mixin."""
+"""The SSL methods' base class and the momentum-encoder mixin.
+
+``SSLMethod`` is a backbone plus heads whose ``forward(views)`` returns the loss; ``MomentumMixin``
+keeps EMA targets of some of its modules.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from featviz.models.heads import build_head
 
 
 def zero_init_residual(backbone: nn.Module) -> None:
-    """torchvision's ``zero_init_residual=True``: the last BN of each residual block starts at 0."""
+    """Zero the last BN of each residual block of ``backbone`` (torchvision's ``zero_init_residual=True``)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     for m in backbone.modules():
@@ -40,6 +43,7 @@ class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
 
     def __init__(self, backbone: nn.Module):
+        """The method around ``backbone``; subclasses add their heads (``head``)."""
         super().__init__()
         self.backbone = backbone
         self.dim = feature_dim(backbone)
@@ -95,12 +99,16 @@ class SSLMethod(nn.Module):
 
 
 class MomentumMixin:
-    """A frozen EMA copy of some modules: ``target = m * target + (1 - m) * online`` on the
-    parameters; the target keeps its own BatchNorm statistics (the official code's choice)."""
+    """A frozen EMA copy of some modules.
+
+    ``target = m * target + (1 - m) * online`` on the parameters; the target keeps its own
+    BatchNorm statistics (the official code's choice).
+    """
 
     base_momentum: float = 0.99
 
     def make_target(self, *names: str) -> None:
+        """Make ``target_<name>``, a frozen copy of each module ``<name>``, which ``update_targets`` follows."""
         self._pairs = []
         for n in names:
             t = copy.deepcopy(getattr(self, n))
@@ -114,8 +122,11 @@ class MomentumMixin:
         return 1 - (1 - self.base_momentum) * (math.cos(math.pi * progress) + 1) / 2
 
     def predict_targets(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """BYOL / MoCo v3: predictions q = predictor(projector(backbone(v))) of the two global views
-        and the target network's projections k of the same views (no gradient); keeps z for the monitor."""
+        """BYOL's and MoCo v3's two branches on the two global views.
+
+        Returns the predictions q = predictor(projector(backbone(v))) and the target network's
+        projections k of the same views (no gradient); keeps z for the monitor.
+        """
         z = [self.projector(self.backbone(v)) for v in views[:2]]
         q = [self.predictor(x) for x in z]
         with torch.no_grad():
@@ -129,6 +140,7 @@ class MomentumMixin:
 
     @torch.no_grad()
     def update_targets(self, m: float) -> None:
+        """One EMA step of every target with momentum ``m``."""
         for online, target in self._pairs:
             for po, pt in zip(online.parameters(), target.parameters(), strict=True):
                 pt.mul_(m).add_(po.detach(), alpha=1 - m)

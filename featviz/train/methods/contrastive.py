@@ -31,10 +31,12 @@ from featviz.train.optim import Optim
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
-    """SimCLR ``tf2/objective.py`` ``add_contrastive_loss``: for each of the 2N views, softmax
-    cross-entropy of its positive against the 2N-2 others; loss = mean(loss_a + loss_b), i.e.
-    the sum of the two views' mean losses. With DDP the candidates come from every rank and
-    every rank computes the loss of the global batch."""
+    """SimCLR's NT-Xent loss, as ``tf2/objective.py`` ``add_contrastive_loss`` computes it.
+
+    For each of the 2N views, softmax cross-entropy of its positive against the 2N-2 others;
+    loss = mean(loss_a + loss_b), i.e. the sum of the two views' mean losses. With DDP the
+    candidates come from every rank and every rank computes the loss of the global batch.
+    """
     a = gather(F.normalize(z1.float(), dim=1))  # fp32 under bf16 autocast
     b = gather(F.normalize(z2.float(), dim=1))
     n = a.shape[0]
@@ -48,8 +50,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
-    """MoCo ``builder.py`` ``forward``: logits [q.k+, q.queue] / T, cross-entropy with label 0
-    (``q``, ``k`` and the queue rows l2-normalised)."""
+    """MoCo's InfoNCE against a queue, as ``builder.py`` ``forward`` computes it.
+
+    Logits [q.k+, q.queue] / T, cross-entropy with label 0 (``q``, ``k`` and the queue rows
+    l2-normalised).
+    """
     l_pos = (q * k).sum(dim=1, keepdim=True)
     l_neg = q @ queue.T
     logits = torch.cat([l_pos, l_neg], dim=1) / tau
@@ -66,7 +71,9 @@ def moco_ctr(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 class SimCLR(SSLMethod):
-    """SimCLR (Chen et al. 2020): "a nonlinear projection head g(.)" and the NT-Xent loss
+    """SimCLR (Chen et al. 2020).
+
+    "A nonlinear projection head g(.)" and the NT-Xent loss
     l(i,j) = -log exp(sim(z_i,z_j)/tau) / sum_{k!=i} exp(sim(z_i,z_j)/tau), over 2N views.
 
     The projector is ``tf2/model.py`` ``ProjectionHead`` (``num_proj_layers`` 3): every layer
@@ -77,12 +84,14 @@ class SimCLR(SSLMethod):
     name = "simclr"
 
     def __init__(self, backbone: nn.Module, *, tau: float = 0.5, proj_layers: int = 3, out_dim: int = 128):
+        """Build the heads around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.tau = tau
         self.head("projector", {"type": "mlp", "dims": [self.dim] * proj_layers + [out_dim], "bn": True,
                                 "last_bn": True, "last_affine": "scale"})
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views."""
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # NxC
         self._keep(z1, z2)
         return nt_xent(z1, z2, self.tau)
@@ -105,8 +114,10 @@ register(MethodRegistration(
 
 
 class MoCoV2(MomentumMixin, SSLMethod):
-    """MoCo v2 (Chen et al. 2020): InfoNCE of a query against its key from a momentum encoder
-    and a queue of past keys; "an MLP projection head" and stronger augmentation than MoCo v1.
+    """MoCo v2 (Chen et al. 2020).
+
+    InfoNCE of a query against its key from a momentum encoder and a queue of past keys; "an MLP
+    projection head" and stronger augmentation than MoCo v1.
 
     Shuffle-BN (MoCo Sec. 3.3): the key encoder sees a shuffled batch, so a query and its
     positive key never share BatchNorm statistics. Under DDP the keys are shuffled across
@@ -120,6 +131,7 @@ class MoCoV2(MomentumMixin, SSLMethod):
 
     def __init__(self, backbone: nn.Module, *, tau: float = 0.2, queue_size: int = 65536, momentum: float = 0.999,
                  bn_splits: int = 8, dim: int = 128, shuffle_bn: bool = True):
+        """Build the heads, the key encoder and the queue around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.tau, self.base_momentum, self.bn_splits, self.shuffle_bn = tau, momentum, bn_splits, shuffle_bn
         self.head("projector", {"type": "mlp", "dims": [self.dim, self.dim, dim], "bn": False})
@@ -152,6 +164,7 @@ class MoCoV2(MomentumMixin, SSLMethod):
             return k[torch.argsort(perm)]
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views (the keys are queued after the step)."""
         if _distributed():
             self.set_splits(1)
         q = F.normalize(self.projector(self.backbone(views[0])).float(), dim=1)  # NxC
@@ -162,6 +175,7 @@ class MoCoV2(MomentumMixin, SSLMethod):
 
     @torch.no_grad()
     def on_step_end(self, progress: float) -> None:
+        """The key encoder's EMA step (m fixed, as MoCo keeps it), then this step's keys into the queue."""
         self.update_targets(self.base_momentum)  # MoCo keeps m fixed
         k = gather(self._pending)
         n, size = k.shape[0], self.queue.shape[0]
@@ -171,11 +185,13 @@ class MoCoV2(MomentumMixin, SSLMethod):
 
 
 def _moco_v2_defaults(ctx: DataContext) -> dict[str, Any]:
-    """Queue and momentum from the data: K = 8 % of the training images (the CIFAR demo's
-    4096 of 50k, which it found saturated), rounded up to whole global batches, at most the
-    official 65536; m = 1 - 1/steps per epoch (a key-encoder horizon of one epoch: the demo's
-    0.99 at 97 steps), at most the official 0.999; bn_splits: sub-batches of 32 (ImageNet's
-    per-GPU batch), 2 to 8 (the demo's 8 of 64)."""
+    """MoCo v2's queue and momentum from the data.
+
+    K = 8 % of the training images (the CIFAR demo's 4096 of 50k, which it found saturated),
+    rounded up to whole global batches, at most the official 65536; m = 1 - 1/steps per epoch (a
+    key-encoder horizon of one epoch: the demo's 0.99 at 97 steps), at most the official 0.999;
+    bn_splits: sub-batches of 32 (ImageNet's per-GPU batch), 2 to 8 (the demo's 8 of 64).
+    """
     b = ctx.batch_size
     queue = min(65536, max(1, math.ceil(0.08 * ctx.n_train / b)) * b)
     m = min(0.999, max(0.9, 1 - 1 / ctx.steps_per_epoch))
@@ -203,8 +219,10 @@ register(MethodRegistration(
 
 
 class MoCoV3(MomentumMixin, SSLMethod):
-    """MoCo v3 (Chen, Xie, He 2021): symmetric ctr(q1, k2) + ctr(q2, k1) where the query encoder
-    has a prediction MLP and keys come from a momentum encoder; ctr is InfoNCE scaled by 2*tau.
+    """MoCo v3 (Chen, Xie, He 2021).
+
+    Symmetric ctr(q1, k2) + ctr(q2, k1) where the query encoder has a prediction MLP and keys
+    come from a momentum encoder; ctr is InfoNCE scaled by 2*tau.
 
     Heads are ``builder.py`` ``_build_mlp``: Linear without bias, BN + ReLU between layers, a
     final ``BatchNorm1d(affine=False)`` where ``last_bn``. ResNet (``MoCo_ResNet``): a 2-layer
@@ -216,6 +234,7 @@ class MoCoV3(MomentumMixin, SSLMethod):
 
     def __init__(self, backbone: nn.Module, *, tau: float = 1.0, momentum: float = 0.99, proj_layers: int = 2,
                  pred_last_bn: bool = False, mlp_dim: int | None = None, dim: int | None = None):
+        """Build the heads and the momentum encoder around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.tau, self.base_momentum = tau, momentum
         # main_moco.py --moco-mlp-dim 4096, --moco-dim 256 (for 2048-d features)
@@ -227,6 +246,7 @@ class MoCoV3(MomentumMixin, SSLMethod):
         self.make_target("backbone", "projector")
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views."""
         (q1, q2), (k1, k2) = self.predict_targets(views)
         return moco_ctr(q1, k2, self.tau) + moco_ctr(q2, k1, self.tau)
 

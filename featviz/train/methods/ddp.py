@@ -1,5 +1,8 @@
-"""Distributed helpers of the SSL methods: differentiable all-gather, MoCo's batch shuffle, and
-the MoCo CIFAR demo's SplitBatchNorm (per-GPU BatchNorm simulated in one process)."""
+"""Distributed helpers of the SSL methods.
+
+A differentiable all-gather, MoCo's batch shuffle, and the MoCo CIFAR demo's SplitBatchNorm
+(per-GPU BatchNorm simulated in one process).
+"""
 
 from __future__ import annotations
 
@@ -58,8 +61,11 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_shuffle_ddp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo ``builder.py`` ``_batch_shuffle_ddp``: this rank's share of a randomly permuted
-    global batch (rank 0 draws the permutation), and the index that undoes it."""
+    """MoCo's ``builder.py`` ``_batch_shuffle_ddp``: shuffle a batch across ranks.
+
+    Returns this rank's share of a randomly permuted global batch (rank 0 draws the
+    permutation), and the index that undoes it.
+    """
     x_all = gather(x)
     n_ranks = x_all.shape[0] // x.shape[0]
     idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
@@ -77,18 +83,21 @@ def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.T
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over ``splits`` interleaved sub-batches: the MoCo CIFAR demo's SplitBatchNorm,
-    which simulates per-GPU BatchNorm in one process (sub-batch j holds samples j, j+s, j+2s, ...).
+    """BatchNorm over ``splits`` interleaved sub-batches: the MoCo CIFAR demo's SplitBatchNorm.
+
+    It simulates per-GPU BatchNorm in one process (sub-batch j holds samples j, j+s, j+2s, ...).
 
     Same parameters, buffers and state-dict keys as ``BatchNorm2d``; in eval mode, or with
     ``splits`` 1, it is one. The running statistics are the mean over sub-batches, as in the demo.
     """
 
     def __init__(self, num_features: int, splits: int = 1, **kw: Any):
+        """A ``BatchNorm2d(num_features, **kw)`` split ``splits`` ways in training."""
         super().__init__(num_features, **kw)
         self.splits = splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` (N, C, H, W), each sub-batch by its own statistics in training."""
         s = self.splits
         if not self.training or s <= 1 or not self.track_running_stats:
             return super().forward(x)
@@ -121,6 +130,7 @@ def convert_split_bn(module: nn.Module, splits: int) -> nn.Module:
 
 
 def set_bn_splits(module: nn.Module, splits: int) -> None:
+    """Set the splits of every ``SplitBatchNorm2d`` in ``module`` (1: unsplit)."""
     for m in module.modules():
         if isinstance(m, SplitBatchNorm2d):
             m.splits = splits

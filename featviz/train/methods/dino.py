@@ -27,9 +27,11 @@ def dino_h(t: torch.Tensor, s: torch.Tensor, center: torch.Tensor, tps: float, t
 
 
 class DINO(MomentumMixin, SSLMethod):
-    """DINO (Caron et al. 2021): self-distillation with no labels; the student matches the
-    centred, sharpened teacher: H(t, s) = -softmax((t - C)/tpt) . log softmax(s/tps); the teacher
-    is an EMA of the student and C an EMA of the teacher's batch mean.
+    """DINO (Caron et al. 2021): self-distillation with no labels.
+
+    The student matches the centred, sharpened teacher: H(t, s) = -softmax((t - C)/tpt) .
+    log softmax(s/tps); the teacher is an EMA of the student and C an EMA of the teacher's batch
+    mean.
 
     ``main_dino.py``: the head's last layer is weight-normalised with its gain frozen
     (``norm_last_layer``) and gets no gradient during the first ``freeze_last_layer`` epochs
@@ -44,6 +46,7 @@ class DINO(MomentumMixin, SSLMethod):
                  warmup_tpt: float | None = None, warmup_tpt_epochs: int = 0, center_momentum: float = 0.9,
                  momentum: float = 0.996, norm_last_layer: bool = True, freeze_last_layer: int = 1,
                  use_bn_in_head: bool = False, hidden_dim: int | None = None, bottleneck_dim: int | None = None):
+        """Build the heads, the teacher and the centre around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.tps, self.tpt, self.center_momentum, self.base_momentum = tps, tpt, center_momentum, momentum
         self.warmup_tpt, self.warmup_tpt_epochs = warmup_tpt, warmup_tpt_epochs
@@ -66,10 +69,12 @@ class DINO(MomentumMixin, SSLMethod):
         return self.warmup_tpt + (self.tpt - self.warmup_tpt) * self.epoch / (self.warmup_tpt_epochs - 1)
 
     def before_step(self, step: int) -> None:
+        """No gradient for the head's last layer during the first ``freeze_last_layer`` epochs."""
         if self.epoch < self.freeze_last_layer:  # utils.cancel_gradients_last_layer
             _cancel_grads(self.projector.last_layer)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views (the teacher sees the global views only)."""
         h = [self.backbone(v) for v in views]
         s = [self.projector(x) for x in h]
         with torch.no_grad():
@@ -85,6 +90,7 @@ class DINO(MomentumMixin, SSLMethod):
         return loss / terms
 
     def on_step_end(self, progress: float) -> None:
+        """The teacher's EMA step, then the centre's."""
         super().on_step_end(progress)
         self.center.mul_(self.center_momentum).add_(all_mean(self._teacher_mean), alpha=1 - self.center_momentum)
 

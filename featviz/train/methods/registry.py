@@ -1,7 +1,9 @@
-"""The SSL methods' registration type and registry: ``MethodRegistration`` (with ``DataContext``
-for its data-dependent defaults) and ``SSL_METHODS``; and ``build_method``, which instantiates a
-registered method around a backbone. Segmentation methods have their own registry,
-``featviz.train.segmentation.registry.SEG_METHODS``."""
+"""The SSL methods' registration type and registry, and ``build_method``.
+
+``MethodRegistration`` (with ``DataContext`` for its data-dependent defaults) and ``SSL_METHODS``;
+``build_method`` instantiates a registered method around a backbone. Segmentation methods have
+their own registry, ``featviz.train.segmentation.registry.SEG_METHODS``.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class DataContext:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (at least 1)."""
         return max(1, self.n_train // self.batch_size)
 
 
@@ -109,23 +112,27 @@ def register(spec: MethodRegistration) -> MethodRegistration:
 
 # ---------------------------------------------------------------- the digits preset (every method's)
 def _digits(**changes: Any) -> dict[str, Any]:
-    """A digits preset: what was measured to work on scikit-learn's 8x8 digits (1797 images,
-    upsampled), see docs/train.md. Digits' identity survives neither a horizontal flip nor a
+    """A digits preset: what was measured to work on scikit-learn's 8x8 digits.
+
+    The 1797 images are upsampled; see docs/train.md. Digits' identity survives neither a horizontal flip nor a
     small crop; 16 px holds all of an 8x8 image, and batch 32 gives 45 steps an epoch where 64
     gave 22 (ten epochs of 22 steps left most methods below a random-init encoder). The lr is
     absolute, chosen per method by the held-out kNN `featviz train` logs. MoCo v3, BYOL, Barlow
     Twins and SwAV take their official layer-wise optimiser (LARS, SwAV LARC), DINO LARC too (its
     official ResNet recipe is plain SGD), and the ones measured to gain from it a small random
-    rotation and shear (handwriting's slant), in place of the crops digits cannot take."""
+    rotation and shear (handwriting's slant), in place of the crops digits cannot take.
+    """
     base: dict[str, Any] = {"image_size": 16, "batch_size": 32, "epochs": 10, "lr": 0.1, "min_scale": 0.8,
                             "hflip": False}
     return {**base, **changes}
 
 
 def arch_family(backbone: nn.Module) -> str:
-    """``resnet``, ``vit`` or ``timm``: which variant of a method's registration applies, read
-    from the model description (``featviz.models.description.describe``); a module featviz did not build
-    counts as a ViT when it has a ``patch_embed``, else as a ResNet."""
+    """The backbone family whose variant of a registration applies: ``resnet``, ``vit`` or ``timm``.
+
+    Read from the model description (``featviz.models.description.describe``); a module featviz
+    did not build counts as a ViT when it has a ``patch_embed``, else as a ResNet.
+    """
     from featviz.models.description import describe
 
     arch = describe(backbone).arch

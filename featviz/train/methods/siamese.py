@@ -25,7 +25,8 @@ def neg_cosine(p: torch.Tensor, z: torch.Tensor, stop_grad: bool = True) -> torc
 
 
 class BYOL(MomentumMixin, SSLMethod):
-    """BYOL (Grill et al. 2020): the online network predicts the target network's projection;
+    """BYOL (Grill et al. 2020): the online network predicts the target network's projection.
+
     L = ||q(z) / ||q(z)|| - z' / ||z'|| ||^2 = 2 - 2 cos, symmetrised; the target is an EMA.
 
     Heads are ``utils/networks.py`` ``MLP``: Linear-BN-ReLU-Linear (the last without bias).
@@ -35,6 +36,7 @@ class BYOL(MomentumMixin, SSLMethod):
 
     def __init__(self, backbone: nn.Module, *, momentum: float = 0.996, hidden_dim: int | None = None,
                  out_dim: int | None = None):
+        """Build the heads and the target network around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.base_momentum = momentum
         # configs/byol.py projector_hidden_size 4096, projector_output_size 256 (for 2048-d features)
@@ -44,6 +46,7 @@ class BYOL(MomentumMixin, SSLMethod):
         self.make_target("backbone", "projector")
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views."""
         (p1, p2), (t1, t2) = self.predict_targets(views)
         return (2 + 2 * neg_cosine(p1, t2)) + (2 + 2 * neg_cosine(p2, t1))
 
@@ -67,13 +70,16 @@ register(MethodRegistration(
 
 
 class SimSiam(SSLMethod):
-    """SimSiam (Chen & He 2021): L = D(p1, stopgrad(z2))/2 + D(p2, stopgrad(z1))/2 with D the
-    negative cosine. "Without stop-gradient, the optimizer quickly finds a degenerated solution"
-    (Sec. 4.1) -- ``stop_grad=False`` reproduces that ablation."""
+    """SimSiam (Chen & He 2021): L = D(p1, stopgrad(z2))/2 + D(p2, stopgrad(z1))/2, D the negative cosine.
+
+    "Without stop-gradient, the optimizer quickly finds a degenerated solution" (Sec. 4.1) --
+    ``stop_grad=False`` reproduces that ablation.
+    """
 
     name = "simsiam"
 
     def __init__(self, backbone: nn.Module, *, stop_grad: bool = True):
+        """Build the heads around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.stop_grad = stop_grad
         out = scaled(2048, self.dim)
@@ -82,6 +88,7 @@ class SimSiam(SSLMethod):
         self.head("predictor", {"type": "mlp", "dims": [out, scaled(512, self.dim, lo=16), out], "bn": True})
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views."""
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])  # NxC
         p1, p2 = self.predictor(z1), self.predictor(z2)  # NxC
         self._keep(z1, z2)

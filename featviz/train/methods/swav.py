@@ -54,8 +54,9 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 
 
 class SwAV(SSLMethod):
-    """SwAV (Caron et al. 2020): "swapped prediction" -- predict the Sinkhorn code of one view
-    from the other: L = -sum_k q2_k log softmax(z1 . c / tau)_k + (1 <-> 2); multi-crop optional.
+    """SwAV (Caron et al. 2020): "swapped prediction" of one view's Sinkhorn code from the other.
+
+    L = -sum_k q2_k log softmax(z1 . c / tau)_k + (1 <-> 2); multi-crop optional.
 
     ``main_swav.py``: prototypes are re-normalised before every step; from epoch
     ``epoch_queue_starts`` a queue of ``queue_length`` past embeddings joins the Sinkhorn
@@ -69,6 +70,7 @@ class SwAV(SSLMethod):
     def __init__(self, backbone: nn.Module, *, tau: float = 0.1, eps: float = 0.05, sinkhorn_iters: int = 3,
                  prototypes: int | None = None, queue_length: int = 0, epoch_queue_starts: int = 15,
                  freeze_prototypes_niters: int = 313, feat_dim: int = 128):
+        """Build the heads, the prototypes and the queue around ``backbone``; the keywords are hyperparameters."""
         super().__init__(backbone)
         self.tau, self.eps, self.sinkhorn_iters = tau, eps, sinkhorn_iters
         self.queue_length, self.epoch_queue_starts = queue_length, epoch_queue_starts
@@ -82,15 +84,18 @@ class SwAV(SSLMethod):
         self.queue_used = False
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch, and the queue from ``epoch_queue_starts`` on."""
         super().set_epoch(epoch)
         if self.queue_length > 0 and epoch >= self.epoch_queue_starts:
             self.queue_active.fill_(True)
 
     def before_step(self, step: int) -> None:
+        """No gradient for the prototypes during the first ``freeze_prototypes_niters`` steps."""
         if step < self.freeze_prototypes_niters:  # main_swav.py: cancel gradients for the prototypes
             _cancel_grads(self.prototypes)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of one batch of views (codes from the global crops only)."""
         with torch.no_grad():  # prototypes live on the unit sphere
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         z = [F.normalize(self.projector(self.backbone(v)), dim=1) for v in views]
@@ -116,11 +121,13 @@ class SwAV(SSLMethod):
 
 
 def _swav_defaults(ctx: DataContext) -> dict[str, Any]:
-    """The queue and prototype freezing from the data, as the official scripts set them:
-    freeze the prototypes for one epoch (313 steps at batch 4096, 5005 at 256); a queue only
+    """SwAV's queue and prototype freezing from the data, as the official scripts set them.
+
+    Freeze the prototypes for one epoch (313 steps at batch 4096, 5005 at 256); a queue only
     when the batch is too small for the prototypes (the bs-256 scripts: 256 + 3840 = 1.37 x 3000
     assignments; none at 4096), long enough for 1.37 x K, in whole global batches, at most half
-    the training images; started after 15/400 of the epochs (at least 1)."""
+    the training images; started after 15/400 of the epochs (at least 1).
+    """
     k, b = scaled(3000, ctx.feature_dim, lo=30), ctx.batch_size
     queue = min(max(0, math.ceil((1.37 * k - b) / b)), ctx.n_train // (2 * b)) * b  # at most half the data
     return {"freeze_prototypes_niters": ctx.steps_per_epoch, "queue_length": int(queue),

@@ -54,11 +54,17 @@ def directional_contrast(f1: torch.Tensor, f2: torch.Tensor, conf1: torch.Tensor
     eps = 1e-8 in the denominator and in the log, 1e-12 in the mean.
 
     Args:
-        f1, f2: (P, d) l2-normalised features of the same image pixels in two crops (f1 the anchors).
-        conf1, conf2: (P,) max softmax probability per pixel in each crop.
+        f1: (P, d) l2-normalised features of the anchors: image pixels in the first crop.
+        f2: (P, d) the same pixels' features in the other crop (no gradient flows into them).
+        conf1: (P,) max softmax probability per anchor pixel.
+        conf2: (P,) the same in the other crop.
         label1: (P,) pseudo labels of the anchors (negatives with the same label are left out).
-        negatives, neg_labels: (M, d) sampled pixel features and their pseudo labels; used as
-            given (CAC gathers them without gradient: pass ``gather_no_grad`` output).
+        negatives: (M, d) sampled pixel features, used as given (CAC gathers them without
+            gradient: pass ``gather_no_grad`` output).
+        neg_labels: (M,) their pseudo labels.
+        temp: the contrast temperature.
+        pos_thresh: the confidence a counterpart needs to pull an anchor.
+        chunk: negatives per chunk (CAC's 8000; the first chunk's maximum shifts the exponentials).
 
     Returns:
         The scalar loss (0 when no pixel passes the directional mask).
@@ -101,13 +107,17 @@ class CACSettings:
                       if getattr(cfg, k, None) is not None})
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings by name (the checkpoint's ``hparams``)."""
         return dict(self.__dict__)
 
 
 def overlap_pixels(maps: list[torch.Tensor], box: tuple[int, int, int, int], flip: bool,
                    stride: int = FEATURE_STRIDE) -> list[torch.Tensor]:
-    """Flip each (..., h, w) map of one crop back and cut CAC's overlap ``[ul//8 : br//8]``, flattened
-    to (n, ...) rows in row-major pixel order (``permute(1, 2, 0).view(-1, c)`` for features)."""
+    """Flip each (..., h, w) map of one crop back and cut CAC's overlap ``[ul//8 : br//8]``.
+
+    Each cut is flattened to (n, ...) rows in row-major pixel order (``permute(1, 2, 0).view(-1, c)``
+    for features).
+    """
     top, left, bottom, right = (int(v) for v in box)
     out = []
     for m in maps:
@@ -125,9 +135,12 @@ def cac_unsupervised_loss(z1: torch.Tensor, z2: torch.Tensor, logits1: torch.Ten
     """CAC's unsupervised loss on one batch of crop pairs (``models/model.py`` ``CAC.forward``, semi).
 
     Args:
-        z1, z2: (B, d, h, w) projected, normalised stride-8 features of crop sets 1 and 2.
-        logits1, logits2: (B, K, h, w) the classifier on the same pooled features (detached).
-        overlap1, overlap2: (B, 4) overlap boxes (top, left, bottom, right) in each crop.
+        z1: (B, d, h, w) projected, normalised stride-8 features of crop set 1.
+        z2: the same of crop set 2.
+        logits1: (B, K, h, w) the classifier on crop set 1's pooled features (detached).
+        logits2: the same of crop set 2.
+        overlap1: (B, 4) overlap boxes (top, left, bottom, right) in crop 1.
+        overlap2: the same in crop 2.
         flips: (B, 2) whether crop 1 / crop 2 was flipped.
         settings: weight_unsup, temp, pos_thresh, selected_num.
         rng: the batch's one sampling draw: ``selected_num`` pixels of each crop set, without
@@ -178,6 +191,7 @@ class NegativeBank(nn.Module):
     """
 
     def __init__(self, step_save: int, size: int, dim: int):
+        """Room for ``step_save`` steps of ``size`` negatives of ``dim`` features."""
         super().__init__()
         self.step_save = step_save
         self.register_buffer("features", torch.zeros(max(step_save, 0), size, dim))
@@ -186,6 +200,7 @@ class NegativeBank(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The kept (features, labels) of earlier steps, oldest first."""
         k = int(self.filled)
         return [(self.features[i], self.labels[i]) for i in range(self.step_save - k, self.step_save)]
 

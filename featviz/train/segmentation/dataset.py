@@ -17,6 +17,11 @@ class VOCFolder:
     """A VOC-layout folder: JPEGImages/, SegmentationClass/ (PNG, 255 = ignore), ImageSets/Segmentation/*.txt."""
 
     def __init__(self, root: str | os.PathLike):
+        """The folder ``root``, with the class names of its ``classes.txt`` when it has one.
+
+        Raises:
+            DataError: ``root`` has no ``JPEGImages/``.
+        """
         self.root = Path(root)
         if not (self.root / "JPEGImages").is_dir():
             raise DataError(f"{str(self.root)!r} is not a VOC-layout folder: expected JPEGImages/, "
@@ -26,6 +31,7 @@ class VOCFolder:
             if classes.exists() else None
 
     def ids(self, split: str) -> list[str]:
+        """The image ids of ``split`` (``train``, ``val``, ``unlabeled``); without lists, every image trains."""
         f = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if f.exists():
             return [line.split()[0] for line in f.read_text().splitlines() if line.strip()]
@@ -34,15 +40,23 @@ class VOCFolder:
         return []
 
     def image_path(self, i: str) -> Path:
+        """The JPEG of image ``i``."""
         return self.root / "JPEGImages" / f"{i}.jpg"
 
     def image(self, i: str) -> Image.Image:
+        """Image ``i`` as RGB."""
         return load_image(self.image_path(i))
 
     def mask_path(self, i: str) -> Path:
+        """The mask PNG of image ``i``."""
         return self.root / "SegmentationClass" / f"{i}.png"
 
     def mask(self, i: str) -> np.ndarray:
+        """Image ``i``'s class mask (H, W) uint8, 255 where ignored.
+
+        Raises:
+            DataError: the image has no mask.
+        """
         p = self.mask_path(i)
         if not p.exists():
             raise DataError(f"image {i!r} has no mask {str(p)!r}")
@@ -59,14 +73,17 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __init__(self, voc: VOCFolder, labelled: list[str], unlabelled: list[str], *, crop_size: int,
                  iou_bound: tuple[float, float], seed: int, base_size: int):
+        """Crops of ``crop_size`` from the ``labelled`` ids (and pairs from the ``unlabelled`` ones)."""
         self.voc, self.labelled, self.unlabelled = voc, labelled, unlabelled
         self.crop_size, self.iou_bound, self.seed, self.base_size, self.epoch = crop_size, iou_bound, seed, base_size, 0
         self._norm = (np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32))
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch the seeds of the next items take."""
         self.epoch = epoch
 
     def __len__(self) -> int:
+        """The number of labelled images."""
         return len(self.labelled)
 
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
@@ -74,6 +91,10 @@ class SegDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Labelled crop ``i`` (``image``, ``mask``) and, with unlabelled images, a CAC pair.
+
+        The pair is ``u1``, ``u2`` (the two crops), ``ov1``, ``ov2`` (their overlap boxes) and ``flip``.
+        """
         from featviz.data.cac_crops import LowLevelAugment, cac_pair, labelled_crop
 
         rng = np.random.default_rng([self.seed, self.epoch, i])

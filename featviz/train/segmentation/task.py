@@ -46,6 +46,7 @@ class SegTask(TrainTask):
     """
 
     def __init__(self, cfg, info):
+        """Check the data, build the segmenter and the crops of ``cfg``."""
         from featviz.models.architectures import build_backbone
 
         self.cfg, self.info = cfg, info
@@ -128,8 +129,10 @@ class SegTask(TrainTask):
         return self.dataset.epoch >= self.settings.epoch_start_unsup
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool):
-        """Cross-entropy on the labelled crops, plus (``cac``, after the warm-up) CAC's unsupervised
-        loss on the crop pairs; the parts are kept for ``step_metrics``."""
+        """Cross-entropy on the labelled crops, plus (``cac``, after the warm-up) CAC's unsupervised loss.
+
+        The unsupervised loss is on the crop pairs; the parts are kept for ``step_metrics``.
+        """
         def put(t):
             t = t.to(device)
             return t.contiguous(memory_format=torch.channels_last) if channels_last else t
