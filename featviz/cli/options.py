@@ -1,5 +1,6 @@
-"""What several commands share, defined once: their options (names and help read the same everywhere)
-and the glue that reads them back.
+"""What several commands share, defined once: their options and the glue that reads them back.
+
+The options' names and help read the same in every command.
 
 - the options themselves (``CheckpointOpt`` … ``JsonOpt``; the eval inputs of ``knn`` and ``probe``);
 - ``command_arguments``: the running command's parameters as its manifest records them, read from
@@ -85,24 +86,32 @@ def command_params() -> dict[str, Any]:
 
 
 def _as_passed(param: Any, value: Any) -> Any:
-    """A parameter's value as Typer passes it to the command: a repeated option or a variadic argument
-    as a list, and None when it was not given and defaults to None (click holds an empty tuple)."""
+    """A parameter's value as Typer passes it to the command.
+
+    A repeated option or a variadic argument is a list, and None when it was not given and defaults to
+    None (click holds an empty tuple).
+    """
     if value is not None and (getattr(param, "multiple", False) or getattr(param, "nargs", 1) == -1):
         return None if param.default is None and len(value) == 0 else list(value)
     return value
 
 
 def command_arguments(*, leave_out: Iterable[str] = ()) -> dict[str, Any]:
-    """The running command's arguments as its manifest records them: every parameter, in the order of
-    its signature, but ``NOT_RECORDED`` and ``leave_out``; ``out_dir``/``out_path`` as ``out``."""
+    """The running command's arguments as its manifest records them.
+
+    Every parameter, in the order of its signature, but ``NOT_RECORDED`` and ``leave_out``;
+    ``out_dir``/``out_path`` under the name ``out``.
+    """
     skip = {*NOT_RECORDED, *leave_out}
     return {RECORDED_AS.get(k, k): v for k, v in command_params().items() if k not in skip}
 
 
 def load_view_model(out_dir: Path, *, force: bool, head: bool = False) -> tuple[Any, Any]:
-    """A view command's first steps: its output folder is checked (before the model is loaded), then
-    the model its ``MODEL_SOURCE`` options name is loaded (``featviz.models.loader.load_model``; the
-    load's warnings go to stderr).
+    """A view command's first steps: the output folder is checked, then the model is loaded.
+
+    The check comes before the load, so a bad output fails at once. The model is the one the
+    command's ``MODEL_SOURCE`` options name (``featviz.models.loader.load_model``; the load's
+    warnings go to stderr).
 
     Returns:
         The model and its ``ModelDescription``.
@@ -135,9 +144,11 @@ MaxPixOpt = Annotated[
 
 
 def image_size_value(value: str | None) -> int | str | None:
-    """``--image-size`` N or HxW, checked by the feature core's parser: a malformed size is a usage
-    error (exit 2) before any model is loaded, said in one line (``error: --image-size '0': ...``);
-    N comes back as an int, HxW as ``"HxW"``."""
+    """``--image-size`` N or HxW, checked by the feature core's parser.
+
+    A malformed size is a usage error (exit 2) before any model is loaded, said in one line
+    (``error: --image-size '0': ...``); N comes back as an int, HxW as ``"HxW"``.
+    """
     if value is None:
         return None
     from featviz.errors import DataError
@@ -260,9 +271,12 @@ OutJsonOpt = Annotated[
 def sources(
     *, batch_size, device, fmt, num_heads, checkpoint_key, trust, **shared: Any
 ) -> dict[str, Any]:
-    """The ``featviz.eval.splits.load_splits`` arguments of the shared input options: ``shared`` is the
-    inputs as a command records them in its provenance (``train``, ``val``, ``checkpoint``, ``arch``,
-    ``train_images``, ``val_images``, ``images``, ``image_size``, ``val_fraction``, ``seed``)."""
+    """The ``featviz.eval.splits.load_splits`` arguments of the shared input options.
+
+    ``shared`` is the inputs as a command records them in its provenance (``train``, ``val``,
+    ``checkpoint``, ``arch``, ``train_images``, ``val_images``, ``images``, ``image_size``,
+    ``val_fraction``, ``seed``).
+    """
     load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
     load.pop("arch")
     return dict(**shared, batch_size=batch_size, device=device, load_kwargs=load)

@@ -47,8 +47,7 @@ class NoSpatialMapError(FeatvizError):
 
 # ------------------------------------------------------------------ names
 def arch_name(model: nn.Module) -> str:
-    """The model's architecture name for titles and summaries (``describe(model).name``), or its class
-    name for a foreign module featviz did not build (``VisionTransformer``)."""
+    """The architecture name for titles: ``describe(model).name``, or a foreign module's class name."""
     desc = describe(model)
     return desc.arch.name if desc.arch is not None else type(model).__name__
 
@@ -123,8 +122,9 @@ def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
 
 
 def check_image_size(model: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
-    """``hw`` if ``model`` accepts it: ViTs need multiples of their patch size (and non-dynamic ones
-    their one size).
+    """``hw`` if ``model`` accepts it.
+
+    ViTs need multiples of their patch size (and non-dynamic ones their one size).
 
     Raises:
         DataError: one line naming the patch size and the nearest valid sizes.
@@ -263,8 +263,11 @@ def to_map(output: Any, layout: TokenLayout | None, *, channels_last: bool = Fal
 
 
 def _channels_last(model: nn.Module, module: nn.Module, out: torch.Tensor, layout: TokenLayout | None) -> bool:
-    """Whether a 4-D output of ``module`` is (N, H, W, C): timm says so per module (``output_fmt``)
-    or per model (Swin); a ViT's map with the patch grid in dims 1-2 is channels-last too."""
+    """Whether a 4-D output of ``module`` is (N, H, W, C).
+
+    timm says so per module (``output_fmt``) or per model (Swin); a ViT's map with the patch grid
+    in dims 1-2 is channels-last too.
+    """
     fmt = getattr(module, "output_fmt", None)
     if fmt is not None:
         return str(getattr(fmt, "value", fmt)) == "NHWC"
@@ -388,9 +391,10 @@ def _no_default(model: nn.Module, what: str) -> ArchitectureError:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The layer whose map dense features use by default: ResNet ``layer4``; a ViT's final ``norm``
-    (its last block when the norm moved after pooling); any other timm model the last entry of
-    its ``feature_info``; a segmenter its backbone's.
+    """The layer whose map dense features use by default.
+
+    ResNet ``layer4``; a ViT's final ``norm`` (its last block when the norm moved after pooling);
+    any other timm model the last entry of its ``feature_info``; a segmenter its backbone's.
 
     Raises:
         ArchitectureError: no rule fits; pass a layer name.
@@ -410,10 +414,12 @@ def default_layer(model: nn.Module) -> str:
 
 
 def default_cam_layer(model: nn.Module) -> str:
-    """The usual CAM layer: ResNet ``layer4``, ViT ``blocks.<last>.norm1``, Swin
-    ``layers.<last>.blocks.<last>.norm1``, torchvision ViT ``encoder.layers.<last>.ln_1``, any other
-    timm model the last entry of its ``feature_info`` (MobileNetV3, EfficientNet, ConvNeXt, ...),
-    VGG-style ``features``; a segmenter its backbone's.
+    """The usual CAM layer.
+
+    ResNet ``layer4``, ViT ``blocks.<last>.norm1``, Swin ``layers.<last>.blocks.<last>.norm1``,
+    torchvision ViT ``encoder.layers.<last>.ln_1``, any other timm model the last entry of its
+    ``feature_info`` (MobileNetV3, EfficientNet, ConvNeXt, ...), VGG-style ``features``; a segmenter
+    its backbone's.
 
     Raises:
         ArchitectureError: no rule fits; pass --layer.
@@ -477,6 +483,7 @@ class FeatureExtractor:
         return None
 
     def __enter__(self) -> FeatureExtractor:
+        """Hook the layer (timm ViT blocks need no hook)."""
         if self._block is None:
             def hook(_m, _i, o):
                 if self._out is None:
@@ -488,6 +495,7 @@ class FeatureExtractor:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Remove the hook."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None

@@ -72,8 +72,9 @@ def vit_blocks(model: nn.Module) -> nn.ModuleList | nn.Sequential:
 
 
 def token_layout(model: nn.Module, hw: tuple[int, int]) -> TokenLayout:
-    """The prefix tokens and the patch grid of ``model`` for an ``hw`` input (the feature core's
-    ``token_layout``), once the model is known to be a ViT with a class token.
+    """The prefix tokens and the patch grid of ``model`` for an ``hw`` input.
+
+    The feature core's ``token_layout``, once the model is known to be a ViT with a class token.
 
     Raises:
         ArchitectureError: not a ViT, or a ViT without a class token.

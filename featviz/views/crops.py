@@ -47,8 +47,10 @@ VIEW_PX = 96
 
 # ---------------------------------------------------------------- geometry and statistics
 def sample_views(crop: Any, size: tuple[int, int], box: Sequence[float], n: int, seed: int) -> np.ndarray:
-    """``n`` pairs of crops (n, 2, 4) = (top, left, height, width) from ``crop.make_params`` on an
-    image of ``size`` (H, W) with ``box``; seeded, the global RNG is left untouched."""
+    """``n`` pairs of crops (n, 2, 4) = (top, left, height, width) from ``crop.make_params``.
+
+    On an image of ``size`` (H, W) with ``box``; seeded, the global RNG is left untouched.
+    """
     from featviz.data.contrastive_crop import box_tensor
 
     b = box_tensor(box, size)
@@ -63,8 +65,11 @@ def sample_views(crop: Any, size: tuple[int, int], box: Sequence[float], n: int,
 
 
 def box_pixels(box: Sequence[float], size: tuple[int, int], grid: tuple[int, int]) -> tuple[float, ...]:
-    """The box's extent in image pixels (y0, x0, y1, x1): the heatmap pixels above the threshold
-    span rows h0 .. h1 + 1/grid_h of the image (the official box stores the last row's start)."""
+    """The box's extent in image pixels (y0, x0, y1, x1).
+
+    The heatmap pixels above the threshold span rows h0 .. h1 + 1/grid_h of the image (the
+    official box stores the last row's start).
+    """
     h, w = size
     return (box[0] * h, box[1] * w, min(1.0, box[2] + 1 / grid[0]) * h, min(1.0, box[3] + 1 / grid[1]) * w)
 
@@ -99,8 +104,10 @@ def _rect_sums(ii: np.ndarray, views: np.ndarray) -> np.ndarray:
 
 
 def object_share(views: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The share of each crop's labelled pixels (mask != 255) that are object pixels (not 0, not
-    255), (n, 2); NaN for a crop with no labelled pixel."""
+    """The share of each crop's labelled pixels (mask != 255) that are object pixels, (n, 2).
+
+    Object pixels are neither 0 nor 255; NaN for a crop with no labelled pixel.
+    """
     valid = mask != 255
     obj = valid & (mask != 0)
     n_valid = _rect_sums(_integral(valid), views)
@@ -153,8 +160,10 @@ def _read_masks(files: Sequence[Path], masks: str | os.PathLike) -> list[np.ndar
 # ---------------------------------------------------------------- the command
 @dataclass(eq=False)
 class CropsResult(ViewResult):
-    """What ``featviz crops`` reports (``to_dict()``: its ``--json`` summary; ``manifest.json`` holds it
-    without ``per_image``, which it keeps beside it)."""
+    """What ``featviz crops`` reports (``to_dict()``: its ``--json`` summary).
+
+    ``manifest.json`` holds the summary without ``per_image``, which it keeps beside it.
+    """
 
     images: int
     masks: int  # images with a mask

@@ -60,6 +60,7 @@ class PatchPca:
 
     @property
     def foreground_share(self) -> np.ndarray:
+        """(N,) each image's share of foreground patches."""
         return self.foreground.reshape(len(self.foreground), -1).mean(axis=1)
 
 
@@ -163,8 +164,11 @@ def feature_maps(
     batch_size: int = 8,
     keep_images: int | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], str]:
-    """(N, C, h, w) maps of ``layer`` for the runner's images (``model`` placed by ``runner.place``),
-    the first ``keep_images`` RGB inputs in [0, 1] (all when None), and the layer name."""
+    """The (N, C, h, w) maps of ``layer`` for the runner's images.
+
+    ``model`` is placed by ``runner.place``. Also returns the first ``keep_images`` RGB inputs in
+    [0, 1] (all when None) and the layer's name.
+    """
     import torch
 
     from featviz.models.features import FeatureExtractor

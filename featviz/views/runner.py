@@ -33,8 +33,11 @@ import numpy as np
 
 
 def image_ids(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
-    """Image files under ``inputs`` and their ids (paths relative to the folder given; full paths
-    when two inputs hold the same names)."""
+    """Image files under ``inputs`` and their ids.
+
+    An id is the path relative to the folder given (the file name for a file); full paths when two
+    inputs hold the same names, so that their outputs never collide.
+    """
     from featviz.data.images import find_images
 
     files: list[Path] = []
@@ -67,12 +70,15 @@ class ViewResult(Mapping[str, Any]):
         raise NotImplementedError
 
     def __getitem__(self, key: str) -> Any:
+        """The summary's value at ``key``."""
         return self.to_dict()[key]
 
     def __iter__(self) -> Iterator[str]:
+        """The summary's keys, in order."""
         return iter(self.to_dict())
 
     def __len__(self) -> int:
+        """How many keys the summary has."""
         return len(self.to_dict())
 
 
@@ -136,8 +142,9 @@ class ViewRunner:
 
     def loader(self, *, batch_size: int, hw: tuple[int, int] | None = None, transform: Any = None,
                strict: bool = True) -> Any:
-        """A DataLoader over the images, in order: ``(x, labels, indices, skipped)`` batches
-        (``featviz.data.images.collate``).
+        """A DataLoader over the images, in order.
+
+        Its batches are ``(x, labels, indices, skipped)`` (``featviz.data.images.collate``).
 
         Args:
             batch_size: Images per batch.

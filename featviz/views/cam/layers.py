@@ -1,7 +1,10 @@
-"""What cam finds out about a model with one probe forward: its output kind and the shapes of
-the target layers. The model facts (classifier or not, class names) come from its description
-(``featviz.models.description.describe``); default layers and the ViT token grid from the feature core
-(``featviz.models.features.default_cam_layer``, ``featviz.models.features.reshape_transform``)."""
+"""What cam finds out about a model with one probe forward.
+
+Its output kind and the shapes of the target layers. The model facts (classifier or not, class
+names) come from its description (``featviz.models.description.describe``); default layers and the
+ViT token grid from the feature core (``featviz.models.features.default_cam_layer``,
+``featviz.models.features.reshape_transform``).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class ModelInfo:
 
     @property
     def num_classes(self) -> int:
+        """The classifier's (or segmenter's) classes: the output's first dimension."""
         return self.out_shape[0]
 
 
@@ -48,6 +52,7 @@ class OutputSelector(nn.Module):
         self.model, self.key = model, key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected tensor of the model's output for ``x``."""
         out = self.model(x)
         if isinstance(self.key, int):
             return out[self.key]

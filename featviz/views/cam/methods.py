@@ -1,5 +1,8 @@
-"""The pytorch-grad-cam methods by name, and ``explain``: one method on a batch with featviz's guard
-rails (one target per image, graph cut at the layer, hooks released, blank/noise maps flagged)."""
+"""The pytorch-grad-cam methods by name, and ``explain``: one method on a batch.
+
+``explain`` adds featviz's guard rails: one target per image, graph cut at the layer, hooks
+released, blank/noise maps flagged.
+"""
 
 from __future__ import annotations
 
@@ -185,6 +188,7 @@ class MapStats:
     status: str = "unchecked"
 
     def to_dict(self) -> dict[str, Any]:
+        """The statistics as manifests record them."""
         return {"raw_max": self.raw_max, "raw_mean": self.raw_mean, "grad_norm": self.grad_norm,
                 "status": self.status}
 
@@ -237,9 +241,12 @@ _BAR = re.compile(r"\s*\d+%\|.*\|\s*\d+/\d+\s*\[.*\]\s*")  # a tqdm progress lin
 
 @contextmanager
 def _inner_bars_hidden() -> Iterator[None]:
-    """ScoreCAM/AblationCAM draw a tqdm bar per image on stderr while they score masked copies;
-    featviz shows one bar for the run. Their stderr is held for that loop, and everything in it
-    but those bars (a warning, a log line) is passed on afterwards."""
+    """Hold back ScoreCAM's/AblationCAM's per-image tqdm bars.
+
+    They draw a bar per image on stderr while they score masked copies; featviz shows one bar for
+    the run. Their stderr is held for that loop, and everything in it but those bars (a warning, a
+    log line) is passed on afterwards.
+    """
     held = io.StringIO()
     try:
         with contextlib.redirect_stderr(held):
@@ -254,8 +261,11 @@ def _activations_and_gradients_class():
     from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
     class _ActivationsAndGradients(ActivationsAndGradients):
-        """pytorch-grad-cam's recorder, whose ``clear`` lets go of the tensors instead of detaching
-        them in place (``detach_`` fails on the views a ``reshape_transform`` returns)."""
+        """pytorch-grad-cam's recorder, whose ``clear`` lets go of the tensors.
+
+        It does not detach them in place (``detach_`` fails on the views a ``reshape_transform``
+        returns).
+        """
 
         def clear(self) -> None:
             self.activations, self.gradients = [], []
@@ -264,7 +274,7 @@ def _activations_and_gradients_class():
 
 
 class _FeatvizCAM:
-    """What featviz adds to a pytorch-grad-cam method, by subclassing it (see ``extended``):
+    """What featviz adds to a pytorch-grad-cam method, by subclassing it (see ``extended``).
 
     * ``get_cam_image``: the raw map of every image is recorded (``_Recorder``), before
       pytorch-grad-cam's ReLU and min-max scaling hide its size;
@@ -306,8 +316,10 @@ class _FeatvizCAM:
 
 @functools.cache
 def extended(cls: type) -> type:
-    """The pytorch-grad-cam method ``cls`` with featviz's additions (``_FeatvizCAM``): a subclass
-    with the same name, whose maps are ``cls``'s own."""
+    """The pytorch-grad-cam method ``cls`` with featviz's additions (``_FeatvizCAM``).
+
+    A subclass with the same name, whose maps are ``cls``'s own.
+    """
     quiet = cls.__name__ in ("ScoreCAM", "AblationCAM")  # the methods that draw per-image tqdm bars
     attrs = {"__module__": __name__, "_featviz_quiet": quiet,
              "__doc__": f"pytorch-grad-cam's {cls.__name__}, extended by featviz"}
@@ -423,8 +435,11 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
 
 def _guard_hooks(info: ModelInfo, method: str, layers: list[nn.Module], targets: list[CamTarget],
                  x: torch.Tensor) -> list:
-    """featviz's forward hooks for one explanation: where the graph starts, and a check on the first
-    (clean) output that binds the targets and refuses a gradient method when no gradient flows."""
+    """Featviz's forward hooks for one explanation.
+
+    Where the graph starts, and a check on the first (clean) output that binds the targets and
+    refuses a gradient method when no gradient flows.
+    """
     spec = CAM_METHODS[method]
     handles = []
     if method in _CUT_GRAPH:

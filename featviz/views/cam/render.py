@@ -44,8 +44,10 @@ already (pytorch-grad-cam scales them), ``jet``, half and half."""
 
 
 def overlay_png(rgb: np.ndarray, cam: np.ndarray, path: Path, *, min_side: int = 224) -> None:
-    """Write the overlay of ``cam`` on ``rgb`` (``CAM_OVERLAY``) as a PNG, enlarged to at least ``min_side`` px
-    (32-px inputs)."""
+    """Write the overlay of ``cam`` on ``rgb`` (``CAM_OVERLAY``) as a PNG.
+
+    Small inputs (32 px) are enlarged to at least ``min_side`` px.
+    """
     from PIL import Image
 
     h, w = cam.shape

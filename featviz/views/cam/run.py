@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 
 def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
-    """Class names from ``"imagenet"`` (timm's ImageNet-1k descriptions), a text file with one name
-    per line, or a list; ``[]`` for None.
+    """Class names from ``"imagenet"``, a text file or a list.
+
+    ``"imagenet"`` gives timm's ImageNet-1k descriptions; a text file holds one name per line;
+    None gives ``[]``.
 
     Raises:
         DataError: the file does not exist or is empty.
@@ -206,8 +208,11 @@ def _first_decodable(dataset, files: list[Path]) -> torch.Tensor:
 
 def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, aug_smooth: bool,
                 hw: tuple[int, int]) -> tuple[list[str], dict[str, str]]:
-    """The methods that apply to this model and layer; an explicitly named one that does not is an error,
-    with ``all`` the others are skipped with a warning."""
+    """The methods that apply to this model and layer.
+
+    An explicitly named one that does not is an error; with ``all`` the others are skipped with a
+    warning.
+    """
     skipped = {m: why for m in names if (why := not_applicable(m, info, token_layer=token, aug_smooth=aug_smooth,
                                                               input_hw=hw))}
     parts = [part.strip().lower() for item in ([requested] if isinstance(requested, str) else requested)
@@ -269,8 +274,10 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
 
 
 def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
-    """Undecodable images of a batch: warned about and left out (images above the decompression-bomb
-    limit stop the run with the way to lift it)."""
+    """Undecodable images of a batch: warned about and left out.
+
+    Images above the decompression-bomb limit stop the run, with the way to lift it.
+    """
     from featviz.data.images import check_pixels
 
     for i in skipped:

@@ -33,6 +33,7 @@ class TargetSpec:
     arg: str | None = None
 
     def __str__(self) -> str:
+        """The ``--target`` text: ``class:3``, ``self``."""
         return f"{self.kind}:{self.arg}" if self.arg is not None else self.kind
 
 
@@ -84,6 +85,7 @@ class CamTarget:
         self.slope = slope / max(abs(self.score), 1e-12)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The target's value for a model output (one sample's, or a batch of them)."""
         raise NotImplementedError
 
 
@@ -97,6 +99,7 @@ class ClassTarget(CamTarget):
         self.category, self.num_classes, self.names = category, num_classes, list(names)
 
     def bind(self, output: torch.Tensor) -> None:
+        """Fix the class (``top1``: the arg-max) and its label; see ``CamTarget.bind``."""
         if self.category is None:
             self.category = int(output.argmax())
         self.label = f"class {self.category}"
@@ -106,6 +109,7 @@ class ClassTarget(CamTarget):
         super().bind(output)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        """The class logit."""
         return output[..., self.category]
 
 
@@ -116,6 +120,7 @@ class SegTarget(CamTarget):
         self.category, self.name, self.mask = category, name, None
 
     def bind(self, output: torch.Tensor) -> None:
+        """Fix the mask of pixels predicted as the class (every pixel when none is)."""
         mask = (output.argmax(0) == self.category).to(output.dtype)
         if mask.sum() == 0:  # an empty mask would give a zero map; say so and explain the class everywhere
             log.warning("seg:%s: no pixel of this image is predicted as %s; using every pixel instead of "
@@ -126,6 +131,7 @@ class SegTarget(CamTarget):
         super().bind(output)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        """The class's logits summed over the mask."""
         mask = self.mask.to(output.device)
         return (output[..., self.category, :, :] * mask).sum(dim=(-2, -1))
 
@@ -137,6 +143,7 @@ class CosineTarget(CamTarget):
         self.reference, self.label = reference.detach(), label
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity to the reference."""
         return F.cosine_similarity(output, self.reference.to(output.device), dim=-1)
 
 
@@ -154,18 +161,22 @@ class SelfTarget(CamTarget):
         self.direction: torch.Tensor | None = None
 
     def bind(self, output: torch.Tensor) -> None:
+        """Fix the unit direction of the image's own embedding."""
         self.direction = F.normalize(output.detach().flatten(), dim=0).view_as(output)
         super().bind(output)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        """The embedding's component along the fixed direction."""
         return (output * self.direction.to(output.device)).sum(dim=-1)
 
 
 def augment_views(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *, seed: int = 0,
                   method: str | None = None) -> torch.Tensor:
-    """A second view of each normalised image, from ``featviz.data.augment`` (the one pipeline): the
-    first training view of ``method`` when the model says how it was trained, else
-    ``augment.ANALYSIS_VIEW``. Deterministic for a ``seed``; same size, normalised."""
+    """A second view of each normalised image, from ``featviz.data.augment`` (the one pipeline).
+
+    The first training view of ``method`` when the model says how it was trained, else
+    ``augment.ANALYSIS_VIEW``. Deterministic for a ``seed``; same size, normalised.
+    """
     from featviz.data.augment import analysis_view, augment_batch
 
     return augment_batch(x, mean, std, seed=seed, view=analysis_view(method))
