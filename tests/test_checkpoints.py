@@ -423,6 +423,42 @@ def test_registry_names_match_cli_literals():
     assert set(get_args(FormatName)) - {"auto"} == set(C.FORMATS.names())
 
 
+def test_the_most_specific_layout_wins_and_equal_ones_stay_ambiguous():
+    from pathlib import Path
+
+    from featviz.models.checkpoints.layouts import GENERIC, REPOSITORY
+    from featviz.registry import Registry
+
+    ck = C.Checkpoint(Path("x.pth"), {"conv1.weight": torch.zeros(1)}, "zip")
+
+    def layout(name, specificity, hit=True):
+        return C.Format(name, name, lambda ck: hit, lambda ck, opts: None, specificity)
+
+    formats = Registry("checkpoint format")
+    for f in (layout("names", GENERIC), layout("repo", REPOSITORY), layout("other", REPOSITORY, hit=False)):
+        formats.register(f.name)(f)
+    assert C.detect_format(ck, formats).name == "repo"  # a new layout need not narrow a generic one
+    formats.register("repo2")(layout("repo2", REPOSITORY))
+    with pytest.raises(CheckpointFormatError, match="ambiguous, it matches repo, repo2;"):
+        C.detect_format(ck, formats)
+    none = Registry("checkpoint format")
+    none.register("other")(layout("other", REPOSITORY, hit=False))
+    with pytest.raises(CheckpointFormatError, match=r"match no known checkpoint layout.*--format \(other\)"):
+        C.detect_format(ck, none)
+
+
+def test_every_registered_layout_has_a_built_case_and_a_docs_row():
+    """Adding a layout to a family module means a case here that builds its file, and a row in the docs."""
+    from pathlib import Path
+
+    built = {case[1] for case in CASES.values()} | {case[1] for case in _VIT_CASES.values()}
+    built |= {"efficientnet_pytorch"}  # test_efficientnet_pytorch_names_map_onto_timm_lite
+    assert built == set(C.FORMATS.names())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
+    rows = {line.split("`")[1] for line in docs.splitlines() if line.startswith("| `")} - {"--format"}
+    assert rows == set(C.FORMATS.names())  # the table of layouts detected automatically
+
+
 def test_zip_sniff_is_not_fooled_by_random_zip(tmp_path):
     p = tmp_path / "a.pth"
     buf = io.BytesIO()

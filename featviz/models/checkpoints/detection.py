@@ -1,4 +1,4 @@
-"""Detect a checkpoint's layout: every registered layout's ``detect``; exactly one must match.
+"""Detect a checkpoint's layout: of the registered layouts whose ``detect`` matches, the most specific.
 
 Importing this module imports every family module, so ``FORMATS`` holds every layout.
 """
@@ -14,24 +14,37 @@ import featviz.models.checkpoints.vit_layouts  # noqa: F401
 from featviz.errors import CheckpointFormatError, shorten
 from featviz.models.checkpoints.layouts import FORMATS, Format, _is_sd
 from featviz.models.checkpoints.reader import Checkpoint
+from featviz.registry import Registry
 
 
-def detect_format(ck: Checkpoint) -> Format:
-    """The one registered layout whose ``detect`` matches ``ck``.
+def detect_format(ck: Checkpoint, formats: Registry[Format] | None = None) -> Format:
+    """The most specific registered layout whose ``detect`` matches ``ck``.
+
+    Every layout's ``detect`` is asked; of those that match, the one with the highest
+    ``specificity`` wins (a repository's own layout over timm's or torchvision's generic names,
+    featviz's self-described files over both).
+
+    Args:
+        ck: The checkpoint, as ``read_checkpoint`` gives it.
+        formats: The layouts to choose from (default: ``FORMATS``, every registered layout).
 
     Raises:
-        CheckpointFormatError: none or several match; shows keys and suggests ``--format``.
+        CheckpointFormatError: none matches, or several equally specific ones do; shows keys and
+            suggests ``--format``.
     """
-    hits = [f for _, f in FORMATS.items() if f.detect(ck)]
-    if len(hits) == 1:
-        return hits[0]
+    formats = FORMATS if formats is None else formats
+    hits = [f for _, f in formats.items() if f.detect(ck)]
+    top = max((f.specificity for f in hits), default=None)
+    best = sorted((f for f in hits if f.specificity == top), key=lambda f: f.name)
+    if len(best) == 1:
+        return best[0]
     summary = _describe_keys(ck)
     if not hits:
         raise CheckpointFormatError(
             f"{ck.path.name}: keys match no known checkpoint layout; {summary}; "
-            f"pass --format ({', '.join(FORMATS.names())}) if you know the source")
+            f"pass --format ({', '.join(formats.names())}) if you know the source")
     raise CheckpointFormatError(
-        f"{ck.path.name}: layout is ambiguous, it matches {', '.join(f.name for f in hits)}; {summary}; "
+        f"{ck.path.name}: layout is ambiguous, it matches {', '.join(f.name for f in best)}; {summary}; "
         "pass --format to choose")
 
 

@@ -11,12 +11,12 @@ import torch
 
 from featviz.errors import CheckpointError
 from featviz.io.outputs import atomic_path
-from featviz.models.checkpoints.layouts import _finish, _fmt
+from featviz.models.checkpoints.layouts import SELF_DESCRIBED, _finish, register_layout
 from featviz.models.checkpoints.reader import FEATVIZ_META_KEY, read_checkpoint, sniff
 from featviz.models.description import ArchSpec, Normalization
 
 
-@_fmt("featviz", "featviz's own .safetensors (featviz convert / featviz train)")
+@register_layout("featviz", "featviz's own .safetensors (featviz convert / featviz train)", specificity=SELF_DESCRIBED)
 class _Featviz:
     @staticmethod
     def detect(ck):

@@ -1,10 +1,19 @@
 """The layout registry and the helpers a layout adapter is written with.
 
-A layout (``Format``) has a ``detect`` predicate and an ``extract`` adapter, registered in
-``FORMATS`` by ``_fmt`` beside its definition in a family module (``resnet_layouts``,
-``vit_layouts``, ``classifier_layouts``, ``featviz_format``). ``extract`` unwraps the container,
-strips the prefix (always with its trailing dot), and drops heads and momentum/target encoders by
-name (``_finish``); any key it cannot account for is an error, never a silent ``strict=False``.
+A layout (``Format``) has a ``detect`` predicate, an ``extract`` adapter and a ``specificity``; it
+is registered in ``FORMATS`` by ``register_layout`` beside its definition in a family module
+(``resnet_layouts``, ``vit_layouts``, ``classifier_layouts``, ``featviz_format``). When several
+layouts detect a file, the most specific wins (``featviz.models.checkpoints.detection``), so a new
+layout never has to narrow an older, more generic one's predicate; two equally specific matches
+are an ambiguity error. ``extract`` unwraps the container, strips the prefix (always with its
+trailing dot), and drops heads and momentum/target encoders by name (``_finish``); any key it
+cannot account for is an error, never a silent ``strict=False``.
+
+Adding a layout: write a class with static ``detect(ck) -> bool`` and ``extract(ck, opts) ->
+Extracted`` in the family module it belongs to, decorated with ``@register_layout(name, title)``
+(``specificity=GENERIC`` for a layout recognised by parameter names alone); add the name to
+``featviz.cli.choices.FormatName``, a built case to ``tests/test_checkpoints.py`` and a row to
+``docs/checkpoints.md`` (tests check all three against ``FORMATS``).
 """
 
 from __future__ import annotations
@@ -59,22 +68,54 @@ class Extracted:
     method: str | None = None
 
 
+GENERIC = 0
+"""Specificity of a layout recognised by parameter names alone (timm, torchvision): a
+repository's own layout that also detects the file wins over it."""
+REPOSITORY = 10
+"""Specificity of a repository's own layout (its container keys, prefixes, heads): the default."""
+SELF_DESCRIBED = 20
+"""Specificity of a file that says what it is (featviz's own metadata)."""
+
+
 @dataclass(frozen=True)
 class Format:
-    """A checkpoint layout: where it comes from, how to recognise it, how to extract the encoder."""
+    """A checkpoint layout: where it comes from, how to recognise it, how to extract the encoder.
+
+    Attributes:
+        name: The ``--format`` name.
+        title: Where the layout comes from (shown by ``featviz inspect`` and in errors).
+        detect: Whether a checkpoint looks like this layout.
+        extract: Pulls the encoder out of a checkpoint of this layout (``opts``: ``checkpoint_key``,
+            ``keep_classifier``).
+        specificity: Of the layouts that detect a file, the one with the highest specificity
+            wins; two equal ones are an ambiguity (``GENERIC``, ``REPOSITORY``, ``SELF_DESCRIBED``).
+    """
 
     name: str
     title: str
     detect: Callable[[Checkpoint], bool]
     extract: Callable[[Checkpoint, dict[str, Any]], Extracted]
+    specificity: int = REPOSITORY
 
 
 FORMATS: Registry[Format] = Registry("checkpoint format")
 
 
-def _fmt(name: str, title: str):
-    def deco(cls):
-        FORMATS.register(name)(Format(name, title, cls.detect, cls.extract))
+def register_layout(name: str, title: str, *, specificity: int = REPOSITORY) -> Callable[[type], type]:
+    """Class decorator registering a layout in ``FORMATS``.
+
+    Args:
+        name: The ``--format`` name.
+        title: Where the layout comes from.
+        specificity: ``REPOSITORY`` (default), ``GENERIC`` or ``SELF_DESCRIBED``; see ``Format``.
+
+    Returns:
+        A decorator for a class with static ``detect(ck)`` and ``extract(ck, opts)``; the class
+        is returned unchanged.
+    """
+
+    def deco(cls: type) -> type:
+        FORMATS.register(name)(Format(name, title, cls.detect, cls.extract, specificity))
         return cls
 
     return deco

@@ -10,19 +10,19 @@ from featviz.models.architectures import infer_arch
 from featviz.models.checkpoints.layouts import (
     _PROJECTOR,
     _finish,
-    _fmt,
     _has,
     _imagenet,
     _inner,
     _is_sd,
     _opt_module,
     _torchvision_names,
+    register_layout,
 )
 from featviz.models.checkpoints.reader import Checkpoint
 from featviz.models.description import NO_NORMALIZATION, ArchSpec
 
 
-@_fmt("moco", "MoCo v1/v2 (facebookresearch/moco): online encoder 'encoder_q'")
+@register_layout("moco", "MoCo v1/v2 (facebookresearch/moco): online encoder 'encoder_q'")
 class _MoCo:
     @staticmethod
     def detect(ck):
@@ -37,7 +37,7 @@ class _MoCo:
                        drop_inside=_PROJECTOR, source="MoCo v1/v2", normalization=_imagenet("MoCo"), method="moco")
 
 
-@_fmt("simsiam", "SimSiam (facebookresearch/simsiam): 'encoder' + 'predictor'")
+@register_layout("simsiam", "SimSiam (facebookresearch/simsiam): 'encoder' + 'predictor'")
 class _SimSiam:
     @staticmethod
     def detect(ck):
@@ -59,7 +59,7 @@ def _full_model(ck: Checkpoint) -> dict | None:
     return None
 
 
-@_fmt("barlow_twins", "Barlow Twins full checkpoint (facebookresearch/barlowtwins checkpoint.pth)")
+@register_layout("barlow_twins", "Barlow Twins full checkpoint (facebookresearch/barlowtwins checkpoint.pth)")
 class _Barlow:
     @staticmethod
     def detect(ck):
@@ -73,7 +73,7 @@ class _Barlow:
                        normalization=_imagenet("Barlow Twins"), method="barlow_twins")
 
 
-@_fmt("vicreg", "VICReg full checkpoint (facebookresearch/vicreg *_fullckpt.pth)")
+@register_layout("vicreg", "VICReg full checkpoint (facebookresearch/vicreg *_fullckpt.pth)")
 class _VICReg:
     @staticmethod
     def detect(ck):
@@ -87,7 +87,7 @@ class _VICReg:
                        normalization=_imagenet("VICReg"), method="vicreg")
 
 
-@_fmt("swav", "SwAV / DeepCluster-v2 / SeLa-v2 (facebookresearch/swav): bare state_dict with 'module.'")
+@register_layout("swav", "SwAV / DeepCluster-v2 / SeLa-v2 (facebookresearch/swav): bare state_dict with 'module.'")
 class _SwAV:
     @staticmethod
     def detect(ck):
@@ -115,7 +115,7 @@ def _lightning_sd(ck: Checkpoint) -> dict | None:
     return None
 
 
-@_fmt("solo_learn", "solo-learn Lightning .ckpt (vturrisi/solo-learn): 'backbone'")
+@register_layout("solo_learn", "solo-learn Lightning .ckpt (vturrisi/solo-learn): 'backbone'")
 class _Solo:
     @staticmethod
     def detect(ck):
@@ -145,7 +145,7 @@ class _Solo:
 _SEQ_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 
 
-@_fmt("lightly", "lightly (lightly-ai/lightly): 'backbone' (benchmarks, incl. nn.Sequential numeric keys)")
+@register_layout("lightly", "lightly (lightly-ai/lightly): 'backbone' (benchmarks, incl. nn.Sequential numeric keys)")
 class _Lightly:
     @staticmethod
     def detect(ck):
@@ -173,7 +173,7 @@ class _Lightly:
         return ex
 
 
-@_fmt("simclr_v1", "SimCLR v1 converted from TF (tonylins/simclr-converter): {'state_dict'} only")
+@register_layout("simclr_v1", "SimCLR v1 converted from TF (tonylins/simclr-converter): {'state_dict'} only")
 class _SimCLR:
     @staticmethod
     def detect(ck):
@@ -188,7 +188,7 @@ class _SimCLR:
         return ex
 
 
-@_fmt("cac", "CAC (dvlab-research/Context-Aware-Consistency): DeepLabv3+ 'encoder.backbone'")
+@register_layout("cac", "CAC (dvlab-research/Context-Aware-Consistency): DeepLabv3+ 'encoder.backbone'")
 class _CAC:
     @staticmethod
     def detect(ck):

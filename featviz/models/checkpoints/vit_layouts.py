@@ -10,7 +10,6 @@ from featviz.models.architectures import mlp_ratio
 from featviz.models.checkpoints.layouts import (
     _PROJECTOR,
     _finish,
-    _fmt,
     _has,
     _imagenet,
     _inner,
@@ -18,12 +17,13 @@ from featviz.models.checkpoints.layouts import (
     _key_choice,
     _opt_module,
     _vit_names,
+    register_layout,
 )
 from featviz.models.checkpoints.reader import Checkpoint
 from featviz.models.description import ArchSpec
 
 
-@_fmt("moco_v3", "MoCo v3 (facebookresearch/moco-v3): 'base_encoder', ResNet or ViT")
+@register_layout("moco_v3", "MoCo v3 (facebookresearch/moco-v3): 'base_encoder', ResNet or ViT")
 class _MoCoV3:
     @staticmethod
     def detect(ck):
@@ -50,7 +50,7 @@ def _teacher_student(ck: Checkpoint) -> bool:
 _DINO_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16}
 
 
-@_fmt("dino", "DINO full checkpoint (facebookresearch/dino): 'teacher'/'student'")
+@register_layout("dino", "DINO full checkpoint (facebookresearch/dino): 'teacher'/'student'")
 class _DINO:
     @staticmethod
     def detect(ck):
@@ -71,7 +71,7 @@ class _DINO:
         return ex
 
 
-@_fmt("ibot", "iBOT (bytedance/ibot): full checkpoint 'teacher'/'student', or backbone file {'state_dict'}")
+@register_layout("ibot", "iBOT (bytedance/ibot): full checkpoint 'teacher'/'student', or backbone file {'state_dict'}")
 class _IBOT:
     @staticmethod
     def detect(ck):
@@ -104,7 +104,7 @@ def _jepa_like(ck: Checkpoint, extra: str) -> bool:
     return isinstance(obj, dict) and _is_sd(obj.get("encoder")) and _is_sd(obj.get("target_encoder")) and extra in obj
 
 
-@_fmt("ijepa", "I-JEPA (facebookresearch/ijepa): 'target_encoder' (default) / 'encoder' + 'predictor'")
+@register_layout("ijepa", "I-JEPA (facebookresearch/ijepa): 'target_encoder' (default) / 'encoder' + 'predictor'")
 class _IJEPA:
     @staticmethod
     def detect(ck):
@@ -123,7 +123,7 @@ class _IJEPA:
         return ex
 
 
-@_fmt("msn", "MSN (facebookresearch/msn): 'target_encoder' (default) / 'encoder' + 'prototypes'")
+@register_layout("msn", "MSN (facebookresearch/msn): 'target_encoder' (default) / 'encoder' + 'prototypes'")
 class _MSN:
     @staticmethod
     def detect(ck):
@@ -149,7 +149,7 @@ def _dinov2_sd(sd: dict | None) -> bool:
 _DINOV2_SIZES = {384: ("small", 6), 768: ("base", 12), 1024: ("large", 16), 1536: ("giant", 24)}
 
 
-@_fmt("dinov2", "DINOv2 hub backbone (facebookresearch/dinov2 dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth)")
+@register_layout("dinov2", "DINOv2 hub backbone (facebookresearch/dinov2 dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth)")
 class _DINOv2:
     @staticmethod
     def detect(ck):
@@ -203,8 +203,8 @@ def _mae_container(ck: Checkpoint) -> dict | None:
     return None
 
 
-@_fmt("mae", "MAE (facebookresearch/mae): {'model'}: pre-training (decoder_*, mask_token dropped) or fine-tuned "
-      "(fc_norm + head)")
+@register_layout("mae", "MAE (facebookresearch/mae): {'model'}: pre-training (decoder_*, mask_token dropped) or "
+                 "fine-tuned (fc_norm + head)")
 class _MAE:
     @staticmethod
     def detect(ck):
