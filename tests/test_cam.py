@@ -495,3 +495,38 @@ def test_cli_same_file_name_in_two_inputs_keeps_both_overlays(cli, tmp_path, sam
     assert len(list((out / "overlays").iterdir())) == 2
     with np.load(out / "maps.npz", allow_pickle=False) as z:
         assert len(set(z["ids"])) == 2
+
+
+def test_cam_draws_with_the_one_heat_overlay():
+    """cam's overlays are views.sheets.heat_overlay with CAM_OVERLAY: jet, half and half, maps clipped to [0, 1]."""
+    from matplotlib import colormaps
+
+    from featviz.views.sheets import heat_overlay, to_uint8
+
+    rng = np.random.default_rng(0)
+    rgb, cam = rng.random((12, 16, 3)), (rng.random((12, 16)) * 1.2 - 0.1).astype(np.float32)
+    heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3]
+    expected = np.uint8(np.clip(0.5 * rgb + 0.5 * heat, 0, 1) * 255 + 0.5)
+    assert np.array_equal(to_uint8(heat_overlay(rgb, cam, **C.CAM_OVERLAY)), expected)
+
+
+def test_cam_records_its_arguments_as_the_command_received_them(cli, monkeypatch, tmp_path):
+    """The manifest's arguments are the command's parameters: an option not given is None (not an empty
+    list), and --note, --max-image-pixels, --force, --json and how the checkpoint is read are left out."""
+    from featviz.models import loader
+
+    seen = {}
+
+    def run(*_args, **kw):
+        seen.update(kw["arguments"])
+        return {"images": 0, "methods": [], "layers": [], "target": "self", "files": {"contact_sheet": "x"},
+                "metrics": None}
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: ("MODEL", None))
+    monkeypatch.setattr(C, "run_cam", run)
+    r = cli("cam", tmp_path / "a.jpg", "--out", tmp_path / "o", "--arch", "resnet18", "--note", "n", "--json")
+    assert r.exit_code == 0, r.output
+    assert seen["layer"] is None and seen["method"] == ["gradcam"] and seen["out"] == tmp_path / "o"
+    assert list(seen) == ["images", "out", "checkpoint", "arch", "layer", "method", "target", "image_size",
+                          "class_names", "aug_smooth", "eigen_smooth", "metrics", "device", "batch_size", "seed",
+                          "strict"]

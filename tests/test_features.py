@@ -78,6 +78,25 @@ def test_class_and_register_tokens_are_dropped():
         assert torch.allclose(fmap, manual, atol=1e-6), layer
 
 
+def test_token_layout_splits_the_prefix_into_class_register_and_other_tokens():
+    """The one TokenLayout: what attention reports (class, register, other) comes from the feature core."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    reg = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, reg_tokens=4,
+                            no_embed_class=True, num_classes=0, dynamic_img_size=True)
+    lay = F.token_layout(reg, (24, 40))
+    assert (lay.class_tokens, lay.register_tokens, lay.other_prefix) == (1, 4, 0)
+    assert lay.to_dict() == {"grid": [3, 5], "class": 1, "register": 4, "other": 0, "excluded_from_maps": 5}
+    deit = _timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1, num_classes=0, dynamic_img_size=True)
+    lay = F.token_layout(deit, (32, 48))
+    assert (lay.prefix, lay.class_tokens, lay.register_tokens, lay.other_prefix) == (2, 1, 0, 1)
+
+
+def test_arch_name_is_the_description_s_or_the_class_name():
+    assert F.arch_name(build_backbone("resnet18", seed=0)) == "resnet18"
+    assert F.arch_name(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))) == "Sequential"
+
+
 def test_distilled_deit_drops_class_and_distillation_tokens():
     model = _timm("deit_tiny_distilled_patch16_224", img_size=32, depth=1, num_classes=0, dynamic_img_size=True)
     x = torch.randn(1, 3, 32, 48)

@@ -123,3 +123,34 @@ def test_run_pca_on_a_cnn_layer_and_a_vit(tmp_path, sample_dir):
     with pytest.raises(DataError, match="16x16 patches"):
         run_pca(imgs[1:], tmp_path / "bad", model=vit, image_size="100x160")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_result_is_typed_and_reads_as_its_summary(tmp_path, sample_dir):
+    """run_pca returns a PcaResult; to_dict() is the --json summary, and the result reads as it."""
+    from featviz.models.architectures import build_backbone
+    from featviz.views.pca import PcaResult
+
+    img = sample_dir / "photos" / "coffee" / "coffee_0.jpg"
+    s = run_pca([img], tmp_path / "o", model=build_backbone("resnet18", seed=0), layer="layer3", image_size=64)
+    assert isinstance(s, PcaResult) and s.grid == (4, 4) and s["grid"] == [4, 4]
+    assert dict(s) == s.to_dict() and list(s) == [
+        "out", "images", "arch", "layer", "image_size", "grid", "feature_dim", "components", "foreground",
+        "threshold", "foreground_share", "explained_variance_ratio", "first_component_explained_variance_ratio",
+        "files", "warnings"]
+
+
+def test_the_manifest_records_the_command_s_own_parameters(cli, tmp_path, sample_dir):
+    """The arguments come from the command's parameters (signature order), without how the checkpoint
+    is read, --force or --json; out_dir is recorded as out."""
+    img = sample_dir / "photos" / "coffee" / "coffee_0.jpg"
+    out = tmp_path / "o"
+    r = cli("pca", img, "--out", out, "--arch", "resnet18", "--layer", "layer3", "--image-size", "64",
+            "--components", "2", "--seed", "1", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    args = json.loads((out / "manifest.json").read_text())["arguments"]
+    assert args == {"images": [str(img)], "out": str(out), "checkpoint": None, "arch": "resnet18", "layer": "layer3",
+                    "image_size": 64, "components": 2, "foreground": "auto", "threshold": 0.0, "device": "cpu",
+                    "batch_size": 8, "seed": 1}
+    assert list(args) == ["images", "out", "checkpoint", "arch", "layer", "image_size", "components", "foreground",
+                          "threshold", "device", "batch_size", "seed"]
+    assert json.loads(r.output[r.output.index("{"):])["components"] == 2
