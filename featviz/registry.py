@@ -18,6 +18,7 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str):
+        """An empty registry of ``kind`` (e.g. "checkpoint format")."""
         self.kind = kind
         self._items: dict[str, T] = {}
 
@@ -51,10 +52,13 @@ class Registry(Generic[T]):
         return list(self._items.items())
 
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered."""
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
+        """The names, in registration order."""
         return iter(self._items)
 
     def __len__(self) -> int:
+        """How many names are registered."""
         return len(self._items)

@@ -207,7 +207,7 @@ def _make_timm(spec: ArchSpec, num_classes: int) -> nn.Module:
 
 
 def _timm_cfg(spec: ArchSpec) -> dict[str, Any]:
-    """timm's pretrained_cfg for a timm architecture, without any download ({} when unknown)."""
+    """The ``pretrained_cfg`` timm has for a timm architecture, without any download ({} when unknown)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(spec.name.removeprefix("timm:"))
@@ -233,8 +233,10 @@ def default_normalization(spec: ArchSpec) -> Normalization:
 
 
 def default_input_size(spec: ArchSpec, model: nn.Module) -> tuple[int, int]:
-    """The input (H, W) a backbone is built for: a ViT's ``img_size``, timm's ``pretrained_cfg``
-    input size, 32 for CIFAR-stem ResNets, else 224."""
+    """The input (H, W) a backbone is built for.
+
+    A ViT's ``img_size``, timm's ``pretrained_cfg`` input size, 32 for CIFAR-stem ResNets, else 224.
+    """
     img = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img:
         return int(img[0]), int(img[1])
@@ -269,8 +271,10 @@ def _set_resnet_classes(model: nn.Module, num_classes: int) -> None:
 
 def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: int | None = None,
                    num_classes: int = 0, description: ModelDescription | None = None) -> nn.Module:
-    """Build a model with random weights: a backbone whose ``forward`` returns pooled features ``(N, D)``,
-    or with ``num_classes`` a classifier whose ``forward`` returns logits.
+    """Build a model with random weights.
+
+    A backbone whose ``forward`` returns pooled features ``(N, D)``, or with ``num_classes`` a
+    classifier whose ``forward`` returns logits.
 
     timm ViTs are built with ``dynamic_img_size=True``: position embeddings are interpolated, so
     any input size that is a multiple of the patch size works.
@@ -316,8 +320,11 @@ _STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 
 
 
 def standard_num_heads(embed_dim: int) -> int | None:
-    """The usual head count for a ViT width: DeiT/timm ViT-T/S/B/L/H 3/6/12/16/16, ViT-g 16 (1408,
-    I-JEPA) or 24 (1536, DINOv2), else 64-wide heads; None when the width fits none of these."""
+    """The usual head count for a ViT width.
+
+    DeiT/timm ViT-T/S/B/L/H 3/6/12/16/16, ViT-g 16 (1408, I-JEPA) or 24 (1536, DINOv2), else
+    64-wide heads; None when the width fits none of these.
+    """
     if embed_dim in _STANDARD_HEADS:
         return _STANDARD_HEADS[embed_dim]
     return embed_dim // 64 if embed_dim % 64 == 0 else None

@@ -38,13 +38,16 @@ class ArchSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict (``family``, ``name``, ``kwargs``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchSpec:
+        """The spec ``to_dict`` wrote."""
         return cls(family=d["family"], name=d["name"], kwargs=dict(d.get("kwargs", {})))
 
     def describe(self) -> str:
+        """The name, with its keyword arguments in parentheses when it has any."""
         extra = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.name} ({extra})" if extra else self.name
 
@@ -58,10 +61,12 @@ class Normalization:
     source: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The normalisation as a JSON-able dict (``mean``, ``std``, ``source``)."""
         return {"mean": list(self.mean), "std": list(self.std), "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "") -> Normalization:
+        """The normalisation ``to_dict`` wrote; ``source`` when the dict names none."""
         return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]),
                    str(d.get("source") or source))
 

@@ -30,9 +30,12 @@ class LoadedModel(NamedTuple):
 
 
 def _is_segmenter_checkpoint(checkpoint: str | os.PathLike, trust: bool) -> bool:
-    """A whole segmenter: a featviz segmentation checkpoint (``featviz train --method
-    supervised_seg|cac``, its metadata lists a ``head``) or CAC's official DeepLabv3+ file
-    (``featviz.train.segmentation.segmenter_layout``: header or key names only)."""
+    """Whether a checkpoint holds a whole segmenter.
+
+    A featviz segmentation checkpoint (``featviz train --method supervised_seg|cac``, its metadata
+    lists a ``head``) or CAC's official DeepLabv3+ file (``featviz.models.segmenter.segmenter_layout``:
+    header or key names only).
+    """
     from featviz.models.segmenter import segmenter_layout
 
     return segmenter_layout(checkpoint, trust=trust) is not None
@@ -91,7 +94,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | 
 
     A whole segmenter (featviz's, or CAC's official DeepLabv3+; with ``format="auto"``) is described
     as the segmenter it is (``kind: "segmenter"``, its layout, backbone, strides, head widths,
-    classes: ``featviz.train.segmentation.describe_segmenter``): it loads whole, nothing is dropped. Any
+    classes: ``featviz.models.segmenter.describe_segmenter``): it loads whole, nothing is dropped. Any
     other checkpoint gives its encoder's load report (``featviz.models.checkpoints.LoadReport``: layout,
     prefix, what was dropped, architecture, normalisation, tensors).
 

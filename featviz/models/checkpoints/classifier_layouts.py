@@ -115,6 +115,9 @@ class _Timm:
                 and _is_sd(obj["state_dict"]) and any(k in obj for k in _TIMM_TRAIN_KEYS):
             return True
         sd = _timm_sd(ck)
+        # these exclusions predate specificity and stay: besides detection, `detect` decides the
+        # "--format timm forced" warning, and a {'model': ...} file of MAE/EfficientNet-PyTorch names
+        # would otherwise load as timm instead of being refused; a new layout needs no exclusion here
         if not sd or _dinov2_sd(sd) or _mae_sd(sd) or _effnet_pytorch_sd(sd):
             return False
         return ck.container == "safetensors" or not _torchvision_names(sd) and not all(

@@ -1,4 +1,23 @@
-"""featviz's own checkpoint format: safetensors plus a JSON ``featviz`` metadata entry."""
+"""featviz's own checkpoint format: safetensors plus a JSON ``featviz`` metadata entry.
+
+This module is the one place that writes and reads featviz files; every other module (the
+training loop, the segmenter, collapse's heads) goes through it:
+
+- ``save_featviz(path, tensors, meta)`` writes one, atomically;
+- ``read_featviz(path) -> (tensors, meta)`` reads one in full (safely, through ``read_checkpoint``)
+  and refuses any other file;
+- ``featviz_metadata(path) -> meta | None`` reads only the header, to tell a featviz file (and what
+  it holds) without loading its tensors;
+- ``load_backbone`` reads the encoder of one through the ``featviz`` layout below, which is the
+  most specific layout (``SELF_DESCRIBED``).
+
+The file: tensors ``backbone.<name>`` (the encoder, as the built architecture names them) plus
+optional heads under their own prefix (``projector.``, ``predictor.``, a segmenter's ``head.``);
+the metadata (``FEATVIZ_META_KEY``) is a JSON object with ``version`` (1) and, as the writer
+knows them, ``arch`` (``ArchSpec.to_dict``), ``normalization``, ``method``, ``input_size``,
+``source_format`` / ``source_file`` (``featviz convert``), ``heads`` (the specs that rebuild each
+head), and training records (``training``, a segmenter's ``num_classes``, ``class_names``, ``crop``).
+"""
 
 from __future__ import annotations
 
@@ -42,7 +61,18 @@ def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
                  force: bool = False) -> Path:
     """Write featviz's own checkpoint: safetensors + a JSON ``featviz`` metadata entry, atomically.
 
-    Tensor names are ``backbone.<name>`` plus optional heads (``projector.``, ``predictor.``, ``head.``).
+    Args:
+        path: The ``.safetensors`` file to write.
+        tensors: ``backbone.<name>`` plus optional heads (``projector.``, ``predictor.``, ``head.``);
+            copied to contiguous CPU tensors.
+        meta: The metadata (JSON-able); ``version`` 1 is added unless given.
+        force: Overwrite an existing file.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: no ``backbone.*`` tensor.
     """
     from safetensors.torch import save_file
 
@@ -56,7 +86,12 @@ def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def featviz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``featviz`` metadata of a ``.safetensors`` file, reading only its header; None otherwise."""
+    """The ``featviz`` metadata of a ``.safetensors`` file, reading only its header.
+
+    Returns:
+        The metadata dict; None for any other file (another suffix, no featviz entry, unreadable:
+        the real load reports why).
+    """
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
@@ -73,10 +108,14 @@ def featviz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def read_featviz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a featviz ``.safetensors`` file: ``(tensors, metadata)``.
+    """Read a featviz ``.safetensors`` file in full.
+
+    Returns:
+        ``(tensors, metadata)``: every tensor by its name (``backbone.*`` and heads) and the
+        ``featviz`` metadata dict.
 
     Raises:
-        CheckpointError: not a featviz file.
+        CheckpointError: not a featviz file (or unreadable, see ``read_checkpoint``).
     """
     ck = read_checkpoint(path)
     if ck.featviz_meta is None:

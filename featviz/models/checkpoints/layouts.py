@@ -142,10 +142,10 @@ def _imagenet(method: str) -> Normalization:
 
 def _split(sd: dict[str, torch.Tensor], prefix: str, *, drop: tuple[str, ...] = (),
            drop_inside: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str]]:
-    """Strip ``prefix`` (with its dot); drop ``drop`` prefixes (or exact names) outside it and
-    ``drop_inside`` prefixes (or exact names) inside it.
+    """Strip ``prefix`` (with its dot) and drop heads.
 
-    Returns the encoder tensors, counts of dropped keys per prefix, and keys nobody claimed.
+    Drops ``drop`` prefixes (or exact names) outside the prefix and ``drop_inside`` prefixes (or
+    exact names) inside it. Returns the encoder tensors, counts of dropped keys per prefix, and keys nobody claimed.
     """
     out: dict[str, torch.Tensor] = {}
     dropped: Counter[str] = Counter()
@@ -180,8 +180,10 @@ def _finish(ck: Checkpoint, sd: dict, key: str | None, prefix: str, opts: dict, 
 
 
 def _opt_module(sd: dict, prefix: str) -> tuple[str, str]:
-    """``module.`` is optional (models saved without DDP): the prefix actually used, and the
-    wrapper part (``"module."`` or ``""``) to put before the layout's sibling keys."""
+    """The prefix actually used, and the wrapper part to put before the layout's sibling keys.
+
+    ``module.`` is optional (models saved without DDP): the wrapper part is ``"module."`` or ``""``.
+    """
     m = "module." if _has(sd, f"module.{prefix}") else ""
     return m + prefix, m
 

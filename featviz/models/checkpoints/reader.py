@@ -31,9 +31,11 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 # ------------------------------------------------------------------ 1. reading
 def allowed_globals() -> list[Any]:
-    """The allow-list of featviz's weights-only unpickler (``torch.serialization.safe_globals``):
-    harmless globals official checkpoints pickle, argparse.Namespace (DINO, timm) and the numpy
-    scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names)."""
+    """The allow-list of featviz's weights-only unpickler (``torch.serialization.safe_globals``).
+
+    Harmless globals official checkpoints pickle: argparse.Namespace (DINO, timm) and the numpy
+    scalar/dtype of CAC's ``monitor_best`` (numpy 1 and 2 module names).
+    """
     import numpy as np
 
     allowed: list[Any] = [argparse.Namespace, np.dtype]
@@ -105,6 +107,7 @@ class Checkpoint:
 
     @property
     def featviz_meta(self) -> dict[str, Any] | None:
+        """The parsed ``featviz`` metadata entry of a featviz file's header; None for any other file."""
         raw = self.metadata.get(FEATVIZ_META_KEY)
         return json.loads(raw) if raw else None
 

@@ -1,5 +1,8 @@
-"""Layouts of the ResNet-era SSL repositories: MoCo v1/v2, SimSiam, Barlow Twins, VICReg, SwAV,
-solo-learn, lightly, SimCLR v1 (converted) and CAC's segmentation backbone."""
+"""Layouts of the ResNet-era SSL repositories.
+
+MoCo v1/v2, SimSiam, Barlow Twins, VICReg, SwAV, solo-learn, lightly, SimCLR v1 (converted) and
+CAC's segmentation backbone.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Layouts of the ViT-era SSL repositories: MoCo v3 (ResNet or ViT), DINO, iBOT, I-JEPA, MSN,
-DINOv2 and MAE."""
+"""Layouts of the ViT-era SSL repositories.
+
+MoCo v3 (ResNet or ViT), DINO, iBOT, I-JEPA, MSN, DINOv2 and MAE.
+"""
 
 from __future__ import annotations
 
