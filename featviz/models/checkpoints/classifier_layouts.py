@@ -116,8 +116,9 @@ class _Timm:
             return True
         sd = _timm_sd(ck)
         # these exclusions predate specificity and stay: besides detection, `detect` decides the
-        # "--format timm forced" warning, and a {'model': ...} file of MAE/EfficientNet-PyTorch names
-        # would otherwise load as timm instead of being refused; a new layout needs no exclusion here
+        # "--format timm forced" warning, and a bare file of MAE names (decoder_*, fc_norm) or a
+        # {'model': ...} of EfficientNet-PyTorch names is refused, not loaded as timm; a new layout
+        # needs no exclusion here (its specificity puts it above timm)
         if not sd or _dinov2_sd(sd) or _mae_sd(sd) or _effnet_pytorch_sd(sd):
             return False
         return ck.container == "safetensors" or not _torchvision_names(sd) and not all(
