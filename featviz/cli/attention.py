@@ -79,7 +79,7 @@ def attention(
     from featviz.views.attention import run_attention
 
     with _user_errors():
-        model, description = load_view_model(out_dir, force=force)
+        model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         summary = run_attention(
             images,
             out_dir,

@@ -103,7 +103,7 @@ def cam(
 
     with _user_errors():
         _image_limit(max_image_pixels)
-        model, _ = load_view_model(out_dir, force=force, head=True)
+        model, _ = load_view_model(out_dir, force=force, head=True)  # reads back the MODEL_SOURCE options
         summary = cam_lib.run_cam(
             images,
             out_dir,

@@ -81,7 +81,7 @@ def crops(
     from featviz.views.crops import run_crops
 
     with _user_errors():
-        model, description = load_view_model(out_dir, force=force)
+        model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         s = run_crops(
             images,
             out_dir,

@@ -65,7 +65,7 @@ def pca(
     from featviz.views.pca import run_pca
 
     with _user_errors():
-        model, description = load_view_model(out_dir, force=force)
+        model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         s = run_pca(
             images,
             out_dir,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 
 from featviz.errors import DataError
+from featviz.io.progress import Progress
 from featviz.views.runner import ViewResult, ViewRunner
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[..., Iterable] | None
 METHODS = ("contrastive", "rrc")
 TITLES = {"contrastive": "ContrastiveCrop", "rrc": "RandomResizedCrop"}
 VIEW_PX = 96
@@ -227,7 +227,7 @@ def run_crops(
     sheet_images: int = 12,
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
-    progress: Progress = None,
+    progress: Progress | None = None,
 ) -> CropsResult:
     """Everything ``featviz crops`` does; writes ``out_dir`` as one atomic folder.
 

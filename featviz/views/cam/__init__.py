@@ -18,10 +18,10 @@ the library leaves to the user (``shared/reference/features-and-apis.md`` §2.1,
   no weight gradients are computed, so a backward pass only reaches down to the layer.
 
 One module per concern: ``methods`` (the method table and the grad-cam adapter, ``explain``),
-``targets``, ``layers`` (model probing), ``metrics`` (faithfulness),
-``run`` (``run_cam``: the whole command) and ``render`` (overlays, the contact sheet). Their
-public names are importable from here. The CLI imports this package only inside ``featviz cam``; the model comes from
-``featviz.models.loader.load_model(head=True)``.
+``targets``, ``layers`` (model probing), ``metrics`` (faithfulness), ``run`` (``run_cam``: the whole
+command, on the views' one pipeline, ``featviz.views.runner.ViewRunner``) and ``render`` (overlays,
+the contact sheet). Their public names are importable from here. The CLI imports this package only
+inside ``featviz cam``; the model comes from ``featviz.models.loader.load_model(head=True)``.
 """
 
 from __future__ import annotations
