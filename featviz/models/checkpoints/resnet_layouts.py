@@ -217,7 +217,7 @@ class _CAC:
             f"{'torchvision-dilated (output stride ' + str(os_) + ')' if os_ else 'standard'} ResNet"
             + ("" if os_ else "; pass --arch resnetNN-os16 (or -os8) to dilate it")
             + "; the whole segmenter, with CAC's dilation, ASPP, decoder, classifier and projector, is "
-            "featviz.train.segmentation.load_segmenter (used by tsne --figure cac)")
+            "featviz.models.segmenter.load_segmenter (used by tsne --figure cac)")
         if os_ in (8, 16):
             inf = infer_arch(ex.state_dict)
             ex.arch = ArchSpec("resnet", f"{inf.spec.name}-os{os_}")
