@@ -426,7 +426,6 @@ def test_registry_names_match_cli_literals():
 def test_the_most_specific_layout_wins_and_equal_ones_stay_ambiguous():
     from pathlib import Path
 
-    from featviz.models.checkpoints.layouts import GENERIC, REPOSITORY
     from featviz.registry import Registry
 
     ck = C.Checkpoint(Path("x.pth"), {"conv1.weight": torch.zeros(1)}, "zip")
@@ -435,14 +434,14 @@ def test_the_most_specific_layout_wins_and_equal_ones_stay_ambiguous():
         return C.Format(name, name, lambda ck: hit, lambda ck, opts: None, specificity)
 
     formats = Registry("checkpoint format")
-    for f in (layout("names", GENERIC), layout("repo", REPOSITORY), layout("other", REPOSITORY, hit=False)):
+    for f in (layout("names", C.GENERIC), layout("repo", C.REPOSITORY), layout("other", C.REPOSITORY, hit=False)):
         formats.register(f.name)(f)
     assert C.detect_format(ck, formats).name == "repo"  # a new layout need not narrow a generic one
-    formats.register("repo2")(layout("repo2", REPOSITORY))
+    formats.register("repo2")(layout("repo2", C.REPOSITORY))
     with pytest.raises(CheckpointFormatError, match="ambiguous, it matches repo, repo2;"):
         C.detect_format(ck, formats)
     none = Registry("checkpoint format")
-    none.register("other")(layout("other", REPOSITORY, hit=False))
+    none.register("other")(layout("other", C.REPOSITORY, hit=False))
     with pytest.raises(CheckpointFormatError, match=r"match no known checkpoint layout.*--format \(other\)"):
         C.detect_format(ck, none)
 

@@ -4,8 +4,9 @@ Three steps, each its own function (``shared/reference/style-anchors.md`` §4.7)
 
 1. ``read_checkpoint``: sniff the first bytes (HTML page, truncated zip, TorchScript, plain
    pickle, safetensors), then ``torch.load(..., weights_only=True)`` with a small allow-list.
-2. ``detect_format``: every registered layout has a ``detect`` predicate; exactly one must match.
-   Zero or several matches are errors that show the keys and suggest ``--format``.
+2. ``detect_format``: every registered layout has a ``detect`` predicate and a specificity; of the
+   layouts that match, the most specific wins. No match, or several equally specific ones, are
+   errors that show the keys and suggest ``--format``.
 3. The layout's ``extract`` unwraps the container, strips the prefix (always with its trailing
    dot), and drops heads and momentum/target encoders by name. Any key it cannot account for is
    an error, never a silent ``strict=False``.
@@ -34,6 +35,10 @@ _EXPORTS = {
     "FORMATS": "detection",  # from detection: every family module registered
     "Extracted": "layouts",
     "Format": "layouts",
+    "GENERIC": "layouts",
+    "REPOSITORY": "layouts",
+    "SELF_DESCRIBED": "layouts",
+    "register_layout": "layouts",
     "detect_format": "detection",
     "featviz_metadata": "featviz_format",
     "read_featviz": "featviz_format",
@@ -49,7 +54,10 @@ __all__ = [
     "Checkpoint",
     "Extracted",
     "Format",
+    "GENERIC",
     "LoadReport",
+    "REPOSITORY",
+    "SELF_DESCRIBED",
     "allowed_globals",
     "convert_checkpoint",
     "detect_format",
@@ -57,6 +65,7 @@ __all__ = [
     "load_backbone",
     "read_checkpoint",
     "read_featviz",
+    "register_layout",
     "save_featviz",
     "sniff",
 ]
@@ -65,7 +74,14 @@ if TYPE_CHECKING:
     from featviz.models.checkpoints.backbone import LoadReport, convert_checkpoint, load_backbone
     from featviz.models.checkpoints.detection import FORMATS, detect_format
     from featviz.models.checkpoints.featviz_format import featviz_metadata, read_featviz, save_featviz
-    from featviz.models.checkpoints.layouts import Extracted, Format
+    from featviz.models.checkpoints.layouts import (
+        GENERIC,
+        REPOSITORY,
+        SELF_DESCRIBED,
+        Extracted,
+        Format,
+        register_layout,
+    )
     from featviz.models.checkpoints.reader import (
         FEATVIZ_META_KEY,
         Checkpoint,
