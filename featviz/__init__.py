@@ -28,7 +28,7 @@ def sample_data(*parts: str):
 
 
 def _submodules() -> set[str]:
-    """featviz's modules and packages, found on disk (so a new module needs no list entry)."""
+    """The modules and packages of featviz, found on disk (so a new module needs no list entry)."""
     from pathlib import Path
 
     here = Path(__file__).parent

@@ -24,10 +24,12 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0 (the one that writes outputs)."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world_size > 1
 
 
@@ -83,6 +85,7 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every process (a no-op when running alone)."""
     if info.enabled:
         dist.barrier()
 

@@ -51,8 +51,10 @@ class ArtifactError(FeatvizError):
 
 
 class OutputError(FeatvizError):
-    """An output cannot be written: its folder is not writable, a parent is a file, or the folder
-    exists and was not written by featviz."""
+    """An output cannot be written.
+
+    Its folder is not writable, a parent is a file, or the folder exists and was not written by featviz.
+    """
 
 
 class OutputExistsError(OutputError):

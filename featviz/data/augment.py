@@ -71,9 +71,11 @@ class View:
     shear: float = 0.0
 
     def with_(self, **changes: Any) -> View:
+        """This view with ``changes`` applied (a frozen dataclass's ``replace``)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (recorded in a run's config.json)."""
         return asdict(self)
 
     # -- the three stages: geometry, photometry, tensor -----------------------------------
@@ -122,8 +124,10 @@ class View:
 
     def transform(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                   *, reference_size: int | None = None, crop_alpha: float | None = None) -> v2.Compose:
-        """PIL image (or uint8 tensor) -> normalised float tensor of one view (with ``crop_alpha``:
-        called as ``t(image, box)``, see ``geometric``)."""
+        """PIL image (or uint8 tensor) -> normalised float tensor of one view.
+
+        With ``crop_alpha`` the transform is called as ``t(image, box)``; see ``geometric``.
+        """
         return v2.Compose([*self.geometric(size, crop_alpha=crop_alpha),
                            *self.photometric(size, reference_size=reference_size), *finish(mean, std)])
 
@@ -187,6 +191,7 @@ class Recipe:
     global_scale_without_local: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as a JSON-able dict (recorded in a run's config.json)."""
         return {"globals": [g.to_dict() for g in self.globals_],
                 "local": None if self.local is None else self.local.to_dict(), "source": self.source}
 
@@ -241,6 +246,7 @@ class MultiView:
             self.locals_ = [t] * local_crops
 
     def __call__(self, img, box=None) -> list[torch.Tensor]:
+        """All the views of one image (``box``: its ContrastiveCrop box, when the recipe crops by box)."""
         if box is None or self.boxed is None:
             return [t(img) for t in self.globals_] + [t(img) for t in self.locals_]
         from featviz.data.contrastive_crop import image_box
@@ -266,6 +272,7 @@ class ViewDataset(torch.utils.data.Dataset):
         self.boxes: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        """Tell the pipeline the epoch (schedules that change with it read ``self.epoch``)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -351,6 +358,7 @@ class LowLevelParams:
     grayscale: bool
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (recorded in a run's config.json)."""
         return asdict(self)
 
 
@@ -412,6 +420,7 @@ class LowLevelAugment:
         return np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
     def __call__(self, image: np.ndarray | Image.Image) -> np.ndarray:
+        """Apply a freshly drawn augmentation to ``image`` (the draw is kept in ``self.last``)."""
         self.last = self.draw()
         return self.apply(image, self.last)
 
