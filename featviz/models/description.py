@@ -93,6 +93,13 @@ class ModelDescription:
         source: The checkpoint load report (format, path, container key, prefix, dropped keys,
             tensor counts); None for random weights.
         warnings: What the loader assumed or could not verify, one line each.
+        library: The library that builds the module: ``torchvision``, ``timm``, ``transformers``,
+            ``open_clip`` or ``featviz`` (None when unknown).
+        pooling: How ``forward`` pools an image into one embedding, in words a manifest can state
+            (``class token, normed``, ``average of patch tokens``, ``attention pool (MAP head)``,
+            ``global average pool``); None when unknown.
+        position_embedding: How a ViT knows where its patches are: ``learned (interpolated)``,
+            ``rope``, ``learned + rope``, ``sin-cos (fixed)``; None for CNNs.
     """
 
     arch: ArchSpec | None = None
@@ -105,6 +112,9 @@ class ModelDescription:
     method: str | None = None
     source: dict[str, Any] | None = None
     warnings: tuple[str, ...] = ()
+    library: str | None = None
+    pooling: str | None = None
+    position_embedding: str | None = None
 
     @property
     def name(self) -> str:
@@ -132,7 +142,8 @@ class ModelDescription:
             "kind": self.kind, "head": self.head, "num_classes": self.num_classes,
             "class_names": list(self.class_names), "normalization": self.normalization.to_dict(),
             "input_size": list(self.input_size), "method": self.method, "source": self.source,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "library": self.library, "pooling": self.pooling,
+            "position_embedding": self.position_embedding,
         }
 
     @classmethod
@@ -143,7 +154,8 @@ class ModelDescription:
             head=d.get("head"), num_classes=d.get("num_classes"), class_names=tuple(d.get("class_names") or ()),
             normalization=Normalization.from_dict(d["normalization"]) if d.get("normalization") else IMAGENET,
             input_size=tuple(d.get("input_size") or (224, 224)), method=d.get("method"), source=d.get("source"),
-            warnings=tuple(d.get("warnings") or ()))
+            warnings=tuple(d.get("warnings") or ()), library=d.get("library"), pooling=d.get("pooling"),
+            position_embedding=d.get("position_embedding"))
 
 
 def attach(model: Any, description: ModelDescription) -> Any:
