@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -35,6 +34,14 @@ from torch import nn
 
 from featviz.errors import ArchitectureError, DataError, FeatvizError, UnknownNameError, did_you_mean
 from featviz.models.description import describe
+from featviz.models.tokens import (  # noqa: F401  (the feature core's public names)
+    TokenLayout,
+    class_tokens,
+    layout_of,
+    patch_size,
+    prefix_tokens,
+    register_tokens,
+)
 
 MIN_IMAGE_SIDE = 8
 _INDEX_RE = re.compile(r"\[(-?\d+)\]")
@@ -79,35 +86,6 @@ def parse_image_size(value: int | str | Sequence[int] | None) -> tuple[int, int]
     if min(hw) < MIN_IMAGE_SIDE:
         raise DataError(f"--image-size {hw[0]}x{hw[1]}: each side must be at least {MIN_IMAGE_SIDE} px")
     return hw
-
-
-def patch_size(model: nn.Module) -> tuple[int, int] | None:
-    """A ViT's patch size (timm ``patch_embed.patch_size``, torchvision ``patch_size``); None for CNNs."""
-    pe = getattr(model, "patch_embed", None)
-    patch = getattr(pe, "patch_size", None)
-    if patch is None and isinstance(getattr(model, "conv_proj", None), nn.Conv2d):  # torchvision ViT
-        patch = model.conv_proj.kernel_size
-    if patch is None:
-        return None
-    return (int(patch), int(patch)) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
-
-
-def prefix_tokens(model: nn.Module) -> int:
-    """Class + register + distillation tokens before the patch tokens (timm ``num_prefix_tokens``)."""
-    if hasattr(model, "num_prefix_tokens"):
-        return int(model.num_prefix_tokens)
-    if isinstance(getattr(model, "class_token", None), torch.Tensor):  # torchvision ViT
-        return 1
-    count = sum(int(isinstance(getattr(model, a, None), torch.Tensor)) for a in ("cls_token", "dist_token"))
-    return count + _register_parameter(model)
-
-
-def _register_parameter(model: nn.Module) -> int:
-    """Register tokens counted from the ``reg_token`` (or ``register_tokens``) parameter's shape."""
-    reg = getattr(model, "reg_token", None)
-    if reg is None:
-        reg = getattr(model, "register_tokens", None)
-    return int(reg.shape[1] if reg.ndim == 3 else reg.shape[0]) if isinstance(reg, torch.Tensor) else 0
 
 
 def _fixed_size(model: nn.Module) -> tuple[int, int] | None:
@@ -157,51 +135,6 @@ def input_size(model: nn.Module, size: int | str | Sequence[int] | None = None) 
 
 
 # ------------------------------------------------------------------ tokens -> maps
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the tokens of a ViT input sit: the prefix tokens first, then the patch grid row-major.
-
-    Attributes:
-        grid: Patch rows and columns.
-        prefix: Class + register + distillation tokens before the patches.
-        patch: The patch size (H, W) in pixels.
-        class_tokens: How many of the prefix tokens are class tokens.
-        register_tokens: How many are register tokens (the rest are distillation or other tokens).
-            The split of ``prefix`` describes it and takes no part in equality.
-    """
-
-    grid: tuple[int, int]
-    prefix: int
-    patch: tuple[int, int]
-    class_tokens: int = field(default=1, compare=False)
-    register_tokens: int = field(default=0, compare=False)
-
-    @property
-    def other_prefix(self) -> int:
-        """Distillation and other prefix tokens: neither class nor register tokens."""
-        return self.prefix - self.class_tokens - self.register_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        """The grid and the prefix tokens by kind, as manifests and summaries record them."""
-        return {
-            "grid": list(self.grid),
-            "class": self.class_tokens,
-            "register": self.register_tokens,
-            "other": self.other_prefix,
-            "excluded_from_maps": self.prefix,
-        }
-
-
-def _class_tokens(model: nn.Module) -> int:
-    """1 when the model has a class token (timm ``cls_token``, torchvision ``class_token``), else 0."""
-    return int(any(isinstance(getattr(model, a, None), torch.Tensor) for a in ("cls_token", "class_token")))
-
-
-def _register_tokens(model: nn.Module) -> int:
-    """Register tokens: timm's ``num_reg_tokens``, else the register parameter's shape."""
-    return int(model.num_reg_tokens or 0) if hasattr(model, "num_reg_tokens") else _register_parameter(model)
-
-
 def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout | None:
     """The token layout of ``model`` at ``input_hw`` (None for models without patch tokens).
 
@@ -217,7 +150,7 @@ def token_layout(model: nn.Module, input_hw: tuple[int, int]) -> TokenLayout | N
         gh, gw = pe.dynamic_feat_size(hw)
     else:
         gh, gw = hw[0] // patch[0], hw[1] // patch[1]
-    return TokenLayout((int(gh), int(gw)), prefix_tokens(model), patch, _class_tokens(model), _register_tokens(model))
+    return layout_of(model, (int(gh), int(gw)), patch)
 
 
 def _tokens_to_map(t: torch.Tensor, layout: TokenLayout, what: str) -> torch.Tensor:

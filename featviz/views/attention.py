@@ -1,13 +1,13 @@
 """A ViT's class-token self-attention, per head, at any input size, and attention rollout.
 
-The attention is computed from each block's own projections, never read from a softmax hook
-(timm's fused ``F.scaled_dot_product_attention`` path has no softmax to hook): a forward
-pre-hook records the input of ``blocks[i].attn`` (that is ``norm1(x)``), and the attention is
-
-    q, k = qkv(x) split per head;  q, k = q_norm(q), k_norm(k);  A = softmax(q · scale @ kᵀ)
-
-exactly as timm's ``Attention`` computes it (``tests/test_attention.py`` checks it against a
-block-by-block transcription and against the unfused path's softmax).
+The attention is the one the model itself computes, never re-derived from q·kᵀ by hand (a
+re-derivation drops rotary position embeddings, relative position biases or separate q/k/v
+projections and returns a plausible-looking but different map): ``views.attention_probs`` runs each
+timm attention module it knows on its unfused path and records the softmax it computes (RoPE,
+q/k norms and biases applied), or asks a model that has ``attention_maps(x, block)`` (featviz's
+Hugging Face adapter); any other attention is refused in one line. ``tests/test_attention.py``
+checks it against a block-by-block transcription, ``tests/test_rope_views.py`` against DINOv3's
+attention with its rotary embedding.
 
 What is shown, as in DINO's ``visualize_attention.py`` (Caron et al. 2021):
 
@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from featviz.errors import ArchitectureError, DataError
 from featviz.io.progress import Progress
 from featviz.models import features
 from featviz.models.features import TokenLayout, arch_name, input_size
+from featviz.views.attention_probs import model_attention
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ def token_layout(model: nn.Module, hw: tuple[int, int]) -> TokenLayout:
         DataError: ``hw`` is not a size this ViT takes.
     """
     vit_blocks(model)
-    if getattr(model, "cls_token", None) is None:
-        raise ArchitectureError(
-            "this ViT has no class token (I-JEPA-style average pooling), so it has no class-token "
-            "attention to show; use `featviz cam` or `featviz pca`"
-        )
     layout = features.token_layout(model, hw)
     assert layout is not None  # a model with patch_embed has patches
+    if layout.class_tokens < 1:
+        raise ArchitectureError(
+            "this ViT has no class token (I-JEPA-style average pooling, SigLIP's attention pool), so "
+            "it has no class-token attention to show; use `featviz cam` or `featviz pca`"
+        )
     return layout
 
 
@@ -100,70 +100,6 @@ def _resolve_layer(blocks: Sequence[nn.Module], layer: int | None) -> int:
             f"(0..{n - 1}, or -1 for the last)"
         )
     return i % n
-
-
-def _check_attention(attn: nn.Module, index: int) -> None:
-    need = [a for a in ("qkv", "num_heads") if not hasattr(attn, a)]
-    rope = (
-        any(hasattr(attn, a) for a in ("rope", "rotary_emb"))
-        or "rope" in type(attn).__name__.lower()
-    )
-    if need or rope or not isinstance(getattr(attn, "qkv", None), nn.Linear):
-        why = (
-            "rotary position embeddings" if rope else f"no {', '.join(need) or 'fused qkv Linear'}"
-        )
-        raise ArchitectureError(
-            f"block {index}'s attention ({type(attn).__name__}) has {why}; featviz attention "
-            "computes timm's standard multi-head attention (fused qkv, optional q/k norm)"
-        )
-
-
-# ------------------------------------------------------------------ attention from q/k
-def attention_probs(
-    attn: nn.Module, x: torch.Tensor, *, query: slice | None = None
-) -> torch.Tensor:
-    """Softmax attention of a timm ``Attention`` module for its input ``x`` (B, N, C).
-
-    Args:
-        attn: the block's attention module (``qkv``, ``num_heads``, ``scale``, q/k norms).
-        x: the module's input (the block's ``norm1`` output).
-        query: the query rows to compute (default all); ``slice(0, 1)`` gives the class token's row.
-
-    Returns:
-        (B, heads, n_query, N) float32 probabilities.
-    """
-    b, n, _ = x.shape
-    heads = int(attn.num_heads)
-    head_dim = int(getattr(attn, "head_dim", attn.qkv.out_features // (3 * heads)))
-    qkv = attn.qkv(x).float().reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    if query is not None:
-        q = q[:, :, query]
-    scale = float(getattr(attn, "scale", head_dim**-0.5))
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-
-
-@contextmanager
-def recorded_inputs(blocks: Sequence[nn.Module], indices: Iterable[int]):
-    """Record the input of ``blocks[i].attn`` for each ``i`` (a dict filled by each forward)."""
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for i in indices:
-
-        def hook(_m, args, i=i):
-            store[i] = args[0].detach()
-
-        handles.append(blocks[i].attn.register_forward_pre_hook(hook))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @dataclass
@@ -231,34 +167,14 @@ def class_attention(
     li = _resolve_layer(blocks, layer)
     lay = token_layout(model, (x.shape[-2], x.shape[-1]))
     wanted = list(range(li + 1)) if rollout_maps else [li]
-    for i in wanted:
-        _check_attention(blocks[i].attn, i)
-    with recorded_inputs(blocks, wanted) as store:
-        forward = getattr(model, "forward_features", model)
-        forward(x)
-    missing = [i for i in wanted if i not in store]
-    if missing:
-        raise ArchitectureError(
-            f"the forward pass never reached block {missing[0]}'s attention; is this a "
-            "timm VisionTransformer?"
-        )
-    n = store[li].shape[1]
     gh, gw = lay.grid
-    if n != lay.prefix + gh * gw:
-        raise ArchitectureError(
-            f"block {li} sees {n} tokens, not {lay.prefix} prefix + {gh}x{gw} patches; "
-            "the token layout of this ViT is not understood"
-        )
-    cls_row = attention_probs(blocks[li].attn, store[li], query=slice(0, 1))[:, :, 0]  # (B, H, N)
+    probs = model_attention(model, blocks, x, wanted, lay.prefix + gh * gw)
+    cls_row = probs[li][:, :, 0]  # (B, H, N): the class token's row
     heads = cls_row[:, :, lay.prefix :].reshape(len(x), -1, gh, gw)
     share = cls_row[:, :, : lay.prefix].sum(-1)
     roll = None
     if rollout_maps:
-        r = rollout(
-            [attention_probs(blocks[i].attn, store[i]) for i in wanted],
-            head_fusion=head_fusion,
-            discard_ratio=discard_ratio,
-        )
+        r = rollout([probs[i] for i in wanted], head_fusion=head_fusion, discard_ratio=discard_ratio)
         roll = r[:, 0, lay.prefix :].reshape(len(x), gh, gw).cpu().numpy()
     return AttentionBatch(heads.cpu().numpy(), share.cpu().numpy(), roll)
 
@@ -483,9 +399,10 @@ def run_attention(
             device=str(runner.device),
             normalization=runner.normalization,
             definitions={
-                "attention": "softmax(q·scale @ kᵀ) of the block's own qkv (and q/k norm) on "
-                "its input, class-token row, patch columns; probabilities over all tokens "
-                "(prefix tokens not renormalised away)",
+                "attention": "the block's own attention probabilities, as the model computes "
+                "them (q/k norms, rotary or relative position terms applied): class-token row, "
+                "patch columns; probabilities over all tokens (prefix tokens not renormalised "
+                "away)",
                 "mask": f"DINO visualize_attention: patches holding {threshold:g} of each "
                 "map's patch mass",
                 "rollout": None
