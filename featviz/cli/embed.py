@@ -11,6 +11,7 @@ from featviz.cli._app import _image_limit, _progress, _user_errors, app
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
+    CenterCropOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
     DeviceOpt,
@@ -51,6 +52,7 @@ def embed(
     layer: LayerOpt = None,
     max_pixels_per_class: MaxPixOpt = None,
     image_size: ImageSizeOpt = None,
+    center_crop: CenterCropOpt = None,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -105,6 +107,7 @@ def embed(
                 seed,
                 strict,
                 drop_nonfinite,
+                center_crop,
             ),
         )
     if emb is not None:  # rank 0 (or a single process)

@@ -13,6 +13,7 @@ from featviz.cli.options import (
     CheckpointKeyOpt,
     CheckpointOpt,
     DeviceOpt,
+    EvalCenterCropOpt,
     EvalSizeOpt,
     ForceOpt,
     FormatOpt,
@@ -48,6 +49,7 @@ def knn(
         float, typer.Option("--temperature", "-T", help="T in the vote weight exp(cosine / T) (DINO's 0.07).")
     ] = 0.07,
     image_size: EvalSizeOpt = None,
+    center_crop: EvalCenterCropOpt = None,
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "auto",
@@ -64,7 +66,8 @@ def knn(
     from featviz.eval.knn import run_knn
 
     shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
-                  val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)
+                  val_images=val_images, images=images, image_size=image_size, center_crop=center_crop,
+                  val_fraction=val_fraction, seed=seed)
     args = {**shared, "k": k, "temperature": temperature, "out": out_path}
     src = sources(batch_size=batch_size, device=device, fmt=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key,
                   trust=trust_checkpoint, **shared)

@@ -172,6 +172,11 @@ ImageSizeOpt = Annotated[
         "of its patch size, e.g. 224x320.",
     ),
 ]
+_CENTER_CROP_HELP = (
+    "Classification-style center crop (resize, then crop the center) instead of the whole image resized to "
+    "exactly the input size. Default: on for a square N, off for HxW; the manifest's 'resize' says which."
+)
+CenterCropOpt = Annotated[bool | None, typer.Option("--center-crop/--no-center-crop", help=_CENTER_CROP_HELP)]
 PrecisionOpt = Annotated[
     PrecisionName, typer.Option("--precision", help="auto = bf16/fp16 autocast on CUDA, float32 on CPU.")
 ]
@@ -209,6 +214,7 @@ def _embed_kwargs(
     seed,
     strict,
     drop_nonfinite,
+    center_crop=None,
 ) -> dict[str, Any]:
     return dict(
         images=images,
@@ -225,6 +231,7 @@ def _embed_kwargs(
         seed=seed,
         strict=strict,
         drop_nonfinite=drop_nonfinite,
+        center_crop=center_crop,
     )
 
 
@@ -263,6 +270,10 @@ EvalSizeOpt = Annotated[
     typer.Option("--image-size", callback=image_size_value, rich_help_panel=_IMG,
                  help="Input size, N or HxW (default: the model's; a ViT takes any multiple of its patch size)."),
 ]
+EvalCenterCropOpt = Annotated[
+    bool | None,
+    typer.Option("--center-crop/--no-center-crop", help=_CENTER_CROP_HELP, rich_help_panel=_IMG),
+]
 OutJsonOpt = Annotated[
     Path | None, typer.Option("--out", "-o", help="Also write the result and its provenance to this .json file.")
 ]
@@ -275,7 +286,7 @@ def sources(
 
     ``shared`` is the inputs as a command records them in its provenance (``train``, ``val``,
     ``checkpoint``, ``arch``, ``train_images``, ``val_images``, ``images``, ``image_size``,
-    ``val_fraction``, ``seed``).
+    ``center_crop``, ``val_fraction``, ``seed``).
     """
     load = _load_kwargs(None, fmt, num_heads, checkpoint_key, trust)
     load.pop("arch")
@@ -290,6 +301,8 @@ def print_protocol(result: dict[str, Any]) -> None:
         src = f" from {p['checkpoint']}" if p.get("checkpoint") else " (random weights)"
         size = "x".join(str(v) for v in p.get("image_size") or [])
         out.print(f"model: {p['model']}{src} · input {size} px · {p['batchnorm']}", highlight=False)
+        if p.get("resize"):
+            out.print(f"images: {p['resize']}", highlight=False)
     sizes = f"{result['n_train']:,} train, {result['n_val']:,} val, {result['dim']}-d, {result['num_classes']} classes"
     split = p.get("split")
     if split:

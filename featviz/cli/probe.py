@@ -13,6 +13,7 @@ from featviz.cli.options import (
     CheckpointKeyOpt,
     CheckpointOpt,
     DeviceOpt,
+    EvalCenterCropOpt,
     EvalSizeOpt,
     ForceOpt,
     FormatOpt,
@@ -63,6 +64,7 @@ def probe(
     ] = 0.2,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit.")] = 1000,
     image_size: EvalSizeOpt = None,
+    center_crop: EvalCenterCropOpt = None,
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
     fmt: FormatOpt = "auto",
@@ -79,7 +81,8 @@ def probe(
     from featviz.eval.probe import run_probe
 
     shared = dict(train=train, val=val, checkpoint=checkpoint, arch=arch, train_images=train_images,
-                  val_images=val_images, images=images, image_size=image_size, val_fraction=val_fraction, seed=seed)
+                  val_images=val_images, images=images, image_size=image_size, center_crop=center_crop,
+                  val_fraction=val_fraction, seed=seed)
     args = {**shared, "c_grid": c_grid, "selection_fraction": selection_fraction, "max_iter": max_iter,
             "out": out_path}
     src = sources(batch_size=batch_size, device=device, fmt=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key,

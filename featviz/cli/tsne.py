@@ -21,6 +21,7 @@ from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
+    CenterCropOpt,
     CheckpointKeyOpt,
     DeviceOpt,
     DropNonfiniteOpt,
@@ -105,6 +106,7 @@ def tsne(
     layer: LayerOpt = None,
     max_pixels_per_class: MaxPixOpt = None,
     image_size: ImageSizeOpt = None,
+    center_crop: CenterCropOpt = None,
     image: Annotated[Path | None, typer.Option("--image", help="--figure cac: the image.")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="--figure cac: its class mask (255 = ignore).")] = None,
     iou_bound: Annotated[
@@ -240,6 +242,7 @@ def tsne(
                     seed,
                     strict,
                     drop_nonfinite,
+                    center_crop,
                 ),
             )
             default = _checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"

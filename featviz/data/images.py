@@ -232,24 +232,55 @@ class _ResizeCover:
         return img.resize((max(self.size[1], round(w * scale)), max(self.size[0], round(h * scale))), Image.BICUBIC)
 
 
-def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD, *, resize: int | None = None):
-    """Resize, center-crop to ``image_size`` (N, or (H, W)), to tensor, normalise.
+def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
 
-    Square sizes resize the short side to ``size / 0.875`` (``size`` itself up to 64 px) and
-    crop the center. A non-square (H, W) resizes the image, keeping its aspect ratio, just enough
-    to cover (H, W) / 0.875, then crops the center (H, W): nothing is stretched.
+
+def center_crop_default(image_size: int | Sequence[int]) -> bool:
+    """The one rule for ``--center-crop``'s default: on for a square size N, off for H×W."""
+    h, w = _hw(image_size)
+    return h == w
+
+
+def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD, *, resize: int | None = None,
+                   center_crop: bool | None = None):
+    """Resize (and, for a square size, center-crop) to ``image_size`` (N, or (H, W)), to tensor, normalise.
+
+    ``center_crop`` None takes ``center_crop_default``: the classification-style center crop for a
+    square N, the whole image resized to exactly H×W for a non-square (H, W), so that an image already
+    at H×W reaches the model unchanged and dense overlays cover the whole picture.
+
+    With the center crop, a square size resizes the short side to ``size / 0.875`` (``size`` itself up
+    to 64 px, or ``resize``) and crops the center; a non-square (H, W) resizes the image, keeping its
+    aspect ratio, just enough to cover (H, W) / 0.875, then crops the center (H, W): nothing is
+    stretched. Without it, the whole image is resized (bicubic) to exactly H×W.
     """
     from torchvision import transforms as T
 
-    hw = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    hw = _hw(image_size)
     finish = [T.ToTensor(), T.Normalize(mean, std)]
+    if not (center_crop_default(hw) if center_crop is None else center_crop):
+        return T.Compose([T.Resize(hw, interpolation=T.InterpolationMode.BICUBIC), *finish])
     if hw[0] == hw[1]:
         side = hw[0]
         resize = resize or (side if side <= 64 else int(round(side / 0.875)))
         return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(side), *finish])
     crop_pct = 1.0 if max(hw) <= 64 else 0.875
     return T.Compose([_ResizeCover(hw, crop_pct), T.CenterCrop(hw), *finish])
+
+
+def resize_rule(image_size: int | Sequence[int], center_crop: bool | None = None) -> str:
+    """What ``eval_transform(image_size, center_crop=center_crop)`` does, in words (manifests' ``resize``)."""
+    h, w = _hw(image_size)
+    if not (center_crop_default((h, w)) if center_crop is None else center_crop):
+        return f"whole image resized to {h}x{w}"
+    if h == w:
+        short = h if h <= 64 else int(round(h / 0.875))
+        return f"center crop: short side resized to {short}, center {h}x{w} cropped"
+    pct = 1.0 if max(h, w) <= 64 else 0.875
+    return f"center crop: resized to cover {h}x{w}" + (f" / {pct:g}" if pct != 1 else "") + \
+        f" (aspect ratio kept), center {h}x{w} cropped"
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -34,6 +34,7 @@ from featviz.data.images import (
     labelled_images,
     load_image,
     normalization_of,
+    resize_rule,
 )
 from featviz.data.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
 from featviz.data.thumbnails import image_root
@@ -123,7 +124,7 @@ class ImageFeatures:
 def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: int | str | Sequence[int] | None = None,
                  batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "auto",
                  workers: int | None = None, strict: bool = False, indices: Sequence[int] | None = None,
-                 progress: Progress | None = None) -> ImageFeatures:
+                 progress: Progress | None = None, center_crop: bool | None = None) -> ImageFeatures:
     """Pooled ``model(x)`` features for images (paths or PIL images).
 
     Args:
@@ -138,6 +139,8 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
         strict: a bad image raises instead of being skipped.
         indices: the subset of ``items`` to embed (a torchrun shard); default all.
         progress: wraps the batch loop (a progress bar).
+        center_crop: None = center crop for a square N, the whole image resized to exactly H×W
+            otherwise (``featviz.data.images.eval_transform``).
 
     Returns:
         The features in input order, and the indices of images that could not be decoded.
@@ -149,7 +152,7 @@ def embed_images(model: torch.nn.Module, items: Sequence[Any], *, image_size: in
     mean, std = normalization_of(model)
     # decode errors are handled here, in the main process, so that --strict reports one clean line
     # even when the failure happened in a DataLoader worker
-    dataset = ImageDataset(items, None, eval_transform(size, mean, std), strict=False)
+    dataset = ImageDataset(items, None, eval_transform(size, mean, std, center_crop=center_crop), strict=False)
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, list(indices))
     workers = default_workers(device) if workers is None else workers
@@ -452,11 +455,13 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
               load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None,
-              tensorboard: str | os.PathLike | None = None) -> Embeddings | None:
+              tensorboard: str | os.PathLike | None = None, center_crop: bool | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
-    ``out`` (when given). Outputs are checked before any work, and written atomically. With
+    ``out`` (when given). Outputs are checked before any work, and written atomically. ``center_crop``
+    (None: on for a square N, off for H×W) chooses the pooled images' transform; the manifest's
+    ``resize`` says what was done. With
     ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.eval.projector``).
 
     Raises:
@@ -470,6 +475,9 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
         check_save(out, force=force)  # the .npz and its manifest, writable, before any work
+    if pixels and center_crop:
+        raise DataError("--center-crop applies to pooled image embeddings; --pixels takes each whole image so that "
+                        "its mask stays aligned: drop --center-crop")
     if tensorboard is not None:
         from featviz.eval.projector import require_tensorboard
 
@@ -482,8 +490,8 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         model, desc = load_model(checkpoint, arch=arch, seed=seed, **(load_kwargs or {}))
         args = dict(images=str(images), checkpoint=None if checkpoint is None else str(checkpoint), arch=arch,
                     pixels=pixels, masks=None if masks is None else str(masks), layer=layer,
-                    max_pixels_per_class=max_pixels_per_class, image_size=image_size, batch_size=batch_size,
-                    device=device, precision=precision, strict=strict)
+                    max_pixels_per_class=max_pixels_per_class, image_size=image_size, center_crop=center_crop,
+                    batch_size=batch_size, device=device, precision=precision, strict=strict)
         extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
                      autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
                      autocast_dtype(info.device, precision) else "float32",
@@ -494,7 +502,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         if pixels:
             emb = _run_pixels(model, images, masks, layer, image_size, max_pixels_per_class, seed, info, run, extra)
         else:
-            emb = _run_images(model, images, labels_csv, image_size, info, run, extra)
+            emb = _run_images(model, images, labels_csv, image_size, info, dict(run, center_crop=center_crop), extra)
         if emb is None:
             return None
         ok = check_finite(emb.features, drop=drop_nonfinite)
@@ -519,6 +527,7 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
     size = input_size(model, image_size)
     src: LabelledImages = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
     extra["image_size"] = size[0] if size[0] == size[1] else list(size)
+    extra["resize"] = resize_rule(size, run["center_crop"])
     part = embed_images(model, src.items, image_size=size, indices=shard(len(src), info), **run)
     parts = _gather_to_main(part, info)
     if parts is None:
@@ -546,6 +555,7 @@ def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo
     if hw is not None:
         input_size(model, hw)  # a ViT's size must be a multiple of its patch: say so before decoding
     extra.update(layer=layer, image_size=None if hw is None else hw[0] if hw[0] == hw[1] else list(hw),
+                 resize="each image at its own size" if hw is None else resize_rule(hw, False),
                  max_pixels_per_class=k, ignore_index=IGNORE_INDEX)
     part = embed_pixels(model, pix, layer=layer, image_size=image_size, max_pixels_per_class=k, seed=seed,
                         indices=shard(len(pix.images), info), **run)

@@ -81,6 +81,7 @@ def load_splits(
     val_images: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     image_size: int | None = None,
+    center_crop: bool | None = None,
     val_fraction: float = VAL_FRACTION,
     seed: int = SPLIT_SEED,
     batch_size: int = 64,
@@ -89,6 +90,9 @@ def load_splits(
     progress: Progress | None = None,
 ) -> Splits:
     """Train and val features from whichever source the arguments name (see the module docstring).
+
+    Images go through ``featviz.data.images.eval_transform`` at ``image_size`` with ``center_crop``
+    (None: on for a square N, off for H×W); the protocol's ``resize`` says what was done.
 
     Raises:
         DataError: no source or two sources, a missing file, unlabelled images, mismatched widths.
@@ -136,6 +140,7 @@ def load_splits(
             checkpoint=checkpoint,
             arch=arch,
             image_size=image_size,
+            center_crop=center_crop,
             batch_size=batch_size,
             device=device,
             load_kwargs=load_kwargs,
@@ -146,6 +151,7 @@ def load_splits(
         checkpoint=checkpoint,
         arch=arch,
         image_size=image_size,
+        center_crop=center_crop,
         val_fraction=val_fraction,
         seed=seed,
         batch_size=batch_size,
@@ -192,7 +198,7 @@ def _from_npz(train: Path, val: Path) -> Splits:
 
 
 def _short_manifest(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m[k] for k in ("command", "arguments", "model", "image_size", "layer") if k in m}
+    return {k: m[k] for k in ("command", "arguments", "model", "image_size", "resize", "layer") if k in m}
 
 
 def _align_classes(
@@ -224,6 +230,7 @@ def _from_folders(
     checkpoint,
     arch,
     image_size,
+    center_crop,
     batch_size,
     device,
     load_kwargs,
@@ -240,14 +247,15 @@ def _from_folders(
                 "its own subfolder (DIR/<class>/*.jpg)"
             )
     model, report, info = _model(checkpoint, arch, load_kwargs)
-    f_tr = _embed(model, tr.items, image_size, batch_size, device, progress, "train")
-    f_va = _embed(model, va.items, image_size, batch_size, device, progress, "val")
+    f_tr = _embed(model, tr.items, (image_size, center_crop), batch_size, device, progress, "train")
+    f_va = _embed(model, va.items, (image_size, center_crop), batch_size, device, progress, "val")
     names, va_labels = _align_classes(tr.class_names, va.class_names, va.labels)
     protocol = {
         **info,
         "train_images": str(train_images),
         "val_images": str(val_images),
         "image_size": _size_of(model, image_size),
+        "resize": _resize_of(model, image_size, center_crop),
     }
     return Splits(
         Split(f_tr, tr.labels, list(tr.ids)),
@@ -264,6 +272,7 @@ def _from_one_set(
     checkpoint,
     arch,
     image_size,
+    center_crop,
     val_fraction,
     seed,
     batch_size,
@@ -304,8 +313,9 @@ def _from_one_set(
                 "subfolders; put each class in its own subfolder (DIR/<class>/*.jpg)"
             )
         labels, names, ids = s.labels, s.class_names, list(s.ids)
-        feats = _embed(model, s.items, image_size, batch_size, device, progress, "images")
+        feats = _embed(model, s.items, (image_size, center_crop), batch_size, device, progress, "images")
         info["image_size"] = _size_of(model, image_size)
+        info["resize"] = _resize_of(model, image_size, center_crop)
     single = [
         names[c] if c < len(names) else str(c) for c in np.flatnonzero(np.bincount(labels) == 1)
     ]
@@ -373,7 +383,13 @@ def _size_of(model, image_size) -> list[int]:
     return list(input_size(model, image_size))
 
 
-def _embed(model, items, image_size, batch_size, device, progress, what: str) -> np.ndarray:
+def _resize_of(model, image_size, center_crop) -> str:
+    from featviz.data.images import resize_rule
+
+    return resize_rule(_size_of(model, image_size), center_crop)
+
+
+def _embed(model, items, size_crop, batch_size, device, progress, what: str) -> np.ndarray:
     from featviz.distributed import resolve_device
     from featviz.eval.embed import embed_images
 
@@ -385,7 +401,8 @@ def _embed(model, items, image_size, batch_size, device, progress, what: str) ->
     out = embed_images(
         model,
         items,
-        image_size=image_size,
+        image_size=size_crop[0],
+        center_crop=size_crop[1],
         batch_size=batch_size,
         device=resolve_device(device),
         strict=True,

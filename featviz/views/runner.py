@@ -7,11 +7,14 @@ does around that computation is the same for every view and lives here, in ``Vie
    did not write is refused);
 2. the images under the inputs are listed with their ids (``image_ids``);
 3. the model goes to its device in eval mode and its normalisation is read (``ViewRunner.place``);
-4. the images are decoded, transformed (the model's eval transform at the run's size) and batched
+4. the images are decoded, transformed (the model's eval transform at the run's size: a square N
+   is center-cropped, an H×W size takes the whole image resized to exactly H×W, so overlays cover
+   the whole picture; ``featviz.data.images.eval_transform``) and batched
    under the caller's progress bar (``ViewRunner.loader``, ``ViewRunner.batches``), and turned back
    into RGB for the pictures (``ViewRunner.rgb``);
 5. the files are written into one atomic folder (``ViewRunner.output``) with a ``manifest.json``:
-   the command, its arguments, the versions and what the view adds (``ViewRunner.write_manifest``).
+   the command, its arguments, the versions, how the images were resized (``resize``) and what the
+   view adds (``ViewRunner.write_manifest``).
 
 A view returns a typed result, a ``ViewResult`` dataclass whose ``to_dict()`` is the summary that
 ``--json`` prints (and that the result also reads as: ``result["images"]``).
@@ -110,6 +113,7 @@ class ViewRunner:
         self.device: Any = None
         self.mean: tuple[float, ...] = ()
         self.std: tuple[float, ...] = ()
+        self.resize: str | None = None
         check_output(self.out_dir, force=force, folder=True)  # before any work
 
     def images(self, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
@@ -141,7 +145,7 @@ class ViewRunner:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     def loader(self, *, batch_size: int, hw: tuple[int, int] | None = None, transform: Any = None,
-               strict: bool = True) -> Any:
+               strict: bool = True, center_crop: bool | None = None) -> Any:
         """A DataLoader over the images, in order.
 
         Its batches are ``(x, labels, indices, skipped)`` (``featviz.data.images.collate``).
@@ -149,16 +153,20 @@ class ViewRunner:
         Args:
             batch_size: Images per batch.
             hw: The input size for the default transform, the model's eval transform
-                (``featviz.data.images.eval_transform``) with its normalisation.
+                (``featviz.data.images.eval_transform``) with its normalisation; the manifest's
+                ``resize`` says what it did.
             transform: Another transform (PIL image -> normalised tensor) instead.
             strict: An undecodable image raises ``DataError``; otherwise it is skipped (``skipped``).
+            center_crop: For the default transform: None = center crop for a square N, the whole
+                image resized to exactly H×W otherwise (``featviz.data.images.center_crop_default``).
         """
         import torch
 
-        from featviz.data.images import ImageDataset, collate, eval_transform
+        from featviz.data.images import ImageDataset, collate, eval_transform, resize_rule
 
         if transform is None:
-            transform = eval_transform(hw, self.mean, self.std)
+            transform = eval_transform(hw, self.mean, self.std, center_crop=center_crop)
+            self.resize = resize_rule(hw, center_crop)
         dataset = ImageDataset(self.files, None, transform, strict=strict)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
@@ -189,9 +197,14 @@ class ViewRunner:
             yield tmp
 
     def write_manifest(self, folder: Path, **extra: Any) -> None:
-        """``folder/manifest.json``: schema, command, arguments, versions, then ``extra``."""
+        """``folder/manifest.json``: schema, command, arguments, versions, ``resize``, then ``extra``.
+
+        ``resize`` is what the default transform did (``loader``), unless ``extra`` says it.
+        """
         from featviz.io.outputs import manifest, write_json
 
+        if self.resize is not None and "resize" not in extra:
+            extra = {"resize": self.resize, **extra}
         write_json(Path(folder) / "manifest.json", manifest(self.command, self.arguments, **extra))
 
     def path(self, name: str) -> str:
