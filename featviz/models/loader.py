@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from featviz.errors import ArchitectureError
+from featviz.errors import ArchitectureError, CheckpointError
 from featviz.models.description import ArchSpec, ModelDescription, describe
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,43 @@ def _is_segmenter_checkpoint(checkpoint: str | os.PathLike, trust: bool) -> bool
     from featviz.models.segmenter import segmenter_layout
 
     return segmenter_layout(checkpoint, trust=trust) is not None
+
+
+def _pretrained_folder(checkpoint: str | os.PathLike) -> tuple[Path, str | None] | None:
+    """The Hugging Face folder a checkpoint names, and the ``hf:`` name it came from; None for a plain file.
+
+    An ``hf:ORG/NAME[@REV]`` (or ``hf-hub:``) name resolves from the local cache only
+    (``featviz.models.hub``); a folder with a ``config.json``, or a ``model.safetensors`` /
+    ``pytorch_model.bin`` with one beside it, is a ``save_pretrained`` folder (transformers or timm).
+    """
+    from featviz.models import hub
+    from featviz.models.hf_models import WEIGHT_FILES
+
+    origin = str(checkpoint) if hub.is_hub_name(checkpoint) else None
+    path = hub.resolve(checkpoint) if origin else Path(checkpoint)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, origin
+    if path.is_file() and path.name in WEIGHT_FILES and (path.parent / "config.json").is_file():
+        return path.parent, origin
+    if origin:
+        raise CheckpointError(f"{origin}: the cached snapshot {path} has no config.json (neither a transformers nor "
+                              "a timm folder); pass one of its weight files to --checkpoint")
+    return None
+
+
+def _load_folder(folder: Path, origin: str | None, *, arch: str | ArchSpec | None, num_heads: int | None,
+                 trust: bool, head: bool) -> nn.Module:
+    """The model of a transformers or timm ``save_pretrained`` folder."""
+    from featviz.models import hf_models
+
+    cfg = hf_models.read_config(folder)
+    if hf_models.is_timm_config(cfg):
+        return hf_models.load_timm_folder(folder, arch=arch, num_heads=num_heads, trust=trust, head=head,
+                                          origin=origin)
+    if arch is not None:
+        log.warning("%s: --arch %s ignored: a transformers folder's config.json names its architecture", folder,
+                    arch if isinstance(arch, str) else arch.name)
+    return hf_models.load_transformers_folder(folder, origin=origin)
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchSpec | None = None,
@@ -69,6 +107,10 @@ def load_model(checkpoint: str | os.PathLike | None = None, *, arch: str | ArchS
         CheckpointError: the checkpoint cannot be read or does not fit its layout.
     """
     if checkpoint is not None:
+        folder = _pretrained_folder(checkpoint) if format == "auto" or str(checkpoint).startswith("hf") else None
+        if folder is not None:
+            model = _load_folder(*folder, arch=arch, num_heads=num_heads, trust=trust, head=head)
+            return LoadedModel(model.eval(), describe(model))
         if head and format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):  # pixel logits, not the encoder
             from featviz.models.segmenter import load_segmenter
 
@@ -101,7 +143,7 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | 
     Raises:
         CheckpointError, ArchitectureError: the file cannot be read or does not fit its layout.
     """
-    if format == "auto" and _is_segmenter_checkpoint(checkpoint, trust):
+    if format == "auto" and _pretrained_folder(checkpoint) is None and _is_segmenter_checkpoint(checkpoint, trust):
         from featviz.models.segmenter import describe_segmenter, load_segmenter
 
         model = load_segmenter(checkpoint, trust=trust)
@@ -109,6 +151,8 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | 
         return {"path": str(checkpoint), "format": (desc.source or {}).get("format"), **describe_segmenter(model),
                 "normalization": desc.normalization.to_dict() if desc.normalization else None,
                 "warnings": list(desc.warnings)}
-    _, desc = load_model(checkpoint, arch=arch, format=format, num_heads=num_heads, checkpoint_key=checkpoint_key,
-                         trust=trust)
-    return dict(desc.source)  # the load report, as the description records it
+    model, desc = load_model(checkpoint, arch=arch, format=format, num_heads=num_heads, checkpoint_key=checkpoint_key,
+                             trust=trust)
+    from featviz.models.facts import model_facts
+
+    return {**desc.source, "model": model_facts(model)}  # the load report, and what matters about the model
