@@ -230,7 +230,7 @@ def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
                       load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False),
                       images="digits", labels_csv=None, pixels=True, masks=tmp_path, layer="layer3",
                       max_pixels_per_class=5, image_size=64, batch_size=8, device="cpu", precision="fp32", workers=2,
-                      seed=3, strict=True, drop_nonfinite=True, tensorboard=tmp_path / "tb")
+                      seed=3, strict=True, drop_nonfinite=True, tensorboard=tmp_path / "tb", center_crop=None)
 
 
 def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
@@ -379,7 +379,8 @@ def test_knn_delegates_to_run_knn(cli, monkeypatch, tmp_path):
     assert callable(kw.pop("progress")) and kw.pop("arguments")["k"] == "5,10"
     assert kw == dict(ks="5,10", temperature=0.1, out=tmp_path / "k.json", force=True, train=tmp_path / "a.npz",
                       val=tmp_path / "b.npz", checkpoint=None, arch=None, train_images=None, val_images=None,
-                      images=None, image_size=None, val_fraction=0.2, seed=0, batch_size=64, device="auto",
+                      images=None, image_size=None, center_crop=None, val_fraction=0.2, seed=0, batch_size=64,
+                      device="auto",
                       load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False))
     assert json.loads(r.stdout) == _EVAL
 

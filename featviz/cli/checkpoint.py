@@ -67,9 +67,13 @@ def _load_report_table(r: dict):
     t.add_row("details", ", ".join(f"{k}={v}" for k, v in r["arch_details"].items()))
     if r["not_inferable"]:
         t.add_row("not inferable", ", ".join(r["not_inferable"]))
-    t.add_row("normalisation", f"mean={r['normalization']['mean']} std={r['normalization']['std']}"
-              f"  [dim]{r['normalization'].get('source', '')}[/]")
-    if r.get("input_size"):
+    facts = r.get("model") or {}
+    if facts:
+        _facts_rows(t, facts)
+    else:
+        t.add_row("normalisation", f"mean={r['normalization']['mean']} std={r['normalization']['std']}"
+                  f"  [dim]{r['normalization'].get('source', '')}[/]")
+    if r.get("input_size") and not facts:
         t.add_row("input size", f"{r['input_size'][0]}x{r['input_size'][1]}")
     if r.get("method"):
         t.add_row("method", r["method"])
@@ -78,6 +82,25 @@ def _load_report_table(r: dict):
     for w in r["warnings"]:
         t.add_row("[yellow]warning", w)
     return t
+
+
+def _facts_rows(t, f: dict) -> None:
+    """The rows of ``featviz.models.facts.model_facts``: what matters about the model for probing it."""
+    t.add_row("family / library", f"{f['family']} · {f.get('library') or 'unknown'}")
+    if f.get("patch_size"):
+        t.add_row("patch", "x".join(map(str, f["patch_size"])))
+    tok = f.get("tokens")
+    if tok:
+        names = {"class": "class", "register": "register/storage", "other": "other"}
+        kinds = [f"{tok[k]} {name}" for k, name in names.items() if tok[k]] or ["none"]
+        t.add_row("prefix tokens", f"{tok['excluded_from_maps']}: {', '.join(kinds)}  "
+                  f"[dim](dropped from maps; {tok['grid'][0]}x{tok['grid'][1]} patches at the native size)[/]")
+    if f.get("position_embedding"):
+        t.add_row("positions", f["position_embedding"])
+    t.add_row("pooling", f.get("pooling") or "unknown")
+    n = f["normalization"]
+    t.add_row("normalisation", f"{n['name']}  mean={n['mean']} std={n['std']}  [dim]{n.get('source', '')}[/]")
+    t.add_row("native size", "x".join(map(str, f["native_size"])))
 
 
 def _segmenter_table(s: dict):
