@@ -211,27 +211,74 @@ def test_missing_weights_are_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------ timm folders
-def test_a_timm_hf_folder_loads_with_its_pretrained_cfg(tmp_path):
+@pytest.mark.parametrize("arch, kw", [
+    ("vit_small_patch16_224", dict(embed_dim=64, depth=2, num_heads=2, dynamic_img_size=True)),
+    ("vit_small_patch16_dinov3", dict(embed_dim=64, depth=2, num_heads=2)),
+    ("convnext_atto", {}),
+])
+def test_a_timm_hf_folder_loads_with_its_pretrained_cfg(tmp_path, caplog, arch, kw):
     import timm
     from timm.models import save_for_hf
 
     torch.manual_seed(0)
-    ref = timm.create_model("vit_small_patch16_224", pretrained=False, embed_dim=64, depth=2, num_heads=2,
-                            num_classes=0, dynamic_img_size=True).eval()
+    ref = timm.create_model(arch, pretrained=False, num_classes=0, **kw).eval()
     save_for_hf(ref, tmp_path / "timm", safe_serialization=True)
     cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
-    assert cfg["architecture"] == "vit_small_patch16_224"
+    assert cfg["architecture"] == arch
     x = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
         tokens = ref.forward_features(x)
         pooled = ref(x)
+    if tokens.ndim == 3:  # ViT tokens: the patches, after the prefix tokens, as the reference's own grid
+        tokens = tokens[:, ref.num_prefix_tokens:]
+    else:
+        tokens = tokens.flatten(2).transpose(1, 2)
     for path in (tmp_path / "timm", tmp_path / "timm" / "model.safetensors"):
+        caplog.clear()
         model, desc = load_model(path)
         assert desc.library == "timm" and desc.normalization.source == "config.json pretrained_cfg"
+        assert not any("normalisation not recorded" in r.getMessage() for r in caplog.records)
         assert list(desc.normalization.mean) == pytest.approx(cfg["pretrained_cfg"]["mean"])
         assert desc.input_size == tuple(cfg["pretrained_cfg"]["input_size"][-2:])
         with torch.no_grad(), FeatureExtractor(model) as fx:
             fmap = fx(x)
+        with torch.no_grad():
             emb = model(x)
-        assert _cos(fmap.flatten(2).transpose(1, 2), tokens[:, 1:]).min() >= 0.999
+        assert _cos(fmap.flatten(2).transpose(1, 2), tokens).min() >= 0.999
         assert _cos(emb, pooled).min() >= 0.999
+
+
+# ------------------------------------------------------------------ the views, through the CLI
+@pytest.mark.parametrize("name", ["DINOv3ViTModel", "SiglipVisionModel"])
+def test_views_run_on_a_transformers_folder_at_a_non_square_size(tmp_path, cli, name):
+    """pca, cam, embed and attention read the folder with no flags, an image already 64x96 given as --image-size."""
+    import numpy as np
+    from PIL import Image
+
+    ref, hw, _, _ = _build(name)
+    ref.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    (images / "cls").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(images / "cls" / f"im{i}.png")
+    size = f"{hw[0]}x{hw[1]}"
+    common = ["--checkpoint", tmp_path / "model", "--image-size", size, "--device", "cpu"]
+    for command in ("pca", "cam", "attention"):
+        result = cli(command, images, "--out", tmp_path / command, *common)
+        if command == "attention" and name.startswith("Siglip"):  # no class token: refused, never another map
+            assert result.exit_code == 1 and "no class token" in result.output
+            continue
+        assert result.exit_code == 0, f"{command}: {result.output}"
+        manifest = json.loads((tmp_path / command / "manifest.json").read_text())
+        assert manifest["model"]["description"]["arch"]["name"] == f"hf:{name}"
+    result = cli("embed", "--images", images, "--out", tmp_path / "emb.npz", *common)
+    assert result.exit_code == 0, result.output
+    emb = np.load(tmp_path / "emb.npz")
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(images / "cls" / f"im{i}.png"), dtype=np.float32) / 255)
+                     .permute(2, 0, 1) for i in range(2)])
+    mean, std = torch.tensor([0.485, 0.456, 0.406] if name.startswith("DINO") else [0.5] * 3), \
+        torch.tensor([0.229, 0.224, 0.225] if name.startswith("DINO") else [0.5] * 3)
+    out = _reference(ref, name, (x - mean[:, None, None]) / std[:, None, None])
+    key = next(k for k in emb.files if emb[k].ndim == 2 and emb[k].shape[1] == 64)
+    assert _cos(torch.from_numpy(emb[key]).float(), out.pooler_output).min() >= 0.999

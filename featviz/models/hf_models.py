@@ -296,8 +296,14 @@ def load_transformers_folder(folder: str | os.PathLike, *, origin: str | None = 
     if name == "ViTMAEModel" and config.mask_ratio:
         warnings.append(f"ViTMAE's mask_ratio {config.mask_ratio} set to 0: features of every patch, in order")
         config.mask_ratio = 0.0
-    hf, info = cls.from_pretrained(folder, config=config, local_files_only=True, trust_remote_code=False,
-                                   output_loading_info=True)
+    bars = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()  # one bar per load would bury featviz's own output
+    try:
+        hf, info = cls.from_pretrained(folder, config=config, local_files_only=True, trust_remote_code=False,
+                                       output_loading_info=True)
+    finally:
+        if bars:
+            tf.utils.logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or []]
     if missing or mismatched:
@@ -343,6 +349,13 @@ def is_timm_config(cfg: dict[str, Any]) -> bool:
     return isinstance(cfg.get("architecture"), str)
 
 
+class _DropAssumedNormalization(logging.Filter):
+    """Drops the loader's "normalisation not recorded" warning when the folder's config records it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "normalisation not recorded" not in record.getMessage()
+
+
 def load_timm_folder(folder: str | os.PathLike, *, arch: Any = None, num_heads: int | None = None,
                      trust: bool = False, head: bool = False, origin: str | None = None) -> nn.Module:
     """Build the timm model of a timm Hugging Face folder (``config.json`` with ``architecture``, and its weights).
@@ -365,9 +378,17 @@ def load_timm_folder(folder: str | os.PathLike, *, arch: Any = None, num_heads: 
     args = {k: v for k, v in (cfg.get("model_args") or {}).items()
             if k not in ("num_classes", "dynamic_img_size", "pretrained")}
     spec = arch or ArchSpec("timm", "timm:" + cfg["architecture"], args)
-    model, _ = load_backbone(weights, arch=spec, num_heads=num_heads, trust=trust, keep_classifier=head)
-    desc = describe(model)
     pre = cfg.get("pretrained_cfg") or {}
+    quiet = _DropAssumedNormalization() if pre.get("mean") and pre.get("std") else None
+    checkpoints_log = logging.getLogger("featviz.models.checkpoints")
+    if quiet:  # the folder's pretrained_cfg records it: the file-level assumption is not the one used
+        checkpoints_log.addFilter(quiet)
+    try:
+        model, _ = load_backbone(weights, arch=spec, num_heads=num_heads, trust=trust, keep_classifier=head)
+    finally:
+        if quiet:
+            checkpoints_log.removeFilter(quiet)
+    desc = describe(model)
     changes: dict[str, Any] = {"library": "timm"}
     if pre.get("mean") and pre.get("std"):
         changes["normalization"] = Normalization(tuple(float(v) for v in pre["mean"]),
