@@ -452,6 +452,7 @@ def test_every_registered_layout_has_a_built_case_and_a_docs_row():
 
     built = {case[1] for case in CASES.values()} | {case[1] for case in _VIT_CASES.values()}
     built |= {"efficientnet_pytorch"}  # test_efficientnet_pytorch_names_map_onto_timm_lite
+    built |= {"dinov3", "dinov3_convnext", "open_clip", "franca"}  # tests/test_foundation_models.py
     assert built == set(C.FORMATS.names())
     docs = (Path(__file__).resolve().parents[1] / "docs" / "checkpoints.md").read_text()
     rows = {line.split("`")[1] for line in docs.splitlines() if line.startswith("| `")} - {"--format"}

@@ -11,7 +11,7 @@ from typing import Literal
 FormatName = Literal[
     "auto", "featviz", "moco", "moco_v3", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dinov2",
     "ibot", "ijepa", "msn", "mae", "solo_learn", "lightly", "simclr_v1", "cac", "efficientnet_pytorch", "timm",
-    "torchvision",
+    "torchvision", "dinov3", "dinov3_convnext", "open_clip", "franca",
 ]
 
 DeviceName = Literal["auto", "cpu", "cuda"]

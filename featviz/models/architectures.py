@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean, shorten
+from featviz.models.checkpoints.timm_families import infer_timm_family, model_traits
 from featviz.models.description import (
     IMAGENET,
     IMAGENET_MEAN,
@@ -32,8 +33,8 @@ from featviz.models.description import (
 )
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "build_backbone", "classifier_name",
-           "default_input_size", "default_normalization", "feature_dim", "infer_arch", "parse_arch", "resnet_name",
-           "standard_num_heads"]
+           "default_input_size", "default_normalization", "feature_dim", "infer_arch", "model_traits", "parse_arch",
+           "resnet_name", "standard_num_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +198,16 @@ def _make_timm(spec: ArchSpec, num_classes: int) -> nn.Module:
     tname = spec.name.removeprefix("timm:")
     if not timm.is_model(tname):
         raise UnknownNameError(f"timm has no model {tname!r}{did_you_mean(tname, timm.list_models())}")
+    kwargs = dict(spec.kwargs)
+    projection = kwargs.pop("projection", None)  # a CLIP tower's projection: timm's head, part of the embedding
+    if projection and not num_classes:
+        num_classes = int(projection)
     try:  # ViT-like timm models interpolate their position embeddings for any input size
-        return timm.create_model(tname, pretrained=False, num_classes=num_classes, dynamic_img_size=True,
-                                 **spec.kwargs)
+        return timm.create_model(tname, pretrained=False, num_classes=num_classes, dynamic_img_size=True, **kwargs)
     except TypeError as e:
         if "dynamic_img_size" not in str(e):
             raise
-        return timm.create_model(tname, pretrained=False, num_classes=num_classes, **spec.kwargs)
+        return timm.create_model(tname, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 def _timm_cfg(spec: ArchSpec) -> dict[str, Any]:
@@ -311,7 +315,7 @@ def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: 
         head = classifier_name(model) if num_classes else None
         description = ModelDescription(arch=spec, kind="classifier" if num_classes else "backbone", head=head,
                                        num_classes=num_classes or None, normalization=default_normalization(spec),
-                                       input_size=default_input_size(spec, model))
+                                       input_size=default_input_size(spec, model), **model_traits(model))
     attach(model, description)
     return model.eval()
 
@@ -363,6 +367,9 @@ def infer_arch(state_dict: dict[str, Any]) -> Inferred:
         ArchitectureError: the keys match neither family.
     """
     sd = state_dict
+    timm_family = infer_timm_family(sd)  # DINOv3 (Eva), ConvNeXt, SigLIP: timm names that say the model
+    if timm_family is not None:
+        return Inferred(*timm_family)
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
         bottleneck = "layer1.0.conv3.weight" in sd
         blocks = tuple(_count(sd, f"layer{i}.") for i in range(1, 5))

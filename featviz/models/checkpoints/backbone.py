@@ -24,6 +24,7 @@ from featviz.models.architectures import (
     default_input_size,
     default_normalization,
     infer_arch,
+    model_traits,
     parse_arch,
     standard_num_heads,
 )
@@ -240,7 +241,8 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     kind = "classifier" if num_classes else "backbone"
     attach(model, ModelDescription(
         arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
-        normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings)))
+        normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings),
+        **model_traits(model)))
     for w in warnings:
         log.warning("%s: %s", ck.path.name, w)
     return model.eval(), report

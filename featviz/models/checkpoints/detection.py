@@ -9,6 +9,7 @@ from collections import Counter
 
 import featviz.models.checkpoints.classifier_layouts  # noqa: F401 - each family module registers its layouts
 import featviz.models.checkpoints.featviz_format  # noqa: F401
+import featviz.models.checkpoints.foundation_layouts  # noqa: F401
 import featviz.models.checkpoints.resnet_layouts  # noqa: F401
 import featviz.models.checkpoints.vit_layouts  # noqa: F401
 from featviz.errors import CheckpointFormatError, shorten

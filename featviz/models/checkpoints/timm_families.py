@@ -1,0 +1,252 @@
+"""The timm families whose weights say which model they are: DINOv3 (Eva), ConvNeXt, SigLIP (MAP ViTs).
+
+``infer_timm_family`` reads a state dict in timm's names and returns the timm architecture that
+builds it exactly (``timm:vit_small_patch16_dinov3``, ``timm:convnext_tiny``, ...) with the keyword
+arguments its shapes need; ``dinov3_spec`` is the one rule that names a DINOv3 ViT, shared with the
+layout of Meta's raw files (``foundation_layouts``). ``model_traits`` says, for a built model, which
+library builds it, how ``forward`` pools an image and how it encodes positions (the description's
+``library``, ``pooling`` and ``position_embedding``).
+
+Heavy imports (torch, timm) stay inside the functions; this module is imported by
+``featviz.models.architectures``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from featviz.errors import ArchitectureError
+
+# DINOv3 ViTs (facebookresearch/dinov3 hub/backbones.py; timm eva.py): (width, SwiGLU) -> (timm size, depth, heads)
+_DINOV3 = {
+    (384, False): ("small", 12, 6),
+    (384, True): ("small_plus", 12, 6),
+    (768, False): ("base", 12, 12),
+    (1024, False): ("large", 24, 16),
+    (1280, True): ("huge_plus", 32, 20),
+    (4096, True): ("7b", 40, 32),
+}
+_TIMM_VIT_MLP_RATIO = 4.0
+
+
+def dinov3_candidates() -> str:
+    """The timm DINOv3 ViT names, for errors."""
+    return ", ".join(f"timm:vit_{size}_patch16_dinov3[_qkvb]" for size, _, _ in _DINOV3.values())
+
+
+def dinov3_spec(*, dim: int, depth: int, qkv_bias: bool, swiglu: bool, registers: int, mlp_hidden: int | None,
+                num_heads: int | None, patch: int = 16) -> tuple[Any, list[str]]:
+    """The timm DINOv3 ViT (``vit_<size>_patch16_dinov3[_qkvb]``) of these shapes, pooled by the normed class token.
+
+    The standard size of the width names the model; shapes that differ from it (a depth, a head
+    count, an MLP width, the register count) become keyword arguments, so any DINOv3-shaped ViT is
+    rebuilt exactly. ``global_pool='token'``: DINOv3's embedding is the normed class token (timm's
+    default for these models is the average of the patch tokens).
+
+    Returns:
+        ``(ArchSpec, warnings)``.
+
+    Raises:
+        ArchitectureError: a width and MLP that fit no DINOv3 model, or a head count that cannot be known.
+    """
+    from featviz.models.description import ArchSpec
+
+    known = _DINOV3.get((dim, swiglu))
+    if known is None and (swiglu or num_heads is None):
+        raise ArchitectureError(
+            f"DINOv3-style ViT weights of width {dim}{' with a SwiGLU MLP' if swiglu else ''} fit no timm DINOv3 "
+            f"model and their head count is not in the file; pass --arch with one of {dinov3_candidates()}")
+    if patch != 16:
+        raise ArchitectureError(f"DINOv3-style ViT with {patch}px patches: every DINOv3 model uses 16; pass --arch")
+    size, std_depth, std_heads = known or ("small", 12, 6)  # another width: the S recipe, resized
+    warnings: list[str] = []
+    heads = num_heads or std_heads
+    name = f"timm:vit_{size}_patch16_dinov3{'_qkvb' if qkv_bias and size != '7b' else ''}"
+    kwargs: dict[str, Any] = {"global_pool": "token"}
+    if known is None:
+        kwargs["embed_dim"] = dim
+    if depth != std_depth:
+        kwargs["depth"] = depth
+    if heads != std_heads:
+        kwargs["num_heads"] = heads
+    if registers != 4:
+        kwargs["num_reg_tokens"] = registers
+    if not swiglu and mlp_hidden is not None and mlp_hidden != int(dim * _TIMM_VIT_MLP_RATIO):
+        kwargs["mlp_ratio"] = mlp_hidden / dim
+    if qkv_bias and size == "7b":
+        kwargs["qkv_bias"] = True
+    return ArchSpec("timm", name, kwargs), warnings
+
+
+def _count(sd: dict, prefix: str) -> int:
+    idx = {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+    return len([i for i in idx if i.isdigit()])
+
+
+def _details(family: str, **kw: Any) -> dict[str, Any]:
+    return {"family": family, **kw}
+
+
+def _infer_dinov3(sd: dict) -> Any:
+    dim = int(sd["patch_embed.proj.weight"].shape[0])
+    patch = int(sd["patch_embed.proj.weight"].shape[-1])
+    swiglu = "blocks.0.mlp.fc1_g.weight" in sd
+    hidden = None if swiglu else int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+    depth = _count(sd, "blocks.")
+    reg = int(sd["reg_token"].shape[1])
+    spec, _ = dinov3_spec(dim=dim, depth=depth, qkv_bias="blocks.0.attn.q_bias" in sd, swiglu=swiglu,
+                          registers=reg, mlp_hidden=hidden, num_heads=None, patch=patch)
+    details = _details("DINOv3 ViT (timm Eva)", embed_dim=dim, depth=depth, patch_size=patch,
+                       prefix_tokens=1 + reg, position_embedding="rope", feature_dim=dim)
+    return spec, details, ()
+
+
+_CONVNEXT = {  # timm names: (depths, dims)
+    "convnext_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnext_femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnext_pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnext_nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnext_tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnext_small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "convnext_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnext_large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnext_xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
+
+
+def _infer_convnext(sd: dict) -> Any:
+    depths = tuple(_count(sd, f"stages.{i}.blocks.") for i in range(4))
+    dims = tuple(int(sd[f"stages.{i}.blocks.0.conv_dw.weight"].shape[0]) for i in range(4) if depths[i])
+    if len(dims) != 4:
+        raise ArchitectureError(f"ConvNeXt-like weights with blocks per stage {depths}: featviz expects 4 stages; "
+                                "pass --arch timm:NAME")
+    grn = "stages.0.blocks.0.mlp.grn.weight" in sd
+    conv_mlp = sd["stages.0.blocks.0.mlp.fc1.weight"].ndim == 4
+    ls = "stages.0.blocks.0.gamma" in sd
+    base = "convnextv2" if grn else "convnext"
+    name = next((n.replace("convnext", base) for n, v in _CONVNEXT.items() if v == (depths, dims)), None)
+    kwargs: dict[str, Any] = {}
+    if name is None:
+        name = f"{base}_tiny"
+        kwargs.update(depths=list(depths), dims=list(dims))
+    from featviz.models.description import ArchSpec
+
+    atto_like = (depths, dims) in [v for n, v in _CONVNEXT.items() if n in ("convnext_atto", "convnext_femto",
+                                                                            "convnext_pico", "convnext_nano")]
+    if conv_mlp != (atto_like and not grn):
+        kwargs["conv_mlp"] = conv_mlp
+    if not grn and not ls:
+        kwargs["ls_init_value"] = None
+    if "head.norm.weight" not in sd and "norm_pre.weight" in sd:
+        kwargs["head_norm_first"] = True
+    details = _details("ConvNeXt (timm)", depths=list(depths), dims=list(dims), feature_dim=dims[-1])
+    return ArchSpec("timm", f"timm:{name}", kwargs), details, ()
+
+
+_SIGLIP_WIDTHS = {768: ("base", 12, 12), 1024: ("large", 24, 16), 1152: ("so400m", 27, 16), 1536: ("giantopt", 40, 16)}
+
+
+def _infer_siglip(sd: dict) -> Any:
+    from featviz.models.description import ArchSpec
+
+    dim = int(sd["patch_embed.proj.weight"].shape[0])
+    patch = int(sd["patch_embed.proj.weight"].shape[-1])
+    grid = int(sd["pos_embed"].shape[1])
+    side = math.isqrt(grid)
+    if side * side != grid:
+        raise ArchitectureError(f"SigLIP-like ViT weights with {grid} positions (not a square grid); pass --arch")
+    depth = _count(sd, "blocks.")
+    size, std_depth, std_heads = _SIGLIP_WIDTHS.get(dim, ("base", 12, None))
+    if std_heads is None:
+        raise ArchitectureError(f"SigLIP-like ViT weights (MAP head, no class token) of width {dim}: the head count "
+                                "is not in the weights and fits no timm SigLIP model; pass --arch timm:NAME "
+                                "(e.g. timm:vit_base_patch16_siglip_224)")
+    img = side * patch
+    import timm
+
+    name = f"vit_{size}_patch{patch}_siglip_{img}"
+    kwargs: dict[str, Any] = {}
+    if not timm.is_model(name):
+        name = f"vit_{size}_patch16_siglip_224"
+        kwargs.update(patch_size=patch, img_size=img)
+    if depth != std_depth:
+        kwargs["depth"] = depth
+    if dim != {"base": 768}.get(size, dim):
+        kwargs["embed_dim"] = dim
+    hidden = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+    if size == "base" and hidden != 4 * dim:
+        kwargs["mlp_ratio"] = hidden / dim
+    details = _details("SigLIP ViT (timm, MAP head)", embed_dim=dim, depth=depth, patch_size=patch, img_size=img,
+                       prefix_tokens=0, feature_dim=dim)
+    return ArchSpec("timm", f"timm:{name}", kwargs), details, ()
+
+
+def infer_timm_family(sd: dict) -> Any:
+    """The timm architecture of a state dict in timm's names, for the families keys determine; None otherwise.
+
+    DINOv3 ViTs (Eva: ``reg_token``, ``gamma_1``, no ``pos_embed``: RoPE), ConvNeXt (``stem.0``,
+    ``stages.N.blocks.M.conv_dw``) and SigLIP ViTs (a MAP head ``attn_pool.latent`` and no class
+    token). Returns ``(ArchSpec, details, not_inferable)`` (``featviz.models.architectures.Inferred``'s fields).
+
+    Raises:
+        ArchitectureError: the family is clear but no timm model of it fits; names ``--arch`` candidates.
+    """
+    vit = "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
+    if vit and "reg_token" in sd and "blocks.0.gamma_1" in sd and "pos_embed" not in sd:
+        return _infer_dinov3(sd)
+    if "stem.0.weight" in sd and "stages.0.blocks.0.conv_dw.weight" in sd:
+        return _infer_convnext(sd)
+    if vit and "attn_pool.latent" in sd and "cls_token" not in sd and "pos_embed" in sd \
+            and "blocks.0.mlp.fc1.weight" in sd and "blocks.0.gamma_1" not in sd:
+        return _infer_siglip(sd)
+    pe_like = "cls_token" in sd and "attn_pool.latent" in sd and "norm_pre.weight" in sd
+    if vit and ("blocks.0.gamma_1" in sd or pe_like):  # EVA-02, Perception Encoder: RoPE is not in the weights
+        raise ArchitectureError(
+            f"timm {'Perception Encoder (class token, norm_pre, attn_pool)' if pe_like else 'Eva (gamma_1)'} weights: "
+            "whether the model applies rotary positions is not in the file, so they do not say which model they "
+            "are; pass --arch timm:NAME, e.g. "
+            + ("timm:vit_pe_core_base_patch16_224, timm:vit_pe_core_large_patch14_336" if pe_like
+               else "timm:eva02_base_patch14_224"))
+    return None
+
+
+# ------------------------------------------------------------------ facts of built models
+def model_traits(model: Any) -> dict[str, str | None]:
+    """Which library builds ``model``, how ``forward`` pools an image, how it encodes positions.
+
+    Read from the built module (one rule): torchvision ResNets, timm ViTs (``VisionTransformer``),
+    Eva (DINOv3, EVA-02, PE) and CNNs. Unknown modules get None fields.
+    """
+    from torch import nn
+
+    mod = type(model).__module__
+    if hasattr(model, "layer4") and hasattr(model, "fc") and not mod.startswith("timm."):
+        return {"library": "torchvision", "pooling": "global average pool", "position_embedding": None}
+    if not mod.startswith("timm."):
+        return {"library": None, "pooling": None, "position_embedding": None}
+    out: dict[str, str | None] = {"library": "timm", "pooling": None, "position_embedding": None}
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        pool = getattr(model, "global_pool", None)
+        normed = not isinstance(getattr(model, "norm", None), (nn.Identity, type(None)))
+        fc_norm = not isinstance(getattr(model, "fc_norm", None), (nn.Identity, type(None)))
+        pooling = {"token": "class token" + (", normed" if normed else ""),
+                   "avg": "average of patch tokens" + (", normed" if fc_norm or normed else ""),
+                   "map": "attention pool (MAP head)", "": "none (all tokens)"}.get(pool or "", str(pool))
+        if isinstance(getattr(model, "head", None), nn.Linear):
+            pooling += ", projected (head)"
+        out["pooling"] = pooling
+        learned = getattr(model, "pos_embed", None) is not None
+        rope = getattr(model, "rope", None) is not None
+        dynamic = bool(getattr(model, "dynamic_img_size", False))
+        out["position_embedding"] = ("learned + rope" if learned and rope else "rope" if rope
+                                     else "learned (interpolated)" if learned and dynamic
+                                     else "learned" if learned else None)
+        return out
+    head = getattr(model, "head", None)
+    if type(model).__name__ == "ConvNeXt" and getattr(head, "norm", None) is not None \
+            and not isinstance(head.norm, nn.Identity):
+        out["pooling"] = "global average pool, then norm"
+    else:
+        out["pooling"] = "global average pool"
+    return out
