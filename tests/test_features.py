@@ -145,6 +145,49 @@ def test_cam_reshape_transform_for_vit_tokens():
     assert F.reshape_transform(build_backbone("resnet18_w8", seed=0), (32, 48)) is None
 
 
+class _Adapter(torch.nn.Module):
+    """A wrapped model as featviz's Hugging Face adapter exposes it: counts as attributes, no timm class."""
+
+    def __init__(self, patch, prefix, *, class_tokens=None, registers=None, cls_param=True):
+        super().__init__()
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.patch_size = patch
+        self.num_prefix_tokens = prefix
+        if class_tokens is not None:
+            self.num_class_tokens = class_tokens
+        if registers is not None:
+            self.num_reg_tokens = registers
+        if cls_param:
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def forward(self, x):
+        h, w = x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1]
+        return self.blocks[0](torch.arange(self.num_prefix_tokens + h * w, dtype=torch.float32)
+                              .expand(len(x), 8, -1).transpose(1, 2))
+
+
+@pytest.mark.parametrize(("adapter", "kinds"), [
+    (_Adapter((14, 14), 5, registers=4), (1, 4, 0)),  # DINOv2 with registers / DINOv3 (storage tokens)
+    (_Adapter((16, 16), 0, class_tokens=0, cls_param=False), (0, 0, 0)),  # SigLIP: no class token
+    (_Adapter((16, 16), 1, cls_param=False, class_tokens=1), (1, 0, 0)),  # a class token it does not hold
+])
+def test_prefix_tokens_of_any_kind_are_counted_from_the_model(adapter, kinds):
+    """cam's reshape and every map drop exactly the model's own prefix tokens, whatever wraps it."""
+    p = adapter.patch_embed.patch_size[0]
+    hw = (4 * p, 6 * p)
+    lay = F.token_layout(adapter, hw)
+    assert lay.grid == (4, 6) and lay.prefix == adapter.num_prefix_tokens
+    assert (lay.class_tokens, lay.register_tokens, lay.other_prefix) == kinds
+    rt = F.reshape_transform(adapter, hw)
+    assert rt.to_dict() == {"grid": [4, 6], "prefix_tokens": lay.prefix, "channels_last": False}
+    x = torch.zeros(2, 3, *hw)
+    fmap = rt(adapter(x))  # token t holds the value t: the map starts at the first patch token
+    assert fmap.shape == (2, 8, 4, 6) and fmap[0, 0, 0, 0] == lay.prefix and fmap[0, 0, -1, -1] == lay.prefix + 23
+    with F.FeatureExtractor(adapter, "blocks.0") as fx:
+        torch.testing.assert_close(fx(x), fmap)
+
+
 # ------------------------------------------------------------------ one-line errors
 def _one_line(e: pytest.ExceptionInfo) -> str:
     msg = str(e.value)

@@ -301,6 +301,28 @@ def test_open_clip_checkpoint_gives_the_image_tower(tmp_path, name):
     assert feature_map(model, _x()).shape[-2:] == (4, 6)  # featviz interpolates positions for other sizes
 
 
+def test_open_clip_timm_tower_with_its_projection(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg=CLIPVisionCfg(timm_model_name="convnext_atto", timm_model_pretrained=False,
+                                               timm_pool="avg", timm_proj="linear", image_size=64),
+        text_cfg=CLIPTextCfg(context_length=8, vocab_size=50, width=32, heads=2, layers=1)).eval()
+    torch.save({"epoch": 1, "name": "run", "state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}},
+               tmp_path / "epoch_1.pt")
+    model, desc = load_model(tmp_path / "epoch_1.pt")
+    assert desc.source["format"] == "open_clip" and desc.source["arch"]["name"] == "timm:convnext_atto"
+    x = _x()
+    with torch.no_grad():
+        want, got = ref.encode_image(x), model(x)
+        want_map, got_map = ref.visual.trunk.forward_features(x), feature_map(model, x)
+    assert got.shape == want.shape == (2, 32)
+    assert _cos_min(got, want) >= 0.999
+    assert _cos_min(got_map, want_map) >= 0.999
+
+
 # ------------------------------------------------------------------ Franca
 def test_franca_teacher_with_chunked_blocks(tmp_path):
     torch.manual_seed(0)

@@ -282,3 +282,21 @@ def test_views_run_on_a_transformers_folder_at_a_non_square_size(tmp_path, cli, 
     out = _reference(ref, name, (x - mean[:, None, None]) / std[:, None, None])
     key = next(k for k in emb.files if emb[k].ndim == 2 and emb[k].shape[1] == 64)
     assert _cos(torch.from_numpy(emb[key]).float(), out.pooler_output).min() >= 0.999
+
+
+def test_a_dinov3_convnext_folder_gives_its_stages_and_pooled_embedding(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])).eval()
+    ref.save_pretrained(tmp_path / "cnx")
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_hidden_states=True)
+    model, desc = load_model(tmp_path / "cnx")
+    assert desc.arch.name == "hf:DINOv3ConvNextModel" and desc.position_embedding is None
+    with torch.no_grad(), FeatureExtractor(model) as fx:  # default: the last stage
+        fmap = fx(x)
+    assert fx.layer == "stages.3" and fmap.shape == out.hidden_states[-1].shape == (2, 128, 2, 3)
+    assert _cos(fmap.flatten(2).transpose(1, 2), out.hidden_states[-1].flatten(2).transpose(1, 2)).min() >= 0.999
+    with torch.no_grad():
+        assert _cos(model(x), out.pooler_output).min() >= 0.999

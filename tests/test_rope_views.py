@@ -193,6 +193,7 @@ def test_featviz_attention_cli_on_an_image_already_224x320(cli, dinov3, checkpoi
     np.testing.assert_allclose(roll, rollout(ref)[:, 0, PREFIX:].reshape(1, *GRID).numpy(), rtol=1e-3, atol=1e-6)
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert "rotary" in man["definitions"]["attention"]
+    assert man["resize"] == f"whole image resized to {H}x{W}"
     assert man["model"]["description"]["position_embedding"] in ("rope", None)
 
 
@@ -253,6 +254,7 @@ def test_cam_pca_and_crops_on_dinov3_at_224x320(cli, dinov3, checkpoint, image, 
         assert np.isfinite(z["gradcam"]).all() and z["gradcam"].max() > 0
     man = json.loads((tmp_path / "cam" / "manifest.json").read_text())
     assert man["reshape_transform"] == {"grid": list(GRID), "prefix_tokens": PREFIX, "channels_last": False}
+    assert man["resize"] == f"whole image resized to {H}x{W}"
 
     r = cli("pca", image, "-c", checkpoint, "--image-size", size, "--out", tmp_path / "pca", "--json")
     assert r.exit_code == 0, r.output

@@ -2,9 +2,10 @@
 
 A ``save_pretrained`` folder (``config.json`` + ``model.safetensors``, or that ``model.safetensors``
 with a ``config.json`` beside it) of ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``DINOv3ViTModel``,
-``ViTMAEModel``, ``IJepaModel``, ``ViTModel``, ``SiglipVisionModel``, ``Siglip2VisionModel`` or
-``CLIPVisionModel`` (also the whole ``CLIPModel``/``SiglipModel``/``Siglip2Model`` and the
-``...ForImageClassification``/``ViTMAEForPreTraining`` files, whose vision encoder is read) is built
+``ViTMAEModel``, ``IJepaModel``, ``ViTModel``, ``SiglipVisionModel``, ``Siglip2VisionModel``,
+``CLIPVisionModel`` or ``DINOv3ConvNextModel`` (``HFConvNextBackbone``: its stages) (also the whole
+``CLIPModel``/``SiglipModel``/``Siglip2Model`` and the ``...ForImageClassification``/``ViTMAEForPreTraining``
+files, whose vision encoder is read) is built
 by transformers itself, from local files only, never with ``trust_remote_code`` (a config with an
 ``auto_map`` is refused). ``HFVisionBackbone`` then gives it the timm-like face of
 ``featviz.models.features``: ``patch_embed.patch_size``, ``num_prefix_tokens`` (class + registers),
@@ -17,7 +18,8 @@ by transformers itself, from local files only, never with ``trust_remote_code`` 
 - I-JEPA: the average of the normed patch tokens (it has no class token);
 - ViT (Web-DINO, Web-MAE): the normed class token (not the tanh ``pooler``);
 - SigLIP / SigLIP2: the attention-pool (MAP) head, or the average of the normed tokens without one;
-- CLIP: the class token after ``post_layernorm`` (``pooler_output``).
+- CLIP: the class token after ``post_layernorm`` (``pooler_output``);
+- DINOv3 ConvNeXt: the global average pool, normed (``pooler_output``).
 
 ``attention_maps(x, block)`` returns the model's own attention probabilities (RoPE, q/k norms and
 separate q/k/v projections all applied by transformers' eager attention).
@@ -45,6 +47,7 @@ CLIP = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613025
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 CLS_NORMED = "class token, normed"
+CONVNEXT = "DINOv3ConvNextModel"
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,31 @@ class HFVisionBackbone(nn.Module):
         return out.attentions[block]
 
 
+class HFConvNextBackbone(nn.Module):
+    """transformers' ``DINOv3ConvNextModel`` as a CNN the feature core reads.
+
+    ``stages.0`` ... ``stages.3`` are its own stages ((N, C, H, W) maps; the last is the default
+    layer, through ``feature_info``), and ``forward`` gives its ``pooler_output``: the global average
+    pool, normed by the final layernorm.
+
+    Args:
+        hf: The ``DINOv3ConvNextModel``.
+    """
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.stages = hf.model.stages
+        self.hf = hf
+        sizes = list(hf.config.hidden_sizes)
+        self.num_features = int(sizes[-1])
+        self.feature_info = [{"module": f"stages.{i}", "num_chs": int(c), "reduction": 4 * 2 ** i}
+                             for i, c in enumerate(sizes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled, normed embedding (N, D) of images ``x`` (N, 3, H, W)."""
+        return self.hf(pixel_values=x).pooler_output
+
+
 # ------------------------------------------------------------------ folders
 def read_config(folder: Path) -> dict[str, Any]:
     """The folder's ``config.json`` as a dict.
@@ -237,10 +265,10 @@ def model_class(cfg: dict[str, Any], folder: Path) -> str:
                 name = name[: -len(suffix)] + "Model"
         name = {"DINOv3ViTModel": "DINOv3ViTModel", "Dinov2WithRegistersModel": "Dinov2WithRegistersModel"}.get(
             name, name)
-        if name in FAMILIES:
+        if name in FAMILIES or name == CONVNEXT:
             return name
     raise CheckpointError(f"{folder}: config.json names {cfg.get('architectures') or cfg.get('model_type')}; featviz "
-                          f"reads {', '.join(FAMILIES)} folders")
+                          f"reads {', '.join([*FAMILIES, CONVNEXT])} folders")
 
 
 def _preprocessor_normalization(folder: Path) -> Normalization | None:
@@ -290,7 +318,7 @@ def load_transformers_folder(folder: str | os.PathLike, *, origin: str | None = 
         raise CheckpointError(f"{folder}: config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
     tf = transformers_module()
     cls = getattr(tf, name)
-    family = FAMILIES[name]
+    family = FAMILIES.get(name) or Family(None, "global average pool, then norm", "", IMAGENET)
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
     warnings: list[str] = []
     if name == "ViTMAEModel" and config.mask_ratio:
@@ -313,7 +341,7 @@ def load_transformers_folder(folder: str | os.PathLike, *, origin: str | None = 
     if unexpected:
         warnings.append(f"{len(unexpected)} tensors outside the vision encoder not loaded "
                         f"({', '.join(unexpected[:3])})")
-    model = HFVisionBackbone(hf, family).eval()
+    model = (HFConvNextBackbone(hf) if name == CONVNEXT else HFVisionBackbone(hf, family)).eval()
     norm = _preprocessor_normalization(folder)
     if norm is None:
         norm = Normalization(family.normalization.mean, family.normalization.std,
@@ -322,9 +350,12 @@ def load_transformers_folder(folder: str | os.PathLike, *, origin: str | None = 
     if name.startswith("Siglip") and not getattr(config, "vision_use_head", True):
         pooling = "average of tokens, normed (no MAP head)"
     size = _native_size(config)
-    details = {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
-               "heads": config.num_attention_heads, "patch_size": config.patch_size,
-               "prefix_tokens": model.num_prefix_tokens, "register_tokens": model.num_reg_tokens}
+    if name == CONVNEXT:
+        details: dict[str, Any] = {"hidden_sizes": list(config.hidden_sizes), "depths": list(config.depths)}
+    else:
+        details = {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+                   "heads": config.num_attention_heads, "patch_size": config.patch_size,
+                   "prefix_tokens": model.num_prefix_tokens, "register_tokens": model.num_reg_tokens}
     spec = ArchSpec("transformers", f"hf:{name}", details)
     tensors = sum(1 for _ in hf.state_dict())
     report = LoadReport(
@@ -337,7 +368,7 @@ def load_transformers_folder(folder: str | os.PathLike, *, origin: str | None = 
     source = {**report.to_dict(), "folder": str(folder), "model_class": name}
     attach(model, ModelDescription(arch=spec, normalization=norm, input_size=size, source=source,
                                    warnings=tuple(warnings), library="transformers", pooling=pooling,
-                                   position_embedding=family.position_embedding))
+                                   position_embedding=family.position_embedding or None))
     for w in warnings:
         log.warning("%s: %s", folder.name, w)
     return model

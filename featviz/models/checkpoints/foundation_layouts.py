@@ -244,8 +244,9 @@ def _timm_tower(ck: Checkpoint, visual: dict, key: str | None, dropped: dict[str
     if set(head) == {"visual.head.proj.weight"} and "attn_pool.latent" not in trunk:
         spec = ArchSpec(spec.family, spec.name, {**spec.kwargs, "projection": int(head["visual.head.proj.weight"]
                                                                                     .shape[0])})
-        trunk["head.weight"] = head["visual.head.proj.weight"]
-        trunk["head.bias"] = torch.zeros(int(head["visual.head.proj.weight"].shape[0]))
+        fc = "head.fc" if "head.norm.weight" in trunk else "head"  # ConvNeXt's classifier sits after its head norm
+        trunk[f"{fc}.weight"] = head["visual.head.proj.weight"]
+        trunk[f"{fc}.bias"] = torch.zeros(int(head["visual.head.proj.weight"].shape[0]))  # open_clip's proj: no bias
     elif head:
         dropped["visual.head. (projection)"] = len(head)
         warnings.append("the open_clip tower's projection (visual.head.*) is dropped: embeddings are the trunk's")

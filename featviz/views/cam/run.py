@@ -63,14 +63,10 @@ def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
 
 
 def _transform(hw: tuple[int, int], mean, std):
+    """The one eval transform (``featviz.data.images.eval_transform``): a square N center-cropped, H×W whole."""
     from featviz.data.images import eval_transform
 
-    if hw[0] == hw[1]:
-        return eval_transform(hw[0], mean, std)
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize(hw, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)])
-
+    return eval_transform(hw, mean, std)
 
 
 def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Module,
@@ -155,7 +151,7 @@ class _Setup:
 
 def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int,
              aug_smooth: bool, device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
-    from featviz.data.images import load_image
+    from featviz.data.images import load_image, resize_rule
     from featviz.models.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
@@ -165,6 +161,7 @@ def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, t
     dev, mean, std = runner.device, runner.mean, runner.std
     hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
     transform = _transform(hw, mean, std)
+    runner.resize = resize_rule(hw)  # the manifest says how the images were resized
     layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
     loader = runner.loader(transform=transform, batch_size=batch_size, strict=strict)
