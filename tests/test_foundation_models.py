@@ -16,7 +16,6 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 
 from featviz.errors import ArchitectureError, CheckpointError  # noqa: E402
-from featviz.models.description import describe  # noqa: E402
 from featviz.models.features import feature_map, token_layout  # noqa: E402
 from featviz.models.loader import load_model  # noqa: E402
 
