@@ -101,5 +101,5 @@ def resolve(value: str | os.PathLike) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         raise CheckpointError(f"{name} is not in the local Hugging Face cache ({cache}); featviz never downloads: "
                               f"run `{name.download_command()}` (or `huggingface-cli download {name.repo_id}"
-                              + (f" --revision {name.revision}" if name.revision else "") + "), then retry") from None
+                              + (f" --revision {name.revision}" if name.revision else "") + "`), then retry") from None
     return Path(folder)
