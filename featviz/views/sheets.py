@@ -140,8 +140,11 @@ def grid_sheet(
                     va="center",
                     labelpad=4,
                 )
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # wrapped to the sheet's width: a one-image sheet is narrower than its title
+        import textwrap
+
+        chars = max(30, int(fig.get_figwidth() * 72 / (9 * 0.6)))  # 9 pt characters are about 0.6 em wide
+        fig.suptitle(textwrap.fill(title, chars), fontsize=9)
     fig.savefig(path, dpi=dpi)
     return Path(path)
 
