@@ -82,6 +82,8 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
 def _family(model: nn.Module, desc: Any, patch: tuple[int, int] | None) -> str:
     """The description's family (``resnet``, ``vit``), else ``vit``/``cnn`` with the module's class (``vit (Eva)``)."""
     family = desc.arch.family if desc.arch is not None else None
+    if family == "transformers":  # hf:DINOv3ViTModel -> vit (DINOv3ViTModel)
+        return f"{'vit' if patch is not None else 'cnn'} ({desc.arch.name.removeprefix('hf:')})"
     if family not in (None, "timm"):
         return family
     return f"{'vit' if patch is not None else 'cnn'} ({type(model).__name__})"
