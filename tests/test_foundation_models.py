@@ -241,12 +241,103 @@ def test_timm_siglip_map_head_vit(tmp_path):
     assert feature_map(model, _x()).shape[-2:] == (4, 6)
 
 
-def test_eva_weights_that_do_not_say_their_model_name_arch_candidates(tmp_path):
+def _eva_ref(name, **kw):
     torch.manual_seed(0)
-    ref = timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1)
-    torch.save(ref.state_dict(), tmp_path / "pe.pth")
+    m = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0, **kw).eval()
+    with torch.no_grad():  # non-zero layer scales, so every tensor matters
+        for n, p in m.named_parameters():
+            if n.endswith(("gamma_1", "gamma_2")):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _save(sd, path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("name,prefix,pooling", [
+    ("vit_pe_core_tiny_patch16_384", 1, "attention pool (MAP head)"),
+    ("vit_pe_spatial_tiny_patch16_512", 1, "average of patch tokens"),
+])
+def test_perception_encoder_in_timm_names_loads_with_no_flags(tmp_path, suffix, name, prefix, pooling):
+    """timm PE core/spatial (RoPE + learned positions, norm_pre) at 64x96: timm's own forward, dynamic_img_size."""
+    ref = _eva_ref(name, depth=2)
+    path = tmp_path / f"pe{suffix}"
+    _save(ref.state_dict(), path)
+    model, desc = load_model(path)
+    assert desc.source["arch"]["name"] == f"timm:{name}" and desc.source["arch"]["kwargs"] == {"depth": 2}
+    assert desc.library == "timm" and desc.pooling == pooling and desc.position_embedding == "learned + rope"
+    x = _x()
+    with torch.no_grad():
+        tokens = ref.forward_features(x)
+        pooled = ref.forward_head(tokens, pre_logits=True)
+    if name.startswith("vit_pe_core"):
+        _check_vit(model, ref, x, prefix, tokens, pooled)
+    else:  # no final norm: the last block's tokens are the features
+        with torch.no_grad():
+            fmap = feature_map(model, x, "blocks.1")
+            got = model(x)
+        assert _cos_min(fmap, _patches(tokens, prefix, (4, 6))) >= 0.999
+        assert _cos_min(got, pooled) >= 0.999
+
+
+def test_pe_core_projection_head_is_split_off(tmp_path):
+    """PE core's head (its CLIP projection) is the file's classifier: features are the attention pool's."""
+    torch.manual_seed(0)
+    full = timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1).eval()
+    torch.save(full.state_dict(), tmp_path / "pe.pth")
+    model, desc = load_model(tmp_path / "pe.pth")
+    assert desc.source["classifier"]["num_classes"] == full.head.out_features
+    assert model(_x(64, 64)).shape == (2, 192)
+
+
+def test_eva02_clip_in_timm_names_loads_with_no_flags(tmp_path):
+    """EVA-02 CLIP (q/k/v projections, SwiGLU with its norm, attn inner norm, RoPE) at 64x96 (patch 16)."""
+    ref = _eva_ref("eva02_base_patch16_clip_224", depth=1)
+    _save(ref.state_dict(), tmp_path / "eva02.safetensors")
+    model, desc = load_model(tmp_path / "eva02.safetensors")
+    assert desc.source["arch"]["name"] == "timm:eva02_base_patch16_clip_224"
+    assert desc.pooling == "class token, normed" and desc.position_embedding == "learned + rope"
+    x = _x()
+    with torch.no_grad():
+        tokens = ref.forward_features(x)
+        pooled = ref.forward_head(tokens, pre_logits=True)
+    _check_vit(model, ref, x, 1, tokens, pooled)
+
+
+def test_eva_weights_that_do_not_say_their_model_arch_candidates(tmp_path):
+    """EVA-01-style keys (q_bias/v_bias, plain MLP) are also EVA-02-CLIP-E's: refused, naming --arch candidates."""
+    torch.manual_seed(0)
+    ref = timm.create_model("eva02_enormous_patch14_clip_224", pretrained=False, depth=1, embed_dim=64,
+                            num_heads=2)
+    torch.save(ref.state_dict(), tmp_path / "eva.pth")
     with pytest.raises(ArchitectureError, match="--arch timm:"):
-        load_model(tmp_path / "pe.pth")
+        load_model(tmp_path / "eva.pth")
+
+
+def test_dinov3_meta_layout_small_plus_swiglu(tmp_path):
+    """DINOv3 S+ (SwiGLU mlp.w1/w2/w3) in Meta's layout, through timm's filter, no flags, at 64x96."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_small_plus_patch16_dinov3", pretrained=False, depth=2, global_pool="token").eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith(("gamma_1", "gamma_2")):
+                p.copy_(torch.randn_like(p) * 0.3)
+    raw = {k.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2").replace("mlp.fc2", "mlp.w3"): v
+           for k, v in _to_meta(ref.state_dict(), heads=6).items()}
+    assert "blocks.0.mlp.w1.weight" in raw
+    torch.save(raw, tmp_path / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth")
+    model, desc = load_model(tmp_path / "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth")
+    assert desc.source["arch"]["name"] == "timm:vit_small_plus_patch16_dinov3"
+    x = _x()
+    tokens, pooled = _dinov3_ref(ref, x)
+    _check_vit(model, ref, x, 5, tokens, pooled)
 
 
 # ------------------------------------------------------------------ open_clip
