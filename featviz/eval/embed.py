@@ -38,7 +38,7 @@ from featviz.data.images import (
 )
 from featviz.data.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
 from featviz.data.thumbnails import image_root
-from featviz.distributed import DistInfo, init_distributed, shard
+from featviz.distributed import DistInfo, barrier, init_distributed, shard
 from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
@@ -503,19 +503,22 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
             emb = _run_pixels(model, images, masks, layer, image_size, max_pixels_per_class, seed, info, run, extra)
         else:
             emb = _run_images(model, images, labels_csv, image_size, info, dict(run, center_crop=center_crop), extra)
-        if emb is None:
-            return None
-        ok = check_finite(emb.features, drop=drop_nonfinite)
-        if not ok.all():
-            log.warning("dropped %d rows with NaN/Inf features", int((~ok).sum()))
-            emb = emb.subset(np.flatnonzero(ok))
-        emb.manifest = manifest("embed", args, **extra, **emb.manifest)
-        if out is not None:
-            emb.save(out, force=force)
-        if tensorboard is not None:
-            from featviz.eval.projector import write_projector
+        if emb is not None:  # rank 0 (or the only process) writes
+            ok = check_finite(emb.features, drop=drop_nonfinite)
+            if not ok.all():
+                log.warning("dropped %d rows with NaN/Inf features", int((~ok).sum()))
+                emb = emb.subset(np.flatnonzero(ok))
+            emb.manifest = manifest("embed", args, **extra, **emb.manifest)
+            if out is not None:
+                emb.save(out, force=force)
+            if tensorboard is not None:
+                from featviz.eval.projector import write_projector
 
-            write_projector(emb, tensorboard, npz_path=out, force=force)
+                write_projector(emb, tensorboard, npz_path=out, force=force)
+        # every rank leaves together once the file is written: a rank that tore its process group
+        # down while rank 0 still held it could abort in gloo's teardown ("terminate called without
+        # an active exception"); on an error no rank waits here, so none can hang
+        barrier(info)
         return emb
     finally:
         from featviz.distributed import cleanup
