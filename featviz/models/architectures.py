@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from featviz.errors import ArchitectureError, UnknownNameError, did_you_mean, shorten
-from featviz.models.checkpoints.timm_families import infer_timm_family, model_traits
+from featviz.models.checkpoints.timm_families import infer_timm_family
 from featviz.models.description import (
     IMAGENET,
     IMAGENET_MEAN,
@@ -31,6 +31,7 @@ from featviz.models.description import (
     attach,
     describe,
 )
+from featviz.models.facts import model_traits
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ArchSpec", "Inferred", "build_backbone", "classifier_name",
            "default_input_size", "default_normalization", "feature_dim", "infer_arch", "model_traits", "parse_arch",
@@ -315,7 +316,8 @@ def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: 
         head = classifier_name(model) if num_classes else None
         description = ModelDescription(arch=spec, kind="classifier" if num_classes else "backbone", head=head,
                                        num_classes=num_classes or None, normalization=default_normalization(spec),
-                                       input_size=default_input_size(spec, model), **model_traits(model))
+                                       input_size=default_input_size(spec, model),
+                                       **model_traits(model, projection=bool(spec.kwargs.get("projection"))))
     attach(model, description)
     return model.eval()
 

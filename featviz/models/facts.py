@@ -65,14 +65,15 @@ def model_facts(model: nn.Module) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a native size the module cannot take: the layout stays unknown
             layout = None
     norm = desc.normalization
+    traits = model_traits(model)
     return {
         "family": _family(model, desc, patch),
         "arch": desc.name,
-        "library": desc.library or library_of(model),
+        "library": desc.library or traits["library"],
         "patch_size": None if patch is None else list(patch),
         "tokens": None if layout is None else layout.to_dict(),
-        "position_embedding": desc.position_embedding or position_embedding_of(model, patch),
-        "pooling": desc.pooling or pooling_of(model),
+        "position_embedding": desc.position_embedding or traits["position_embedding"],
+        "pooling": desc.pooling or traits["pooling"],
         "normalization": {"name": normalization_name(norm.mean, norm.std), "mean": list(norm.mean),
                           "std": list(norm.std), "source": norm.source},
         "native_size": list(native),
@@ -89,24 +90,51 @@ def _family(model: nn.Module, desc: Any, patch: tuple[int, int] | None) -> str:
     return f"{'vit' if patch is not None else 'cnn'} ({type(model).__name__})"
 
 
+def model_traits(model: nn.Module, *, projection: bool = False) -> dict[str, str | None]:
+    """Which library builds ``model``, how ``forward`` pools an image, how it encodes positions.
+
+    The one rule, read from the built module: the loaders record it in the description
+    (``library``, ``pooling``, ``position_embedding``), and ``model_facts`` falls back to it for
+    modules featviz did not build. ``projection``: a CLIP tower's projection (an ``ArchSpec``
+    ``projection`` kwarg) is part of the embedding.
+    """
+    from featviz.models.features import patch_size
+
+    return {"library": library_of(model), "pooling": pooling_of(model, projection=projection),
+            "position_embedding": position_embedding_of(model, patch_size(model))}
+
+
 def library_of(model: nn.Module) -> str | None:
     """The package that defines the module's class (``timm.models.eva`` -> ``timm``); None if unknown."""
     top = type(model).__module__.split(".")[0]
     return top if top in _LIBRARIES else None
 
 
-def pooling_of(model: nn.Module) -> str | None:
-    """How ``forward`` pools, from the module (timm ``global_pool``, a CNN's average pool); None if unknown."""
+def pooling_of(model: nn.Module, *, projection: bool = False) -> str | None:
+    """How ``forward`` pools, from the module; None if unknown.
+
+    timm's ``global_pool`` (the class token or the patch average is ``normed`` when a norm follows,
+    ``projected (head)`` when a CLIP tower's projection is part of the embedding), a CNN's pool on
+    the model or its ``head`` and the norm after it, torchvision's ``avgpool``.
+    """
     from torch import nn
+
+    def applied(m: Any) -> bool:
+        return m is not None and not isinstance(m, nn.Identity)
 
     pool = getattr(model, "global_pool", None)
     if isinstance(pool, str):
-        return _TIMM_POOLING.get(pool, pool)
+        name = _TIMM_POOLING.get(pool, pool)
+        if pool == "token" and not applied(getattr(model, "norm", None)):
+            name = "class token"
+        elif pool == "avg" and not (applied(getattr(model, "fc_norm", None)) or applied(getattr(model, "norm", None))):
+            name = "average of patch tokens"
+        return name + (", projected (head)" if projection else "")
     head = getattr(model, "head", None)
     pool = pool if pool is not None else getattr(head, "global_pool", None)  # timm ConvNeXt: head.global_pool
     pool_type = getattr(pool, "pool_type", None)  # timm CNNs: SelectAdaptivePool2d
     if isinstance(pool_type, str):
-        then_norm = not isinstance(getattr(head, "norm", None), (type(None), nn.Identity))  # NormMlpClassifierHead
+        then_norm = applied(getattr(head, "norm", None))  # NormMlpClassifierHead
         name = "global average pool" if pool_type in ("avg", "fast", "fastavg") else f"global {pool_type} pool"
         return name + (", then norm" if then_norm else "")
     if isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):  # torchvision CNNs

@@ -242,7 +242,7 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
     attach(model, ModelDescription(
         arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
         normalization=norm, input_size=size, method=ex.method, source=report.to_dict(), warnings=tuple(warnings),
-        **model_traits(model)))
+        **model_traits(model, projection=bool(spec.kwargs.get("projection")))))
     for w in warnings:
         log.warning("%s: %s", ck.path.name, w)
     return model.eval(), report

@@ -3,9 +3,8 @@
 ``infer_timm_family`` reads a state dict in timm's names and returns the timm architecture that
 builds it exactly (``timm:vit_small_patch16_dinov3``, ``timm:convnext_tiny``, ...) with the keyword
 arguments its shapes need; ``dinov3_spec`` is the one rule that names a DINOv3 ViT, shared with the
-layout of Meta's raw files (``foundation_layouts``). ``model_traits`` says, for a built model, which
-library builds it, how ``forward`` pools an image and how it encodes positions (the description's
-``library``, ``pooling`` and ``position_embedding``).
+layout of Meta's raw files (``foundation_layouts``). What a built model's description says of its
+library, pooling and positions is ``featviz.models.facts.model_traits``.
 
 Heavy imports (torch, timm) stay inside the functions; this module is imported by
 ``featviz.models.architectures``.
@@ -370,44 +369,3 @@ def infer_timm_family(sd: dict) -> Any:
             "--arch timm:NAME, e.g. timm:eva_giant_patch14_224, timm:eva02_enormous_patch14_clip_224, "
             "timm:vit_small_patch16_rope_224")
     return None
-
-
-# ------------------------------------------------------------------ facts of built models
-def model_traits(model: Any) -> dict[str, str | None]:
-    """Which library builds ``model``, how ``forward`` pools an image, how it encodes positions.
-
-    Read from the built module (one rule): torchvision ResNets, timm ViTs (``VisionTransformer``),
-    Eva (DINOv3, EVA-02, PE) and CNNs. Unknown modules get None fields.
-    """
-    from torch import nn
-
-    mod = type(model).__module__
-    if hasattr(model, "layer4") and hasattr(model, "fc") and not mod.startswith("timm."):
-        return {"library": "torchvision", "pooling": "global average pool", "position_embedding": None}
-    if not mod.startswith("timm."):
-        return {"library": None, "pooling": None, "position_embedding": None}
-    out: dict[str, str | None] = {"library": "timm", "pooling": None, "position_embedding": None}
-    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
-        pool = getattr(model, "global_pool", None)
-        normed = not isinstance(getattr(model, "norm", None), (nn.Identity, type(None)))
-        fc_norm = not isinstance(getattr(model, "fc_norm", None), (nn.Identity, type(None)))
-        pooling = {"token": "class token" + (", normed" if normed else ""),
-                   "avg": "average of patch tokens" + (", normed" if fc_norm or normed else ""),
-                   "map": "attention pool (MAP head)", "": "none (all tokens)"}.get(pool or "", str(pool))
-        if isinstance(getattr(model, "head", None), nn.Linear):
-            pooling += ", projected (head)"
-        out["pooling"] = pooling
-        learned = getattr(model, "pos_embed", None) is not None
-        rope = getattr(model, "rope", None) is not None
-        dynamic = bool(getattr(model, "dynamic_img_size", False))
-        out["position_embedding"] = ("learned + rope" if learned and rope else "rope" if rope
-                                     else "learned (interpolated)" if learned and dynamic
-                                     else "learned" if learned else None)
-        return out
-    head = getattr(model, "head", None)
-    if type(model).__name__ == "ConvNeXt" and getattr(head, "norm", None) is not None \
-            and not isinstance(head.norm, nn.Identity):
-        out["pooling"] = "global average pool, then norm"
-    else:
-        out["pooling"] = "global average pool"
-    return out
