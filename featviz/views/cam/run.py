@@ -62,13 +62,6 @@ def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
     return [str(n) for n in spec]
 
 
-def _transform(hw: tuple[int, int], mean, std):
-    """The one eval transform (``featviz.data.images.eval_transform``): a square N center-cropped, H×W whole."""
-    from featviz.data.images import eval_transform
-
-    return eval_transform(hw, mean, std)
-
-
 def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Module,
             methods: str | Sequence[str] = "gradcam", layers: Sequence[str] | None = None,
             target: str | None = None, image_size: int | str | Sequence[int] | None = None,
@@ -151,7 +144,7 @@ class _Setup:
 
 def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int,
              aug_smooth: bool, device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
-    from featviz.data.images import load_image, resize_rule
+    from featviz.data.images import load_image
     from featviz.models.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
@@ -160,11 +153,9 @@ def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, t
     model = runner.place(model, device)
     dev, mean, std = runner.device, runner.mean, runner.std
     hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
-    transform = _transform(hw, mean, std)
-    runner.resize = resize_rule(hw)  # the manifest says how the images were resized
     layer_names = list(layers) if layers else [default_cam_layer(model)]
     layer_mods = [get_layer(model, n) for n in layer_names]
-    loader = runner.loader(transform=transform, batch_size=batch_size, strict=strict)
+    loader = runner.loader(hw=hw, batch_size=batch_size, strict=strict)  # the eval transform; sets `resize`
     first = _first_decodable(loader.dataset, files)[None].to(dev)
     info = probe_model(model, first)
     shapes = layer_shapes(info.forward, layer_mods, first)
@@ -177,7 +168,7 @@ def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, t
                         "classes; give one name per class")
     reference = None
     if spec.kind == "similarity":
-        ref = transform(load_image(spec.arg or ""))[None].to(dev)
+        ref = loader.dataset.transform(load_image(spec.arg or ""))[None].to(dev)
         with torch.no_grad():
             reference = info.forward(ref)[0]
     run_methods, skipped = _applicable(names, methods, info, token=token, aug_smooth=aug_smooth, hw=hw)
