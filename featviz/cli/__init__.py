@@ -21,6 +21,7 @@ from featviz.cli import (  # noqa: F401 - registers the commands
     knn,
     pca,
     probe,
+    similarity,
     train,
     tsne,
 )
@@ -29,7 +30,7 @@ from featviz.cli._app import app, main
 PANELS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "sample-data"),
     "Checkpoints": ("inspect", "layers", "convert", "train"),
-    "Features and maps": ("embed", "tsne", "pca", "knn", "probe"),
+    "Features and maps": ("embed", "tsne", "pca", "similarity", "knn", "probe"),
     "Where the model looks": ("cam", "attention", "crops"),
     "Collapse": ("collapse",),
 }
