@@ -178,7 +178,7 @@ def mark_patch(rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int],
     out = rgb.copy()
     r0, r1 = int(patch[0] * h / grid[0]), max(int((patch[0] + 1) * h / grid[0]), int(patch[0] * h / grid[0]) + 1)
     c0, c1 = int(patch[1] * w / grid[1]), max(int((patch[1] + 1) * w / grid[1]), int(patch[1] * w / grid[1]) + 1)
-    t = max(1, min(h, w) // 160)
+    t = max(1, round(min(h / grid[0], w / grid[1]) / 6), min(h, w) // 150)  # visible on a thumbnail
     for rows, cols in (((r0, r0 + t), (c0, c1)), ((r1 - t, r1), (c0, c1)), ((r0, r1), (c0, c0 + t)),
                        ((r0, r1), (c1 - t, c1))):
         out[max(0, rows[0]):rows[1], max(0, cols[0]):cols[1]] = color
