@@ -173,15 +173,15 @@ def pick_pair(pair: str | None, ids: Sequence[str]) -> tuple[int, int]:
 # ------------------------------------------------------------------ pictures
 def mark_patch(rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int],
                color: Sequence[float] = QUERY_COLOR) -> np.ndarray:
-    """A copy of ``rgb`` with the patch's outline drawn (the query's square)."""
+    """A copy of ``rgb`` with a square drawn around the patch (the query), outside it, thick enough for a thumbnail."""
     h, w = rgb.shape[:2]
     out = rgb.copy()
-    r0, r1 = int(patch[0] * h / grid[0]), max(int((patch[0] + 1) * h / grid[0]), int(patch[0] * h / grid[0]) + 1)
-    c0, c1 = int(patch[1] * w / grid[1]), max(int((patch[1] + 1) * w / grid[1]), int(patch[1] * w / grid[1]) + 1)
-    t = max(1, round(min(h / grid[0], w / grid[1]) / 6), min(h, w) // 150)  # visible on a thumbnail
+    t = max(2, min(h, w) // 100)
+    r0, r1 = int(patch[0] * h / grid[0]) - t, int((patch[0] + 1) * h / grid[0]) + t
+    c0, c1 = int(patch[1] * w / grid[1]) - t, int((patch[1] + 1) * w / grid[1]) + t
     for rows, cols in (((r0, r0 + t), (c0, c1)), ((r1 - t, r1), (c0, c1)), ((r0, r1), (c0, c0 + t)),
                        ((r0, r1), (c1 - t, c1))):
-        out[max(0, rows[0]):rows[1], max(0, cols[0]):cols[1]] = color
+        out[max(0, rows[0]):max(0, rows[1]), max(0, cols[0]):max(0, cols[1])] = color
     return out
 
 
