@@ -48,22 +48,35 @@ def main() -> None:
 
     images = find_images(ROOT / "sample_data" / "photos")[: args.images]
     model = _model(args.model)
-    print(f"{args.model}, {len(images)} images at {args.size} px, torch threads {torch.get_num_threads()}, "
-          f"{args.runs} runs each (median)")
+    print(
+        f"{args.model}, {len(images)} images at {args.size} px, torch threads {torch.get_num_threads()}, "
+        f"{args.runs} runs each (median)"
+    )
     times: dict[str, list[float]] = {"pca": [], "similarity --html": [], "similarity": []}
     page = None
     with tempfile.TemporaryDirectory() as tmp:
+
         def pca(k: int) -> None:
             run_pca(images, Path(tmp) / f"pca{k}", model=model, image_size=args.size, device="cpu")
 
         def sim(k: int, html: bool) -> dict:
-            return run_similarity(images, Path(tmp) / f"sim{k}{html}", model=model, image_size=args.size,
-                                  points=[(64, 64)], html=html, device="cpu").to_dict()
+            return run_similarity(
+                images,
+                Path(tmp) / f"sim{k}{html}",
+                model=model,
+                image_size=args.size,
+                points=[(64, 64)],
+                html=html,
+                device="cpu",
+            ).to_dict()
 
         sim(-1, False)  # warm-up (first-call costs of torch and matplotlib)
         for k in range(args.runs):
-            for name, fn in (("pca", lambda k=k: pca(k)), ("similarity --html", lambda k=k: sim(k, True)),
-                             ("similarity", lambda k=k: sim(k, False))):
+            for name, fn in (
+                ("pca", lambda k=k: pca(k)),
+                ("similarity --html", lambda k=k: sim(k, True)),
+                ("similarity", lambda k=k: sim(k, False)),
+            ):
                 t = time.perf_counter()
                 out = fn()
                 times[name].append(time.perf_counter() - t)
@@ -74,13 +87,21 @@ def main() -> None:
     print(f"layer {s['layer']}: {s['grid'][0]}x{s['grid'][1]} patches x {s['feature_dim']} dims")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"  featviz {name:20s} {med:7.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})   "
-              f"time vs pca {med / base:5.2f}x" + ("   target <= 1.2x" if name != "pca" else ""))
+        print(
+            f"  featviz {name:20s} {med:7.2f} s  ({', '.join(f'{t:.2f}' for t in ts)})   "
+            f"time vs pca {med / base:5.2f}x" + ("   target <= 1.2x" if name != "pca" else "")
+        )
     h = s["html"]
-    red = (f"reduced to {h['dims']} of {h['feature_dim']} dims by SVD ({100 * h['retained_energy']:.1f} % of the "
-           "energy kept)" if h["reduction"] else f"all {h['dims']} dims")
-    print(f"  page: {h['bytes'] / 1e6:.2f} MB (target < 15 MB), float16, {red}; largest difference of the page's "
-          f"map from the full-precision map: {h['max_abs_difference']:.4f}")
+    red = (
+        f"reduced to {h['dims']} of {h['feature_dim']} dims by SVD ({100 * h['retained_energy']:.1f} % of the "
+        "energy kept)"
+        if h["reduction"]
+        else f"all {h['dims']} dims"
+    )
+    print(
+        f"  page: {h['bytes'] / 1e6:.2f} MB (target < 15 MB), float16, {red}; largest difference of the page's "
+        f"map from the full-precision map: {h['max_abs_difference']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch import nn
 
 from featviz.errors import DataError
 from featviz.views.matches import mutual_nearest_neighbours
-from featviz.views.similarity import point_query, run_similarity, similarity_maps, unit_features
+from featviz.views.similarity import point_query, run_similarity, similarity_maps
 from featviz.views.similarity_page import (
     colour_index,
     colour_table,
@@ -89,8 +89,15 @@ def pair(tmp_path):
 def test_similarity_maps_are_the_cosines_of_the_colours(pair, tmp_path):
     a, b, ca, cb, _, _ = pair
     ua, ub = expected_unit(ca), expected_unit(cb)
-    s = run_similarity([a, b], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}",
-                       patches=[(1, 2), (3, 5)], points=[(13, 30)])
+    s = run_similarity(
+        [a, b],
+        tmp_path / "o",
+        model=ColourPatches(),
+        layer="pool",
+        image_size=f"{HW[0]}x{HW[1]}",
+        patches=[(1, 2), (3, 5)],
+        points=[(13, 30)],
+    )
     assert s.grid == GRID and s.feature_dim == 3 and s.tokens is None
     with np.load(tmp_path / "o" / "similarity.npz") as z:
         maps, queries = z["maps"], z["queries"]
@@ -112,11 +119,14 @@ def test_similarity_maps_are_the_cosines_of_the_colours(pair, tmp_path):
 
 def test_mutual_nearest_neighbours_are_exactly_the_shared_colours(pair, tmp_path):
     a, b, ca, cb, perm, new = pair
-    s = run_similarity([a, b], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}",
-                       matches=100)
+    s = run_similarity(
+        [a, b], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}", matches=100
+    )
     m = s.matches
-    got = [(pa[0] * GRID[1] + pa[1], pb[0] * GRID[1] + pb[1], d["similarity"]) for pa, pb, d in
-           ((d["a"], d["b"], d) for d in m["pairs"])]
+    got = [
+        (pa[0] * GRID[1] + pa[1], pb[0] * GRID[1] + pb[1], d["similarity"])
+        for pa, pb, d in ((d["a"], d["b"], d) for d in m["pairs"])
+    ]
     # from the colours: the 19 colours B shares with A match their copies (cosine 1), strongest first ...
     shared = {(int(perm[p]), p) for p in range(24) if p not in set(new.tolist())}
     assert {g[:2] for g in got[:19]} == shared and all(g[2] == pytest.approx(1.0, abs=1e-5) for g in got[:19])
@@ -141,8 +151,10 @@ def test_mutual_nearest_neighbours_rank_limit_and_mask():
     fb = (fb / np.linalg.norm(fb, axis=1, keepdims=True)).reshape(3, 4, 8)
     # the brute-force definition, written out
     s = fa.reshape(12, 8) @ fb.reshape(12, 8).T
-    ref = sorted(((s[i, j], i, j) for i in range(12) for j in range(12)
-                  if s[i].argmax() == j and s[:, j].argmax() == i), reverse=True)
+    ref = sorted(
+        ((s[i, j], i, j) for i in range(12) for j in range(12) if s[i].argmax() == j and s[:, j].argmax() == i),
+        reverse=True,
+    )
     m = mutual_nearest_neighbours(fa, fb)
     assert m.total == len(ref) and [(int(p[0]) * 4 + int(p[1])) for p in m.a] == [r[1] for r in ref]
     np.testing.assert_allclose(m.similarity, [r[0] for r in ref], rtol=1e-6)
@@ -189,13 +201,25 @@ def test_a_vit_with_registers_and_rope_maps_only_its_patch_tokens(tmp_path):
     import timm
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, dynamic_img_size=True,
-                            embed_dim=64, depth=2, num_heads=2).eval()
+    vit = timm.create_model(
+        "vit_small_patch16_dinov3",
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+    ).eval()
     img = SAMPLE / "photos" / "cat" / "cat_0.jpg"
     other = SAMPLE / "photos" / "cat" / "cat_2.jpg"
     s = run_similarity([img, other], tmp_path / "o", model=vit, image_size="64x96", patches=[(2, 3)], matches=5)
-    assert s.grid == (4, 6) and s.tokens == {"grid": [4, 6], "class": 1, "register": 4, "other": 0,
-                                             "excluded_from_maps": 5}
+    assert s.grid == (4, 6) and s.tokens == {
+        "grid": [4, 6],
+        "class": 1,
+        "register": 4,
+        "other": 0,
+        "excluded_from_maps": 5,
+    }
     from featviz.data.images import eval_transform, load_image, normalization_of
 
     mean, std = normalization_of(vit)
@@ -210,14 +234,37 @@ def test_a_vit_with_registers_and_rope_maps_only_its_patch_tokens(tmp_path):
 
 
 def test_cli_end_to_end_on_a_tiny_cnn(cli, tmp_path):
-    imgs = [SAMPLE / "photos" / "cat" / "cat_0.jpg", SAMPLE / "photos" / "cat" / "cat_1.jpg",
-            SAMPLE / "photos" / "coffee" / "coffee_0.jpg"]
+    imgs = [
+        SAMPLE / "photos" / "cat" / "cat_0.jpg",
+        SAMPLE / "photos" / "cat" / "cat_1.jpg",
+        SAMPLE / "photos" / "coffee" / "coffee_0.jpg",
+    ]
     out = tmp_path / "o"
-    r = cli("similarity", *imgs, "--arch", "resnet18_w8-cifar", "--image-size", "32", "--point", "64,64",
-            "--patch", "0,1", "--matches", "4", "--pair", "cat_1.jpg,0", "--foreground-only", "--html", "--out", out,
-            "--device", "cpu", "--json")
+    r = cli(
+        "similarity",
+        *imgs,
+        "--arch",
+        "resnet18_w8-cifar",
+        "--image-size",
+        "32",
+        "--point",
+        "64,64",
+        "--patch",
+        "0,1",
+        "--matches",
+        "4",
+        "--pair",
+        "cat_1.jpg,0",
+        "--foreground-only",
+        "--html",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
-    s = json.loads(r.output[r.output.index("{"):])
+    s = json.loads(r.output[r.output.index("{") :])
     assert s["images"] == 3 and s["grid"] == [4, 4] and [q["patch"] for q in s["queries"]] == [[2, 2], [0, 1]]
     assert s["matches"]["images"] == ["cat_1.jpg", "cat_0.jpg"] and s["matches"]["count"] <= 4
     assert len(s["matches"]["foreground_share"]) == 2 and s["html"]["dims"] == s["feature_dim"]
@@ -225,8 +272,20 @@ def test_cli_end_to_end_on_a_tiny_cnn(cli, tmp_path):
         assert (out / f).is_file(), f
     man = json.loads((out / "manifest.json").read_text())
     assert man["command"] == "similarity" and man["arguments"]["point"] == ["64,64"]
-    r = cli("similarity", *imgs[:1], "--arch", "resnet18_w8-cifar", "--image-size", "32", "--patch", "0,0",
-            "--out", tmp_path / "p", "--device", "cpu")
+    r = cli(
+        "similarity",
+        *imgs[:1],
+        "--arch",
+        "resnet18_w8-cifar",
+        "--image-size",
+        "32",
+        "--patch",
+        "0,0",
+        "--out",
+        tmp_path / "p",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0 and "q1: patch 0,0 of cat_0.jpg" in r.output, r.output
 
 
@@ -252,16 +311,29 @@ def _one_line(result, code: int = 1) -> str:
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, extra, code, says):
-    imgs = [SAMPLE / "photos" / "cat" / "cat_0.jpg", SAMPLE / "photos" / "cat" / "cat_1.jpg",
-            SAMPLE / "photos" / "coffee" / "coffee_0.jpg"]
+    imgs = [
+        SAMPLE / "photos" / "cat" / "cat_0.jpg",
+        SAMPLE / "photos" / "cat" / "cat_1.jpg",
+        SAMPLE / "photos" / "coffee" / "coffee_0.jpg",
+    ]
     r = cli("similarity", *imgs, "--arch", "resnet18_w8-cifar", "--image-size", "32", *extra, "--out", tmp_path / "o")
     assert says in _one_line(r, code)
     assert not (tmp_path / "o").exists()
 
 
 def test_one_image_for_matches_is_one_line(cli, tmp_path):
-    r = cli("similarity", SAMPLE / "photos" / "cat" / "cat_0.jpg", "--arch", "resnet18_w8-cifar", "--image-size", "32",
-            "--matches", "5", "--out", tmp_path / "o")
+    r = cli(
+        "similarity",
+        SAMPLE / "photos" / "cat" / "cat_0.jpg",
+        "--arch",
+        "resnet18_w8-cifar",
+        "--image-size",
+        "32",
+        "--matches",
+        "5",
+        "--out",
+        tmp_path / "o",
+    )
     assert "--matches needs two images, got 1" in _one_line(r)
 
 
@@ -284,8 +356,7 @@ def test_twenty_images_at_448_stay_under_15_mb(tmp_path):
     unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
     yy, xx = np.mgrid[0:448, 0:448] / 448
     rgbs = [np.stack([xx, yy, np.full_like(xx, i / 20)], -1) for i in range(20)]
-    feats = write_page(tmp_path / "p.html", rgbs, unit, [f"img_{i}.jpg" for i in range(20)], query=(0, 3, 4),
-                       title="t")
+    feats = write_page(tmp_path / "p.html", rgbs, unit, [f"img_{i}.jpg" for i in range(20)], query=(0, 3, 4), title="t")
     size = (tmp_path / "p.html").stat().st_size
     assert size < 15_000_000 and 200 < feats.k < 384, (size, feats.k)
 
@@ -333,8 +404,9 @@ def _check_drawn(browser, stored: np.ndarray, m: int, i: int, j: int, exact: np.
 
 def test_clicking_a_patch_redraws_every_map_as_python_computes_it(tmp_path, browser, pair):
     a, b, ca, cb, _, _ = pair
-    s = run_similarity([a, b, a], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}",
-                       html=True)
+    s = run_similarity(
+        [a, b, a], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}", html=True
+    )
     page = tmp_path / "o" / "similarity.html"
     assert s.html["dims"] == 3 and s.html["reduction"] is None and "http" not in page.read_text().split("<script>")[1]
     stored, _ = _stored(page)
@@ -353,8 +425,7 @@ def test_a_reduced_page_draws_the_reduced_maps(tmp_path, browser):
     unit = rng.standard_normal((3, 5, 7, 48)).astype(np.float32)
     unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
     rgbs = [np.full((40, 56, 3), v) for v in (0.2, 0.5, 0.8)]
-    feats = write_page(tmp_path / "p.html", rgbs, unit, ["x", "y", "z"], query=(0, 1, 1), title="t",
-                       budget=30_000)
+    feats = write_page(tmp_path / "p.html", rgbs, unit, ["x", "y", "z"], query=(0, 1, 1), title="t", budget=30_000)
     assert feats.k < 48
     stored, _ = _stored(tmp_path / "p.html")
     np.testing.assert_array_equal(stored, feats.stored)

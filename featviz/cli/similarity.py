@@ -52,11 +52,17 @@ def similarity(
     arch: ArchOpt = None,
     point: Annotated[
         list[str] | None,
-        typer.Option("--point", "-p", metavar="X,Y", help="Query pixel X,Y of the first image (x = column); repeatable."),
+        typer.Option(
+            "--point", "-p", metavar="X,Y", help="Query pixel X,Y of the first image (x = column); repeatable."
+        ),
     ] = None,
     patch: Annotated[
         list[str] | None,
-        typer.Option("--patch", metavar="I,J", help="Query patch I,J (row, column) of the first image's feature grid; repeatable."),
+        typer.Option(
+            "--patch",
+            metavar="I,J",
+            help="Query patch I,J (row, column) of the first image's feature grid; repeatable.",
+        ),
     ] = None,
     layer: Annotated[
         str | None,
@@ -72,21 +78,27 @@ def similarity(
     matches: Annotated[
         int | None,
         typer.Option(
-            "--matches", min=1, metavar="N", help="Draw at most N mutual nearest-neighbour matches between two images.",
+            "--matches",
+            min=1,
+            metavar="N",
+            help="Draw at most N mutual nearest-neighbour matches between two images.",
             rich_help_panel=_MATCH,
         ),
     ] = None,
     pair: Annotated[
         str | None,
         typer.Option(
-            "--pair", metavar="A,B", help="The two images to match, A,B (ids or 0-based positions), when more than two are given.",
+            "--pair",
+            metavar="A,B",
+            help="The two images to match, A,B (ids or 0-based positions), when more than two are given.",
             rich_help_panel=_MATCH,
         ),
     ] = None,
     foreground_only: Annotated[
         bool,
         typer.Option(
-            "--foreground-only", help="Match foreground patches only (featviz pca's first-component rule).",
+            "--foreground-only",
+            help="Match foreground patches only (featviz pca's first-component rule).",
             rich_help_panel=_MATCH,
         ),
     ] = False,

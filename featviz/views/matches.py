@@ -148,13 +148,25 @@ def matches_figure(
         colours = colormaps[cmap]((s - lo) / (hi - lo) if hi > lo else np.ones_like(s))
         for k in range(len(s))[::-1]:  # the strongest drawn last, on top
             ax.plot([xa[k, 0], xb[k, 0]], [xa[k, 1], xb[k, 1]], color=colours[k], lw=0.9, alpha=0.9)
-        ax.scatter(np.r_[xa[:, 0], xb[:, 0]], np.r_[xa[:, 1], xb[:, 1]], s=7, c=np.r_[colours, colours],
-                   edgecolors="white", linewidths=0.3, zorder=3)
+        ax.scatter(
+            np.r_[xa[:, 0], xb[:, 0]],
+            np.r_[xa[:, 1], xb[:, 1]],
+            s=7,
+            c=np.r_[colours, colours],
+            edgecolors="white",
+            linewidths=0.3,
+            zorder=3,
+        )
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        bar = fig.colorbar(ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-6), cmap), ax=ax,
-                           shrink=0.7, pad=0.01, fraction=0.03)
+        bar = fig.colorbar(
+            ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-6), cmap),
+            ax=ax,
+            shrink=0.7,
+            pad=0.01,
+            fraction=0.03,
+        )
         bar.set_label("cosine similarity", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     ax.text(w / 2, -4, titles[0], ha="center", va="bottom", fontsize=8)

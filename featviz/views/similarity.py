@@ -104,8 +104,15 @@ def parse_pair(text: str, what: str = "--point") -> tuple[int, int]:
         raise DataError(f"{what} {text!r}: expected two integers separated by a comma, e.g. 40,25") from None
 
 
-def point_query(point: tuple[int, int], image_wh: tuple[int, int], hw: tuple[int, int], grid: tuple[int, int],
-                name: str, *, center_crop: bool | None = None) -> Query:
+def point_query(
+    point: tuple[int, int],
+    image_wh: tuple[int, int],
+    hw: tuple[int, int],
+    grid: tuple[int, int],
+    name: str,
+    *,
+    center_crop: bool | None = None,
+) -> Query:
     """The query patch under pixel ``point`` = (x, y) of the first image (size ``image_wh`` = (w, h)).
 
     Raises:
@@ -116,12 +123,16 @@ def point_query(point: tuple[int, int], image_wh: tuple[int, int], hw: tuple[int
     x, y = point
     w, h = image_wh
     if not (0 <= x < w and 0 <= y < h):
-        raise DataError(f"--point {x},{y} is outside the first image {name} ({w}x{h} pixels: x in 0..{w - 1}, "
-                        f"y in 0..{h - 1}); give pixel coordinates of that image")
+        raise DataError(
+            f"--point {x},{y} is outside the first image {name} ({w}x{h} pixels: x in 0..{w - 1}, "
+            f"y in 0..{h - 1}); give pixel coordinates of that image"
+        )
     xy = input_point((x, y), (w, h), hw, center_crop)
     if xy is None:
-        raise DataError(f"--point {x},{y} of {name} is cut away by the center crop to {hw[0]}x{hw[1]}; pick a point "
-                        "nearer the centre, or --image-size HxW, which resizes the whole image")
+        raise DataError(
+            f"--point {x},{y} of {name} is cut away by the center crop to {hw[0]}x{hw[1]}; pick a point "
+            "nearer the centre, or --image-size HxW, which resizes the whole image"
+        )
     row = min(grid[0] - 1, int(xy[1] * grid[0] / hw[0]))
     col = min(grid[1] - 1, int(xy[0] * grid[1] / hw[1]))
     return Query(0, (row, col), (float(x), float(y)), xy)
@@ -135,8 +146,10 @@ def patch_query(patch: tuple[int, int], grid: tuple[int, int]) -> Query:
     """
     i, j = patch
     if not (0 <= i < grid[0] and 0 <= j < grid[1]):
-        raise DataError(f"--patch {i},{j} is outside the {grid[0]}x{grid[1]} feature grid (row 0..{grid[0] - 1}, "
-                        f"column 0..{grid[1] - 1})")
+        raise DataError(
+            f"--patch {i},{j} is outside the {grid[0]}x{grid[1]} feature grid (row 0..{grid[0] - 1}, "
+            f"column 0..{grid[1] - 1})"
+        )
     return Query(0, (int(i), int(j)))
 
 
@@ -150,8 +163,10 @@ def pick_pair(pair: str | None, ids: Sequence[str]) -> tuple[int, int]:
         raise DataError(f"--matches needs two images, got {len(ids)}; give two images (or more and --pair A,B)")
     if pair is None:
         if len(ids) > 2:
-            raise DataError(f"--matches compares two images and {len(ids)} were given; name them with --pair A,B "
-                            f"(image ids such as {ids[0]!r}, or 0-based positions)")
+            raise DataError(
+                f"--matches compares two images and {len(ids)} were given; name them with --pair A,B "
+                f"(image ids such as {ids[0]!r}, or 0-based positions)"
+            )
         return 0, 1
     parts = [p.strip() for p in pair.split(",")]
     if len(parts) != 2:
@@ -163,25 +178,32 @@ def pick_pair(pair: str | None, ids: Sequence[str]) -> tuple[int, int]:
         elif p.isdigit() and int(p) < len(ids):
             out.append(int(p))
         else:
-            raise DataError(f"--pair: {p!r} is neither an image id nor a position 0..{len(ids) - 1}; "
-                            f"the ids are {', '.join(ids[:5])}{' …' if len(ids) > 5 else ''}")
+            raise DataError(
+                f"--pair: {p!r} is neither an image id nor a position 0..{len(ids) - 1}; "
+                f"the ids are {', '.join(ids[:5])}{' …' if len(ids) > 5 else ''}"
+            )
     if out[0] == out[1]:
         raise DataError(f"--pair {pair!r} names the same image twice; give two different images")
     return out[0], out[1]
 
 
 # ------------------------------------------------------------------ pictures
-def mark_patch(rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int],
-               color: Sequence[float] = QUERY_COLOR) -> np.ndarray:
+def mark_patch(
+    rgb: np.ndarray, patch: tuple[int, int], grid: tuple[int, int], color: Sequence[float] = QUERY_COLOR
+) -> np.ndarray:
     """A copy of ``rgb`` with a square drawn around the patch (the query), outside it, thick enough for a thumbnail."""
     h, w = rgb.shape[:2]
     out = rgb.copy()
     t = max(2, min(h, w) // 100)
     r0, r1 = int(patch[0] * h / grid[0]) - t, int((patch[0] + 1) * h / grid[0]) + t
     c0, c1 = int(patch[1] * w / grid[1]) - t, int((patch[1] + 1) * w / grid[1]) + t
-    for rows, cols in (((r0, r0 + t), (c0, c1)), ((r1 - t, r1), (c0, c1)), ((r0, r1), (c0, c0 + t)),
-                       ((r0, r1), (c1 - t, c1))):
-        out[max(0, rows[0]):max(0, rows[1]), max(0, cols[0]):max(0, cols[1])] = color
+    for rows, cols in (
+        ((r0, r0 + t), (c0, c1)),
+        ((r1 - t, r1), (c0, c1)),
+        ((r0, r1), (c0, c0 + t)),
+        ((r0, r1), (c1 - t, c1)),
+    ):
+        out[max(0, rows[0]) : max(0, rows[1]), max(0, cols[0]) : max(0, cols[1])] = color
     return out
 
 
@@ -193,9 +215,18 @@ def overlay(rgb: np.ndarray, scaled: np.ndarray, query: Query | None, grid: tupl
     return pic if query is None else mark_patch(pic, query.patch, grid)
 
 
-def similarity_sheet(path: Any, rgbs: Sequence[np.ndarray], scaled: np.ndarray, raw: np.ndarray,
-                     queries: Sequence[Query], ids: Sequence[str], grid: tuple[int, int], *, title: str,
-                     per_row: int = 5) -> None:
+def similarity_sheet(
+    path: Any,
+    rgbs: Sequence[np.ndarray],
+    scaled: np.ndarray,
+    raw: np.ndarray,
+    queries: Sequence[Query],
+    ids: Sequence[str],
+    grid: tuple[int, int],
+    *,
+    title: str,
+    per_row: int = 5,
+) -> None:
     """The contact sheet: per query, every image's overlay (rows of ``per_row``), captioned with its best match."""
     from featviz.views.sheets import grid_sheet
 
@@ -336,8 +367,11 @@ def run_similarity(
     grid = (int(maps.shape[2]), int(maps.shape[3]))
     queries = [point_query(p, first_wh, hw, grid, ids[0]) for p in points] + [patch_query(p, grid) for p in patches]
     unit = unit_features(maps)
-    raw = np.stack([similarity_maps(unit, q.image, q.patch) for q in queries]) if queries else \
-        np.zeros((0, len(ids), *grid), np.float32)
+    raw = (
+        np.stack([similarity_maps(unit, q.image, q.patch) for q in queries])
+        if queries
+        else np.zeros((0, len(ids), *grid), np.float32)
+    )
     scaled = np.stack([joint_scale(m) for m in raw]) if queries else raw
     arch = arch_name(model)
     warnings: list[str] = []
@@ -348,19 +382,31 @@ def run_similarity(
         if foreground_only:
             fg = patch_pca(maps[[a, b]], components=1, foreground="auto").foreground
             if fg[0].all() or fg[1].all() or not fg[0].any() or not fg[1].any():
-                warnings.append(f"the foreground rule keeps {fg[0].mean():.0%} and {fg[1].mean():.0%} of the "
-                                "patches of the two images: it does not separate objects from background at this "
-                                "layer; the matches are searched among those patches anyway")
+                warnings.append(
+                    f"the foreground rule keeps {fg[0].mean():.0%} and {fg[1].mean():.0%} of the "
+                    "patches of the two images: it does not separate objects from background at this "
+                    "layer; the matches are searched among those patches anyway"
+                )
                 log.warning(warnings[-1])
-        found = mutual_nearest_neighbours(unit[a], unit[b], mask_a=None if fg is None else fg[0],
-                                          mask_b=None if fg is None else fg[1], limit=matches)
+        found = mutual_nearest_neighbours(
+            unit[a], unit[b], mask_a=None if fg is None else fg[0], mask_b=None if fg is None else fg[1], limit=matches
+        )
     weights = "random weights" if description is not None and description.get("source") is None else ""
     head = " · ".join(s for s in (arch, weights, layer_name, f"{hw[0]}x{hw[1]} ({grid[0]}x{grid[1]} patches)") if s)
     per_image = [
-        {"id": ids[i], "path": str(files[i]),
-         "queries": [{"max": float(raw[q, i].max()), "mean": float(raw[q, i].mean()), "min": float(raw[q, i].min()),
-                      "argmax": [int(v) for v in np.unravel_index(int(raw[q, i].argmax()), grid)]}
-                     for q in range(len(queries))]}
+        {
+            "id": ids[i],
+            "path": str(files[i]),
+            "queries": [
+                {
+                    "max": float(raw[q, i].max()),
+                    "mean": float(raw[q, i].mean()),
+                    "min": float(raw[q, i].min()),
+                    "argmax": [int(v) for v in np.unravel_index(int(raw[q, i].argmax()), grid)],
+                }
+                for q in range(len(queries))
+            ],
+        }
         for i in range(len(ids))
     ]
     protocol = {
@@ -376,16 +422,21 @@ def run_similarity(
         f"(matplotlib {CMAP}, blended at {ALPHA:g} over the image)",
     }
     with runner.output() as tmp:
-        files_out: dict[str, Any] = {"json": runner.path("similarity.json"), "maps": runner.path("similarity.npz"),
-                                     "manifest": runner.path("manifest.json")}
+        files_out: dict[str, Any] = {
+            "json": runner.path("similarity.json"),
+            "maps": runner.path("similarity.npz"),
+            "manifest": runner.path("manifest.json"),
+        }
         if queries:
             (tmp / "overlays").mkdir()
             for q, query in enumerate(queries):
                 for i in range(len(ids)):
                     pic = overlay(rgbs[i], scaled[q, i], query if i == query.image else None, grid)
                     save_png(pic, tmp / "overlays" / f"{safe_stem(ids[i])}.q{q + 1}.png", min_side=224)
-            title = (f"{head} · cosine similarity to the query patch (cyan square) of {ids[0]}; "
-                     "per query one colour scale over all images: dark = lowest, bright = highest")
+            title = (
+                f"{head} · cosine similarity to the query patch (cyan square) of {ids[0]}; "
+                "per query one colour scale over all images: dark = lowest, bright = highest"
+            )
             similarity_sheet(tmp / "sheet.png", rgbs[:sheet_images], scaled, raw, queries, ids, grid, title=title)
             files_out.update(sheet=runner.path("sheet.png"), overlays=len(queries) * len(ids))
         arrays: dict[str, Any] = {
@@ -405,39 +456,86 @@ def run_similarity(
             arrays.update(match_a=found.a, match_b=found.b, match_similarity=found.similarity)
             where = " among foreground patches" if foreground_only else ""
             mean = f"mean similarity {match_record['mean_similarity']:.2f}" if len(found.similarity) else "none"
-            matches_figure(tmp / "matches.png", rgbs[a], rgbs[b], found, grid, titles=(ids[a], ids[b]),
-                           foreground=None if fg is None else (fg[0], fg[1]),
-                           title=f"{head} · the {len(found.similarity)} strongest of {found.total} mutual nearest "
-                           f"neighbours{where} ({mean}); colour: similarity")
+            matches_figure(
+                tmp / "matches.png",
+                rgbs[a],
+                rgbs[b],
+                found,
+                grid,
+                titles=(ids[a], ids[b]),
+                foreground=None if fg is None else (fg[0], fg[1]),
+                title=f"{head} · the {len(found.similarity)} strongest of {found.total} mutual nearest "
+                f"neighbours{where} ({mean}); colour: similarity",
+            )
             files_out["matches"] = runner.path("matches.png")
         page = None
         if html:
             start = (queries[0].image, *queries[0].patch) if queries else (0, grid[0] // 2, grid[1] // 2)
-            stored = write_page(tmp / "similarity.html", rgbs, unit, ids, query=start,
-                                title=f"featviz similarity · {head}", cmap=CMAP, alpha=ALPHA)
+            stored = write_page(
+                tmp / "similarity.html",
+                rgbs,
+                unit,
+                ids,
+                query=start,
+                title=f"featviz similarity · {head}",
+                cmap=CMAP,
+                alpha=ALPHA,
+            )
             diffs = [np.abs(page_maps(stored.stored, q.image, q.patch) - raw[k]).max() for k, q in enumerate(queries)]
-            page = {**stored.to_dict(), "bytes": (tmp / "similarity.html").stat().st_size,
-                    "max_abs_difference": float(max(diffs)) if diffs else None}
+            page = {
+                **stored.to_dict(),
+                "bytes": (tmp / "similarity.html").stat().st_size,
+                "max_abs_difference": float(max(diffs)) if diffs else None,
+            }
             files_out["html"] = runner.path("similarity.html")
         np.savez_compressed(tmp / "similarity.npz", **arrays)
         query_records = [q.to_dict(ids) for q in queries]
         from featviz.io.outputs import write_json
 
-        write_json(tmp / "similarity.json", {"protocol": protocol, "queries": query_records, "images": per_image,
-                                             "matches": match_record, "html": page, "warnings": warnings})
-        runner.write_manifest(tmp, model={"arch": arch, "description": description}, layer=layer_name,
-                              image_size=list(hw), grid=list(grid), feature_dim=int(maps.shape[1]),
-                              tokens=protocol["tokens"], device=str(runner.device),
-                              normalization=runner.normalization, queries=query_records,
-                              definitions={"similarity": protocol["similarity"],
-                                           "colour_scale": protocol["colour_scale"],
-                                           "matches": "mutual nearest neighbours by cosine similarity, strongest "
-                                           "first" + ("; foreground: featviz pca's first-component rule fitted on "
-                                                      "the pair" if foreground_only else "")},
-                              images=[{"id": ids[i], "path": str(files[i])} for i in range(len(ids))],
-                              warnings=warnings)
+        write_json(
+            tmp / "similarity.json",
+            {
+                "protocol": protocol,
+                "queries": query_records,
+                "images": per_image,
+                "matches": match_record,
+                "html": page,
+                "warnings": warnings,
+            },
+        )
+        runner.write_manifest(
+            tmp,
+            model={"arch": arch, "description": description},
+            layer=layer_name,
+            image_size=list(hw),
+            grid=list(grid),
+            feature_dim=int(maps.shape[1]),
+            tokens=protocol["tokens"],
+            device=str(runner.device),
+            normalization=runner.normalization,
+            queries=query_records,
+            definitions={
+                "similarity": protocol["similarity"],
+                "colour_scale": protocol["colour_scale"],
+                "matches": "mutual nearest neighbours by cosine similarity, strongest "
+                "first"
+                + ("; foreground: featviz pca's first-component rule fitted on the pair" if foreground_only else ""),
+            },
+            images=[{"id": ids[i], "path": str(files[i])} for i in range(len(ids))],
+            warnings=warnings,
+        )
     return SimilarityResult(
-        out=str(runner.out_dir), images=len(ids), arch=arch, layer=layer_name, image_size=hw, grid=grid,
-        feature_dim=int(maps.shape[1]), tokens=protocol["tokens"], queries=query_records, matches=match_record,
-        html=page, files=files_out, warnings=warnings,
+        out=str(runner.out_dir),
+        images=len(ids),
+        arch=arch,
+        layer=layer_name,
+        image_size=hw,
+        grid=grid,
+        feature_dim=int(maps.shape[1]),
+        tokens=protocol["tokens"],
+        queries=query_records,
+        matches=match_record,
+        html=page,
+        files=files_out,
+        warnings=warnings,
     )

@@ -178,8 +178,11 @@ def write_page(
         f"{100 * feats.retained:.1f} % of the energy kept) to keep the page small"
     )
     page = _TEMPLATE.format(
-        title=html.escape(title), note=html.escape(f"{n} images, {h}x{w} patches, {note}."), data=blob,
-        script=_SCRIPT, alpha=alpha,
+        title=html.escape(title),
+        note=html.escape(f"{n} images, {h}x{w} patches, {note}."),
+        data=blob,
+        script=_SCRIPT,
+        alpha=alpha,
     )
     from featviz.io.outputs import write_text
 
