@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_house import _one_line
 from torch import nn
 
 from featviz.errors import DataError
@@ -34,6 +35,9 @@ from featviz.views.similarity_page import (
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+TINY = ("--arch", "resnet18_w8-cifar", "--image-size", "32")
+IMGS = [SAMPLE / "photos" / "cat" / "cat_0.jpg", SAMPLE / "photos" / "cat" / "cat_1.jpg",
+        SAMPLE / "photos" / "coffee" / "coffee_0.jpg"]
 P = 8  # patch side of ColourPatches
 GRID = (4, 6)
 HW = (GRID[0] * P, GRID[1] * P)
@@ -234,35 +238,9 @@ def test_a_vit_with_registers_and_rope_maps_only_its_patch_tokens(tmp_path):
 
 
 def test_cli_end_to_end_on_a_tiny_cnn(cli, tmp_path):
-    imgs = [
-        SAMPLE / "photos" / "cat" / "cat_0.jpg",
-        SAMPLE / "photos" / "cat" / "cat_1.jpg",
-        SAMPLE / "photos" / "coffee" / "coffee_0.jpg",
-    ]
     out = tmp_path / "o"
-    r = cli(
-        "similarity",
-        *imgs,
-        "--arch",
-        "resnet18_w8-cifar",
-        "--image-size",
-        "32",
-        "--point",
-        "64,64",
-        "--patch",
-        "0,1",
-        "--matches",
-        "4",
-        "--pair",
-        "cat_1.jpg,0",
-        "--foreground-only",
-        "--html",
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        "--json",
-    )
+    r = cli("similarity", *IMGS, *TINY, "--point", "64,64", "--patch", "0,1", "--matches", "4", "--pair", "cat_1.jpg,0",
+            "--foreground-only", "--html", "--out", out, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.output[r.output.index("{") :])
     assert s["images"] == 3 and s["grid"] == [4, 4] and [q["patch"] for q in s["queries"]] == [[2, 2], [0, 1]]
@@ -272,28 +250,8 @@ def test_cli_end_to_end_on_a_tiny_cnn(cli, tmp_path):
         assert (out / f).is_file(), f
     man = json.loads((out / "manifest.json").read_text())
     assert man["command"] == "similarity" and man["arguments"]["point"] == ["64,64"]
-    r = cli(
-        "similarity",
-        *imgs[:1],
-        "--arch",
-        "resnet18_w8-cifar",
-        "--image-size",
-        "32",
-        "--patch",
-        "0,0",
-        "--out",
-        tmp_path / "p",
-        "--device",
-        "cpu",
-    )
+    r = cli("similarity", *IMGS[:1], *TINY, "--patch", "0,0", "--out", tmp_path / "p", "--device", "cpu")
     assert r.exit_code == 0 and "q1: patch 0,0 of cat_0.jpg" in r.output, r.output
-
-
-def _one_line(result, code: int = 1) -> str:
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -311,29 +269,13 @@ def _one_line(result, code: int = 1) -> str:
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, extra, code, says):
-    imgs = [
-        SAMPLE / "photos" / "cat" / "cat_0.jpg",
-        SAMPLE / "photos" / "cat" / "cat_1.jpg",
-        SAMPLE / "photos" / "coffee" / "coffee_0.jpg",
-    ]
-    r = cli("similarity", *imgs, "--arch", "resnet18_w8-cifar", "--image-size", "32", *extra, "--out", tmp_path / "o")
+    r = cli("similarity", *IMGS, *TINY, *extra, "--out", tmp_path / "o")
     assert says in _one_line(r, code)
     assert not (tmp_path / "o").exists()
 
 
 def test_one_image_for_matches_is_one_line(cli, tmp_path):
-    r = cli(
-        "similarity",
-        SAMPLE / "photos" / "cat" / "cat_0.jpg",
-        "--arch",
-        "resnet18_w8-cifar",
-        "--image-size",
-        "32",
-        "--matches",
-        "5",
-        "--out",
-        tmp_path / "o",
-    )
+    r = cli("similarity", IMGS[0], *TINY, "--matches", "5", "--out", tmp_path / "o")
     assert "--matches needs two images, got 1" in _one_line(r)
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -265,22 +265,8 @@ class SimilarityResult(ViewResult):
     warnings: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` summary."""
-        return {
-            "out": self.out,
-            "images": self.images,
-            "arch": self.arch,
-            "layer": self.layer,
-            "image_size": list(self.image_size),
-            "grid": list(self.grid),
-            "feature_dim": self.feature_dim,
-            "tokens": self.tokens,
-            "queries": self.queries,
-            "matches": self.matches,
-            "html": self.html,
-            "files": self.files,
-            "warnings": self.warnings,
-        }
+        """The ``--json`` summary: the fields in order, sizes and grids as lists."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
 def run_similarity(
