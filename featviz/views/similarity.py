@@ -33,7 +33,7 @@ from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.views.matches import Matches, matches_figure, mutual_nearest_neighbours
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
-from featviz.views.similarity_page import joint_scale, page_maps, write_page
+from featviz.views.similarity_page import PAGE_BUDGET, joint_scale, page_maps, write_page
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,15 @@ def run_similarity(
                 cmap=CMAP,
                 alpha=ALPHA,
             )
-            diffs = [np.abs(page_maps(stored.stored, q.image, q.patch) - raw[k]).max() for k, q in enumerate(queries)]
+            checked = [(q.image, q.patch) for q in queries] or [(start[0], start[1:])]
+            diffs = [np.abs(page_maps(stored.stored, m, p) - similarity_maps(unit, m, p)).max() for m, p in checked]
+            if stored.retained < 0.9:
+                warnings.append(
+                    f"the page keeps {stored.k} of {stored.dims} feature dimensions ({stored.retained:.0%} of the "
+                    f"energy) to stay under {PAGE_BUDGET / 1e6:.0f} MB; its maps differ from the PNGs' by up to "
+                    f"{max(diffs):.2f}: give fewer images, or a smaller --image-size"
+                )
+                log.warning(warnings[-1])
             page = {
                 **stored.to_dict(),
                 "bytes": (tmp / "similarity.html").stat().st_size,
