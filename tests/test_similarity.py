@@ -291,6 +291,24 @@ def test_page_features_reduce_to_the_budget_and_keep_the_dot_products():
     assert np.abs(page_maps(small.stored, 1, (2, 3)) - exact).max() < 3e-3  # float16 rounding only
 
 
+def test_a_page_that_loses_energy_says_so(tmp_path, caplog):
+    imgs = [SAMPLE / "photos" / "cat" / "cat_0.jpg", SAMPLE / "photos" / "cells" / "cells_0.jpg"]
+    vit = _tiny_vit()
+    s = run_similarity(imgs, tmp_path / "o", model=vit, image_size=64, html=True, page_budget=12_000)
+    h = s.html
+    assert h["reduction"] and h["dims"] < 64 and h["retained_energy"] < 0.9 and h["max_abs_difference"] > 0.01
+    assert len(s.warnings) == 1 and f"keeps {h['dims']} of 64 feature dimensions" in s.warnings[0]
+    assert s.warnings[0] in caplog.text
+
+
+def _tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                             embed_dim=64, depth=1, num_heads=2, reg_tokens=4).eval()
+
+
 def test_twenty_images_at_448_stay_under_15_mb(tmp_path):
     """ViT-S/16 at 448 px: 28x28 patches x 384 dims x 20 images do not fit as float16; the SVD makes them fit."""
     rng = np.random.default_rng(0)

@@ -289,6 +289,7 @@ def run_similarity(
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
     sheet_images: int = 20,
+    page_budget: int = PAGE_BUDGET,
 ) -> SimilarityResult:
     """Everything ``featviz similarity`` does; writes ``out_dir`` as one atomic folder.
 
@@ -319,6 +320,7 @@ def run_similarity(
         arguments: The command's arguments, for the manifest.
         progress: The progress wrapper of the batch loop.
         sheet_images: Images per query on the contact sheet.
+        page_budget: Bytes the page may take (``views.similarity_page``); its features are reduced to fit.
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
@@ -466,13 +468,14 @@ def run_similarity(
                 title=f"featviz similarity · {head}",
                 cmap=CMAP,
                 alpha=ALPHA,
+                budget=page_budget,
             )
             checked = [(q.image, q.patch) for q in queries] or [(start[0], start[1:])]
             diffs = [np.abs(page_maps(stored.stored, m, p) - similarity_maps(unit, m, p)).max() for m, p in checked]
             if stored.retained < 0.9:
                 warnings.append(
                     f"the page keeps {stored.k} of {stored.dims} feature dimensions ({stored.retained:.0%} of the "
-                    f"energy) to stay under {PAGE_BUDGET / 1e6:.0f} MB; its maps differ from the PNGs' by up to "
+                    f"energy) to stay under {page_budget / 1e6:g} MB; its maps differ from the PNGs' by up to "
                     f"{max(diffs):.2f}: give fewer images, or a smaller --image-size"
                 )
                 log.warning(warnings[-1])
