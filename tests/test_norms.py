@@ -78,6 +78,13 @@ def test_a_unimodal_layer_has_no_outliers():
     assert valley_dip(np.r_[np.linspace(0, 1, 1000), np.linspace(5, 6, 30)], 3.0) == 0.0
 
 
+def test_a_large_high_side_is_two_populations_not_outliers():
+    x, planted = planted_maps(k=12)  # 15 % of the tokens long: a valley, but no minority
+    split = outlier_split(np.linalg.norm(x, axis=1))
+    assert split.dip < 0.5 and split.high_share == pytest.approx(planted.mean()) and split.high_share > 0.1
+    assert split.bimodal is False and split.threshold is None
+
+
 def test_attention_mass_sums_the_map_over_the_mask():
     att = np.full((2, 3, 4), 1 / 12)
     mask = np.zeros((2, 3, 4), bool)
@@ -87,7 +94,7 @@ def test_attention_mass_sums_the_map_over_the_mask():
 
 # ------------------------------------------------------------------ on a model
 def tiny_vit(reg=4, plant=(3, 10), depth=2, attend=None):
-    """A 32x32 ViT (8x8 patches: 4x4 grid) whose position embedding makes ``plant`` patches long tokens.
+    """A 48x48 ViT (8x8 patches: 6x6 grid) whose position embedding makes ``plant`` patches long tokens.
 
     attend: None (random attention), "uniform" (q = k = 0: every token gets 1/T), or "outliers"
     (every query attends to the planted tokens only).
@@ -96,7 +103,7 @@ def tiny_vit(reg=4, plant=(3, 10), depth=2, attend=None):
 
     torch.manual_seed(0)
     m = timm.create_model(
-        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=48, patch_size=8,
         embed_dim=32, depth=depth, num_heads=2, reg_tokens=reg,
     ).eval()
     c = 32
@@ -124,7 +131,7 @@ def test_layer_tokens_is_the_feature_core_s_map_plus_the_prefix():
     from featviz.models.features import FeatureExtractor, layer_tokens
 
     m = tiny_vit(depth=3)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         got = layer_tokens(m, x, ["blocks.0", "blocks.2"])
         for name in ("blocks.0", "blocks.2"):
@@ -139,37 +146,37 @@ def test_one_query_row_is_the_row_of_the_full_attention():
     from featviz.views.attention_probs import model_attention
 
     m = tiny_vit()
-    x = torch.randn(2, 3, 32, 32)
-    full = model_attention(m, m.blocks, x, [0, 1], 21)
-    row = model_attention(m, m.blocks, x, [0, 1], 21, query=0)
+    x = torch.randn(2, 3, 48, 48)
+    full = model_attention(m, m.blocks, x, [0, 1], 41)
+    row = model_attention(m, m.blocks, x, [0, 1], 41, query=0)
     for i in (0, 1):
-        assert row[i].shape == (2, 2, 1, 21)
+        assert row[i].shape == (2, 2, 1, 41)
         torch.testing.assert_close(row[i], full[i][:, :, :1])
 
 
 @pytest.mark.parametrize("attend", ["uniform", "outliers"])
 def test_class_token_attention_on_planted_outliers_is_known(tmp_path, sample_dir, attend):
-    """Uniform attention gives each of the T = 1 + 4 + 16 tokens 1/T, so the 2 outliers get 2/21 and the 4
-    registers 4/21; attention steered onto the planted tokens puts all the class token's mass on them."""
+    """Uniform attention gives each of the T = 1 + 4 + 36 tokens 1/T, so the 2 outliers get 2/41 and the 4
+    registers 4/41; attention steered onto the planted tokens puts all the class token's mass on them."""
     m = tiny_vit(attend=attend)
     img = sample_dir / "photos" / "cat"
-    s = run_norms([img], tmp_path / attend, models=[m], names=["planted"], image_size=32)
+    s = run_norms([img], tmp_path / attend, models=[m], names=["planted"], image_size=48)
     layers = s["models"][0]["layers"]
     assert [ly["layer"] for ly in layers] == ["blocks.0", "blocks.1"]
     for ly in layers:
         assert ly["outliers_per_image"] == [2] * s["images"] and ly["bimodal"]
         att = ly["cls_attention"]
         if attend == "uniform":
-            assert att["on_outliers"] == pytest.approx(2 / 21, abs=1e-6)
-            assert att["on_registers"] == pytest.approx(4 / 21, abs=1e-6)
-            assert att["on_class"] == pytest.approx(1 / 21, abs=1e-6)
+            assert att["on_outliers"] == pytest.approx(2 / 41, abs=1e-6)
+            assert att["on_registers"] == pytest.approx(4 / 41, abs=1e-6)
+            assert att["on_class"] == pytest.approx(1 / 41, abs=1e-6)
         else:
             assert att["on_outliers"] == pytest.approx(1.0, abs=1e-5)
-        assert att["outlier_token_share"] == pytest.approx(2 / 21)
+        assert att["outlier_token_share"] == pytest.approx(2 / 41)
         assert ly["registers"]["count"] == 4 and ly["registers"]["above_threshold_share"] == 0.0
     with np.load(tmp_path / attend / "norms.npz") as z:
         mask = z["0/blocks.1/outliers"]
-        assert mask.shape == (s["images"], 4, 4) and mask[:, 0, 3].all() and mask[:, 2, 2].all()
+        assert mask.shape == (s["images"], 6, 6) and mask[:, 0, 3].all() and mask[:, 1, 4].all()
         assert z["0/blocks.1/prefix_norms"].shape == (s["images"], 5)
 
 
@@ -190,7 +197,7 @@ def test_cli_on_vits_with_and_without_registers_side_by_side(cli, tmp_path, samp
     reg, plain = s["models"]
     assert reg["tokens"]["register"] == 4 and plain["tokens"]["register"] == 0
     assert reg["layers"][0]["registers"]["count"] == 4 and plain["layers"][0]["registers"] is None
-    assert all(ly["outlier_share"] == pytest.approx(2 / 16) for m in (reg, plain) for ly in m["layers"])
+    assert all(ly["outlier_share"] == pytest.approx(2 / 36) for m in (reg, plain) for ly in m["layers"])
     for f in ("norms_vit_reg4.png", "norms_vit_reg0.png", "outliers_vit_reg4.png", "comparison.png"):
         assert (out / f).stat().st_size > 10_000, f
     man = json.loads((out / "manifest.json").read_text())

@@ -15,7 +15,9 @@ model fits no other, so featviz takes the cutoff from the bimodal split itself:
 - **bimodal**: Otsu splits any histogram, a unimodal one too, so the split counts only where the
   histogram has a valley between the two sides: on a histogram of ``valley_bins(n)`` bins (the
   square-root rule, 8 to 64 bins, so that a few hundred tokens do not make a noisy valley), the
-  lowest bin between the modes of the two sides is below ``DIP`` times the lower of the two modes. Without a
+  lowest bin between the modes of the two sides is below ``DIP`` times the lower of the two modes;
+  and outliers are few: the high side holds at most ``MAX_SHARE`` of the tokens (Darcet et al.
+  count about 2 %; a split into two large groups is two populations, not outliers). Without a
   valley the layer has no outliers (``threshold`` null; ``otsu_threshold`` still says where
   Otsu would have cut);
 - ``threshold=T`` (``--threshold``) replaces both by Darcet et al.'s fixed cutoff, for every layer.
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 OTSU_BINS = 256
 VALLEY_BINS = 64
 DIP = 0.5
+MAX_SHARE = 0.1
 NA = "n/a"
 _BLOCK = re.compile(r"blocks\.(\d+)")
 
@@ -116,7 +119,8 @@ class OutlierSplit:
     threshold: float | None  # None: no outliers (no valley)
     otsu_threshold: float | None
     dip: float | None
-    bimodal: bool | None
+    high_share: float | None  # the share of tokens above Otsu's threshold
+    bimodal: bool | None  # a valley (dip < DIP) and a minority (high_share <= MAX_SHARE)
 
     def to_dict(self) -> dict[str, Any]:
         """As ``norms.json`` records it."""
@@ -125,6 +129,7 @@ class OutlierSplit:
             "threshold": self.threshold,
             "otsu_threshold": self.otsu_threshold,
             "dip": self.dip,
+            "high_share": self.high_share,
             "bimodal": self.bimodal,
         }
 
@@ -132,11 +137,12 @@ class OutlierSplit:
 def outlier_split(norms: np.ndarray, threshold: float | None = None) -> OutlierSplit:
     """The outlier threshold of a layer's patch-token ``norms`` (the module's rule; ``threshold``: fixed)."""
     if threshold is not None:
-        return OutlierSplit("fixed", float(threshold), None, None, None)
+        return OutlierSplit("fixed", float(threshold), None, None, None, None)
     t = otsu_threshold(norms)
     dip = valley_dip(norms, t)
-    bimodal = dip < DIP
-    return OutlierSplit("otsu", t if bimodal else None, t, dip, bimodal)
+    share = float((np.asarray(norms) > t).mean())
+    bimodal = dip < DIP and share <= MAX_SHARE
+    return OutlierSplit("otsu", t if bimodal else None, t, dip, share, bimodal)
 
 
 def outliers(norms: np.ndarray, split: OutlierSplit) -> np.ndarray:
@@ -394,12 +400,13 @@ def rule_text(threshold: float | None) -> dict[str, Any]:
         "otsu_bins": OTSU_BINS,
         "max_valley_bins": VALLEY_BINS,
         "dip": DIP,
+        "max_share": MAX_SHARE,
         "definition": "per layer, over the patch tokens of all images: Otsu's threshold on the L2 norms "
-        f"({OTSU_BINS}-bin histogram, skimage.filters.threshold_otsu's split, taken at the upper edge of "
-        "its bin, i.e. skimage's value + half a bin); outlier = norm above it, only "
-        "when the split is bimodal: on a histogram of sqrt(tokens) bins (8 to "
-        f"{VALLEY_BINS}) the lowest bin between the two sides' "
-        f"modes is below {DIP:g} x the lower mode (else no outliers, threshold null)",
+        f"({OTSU_BINS}-bin histogram, skimage.filters.threshold_otsu's split, taken at the upper edge of its bin, "
+        "i.e. skimage's value + half a bin); outlier = norm above it, only when the split is bimodal: on a "
+        f"histogram of sqrt(tokens) bins (8 to {VALLEY_BINS}) the lowest bin between the two sides' modes is "
+        f"below {DIP:g} x the lower mode, and the high side holds at most {MAX_SHARE:.0%} of the tokens "
+        "(else no outliers, threshold null)",
     }
 
 
