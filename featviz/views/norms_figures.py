@@ -113,6 +113,9 @@ def _curves(ax: Any, stats: Sequence[Any], label: str = "", color: str | None = 
                 markersize=3,
                 label=f"{label}class-token attention on registers".strip(),
             )
+    if not any(isinstance(a, dict) for a in att):
+        note = stats[0].to_dict().get("cls_attention_note", "")
+        ax.text(0.02, 0.95, f"class-token attention: n/a ({note})", transform=ax.transAxes, fontsize=7, va="top")
     ax.set_ylabel("%", fontsize=8)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("relative depth" if relative else "layer", fontsize=8)
@@ -177,8 +180,8 @@ def model_figure(
     if n_img:
         sub = grid[1:, :].subgridspec(img_rows, per_row)
         s = stats[show]
-        for i in range(n_img):
-            ax = fig.add_subplot(sub[i // per_row, i % per_row])
+        for k, i in enumerate(_spread(len(rgbs), n_img)):
+            ax = fig.add_subplot(sub[k // per_row, k % per_row])
             _image_cell(ax, rgbs[i], s, i, f"{_short(ids[i])} · {int(s.mask[i].sum())} outliers")
     fig.suptitle(_title(summary, stats[show]), fontsize=9)
     fig.savefig(path, dpi=100)
@@ -192,6 +195,11 @@ def _title(summary: dict[str, Any], s: Any) -> str:
         f"{summary['name']} ({summary['arch']}) · {summary['image_size'][0]}x{summary['image_size'][1]}{regs} · "
         f"maps: {s.layer.name}, log token norm (inferno), outliers outlined (cyan)"
     )
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` image indices spread evenly over ``n`` (the first and the last included)."""
+    return [int(i) for i in np.linspace(0, n - 1, k).round()] if k > 1 else list(range(k))
 
 
 def _short(text: str, n: int = 24) -> str:
@@ -246,9 +254,9 @@ def comparison_figure(
         _curves(curves[j], stats, relative=True)
         curves[j].legend(fontsize=6, frameon=False)
         top = max(top, *curves[j].get_ylim())
-        for i in range(n_img):
+        for k, i in enumerate(_spread(len(rgbs), n_img)):
             _image_cell(
-                fig.add_subplot(grid[2 + i, j]),
+                fig.add_subplot(grid[2 + k, j]),
                 rgbs[i],
                 stats[show],
                 i,
