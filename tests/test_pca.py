@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from featviz.errors import DataError, OutputExistsError
 from featviz.views.pca import patch_pca, run_pca

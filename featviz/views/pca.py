@@ -119,6 +119,16 @@ def first_component(
     return first, first_mean, score, float(p1.explained_variance_ratio_[0]), flipped
 
 
+def rgb_of(colours: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(patches, k) colours in [0, 1] as (patches, 3) RGB: components 1-3 (one: grey), background black."""
+    rgb = np.zeros((len(colours), 3), np.float32)
+    rgb[:, : min(3, colours.shape[1])] = colours[:, :3]
+    if colours.shape[1] == 1:
+        rgb[:] = colours[:, :1]
+    rgb[~fg] = 0
+    return rgb
+
+
 def patch_pca(
     features: np.ndarray,
     *,
@@ -158,12 +168,7 @@ def patch_pca(
     p2 = PCA(n_components=components, random_state=seed).fit(x[fg])
     proj = p2.transform(x).astype(np.float32)
     lo, hi = proj[fg].min(axis=0), proj[fg].max(axis=0)
-    colours = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
-    rgb = np.zeros((len(x), 3), np.float32)
-    rgb[:, : min(3, components)] = colours[:, :3]
-    if components == 1:
-        rgb[:] = colours[:, :1]
-    rgb[~fg] = 0
+    rgb = rgb_of(np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1), fg)
     return PatchPca(
         rgb.reshape(n, h, w, 3),
         proj.reshape(n, h, w, components),

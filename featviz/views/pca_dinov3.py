@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from featviz.errors import DataError
-from featviz.views.pca import PatchPca, first_component, patch_matrix
+from featviz.views.pca import PatchPca, first_component, patch_matrix, rgb_of
 
 SIGMOID_GAIN = 2.0
 MEDIAN_KERNEL = 3
@@ -99,12 +99,7 @@ def dinov3_pca(
         )
     pca = PCA(n_components=components, whiten=True, random_state=seed).fit(x[fg])
     proj = pca.transform(x).astype(np.float32)
-    colours = 1.0 / (1.0 + np.exp(-SIGMOID_GAIN * proj))
-    rgb = np.zeros((len(x), 3), np.float32)
-    rgb[:, : min(3, components)] = colours[:, :3]
-    if components == 1:
-        rgb[:] = colours[:, :1]
-    rgb[~fg] = 0
+    rgb = rgb_of(1.0 / (1.0 + np.exp(-SIGMOID_GAIN * proj)), fg)
     return PatchPca(
         rgb.reshape(n, h, w, 3),
         proj.reshape(n, h, w, components),
