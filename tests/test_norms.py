@@ -160,9 +160,11 @@ def test_class_token_attention_on_planted_outliers_is_known(tmp_path, sample_dir
     registers 4/41; attention steered onto the planted tokens puts all the class token's mass on them."""
     m = tiny_vit(attend=attend)
     img = sample_dir / "photos" / "cat"
-    s = run_norms([img], tmp_path / attend, models=[m], names=["planted"], image_size=48)
+    s = run_norms([img], tmp_path / attend, models=[m], names=["planted"], image_size=48,
+                  layers=["blocks.0", "blocks[-1]", "blocks.1"], map_layer="blocks.-1")
     layers = s["models"][0]["layers"]
-    assert [ly["layer"] for ly in layers] == ["blocks.0", "blocks.1"]
+    assert [ly["layer"] for ly in layers] == ["blocks.0", "blocks.1"]  # canonical names, each once
+    assert s["models"][0]["map_layer"] == "blocks.1"
     for ly in layers:
         assert ly["outliers_per_image"] == [2] * s["images"] and ly["bimodal"]
         att = ly["cls_attention"]

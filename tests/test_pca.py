@@ -190,7 +190,7 @@ def dinov3_notebook(feats, fg_scores):
 
 
 def test_dinov3_recipe_equals_the_notebook_transcribed():
-    from featviz.views.pca_dinov3 import dinov3_pca
+    from featviz.views.pca import dinov3_pca
 
     feats, obj = object_maps(seed=5)
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def test_dinov3_recipe_equals_the_notebook_transcribed():
 def test_dinov3_recipe_without_masks_median_filters_the_first_component_rule():
     from scipy.signal import medfilt2d
 
-    from featviz.views.pca_dinov3 import dinov3_pca
+    from featviz.views.pca import dinov3_pca
 
     feats, obj = object_maps(seed=6)
     v2 = patch_pca(feats)  # DINOv2's first-component foreground, before the notebook's median filter

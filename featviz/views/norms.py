@@ -228,7 +228,7 @@ def token_norms(
     from featviz.models.features import layer_tokens, resolve_layer, token_layout
     from featviz.views.attention_probs import model_attention
 
-    names = [resolve_layer(model, n)[0] for n in layers]
+    names = list(dict.fromkeys(resolve_layer(model, n)[0] for n in layers))  # canonical, each once, in order
     layout = token_layout(model, hw)
     pairs, note = _attention_blocks(model, names, layout)
     blocks = sorted(set(pairs.values()))
@@ -455,7 +455,7 @@ def run_norms(
         DataError: bad options, no images, a layer without a spatial map.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
-    from featviz.models.features import arch_name, input_size
+    from featviz.models.features import arch_name, input_size, resolve_layer
     from featviz.views.norms_figures import comparison_figure, model_figure, outlier_sheet
 
     if not models:
@@ -474,7 +474,7 @@ def run_norms(
         wanted = list(layers) if layers else default_layers(model)
         mn, rgbs = token_norms(runner, model, wanted, hw=hw, batch_size=batch_size, keep_images=sheet_images)
         stats = layer_stats(mn, threshold)
-        show = shown_layer(stats, map_layer)
+        show = shown_layer(stats, None if map_layer is None else resolve_layer(model, map_layer)[0])
         if mn.attention_note and mn.layout is not None:
             warnings.append(f"{names[k]}: class-token attention n/a: {mn.attention_note}")
             log.warning(warnings[-1])

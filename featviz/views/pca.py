@@ -187,6 +187,99 @@ def patch_pca(
     )
 
 
+# ------------------------------------------------------------------ DINOv3's recipe
+SIGMOID_GAIN = 2.0
+MEDIAN_KERNEL = 3
+FOREGROUND_CUT = 0.5
+
+
+def filtered_foreground(score: np.ndarray) -> np.ndarray:
+    """(N, h, w) scores -> foreground: each image's median filter (kernel 3, scipy's), then > 0.5."""
+    from scipy.signal import medfilt2d
+
+    return np.stack([medfilt2d(np.asarray(s, np.float64), kernel_size=MEDIAN_KERNEL) for s in score]) > FOREGROUND_CUT
+
+
+def dinov3_pca(
+    features: np.ndarray,
+    *,
+    foreground_score: np.ndarray | None = None,
+    foreground: str = "auto",
+    components: int = 3,
+    threshold: float = 0.0,
+    seed: int = 0,
+) -> PatchPca:
+    """DINOv3's notebook recipe on (N, C, h, w) maps, fitted jointly (``--recipe dinov3``).
+
+    facebookresearch/dinov3 ``notebooks/pca.ipynb`` (the paper's rainbow-coloured objects), per
+    image: the last layer's features with the final norm; a foreground score per patch (a logistic
+    regression trained on mask-labelled patches in its ``foreground_segmentation`` notebook),
+    ``scipy.signal.medfilt2d(score, 3) > 0.5``; ``PCA(3, whiten=True)`` fitted on the foreground;
+    every patch projected, ``sigmoid(2·x)`` as RGB, background black. featviz's two named
+    differences: the fit is on the foreground patches of **all images together** (with one image,
+    the notebook), and the **score** (the notebook's classifier is not available offline) is
+    ``foreground_score`` (``--mask-dir``'s masks averaged per patch, the very labels that
+    classifier was trained on) or, without it, ``foreground="auto"``: the first-component rule
+    (``first_component`` > ``threshold``) as 0/1; ``"none"`` keeps every patch. The median filter
+    and the 0.5 cut apply in every case, as in the notebook.
+
+    Args:
+        features: The patch features.
+        foreground_score: (N, h, w) scores in [0, 1] (masks averaged per patch); None: ``foreground``.
+        foreground: Without scores: ``auto`` (first principal component > ``threshold``) or ``none``.
+        components: Whitened components fitted; the first three are R, G, B.
+        threshold: The first-component cut of ``foreground="auto"``.
+        seed: The PCAs' random state.
+
+    Raises:
+        DataError: bad shapes/options, too few patches, or fewer foreground patches than components.
+    """
+    from sklearn.decomposition import PCA
+
+    x = patch_matrix(features, components)
+    n, _, h, w = features.shape
+    first = first_mean = first_score = None
+    evr1 = thr = None
+    flipped = False
+    if foreground_score is not None:
+        if foreground_score.shape != (n, h, w):
+            raise DataError(f"foreground scores have shape {foreground_score.shape}, the features {(n, h, w)}")
+        fg = filtered_foreground(foreground_score)
+    elif foreground == "auto":
+        first, first_mean, first_score, evr1, flipped = first_component(x, (n, h, w), threshold=threshold, seed=seed)
+        thr = float(threshold)
+        fg = filtered_foreground((first_score > threshold).astype(np.float64))
+    elif foreground == "none":
+        fg = np.ones((n, h, w), bool)
+    else:
+        raise DataError(f"--foreground {foreground!r}: expected auto or none")
+    fg = fg.reshape(-1)
+    if fg.sum() <= components:
+        raise DataError(
+            f"only {int(fg.sum())} of {len(x)} patches are foreground, too few for {components} whitened "
+            "components; check the masks (white = foreground), or use --foreground none"
+        )
+    pca = PCA(n_components=components, whiten=True, random_state=seed).fit(x[fg])
+    proj = pca.transform(x).astype(np.float32)
+    rgb = rgb_of(1.0 / (1.0 + np.exp(-SIGMOID_GAIN * proj)), fg)
+    return PatchPca(
+        rgb.reshape(n, h, w, 3),
+        proj.reshape(n, h, w, components),
+        fg.reshape(n, h, w),
+        pca.components_.astype(np.float32),
+        pca.mean_.astype(np.float32),
+        pca.explained_variance_.astype(np.float32),
+        pca.explained_variance_ratio_.astype(np.float32),
+        first,
+        first_mean,
+        first_score,
+        evr1,
+        thr,
+        flipped,
+        np.array([[-np.inf] * components, [np.inf] * components], np.float32),
+    )
+
+
 # ------------------------------------------------------------------ features of images
 def feature_maps(
     runner: ViewRunner,
@@ -290,7 +383,7 @@ def run_pca(
     ``projections`` (N, h, w, k), ``foreground`` (N, h, w), ``rgb`` (N, h, w, 3), the first PCA's
     ``first_component``/``first_mean``/``first_score``, ``ids``) and ``manifest.json``.
 
-    ``recipe="dinov3"`` is DINOv3's notebook recipe instead (``views.pca_dinov3``): foreground from
+    ``recipe="dinov3"`` is DINOv3's notebook recipe instead (``dinov3_pca``): foreground from
     ``mask_dir``'s masks, or ``foreground``'s rule, median-filtered; a whitened PCA on the foreground
     patches of all images; ``sigmoid(2·x)`` colours. ``pca.npz`` then also has ``foreground_score``.
 
@@ -323,7 +416,7 @@ def run_pca(
     )
     score = None
     if recipe == "dinov3":
-        from featviz.views.pca_dinov3 import dinov3_pca, mask_scores
+        from featviz.views.pca_masks import mask_scores
 
         if mask_dir is not None:
             score = mask_scores(mask_dir, files, ids, hw=hw, grid=(maps.shape[2], maps.shape[3]))
