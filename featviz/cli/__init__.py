@@ -19,6 +19,7 @@ from featviz.cli import (  # noqa: F401 - registers the commands
     demo,
     embed,
     knn,
+    norms,
     pca,
     probe,
     similarity,
@@ -31,7 +32,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "sample-data"),
     "Checkpoints": ("inspect", "layers", "convert", "train"),
     "Features and maps": ("embed", "tsne", "pca", "similarity", "knn", "probe"),
-    "Where the model looks": ("cam", "attention", "crops"),
+    "Where the model looks": ("cam", "attention", "norms", "crops"),
     "Collapse": ("collapse",),
 }
 
