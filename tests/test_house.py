@@ -114,7 +114,13 @@ def read_only(tmp_path, monkeypatch):
 
 
 def _refuses_to_compute(monkeypatch):
-    """Any model load means work started before the output was checked."""
+    """Any model load means work started before the output was checked.
+
+    The modules that bind ``build_backbone`` by name at import are imported first, so the patch never
+    leaks into them (a first import under the patch would keep ``boom`` for the rest of the session).
+    """
+    import featviz.models.checkpoints.backbone
+    import featviz.models.checkpoints.classifier_layouts  # noqa: F401
     from featviz.models import architectures as models
     from featviz.models import checkpoints, loader
 
