@@ -322,15 +322,21 @@ def cknna(x: Any, y: Any, k: int = 10, *, normalize: bool = False) -> float:
 
 
 # ------------------------------------------------------------------ SVCCA
-def _sv_reduce(x: np.ndarray, dims: int | None, variance: float) -> np.ndarray:
-    """(N, k): the data projected on its top singular directions (google/svcca's ``svacts``, transposed)."""
-    c = x.astype(np.float64) - x.mean(0, dtype=np.float64)
-    _, s, vt = np.linalg.svd(c.T, full_matrices=False)  # acts (D, N) = U S Vᵀ
+def sv_reduce(x: Any, *, dims: int | None = None, variance: float = 0.99) -> np.ndarray:
+    """(N, k): ``x`` centred and projected on its top ``k`` singular directions (google/svcca's ``svacts``, transposed).
+
+    ``k`` is ``dims``, or the fewest directions whose squared singular values reach ``variance`` of
+    the total. Computed from the (D, D) scatter matrix, so its cost does not grow with N².
+    """
+    a = as_array(x)
+    c = a.astype(np.float64) - a.mean(0, dtype=np.float64)
+    w, v = np.linalg.eigh(c.T @ c)  # s² and the right singular vectors, ascending
+    w, v = np.clip(w[::-1], 0.0, None), v[:, ::-1]
     if dims is None:
-        energy = np.cumsum(s**2) / max(float((s**2).sum()), 1e-300)
+        energy = np.cumsum(w) / max(float(w.sum()), 1e-300)
         dims = int(np.searchsorted(energy, variance - 1e-12) + 1)
-    dims = max(1, min(int(dims), int((s > s[0] * 1e-10).sum()) if s[0] > 0 else 1))
-    return (s[:dims, None] * vt[:dims]).T
+    rank = int((w > w[0] * 1e-20).sum()) if w[0] > 0 else 1
+    return c @ v[:, : max(1, min(int(dims), rank))]
 
 
 def canonical_correlations(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -353,7 +359,7 @@ def svcca(x: Any, y: Any, *, dims: int | None = None, variance: float = 0.99) ->
     a, b = _pair(x, y)
     if not 0 < variance <= 1:
         raise DataError(f"variance must be in (0, 1], got {variance}")
-    ra, rb = _sv_reduce(a, dims, variance), _sv_reduce(b, dims, variance)
+    ra, rb = sv_reduce(a, dims=dims, variance=variance), sv_reduce(b, dims=dims, variance=variance)
     if max(ra.shape[1], rb.shape[1]) >= len(a):
         raise DataError(f"SVCCA keeps {max(ra.shape[1], rb.shape[1])} directions of {len(a)} rows; it needs more "
                         "rows than directions (pass fewer dims, or more inputs)")
