@@ -76,8 +76,11 @@ def nguyen_hsic1(k, l):  # noqa: E741 - the paper's eq. (2): 1/(n(n-3)) [tr(K~L~
     np.fill_diagonal(kt, 0)
     np.fill_diagonal(lt, 0)
     one = np.ones(n)
-    return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+    return (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one @ kt @ lt @ one)
+    ) / (n * (n - 3))
 
 
 def nguyen_cka_minibatch(xs, ys):
@@ -251,7 +254,177 @@ def test_measures_accept_torch_and_refuse_bad_shapes():
 
 
 def test_package_exports_lazily_without_torch():
-    code = ("import sys, numpy as np, featviz.compare as c; x = np.random.rand(20, 3); "
-            "print(round(c.cka(x, x), 6), 'torch' in sys.modules)")
+    code = (
+        "import sys, numpy as np, featviz.compare as c; x = np.random.rand(20, 3); "
+        "print(round(c.cka(x, x), 6), 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1.0", "False"]
+
+
+# ------------------------------------------------------------------ layers, pooling, streaming
+def test_auto_layers_and_pooling_follow_the_feature_core():
+    from featviz.models.architectures import build_backbone
+    from featviz.models.features import FeatureExtractor
+    from featviz.models.pooling import LayerTaps, auto_layers
+
+    cnn = build_backbone("resnet18_w16-cifar", seed=0).eval()
+    assert auto_layers(cnn) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    vit = build_backbone("vit_small_patch16_224", seed=0).eval()
+    assert auto_layers(vit) == [f"blocks.{i}" for i in range(12)]
+    assert auto_layers(vit, max_layers=4) == ["blocks.0", "blocks.4", "blocks.7", "blocks.11"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        with LayerTaps(cnn, ["layer1[-1]", "layer3.0"]) as taps:
+            got = taps(x)
+        assert taps.layers == ["layer1.1", "layer3.0"] and set(taps.pooling.values()) == {"global average"}
+        with FeatureExtractor(cnn, "layer3.0") as fx:
+            assert torch.allclose(got[1], fx(x).mean(dim=(2, 3)), atol=1e-6)
+        seen = []
+        handle = vit.blocks[5].register_forward_hook(lambda _m, _i, o: seen.append(o[:, 0].clone()))
+        with LayerTaps(vit, ["blocks.5", "blocks.2"]) as taps:
+            out = taps(x)
+        handle.remove()
+        assert taps.pooling == {"blocks.5": "class token", "blocks.2": "class token"}
+        assert torch.equal(out[0], seen[0])
+
+
+def _json(res):
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_cli_simsiam_against_its_random_init_on_digits(cli, tmp_path, sample_dir, one_thread):
+    from featviz.compare.stream import sample_order
+
+    ckpt = sample_dir / "checkpoints" / "simsiam_digits.safetensors"
+    out = tmp_path / "cmp"
+    s = _json(
+        cli(
+            "compare",
+            "-c",
+            ckpt,
+            "-c",
+            "random",
+            "--images",
+            "digits",
+            "--batches",
+            "3",
+            "-b",
+            "40",
+            "--measure",
+            "cka,mknn,cknna,svcca",
+            "--k",
+            "5",
+            "--html",
+            "-o",
+            out,
+            "--json",
+        )
+    )
+    assert s["mode"] == "between" and s["n_images"] == 120
+    assert [m["name"] for m in s["models"]] == ["simsiam_digits", "resnet18_w16-cifar (random init)"]
+    assert s["models"][1]["random_init"] and s["models"][1]["arch"] == s["models"][0]["arch"]
+    assert s["rows"] == s["cols"] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert set(s["models"][0]["pooling"].values()) == {"global average"}
+    p = s["protocol"]
+    assert (p["batch_size"], p["batches"], p["k"], p["image_size"]) == (40, 3, 5, [16, 16])
+    assert p["knn_accuracy"]["folds"] == 5 and len(s["knn"]) == 2 and len(s["knn"][0]["top1"]) == 8
+    for name in ("compare.png", "compare.json", "compare.npz", "manifest.json", "compare.html"):
+        assert (out / name).is_file()
+    with np.load(out / "compare.npz") as z:
+        a = [z[f"pooled/a/{n}"] for n in s["rows"]]
+        b = [z[f"pooled/b/{n}"] for n in s["cols"]]
+        ids, labels = list(z["ids"]), z["labels"]
+    assert ids == [f"digits/{i}" for i in sorted(sample_order(1797, batch_size=40, batches=3, seed=0))]
+    assert (labels >= 0).all()
+    # every number of the JSON is the library's measure of the pooled vectors
+    m = s["measures"]
+    assert m["mknn"][2][5] == pytest.approx(M.mutual_knn(a[2], b[5], 5, normalize=True), abs=1e-6)
+    assert m["cknna"][7][1] == pytest.approx(M.cknna(a[7], b[1], 5, normalize=True), abs=1e-6)
+    assert m["svcca"][3][3] == pytest.approx(M.svcca(a[3], b[3]), abs=1e-6)
+    # and CKA is Nguyen et al.'s over the same random minibatches
+    order = sample_order(1797, batch_size=40, batches=3, seed=0)
+    row = {v: i for i, v in enumerate(sorted(order))}
+    batches = [[row[v] for v in order[i : i + 40]] for i in range(0, 120, 40)]
+    want = nguyen_cka_minibatch(
+        [a[0][r].astype(np.float64) for r in batches], [b[6][r].astype(np.float64) for r in batches]
+    )
+    assert m["cka"][0][6] == pytest.approx(want, abs=1e-5)
+    assert "Bokeh" in (out / "compare.html").read_text()[:5000] or "bokeh" in (out / "compare.html").read_text()
+
+
+def test_cli_within_one_vit_pools_the_class_token(cli, tmp_path, one_thread):
+    s = _json(
+        cli(
+            "compare",
+            "--arch",
+            "vit_small_patch16_224",
+            "--images",
+            "digits",
+            "--image-size",
+            "32",
+            "--layers",
+            "blocks.0,blocks.6,blocks.11",
+            "--batches",
+            "2",
+            "-b",
+            "32",
+            "-o",
+            tmp_path / "v",
+            "--json",
+        )
+    )
+    assert s["mode"] == "within" and s["rows"] == s["cols"] == ["blocks.0", "blocks.6", "blocks.11"]
+    assert s["models"][0]["pooling"] == dict.fromkeys(s["rows"], "class token")
+    cka = np.array(s["measures"]["cka"])
+    assert np.allclose(np.diag(cka), 1.0) and np.allclose(cka, cka.T)
+    assert sorted(s["measures"]) == ["cka", "cknna", "mknn"]
+
+
+def _emb(path, feats, ids, labels):
+    from featviz.io.artifacts import Embeddings
+
+    Embeddings(feats, labels, [str(i) for i in range(3)], np.array(ids)).save(path)
+    return path
+
+
+def test_npz_form_reorders_by_ids_and_refuses_other_images(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 12)).astype(np.float32)
+    labels = np.repeat([0, 1, 2], 30)
+    x[np.arange(90), labels] += 5.0  # one direction per class: cosine k-NN separates them
+    ids = [f"img{i}.png" for i in range(90)]
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    perm = rng.permutation(90)
+    a = _emb(tmp_path / "a.npz", x, ids, labels)
+    b = _emb(tmp_path / "b.npz", (2.0 * x @ q)[perm], [ids[i] for i in perm], labels[perm])
+    s = _json(cli("compare", a, b, "-o", tmp_path / "ab", "--measure", "cka,mknn,svcca", "--json"))
+    assert s["rows"] == ["a", "b"]
+    m = s["measures"]
+    assert m["cka"][0][1] == pytest.approx(1.0, abs=1e-5)  # the same features up to rotation and scale
+    assert m["mknn"][0][1] == pytest.approx(1.0, abs=1e-6)
+    assert m["svcca"][0][1] == pytest.approx(1.0, abs=1e-5)
+    assert s["knn"][0]["layers"] == ["a", "b"] and s["knn"][0]["top1"][0] > 0.9
+    c = _emb(tmp_path / "c.npz", x[:80], ids[:80], labels[:80])
+    res = cli("compare", a, c, "-o", tmp_path / "ac")
+    assert res.exit_code == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "hold different images" in lines[0] and "90 vs 80 rows" in lines[0]
+    assert not (tmp_path / "ac").exists()
+
+
+def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
+    res = cli("compare", "--images", "digits", "-o", tmp_path / "x")
+    assert res.exit_code == 1 and "--arch for a randomly initialised model" in res.stderr
+    res = cli(
+        "compare", "--arch", "resnet18_w16-cifar", "--images", "digits", "--measure", "cka,nope", "-o", tmp_path / "x"
+    )
+    assert res.exit_code == 1 and "cka, mknn, cknna, svcca" in res.stderr
+    res = cli("compare", "-c", "random", "--images", "digits", "-o", tmp_path / "x")
+    assert res.exit_code == 1 and "random:ARCH" in res.stderr
+    res = cli(
+        "compare", "--arch", "resnet18_w16-cifar", "--images", "digits", "--layers", "layer9", "-o", tmp_path / "x"
+    )
+    assert res.exit_code == 1 and "no layer 'layer9'" in res.stderr
+    assert not (tmp_path / "x").exists()

@@ -58,7 +58,8 @@ def compare(
     ] = "cka,mknn,cknna",
     k: Annotated[int, typer.Option("--k", min=2, help="Neighbours of mutual k-NN and CKNNA (platonic-rep: 10).")] = 10,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=4, help="Images per minibatch: the unbiased HSIC's and the forward's.")
+        int,
+        typer.Option("--batch-size", "-b", min=4, help="Images per minibatch: the unbiased HSIC's and the forward's."),
     ] = 256,
     batches: Annotated[
         int | None,
@@ -91,8 +92,18 @@ def compare(
                 raise _usage("give embeddings files, or --checkpoint/--arch with --images, not both")
             if len(set(names)) < len(names):
                 names = [str(p) for p in inputs]
-            result = lib.run_compare_files(inputs, out_dir, names=names, measures=measure, k=k, seed=seed, html=html,
-                                           force=force, arguments=command_arguments(), progress=_progress("compare"))
+            result = lib.run_compare_files(
+                inputs,
+                out_dir,
+                names=names,
+                measures=measure,
+                k=k,
+                seed=seed,
+                html=html,
+                force=force,
+                arguments=command_arguments(),
+                progress=_progress("compare"),
+            )
         else:
             if images is None:
                 raise _usage("give --images (a folder, a CSV or 'digits') with --checkpoint/--arch, or .npz files")
@@ -103,14 +114,28 @@ def compare(
             lib.parse_measures(measure)
             lib.check_outputs(out_dir, force=force)  # before loading anything
             load = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
-            sides = load_sides(checkpoints or [], arch=arch, layers=layers, layers_b=layers_b, seed=seed,
-                               load_kwargs=load)
+            sides = load_sides(
+                checkpoints or [], arch=arch, layers=layers, layers_b=layers_b, seed=seed, load_kwargs=load
+            )
             hw = common_size(sides, image_size)
             src = labelled_images(images, image_size=hw[0])
-            result = lib.run_compare(sides, src, out_dir, measures=lib.parse_measures(measure), k=k, hw=hw,
-                                     center_crop=center_crop, batch_size=batch_size, batches=batches, seed=seed,
-                                     device=resolve_device(device), html=html, force=force,
-                                     arguments=command_arguments(), progress=_progress("compare"))
+            result = lib.run_compare(
+                sides,
+                src,
+                out_dir,
+                measures=lib.parse_measures(measure),
+                k=k,
+                hw=hw,
+                center_crop=center_crop,
+                batch_size=batch_size,
+                batches=batches,
+                seed=seed,
+                device=resolve_device(device),
+                html=html,
+                force=force,
+                arguments=command_arguments(),
+                progress=_progress("compare"),
+            )
     if as_json:
         _echo_json(result.to_dict())
         return

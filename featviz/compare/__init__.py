@@ -14,8 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-_MEASURES = ("cka", "cka_minibatch", "hsic_unbiased", "MinibatchCKA", "mutual_knn", "cknna", "svcca", "Neighbours",
-             "knn_indices")
+_MEASURES = (
+    "cka",
+    "cka_minibatch",
+    "hsic_unbiased",
+    "MinibatchCKA",
+    "mutual_knn",
+    "cknna",
+    "svcca",
+    "Neighbours",
+    "knn_indices",
+)
 
 __all__ = list(_MEASURES)
 

@@ -44,8 +44,11 @@ def as_array(x: Any, *, what: str = "features") -> np.ndarray:
         DataError: not 2-D, empty, or with NaN/Inf.
     """
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor: no torch import needed here
-        x = x.detach().float().cpu().numpy() if str(getattr(x, "dtype", "")) in ("torch.bfloat16", "torch.float16") \
+        x = (
+            x.detach().float().cpu().numpy()
+            if str(getattr(x, "dtype", "")) in ("torch.bfloat16", "torch.float16")
             else x.detach().cpu().numpy()
+        )
     a = np.asarray(x)
     if a.dtype != np.float64:
         a = a.astype(np.float32)
@@ -361,8 +364,10 @@ def svcca(x: Any, y: Any, *, dims: int | None = None, variance: float = 0.99) ->
         raise DataError(f"variance must be in (0, 1], got {variance}")
     ra, rb = sv_reduce(a, dims=dims, variance=variance), sv_reduce(b, dims=dims, variance=variance)
     if max(ra.shape[1], rb.shape[1]) >= len(a):
-        raise DataError(f"SVCCA keeps {max(ra.shape[1], rb.shape[1])} directions of {len(a)} rows; it needs more "
-                        "rows than directions (pass fewer dims, or more inputs)")
+        raise DataError(
+            f"SVCCA keeps {max(ra.shape[1], rb.shape[1])} directions of {len(a)} rows; it needs more "
+            "rows than directions (pass fewer dims, or more inputs)"
+        )
     return float(canonical_correlations(ra, rb).mean())
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 CMAP = "magma"
 ANNOTATE_MAX = 12  # write values in the cells up to this many rows and columns
+TITLES = {"cka": "linear CKA", "mknn": "mutual k-NN", "cknna": "CKNNA", "svcca": "SVCCA"}
 
 
 def _axis_names(result: Any) -> tuple[str, str]:
@@ -38,7 +39,7 @@ def _title(result: Any) -> str:
 
 
 def _short(name: str, width: int = 18) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def draw_png(result: Any, path: str | os.PathLike) -> None:
@@ -68,13 +69,14 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
         ax.set_xlabel(xlab, fontsize=9)
         ax.set_ylabel(ylab, fontsize=9)
         extra = f" (k={result.protocol['k']})" if name in ("mknn", "cknna") else ""
-        ax.set_title(f"{_titles()[name]}{extra}", fontsize=10)
+        ax.set_title(f"{TITLES[name]}{extra}", fontsize=10)
         if max(n_r, n_c) <= ANNOTATE_MAX:
             for i in range(n_r):
                 for j in range(n_c):
                     v = mat[i, j]
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
-                            color="black" if v > 0.6 else "white")
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="black" if v > 0.6 else "white"
+                    )
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     if result.knn:
         ax = axes[0][panels - 1]
@@ -82,8 +84,9 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
             x = np.arange(len(curve["layers"]))
             ax.plot(x, 100 * np.asarray(curve["top1"]), marker="o", lw=1.8, ms=4, label=curve["model"])
         longest = max(result.knn, key=lambda c: len(c["layers"]))
-        ax.set_xticks(range(len(longest["layers"])), [_short(n) for n in longest["layers"]], rotation=60, ha="right",
-                      fontsize=fs)
+        ax.set_xticks(
+            range(len(longest["layers"])), [_short(n) for n in longest["layers"]], rotation=60, ha="right", fontsize=fs
+        )
         ax.set_ylabel("k-NN top-1 accuracy (%)", fontsize=9)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
@@ -91,15 +94,9 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
         ax.set_title(f"k-NN accuracy per layer (k={result.knn[0]['k']}, {p.get('folds', 5)}-fold)", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(_title(result), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _titles() -> dict[str, str]:
-    from featviz.compare.run import TITLES
-
-    return TITLES
 
 
 def write_page(result: Any, path: str | os.PathLike) -> None:
@@ -118,30 +115,56 @@ def write_page(result: Any, path: str | os.PathLike) -> None:
     size = max(320, min(640, 28 * max(len(rows), len(cols)) + 160))
     for name, mat in result.matrices.items():
         ii, jj = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
-        src = ColumnDataSource({"row": [rows[i] for i in ii.ravel()], "col": [cols[j] for j in jj.ravel()],
-                                "value": mat.ravel().tolist()})
-        f = figure(title=_titles()[name], x_range=cols, y_range=rows, width=size + 60, height=size,
-                   tools="hover,save,reset", toolbar_location="above", x_axis_label=xlab, y_axis_label=ylab)
+        src = ColumnDataSource(
+            {"row": [rows[i] for i in ii.ravel()], "col": [cols[j] for j in jj.ravel()], "value": mat.ravel().tolist()}
+        )
+        f = figure(
+            title=TITLES[name],
+            x_range=cols,
+            y_range=rows,
+            width=size + 60,
+            height=size,
+            tools="hover,save,reset",
+            toolbar_location="above",
+            x_axis_label=xlab,
+            y_axis_label=ylab,
+        )
         f.rect("col", "row", 1, 1, source=src, fill_color={"field": "value", "transform": cmap}, line_color=None)
         f.select_one(HoverTool).tooltips = [(ylab, "@row"), (xlab, "@col"), (name, "@value{0.000}")]
         f.xaxis.major_label_orientation = 1.0
         f.add_layout(ColorBar(color_mapper=cmap, ticker=BasicTicker(desired_num_ticks=6)), "right")
         figs.append(f)
     if result.knn:
-        f = figure(title="k-NN top-1 accuracy per layer (%)", x_range=list(result.knn[0]["layers"]), width=size,
-                   height=size, tools="hover,save,reset", toolbar_location="above", y_range=(0, 100))
+        f = figure(
+            title="k-NN top-1 accuracy per layer (%)",
+            x_range=list(result.knn[0]["layers"]),
+            width=size,
+            height=size,
+            tools="hover,save,reset",
+            toolbar_location="above",
+            y_range=(0, 100),
+        )
         for curve, color in zip(result.knn, ("#1f77b4", "#ff7f0e", "#2ca02c"), strict=False):
-            src = ColumnDataSource({"layer": curve["layers"], "top1": [100 * v for v in curve["top1"]],
-                                    "model": [curve["model"]] * len(curve["layers"])})
+            src = ColumnDataSource(
+                {
+                    "layer": curve["layers"],
+                    "top1": [100 * v for v in curve["top1"]],
+                    "model": [curve["model"]] * len(curve["layers"]),
+                }
+            )
             f.line("layer", "top1", source=src, color=color, line_width=2, legend_label=curve["model"])
             f.scatter("layer", "top1", source=src, color=color, size=7)
         f.select_one(HoverTool).tooltips = [("model", "@model"), ("layer", "@layer"), ("top-1 %", "@top1{0.0}")]
         f.xaxis.major_label_orientation = 1.0
         f.legend.location = "bottom_right"
         figs.append(f)
-    head = Div(text=f"<h2>featviz compare</h2><p>{_html.escape(_title(result))}; "
-                    f"{_html.escape(result.protocol.get('cka', ''))}</p>")
-    page = file_html(column(head, row(*figs)), INLINE, title="featviz compare")
+    head = Div(
+        text=f"<h2>featviz compare</h2><p>{_html.escape(_title(result))}; "
+        f"{_html.escape(result.protocol.get('cka', ''))}</p>"
+    )
+    page = file_html(
+        column(head, *[row(*figs[i : i + 3]) for i in range(0, len(figs), 3)]), INLINE, title="featviz compare"
+    )
     from featviz.io.outputs import write_text
 
     write_text(path, page)

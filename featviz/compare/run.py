@@ -33,7 +33,6 @@ from featviz.errors import DataError
 
 MEASURES = ("cka", "mknn", "cknna", "svcca")
 DEFAULT_MEASURES = ("cka", "mknn", "cknna")
-TITLES = {"cka": "linear CKA", "mknn": "mutual k-NN", "cknna": "CKNNA", "svcca": "SVCCA"}
 FOLDS = 5
 KNN_K = 20
 KNN_T = 0.07
@@ -74,21 +73,37 @@ class CompareResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The summary (``compare.json`` and ``--json``)."""
-        return {"models": self.models, "mode": "within" if self.within else "between",
-                "rows": self.rows, "cols": self.cols, "n_images": self.n_images,
-                "measures": {k: np.round(v, 6).tolist() for k, v in self.matrices.items()},
-                "knn": self.knn, "protocol": self.protocol, "files": self.files, "seconds": round(self.seconds, 2)}
+        return {
+            "models": self.models,
+            "mode": "within" if self.within else "between",
+            "rows": self.rows,
+            "cols": self.cols,
+            "n_images": self.n_images,
+            "measures": {k: np.round(v, 6).tolist() for k, v in self.matrices.items()},
+            "knn": self.knn,
+            "protocol": self.protocol,
+            "files": self.files,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 # ------------------------------------------------------------------ measures of pooled vectors
-def _knn_pairs(measure: str, rows: list[np.ndarray], cols: list[np.ndarray] | None, k: int,
-               progress: Callable[..., Iterable] | None) -> np.ndarray:
-    """mutual k-NN or CKNNA of every pair, each side's neighbour lists found once (rows L2-normalised)."""
+def _knn_pairs(
+    measure: str,
+    rows: list[np.ndarray],
+    cols: list[np.ndarray] | None,
+    k: int,
+    progress: Callable[..., Iterable] | None,
+) -> np.ndarray:
+    """Mutual k-NN or CKNNA of every pair, each side's neighbour lists found once (rows L2-normalised)."""
     sides = rows if cols is None else rows + cols
-    it = range(len(sides)) if progress is None else progress(range(len(sides)), total=len(sides),
-                                                               description=f"neighbours ({measure})")
+    it = (
+        range(len(sides))
+        if progress is None
+        else progress(range(len(sides)), total=len(sides), description=f"neighbours ({measure})")
+    )
     nb = [M.Neighbours(sides[i], k, normalize=True) for i in it]
-    rn, cn = nb[: len(rows)], nb[len(rows):] if cols is not None else nb
+    rn, cn = nb[: len(rows)], nb[len(rows) :] if cols is not None else nb
     if measure == "mknn":
         return np.array([[M.mutual_knn_of(a, b) for b in cn] for a in rn])
     selfs = {id(n): M.cknna_self(n) for n in nb}
@@ -97,22 +112,30 @@ def _knn_pairs(measure: str, rows: list[np.ndarray], cols: list[np.ndarray] | No
 
 def _svcca_pairs(rows: list[np.ndarray], cols: list[np.ndarray] | None) -> np.ndarray:
     """SVCCA of every pair (``measures.svcca``), each side reduced and orthonormalised once."""
+
     def basis(x: np.ndarray) -> np.ndarray:
         r = M.sv_reduce(x, variance=SVCCA_VARIANCE)
         if r.shape[1] >= len(r):
-            raise DataError(f"SVCCA keeps {r.shape[1]} directions of {len(r)} images; it needs more images than "
-                            "directions (compare more images, or leave svcca out of --measure)")
+            raise DataError(
+                f"SVCCA keeps {r.shape[1]} directions of {len(r)} images; it needs more images than "
+                "directions (compare more images, or leave svcca out of --measure)"
+            )
         return np.linalg.qr(r - r.mean(0))[0]
 
     rq = [basis(x) for x in rows]
     cq = rq if cols is None else [basis(x) for x in cols]
-    return np.array([[float(np.clip(np.linalg.svd(a.T @ b, compute_uv=False), 0, 1).mean()) for b in cq]
-                     for a in rq])
+    return np.array([[float(np.clip(np.linalg.svd(a.T @ b, compute_uv=False), 0, 1).mean()) for b in cq] for a in rq])
 
 
-def pair_matrices(measures: Sequence[str], rows: list[np.ndarray], cols: list[np.ndarray] | None, *, k: int,
-                  cka: np.ndarray | None = None,
-                  progress: Callable[..., Iterable] | None = None) -> dict[str, np.ndarray]:
+def pair_matrices(
+    measures: Sequence[str],
+    rows: list[np.ndarray],
+    cols: list[np.ndarray] | None,
+    *,
+    k: int,
+    cka: np.ndarray | None = None,
+    progress: Callable[..., Iterable] | None = None,
+) -> dict[str, np.ndarray]:
     """Every measure of every (row, column) pair of pooled feature arrays.
 
     Args:
@@ -134,8 +157,15 @@ def pair_matrices(measures: Sequence[str], rows: list[np.ndarray], cols: list[np
     return out
 
 
-def fold_knn(features: np.ndarray, labels: np.ndarray, *, k: int = KNN_K, temperature: float = KNN_T,
-             folds: int = FOLDS, seed: int = 0) -> dict[str, float] | None:
+def fold_knn(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    k: int = KNN_K,
+    temperature: float = KNN_T,
+    folds: int = FOLDS,
+    seed: int = 0,
+) -> dict[str, float] | None:
     """DINO's weighted k-NN accuracy of ``features`` by ``folds``-fold cross-validation (seeded folds).
 
     Each fold is the query set once, the other folds its bank (``featviz.eval.knn.weighted_knn``);
@@ -153,27 +183,45 @@ def fold_knn(features: np.ndarray, labels: np.ndarray, *, k: int = KNN_K, temper
     n_cls = int(labels.max()) + 1
     for f, val in enumerate(parts):
         train = np.concatenate([p for g, p in enumerate(parts) if g != f])
-        (score,) = weighted_knn(features[train], labels[train], features[val], labels[val], ks=(k,),
-                                temperature=temperature, num_classes=n_cls)
+        (score,) = weighted_knn(
+            features[train],
+            labels[train],
+            features[val],
+            labels[val],
+            ks=(k,),
+            temperature=temperature,
+            num_classes=n_cls,
+        )
         hits1 += score.correct_top1
         hits5 += score.correct_top5
     return {"top1": hits1 / len(lab), "top5": hits5 / len(lab), "k": k}
 
 
-def knn_curve(name: str, layers: Sequence[str], pooled: Sequence[np.ndarray], labels: np.ndarray, *,
-              seed: int) -> dict[str, Any] | None:
+def knn_curve(
+    name: str, layers: Sequence[str], pooled: Sequence[np.ndarray], labels: np.ndarray, *, seed: int
+) -> dict[str, Any] | None:
     """One model's k-NN accuracy per layer: ``{"model", "layers", "top1", "top5"}``; None without labels."""
     scores = [fold_knn(p, labels, seed=seed) for p in pooled]
     if any(s is None for s in scores):
         return None
-    return {"model": name, "layers": list(layers), "top1": [s["top1"] for s in scores],
-            "top5": [s["top5"] for s in scores], "k": scores[0]["k"]}
+    return {
+        "model": name,
+        "layers": list(layers),
+        "top1": [s["top1"] for s in scores],
+        "top5": [s["top5"] for s in scores],
+        "k": scores[0]["k"],
+    }
 
 
 def knn_protocol() -> dict[str, Any]:
     """How the per-layer k-NN accuracy is measured, for the JSON."""
-    return {"rule": "DINO eval_knn.knn_classifier (featviz.eval.knn)", "k": KNN_K, "temperature": KNN_T,
-            "folds": FOLDS, "similarity": "cosine (L2-normalised features)"}
+    return {
+        "rule": "DINO eval_knn.knn_classifier (featviz.eval.knn)",
+        "k": KNN_K,
+        "temperature": KNN_T,
+        "folds": FOLDS,
+        "similarity": "cosine (L2-normalised features)",
+    }
 
 
 # ------------------------------------------------------------------ outputs
@@ -184,9 +232,18 @@ def check_outputs(out_dir: str | os.PathLike, *, force: bool) -> Path:
     return check_output(out_dir, force=force, folder=True)
 
 
-def write_outputs(result: CompareResult, out_dir: str | os.PathLike, *, pooled: dict[str, np.ndarray],
-                  ids: Sequence[str], labels: np.ndarray, class_names: Sequence[str], html: bool, force: bool,
-                  arguments: dict[str, Any]) -> CompareResult:
+def write_outputs(
+    result: CompareResult,
+    out_dir: str | os.PathLike,
+    *,
+    pooled: dict[str, np.ndarray],
+    ids: Sequence[str],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    html: bool,
+    force: bool,
+    arguments: dict[str, Any],
+) -> CompareResult:
     """Write compare.png/json/npz, manifest.json and (``html``) compare.html into ``out_dir``, atomically."""
     from featviz.compare.plots import draw_png, write_page
     from featviz.io.outputs import atomic_dir, manifest, to_jsonable, write_json
@@ -204,21 +261,40 @@ def write_outputs(result: CompareResult, out_dir: str | os.PathLike, *, pooled: 
             arrays[f"knn_top1/{'ab'[i] if len(result.knn) <= 2 else i}"] = np.asarray(curve["top1"])
         arrays.update({f"pooled/{k}": v for k, v in pooled.items()})
         with open(tmp / "compare.npz", "wb") as f:
-            np.savez(f, ids=np.asarray(list(ids), dtype=str), labels=np.asarray(labels, np.int64),
-                     class_names=np.asarray(list(class_names), dtype=str), rows=np.asarray(result.rows, dtype=str),
-                     cols=np.asarray(result.cols, dtype=str), manifest=np.array(json.dumps(to_jsonable(man))),
-                     **arrays)
+            np.savez(
+                f,
+                ids=np.asarray(list(ids), dtype=str),
+                labels=np.asarray(labels, np.int64),
+                class_names=np.asarray(list(class_names), dtype=str),
+                rows=np.asarray(result.rows, dtype=str),
+                cols=np.asarray(result.cols, dtype=str),
+                manifest=np.array(json.dumps(to_jsonable(man))),
+                **arrays,
+            )
         write_json(tmp / "compare.json", result.to_dict())
         write_json(tmp / "manifest.json", {**man, "files": sorted(names)})
     return result
 
 
 # ------------------------------------------------------------------ from models
-def run_compare(sides: Sequence[Any], src: Any, out_dir: str | os.PathLike, *, measures: Sequence[str],
-                k: int = 10, hw: tuple[int, int], center_crop: bool | None = None, batch_size: int = 256,
-                batches: int | None = None, seed: int = 0, device: Any = "cpu", html: bool = False,
-                force: bool = False, arguments: dict[str, Any] | None = None,
-                progress: Callable[..., Iterable] | None = None) -> CompareResult:
+def run_compare(
+    sides: Sequence[Any],
+    src: Any,
+    out_dir: str | os.PathLike,
+    *,
+    measures: Sequence[str],
+    k: int = 10,
+    hw: tuple[int, int],
+    center_crop: bool | None = None,
+    batch_size: int = 256,
+    batches: int | None = None,
+    seed: int = 0,
+    device: Any = "cpu",
+    html: bool = False,
+    force: bool = False,
+    arguments: dict[str, Any] | None = None,
+    progress: Callable[..., Iterable] | None = None,
+) -> CompareResult:
     """Compare the layers of one model (``sides``: one ``stream.Side``) or of two, on the images ``src``.
 
     Args:
@@ -253,8 +329,17 @@ def run_compare(sides: Sequence[Any], src: Any, out_dir: str | os.PathLike, *, m
     if any(m in ("mknn", "cknna") for m in measures) and not 2 <= k < n_use:
         raise DataError(f"--k {k}: mutual k-NN and CKNNA need 2 ≤ k < the {n_use} images compared")
     wrap = None if progress is None else (lambda it, total=None: progress(it, total=total, description="layers"))
-    st = stream_layers(sides, src, hw=hw, center_crop=center_crop, batch_size=batch_size, batches=batches, seed=seed,
-                       device=device, progress=wrap)
+    st = stream_layers(
+        sides,
+        src,
+        hw=hw,
+        center_crop=center_crop,
+        batch_size=batch_size,
+        batches=batches,
+        seed=seed,
+        device=device,
+        progress=wrap,
+    )
     la = len(sides[0].layers)
     full = st.cka.matrix()
     within = len(sides) == 1
@@ -263,26 +348,60 @@ def run_compare(sides: Sequence[Any], src: Any, out_dir: str | os.PathLike, *, m
     cols = None if within else st.pooled[1]
     mats = pair_matrices(measures, rows, cols, k=k, cka=cka, progress=progress)
     knn = [knn_curve(s.name, s.layers, p, st.labels, seed=seed) for s, p in zip(sides, st.pooled, strict=True)]
-    models = [{"name": s.name, **s.description, "layers": s.layers, "pooling": st.pooling[i],
-               "dims": [int(p.shape[1]) for p in st.pooled[i]]} for i, s in enumerate(sides)]
+    models = [
+        {
+            "name": s.name,
+            **s.description,
+            "layers": s.layers,
+            "pooling": st.pooling[i],
+            "dims": [int(p.shape[1]) for p in st.pooled[i]],
+        }
+        for i, s in enumerate(sides)
+    ]
     pools = sorted({r for p in st.pooling for r in p.values()})
     protocol = {
         "features": "pooled per image: " + ", ".join(pools) + " (per layer: models[].pooling)",
-        "image_size": list(hw), "resize": protocol_resize(hw, center_crop),
+        "image_size": list(hw),
+        "resize": protocol_resize(hw, center_crop),
         "cka": "linear CKA from minibatches (Nguyen et al. 2021): mean unbiased HSIC (Song et al. 2012) per pair",
-        "batch_size": batch_size, "batches": st.cka.batches, "rows_in_batches": st.cka.rows,
-        "skipped_batches": st.cka.skipped_batches, "sampling": f"random minibatches without replacement, seed {seed}",
-        "k": k, "knn_measures": "mutual k-NN and CKNNA of platonic-rep on L2-normalised pooled vectors",
+        "batch_size": batch_size,
+        "batches": st.cka.batches,
+        "rows_in_batches": st.cka.rows,
+        "skipped_batches": st.cka.skipped_batches,
+        "sampling": f"random minibatches without replacement, seed {seed}",
+        "k": k,
+        "knn_measures": "mutual k-NN and CKNNA of platonic-rep on L2-normalised pooled vectors",
         "svcca_variance": SVCCA_VARIANCE if "svcca" in measures else None,
-        "knn_accuracy": knn_protocol() if all(knn) else None, "skipped_images": st.skipped,
+        "knn_accuracy": knn_protocol() if all(knn) else None,
+        "skipped_images": st.skipped,
     }
-    result = CompareResult(models, list(sides[0].layers), list(sides[-1].layers), within, mats,
-                           [c for c in knn if c] or None, len(st.ids), protocol)
-    pooled = {f"{'ab'[i]}/{layer}": p for i, (s, side) in enumerate(zip(sides, st.pooled, strict=True))
-              for layer, p in zip(s.layers, side, strict=True)}
+    result = CompareResult(
+        models,
+        list(sides[0].layers),
+        list(sides[-1].layers),
+        within,
+        mats,
+        [c for c in knn if c] or None,
+        len(st.ids),
+        protocol,
+    )
+    pooled = {
+        f"{'ab'[i]}/{layer}": p
+        for i, (s, side) in enumerate(zip(sides, st.pooled, strict=True))
+        for layer, p in zip(s.layers, side, strict=True)
+    }
     result.seconds = time.perf_counter() - t0
-    return write_outputs(result, out_dir, pooled=pooled, ids=st.ids, labels=st.labels, class_names=st.class_names,
-                         html=html, force=force, arguments=arguments or {})
+    return write_outputs(
+        result,
+        out_dir,
+        pooled=pooled,
+        ids=st.ids,
+        labels=st.labels,
+        class_names=st.class_names,
+        html=html,
+        force=force,
+        arguments=arguments or {},
+    )
 
 
 # ------------------------------------------------------------------ from embeddings files
@@ -304,17 +423,28 @@ def align_rows(embs: Sequence[Any], names: Sequence[str]) -> list[Any]:
             continue
         if len(ids) != len(ids0) or set(ids) != set(ids0) or len(set(ids)) != len(ids):
             only_a, only_b = len(set(ids0) - set(ids)), len(set(ids) - set(ids0))
-            raise DataError(f"{names[0]} and {name} hold different images ({len(ids0)} vs {len(ids)} rows; {only_a} "
-                            f"ids only in the first, {only_b} only in the second): embed the same images for both")
+            raise DataError(
+                f"{names[0]} and {name} hold different images ({len(ids0)} vs {len(ids)} rows; {only_a} "
+                f"ids only in the first, {only_b} only in the second): embed the same images for both"
+            )
         pos = {v: i for i, v in enumerate(ids)}
         out.append(e.subset(np.array([pos[v] for v in ids0])))
     return out
 
 
-def run_compare_files(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, names: Sequence[str],
-                      measures: Sequence[str], k: int = 10, seed: int = 0, html: bool = False, force: bool = False,
-                      arguments: dict[str, Any] | None = None,
-                      progress: Callable[..., Iterable] | None = None) -> CompareResult:
+def run_compare_files(
+    files: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    names: Sequence[str],
+    measures: Sequence[str],
+    k: int = 10,
+    seed: int = 0,
+    html: bool = False,
+    force: bool = False,
+    arguments: dict[str, Any] | None = None,
+    progress: Callable[..., Iterable] | None = None,
+) -> CompareResult:
     """Compare two or more embeddings ``.npz`` of the same images, file × file (no torch).
 
     Raises:
@@ -337,17 +467,37 @@ def run_compare_files(files: Sequence[str | os.PathLike], out_dir: str | os.Path
     curves = [knn_curve(name, [name], [f], embs[0].labels, seed=seed) for name, f in zip(names, feats, strict=True)]
     knn = None
     if all(curves):
-        knn = [{"model": "files", "layers": list(names), "top1": [c["top1"][0] for c in curves],
-                "top5": [c["top5"][0] for c in curves], "k": curves[0]["k"]}]
-    models = [{"name": name, "file": str(f), "dim": e.d, "manifest_command": e.manifest.get("command")}
-              for name, f, e in zip(names, files, embs, strict=True)]
-    protocol = {"features": "the files' rows, matched by ids", "cka": "linear CKA on all rows (Kornblith et al. "
-                "2019, feature_space_linear_cka)", "k": k,
-                "knn_measures": "mutual k-NN and CKNNA of platonic-rep on L2-normalised rows",
-                "svcca_variance": SVCCA_VARIANCE if "svcca" in measures else None,
-                "knn_accuracy": knn_protocol() if knn else None}
+        knn = [
+            {
+                "model": "files",
+                "layers": list(names),
+                "top1": [c["top1"][0] for c in curves],
+                "top5": [c["top5"][0] for c in curves],
+                "k": curves[0]["k"],
+            }
+        ]
+    models = [
+        {"name": name, "file": str(f), "dim": e.d, "manifest_command": e.manifest.get("command")}
+        for name, f, e in zip(names, files, embs, strict=True)
+    ]
+    protocol = {
+        "features": "the files' rows, matched by ids",
+        "cka": "linear CKA on all rows (Kornblith et al. 2019, feature_space_linear_cka)",
+        "k": k,
+        "knn_measures": "mutual k-NN and CKNNA of platonic-rep on L2-normalised rows",
+        "svcca_variance": SVCCA_VARIANCE if "svcca" in measures else None,
+        "knn_accuracy": knn_protocol() if knn else None,
+    }
     result = CompareResult(models, list(names), list(names), True, mats, knn, n, protocol)
     result.seconds = time.perf_counter() - t0
-    return write_outputs(result, out_dir, pooled={name: f for name, f in zip(names, feats, strict=True)},
-                         ids=embs[0].ids, labels=embs[0].labels, class_names=embs[0].class_names, html=html,
-                         force=force, arguments=arguments or {})
+    return write_outputs(
+        result,
+        out_dir,
+        pooled={name: f for name, f in zip(names, feats, strict=True)},
+        ids=embs[0].ids,
+        labels=embs[0].labels,
+        class_names=embs[0].class_names,
+        html=html,
+        force=force,
+        arguments=arguments or {},
+    )

@@ -74,9 +74,18 @@ def sample_order(n: int, *, batch_size: int, batches: int | None, seed: int) -> 
     return order if batches is None else order[: batches * batch_size]
 
 
-def stream_layers(sides: Sequence[Side], src: LabelledImages, *, hw: tuple[int, int], center_crop: bool | None,
-                  batch_size: int, batches: int | None, seed: int, device: Any,
-                  progress: Callable[..., Iterable] | None = None) -> Streamed:
+def stream_layers(
+    sides: Sequence[Side],
+    src: LabelledImages,
+    *,
+    hw: tuple[int, int],
+    center_crop: bool | None,
+    batch_size: int,
+    batches: int | None,
+    seed: int,
+    device: Any,
+    progress: Callable[..., Iterable] | None = None,
+) -> Streamed:
     """Run ``sides`` over ``src`` in random minibatches; pooled vectors of every layer and minibatch CKA.
 
     Args:
@@ -106,7 +115,9 @@ def stream_layers(sides: Sequence[Side], src: LabelledImages, *, hw: tuple[int, 
     for side in sides:
         side.model = side.model.to(device).eval()
         mean, std = normalization_of(side.model)
-        norms.append((torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)))
+        norms.append(
+            (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+        )
     pooled: list[list[np.ndarray]] = [[] for _ in sides]
     filled = np.zeros(len(used), bool)
     skipped: list[int] = []
@@ -147,8 +158,15 @@ def stream_layers(sides: Sequence[Side], src: LabelledImages, *, hw: tuple[int, 
     if len(keep) < len(used):
         pooled = [[p[keep] for p in side] for side in pooled]
     ids = [src.ids[i] for i in used[keep]]
-    return Streamed(ids, np.asarray(src.labels)[used[keep]], list(src.class_names), pooled,
-                    [dict(t.pooling) for t in taps], acc, [src.ids[i] for i in sorted(skipped)])
+    return Streamed(
+        ids,
+        np.asarray(src.labels)[used[keep]],
+        list(src.class_names),
+        pooled,
+        [dict(t.pooling) for t in taps],
+        acc,
+        [src.ids[i] for i in sorted(skipped)],
+    )
 
 
 def protocol_resize(hw: tuple[int, int], center_crop: bool | None) -> str:
@@ -186,9 +204,15 @@ def _layer_names(model: Any, layers: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def load_sides(checkpoints: Sequence[Any], *, arch: str | None = None, layers: str | Sequence[str] | None = "auto",
-               layers_b: str | Sequence[str] | None = None, seed: int = 0,
-               load_kwargs: dict[str, Any] | None = None) -> list[Side]:
+def load_sides(
+    checkpoints: Sequence[Any],
+    *,
+    arch: str | None = None,
+    layers: str | Sequence[str] | None = "auto",
+    layers_b: str | Sequence[str] | None = None,
+    seed: int = 0,
+    load_kwargs: dict[str, Any] | None = None,
+) -> list[Side]:
     """The one or two models ``featviz compare`` compares, with their layers.
 
     Args:
@@ -226,8 +250,10 @@ def load_sides(checkpoints: Sequence[Any], *, arch: str | None = None, layers: s
             if not spec:
                 from featviz.errors import ArchitectureError
 
-                raise ArchitectureError("--checkpoint random copies the first model's architecture: put it second "
-                                        "(-c A.pth -c random), or say which: -c random:ARCH or --arch ARCH")
+                raise ArchitectureError(
+                    "--checkpoint random copies the first model's architecture: put it second "
+                    "(-c A.pth -c random), or say which: -c random:ARCH or --arch ARCH"
+                )
             model, desc = load_model(None, arch=spec, seed=seed, num_heads=load_kwargs.get("num_heads"))
             name = f"{arch_name(model)} (random init)"
             info = {"checkpoint": None, "random_init": True, "seed": seed}
@@ -237,8 +263,12 @@ def load_sides(checkpoints: Sequence[Any], *, arch: str | None = None, layers: s
             info = {"checkpoint": ckpt, "random_init": False}
         if any(s.name == name for s in sides):
             name += " (B)"
-        names = _layer_names(model, layers if i == 0 else (layers_b if layers_b is not None else
-                                                           ("auto" if layers in (None, "auto") else layers)))
+        names = _layer_names(
+            model,
+            layers
+            if i == 0
+            else (layers_b if layers_b is not None else ("auto" if layers in (None, "auto") else layers)),
+        )
         names = [resolve_layer(model, n)[0] for n in names]  # canonical names; unknown ones fail here
         side = Side(name, model, names, {**info, "arch": arch_name(model), "_spec": desc.arch})
         sides.append(side)

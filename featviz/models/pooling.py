@@ -67,8 +67,10 @@ def auto_layers(model: nn.Module, *, max_layers: int = MAX_LAYERS) -> list[str]:
     elif _feature_info_last(model):
         names = [str(f["module"]) for f in model.feature_info if isinstance(f, dict) and f.get("module")]
     if not names:
-        raise ArchitectureError(f"featviz has no automatic layer set for {type(model).__name__}; pass --layers "
-                                "L1,L2,… (`featviz layers` lists the names)")
+        raise ArchitectureError(
+            f"featviz has no automatic layer set for {type(model).__name__}; pass --layers "
+            "L1,L2,… (`featviz layers` lists the names)"
+        )
     return _spread(names, max_layers)
 
 
@@ -81,8 +83,13 @@ def pool(model: nn.Module, module: nn.Module, output: Any, layout: Any, *, what:
     t = output[0] if isinstance(output, (tuple, list)) and output else output
     if isinstance(t, torch.Tensor) and t.ndim == 2:
         return t, "as output"
-    if isinstance(t, torch.Tensor) and t.ndim == 3 and layout is not None and layout.class_tokens >= 1 \
-            and t.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]:
+    if (
+        isinstance(t, torch.Tensor)
+        and t.ndim == 3
+        and layout is not None
+        and layout.class_tokens >= 1
+        and t.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]
+    ):
         return t[:, 0], "class token"
     cl = isinstance(t, torch.Tensor) and t.ndim == 4 and _channels_last(model, module, t, layout)
     return to_map(t, layout, channels_last=cl, what=what).mean(dim=(2, 3)), "global average"
@@ -118,6 +125,7 @@ class LayerTaps:
     def __enter__(self) -> LayerTaps:
         """Hook every layer."""
         for i, (name, mod) in enumerate(zip(self.layers, self.modules, strict=True)):
+
             def hook(m, _inp, out, i=i, name=name):
                 if i in self._out:
                     return  # a module run twice (shared): its first output counts
@@ -153,6 +161,8 @@ class LayerTaps:
             pass
         missing = [n for i, n in enumerate(self.layers) if i not in self._out]
         if missing:
-            raise ArchitectureError(f"layer(s) {', '.join(missing)} never run in the model's forward; pick layers on "
-                                    "the path from input to output (`featviz layers`)")
+            raise ArchitectureError(
+                f"layer(s) {', '.join(missing)} never run in the model's forward; pick layers on "
+                "the path from input to output (`featviz layers`)"
+            )
         return [self._out[i] for i in range(len(self.layers))]
