@@ -54,7 +54,7 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
     cell = 0.42 if max(n_r, n_c) <= 12 else 0.26
     side = max(2.8, cell * max(n_r, n_c) + 1.2)
     panels = len(mats) + (1 if result.knn else 0)
-    ncol = min(panels, 3)
+    ncol = panels if panels <= 3 else 2 if panels == 4 else 3
     nrow = -(-panels // ncol)
     fig, grid = plt.subplots(nrow, ncol, figsize=(ncol * (side + 1.3), nrow * (side + 1.5) + 0.4), squeeze=False)
     axes = [list(grid.ravel())]
@@ -88,7 +88,8 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
             range(len(longest["layers"])), [_short(n) for n in longest["layers"]], rotation=60, ha="right", fontsize=fs
         )
         ax.set_ylabel("k-NN top-1 accuracy (%)", fontsize=9)
-        ax.set_ylim(0, 100)
+        low = min(min(c["top1"]) for c in result.knn)
+        ax.set_ylim(max(0.0, 10 * np.floor(10 * low) - 10), 100)
         ax.grid(alpha=0.3)
         p = result.protocol.get("knn_accuracy") or {}
         ax.set_title(f"k-NN accuracy per layer (k={result.knn[0]['k']}, {p.get('folds', 5)}-fold)", fontsize=10)
