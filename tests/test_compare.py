@@ -428,3 +428,50 @@ def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
     )
     assert res.exit_code == 1 and "no layer 'layer9'" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_stream_keeps_every_image_and_leaves_a_short_last_minibatch_out_of_cka(one_thread):
+    from PIL import Image
+
+    from featviz.compare.stream import Side, stream_layers
+    from featviz.data.images import LabelledImages
+    from featviz.models.architectures import build_backbone
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(10)]
+    src = LabelledImages(imgs, np.full(10, -1), [], [f"im{i}" for i in range(10)])
+    side = Side("m", build_backbone("resnet18_w16-cifar", seed=0), ["layer2.1", "layer4.1"])
+    st = stream_layers([side], src, hw=(16, 16), center_crop=None, batch_size=4, batches=None, seed=1, device="cpu")
+    assert st.ids == [f"im{i}" for i in range(10)] and [p.shape for p in st.pooled[0]] == [(10, 32), (10, 128)]
+    assert (st.cka.batches, st.cka.rows, st.cka.skipped_batches) == (2, 8, 1)
+    with torch.inference_mode():  # the pooled rows are each image's own, in input order
+        from featviz.data.images import eval_transform, normalization_of
+
+        tf = eval_transform((16, 16), *normalization_of(side.model))
+        want = side.model.layer4(
+            side.model.layer3(
+                side.model.layer2(
+                    side.model.layer1(side.model.relu(side.model.bn1(side.model.conv1(tf(imgs[7])[None]))))
+                )
+            )
+        )
+    assert np.allclose(st.pooled[0][1][7], want.mean(dim=(2, 3))[0].numpy(), atol=1e-5)
+
+
+def test_files_without_labels_have_no_knn_curve(tmp_path):
+    from featviz.compare.run import run_compare_files
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 6))
+    a = _emb(tmp_path / "a.npz", x, [str(i) for i in range(40)], np.full(40, -1))
+    b = _emb(tmp_path / "b.npz", x[:, :3], [str(i) for i in range(40)], np.full(40, -1))
+    r = run_compare_files([a, b], tmp_path / "o", names=["a", "b"], measures="cka", k=5)
+    assert r.knn is None and r.protocol["knn_accuracy"] is None
+    assert r.matrices["cka"][0, 1] == pytest.approx(M.cka(x, x[:, :3]), abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        ".featviz-output.json",
+        "compare.json",
+        "compare.npz",
+        "compare.png",
+        "manifest.json",
+    ]
