@@ -218,7 +218,7 @@ def load_sides(
     Args:
         checkpoints: Zero, one or two ``--checkpoint`` values: files, ``random`` (a seeded random
             init of the first model's architecture) or ``random:ARCH``. None/empty: ``arch`` with
-            random weights.
+            random weights. The first random init has ``seed``, a second one ``seed + 1``.
         arch: The architecture when a checkpoint does not say it, or of the random-init model.
         layers: The first model's layers: ``auto`` (``models.pooling.auto_layers``) or names.
         layers_b: The second model's; default: ``auto`` when ``layers`` is, else the same names.
@@ -243,10 +243,11 @@ def load_sides(
         values = [f"{RANDOM}:{arch}"]
     load_kwargs = dict(load_kwargs or {})
     sides: list[Side] = []
+    first_arch: Any = None  # the first model's ArchSpec: what `random` copies
     for i, value in enumerate(values):
         ckpt, rnd = parse_source(value)
         if ckpt is None:
-            spec: Any = rnd or (sides[0].description.get("_spec") if sides else None) or arch
+            spec: Any = rnd or first_arch or arch
             if not spec:
                 from featviz.errors import ArchitectureError
 
@@ -254,9 +255,10 @@ def load_sides(
                     "--checkpoint random copies the first model's architecture: put it second "
                     "(-c A.pth -c random), or say which: -c random:ARCH or --arch ARCH"
                 )
-            model, desc = load_model(None, arch=spec, seed=seed, num_heads=load_kwargs.get("num_heads"))
-            name = f"{arch_name(model)} (random init)"
-            info = {"checkpoint": None, "random_init": True, "seed": seed}
+            model_seed = seed + sum(bool(s.description.get("random_init")) for s in sides)  # two random inits differ
+            model, desc = load_model(None, arch=spec, seed=model_seed, num_heads=load_kwargs.get("num_heads"))
+            name = f"{arch_name(model)} (random init{'' if model_seed == seed else f', seed {model_seed}'})"
+            info = {"checkpoint": None, "random_init": True, "seed": model_seed}
         else:
             model, desc = load_model(ckpt, arch=arch, **load_kwargs)
             name = checkpoint_display_name(ckpt)
@@ -270,10 +272,8 @@ def load_sides(
             else (layers_b if layers_b is not None else ("auto" if layers in (None, "auto") else layers)),
         )
         names = [resolve_layer(model, n)[0] for n in names]  # canonical names; unknown ones fail here
-        side = Side(name, model, names, {**info, "arch": arch_name(model), "_spec": desc.arch})
-        sides.append(side)
-    for s in sides:
-        s.description.pop("_spec", None)
+        sides.append(Side(name, model, names, {**info, "arch": arch_name(model)}))
+        first_arch = first_arch or desc.arch
     return sides
 
 
