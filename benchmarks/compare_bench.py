@@ -13,7 +13,8 @@
    largest difference of the two estimates (they are different estimators: the minibatch one is
    unbiased per minibatch, the colab's biased on all rows).
 
-    python benchmarks/compare_bench.py [--n 50000] [--classes 10] [--gram-n 4096] [--skip-memory]
+    python benchmarks/compare_bench.py [--n 50000] [--classes 10] [--measure cka,mknn,cknna] [--gram-n 4096]
+        [--images DIR] [--unlabelled] [--skip-memory] [--skip-speed]
 """
 
 from __future__ import annotations
@@ -123,16 +124,26 @@ def main() -> None:
     ap.add_argument("--measure", default="cka,mknn,cknna")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--gram-n", type=int, default=4096, help="rows for the minibatch-vs-full-Gram timing")
+    ap.add_argument("--images", type=Path, help="reuse this folder of class subfolders instead of writing --n PNGs")
+    ap.add_argument("--unlabelled", action="store_true", help="pass the images as a CSV without labels (no k-NN curve)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
     out: dict[str, object] = {}
     if not args.skip_memory:
         with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            write_images(Path(tmp) / "img", args.n, args.classes)
-            print(f"wrote {args.n:,} 32-px PNGs in {time.perf_counter() - t:.0f} s", flush=True)
+            images = args.images or Path(tmp) / "img"
+            if args.images is None:
+                t = time.perf_counter()
+                write_images(images, args.n, args.classes)
+                print(f"wrote {args.n:,} 32-px PNGs in {time.perf_counter() - t:.0f} s", flush=True)
+            files = sorted(images.rglob("*.png"))[: args.n]
+            if args.unlabelled or args.images is not None:  # exactly --n images; labels only when asked
+                csv = Path(tmp) / "images.csv"
+                csv.write_text("".join(f"{f},{'' if args.unlabelled else f.parent.name}\n" for f in files))
+                images = csv
             gb, wall, _ = peak_rss(["compare", "--arch", "vit_small_patch16_224", "--image-size", "32", "--images",
-                                    str(Path(tmp) / "img"), "--layers", "auto", "--measure", args.measure,
+                                    str(images), "--layers", "auto", "--measure", args.measure,
                                     "-b", str(args.batch_size), "--device", "cpu", "-o", str(Path(tmp) / "cmp")])
             with open(Path(tmp) / "cmp" / "compare.json") as f:
                 summary = json.load(f)
@@ -143,11 +154,12 @@ def main() -> None:
               f"({args.measure}{', k-NN curve' if summary['knn'] else ''}): peak RSS {gb:.2f} GB "
               f"(pooled vectors {out['memory']['pooled_gb']:.2f} GB), {wall:.0f} s; target < 3 GB: "
               f"{'met' if gb < 3 else 'NOT met'}", flush=True)
-    sp = speed(args.gram_n)
-    out["speed"] = sp
-    print(f"12 x 12 CKA on {sp['n']:,} rows x 384: minibatch (256) {sp['minibatch_s']:.2f} s, full Gram "
-          f"(Kornblith colab) {sp['full_gram_s']:.2f} s: minibatch {sp['ratio']:.1f}x faster; "
-          f"largest difference of the estimates {sp['max_abs_diff']:.3f}")
+    if not args.skip_speed:
+        sp = speed(args.gram_n)
+        out["speed"] = sp
+        print(f"12 x 12 CKA on {sp['n']:,} rows x 384: minibatch (256) {sp['minibatch_s']:.2f} s, full Gram "
+              f"(Kornblith colab) {sp['full_gram_s']:.2f} s: minibatch {sp['ratio']:.1f}x faster; "
+              f"largest difference of the estimates {sp['max_abs_diff']:.3f}")
     print(json.dumps(out))
 
 

@@ -89,25 +89,25 @@ class CompareResult:
 
 # ------------------------------------------------------------------ measures of pooled vectors
 def _knn_pairs(
-    measure: str,
+    measures: Sequence[str],
     rows: list[np.ndarray],
     cols: list[np.ndarray] | None,
     k: int,
     progress: Callable[..., Iterable] | None,
-) -> np.ndarray:
-    """Mutual k-NN or CKNNA of every pair, each side's neighbour lists found once (rows L2-normalised)."""
+) -> dict[str, np.ndarray]:
+    """Mutual k-NN and/or CKNNA of every pair; each layer's neighbour lists are found once (rows L2-normalised)."""
     sides = rows if cols is None else rows + cols
-    it = (
-        range(len(sides))
-        if progress is None
-        else progress(range(len(sides)), total=len(sides), description=f"neighbours ({measure})")
-    )
+    idx = range(len(sides))
+    it = idx if progress is None else progress(idx, total=len(sides), description="neighbours")
     nb = [M.Neighbours(sides[i], k, normalize=True) for i in it]
     rn, cn = nb[: len(rows)], nb[len(rows) :] if cols is not None else nb
-    if measure == "mknn":
-        return np.array([[M.mutual_knn_of(a, b) for b in cn] for a in rn])
-    selfs = {id(n): M.cknna_self(n) for n in nb}
-    return np.array([[M.cknna_of(a, b, self_a=selfs[id(a)], self_b=selfs[id(b)]) for b in cn] for a in rn])
+    out = {}
+    if "mknn" in measures:
+        out["mknn"] = np.array([[M.mutual_knn_of(a, b) for b in cn] for a in rn])
+    if "cknna" in measures:
+        selfs = {id(n): M.cknna_self(n) for n in nb}
+        out["cknna"] = np.array([[M.cknna_of(a, b, self_a=selfs[id(a)], self_b=selfs[id(b)]) for b in cn] for a in rn])
+    return out
 
 
 def _svcca_pairs(rows: list[np.ndarray], cols: list[np.ndarray] | None) -> np.ndarray:
@@ -146,12 +146,13 @@ def pair_matrices(
         cka: A CKA matrix already known (the stream's minibatch CKA); else CKA on all rows.
         progress: Wraps the longer loops.
     """
+    knn = _knn_pairs(measures, rows, cols, k, progress) if {"mknn", "cknna"} & set(measures) else {}
     out: dict[str, np.ndarray] = {}
     for m in measures:
         if m == "cka":
             out[m] = cka if cka is not None else M.pairwise(M.cka, rows, cols)
-        elif m in ("mknn", "cknna"):
-            out[m] = _knn_pairs(m, rows, cols, k, progress)
+        elif m in knn:
+            out[m] = knn[m]
         elif m == "svcca":
             out[m] = _svcca_pairs(rows, cols)
     return out
