@@ -53,7 +53,8 @@ def auto_layers(model: nn.Module, *, max_layers: int = MAX_LAYERS) -> list[str]:
     """A readable set of layers of ``model`` to compare, input to output.
 
     Every residual block of a ResNet (``layer1.0`` … ``layer4.1``), every block of a ViT
-    (``blocks.0`` … ``blocks.11``), a timm model's ``feature_info`` stages; more than ``max_layers``
+    (``blocks.0`` … ``blocks.11``; a torchvision ViT's ``encoder.layers.*``), a timm model's
+    ``feature_info`` stages; more than ``max_layers``
     are thinned evenly (the first and last kept).
 
     Raises:
@@ -64,6 +65,8 @@ def auto_layers(model: nn.Module, *, max_layers: int = MAX_LAYERS) -> list[str]:
         names = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
     elif is_vit(model):
         names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    elif isinstance(getattr(getattr(model, "encoder", None), "layers", None), nn.Sequential):  # torchvision ViT
+        names = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
     elif _feature_info_last(model):
         names = [str(f["module"]) for f in model.feature_info if isinstance(f, dict) and f.get("module")]
     if not names:
