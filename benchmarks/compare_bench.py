@@ -113,8 +113,13 @@ def speed(n: int, layers: int = 12, dim: int = 384, seed: int = 0) -> dict[str, 
     t = time.perf_counter()
     full = full_gram_matrix(feats)
     t_full = time.perf_counter() - t
-    return {"n": n, "minibatch_s": t_mb, "full_gram_s": t_full, "ratio": t_full / t_mb,
-            "max_abs_diff": float(np.abs(mb - full).max())}
+    return {
+        "n": n,
+        "minibatch_s": t_mb,
+        "full_gram_s": t_full,
+        "ratio": t_full / t_mb,
+        "max_abs_diff": float(np.abs(mb - full).max()),
+    }
 
 
 def main() -> None:
@@ -142,24 +147,53 @@ def main() -> None:
                 csv = Path(tmp) / "images.csv"
                 csv.write_text("".join(f"{f},{'' if args.unlabelled else f.parent.name}\n" for f in files))
                 images = csv
-            gb, wall, _ = peak_rss(["compare", "--arch", "vit_small_patch16_224", "--image-size", "32", "--images",
-                                    str(images), "--layers", "auto", "--measure", args.measure,
-                                    "-b", str(args.batch_size), "--device", "cpu", "-o", str(Path(tmp) / "cmp")])
+            gb, wall, _ = peak_rss(
+                [
+                    "compare",
+                    "--arch",
+                    "vit_small_patch16_224",
+                    "--image-size",
+                    "32",
+                    "--images",
+                    str(images),
+                    "--layers",
+                    "auto",
+                    "--measure",
+                    args.measure,
+                    "-b",
+                    str(args.batch_size),
+                    "--device",
+                    "cpu",
+                    "-o",
+                    str(Path(tmp) / "cmp"),
+                ]
+            )
             with open(Path(tmp) / "cmp" / "compare.json") as f:
                 summary = json.load(f)
-        out["memory"] = {"n": summary["n_images"], "layers": len(summary["rows"]), "peak_gb": gb, "seconds": wall,
-                         "pooled_gb": summary["n_images"] * sum(summary["models"][0]["dims"]) * 4 / 1024**3,
-                         "measures": sorted(summary["measures"]), "knn_curve": bool(summary["knn"])}
-        print(f"featviz compare, {summary['n_images']:,} images x {len(summary['rows'])} ViT-S layers "
-              f"({args.measure}{', k-NN curve' if summary['knn'] else ''}): peak RSS {gb:.2f} GB "
-              f"(pooled vectors {out['memory']['pooled_gb']:.2f} GB), {wall:.0f} s; target < 3 GB: "
-              f"{'met' if gb < 3 else 'NOT met'}", flush=True)
+        out["memory"] = {
+            "n": summary["n_images"],
+            "layers": len(summary["rows"]),
+            "peak_gb": gb,
+            "seconds": wall,
+            "pooled_gb": summary["n_images"] * sum(summary["models"][0]["dims"]) * 4 / 1024**3,
+            "measures": sorted(summary["measures"]),
+            "knn_curve": bool(summary["knn"]),
+        }
+        print(
+            f"featviz compare, {summary['n_images']:,} images x {len(summary['rows'])} ViT-S layers "
+            f"({args.measure}{', k-NN curve' if summary['knn'] else ''}): peak RSS {gb:.2f} GB "
+            f"(pooled vectors {out['memory']['pooled_gb']:.2f} GB), {wall:.0f} s; target < 3 GB: "
+            f"{'met' if gb < 3 else 'NOT met'}",
+            flush=True,
+        )
     if not args.skip_speed:
         sp = speed(args.gram_n)
         out["speed"] = sp
-        print(f"12 x 12 CKA on {sp['n']:,} rows x 384: minibatch (256) {sp['minibatch_s']:.2f} s, full Gram "
-              f"(Kornblith colab) {sp['full_gram_s']:.2f} s: minibatch {sp['ratio']:.1f}x faster; "
-              f"largest difference of the estimates {sp['max_abs_diff']:.3f}")
+        print(
+            f"12 x 12 CKA on {sp['n']:,} rows x 384: minibatch (256) {sp['minibatch_s']:.2f} s, full Gram "
+            f"(Kornblith colab) {sp['full_gram_s']:.2f} s: minibatch {sp['ratio']:.1f}x faster; "
+            f"largest difference of the estimates {sp['max_abs_diff']:.3f}"
+        )
     print(json.dumps(out))
 
 

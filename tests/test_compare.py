@@ -475,3 +475,12 @@ def test_files_without_labels_have_no_knn_curve(tmp_path):
         "compare.png",
         "manifest.json",
     ]
+
+
+def test_two_random_inits_differ_and_say_their_seeds():
+    from featviz.compare.stream import load_sides
+
+    a, b = load_sides(["random:resnet18_w16-cifar", "random"], layers="layer4[-1]", seed=3)
+    assert (a.name, b.name) == ("resnet18_w16-cifar (random init)", "resnet18_w16-cifar (random init, seed 4)")
+    assert (a.description["seed"], b.description["seed"]) == (3, 4) and a.layers == b.layers == ["layer4.1"]
+    assert not torch.equal(a.model.conv1.weight, b.model.conv1.weight)
