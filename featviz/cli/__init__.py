@@ -15,6 +15,7 @@ from featviz.cli import (  # noqa: F401 - registers the commands
     cam,
     checkpoint,
     collapse,
+    compare,
     crops,
     demo,
     embed,
@@ -31,7 +32,7 @@ from featviz.cli._app import app, main
 PANELS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "sample-data"),
     "Checkpoints": ("inspect", "layers", "convert", "train"),
-    "Features and maps": ("embed", "tsne", "pca", "similarity", "knn", "probe"),
+    "Features and maps": ("embed", "tsne", "pca", "similarity", "knn", "probe", "compare"),
     "Where the model looks": ("cam", "attention", "norms", "crops"),
     "Collapse": ("collapse",),
 }
