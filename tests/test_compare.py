@@ -266,7 +266,7 @@ def test_package_exports_lazily_without_torch():
 def test_auto_layers_and_pooling_follow_the_feature_core():
     from featviz.models.architectures import build_backbone
     from featviz.models.features import FeatureExtractor
-    from featviz.models.pooling import LayerTaps, auto_layers
+    from featviz.models.taps import LayerTaps, auto_layers
 
     cnn = build_backbone("resnet18_w16-cifar", seed=0).eval()
     assert auto_layers(cnn) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]

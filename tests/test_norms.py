@@ -128,7 +128,8 @@ def tiny_vit(reg=4, plant=(3, 10), depth=2, attend=None):
 
 
 def test_layer_tokens_is_the_feature_core_s_map_plus_the_prefix():
-    from featviz.models.features import FeatureExtractor, layer_tokens
+    from featviz.models.features import FeatureExtractor
+    from featviz.models.taps import layer_tokens
 
     m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 48, 48)

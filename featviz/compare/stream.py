@@ -2,7 +2,7 @@
 
 For each batch the images are decoded and transformed once (``data.images.eval_transform`` at one
 input size for both models, then each model's own normalisation), each model runs once with all
-its layers tapped (``models.pooling.LayerTaps``: the class token of a ViT block, the global average
+its layers tapped (``models.taps.LayerTaps``: the class token of a ViT block, the global average
 of a CNN map), and the unbiased HSIC of every pair of layers is added to a ``MinibatchCKA``. The
 batches are random samples of the images, without replacement (seeded), as Nguyen et al. (2021)
 draw their minibatches (all of one size: a last, smaller one is left out of CKA and counted in
@@ -44,7 +44,7 @@ class Streamed:
         labels: Their labels (-1 = none).
         class_names: Label names.
         pooled: ``pooled[s][l]``: side ``s``'s layer ``l`` as (n, D) float32, rows as ``ids``.
-        pooling: ``pooling[s][layer]``: how that layer was pooled (``models.pooling.POOLINGS``).
+        pooling: ``pooling[s][layer]``: how that layer was pooled (``models.taps.POOLINGS``).
         cka: The minibatch CKA accumulator over all layers of all sides (side 0's first).
         skipped: Ids of images that could not be decoded.
     """
@@ -103,7 +103,7 @@ def stream_layers(
         DataError: no image could be decoded.
     """
     from featviz.data.images import ImageDataset, check_pixels
-    from featviz.models.pooling import LayerTaps
+    from featviz.models.taps import LayerTaps
 
     order = sample_order(len(src), batch_size=batch_size, batches=batches, seed=seed)
     used = np.sort(order)
@@ -193,7 +193,7 @@ def parse_source(value: Any) -> tuple[str | None, str | None]:
 
 
 def _layer_names(model: Any, layers: str | Sequence[str] | None) -> list[str]:
-    from featviz.models.pooling import auto_layers
+    from featviz.models.taps import auto_layers
 
     if layers is None or (isinstance(layers, str) and layers.strip() == "auto"):
         return auto_layers(model)
@@ -220,7 +220,7 @@ def load_sides(
             init of the first model's architecture) or ``random:ARCH``. None/empty: ``arch`` with
             random weights. The first random init has ``seed``, a second one ``seed + 1``.
         arch: The architecture when a checkpoint does not say it, or of the random-init model.
-        layers: The first model's layers: ``auto`` (``models.pooling.auto_layers``) or names.
+        layers: The first model's layers: ``auto`` (``models.taps.auto_layers``) or names.
         layers_b: The second model's; default: ``auto`` when ``layers`` is, else the same names.
         seed: The random init's seed.
         load_kwargs: ``format``, ``num_heads``, ``checkpoint_key``, ``trust`` for the checkpoints.

@@ -494,53 +494,6 @@ def feature_map(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> 
         return fx(x)
 
 
-class LayerTokens(NamedTuple):
-    """One layer's map and, for ViT tokens, the prefix tokens the map leaves out."""
-
-    map: torch.Tensor  # (N, C, h, w)
-    prefix: torch.Tensor | None  # (N, P, C): class, register, other prefix tokens in order; None for a 4-D map
-
-
-def layer_tokens(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, LayerTokens]:
-    """Several layers' maps from one forward, with the prefix tokens of ViT token outputs.
-
-    Each layer's output goes through the same rule as ``FeatureExtractor`` (``to_map``); a 3-D token
-    output with ``layout.prefix`` leading tokens also gives those tokens (``TokenLayout`` says which
-    is which). The forward stops once every layer has run.
-
-    Raises:
-        UnknownNameError: no such layer.
-        DataError: a ViT cannot take this input size.
-        NoSpatialMapError: a layer's output has no spatial map, or the forward never runs it.
-    """
-    layout = token_layout(model, (int(x.shape[-2]), int(x.shape[-1])))
-    mods = dict(resolve_layer(model, name) for name in layers)
-    seen: dict[str, Any] = {}
-    handles = []
-    for name, mod in mods.items():
-        def hook(_m, _i, o, name=name):
-            seen.setdefault(name, o)
-            if len(seen) == len(mods):
-                raise _Stop
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for hd in handles:
-            hd.remove()
-    result = {}
-    for name, mod in mods.items():
-        fmap = _layer_map(model, mod, name, seen.get(name), layout)
-        raw = seen[name][0] if isinstance(seen[name], (tuple, list)) else seen[name]
-        prefix = None
-        if raw.ndim == 3 and layout is not None and raw.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]:
-            prefix = raw[:, : layout.prefix]
-        result[name] = LayerTokens(fmap, prefix)
-    return result
-
-
 # ------------------------------------------------------------------ listing layers
 class LayerInfo(NamedTuple):
     """One named module: its output shape for a dummy input, and its map shape (C, H, W) if any."""

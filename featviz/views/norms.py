@@ -23,7 +23,7 @@ model fits no other, so featviz takes the cutoff from the bimodal split itself:
 - ``threshold=T`` (``--threshold``) replaces both by Darcet et al.'s fixed cutoff, for every layer.
 
 The norms are those of the layer's output tokens (the residual stream of ``blocks.N``; of every
-position of a CNN map), read through the feature core (``models.features.layer_tokens``), which
+position of a CNN map), read through the feature core (``models.taps.layer_tokens``), which
 also gives the prefix tokens (class, register, other: ``TokenLayout``). The class token's
 attention is the model's own softmax in block N (``views.attention_probs``), mean over heads,
 class token's row; its mass on the outliers is the sum of that row over the outlier patches of
@@ -225,7 +225,8 @@ def token_norms(
     """
     import torch
 
-    from featviz.models.features import layer_tokens, resolve_layer, token_layout
+    from featviz.models.features import resolve_layer, token_layout
+    from featviz.models.taps import layer_tokens
     from featviz.views.attention_probs import model_attention
 
     names = list(dict.fromkeys(resolve_layer(model, n)[0] for n in layers))  # canonical, each once, in order
