@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -83,6 +84,32 @@ def _typer_flags_as_flags(cmd: Any) -> None:
     cmd.get_help_option = get_help_option
 
 
+def _typer_finite_floats(cmd: Any) -> None:
+    """``cmd`` refuses NaN and ±Inf in its float options (and float pairs) as a usage error (exit 2).
+
+    Typer's float conversion accepts ``nan`` and ``inf``, and a range check (``min=``) passes NaN (every
+    comparison with it is false), so ``--threshold nan`` would run. ``cmd.invoke`` is wrapped to check
+    the parsed values first, for every command, present and future.
+    """
+    invoke = cmd.invoke
+
+    def checked_invoke(ctx: Any) -> Any:
+        from typer._click.exceptions import UsageError
+
+        for p in getattr(ctx.command, "params", ()):
+            v = ctx.params.get(p.name)
+            values = v if isinstance(v, (list, tuple)) else (v,)
+            bad = next((x for x in values if isinstance(x, float) and not math.isfinite(x)), None)
+            if bad is not None:
+                opt = max(getattr(p, "opts", None) or [p.name], key=len)
+                raise UsageError(f"{opt} {bad}: expected a finite number", ctx)
+        return invoke(ctx)
+
+    if not getattr(invoke, "_featviz_finite", False):
+        checked_invoke._featviz_finite = True  # type: ignore[attr-defined]
+        cmd.invoke = checked_invoke
+
+
 _typer_help_width()
 
 
@@ -93,9 +120,11 @@ class _Group(TyperGroup):
         super().__init__(*args, **kwargs)
         for cmd in (self, *self.commands.values()):
             _typer_flags_as_flags(cmd)
+            _typer_finite_floats(cmd)
 
     def add_command(self, cmd: Any, name: str | None = None) -> None:
         _typer_flags_as_flags(cmd)
+        _typer_finite_floats(cmd)
         super().add_command(cmd, name)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
@@ -144,9 +173,13 @@ err = Console(stderr=True, width=_width(sys.stderr))  # progress, logs, errors
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a FeatvizError into one red line on stderr and exit code 1."""
+    """Turn a FeatvizError into one red line on stderr and exit code 1 (2 for an ``OptionError``)."""
+    from featviz.errors import OptionError
+
     try:
         yield
+    except OptionError as e:
+        usage_error(str(e))
     except FeatvizError as e:
         msg = str(e).replace("[", r"\[")
         err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
