@@ -181,9 +181,24 @@ def _user_errors() -> Iterator[None]:
     except OptionError as e:
         usage_error(str(e))
     except FeatvizError as e:
-        msg = str(e).replace("[", r"\[")
-        err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from None
+        _error_line(str(e))
+    except OSError as e:  # the last net: a full disk or a missing permission the library did not expect
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from featviz.io.outputs import os_error_words
+
+        _error_line(f"{e.filename or 'a file'}: {os_error_words(e)}")
+    except MemoryError:
+        _error_line("out of memory: the input is larger than this machine can hold; use a smaller input "
+                    "(--batch-size, --image-size, fewer images) or a machine with more memory")
+
+
+def _error_line(message: str) -> NoReturn:
+    """One red line on stderr, exit code 1."""
+    err.print("[bold red]error:[/] " + message.replace("[", r"\["), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -286,6 +301,12 @@ def _main(
         force=True,
     )
     # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v
+    import warnings
+
+    # a file name in a script the plot font lacks (猫.png) is drawn with placeholder boxes: matplotlib's
+    # raw "Glyph 29483 missing from font(s) DejaVu Sans" warning, once per character and figure, says nothing
+    # the user can act on
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
 
 
 def _usage(message: str) -> typer.BadParameter:

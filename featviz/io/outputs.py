@@ -12,22 +12,34 @@ The rules every command follows:
   (``atomic_dir``). A failed or killed run leaves the old output as it was; the hidden temporary
   files of a killed run are removed by the next write of the same output.
 * **Only featviz's own files.** A folder featviz writes carries a marker, ``.featviz-output.json``,
-  listing the files it wrote. ``--force`` replaces exactly those: files in the folder that featviz
-  did not write (``thesis.tex``, ``sub/data.csv``) are kept as they are. A non-empty folder without
-  the marker was not made by featviz and is refused, ``--force`` or not. A new file that would land on
-  a file featviz did not write is refused too, so nothing of the user's is ever overwritten.
+  listing the files it wrote with the SHA-256 of each. ``--force`` replaces exactly those, and each
+  only if it is still what featviz wrote: a regular file (never a symbolic link, never reached through
+  one), inside the output folder once real paths are resolved, with the recorded hash (an entry of an
+  earlier featviz version, without a hash, passes on the first two). Everything else is the user's
+  and kept as it is: files featviz did not write (``thesis.tex``, ``sub/data.csv``), listed files the
+  user changed, anything a hostile marker names outside the folder. A non-empty folder without the
+  marker was not made by featviz and is refused, ``--force`` or not; so is a featviz folder that is
+  itself a symbolic link. A new file that would land on a file featviz did not write is refused too,
+  so nothing of the user's is ever overwritten.
+* **Companions are featviz's only if they say so.** A file output's manifest (``e.npz`` ->
+  ``e.manifest.json``) is replaced with ``--force`` only when it is a regular file whose JSON names
+  that output (``"output": "e.npz"``, as featviz writes it); a file of the user's there is refused.
+* **Failures named as such.** A full disk, a missing permission or a read-only file system is said
+  so, naming the user's path (never a hidden temporary one); nothing partial is left.
 * **Manifests are named after their output**: ``e.npz`` gets ``e.manifest.json`` (``manifest_path``);
   a folder output holds its ``manifest.json`` inside.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -107,6 +119,9 @@ def _check_existing(path: Path, full: Path, *, force: bool, folder: bool | None)
         if folder is False:
             raise OutputError(f"output {str(path)!r} is a folder; a file name is expected here")
         state = folder_state(full)
+        if state == "featviz" and full.is_symlink():
+            raise OutputError(f"output folder {str(path)!r} is a symbolic link (to {os.path.realpath(full)!r}); "
+                              "featviz never replaces files through a link: give the real folder")
         if state == "foreign":
             raise OutputError(
                 f"output folder {str(path)!r} is not empty and was not written by featviz (it has no {MARKER}); "
@@ -232,14 +247,46 @@ def _umask() -> int:
     return mask
 
 
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+"""Errors that only a write can cause: said as such wherever they come from."""
+
+
+def os_error_words(e: OSError) -> str:
+    """What a failed file operation means for the user: a full disk and a missing permission named as such."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device (the disk or your quota is full); free some space or write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; choose an output somewhere you can write"
+    if e.errno == errno.EROFS:
+        return "read-only file system; choose an output on a writable disk"
+    return (e.strerror or str(e)).rstrip(".")
+
+
+def write_failure(path: str | os.PathLike, e: OSError) -> OutputError:
+    """The one line for a failed write of ``path`` (the user's path, never a hidden temporary one)."""
+    shown = e.filename and str(e.filename)
+    hidden = not shown or shown == str(path) or ".tmp" in shown or _TMP_DIR_PREFIX in shown
+    return OutputError(f"cannot write {str(path)!r}: {os_error_words(e)}{'' if hidden else f' ({shown})'}")
+
+
 @contextmanager
 def _as_output_error(path: Path) -> Iterator[None]:
     """Turn a failed write (permissions changed, disk full) into one line."""
     try:
         yield
     except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}"
-                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(path) else ''}") from None
+        raise write_failure(path, e) from None
+
+
+@contextmanager
+def _writer_errors(path: Path, tmp: Path) -> Iterator[None]:
+    """A writer's failure inside an atomic block: a full disk (or a write into ``tmp`` refused) named as such."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS or (e.filename and str(tmp) in str(e.filename)):
+            raise write_failure(path, e) from None
+        raise
 
 
 @contextmanager
@@ -264,7 +311,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
     try:
         os.chmod(tmp, mode)
-        yield tmp
+        with _writer_errors(path, tmp):
+            yield tmp
         with _as_output_error(path):
             os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they are given
             os.replace(tmp, full)
@@ -298,16 +346,70 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False, command: str | N
             tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.{os.getpid()}-", suffix=".tmp", dir=full.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        with _writer_errors(path, tmp):
+            yield tmp
         with _as_output_error(path):
             files = _files_under(tmp)
             if not exists:
-                _write_marker(tmp, command, files)
-                os.replace(tmp, full)
+                _write_marker(tmp, command, files, {f: _sha256(tmp / f) for f in files if (tmp / f).is_file()})
+                _install_new(tmp, full, path)
             else:
                 install_files(tmp, full, files, command=command, shown=path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_companion(path: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> Path:
+    """Check a file that goes with ``output`` (its manifest): it may be replaced only if it is featviz's.
+
+    A companion is featviz's when it is a regular file (not a link) holding a JSON object whose
+    ``output`` names ``output``'s file name, as featviz writes every manifest.
+
+    Raises:
+        OutputExistsError: it exists and ``force`` is False.
+        OutputError: it exists and is not featviz's (a file of the user's, a link, a folder).
+    """
+    path, output = Path(path), Path(output)
+    check_output(path, force=force, folder=False)
+    full = _absolute(path)
+    if full.is_symlink() or (full.exists() and not _companion_of(full, output.name)):
+        what = "a symbolic link" if full.is_symlink() else "not the manifest featviz wrote for it"
+        raise OutputError(f"cannot write {str(output)!r}: {str(path)!r} exists and was not written by featviz "
+                          f"({what}); --force replaces only featviz's own files, so move it away or choose "
+                          "another output name")
+    return path
+
+
+def _companion_of(path: Path, name: str) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 50_000_000:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("output") == name
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _install_new(tmp: Path, full: Path, shown: Path) -> None:
+    """Rename the finished folder onto a new output; another run that got there first wins, said so."""
+    try:
+        os.replace(tmp, full)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(f"cannot write {str(shown)!r}: another run wrote {str(shown)!r} at the same time and "
+                              "finished first; this run's files were discarded and the other's kept; run again with "
+                              "--force to replace them, or choose another output folder") from None
+        raise
 
 
 def _files_under(folder: Path) -> list[str]:
@@ -315,12 +417,16 @@ def _files_under(folder: Path) -> list[str]:
                   if (p.is_file() or p.is_symlink()) and p.name != MARKER)
 
 
-def _write_marker(folder: Path, command: str | None, files: Iterable[str]) -> None:
+def _write_marker(folder: Path, command: str | None, files: Iterable[str],
+                  hashes: dict[str, str] | None = None) -> None:
     from featviz import __version__
 
+    files = sorted(set(files))
+    hashes = hashes or {}
     data = {"featviz": __version__, "command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": sorted(set(files)),
-            "note": "written by featviz: --force replaces the files listed here and keeps every other file"}
+            "files": files, "sha256": {f: hashes[f] for f in files if f in hashes},
+            "note": "written by featviz: --force replaces the files listed here (if unchanged: same SHA-256) "
+                    "and keeps every other file"}
     tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, folder / MARKER)
@@ -338,9 +444,52 @@ def _listed(folder: Path) -> set[str]:
     out = set()
     for f in files if isinstance(files, list) else []:
         p = Path(str(f))
-        if p.parts and not p.is_absolute() and ".." not in p.parts:
+        if isinstance(f, str) and p.parts and not p.is_absolute() and ".." not in p.parts:
             out.add(p.as_posix())
     return out
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 the marker records for each file (``{}`` for an earlier version's marker)."""
+    h = read_marker(folder).get("sha256", {})
+    return {str(k): v for k, v in h.items() if isinstance(v, str)} if isinstance(h, dict) else {}
+
+
+def owned(folder: str | os.PathLike) -> tuple[set[str], list[str]]:
+    """The files of ``folder`` that ``--force`` may remove, and the listed ones it must keep.
+
+    A listed file is featviz's only if it is a regular file reached without following any symbolic
+    link, inside ``folder`` once real paths are resolved, and (when the marker records one) with its
+    recorded SHA-256: so a hostile marker (``link/precious.txt`` through a link to elsewhere,
+    ``../x``, absolute paths) or a file the user has changed since is never removed.
+
+    Returns:
+        ``(owned, kept)``: relative paths featviz may replace, and listed paths it keeps (with why).
+    """
+    folder = Path(folder)
+    real_root = os.path.realpath(folder)
+    hashes = _hashes(folder)
+    mine, kept = set(), []
+    for rel in sorted(_listed(folder)):
+        target, why = folder, ""
+        for part in Path(rel).parts:
+            target = target / part
+            if target.is_symlink():
+                why = "a symbolic link"
+                break
+        if not why and not (target.exists() or target.is_symlink()):
+            continue  # gone already: nothing to remove
+        if not why and not stat.S_ISREG(target.lstat().st_mode):
+            why = "not a regular file"
+        if not why and os.path.commonpath([real_root, os.path.realpath(target)]) != real_root:
+            why = "outside the output folder"
+        if not why and rel in hashes and _sha256(target) != hashes[rel]:
+            why = "changed since featviz wrote it"
+        if why:
+            kept.append(f"{rel} ({why})")
+        else:
+            mine.add(rel)
+    return mine, kept
 
 
 def install_files(src: Path, dst: Path, files: list[str], *, command: str | None = None,
@@ -354,17 +503,22 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
         OutputError: a new file would land on (or under) a file featviz did not write.
     """
     shown = shown or dst
-    old = _listed(dst)
+    old, refused = owned(dst)
+    old_hashes = _hashes(dst)
     clashes = [f for f in files if f not in old and (_blocked(dst, f))]
     if clashes:
+        why = next((k for k in refused if k.split(" (")[0] == clashes[0]), "")
+        why = f" ({why.split(' (', 1)[1]}" if why else ""
         raise OutputError(f"cannot write {str(shown)!r}: {str(dst / clashes[0])!r} exists and was not written by "
-                          f"featviz{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}; move it away "
-                          "or choose another output folder")
-    _write_marker(dst, command, old | set(files))
+                          f"featviz{why}{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}; move it "
+                          "away or choose another output folder")
+    if refused:
+        log.warning("%s: kept %d file(s) its marker lists but featviz may not replace: %s", shown, len(refused),
+                    ", ".join(refused[:5]))
+    new_hashes = {f: _sha256(src / f) for f in files if (src / f).is_file() and not (src / f).is_symlink()}
+    _write_marker(dst, command, old | set(files), {**old_hashes, **new_hashes})
     for f in sorted(old - set(files)):
-        target = dst / f
-        if target.is_file() or target.is_symlink():
-            target.unlink()
+        (dst / f).unlink(missing_ok=True)
     for f in files:
         target = dst / f
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +527,7 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
     kept = [f for f in _files_under(dst) if f not in files and not _is_featviz_tmp(f.split("/")[0])]
     if kept:
         log.info("kept %d file(s) in %s that featviz did not write: %s", len(kept), shown, ", ".join(kept[:5]))
-    _write_marker(dst, command, files)
+    _write_marker(dst, command, files, new_hashes)
 
 
 def _blocked(dst: Path, rel: str) -> bool:
@@ -409,15 +563,13 @@ def prepare_folder(path: str | os.PathLike, files: Iterable[str], *, force: bool
     _mkdir(full, path)
     remove_stale(full)
     with _as_output_error(path):
-        old = _listed(full)
+        old, _ = owned(full)
         clashes = [f for f in files if f not in old and _blocked(full, f)]
         if clashes:
             raise OutputError(f"cannot write {str(path)!r}: {str(full / clashes[0])!r} exists and was not written "
                               "by featviz; move it away or choose another output folder")
         for f in sorted(old):
-            target = full / f
-            if target.is_file() or target.is_symlink():
-                target.unlink()
+            (full / f).unlink(missing_ok=True)
         _prune_empty(full, old)
         _write_marker(full, command, files)
     return path

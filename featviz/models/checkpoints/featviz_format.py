@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from featviz.errors import CheckpointError
+from featviz.errors import CheckpointError, OutputError
 from featviz.io.outputs import atomic_path
 from featviz.models.checkpoints.layouts import SELF_DESCRIBED, _finish, register_layout
 from featviz.models.checkpoints.reader import FEATVIZ_META_KEY, parse_featviz_meta, read_checkpoint, sniff
@@ -125,8 +125,16 @@ def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         raise ValueError("featviz checkpoints need 'backbone.*' tensors")
     meta = {"version": 1, **meta}
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    from safetensors import SafetensorError
+
     with atomic_path(path, force=force) as tmp:
-        save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
+        try:
+            save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
+        except SafetensorError as e:  # safetensors wraps the OS error in its own, as text
+            full = "No space left" in str(e) or "os error 28" in str(e)
+            raise OutputError(f"cannot write {str(path)!r}: "
+                              + ("no space left on device (the disk or your quota is full); free some space or "
+                                 "write elsewhere" if full else f"{str(e).splitlines()[0][:120]}")) from None
     return Path(path)
 
 
