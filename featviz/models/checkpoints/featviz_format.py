@@ -97,9 +97,9 @@ def _meta_input_size(meta: dict[str, Any], path: Path) -> tuple[int, int] | None
     if (isinstance(hw, list) and len(hw) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in hw)
             and all(MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in hw)):
         return int(hw[0]), int(hw[1])
-    raise CheckpointError(f"{path.name!r}: the checkpoint's input_size (in its featviz metadata) is {str(size)[:40]!r}; expected N or "
-                          f"[H, W] between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} px; pass --image-size to choose "
-                          "the size yourself")
+    raise CheckpointError(f"{path.name!r}: the checkpoint's input_size (in its featviz metadata) is "
+                          f"{str(size)[:40]!r}; expected N or [H, W] between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} "
+                          "px; pass --image-size to choose the size yourself")
 
 
 def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
