@@ -285,8 +285,7 @@ def clean_record(rec: Any) -> tuple[dict[str, Any] | None, str]:
             clean[k] = v
         else:
             dropped.append(f"{k}={str(v)[:20]!r}")
-    return clean, (f"step {step}: ignoring field(s) of the wrong type or range: {', '.join(dropped)}" if dropped
-                   else "")
+    return clean, f"step {step}: ignoring field(s) of the wrong type or range: {', '.join(dropped)}" * bool(dropped)
 
 
 @dataclass

@@ -280,7 +280,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 nbytes = _nbytes(shape, dtype)
                 total += max(nbytes, info.file_size)
                 if nbytes > budget or total > budget:
-                    raise _budget_error(path, f"{info.filename.removesuffix('.npy')!r} {shape} {dtype}", max(nbytes, total), budget)
+                    what = f"{info.filename.removesuffix('.npy')!r} {shape} {dtype}"
+                    raise _budget_error(path, what, max(nbytes, total), budget)
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{str(path)!r} is a truncated or damaged .npz ({e}); write it again") from None
     except OSError as e:

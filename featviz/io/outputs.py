@@ -39,25 +39,33 @@ import os
 import platform
 import re
 import shutil
-import stat
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from featviz.errors import OutputError, OutputExistsError
+from featviz.io.ownership import (  # noqa: F401 - MARKER, LEGACY_MARKERS, folder_state, read_marker: featviz.io.outputs API
+    LEGACY_MARKERS,
+    MARKER,
+    TMP_DIR_PREFIX,
+    companion_of,
+    files_under,
+    folder_state,
+    is_featviz_tmp,
+    listed,
+    owned,
+    read_marker,
+    recorded_hashes,
+    sha256,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MARKER = ".featviz-output.json"
-"""The marker file of a folder featviz wrote: which command, and every file it wrote there."""
-LEGACY_MARKERS = (".featviz-demo",)
-"""Markers of earlier featviz versions (a demo folder): the folder is featviz's, its file list unknown."""
-_TMP_DIR_PREFIX = ".featviz-tmp-"
 
 
 # ------------------------------------------------------------------ checks
@@ -136,28 +144,6 @@ def _check_existing(path: Path, full: Path, *, force: bool, folder: bool | None)
             raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
 
 
-def folder_state(path: str | os.PathLike) -> str:
-    """``"empty"``, ``"featviz"`` (it holds featviz's marker) or ``"foreign"`` (anything else).
-
-    Hidden temporary folders of killed featviz runs do not count as content.
-    """
-    path = Path(path)
-    if (path / MARKER).is_file() or any((path / m).is_file() for m in LEGACY_MARKERS):
-        return "featviz"
-    if any(not _is_featviz_tmp(p.name) for p in path.iterdir()):
-        return "foreign"
-    return "empty"
-
-
-def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-    """The marker of a featviz folder (``{}`` when it has none or it is unreadable)."""
-    try:
-        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))  # normalises '.' and '..' without following links
 
@@ -199,10 +185,6 @@ def _tmp_file_re(name: str) -> re.Pattern[str]:
     )
 
 
-def _is_featviz_tmp(name: str) -> bool:
-    return name.startswith(_TMP_DIR_PREFIX)
-
-
 def remove_stale(path: str | os.PathLike) -> list[Path]:
     """Remove the hidden temporary files that killed runs left for the output ``path``.
 
@@ -214,7 +196,7 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
     pattern = _tmp_file_re(full.name)
     candidates = [(p, pattern.fullmatch(p.name)) for p in _listdir(full.parent)]
     if full.is_dir():
-        candidates += [(p, re.fullmatch(rf"{_TMP_DIR_PREFIX}(?P<pid>\d+)-\w+", p.name)) for p in _listdir(full)]
+        candidates += [(p, re.fullmatch(rf"{TMP_DIR_PREFIX}(?P<pid>\d+)-\w+", p.name)) for p in _listdir(full)]
     for p, m in candidates:
         if m is None:
             continue
@@ -256,7 +238,7 @@ def os_error_words(e: OSError) -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on device (the disk or your quota is full); free some space or write elsewhere"
     if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied; choose an output somewhere you can write"
+        return "Permission denied; choose an output somewhere you can write"
     if e.errno == errno.EROFS:
         return "read-only file system; choose an output on a writable disk"
     return (e.strerror or str(e)).rstrip(".")
@@ -265,7 +247,7 @@ def os_error_words(e: OSError) -> str:
 def write_failure(path: str | os.PathLike, e: OSError) -> OutputError:
     """The one line for a failed write of ``path`` (the user's path, never a hidden temporary one)."""
     shown = e.filename and str(e.filename)
-    hidden = not shown or shown == str(path) or ".tmp" in shown or _TMP_DIR_PREFIX in shown
+    hidden = not shown or shown == str(path) or ".tmp" in shown or TMP_DIR_PREFIX in shown
     return OutputError(f"cannot write {str(path)!r}: {os_error_words(e)}{'' if hidden else f' ({shown})'}")
 
 
@@ -341,7 +323,7 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False, command: str | N
     exists = full.is_dir()
     with _as_output_error(path):
         if exists:  # the temporary folder goes inside, so '--out .' needs no writable parent
-            tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_DIR_PREFIX}{os.getpid()}-", dir=full))
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-", dir=full))
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.{os.getpid()}-", suffix=".tmp", dir=full.parent))
         os.chmod(tmp, 0o777 & ~_umask())
@@ -349,9 +331,9 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False, command: str | N
         with _writer_errors(path, tmp):
             yield tmp
         with _as_output_error(path):
-            files = _files_under(tmp)
+            files = files_under(tmp)
             if not exists:
-                _write_marker(tmp, command, files, {f: _sha256(tmp / f) for f in files if (tmp / f).is_file()})
+                write_marker(tmp, command, files, {f: sha256(tmp / f) for f in files if (tmp / f).is_file()})
                 _install_new(tmp, full, path)
             else:
                 install_files(tmp, full, files, command=command, shown=path)
@@ -372,32 +354,12 @@ def check_companion(path: str | os.PathLike, output: str | os.PathLike, *, force
     path, output = Path(path), Path(output)
     check_output(path, force=force, folder=False)
     full = _absolute(path)
-    if full.is_symlink() or (full.exists() and not _companion_of(full, output.name)):
+    if full.is_symlink() or (full.exists() and not companion_of(full, output.name)):
         what = "a symbolic link" if full.is_symlink() else "not the manifest featviz wrote for it"
         raise OutputError(f"cannot write {str(output)!r}: {str(path)!r} exists and was not written by featviz "
                           f"({what}); --force replaces only featviz's own files, so move it away or choose "
                           "another output name")
     return path
-
-
-def _companion_of(path: Path, name: str) -> bool:
-    try:
-        if not path.is_file() or path.stat().st_size > 50_000_000:
-            return False
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and data.get("output") == name
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _install_new(tmp: Path, full: Path, shown: Path) -> None:
@@ -412,86 +374,6 @@ def _install_new(tmp: Path, full: Path, shown: Path) -> None:
         raise
 
 
-def _files_under(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.name != MARKER)
-
-
-def _write_marker(folder: Path, command: str | None, files: Iterable[str],
-                  hashes: dict[str, str] | None = None) -> None:
-    from featviz import __version__
-
-    files = sorted(set(files))
-    hashes = hashes or {}
-    data = {"featviz": __version__, "command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": files, "sha256": {f: hashes[f] for f in files if f in hashes},
-            "note": "written by featviz: --force replaces the files listed here (if unchanged: same SHA-256) "
-                    "and keeps every other file"}
-    tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MARKER)
-
-
-def _listed(folder: Path) -> set[str]:
-    """The files a folder's marker says featviz wrote (only plain relative paths inside it).
-
-    A folder with only an earlier version's marker (a demo folder, whose marker said the next demo
-    replaces it) counts as featviz's throughout.
-    """
-    if not (folder / MARKER).is_file() and any((folder / m).is_file() for m in LEGACY_MARKERS):
-        return {f for f in _files_under(folder) if not _is_featviz_tmp(f.split("/")[0])}
-    files = read_marker(folder).get("files", [])
-    out = set()
-    for f in files if isinstance(files, list) else []:
-        p = Path(str(f))
-        if isinstance(f, str) and p.parts and not p.is_absolute() and ".." not in p.parts:
-            out.add(p.as_posix())
-    return out
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    """The SHA-256 the marker records for each file (``{}`` for an earlier version's marker)."""
-    h = read_marker(folder).get("sha256", {})
-    return {str(k): v for k, v in h.items() if isinstance(v, str)} if isinstance(h, dict) else {}
-
-
-def owned(folder: str | os.PathLike) -> tuple[set[str], list[str]]:
-    """The files of ``folder`` that ``--force`` may remove, and the listed ones it must keep.
-
-    A listed file is featviz's only if it is a regular file reached without following any symbolic
-    link, inside ``folder`` once real paths are resolved, and (when the marker records one) with its
-    recorded SHA-256: so a hostile marker (``link/precious.txt`` through a link to elsewhere,
-    ``../x``, absolute paths) or a file the user has changed since is never removed.
-
-    Returns:
-        ``(owned, kept)``: relative paths featviz may replace, and listed paths it keeps (with why).
-    """
-    folder = Path(folder)
-    real_root = os.path.realpath(folder)
-    hashes = _hashes(folder)
-    mine, kept = set(), []
-    for rel in sorted(_listed(folder)):
-        target, why = folder, ""
-        for part in Path(rel).parts:
-            target = target / part
-            if target.is_symlink():
-                why = "a symbolic link"
-                break
-        if not why and not (target.exists() or target.is_symlink()):
-            continue  # gone already: nothing to remove
-        if not why and not stat.S_ISREG(target.lstat().st_mode):
-            why = "not a regular file"
-        if not why and os.path.commonpath([real_root, os.path.realpath(target)]) != real_root:
-            why = "outside the output folder"
-        if not why and rel in hashes and _sha256(target) != hashes[rel]:
-            why = "changed since featviz wrote it"
-        if why:
-            kept.append(f"{rel} ({why})")
-        else:
-            mine.add(rel)
-    return mine, kept
-
-
 def install_files(src: Path, dst: Path, files: list[str], *, command: str | None = None,
                   shown: Path | None = None) -> None:
     """Move ``files`` (relative to ``src``) into the folder ``dst``, replacing featviz's earlier files.
@@ -504,7 +386,7 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
     """
     shown = shown or dst
     old, refused = owned(dst)
-    old_hashes = _hashes(dst)
+    old_hashes = recorded_hashes(dst)
     clashes = [f for f in files if f not in old and (_blocked(dst, f))]
     if clashes:
         why = next((k for k in refused if k.split(" (")[0] == clashes[0]), "")
@@ -515,8 +397,8 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
     if refused:
         log.warning("%s: kept %d file(s) its marker lists but featviz may not replace: %s", shown, len(refused),
                     ", ".join(refused[:5]))
-    new_hashes = {f: _sha256(src / f) for f in files if (src / f).is_file() and not (src / f).is_symlink()}
-    _write_marker(dst, command, old | set(files), {**old_hashes, **new_hashes})
+    new_hashes = {f: sha256(src / f) for f in files if (src / f).is_file() and not (src / f).is_symlink()}
+    write_marker(dst, command, old | set(files), {**old_hashes, **new_hashes})
     for f in sorted(old - set(files)):
         (dst / f).unlink(missing_ok=True)
     for f in files:
@@ -524,10 +406,10 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src / f, target)
     _prune_empty(dst, old - set(files))
-    kept = [f for f in _files_under(dst) if f not in files and not _is_featviz_tmp(f.split("/")[0])]
+    kept = [f for f in files_under(dst) if f not in files and not is_featviz_tmp(f.split("/")[0])]
     if kept:
         log.info("kept %d file(s) in %s that featviz did not write: %s", len(kept), shown, ", ".join(kept[:5]))
-    _write_marker(dst, command, files, new_hashes)
+    write_marker(dst, command, files, new_hashes)
 
 
 def _blocked(dst: Path, rel: str) -> bool:
@@ -571,7 +453,7 @@ def prepare_folder(path: str | os.PathLike, files: Iterable[str], *, force: bool
         for f in sorted(old):
             (full / f).unlink(missing_ok=True)
         _prune_empty(full, old)
-        _write_marker(full, command, files)
+        write_marker(full, command, files)
     return path
 
 
