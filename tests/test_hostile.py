@@ -758,3 +758,68 @@ def test_corpus_size():
     commands = {(i.name or i.callback.__name__).replace("_", "-") for i in app.registered_commands}
     covered = {c.argv[0] for c in CASES}
     assert commands <= covered, commands - covered
+
+
+# ------------------------------------------------------------------ the rules, one by one
+def test_force_cannot_delete_outside_its_folder(tmp_path):
+    """A hostile marker lists files through a link, with '..', absolute: only featviz's own file is replaced."""
+    from featviz.io.outputs import atomic_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("precious.txt", "b.txt", "c.txt"):
+        (outside / name).write_text("the user's\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(outside)
+    (out / "file-link.png").symlink_to(outside / "b.txt")
+    (out / "old.png").write_text("featviz's earlier output\n")
+    (out / ".featviz-output.json").write_text(json.dumps({"files": [
+        "link/precious.txt", "file-link.png", "../outside/b.txt", str(outside / "c.txt"), "old.png"]}))
+    with atomic_dir(out, force=True, command="test") as tmp:
+        (tmp / "new.png").write_text("new\n")
+    assert sorted(p.name for p in outside.iterdir()) == ["b.txt", "c.txt", "precious.txt"]
+    assert all((outside / n).read_text() == "the user's\n" for n in ("precious.txt", "b.txt", "c.txt"))
+    assert (out / "link").is_symlink() and (out / "file-link.png").is_symlink()  # the user's links stay too
+    assert not (out / "old.png").exists() and (out / "new.png").read_text() == "new\n"  # featviz's own: replaced
+    marker = json.loads((out / ".featviz-output.json").read_text())
+    assert marker["files"] == ["new.png"] and marker["sha256"]["new.png"] == hashlib.sha256(b"new\n").hexdigest()
+
+
+def test_force_keeps_a_file_changed_since_featviz_wrote_it(tmp_path):
+    from featviz.errors import OutputError
+    from featviz.io.outputs import atomic_dir
+
+    out = tmp_path / "out"
+    with atomic_dir(out, command="test") as tmp:
+        (tmp / "sheet.png").write_text("featviz's\n")
+        (tmp / "notes.txt").write_text("featviz's\n")
+    (out / "notes.txt").write_text("the user edited this\n")
+    with atomic_dir(out, force=True, command="test") as tmp:  # sheet.png is featviz's and unchanged: replaced
+        (tmp / "sheet.png").write_text("new\n")
+    assert (out / "sheet.png").read_text() == "new\n" and (out / "notes.txt").read_text() == "the user edited this\n"
+    (out / "sheet.png").write_text("the user's now\n")
+    with pytest.raises(OutputError, match="changed since featviz wrote it"), atomic_dir(out, force=True) as tmp:
+        (tmp / "sheet.png").write_text("newer\n")
+    assert (out / "sheet.png").read_text() == "the user's now\n"
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_checkpoint_is_unpickled_once(cli, assets, monkeypatch, trust):
+    import torch
+
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    path = MOCO_CKPT
+    if trust:
+        import datetime
+
+        path = assets / "unsafe_moco.pth"
+        obj = torch.load(MOCO_CKPT, weights_only=True)
+        obj["when"] = datetime.date(2020, 1, 1)
+        torch.save(obj, path)
+        calls.clear()
+    r = cli("inspect", path, *(["--trust-checkpoint"] if trust else []))
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 1, calls
