@@ -58,6 +58,10 @@ class _Featviz:
         return ex
 
 
+ARCH_FAMILIES = ("resnet", "vit", "timm", "transformers")
+"""The architecture families an ``ArchSpec`` in featviz metadata may name."""
+
+
 def _meta_arch(meta: dict[str, Any], path: Path) -> ArchSpec | None:
     """The metadata's ``arch``, if featviz can build it (``parse_arch`` agrees with its family).
 
@@ -70,7 +74,10 @@ def _meta_arch(meta: dict[str, Any], path: Path) -> ArchSpec | None:
     if not meta.get("arch"):
         return None
     spec = ArchSpec.from_dict(meta["arch"])
-    if spec.family != "timm":
+    if spec.family not in ARCH_FAMILIES:
+        raise CheckpointError(f"{path.name!r}: its featviz metadata names the architecture family {spec.family!r}; "
+                              f"featviz builds {', '.join(ARCH_FAMILIES)}; pass --arch with the right name")
+    if spec.family == "resnet":  # built from its name (the others by timm/transformers, which name what they lack)
         try:
             known = parse_arch(spec.name)
         except FeatvizError as e:
