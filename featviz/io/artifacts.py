@@ -274,6 +274,9 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                         info.file_size, budget)
                 with z.open(info) as f:  # NumPy reads any member that starts like a .npy, whatever its name
                     if f.read(6) != b"\x93NUMPY":
+                        if info.filename.endswith(".npy"):
+                            raise ArtifactError(f"{str(path)!r}: member {info.filename!r} is not a .npy array (it "
+                                                "lacks NumPy's header); the file is damaged: write it again")
                         continue
                 with z.open(info) as f:
                     shape, dtype = npy_header(f, path, info.filename)
