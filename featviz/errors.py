@@ -1,7 +1,8 @@
 """The error hierarchy for mistakes a user can cause and fix (torch-free).
 
 Every message says what was expected, what was found and what to do next. The CLI turns a
-``FeatvizError`` into one red line on stderr and exit code 1; anything else is a bug.
+``FeatvizError`` into one red line on stderr and exit code 1 (2 for an ``OptionError``, a usage error);
+anything else is a bug.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class OutputError(FeatvizError):
 
 class OutputExistsError(OutputError):
     """An output already exists and ``--force`` was not given."""
+
+
+class OptionError(DataError):
+    """An option's value is malformed (``--k a,b``, ``--image-size 10x``): a usage error, exit code 2."""
 
 
 class MissingDependencyError(FeatvizError):

@@ -10,8 +10,8 @@ import pytest
 from featviz.io.artifacts import Embeddings
 
 
-def one_line_error(result, match: str) -> None:
-    assert result.exit_code == 1, result.output
+def one_line_error(result, match: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
     text = result.output.strip()
     assert "Traceback" not in text and text.startswith("error:"), text
     assert match in " ".join(text.split()), text
@@ -46,7 +46,7 @@ def test_knn_human_output_states_the_protocol(cli):
     (["--images", "digits", "--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_knn_bad_input(cli, args, match):
-    one_line_error(cli("knn", *args), match)
+    one_line_error(cli("knn", *args), match, code=2 if "--k expects" in match else 1)  # a malformed --k is usage
 
 
 def test_knn_mismatched_dims(cli, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -83,6 +84,32 @@ def _typer_flags_as_flags(cmd: Any) -> None:
     cmd.get_help_option = get_help_option
 
 
+def _typer_finite_floats(cmd: Any) -> None:
+    """``cmd`` refuses NaN and ±Inf in its float options (and float pairs) as a usage error (exit 2).
+
+    Typer's float conversion accepts ``nan`` and ``inf``, and a range check (``min=``) passes NaN (every
+    comparison with it is false), so ``--threshold nan`` would run. ``cmd.invoke`` is wrapped to check
+    the parsed values first, for every command, present and future.
+    """
+    invoke = cmd.invoke
+
+    def checked_invoke(ctx: Any) -> Any:
+        from typer._click.exceptions import UsageError
+
+        for p in getattr(ctx.command, "params", ()):
+            v = ctx.params.get(p.name)
+            values = v if isinstance(v, (list, tuple)) else (v,)
+            bad = next((x for x in values if isinstance(x, float) and not math.isfinite(x)), None)
+            if bad is not None:
+                opt = max(getattr(p, "opts", None) or [p.name], key=len)
+                raise UsageError(f"{opt} {bad}: expected a finite number", ctx)
+        return invoke(ctx)
+
+    if not getattr(invoke, "_featviz_finite", False):
+        checked_invoke._featviz_finite = True  # type: ignore[attr-defined]
+        cmd.invoke = checked_invoke
+
+
 _typer_help_width()
 
 
@@ -93,9 +120,11 @@ class _Group(TyperGroup):
         super().__init__(*args, **kwargs)
         for cmd in (self, *self.commands.values()):
             _typer_flags_as_flags(cmd)
+            _typer_finite_floats(cmd)
 
     def add_command(self, cmd: Any, name: str | None = None) -> None:
         _typer_flags_as_flags(cmd)
+        _typer_finite_floats(cmd)
         super().add_command(cmd, name)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
@@ -144,13 +173,32 @@ err = Console(stderr=True, width=_width(sys.stderr))  # progress, logs, errors
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a FeatvizError into one red line on stderr and exit code 1."""
+    """Turn a FeatvizError into one red line on stderr and exit code 1 (2 for an ``OptionError``)."""
+    from featviz.errors import OptionError
+
     try:
         yield
+    except OptionError as e:
+        usage_error(str(e))
     except FeatvizError as e:
-        msg = str(e).replace("[", r"\[")
-        err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from None
+        _error_line(str(e))
+    except OSError as e:  # the last net: a full disk or a missing permission the library did not expect
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from featviz.io.outputs import os_error_words
+
+        _error_line(f"{e.filename or 'a file'}: {os_error_words(e)}")
+    except MemoryError:
+        _error_line("out of memory: the input is larger than this machine can hold; use a smaller input "
+                    "(--batch-size, --image-size, fewer images) or a machine with more memory")
+
+
+def _error_line(message: str) -> NoReturn:
+    """One red line on stderr, exit code 1."""
+    err.print("[bold red]error:[/] " + message.replace("[", r"\["), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -253,6 +301,12 @@ def _main(
         force=True,
     )
     # featviz's warnings (fallbacks, assumptions) always reach stderr; its info/debug notes need -v
+    import warnings
+
+    # a file name in a script the plot font lacks (猫.png) is drawn with placeholder boxes: matplotlib's
+    # raw "Glyph 29483 missing from font(s) DejaVu Sans" warning, once per character and figure, says nothing
+    # the user can act on
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
 
 
 def _usage(message: str) -> typer.BadParameter:

@@ -37,14 +37,19 @@ def parse_grid(text: str) -> list[float]:
     """``"1e-4,1e-3,…"`` as floats.
 
     Raises:
-        DataError: a value that is not a number.
+        OptionError: a value that is not a finite positive number (a usage error).
     """
-    from featviz.errors import DataError
+    import math
+
+    from featviz.errors import OptionError
 
     try:
-        return [float(v) for v in text.replace(" ", ",").split(",") if v]
+        cs = [float(v) for v in text.replace(" ", ",").split(",") if v]
     except ValueError:
-        raise DataError(f"--c-grid expects comma-separated numbers such as 0.01,0.1,1,10; got {text!r}") from None
+        cs = []
+    if not cs or not all(math.isfinite(c) and c > 0 for c in cs):
+        raise OptionError(f"--c-grid expects comma-separated positive numbers such as 0.01,0.1,1,10; got {text!r}")
+    return cs
 
 
 @app.command()

@@ -75,18 +75,37 @@ def _train_progress(every: int):
 
 
 def _parse_hparams(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> a dict; values read as JSON (numbers, true/false, lists), else text."""
+    """``KEY=VALUE`` strings -> a dict; values read as JSON (numbers, true/false, lists), else text.
+
+    Raises:
+        OptionError: not KEY=VALUE, or a number that is not finite (NaN, Infinity) (a usage error).
+    """
     import json
+    import math
+
+    from featviz.errors import OptionError
+
+    def finite(v: Any) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, list):
+            return all(finite(x) for x in v)
+        if isinstance(v, dict):
+            return all(finite(x) for x in v.values())
+        return True
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparam")
+            raise OptionError(f"--hparam {item!r}: expected KEY=VALUE, e.g. queue_size=4096")
         try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):  # not JSON: the text itself
+            parsed = value
+        if not finite(parsed):
+            raise OptionError(f"--hparam {item!r}: {key.strip()} must be a finite number")
+        out[key.strip()] = parsed
     return out
 
 
@@ -263,6 +282,8 @@ def train(
     from featviz.train import loop as train_lib
     from featviz.train.config import TrainConfig
 
+    with _user_errors():
+        hparams = _parse_hparams(hparam or [])
     cfg = TrainConfig(
         method=method,
         data=data,
@@ -284,7 +305,7 @@ def train(
         rotate=rotate,
         shear=shear,
         eval_every=eval_every,
-        hparams=_parse_hparams(hparam or []),
+        hparams=hparams,
         precise_bn=precise_bn,
         threads=threads,
         log_every=log_every,

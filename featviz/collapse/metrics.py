@@ -94,15 +94,18 @@ def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndar
         ArtifactError: missing file, unknown extension or malformed content.
     """
     from featviz.errors import ArtifactError
-    from featviz.io.artifacts import Embeddings, check_array_file
+    from featviz.io.artifacts import Embeddings, check_array_file, check_npy
 
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{str(path)!r} is a folder; expected an .npz from `featviz embed` or an (N, D) .npy")
     if path.suffix == ".npz":
         return Embeddings.load(path).features
     if path.suffix == ".npy":
         if not path.is_file():
             raise ArtifactError(f"{what} file {str(path)!r} does not exist")
         check_array_file(path, "npy", expected=f"an (N, D) .npy matrix of {what}")
+        check_npy(path)
         try:
             return as_array(np.load(path, mmap_mode="r", allow_pickle=False), what=what)
         except ValueError as e:

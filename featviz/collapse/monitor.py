@@ -236,13 +236,56 @@ class JsonlTail:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's limit
                 self.bad_lines += 1
                 log.warning("%s: skipping a malformed line: %.80r", self.path.name, line)
                 continue
-            if isinstance(rec, dict):
+            rec, problem = clean_record(rec)
+            if problem:
+                self.bad_lines += 1
+                log.warning("%s: %s: %.80r", self.path.name, problem, line)
+            if rec is not None:
                 out.append(rec)
         return out
+
+
+_TEXT_FIELDS = ("event", "split", "kind", "error", "method")
+_COUNT_FIELDS = {"step": 0, "epoch": 0, "n": 0, "d": 1, "n_nonfinite": 0, "uniformity_pairs": 0}  # the least each takes
+
+
+def clean_record(rec: Any) -> tuple[dict[str, Any] | None, str]:
+    """A ``metrics.jsonl`` record made safe to follow, and what was wrong with it ("" when nothing).
+
+    A record must be a JSON object; an ``event`` record passes as it is. Any other needs a whole
+    ``step`` ≥ 0. Counts (``step``, ``epoch``, ``n``, ``d`` ≥ 1, ``n_nonfinite``) must be whole
+    numbers at least their least value, text fields (``split``, ``kind``, ``error``) text, flags flags,
+    lists lists, and every other field a number (or null); a field that is not is dropped.
+
+    Returns:
+        ``(record or None, problem)``: None when the line is skipped.
+    """
+    if not isinstance(rec, dict):
+        return None, f"skipping a line that is not a JSON object ({type(rec).__name__})"
+    if isinstance(rec.get("event"), str):
+        return rec, ""
+    step = rec.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        return None, f"skipping a record without a whole step ≥ 0 (step {str(step)[:20]!r})"
+    clean, dropped = {}, []
+    for k, v in rec.items():
+        if k in _COUNT_FIELDS:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= _COUNT_FIELDS[k]
+        elif k in _TEXT_FIELDS:
+            ok = isinstance(v, str)
+        elif isinstance(v, (bool, list)) or v is None:
+            ok = True
+        else:
+            ok = isinstance(v, (int, float))
+        if ok:
+            clean[k] = v
+        else:
+            dropped.append(f"{k}={str(v)[:20]!r}")
+    return clean, f"step {step}: ignoring field(s) of the wrong type or range: {', '.join(dropped)}" * bool(dropped)
 
 
 @dataclass
@@ -398,6 +441,19 @@ def _take(watcher: CollapseWatcher, records: list[dict[str, Any]], emit: Callabl
     return None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """``run_dir`` is a folder, or does not exist yet (a run that has not started): else refuse at once.
+
+    Raises:
+        DataError: it is a file (``metrics.jsonl`` itself, a checkpoint) or something else that is not a
+            folder; waiting for it to become a run folder would never end.
+    """
+    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
+        hint = f"; give its folder, {str(run_dir.parent)!r}" if run_dir.name == "metrics.jsonl" else ""
+        raise DataError(f"--watch {str(run_dir)!r} is a file, not a run folder (featviz train -o RUN_DIR writes "
+                        f"RUN_DIR/metrics.jsonl){hint}")
+
+
 class _RunSource:
     """Where a watched run's records come from.
 
@@ -412,7 +468,12 @@ class _RunSource:
         self.measured: set[Path] = set()
 
     def poll(self) -> tuple[list[dict[str, Any]], bool, str]:
-        """New records, whether checkpoints still wait to be measured, and what is being waited for."""
+        """New records, whether checkpoints still wait to be measured, and what is being waited for.
+
+        Raises:
+            DataError: the run folder is a file (or anything but a folder): there is nothing to wait for.
+        """
+        check_run_dir(self.run_dir)
         if not self.run_dir.is_dir():
             return [], False, f"waiting for {self.run_dir} to appear"
         if self.tail.path.exists() or self.checkpoint_metrics is None:
@@ -498,6 +559,7 @@ def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = 
     from featviz.io.outputs import check_output, prepare_folder
 
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)  # at once: a file never becomes a run folder
     out = Path(out_dir) if out_dir is not None else run_dir / "collapse-watch"
     check_output(out, force=force, folder=True)  # now; the folder is made when the first record arrives
     watcher = watcher or CollapseWatcher()

@@ -39,7 +39,7 @@ from featviz.data.images import (
 from featviz.data.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
 from featviz.data.thumbnails import image_root
 from featviz.distributed import DistInfo, barrier, init_distributed, shard
-from featviz.errors import DataError
+from featviz.errors import DataError, shorten
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
 from featviz.models.features import FeatureExtractor, default_layer, get_layer, input_size, parse_image_size
@@ -442,10 +442,12 @@ def _gather_to_main(obj: Any, info: DistInfo) -> list[Any] | None:
     return out
 
 
-def _skip_note(n_skipped: int, n_total: int, what: str) -> None:
-    if n_skipped:
-        log.warning("skipped %d of %d %s that could not be decoded (pass --strict to stop instead)",
-                    n_skipped, n_total, what)
+def _skip_note(names: Sequence[str], n_total: int, what: str) -> None:
+    """The skipped inputs on the console: how many, and the first few by name (the manifest lists them all)."""
+    if names and len(names) < n_total:
+        log.warning("skipped %d of %d %s that could not be decoded: %s (the manifest's skipped_images lists them "
+                    "all; pass --strict to stop instead)", len(names), n_total, what,
+                    shorten([Path(str(n)).name for n in names]))
 
 
 def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, checkpoint=None, arch: str | None = None,
@@ -538,9 +540,10 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
     index = np.concatenate([p.index for p in parts])
     feats = np.concatenate([p.features for p in parts if len(p.index)]) if len(index) else np.zeros((0, 0))
     skipped = sorted(i for p in parts for i in p.skipped)
-    _skip_note(len(skipped), len(src), "images")
+    _skip_note([src.ids[i] for i in skipped], len(src), "images")
     if not len(index):
-        raise DataError(f"none of the {len(src)} images in {str(images)!r} could be decoded")
+        raise DataError(f"none of the {len(src)} images in {str(images)!r} could be decoded "
+                        f"({shorten([Path(str(src.ids[i])).name for i in skipped], 3)}); check the files")
     order = np.argsort(index, kind="stable")
     index = index[order]
     ids = np.array(src.ids)[index]
@@ -566,7 +569,7 @@ def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo
     if parts is None:
         return None
     merged = _sort_pixels(_concat_pixels(parts, k))
-    _skip_note(len(merged.skipped), len(pix.images), "images")
+    _skip_note([pix.ids[i] for i in merged.skipped], len(pix.images), "images")
     if merged.ignore_only:
         names = [pix.ids[i] for i in merged.ignore_only]
         if run["strict"] or not len(merged.labels):

@@ -30,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from featviz.errors import DataError
+from featviz.errors import DataError, OptionError
 from featviz.io.progress import Progress
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
 BLOCK_ROWS = 512
+MAX_K = 1_000_000
+"""The largest neighbour count ``--k`` takes (a bigger one is a typo, and capped by N anyway)."""
 BLOCK_COLS = 16384
 
 
@@ -43,7 +45,7 @@ def parse_ks(value: str | int | Sequence[int]) -> tuple[int, ...]:
     """``"10,20,100,200"`` (or ints) as a tuple of distinct positive ints, in the order given.
 
     Raises:
-        DataError: an empty list, a non-integer or a value < 1.
+        OptionError: an empty list, a non-integer or a value < 1 (a usage error).
     """
     if isinstance(value, int):
         items: list[Any] = [value]
@@ -58,16 +60,16 @@ def parse_ks(value: str | int | Sequence[int]) -> tuple[int, ...]:
         elif isinstance(item, str) and re.fullmatch(r"-?\d+", item):
             k = int(item)
         else:
-            raise DataError(
+            raise OptionError(
                 f"--k expects comma-separated positive integers such as 10,20,100,200; "
                 f"got {item!r} in {value!r}"
             )
-        if k < 1:
-            raise DataError(f"--k values must be ≥ 1, got {k}")
+        if not 1 <= k <= MAX_K:
+            raise OptionError(f"--k values must be between 1 and {MAX_K:,}, got {k}")
         if k not in ks:
             ks.append(k)
     if not ks:
-        raise DataError(
+        raise OptionError(
             f"--k expects comma-separated positive integers such as 10,20,100,200; got {value!r}"
         )
     return tuple(ks)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from featviz.errors import DataError
+from featviz.errors import DataError, OptionError
 from featviz.io.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,17 @@ def topk_hits(proba: np.ndarray, classes: np.ndarray, targets: np.ndarray, k: in
     return int(hit[:, 0].sum()), int(hit.any(axis=1).sum())
 
 
+def check_fraction(value: float, option: str) -> float:
+    """``value`` if it is a share strictly between 0 and 1.
+
+    Raises:
+        OptionError: it is not (a usage error).
+    """
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise OptionError(f"{option} {value!r}: expected a share strictly between 0 and 1, e.g. 0.2")
+    return float(value)
+
+
 def linear_probe(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -117,6 +128,7 @@ def linear_probe(
 
     from featviz.eval.knn import check_features
 
+    check_fraction(selection_fraction, "--selection-fraction")
     ytr = np.asarray(train_labels, np.int64)
     yva = np.asarray(val_labels, np.int64)
     xtr, xva = np.asarray(train_features, np.float32), np.asarray(val_features, np.float32)
@@ -136,9 +148,12 @@ def linear_probe(
         fit_i, sel_i = train_test_split(
             np.arange(len(ytr)), test_size=selection_fraction, stratify=ytr, random_state=seed
         )
-    except ValueError as e:
+    except ValueError:  # scikit-learn's wording names its own arguments (test_size); say it in featviz's
+        n_cls = len(np.unique(ytr))
         raise DataError(
-            f"cannot hold out {selection_fraction} of {len(ytr)} training rows for choosing C: {e}"
+            f"cannot hold out {selection_fraction:g} of {len(ytr)} training rows for choosing C: a stratified "
+            f"split needs at least one row of each of the {n_cls} classes on both sides; "
+            "use a --selection-fraction nearer 0.5 or more training rows"
         ) from None
     grid: list[tuple[float, float]] = []
     converged = True

@@ -12,16 +12,27 @@ The rules every command follows:
   (``atomic_dir``). A failed or killed run leaves the old output as it was; the hidden temporary
   files of a killed run are removed by the next write of the same output.
 * **Only featviz's own files.** A folder featviz writes carries a marker, ``.featviz-output.json``,
-  listing the files it wrote. ``--force`` replaces exactly those: files in the folder that featviz
-  did not write (``thesis.tex``, ``sub/data.csv``) are kept as they are. A non-empty folder without
-  the marker was not made by featviz and is refused, ``--force`` or not. A new file that would land on
-  a file featviz did not write is refused too, so nothing of the user's is ever overwritten.
+  listing the files it wrote with the SHA-256 of each. ``--force`` replaces exactly those, and each
+  only if it is still what featviz wrote: a regular file (never a symbolic link, never reached through
+  one), inside the output folder once real paths are resolved, with the recorded hash (an entry of an
+  earlier featviz version, without a hash, passes on the first two). Everything else is the user's
+  and kept as it is: files featviz did not write (``thesis.tex``, ``sub/data.csv``), listed files the
+  user changed, anything a hostile marker names outside the folder. A non-empty folder without the
+  marker was not made by featviz and is refused, ``--force`` or not; so is a featviz folder that is
+  itself a symbolic link. A new file that would land on a file featviz did not write is refused too,
+  so nothing of the user's is ever overwritten.
+* **Companions are featviz's only if they say so.** A file output's manifest (``e.npz`` ->
+  ``e.manifest.json``) is replaced with ``--force`` only when it is a regular file whose JSON names
+  that output (``"output": "e.npz"``, as featviz writes it); a file of the user's there is refused.
+* **Failures named as such.** A full disk, a missing permission or a read-only file system is said
+  so, naming the user's path (never a hidden temporary one); nothing partial is left.
 * **Manifests are named after their output**: ``e.npz`` gets ``e.manifest.json`` (``manifest_path``);
   a folder output holds its ``manifest.json`` inside.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,22 +41,31 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from featviz.errors import OutputError, OutputExistsError
+from featviz.io.ownership import (  # noqa: F401 - MARKER, LEGACY_MARKERS, folder_state, read_marker: featviz.io.outputs API
+    LEGACY_MARKERS,
+    MARKER,
+    TMP_DIR_PREFIX,
+    companion_of,
+    files_under,
+    folder_state,
+    is_featviz_tmp,
+    listed,
+    owned,
+    read_marker,
+    recorded_hashes,
+    sha256,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MARKER = ".featviz-output.json"
-"""The marker file of a folder featviz wrote: which command, and every file it wrote there."""
-LEGACY_MARKERS = (".featviz-demo",)
-"""Markers of earlier featviz versions (a demo folder): the folder is featviz's, its file list unknown."""
-_TMP_DIR_PREFIX = ".featviz-tmp-"
 
 
 # ------------------------------------------------------------------ checks
@@ -107,6 +127,9 @@ def _check_existing(path: Path, full: Path, *, force: bool, folder: bool | None)
         if folder is False:
             raise OutputError(f"output {str(path)!r} is a folder; a file name is expected here")
         state = folder_state(full)
+        if state == "featviz" and full.is_symlink():
+            raise OutputError(f"output folder {str(path)!r} is a symbolic link (to {os.path.realpath(full)!r}); "
+                              "featviz never replaces files through a link: give the real folder")
         if state == "foreign":
             raise OutputError(
                 f"output folder {str(path)!r} is not empty and was not written by featviz (it has no {MARKER}); "
@@ -119,28 +142,6 @@ def _check_existing(path: Path, full: Path, *, force: bool, folder: bool | None)
             raise OutputError(f"output {str(path)!r} is a file; a folder is expected here")
         if not force:
             raise OutputExistsError(f"output {str(path)!r} already exists; pass --force to overwrite it")
-
-
-def folder_state(path: str | os.PathLike) -> str:
-    """``"empty"``, ``"featviz"`` (it holds featviz's marker) or ``"foreign"`` (anything else).
-
-    Hidden temporary folders of killed featviz runs do not count as content.
-    """
-    path = Path(path)
-    if (path / MARKER).is_file() or any((path / m).is_file() for m in LEGACY_MARKERS):
-        return "featviz"
-    if any(not _is_featviz_tmp(p.name) for p in path.iterdir()):
-        return "foreign"
-    return "empty"
-
-
-def read_marker(path: str | os.PathLike) -> dict[str, Any]:
-    """The marker of a featviz folder (``{}`` when it has none or it is unreadable)."""
-    try:
-        data = json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _absolute(path: Path) -> Path:
@@ -184,10 +185,6 @@ def _tmp_file_re(name: str) -> re.Pattern[str]:
     )
 
 
-def _is_featviz_tmp(name: str) -> bool:
-    return name.startswith(_TMP_DIR_PREFIX)
-
-
 def remove_stale(path: str | os.PathLike) -> list[Path]:
     """Remove the hidden temporary files that killed runs left for the output ``path``.
 
@@ -199,7 +196,7 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
     pattern = _tmp_file_re(full.name)
     candidates = [(p, pattern.fullmatch(p.name)) for p in _listdir(full.parent)]
     if full.is_dir():
-        candidates += [(p, re.fullmatch(rf"{_TMP_DIR_PREFIX}(?P<pid>\d+)-\w+", p.name)) for p in _listdir(full)]
+        candidates += [(p, re.fullmatch(rf"{TMP_DIR_PREFIX}(?P<pid>\d+)-\w+", p.name)) for p in _listdir(full)]
     for p, m in candidates:
         if m is None:
             continue
@@ -232,14 +229,46 @@ def _umask() -> int:
     return mask
 
 
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+"""Errors that only a write can cause: said as such wherever they come from."""
+
+
+def os_error_words(e: OSError) -> str:
+    """What a failed file operation means for the user: a full disk and a missing permission named as such."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device (the disk or your quota is full); free some space or write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "Permission denied; choose an output somewhere you can write"
+    if e.errno == errno.EROFS:
+        return "read-only file system; choose an output on a writable disk"
+    return (e.strerror or str(e)).rstrip(".")
+
+
+def write_failure(path: str | os.PathLike, e: OSError) -> OutputError:
+    """The one line for a failed write of ``path`` (the user's path, never a hidden temporary one)."""
+    shown = e.filename and str(e.filename)
+    hidden = not shown or shown == str(path) or ".tmp" in shown or TMP_DIR_PREFIX in shown
+    return OutputError(f"cannot write {str(path)!r}: {os_error_words(e)}{'' if hidden else f' ({shown})'}")
+
+
 @contextmanager
 def _as_output_error(path: Path) -> Iterator[None]:
     """Turn a failed write (permissions changed, disk full) into one line."""
     try:
         yield
     except OSError as e:
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}"
-                          f"{f' ({e.filename})' if e.filename and str(e.filename) != str(path) else ''}") from None
+        raise write_failure(path, e) from None
+
+
+@contextmanager
+def _writer_errors(path: Path, tmp: Path) -> Iterator[None]:
+    """A writer's failure inside an atomic block: a full disk (or a write into ``tmp`` refused) named as such."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS or (e.filename and str(tmp) in str(e.filename)):
+            raise write_failure(path, e) from None
+        raise
 
 
 @contextmanager
@@ -264,7 +293,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = True) -> Iterator[Path
     mode = 0o666 & ~_umask()  # mkstemp makes 0600; outputs get the usual permissions
     try:
         os.chmod(tmp, mode)
-        yield tmp
+        with _writer_errors(path, tmp):
+            yield tmp
         with _as_output_error(path):
             os.chmod(tmp, mode)  # again: some writers (safetensors) replace the file they are given
             os.replace(tmp, full)
@@ -293,54 +323,55 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False, command: str | N
     exists = full.is_dir()
     with _as_output_error(path):
         if exists:  # the temporary folder goes inside, so '--out .' needs no writable parent
-            tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_DIR_PREFIX}{os.getpid()}-", dir=full))
+            tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_DIR_PREFIX}{os.getpid()}-", dir=full))
         else:
             tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.{os.getpid()}-", suffix=".tmp", dir=full.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
+        with _writer_errors(path, tmp):
+            yield tmp
         with _as_output_error(path):
-            files = _files_under(tmp)
+            files = files_under(tmp)
             if not exists:
-                _write_marker(tmp, command, files)
-                os.replace(tmp, full)
+                write_marker(tmp, command, files, {f: sha256(tmp / f) for f in files if (tmp / f).is_file()})
+                _install_new(tmp, full, path)
             else:
                 install_files(tmp, full, files, command=command, shown=path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _files_under(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and p.name != MARKER)
+def check_companion(path: str | os.PathLike, output: str | os.PathLike, *, force: bool = False) -> Path:
+    """Check a file that goes with ``output`` (its manifest): it may be replaced only if it is featviz's.
 
+    A companion is featviz's when it is a regular file (not a link) holding a JSON object whose
+    ``output`` names ``output``'s file name, as featviz writes every manifest.
 
-def _write_marker(folder: Path, command: str | None, files: Iterable[str]) -> None:
-    from featviz import __version__
-
-    data = {"featviz": __version__, "command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": sorted(set(files)),
-            "note": "written by featviz: --force replaces the files listed here and keeps every other file"}
-    tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MARKER)
-
-
-def _listed(folder: Path) -> set[str]:
-    """The files a folder's marker says featviz wrote (only plain relative paths inside it).
-
-    A folder with only an earlier version's marker (a demo folder, whose marker said the next demo
-    replaces it) counts as featviz's throughout.
+    Raises:
+        OutputExistsError: it exists and ``force`` is False.
+        OutputError: it exists and is not featviz's (a file of the user's, a link, a folder).
     """
-    if not (folder / MARKER).is_file() and any((folder / m).is_file() for m in LEGACY_MARKERS):
-        return {f for f in _files_under(folder) if not _is_featviz_tmp(f.split("/")[0])}
-    files = read_marker(folder).get("files", [])
-    out = set()
-    for f in files if isinstance(files, list) else []:
-        p = Path(str(f))
-        if p.parts and not p.is_absolute() and ".." not in p.parts:
-            out.add(p.as_posix())
-    return out
+    path, output = Path(path), Path(output)
+    check_output(path, force=force, folder=False)
+    full = _absolute(path)
+    if full.is_symlink() or (full.exists() and not companion_of(full, output.name)):
+        what = "a symbolic link" if full.is_symlink() else "not the manifest featviz wrote for it"
+        raise OutputError(f"cannot write {str(output)!r}: {str(path)!r} exists and was not written by featviz "
+                          f"({what}); --force replaces only featviz's own files, so move it away or choose "
+                          "another output name")
+    return path
+
+
+def _install_new(tmp: Path, full: Path, shown: Path) -> None:
+    """Rename the finished folder onto a new output; another run that got there first wins, said so."""
+    try:
+        os.replace(tmp, full)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise OutputError(f"cannot write {str(shown)!r}: another run wrote {str(shown)!r} at the same time and "
+                              "finished first; this run's files were discarded and the other's kept; run again with "
+                              "--force to replace them, or choose another output folder") from None
+        raise
 
 
 def install_files(src: Path, dst: Path, files: list[str], *, command: str | None = None,
@@ -354,26 +385,31 @@ def install_files(src: Path, dst: Path, files: list[str], *, command: str | None
         OutputError: a new file would land on (or under) a file featviz did not write.
     """
     shown = shown or dst
-    old = _listed(dst)
+    old, refused = owned(dst)
+    old_hashes = recorded_hashes(dst)
     clashes = [f for f in files if f not in old and (_blocked(dst, f))]
     if clashes:
+        why = next((k for k in refused if k.split(" (")[0] == clashes[0]), "")
+        why = f" ({why.split(' (', 1)[1]}" if why else ""
         raise OutputError(f"cannot write {str(shown)!r}: {str(dst / clashes[0])!r} exists and was not written by "
-                          f"featviz{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}; move it away "
-                          "or choose another output folder")
-    _write_marker(dst, command, old | set(files))
+                          f"featviz{why}{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}; move it "
+                          "away or choose another output folder")
+    if refused:
+        log.warning("%s: kept %d file(s) its marker lists but featviz may not replace: %s", shown, len(refused),
+                    ", ".join(refused[:5]))
+    new_hashes = {f: sha256(src / f) for f in files if (src / f).is_file() and not (src / f).is_symlink()}
+    write_marker(dst, command, old | set(files), {**old_hashes, **new_hashes})
     for f in sorted(old - set(files)):
-        target = dst / f
-        if target.is_file() or target.is_symlink():
-            target.unlink()
+        (dst / f).unlink(missing_ok=True)
     for f in files:
         target = dst / f
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src / f, target)
     _prune_empty(dst, old - set(files))
-    kept = [f for f in _files_under(dst) if f not in files and not _is_featviz_tmp(f.split("/")[0])]
+    kept = [f for f in files_under(dst) if f not in files and not is_featviz_tmp(f.split("/")[0])]
     if kept:
         log.info("kept %d file(s) in %s that featviz did not write: %s", len(kept), shown, ", ".join(kept[:5]))
-    _write_marker(dst, command, files)
+    write_marker(dst, command, files, new_hashes)
 
 
 def _blocked(dst: Path, rel: str) -> bool:
@@ -409,17 +445,15 @@ def prepare_folder(path: str | os.PathLike, files: Iterable[str], *, force: bool
     _mkdir(full, path)
     remove_stale(full)
     with _as_output_error(path):
-        old = _listed(full)
+        old, _ = owned(full)
         clashes = [f for f in files if f not in old and _blocked(full, f)]
         if clashes:
             raise OutputError(f"cannot write {str(path)!r}: {str(full / clashes[0])!r} exists and was not written "
                               "by featviz; move it away or choose another output folder")
         for f in sorted(old):
-            target = full / f
-            if target.is_file() or target.is_symlink():
-                target.unlink()
+            (full / f).unlink(missing_ok=True)
         _prune_empty(full, old)
-        _write_marker(full, command, files)
+        write_marker(full, command, files)
     return path
 
 

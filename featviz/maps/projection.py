@@ -401,12 +401,12 @@ class TsneMap:
         Raises:
             ArtifactError: missing, unreadable or not a coordinates file.
         """
+        from featviz.io.artifacts import read_npz
+
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{str(path)!r} is not a readable coordinates .npz ({e})") from None
+        if not path.is_file():
+            raise ArtifactError(f"coordinates file {str(path)!r} does not exist; write it with `featviz tsne --coords`")
+        d = read_npz(path)
         if "coords" not in d or "groups" not in d:
             raise ArtifactError(
                 f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")

@@ -69,6 +69,8 @@ def parse_arch(name: str, *, num_heads: int | None = None) -> ArchSpec:
     if name.startswith("timm:"):
         return ArchSpec("timm", name)
     m = _RESNET_RE.match(name)
+    if m and m["width"] and not 1 <= int(m["width"]) <= 4096:
+        raise UnknownNameError(f"architecture {name!r}: the width after _w must be between 1 and 4096")
     if m and int(m["depth"]) in _RESNET_LAYOUT and (not m["wide"]) == (not m["wpg"]):
         depth = int(m["depth"])
         if m["wide"] and not _RESNET_LAYOUT[depth][0]:

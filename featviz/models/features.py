@@ -44,6 +44,8 @@ from featviz.models.tokens import (  # noqa: F401  (the feature core's public na
 )
 
 MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 8192
+"""The largest side ``--image-size`` takes: a bigger input is a typo, and would not fit in memory."""
 _INDEX_RE = re.compile(r"\[(-?\d+)\]")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*")
 
@@ -85,6 +87,8 @@ def parse_image_size(value: int | str | Sequence[int] | None) -> tuple[int, int]
         hw = (h, w)
     if min(hw) < MIN_IMAGE_SIDE:
         raise DataError(f"--image-size {hw[0]}x{hw[1]}: each side must be at least {MIN_IMAGE_SIDE} px")
+    if max(hw) > MAX_IMAGE_SIDE:
+        raise DataError(f"--image-size {value!r}: each side must be at most {MAX_IMAGE_SIDE} px")
     return hw
 
 

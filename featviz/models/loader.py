@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from featviz.errors import ArchitectureError, CheckpointError
@@ -150,9 +151,30 @@ def inspect_checkpoint(checkpoint: str | os.PathLike, *, arch: str | ArchSpec | 
         desc = describe(model)
         return {"path": str(checkpoint), "format": (desc.source or {}).get("format"), **describe_segmenter(model),
                 "normalization": desc.normalization.to_dict() if desc.normalization else None,
-                "warnings": list(desc.warnings)}
+                "warnings": list(desc.warnings) + _nonfinite_warning(model, checkpoint)}
     model, desc = load_model(checkpoint, arch=arch, format=format, num_heads=num_heads, checkpoint_key=checkpoint_key,
                              trust=trust)
     from featviz.models.facts import model_facts
 
-    return {**desc.source, "model": model_facts(model)}  # the load report, and what matters about the model
+    info = {**desc.source, "model": model_facts(model)}  # the load report, and what matters about the model
+    info["warnings"] = list(info.get("warnings") or []) + _nonfinite_warning(model, checkpoint)
+    return info
+
+
+def _nonfinite_warning(model: nn.Module, checkpoint: str | os.PathLike) -> list[str]:
+    """A warning (logged, and returned for the report) when weights hold NaN or Inf: the file loads, but is broken."""
+    bad = total = 0
+    names = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            total += t.numel()
+            if n:
+                bad += n
+                names.append(name)
+    if not bad:
+        return []
+    msg = (f"{Path(checkpoint).name}: {bad:,} of {total:,} weights are NaN or Inf (in {len(names)} tensors, e.g. "
+           f"{', '.join(names[:3])}); the file loads, but its features will be NaN (a diverged run?)")
+    log.warning("%s", msg)
+    return [msg]

@@ -230,10 +230,10 @@ def _state_dict_of(obj: Any) -> dict[str, Any] | None:
 def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | None:
     """Which whole-segmenter layout a checkpoint has: ``"featviz"``, ``"cac"`` or None.
 
-    Reads only the safetensors header, or the pickle's key names (``torch.load`` with
-    ``weights_only=True`` and ``mmap=True``: no code runs and no tensor data is read). A file that
-    cannot be read that way gives None; the real load then reports why. With ``trust`` a pickle
-    outside the allow-list is read in full (``weights_only=False``; only for files you trust).
+    Reads only the safetensors header; a pickle is read as the load reads it (``read_checkpoint``:
+    ``weights_only=True``, or with ``trust`` ``weights_only=False``, only for files you trust) and
+    kept for the load that follows, so the file is unpickled once. A file that cannot be read gives
+    None; the real load then reports why.
     """
     from featviz.models.checkpoints import featviz_metadata, sniff
 
@@ -247,20 +247,12 @@ def segmenter_layout(path: str | os.PathLike, *, trust: bool = False) -> str | N
         return None
     if kind == "safetensors":
         return None  # a safetensors file without featviz metadata holds no head specs
-    try:
-        from featviz.models.checkpoints import allowed_globals  # the allow-list read_checkpoint uses
+    from featviz.models.checkpoints import read_checkpoint
 
-        with torch.serialization.safe_globals(allowed_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except Exception:  # noqa: BLE001 - unreadable here: not ours to classify
-        if not trust:
-            return None
-        from featviz.models.checkpoints import read_checkpoint
-
-        try:
-            obj = read_checkpoint(path, trust=True).obj
-        except CheckpointError:
-            return None
+    try:  # kept for the load that follows, so the file is unpickled once
+        obj = read_checkpoint(path, trust=trust, keep=True).obj
+    except CheckpointError:  # unreadable here: the real load reports why
+        return None
     sd = _state_dict_of(obj)
     return "cac" if sd is not None and _cac_module_prefix(sd) is not None else None
 

@@ -310,5 +310,32 @@ def write_config(out: Path, cfg: TrainConfig, method_record: dict[str, Any]) -> 
 
 
 def read_config(out: Path) -> TrainConfig:
-    """The ``TrainConfig`` a run folder's ``config.json`` holds (what ``--resume`` compares with)."""
-    return TrainConfig.from_dict(json.loads((Path(out) / CONFIG_FILE).read_text()))
+    """The ``TrainConfig`` a run folder's ``config.json`` holds (what ``--resume`` compares with).
+
+    Raises:
+        FeatvizError: the file is missing, unreadable, not a JSON object, or not a run's settings.
+    """
+    from featviz.errors import FeatvizError
+
+    path = Path(out) / CONFIG_FILE
+    redo = "the run folder is damaged; start the run over with --force, or use a new --out"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeatvizError(f"--resume: {str(path)!r} is missing; {redo}") from None
+    except PermissionError:
+        raise FeatvizError(f"--resume: cannot read {str(path)!r}: permission denied; check its permissions") from None
+    except (ValueError, RecursionError) as e:
+        raise FeatvizError(f"--resume: {str(path)!r} is not valid JSON ({str(e)[:80]}); {redo}") from None
+    if not isinstance(data, dict):
+        raise FeatvizError(f"--resume: {str(path)!r} must be a JSON object of the run's settings, found "
+                           f"{type(data).__name__}; {redo}")
+    try:
+        cfg = TrainConfig.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise FeatvizError(f"--resume: {str(path)!r} does not hold a run's settings ({str(e)[:100]}); {redo}") from None
+    bad = [k for k, t in (("method", str), ("data", str), ("arch", str), ("batch_size", int), ("seed", int),
+                          ("epochs", int)) if not isinstance(getattr(cfg, k, None), t)]
+    if bad:
+        raise FeatvizError(f"--resume: {str(path)!r} has settings of the wrong type ({', '.join(bad)}); {redo}")
+    return cfg

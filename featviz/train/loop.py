@@ -230,7 +230,8 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
         record = {**cfg.to_dict(), **method_record}
         if info.is_main:
             out = _prepare_run_dir(cfg, resume=resume, force=force)
-            write_config(out, cfg, method_record)
+            if not resume:  # a resumed run's config is rewritten once its state.pt has loaded
+                write_config(out, cfg, method_record)
         barrier(info)
         result = _run(cfg, task, info, out, resume=resume, progress=progress, on_log=on_log,
                       monitor_cls=CollapseMonitor, record=record)
@@ -269,15 +270,10 @@ def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     epoch0, step, best, history = 0, 0, None, []
     if resume:
-        st = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        _set_rng_state(st["rng"])
-        epoch0, step = int(st["epoch"]), int(st["step"])
-        best = None if math.isnan(float(st["best"])) else float(st["best"])
-        history = json.loads(bytes(st["history"].numpy()).decode())
-        task.load_extra_state(st)
-        _truncate_metrics(out / "metrics.jsonl", step)
+        epoch0, step, best, history = _resume_state(out / "state.pt", model, opt, task)
+        if info.is_main:  # nothing in the run folder changes before its state has loaded
+            write_config(out, cfg, record)
+            _truncate_metrics(out / "metrics.jsonl", step)
         log.info("resuming %s at epoch %d (step %d)", out, epoch0, step)
     monitor = monitor_cls(out, every=1, enabled=info.is_main)  # the loop decides when to log
     wrap = progress or (lambda it, total=None: it)
@@ -375,6 +371,51 @@ def _append(path: Path, record: dict[str, Any]) -> None:
     append_jsonl(path, record)
 
 
+STATE_KEYS = ("model", "optimizer", "rng", "epoch", "step", "best", "history")
+"""What a run's ``state.pt`` holds (``--resume`` checks them all before it changes anything)."""
+
+
+def _resume_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                  task: TrainTask) -> tuple[int, int, float | None, list]:
+    """Restore the model, optimiser, random state and task from a run's ``state.pt``.
+
+    Returns:
+        ``(epoch, step, best, history)`` to continue from.
+
+    Raises:
+        FeatvizError: the file cannot be read (permission), is truncated or damaged, or is not a
+            state of this run's model; nothing in the run folder has changed.
+    """
+    import pickle
+    import zipfile
+
+    where = f"--resume: {str(path)!r}"
+    redo = "start the run over with --force, or use a new --out"
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise FeatvizError(f"{where} cannot be read: permission denied; check its permissions (ls -l)") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise FeatvizError(f"{where} is truncated or damaged ({first}); {redo}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise FeatvizError(f"{where} is not a featviz training state (it lacks {', '.join(missing)}); {redo}")
+    try:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        _set_rng_state(st["rng"])
+        epoch0, step = int(st["epoch"]), int(st["step"])
+        best = None if math.isnan(float(st["best"])) else float(st["best"])
+        history = json.loads(bytes(st["history"].numpy()).decode())
+        task.load_extra_state(st)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise FeatvizError(f"{where} does not fit this run's model and settings ({first}); {redo}") from None
+    return epoch0, step, best, history if isinstance(history, list) else []
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics lines past the resumed step (and the old 'done' marker) so none repeat."""
     if not path.exists():
@@ -383,7 +424,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
             continue
         if rec.get("event") == "done" or (rec.get("step") is not None and rec["step"] > step):
             continue

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from featviz.errors import CheckpointError
+from featviz.errors import CheckpointError, OutputError
 from featviz.io.outputs import atomic_path
 from featviz.models.checkpoints.layouts import SELF_DESCRIBED, _finish, register_layout
-from featviz.models.checkpoints.reader import FEATVIZ_META_KEY, read_checkpoint, sniff
+from featviz.models.checkpoints.reader import FEATVIZ_META_KEY, parse_featviz_meta, read_checkpoint, sniff
 from featviz.models.description import ArchSpec, Normalization
 
 
@@ -45,16 +45,68 @@ class _Featviz:
     def extract(ck, opts):
         meta = ck.featviz_meta or {}
         heads = tuple(sorted({k.split(".", 1)[0] + "." for k in ck.obj if not k.startswith("backbone.")}))
+        arch = _meta_arch(meta, ck.path)  # checked before anything is built from it
+        size = _meta_input_size(meta, ck.path)
         ex = _finish(ck, ck.obj, None, "backbone.", opts, drop=heads,
                      source=f"featviz ({meta.get('source_format', '?')})", method=meta.get("method"))
-        if meta.get("arch"):
-            ex.arch = ArchSpec.from_dict(meta["arch"])
+        if arch is not None:
+            ex.arch = arch
         if meta.get("normalization"):
             ex.normalization = Normalization.from_dict(meta["normalization"], "featviz checkpoint metadata")
-        size = meta.get("input_size")  # the size it was trained at (`featviz train` writes it): embed at that size
-        if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 2):
-            ex.input_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if size is not None:  # the size it was trained at (`featviz train` writes it): embed at that size
+            ex.input_size = size
         return ex
+
+
+ARCH_FAMILIES = ("resnet", "vit", "timm", "transformers")
+"""The architecture families an ``ArchSpec`` in featviz metadata may name."""
+
+
+def _meta_arch(meta: dict[str, Any], path: Path) -> ArchSpec | None:
+    """The metadata's ``arch``, if featviz can build it (``parse_arch`` agrees with its family).
+
+    Raises:
+        CheckpointError: an architecture featviz does not know, named as the checkpoint's.
+    """
+    from featviz.errors import FeatvizError
+    from featviz.models.architectures import parse_arch
+
+    if not meta.get("arch"):
+        return None
+    spec = ArchSpec.from_dict(meta["arch"])
+    if spec.family not in ARCH_FAMILIES:
+        raise CheckpointError(f"{path.name!r}: its featviz metadata names the architecture family {spec.family!r}; "
+                              f"featviz builds {', '.join(ARCH_FAMILIES)}; pass --arch with the right name")
+    if spec.family == "resnet":  # built from its name (the others by timm/transformers, which name what they lack)
+        try:
+            known = parse_arch(spec.name)
+        except FeatvizError as e:
+            raise CheckpointError(f"{path.name!r}: its featviz metadata names the architecture {spec.name!r}, which "
+                                  f"featviz cannot build ({e}); pass --arch with the right name") from None
+        if known.family != spec.family:
+            raise CheckpointError(f"{path.name!r}: its featviz metadata says {spec.name!r} is a {spec.family!r} "
+                                  f"model, but that name is a {known.family!r} one; pass --arch with the right name")
+    return spec
+
+
+def _meta_input_size(meta: dict[str, Any], path: Path) -> tuple[int, int] | None:
+    """The metadata's ``input_size`` as (H, W): N or [H, W] of whole pixels within the feature core's limits.
+
+    Raises:
+        CheckpointError: anything else, named as the checkpoint's (not the user's ``--image-size``).
+    """
+    from featviz.models.features import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
+    if "input_size" not in meta or meta["input_size"] is None:
+        return None
+    size = meta["input_size"]
+    hw = [size, size] if isinstance(size, int) else size
+    if (isinstance(hw, list) and len(hw) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in hw)
+            and all(MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in hw)):
+        return int(hw[0]), int(hw[1])
+    raise CheckpointError(f"{path.name!r}: the checkpoint's input_size (in its featviz metadata) is "
+                          f"{str(size)[:40]!r}; expected N or [H, W] between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} "
+                          "px; pass --image-size to choose the size yourself")
 
 
 def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
@@ -80,8 +132,16 @@ def save_featviz(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         raise ValueError("featviz checkpoints need 'backbone.*' tensors")
     meta = {"version": 1, **meta}
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    from safetensors import SafetensorError
+
     with atomic_path(path, force=force) as tmp:
-        save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
+        try:
+            save_file(clean, str(tmp), metadata={FEATVIZ_META_KEY: json.dumps(meta)})
+        except SafetensorError as e:  # safetensors wraps the OS error in its own, as text
+            full = "No space left" in str(e) or "os error 28" in str(e)
+            raise OutputError(f"cannot write {str(path)!r}: "
+                              + ("no space left on device (the disk or your quota is full); free some space or "
+                                 "write elsewhere" if full else f"{str(e).splitlines()[0][:120]}")) from None
     return Path(path)
 
 
@@ -104,7 +164,7 @@ def featviz_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
             raw = (f.metadata() or {}).get(FEATVIZ_META_KEY)
     except Exception:  # noqa: BLE001 - unreadable files are reported by the real load
         return None
-    return json.loads(raw) if raw else None
+    return parse_featviz_meta(raw, path)
 
 
 def read_featviz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -58,11 +58,14 @@ def sniff(path: Path) -> str:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{str(path)!r} is a folder; expected a checkpoint file")
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise read_error(path, e) from None
     if size == 0:
         raise CheckpointError(f"{str(path)!r} is empty (0 bytes); the download or save did not finish")
-    with open(path, "rb") as f:
-        head = f.read(64)
     low = head.lstrip().lower()
     if low.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
         raise CheckpointError(f"{str(path)!r} is not a PyTorch checkpoint (starts with {head[:15]!r}); "
@@ -96,6 +99,20 @@ def sniff(path: Path) -> str:
                           "expected a torch.save file or .safetensors")
 
 
+def read_error(path: Path, e: OSError) -> CheckpointError:
+    """A failure to read ``path`` itself (no permission, gone, a folder), named as such, never "corrupt"."""
+    import errno
+
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return CheckpointError(f"cannot read {str(path)!r}: permission denied; check its permissions (ls -l) "
+                               "or copy it somewhere you can read it")
+    if e.errno == errno.ENOENT:
+        return CheckpointError(f"checkpoint {str(path)!r} does not exist (it was removed while featviz read it)")
+    if e.errno == errno.EISDIR:
+        return CheckpointError(f"{str(path)!r} is a folder; expected a checkpoint file")
+    return CheckpointError(f"cannot read {str(path)!r}: {e.strerror or e}; check the disk and the file")
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint read into memory: its top-level object and, for safetensors, metadata."""
@@ -107,24 +124,119 @@ class Checkpoint:
 
     @property
     def featviz_meta(self) -> dict[str, Any] | None:
-        """The parsed ``featviz`` metadata entry of a featviz file's header; None for any other file."""
-        raw = self.metadata.get(FEATVIZ_META_KEY)
-        return json.loads(raw) if raw else None
+        """The parsed ``featviz`` metadata entry of a featviz file's header; None for any other file.
+
+        Raises:
+            CheckpointError: the entry is not a JSON object of the expected fields (``parse_featviz_meta``).
+        """
+        return parse_featviz_meta(self.metadata.get(FEATVIZ_META_KEY), self.path)
 
 
-def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoint:
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,), "arch": (dict,), "normalization": (dict,), "method": (str, type(None)),
+    "heads": (dict,), "class_names": (list,), "num_classes": (int,), "training": (dict,), "hparams": (dict,),
+    "source_format": (str,), "source_file": (str, type(None)),
+}
+MAX_META_CHARS = 10_000_000
+"""The largest ``featviz`` metadata entry read (a header holds a few kB; more is not featviz's)."""
+
+
+def parse_featviz_meta(raw: Any, path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``featviz`` metadata entry of a safetensors header, checked before anything trusts it.
+
+    It must be a JSON object; its known fields must have their types (``arch``: an object with
+    string ``family`` and ``name``; ``normalization``: ``mean``/``std`` lists of finite numbers;
+    ``input_size``: N or [H, W]). What the values mean (an architecture featviz knows, a usable
+    size) is checked where they are used.
+
+    Returns:
+        The metadata dict; None when there is no entry.
+
+    Raises:
+        CheckpointError: not JSON, not an object, or a field of the wrong type; the message names the
+            file, the field, what was expected and what to do.
+    """
+    if raw is None or raw == "":
+        return None
+    name = Path(path).name
+    fix = "it was not written by featviz, or was edited or damaged; convert the original checkpoint again"
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{name!r}: its 'featviz' metadata {what}; {fix}")
+
+    if not isinstance(raw, str) or len(raw) > MAX_META_CHARS:
+        raise bad(f"is not a JSON text of at most {MAX_META_CHARS:,} characters")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"is not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(meta, dict):
+        raise bad(f"must be a JSON object, found {type(meta).__name__} {raw[:40]!r}")
+    for key, types in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], types) or isinstance(meta.get(key), bool):
+            raise bad(f"field {key!r} is {type(meta[key]).__name__} {str(meta[key])[:40]!r}; expected "
+                      + " or ".join("null" if t is type(None) else t.__name__ for t in types))
+    arch = meta.get("arch")
+    if arch is not None and not (isinstance(arch.get("family"), str) and isinstance(arch.get("name"), str)
+                                 and isinstance(arch.get("kwargs", {}), dict)):
+        raise bad(f"field 'arch' is {str(arch)[:60]!r}; expected an object with string 'family' and 'name'")
+    norm = meta.get("normalization")
+    if norm is not None and not (all(_numbers(norm.get(k)) for k in ("mean", "std")) and min(norm["std"]) > 0):
+        raise bad(f"field 'normalization' is {str(norm)[:60]!r}; expected 'mean' and 'std' lists of finite "
+                  "numbers (std > 0)")
+    return meta
+
+
+def _numbers(v: Any) -> bool:
+    import math
+
+    return (isinstance(v, list) and 0 < len(v) <= 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+
+_KEPT: dict[tuple[Any, ...], Checkpoint] = {}
+"""At most one checkpoint read with ``keep=True``, handed to the next read of the same file (once)."""
+
+
+def _kept_key(path: Path, trust: bool) -> tuple[Any, ...] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_mtime_ns, st.st_size, trust)
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False, keep: bool = False) -> Checkpoint:
     """Read a checkpoint without running code: safetensors, or ``torch.load(weights_only=True)``.
+
+    A file is read (unpickled) once per load: a read with ``keep`` (a look before the load, e.g. "is it
+    a segmenter?") is handed to the next read of the same unchanged file, which takes it.
 
     Args:
         path: The file.
         trust: Use ``weights_only=False`` (arbitrary pickles). Only for files the user trusts;
             this is never an automatic fallback.
+        keep: Keep what was read for the next read of this file (the one load that follows).
 
     Raises:
         CheckpointError: unreadable or corrupt file (see ``sniff``).
         UnsafeCheckpointError: the pickle needs globals outside the allow-list; they are named.
     """
     path = Path(path)
+    key = _kept_key(path, trust)
+    if key is not None and key in _KEPT:
+        ck = _KEPT.pop(key)
+        if keep:
+            _KEPT[key] = ck
+        return ck
+    _KEPT.clear()
+    ck = _read(path, trust)
+    if keep and key is not None:
+        _KEPT[key] = ck
+    return ck
+
+
+def _read(path: Path, trust: bool) -> Checkpoint:
     kind = sniff(path)
     if kind == "safetensors":
         from safetensors import SafetensorError, safe_open
@@ -135,6 +247,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
                 meta = dict(f.metadata() or {})
                 for k in f.keys():
                     tensors[k] = f.get_tensor(k)
+        except OSError as e:
+            raise read_error(path, e) from None
         except SafetensorError as e:
             raise CheckpointError(f"{str(path)!r} is a damaged .safetensors file ({e}); download it again") from None
         return Checkpoint(path, tensors, kind, meta)
@@ -143,12 +257,16 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Checkpoi
                     "contains; use it only for files you trust", path.name)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
+            raise read_error(path, e) from None
         except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
             raise CheckpointError(f"cannot read {str(path)!r} even with --trust-checkpoint: {e}") from None
         return Checkpoint(path, obj, kind)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:  # the file, not its content
+        raise read_error(path, e) from None
     except pickle.UnpicklingError:  # the weights-only unpickler met a global outside the allow-list
         blocked = _blocked_globals(path)
         raise UnsafeCheckpointError(
