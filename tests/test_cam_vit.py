@@ -230,3 +230,35 @@ def test_hooks_and_fused_flags_restored():
     assert [b.attn.fused_attn for b in model.blocks] == flags
     assert not [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+def test_hf_dinov3_gae_on_transformers_own_attention_with_rope_and_registers(tmp_path):
+    """A transformers DINOv3 (RoPE, 4 registers) through featviz's HF adapter: GAE equals the official rule on
+    the probabilities transformers returns (``output_attentions``, eager); LeGrad is refused, pointing to gae."""
+    transformers = pytest.importorskip("transformers")
+    from featviz.models.loader import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=128, patch_size=16, image_size=64, num_register_tokens=4)
+    ref = transformers.DINOv3ViTModel(cfg).eval()
+    ref.save_pretrained(tmp_path / "d3")
+    model, _ = load_model(tmp_path / "d3")
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(9))
+    (maps, stats), _ = _explain(model, x, "gae", "self")
+    ref.set_attn_implementation("eager")
+    inp = x.clone().requires_grad_(True)
+    out = ref(pixel_values=inp, output_attentions=True)
+    emb = out.pooler_output
+    value = (emb * F.normalize(emb.detach().flatten(), dim=0).view_as(emb)).sum()
+    grads = torch.autograd.grad(value, out.attentions)
+    r = torch.eye(out.attentions[0].shape[-1])
+    for cam, grad in zip(out.attentions, grads, strict=True):
+        cam = (grad[0] * cam[0].detach()).clamp(min=0).mean(dim=0)
+        r += torch.matmul(cam, r)
+    rel = F.interpolate(r[0, 5:].reshape(1, 1, 4, 6), scale_factor=16, mode="bilinear")[0, 0]
+    np.testing.assert_allclose(maps[0], _minmax(rel).numpy(), atol=1e-5)
+    assert stats[0].status == "ok"
+    info = C.probe_model(model, x)
+    why = C.not_applicable("legrad", info, token_layer=False)
+    assert why and "gae" in why

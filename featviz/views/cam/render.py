@@ -86,7 +86,7 @@ def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: s
     rows, cols = len(images), len(run.methods) + 1
     names = [k for k in run.score_settings.get("scores", []) if run.score_values]
     panel = (70 + 20 * len(run.methods)) if names else 0
-    width = max(label_w + cols * (tw + gap) + gap, 330 * len(names) + label_w if names else 0)
+    width = max(label_w + cols * (tw + gap) + gap, 380 * len(names) + label_w if names else 0)
     height = top + rows * (th + gap) + bottom + panel
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
 
@@ -145,7 +145,7 @@ def _ranking_panel(fig, run: CamRun, names: list[str], box, *, top: float, left:
     for c, k in enumerate(names):
         order = ranking(means, k)
         vals = [means[m][k] for m in order]
-        ax = box(left + c * w + 110, top + 22, w - 170, height - 34)
+        ax = box(left + c * w + 110, top + 22, w - 150, height - 34)
         colors = ["#2a9d8f" if i == 0 else "#8d99ae" for i in range(len(order))]
         ax.barh(range(len(order)), vals, color=colors, height=0.7)
         ax.set_yticks(range(len(order)), order, fontsize=9)
@@ -160,7 +160,7 @@ def _ranking_panel(fig, run: CamRun, names: list[str], box, *, top: float, left:
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
         better = "higher" if HIGHER_IS_BETTER[k] else "lower"
-        ax.set_title(f"{k} AUC ({better} = better)" if k != "road" else f"ROAD combined ({better} = better)",
+        ax.set_title(f"{k} AUC ({better} = better)" if k != "road" else f"ROAD ({better} = better)",
                      fontsize=10, weight="bold", loc="left")
 
 
