@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--deletion-maps", type=int, default=4, help="maps scored by --score deletion (0: skip)")
     ap.add_argument("--deletion-steps", type=int, default=20)
+    ap.add_argument("--only-deletion", action="store_true", help="time --score deletion only")
     args = ap.parse_args()
 
     from pytorch_grad_cam import GradCAM, ScoreCAM
@@ -61,6 +62,10 @@ def main() -> None:
         finally:
             cam.activations_and_grads.release()
 
+    if args.only_deletion:
+        _deletion(C, info, model, x[:args.deletion_maps], featviz("gradcam", x[:args.deletion_maps], 16),
+                  args.deletion_steps)
+        return
     featviz("gradcam", x[:2], 2)  # warm-up
     rows = []
     for label, fn in (("pytorch-grad-cam GradCAM, 1 image per call", lambda: direct(GradCAM, x)),
