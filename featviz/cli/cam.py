@@ -150,7 +150,7 @@ def cam(
     out.print(f"contact sheet: {summary['files']['contact_sheet']}", highlight=False)
     for name, values in (summary["metrics"] or {}).items():
         out.print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), highlight=False)
-    scored = summary["scores"]
+    scored = summary.get("scores")
     if scored:
         out.print(f"scores: {summary['files']['scores']} ({scored['forwards']} forwards)", highlight=False)
         for name, order in scored["ranking"].items():
