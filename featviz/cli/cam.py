@@ -154,5 +154,7 @@ def cam(
     if scored:
         out.print(f"scores: {summary['files']['scores']} ({scored['forwards']} forwards)", highlight=False)
         for name, order in scored["ranking"].items():
-            out.print(f"  {name}, best first: " + ", ".join(f"{m} {scored['means'][m][name]:.3f}" for m in order),
-                      highlight=False)
+            out.print(
+                f"  {name}, best first: " + ", ".join(f"{m} {scored['means'][m][name]:.3f}" for m in order),
+                highlight=False,
+            )
