@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "cam_grid": ([], ["--methods", "gradcam,gradcam++,layercam"]),
     "tsne_bench": (["--sizes", "10000"], []),
     "cam_bench": (["--images", "16"], ["--images", "64", "--score-images", "2"]),
+    "cam_faithfulness": (["--photos", "4", "--steps", "10"], ["--photos", "8", "--steps", "20"]),
     "collapse_bench": (["--n", "250000", "--n-exact", "20000"], []),
     "train_bench": (["--repeats", "1"], ["--repeats", "3"]),
     "memory_bench": (["--pixels", "50000"], []),

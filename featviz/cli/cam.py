@@ -86,6 +86,18 @@ def cam(
         bool, typer.Option("--eigen-smooth", help="First principal component of the weighted maps.")
     ] = False,
     metrics: Annotated[bool, typer.Option("--metrics", help="Add ROAD and confidence drop/increase per map.")] = False,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            "--score",
+            help="Faithfulness of every map: road, deletion, insertion (comma-separated, or all); written to "
+            "cam.json, ranked on the contact sheet. '--method all --score deletion': which method to trust.",
+        ),
+    ] = None,
+    score_steps: Annotated[
+        int,
+        typer.Option("--score-steps", min=1, help="Deletion/insertion steps (pixels per step: H·W / steps, as RISE)."),
+    ] = 20,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -116,6 +128,8 @@ def cam(
             aug_smooth=aug_smooth,
             eigen_smooth=eigen_smooth,
             metrics=metrics,
+            scores=score,
+            score_steps=score_steps,
             device=device,
             seed=seed,
             force=force,
@@ -136,3 +150,11 @@ def cam(
     out.print(f"contact sheet: {summary['files']['contact_sheet']}", highlight=False)
     for name, values in (summary["metrics"] or {}).items():
         out.print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), highlight=False)
+    scored = summary.get("scores")
+    if scored:
+        out.print(f"scores: {summary['files']['scores']} ({scored['forwards']} forwards)", highlight=False)
+        for name, order in scored["ranking"].items():
+            out.print(
+                f"  {name}, best first: " + ", ".join(f"{m} {scored['means'][m][name]:.3f}" for m in order),
+                highlight=False,
+            )

@@ -37,6 +37,6 @@ MapMethod = Literal["tsne", "umap", "pca"]
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
     "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",
-    "seg_eigen_cam", "refinecam", "sess", "random_cam",
+    "seg_eigen_cam", "refinecam", "sess", "random_cam", "legrad", "gae",
 )
 """``featviz cam --method`` names (featviz.views.cam.CAM_METHODS holds the classes; a test keeps them in sync)."""

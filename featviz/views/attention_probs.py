@@ -15,6 +15,14 @@ projections) and gives a plausible-looking but different map. Two ways are exact
   Hugging Face adapter, which runs the transformers model with eager attention).
 
 Any other attention module is refused in one line (``ArchitectureError``), never approximated.
+
+``recording_attention`` is the same rule for the gradient methods (``featviz cam --method legrad,gae``):
+it records the probabilities *inside the autograd graph* of any forward run while it is open (the
+model itself, or a wrapper that selects its output), so that a target's gradient with respect to
+them can be taken. For timm modules it is the same unfused switch and ``attn_drop`` input; for a
+model with ``attention_maps`` (Hugging Face) transformers' eager attention is switched on and the
+probabilities its attention modules return (``(output, probabilities)``, after a dropout that is
+the identity in eval mode) are recorded from a forward hook.
 """
 
 from __future__ import annotations
@@ -69,12 +77,16 @@ def check_instrumentable(attn: nn.Module, index: int) -> None:
 
 
 @contextmanager
-def _unfused_capture(attn: nn.Module, index: int, store: dict[int, torch.Tensor], query: int | None = None):
-    """Switch ``attn`` to its unfused path and record the input of its ``attn_drop`` (one query row with ``query``)."""
+def _unfused_capture(attn: nn.Module, index: int, store: dict[int, torch.Tensor], query: int | None = None, *,
+                     keep_graph: bool = False):
+    """Switch ``attn`` to its unfused path and record the input of its ``attn_drop``.
+
+    ``query`` keeps one query row; ``keep_graph`` keeps the probabilities in the autograd graph.
+    """
     was = attn.fused_attn
 
     def hook(_m, args):
-        a = args[0].detach()
+        a = args[0] if keep_graph else args[0].detach()
         store[index] = a if query is None else a[:, :, query : query + 1].clone()  # not a view of all rows
 
     handle = attn.attn_drop.register_forward_pre_hook(hook)
@@ -142,3 +154,90 @@ def model_attention(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tens
             f"({class_path(blocks[missing[0]].attn)}); featviz shows no map"
         )
     return {i: _check_probs(store[i], i, tokens, len(x), one) for i in wanted}
+
+
+def _hf_attention_module(block: nn.Module, index: int) -> nn.Module:
+    """The child of a transformers encoder layer that returns ``(output, probabilities)``."""
+    for child in block.children():
+        if type(child).__name__.endswith("Attention"):
+            return child
+    raise ArchitectureError(
+        f"block {index} ({type(block).__name__}) has no attention child (a module named ...Attention); featviz "
+        "cannot read its attention probabilities, so it shows no map"
+    )
+
+
+@contextmanager
+def _hf_capture(model: nn.Module, blocks: Sequence[nn.Module], wanted: list[int], store: dict[int, torch.Tensor]):
+    """Switch on transformers' eager attention for the forward; record each wanted block's probabilities."""
+    hf = model.hf
+    before = hf.config._attn_implementation
+    handles = []
+
+    def record(index: int):
+        def hook(_m, _args, output):
+            if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+                store[index] = output[1]
+
+        return hook
+
+    try:
+        if before != "eager":
+            hf.set_attn_implementation("eager")
+        handles = [_hf_attention_module(blocks[i], i).register_forward_hook(record(i)) for i in wanted]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if before != "eager":
+            hf.set_attn_implementation(before)
+
+
+class AttentionRecord:
+    """The attention probabilities one forward produced, inside its autograd graph (``recording_attention``)."""
+
+    def __init__(self, wanted: list[int], blocks: Sequence[nn.Module]):
+        self.wanted, self.blocks = wanted, blocks
+        self.store: dict[int, torch.Tensor] = {}
+
+    def probabilities(self, tokens: int, batch: int) -> dict[int, torch.Tensor]:
+        """``{block: (N, heads, tokens, tokens)}`` as the model computed them (not detached, not cast).
+
+        Raises:
+            ArchitectureError: a block's softmax was never reached, or is not the expected shape.
+        """
+        missing = [i for i in self.wanted if i not in self.store]
+        if missing:
+            raise ArchitectureError(
+                f"the forward pass never reached block {missing[0]}'s attention softmax "
+                f"({class_path(self.blocks[missing[0]])}); featviz shows no map"
+            )
+        for i in self.wanted:
+            _check_probs(self.store[i].detach(), i, tokens, batch)
+        return {i: self.store[i] for i in self.wanted}
+
+
+@contextmanager
+def recording_attention(model: nn.Module, blocks: Sequence[nn.Module], indices: Sequence[int]):
+    """Record ``blocks[i]``'s attention probabilities, in the autograd graph, during any forward run inside.
+
+    The same exact rule as ``model_attention`` (timm modules read on their unfused path; a model
+    with ``attention_maps`` through transformers' eager attention), for methods that differentiate
+    a target with respect to the probabilities (LeGrad, Chefer et al.'s GAE).
+
+    Yields:
+        An ``AttentionRecord``; call ``probabilities(tokens, batch)`` after the forward.
+
+    Raises:
+        ArchitectureError: an attention module featviz cannot read exactly.
+    """
+    wanted = list(indices)
+    record = AttentionRecord(wanted, blocks)
+    with ExitStack() as stack:
+        if has_own_maps(model) and hasattr(model, "hf"):
+            stack.enter_context(_hf_capture(model, blocks, wanted, record.store))
+        else:
+            for i in wanted:
+                check_instrumentable(blocks[i].attn, i)
+                stack.enter_context(_unfused_capture(blocks[i].attn, i, record.store, keep_graph=True))
+        yield record

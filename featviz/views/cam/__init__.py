@@ -18,7 +18,11 @@ the library leaves to the user (``shared/reference/features-and-apis.md`` §2.1,
   no weight gradients are computed, so a backward pass only reaches down to the layer.
 
 One module per concern: ``methods`` (the method table and the grad-cam adapter, ``explain``),
-``targets``, ``layers`` (model probing), ``metrics`` (faithfulness), ``run`` (``run_cam``: the whole
+``transformer`` (LeGrad and Chefer et al.'s GAE for ViTs, transcribed from the official code, on
+the model's own attention probabilities), ``mapstats`` (what min-max scaling hides; the model state
+methods run in), ``targets``, ``layers`` (model probing), ``metrics`` (pytorch-grad-cam's
+faithfulness for ``--metrics``), ``scores`` (``--score road,deletion,insertion``: RISE's
+deletion/insertion AUC batched per map, ROAD), ``run`` (``run_cam``: the whole
 command, on the views' one pipeline, ``featviz.views.runner.ViewRunner``) and ``render`` (overlays,
 the contact sheet). Their public names are importable from here. The CLI imports this package only
 inside ``featviz cam``; the model comes from ``featviz.models.loader.load_model(head=True)``.
@@ -43,6 +47,7 @@ from featviz.views.cam.methods import (
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, ROAD_PERCENTILES, faithfulness
 from featviz.views.cam.render import CAM_OVERLAY, CamRun, contact_sheet, overlay_png
 from featviz.views.cam.run import CamResult, read_class_names, run_cam
+from featviz.views.cam.scores import SCORE_DEFINITIONS, SCORES, parse_scores, score_maps
 from featviz.views.cam.targets import (
     TARGET_KINDS,
     CamTarget,
@@ -59,6 +64,7 @@ from featviz.views.cam.targets import (
     make_targets,
     parse_target,
 )
+from featviz.views.cam.transformer import TRANSFORMER_METHODS, explain_transformer
 from featviz.views.runner import image_ids
 
 __all__ = [
@@ -68,4 +74,5 @@ __all__ = [
     "augment_views", "bind_targets", "check_target", "contact_sheet", "default_target", "explain", "faithfulness",
     "image_ids", "layer_shapes", "make_cam", "make_targets", "not_applicable", "overlay_png", "parse_methods",
     "parse_target", "probe_model", "read_class_names", "release_cam", "run_cam",
+    "SCORES", "SCORE_DEFINITIONS", "TRANSFORMER_METHODS", "explain_transformer", "parse_scores", "score_maps",
 ]

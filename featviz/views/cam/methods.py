@@ -10,7 +10,6 @@ import contextlib
 import functools
 import io
 import logging
-import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from featviz.errors import FeatvizError, UnknownNameError, did_you_mean
 from featviz.views.cam.layers import ModelInfo
+from featviz.views.cam.mapstats import NOISE_RATIO, MapStats, classify, model_state  # noqa: F401 - re-exported
 from featviz.views.cam.targets import CamTarget, bind_targets
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,15 @@ class CamMethod:
         gradients: Needs gradients of the target with respect to the layer.
         input_gradient: Also needs the input's gradient (so the whole network is back-propagated).
         note: One line for ``--help`` and docs.
+        family: ``grad-cam`` (a pytorch-grad-cam class) or ``transformer`` (featviz's transcription of
+            the official code, ``featviz.views.cam.transformer``: it reads the ViT's attention, not a layer).
     """
 
     cls: str
     gradients: bool
     note: str
     input_gradient: bool = False
+    family: str = "grad-cam"
 
 
 CAM_METHODS: dict[str, CamMethod] = {
@@ -68,8 +71,13 @@ CAM_METHODS: dict[str, CamMethod] = {
     "refinecam": CamMethod("RefineCAM", True, "product of GradCAM++ maps over the layers"),
     "sess": CamMethod("SESS", True, "GradCAM over scaled sliding windows, fused"),
     "random_cam": CamMethod("RandomCAM", True, "random channel weights (a sanity baseline)"),
+    "legrad": CamMethod("LeGrad", True, "ViTs: positive gradients of each late block's score w.r.t. its attention "
+                        "(Bousselham et al. 2024)", family="transformer"),
+    "gae": CamMethod("GAE", True, "ViTs: gradient-weighted attention relevance propagated through every block "
+                     "(Chefer et al. ICCV 2021)", family="transformer"),
 }
-"""snake_case name -> pytorch-grad-cam method; the classes are imported inside ``make_cam``."""
+"""snake_case name -> method: pytorch-grad-cam classes (imported inside ``make_cam``), and the two
+transformer methods featviz transcribes from their official code (``featviz.views.cam.transformer``)."""
 
 NOT_CAM_METHODS: dict[str, str] = {
     "deep_feature_factorization": "DeepFeatureFactorization factorises activations into concepts; it "
@@ -80,7 +88,7 @@ NOT_CAM_METHODS: dict[str, str] = {
 """pytorch-grad-cam exports that are not per-target CAM methods, and why."""
 
 # the methods whose backward only needs the layer's output gradient: featviz cuts the graph there
-_CUT_GRAPH = {n for n, s in CAM_METHODS.items() if s.gradients and not s.input_gradient}
+_CUT_GRAPH = {n for n, s in CAM_METHODS.items() if s.gradients and not s.input_gradient and s.family == "grad-cam"}
 _NO_AUG_SMOOTH = {"finercam", "refinecam", "sess"}  # their __call__ has no aug_smooth
 
 
@@ -97,7 +105,8 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
         for raw in str(item).split(","):
             name = raw.strip().lower().replace("-", "_")
             name = {"gradcam_plusplus": "gradcam++", "gradcampp": "gradcam++", "grad_cam": "gradcam",
-                    "kpcacam": "kpca_cam", "score_cam": "scorecam", "eigen_cam": "eigencam"}.get(name, name)
+                    "kpcacam": "kpca_cam", "score_cam": "scorecam", "eigen_cam": "eigencam", "le_grad": "legrad",
+                    "chefer": "gae"}.get(name, name)
             if not name:
                 continue
             if name == "all":
@@ -168,48 +177,6 @@ def release_cam(cam) -> None:
         base.activations_and_grads.release()  # featviz's recorder: see _ActivationsAndGradients
         base.outputs = None
         base.featviz_recorder = None
-
-
-@dataclass
-class MapStats:
-    """What min-max scaling hides: the raw size of one map before normalisation.
-
-    Attributes:
-        raw_max: Largest value of the raw map after ReLU (before scaling); 0 means blank.
-        raw_mean: Mean of the raw map after ReLU.
-        grad_norm: L2 norm of the target's gradient at the layer(s), for gradient methods.
-        status: ``ok``, ``blank`` (all zero), ``noise`` (gradients at float-rounding level),
-            ``nan`` (non-finite) or ``unchecked`` (the method gives no raw map).
-    """
-
-    raw_max: float | None = None
-    raw_mean: float | None = None
-    grad_norm: float | None = None
-    status: str = "unchecked"
-
-    def to_dict(self) -> dict[str, Any]:
-        """The statistics as manifests record them."""
-        return {"raw_max": self.raw_max, "raw_mean": self.raw_mean, "grad_norm": self.grad_norm,
-                "status": self.status}
-
-
-NOISE_RATIO = 1e-4
-"""A gradient map is noise when the target's relative slope at the output (``CamTarget.slope``) is
-below this: its gradients are float rounding, which min-max scaling blows up into a heatmap."""
-
-
-def _classify(st: MapStats, slope: float | None) -> MapStats:
-    if st.raw_max is None:
-        return st
-    if not math.isfinite(st.raw_max):
-        st.status = "nan"
-    elif st.raw_max <= 0:
-        st.status = "blank"
-    elif st.grad_norm is not None and slope is not None and slope < NOISE_RATIO:
-        st.status = "noise"
-    else:
-        st.status = "ok"
-    return st
 
 
 class _Recorder:
@@ -327,31 +294,6 @@ def extended(cls: type) -> type:
 
 
 # ------------------------------------------------------------------ one method on one batch
-@contextmanager
-def _model_state(model: nn.Module, *, weights_require_grad: bool = False) -> Iterator[None]:
-    """Eval mode and chosen weight ``requires_grad``; restore every flag and ``.grad`` afterwards.
-
-    Layer-gradient methods need no weight gradients (featviz makes the layer's output require
-    grad itself, which also covers frozen backbones). FullGrad and ShapleyCAM differentiate
-    through the whole network as pytorch-grad-cam does, with weights requiring grad (ShapleyCAM's
-    Hessian-vector product fails on a frozen head otherwise).
-    """
-    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for p, _, _ in params:
-            p.requires_grad_(weights_require_grad)
-        model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for p, flag, grad in params:
-            p.requires_grad_(flag)
-            p.grad = grad
-        for m, flag in modes:
-            m.training = flag
-
-
 def _cut_graph_hook(zero: torch.Tensor):
     """Forward hook: make the layer's output the start of the autograd graph.
 
@@ -411,12 +353,16 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
     if len(targets) != x.shape[0]:
         raise ValueError(f"one target per image is required: got {len(targets)} targets for {x.shape[0]} images")
     spec = CAM_METHODS[method]
+    if spec.family == "transformer":  # the ViT's own attention: no layer, no reshape, no smoothing
+        from featviz.views.cam.transformer import explain_transformer
+
+        return explain_transformer(info, _inner_model(info), x, method, targets)
     model = info.forward
     if (aug_smooth or method == "sess") and not all(t.bound for t in targets):
         bind_targets(info, x, targets)  # their first forward is not the clean batch
     recorder = _Recorder(x.shape[0])
     with ExitStack() as stack:
-        stack.enter_context(_model_state(model, weights_require_grad=spec.input_gradient))
+        stack.enter_context(model_state(model, weights_require_grad=spec.input_gradient))
         handles = _guard_hooks(info, method, layers, targets, x)
         stack.callback(lambda: [h.remove() for h in handles])
         cam = make_cam(method, model, layers, reshape_transform, batch_size=batch_size,
@@ -429,7 +375,7 @@ def explain(info: ModelInfo, x: torch.Tensor, method: str, layers: list[nn.Modul
             kwargs["aug_smooth"] = True
         maps = cam(x, None if method == "finercam" else targets, eigen_smooth=eigen_smooth, **kwargs)
         _check_gradients(info, method, cam, layers)
-    stats = [_classify(st, t.slope) for st, t in zip(recorder.stats, targets, strict=True)]
+    stats = [classify(st, t.slope) for st, t in zip(recorder.stats, targets, strict=True)]
     return np.asarray(maps, dtype=np.float32), stats
 
 
@@ -484,9 +430,22 @@ def _layer_names(info: ModelInfo, layers: list[nn.Module]) -> str:
     return ", ".join(repr(names.get(id(m), type(m).__name__)) for m in layers)
 
 
+def _inner_model(info: ModelInfo) -> nn.Module:
+    """The model itself: ``info.forward``, or the model an ``OutputSelector`` wraps."""
+    from featviz.views.cam.layers import OutputSelector
+
+    return info.forward.model if isinstance(info.forward, OutputSelector) else info.forward
+
+
 def not_applicable(method: str, info: ModelInfo, *, token_layer: bool, aug_smooth: bool = False,
                    input_hw: tuple[int, int] | None = None) -> str | None:
     """Why ``method`` cannot run on this model/layer/target/input size (None when it can)."""
+    if CAM_METHODS[method].family == "transformer":
+        from featviz.views.cam.transformer import why_not
+
+        if aug_smooth:
+            return f"{method} has no --aug-smooth (the official code has none)"
+        return why_not(method, _inner_model(info))
     if method == "finercam" and (info.kind != "logits" or info.num_classes < 2):
         return "finercam compares a class with its most similar classes, so it needs a classifier with ≥ 2 classes"
     if method == "sess" and info.kind == "segmentation":

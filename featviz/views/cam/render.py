@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class CamRun:
     target: str
     image_size: tuple[int, int]
     model_kind: str
+    score_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> score -> (N,)
+    score_forwards: dict[str, list[int]] = field(default_factory=dict)  # method -> images forwarded per image
+    score_settings: dict = field(default_factory=dict)  # steps, step pixels, baselines, percentiles
 
 
 
@@ -81,8 +84,10 @@ def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: s
     tw, th = round(w * k), round(h * k)  # thumbnail, px
     gap, label_w, top, bottom = 6, 250, 74 + (18 if note else 0), 84
     rows, cols = len(images), len(run.methods) + 1
-    width = label_w + cols * (tw + gap) + gap
-    height = top + rows * (th + gap) + bottom
+    names = [k for k in run.score_settings.get("scores", []) if run.score_values]
+    panel = (70 + 20 * len(run.methods)) if names else 0
+    width = max(label_w + cols * (tw + gap) + gap, 380 * len(names) + label_w if names else 0)
+    height = top + rows * (th + gap) + bottom + panel
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
 
     def box(x: float, y: float, bw: float, bh: float):  # pixels from the top left -> an axes
@@ -115,12 +120,48 @@ def contact_sheet(run: CamRun, images: list[np.ndarray], path: Path, *, title: s
     if note:
         fig.text(gap / width, 1 - 34 / height, note, fontsize=10, va="top", color="#8a5300")
     cw = min(cols * (tw + gap), 560)
-    cax = box(label_w + (cols * (tw + gap) - cw) / 2, height - bottom + 18, cw, 16)
+    cax = box(label_w + (cols * (tw + gap) - cw) / 2, height - bottom - panel + 18, cw, 16)
+    if names:
+        _ranking_panel(fig, run, names, box, top=height - panel + 10, left=label_w, width=width - label_w - gap,
+                       height=panel - 20)
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), cax=cax, orientation="horizontal")
     bar.set_label("map value: each map min-max scaled to [0, 1] (pytorch-grad-cam); red = most important",
                   fontsize=9)
     bar.ax.tick_params(labelsize=8)
     fig.savefig(path, dpi=_DPI)
+
+
+def _ranking_panel(fig, run: CamRun, names: list[str], box, *, top: float, left: float, width: float,
+                   height: float) -> None:
+    """One horizontal bar chart per score: the methods ranked by their mean over the images, best on top."""
+    from featviz.views.cam.scores import HIGHER_IS_BETTER, ranking
+
+    means = {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.score_values.items()}
+    ax0 = box(6, top, left - 18, height)
+    ax0.axis("off")
+    ax0.text(1.0, 0.55, f"faithfulness\n(mean over {len(run.ids)} images;\nbest on top)", ha="right", va="center",
+             fontsize=10, weight="bold", linespacing=1.3)
+    w = width / len(names)
+    for c, k in enumerate(names):
+        order = ranking(means, k)
+        vals = [means[m][k] for m in order]
+        ax = box(left + c * w + 110, top + 22, w - 150, height - 34)
+        colors = ["#2a9d8f" if i == 0 else "#8d99ae" for i in range(len(order))]
+        ax.barh(range(len(order)), vals, color=colors, height=0.7)
+        ax.set_yticks(range(len(order)), order, fontsize=9)
+        ax.invert_yaxis()
+        ax.tick_params(axis="x", labelsize=8)
+        lo = min(0.0, *vals)
+        hi = max(0.0, *vals)
+        span = (hi - lo) or 1.0
+        ax.set_xlim(lo - 0.02 * span, hi + 0.28 * span)
+        for i, v in enumerate(vals):
+            ax.text(v + 0.02 * span if v >= 0 else 0.02 * span, i, f"{v:.3f}", va="center", fontsize=8)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        better = "higher" if HIGHER_IS_BETTER[k] else "lower"
+        ax.set_title(f"{k} AUC ({better} = better)" if k != "road" else f"ROAD ({better} = better)",
+                     fontsize=10, weight="bold", loc="left")
 
 
 def _row_label(image_id: str, target: str, width: int = 34) -> str:

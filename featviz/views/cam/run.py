@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,6 +22,18 @@ from featviz.views.cam.layers import ModelInfo, layer_shapes, probe_model
 from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, faithfulness
 from featviz.views.cam.render import CamRun, contact_sheet, overlay_png
+from featviz.views.cam.scores import (
+    BLUR_KLEN,
+    BLUR_NSIG,
+    DEFAULT_STEPS,
+    HIGHER_IS_BETTER,
+    ROAD_PERCENTILES,
+    SCORE_DEFINITIONS,
+    parse_scores,
+    ranking,
+    score_maps,
+    step_pixels,
+)
 from featviz.views.cam.targets import (
     TargetContext,
     TargetSpec,
@@ -68,7 +81,8 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
-            sheet_rows: int = 24, weights: str | None = None, note: str | None = None) -> CamResult:
+            sheet_rows: int = 24, weights: str | None = None, note: str | None = None,
+            scores: str | Sequence[str] | None = None, score_steps: int = DEFAULT_STEPS) -> CamResult:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
     Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
@@ -102,11 +116,19 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         sheet_rows: Images shown on the contact sheet (all maps are still saved).
         weights: What the weights are, for the sheet's title (a checkpoint name, ``random weights``).
         note: A line under the sheet's title.
+        scores: Faithfulness scores per map: ``road``, ``deletion``, ``insertion`` (comma-separated, a
+            list or ``all``; ``featviz.views.cam.scores``); they go to ``cam.json`` and the sheet's
+            ranking panel.
+        score_steps: Deletion/insertion steps (RISE's ``step`` is ``ceil(H·W / score_steps)`` pixels).
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
     """
     runner = ViewRunner("cam", out_dir, force=force, arguments=arguments, progress=progress)
+    score_names = parse_scores(scores)
+    if score_names and int(score_steps) < 1:
+        raise DataError(f"--score-steps {score_steps}: expected a number of steps ≥ 1 (RISE's curve has steps + 1 "
+                        "points)")
     hw = parse_image_size(image_size)  # the feature core's rule (sides >= 8), before any work
     class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
     setup = _prepare(runner, inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
@@ -114,8 +136,11 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
                      strict=strict)
     with runner.output() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
-        run, sheet_imgs = _explain_all(runner, setup, tmp / "overlays", aug_smooth=aug_smooth,
-                                       eigen_smooth=eigen_smooth, metrics=metrics, sheet_rows=sheet_rows)
+        run, sheet_imgs, kept = _explain_all(runner, setup, tmp / "overlays", aug_smooth=aug_smooth,
+                                             eigen_smooth=eigen_smooth, metrics=metrics, sheet_rows=sheet_rows,
+                                             keep=bool(score_names))
+        if score_names:
+            _score_all(runner, setup, run, kept, score_names, int(score_steps))
         return _write_outputs(runner, tmp, setup, run, sheet_imgs, metrics=metrics, weights=weights, note=note)
 
 
@@ -217,8 +242,11 @@ def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, au
 
 
 def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: bool,
-                 metrics: bool, sheet_rows: int) -> tuple[CamRun, list[np.ndarray]]:
-    """Every method on every batch; overlays are written as they come, the maps kept for maps.npz."""
+                 metrics: bool, sheet_rows: int, keep: bool = False) -> tuple[CamRun, list[np.ndarray], list]:
+    """Every method on every batch; overlays are written as they come, the maps kept for maps.npz.
+
+    With ``keep`` each batch (on the CPU) and its bound targets are kept for the scoring pass.
+    """
     overlays.mkdir()
     maps: dict[str, list[np.ndarray]] = {m: [] for m in s.methods}
     stats: dict[str, list[MapStats]] = {m: [] for m in s.methods}
@@ -227,6 +255,7 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
     scores: list[float | None] = []
     sheet_imgs: list[np.ndarray] = []
     bad: list[int] = []
+    kept: list[tuple[torch.Tensor, list]] = []
     with runner.batches(s.loader) as batches:  # a progress bar ends with the loop, error or not
         for x, _, idx, skipped in batches:
             bad += _skipped(s, skipped)
@@ -249,6 +278,8 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
                     overlay_png(rgb[j], batch_maps[j], overlays / f"{safe_stem(s.ids[i])}.{m}.png")
             labels += [t.label for t in targets]
             scores += [t.score for t in targets]
+            if keep:
+                kept.append((x.cpu(), targets))
             sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
     if bad:  # the outputs hold the images that were explained, in order
         gone = set(bad)
@@ -258,7 +289,60 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
     run = CamRun(s.ids, s.methods, s.skipped, {m: np.concatenate(v) for m, v in maps.items()}, stats, labels, scores,
                  {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in mets.items()}, s.layer_names,
                  str(s.spec), s.hw, s.info.kind)
-    return run, sheet_imgs
+    return run, sheet_imgs, kept
+
+
+def _score_all(runner: ViewRunner, s: _Setup, run: CamRun, kept: list, names: list[str], steps: int) -> None:
+    """Every score of every map, one (image, method) at a time under its own progress bar."""
+    units = [(b, j, m) for b, (x, _) in enumerate(kept) for j in range(len(x)) for m in run.methods]
+    it = units if runner.progress is None else runner.progress(units, total=len(units), description="scoring maps")
+    values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in names} for m in run.methods}
+    forwards: dict[str, list[int]] = {m: [] for m in run.methods}
+    offset, row = 0, {}
+    for b, (x, _) in enumerate(kept):
+        row[b] = offset
+        offset += len(x)
+    try:
+        for b, j, m in it:
+            x, targets = kept[b]
+            i = row[b] + j
+            vals, fw = score_maps(s.info.forward, x[j:j + 1].to(runner.device), run.maps[m][i:i + 1],
+                                  [targets[j]], names, steps=steps)
+            for k in names:
+                values[m][k].append(float(vals[k][0]))
+            forwards[m].append(fw[0])
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    run.score_values = {m: {k: np.asarray(v) for k, v in d.items()} for m, d in values.items()}
+    run.score_forwards = forwards
+    px = step_pixels(s.hw, steps)
+    run.score_settings = {
+        "scores": names, "steps": (s.hw[0] * s.hw[1] + px - 1) // px, "step_pixels": px,
+        "deletion_baseline": "0 in the normalised input (the dataset mean colour), as RISE's torch.zeros_like",
+        "insertion_baseline": f"the image blurred by RISE's gkern({BLUR_KLEN}, {BLUR_NSIG}) (conv2d, padding "
+                              f"{BLUR_KLEN // 2}) on the normalised input",
+        "road_percentiles": list(ROAD_PERCENTILES), "definitions": SCORE_DEFINITIONS,
+        "higher_is_better": {k: HIGHER_IS_BETTER[k] for k in names},
+    }
+
+
+def cam_scores(run: CamRun) -> dict[str, Any]:
+    """``cam.json``: each image's and each method's scores, their means, the ranking and the forwards."""
+    names = run.score_settings.get("scores", [])
+    means = {m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.score_values.items()}
+    return {
+        **run.score_settings,
+        "target": run.target,
+        "images": [{"id": run.ids[i], "target": run.target_labels[i],
+                    "methods": {m: {**{k: float(run.score_values[m][k][i]) for k in names},
+                                    "forwards": run.score_forwards[m][i]} for m in run.methods}}
+                   for i in range(len(run.ids))],
+        "methods": {m: {"mean": means[m], "forwards": int(sum(run.score_forwards[m]))} for m in run.methods},
+        "ranking": {k: ranking(means, k) for k in names},
+        "forwards": int(sum(sum(v) for v in run.score_forwards.values())),
+    }
 
 
 def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
@@ -282,6 +366,9 @@ def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_
         arrays[m] = run.maps[m]
         arrays[f"{m}.raw_max"] = np.array([np.nan if st.raw_max is None else st.raw_max for st in run.stats[m]])
     np.savez_compressed(tmp / "maps.npz", **arrays)
+    scored = cam_scores(run) if run.score_values else None
+    if scored is not None:
+        (tmp / "cam.json").write_text(json.dumps(scored, indent=1, allow_nan=True) + "\n", encoding="utf-8")
     desc = describe(s.model)
     warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
     contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
@@ -298,10 +385,11 @@ def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_
                    "'blank' when the raw map is all ≤ 0",
         images=[{"id": run.ids[i], "path": str(s.files[i]), "target": run.target_labels[i], "score": run.scores[i],
                  "maps": {m: {**run.stats[m][i].to_dict(),
-                              **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()}}
+                              **{k: float(v[i]) for k, v in run.metrics.get(m, {}).items()},
+                              **{k: float(v[i]) for k, v in run.score_values.get(m, {}).items()}}
                           for m in run.methods}} for i in range(len(run.ids))],
         warnings=warnings)
-    return _result(run, runner, warnings, s.undecodable)
+    return _result(run, runner, warnings, s.undecodable, scored)
 
 
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
@@ -346,6 +434,7 @@ class CamResult(ViewResult):
     metrics: dict[str, dict[str, float]] | None  # method -> mean of each faithfulness score
     warnings: list[str]
     undecodable_images: list[str]
+    scores: dict[str, Any] | None = None  # method -> mean score, ranking, forwards (cam.json's summary)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary."""
@@ -354,18 +443,24 @@ class CamResult(ViewResult):
             "layers": self.layers, "target": self.target, "model_kind": self.model_kind,
             "image_size": list(self.image_size), "files": self.files, "map_status": self.map_status,
             "metrics": self.metrics, "warnings": self.warnings, "undecodable_images": self.undecodable_images,
+            "scores": self.scores,
         }
 
 
-def _result(run: CamRun, runner: ViewRunner, warnings: list[str], undecodable: list[str]) -> CamResult:
+def _result(run: CamRun, runner: ViewRunner, warnings: list[str], undecodable: list[str],
+            scored: dict[str, Any] | None = None) -> CamResult:
     status = {m: {k: sum(s.status == k for s in run.stats[m]) for k in ("ok", "blank", "noise", "nan", "unchecked")}
               for m in run.methods}
     return CamResult(
         out=str(runner.out_dir), images=len(run.ids), methods=run.methods, skipped_methods=run.skipped,
         layers=run.layers, target=run.target, model_kind=run.model_kind, image_size=run.image_size,
         files={"contact_sheet": runner.path("contact_sheet.png"), "maps": runner.path("maps.npz"),
+               **({"scores": runner.path("cam.json")} if scored is not None else {}),
                "manifest": runner.path("manifest.json"), "overlays": len(run.ids) * len(run.methods)},
         map_status=status,
         metrics={m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.metrics.items() if d} or None,
         warnings=warnings, undecodable_images=undecodable,
+        scores=None if scored is None else {
+            "means": {m: d["mean"] for m, d in scored["methods"].items()}, "ranking": scored["ranking"],
+            "forwards": scored["forwards"], "steps": scored["steps"], "step_pixels": scored["step_pixels"]},
     )
