@@ -1,7 +1,8 @@
 """Collapse and representation-quality diagnostics, one module per concern (torch-free here).
 
 * ``metrics``: the metrics on ``(N, D)`` arrays and ``CollapseReport`` (numpy only);
-* ``monitor``: ``CollapseMonitor`` for training loops, the Lightning callback, and ``watch``
+* ``monitor``: ``CollapseMonitor`` for training loops (``featviz.integrations.lightning`` wraps it for
+  Lightning), and ``watch``
   (following a run live, with alarms);
 * ``twoview``: two augmented views of images through a model, the input of the metrics (torch,
   imported on first access);
@@ -81,11 +82,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the torch-using submodule and the Lightning callback load on first access only
+    # PEP 562: the torch-using submodule loads on first access only
     if name == "twoview":
         return importlib.import_module("featviz.collapse.twoview")
     if name == "CollapseCallback":
-        from featviz.collapse.monitor import _lightning_callback_class
-
-        return _lightning_callback_class()
+        raise AttributeError("featviz.collapse.CollapseCallback is now featviz.integrations.lightning.FeatvizMonitor "
+                             "(collapse metrics, RankMe, LiDAR and an online kNN; docs/monitor.md)")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
