@@ -26,8 +26,18 @@ def _records(path):
 
 
 def test_the_healthy_readme_run_raises_no_alarm_and_exits_0(cli, runs, tmp_path):
-    res = cli("collapse", "--watch", runs / "simsiam_digits", "--fail-on-collapse", "--interval", "0.01",
-              "--max-wait", "60", "--out", tmp_path / "w")
+    res = cli(
+        "collapse",
+        "--watch",
+        runs / "simsiam_digits",
+        "--fail-on-collapse",
+        "--interval",
+        "0.01",
+        "--max-wait",
+        "60",
+        "--out",
+        tmp_path / "w",
+    )
     assert res.exit_code == 0, res.output
     assert "ALARM" not in res.output and "54 records, 0 alarms" in res.stderr
     lines = [x for x in res.stdout.splitlines() if x.startswith("step ")]
@@ -48,12 +58,32 @@ def test_the_old_single_peak_rule_raised_the_false_alarm(runs):
 
 
 def test_the_no_stop_gradient_run_alarms_and_exits_3(cli, runs, tmp_path):
-    res = cli("collapse", "--watch", runs / "simsiam_digits_nostopgrad", "--fail-on-collapse", "--interval", "0.01",
-              "--max-wait", "60", "--out", tmp_path / "w")
+    res = cli(
+        "collapse",
+        "--watch",
+        runs / "simsiam_digits_nostopgrad",
+        "--fail-on-collapse",
+        "--interval",
+        "0.01",
+        "--max-wait",
+        "60",
+        "--out",
+        tmp_path / "w",
+    )
     assert res.exit_code == 3, res.output
     assert "ALARM" in res.stderr and "RankMe on training batch records (32 rows)" in res.stderr
-    summary = json.loads(cli("collapse", "--watch", runs / "simsiam_digits_nostopgrad", "--interval", "0.01",
-                             "--json", "--out", tmp_path / "w2").stdout)
+    summary = json.loads(
+        cli(
+            "collapse",
+            "--watch",
+            runs / "simsiam_digits_nostopgrad",
+            "--interval",
+            "0.01",
+            "--json",
+            "--out",
+            tmp_path / "w2",
+        ).stdout
+    )
     kinds = {(a["kind"], a["record"]) for a in summary["alarms"]}
     assert kinds == {("rankme", "training batch"), ("rankme", "held-out")}  # both kinds of record see it
     held = next(a for a in summary["alarms"] if a["record"] == "held-out")
