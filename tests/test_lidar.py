@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,24 @@ def test_lidar_refuses_bad_input():
     x[0, 0, 0] = np.inf
     with pytest.raises(DataError, match="NaN or Inf"):
         C.lidar(x)
+
+
+def test_collapse_views_q_measures_lidar_of_q_views_per_image(cli, sample_dir, one_thread):
+    from featviz.collapse import twoview
+    from featviz.data.images import labelled_images
+    from featviz.models.architectures import build_backbone
+
+    args = ("collapse", "--arch", "resnet18_w16-cifar", "--images", sample_dir / "photos", "--image-size", "32",
+            "--device", "cpu", "--batch-size", "8", "--json")
+    res = cli(*args, "--views", "4")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["lidar_views"] == 4 and data["n"] == 20
+    model = build_backbone("resnet18_w16-cifar", seed=0)
+    feats, _ = twoview.two_view_features(model, labelled_images(sample_dir / "photos").items, image_size=32,
+                                         batch_size=8, views=4)
+    assert len(feats["backbone"]) == 4
+    assert data["lidar"] == pytest.approx(C.lidar(list(feats["backbone"])), rel=1e-6)
+    two = json.loads(cli(*args).stdout)
+    assert two["lidar_views"] == 2 and two["lidar"] != data["lidar"]
+    assert cli("collapse", "--watch", sample_dir, "--views", "3").exit_code == 2  # no --images: nothing to view

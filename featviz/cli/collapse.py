@@ -83,6 +83,16 @@ def collapse(
             rich_help_panel=_CKPT,
         ),
     ] = None,
+    views: Annotated[
+        int,
+        typer.Option(
+            "--views",
+            "-q",
+            min=2,
+            help="Augmented views per image (LiDAR's classes; alignment uses the first two).",
+            rich_help_panel=_CKPT,
+        ),
+    ] = 2,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     watch_dir: Annotated[
@@ -186,6 +196,7 @@ def collapse(
         pixels=pixels,
         layer=layer,
         images=images,
+        views=views,
     )
     with _user_errors():
         metrics = dict(
@@ -203,6 +214,7 @@ def collapse(
                     load=load,
                     image_size=image_size,
                     batch_size=batch_size,
+                    views=views,
                     seed=seed,
                     device=device,
                     metrics=metrics,
@@ -231,6 +243,7 @@ def collapse(
                 load=load,
                 image_size=image_size,
                 batch_size=batch_size,
+                views=views,
                 seed=seed,
                 pixels=pixels,
                 pixels_per_image=pixels_per_image,
@@ -247,7 +260,7 @@ def collapse(
         raise typer.Exit(3)
 
 
-def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images) -> str:
+def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images, views=2) -> str:
     """The one place that decides the mode: EMB, --checkpoint/--arch or --watch.
 
     It also refuses flags that do not apply to that mode (rather than ignore a flag that would change
@@ -271,11 +284,14 @@ def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, image
             ("--pixels", pixels, (_MODEL_MODE,)),
             ("--layer", layer, (_MODEL_MODE,)),
             ("--images", images, (_MODEL_MODE, _WATCH_MODE)),
+            ("--views", views != 2, (_MODEL_MODE, _WATCH_MODE)),
         )
         if given and modes[0] not in allowed
     ]
     if misplaced:
         raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    if views != 2 and images is None:
+        raise typer.BadParameter("--views Q makes Q augmented views of --images; add --images DIR")
     if layer is not None and not pixels:
         raise typer.BadParameter("--layer picks the dense layer of --pixels; add --pixels")
     if modes[0] == _MODEL_MODE and images is None:
@@ -311,7 +327,7 @@ def _measure_file(embeddings: Path, positives: Path | None, *, seed: int, metric
 
 
 def _measure_checkpoint(
-    checkpoint, images, *, load, image_size, batch_size, seed, pixels, pixels_per_image, layer, device, metrics
+    checkpoint, images, *, load, image_size, batch_size, views, seed, pixels, pixels_per_image, layer, device, metrics
 ) -> _Measured:
     """--checkpoint/--arch mode: two augmented views of --images through the model (and its heads)."""
     from featviz.collapse import twoview
@@ -322,6 +338,7 @@ def _measure_checkpoint(
         load_kwargs=load,
         image_size=image_size,
         batch_size=batch_size,
+        views=views,
         seed=seed,
         pixels=pixels,
         pixels_per_image=pixels_per_image,
@@ -376,6 +393,7 @@ def _watch_run(
     load,
     image_size,
     batch_size,
+    views,
     seed,
     device,
     metrics,
@@ -407,7 +425,7 @@ def _watch_run(
     metrics_fn = None
     if images is not None:
         metrics_fn = C.twoview.checkpoint_metrics_fn(
-            images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, **metrics
+            images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, views=views, **metrics
         )
     watcher = C.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop, rank_fraction=rank_fraction)
     title = f"collapse watch: {run_dir}"
