@@ -105,7 +105,7 @@ def _modules(L):
         def __init__(self):
             super().__init__()
             self.backbone = _mlp(64, 128, 64)
-            self.projector = _mlp(64, 64, 32, last_bn=True)
+            self.projector = _mlp(64, 64, 32)
             self.predictor = _mlp(32, 16, 32)
 
         def forward(self, x):
@@ -304,7 +304,9 @@ def test_simsiam_without_stop_gradient_raises_the_alarm_watch_shows(cli, digits,
         tmp_path / "w",
     )
     assert watch.exit_code == 3, watch.output
-    assert "ALARM" in watch.stderr and "training batch records (64 rows)" in watch.stderr
+    assert "ALARM step 20: std_l2 on training batch records (64 rows)" in watch.stderr  # outputs at one point
+    full = json.loads(cli("collapse", "--watch", run, "--interval", "0.01", "--json", "--out", tmp_path / "w2").stdout)
+    assert {(a["kind"], a["record"]) for a in full["alarms"]} >= {("std_l2", "training batch"), ("std_l2", "held-out")}
 
 
 def test_frozen_batchnorm_leaves_the_statistics_as_they_were():
