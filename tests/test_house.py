@@ -426,7 +426,8 @@ def test_piped_watch_table_keeps_its_cells(tmp_path):
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
     assert len(lines) == 54, res.stdout
     held = next(ln for ln in lines if "held-out" in ln)
-    for cell in ("std_l2=", "(96%)", "rankme=", "effective_rank=", "uniformity=", "alignment=", "knn_acc=", "status=ok"):
+    for cell in ("std_l2=", "(96%)", "rankme=", "effective_rank=", "uniformity=", "alignment=", "knn_acc=",
+                 "status=ok"):
         assert cell in held, held
     assert "…" not in res.stdout
 
