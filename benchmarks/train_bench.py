@@ -149,7 +149,7 @@ def _lightning_module(image_size: int):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.backbone = build_backbone("resnet18_w16-cifar", seed=0)
+            self.backbone = build_backbone("resnet18_w16-cifar", seed=0).train()
             d = self.backbone(torch.zeros(2, 3, image_size, image_size)).shape[1]
             self.projector = nn.Sequential(nn.Linear(d, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 128),
                                            nn.BatchNorm1d(128, affine=False))
