@@ -21,23 +21,17 @@ def runs(sample_dir):
     return sample_dir / "runs"
 
 
+def _watch_failing(cli, run, out):
+    """`featviz collapse --watch RUN --fail-on-collapse` on a finished run."""
+    return cli("collapse", "--watch", run, "--fail-on-collapse", "--interval", "0.01", "--max-wait", "60", "--out", out)
+
+
 def _records(path):
     return JsonlTail(path / "metrics.jsonl").read()
 
 
 def test_the_healthy_readme_run_raises_no_alarm_and_exits_0(cli, runs, tmp_path):
-    res = cli(
-        "collapse",
-        "--watch",
-        runs / "simsiam_digits",
-        "--fail-on-collapse",
-        "--interval",
-        "0.01",
-        "--max-wait",
-        "60",
-        "--out",
-        tmp_path / "w",
-    )
+    res = _watch_failing(cli, runs / "simsiam_digits", tmp_path / "w")
     assert res.exit_code == 0, res.output
     assert "ALARM" not in res.output and "54 records, 0 alarms" in res.stderr
     lines = [x for x in res.stdout.splitlines() if x.startswith("step ")]
@@ -58,18 +52,7 @@ def test_the_old_single_peak_rule_raised_the_false_alarm(runs):
 
 
 def test_the_no_stop_gradient_run_alarms_and_exits_3(cli, runs, tmp_path):
-    res = cli(
-        "collapse",
-        "--watch",
-        runs / "simsiam_digits_nostopgrad",
-        "--fail-on-collapse",
-        "--interval",
-        "0.01",
-        "--max-wait",
-        "60",
-        "--out",
-        tmp_path / "w",
-    )
+    res = _watch_failing(cli, runs / "simsiam_digits_nostopgrad", tmp_path / "w")
     assert res.exit_code == 3, res.output
     assert "ALARM" in res.stderr and "RankMe on training batch records (32 rows)" in res.stderr
     summary = json.loads(

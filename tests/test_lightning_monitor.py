@@ -191,6 +191,11 @@ def _check_run(run_dir, monitor):
     return recs
 
 
+def _watch(cli, run, out):
+    """`featviz collapse --watch RUN --fail-on-collapse` on a finished run."""
+    return cli("collapse", "--watch", run, "--interval", "0.01", "--max-wait", "30", "--fail-on-collapse", "--out", out)
+
+
 def _check_tensorboard(run_dir, recs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -232,18 +237,7 @@ def test_plain_lightning_module_logs_every_metric_to_jsonl_tensorboard_and_csv(c
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["knn"][0]["top1"] == recs[-2]["knn_acc"]
     # featviz collapse --watch reads the run
-    watch = cli(
-        "collapse",
-        "--watch",
-        run,
-        "--interval",
-        "0.01",
-        "--max-wait",
-        "30",
-        "--fail-on-collapse",
-        "--out",
-        tmp_path / "w",
-    )
+    watch = _watch(cli, run, tmp_path / "w")
     assert watch.exit_code == 0, watch.output
     assert f"{len(recs) - 1} records, 0 alarms" in watch.stderr
     assert "step 200  held-out  n=300" in watch.stdout and "lidar=" in watch.stdout
@@ -267,18 +261,7 @@ def test_lightlys_simclr_module_with_an_embeddings_function(cli, digits, tmp_pat
     run = tmp_path / "run" / "version_0"
     recs = _check_run(run, monitor)
     _check_tensorboard(run, recs)
-    watch = cli(
-        "collapse",
-        "--watch",
-        run,
-        "--interval",
-        "0.01",
-        "--max-wait",
-        "30",
-        "--fail-on-collapse",
-        "--out",
-        tmp_path / "w",
-    )
+    watch = _watch(cli, run, tmp_path / "w")
     assert watch.exit_code == 0, watch.output
 
 
@@ -291,18 +274,7 @@ def test_simsiam_without_stop_gradient_raises_the_alarm_watch_shows(cli, digits,
     monitor = monitor_class()(every=EVERY, knn=OnlineKnn(xtr[:500], ytr[:500], xva, yva), knn_every=KNN_EVERY)
     _fit(L, loggers, simsiam(), monitor, _loader(xtr, ytr), tmp_path)
     run = tmp_path / "run" / "version_0"
-    watch = cli(
-        "collapse",
-        "--watch",
-        run,
-        "--interval",
-        "0.01",
-        "--max-wait",
-        "30",
-        "--fail-on-collapse",
-        "--out",
-        tmp_path / "w",
-    )
+    watch = _watch(cli, run, tmp_path / "w")
     assert watch.exit_code == 3, watch.output
     assert "ALARM step 20: std_l2 on training batch records (64 rows)" in watch.stderr  # outputs at one point
     full = json.loads(cli("collapse", "--watch", run, "--interval", "0.01", "--json", "--out", tmp_path / "w2").stdout)
