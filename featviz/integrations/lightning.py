@@ -90,6 +90,7 @@ class _MonitorLogic:
         self.records: list[dict[str, Any]] = []
         self._warned = False
         self._last_knn_step: int | None = None
+        self._last_batch_step: int | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage: str | None = None) -> None:  # noqa: D102
@@ -109,7 +110,9 @@ class _MonitorLogic:
         step = int(trainer.global_step)
         if not trainer.is_global_zero or self.monitor is None:
             return
-        if step % self.every == 0 and step > 0:
+        if step % self.every == 0 and step > 0 and step != self._last_batch_step:
+            # (with gradient accumulation several batches end at one global step: the first is measured)
+            self._last_batch_step = step
             z = self._batch_embeddings(pl_module, outputs, batch)
             if z is not None:
                 loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -119,7 +122,7 @@ class _MonitorLogic:
                         z[0], z[1], step=step, split="train_batch", epoch=trainer.current_epoch, loss=loss
                     ),
                 )
-        if self.knn is not None and step % self.knn_every == 0 and step > 0:
+        if self.knn is not None and step % self.knn_every == 0 and step > 0 and step != self._last_knn_step:
             self._held_out(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
