@@ -115,8 +115,15 @@ def read_only(tmp_path, monkeypatch):
 
 def _refuses_to_compute(monkeypatch):
     """Any model load means work started before the output was checked."""
+    import importlib
+
     from featviz.models import architectures as models
     from featviz.models import checkpoints, loader
+
+    # modules that bind build_backbone at import must be imported before it is patched, or a
+    # first import here keeps the patched function for the rest of the session
+    for name in ("featviz.models.checkpoints.backbone", "featviz.models.checkpoints.classifier_layouts"):
+        importlib.import_module(name)
 
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
