@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "collapse_bench": (["--n", "250000", "--n-exact", "20000"], []),
     "train_bench": (["--repeats", "1"], ["--repeats", "3"]),
     "memory_bench": (["--pixels", "50000"], []),
+    "similarity_bench": (["--runs", "1"], ["--runs", "3", "--model", "vits16"]),
 }
 KEYWORDS = ("target", " x ", "x)", "×", "ratio", "faster", "speed", "peak", "chance")
 

@@ -114,16 +114,15 @@ def read_only(tmp_path, monkeypatch):
 
 
 def _refuses_to_compute(monkeypatch):
-    """Any model load means work started before the output was checked."""
-    import importlib
+    """Any model load means work started before the output was checked.
 
+    The modules that bind ``build_backbone`` by name at import are imported first, so the patch never
+    leaks into them (a first import under the patch would keep ``boom`` for the rest of the session).
+    """
+    import featviz.models.checkpoints.backbone
+    import featviz.models.checkpoints.classifier_layouts  # noqa: F401
     from featviz.models import architectures as models
     from featviz.models import checkpoints, loader
-
-    # modules that bind build_backbone at import must be imported before it is patched, or a
-    # first import here keeps the patched function for the rest of the session
-    for name in ("featviz.models.checkpoints.backbone", "featviz.models.checkpoints.classifier_layouts"):
-        importlib.import_module(name)
 
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
@@ -134,7 +133,8 @@ def _refuses_to_compute(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["embed", "tsne", "tsne-end-to-end", "cam", "collapse", "convert", "demo",
-                                     "train", "knn", "probe", "attention", "pca", "tsne-html", "embed-tensorboard"])
+                                     "train", "knn", "probe", "attention", "pca", "tsne-html", "embed-tensorboard",
+                                     "similarity"])
 def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb_npz, cats, command, monkeypatch,
                                                              tmp_path):
     ckpt = SAMPLE / "checkpoints" / "moco_v2_tiny.pth.tar"
@@ -149,6 +149,7 @@ def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb
         "probe": ["probe", "--train", emb_npz, "--val", emb_npz, "--out", read_only / "probe.json"],
         "attention": ["attention", cats, "--arch", "vit_small_patch16_224", "--out", read_only / "att"],
         "pca": ["pca", cats, *TINY, "--out", read_only / "pca"],
+        "similarity": ["similarity", cats, *TINY, "--patch", "0,0", "--out", read_only / "sim"],
         "tsne-html": ["tsne", emb_npz, "--out", tmp_path / "map.png", "--html", read_only / "map.html"],
         "embed-tensorboard": ["embed", *TINY, "--images", cats, "--out", tmp_path / "e.npz",
                               "--tensorboard", read_only / "tb"],
@@ -166,7 +167,7 @@ def test_read_only_output_folder_is_one_line_before_any_work(cli, read_only, emb
     assert list(read_only.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["pca", "attention", "embed-tensorboard"])
+@pytest.mark.parametrize("command", ["pca", "attention", "embed-tensorboard", "similarity"])
 def test_new_folder_outputs_refuse_a_folder_featviz_did_not_write(cli, cats, tmp_path, command, monkeypatch):
     _refuses_to_compute(monkeypatch)
     out = tmp_path / "out"
@@ -174,6 +175,7 @@ def test_new_folder_outputs_refuse_a_folder_featviz_did_not_write(cli, cats, tmp
     _users_files(out)
     args = {"pca": ["pca", cats, *TINY, "--out", out],
             "attention": ["attention", cats, "--arch", "vit_small_patch16_224", "--out", out],
+            "similarity": ["similarity", cats, *TINY, "--patch", "0,0", "--out", out],
             "embed-tensorboard": ["embed", *TINY, "--images", cats, "--out", tmp_path / "e.npz", "--tensorboard", out],
             }[command]
     for force in ((), ("--force",)):

@@ -19,7 +19,7 @@ RANKS = {
     "featviz.models": 2,
     "featviz.data": 3,
     "featviz.eval": 4, "featviz.collapse": 4,
-    "featviz.maps": 5, "featviz.views": 5,
+    "featviz.maps": 5, "featviz.views": 5, "featviz.compare": 5,
     "featviz.train": 6, "featviz.integrations": 6,
     "featviz.demo": 7,
     "featviz.cli": 8,

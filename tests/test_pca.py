@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from featviz.errors import DataError, OutputExistsError
 from featviz.views.pca import patch_pca, run_pca
@@ -154,3 +155,106 @@ def test_the_manifest_records_the_command_s_own_parameters(cli, tmp_path, sample
     assert list(args) == ["images", "out", "checkpoint", "arch", "layer", "image_size", "components", "foreground",
                           "threshold", "device", "batch_size", "seed"]
     assert json.loads(r.output[r.output.index("{"):])["components"] == 2
+
+
+# ------------------------------------------------------------------ DINOv3's recipe (--recipe dinov3)
+def dinov3_notebook(feats, fg_scores):
+    """DINOv3's PCA notebook, transcribed: facebookresearch/dinov3, notebooks/pca.ipynb (commit 6876159a),
+    cells "Computing Foreground Probability", "Extracting Foreground Patches", "Fitting the PCA" and
+    "Applying the PCA, and Masking Background". The notebook does one image; its fit is run here on the
+    foreground patches of all the images together (featviz's joint fit), everything else as written."""
+    from scipy import signal
+    from sklearn.decomposition import PCA
+
+    xs, fgs, sels = [], [], []
+    for feat, fg_score in zip(feats, fg_scores, strict=True):
+        x = torch.from_numpy(feat)  # the notebook's feats[-1].squeeze(): (dim, h, w)
+        dim = x.shape[0]
+        x = x.view(dim, -1).permute(1, 0)
+        fg_score_mf = torch.from_numpy(signal.medfilt2d(fg_score, kernel_size=3))
+        foreground_selection = fg_score_mf.view(-1) > 0.5
+        xs.append(x)
+        fgs.append(fg_score_mf)
+        sels.append(x[foreground_selection])
+    fg_patches = torch.cat(sels)
+    pca = PCA(n_components=3, whiten=True)
+    pca.fit(fg_patches)
+    out = []
+    for x, fg_score_mf in zip(xs, fgs, strict=True):
+        h_patches, w_patches = fg_score_mf.shape
+        projected_image = torch.from_numpy(pca.transform(x.numpy())).view(h_patches, w_patches, 3)
+        projected_image = torch.nn.functional.sigmoid(projected_image.mul(2.0)).permute(2, 0, 1)
+        projected_image *= fg_score_mf.unsqueeze(0) > 0.5
+        out.append(projected_image.permute(1, 2, 0).numpy())
+    return np.stack(out), pca
+
+
+def test_dinov3_recipe_equals_the_notebook_transcribed():
+    from featviz.views.pca import dinov3_pca
+
+    feats, obj = object_maps(seed=5)
+    rng = np.random.default_rng(0)
+    scores = np.clip(obj * 0.8 + 0.1 + 0.3 * rng.standard_normal(obj.shape), 0, 1)  # a noisy classifier
+    want, pca = dinov3_notebook(feats, scores)
+    res = dinov3_pca(feats, foreground_score=scores)
+    np.testing.assert_allclose(res.rgb, want, atol=2e-5)
+    np.testing.assert_allclose(res.explained_variance, pca.explained_variance_, rtol=1e-4)
+    assert (res.rgb[~res.foreground] == 0).all() and (res.foreground & obj).sum() / (res.foreground | obj).sum() > 0.8
+    # with one image it is the notebook exactly, joint fit or not
+    one, _ = dinov3_notebook(feats[:1], scores[:1])
+    np.testing.assert_allclose(dinov3_pca(feats[:1], foreground_score=scores[:1]).rgb, one, atol=2e-5)
+
+
+def test_dinov3_recipe_without_masks_median_filters_the_first_component_rule():
+    from scipy.signal import medfilt2d
+
+    from featviz.views.pca import dinov3_pca
+
+    feats, obj = object_maps(seed=6)
+    v2 = patch_pca(feats)  # DINOv2's first-component foreground, before the notebook's median filter
+    res = dinov3_pca(feats)
+    want = np.stack([medfilt2d(f.astype(float), 3) for f in v2.foreground]) > 0.5
+    np.testing.assert_array_equal(res.foreground, want)
+    iou = (res.foreground & obj).sum() / (res.foreground | obj).sum()
+    assert iou > 0.9
+    assert dinov3_pca(feats, foreground="none").foreground.all()
+
+
+def test_run_pca_dinov3_with_a_mask_folder(tmp_path, sample_dir, cli):
+    """Masks go through the images' transform and are averaged per patch: a mask whose left half is white
+    gives a score of exactly 1 on the left half of the patch grid and 0 on the right; the notebook's median
+    filter (scipy's, zero-padded) then drops the half's four corners."""
+    from PIL import Image
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    imgs = sample_dir / "photos" / "coffee"
+    for f in sorted(imgs.glob("*.jpg")):
+        w, h = Image.open(f).size
+        m = np.zeros((h, w, 4), np.uint8)  # an RGBA cut-out, as the notebook's labels: alpha = foreground
+        m[:, : w // 2, 3] = 255
+        Image.fromarray(m, "RGBA").save(masks / f"{f.stem}.png")
+    out = tmp_path / "o"
+    r = cli("pca", imgs, "--arch", "resnet18", "--layer", "layer3", "--image-size", "96x128", "--recipe", "dinov3",
+            "--mask-dir", masks, "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output[r.output.index("{"):])
+    assert s["recipe"] == "dinov3" and s["whiten"] and s["foreground"] == "masks" and s["grid"] == [6, 8]
+    with np.load(out / "pca.npz") as z:
+        want = np.zeros((6, 8), bool)
+        want[:, :4] = True
+        want[[0, 0, -1, -1], [0, 3, 0, 3]] = False  # 4 of the 9 cells around these are foreground: median 0
+        assert (z["foreground"] == want).all()
+        np.testing.assert_allclose(z["foreground_score"][:, :, :4], 1.0)
+        np.testing.assert_allclose(z["foreground_score"][:, :, 4:], 0.0, atol=1e-6)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["arguments"]["recipe"] == "dinov3" and "medfilt2d" in man["definitions"]["foreground"]
+    # bad input: one line each
+    for args, words in [
+        (["--mask-dir", masks], "add --recipe dinov3"),
+        (["--recipe", "dinov3", "--mask-dir", tmp_path / "nope"], "not a folder"),
+        (["--recipe", "dinov3", "--mask-dir", tmp_path], "no mask for coffee_0.jpg"),
+    ]:
+        r = cli("pca", imgs, "--arch", "resnet18", "--image-size", "64", "--out", tmp_path / "x", *args)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code != 0 and len(lines) == 1 and words in r.output, r.output

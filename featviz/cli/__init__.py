@@ -15,12 +15,15 @@ from featviz.cli import (  # noqa: F401 - registers the commands
     cam,
     checkpoint,
     collapse,
+    compare,
     crops,
     demo,
     embed,
     knn,
+    norms,
     pca,
     probe,
+    similarity,
     train,
     tsne,
 )
@@ -29,8 +32,8 @@ from featviz.cli._app import app, main
 PANELS: dict[str, tuple[str, ...]] = {
     "Start here": ("demo", "sample-data"),
     "Checkpoints": ("inspect", "layers", "convert", "train"),
-    "Features and maps": ("embed", "tsne", "pca", "knn", "probe"),
-    "Where the model looks": ("cam", "attention", "crops"),
+    "Features and maps": ("embed", "tsne", "pca", "similarity", "knn", "probe", "compare"),
+    "Where the model looks": ("cam", "attention", "norms", "crops"),
     "Collapse": ("collapse",),
 }
 

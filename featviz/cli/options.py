@@ -24,6 +24,14 @@ from featviz.cli.choices import CheckpointKey, DeviceName, FormatName, Precision
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors).")
 ]
+CheckpointsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors); repeat it to compare several side by side.",
+    ),
+]
 ArchOpt = Annotated[
     str | None,
     typer.Option(
@@ -120,14 +128,40 @@ def load_view_model(out_dir: Path, *, force: bool, head: bool = False) -> tuple[
         OutputError, OutputExistsError: the output folder cannot be written, or exists without ``force``.
         CheckpointError, ArchitectureError: the model cannot be loaded.
     """
-    from featviz.io.outputs import check_output
     from featviz.models import loader
+
+    p, kw = _checked_source(out_dir, force=force)
+    model, description = loader.load_model(p["checkpoint"], seed=p["seed"], head=head, **kw)
+    return model, description
+
+
+def _checked_source(out_dir: Path, *, force: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The output folder checked, then the command's parameters and its ``load_model`` keywords."""
+    from featviz.io.outputs import check_output
 
     check_output(out_dir, force=force, folder=True)
     p = command_params()
-    kw = _load_kwargs(p["arch"], p["fmt"], p["num_heads"], p["checkpoint_key"], p["trust_checkpoint"])
-    model, description = loader.load_model(p["checkpoint"], seed=p["seed"], head=head, **kw)
-    return model, description
+    return p, _load_kwargs(p["arch"], p["fmt"], p["num_heads"], p["checkpoint_key"], p["trust_checkpoint"])
+
+
+def load_view_models(out_dir: Path, *, force: bool) -> list[tuple[Any, Any, str]]:
+    """``load_view_model`` for a command whose ``--checkpoint`` repeats: every model, in the order given.
+
+    Each comes with its ``ModelDescription`` and a name (the checkpoint's file name; the architecture
+    for random weights). The other model-source options apply to each.
+
+    Raises:
+        OutputError, OutputExistsError: the output folder cannot be written, or exists without ``force``.
+        CheckpointError, ArchitectureError: a model cannot be loaded.
+    """
+    from featviz.models import loader
+
+    p, kw = _checked_source(out_dir, force=force)
+    models = []
+    for ckpt in p["checkpoint"] or [None]:
+        model, description = loader.load_model(ckpt, seed=p["seed"], **kw)
+        models.append((model, description, Path(ckpt).name if ckpt is not None else str(p["arch"])))
+    return models
 
 
 _IMAGES_HELP = "Folder (class subfolders = labels), CSV of path,label, or 'digits'."

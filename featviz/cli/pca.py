@@ -51,6 +51,20 @@ def pca(
     threshold: Annotated[
         float, typer.Option("--threshold", help="Foreground = first-component score above this (DINOv2: 0).")
     ] = 0.0,
+    recipe: Annotated[
+        Literal["dinov2", "dinov3"],
+        typer.Option(
+            "--recipe",
+            help="dinov2: min-max colours of a PCA of the foreground; dinov3: DINOv3's notebook (median-filtered "
+            "foreground, whitened PCA, sigmoid colours).",
+        ),
+    ] = "dinov2",
+    mask_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--mask-dir", help="--recipe dinov3: foreground masks named like the images (white = foreground)."
+        ),
+    ] = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -75,12 +89,17 @@ def pca(
             components=components,
             foreground=foreground,
             threshold=threshold,
+            recipe=recipe,
+            mask_dir=mask_dir,
             batch_size=batch_size,
             device=device,
             seed=seed,
             force=force,
             description=description.to_dict(),
-            arguments=command_arguments(),
+            # the default recipe's manifest reads as before the option existed
+            arguments=command_arguments(
+                leave_out=("recipe", "mask_dir") if recipe == "dinov2" and mask_dir is None else ()
+            ),
             progress=_progress("pca"),
         )
     if as_json:
@@ -92,6 +111,10 @@ def pca(
         f"→ {s['grid'][0]}x{s['grid'][1]} × {s['feature_dim']} features, one PCA for all",
         highlight=False,
     )
+    if s.get("recipe") == "dinov3":
+        out.print("recipe: DINOv3's notebook (median-filtered foreground, whitened PCA, sigmoid colours)")
+    if s["foreground"] == "masks":
+        out.print(f"foreground: the masks: {100 * s['foreground_share']:.0f} % of the patches", highlight=False)
     if s["foreground"] == "auto":
         out.print(
             f"foreground: first component > {s['threshold']:g}: {100 * s['foreground_share']:.0f} % of the "
@@ -99,6 +122,6 @@ def pca(
             f"{100 * s['first_component_explained_variance_ratio']:.1f} %)",
             highlight=False,
         )
-    fitted = "the foreground patches" if s["foreground"] == "auto" else "all patches (no background removal)"
+    fitted = "the foreground patches" if s["foreground"] != "none" else "all patches (no background removal)"
     out.print(f"RGB = components 1-3 of {fitted} ({evr} of their variance)", highlight=False)
     out.print(f"sheet: {s['files']['sheet']}", highlight=False)

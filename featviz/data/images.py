@@ -270,6 +270,34 @@ def eval_transform(image_size: int | tuple[int, int], mean: Sequence[float] = IM
     return T.Compose([_ResizeCover(hw, crop_pct), T.CenterCrop(hw), *finish])
 
 
+def input_point(xy: Sequence[float], image_wh: Sequence[int], image_size: int | Sequence[int],
+                center_crop: bool | None = None) -> tuple[float, float] | None:
+    """Where pixel ``xy`` = (x, y) of an image of size ``image_wh`` = (w, h) lands in the model's input.
+
+    The geometry of ``eval_transform(image_size, center_crop=center_crop)``: the pixel's centre
+    (x + 0.5, y + 0.5) is scaled as the resize scales the image and shifted by the crop's offset.
+
+    Returns:
+        (x, y) in the input's pixels (continuous: [0, W) x [0, H)), or None when the center crop
+        cuts the point away.
+    """
+    h_in, w_in = _hw(image_size)
+    w, h = int(image_wh[0]), int(image_wh[1])
+    if not (center_crop_default((h_in, w_in)) if center_crop is None else center_crop):
+        rw, rh, left, top = w_in, h_in, 0, 0  # the whole image resized to exactly H×W
+    else:
+        if h_in == w_in:  # torchvision's Resize(int): the short side to `short`, the long one truncated
+            short = h_in if h_in <= 64 else int(round(h_in / 0.875))
+            rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        else:  # _ResizeCover
+            scale = max(h_in / h, w_in / w) / (1.0 if max(h_in, w_in) <= 64 else 0.875)
+            rw, rh = max(w_in, round(w * scale)), max(h_in, round(h * scale))
+        left, top = int(round((rw - w_in) / 2.0)), int(round((rh - h_in) / 2.0))  # torchvision's CenterCrop
+    x = (float(xy[0]) + 0.5) * rw / w - left
+    y = (float(xy[1]) + 0.5) * rh / h - top
+    return (x, y) if 0 <= x < w_in and 0 <= y < h_in else None
+
+
 def resize_rule(image_size: int | Sequence[int], center_crop: bool | None = None) -> str:
     """What ``eval_transform(image_size, center_crop=center_crop)`` does, in words (manifests' ``resize``)."""
     h, w = _hw(image_size)

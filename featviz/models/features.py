@@ -476,18 +476,69 @@ class FeatureExtractor:
         return output, self._map(seen[0] if seen else None, layout)
 
     def _map(self, raw: Any, layout: TokenLayout | None) -> torch.Tensor:
-        if raw is None:
-            raise NoSpatialMapError(f"layer {self.layer!r} is never run by the model's forward; pick a layer on the "
-                                    "path from input to output (`featviz layers`)")
-        out = raw[0] if isinstance(raw, (tuple, list)) and raw else raw
-        cl = isinstance(out, torch.Tensor) and out.ndim == 4 and _channels_last(self.model, self.module, out, layout)
-        return to_map(out, layout, channels_last=cl, what=f"layer {self.layer!r}")
+        return _layer_map(self.model, self.module, self.layer, raw, layout)
+
+
+def _layer_map(model: nn.Module, module: nn.Module, name: str, raw: Any, layout: TokenLayout | None) -> torch.Tensor:
+    if raw is None:
+        raise NoSpatialMapError(f"layer {name!r} is never run by the model's forward; pick a layer on the "
+                                "path from input to output (`featviz layers`)")
+    out = raw[0] if isinstance(raw, (tuple, list)) and raw else raw
+    cl = isinstance(out, torch.Tensor) and out.ndim == 4 and _channels_last(model, module, out, layout)
+    return to_map(out, layout, channels_last=cl, what=f"layer {name!r}")
 
 
 def feature_map(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
     """The (N, C, H, W) map of ``x`` at ``layer`` (default ``default_layer``), in one call."""
     with FeatureExtractor(model, layer) as fx:
         return fx(x)
+
+
+class LayerTokens(NamedTuple):
+    """One layer's map and, for ViT tokens, the prefix tokens the map leaves out."""
+
+    map: torch.Tensor  # (N, C, h, w)
+    prefix: torch.Tensor | None  # (N, P, C): class, register, other prefix tokens in order; None for a 4-D map
+
+
+def layer_tokens(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, LayerTokens]:
+    """Several layers' maps from one forward, with the prefix tokens of ViT token outputs.
+
+    Each layer's output goes through the same rule as ``FeatureExtractor`` (``to_map``); a 3-D token
+    output with ``layout.prefix`` leading tokens also gives those tokens (``TokenLayout`` says which
+    is which). The forward stops once every layer has run.
+
+    Raises:
+        UnknownNameError: no such layer.
+        DataError: a ViT cannot take this input size.
+        NoSpatialMapError: a layer's output has no spatial map, or the forward never runs it.
+    """
+    layout = token_layout(model, (int(x.shape[-2]), int(x.shape[-1])))
+    mods = dict(resolve_layer(model, name) for name in layers)
+    seen: dict[str, Any] = {}
+    handles = []
+    for name, mod in mods.items():
+        def hook(_m, _i, o, name=name):
+            seen.setdefault(name, o)
+            if len(seen) == len(mods):
+                raise _Stop
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    result = {}
+    for name, mod in mods.items():
+        fmap = _layer_map(model, mod, name, seen.get(name), layout)
+        raw = seen[name][0] if isinstance(seen[name], (tuple, list)) else seen[name]
+        prefix = None
+        if raw.ndim == 3 and layout is not None and raw.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]:
+            prefix = raw[:, : layout.prefix]
+        result[name] = LayerTokens(fmap, prefix)
+    return result
 
 
 # ------------------------------------------------------------------ listing layers

@@ -69,12 +69,13 @@ def check_instrumentable(attn: nn.Module, index: int) -> None:
 
 
 @contextmanager
-def _unfused_capture(attn: nn.Module, index: int, store: dict[int, torch.Tensor]):
-    """Switch ``attn`` to its unfused path and record the input of its ``attn_drop``."""
+def _unfused_capture(attn: nn.Module, index: int, store: dict[int, torch.Tensor], query: int | None = None):
+    """Switch ``attn`` to its unfused path and record the input of its ``attn_drop`` (one query row with ``query``)."""
     was = attn.fused_attn
 
     def hook(_m, args):
-        store[index] = args[0].detach()
+        a = args[0].detach()
+        store[index] = a if query is None else a[:, :, query : query + 1].clone()  # not a view of all rows
 
     handle = attn.attn_drop.register_forward_pre_hook(hook)
     attn.fused_attn = False
@@ -85,10 +86,11 @@ def _unfused_capture(attn: nn.Module, index: int, store: dict[int, torch.Tensor]
         handle.remove()
 
 
-def _check_probs(a: torch.Tensor, index: int, tokens: int, batch: int) -> torch.Tensor:
-    if a.ndim != 4 or a.shape[0] != batch or a.shape[-2:] != (tokens, tokens):
+def _check_probs(a: torch.Tensor, index: int, tokens: int, batch: int, rows: int | None = None) -> torch.Tensor:
+    rows = tokens if rows is None else rows
+    if a.ndim != 4 or a.shape[0] != batch or a.shape[-2:] != (rows, tokens):
         raise ArchitectureError(
-            f"block {index}'s attention has shape {tuple(a.shape)}, not (batch {batch}, heads, {tokens}, "
+            f"block {index}'s attention has shape {tuple(a.shape)}, not (batch {batch}, heads, {rows}, "
             f"{tokens}); featviz cannot tell which token is which, so it shows no map"
         )
     sums = a.float().sum(-1)
@@ -102,7 +104,7 @@ def _check_probs(a: torch.Tensor, index: int, tokens: int, batch: int) -> torch.
 
 @torch.no_grad()
 def model_attention(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tensor, indices: Sequence[int],
-                    tokens: int) -> dict[int, torch.Tensor]:
+                    tokens: int, *, query: int | None = None) -> dict[int, torch.Tensor]:
     """The attention probabilities of ``blocks[i]`` for each ``i`` in ``indices``, as the model computes them.
 
     Args:
@@ -111,6 +113,8 @@ def model_attention(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tens
         x: The (N, 3, H, W) batch.
         indices: The blocks to read.
         tokens: Tokens per image (prefix + patches), checked against what the model produced.
+        query: Keep only this token's row (``(N, heads, 1, tokens)``; the class token is 0): the
+            memory of one row instead of ``tokens`` rows per block.
 
     Returns:
         ``{i: (N, heads, tokens, tokens)}`` float32 probabilities (rows sum to 1).
@@ -119,14 +123,16 @@ def model_attention(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tens
         ArchitectureError: an attention featviz cannot read exactly, or not the expected shape.
     """
     wanted = list(indices)
+    one = None if query is None else 1
     if has_own_maps(model):
-        return {i: _check_probs(model.attention_maps(x, i), i, tokens, len(x)) for i in wanted}
+        rows = slice(None) if query is None else slice(query, query + 1)
+        return {i: _check_probs(model.attention_maps(x, i)[:, :, rows], i, tokens, len(x), one) for i in wanted}
     for i in wanted:
         check_instrumentable(blocks[i].attn, i)
     store: dict[int, torch.Tensor] = {}
     with ExitStack() as stack:
         for i in wanted:
-            stack.enter_context(_unfused_capture(blocks[i].attn, i, store))
+            stack.enter_context(_unfused_capture(blocks[i].attn, i, store, query))
         forward = getattr(model, "forward_features", model)
         forward(x)
     missing = [i for i in wanted if i not in store]
@@ -135,4 +141,4 @@ def model_attention(model: nn.Module, blocks: Sequence[nn.Module], x: torch.Tens
             f"the forward pass never reached block {missing[0]}'s attention softmax "
             f"({class_path(blocks[missing[0]].attn)}); featviz shows no map"
         )
-    return {i: _check_probs(store[i], i, tokens, len(x)) for i in wanted}
+    return {i: _check_probs(store[i], i, tokens, len(x), one) for i in wanted}

@@ -37,6 +37,7 @@ from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 log = logging.getLogger(__name__)
 
 FOREGROUND = ("auto", "none")
+RECIPES = ("dinov2", "dinov3")
 
 
 @dataclass
@@ -70,6 +71,64 @@ def _border(h: int, w: int) -> np.ndarray:
     return b
 
 
+def patch_matrix(features: np.ndarray, components: int) -> np.ndarray:
+    """The (N·h·w, C) float32 matrix of (N, C, h, w) maps, checked for ``components`` components.
+
+    Raises:
+        DataError: not 4-D, ``components`` out of range, too few patches, NaN or Inf.
+    """
+    if features.ndim != 4:
+        raise DataError(f"feature maps must be (N, C, h, w), got shape {features.shape}")
+    n, c, h, w = features.shape
+    if not 1 <= components <= c:
+        raise DataError(
+            f"--components must be between 1 and the feature width {c}, got {components}"
+        )
+    x = np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, c), np.float32)
+    if len(x) <= components:
+        raise DataError(
+            f"{len(x)} patches are too few for {components} components; use more or larger images"
+        )
+    if not np.isfinite(x).all():
+        raise DataError("the feature maps contain NaN or Inf; check the model and the layer")
+    return x
+
+
+def first_component(
+    x: np.ndarray, shape: tuple[int, int, int], *, threshold: float = 0.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+    """The first PCA of all patches ``x``, oriented so that border patches score lower (step 2).
+
+    Returns:
+        The component (C,), the mean (C,), every patch's score (N, h, w), the explained variance
+        ratio and whether the sign was flipped.
+    """
+    from sklearn.decomposition import PCA
+
+    n, h, w = shape
+    p1 = PCA(n_components=1, random_state=seed).fit(x)
+    first, first_mean = p1.components_[0].astype(np.float32), p1.mean_.astype(np.float32)
+    score = ((x - first_mean) @ first).reshape(n, h, w)
+    if h >= 3 and w >= 3:
+        border = _border(h, w)
+        flipped = bool(score[:, border].mean() > score[:, ~border].mean())
+    else:  # no interior: call the smaller side foreground
+        flipped = bool((score > threshold).mean() > 0.5)
+    if flipped:
+        first, score = -first, -score
+    return first, first_mean, score, float(p1.explained_variance_ratio_[0]), flipped
+
+
+def rgb_of(colours: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """(patches, k) colours in [0, 1] as (patches, 3) RGB: components 1-3 (one: grey), background black."""
+    rgb = np.zeros((len(colours), 3), np.float32)
+    rgb[:, : min(3, colours.shape[1])] = colours[:, :3]
+    if colours.shape[1] == 1:
+        rgb[:] = colours[:, :1]
+    rgb[~fg] = 0
+    return rgb
+
+
 def patch_pca(
     features: np.ndarray,
     *,
@@ -87,36 +146,15 @@ def patch_pca(
 
     if foreground not in FOREGROUND:
         raise DataError(f"--foreground {foreground!r}: expected one of {', '.join(FOREGROUND)}")
-    if features.ndim != 4:
-        raise DataError(f"feature maps must be (N, C, h, w), got shape {features.shape}")
+    x = patch_matrix(features, components)
     n, c, h, w = features.shape
-    if not 1 <= components <= c:
-        raise DataError(
-            f"--components must be between 1 and the feature width {c}, got {components}"
-        )
-    x = np.ascontiguousarray(features.transpose(0, 2, 3, 1).reshape(-1, c), np.float32)
-    if len(x) <= components:
-        raise DataError(
-            f"{len(x)} patches are too few for {components} components; use more or larger images"
-        )
-    if not np.isfinite(x).all():
-        raise DataError("the feature maps contain NaN or Inf; check the model and the layer")
     first = first_mean = score = None
     evr1 = thr = None
     flipped = False
     fg = np.ones(len(x), bool)
     if foreground == "auto":
-        p1 = PCA(n_components=1, random_state=seed).fit(x)
-        first, first_mean = p1.components_[0].astype(np.float32), p1.mean_.astype(np.float32)
-        score = ((x - first_mean) @ first).reshape(n, h, w)
-        if h >= 3 and w >= 3:
-            border = _border(h, w)
-            flipped = bool(score[:, border].mean() > score[:, ~border].mean())
-        else:  # no interior: call the smaller side foreground
-            flipped = bool((score > threshold).mean() > 0.5)
-        if flipped:
-            first, score = -first, -score
-        evr1, thr = float(p1.explained_variance_ratio_[0]), float(threshold)
+        first, first_mean, score, evr1, flipped = first_component(x, (n, h, w), threshold=threshold, seed=seed)
+        thr = float(threshold)
         fg = (score > threshold).reshape(-1)
         if fg.sum() <= components:
             log.warning(
@@ -130,12 +168,7 @@ def patch_pca(
     p2 = PCA(n_components=components, random_state=seed).fit(x[fg])
     proj = p2.transform(x).astype(np.float32)
     lo, hi = proj[fg].min(axis=0), proj[fg].max(axis=0)
-    colours = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
-    rgb = np.zeros((len(x), 3), np.float32)
-    rgb[:, : min(3, components)] = colours[:, :3]
-    if components == 1:
-        rgb[:] = colours[:, :1]
-    rgb[~fg] = 0
+    rgb = rgb_of(np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1), fg)
     return PatchPca(
         rgb.reshape(n, h, w, 3),
         proj.reshape(n, h, w, components),
@@ -151,6 +184,99 @@ def patch_pca(
         thr,
         flipped,
         np.stack([lo, hi]).astype(np.float32),
+    )
+
+
+# ------------------------------------------------------------------ DINOv3's recipe
+SIGMOID_GAIN = 2.0
+MEDIAN_KERNEL = 3
+FOREGROUND_CUT = 0.5
+
+
+def filtered_foreground(score: np.ndarray) -> np.ndarray:
+    """(N, h, w) scores -> foreground: each image's median filter (kernel 3, scipy's), then > 0.5."""
+    from scipy.signal import medfilt2d
+
+    return np.stack([medfilt2d(np.asarray(s, np.float64), kernel_size=MEDIAN_KERNEL) for s in score]) > FOREGROUND_CUT
+
+
+def dinov3_pca(
+    features: np.ndarray,
+    *,
+    foreground_score: np.ndarray | None = None,
+    foreground: str = "auto",
+    components: int = 3,
+    threshold: float = 0.0,
+    seed: int = 0,
+) -> PatchPca:
+    """DINOv3's notebook recipe on (N, C, h, w) maps, fitted jointly (``--recipe dinov3``).
+
+    facebookresearch/dinov3 ``notebooks/pca.ipynb`` (the paper's rainbow-coloured objects), per
+    image: the last layer's features with the final norm; a foreground score per patch (a logistic
+    regression trained on mask-labelled patches in its ``foreground_segmentation`` notebook),
+    ``scipy.signal.medfilt2d(score, 3) > 0.5``; ``PCA(3, whiten=True)`` fitted on the foreground;
+    every patch projected, ``sigmoid(2·x)`` as RGB, background black. featviz's two named
+    differences: the fit is on the foreground patches of **all images together** (with one image,
+    the notebook), and the **score** (the notebook's classifier is not available offline) is
+    ``foreground_score`` (``--mask-dir``'s masks averaged per patch, the very labels that
+    classifier was trained on) or, without it, ``foreground="auto"``: the first-component rule
+    (``first_component`` > ``threshold``) as 0/1; ``"none"`` keeps every patch. The median filter
+    and the 0.5 cut apply in every case, as in the notebook.
+
+    Args:
+        features: The patch features.
+        foreground_score: (N, h, w) scores in [0, 1] (masks averaged per patch); None: ``foreground``.
+        foreground: Without scores: ``auto`` (first principal component > ``threshold``) or ``none``.
+        components: Whitened components fitted; the first three are R, G, B.
+        threshold: The first-component cut of ``foreground="auto"``.
+        seed: The PCAs' random state.
+
+    Raises:
+        DataError: bad shapes/options, too few patches, or fewer foreground patches than components.
+    """
+    from sklearn.decomposition import PCA
+
+    x = patch_matrix(features, components)
+    n, _, h, w = features.shape
+    first = first_mean = first_score = None
+    evr1 = thr = None
+    flipped = False
+    if foreground_score is not None:
+        if foreground_score.shape != (n, h, w):
+            raise DataError(f"foreground scores have shape {foreground_score.shape}, the features {(n, h, w)}")
+        fg = filtered_foreground(foreground_score)
+    elif foreground == "auto":
+        first, first_mean, first_score, evr1, flipped = first_component(x, (n, h, w), threshold=threshold, seed=seed)
+        thr = float(threshold)
+        fg = filtered_foreground((first_score > threshold).astype(np.float64))
+    elif foreground == "none":
+        fg = np.ones((n, h, w), bool)
+    else:
+        raise DataError(f"--foreground {foreground!r}: expected auto or none")
+    fg = fg.reshape(-1)
+    if fg.sum() <= components:
+        raise DataError(
+            f"only {int(fg.sum())} of {len(x)} patches are foreground, too few for {components} whitened "
+            "components; check the masks (white = foreground), or use --foreground none"
+        )
+    pca = PCA(n_components=components, whiten=True, random_state=seed).fit(x[fg])
+    proj = pca.transform(x).astype(np.float32)
+    rgb = rgb_of(1.0 / (1.0 + np.exp(-SIGMOID_GAIN * proj)), fg)
+    return PatchPca(
+        rgb.reshape(n, h, w, 3),
+        proj.reshape(n, h, w, components),
+        fg.reshape(n, h, w),
+        pca.components_.astype(np.float32),
+        pca.mean_.astype(np.float32),
+        pca.explained_variance_.astype(np.float32),
+        pca.explained_variance_ratio_.astype(np.float32),
+        first,
+        first_mean,
+        first_score,
+        evr1,
+        thr,
+        flipped,
+        np.array([[-np.inf] * components, [np.inf] * components], np.float32),
     )
 
 
@@ -204,9 +330,11 @@ class PcaResult(ViewResult):
     first_component_explained_variance_ratio: float | None
     files: dict[str, Any]
     warnings: list[str]
+    recipe: str = "dinov2"
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` summary."""
+        """The ``--json`` summary (``recipe`` and ``whiten`` follow for ``--recipe dinov3``; absent: dinov2)."""
+        extra = {} if self.recipe == "dinov2" else {"recipe": self.recipe, "whiten": True}
         return {
             "out": self.out,
             "images": self.images,
@@ -223,6 +351,7 @@ class PcaResult(ViewResult):
             "first_component_explained_variance_ratio": self.first_component_explained_variance_ratio,
             "files": self.files,
             "warnings": self.warnings,
+            **extra,
         }
 
 
@@ -244,6 +373,8 @@ def run_pca(
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
     sheet_images: int = 40,
+    recipe: str = "dinov2",
+    mask_dir: str | os.PathLike | None = None,
 ) -> PcaResult:
     """Everything ``featviz pca`` does; writes ``out_dir`` as one atomic folder.
 
@@ -251,6 +382,10 @@ def run_pca(
     input's size), ``pca.npz`` (``components`` (k, C), ``mean``, ``explained_variance(_ratio)``,
     ``projections`` (N, h, w, k), ``foreground`` (N, h, w), ``rgb`` (N, h, w, 3), the first PCA's
     ``first_component``/``first_mean``/``first_score``, ``ids``) and ``manifest.json``.
+
+    ``recipe="dinov3"`` is DINOv3's notebook recipe instead (``dinov3_pca``): foreground from
+    ``mask_dir``'s masks, or ``foreground``'s rule, median-filtered; a whitened PCA on the foreground
+    patches of all images; ``sigmoid(2·x)`` colours. ``pca.npz`` then also has ``foreground_score``.
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
@@ -267,19 +402,37 @@ def run_pca(
         raise DataError(f"--foreground {foreground!r}: expected one of {', '.join(FOREGROUND)}")
     if components < 1:
         raise DataError(f"--components must be ≥ 1, got {components}")
+    if recipe not in RECIPES:
+        raise DataError(f"--recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+    if mask_dir is not None and recipe != "dinov3":
+        raise DataError(
+            "--mask-dir belongs to DINOv3's recipe: add --recipe dinov3 (DINOv2's takes the first component)"
+        )
     hw = input_size(model, image_size)
     files, ids = runner.images(inputs)
     model = runner.place(model, device)
     maps, rgbs, layer_name = feature_maps(
         runner, model, layer=layer, hw=hw, batch_size=batch_size, keep_images=sheet_images
     )
-    res = patch_pca(
-        maps, components=components, foreground=foreground, threshold=threshold, seed=seed
-    )
+    score = None
+    if recipe == "dinov3":
+        from featviz.views.pca_masks import mask_scores
+
+        if mask_dir is not None:
+            score = mask_scores(mask_dir, files, ids, hw=hw, grid=(maps.shape[2], maps.shape[3]))
+        res = dinov3_pca(
+            maps, foreground_score=score, foreground=foreground, components=components, threshold=threshold,
+            seed=seed,
+        )
+    else:
+        res = patch_pca(
+            maps, components=components, foreground=foreground, threshold=threshold, seed=seed
+        )
+    fg_rule = "masks" if score is not None else foreground
     arch = arch_name(model)
     share = res.foreground_share
     warnings = []
-    if foreground == "auto" and (share.mean() > 0.9 or share.mean() < 0.05):
+    if fg_rule == "auto" and (share.mean() > 0.9 or share.mean() < 0.05):
         warnings.append(
             f"the first component calls {share.mean():.0%} of the patches foreground: it does not "
             "separate objects from background at this layer (a random or collapsed model, or a "
@@ -307,14 +460,24 @@ def run_pca(
         evr = ", ".join(f"{v:.0%}" for v in res.explained_variance_ratio[:3])
         fg_note = (
             f"foreground: first component > {threshold:g} ({share.mean():.0%} of patches)"
-            if foreground == "auto"
+            if fg_rule == "auto"
+            else f"foreground: masks ({share.mean():.0%} of patches)"
+            if fg_rule == "masks"
             else "no background removal"
         )
+        if recipe == "dinov3":
+            fg_note = fg_note.replace("foreground: ", "foreground (median-filtered): ")
         title = (
             f"{arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} patches) · "
             f"PCA of {len(ids)} images jointly · {fg_note} · "
             f"RGB = components 1-3 ({evr} of the variance)"
         )
+        if recipe == "dinov3":
+            title = (
+                f"DINOv3 recipe · {arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} "
+                f"patches) · {fg_note} · whitened PCA of the foreground of {len(ids)} images jointly · "
+                f"RGB = sigmoid(2 x whitened components 1-3) ({evr} of the variance)"
+            )
         grid_sheet(tmp / "sheet.png", cells, cell_titles=titles, title=title, cell=1.9)
         arrays = {
             "ids": np.array(ids),
@@ -337,6 +500,8 @@ def run_pca(
                 first_explained_variance_ratio=np.float32(res.first_explained_variance_ratio),
                 threshold=np.float32(threshold),
             )
+        if score is not None:
+            arrays["foreground_score"] = score
         np.savez_compressed(tmp / "pca.npz", **arrays)
         result = PcaResult(
             out=str(runner.out_dir),
@@ -347,8 +512,8 @@ def run_pca(
             grid=(int(maps.shape[2]), int(maps.shape[3])),
             feature_dim=int(maps.shape[1]),
             components=components,
-            foreground=foreground,
-            threshold=threshold if foreground == "auto" else None,
+            foreground=fg_rule,
+            threshold=threshold if fg_rule == "auto" else None,
             foreground_share=float(share.mean()),
             explained_variance_ratio=[float(v) for v in res.explained_variance_ratio],
             first_component_explained_variance_ratio=res.first_explained_variance_ratio,
@@ -359,6 +524,7 @@ def run_pca(
                 "rgb": len(ids),
             },
             warnings=warnings,
+            recipe=recipe,
         )
         runner.write_manifest(
             tmp,
@@ -367,7 +533,9 @@ def run_pca(
             image_size=list(hw),
             grid=list(result.grid),
             feature_dim=result.feature_dim,
-            definitions={
+            definitions=_dinov3_definitions(fg_rule, threshold, res.flipped)
+            if recipe == "dinov3"
+            else {
                 "fit": "one PCA over the patches of all images together "
                 "(sklearn.decomposition.PCA, centred)",
                 "foreground": None
@@ -386,3 +554,22 @@ def run_pca(
             warnings=warnings,
         )
     return result
+
+
+def _dinov3_definitions(fg_rule: str, threshold: float, flipped: bool) -> dict[str, Any]:
+    """The manifest's ``definitions`` for ``--recipe dinov3`` (DINOv3's notebooks/pca.ipynb)."""
+    score = {
+        "masks": "each mask (--mask-dir) through the images' transform, averaged over each patch "
+        "(the notebook's patch_quant_filter)",
+        "auto": f"1 where the first principal component of all patches > {threshold:g} (sign: border "
+        f"patches lower; flipped: {flipped}), else 0",
+        "none": None,
+    }[fg_rule]
+    return {
+        "recipe": "dinov3: facebookresearch/dinov3 notebooks/pca.ipynb",
+        "foreground": None
+        if score is None
+        else f"score = {score}; scipy.signal.medfilt2d(score, kernel_size=3) > 0.5 per image",
+        "fit": "PCA(whiten=True) over the foreground patches of all images together (the notebook: one image)",
+        "colours": "sigmoid(2 x whitened components 1-3) = R, G, B; background black",
+    }
