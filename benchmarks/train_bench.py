@@ -21,6 +21,16 @@ median of the repeats is reported. ``--device cuda`` times both under bf16 autoc
 
     python benchmarks/train_bench.py [--methods simsiam,moco_v2] [--epochs 2] [--batch-size 64]
                                      [--image-size 32] [--repeats 3] [--threads 1] [--device cpu] [--json]
+
+``--lightning`` measures instead what ``featviz.integrations.lightning.FeatvizMonitor`` costs
+under a real Lightning ``Trainer``: the same SimSiam LightningModule (featviz's ResNet-18 w16
+CIFAR backbone, SimSiam's projector and predictor heads, digits at ``--image-size``) fitted for
+``--steps`` steps without and with the callback at its default frequency (a training-batch record
+every 50 steps; an ``OnlineKnn`` of 500 bank / 300 held-out images every 500), alternating; the
+steps/s are timed from the first batch's start to the last batch's end (the callback's work
+included). Target: the callback costs <= 5 % of the steps/s.
+
+    python benchmarks/train_bench.py --lightning [--steps 500] [--batch-size 64] [--image-size 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -129,6 +139,128 @@ def featviz_train(method: str, args) -> tuple[int, float, float]:
         return res.steps, timer.seconds, time.perf_counter() - t0
 
 
+def _lightning_module(image_size: int):
+    import lightning.pytorch as L
+    from torch import nn
+
+    from featviz.models.architectures import build_backbone
+
+    class SimSiam(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.backbone = build_backbone("resnet18_w16-cifar", seed=0).train()
+            d = self.backbone(torch.zeros(2, 3, image_size, image_size)).shape[1]
+            self.projector = nn.Sequential(nn.Linear(d, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 128),
+                                           nn.BatchNorm1d(128, affine=False))
+            self.predictor = nn.Sequential(nn.Linear(128, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 128))
+
+        def forward(self, x):
+            return self.projector(self.backbone(x))
+
+        def training_step(self, batch, batch_idx):
+            x1, x2 = batch
+            z1, z2 = self(x1), self(x2)
+            p1, p2 = self.predictor(z1), self.predictor(z2)
+            loss = -(F.cosine_similarity(p1, z2.detach()).mean() + F.cosine_similarity(p2, z1.detach()).mean()) / 2
+            return {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return SimSiam()
+
+
+def _digits_tensors(image_size: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None].repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.5, torch.tensor(d.target)
+
+
+def lightning_fit(args, with_monitor: bool) -> tuple[float, float]:
+    """Steps/s of one Trainer.fit (first batch's start to last batch's end), and the seconds spent in the callback.
+
+    The second figure times FeatvizMonitor's own hooks, so its share of the run does not depend on
+    how busy the machine was in the other run.
+    """
+    import lightning.pytorch as L
+
+    from featviz.integrations.lightning import monitor_class
+    from featviz.integrations.online import OnlineKnn
+
+    x, y = _digits_tensors(args.image_size)
+
+    def views(items):
+        b = torch.stack([i[0] for i in items])
+        aug = lambda t: torch.roll(t, tuple(int(v) for v in torch.randint(-2, 3, (2,))), (2, 3)) \
+            + 0.1 * torch.randn_like(t)  # noqa: E731
+        return aug(b), aug(b)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:1400], y[:1400]),
+                                         batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=views,
+                                         generator=torch.Generator().manual_seed(0))
+
+    class Clock(L.Callback):
+        def __init__(self):
+            self.start = self.end = None
+
+        def on_train_batch_start(self, *a, **k):
+            self.start = self.start or time.perf_counter()
+
+        def on_train_batch_end(self, *a, **k):
+            self.end = time.perf_counter()
+
+    clock = Clock()
+    callbacks = [clock]
+    inside = [0.0]
+
+    def timed(hook):
+        def run(*a, **k):
+            t = time.perf_counter()
+            hook(*a, **k)
+            inside[0] += time.perf_counter() - t
+
+        return run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if with_monitor:  # before the clock: its work at a step is inside the timed span
+            monitor = monitor_class()(tmp, knn=OnlineKnn(x[:500], y[:500], x[1400:1700], y[1400:1700]))
+            monitor.on_train_batch_end = timed(monitor.on_train_batch_end)
+            callbacks.insert(0, monitor)
+        trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=tmp)
+        trainer.fit(_lightning_module(args.image_size), loader)
+    return (args.steps - 1) / (clock.end - clock.start), inside[0] / (clock.end - clock.start)
+
+
+def lightning_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    bare, mon, share = [], [], []
+    for _ in range(args.repeats):
+        bare.append(lightning_fit(args, False)[0])
+        speed, part = lightning_fit(args, True)
+        mon.append(speed)
+        share.append(part)
+        print(f"  steps/s without {bare[-1]:6.2f}, with FeatvizMonitor {mon[-1]:6.2f} "
+              f"({100 * part:.2f} % of its run inside the callback)", flush=True)
+    b, m = statistics.median(bare), statistics.median(mon)
+    result = {"steps": args.steps, "without": b, "with_monitor": m, "cost": 1 - m / b,
+              "callback_share": statistics.median(share)}
+    if args.json:
+        print(json.dumps({"args": vars(args), "results": result}, indent=2))
+        return
+    print(f"\nLightning Trainer, SimSiam resnet18_w16-cifar, digits {args.image_size}px batch {args.batch_size}, "
+          f"{args.steps} steps, {args.threads} thread(s), median of {args.repeats}:")
+    print("| without callback steps/s | with FeatvizMonitor (defaults) steps/s | 1 − ratio | time inside the callback "
+          "(target <= 5 %) |")
+    print("|---|---|---|---|")
+    print(f"| {b:.2f} | {m:.2f} | {100 * result['cost']:.1f} % | {100 * result['callback_share']:.2f} % |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="simsiam,moco_v2")
@@ -139,7 +271,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--lightning", action="store_true", help="the FeatvizMonitor callback's cost under a Trainer")
+    ap.add_argument("--steps", type=int, default=500, help="--lightning: steps per fit")
     args = ap.parse_args()
+    if args.lightning:
+        if args.image_size == 32 and "--image-size" not in " ".join(__import__("sys").argv):
+            args.image_size = 16  # the digits preset's size
+        return lightning_main(args)
     results = {}
     for method in args.methods.split(","):
         bare, fv, bare_run, fv_run = [], [], [], []

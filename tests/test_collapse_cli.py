@@ -98,8 +98,14 @@ def test_positives_mismatch_and_usage_errors(cli, emb, tmp_path):
 
 
 # ------------------------------------------------------------------ --watch
-def _fake_run(run_dir, steps, delay, collapse_at=None):
-    """A training run that appears late and writes metrics while being watched."""
+def _fake_run(run_dir, steps, delay, collapse_at=None, watching=None):
+    """A training run that appears late and writes metrics while being watched.
+
+    With ``watching`` (an Event), the run appears only once the watcher has polled and said it is
+    waiting, however long its start takes on a loaded machine.
+    """
+    if watching is not None:
+        assert watching.wait(120), "the watcher never polled"
     time.sleep(delay)
     rng = np.random.default_rng(0)
     with CollapseMonitor(run_dir, every=1) as mon:
@@ -110,15 +116,37 @@ def _fake_run(run_dir, steps, delay, collapse_at=None):
             time.sleep(delay)
 
 
-def test_watch_follows_a_run_being_written(cli, tmp_path):
+def _signal_first_wait(monkeypatch) -> threading.Event:
+    """An Event set when the watcher's first poll finds nothing and says what it waits for."""
+    from featviz.collapse import monitor
+
+    watching = threading.Event()
+    poll = monitor._RunSource.poll
+
+    def signalling(self):
+        new, pending, msg = poll(self)
+        if msg and not new:
+            watching.set()
+        return new, pending, msg
+
+    monkeypatch.setattr(monitor._RunSource, "poll", signalling)
+    return watching
+
+
+def test_watch_follows_a_run_being_written(cli, tmp_path, monkeypatch):
     run = tmp_path / "run"  # does not exist yet: the watcher waits for it
-    t = threading.Thread(target=_fake_run, args=(run, range(0, 50, 10), 0.15))
+    # the run starts only after the watcher's first poll (not after a fixed 0.15 s, which a loaded
+    # machine can spend importing the command: then the folder was there before the first poll)
+    t = threading.Thread(target=_fake_run, args=(run, range(0, 50, 10), 0.05),
+                         kwargs={"watching": _signal_first_wait(monkeypatch)})
     t.start()
-    res = cli("collapse", "--watch", run, "--interval", "0.05", "--max-wait", "20")
+    res = cli("collapse", "--watch", run, "--interval", "0.05", "--max-wait", "60")
     t.join()
     assert res.exit_code == 0, res.output
     assert "waiting for" in res.stderr and "the run finished" in res.stderr and "5 records" in res.stderr
-    assert "40" in res.stdout  # the live table shows the last step
+    lines = [x for x in res.stdout.splitlines() if x.startswith("step ")]  # piped: one plain line per record
+    assert [x.split()[1] for x in lines] == ["0", "10", "20", "30", "40"]
+    assert all("training batch" in x and "rankme=" in x and x.endswith("status=ok") for x in lines)
     assert (run / "collapse-watch" / "curves.png").stat().st_size > 10_000
 
 
@@ -130,11 +158,16 @@ def test_watch_alarm_fails_the_run(cli, tmp_path):
               "--out", tmp_path / "w")
     t.join()
     assert res.exit_code == 3, res.output
-    assert "ALARM" in res.stderr and "step 5" in res.stderr and "RankMe fell" in res.stderr
+    # a plain loop's records are training batches: RankMe is compared with min(N, D), not with a peak
+    assert "ALARM" in res.stderr and "step 5" in res.stderr
+    assert "RankMe on training batch records (256 rows) is 1 < 0.1 × min(N, D) = 1.6" in res.stderr
     summary = json.loads(cli("collapse", "--watch", run, "--interval", "0.02", "--json", "--out", tmp_path / "w",
                              "--force").stdout)  # the finished run, read again: a JSON summary for scripts
     assert summary["reason"] == "done" and summary["records"] == 10 and summary["last"]["step"] == 9
     assert [a["kind"] for a in summary["alarms"]] == ["rankme"] and summary["alarms"][0]["step"] == 5
+    alarm = summary["alarms"][0]
+    assert alarm["record"] == "training batch" and alarm["n"] == 256 and alarm["threshold"] == pytest.approx(1.6)
+    assert alarm["value"] < 1.6
 
 
 def test_watch_until_step_partial_lines_and_max_wait(cli, tmp_path):
@@ -204,6 +237,12 @@ def test_watch_checkpoints_as_they_appear(cli, sample_dir, tmp_path):
     assert [r["step"] for r in recs] == [1, 2] and recs[0]["checkpoint"] == "epoch_001.safetensors"
     assert all(r["output"] == "backbone" and r["n"] == 20 for r in recs)
     assert "skipping broken.pth" in res.stderr and "the run finished" in res.stderr
+    again = cli("collapse", "--watch", run, "--images", sample_dir / "photos", "--interval", "0.05",
+                "--max-wait", "60", "--out", out, "--device", "cpu")  # restarted: no --force, nothing measured twice
+    assert again.exit_code == 0, again.output
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "2 records" in again.stderr and [x.split()[1] for x in again.stdout.splitlines()
+                                            if x.startswith("step ")] == ["1", "2"]
 
 
 def test_watch_trend_compares_records_measured_the_same_way():

@@ -20,7 +20,7 @@ RANKS = {
     "featviz.data": 3,
     "featviz.eval": 4, "featviz.collapse": 4,
     "featviz.maps": 5, "featviz.views": 5, "featviz.compare": 5,
-    "featviz.train": 6,
+    "featviz.train": 6, "featviz.integrations": 6,
     "featviz.demo": 7,
     "featviz.cli": 8,
     "featviz.__main__": 9,

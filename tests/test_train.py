@@ -149,9 +149,11 @@ def test_train_digits_writes_checkpoints_and_metrics(tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if r.get("kind") == "epoch"]
     assert len(epochs) == 2 and lines[-1]["event"] == "done"
-    for key in ("loss", "lr", "std_l2", "rankme", "alignment", "uniformity", "knn_acc"):
+    for key in ("loss", "lr", "std_l2", "rankme", "alignment", "uniformity", "knn_acc", "lidar"):
         assert key in epochs[-1], key
     assert 0.0 <= epochs[-1]["knn_acc"] <= 1.0
+    # LiDAR of the two views of each image, on both kinds of line (the monitors' one rule)
+    assert all(r["lidar"] >= 1.0 and r["lidar_views"] == 2 for r in lines if r.get("kind") in ("step", "epoch"))
     # step lines measure training batches; epoch lines the 8 held-out images in eval mode
     assert {r["split"] for r in epochs} == {"held_out"} and epochs[-1]["n"] == 8
     assert {r["split"] for r in lines if r.get("kind") == "step"} == {"train_batch"}

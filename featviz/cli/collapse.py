@@ -83,6 +83,16 @@ def collapse(
             rich_help_panel=_CKPT,
         ),
     ] = None,
+    views: Annotated[
+        int,
+        typer.Option(
+            "--views",
+            "-q",
+            min=2,
+            help="Augmented views per image (LiDAR's classes; alignment uses the first two).",
+            rich_help_panel=_CKPT,
+        ),
+    ] = 2,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     watch_dir: Annotated[
@@ -111,10 +121,20 @@ def collapse(
             "--rankme-drop",
             min=0.0,
             max=1.0,
-            help="Alarm when RankMe falls below (1 - this) × its peak.",
+            help="Alarm when the RankMe of held-out records falls below (1 - this) × their peak.",
             rich_help_panel=_WATCH,
         ),
     ] = 0.5,
+    rank_fraction: Annotated[
+        float,
+        typer.Option(
+            "--rank-fraction",
+            min=0.0,
+            max=1.0,
+            help="Flag RankMe < this × min(N, D) (watch: on training batches).",
+            rich_help_panel=_METRIC,
+        ),
+    ] = 0.1,
     std_fraction: Annotated[
         float,
         typer.Option(
@@ -176,6 +196,7 @@ def collapse(
         pixels=pixels,
         layer=layer,
         images=images,
+        views=views,
     )
     with _user_errors():
         metrics = dict(
@@ -193,6 +214,7 @@ def collapse(
                     load=load,
                     image_size=image_size,
                     batch_size=batch_size,
+                    views=views,
                     seed=seed,
                     device=device,
                     metrics=metrics,
@@ -203,6 +225,7 @@ def collapse(
                     until_step=until_step,
                     std_fraction=std_fraction,
                     rankme_drop=rankme_drop,
+                    rank_fraction=rank_fraction,
                     fail_on_collapse=fail_on_collapse,
                     as_json=as_json,
                 )
@@ -220,6 +243,7 @@ def collapse(
                 load=load,
                 image_size=image_size,
                 batch_size=batch_size,
+                views=views,
                 seed=seed,
                 pixels=pixels,
                 pixels_per_image=pixels_per_image,
@@ -231,12 +255,12 @@ def collapse(
             from featviz.collapse import write_report
 
             write_report(out_dir, measured.reports, measured.source, force=force, model=measured.model)
-    flags = _show(measured, std_fraction=std_fraction, out_dir=out_dir, as_json=as_json)
+    flags = _show(measured, std_fraction=std_fraction, rank_fraction=rank_fraction, out_dir=out_dir, as_json=as_json)
     if fail_on_collapse and any(flags.values()):
         raise typer.Exit(3)
 
 
-def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images) -> str:
+def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, images, views=2) -> str:
     """The one place that decides the mode: EMB, --checkpoint/--arch or --watch.
 
     It also refuses flags that do not apply to that mode (rather than ignore a flag that would change
@@ -260,11 +284,14 @@ def _check_mode(*, embeddings, model, watch_dir, positives, pixels, layer, image
             ("--pixels", pixels, (_MODEL_MODE,)),
             ("--layer", layer, (_MODEL_MODE,)),
             ("--images", images, (_MODEL_MODE, _WATCH_MODE)),
+            ("--views", views != 2, (_MODEL_MODE, _WATCH_MODE)),
         )
         if given and modes[0] not in allowed
     ]
     if misplaced:
         raise typer.BadParameter(f"{', '.join(misplaced)} does not apply to {modes[0]} input")
+    if views != 2 and images is None:
+        raise typer.BadParameter("--views Q makes Q augmented views of --images; add --images DIR")
     if layer is not None and not pixels:
         raise typer.BadParameter("--layer picks the dense layer of --pixels; add --pixels")
     if modes[0] == _MODEL_MODE and images is None:
@@ -300,7 +327,7 @@ def _measure_file(embeddings: Path, positives: Path | None, *, seed: int, metric
 
 
 def _measure_checkpoint(
-    checkpoint, images, *, load, image_size, batch_size, seed, pixels, pixels_per_image, layer, device, metrics
+    checkpoint, images, *, load, image_size, batch_size, views, seed, pixels, pixels_per_image, layer, device, metrics
 ) -> _Measured:
     """--checkpoint/--arch mode: two augmented views of --images through the model (and its heads)."""
     from featviz.collapse import twoview
@@ -311,6 +338,7 @@ def _measure_checkpoint(
         load_kwargs=load,
         image_size=image_size,
         batch_size=batch_size,
+        views=views,
         seed=seed,
         pixels=pixels,
         pixels_per_image=pixels_per_image,
@@ -324,10 +352,12 @@ def _measure_checkpoint(
     return _Measured(measured.reports, measured.source, measured.model)
 
 
-def _show(measured: _Measured, *, std_fraction: float, out_dir: Path | None, as_json: bool) -> dict[str, list[str]]:
+def _show(
+    measured: _Measured, *, std_fraction: float, rank_fraction: float, out_dir: Path | None, as_json: bool
+) -> dict[str, list[str]]:
     """Print the reports (a table, or --json) and the collapse flags; returns the flags per output."""
     reports, model = measured.reports, measured.model
-    flags = {name: r.flags(std_fraction) for name, r in reports.items()}
+    flags = {name: r.flags(std_fraction, rank_fraction) for name, r in reports.items()}
     if as_json:
         first = next(iter(reports))
         _echo_json(
@@ -363,6 +393,7 @@ def _watch_run(
     load,
     image_size,
     batch_size,
+    views,
     seed,
     device,
     metrics,
@@ -373,6 +404,7 @@ def _watch_run(
     until_step,
     std_fraction,
     rankme_drop,
+    rank_fraction,
     fail_on_collapse,
     as_json,
 ) -> int:
@@ -388,25 +420,39 @@ def _watch_run(
     from rich.live import Live
 
     from featviz import collapse as C
+    from featviz.cli.collapse_view import watch_line
 
     metrics_fn = None
     if images is not None:
         metrics_fn = C.twoview.checkpoint_metrics_fn(
-            images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, **metrics
+            images, load, image_size=image_size, batch_size=batch_size, seed=seed, device=device, views=views, **metrics
         )
-    watcher = C.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop)
+    watcher = C.CollapseWatcher(std_fraction=std_fraction, rankme_drop=rankme_drop, rank_fraction=rank_fraction)
     title = f"collapse watch: {run_dir}"
-    # with --json stdout carries only the final JSON summary, so no live table
-    live_ctx = nullcontext() if as_json else Live(watch_table(watcher, title=title), console=out, refresh_per_second=4)
+    # with --json stdout carries only the final JSON summary; piped (not a terminal): one plain line per record
+    live_table = not as_json and out.is_terminal
+    # the table fits the terminal's height (a taller live table scrolls and repeats its header) and is
+    # redrawn only when records arrive, with every message printed through the live display
+    rows = max(3, min(15, out.size.height - 8))
+    live_ctx = (
+        Live(watch_table(watcher, rows=rows, title=title), console=out, auto_refresh=False, redirect_stderr=False)
+        if live_table
+        else nullcontext()
+    )
     with live_ctx as live:
+        say = err if live is None else live.console
 
         def on_event(kind: str, info: dict) -> None:
             if kind == "waiting":
-                err.print(f"[dim]{info['message']}…[/]", highlight=False)
+                say.print(f"[dim]{info['message']}…[/]", highlight=False, style=None)
             elif kind in ("records", "stopped") and live is not None:
-                live.update(watch_table(watcher, title=title))
+                live.update(watch_table(watcher, rows=rows, title=title), refresh=True)
+            elif kind == "records" and not as_json:
+                first = len(watcher.records) - sum(r.get("event") != "done" for r in info["records"])
+                for i in range(first, len(watcher.records)):
+                    out.print(watch_line(watcher, i), highlight=False, markup=False, soft_wrap=True)
             for a in info.get("alarms", ()):
-                err.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
+                say.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
 
         result = C.follow_run(
             run_dir,

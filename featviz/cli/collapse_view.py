@@ -53,6 +53,7 @@ def report_table(reports: dict[str, CollapseReport], *, std_fraction: float = 0.
             ("rankme", DEFINITIONS["rankme"]), ("effective_rank", DEFINITIONS["effective_rank"]),
             ("alpha_req", "power-law decay of cov(Z) eigenvalues, ranks [lo, hi), weights 1/i (Agrawal et al. 2022)"),
             ("alpha_req_r2", "R² of that log-log fit"), ("alignment", DEFINITIONS["alignment"]),
+            ("lidar", DEFINITIONS["lidar"]),
             ("uniformity", DEFINITIONS["uniformity"]), ("uniformity_ci95", "95 % CI when sampled (exact: -)")]
     for key, definition in rows:
         vals = []
@@ -86,7 +87,7 @@ def watch_table(watcher: CollapseWatcher, rows: int = 15, title: str | None = No
     table = Table(title=title, box=None, header_style="bold")
     cols = [("step", "step"), ("epoch", "epoch"), ("split", "on"), ("loss", "loss"),
             ("std_l2", "std_l2 (% of 1/√d)"), ("rankme", "RankMe"), ("effective_rank", "eff. rank"),
-            ("uniformity", "uniformity"), ("alignment", "alignment"), ("knn_acc", "kNN acc")]
+            ("uniformity", "uniformity"), ("alignment", "alignment"), ("lidar", "LiDAR"), ("knn_acc", "kNN acc")]
     present = [(k, h) for k, h in cols if any(k in r for r in watcher.records)] or cols[:1]
     for _, h in present:
         table.add_column(h, justify="right")
@@ -109,3 +110,34 @@ def watch_table(watcher: CollapseWatcher, rows: int = 15, title: str | None = No
         status = ", ".join(r.get("_alarms", [])) or "ok"
         table.add_row(*cells, f"[red]{status}[/]" if status != "ok" else "[green]ok[/]")
     return table
+
+
+WATCH_KEYS = ("epoch", "loss", "std_l2", "rankme", "effective_rank", "uniformity", "alignment", "lidar", "knn_acc")
+
+
+def watch_line(watcher: CollapseWatcher, i: int) -> str:
+    """Record ``i`` of a watched run as one plain line (piped output, logs): ``key=value`` pairs and its status.
+
+    Args:
+        watcher: the run's ``CollapseWatcher``.
+        i: the record's index in ``watcher.records``.
+
+    Returns:
+        e.g. ``step 44  held-out  n=359  loss=-0.61  std_l2=0.0494 (56%)  rankme=2.97 …  status=ok``.
+    """
+    from featviz.collapse.records import record_kind
+
+    r = watcher.records[i]
+    if r.get("event"):
+        return f"step {r.get('step')}  event={r['event']}"
+    parts = [f"step {r.get('step')}", record_kind(r)] + ([f"n={r['n']}"] if r.get("n") else [])
+    for k in WATCH_KEYS:
+        v = r.get(k)
+        if v is None or isinstance(v, (list, dict)):
+            continue
+        if k == "std_l2" and isinstance(v, (int, float)) and r.get("std_l2_ideal"):
+            parts.append(f"std_l2={v:.4g} ({100 * v / r['std_l2_ideal']:.0f}%)")
+        else:
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    parts.append("status=" + (",".join(r.get("_alarms", [])) or "ok"))
+    return "  ".join(parts)

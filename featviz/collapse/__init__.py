@@ -1,7 +1,8 @@
 """Collapse and representation-quality diagnostics, one module per concern (torch-free here).
 
 * ``metrics``: the metrics on ``(N, D)`` arrays and ``CollapseReport`` (numpy only);
-* ``monitor``: ``CollapseMonitor`` for training loops, the Lightning callback, and ``watch``
+* ``monitor``: ``CollapseMonitor`` for training loops (``featviz.integrations.lightning`` wraps it for
+  Lightning), and ``watch``
   (following a run live, with alarms);
 * ``twoview``: two augmented views of images through a model, the input of the metrics (torch,
   imported on first access);
@@ -19,6 +20,8 @@ from typing import Any
 from featviz.collapse.metrics import (
     ALPHA_RANGE,
     DEFINITIONS,
+    LIDAR_DELTA,
+    LIDAR_EPS,
     NORM_EPS,
     RANKME_EPS,
     UNIFORMITY_EXACT_MAX,
@@ -34,6 +37,7 @@ from featviz.collapse.metrics import (
     effective_rank,
     effective_rank_from_eigenvalues,
     file_reports,
+    lidar,
     load_matrix,
     rankme,
     rankme_from_singular_values,
@@ -69,6 +73,7 @@ __all__ = [
     "JsonlTail", "Moments",
     "Uniformity", "WatchResult", "alignment", "alpha_req", "alpha_req_from_eigenvalues", "append_jsonl",
     "as_array", "collapse_report", "effective_rank", "effective_rank_from_eigenvalues", "file_reports", "follow_run",
+    "lidar", "LIDAR_DELTA", "LIDAR_EPS",
     "load_matrix",
     "plot_curves", "plot_run_comparison", "plot_spectrum", "rankme", "rankme_from_singular_values",
     "singular_values", "std_l2", "stream_moments", "uniformity", "uniformity_exact",
@@ -77,11 +82,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: the torch-using submodule and the Lightning callback load on first access only
+    # PEP 562: the torch-using submodule loads on first access only
     if name == "twoview":
         return importlib.import_module("featviz.collapse.twoview")
     if name == "CollapseCallback":
-        from featviz.collapse.monitor import _lightning_callback_class
-
-        return _lightning_callback_class()
+        raise AttributeError("featviz.collapse.CollapseCallback is now featviz.integrations.lightning.FeatvizMonitor "
+                             "(collapse metrics, RankMe, LiDAR and an online kNN; docs/monitor.md)")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

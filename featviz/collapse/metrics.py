@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from featviz.collapse.lidar import LIDAR_DELTA, LIDAR_EPS, lidar  # noqa: F401 (re-exported: LiDAR is a metric)
+from featviz.collapse.linalg import eigh_desc, entropy_rank
 from featviz.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ DEFINITIONS: dict[str, str] = {
                       "(Roy & Vetterli 2007); 0 when Z has no variance",
     "alpha_req": "α of λ_i ∝ i^−α fitted on log λ vs log i (weights 1/i) over ranks alpha_req_range "
                  "of the centred covariance (Agrawal et al. 2022)",
+    "lidar": "exp-entropy of the eigenvalues of Σ_w^−½ Σ_b Σ_w^−½, classes = the views of one image, δ=1e-4, "
+             "ε=1e-8 (Thilak et al. 2024); with two views per image (EMB + --positives, training pairs)",
     "spectrum": "singular values of uncentred Z; eigenvalues of cov(Z) and of cov(normalize(Z)) (Jing et al. 2022)",
 }
 
@@ -129,11 +133,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     """Rows divided by max(‖row‖₂, 1e-12) (same as torch's F.normalize), in x's dtype."""
     nrm = np.sqrt(np.einsum("ij,ij->i", x, x))
     return x / np.maximum(nrm, NORM_EPS).astype(x.dtype)[:, None]
-
-
-def _entropy_rank(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(np.exp(-np.sum(p * np.log(p))))
 
 
 # ------------------------------------------------------------------ streamed moments
@@ -263,23 +262,6 @@ def stream_moments(z: np.ndarray, z2: np.ndarray | None = None, *, alpha: float 
 
 
 # ------------------------------------------------------------------ spectral metrics
-def _eigh_desc(mat: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a symmetric PSD matrix, descending, negatives (rounding) clipped to 0.
-
-    LAPACK's eigensolver is made of many small BLAS-2 steps; with a threaded BLAS each step
-    synchronises its threads, which on a busy machine made a 512² problem take 10 s instead of
-    0.1 s. One BLAS thread is as fast when idle and immune to that.
-    """
-    try:
-        from threadpoolctl import threadpool_limits  # a scikit-learn dependency, pure Python
-    except ImportError:  # pragma: no cover
-        w = np.linalg.eigvalsh((mat + mat.T) / 2)
-    else:
-        with threadpool_limits(1, user_api="blas"):
-            w = np.linalg.eigvalsh((mat + mat.T) / 2)
-    return np.clip(w[::-1], 0.0, None)
-
-
 def _spectra_direct(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """σ(Z), eig cov(Z), eig cov(normalize Z) from the N×N Gram matrices (for N < D; float64).
 
@@ -289,9 +271,9 @@ def _spectra_direct(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = len(x)
     xn = _normalize(x)
     xc, xnc = x - x.mean(axis=0), xn - xn.mean(axis=0)
-    sv = np.sqrt(_eigh_desc(x @ x.T))
-    lam = _eigh_desc(xc @ xc.T)[: n - 1] / (n - 1)
-    lam_n = _eigh_desc(xnc @ xnc.T)[: n - 1] / (n - 1)
+    sv = np.sqrt(eigh_desc(x @ x.T))
+    lam = eigh_desc(xc @ xc.T)[: n - 1] / (n - 1)
+    lam_n = eigh_desc(xnc @ xnc.T)[: n - 1] / (n - 1)
     return sv, lam, lam_n
 
 
@@ -300,13 +282,13 @@ def rankme_from_singular_values(sv: np.ndarray, eps: float = RANKME_EPS) -> floa
     total = float(sv.sum())
     if total <= 0:
         return 1.0  # all-zero Z: one (degenerate) direction at most
-    return _entropy_rank(sv / total + eps)
+    return entropy_rank(sv / total + eps)
 
 
 def effective_rank_from_eigenvalues(lam: np.ndarray) -> float:
     """exp-entropy of eigenvalues normalised to sum 1; 0 when there is no variance at all."""
     total = float(lam.sum())
-    return 0.0 if total <= 0 else _entropy_rank(lam / total)
+    return 0.0 if total <= 0 else entropy_rank(lam / total)
 
 
 def alpha_req_from_eigenvalues(lam: np.ndarray, fit_range: tuple[int, int] = ALPHA_RANGE,
@@ -453,7 +435,7 @@ def singular_values(z: Any) -> np.ndarray:
     """Singular values of the uncentred Z (descending, min(N, D) of them), via the float64 Gram."""
     z = as_array(z)
     m, _ = stream_moments(z)
-    return np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
+    return np.sqrt(eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
 
 
 def rankme(z: Any, eps: float = RANKME_EPS) -> float:
@@ -464,13 +446,13 @@ def rankme(z: Any, eps: float = RANKME_EPS) -> float:
 def effective_rank(z: Any) -> float:
     """Effective rank (Roy & Vetterli 2007) of the centred covariance spectrum of Z."""
     m, _ = stream_moments(as_array(z))
-    return effective_rank_from_eigenvalues(_eigh_desc(m.covariance()))
+    return effective_rank_from_eigenvalues(eigh_desc(m.covariance()))
 
 
 def alpha_req(z: Any, fit_range: tuple[int, int] = ALPHA_RANGE) -> tuple[float | None, float | None]:
     """α-ReQ (Agrawal et al., NeurIPS 2022): power-law decay α of the covariance spectrum, and R²."""
     m, _ = stream_moments(as_array(z))
-    a, r2, _ = alpha_req_from_eigenvalues(_eigh_desc(m.covariance()), fit_range)
+    a, r2, _ = alpha_req_from_eigenvalues(eigh_desc(m.covariance()), fit_range)
     return a, r2
 
 
@@ -498,6 +480,8 @@ class CollapseReport:
     alignment_alpha: float = 2.0
     uniformity_t: float = 2.0
     rankme_eps: float = RANKME_EPS
+    lidar: float | None = None
+    lidar_views: int | None = None
     singular_values: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     cov_eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     normalized_cov_eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
@@ -543,7 +527,8 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
 
     Args:
         z: anchors (numpy, memmap or torch tensor).
-        z2: positives, row i paired with row i of ``z``; alignment is None without them.
+        z2: positives, row i paired with row i of ``z``; alignment and LiDAR (two views per image)
+            are None without them.
         drop_nonfinite: drop rows with NaN/Inf (counted in ``n_nonfinite``) instead of raising.
         uniformity_exact_max: exact uniformity up to this many rows, sampled above.
         uniformity_pairs: number of random pairs for the sampled estimate.
@@ -563,9 +548,9 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
     if m.n < m.d:  # a training batch of a wide projector: an SVD of the N×D rows beats eigh of D×D
         sv, lam, lam_n = _spectra_direct(np.asarray(z[keep], dtype=np.float64))
     else:
-        sv = np.sqrt(_eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
-        lam = _eigh_desc(m.covariance())[:rank]
-        lam_n = _eigh_desc(m.covariance(normalized=True))[:rank]
+        sv = np.sqrt(eigh_desc(m.uncentred_gram()))[: min(m.n, m.d)]
+        lam = eigh_desc(m.covariance())[:rank]
+        lam_n = eigh_desc(m.covariance(normalized=True))[:rank]
     std = m.std_l2()
     ideal = 1.0 / math.sqrt(m.d)
     rows = None if keep.all() else np.flatnonzero(keep)
@@ -579,7 +564,8 @@ def collapse_report(z: Any, z2: Any = None, *, drop_nonfinite: bool = False,
         effective_rank=effective_rank_from_eigenvalues(lam),
         alpha_req=a, alpha_req_r2=r2, alpha_req_range=used, n_nonfinite=int((~keep).sum()),
         alignment_alpha=alpha, uniformity_t=t, singular_values=sv, cov_eigenvalues=lam,
-        normalized_cov_eigenvalues=lam_n,
+        normalized_cov_eigenvalues=lam_n, lidar=None if z2 is None else lidar([z, z2], rows=np.flatnonzero(keep)),
+        lidar_views=None if z2 is None else 2,
     )
 
 

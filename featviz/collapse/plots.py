@@ -77,7 +77,7 @@ def plot_spectrum(reports: dict[str, CollapseReport], path: str | os.PathLike, *
 
 CURVE_PANELS = (
     ("std_l2", "std of l2-normalised z", ("std_l2",)),
-    ("rank", "rank", ("rankme", "effective_rank")),
+    ("rank", "rank", ("rankme", "effective_rank", "lidar")),
     ("geometry", "alignment / uniformity", ("alignment", "uniformity")),
     ("training", "training", ("loss", "knn_acc")),
 )
@@ -95,7 +95,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, *, std_f
     recs = [r for r in records if "step" in r and r.get("event") is None and r.get("step") is not None]
     fig = Figure(figsize=(13, 7.5), layout="constrained")
     axes = fig.subplots(2, 2).ravel()
-    styles = ["-o", "-s"]
+    styles = ["-o", "-s", "-^"]
     for ax, (group, label, keys) in zip(axes, CURVE_PANELS, strict=False):
         lines = []
         for k, (key, style) in enumerate(zip(keys, styles, strict=False)):

@@ -104,18 +104,23 @@ def _decode(item: Any, k: int) -> Any | None:
 
 
 def _view_batch(images: Sequence[Any], start: int, batch_size: int, size: tuple[int, int], mean, std, *,
-                shared_geometry: bool, skipped: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Both views of ``images[start:start + batch_size]`` as two batches; None when none decodes."""
-    v1, v2 = [], []
+                shared_geometry: bool, skipped: list[int], views: int = 2) -> tuple[torch.Tensor, ...] | None:
+    """``views`` views of ``images[start:start + batch_size]`` as that many batches; None when none decodes.
+
+    Views come in pairs from ``view_pair``; views 3, 4, … are drawn after the first pair.
+    """
+    out: list[list[torch.Tensor]] = [[] for _ in range(views)]
     for k, item in enumerate(images[start:start + batch_size], start=start):
         img = _decode(item, k)
         if img is None:
             skipped.append(k)
             continue
-        a, b = view_pair(img, size, mean, std, shared_geometry=shared_geometry)
-        v1.append(a)
-        v2.append(b)
-    return (torch.stack(v1), torch.stack(v2)) if v1 else None
+        drawn: list[torch.Tensor] = []
+        while len(drawn) < views:
+            drawn += view_pair(img, size, mean, std, shared_geometry=shared_geometry)
+        for j in range(views):
+            out[j].append(drawn[j])
+    return tuple(torch.stack(v) for v in out) if out[0] else None
 
 
 def _pick_cells(fmap: torch.Tensor, per_image: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -135,8 +140,8 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
                       batch_size: int = 64, seed: int = 0, pixels: bool = False, pixels_per_image: int = 64,
                       layer: str | None = None, heads: dict[str, Head] | None = None,
                       device: str | torch.device = "cpu", progress: Callable[[Iterable], Iterable] | None = None,
-                      ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[int]]:
-    """Run two augmented views of every image through ``model`` (and its heads).
+                      views: int = 2) -> tuple[dict[str, tuple[np.ndarray, ...]], list[int]]:
+    """Run two (or ``views``) augmented views of every image through ``model`` (and its heads).
 
     Args:
         model: a featviz backbone (``forward`` gives pooled features).
@@ -153,10 +158,11 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
         heads: extra outputs computed from the pooled features (see ``checkpoint_heads``).
         device: where the model runs.
         progress: wrapper for the batch loop.
+        views: augmented views per image (Q ≥ 2; LiDAR's classes).
 
     Returns:
-        (outputs, skipped): ``{"backbone": (z1, z2), ...}`` float32 arrays, and the indices of
-        images that could not be decoded.
+        (outputs, skipped): ``{"backbone": (z1, z2, …), ...}`` float32 arrays, one per view, and the
+        indices of images that could not be decoded.
 
     Raises:
         DataError: no image could be decoded, or a ViT cannot take ``image_size``.
@@ -167,7 +173,10 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
     model = model.to(device).eval()
     heads = heads or {}
     fx = FeatureExtractor(model, layer) if pixels else None
-    outs: dict[str, tuple[list, list]] = {k: ([], []) for k in ["backbone", *heads, *(["pixels"] if pixels else [])]}
+    if views < 2:
+        raise DataError(f"--views must be at least 2 (two views make a positive pair), got {views}")
+    outs: dict[str, tuple[list, ...]] = {k: tuple([] for _ in range(views))
+                                         for k in ["backbone", *heads, *(["pixels"] if pixels else [])]}
     rng = np.random.default_rng(seed)
     skipped: list[int] = []
     starts: Iterable[int] = range(0, len(images), batch_size)
@@ -176,11 +185,12 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in starts:
-            views = _view_batch(images, s, batch_size, size, mean, std, shared_geometry=pixels, skipped=skipped)
-            if views is None:
+            batch = _view_batch(images, s, batch_size, size, mean, std, shared_geometry=pixels, skipped=skipped,
+                                views=views)
+            if batch is None:
                 continue
             pick = None
-            for view, x in enumerate(views):
+            for view, x in enumerate(batch):
                 h, fmap = fx.run(x.to(device)) if fx is not None else (model(x.to(device)), None)
                 outs["backbone"][view].append(h.float().cpu().numpy())
                 for name, head in heads.items():
@@ -190,26 +200,37 @@ def two_view_features(model: nn.Module, images: Sequence[Any], *, image_size: Si
                     outs["pixels"][view].append(_cell_rows(fmap, pick))
     if not outs["backbone"][0]:
         raise DataError(f"none of the {len(images)} images could be decoded")
-    return {k: (np.concatenate(v[0]), np.concatenate(v[1])) for k, v in outs.items()}, skipped
+    return {k: tuple(np.concatenate(per_view) for per_view in v) for k, v in outs.items()}, skipped
 
 
 def model_collapse_reports(model: nn.Module, images: Sequence[Any], *, heads: dict[str, Head] | None = None,
                            image_size: Size = None, batch_size: int = 64, seed: int = 0,
                            pixels: bool = False, pixels_per_image: int = 64, layer: str | None = None,
-                           device: str | torch.device = "cpu",
-                           progress: Callable[[Iterable], Iterable] | None = None, **report_kwargs: Any):
-    """Collapse reports of every output of ``model`` on two augmented views of ``images``.
+                           device: str | torch.device = "cpu", progress: Callable[[Iterable], Iterable] | None = None,
+                           views: int = 2, **report_kwargs: Any):
+    """Collapse reports of every output of ``model`` on two (or ``views``) augmented views of ``images``.
 
     Returns:
         (reports, skipped): ``{"backbone": CollapseReport, "projector": ..., "pixels": ...}``
-        (alignment from the view pairs, other metrics from view 1), and undecodable image indices.
+        (alignment from views 1 and 2, LiDAR from all the views of each image, other metrics from
+        view 1), and undecodable image indices.
     """
+    import dataclasses
+
+    from featviz.collapse.lidar import lidar
     from featviz.collapse.metrics import collapse_report
 
     feats, skipped = two_view_features(model, images, image_size=image_size, batch_size=batch_size, seed=seed,
                                        pixels=pixels, pixels_per_image=pixels_per_image, layer=layer, heads=heads,
-                                       device=device, progress=progress)
-    return {name: collapse_report(z1, z2, seed=seed, **report_kwargs) for name, (z1, z2) in feats.items()}, skipped
+                                       device=device, progress=progress, views=views)
+    reports = {}
+    for name, z in feats.items():
+        rep = collapse_report(z[0], z[1], seed=seed, **report_kwargs)
+        if views > 2:
+            keep = np.flatnonzero(np.all([np.isfinite(v).all(axis=1) for v in z], axis=0))
+            rep = dataclasses.replace(rep, lidar=lidar(list(z), rows=keep), lidar_views=views)
+        reports[name] = rep
+    return reports, skipped
 
 
 class CheckpointReports(NamedTuple):
@@ -225,7 +246,7 @@ def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.Pa
                        load_kwargs: dict[str, Any], image_size: Size = None, batch_size: int = 64,
                        seed: int = 0, pixels: bool = False, pixels_per_image: int = 64, layer: str | None = None,
                        device: str = "auto", progress: Callable[[Iterable], Iterable] | None = None,
-                       **report_kwargs: Any) -> CheckpointReports:
+                       views: int = 2, **report_kwargs: Any) -> CheckpointReports:
     """Collapse reports of a checkpoint (or a seeded random-init ``arch``) on two views of ``images``.
 
     ``load_kwargs`` are the model-loading options of ``featviz.models.loader.load_model`` (arch, format,
@@ -244,12 +265,12 @@ def checkpoint_reports(checkpoint: str | os.PathLike | None, images: str | os.Pa
     reports, skipped = model_collapse_reports(
         model, items, heads=checkpoint_heads(checkpoint), image_size=image_size, batch_size=batch_size,
         seed=seed, pixels=pixels, pixels_per_image=pixels_per_image, layer=layer, device=resolve_device(device),
-        progress=progress, **report_kwargs)
+        progress=progress, views=views, **report_kwargs)
     return CheckpointReports(reports, str(checkpoint or f"{load_kwargs.get('arch')} (random init)"), skipped, desc)
 
 
 def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any], *, image_size: Size = None,
-                          batch_size: int = 64, seed: int = 0, device: str = "auto",
+                          batch_size: int = 64, seed: int = 0, device: str = "auto", views: int = 2,
                           **report_kwargs: Any) -> Callable[[Path], dict[str, Any]]:
     """A function turning one checkpoint file into a metrics record.
 
@@ -267,7 +288,8 @@ def checkpoint_metrics_fn(images: str | os.PathLike, load_kwargs: dict[str, Any]
     def metrics(path: Path) -> dict[str, Any]:
         model, desc = load_model(path, **load_kwargs)
         reports, _ = model_collapse_reports(model, items, heads=checkpoint_heads(path), image_size=image_size,
-                                            batch_size=batch_size, seed=seed, device=dev, **report_kwargs)
+                                            batch_size=batch_size, seed=seed, device=dev, views=views,
+                                            **report_kwargs)
         name = "projector" if "projector" in reports else "backbone"
         record = {**reports[name].to_dict(), "output": name}
         if desc.warnings:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from featviz.errors import DataError
 from featviz.train.config import TrainConfig
@@ -44,23 +43,17 @@ def knn_sets(train_idx: np.ndarray, val_idx: np.ndarray, image_size: int) -> tup
 
 def knn_accuracy(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, t: float = KNN_T) -> float:
-    """Weighted kNN accuracy on cosine similarity (InstDisc / DINO ``eval_knn``).
+    """Weighted kNN top-1 accuracy on cosine similarity: ``featviz.eval.knn.weighted_knn`` (DINO ``eval_knn``).
 
-    Features are l2-normalised; the ``k`` most similar bank images vote with weights
-    exp(sim / t); ties go to the lower class.
+    The one rule ``featviz knn`` and ``FeatvizMonitor`` use: features l2-normalised, the ``k`` most
+    similar bank images vote with weights exp(sim / t), ties go to the lower class.
     """
-    train_f = nn.functional.normalize(torch.as_tensor(train_f).float(), dim=1)
-    test_f = nn.functional.normalize(torch.as_tensor(test_f).float(), dim=1)
-    train_y, test_y = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
-    n_cls = int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(train_f))
-    correct = 0
-    for i in range(0, len(test_f), 1024):
-        sim = test_f[i:i + 1024] @ train_f.T
-        w, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(idx), n_cls).scatter_add_(1, train_y[idx], (w / t).exp())
-        correct += int((votes.argmax(1) == test_y[i:i + 1024]).sum())
-    return correct / len(test_f)
+    from featviz.eval.knn import weighted_knn
+
+    as_np = lambda v: v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
+    train_y, test_y = as_np(train_y).astype(np.int64), as_np(test_y).astype(np.int64)
+    score = weighted_knn(as_np(train_f), train_y, as_np(test_f), test_y, ks=[min(k, len(train_y))], temperature=t)[0]
+    return score.top1
 
 
 def knn_protocol(cfg: TrainConfig, n_bank: int, n_queries: int) -> dict[str, Any]:

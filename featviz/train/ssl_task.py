@@ -98,6 +98,7 @@ class SSLTask(TrainTask):
         self._held_out_aug: tuple[torch.Tensor, torch.Tensor] | None = None
         self.held_out_z: tuple[torch.Tensor, torch.Tensor] | None = None
         self.held_out_alignment: float | None = None
+        self.held_out_lidar: float | None = None
         self.bank_idx, self.query_idx = knn_sets(self.train_idx, self.val_idx, cfg.image_size)
 
     @property
@@ -174,7 +175,8 @@ class SSLTask(TrainTask):
     def embeddings(self, *, held_out: bool) -> Embeddings | None:
         """The held-out images' monitored output (after an evaluation), else the last batch's two views."""
         if held_out and self.held_out_z is not None:
-            extra = {} if self.held_out_alignment is None else {"alignment": self.held_out_alignment}
+            extra = {} if self.held_out_alignment is None else {"alignment": self.held_out_alignment,
+                                                                 "lidar": self.held_out_lidar, "lidar_views": 2}
             return Embeddings(self.held_out_z[0], self.held_out_z[1], "held_out", extra)
         z = self.model.embeddings
         return None if z is None else Embeddings(z[0], z[1], "train_batch")
@@ -267,7 +269,8 @@ class SSLTask(TrainTask):
 
         Also keeps ``held_out_z``, for the epoch's collapse metrics: the monitored output
         (``SSLMethod.monitored``) in eval mode of the held-out images as they are (std, rank,
-        uniformity), and ``held_out_alignment`` between two augmented views of each (Wang &
+        uniformity), ``held_out_lidar`` of two augmented views of each (Thilak et al.; the rule of
+        every training record), and ``held_out_alignment`` between those two views (Wang &
         Isola). With a predictor, adds ``std_l2_predictor``/``rankme_predictor`` of its output:
         a projector ending in BatchNorm (SimSiam, MoCo v3) cannot output one vector for a whole
         batch, so a collapsed model sends almost every image to one point and ~1.5 % to its
@@ -277,7 +280,7 @@ class SSLTask(TrainTask):
         """
         if not len(self.query_idx):
             return {}
-        from featviz.collapse import alignment
+        from featviz.collapse import alignment, lidar
 
         model = self.model
         was = model.training
@@ -293,6 +296,7 @@ class SSLTask(TrainTask):
         self.held_out_z = (mon(x[n_tr:]), None)
         a1, a2 = mon(v1), mon(v2)
         self.held_out_alignment = alignment(a1.numpy(), a2.numpy())
+        self.held_out_lidar = lidar([a1.numpy(), a2.numpy()])
         out: dict[str, Any] = {"knn_acc": knn_accuracy(feats[:n_tr], y[:n_tr], feats[n_tr:], y[n_tr:], self.cfg.knn_k)}
         if "predictor" in model.head_specs and model.monitor_head == "projector":
             from featviz.collapse import rankme, std_l2
