@@ -14,18 +14,23 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    LimitOpt,
     MaxImagePixelsOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     StrictOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    plot_style,
+    sheet_note,
 )
 
 
@@ -86,6 +91,9 @@ def cam(
         bool, typer.Option("--eigen-smooth", help="First principal component of the weighted maps.")
     ] = False,
     metrics: Annotated[bool, typer.Option("--metrics", help="Add ROAD and confidence drop/increase per map.")] = False,
+    limit: LimitOpt = None,
+    sheet_images: SheetImagesOpt = 24,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -103,6 +111,7 @@ def cam(
 
     with _user_errors():
         _image_limit(max_image_pixels)
+        style = plot_style(only=("cmap",))
         model, _ = load_view_model(out_dir, force=force, head=True)  # reads back the MODEL_SOURCE options
         summary = cam_lib.run_cam(
             images,
@@ -123,6 +132,9 @@ def cam(
             class_names=class_names or (),
             weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
             note=note,
+            limit=limit,
+            sheet_images=sheet_images,
+            style=style,
             arguments=command_arguments(leave_out=("note", "max_image_pixels")),
             progress=_progress("cam"),
         )
@@ -133,6 +145,6 @@ def cam(
         f"[bold]{summary['images']}[/] images × {len(summary['methods'])} methods "
         f"({', '.join(summary['methods'])}) · layer {', '.join(summary['layers'])} · target {summary['target']}"
     )
-    out.print(f"contact sheet: {summary['files']['contact_sheet']}", highlight=False)
+    out.print(f"contact sheet: {summary['files']['contact_sheet']}{sheet_note(summary)}", highlight=False)
     for name, values in (summary["metrics"] or {}).items():
         out.print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), highlight=False)

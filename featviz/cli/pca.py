@@ -19,10 +19,12 @@ from featviz.cli.options import (
     JsonOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    sheet_note,
 )
 
 
@@ -51,6 +53,7 @@ def pca(
     threshold: Annotated[
         float, typer.Option("--threshold", help="Foreground = first-component score above this (DINOv2: 0).")
     ] = 0.0,
+    sheet_images: SheetImagesOpt = 40,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -79,6 +82,7 @@ def pca(
             device=device,
             seed=seed,
             force=force,
+            sheet_images=sheet_images,
             description=description.to_dict(),
             arguments=command_arguments(),
             progress=_progress("pca"),
@@ -101,4 +105,4 @@ def pca(
         )
     fitted = "the foreground patches" if s["foreground"] == "auto" else "all patches (no background removal)"
     out.print(f"RGB = components 1-3 of {fitted} ({evr} of their variance)", highlight=False)
-    out.print(f"sheet: {s['files']['sheet']}", highlight=False)
+    out.print(f"sheet: {s['files']['sheet']}{sheet_note(s)}", highlight=False)
