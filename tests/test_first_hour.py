@@ -44,3 +44,70 @@ def test_cam_sheet_text_and_colour_bar_stay_inside_the_sheet(tmp_path, methods):
     for t in texts:  # ... and nothing is cut at the sheet's edges: caption, ticks, title, note
         bb = t.get_window_extent(renderer)
         assert bb.x0 >= -0.5 and bb.x1 <= w + 0.5 and bb.y0 >= -0.5 and bb.y1 <= h + 0.5, (t.get_text(), bb, w, h)
+
+
+# ------------------------------------------------------------------ bug 2: 'digits' beside a ./digits folder
+def test_digits_name_beside_a_digits_folder_warns_and_names_both(tmp_path, monkeypatch, caplog):
+    from featviz.data import images
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(images, "_WARNED_BUILTIN", set())
+    with caplog.at_level(logging.WARNING):
+        assert len(images.labelled_images("digits", image_size=8)) == 1797  # no folder: quiet
+    assert not caplog.records
+    (tmp_path / "digits" / "a").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        src = images.labelled_images("digits", image_size=8)
+    assert len(src) == 1797  # still the built-in set ...
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "built-in" in msg and "./digits" in msg  # ... and the warning names both choices
+
+
+# ------------------------------------------------------------------ bug 3: knn's default k on a small set
+def test_knn_default_ks_on_a_small_set_are_capped_with_a_warning(tmp_path, caplog):
+    from featviz.eval.knn import DEFAULT_KS, run_knn, weighted_knn
+    from featviz.io.artifacts import Embeddings
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8)), np.arange(32) % 4
+    Embeddings(x, y).save(tmp_path / "a" / "e.npz")
+    Embeddings(x[:12], y[:12]).save(tmp_path / "b" / "e.npz")
+    assert max(DEFAULT_KS) > 32
+    with caplog.at_level(logging.WARNING):
+        r = run_knn(train=tmp_path / "a" / "e.npz", val=tmp_path / "b" / "e.npz")  # DINO's 10,20,100,200
+    assert [s["k"] for s in r["knn"]] == [10, 20, 32]  # 100 and 200 became "every training row"
+    (msg,) = [m.getMessage() for m in caplog.records]
+    assert "k=100,200 are more than the 32 training rows" in msg and "k=10,20,32" in msg
+    # k = all 32 rows is exactly what the uncapped rule scores with k=32
+    (ref,) = weighted_knn(x, y, x[:12], y[:12], ks=[32], num_classes=4)
+    assert r["knn"][-1]["top1"] == pytest.approx(ref.top1)
+
+
+# ------------------------------------------------------------------ collapse: a plain verdict, and n < d
+def test_collapse_verdict_says_no_collapse_or_which_metric_and_why():
+    from featviz.collapse import collapse_report
+    from featviz.collapse.verdict import cautions, verdict
+
+    rng = np.random.default_rng(0)
+    healthy = collapse_report(rng.normal(size=(400, 16)))
+    assert verdict(healthy).startswith("no collapse flagged") and healthy.flags() == []
+    assert cautions(healthy) == []  # n ≥ d
+    constant = collapse_report(np.ones((400, 16)) + 1e-4 * rng.normal(size=(400, 16)))
+    v = verdict(constant)
+    assert v.startswith("collapse flagged: complete collapse by std_l2")
+    low_rank = collapse_report(rng.normal(size=(400, 1)) @ rng.normal(size=(1, 16)) * 10)
+    assert "dimensional collapse by RankMe" in verdict(low_rank)
+    (c,) = cautions(collapse_report(rng.normal(size=(10, 64))))
+    assert c.startswith("n = 10 rows < d = 64 channels")
+
+
+def test_collapse_cli_prints_the_verdict_and_the_small_n_caution(cli, tmp_path):
+    from featviz.io.artifacts import Embeddings
+
+    Embeddings(np.random.default_rng(0).normal(size=(20, 64)), np.arange(20) % 2).save(tmp_path / "e.npz")
+    r = cli("collapse", tmp_path / "e.npz")
+    assert r.exit_code == 0, r.output
+    assert "verdict (e): no collapse flagged" in " ".join(r.output.split())
+    assert "caution (e): n = 20 rows < d = 64 channels" in " ".join(r.output.split())
+    d = json.loads(cli("collapse", tmp_path / "e.npz", "--json").output)
+    assert d["verdict"].startswith("no collapse flagged") and d["cautions"][0].startswith("n = 20 rows")

@@ -282,7 +282,9 @@ def _from_one_set(
 ) -> Splits:
     from sklearn.model_selection import train_test_split
 
-    raw = str(images) == "digits" and checkpoint is None and arch is None
+    from featviz.data.images import is_builtin
+
+    raw = checkpoint is None and arch is None and is_builtin(images)
     if raw:
         from sklearn.datasets import load_digits
 
