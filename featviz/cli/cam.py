@@ -64,7 +64,8 @@ def cam(
         typer.Option(
             "--target",
             "-t",
-            help="top1 | class:N | seg:CLASS | similarity:REF_IMAGE | self | pair "
+            help="top1 | class:N | class:NAME (e.g. class:tabby; a 1000-class model without names of its own "
+            "looks it up in ImageNet's) | seg:CLASS | similarity:REF_IMAGE | self | pair "
             "(default: top1 with a classifier, else self).",
         ),
     ] = None,

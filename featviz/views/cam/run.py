@@ -26,6 +26,7 @@ from featviz.views.cam.targets import (
     TargetContext,
     TargetSpec,
     check_target,
+    class_index,
     default_target,
     make_targets,
     parse_target,
@@ -34,6 +35,9 @@ from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 from featviz.views.sheets import SheetCut, sheet_cut
 
 log = logging.getLogger(__name__)
+
+IMAGENET_CLASSES = 1000
+"""A classifier with this many outputs and no class names of its own takes ImageNet-1k's for ``class:NAME``."""
 
 
 def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
@@ -172,6 +176,16 @@ def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, t
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
     class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
+    if (not class_names and info.kind == "logits" and info.num_classes == IMAGENET_CLASSES and spec.kind == "class"
+            and not (spec.arg or "").isdigit()):
+        log.info("--target %s: a 1000-class classifier without its own class names; looking the name up in "
+                 "ImageNet-1k's (--class-names to give others)", spec)
+        class_names = read_class_names("imagenet")
+    if spec.kind == "class":
+        idx = class_index(spec.arg or "", class_names)
+        if str(idx) != spec.arg:
+            log.info("--target %s is class %d (%s)", spec, idx, class_names[idx])
+            spec = TargetSpec("class", str(idx))
     check_target(spec, info, class_names)
     if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
         raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
