@@ -86,7 +86,8 @@ def test_method_names_match_registry_and_pytorch_grad_cam():
 def test_parse_target():
     assert C.parse_target("class:3") == C.TargetSpec("class", "3")
     assert str(C.parse_target("similarity:a/b.jpg")) == "similarity:a/b.jpg"
-    for bad in ("top2", "class:x", "self:1", "seg"):
+    assert C.parse_target("class:tabby") == C.TargetSpec("class", "tabby")  # a name, looked up later
+    for bad in ("top2", "self:1", "seg"):
         with pytest.raises(UnknownNameError):
             C.parse_target(bad)
 
