@@ -180,3 +180,33 @@ def test_seg_target_with_no_predicted_pixel_says_so_in_its_label(caplog):
     t = SegTarget(2, "disc")
     t.bind(logits)
     assert not t.absent and t.label == "seg disc (8 px)"
+
+
+# ------------------------------------------------------------------ bug 4: the README's Python API block runs
+def test_readme_python_block_runs_as_written_on_the_bundled_data(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"## Python API.*?```python\n(.*?)```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - our own README
+    report = capsys.readouterr().out
+    assert "'rankme'" in report and "'std_l2'" in report
+    assert len((tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_feature_map_wrong_layer_always_suggests_something():
+    import torch
+    from torch import nn
+
+    from featviz.errors import UnknownNameError
+    from featviz.models.features import feature_map
+
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 4, 3))
+    model.add_module("layer4", nn.Conv2d(4, 4, 3))
+    x = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(UnknownNameError, match=r"'layer5' \(did you mean: layer4"):
+        feature_map(model, x, "layer5")
+    with pytest.raises(UnknownNameError, match=r"'blocks.11' \(its top-level layers: stem, layer4\)"):
+        feature_map(model, x, "blocks.11")  # nothing close: the model's own layers instead
