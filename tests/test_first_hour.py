@@ -210,3 +210,16 @@ def test_feature_map_wrong_layer_always_suggests_something():
         feature_map(model, x, "layer5")
     with pytest.raises(UnknownNameError, match=r"'blocks.11' \(its top-level layers: stem, layer4\)"):
         feature_map(model, x, "blocks.11")  # nothing close: the model's own layers instead
+
+
+# ------------------------------------------------------------------ bug 8: docs/cam.md names Lite1's real layer
+def test_cam_docs_name_the_layer_the_lite1_run_uses(effnet_lite1):
+    import re
+
+    from featviz.models.features import default_cam_layer
+    from featviz.models.loader import load_model
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cam.md").read_text()
+    (shown,) = re.findall(r"--out cam-effnet\n20 images × 2 methods \(gradcam, eigencam\) · layer (\S+) ·", doc)
+    model, _ = load_model(effnet_lite1, head=True)
+    assert shown == default_cam_layer(model) == "blocks.6"
