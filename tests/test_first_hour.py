@@ -223,3 +223,21 @@ def test_cam_docs_name_the_layer_the_lite1_run_uses(effnet_lite1):
     (shown,) = re.findall(r"--out cam-effnet\n20 images × 2 methods \(gradcam, eigencam\) · layer (\S+) ·", doc)
     model, _ = load_model(effnet_lite1, head=True)
     assert shown == default_cam_layer(model) == "blocks.6"
+
+
+# ------------------------------------------------------------------ bug 5: the demo's files name its final folder
+def test_demo_relocates_every_recorded_path_to_the_final_folder(tmp_path):
+    from featviz.demo import relocate
+
+    tmp, final = tmp_path / ".demo.123-abc.tmp", tmp_path / "demo"
+    (tmp / "cam_photos").mkdir(parents=True)
+    man = {"out": str(tmp / "cam_photos"), "images": [{"path": str(tmp / "x.jpg")}], "n": 3}
+    (tmp / "cam_photos" / "manifest.json").write_text(json.dumps(man))
+    (tmp / "demo.log").write_text(f"contact sheet: {tmp}/cam_photos/contact_sheet.png\n")
+    (tmp / "keep.json").write_text(json.dumps({"out": "elsewhere"}))
+    changed = relocate(tmp, final)
+    assert sorted(p.name for p in changed) == ["demo.log", "manifest.json"]
+    got = json.loads((tmp / "cam_photos" / "manifest.json").read_text())
+    assert got == {"out": str(final / "cam_photos"), "images": [{"path": str(final / "x.jpg")}], "n": 3}
+    assert (tmp / "demo.log").read_text() == f"contact sheet: {final}/cam_photos/contact_sheet.png\n"
+    assert ".tmp" not in "".join(p.read_text() for p in tmp.rglob("*") if p.is_file())
