@@ -241,3 +241,131 @@ def test_demo_relocates_every_recorded_path_to_the_final_folder(tmp_path):
     assert got == {"out": str(final / "cam_photos"), "images": [{"path": str(final / "x.jpg")}], "n": 3}
     assert (tmp / "demo.log").read_text() == f"contact sheet: {final}/cam_photos/contact_sheet.png\n"
     assert ".tmp" not in "".join(p.read_text() for p in tmp.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------ --device cuda:N
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:x", "cuda1"])
+def test_device_takes_auto_cpu_cuda_or_cuda_n_else_a_usage_error(cli, tmp_path, bad):
+    r = cli("embed", "--images", "digits", "--arch", "resnet18", "--out", tmp_path / "e.npz", "--device", bad)
+    assert r.exit_code == 2 and "expected auto, cpu, cuda or cuda:N" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_cuda_n_past_the_last_gpu_is_one_clear_line(monkeypatch):
+    import torch
+
+    from featviz.distributed import resolve_device
+    from featviz.errors import FeatvizError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FeatvizError, match="--device cuda:1 was asked for, but torch sees no CUDA device"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(FeatvizError, match=r"torch sees 2 CUDA devices \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:2")
+
+
+# ------------------------------------------------------------------ --limit, --sheet-images, --cmap on the views
+def test_sheet_cut_is_one_rule_spread_over_all_images(caplog):
+    from featviz.views.sheets import sheet_cut
+
+    with caplog.at_level(logging.WARNING):
+        every = sheet_cut(5, 24)
+    assert every.indices == (0, 1, 2, 3, 4) and not every.cut and every.caption() == "" and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        cut = sheet_cut(40, 24)
+    assert cut.shown == 24 and cut.indices[0] == 0 and cut.indices[-1] == 39 and cut.to_dict() == {"shown": 24, "of": 40}
+    assert "showing 24 of 40 images" in caplog.text and "--sheet-images 40 shows all" in caplog.text
+
+
+def test_attention_limit_sheet_images_and_cmap(cli, tmp_path):
+    common = ["--arch", "vit_tiny_patch16_224", "--image-size", "32", "--json"]
+    r = cli("attention", PHOTOS, *common, "--limit", "5", "--sheet-images", "2", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["images"] == 5 and s["sheet"] == {"shown": 2, "of": 5}
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert man["limit"] == {"first": 5, "of": 20} and [i["id"] for i in man["images"]] == [
+        "astronaut/astronaut_0.jpg", "astronaut/astronaut_1.jpg", "astronaut/astronaut_2.jpg",
+        "astronaut/astronaut_3.jpg", "cat/cat_0.jpg"]  # the first 5 in the sorted listing
+    assert len(np.load(tmp_path / "a" / "maps.npz")["mean"]) == 5
+    r = cli("attention", PHOTOS / "cat", *common, "--cmap", "viridis", "--out", tmp_path / "v")
+    assert r.exit_code == 0, r.output
+    r = cli("attention", PHOTOS / "cat", *common, "--out", tmp_path / "d")
+    a = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "v" / "overlays" / "cat_0.mean.png"))
+    b = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "d" / "overlays" / "cat_0.mean.png"))
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() > 5  # another colour map, other pixels
+    r = cli("attention", PHOTOS / "cat", *common, "--cmap", "viridiss", "--out", tmp_path / "x")
+    assert r.exit_code != 0 and "did you mean: viridis" in r.output and "Traceback" not in r.output
+
+
+def test_cam_limit_and_sheet_images_say_the_cut(cli, tmp_path):
+    r = cli("cam", PHOTOS, "--arch", "resnet18", "--image-size", "32", "--limit", "3", "--sheet-images", "2",
+            "--cmap", "viridis", "--out", tmp_path / "c")
+    assert r.exit_code == 0, r.output
+    assert "showing 2 of 3 images" in " ".join(r.output.split())
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert man["limit"] == {"first": 3, "of": 20} and len(man["images"]) == 3
+    assert man["arguments"]["cmap"] == "viridis" and man["arguments"]["sheet_images"] == 2
+
+
+def test_pca_and_crops_take_the_shared_sheet_images(cli, tmp_path):
+    r = cli("pca", PHOTOS / "cat", "--arch", "resnet18", "--image-size", "32", "--sheet-images", "1", "--json",
+            "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["sheet"] == {"shown": 1, "of": 4}
+
+
+def test_embed_limit_takes_the_first_n_and_says_so(cli, tmp_path):
+    r = cli("embed", "--images", "digits", "--arch", "resnet18", "--image-size", "16", "--limit", "30",
+            "--out", tmp_path / "e.npz")
+    assert r.exit_code == 0, r.output
+    from featviz.data.images import digits
+    from featviz.io.artifacts import Embeddings
+
+    e = Embeddings.load(tmp_path / "e.npz")
+    assert e.n == 30 and list(e.labels) == list(digits(16).labels[:30])
+    assert json.loads((tmp_path / "e.manifest.json").read_text())["limit"] == {"first": 30, "of": 1797}
+
+
+# ------------------------------------------------------------------ the maps' style options and titles
+def test_map_style_options_reach_the_scatter(tmp_path):
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    from featviz.maps.plotting import class_colors, draw_scatter, map_title, point_style
+    from featviz.maps.projection import TsneParams
+    from featviz.style import PlotStyle
+
+    assert np.allclose(class_colors(3, "Set2"), colormaps["Set2"](np.arange(3)))
+    assert np.allclose(class_colors(3, "viridis"), colormaps["viridis"]([0.0, 0.5, 1.0]))
+    assert point_style(100, PlotStyle(point_size=7, alpha=0.25)) == (7.0, 0.25)
+    ax = Figure().subplots()
+    draw_scatter(ax, np.zeros((10, 2)), np.zeros(10, int), class_colors(1), style=PlotStyle(point_size=9, alpha=0.3))
+    (pc,) = ax.collections
+    assert pc.get_sizes()[0] == 9 and pc.get_alpha() == 0.3
+    assert map_title(TsneParams()) == "t-SNE (perplexity 30)"
+    assert map_title(TsneParams(method="umap")).startswith("UMAP (15 neighbours")
+    assert map_title(TsneParams(method="pca"), "digits") == "digits · PCA"
+    for bad in (dict(palette="nope"), dict(point_size=0), dict(alpha=1.5), dict(cmap="jett")):
+        with pytest.raises(Exception, match="--"):
+            PlotStyle(**bad)
+
+
+def test_tsne_cli_takes_palette_point_size_alpha_and_names_the_method(cli, tmp_path):
+    from featviz.io.artifacts import Embeddings
+
+    rng = np.random.default_rng(0)
+    Embeddings(rng.normal(size=(60, 5)), np.arange(60) % 3).save(tmp_path / "e.npz")
+    r = cli("tsne", tmp_path / "e.npz", "--method", "pca", "--palette", "Set2", "--point-size", "6", "--alpha",
+            "0.4", "--out", tmp_path / "m.png", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["title"] == "PCA (components 1-2)"
+    assert s["style"] == {"palette": "Set2", "point_size": 6.0, "alpha": 0.4, "cmap": None}
+    r = cli("tsne", tmp_path / "e.npz", "--method", "pca", "--palette", "Set22", "--out", tmp_path / "n.png")
+    assert r.exit_code != 0 and "did you mean: Set2" in r.output and not (tmp_path / "n.png").exists()
