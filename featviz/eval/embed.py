@@ -477,8 +477,6 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         if Path(out).suffix != ".npz":
             raise DataError(f"--out must end in .npz, got {str(out)!r}")
         check_save(out, force=force)  # the .npz and its manifest, writable, before any work
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be ≥ 1, got {limit}")
     if pixels and center_crop:
         raise DataError("--center-crop applies to pooled image embeddings; --pixels takes each whole image so that "
                         "its mask stays aligned: drop --center-crop")
@@ -532,11 +530,11 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
 
 def _first(n_all: int, run: dict, extra: dict) -> int:
     """How many images ``run``'s ``limit`` keeps of ``n_all`` (all without one); said in the manifest."""
-    limit = run.pop("limit", None)
-    if limit is None:
-        return n_all
-    extra["limit"] = {"first": min(limit, n_all), "of": n_all}
-    return min(limit, n_all)
+    if (limit := run.pop("limit", None)) is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be ≥ 1, got {limit}")
+        extra["limit"] = {"first": min(limit, n_all), "of": n_all}
+    return n_all if limit is None else min(limit, n_all)
 
 
 def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict, extra: dict) -> Embeddings | None:
