@@ -462,8 +462,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
     ``out`` (when given). Outputs are checked before any work, and written atomically. ``center_crop``
     (None: on for a square N, off for H×W) chooses the pooled images' transform; the manifest's
-    ``resize`` says what was done. ``limit`` takes only the first N images of the listing (sorted
-    paths; a CSV's rows; digits' order), and the manifest's ``limit`` says how many of how many. With
+    ``resize`` says what was done; ``limit`` keeps the first N images listed (the manifest's ``limit``). With
     ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.eval.projector``).
 
     Raises:
