@@ -173,6 +173,9 @@ def tsne(
     load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
     with _user_errors():
         if figure == "cac":
+            styled = [o for o, v in (("--palette", palette), ("--point-size", point_size), ("--alpha", alpha)) if v]
+            if styled:  # CAC's Figure 3 keeps the paper's look: say so rather than ignore the options
+                raise _usage(f"{', '.join(styled)} style the embeddings map; --figure cac draws CAC's own figure")
             cac_figure(
                 checkpoints or [],
                 arch=arch,
