@@ -370,3 +370,13 @@ def test_tsne_cli_takes_palette_point_size_alpha_and_names_the_method(cli, tmp_p
     assert s["style"] == {"palette": "Set2", "point_size": 6.0, "alpha": 0.4, "cmap": None}
     r = cli("tsne", tmp_path / "e.npz", "--method", "pca", "--palette", "Set22", "--out", tmp_path / "n.png")
     assert r.exit_code != 0 and "did you mean: Set2" in r.output and not (tmp_path / "n.png").exists()
+
+
+def test_html_page_takes_the_same_palette_as_the_plot():
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    from featviz.maps import page
+
+    assert page.class_colors(3) == page.TAB10[:3]
+    assert page.class_colors(3, "Set2") == [to_hex(c) for c in colormaps["Set2"](np.arange(3))]

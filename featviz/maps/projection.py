@@ -587,7 +587,8 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         from featviz.maps import interactive
 
         paths = [str(f) for f in files] if files else None
-        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force)
+        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
+                             palette=style.palette)
         written["html"] = str(html)
     return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
             "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
