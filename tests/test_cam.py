@@ -529,5 +529,5 @@ def test_cam_records_its_arguments_as_the_command_received_them(cli, monkeypatch
     assert r.exit_code == 0, r.output
     assert seen["layer"] is None and seen["method"] == ["gradcam"] and seen["out"] == tmp_path / "o"
     assert list(seen) == ["images", "out", "checkpoint", "arch", "layer", "method", "target", "image_size",
-                          "class_names", "aug_smooth", "eigen_smooth", "metrics", "device", "batch_size", "seed",
-                          "strict"]
+                          "class_names", "aug_smooth", "eigen_smooth", "metrics", "limit", "sheet_images", "cmap",
+                          "device", "batch_size", "seed", "strict"]
