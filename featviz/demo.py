@@ -219,6 +219,44 @@ def _is_demo_folder(path: Path) -> bool:
                               or any((path / m).is_file() for m in LEGACY_MARKERS))
 
 
+RELOCATED = (".json", ".log", ".html", ".txt")
+"""The demo's text files that may name the folder they were written in."""
+
+
+def relocate(tmp: Path, final: Path) -> list[Path]:
+    """Make every text file under ``tmp`` name ``final`` where it names ``tmp``; the files changed.
+
+    The demo's commands write into the temporary folder that becomes ``final`` when the demo
+    succeeds; their manifests (``"out"``, image paths), the log and the pages recorded that
+    temporary path, which no longer exists afterwards. JSON is rewritten value by value (so a path
+    needing escapes stays valid JSON); other text by plain replacement.
+    """
+    old, new = str(tmp), str(final)
+    changed = []
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(old, new)
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {fix(k): fix(x) for k, x in v.items()}
+        return v
+
+    for f in sorted(tmp.rglob("*")):
+        if not f.is_file() or f.suffix not in RELOCATED:
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if old not in text:
+            continue
+        if f.suffix == ".json":
+            write_json(f, fix(json.loads(text)))
+        else:
+            write_text(f, text.replace(old, new))
+        changed.append(f)
+    return changed
+
+
 def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = False,
              progress: Callable | None = None) -> list[Step]:
     """Run every demo step into ``out_dir`` and write ``index.html``; return the steps.
@@ -239,6 +277,7 @@ def run_demo(out_dir: str | Path, *, force: bool = False, retrain_first: bool = 
             step = make()
             step.seconds = time.perf_counter() - t
             steps.append(step)
+        relocate(tmp, out_dir)  # the manifests name the final folder, not this temporary one
         write_text(tmp / "index.html", render_html(steps, tmp))
         write_json(tmp / "demo.json", [{k: v for k, v in s.__dict__.items() if k != "extra"} for s in steps])
     for s in steps:

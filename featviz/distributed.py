@@ -34,19 +34,33 @@ class DistInfo:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when available (this process's local GPU), else CPU; 'cuda' without CUDA raises.
+    """The device a run uses: ``auto``, ``cpu``, ``cuda`` (this process's local GPU) or ``cuda:N``.
+
+    ``auto`` is CUDA when available (this process's local GPU), else the CPU.
 
     Raises:
-        FeatvizError: ``device='cuda'`` on a machine without CUDA.
+        FeatvizError: a malformed name, CUDA asked for on a machine without it, or ``cuda:N`` past the
+            last GPU.
     """
+    import re
+
     from featviz.errors import FeatvizError
 
+    device = device.strip().lower()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda|cuda:\d+", device):
+        raise FeatvizError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N (a GPU index, e.g. cuda:1)")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise FeatvizError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
-        return torch.device("cuda", local_rank if device == "cuda" else int(device.split(":")[1]))
+            raise FeatvizError(f"--device {device} was asked for, but torch sees no CUDA device; use --device cpu "
+                               "or auto")
+        index = local_rank if device == "cuda" else int(device.split(":")[1])
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise FeatvizError(f"--device {device} was asked for, but torch sees {count} CUDA device"
+                               f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}); use one of them, cpu or auto")
+        return torch.device("cuda", index)
     return torch.device(device)
 
 

@@ -87,7 +87,8 @@ def test_method_names_match_registry_and_pytorch_grad_cam():
 def test_parse_target():
     assert C.parse_target("class:3") == C.TargetSpec("class", "3")
     assert str(C.parse_target("similarity:a/b.jpg")) == "similarity:a/b.jpg"
-    for bad in ("top2", "class:x", "self:1", "seg"):
+    assert C.parse_target("class:tabby") == C.TargetSpec("class", "tabby")  # a name, looked up later
+    for bad in ("top2", "self:1", "seg"):
         with pytest.raises(UnknownNameError):
             C.parse_target(bad)
 
@@ -531,6 +532,5 @@ def test_cam_records_its_arguments_as_the_command_received_them(cli, monkeypatch
     assert r.exit_code == 0, r.output
     assert seen["layer"] is None and seen["method"] == ["gradcam"] and seen["out"] == tmp_path / "o"
     assert list(seen) == ["images", "out", "checkpoint", "arch", "layer", "method", "target", "image_size",
-                          "class_names", "aug_smooth", "eigen_smooth", "metrics", "score", "score_steps", "device",
-                          "batch_size", "seed",
-                          "strict"]
+                          "class_names", "aug_smooth", "eigen_smooth", "metrics", "score", "score_steps", "limit",
+                          "sheet_images", "cmap", "device", "batch_size", "seed", "strict"]

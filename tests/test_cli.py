@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from featviz.models.architectures import build_backbone
+from featviz.style import PlotStyle
 
 
 @pytest.fixture
@@ -230,7 +231,8 @@ def test_embed_delegates_to_run_embed(cli, monkeypatch, tmp_path):
                       load_kwargs=dict(format="auto", num_heads=None, checkpoint_key=None, trust=False),
                       images="digits", labels_csv=None, pixels=True, masks=tmp_path, layer="layer3",
                       max_pixels_per_class=5, image_size=64, batch_size=8, device="cpu", precision="fp32", workers=2,
-                      seed=3, strict=True, drop_nonfinite=True, tensorboard=tmp_path / "tb", center_crop=None)
+                      seed=3, strict=True, drop_nonfinite=True, tensorboard=tmp_path / "tb", center_crop=None,
+                      limit=None)
 
 
 def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
@@ -255,7 +257,8 @@ def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
     assert callable(kw.pop("progress")) and kw.pop("arguments")["method"] == ["gradcam,eigencam"]
     assert kw == dict(model="MODEL", methods=["gradcam,eigencam"], layers=["layer3"], target="class:3",
                       image_size="64x96", batch_size=4, aug_smooth=True, eigen_smooth=True, metrics=True, device="auto",
-                      seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained")
+                      seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained",
+                      limit=None, sheet_images=24, style=PlotStyle())
 
 
 def _reports():
@@ -421,7 +424,7 @@ def test_attention_delegates_to_load_model_and_run_attention(cli, monkeypatch, t
     assert callable(kw.pop("progress")) and kw.pop("arguments")["layer"] == -2
     assert kw == dict(model="MODEL", layer=-2, image_size="224x320", threshold=0.6, rollout_maps=True,
                       head_fusion="max", discard_ratio=0.5, batch_size=8, device="auto", force=False,
-                      description={"name": "resnet18"})
+                      description={"name": "resnet18"}, limit=None, sheet_images=24, style=PlotStyle())
 
 
 def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
@@ -439,7 +442,8 @@ def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
     kw = dict(run.kwargs)
     assert callable(kw.pop("progress")) and kw.pop("arguments")["components"] == 4
     assert kw == dict(model="MODEL", layer="layer3", image_size=64, components=4, foreground="none", threshold=0.0,
-                      batch_size=8, device="auto", seed=1, force=False, description={"name": "resnet18"})
+                      batch_size=8, device="auto", seed=1, force=False, description={"name": "resnet18"},
+                      sheet_images=40)
 
 
 def test_tsne_delegates_to_run_map(cli, monkeypatch, tmp_path):
@@ -456,7 +460,7 @@ def test_tsne_delegates_to_run_map(cli, monkeypatch, tmp_path):
     kw = dict(run.kwargs)
     assert run.args == (tmp_path / "m.png",) and kw.pop("files") == [a, b] and kw.pop("names") == ["x", "y"]
     assert kw.pop("reference") == 1 and kw.pop("sample") == 50 and kw.pop("params").method == "umap"
-    assert kw.pop("html") == tmp_path / "m.html" and kw.pop("progress") is None
+    assert kw.pop("html") == tmp_path / "m.html" and kw.pop("progress") is None and kw.pop("style") == PlotStyle()
 
 
 def test_progress_bar_runs_no_threads_and_closes_with_its_loop():

@@ -46,6 +46,15 @@ def test_demo_writes_every_output_and_says_how(demo):
     assert all(" sample_data/" not in s["command"] for s in steps) and any('"$S/' in s["command"] for s in steps)
 
 
+def test_demo_files_name_the_final_folder_never_the_temporary_one(demo):
+    out, _ = demo
+    texts = {p: p.read_text(errors="replace") for p in out.rglob("*") if p.suffix in (".json", ".log", ".html")}
+    assert texts
+    stale = [str(p) for p, t in texts.items() if ".tmp/" in t or ".tmp\"" in t]
+    assert stale == []
+    assert json.loads((out / "cam_photos" / "manifest.json").read_text())["arguments"]["out"] == str(out / "cam_photos")
+
+
 def test_demo_photo_cam_explains_the_real_imagenet_model(demo):
     out, _ = demo
     man = json.loads((out / "cam_photos" / "manifest.json").read_text())

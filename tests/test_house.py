@@ -127,9 +127,11 @@ def _refuses_to_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
 
+    # load_backbone first: reading it imports the layout modules lazily, and one of them binds
+    # build_backbone at import; patched before, it would keep `boom` for the rest of the session
+    monkeypatch.setattr(checkpoints, "load_backbone", boom)
     monkeypatch.setattr(loader, "load_model", boom)
     monkeypatch.setattr(models, "build_backbone", boom)
-    monkeypatch.setattr(checkpoints, "load_backbone", boom)
 
 
 @pytest.mark.parametrize("command", ["embed", "tsne", "tsne-end-to-end", "cam", "collapse", "convert", "demo",

@@ -15,7 +15,7 @@ from test_import_graph import PACKAGE, _graph, _modules
 
 RANKS = {
     "featviz.errors": 0,
-    "featviz.io": 1, "featviz.registry": 1, "featviz.distributed": 1,
+    "featviz.io": 1, "featviz.registry": 1, "featviz.distributed": 1, "featviz.style": 1,
     "featviz.models": 2,
     "featviz.data": 3,
     "featviz.eval": 4, "featviz.collapse": 4,

@@ -137,7 +137,7 @@ def test_the_result_is_typed_and_reads_as_its_summary(tmp_path, sample_dir):
     assert dict(s) == s.to_dict() and list(s) == [
         "out", "images", "arch", "layer", "image_size", "grid", "feature_dim", "components", "foreground",
         "threshold", "foreground_share", "explained_variance_ratio", "first_component_explained_variance_ratio",
-        "files", "warnings"]
+        "files", "warnings", "sheet"]
 
 
 def test_the_manifest_records_the_command_s_own_parameters(cli, tmp_path, sample_dir):
@@ -150,10 +150,10 @@ def test_the_manifest_records_the_command_s_own_parameters(cli, tmp_path, sample
     assert r.exit_code == 0, r.output
     args = json.loads((out / "manifest.json").read_text())["arguments"]
     assert args == {"images": [str(img)], "out": str(out), "checkpoint": None, "arch": "resnet18", "layer": "layer3",
-                    "image_size": 64, "components": 2, "foreground": "auto", "threshold": 0.0, "device": "cpu",
-                    "batch_size": 8, "seed": 1}
+                    "image_size": 64, "components": 2, "foreground": "auto", "threshold": 0.0, "sheet_images": 40,
+                    "device": "cpu", "batch_size": 8, "seed": 1}
     assert list(args) == ["images", "out", "checkpoint", "arch", "layer", "image_size", "components", "foreground",
-                          "threshold", "device", "batch_size", "seed"]
+                          "threshold", "sheet_images", "device", "batch_size", "seed"]
     assert json.loads(r.output[r.output.index("{"):])["components"] == 2
 
 

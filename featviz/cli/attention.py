@@ -13,16 +13,21 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    LimitOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    plot_style,
+    sheet_note,
 )
 
 _ROLL = "Attention rollout"
@@ -65,6 +70,9 @@ def attention(
             rich_help_panel=_ROLL,
         ),
     ] = 0.0,
+    limit: LimitOpt = None,
+    sheet_images: SheetImagesOpt = 24,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -79,6 +87,7 @@ def attention(
     from featviz.views.attention import run_attention
 
     with _user_errors():
+        style = plot_style(only=("cmap",))
         model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         summary = run_attention(
             images,
@@ -93,6 +102,9 @@ def attention(
             batch_size=batch_size,
             device=device,
             force=force,
+            limit=limit,
+            sheet_images=sheet_images,
+            style=style,
             description=description.to_dict(),
             arguments=command_arguments(),
             progress=_progress("attention"),
@@ -121,4 +133,4 @@ def attention(
             f"rollout: blocks {r['blocks']}, heads fused by {r['head_fusion']}, discard ratio {r['discard_ratio']:g}",
             highlight=False,
         )
-    out.print(f"contact sheet: {s['files']['contact_sheet']}", highlight=False)
+    out.print(f"contact sheet: {s['files']['contact_sheet']}{sheet_note(s)}", highlight=False)

@@ -14,18 +14,23 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    LimitOpt,
     MaxImagePixelsOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     StrictOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    plot_style,
+    sheet_note,
 )
 
 
@@ -59,7 +64,8 @@ def cam(
         typer.Option(
             "--target",
             "-t",
-            help="top1 | class:N | seg:CLASS | similarity:REF_IMAGE | self | pair "
+            help="top1 | class:N | class:NAME (e.g. class:tabby; a 1000-class model without names of its own "
+            "looks it up in ImageNet's) | seg:CLASS | similarity:REF_IMAGE | self | pair "
             "(default: top1 with a classifier, else self).",
         ),
     ] = None,
@@ -98,6 +104,9 @@ def cam(
         int,
         typer.Option("--score-steps", min=1, help="Deletion/insertion steps (pixels per step: H·W / steps, as RISE)."),
     ] = 20,
+    limit: LimitOpt = None,
+    sheet_images: SheetImagesOpt = 24,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -115,6 +124,7 @@ def cam(
 
     with _user_errors():
         _image_limit(max_image_pixels)
+        style = plot_style(only=("cmap",))
         model, _ = load_view_model(out_dir, force=force, head=True)  # reads back the MODEL_SOURCE options
         summary = cam_lib.run_cam(
             images,
@@ -137,6 +147,9 @@ def cam(
             class_names=class_names or (),
             weights=checkpoint.name if checkpoint else f"random weights, seed {seed}",
             note=note,
+            limit=limit,
+            sheet_images=sheet_images,
+            style=style,
             arguments=command_arguments(leave_out=("note", "max_image_pixels")),
             progress=_progress("cam"),
         )
@@ -147,7 +160,7 @@ def cam(
         f"[bold]{summary['images']}[/] images × {len(summary['methods'])} methods "
         f"({', '.join(summary['methods'])}) · layer {', '.join(summary['layers'])} · target {summary['target']}"
     )
-    out.print(f"contact sheet: {summary['files']['contact_sheet']}", highlight=False)
+    out.print(f"contact sheet: {summary['files']['contact_sheet']}{sheet_note(summary)}", highlight=False)
     for name, values in (summary["metrics"] or {}).items():
         out.print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items()), highlight=False)
     scored = summary.get("scores")

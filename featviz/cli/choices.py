@@ -14,8 +14,6 @@ FormatName = Literal[
     "torchvision", "dinov3", "dinov3_convnext", "open_clip", "franca",
 ]
 
-DeviceName = Literal["auto", "cpu", "cuda"]
-
 CheckpointKey = Literal["teacher", "student", "target_encoder", "encoder"]
 
 MethodName = Literal[

@@ -357,7 +357,11 @@ def _show(
 ) -> dict[str, list[str]]:
     """Print the reports (a table, or --json) and the collapse flags; returns the flags per output."""
     reports, model = measured.reports, measured.model
+    from featviz.collapse.verdict import cautions, verdict
+
     flags = {name: r.flags(std_fraction, rank_fraction) for name, r in reports.items()}
+    verdicts = {name: verdict(r, std_fraction, rank_fraction) for name, r in reports.items()}
+    notes = {name: cautions(r) for name, r in reports.items()}
     if as_json:
         first = next(iter(reports))
         _echo_json(
@@ -365,7 +369,12 @@ def _show(
                 **reports[first].to_dict(),
                 "output": first,
                 "flags": flags[first],
-                "outputs": {k: {**r.to_dict(), "flags": flags[k]} for k, r in reports.items()},
+                "verdict": verdicts[first],
+                "cautions": notes[first],
+                "outputs": {
+                    k: {**r.to_dict(), "flags": flags[k], "verdict": verdicts[k], "cautions": notes[k]}
+                    for k, r in reports.items()
+                },
                 **({} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}),
             }
         )
@@ -381,6 +390,10 @@ def _show(
             err.print(f"[yellow]{name}: dropped {r.n_nonfinite} rows with NaN/Inf[/]")
         for f in flags[name]:
             out.print(f"[bold red]{name}:[/] {f}", highlight=False)
+        style = "bold red" if flags[name] else "bold green"
+        out.print(f"[{style}]verdict ({name}):[/] {verdicts[name]}", highlight=False)
+        for c in notes[name]:
+            out.print(f"[yellow]caution ({name}):[/] {c}", highlight=False)
     if out_dir is not None:
         out.print(f"wrote {out_dir / 'report.json'} and {out_dir / 'spectrum.png'}", highlight=False)
     return flags

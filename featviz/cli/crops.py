@@ -13,16 +13,20 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    plot_style,
+    sheet_note,
 )
 
 
@@ -65,7 +69,8 @@ def crops(
             "--layer", "-l", help="Feature map (default: ResNet layer4, a timm CNN's last stage, a ViT's last block)."
         ),
     ] = None,
-    sheet_images: Annotated[int, typer.Option("--sheet-images", min=1, help="Images shown on the sheet.")] = 12,
+    sheet_images: SheetImagesOpt = 12,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -81,6 +86,7 @@ def crops(
     from featviz.views.crops import run_crops
 
     with _user_errors():
+        style = plot_style(only=("cmap",))  # --alpha here is the Beta's, not a style
         model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         s = run_crops(
             images,
@@ -99,6 +105,7 @@ def crops(
             seed=seed,
             force=force,
             sheet_images=sheet_images,
+            style=style,
             description=description.to_dict(),
             arguments=command_arguments(leave_out=("batch_size", "sheet_images")),
             progress=_progress("heatmaps"),
@@ -127,4 +134,4 @@ def crops(
             f"{100 * (s['object_in_box'] or 0):.0f} % of them ({s['masks']} images with masks)",
             highlight=False,
         )
-    out.print(f"sheet: {s['files']['sheet']}", highlight=False)
+    out.print(f"sheet: {s['files']['sheet']}{sheet_note(s)}", highlight=False)

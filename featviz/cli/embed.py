@@ -20,6 +20,7 @@ from featviz.cli.options import (
     FormatOpt,
     ImageSizeOpt,
     LayerOpt,
+    LimitOpt,
     MasksOpt,
     MaxImagePixelsOpt,
     MaxPixOpt,
@@ -53,6 +54,7 @@ def embed(
     max_pixels_per_class: MaxPixOpt = None,
     image_size: ImageSizeOpt = None,
     center_crop: CenterCropOpt = None,
+    limit: LimitOpt = None,
     batch_size: BatchSizeOpt = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -90,6 +92,7 @@ def embed(
             arch=arch,
             force=force,
             tensorboard=tensorboard,
+            limit=limit,
             progress=_progress("embedding"),
             load_kwargs=dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint),
             **_embed_kwargs(

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from featviz.cli._app import out
-from featviz.cli.choices import CheckpointKey, DeviceName, FormatName, PrecisionName
+from featviz.cli.choices import CheckpointKey, FormatName, PrecisionName
 
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint file (.pth, .pth.tar, .ckpt, .safetensors).")
@@ -57,7 +57,31 @@ TrustOpt = Annotated[
     bool,
     typer.Option("--trust-checkpoint", help="Allow arbitrary pickles (weights_only=False). Only for files you trust."),
 ]
-DeviceOpt = Annotated[DeviceName, typer.Option("--device", help="auto = CUDA when available, else CPU.")]
+DEVICE_RE = r"auto|cpu|cuda|cuda:\d+"
+"""What ``--device`` takes: auto, cpu, cuda (this process's GPU) or cuda:N (the N-th GPU)."""
+
+
+def device_value(value: str) -> str:
+    """``--device`` checked for its form (auto, cpu, cuda, cuda:N); a usage error (exit 2) otherwise.
+
+    Whether the device exists is checked where it is used (``featviz.distributed.resolve_device``).
+    """
+    import re
+
+    v = value.strip().lower()
+    if not re.fullmatch(DEVICE_RE, v):
+        from featviz.cli._app import usage_error
+
+        usage_error(f"--device {value!r}: expected auto, cpu, cuda or cuda:N (a GPU index, e.g. cuda:1)")
+    return v
+
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", callback=device_value, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
@@ -162,6 +186,67 @@ def load_view_models(out_dir: Path, *, force: bool) -> list[tuple[Any, Any, str]
         model, description = loader.load_model(ckpt, seed=p["seed"], **kw)
         models.append((model, description, Path(ckpt).name if ckpt is not None else str(p["arch"])))
     return models
+
+
+# ------------------------------------------------------------------ how many images, and how they are drawn
+LimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", min=1, help="Only the first N images, in the listing order (sorted paths); the manifest "
+                 "says how many of how many."),
+]
+SheetImagesOpt = Annotated[
+    int,
+    typer.Option("--sheet-images", min=1, help="Images shown on the contact sheet, spread evenly over all of them "
+                 "(every output file is still written); the run says 'showing N of M' when it cuts."),
+]
+
+
+def sheet_note(summary: Any) -> str:
+    """`` (showing 24 of 40 images; --sheet-images)`` after a sheet's path when it cuts, else ``''``."""
+    sheet = summary.get("sheet") or {}
+    if sheet and sheet["shown"] < sheet["of"]:
+        return f" (showing {sheet['shown']} of {sheet['of']} images; --sheet-images {sheet['of']} shows all)"
+    return ""
+
+
+_STYLE = "Style"
+PaletteOpt = Annotated[
+    str | None,
+    typer.Option("--palette", help="Class colours: a matplotlib colour map, e.g. tab10, Set2, viridis (default: "
+                 "tab10, tab20 beyond 10 classes).", rich_help_panel=_STYLE),
+]
+PointSizeOpt = Annotated[
+    float | None,
+    typer.Option("--point-size", help="Marker size in pt² (default: by the number of points).",
+                 rich_help_panel=_STYLE),
+]
+PointAlphaOpt = Annotated[
+    float | None,
+    typer.Option("--alpha", help="Marker opacity in (0, 1] (default: by the number of points).",
+                 rich_help_panel=_STYLE),
+]
+CmapOpt = Annotated[
+    str | None,
+    typer.Option("--cmap", help="Heatmap colour map: a matplotlib name, e.g. inferno, jet, viridis (default: the "
+                 "view's own).", rich_help_panel=_STYLE),
+]
+STYLE_OPTIONS = ("palette", "point_size", "alpha", "cmap")
+"""The one option set of a figure's style (``--palette --point-size --alpha`` on maps, ``--cmap`` on
+heatmaps), read back by ``plot_style``."""
+
+
+def plot_style(only: Iterable[str] = STYLE_OPTIONS) -> Any:
+    """The running command's style options as one ``featviz.style.PlotStyle`` (absent ones: None).
+
+    ``only``: the style options the command takes (``crops``' ``--alpha`` is its Beta's, not a style).
+
+    Raises:
+        DataError: an unknown colour map, a size ≤ 0 or an opacity outside (0, 1].
+    """
+    from featviz.style import PlotStyle
+
+    p = command_params()
+    return PlotStyle(**{k: p.get(k) for k in only})
 
 
 _IMAGES_HELP = "Folder (class subfolders = labels), CSV of path,label, or 'digits'."

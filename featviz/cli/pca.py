@@ -19,10 +19,12 @@ from featviz.cli.options import (
     JsonOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    sheet_note,
 )
 
 
@@ -65,6 +67,7 @@ def pca(
             "--mask-dir", help="--recipe dinov3: foreground masks named like the images (white = foreground)."
         ),
     ] = None,
+    sheet_images: SheetImagesOpt = 40,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -95,6 +98,7 @@ def pca(
             device=device,
             seed=seed,
             force=force,
+            sheet_images=sheet_images,
             description=description.to_dict(),
             # the default recipe's manifest reads as before the option existed
             arguments=command_arguments(
@@ -124,4 +128,4 @@ def pca(
         )
     fitted = "the foreground patches" if s["foreground"] != "none" else "all patches (no background removal)"
     out.print(f"RGB = components 1-3 of {fitted} ({evr} of their variance)", highlight=False)
-    out.print(f"sheet: {s['files']['sheet']}", highlight=False)
+    out.print(f"sheet: {s['files']['sheet']}{sheet_note(s)}", highlight=False)

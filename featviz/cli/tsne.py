@@ -34,13 +34,17 @@ from featviz.cli.options import (
     MasksOpt,
     MaxPixOpt,
     NumHeadsOpt,
+    PaletteOpt,
     PixelsOpt,
+    PointAlphaOpt,
+    PointSizeOpt,
     PrecisionOpt,
     SeedOpt,
     StrictOpt,
     TrustOpt,
     WorkersOpt,
     _embed_kwargs,
+    plot_style,
 )
 
 
@@ -87,7 +91,12 @@ def tsne(
     names: Annotated[
         str | None, typer.Option("--names", help="Panel names, comma-separated (default: file stems).")
     ] = None,
-    title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
+    title: Annotated[
+        str | None, typer.Option("--title", help="Figure title (the method's name is added when it lacks it).")
+    ] = None,
+    palette: PaletteOpt = None,
+    point_size: PointSizeOpt = None,
+    alpha: PointAlphaOpt = None,
     seed: SeedOpt = 0,
     drop_nonfinite: DropNonfiniteOpt = False,
     figure: Annotated[
@@ -164,6 +173,9 @@ def tsne(
     load_kwargs = dict(format=fmt, num_heads=num_heads, checkpoint_key=checkpoint_key, trust=trust_checkpoint)
     with _user_errors():
         if figure == "cac":
+            styled = [o for o, v in (("--palette", palette), ("--point-size", point_size), ("--alpha", alpha)) if v]
+            if styled:  # CAC's Figure 3 keeps the paper's look: say so rather than ignore the options
+                raise _usage(f"{', '.join(styled)} style the embeddings map; --figure cac draws CAC's own figure")
             cac_figure(
                 checkpoints or [],
                 arch=arch,
@@ -189,6 +201,8 @@ def tsne(
             return
         from featviz.maps import projection as tsne_lib
 
+        style = plot_style()  # bad colour maps and sizes fail before any work
+
         files = list(inputs or [])
         if reference is not None and reference not in files:
             files.insert(0, reference)
@@ -210,7 +224,7 @@ def tsne(
         run = dict(
             reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
-            progress=_progress("t-SNE") if method == "tsne" else None,
+            progress=_progress("t-SNE") if method == "tsne" else None, style=style,
         )
         if files:
             tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)

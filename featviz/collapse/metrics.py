@@ -491,6 +491,14 @@ class CollapseReport:
         """min(N, D): the largest rank Z can have."""
         return min(self.n, self.d)
 
+    def complete_collapse(self, std_fraction: float = 0.3) -> bool:
+        """Complete collapse: std_l2 below ``std_fraction``/√d (the outputs are nearly constant)."""
+        return bool(self.std_l2 < std_fraction * self.std_l2_ideal)
+
+    def dimensional_collapse(self, rank_fraction: float = 0.1) -> bool:
+        """Dimensional collapse: RankMe below ``rank_fraction``·min(N, D), or effective rank below 1.5."""
+        return bool(self.rankme < rank_fraction * self.rank_bound or self.effective_rank < 1.5)
+
     def flags(self, std_fraction: float = 0.3, rank_fraction: float = 0.1) -> list[str]:
         """Collapse warnings, one line each (empty: no collapse flagged).
 
@@ -498,10 +506,10 @@ class CollapseReport:
         ``rank_fraction``·min(N, D), or effective rank below 1.5.
         """
         out = []
-        if self.std_l2 < std_fraction * self.std_l2_ideal:
+        if self.complete_collapse(std_fraction):
             out.append(f"std_l2 {self.std_l2:.4g} < {std_fraction:g} × 1/√d ({self.std_l2_ideal:.4g}): "
                        "outputs are (nearly) constant or concentrated")
-        if self.rankme < rank_fraction * self.rank_bound or self.effective_rank < 1.5:
+        if self.dimensional_collapse(rank_fraction):
             out.append(f"dimensional collapse: RankMe {self.rankme:.3g} and effective rank "
                        f"{self.effective_rank:.3g} of at most {self.rank_bound}")
         return out

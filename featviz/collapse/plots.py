@@ -220,16 +220,19 @@ def write_report(out_dir: str | os.PathLike, reports: dict[str, CollapseReport],
                  force: bool = False, model: ModelDescription | None = None) -> Path:
     """Write ``report.json`` and ``spectrum.png`` into ``out_dir``, as one atomic folder.
 
-    ``report.json`` holds every output's metrics, spectra, flags and the definitions, plus the
+    ``report.json`` holds every output's metrics, spectra, flags, verdict and cautions
+    (``featviz.collapse.verdict``) and the definitions, plus the
     manifest: the measured model's description and its load warnings when ``model`` is given.
     """
     from featviz.collapse.metrics import DEFINITIONS
+    from featviz.collapse.verdict import cautions, verdict
     from featviz.io.outputs import atomic_dir, manifest, write_json
 
     about = {} if model is None else {"model": model.to_dict(), "warnings": list(model.warnings)}
     with atomic_dir(out_dir, force=force, command="collapse") as tmp:
         write_json(tmp / "report.json", manifest(
             "collapse", {"source": source}, **about, definitions=DEFINITIONS,
-            outputs={k: {**r.to_dict(spectra=True), "flags": r.flags()} for k, r in reports.items()}))
+            outputs={k: {**r.to_dict(spectra=True), "flags": r.flags(), "verdict": verdict(r), "cautions": cautions(r)}
+                     for k, r in reports.items()}))
         plot_spectrum(reports, tmp / "spectrum.png", title=f"Singular-value spectrum: {Path(source).name}")
     return Path(out_dir)

@@ -31,6 +31,26 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
 BUILTIN = ("digits",)
 
 
+_WARNED_BUILTIN: set[Path] = set()
+
+
+def is_builtin(source: str | os.PathLike) -> bool:
+    """Whether ``source`` names a built-in set (``digits``) rather than a folder or file.
+
+    The bare name always means the built-in set; when a folder or file of that name exists in the
+    current folder too, a warning names both choices (``./digits`` reads the folder).
+    """
+    name = str(source)
+    if name not in BUILTIN:
+        return False
+    here = Path(name).resolve()
+    if here.exists() and here not in _WARNED_BUILTIN:  # said once per run
+        _WARNED_BUILTIN.add(here)
+        log.warning("'%s' is scikit-learn's built-in %s set, not the %s ./%s in this folder; pass ./%s to read "
+                    "that instead", name, name, "folder" if Path(name).is_dir() else "file", name, name)
+    return True
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to an RGB ``PIL.Image``.
 
@@ -166,7 +186,7 @@ def labelled_images(source: str | os.PathLike, *, labels_csv: str | os.PathLike 
     Raises:
         DataError: nothing to read, or a CSV row points at a missing file.
     """
-    if str(source) == "digits":
+    if is_builtin(source):
         return digits(image_size)
     if labels_csv is not None or str(source).endswith(".csv"):
         return _from_csv(Path(labels_csv or source), base=None if labels_csv is None else Path(source))

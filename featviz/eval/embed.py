@@ -457,13 +457,14 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
               device: str = "auto", precision: str = "auto", workers: int | None = None, seed: int = 0,
               strict: bool = False, drop_nonfinite: bool = False, force: bool = False,
               load_kwargs: dict[str, Any] | None = None, progress: Progress | None = None,
-              tensorboard: str | os.PathLike | None = None, center_crop: bool | None = None) -> Embeddings | None:
+              tensorboard: str | os.PathLike | None = None, center_crop: bool | None = None,
+              limit: int | None = None) -> Embeddings | None:
     """Everything ``featviz embed`` does; returns the merged embeddings (None on non-zero ranks).
 
     Under torchrun each rank embeds its shard; rank 0 gathers, merges in input order and writes
     ``out`` (when given). Outputs are checked before any work, and written atomically. ``center_crop``
     (None: on for a square N, off for H×W) chooses the pooled images' transform; the manifest's
-    ``resize`` says what was done. With
+    ``resize`` says what was done; ``limit`` keeps the first N images listed (the manifest's ``limit``). With
     ``tensorboard`` rank 0 also writes a TensorBoard projector folder there (``featviz.eval.projector``).
 
     Raises:
@@ -493,14 +494,14 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         args = dict(images=str(images), checkpoint=None if checkpoint is None else str(checkpoint), arch=arch,
                     pixels=pixels, masks=None if masks is None else str(masks), layer=layer,
                     max_pixels_per_class=max_pixels_per_class, image_size=image_size, center_crop=center_crop,
-                    batch_size=batch_size, device=device, precision=precision, strict=strict)
+                    batch_size=batch_size, device=device, precision=precision, strict=strict, limit=limit)
         extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
                      autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
                      autocast_dtype(info.device, precision) else "float32",
                      arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict(),
                      warnings=list(desc.warnings))  # the load's warnings (also on stderr)
         run = dict(batch_size=batch_size, device=info.device, precision=precision, workers=workers, strict=strict,
-                   progress=progress if info.is_main else None)
+                   progress=progress if info.is_main else None, limit=limit)
         if pixels:
             emb = _run_pixels(model, images, masks, layer, image_size, max_pixels_per_class, seed, info, run, extra)
         else:
@@ -528,9 +529,20 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         cleanup(info)
 
 
+def _first(n_all: int, run: dict, extra: dict) -> int:
+    """How many images ``run``'s ``limit`` keeps of ``n_all`` (all without one); said in the manifest."""
+    if (limit := run.pop("limit", None)) is not None:
+        if limit < 1:
+            raise DataError(f"--limit must be ≥ 1, got {limit}")
+        extra["limit"] = {"first": min(limit, n_all), "of": n_all}
+    return n_all if limit is None else min(limit, n_all)
+
+
 def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict, extra: dict) -> Embeddings | None:
     size = input_size(model, image_size)
     src: LabelledImages = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
+    n = _first(len(src), run, extra)
+    src = LabelledImages(src.items[:n], src.labels[:n], src.class_names, src.ids[:n])
     extra["image_size"] = size[0] if size[0] == size[1] else list(size)
     extra["resize"] = resize_rule(size, run["center_crop"])
     part = embed_images(model, src.items, image_size=size, indices=shard(len(src), info), **run)
@@ -555,6 +567,8 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
 def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo, run: dict,
                 extra: dict) -> Embeddings | None:
     pix = pair_masks(images, masks)
+    n = _first(len(pix.images), run, extra)
+    pix = PixelSet(pix.images[:n], pix.masks[:n], pix.class_names, pix.ids[:n])
     layer = layer or default_layer(model)
     get_layer(model, layer)  # fail fast with suggestions, before any decoding
     hw = parse_image_size(image_size)

@@ -21,6 +21,7 @@ time; each block keeps only a running top-``max(k)`` per query, so the working m
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ import numpy as np
 
 from featviz.errors import DataError, OptionError
 from featviz.io.progress import Progress
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
@@ -298,6 +301,22 @@ def weighted_knn(
     ]
 
 
+def cap_ks(ks: Sequence[int], n_train: int) -> tuple[int, ...]:
+    """``ks`` with every k above the ``n_train`` training rows replaced by ``n_train`` (a warning says so).
+
+    DINO's default 10,20,100,200 assumes a large training set; on a small one the larger ks become
+    "every training row" instead of failing after the features are computed.
+    """
+    over = [k for k in ks if k > n_train]
+    if not over:
+        return tuple(ks)
+    capped = tuple(dict.fromkeys(min(k, n_train) for k in ks))
+    log.warning("k=%s %s more than the %d training rows: scoring k=%s instead (pass a smaller --k to choose)",
+                ",".join(map(str, over)), "is" if len(over) == 1 else "are", n_train,
+                ",".join(map(str, capped)))
+    return capped
+
+
 # ------------------------------------------------------------------ the command
 def run_knn(
     *,
@@ -342,10 +361,7 @@ def run_knn(
             raise DataError(f"--out must end in .json, got {str(out)!r}")
         check_writable(out, force=force)
     splits = load_splits(progress=progress, **sources)
-    if max(ks) > len(splits.train):
-        raise DataError(
-            f"k={max(ks)} is more than the {len(splits.train)} training rows; use a smaller --k"
-        )
+    ks = cap_ks(ks, len(splits.train))
     t0 = time.perf_counter()
     wrap = (
         None

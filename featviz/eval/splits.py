@@ -134,6 +134,7 @@ def load_splits(
                 "--train-images/--val-images need a model: --checkpoint C (or --arch A for "
                 "random weights)"
             )
+        same_source(train_images, val_images, "--train-images and --val-images")
         return _from_folders(
             train_images,
             val_images,
@@ -162,9 +163,25 @@ def load_splits(
 
 
 # ------------------------------------------------------------------ embeddings files
+def same_source(train: str | os.PathLike, val: str | os.PathLike, what: str) -> bool:
+    """Whether train and val are one file or folder; a warning says what that makes the score.
+
+    The features are then scored on the rows they were fitted on (``what``: the options, e.g.
+    ``--train and --val``), which measures memorisation, not generalisation.
+    """
+    a, b = Path(train), Path(val)
+    same = a.exists() and b.exists() and os.path.samefile(a, b)  # a missing file is said by its reader
+    if same:
+        log.warning("%s are the same %s (%s): the score is measured on the training rows themselves, so it says "
+                    "how well they are memorised, not how well they generalise; give a held-out val set, or "
+                    "--images with a stratified split", what, "folder" if a.is_dir() else "file", a)
+    return same
+
+
 def _from_npz(train: Path, val: Path) -> Splits:
     from featviz.io.artifacts import Embeddings
 
+    same_source(train, val, "--train and --val")
     tr, va = Embeddings.load(train), Embeddings.load(val)
     if tr.d != va.d:
         raise DataError(
@@ -282,7 +299,9 @@ def _from_one_set(
 ) -> Splits:
     from sklearn.model_selection import train_test_split
 
-    raw = str(images) == "digits" and checkpoint is None and arch is None
+    from featviz.data.images import is_builtin
+
+    raw = checkpoint is None and arch is None and is_builtin(images)
     if raw:
         from sklearn.datasets import load_digits
 

@@ -67,6 +67,7 @@ def map_page(
     seed: int = 0,
     notes: Sequence[str] = (),
     force: bool = False,
+    palette: str | None = None,
 ) -> Path:
     """The HTML page of a ``TsneMap`` (any method) with thumbnails from its embeddings files.
 
@@ -83,6 +84,7 @@ def map_page(
         seed: seed of the subsample.
         notes: extra lines for the page.
         force: overwrite ``out``.
+        palette: the class colours' matplotlib colour map (``--palette``; default tab10/tab20).
 
     Returns:
         The page's path. A warning (not an error) says when images cannot be found; the map is
@@ -184,7 +186,7 @@ def map_page(
         + (f", {len(panels)} panels in one shared map" if len(panels) > 1 else ""),
     )
     return write_html(
-        out, [panels], m.class_names, uris, title=title, notes=note_lines, force=force
+        out, [panels], m.class_names, uris, title=title, notes=note_lines, force=force, palette=palette
     )
 
 

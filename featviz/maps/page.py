@@ -73,8 +73,14 @@ TAB20 = [
 ]
 
 
-def class_colors(n: int) -> list[str]:
-    """Hex colours for ``n`` classes, as ``featviz.maps.plotting.class_colors`` picks them."""
+def class_colors(n: int, palette: str | None = None) -> list[str]:
+    """Hex colours for ``n`` classes, as ``featviz.maps.plotting.class_colors`` picks them (``--palette``)."""
+    if palette is not None:
+        from matplotlib.colors import to_hex
+
+        from featviz.maps.plotting import class_colors as rgba
+
+        return [to_hex(c) for c in rgba(n, palette)]
     if n <= 10:
         return TAB10[:n]
     if n <= 20:
@@ -197,6 +203,7 @@ def write_html(
     notes: Sequence[str] = (),
     link: bool = True,
     force: bool = False,
+    palette: str | None = None,
 ) -> Path:
     """Write one standalone interactive page of scatter panels.
 
@@ -210,6 +217,7 @@ def write_html(
         notes: lines shown under the heading (e.g. the thumbnail subsample).
         link: link selection across panels that have ``keys``.
         force: overwrite ``out``.
+        palette: the class colours' matplotlib colour map (``--palette``; default tab10/tab20).
 
     Raises:
         DataError: ``out`` does not end in .html, or no panel.
@@ -244,7 +252,7 @@ def write_html(
     labels_all = np.concatenate([p.labels for p in flat])
     n_classes = max(len(class_names), int(labels_all.max(initial=-1)) + 1)
     names = [class_names[i] if i < len(class_names) else str(i) for i in range(n_classes)]
-    colors = class_colors(n_classes)
+    colors = class_colors(n_classes, palette)
     present = sorted(int(i) for i in np.unique(labels_all) if i >= 0)
     has_unknown = bool((labels_all < 0).any())
     thumbs_src = ColumnDataSource({"uri": list(thumbnails)}, name="featviz-thumbnails")

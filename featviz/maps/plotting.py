@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.style import DEFAULT_STYLE, PlotStyle
 
 FORMATS = (".png", ".pdf", ".svg")
 UNKNOWN_COLOR = (0.6, 0.6, 0.6, 1.0)
@@ -31,18 +33,38 @@ def check_format(path: str | os.PathLike) -> Path:
     return path
 
 
-def point_style(n: int) -> tuple[float, float]:
-    """(marker size in pt², alpha) for ``n`` points: big and opaque when few, small and light when many."""
+def point_style(n: int, style: PlotStyle = DEFAULT_STYLE) -> tuple[float, float]:
+    """(marker size in pt², alpha) for ``n`` points: big and opaque when few, small and light when many.
+
+    ``style.point_size`` and ``style.alpha`` replace either when chosen (``--point-size``, ``--alpha``).
+    """
     n = max(int(n), 1)
     size = float(np.clip(400.0 / np.sqrt(n), 0.3, 40.0))
     alpha = float(np.clip(1.3 - 0.17 * np.log10(n), 0.2, 0.95))
-    return size, alpha
+    return (size if style.point_size is None else float(style.point_size),
+            alpha if style.alpha is None else float(style.alpha))
 
 
-def class_colors(n_classes: int) -> np.ndarray:
-    """(C, 4) RGBA colours: tab10 up to 10 classes, tab20 up to 20, then evenly spaced hues."""
+def class_colors(n_classes: int, palette: str | None = None) -> np.ndarray:
+    """(C, 4) RGBA colours: tab10 up to 10 classes, tab20 up to 20, then evenly spaced hues.
+
+    ``palette`` (``--palette``) is a matplotlib colour map instead: a qualitative one (``Set2``)
+    gives its colours in order (repeating, with a warning, when it has fewer than the classes), a
+    continuous one (``viridis``) evenly spaced colours.
+    """
     from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
 
+    if palette is not None:
+        cmap = colormaps[palette]
+        if isinstance(cmap, ListedColormap) and cmap.N <= 32:  # qualitative: its own colours, in order
+            if cmap.N < n_classes:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "--palette %s has %d colours for %d classes: colours repeat", palette, cmap.N, n_classes)
+            return cmap(np.arange(n_classes) % cmap.N)
+        return cmap(np.linspace(0, 1, n_classes) if n_classes > 1 else np.zeros(1))
     if n_classes <= 10:
         return colormaps["tab10"](np.arange(n_classes))
     if n_classes <= 20:
@@ -65,14 +87,15 @@ def shared_limits(panels: Sequence[np.ndarray],
 
 
 def draw_scatter(ax, coords: np.ndarray, labels: np.ndarray, colors: np.ndarray, *, n_for_style: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, style: PlotStyle = DEFAULT_STYLE) -> None:
     """Scatter ``coords`` on ``ax`` coloured by ``labels`` (-1 grey), in a shuffled drawing order.
 
-    The order is shuffled so no class is always painted on top of the others.
+    The order is shuffled so no class is always painted on top of the others; ``style`` may fix the
+    point size and opacity.
     """
     coords = np.asarray(coords)
     labels = np.asarray(labels)
-    size, alpha = point_style(n_for_style or len(coords))
+    size, alpha = point_style(n_for_style or len(coords), style)
     order = np.random.default_rng(seed).permutation(len(coords))
     c = np.array([colors[i] if 0 <= i < len(colors) else UNKNOWN_COLOR for i in labels[order]]).reshape(-1, 4)
     ax.scatter(coords[order, 0], coords[order, 1], s=size, c=c, alpha=alpha, linewidths=0,
@@ -98,8 +121,10 @@ def legend_handles(class_names: Sequence[str], colors: np.ndarray, present: Sequ
 
 def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names: Sequence[str], out: str | os.PathLike,
                    *, titles: Sequence[str] | None = None, suptitle: str | None = None, force: bool = False,
-                   dpi: int = 150) -> Path:
+                   dpi: int = 150, style: PlotStyle = DEFAULT_STYLE) -> Path:
     """Save one or more (coords, labels) panels side by side with identical axes and one legend.
+
+    ``style``: the class palette, point size and opacity (``featviz.style.PlotStyle``; None = by N).
 
     Raises:
         DataError: an unsupported extension.
@@ -113,7 +138,7 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     check_writable(out, force=force)
     labels_all = np.concatenate([np.asarray(lab) for _, lab in panels])
     n_classes = max(len(class_names), int(labels_all.max(initial=-1)) + 1)
-    colors = class_colors(n_classes)
+    colors = class_colors(n_classes, style.palette)
     present = sorted(int(i) for i in np.unique(labels_all) if i >= 0)
     k = len(panels)
     fig = Figure(figsize=(4.2 * k + 1.8, 4.6), layout="constrained")
@@ -121,7 +146,7 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     xlim, ylim = shared_limits([c for c, _ in panels])
     n_max = max(len(c) for c, _ in panels)
     for i, (ax, (coords, labels)) in enumerate(zip(axes, panels, strict=True)):
-        draw_scatter(ax, coords, labels, colors, n_for_style=n_max, seed=i)
+        draw_scatter(ax, coords, labels, colors, n_for_style=n_max, seed=i, style=style)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         if titles:
@@ -136,3 +161,25 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     with atomic_path(out, force=True) as tmp:
         fig.savefig(tmp, dpi=dpi, format=out.suffix.lower().lstrip("."))
     return out
+
+
+METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
+"""How a map's title names its method."""
+
+
+def map_title(params: Any, title: str | None = None) -> str:
+    """A map's title: the user's ``title`` followed by the method, or the method and its settings.
+
+    ``params``: the map's ``featviz.maps.projection.TsneParams`` (its method and settings).
+
+    ``t-SNE (perplexity 30)``, ``UMAP (15 neighbours, min_dist 0.1)``, ``PCA (components 1-2)``; a
+    ``title`` that does not name the method gets `` · t-SNE`` after it.
+    """
+    name = METHOD_TITLES[params.method]
+    if title:
+        return title if name.lower() in title.lower() else f"{title} · {name}"
+    detail = {"tsne": f"perplexity {params.perplexity:g}",
+              "umap": f"{params.n_neighbors} neighbours, min_dist {params.min_dist:g}",
+              "pca": "components 1-2"}[params.method]
+    return f"{name} ({detail})"
+

@@ -40,6 +40,7 @@ from featviz.errors import ArtifactError, DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
 from featviz.maps.neighbors import PCA_DIM, NeighborSearch, _knn_index_class, _umap_knn
+from featviz.style import PlotStyle
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +533,8 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
             reference: int | None = None, sample: int | None = None, params: TsneParams | None = None,
             coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
             image_root: str | os.PathLike | None = None, title: str | None = None,
-            drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+            drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None,
+            style: PlotStyle | None = None) -> dict[str, Any]:
     """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
 
     Args:
@@ -546,10 +548,12 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         coords: also save the coordinates here (.npz).
         html: also write the interactive page here (.html, thumbnails from the inputs' images).
         image_root: the folder the inputs' image ids are relative to (for the thumbnails).
-        title: figure/page title.
+        title: figure/page title; the method's name (t-SNE, UMAP, PCA) is always in it
+            (``featviz.maps.plotting.map_title``).
         drop_nonfinite: drop NaN/Inf rows instead of failing.
         force: overwrite outputs.
         progress: wraps the fit's iterations (a progress bar).
+        style: the plot's palette, point size and opacity (``featviz.style.PlotStyle``).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
@@ -561,6 +565,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
     from featviz.maps import plotting
 
     params = params or TsneParams()
+    style = style or PlotStyle()
     check_map_outputs(out, coords=coords, html=html, force=force)
     if embeddings is None:
         embeddings = [Embeddings.load(f) for f in files]
@@ -571,8 +576,9 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
     if drop_nonfinite:
         embs = [e.subset(np.flatnonzero(check_finite(e.features, drop=True))) for e in embs]
     m = shared_map(embs, names, reference=reference, sample=sample, params=params, progress=progress)
+    title = plotting.map_title(params, title)
     plotting.scatter_panels([m.panel(g) for g in range(len(embs))], m.class_names, out, titles=names,
-                            suptitle=title, force=force)
+                            suptitle=title, force=force, style=style)
     written = {"plot": str(out)}
     if coords is not None:
         m.save(coords, force=force)
@@ -581,7 +587,9 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         from featviz.maps import interactive
 
         paths = [str(f) for f in files] if files else None
-        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force)
+        interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
+                             palette=style.palette)
         written["html"] = str(html)
     return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
-            "inputs": names, "info": m.info}
+            "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
+

@@ -286,9 +286,12 @@ def resolve_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
                 parts.append(part)
         except (AttributeError, IndexError):
             names = [n for n, _ in model.named_modules() if n]
+            hint = did_you_mean(name, names)
+            if not hint:  # nothing looks like it: name the model's top-level layers instead
+                top = [n for n in names if "." not in n]
+                hint = f" (its top-level layers: {', '.join(top[:12])}{' …' if len(top) > 12 else ''})"
             raise UnknownNameError(
-                f"model has no layer {name!r}{did_you_mean(name, names)}; "
-                "run `featviz layers` to list the names") from None
+                f"model has no layer {name!r}{hint}; run `featviz layers` to list the names") from None
     return ".".join(parts), mod
 
 
@@ -493,7 +496,18 @@ def _layer_map(model: nn.Module, module: nn.Module, name: str, raw: Any, layout:
 
 
 def feature_map(model: nn.Module, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-    """The (N, C, H, W) map of ``x`` at ``layer`` (default ``default_layer``), in one call."""
+    """The (N, C, H, W) map of ``x`` at ``layer`` (default ``default_layer``), in one call.
+
+    Args:
+        model: The model, e.g. from ``featviz.models.loader.load_model``.
+        x: A batch (N, 3, H, W) already normalised the way the model was trained, e.g. by
+            ``featviz.data.images.eval_transform(size, mean, std)`` with the model's
+            ``featviz.data.images.normalization_of(model)``; raw [0, 1] pixels give wrong features.
+        layer: A module name (``layer4``, ``blocks.11``, ``blocks.-1``); `featviz layers` lists them.
+
+    Raises:
+        UnknownNameError: no such layer; the message suggests close names.
+    """
     with FeatureExtractor(model, layer) as fx:
         return fx(x)
 

@@ -193,9 +193,9 @@ FEATVIZ_DEFAULTS = {"epochs": 10, "batch_size": 256}
 
 def dataset_key(data: str) -> str | None:
     """The preset name of a built-in dataset (``digits``), else None."""
-    from featviz.data.images import BUILTIN
+    from featviz.data.images import is_builtin
 
-    return str(data) if str(data) in BUILTIN else None
+    return str(data) if is_builtin(data) else None
 
 
 def input_size(arch: str) -> int:

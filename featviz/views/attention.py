@@ -45,8 +45,10 @@ from featviz.errors import ArchitectureError, DataError
 from featviz.io.progress import Progress
 from featviz.models import features
 from featviz.models.features import TokenLayout, arch_name, input_size
+from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.attention_probs import model_attention
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
+from featviz.views.sheets import sheet_cut
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +234,7 @@ class AttentionResult(ViewResult):
     rollout: dict[str, Any] | None  # head_fusion, discard_ratio, blocks; None without rollout
     files: dict[str, Any]
     notes: list[str]
+    sheet: dict[str, int] | None = None  # {"shown", "of"}: the contact sheet's rows
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary."""
@@ -250,6 +253,7 @@ class AttentionResult(ViewResult):
             "rollout": self.rollout,
             "files": self.files,
             "notes": self.notes,
+            "sheet": self.sheet,
         }
 
 
@@ -270,7 +274,9 @@ def run_attention(
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
-    sheet_rows: int = 24,
+    sheet_images: int = 24,
+    limit: int | None = None,
+    style: PlotStyle = DEFAULT_STYLE,
 ) -> AttentionResult:
     """Everything ``featviz attention`` does; writes ``out_dir`` as one atomic folder.
 
@@ -279,6 +285,10 @@ def run_attention(
     ``prefix_share`` (N, heads); ``rollout`` (N, h, w) with ``rollout_maps``; ``ids``),
     ``contact_sheet.png`` (rows = images; columns = input, heads, mean, mask[, rollout]),
     ``overlays/<image>.{head<j>,mean,mask[,rollout]}.png`` and ``manifest.json``.
+
+    ``sheet_images``: at most this many rows on the sheet (``featviz.views.sheets.sheet_cut``: spread
+    over all images, the cut said); ``limit``: only the first N images; ``style.cmap``: the heatmaps'
+    colour map (default ``inferno``).
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
@@ -299,7 +309,10 @@ def run_attention(
         raise DataError(f"--threshold must be in (0, 1], got {threshold}")
     hw = input_size(model, image_size)
     lay = token_layout(model, hw)
-    files, ids = runner.images(inputs)
+    files, ids = runner.images(inputs, limit=limit)
+    cut = sheet_cut(len(files), sheet_images)
+    shown = set(cut.indices)
+    cmap = style.heat_cmap("inferno")
     model = runner.place(model, device)
     loader = runner.loader(hw=hw, batch_size=batch_size)
     heads, shares, rolls, rgbs = [], [], [], []  # rgbs: only the images the contact sheet shows
@@ -320,8 +333,8 @@ def run_attention(
                 batch = _run_of(ids[start : start + len(x)], out, threshold, lay, li, hw)
                 rgb = runner.rgb(x)
                 for j, img in enumerate(rgb):  # written as they come: memory stays one batch of images
-                    write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j)
-                rgbs += list(rgb[: max(0, sheet_rows - len(rgbs))])
+                    write_overlays(tmp / "overlays", safe_stem(ids[start + j]), img, batch, j, cmap=cmap)
+                rgbs += [img for j, img in enumerate(rgb) if start + j in shown]
                 heads.append(out.heads)
                 shares.append(out.prefix_share)
                 if out.rollout is not None:
@@ -363,9 +376,9 @@ def run_attention(
         title = (
             f"{arch} · block {li} of {len(blocks)} · class-token attention per head · "
             f"{hw[0]}x{hw[1]} ({lay.grid[0]}x{lay.grid[1]} patches) · "
-            f"mask keeps {threshold:g} of the mass"
+            f"mask keeps {threshold:g} of the mass" + (f" · {cut.caption()}" if cut.cut else "")
         )
-        contact_sheet(tmp / "contact_sheet.png", rgbs[:sheet_rows], run, title=title)
+        contact_sheet(tmp / "contact_sheet.png", rgbs, run, title=title, rows=cut.indices, cmap=cmap)
         result = AttentionResult(
             out=str(runner.out_dir),
             images=len(ids),
@@ -387,6 +400,7 @@ def run_attention(
                 "overlays": len(list((tmp / "overlays").iterdir())),
             },
             notes=notes,
+            sheet=cut.to_dict(),
         )
         runner.write_manifest(
             tmp,
@@ -457,32 +471,38 @@ def _prefix_in_words(lay: TokenLayout) -> str:
 
 
 # ------------------------------------------------------------------ pictures
-def write_overlays(folder: Path, stem: str, rgb: np.ndarray, run: AttentionRun, i: int) -> None:
+def write_overlays(folder: Path, stem: str, rgb: np.ndarray, run: AttentionRun, i: int, *,
+                   cmap: str = "inferno") -> None:
     """``<stem>.head<j>.png``, ``.mean.png``, ``.mask.png`` (and ``.rollout.png``) of image i."""
     from featviz.views.sheets import heat_overlay, mask_overlay, save_png
 
     for j in range(run.heads.shape[1]):
-        save_png(heat_overlay(rgb, run.heads[i, j]), folder / f"{stem}.head{j}.png", min_side=224)
-    save_png(heat_overlay(rgb, run.mean[i]), folder / f"{stem}.mean.png", min_side=224)
+        save_png(heat_overlay(rgb, run.heads[i, j], cmap=cmap), folder / f"{stem}.head{j}.png", min_side=224)
+    save_png(heat_overlay(rgb, run.mean[i], cmap=cmap), folder / f"{stem}.mean.png", min_side=224)
     save_png(mask_overlay(rgb, run.mean_mask[i]), folder / f"{stem}.mask.png", min_side=224)
     if run.rollout is not None:
-        save_png(heat_overlay(rgb, run.rollout[i]), folder / f"{stem}.rollout.png", min_side=224)
+        save_png(heat_overlay(rgb, run.rollout[i], cmap=cmap), folder / f"{stem}.rollout.png", min_side=224)
 
 
 def contact_sheet(
-    path: Path, rgbs: Sequence[np.ndarray], run: AttentionRun, *, title: str = ""
+    path: Path, rgbs: Sequence[np.ndarray], run: AttentionRun, *, title: str = "",
+    rows: Sequence[int] | None = None, cmap: str = "inferno",
 ) -> None:
-    """Rows = images; columns = input, each head, the mean over heads, its mask[, rollout]."""
+    """Rows = images; columns = input, each head, the mean over heads, its mask[, rollout].
+
+    ``rgbs[k]`` is image ``rows[k]`` of the run (default: the first ones).
+    """
     from featviz.views.sheets import grid_sheet, heat_overlay, mask_overlay
 
     n_heads = run.heads.shape[1]
+    rows = list(range(len(rgbs))) if rows is None else list(rows)
     cells, contours = [], []
-    for i, rgb in enumerate(rgbs):
-        row = [rgb] + [heat_overlay(rgb, run.heads[i, j]) for j in range(n_heads)]
-        row += [heat_overlay(rgb, run.mean[i]), mask_overlay(rgb, run.mean_mask[i])]
+    for i, rgb in zip(rows, rgbs, strict=True):
+        row = [rgb] + [heat_overlay(rgb, run.heads[i, j], cmap=cmap) for j in range(n_heads)]
+        row += [heat_overlay(rgb, run.mean[i], cmap=cmap), mask_overlay(rgb, run.mean_mask[i])]
         cont = [None] + [run.masks[i, j] for j in range(n_heads)] + [None, run.mean_mask[i]]
         if run.rollout is not None:
-            row.append(heat_overlay(rgb, run.rollout[i]))
+            row.append(heat_overlay(rgb, run.rollout[i], cmap=cmap))
             cont.append(None)
         cells.append(row)
         contours.append(cont)
@@ -493,7 +513,7 @@ def contact_sheet(
         path,
         cells,
         col_titles=cols,
-        row_labels=run.ids[: len(rgbs)],
+        row_labels=[run.ids[i] for i in rows],
         title=title,
         contours=contours,
     )

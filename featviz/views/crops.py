@@ -36,7 +36,9 @@ from PIL import Image
 
 from featviz.errors import DataError
 from featviz.io.progress import Progress
+from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.runner import ViewResult, ViewRunner
+from featviz.views.sheets import sheet_cut
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ class CropsResult(ViewResult):
     sheet_images: list[str]
     files: dict[str, str]
     per_image: list[dict[str, Any]]
+    sheet: dict[str, int] | None = None  # {"shown", "of"}: the sheet's images
 
     def to_dict(self, *, per_image: bool = True) -> dict[str, Any]:
         """The ``--json`` summary (``per_image=False``: the one ``manifest.json`` holds as ``summary``)."""
@@ -200,7 +203,7 @@ class CropsResult(ViewResult):
         if self.masks:
             d["image_object_share"] = self.image_object_share
             d["object_in_box"] = self.object_in_box
-        d.update(warnings=self.warnings, sheet_images=self.sheet_images, files=self.files)
+        d.update(warnings=self.warnings, sheet_images=self.sheet_images, sheet=self.sheet, files=self.files)
         if per_image:
             d["per_image"] = self.per_image
         return d
@@ -228,8 +231,12 @@ def run_crops(
     description: dict[str, Any] | None = None,
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    style: PlotStyle = DEFAULT_STYLE,
 ) -> CropsResult:
     """Everything ``featviz crops`` does; writes ``out_dir`` as one atomic folder.
+
+    ``sheet_images``: at most this many images on the sheet (``featviz.views.sheets.sheet_cut``:
+    spread over all images, the cut said); ``style.cmap``: the heatmaps' colour map (default ``inferno``).
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints (also in ``manifest.json``).
@@ -330,7 +337,8 @@ def run_crops(
         warnings.append(f"{int(const_a.sum())} of {len(files)} images have a constant heatmap (a dead or untrained "
                         "layer?); their box is the whole image")
         log.warning(warnings[-1])
-    pick = _spread(len(files), sheet_images)
+    cut = sheet_cut(len(files), sheet_images)
+    pick = list(cut.indices)
     result = CropsResult(
         images=len(files), masks=n_masks, arch=arch_name(model), layer=layer_name, heatmap_size=hw,
         threshold=threshold, alpha=alpha, scale=scale, ratio=ratio, pairs=pairs, samples=samples, seed=seed,
@@ -339,7 +347,7 @@ def run_crops(
         image_object_share=_mean([r.get("image_object_share", np.nan) for r in per_image]) if n_masks else None,
         object_in_box=_mean([r.get("object_in_box") if r.get("object_in_box") is not None else np.nan
                              for r in per_image]) if n_masks else None,
-        warnings=warnings, sheet_images=[ids[i] for i in pick],
+        warnings=warnings, sheet_images=[ids[i] for i in pick], sheet=cut.to_dict(),
         files={"sheet": runner.path("sheet.png"), "npz": runner.path("crops.npz"),
                "manifest": runner.path("manifest.json")},
         per_image=per_image,
@@ -355,7 +363,7 @@ def run_crops(
         np.savez_compressed(tmp / "crops.npz", **npz)
         _sheet(tmp / "sheet.png", [files[i] for i in pick], [ids[i] for i in pick], heat_a[pick], boxes[pick], hw,
                {k: [v[i] for i in pick] for k, v in arrays.items()}, [per_image[i] for i in pick],
-               [mask_list[i] for i in pick], result, pairs, total=len(files))
+               [mask_list[i] for i in pick], result, pairs, total=len(files), cmap=style.heat_cmap("inferno"))
         runner.write_manifest(tmp, model=description or {}, summary=result.to_dict(per_image=False),
                               per_image=per_image)
     return result
@@ -381,7 +389,8 @@ def _stat_line(st: dict[str, Any]) -> str:
 
 def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarray, boxes: np.ndarray,
            grid: tuple[int, int], arrays: dict[str, list], per_image: list[dict[str, Any]],
-           masks: Sequence[np.ndarray | None], summary: Mapping[str, Any], pairs: int, *, total: int) -> None:
+           masks: Sequence[np.ndarray | None], summary: Mapping[str, Any], pairs: int, *, total: int,
+           cmap: str = "inferno") -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -396,13 +405,13 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
     widths = [aspect, aspect, aspect, 2.06, 2.06]
     fig = Figure(figsize=(cw * sum(widths) + 0.3, cw * rows + 1.0), layout="constrained")
     axes = fig.subplots(rows, 5, squeeze=False, gridspec_kw={"width_ratios": widths})
-    cmap = colormaps["tab10"]
+    pair_colors = colormaps["tab10"]
     for r in range(rows):
         img = imgs[r]
         rgb = np.asarray(img, np.float32) / 255
         h, w = rgb.shape[:2]
         bpx = box_pixels(boxes[r], (h, w), grid)
-        panels = [heat_overlay(rgb, heat[r].astype(np.float32), alpha=0.55, scale="clip"), rgb, rgb]
+        panels = [heat_overlay(rgb, heat[r].astype(np.float32), alpha=0.55, scale="clip", cmap=cmap), rgb, rgb]
         for c in range(5):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -423,9 +432,9 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
                 for k in range(pairs):
                     for v in range(2):
                         t, le, vh, vw = arrays[f"views_{m}"][r][k, v]
-                        ax.add_patch(Rectangle((le, t), vw, vh, fill=False, ec=cmap(k % 10), lw=1.3,
+                        ax.add_patch(Rectangle((le, t), vw, vh, fill=False, ec=pair_colors(k % 10), lw=1.3,
                                                ls="-" if v == 0 else "--"))
-                        ax.plot(le + vw / 2, t + vh / 2, "o", ms=2.5, color=cmap(k % 10))
+                        ax.plot(le + vw / 2, t + vh / 2, "o", ms=2.5, color=pair_colors(k % 10))
                 ax.set_xlim(-0.5, w - 0.5)
                 ax.set_ylim(h - 0.5, -0.5)
         row = per_image[r]
@@ -444,19 +453,12 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
     lines = [f"{s['arch']} · {s['layer']} · heatmap {s['heatmap_size'][0]}x{s['heatmap_size'][1]} · k = "
              f"{s['threshold']:g} · α = {s['alpha']:g} · scale {s['scale'][0]:g}-{s['scale'][1]:g} · "
              f"box dashed white, pair k: view 1 solid, view 2 dashed, dots = centres"
-             + (f" · {rows} of {total} images shown" if total > rows else "")]
+             + (f" · showing {rows} of {total} images" if total > rows else "")]
     means = " | ".join(f"{TITLES[m]}: {_stat_line(s[m])}" for m in METHODS)
     lines.append(f"over {s['samples']} pairs per image, mean of {s['images']} images: {means} · "
                  f"mean box {100 * s['mean_box_area']:.0f}% of the map, {100 * s['whole_image_share']:.0f}% whole")
     fig.suptitle("\n".join(lines), fontsize=8)
     fig.savefig(path, dpi=90)
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)`` (all when ``k >= n``): the sheet shows every class."""
-    if k >= n:
-        return list(range(n))
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, k)})
 
 
 def _short(text: str, n: int = 30) -> str:

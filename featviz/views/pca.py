@@ -33,6 +33,7 @@ import numpy as np
 from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
+from featviz.views.sheets import sheet_cut
 
 log = logging.getLogger(__name__)
 
@@ -288,12 +289,12 @@ def feature_maps(
     layer: str | None,
     hw: tuple[int, int],
     batch_size: int = 8,
-    keep_images: int | None = None,
+    keep: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray], str]:
     """The (N, C, h, w) maps of ``layer`` for the runner's images.
 
-    ``model`` is placed by ``runner.place``. Also returns the first ``keep_images`` RGB inputs in
-    [0, 1] (all when None) and the layer's name.
+    ``model`` is placed by ``runner.place``. Also returns the RGB inputs in [0, 1] of the images
+    ``keep`` (in order; all when None) and the layer's name.
     """
     import torch
 
@@ -301,11 +302,13 @@ def feature_maps(
 
     loader = runner.loader(hw=hw, batch_size=batch_size)
     maps, rgbs = [], []
+    wanted = None if keep is None else set(keep)
+    start = 0
     with FeatureExtractor(model, layer) as dense, torch.inference_mode(), runner.batches(loader) as batches:
         for x, _, _, _ in batches:
             maps.append(dense(x.to(runner.device)).float().cpu().numpy())
-            room = len(x) if keep_images is None else max(0, keep_images - len(rgbs))
-            rgbs += list(runner.rgb(x[:room]))
+            rgbs += [img for j, img in enumerate(runner.rgb(x)) if wanted is None or start + j in wanted]
+            start += len(x)
         name = dense.layer
     return np.concatenate(maps), rgbs, str(name)
 
@@ -331,6 +334,7 @@ class PcaResult(ViewResult):
     files: dict[str, Any]
     warnings: list[str]
     recipe: str = "dinov2"
+    sheet: dict[str, int] | None = None  # {"shown", "of"}: the sheet's images
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary (``recipe`` and ``whiten`` follow for ``--recipe dinov3``; absent: dinov2)."""
@@ -351,6 +355,7 @@ class PcaResult(ViewResult):
             "first_component_explained_variance_ratio": self.first_component_explained_variance_ratio,
             "files": self.files,
             "warnings": self.warnings,
+            "sheet": self.sheet,
             **extra,
         }
 
@@ -375,6 +380,7 @@ def run_pca(
     sheet_images: int = 40,
     recipe: str = "dinov2",
     mask_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
 ) -> PcaResult:
     """Everything ``featviz pca`` does; writes ``out_dir`` as one atomic folder.
 
@@ -386,6 +392,9 @@ def run_pca(
     ``recipe="dinov3"`` is DINOv3's notebook recipe instead (``dinov3_pca``): foreground from
     ``mask_dir``'s masks, or ``foreground``'s rule, median-filtered; a whitened PCA on the foreground
     patches of all images; ``sigmoid(2·x)`` colours. ``pca.npz`` then also has ``foreground_score``.
+
+    ``sheet_images``: at most this many images on the sheet (``featviz.views.sheets.sheet_cut``:
+    spread over all images, the cut said); ``limit``: only the first N images.
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
@@ -409,11 +418,10 @@ def run_pca(
             "--mask-dir belongs to DINOv3's recipe: add --recipe dinov3 (DINOv2's takes the first component)"
         )
     hw = input_size(model, image_size)
-    files, ids = runner.images(inputs)
+    files, ids = runner.images(inputs, limit=limit)
+    cut = sheet_cut(len(files), sheet_images)
     model = runner.place(model, device)
-    maps, rgbs, layer_name = feature_maps(
-        runner, model, layer=layer, hw=hw, batch_size=batch_size, keep_images=sheet_images
-    )
+    maps, rgbs, layer_name = feature_maps(runner, model, layer=layer, hw=hw, batch_size=batch_size, keep=cut.indices)
     score = None
     if recipe == "dinov3":
         from featviz.views.pca_masks import mask_scores
@@ -445,16 +453,16 @@ def run_pca(
         for i in range(len(ids)):
             pic = upsample(res.rgb[i], hw)
             save_png(pic, tmp / "rgb" / f"{safe_stem(ids[i])}.png", min_side=224)
-            if i < len(rgbs):
+            if i in cut.indices:
                 pictures.append(pic)
         shown = len(rgbs)
         per_row = 1 if shown <= 4 else 2 if shown <= 8 else 4
         cells, titles = [], []
         for r in range(0, shown, per_row):
             row, tit = [], []
-            for i in range(r, min(r + per_row, shown)):
-                row += [rgbs[i], pictures[i]]
-                tit += [ids[i], "PCA"]
+            for k in range(r, min(r + per_row, shown)):
+                row += [rgbs[k], pictures[k]]
+                tit += [ids[cut.indices[k]], "PCA"]
             cells.append(row)
             titles.append(tit)
         evr = ", ".join(f"{v:.0%}" for v in res.explained_variance_ratio[:3])
@@ -470,7 +478,7 @@ def run_pca(
         title = (
             f"{arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} patches) · "
             f"PCA of {len(ids)} images jointly · {fg_note} · "
-            f"RGB = components 1-3 ({evr} of the variance)"
+            f"RGB = components 1-3 ({evr} of the variance)" + (f" · {cut.caption()}" if cut.cut else "")
         )
         if recipe == "dinov3":
             title = (
@@ -525,6 +533,7 @@ def run_pca(
             },
             warnings=warnings,
             recipe=recipe,
+            sheet=cut.to_dict(),
         )
         runner.write_manifest(
             tmp,

@@ -114,15 +114,26 @@ class ViewRunner:
         self.mean: tuple[float, ...] = ()
         self.std: tuple[float, ...] = ()
         self.resize: str | None = None
+        self.limit: dict[str, int] | None = None  # {"first", "of"} under --limit
         check_output(self.out_dir, force=force, folder=True)  # before any work
 
-    def images(self, inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    def images(self, inputs: Sequence[str | os.PathLike], *, limit: int | None = None) -> tuple[list[Path], list[str]]:
         """The image files under ``inputs`` and their ids (``image_ids``), kept for the loader.
 
+        ``limit``: only the first N of them, in that (sorted, stable) order; the manifest's ``limit``
+        says how many of how many (``--limit``).
+
         Raises:
-            DataError: an input does not exist, or holds no image.
+            DataError: an input does not exist, or holds no image; ``limit`` < 1.
         """
         self.files, self.ids = image_ids(inputs)
+        if limit is not None:
+            from featviz.errors import DataError
+
+            if limit < 1:
+                raise DataError(f"--limit must be ≥ 1, got {limit}")
+            self.limit = {"first": min(limit, len(self.files)), "of": len(self.files)}
+            self.files, self.ids = self.files[:limit], self.ids[:limit]
         return self.files, self.ids
 
     def place(self, model: Any, device: str) -> Any:
@@ -197,12 +208,15 @@ class ViewRunner:
             yield tmp
 
     def write_manifest(self, folder: Path, **extra: Any) -> None:
-        """``folder/manifest.json``: schema, command, arguments, versions, ``resize``, then ``extra``.
+        """``folder/manifest.json``: schema, command, arguments, versions, ``resize``, ``limit``, then ``extra``.
 
-        ``resize`` is what the default transform did (``loader``), unless ``extra`` says it.
+        ``resize`` is what the default transform did (``loader``), unless ``extra`` says it; ``limit``
+        (``{"first": N, "of": M}``) is there when ``images`` took only the first N.
         """
         from featviz.io.outputs import manifest, write_json
 
+        if self.limit is not None and "limit" not in extra:
+            extra = {"limit": self.limit, **extra}
         if self.resize is not None and "resize" not in extra:
             extra = {"resize": self.resize, **extra}
         write_json(Path(folder) / "manifest.json", manifest(self.command, self.arguments, **extra))

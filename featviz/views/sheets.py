@@ -7,14 +7,65 @@ object API (headless, no pyplot).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 MASK_COLOR = (0.15, 0.85, 0.35)
+
+
+@dataclass(frozen=True)
+class SheetCut:
+    """Which images a contact sheet shows: the one rule of every sheet (``--sheet-images``).
+
+    ``indices`` are spread evenly over all ``total`` images (the first and the last among them), so
+    a sheet of a class-sorted folder shows every class; all of them when they fit.
+    """
+
+    indices: tuple[int, ...]
+    total: int
+
+    @property
+    def shown(self) -> int:
+        """How many images the sheet shows."""
+        return len(self.indices)
+
+    @property
+    def cut(self) -> bool:
+        """Whether the sheet leaves images out."""
+        return self.shown < self.total
+
+    def caption(self) -> str:
+        """``showing 24 of 40 images`` when the sheet cuts, else ``''`` (for titles)."""
+        return f"showing {self.shown} of {self.total} images" if self.cut else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"shown", "of"}``: the summary's ``sheet``."""
+        return {"shown": self.shown, "of": self.total}
+
+
+def sheet_cut(total: int, sheet_images: int) -> SheetCut:
+    """The images a sheet of at most ``sheet_images`` shows out of ``total``; a cut is said on stderr.
+
+    Raises:
+        ValueError: ``sheet_images`` < 1.
+    """
+    if sheet_images < 1:
+        raise ValueError(f"sheet_images must be ≥ 1, got {sheet_images}")
+    if sheet_images >= total:
+        return SheetCut(tuple(range(total)), total)
+    picked = sorted({int(round(v)) for v in np.linspace(0, total - 1, sheet_images)})
+    cut = SheetCut(tuple(picked), total)
+    log.warning("contact sheet: %s (--sheet-images %d shows all; every image's own files are written)",
+                cut.caption(), total)
+    return cut
 
 
 def upsample(a: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -18,10 +18,11 @@ from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.models.description import describe
 from featviz.models.features import arch_name, parse_image_size
+from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.cam.layers import ModelInfo, layer_shapes, probe_model
 from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
 from featviz.views.cam.metrics import METRIC_DEFINITIONS, faithfulness
-from featviz.views.cam.render import CamRun, contact_sheet, overlay_png
+from featviz.views.cam.render import CAM_CMAP, CamRun, contact_sheet, overlay_png
 from featviz.views.cam.scores import (
     BLUR_KLEN,
     BLUR_NSIG,
@@ -38,13 +39,18 @@ from featviz.views.cam.targets import (
     TargetContext,
     TargetSpec,
     check_target,
+    class_index,
     default_target,
     make_targets,
     parse_target,
 )
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
+from featviz.views.sheets import SheetCut, sheet_cut
 
 log = logging.getLogger(__name__)
+
+IMAGENET_CLASSES = 1000
+"""A classifier with this many outputs and no class names of its own takes ImageNet-1k's for ``class:NAME``."""
 
 
 def read_class_names(spec: str | Path | Sequence[str] | None) -> list[str]:
@@ -81,8 +87,9 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             batch_size: int = 16, aug_smooth: bool = False, eigen_smooth: bool = False,
             metrics: bool = False, device: str = "auto", seed: int = 0, force: bool = False, strict: bool = False,
             class_names: Sequence[str] = (), arguments: dict[str, Any] | None = None, progress: Progress | None = None,
-            sheet_rows: int = 24, weights: str | None = None, note: str | None = None,
-            scores: str | Sequence[str] | None = None, score_steps: int = DEFAULT_STEPS) -> CamResult:
+            sheet_images: int = 24, weights: str | None = None, note: str | None = None, limit: int | None = None,
+            style: PlotStyle = DEFAULT_STYLE, scores: str | Sequence[str] | None = None,
+            score_steps: int = DEFAULT_STEPS) -> CamResult:
     """Explain every image under ``inputs`` with every method; write the results to ``out_dir``.
 
     Writes (atomically, as one folder): ``overlays/<image>.<method>.png``, ``maps.npz`` (per method
@@ -104,7 +111,7 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
         aug_smooth: Test-time augmentation smoothing.
         eigen_smooth: First-principal-component smoothing.
         metrics: Add ROAD and confidence-change scores per map.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         seed: Seed for ``pair`` views and ROAD's imputation noise.
         force: Replace featviz's files in an existing ``out_dir`` (other files are kept).
         strict: Stop at the first undecodable image instead of skipping it (with a warning).
@@ -113,9 +120,12 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
             default: the model's own (a segmenter's).
         arguments: The command's arguments, for the manifest.
         progress: Wraps the batch loop (a progress bar).
-        sheet_rows: Images shown on the contact sheet (all maps are still saved).
+        sheet_images: Images shown on the contact sheet, spread over all of them, the cut said
+            (``featviz.views.sheets.sheet_cut``; all maps are still saved).
         weights: What the weights are, for the sheet's title (a checkpoint name, ``random weights``).
         note: A line under the sheet's title.
+        limit: Only the first N images (in the listing order); the manifest's ``limit`` says so.
+        style: ``style.cmap``: the maps' colour map (default ``jet``).
         scores: Faithfulness scores per map: ``road``, ``deletion``, ``insertion`` (comma-separated, a
             list or ``all``; ``featviz.views.cam.scores``); they go to ``cam.json`` and the sheet's
             ranking panel.
@@ -133,15 +143,18 @@ def run_cam(inputs: Sequence[str | Path], out_dir: str | Path, *, model: nn.Modu
     class_names = read_class_names(class_names) if isinstance(class_names, (str, Path)) else list(class_names)
     setup = _prepare(runner, inputs, model, methods=methods, layers=layers, target=target, image_size=hw,
                      batch_size=batch_size, aug_smooth=aug_smooth, device=device, seed=seed, class_names=class_names,
-                     strict=strict)
+                     strict=strict, limit=limit)
+    cut = sheet_cut(len(setup.files), sheet_images)
+    cmap = style.heat_cmap(CAM_CMAP)
     with runner.output() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise; the caller's RNG state is left alone
         run, sheet_imgs, kept = _explain_all(runner, setup, tmp / "overlays", aug_smooth=aug_smooth,
-                                             eigen_smooth=eigen_smooth, metrics=metrics, sheet_rows=sheet_rows,
-                                             keep=bool(score_names))
+                                             eigen_smooth=eigen_smooth, metrics=metrics, shown=set(cut.indices),
+                                             cmap=cmap, keep=bool(score_names))
         if score_names:
             _score_all(runner, setup, run, kept, score_names, int(score_steps))
-        return _write_outputs(runner, tmp, setup, run, sheet_imgs, metrics=metrics, weights=weights, note=note)
+        return _write_outputs(runner, tmp, setup, run, sheet_imgs, metrics=metrics, weights=weights, note=note,
+                              cut=cut, cmap=cmap)
 
 
 @dataclass
@@ -168,13 +181,14 @@ class _Setup:
 
 
 def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, target, image_size, batch_size: int,
-             aug_smooth: bool, device: str, seed: int, class_names: Sequence[str], strict: bool = False) -> _Setup:
+             aug_smooth: bool, device: str, seed: int, class_names: Sequence[str], strict: bool = False,
+             limit: int | None = None) -> _Setup:
     from featviz.data.images import load_image
     from featviz.models.features import default_cam_layer, get_layer, input_size, reshape_transform
 
     names = parse_methods(methods)
     spec = parse_target(target) if target else None
-    files, ids = runner.images(inputs)
+    files, ids = runner.images(inputs, limit=limit)
     model = runner.place(model, device)
     dev, mean, std = runner.device, runner.mean, runner.std
     hw = input_size(model, image_size)  # the model's default, or the size asked for (ViT patch multiples)
@@ -187,6 +201,16 @@ def _prepare(runner: ViewRunner, inputs, model: nn.Module, *, methods, layers, t
     token = any(len(s) == 3 for s in shapes)
     spec = spec or default_target(info)
     class_names = list(class_names) or list(describe(model).class_names)  # a segmenter knows its own
+    if (not class_names and info.kind == "logits" and info.num_classes == IMAGENET_CLASSES and spec.kind == "class"
+            and not (spec.arg or "").isdigit()):
+        log.info("--target %s: a 1000-class classifier without its own class names; looking the name up in "
+                 "ImageNet-1k's (--class-names to give others)", spec)
+        class_names = read_class_names("imagenet")
+    if spec.kind == "class":
+        idx = class_index(spec.arg or "", class_names)
+        if str(idx) != spec.arg:
+            log.info("--target %s is class %d (%s)", spec, idx, class_names[idx])
+            spec = TargetSpec("class", str(idx))
     check_target(spec, info, class_names)
     if class_names and info.kind == "logits" and len(class_names) != info.num_classes:
         raise DataError(f"--class-names has {len(class_names)} names but the classifier has {info.num_classes} "
@@ -242,10 +266,12 @@ def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, au
 
 
 def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: bool, eigen_smooth: bool,
-                 metrics: bool, sheet_rows: int, keep: bool = False) -> tuple[CamRun, list[np.ndarray], list]:
+                 metrics: bool, shown: set[int], cmap: str = CAM_CMAP, keep: bool = False,
+                 ) -> tuple[CamRun, dict[int, np.ndarray], list]:
     """Every method on every batch; overlays are written as they come, the maps kept for maps.npz.
 
-    With ``keep`` each batch (on the CPU) and its bound targets are kept for the scoring pass.
+    Returns the run and the pictures of the images the sheet shows (``shown``), by their row in the run;
+    with ``keep``, also each batch (on the CPU) and its bound targets, for the scoring pass.
     """
     overlays.mkdir()
     maps: dict[str, list[np.ndarray]] = {m: [] for m in s.methods}
@@ -253,7 +279,7 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
     mets: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in s.methods}
     labels: list[str] = []
     scores: list[float | None] = []
-    sheet_imgs: list[np.ndarray] = []
+    sheet_imgs: dict[int, np.ndarray] = {}  # image index -> its picture, for the sheet's images only
     bad: list[int] = []
     kept: list[tuple[torch.Tensor, list]] = []
     with runner.batches(s.loader) as batches:  # a progress bar ends with the loop, error or not
@@ -275,14 +301,16 @@ def _explain_all(runner: ViewRunner, s: _Setup, overlays: Path, *, aug_smooth: b
                     for k, v in faithfulness(s.info, x, batch_maps, targets).items():
                         mets[m].setdefault(k, []).append(v)
                 for j, i in enumerate(idx.tolist()):
-                    overlay_png(rgb[j], batch_maps[j], overlays / f"{safe_stem(s.ids[i])}.{m}.png")
+                    overlay_png(rgb[j], batch_maps[j], overlays / f"{safe_stem(s.ids[i])}.{m}.png", cmap=cmap)
             labels += [t.label for t in targets]
             scores += [t.score for t in targets]
             if keep:
                 kept.append((x.cpu(), targets))
-            sheet_imgs += list(rgb[: max(0, sheet_rows - len(sheet_imgs))])
+            sheet_imgs.update({i: rgb[j] for j, i in enumerate(idx.tolist()) if i in shown})
+    gone = set(bad)
+    row = {i: r for r, i in enumerate(i for i in range(len(s.ids)) if i not in gone)}  # image -> row of the run
+    sheet_imgs = {row[i]: img for i, img in sorted(sheet_imgs.items()) if i in row}
     if bad:  # the outputs hold the images that were explained, in order
-        gone = set(bad)
         s.undecodable = [s.ids[i] for i in sorted(gone)]
         s.files = [f for i, f in enumerate(s.files) if i not in gone]
         s.ids = [f for i, f in enumerate(s.ids) if i not in gone]
@@ -358,8 +386,9 @@ def _skipped(s: _Setup, skipped: list[int]) -> list[int]:
     return list(skipped)
 
 
-def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_imgs: list[np.ndarray], *,
-                   metrics: bool, weights: str | None = None, note: str | None = None) -> CamResult:
+def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_imgs: dict[int, np.ndarray], *,
+                   metrics: bool, weights: str | None = None, note: str | None = None, cut: SheetCut,
+                   cmap: str = CAM_CMAP) -> CamResult:
     """maps.npz, the contact sheet and manifest.json into the run's temporary folder; the result."""
     arrays: dict[str, np.ndarray] = {"ids": np.array(run.ids)}
     for m in run.methods:
@@ -371,7 +400,9 @@ def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_
         (tmp / "cam.json").write_text(json.dumps(scored, indent=1, allow_nan=True) + "\n", encoding="utf-8")
     desc = describe(s.model)
     warnings = [*desc.warnings, *_warn_degenerate(run)]  # the load's (already on stderr), then the maps'
-    contact_sheet(run, sheet_imgs, tmp / "contact_sheet.png", title=_sheet_title(s.model, run, weights), note=note)
+    title = _sheet_title(s.model, run, weights) + (f" · {cut.caption()}" if cut.cut else "")
+    contact_sheet(run, list(sheet_imgs.values()), tmp / "contact_sheet.png", title=title, note=note,
+                  rows_of=list(sheet_imgs), cmap=cmap)
     runner.write_manifest(
         tmp, model={"arch": arch_name(s.model), "kind": s.info.kind, "output_shape": s.info.out_shape,
                     "output_selected": s.info.selected, "description": desc.to_dict()},
@@ -389,7 +420,7 @@ def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_
                               **{k: float(v[i]) for k, v in run.score_values.get(m, {}).items()}}
                           for m in run.methods}} for i in range(len(run.ids))],
         warnings=warnings)
-    return _result(run, runner, warnings, s.undecodable, scored)
+    return _result(run, runner, warnings, s.undecodable, scored, cut)
 
 
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
@@ -435,6 +466,7 @@ class CamResult(ViewResult):
     warnings: list[str]
     undecodable_images: list[str]
     scores: dict[str, Any] | None = None  # method -> mean score, ranking, forwards (cam.json's summary)
+    sheet: dict[str, int] | None = None  # {"shown", "of"}: the contact sheet's rows
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary."""
@@ -444,11 +476,12 @@ class CamResult(ViewResult):
             "image_size": list(self.image_size), "files": self.files, "map_status": self.map_status,
             "metrics": self.metrics, "warnings": self.warnings, "undecodable_images": self.undecodable_images,
             "scores": self.scores,
+            "sheet": self.sheet,
         }
 
 
 def _result(run: CamRun, runner: ViewRunner, warnings: list[str], undecodable: list[str],
-            scored: dict[str, Any] | None = None) -> CamResult:
+            scored: dict[str, Any] | None = None, cut: SheetCut | None = None) -> CamResult:
     status = {m: {k: sum(s.status == k for s in run.stats[m]) for k in ("ok", "blank", "noise", "nan", "unchecked")}
               for m in run.methods}
     return CamResult(
@@ -459,7 +492,7 @@ def _result(run: CamRun, runner: ViewRunner, warnings: list[str], undecodable: l
                "manifest": runner.path("manifest.json"), "overlays": len(run.ids) * len(run.methods)},
         map_status=status,
         metrics={m: {k: float(np.nanmean(v)) for k, v in d.items()} for m, d in run.metrics.items() if d} or None,
-        warnings=warnings, undecodable_images=undecodable,
+        warnings=warnings, undecodable_images=undecodable, sheet=None if cut is None else cut.to_dict(),
         scores=None if scored is None else {
             "means": {m: d["mean"] for m, d in scored["methods"].items()}, "ranking": scored["ranking"],
             "forwards": scored["forwards"], "steps": scored["steps"], "step_pixels": scored["step_pixels"]},

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 _TARGET_RE = re.compile(r"^(?P<kind>top1|self|pair|class|seg|similarity)(?::(?P<arg>.+))?$")
-TARGET_KINDS = ("top1", "class:N", "seg:CLASS", "similarity:REF_IMAGE", "self", "pair")
+TARGET_KINDS = ("top1", "class:N", "class:NAME", "seg:CLASS", "similarity:REF_IMAGE", "self", "pair")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class TargetSpec:
 
 
 def parse_target(spec: str) -> TargetSpec:
-    """Parse ``top1``, ``class:N``, ``seg:CLASS``, ``similarity:REF_IMAGE``, ``self`` or ``pair``.
+    """Parse ``top1``, ``class:N``, ``class:NAME``, ``seg:CLASS``, ``similarity:REF_IMAGE``, ``self`` or ``pair``.
+
+    A ``class:NAME`` is resolved against the model's class names later (``class_index``).
 
     Raises:
         UnknownNameError: the text matches none of these.
@@ -49,9 +51,38 @@ def parse_target(spec: str) -> TargetSpec:
         raise UnknownNameError(f"unknown --target {spec!r}{did_you_mean(spec.split(':')[0], TARGET_KINDS)}; "
                                f"expected one of: {', '.join(TARGET_KINDS)}")
     assert m is not None
-    if m["kind"] == "class" and not re.fullmatch(r"\d+", m["arg"]):
-        raise UnknownNameError(f"--target {spec!r}: expected class:N with a class index N ≥ 0")
-    return TargetSpec(m["kind"], m["arg"])
+    return TargetSpec(m["kind"], m["arg"].strip() if m["arg"] else None)
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def class_index(arg: str, class_names: Sequence[str]) -> int:
+    """The class a ``class:`` target names: an index, or a name from ``class_names``.
+
+    A name matches a class's whole name or any of its comma-separated synonyms, ignoring case and
+    ``_`` vs space (ImageNet's ``tabby, tabby cat``: ``tabby``, ``Tabby_Cat``); the first class
+    that has it wins.
+
+    Raises:
+        DataError: a name when the model has no class names, or a name no class has (with the
+            closest ones).
+    """
+    if re.fullmatch(r"\d+", arg):
+        return int(arg)
+    if not class_names:
+        raise DataError(f"--target class:{arg}: this model has no class names to look {arg!r} up in; give "
+                        "--class-names (a text file, one per line, or 'imagenet') or a class index, class:N")
+    key = _name_key(arg)
+    synonyms: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        for s in (name, *name.split(",")):
+            synonyms.setdefault(_name_key(s), i)
+    if key in synonyms:
+        return synonyms[key]
+    raise DataError(f"--target class:{arg}: no class is called {arg!r}{did_you_mean(key, synonyms)}; "
+                    f"the model has {len(class_names)} classes (give class:N for an index)")
 
 
 class CamTarget:
@@ -118,16 +149,19 @@ class SegTarget(CamTarget):
 
     def __init__(self, category: int, name: str):
         self.category, self.name, self.mask = category, name, None
+        self.absent = False  # no pixel predicted as the class: the map explains every pixel
 
     def bind(self, output: torch.Tensor) -> None:
         """Fix the mask of pixels predicted as the class (every pixel when none is)."""
         mask = (output.argmax(0) == self.category).to(output.dtype)
-        if mask.sum() == 0:  # an empty mask would give a zero map; say so and explain the class everywhere
+        self.absent = bool(mask.sum() == 0)
+        if self.absent:  # an empty mask would give a zero map; say so and explain the class everywhere
             log.warning("seg:%s: no pixel of this image is predicted as %s; using every pixel instead of "
                         "the predicted mask", self.name, self.name)
             mask = torch.ones_like(mask)
         self.mask = mask
-        self.label = f"seg {self.name} ({int(mask.sum())} px)"
+        self.label = (f"seg {self.name}: none predicted; map of all {int(mask.sum())} px" if self.absent
+                      else f"seg {self.name} ({int(mask.sum())} px)")
         super().bind(output)
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
