@@ -48,8 +48,8 @@ def measure(args) -> dict:
     import numpy as np
     import torch
 
+    from featviz.data.masks import read_mask
     from featviz.errors import DataError
-    from featviz.eval.embed import read_mask
     from featviz.maps import cac_figure as figure
     from featviz.train.segmentation.dataset import VOCFolder
 

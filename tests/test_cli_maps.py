@@ -85,7 +85,7 @@ def test_view_pixels_sit_on_the_labelled_pixel_of_every_view():
     import numpy as np
     from PIL import Image
 
-    from featviz.eval.embed import read_mask
+    from featviz.data.masks import read_mask
     from featviz.maps import cac_figure as figure
 
     seg = SAMPLE / "seg"

@@ -36,7 +36,7 @@ from featviz.data.images import (
     normalization_of,
     resize_rule,
 )
-from featviz.data.masks import IGNORE_INDEX, array_wh, check_same_size, check_values
+from featviz.data.masks import IGNORE_INDEX, array_wh, check_same_size, check_values, find_class_names, read_mask
 from featviz.data.thumbnails import image_root
 from featviz.distributed import DistInfo, barrier, init_distributed, shard
 from featviz.errors import DataError, shorten
@@ -187,34 +187,6 @@ def grid_rows(size: int, cells: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ pixel embeddings
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A single-channel class mask (palette indices or grey levels) as (H, W) int64.
-
-    Raises:
-        DataError: unreadable, or a colour (RGB) mask.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("P", "L", "I", "I;16", "1"):
-                raise DataError(f"mask {str(path)!r} is {im.mode}; expected a single-channel class-index PNG "
-                                "(palette or grey values = class ids, 255 = ignore)")
-            return np.asarray(im).astype(np.int64)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem
-        raise DataError(f"mask {str(path)!r} is not a readable image ({e})") from None
-
-
-def find_class_names(masks_dir: Path) -> list[str]:
-    """Class names from a ``classes.txt`` in the mask folder or its parent (VOC-like layout)."""
-    for cand in (masks_dir / "classes.txt", masks_dir.parent / "classes.txt"):
-        if cand.is_file():
-            return [ln.strip() for ln in cand.read_text().splitlines() if ln.strip()]
-    return []
-
-
 @dataclass
 class PixelSet:
     """Images paired with their masks by file stem."""

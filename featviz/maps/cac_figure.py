@@ -529,7 +529,7 @@ def cac_figure(models: Sequence[FigureModel], image: str | os.PathLike, mask: st
         OutputExistsError: one of the outputs exists and ``force`` is False.
     """
     from featviz.data.images import load_image
-    from featviz.eval.embed import find_class_names, read_mask
+    from featviz.data.masks import find_class_names, read_mask
     from featviz.io.outputs import atomic_path, check_writable, manifest, write_json
     from featviz.maps.plotting import check_format
 

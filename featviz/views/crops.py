@@ -127,7 +127,7 @@ def _mean(a) -> float | None:
 def _read_masks(files: Sequence[Path], masks: str | os.PathLike) -> list[np.ndarray | None]:
     """Each image's class-index mask by file stem (None when it has none; a warning counts them)."""
     from featviz.data.images import IMAGE_EXTS
-    from featviz.eval.embed import read_mask
+    from featviz.data.masks import read_mask
 
     mdir = Path(masks)
     if not mdir.is_dir():
