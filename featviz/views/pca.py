@@ -260,7 +260,7 @@ def run_pca(
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
     from featviz.models.features import arch_name, input_size
-    from featviz.views.sheets import grid_sheet, save_png, upsample
+    from featviz.views.sheets import grid_sheet, save_png, upsample, with_caution
 
     runner = ViewRunner("pca", out_dir, force=force, arguments=arguments, progress=progress)
     if foreground not in FOREGROUND:
@@ -310,7 +310,8 @@ def run_pca(
             if foreground == "auto"
             else "no background removal"
         )
-        title = (
+        title = with_caution(
+            model,
             f"{arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} patches) · "
             f"PCA of {len(ids)} images jointly · {fg_note} · "
             f"RGB = components 1-3 ({evr} of the variance)"

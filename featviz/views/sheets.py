@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -147,6 +147,17 @@ def grid_sheet(
         fig.suptitle(textwrap.fill(title, chars), fontsize=9)
     fig.savefig(path, dpi=dpi)
     return Path(path)
+
+
+def with_caution(model: Any, title: str) -> str:
+    """``title``, led by ``RANDOM WEIGHTS (untrained) · `` when the model has featviz's random initialisation.
+
+    Every sheet's title goes through it, so no picture of an untrained model passes for a trained one.
+    """
+    from featviz.models.description import weights_caution
+
+    caution = weights_caution(model) if model is not None else None
+    return f"{caution} · {title}" if caution else title
 
 
 def _short(text: str, n: int = 22) -> str:
