@@ -195,8 +195,9 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
                     "featviz attention YOUR_IMAGES --checkpoint YOUR_VIT.pth --out attention", note=VIT_NOTE)
 
     def pca_photos() -> Step:
-        c = run(["pca", *photos, "--checkpoint", vit, "--out", "{out}/pca_photos"])
-        return Step("PCA of the bundled ViT's patch features (DINOv2's figure: foreground first, RGB)",
+        c = run(["pca", _sample("photos", "astronaut"), "--checkpoint", vit, "--out", "{out}/pca_photos"])
+        return Step("PCA of the bundled ViT's patch features on four photos of one subject (DINOv2's figure: "
+                    "foreground first, RGB)",
                     ["pca_photos/sheet.png", "pca_photos/manifest.json"], c,
                     "featviz pca YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --out pca", note=VIT_NOTE)
 
