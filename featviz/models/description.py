@@ -100,6 +100,8 @@ class ModelDescription:
             ``global average pool``); None when unknown.
         position_embedding: How a ViT knows where its patches are: ``learned (interpolated)``,
             ``rope``, ``learned + rope``, ``sin-cos (fixed)``; None for CNNs.
+        random_init: The weights are featviz's seeded random initialisation (``--arch`` without a
+            checkpoint; never with a ``source``): every sheet's title says so.
     """
 
     arch: ArchSpec | None = None
@@ -115,6 +117,11 @@ class ModelDescription:
     library: str | None = None
     pooling: str | None = None
     position_embedding: str | None = None
+    random_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source is not None and self.random_init:  # weights read from a file are not featviz's init
+            object.__setattr__(self, "random_init", False)
 
     @property
     def name(self) -> str:
@@ -143,7 +150,7 @@ class ModelDescription:
             "class_names": list(self.class_names), "normalization": self.normalization.to_dict(),
             "input_size": list(self.input_size), "method": self.method, "source": self.source,
             "warnings": list(self.warnings), "library": self.library, "pooling": self.pooling,
-            "position_embedding": self.position_embedding,
+            "position_embedding": self.position_embedding, "random_init": self.random_init,
         }
 
     @classmethod
@@ -155,7 +162,16 @@ class ModelDescription:
             normalization=Normalization.from_dict(d["normalization"]) if d.get("normalization") else IMAGENET,
             input_size=tuple(d.get("input_size") or (224, 224)), method=d.get("method"), source=d.get("source"),
             warnings=tuple(d.get("warnings") or ()), library=d.get("library"), pooling=d.get("pooling"),
-            position_embedding=d.get("position_embedding"))
+            position_embedding=d.get("position_embedding"), random_init=bool(d.get("random_init", False)))
+
+
+RANDOM_WEIGHTS = "RANDOM WEIGHTS (untrained)"
+"""What a sheet's title starts with when the model's weights are featviz's random initialisation."""
+
+
+def weights_caution(model: Any) -> str | None:
+    """``RANDOM_WEIGHTS`` for a model with featviz's random initialisation, else None (the title's prefix)."""
+    return RANDOM_WEIGHTS if describe(model).random_init else None
 
 
 def attach(model: Any, description: ModelDescription) -> Any:

@@ -48,7 +48,7 @@ from featviz.models.features import TokenLayout, arch_name, input_size
 from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.attention_probs import model_attention
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
-from featviz.views.sheets import sheet_cut
+from featviz.views.sheets import sheet_cut, with_caution
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,8 @@ def run_attention(
         if run.rollout is not None:
             arrays["rollout"] = run.rollout
         np.savez_compressed(tmp / "maps.npz", **arrays)
-        title = (
+        title = with_caution(
+            model,
             f"{arch} · block {li} of {len(blocks)} · class-token attention per head · "
             f"{hw[0]}x{hw[1]} ({lay.grid[0]}x{lay.grid[1]} patches) · "
             f"mask keeps {threshold:g} of the mass" + (f" · {cut.caption()}" if cut.cut else "")

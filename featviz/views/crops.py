@@ -363,7 +363,8 @@ def run_crops(
         np.savez_compressed(tmp / "crops.npz", **npz)
         _sheet(tmp / "sheet.png", [files[i] for i in pick], [ids[i] for i in pick], heat_a[pick], boxes[pick], hw,
                {k: [v[i] for i in pick] for k, v in arrays.items()}, [per_image[i] for i in pick],
-               [mask_list[i] for i in pick], result, pairs, total=len(files), cmap=style.heat_cmap("inferno"))
+               [mask_list[i] for i in pick], result, pairs, total=len(files), cmap=style.heat_cmap("inferno"),
+               model=model)
         runner.write_manifest(tmp, model=description or {}, summary=result.to_dict(per_image=False),
                               per_image=per_image)
     return result
@@ -390,13 +391,13 @@ def _stat_line(st: dict[str, Any]) -> str:
 def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarray, boxes: np.ndarray,
            grid: tuple[int, int], arrays: dict[str, list], per_image: list[dict[str, Any]],
            masks: Sequence[np.ndarray | None], summary: Mapping[str, Any], pairs: int, *, total: int,
-           cmap: str = "inferno") -> None:
+           cmap: str = "inferno", model: Any = None) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     from featviz.data.images import load_image
-    from featviz.views.sheets import heat_overlay
+    from featviz.views.sheets import heat_overlay, with_caution
 
     rows = len(files)
     imgs = [load_image(f) for f in files]
@@ -457,7 +458,7 @@ def _sheet(path: Path, files: Sequence[Path], ids: Sequence[str], heat: np.ndarr
     means = " | ".join(f"{TITLES[m]}: {_stat_line(s[m])}" for m in METHODS)
     lines.append(f"over {s['samples']} pairs per image, mean of {s['images']} images: {means} · "
                  f"mean box {100 * s['mean_box_area']:.0f}% of the map, {100 * s['whole_image_share']:.0f}% whole")
-    fig.suptitle("\n".join(lines), fontsize=8)
+    fig.suptitle(with_caution(model, "\n".join(lines)), fontsize=8)
     fig.savefig(path, dpi=90)
 
 

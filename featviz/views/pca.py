@@ -404,7 +404,7 @@ def run_pca(
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
     from featviz.models.features import arch_name, input_size
-    from featviz.views.sheets import grid_sheet, save_png, upsample
+    from featviz.views.sheets import grid_sheet, save_png, upsample, with_caution
 
     runner = ViewRunner("pca", out_dir, force=force, arguments=arguments, progress=progress)
     if foreground not in FOREGROUND:
@@ -475,16 +475,19 @@ def run_pca(
         )
         if recipe == "dinov3":
             fg_note = fg_note.replace("foreground: ", "foreground (median-filtered): ")
-        title = (
+        title = with_caution(
+            model,
             f"{arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} patches) · "
             f"PCA of {len(ids)} images jointly · {fg_note} · "
             f"RGB = components 1-3 ({evr} of the variance)" + (f" · {cut.caption()}" if cut.cut else "")
         )
         if recipe == "dinov3":
-            title = (
+            title = with_caution(
+                model,
                 f"DINOv3 recipe · {arch} · {layer_name} · {hw[0]}x{hw[1]} ({maps.shape[2]}x{maps.shape[3]} "
                 f"patches) · {fg_note} · whitened PCA of the foreground of {len(ids)} images jointly · "
                 f"RGB = sigmoid(2 x whitened components 1-3) ({evr} of the variance)"
+                + (f" · {cut.caption()}" if cut.cut else ""),
             )
         grid_sheet(tmp / "sheet.png", cells, cell_titles=titles, title=title, cell=1.9)
         arrays = {

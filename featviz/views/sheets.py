@@ -200,5 +200,16 @@ def grid_sheet(
     return Path(path)
 
 
+def with_caution(model: Any, title: str) -> str:
+    """``title``, led by ``RANDOM WEIGHTS (untrained) · `` when the model has featviz's random initialisation.
+
+    Every sheet's title goes through it, so no picture of an untrained model passes for a trained one.
+    """
+    from featviz.models.description import weights_caution
+
+    caution = weights_caution(model) if model is not None else None
+    return f"{caution} · {title}" if caution else title
+
+
 def _short(text: str, n: int = 22) -> str:
     return text if len(text) <= n else "…" + text[-(n - 1) :]

@@ -424,8 +424,13 @@ def _write_outputs(runner: ViewRunner, tmp: Path, s: _Setup, run: CamRun, sheet_
 
 
 def _sheet_title(model: nn.Module, run: CamRun, weights: str | None = None) -> str:
+    from featviz.models.description import weights_caution
+    from featviz.views.sheets import with_caution
+
+    if weights and weights_caution(model):  # the title leads with RANDOM WEIGHTS: keep only the seed
+        weights = weights.removeprefix("random weights, ")
     arch = arch_name(model) + (f" ({weights})" if weights else "")
-    return f"{arch} · layer {', '.join(run.layers)} · target {run.target}"
+    return with_caution(model, f"{arch} · layer {', '.join(run.layers)} · target {run.target}")
 
 
 def _warn_degenerate(run: CamRun) -> list[str]:

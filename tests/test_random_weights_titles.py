@@ -1,0 +1,84 @@
+"""Every sheet made from featviz's random initialisation says so in its title; one from a checkpoint does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from featviz.models.description import RANDOM_WEIGHTS, ModelDescription, describe, weights_caution
+
+
+@pytest.fixture
+def titles(monkeypatch):
+    """The titles handed to the sheets (grid_sheet: pca and attention; matplotlib's suptitle: crops)."""
+    from matplotlib.figure import Figure
+
+    from featviz.views import sheets
+
+    seen = []
+    real_grid, real_suptitle = sheets.grid_sheet, Figure.suptitle
+
+    def grid(path, cells, **kw):
+        seen.append(kw.get("title", ""))
+        return real_grid(path, cells, **kw)
+
+    def suptitle(self, t, **kw):
+        seen.append(t)
+        return real_suptitle(self, t, **kw)
+
+    monkeypatch.setattr(sheets, "grid_sheet", grid)
+    monkeypatch.setattr(Figure, "suptitle", suptitle)
+    return seen
+
+
+def test_the_description_knows_random_weights(tmp_path):
+    from featviz.models.checkpoints import save_featviz
+    from featviz.models.loader import load_model
+
+    random, desc = load_model(arch="vit_tiny_patch16_224", seed=0)
+    assert desc.random_init and weights_caution(random) == RANDOM_WEIGHTS
+    assert ModelDescription.from_dict(desc.to_dict()).random_init
+    tensors = {f"backbone.{k}": v for k, v in random.state_dict().items()}
+    save_featviz(tmp_path / "m.safetensors", tensors, {"arch": desc.arch.to_dict()})
+    loaded, desc2 = load_model(tmp_path / "m.safetensors")  # the same numbers, read from a file
+    assert not desc2.random_init and weights_caution(loaded) is None
+    assert not ModelDescription(source={"format": "x"}, random_init=True).random_init  # a source wins
+    assert weights_caution(object()) is None  # a foreign module: featviz does not know
+
+
+def test_pca_attention_crops_and_cam_sheets_say_random_weights(tmp_path, sample_dir, titles):
+    from featviz.models.loader import load_model
+    from featviz.views.attention import run_attention
+    from featviz.views.cam import run_cam
+    from featviz.views.crops import run_crops
+    from featviz.views.pca import run_pca
+
+    img = [sample_dir / "photos" / "cat" / "cat_0.jpg"]
+    model, _ = load_model(arch="vit_tiny_patch16_224", seed=0)
+    run_pca(img, tmp_path / "pca", model=model, image_size=64)
+    run_attention(img, tmp_path / "att", model=model, image_size=64)
+    run_crops(img, tmp_path / "crops", model=model, image_size=64, pairs=1, samples=4)
+    run_cam(img, tmp_path / "cam", model=model, image_size=64, methods=["gradcam"], target="self")
+    assert len(titles) >= 3 and all(t.startswith(RANDOM_WEIGHTS + " · ") for t in titles), titles
+    with open(tmp_path / "cam" / "manifest.json") as f:
+        assert f.read()  # the cam sheet was written (its title is checked below through _sheet_title)
+
+
+def test_a_trained_checkpoint_sheet_has_no_caution(tmp_path, sample_dir, titles):
+    from featviz.models.loader import load_model
+    from featviz.views.pca import run_pca
+
+    model, desc = load_model(sample_dir / "checkpoints" / "vit_photos.safetensors")
+    assert not describe(model).random_init
+    run_pca([sample_dir / "photos" / "cat" / "cat_0.jpg"], tmp_path / "pca", model=model)
+    assert titles and not any(RANDOM_WEIGHTS in t for t in titles)
+
+
+def test_cam_title_leads_with_the_caution_and_keeps_the_seed():
+    from featviz.models.architectures import build_backbone
+    from featviz.views.cam.run import _sheet_title
+
+    class Run:
+        layers, target = ["layer4"], "self"
+
+    title = _sheet_title(build_backbone("resnet18", seed=3), Run(), "random weights, seed 3")
+    assert title.startswith(RANDOM_WEIGHTS + " · resnet18 (seed 3)"), title
