@@ -231,6 +231,7 @@ class MoCoV3(MomentumMixin, SSLMethod):
     """
 
     name = "moco_v3"
+    momentum_of_next_step = True  # main_moco.py: adjust_moco_momentum(epoch + i / iters) inside step i's forward
 
     def __init__(self, backbone: nn.Module, *, tau: float = 1.0, momentum: float = 0.99, proj_layers: int = 2,
                  pred_last_bn: bool = False, mlp_dim: int | None = None, dim: int | None = None):
