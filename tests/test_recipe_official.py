@@ -73,7 +73,7 @@ def official_swav_step(model, inputs, temperature, nmb_crops, crops_for_assign=(
         model.prototypes.weight.copy_(w)
     idx_crops = torch.cumsum(torch.unique_consecutive(
         torch.tensor([inp.shape[-1] for inp in inputs]), return_counts=True)[1], 0)
-    start_idx = 0
+    start_idx, output = 0, None
     for end_idx in idx_crops:
         _out = model.backbone(torch.cat(inputs[start_idx: end_idx]))
         output = _out if start_idx == 0 else torch.cat((output, _out))
@@ -290,7 +290,7 @@ def test_moco_v3_momentum_index_equals_adjust_moco_momentum():
     from featviz.train.ssl_task import SSLTask
 
     epochs, iters = 3, 4
-    for name, ahead in (("moco_v3", 1), ("byol", 0)):
+    for name in ("moco_v3", "byol"):
         m = build_method(name, build_backbone(ARCH, seed=0))
         used = []
         m.update_targets = used.append  # records the momentum of every EMA step
