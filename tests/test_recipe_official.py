@@ -307,6 +307,22 @@ def test_moco_v3_momentum_index_equals_adjust_moco_momentum():
         assert used[-1] == pytest.approx(1.0)  # after the last step: no further forward, m = 1 changes nothing
 
 
+def test_moco_v3_digits_preset_keeps_the_earlier_momentum_index(tmp_path):
+    """Measured worse on a short digits run (docs/train.md), so the digits preset keeps the step-late index."""
+    from featviz.train.config import TrainConfig, resolve_config
+    from featviz.train.ssl_task import SSLTask
+
+    cfg = resolve_config(TrainConfig(method="moco_v3", data="digits", out=str(tmp_path)))
+    assert cfg.hparams["momentum_of_next_step"] is False
+    assert cfg.defaults["hparams.momentum_of_next_step"] == "preset:digits"
+    m = build_method("moco_v3", build_backbone(ARCH, seed=0), momentum_of_next_step=False)
+    used = []
+    m.update_targets = used.append
+    for k in range(6):
+        SSLTask.after_step(SimpleNamespace(model=m), k, 6)
+    np.testing.assert_allclose(used, [m.momentum(k / 6) for k in range(6)])
+
+
 # ---------------------------------------------------------------- ContrastiveCrop's scale
 def test_contrastive_crop_takes_the_official_scale_by_default(tmp_path):
     from featviz.data.contrastive_crop import OFFICIAL
