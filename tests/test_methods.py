@@ -204,12 +204,13 @@ def test_sinkhorn_and_swav_loss_equal_main_swav():
     scores = F.normalize(torch.randn(8, 6, generator=g), dim=1) @ F.normalize(torch.randn(10, 6, generator=g), dim=1).T
     torch.testing.assert_close(methods.sinkhorn(scores, 0.05, 3), _official_sinkhorn(scores.clone()), rtol=1e-5,
                                atol=1e-7)
-    # the whole SwAV forward (2 crops, no queue) against main_swav.py:289-315
+    # the whole SwAV forward (2 crops, no queue) against main_swav.py:289-315; src/resnet50.py's forward
+    # runs the two same-size crops through the backbone as one batch
     m = _net("swav", queue_length=0)
     views = [torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)]
     loss = m(views)
     with torch.no_grad():
-        output = torch.cat([m.prototypes(F.normalize(m.projector(m.backbone(v)), dim=1)) for v in views])
+        output = m.prototypes(F.normalize(m.projector(m.backbone(torch.cat(views))), dim=1))
     official = 0
     for crop_id in (0, 1):
         q = _official_sinkhorn(output[8 * crop_id:8 * (crop_id + 1)].clone())

@@ -147,6 +147,12 @@ def train(
         typer.Option("--optimizer", help="sgd, adamw, lars (official LARS) or larc (SwAV's). Default: per method."),
     ] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", min=0.0, help="Default: per method.")] = None,
+    weight_decay_end: Annotated[
+        float | None,
+        typer.Option("--weight-decay-end", min=0.0,
+                     help="Cosine schedule of the weight decay to this value (default: dino's official end; "
+                          "others constant)."),
+    ] = None,
     warmup_epochs: Annotated[
         float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up before the cosine decay.")
     ] = None,
@@ -294,6 +300,7 @@ def train(
         lr=lr,
         optimizer=optimizer,
         weight_decay=weight_decay,
+        weight_decay_end=weight_decay_end,
         warmup_epochs=warmup_epochs,
         image_size=image_size,
         device=device,

@@ -346,6 +346,9 @@ def default_epochs_share(epochs: int) -> int:
 def resolve(d: dict[str, Any], src: dict[str, str]) -> None:
     """Fill the ``crop_*`` defaults of a resolved ``TrainConfig`` dict in place (sources in ``src``).
 
+    With ``crop="contrastive"`` the global crops' scale becomes the official (0.2, 1.0)
+    (``OFFICIAL["scale"]``) unless the user gave ``--min-scale`` (a preset's does not count).
+
     Raises:
         DataError: an unknown ``crop``, a value out of range, or ``crop_*`` set without
             ``crop="contrastive"``.
@@ -363,6 +366,8 @@ def resolve(d: dict[str, Any], src: dict[str, str]) -> None:
     for k in keys:
         if d.get(k) is not None:
             src.setdefault(k, "user")
+    if src.get("min_scale") != "user":  # the official ccrop transforms crop with scale (0.2, 1.0)
+        d["min_scale"], src["min_scale"] = OFFICIAL["scale"][0][0], f"official ContrastiveCrop ({OFFICIAL['scale'][1]})"
     if d.get("crop_threshold") is None:
         d["crop_threshold"], src["crop_threshold"] = OFFICIAL["threshold"][0], f"official ({OFFICIAL['threshold'][1]})"
     if d.get("crop_alpha") is None:

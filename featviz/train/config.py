@@ -96,8 +96,12 @@ class TrainConfig:
         epochs, batch_size: global batch size (split over DDP processes); default 10 / 256.
         lr: peak learning rate; default: the method's lr x batch_size / its reference batch.
         optimizer: ``sgd``, ``adamw``, ``lars`` or ``larc``; default per method.
-        weight_decay: default per method (DINO: a cosine schedule to its ``weight_decay_end``).
-        warmup_epochs: linear warm-up before the cosine decay (per step).
+        weight_decay: default per method.
+        weight_decay_end: a cosine schedule of the weight decay from ``weight_decay`` to this value
+            (DINO's ``--weight_decay_end``, a separate setting as in ``main_dino.py``); default per
+            method (DINO: its official end; others: none, the decay stays constant).
+        warmup_epochs: linear warm-up before the cosine decay (per step); default per method
+            (DINO: a tenth of the epochs, the official 10 of 100).
         image_size: training crop size; default the architecture's input size (CIFAR stems: 32),
             which is also what ``featviz embed`` uses for the checkpoint.
         stop_grad: SimSiam's stop-gradient (False = the collapse ablation).
@@ -135,6 +139,7 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str | None = None
     weight_decay: float | None = None
+    weight_decay_end: float | None = None
     warmup_epochs: float | None = None
     image_size: int | None = None
     device: str = "auto"
@@ -186,7 +191,8 @@ class TrainConfig:
         return cls(**d)
 
 
-RESOLVED = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "image_size",
+RESOLVED = ("arch", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "weight_decay_end", "warmup_epochs",
+            "image_size",
             "local_crops", "min_scale", "hflip", "rotate", "shear")
 FEATVIZ_DEFAULTS = {"epochs": 10, "batch_size": 256}
 
@@ -267,8 +273,14 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         src["lr"] = f"method ({optim.lr:g} x batch / {optim.ref_batch})"
     if d["weight_decay"] is None:
         d["weight_decay"], src["weight_decay"] = optim.weight_decay, "method"
+    if d["weight_decay_end"] is None and optim.weight_decay_end is not None:
+        d["weight_decay_end"], src["weight_decay_end"] = optim.weight_decay_end, "method"
     if d["warmup_epochs"] is None:
-        d["warmup_epochs"], src["warmup_epochs"] = optim.warmup_epochs, "method"
+        if optim.warmup_share:
+            d["warmup_epochs"] = optim.warmup_share * d["epochs"]
+            src["warmup_epochs"] = f"method ({optim.warmup_share:g} x epochs)"
+        else:
+            d["warmup_epochs"], src["warmup_epochs"] = optim.warmup_epochs, "method"
     if d["image_size"] is None:
         d["image_size"] = spec.default_image_size or input_size(d["arch"])
         src["image_size"] = "architecture"

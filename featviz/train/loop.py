@@ -47,7 +47,7 @@ from featviz.errors import DataError, FeatvizError, OutputError, OutputExistsErr
 from featviz.io.outputs import atomic_path, check_place
 from featviz.io.progress import Progress
 from featviz.train.config import TrainConfig, read_config, resolve_config, write_config
-from featviz.train.optim import build_optimizer, param_groups, schedule_step
+from featviz.train.optim import Schedule, build_optimizer, param_groups
 from featviz.train.ssl_task import SSLTask
 from featviz.train.task import TrainTask
 
@@ -261,13 +261,9 @@ def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume
 
     groups = param_groups(model, optim, weight_decay=cfg.weight_decay)
     opt = build_optimizer(cfg.optimizer, groups, cfg.lr, momentum=optim.momentum)
-    wd_end = None
-    if optim.weight_decay_end is not None and cfg.defaults.get("weight_decay") != "user":
-        wd_end = optim.weight_decay_end * cfg.weight_decay / optim.weight_decay if optim.weight_decay else None
-
     steps_per_epoch = task.n // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    schedule = Schedule.of(cfg, optim, steps_per_epoch)
     epoch0, step, best, history = 0, 0, None, []
     if resume:
         epoch0, step, best, history = _resume_state(out / "state.pt", model, opt, task)
@@ -288,7 +284,7 @@ def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume
                                              num_workers=cfg.workers, pin_memory=device.type == "cuda")
         losses, t_epoch, seen = [], time.perf_counter(), 0
         for batch in wrap(loader, total=len(batches)):
-            lr = schedule_step(opt, step, total, warmup, cfg.lr, optim.final_lr, cfg.weight_decay, wd_end)
+            lr = schedule.apply(opt, step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = task.loss(ddp, batch, device, channels_last)
             if not torch.isfinite(loss):

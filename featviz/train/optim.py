@@ -33,6 +33,9 @@ class Optim:
         warmup_epochs: linear warm-up; final_lr: the cosine ends at ``final_lr`` x peak.
         fixed_lr: module-name prefixes whose lr stays at the peak (SimSiam ``--fix-pred-lr``).
         clip_grad: per-parameter gradient-norm clip (DINO ``utils.clip_gradients``).
+        min_lr: DINO's ``utils.cosine_scheduler``: the warm-up is ``linspace(0, peak, W)`` and the
+            cosine ends at this absolute lr (``--min_lr`` 1e-6), not at ``final_lr`` x peak.
+        warmup_share: the default warm-up as a share of the run's epochs (DINO: 10 of 100).
         source: where the official values are (file and line).
     """
 
@@ -48,6 +51,8 @@ class Optim:
     final_lr: float = 0.0
     fixed_lr: tuple[str, ...] = ()
     clip_grad: float | None = None
+    min_lr: float | None = None
+    warmup_share: float = 0.0
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +71,14 @@ def _lr_at(step: int, total: int, warmup: int, peak: float, final: float = 0.0) 
     return peak * (q + final * (1 - q))
 
 
+def _dino_lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
+    """DINO ``utils.cosine_scheduler(peak, min_lr, ...)`` at ``step``: linspace warm-up from 0, cosine to ``min_lr``."""
+    if step < warmup:
+        return peak * step / (warmup - 1) if warmup > 1 else 0.0
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
 def _wd_at(step: int, total: int, start: float, end: float | None) -> float:
     """DINO ``utils.cosine_scheduler`` for the weight decay: ``start`` -> ``end`` over the run."""
     if end is None or end == start:
@@ -74,19 +87,50 @@ def _wd_at(step: int, total: int, start: float, end: float | None) -> float:
 
 
 def schedule_step(opt: torch.optim.Optimizer, step: int, total: int, warmup: int, peak: float, final: float,
-                  wd: float, wd_end: float | None) -> float:
+                  wd: float, wd_end: float | None, min_lr: float | None = None) -> float:
     """Set every group's lr and weight decay for ``step``; returns the scheduled lr.
 
     Groups with ``fix_lr`` keep the peak lr (SimSiam ``--fix-pred-lr``); ``lr_scale`` multiplies
-    (Barlow Twins' bias lr); groups with weight decay follow ``_wd_at`` (DINO's cosine).
+    (Barlow Twins' bias lr); groups with weight decay follow ``_wd_at`` (DINO's cosine). With
+    ``min_lr`` the lr is DINO's ``cosine_scheduler`` (``_dino_lr_at``), else ``_lr_at``.
     """
-    lr = _lr_at(step, total, warmup, peak, final)
+    lr = _lr_at(step, total, warmup, peak, final) if min_lr is None else _dino_lr_at(step, total, warmup, peak, min_lr)
     w = _wd_at(step, total, wd, wd_end)
     for g in opt.param_groups:
         g["lr"] = (peak if g.get("fix_lr") else lr) * g.get("lr_scale", 1.0)
         if g.get("base_weight_decay"):
             g["weight_decay"] = w
     return lr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's per-step learning rate and weight decay (what the loop applies before each step).
+
+    Attributes:
+        total, warmup: the run's steps and warm-up steps (``int(warmup_epochs x steps per epoch)``).
+        peak, final, min_lr: the peak lr, ``Optim.final_lr`` and ``Optim.min_lr`` (DINO).
+        wd, wd_end: the weight decay and its cosine's end (None: constant).
+    """
+
+    total: int
+    warmup: int
+    peak: float
+    final: float
+    wd: float
+    wd_end: float | None
+    min_lr: float | None = None
+
+    @classmethod
+    def of(cls, cfg: Any, optim: Optim, steps_per_epoch: int) -> Schedule:
+        """The schedule of a resolved ``TrainConfig`` ``cfg`` with the method's ``optim``."""
+        return cls(steps_per_epoch * cfg.epochs, int(cfg.warmup_epochs * steps_per_epoch), cfg.lr, optim.final_lr,
+                   cfg.weight_decay, cfg.weight_decay_end, optim.min_lr)
+
+    def apply(self, opt: torch.optim.Optimizer, step: int) -> float:
+        """Set ``opt``'s groups for ``step`` (``schedule_step``); returns the scheduled lr."""
+        return schedule_step(opt, step, self.total, self.warmup, self.peak, self.final, self.wd, self.wd_end,
+                             self.min_lr)
 
 
 class LARS(torch.optim.Optimizer):

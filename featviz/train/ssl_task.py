@@ -165,8 +165,15 @@ class SSLTask(TrainTask):
         self.model.before_step(step)
 
     def after_step(self, step: int, total: int) -> None:
-        """The method's end-of-step hook (momentum encoders, queues, DINO's centre)."""
-        self.model.on_step_end(step / max(1, total))
+        """The method's end-of-step hook (momentum encoders, queues, DINO's centre).
+
+        Its progress is ``step / total``; for MoCo v3 ``(step + 1) / total``: ``main_moco.py``
+        updates the momentum encoder at the start of step i + 1's forward with
+        ``adjust_moco_momentum(epoch + i / iters_per_epoch)`` of that step (the online weights are
+        the same: those after step i's update).
+        """
+        ahead = int(getattr(self.model, "momentum_of_next_step", False))
+        self.model.on_step_end((step + ahead) / max(1, total))
 
     def step_metrics(self) -> dict[str, float]:
         """Nothing beyond the loss: an SSL loss is one term."""

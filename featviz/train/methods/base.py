@@ -29,6 +29,27 @@ def zero_init_residual(backbone: nn.Module) -> None:
             nn.init.zeros_(m.bn2.weight)
 
 
+def multicrop_forward(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone over runs of same-size views, one batch each; the head once over every crop.
+
+    DINO ``utils.MultiCropWrapper.forward`` and SwAV ``src/resnet50.py`` ``ResNet.forward``:
+    consecutive views of one resolution are concatenated, so BatchNorm normalises the two global
+    crops together (2B images) and the local crops together (N x B), and the head's BatchNorm
+    sees every crop at once.
+
+    Returns:
+        The backbone features and the head's output, both with the views' batches stacked in order.
+    """
+    runs, start = [], 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-1] != views[start].shape[-1]:
+            runs.append((start, i))
+            start = i
+    feats = torch.cat([backbone(torch.cat(views[a:b])) for a, b in runs])
+    return feats, head(feats)
+
+
 # ---------------------------------------------------------------- base class
 class SSLMethod(nn.Module):
     """Backbone + heads; ``forward(views)`` returns the scalar loss.
@@ -106,6 +127,9 @@ class MomentumMixin:
     """
 
     base_momentum: float = 0.99
+    # True: the EMA after step i uses m(i + 1), the momentum of the step whose forward it precedes
+    # (MoCo v3 updates the keys' encoder at the start of each forward; BYOL and DINO after the step)
+    momentum_of_next_step: bool = False
 
     def make_target(self, *names: str) -> None:
         """Make ``target_<name>``, a frozen copy of each module ``<name>``, which ``update_targets`` follows."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from featviz.data.augment import METHOD_RECIPES, VIT_RECIPES
 from featviz.models.heads import scaled
-from featviz.train.methods.base import MomentumMixin, SSLMethod, _cancel_grads
+from featviz.train.methods.base import MomentumMixin, SSLMethod, _cancel_grads, multicrop_forward
 from featviz.train.methods.ddp import (
     all_mean,
 )
@@ -63,9 +63,14 @@ class DINO(MomentumMixin, SSLMethod):
         return {"backbone": self.target_backbone, "projector": self.target_projector}
 
     def teacher_temp(self) -> float:
-        """``DINOLoss.teacher_temp_schedule``: linear warm-up over ``warmup_tpt_epochs``, then ``tpt``."""
-        if self.warmup_tpt is None or self.epoch >= self.warmup_tpt_epochs or self.warmup_tpt_epochs <= 1:
+        """``DINOLoss.teacher_temp_schedule``: ``linspace(warmup_tpt, tpt, warmup_tpt_epochs)``, then ``tpt``.
+
+        A 1-epoch warm-up is ``linspace(w, t, 1) = [w]``: epoch 0 uses the warm-up value.
+        """
+        if self.warmup_tpt is None or self.epoch >= self.warmup_tpt_epochs:
             return self.tpt
+        if self.warmup_tpt_epochs == 1:
+            return self.warmup_tpt
         return self.warmup_tpt + (self.tpt - self.warmup_tpt) * self.epoch / (self.warmup_tpt_epochs - 1)
 
     def before_step(self, step: int) -> None:
@@ -74,11 +79,16 @@ class DINO(MomentumMixin, SSLMethod):
             _cancel_grads(self.projector.last_layer)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """The loss of one batch of views (the teacher sees the global views only)."""
-        h = [self.backbone(v) for v in views]
-        s = [self.projector(x) for x in h]
+        """The loss of one batch of views (the teacher sees the global views only).
+
+        Student and teacher are ``main_dino.py``'s ``MultiCropWrapper`` (``multicrop_forward``):
+        the two global crops pass as one batch, the local crops as another, the head once.
+        """
+        b = views[0].shape[0]
+        feats, out = multicrop_forward(self.backbone, self.projector, views)
+        h, s = feats.split(b), out.split(b)
         with torch.no_grad():
-            t = [self.target_projector(self.target_backbone(v)) for v in views[:2]]
+            t = multicrop_forward(self.target_backbone, self.target_projector, views[:2])[1].split(b)
         tpt = self.teacher_temp()
         loss, terms = 0.0, 0
         for i, ti in enumerate(t):
@@ -99,22 +109,24 @@ register(MethodRegistration(
     "dino", DINO,
     recipe=METHOD_RECIPES["dino"],
     official=Optim("sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4, decay_bias_norm=False,
-                   warmup_epochs=10, clip_grad=3.0,
+                   warmup_epochs=10, clip_grad=3.0, min_lr=1e-6,
                    source="dino README.md:207 (ResNet-50: --optimizer sgd --lr 0.03 --weight_decay 1e-4 "
                           "--weight_decay_end 1e-4), main_dino.py:87-101 (clip_grad 3.0, warmup 10, min_lr 1e-6), "
                           "utils.py:632-643 (no decay on biases and norms)"),
     optim=Optim("sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4, decay_bias_norm=False, clip_grad=3.0,
-                source="dino README.md:207"),
+                min_lr=1e-6, warmup_share=0.1,
+                source="dino README.md:207; warm-up 10 of the default 100 epochs, min_lr 1e-6 (main_dino.py:87-104)"),
     hparams={"tps": 0.1, "tpt": 0.04, "momentum": 0.996, "center_momentum": 0.9, "norm_last_layer": True,
              "freeze_last_layer": 1},
     local_crops=0, official_local_crops=8,
     variants={"vit": {"recipe": VIT_RECIPES["dino"],
                       "official": Optim("adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4,
-                                        decay_bias_norm=False, warmup_epochs=10, clip_grad=3.0,
+                                        decay_bias_norm=False, warmup_epochs=10, clip_grad=3.0, min_lr=1e-6,
                                         source="dino main_dino.py:82-104 (AdamW lr 5e-4 x batch/256, weight decay "
                                                "0.04 -> 0.4 cosine, clip_grad 3.0, warmup 10)"),
                       "optim": Optim("adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, decay_bias_norm=False,
-                                     clip_grad=3.0, source="dino main_dino.py:82-104")}},
+                                     clip_grad=3.0, min_lr=1e-6, warmup_share=0.1,
+                                     source="dino main_dino.py:82-104")}},
     source="facebookresearch/dino main_dino.py:55-117 (arguments), 183-212 (student, teacher, SyncBN per network), "
            "301-360 (loop: clip, cancel last layer, EMA), 363-416 (DINOLoss); utils.py:132-149, 187-198; "
            "vision_transformer.py:257-291 (DINOHead)",

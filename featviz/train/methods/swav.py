@@ -12,7 +12,7 @@ from torch import nn
 
 from featviz.data.augment import METHOD_RECIPES
 from featviz.models.heads import scaled
-from featviz.train.methods.base import SSLMethod, _cancel_grads
+from featviz.train.methods.base import SSLMethod, _cancel_grads, multicrop_forward
 from featviz.train.methods.ddp import (
     _distributed,
 )
@@ -98,10 +98,11 @@ class SwAV(SSLMethod):
         """The loss of one batch of views (codes from the global crops only)."""
         with torch.no_grad():  # prototypes live on the unit sphere
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-        z = [F.normalize(self.projector(self.backbone(v)), dim=1) for v in views]
-        scores = [self.prototypes(x) for x in z]  # B x K each
+        bs = views[0].shape[0]
+        # src/resnet50.py forward: same-size crops share one backbone pass, the head runs once
+        z = F.normalize(multicrop_forward(self.backbone, self.projector, views)[1], dim=1)
+        z, scores = z.split(bs), self.prototypes(z).split(bs)  # B x K each
         self._keep(z[0], z[1])
-        bs = scores[0].shape[0]
         self.queue_used = False
         loss = 0.0
         for i in (0, 1):  # codes from the global crops only
