@@ -663,9 +663,15 @@ case("race-losing-writer", f"pca {IMGS} {TINY} --image-size 32 -o out", code=1, 
 
 
 # ------------------------------------------------------------------ similarity, norms, compare; new cam, collapse flags
+def _option_cases(prefix: str, base: str, rows) -> None:
+    """One case per (name, options, exit code, match) row: ``base`` with the options appended."""
+    for name, opt, code, m in rows:
+        case(f"{prefix}-{name}", f"{base} {opt}", code=code, match=m, creates=("out",) if code == 0 else ())
+
+
 SIM = f"similarity {IMGS} {TINY} --image-size 32 -o out"
 SIMQ = f"{SIM} --patch 0,0"
-for _n, _opt, _code, _m in (
+_option_cases("sim", SIM, (
     ("point-nan", "--point nan,3", 2, r"--point"),
     ("point-inf", "--point inf,inf", 2, r"--point"),
     ("point-text", "--point a,b", 2, r"--point"),
@@ -684,8 +690,7 @@ for _n, _opt, _code, _m in (
     ("pair-without-matches", "--patch 0,0 --pair 0,1", 2, r"--pair.*--matches"),
     ("layer-unknown", "--patch 0,0 --layer nope", 1, r"nope"),
     ("image-size-huge", "--patch 0,0 --image-size 100000", 2, r"at most"),
-):
-    case(f"sim-{_n}", f"{SIM} {_opt}", code=_code, match=_m)
+))
 case("sim-one-image-matches", f"similarity {{a}}/imgs/cat/0.png {TINY} --image-size 32 -o out --matches 3", code=1,
      match=r"--matches.*two images")
 for _v in ("meta_not_json", "arch_unknown", "input_size_huge"):
@@ -708,7 +713,7 @@ case("sim-force-marker-dotdot-html", f"{SIMQ} --force --html", _marked_folder(["
      creates=("out",))
 
 NORMS = f"norms {IMGS} {TINY} --image-size 32 -o out"
-for _n, _opt, _code, _m in (
+_option_cases("norms", NORMS, (
     ("layers-unknown", "--layers nope", 1, r"nope"),
     ("layers-empty", "--layers ,", 2, r"--layers"),
     ("map-layer-unknown", "--map-layer nope", 1, r"no layer 'nope'"),
@@ -717,8 +722,7 @@ for _n, _opt, _code, _m in (
     ("threshold-negative", "--threshold -1", 2, r"--threshold"),
     ("image-size-huge", "--image-size 100000", 2, r"at most"),
     ("batch-size-zero", "--batch-size 0", 2, r"--batch-size"),
-):
-    case(f"norms-{_n}", f"{NORMS} {_opt}", code=_code, match=_m)
+))
 for _v in ("meta_list", "arch_unknown", "input_size_huge", "normalization_bad"):
     _f, _code, _m = CK_VARIANTS[_v]
     case(f"norms-ck-{_v}", f"norms {IMGS} -c {{a}}/ck/{_f} -o out", code=_code, match=_m)
@@ -786,14 +790,13 @@ case("cmp-npz-rows-reordered", CMP, _reversed_b, code=0, creates=("out",), check
 for _v in ("header_bomb", "zip_bomb", "text", "truncated", "npy_named_npz", "missing", "no_features"):
     _f, _code, _m, _env = NPZ_VARIANTS[_v]
     case(f"cmp-npz-file-{_v}", f"compare {{a}}/emb.npz {{a}}/npz/{_f} -o out", code=_code, match=_m, env=_env)
-for _n, _opt, _code, _m in (
+_option_cases("cmp-opt", "compare {a}/emb.npz {a}/emb.npz -o out", (
     ("measure-unknown", "--measure nope", 2, r"--measure.*nope"),
     ("measure-empty", "--measure ,", 2, r"--measure"),
     ("k-one", "--k 1", 2, r"--k"),
     ("k-huge", "--k 99999999999", 1, r"--k.*rows compared"),
     ("k-text", "--k a", 2, r"--k"),
-):
-    case(f"cmp-opt-{_n}", f"compare {{a}}/emb.npz {{a}}/emb.npz -o out {_opt}", code=_code, match=_m)
+))
 case("cmp-files-and-checkpoint", "compare {a}/emb.npz {a}/emb.npz -c {a}/fv.safetensors -o out", code=2,
      match=r"not both")
 CMP_CK = "compare --images {a}/imgs --image-size 16 --k 3 -o out"
@@ -818,7 +821,7 @@ case("cmp-force-marker-link", "compare {a}/emb.npz {a}/emb.npz -o out --force", 
      ["link/precious.txt"], _link("link", "../outside")), code=0, creates=("out",))
 
 CAM = f"cam {IMGS} {TINY} --image-size 32 -o out"
-for _n, _opt, _code, _m in (
+_option_cases("camx", CAM, (
     ("legrad-cnn", "--method legrad", 1, r"legrad.*transformer.*use a CNN method"),
     ("gae-cnn", "--method gae", 1, r"gae.*transformer.*use a CNN method"),
     ("method-unknown", "--method nope", 1, r"unknown CAM method 'nope'"),
@@ -827,21 +830,19 @@ for _n, _opt, _code, _m in (
     ("score-steps-zero", "--score deletion --score-steps 0", 2, r"--score-steps"),
     ("score-steps-huge", "--score deletion --score-steps 99999999999", 0, None),
     ("score-steps-text", "--score deletion --score-steps many", 2, r"--score-steps"),
-):
-    case(f"camx-{_n}", f"{CAM} {_opt}", code=_code, match=_m, creates=("out",) if _code == 0 else ())
+))
 case("camx-legrad-vit-bad-layer", f"cam {IMGS} -a vit_tiny_patch16_224 --image-size 32 -o out --method legrad "
      "--layer nope", code=1, match=r"nope")
 
 COLL = f"collapse {TINY} -i {IMGS} --image-size 16 -o out"
-for _n, _opt, _code, _m in (
+_option_cases("collx", COLL, (
     ("views-one", "--views 1", 2, r"--views"),
     ("views-huge", "--views 99999999999", 2, r"--views"),
     ("views-text", "--views two", 2, r"--views"),
     ("rank-fraction-nan", "--rank-fraction nan", 2, r"--rank-fraction|finite"),
     ("rank-fraction-big", "--rank-fraction 1.5", 2, r"--rank-fraction"),
     ("rank-fraction-negative", "--rank-fraction -0.1", 2, r"--rank-fraction"),
-):
-    case(f"collx-{_n}", f"{COLL} {_opt}", code=_code, match=_m)
+))
 case("collx-views-without-images", "collapse {a}/emb.npz -o out --views 3", code=2, match=r"--views")
 
 
