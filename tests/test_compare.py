@@ -420,7 +420,7 @@ def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
     res = cli(
         "compare", "--arch", "resnet18_w16-cifar", "--images", "digits", "--measure", "cka,nope", "-o", tmp_path / "x"
     )
-    assert res.exit_code == 1 and "cka, mknn, cknna, svcca" in res.stderr
+    assert res.exit_code == 2 and "cka, mknn, cknna, svcca" in res.stderr  # a usage error
     res = cli("compare", "-c", "random", "--images", "digits", "-o", tmp_path / "x")
     assert res.exit_code == 1 and "random:ARCH" in res.stderr
     res = cli(

@@ -662,6 +662,190 @@ case("race-losing-writer", f"pca {IMGS} {TINY} --image-size 32 -o out", code=1, 
      match=r"'out'.*(at the same time|another)", not_in_stderr=(".tmp", ".out."), creates=("out",))
 
 
+# ------------------------------------------------------------------ similarity, norms, compare; new cam, collapse flags
+def _option_cases(prefix: str, base: str, rows) -> None:
+    """One case per (name, options, exit code, match) row: ``base`` with the options appended."""
+    for name, opt, code, m in rows:
+        case(f"{prefix}-{name}", f"{base} {opt}", code=code, match=m, creates=("out",) if code == 0 else ())
+
+
+SIM = f"similarity {IMGS} {TINY} --image-size 32 -o out"
+SIMQ = f"{SIM} --patch 0,0"
+_option_cases("sim", SIM, (
+    ("point-nan", "--point nan,3", 2, r"--point"),
+    ("point-inf", "--point inf,inf", 2, r"--point"),
+    ("point-text", "--point a,b", 2, r"--point"),
+    ("point-one", "--point 5", 2, r"--point"),
+    ("point-huge", "--point 99999999999999999999,5", 1, r"--point.*outside the first image"),
+    ("point-negative", "--point -5,3", 1, r"--point.*outside the first image"),
+    ("patch-outside", "--patch 500,500", 1, r"--patch"),
+    ("patch-negative", "--patch -1,0", 1, r"--patch"),
+    ("patch-huge", "--patch 0,99999999999999999999", 1, r"--patch"),
+    ("matches-zero", "--matches 0", 2, r"--matches"),
+    ("matches-text", "--matches many", 2, r"--matches"),
+    ("pair-unknown", "--matches 3 --pair x.png,y.png", 1, r"--pair.*neither an image id"),
+    ("pair-same", "--matches 3 --pair 0,0", 1, r"--pair.*same image twice"),
+    ("pair-out-of-range", "--matches 3 --pair 0,99", 1, r"--pair.*neither an image id"),
+    ("pair-one", "--matches 3 --pair 0", 2, r"--pair"),
+    ("pair-without-matches", "--patch 0,0 --pair 0,1", 2, r"--pair.*--matches"),
+    ("layer-unknown", "--patch 0,0 --layer nope", 1, r"nope"),
+    ("image-size-huge", "--patch 0,0 --image-size 100000", 2, r"at most"),
+))
+case("sim-one-image-matches", f"similarity {{a}}/imgs/cat/0.png {TINY} --image-size 32 -o out --matches 3", code=1,
+     match=r"--matches.*two images")
+for _v in ("meta_not_json", "arch_unknown", "input_size_huge"):
+    _f, _code, _m = CK_VARIANTS[_v]
+    case(f"sim-ck-{_v}", f"similarity {IMGS} -c {{a}}/ck/{_f} -o out --patch 0,0", code=_code, match=_m)
+for _v in ("truncated_st", "unsafe_pickle"):
+    _f, _code, _m = CK_FILE_VARIANTS[_v]
+    case(f"sim-ckfile-{_v}", f"similarity {IMGS} -c {{a}}/ck/{_f} -o out --patch 0,0", code=_code, match=_m)
+case("sim-ck-nan", f"similarity {IMGS} -c {{a}}/ck/nan_weights.safetensors -o out --patch 0,0", code=1,
+     match=r"NaN|non-finite")
+case("sim-images-all-bad", f"similarity {{t}}/imgs {TINY} -o out --patch 0,0", _images({"a.png": b"x", "b.png": b"y"}),
+     code=1,
+     match=r"a\.png' is not a readable image")
+case("sim-images-missing", f"similarity {{t}}/nothere.png {TINY} -o out --patch 0,0", code=1, match=r"does not exist")
+case("sim-out-foreign", f"{SIMQ} --force", _file("out/thesis.tex"), code=1, match=r"not written by featviz")
+case("sim-out-file", SIMQ, _file("out"), code=1, match=r"file")
+case("sim-force-marker-link", f"{SIMQ} --force", _marked_folder(["link/precious.txt"], _link("link", "../outside")),
+     code=0, creates=("out",))
+case("sim-force-marker-dotdot-html", f"{SIMQ} --force --html", _marked_folder(["../outside/precious.txt"]), code=0,
+     creates=("out",))
+
+NORMS = f"norms {IMGS} {TINY} --image-size 32 -o out"
+_option_cases("norms", NORMS, (
+    ("layers-unknown", "--layers nope", 1, r"nope"),
+    ("layers-empty", "--layers ,", 2, r"--layers"),
+    ("map-layer-unknown", "--map-layer nope", 1, r"no layer 'nope'"),
+    ("threshold-nan", "--threshold nan", 2, r"finite"),
+    ("threshold-inf", "--threshold inf", 2, r"finite"),
+    ("threshold-negative", "--threshold -1", 2, r"--threshold"),
+    ("image-size-huge", "--image-size 100000", 2, r"at most"),
+    ("batch-size-zero", "--batch-size 0", 2, r"--batch-size"),
+))
+for _v in ("meta_list", "arch_unknown", "input_size_huge", "normalization_bad"):
+    _f, _code, _m = CK_VARIANTS[_v]
+    case(f"norms-ck-{_v}", f"norms {IMGS} -c {{a}}/ck/{_f} -o out", code=_code, match=_m)
+for _v in ("header_lie", "page"):
+    _f, _code, _m = CK_FILE_VARIANTS[_v]
+    case(f"norms-ckfile-{_v}", f"norms {IMGS} -c {{a}}/fv.safetensors -c {{a}}/ck/{_f} -o out", code=_code, match=_m)
+case("norms-ck-nan", f"norms {IMGS} -c {{a}}/ck/nan_weights.safetensors -o out", code=1, match=r"NaN|not finite")
+case("norms-images-all-bad", f"norms {{t}}/imgs {TINY} -o out", _images({"a.png": b"x"}), code=1,
+     match=r"a\.png' is not a readable image")
+case("norms-images-bomb", f"norms {{t}}/imgs {TINY} -o out", _images({"bomb.png": _png_bomb()}), code=1,
+     match=r"decompression|pixels")
+case("norms-out-foreign", f"{NORMS} --force", _file("out/thesis.tex"), code=1, match=r"not written by featviz")
+case("norms-force-marker-link", f"{NORMS} --force", _marked_folder(["link/precious.txt"], _link("link",
+     "../outside")), code=0, creates=("out",))
+case("norms-force-changed-file", f"{NORMS} --force", _marked_folder(["manifest.json"], _changed_since), code=1,
+     match=r"changed since featviz wrote it")
+
+
+def _emb_pair(**b_changes):
+    """``a.npz`` (the shared embeddings) and ``b.npz``, the same with ``b_changes``."""
+    def setup(t: Path, a: Path) -> None:
+        shutil.copy(a / "emb.npz", t / "a.npz")
+        with np.load(a / "emb.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays.update(b_changes)
+        _save_npz(t / "b.npz", **{k: v for k, v in arrays.items() if v is not _DROP})
+    return setup
+
+
+_F = np.random.default_rng(2).normal(size=(24, 8)).astype(np.float32)
+CMP = "compare {t}/a.npz {t}/b.npz -o out"
+for _n, _changes, _code, _m in (
+    ("complex", {"features": _F * (1 + 1j)}, 1, r"complex"),
+    ("nan", {"features": np.full((24, 8), np.nan, np.float32)}, 1, r"NaN|non-finite"),
+    ("inf", {"features": np.where(np.eye(24, 8) > 0, np.inf, _F).astype(np.float32)}, 1, r"Inf|non-finite"),
+    ("huge", {"features": np.full((24, 8), 3e38, np.float32)}, 0, None),
+    ("str-class-names-order", {"labels": (np.arange(24) + 1) % 2, "class_names": np.array(["dog", "cat"])}, 0, None),
+    ("rows-differ", {"features": _F[:20], "labels": np.arange(20) % 2,
+                     "ids": np.array([f"img{i}.png" for i in range(20)])}, 1, r"same images|rows|ids"),
+    ("ids-mismatch", {"ids": np.array([f"other{i}.png" for i in range(24)])}, 1, r"ids|same images"),
+    ("ids-repeated", {"ids": np.array([f"img{i}.png" for i in range(23)] + ["img0.png"])}, 1, r"different images"),
+    ("str-labels", {"labels": np.array(["cat", "dog"] * 12)}, 0, None),
+    ("labels-differ", {"labels": (np.arange(24) + 1) % 2}, 1, r"label the same images differently"),
+    ("object", {"features": np.array([[1.0, 2.0]] * 24, dtype=object)}, 1, r"object|pickle"),
+    ("features-1d", {"features": np.zeros(24, np.float32)}, 1, r"\(N, D\)"),
+    ("constant", {"features": np.zeros((24, 8), np.float32)}, 0, None),
+):
+    case(f"cmp-npz-{_n}", CMP, _emb_pair(**_changes), code=_code, match=_m, creates=("out",) if _code == 0 else (),
+         env={"MPLBACKEND": "Agg"})
+_REV = np.arange(23, -1, -1)
+
+
+def _same_as_a(t: Path, r) -> None:
+    """b.npz is a.npz with its rows reversed (ids too): matched by ids, the two are the same features."""
+    assert re.search(r"cka: mean \(off-diagonal\) 1\.000", r.stdout), r.stdout
+
+
+def _reversed_b(t: Path, a: Path) -> None:
+    with np.load(a / "emb.npz") as z:
+        arr = {k: z[k] for k in z.files}
+    _emb_pair(**{k: arr[k][_REV] for k in ("features", "labels", "ids")})(t, a)
+
+
+case("cmp-npz-rows-reordered", CMP, _reversed_b, code=0, creates=("out",), check=_same_as_a)
+for _v in ("header_bomb", "zip_bomb", "text", "truncated", "npy_named_npz", "missing", "no_features"):
+    _f, _code, _m, _env = NPZ_VARIANTS[_v]
+    case(f"cmp-npz-file-{_v}", f"compare {{a}}/emb.npz {{a}}/npz/{_f} -o out", code=_code, match=_m, env=_env)
+_option_cases("cmp-opt", "compare {a}/emb.npz {a}/emb.npz -o out", (
+    ("measure-unknown", "--measure nope", 2, r"--measure.*nope"),
+    ("measure-empty", "--measure ,", 2, r"--measure"),
+    ("k-one", "--k 1", 2, r"--k"),
+    ("k-huge", "--k 99999999999", 1, r"--k.*rows compared"),
+    ("k-text", "--k a", 2, r"--k"),
+))
+case("cmp-files-and-checkpoint", "compare {a}/emb.npz {a}/emb.npz -c {a}/fv.safetensors -o out", code=2,
+     match=r"not both")
+CMP_CK = "compare --images {a}/imgs --image-size 16 --k 3 -o out"
+for _v in ("meta_not_json", "arch_unknown", "input_size_negative"):
+    _f, _code, _m = CK_VARIANTS[_v]
+    case(f"cmp-ck-{_v}", f"{CMP_CK} -c {{a}}/fv.safetensors -c {{a}}/ck/{_f}", code=_code, match=_m)
+for _v in ("truncated_st", "empty", "unsafe_pickle"):
+    _f, _code, _m = CK_FILE_VARIANTS[_v]
+    case(f"cmp-ckfile-{_v}", f"{CMP_CK} -c {{a}}/ck/{_f}", code=_code, match=_m)
+case("cmp-ck-nan", f"{CMP_CK} -c {{a}}/ck/nan_weights.safetensors", code=1, match=r"NaN|non-finite")
+case("cmp-random-arch-unknown", f"{CMP_CK} -c {{a}}/fv.safetensors -c random:resnet9999", code=1,
+     match=r"resnet9999")
+case("cmp-layers-unknown", f"{CMP_CK} {TINY} --layers nope", code=1, match=r"nope")
+case("cmp-image-size-huge", f"compare --images {{a}}/imgs {TINY} --image-size 100000 -o out", code=2,
+     match=r"at most")
+case("cmp-images-missing", f"compare --images {{t}}/none {TINY} -o out", code=1, match=r"does not exist")
+case("cmp-three-checkpoints", f"{CMP_CK} -c random -c random -c random {TINY}", code=2, match=r"--checkpoint")
+case("cmp-out-foreign", "compare {a}/emb.npz {a}/emb.npz -o out --force", _file("out/thesis.tex"), code=1,
+     match=r"not written by featviz")
+case("cmp-out-file", "compare {a}/emb.npz {a}/emb.npz -o out", _file("out"), code=1, match=r"file")
+case("cmp-force-marker-link", "compare {a}/emb.npz {a}/emb.npz -o out --force", _marked_folder(
+     ["link/precious.txt"], _link("link", "../outside")), code=0, creates=("out",))
+
+CAM = f"cam {IMGS} {TINY} --image-size 32 -o out"
+_option_cases("camx", CAM, (
+    ("legrad-cnn", "--method legrad", 1, r"legrad.*transformer.*use a CNN method"),
+    ("gae-cnn", "--method gae", 1, r"gae.*transformer.*use a CNN method"),
+    ("method-unknown", "--method nope", 1, r"unknown CAM method 'nope'"),
+    ("score-unknown", "--score nope", 1, r"--score.*nope"),
+    ("score-empty", "--score ,", 2, r"--score"),
+    ("score-steps-zero", "--score deletion --score-steps 0", 2, r"--score-steps"),
+    ("score-steps-huge", "--score deletion --score-steps 99999999999", 0, None),
+    ("score-steps-text", "--score deletion --score-steps many", 2, r"--score-steps"),
+))
+case("camx-legrad-vit-bad-layer", f"cam {IMGS} -a vit_tiny_patch16_224 --image-size 32 -o out --method legrad "
+     "--layer nope", code=1, match=r"nope")
+
+COLL = f"collapse {TINY} -i {IMGS} --image-size 16 -o out"
+_option_cases("collx", COLL, (
+    ("views-one", "--views 1", 2, r"--views"),
+    ("views-huge", "--views 99999999999", 2, r"--views"),
+    ("views-text", "--views two", 2, r"--views"),
+    ("rank-fraction-nan", "--rank-fraction nan", 2, r"--rank-fraction|finite"),
+    ("rank-fraction-big", "--rank-fraction 1.5", 2, r"--rank-fraction"),
+    ("rank-fraction-negative", "--rank-fraction -0.1", 2, r"--rank-fraction"),
+))
+case("collx-views-without-images", "collapse {a}/emb.npz -o out --views 3", code=2, match=r"--views")
+
+
 # ------------------------------------------------------------------ the corpus, run
 def _snapshot(root: Path) -> dict[str, tuple]:
     """Every path under ``root`` (links not followed) with what it is and its content's hash."""

@@ -264,7 +264,7 @@ def test_cli_end_to_end_on_a_tiny_cnn(cli, tmp_path):
         ([], 1, "nothing to show: give a query with --point X,Y or --patch I,J"),
         (["--matches", "5"], 1, "--matches compares two images and 3 were given; name them with --pair A,B"),
         (["--matches", "5", "--pair", "cat_0.jpg,dog.jpg"], 1, "'dog.jpg' is neither an image id nor a position"),
-        (["--patch", "0,0", "--foreground-only"], 1, "--foreground-only and --pair apply to --matches N"),
+        (["--patch", "0,0", "--foreground-only"], 2, "--foreground-only and --pair apply to --matches N"),
         (["--matches", "0"], 2, "--matches"),
     ],
 )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out, usage_error
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -30,7 +30,10 @@ def _layer_list(value: list[str] | None) -> list[str] | None:
     """``--layers a,b --layers c`` as ``[a, b, c]``."""
     if not value:
         return None
-    return [n.strip() for v in value for n in v.split(",") if n.strip()]
+    names = [n.strip() for v in value for n in v.split(",") if n.strip()]
+    if not names:
+        usage_error(f"--layers {','.join(value)!r} names no layer; give layer names (see `featviz layers`)")
+    return names
 
 
 @app.command()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from featviz.compare import measures as M
-from featviz.errors import DataError
+from featviz.errors import DataError, OptionError
 
 MEASURES = ("cka", "mknn", "cknna", "svcca")
 DEFAULT_MEASURES = ("cka", "mknn", "cknna")
@@ -43,12 +43,12 @@ def parse_measures(value: str | Sequence[str]) -> tuple[str, ...]:
     """``"cka,mknn"`` as a tuple of known measure names, in the order given.
 
     Raises:
-        DataError: an unknown name, or none.
+        OptionError: an unknown name, or none.
     """
     items = [p.strip().lower() for p in (re.split(r"[,\s]+", value) if isinstance(value, str) else value) if p.strip()]
     bad = [p for p in items if p not in MEASURES]
     if bad or not items:
-        raise DataError(f"--measure {value!r}: expected a comma-separated list of {', '.join(MEASURES)}")
+        raise OptionError(f"--measure {value!r}: expected a comma-separated list of {', '.join(MEASURES)}")
     return tuple(dict.fromkeys(items))
 
 
@@ -429,8 +429,33 @@ def align_rows(embs: Sequence[Any], names: Sequence[str]) -> list[Any]:
                 f"ids only in the first, {only_b} only in the second): embed the same images for both"
             )
         pos = {v: i for i, v in enumerate(ids)}
-        out.append(e.subset(np.array([pos[v] for v in ids0])))
+        e = e.subset(np.array([pos[v] for v in ids0]))
+        out.append(e)
+    for e, name in zip(out[1:], names[1:], strict=True):
+        _check_same_labels(ref, e, names[0], name)
     return out
+
+
+def _label_names(e: Any) -> np.ndarray:
+    """Each row's label as text (its class name where the file names its classes); '' where unknown."""
+    names = list(e.class_names)
+    return np.array(["" if v < 0 else (names[v] if v < len(names) else str(v)) for v in np.asarray(e.labels).tolist()])
+
+
+def _check_same_labels(a: Any, b: Any, name_a: str, name_b: str) -> None:
+    """The k-NN curves use the first file's labels: a second file that labels the same images otherwise is refused.
+
+    Raises:
+        DataError: rows (matched by ids) whose known labels differ.
+    """
+    la, lb = _label_names(a), _label_names(b)
+    differ = (la != lb) & (la != "") & (lb != "")
+    if differ.any():
+        i = int(np.flatnonzero(differ)[0])
+        raise DataError(
+            f"{name_a} and {name_b} label the same images differently ({int(differ.sum())} of {len(la)} rows, "
+            f"e.g. {a.ids[i]!r}: {la[i]!r} vs {lb[i]!r}); embed both with the same labels"
+        )
 
 
 def run_compare_files(

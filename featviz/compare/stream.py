@@ -22,7 +22,7 @@ import torch
 
 from featviz.compare.measures import MinibatchCKA
 from featviz.data.images import LabelledImages, collate, eval_transform, normalization_of, resize_rule
-from featviz.errors import DataError
+from featviz.errors import DataError, OptionError
 
 
 @dataclass
@@ -234,7 +234,7 @@ def load_sides(
 
     values = list(checkpoints or [])
     if len(values) > 2:
-        raise DataError(f"compare takes one or two --checkpoint, got {len(values)}")
+        raise OptionError(f"compare takes one or two --checkpoint, got {len(values)}")
     if not values:
         if not arch:
             from featviz.errors import ArchitectureError

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from featviz.errors import DataError, FeatvizError
+from featviz.errors import DataError, FeatvizError, OptionError
 from featviz.io.progress import Progress
 from featviz.views.runner import ViewResult, ViewRunner
 
@@ -462,7 +462,7 @@ def run_norms(
     if not models:
         raise DataError("featviz norms needs a model: pass --checkpoint (several for a comparison) or --arch")
     if threshold is not None and not threshold > 0:
-        raise DataError(f"--threshold must be a positive norm, got {threshold:g}")
+        raise OptionError(f"--threshold must be a positive norm, got {threshold:g}")
     runner = ViewRunner("norms", out_dir, force=force, arguments=arguments, progress=progress)
     names = list(names) if names is not None else [arch_name(m) for m in models]
     labels = labels_for(names)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from featviz.errors import DataError
+from featviz.errors import DataError, OptionError
 from featviz.io.progress import Progress
 from featviz.views.matches import Matches, matches_figure, mutual_nearest_neighbours
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
@@ -170,7 +170,7 @@ def pick_pair(pair: str | None, ids: Sequence[str]) -> tuple[int, int]:
         return 0, 1
     parts = [p.strip() for p in pair.split(",")]
     if len(parts) != 2:
-        raise DataError(f"--pair {pair!r}: expected two images separated by a comma")
+        raise OptionError(f"--pair {pair!r}: expected two images separated by a comma")
     out = []
     for p in parts:
         if p in ids:
@@ -342,7 +342,7 @@ def run_similarity(
     if matches is not None and matches < 1:
         raise DataError(f"--matches must be ≥ 1, got {matches}")
     if (foreground_only or pair is not None) and matches is None:
-        raise DataError("--foreground-only and --pair apply to --matches N; add --matches")
+        raise OptionError("--foreground-only and --pair apply to --matches N; add --matches")
     hw = input_size(model, image_size)
     files, ids = runner.images(inputs)
     pair_ix = pick_pair(pair, ids) if matches is not None else None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from featviz.errors import UnknownNameError, did_you_mean
+from featviz.errors import OptionError, UnknownNameError, did_you_mean
 from featviz.views.cam.targets import CamTarget, ClassTarget, SegTarget, SelfTarget
 
 SCORES = ("road", "deletion", "insertion")
@@ -56,6 +56,7 @@ def parse_scores(spec: str | Sequence[str] | None) -> list[str]:
 
     Raises:
         UnknownNameError: a name that is not one of ``SCORES`` (with suggestions).
+        OptionError: a value that names no score at all (``","``).
     """
     if not spec:
         return []
@@ -74,6 +75,8 @@ def parse_scores(spec: str | Sequence[str] | None) -> list[str]:
                                        f"{', '.join(SCORES)} or all")
             if name not in names:
                 names.append(name)
+    if not names:
+        raise OptionError(f"--score {spec!r} names no score; expected one of: {', '.join(SCORES)} or all")
     return names
 
 
