@@ -46,8 +46,12 @@ README_FIGURES = {
     "simsiam_stopgrad.png": "collapse/simsiam_stopgrad.png",
     "attention_photos.png": "attention_photos/contact_sheet.png",
     "pca_photos.png": "pca_photos/sheet.png",
+    "similarity_photos.png": "similarity_photos/sheet.png",
 }
 """Each figure the README shows (docs/img/NAME) and the demo output it is a copy of."""
+SIMILARITY_ASTRONAUTS = (1, 0, 2, 3)
+SIMILARITY_POINT = "60,40"
+"""The similarity step's query: a pixel on the face of the first astronaut photo (x = column)."""
 CAC_SCENE = "scene_034"
 """The CAC figure's scene: from the val split (seg/ImageSets/Segmentation/val.txt), which neither
 bundled segmenter was trained on."""
@@ -201,6 +205,16 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
                     ["pca_photos/sheet.png", "pca_photos/manifest.json"], c,
                     "featviz pca YOUR_IMAGES --checkpoint YOUR_CHECKPOINT.pth --out pca", note=VIT_NOTE)
 
+    def similarity_photos() -> Step:
+        astronauts = [_sample("photos", "astronaut", f"astronaut_{i}.jpg") for i in SIMILARITY_ASTRONAUTS]
+        c = run(["similarity", *astronauts, _sample("photos", "rocket", "rocket_0.jpg"), "--checkpoint", vit,
+                 "--point", SIMILARITY_POINT, "--out", "{out}/similarity_photos"])
+        return Step("Patch similarity of the bundled ViT: the astronaut's face (cyan) against every patch of "
+                    "the other photos",
+                    ["similarity_photos/sheet.png", "similarity_photos/similarity.json"], c,
+                    "featviz similarity YOUR_IMAGES --checkpoint YOUR_VIT.pth --point X,Y --html --out sim",
+                    note=VIT_NOTE)
+
     def collapse() -> Step:
         c = run(["collapse", "{out}/digits.npz", "--out", "{out}/collapse", "--json"])
         report = json.loads((tmp / "collapse" / "report.json").read_text())
@@ -219,7 +233,8 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
                     "featviz collapse --checkpoint YOUR_CHECKPOINT.pth --images YOUR_IMAGES   "
                     "# live: featviz collapse --watch RUN_DIR", extra={"collapse": report})
 
-    return [inspect, tsne_digits, cac_figure, cam_photos, cam_seg, attention_photos, pca_photos, collapse]
+    return [inspect, tsne_digits, cac_figure, cam_photos, cam_seg, attention_photos, pca_photos, similarity_photos,
+            collapse]
 
 
 def retrain(progress: Callable | None = None) -> None:

@@ -484,3 +484,28 @@ def test_two_random_inits_differ_and_say_their_seeds():
     assert (a.name, b.name) == ("resnet18_w16-cifar (random init)", "resnet18_w16-cifar (random init, seed 4)")
     assert (a.description["seed"], b.description["seed"]) == (3, 4) and a.layers == b.layers == ["layer4.1"]
     assert not torch.equal(a.model.conv1.weight, b.model.conv1.weight)
+
+
+def test_cmap_colours_the_png_and_the_page_alike(cli, tmp_path):
+    from featviz.compare.plots import palette256
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    ids = [f"i{i}.png" for i in range(40)]
+    a = _emb(tmp_path / "a.npz", x, ids, np.full(40, -1))
+    b = _emb(tmp_path / "b.npz", x[:, :4], ids, np.full(40, -1))
+    for cmap in ("viridis", None):
+        r = cli("compare", a, b, "-o", tmp_path / str(cmap), "--measure", "cka", "--html",
+                *(["--cmap", cmap] if cmap else []))
+        assert r.exit_code == 0, r.output
+    page = (tmp_path / "viridis" / "compare.html").read_text()
+    assert palette256("viridis")[0] in page and palette256("magma")[0] not in page
+    assert palette256("magma")[0] in (tmp_path / "None" / "compare.html").read_text()
+    from PIL import Image
+
+    v = np.asarray(Image.open(tmp_path / "viridis" / "compare.png").convert("RGB"), np.int64)
+    d = np.asarray(Image.open(tmp_path / "None" / "compare.png").convert("RGB"), np.int64)
+    assert v.shape == d.shape and np.abs(v - d).mean() > 1  # other cells, other colour bar
+    assert json.loads((tmp_path / "viridis" / "manifest.json").read_text())["arguments"]["cmap"] == "viridis"
+    r = cli("compare", a, b, "-o", tmp_path / "x", "--cmap", "viridiss")
+    assert r.exit_code != 0 and "did you mean: viridis" in r.output and not (tmp_path / "x").exists()

@@ -242,3 +242,49 @@ def test_bad_input_is_one_line(cli, tmp_path, sample_dir):
         assert len(lines) == 1 and words in r.output, r.output
     with pytest.raises(DataError, match="needs a model"):
         run_norms([img], tmp_path / "y", models=[])
+
+
+def test_limit_sheet_images_and_cmap_follow_the_shared_rules(cli, tmp_path, sample_dir, monkeypatch):
+    from featviz.views import norms_figures
+
+    cells, real = [], norms_figures.grid_sheet
+    monkeypatch.setattr(norms_figures, "grid_sheet", lambda p, c, **kw: cells.append(kw) or real(p, c, **kw))
+    common = [sample_dir / "photos", "--arch", "resnet18", "--layers", "layer3", "--image-size", "32"]
+    r = cli("norms", *common, "--limit", "6", "--sheet-images", "3", "--cmap", "viridis", "--json", "--out",
+            tmp_path / "v")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["images"] == 6 and s["sheet"] == {"shown": 3, "of": 6}
+    man = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert man["limit"] == {"first": 6, "of": 20} and len(man["images"]) == 6
+    assert man["arguments"]["cmap"] == "viridis" and man["arguments"]["sheet_images"] == 3
+    shown = [t for row in cells[-1]["cell_titles"] for t in row[::2]]  # each image's title, beside its map
+    ids = [i["id"] for i in man["images"]]
+    assert shown == [ids[0], ids[2], ids[5]]  # spread over the six, the first and the last among them
+    assert "showing 3 of 6 images" in cells[-1]["title"]
+    with np.load(tmp_path / "v" / "norms.npz") as z:
+        assert z["0/layer3/norms"].shape[0] == 6  # the numbers of every image, not only the sheet's
+    r = cli("norms", *common, "--limit", "6", "--sheet-images", "3", "--out", tmp_path / "d")
+    assert r.exit_code == 0 and "showing 3 of 6 images" in " ".join(r.output.split()), r.output
+    from PIL import Image
+
+    v = np.asarray(Image.open(tmp_path / "v" / "outliers_resnet18.png").convert("RGB"), np.int64)
+    d = np.asarray(Image.open(tmp_path / "d" / "outliers_resnet18.png").convert("RGB"), np.int64)
+    assert v.shape == d.shape and np.abs(v - d).mean() > 2  # another colour map, other pixels
+
+
+def test_figures_of_random_weights_say_so(tmp_path, sample_dir, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from featviz.models.description import RANDOM_WEIGHTS
+    from featviz.models.loader import load_model
+
+    titles, real = [], Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: titles.append(t) or real(self, t, **kw))
+    random, _ = load_model(arch="resnet18", seed=0)
+    run_norms([sample_dir / "photos" / "cat"], tmp_path / "o", models=[random], layers=["layer3"], image_size=32)
+    assert len(titles) == 2 and all(t.startswith(RANDOM_WEIGHTS + " · ") for t in titles), titles
+    trained, _ = load_model(sample_dir / "checkpoints" / "vit_photos.safetensors")
+    titles.clear()
+    run_norms([sample_dir / "photos" / "cat"], tmp_path / "t", models=[trained], layers=["blocks.3"])
+    assert len(titles) == 2 and not any(RANDOM_WEIGHTS in t for t in titles), titles

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from test_house import _one_line
+from test_random_weights_titles import titles  # noqa: F401  (a fixture)
 from torch import nn
 
 from featviz.errors import DataError
@@ -346,10 +347,12 @@ def _click(browser, m: int, i: int, j: int) -> None:
     browser.wait_for(f"document.title === 'similarity {m} {i} {j}'", timeout=10)
 
 
-def _check_drawn(browser, stored: np.ndarray, m: int, i: int, j: int, exact: np.ndarray | None) -> None:
+def _check_drawn(
+    browser, stored: np.ndarray, m: int, i: int, j: int, exact: np.ndarray | None, cmap: str = "inferno"
+) -> None:
     """Every image's canvas shows the Python map of the clicked patch, in the PNGs' colours."""
     py = page_maps(stored, m, (i, j))
-    lut = colour_table("inferno")
+    lut = colour_table(cmap)
     n, h, w, _ = stored.shape
     for im in range(n):
         js = np.array(browser.eval(f"featviz.map({im})")).reshape(h, w)
@@ -394,3 +397,62 @@ def test_a_reduced_page_draws_the_reduced_maps(tmp_path, browser):
     time.sleep(0.1)
     _click(browser, 2, 4, 6)
     _check_drawn(browser, stored, 2, 4, 6, None)
+
+
+def test_the_page_draws_with_the_chosen_cmap_as_the_pngs(tmp_path, browser, pair):
+    from featviz.style import PlotStyle
+
+    a, b, ca, cb, _, _ = pair
+    run_similarity([a, b], tmp_path / "o", model=ColourPatches(), layer="pool", image_size=f"{HW[0]}x{HW[1]}",
+                   html=True, patches=[(1, 2)], style=PlotStyle(cmap="viridis"))
+    page = tmp_path / "o" / "similarity.html"
+    stored, blob = _stored(page)
+    assert blob["lut"] == colour_table("viridis").reshape(-1).tolist() != colour_table("inferno").reshape(-1).tolist()
+    browser.open(page.resolve().as_uri())
+    browser.wait_for("window.featviz !== undefined && featviz.ready")
+    _click(browser, 1, 3, 4)
+    unit = np.stack([expected_unit(ca), expected_unit(cb)])
+    _check_drawn(browser, stored, 1, 3, 4, similarity_maps(unit, 1, (3, 4)), cmap="viridis")
+    # and the PNG overlay of the query image is viridis's colours blended over the image, as the page's
+    from featviz.views.similarity import ALPHA
+
+    png = np.asarray(Image.open(tmp_path / "o" / "overlays" / "b.q1.png").convert("RGB"), np.float64)
+    exact = similarity_maps(unit, 0, (1, 2))
+    heat = colour_table("viridis")[colour_index(joint_scale(exact)[1])].astype(np.float64)
+    rgb = np.asarray(Image.open(b).convert("RGB"), np.float64)
+    want = ALPHA * heat.repeat(P, 0).repeat(P, 1) + (1 - ALPHA) * rgb
+    got = np.asarray(Image.fromarray(png.astype(np.uint8)).resize((HW[1], HW[0]), Image.NEAREST), np.float64)
+    assert np.abs(got - want).mean() < 3, np.abs(got - want).mean()
+    assert "viridis" in json.loads((tmp_path / "o" / "similarity.json").read_text())["protocol"]["colour_scale"]
+
+
+def test_cli_limit_sheet_images_and_cmap_follow_the_shared_rules(cli, tmp_path):
+    photos = SAMPLE / "photos"
+    common = [*TINY, "--patch", "1,1", "--device", "cpu"]
+    r = cli("similarity", photos, *common, "--limit", "5", "--sheet-images", "2", "--cmap", "viridis", "--json",
+            "--out", tmp_path / "v")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["images"] == 5 and s["sheet"] == {"shown": 2, "of": 5}
+    assert len(list((tmp_path / "v" / "overlays").iterdir())) == 5  # every image's own files are written
+    man = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert man["limit"] == {"first": 5, "of": 20} and len(man["images"]) == 5
+    assert man["arguments"]["cmap"] == "viridis" and man["arguments"]["sheet_images"] == 2
+    r = cli("similarity", photos, *common, "--limit", "5", "--sheet-images", "2", "--out", tmp_path / "d")
+    assert r.exit_code == 0 and "showing 2 of 5 images" in " ".join(r.output.split()), r.output
+    v = np.asarray(Image.open(tmp_path / "v" / "overlays" / "cat__cat_0.q1.png"), np.int64)
+    d = np.asarray(Image.open(tmp_path / "d" / "overlays" / "cat__cat_0.q1.png"), np.int64)
+    assert v.shape == d.shape and np.abs(v - d).mean() > 5  # another colour map, other pixels
+    r = cli("similarity", photos, *common, "--cmap", "viridiss", "--out", tmp_path / "x")
+    assert "did you mean: viridis" in _one_line(r)
+
+
+def test_sheets_of_random_weights_say_so(tmp_path, titles):  # noqa: F811  (the fixture)
+    from featviz.models.description import RANDOM_WEIGHTS
+    from featviz.models.loader import load_model
+
+    model, _ = load_model(arch="vit_tiny_patch16_224", seed=0)
+    run_similarity(IMGS[:2], tmp_path / "o", model=model, image_size=32, patches=[(0, 0)], matches=3)
+    assert all(t.startswith(RANDOM_WEIGHTS + " · ") for t in titles), titles
+    assert any("cosine similarity" in t for t in titles) and any("mutual nearest" in t for t in titles)
+    assert not any("random weights" in t for t in titles)  # the one caution, not a second wording

@@ -12,6 +12,7 @@ from featviz.cli.options import (
     ArchOpt,
     CenterCropOpt,
     CheckpointKeyOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
@@ -22,6 +23,7 @@ from featviz.cli.options import (
     SeedOpt,
     TrustOpt,
     command_arguments,
+    plot_style,
 )
 
 
@@ -68,6 +70,7 @@ def compare(
     image_size: ImageSizeOpt = None,
     center_crop: CenterCropOpt = None,
     html: Annotated[bool, typer.Option("--html", help="Also write compare.html (values on hover).")] = False,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -86,6 +89,7 @@ def compare(
     with _user_errors():
         from featviz.compare import run as lib
 
+        style = plot_style(only=("cmap",))
         names = [p.stem for p in inputs or []]
         if inputs:
             if checkpoints or images or arch:
@@ -103,6 +107,7 @@ def compare(
                 force=force,
                 arguments=command_arguments(),
                 progress=_progress("compare"),
+                cmap=style.cmap,
             )
         else:
             if images is None:
@@ -135,6 +140,7 @@ def compare(
                 force=force,
                 arguments=command_arguments(),
                 progress=_progress("compare"),
+                cmap=style.cmap,
             )
     if as_json:
         _echo_json(result.to_dict())

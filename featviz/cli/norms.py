@@ -13,16 +13,21 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointsOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    LimitOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_models,
+    plot_style,
+    sheet_note,
 )
 
 
@@ -67,6 +72,9 @@ def norms(
         str | None,
         typer.Option("--image-size", callback=image_size_value, help="N or HxW (default: each model's)."),
     ] = None,
+    limit: LimitOpt = None,
+    sheet_images: SheetImagesOpt = 40,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -81,6 +89,7 @@ def norms(
     from featviz.views.norms import run_norms
 
     with _user_errors():
+        style = plot_style(only=("cmap",))
         loaded = load_view_models(out_dir, force=force)  # reads back the MODEL_SOURCE options
         s = run_norms(
             images,
@@ -95,6 +104,9 @@ def norms(
             batch_size=batch_size,
             device=device,
             force=force,
+            limit=limit,
+            sheet_images=sheet_images,
+            style=style,
             arguments=command_arguments(),
             progress=_progress("norms"),
         )
@@ -126,5 +138,7 @@ def norms(
             )
     for f in s["files"]["figures"]:
         out.print(f"figure: {f}", highlight=False)
+    for f in s["files"]["outlier_sheets"]:
+        out.print(f"outlier sheet: {f}{sheet_note(s)}", highlight=False)
     if s["files"]["comparison"]:
         out.print(f"comparison: {s['files']['comparison']}", highlight=False)

@@ -13,16 +13,21 @@ from featviz.cli.options import (
     BatchSizeOpt,
     CheckpointKeyOpt,
     CheckpointOpt,
+    CmapOpt,
     DeviceOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    LimitOpt,
     NumHeadsOpt,
     SeedOpt,
+    SheetImagesOpt,
     TrustOpt,
     command_arguments,
     image_size_value,
     load_view_model,
+    plot_style,
+    sheet_note,
 )
 
 _MATCH = "Correspondences"
@@ -102,6 +107,9 @@ def similarity(
             rich_help_panel=_MATCH,
         ),
     ] = False,
+    limit: LimitOpt = None,
+    sheet_images: SheetImagesOpt = 20,
+    cmap: CmapOpt = None,
     fmt: FormatOpt = "auto",
     num_heads: NumHeadsOpt = None,
     checkpoint_key: CheckpointKeyOpt = None,
@@ -117,6 +125,7 @@ def similarity(
 
     points, patches = _pairs(point, "--point"), _pairs(patch, "--patch")
     with _user_errors():
+        style = plot_style(only=("cmap",))
         model, description = load_view_model(out_dir, force=force)  # reads back the MODEL_SOURCE options
         s = run_similarity(
             images,
@@ -133,6 +142,9 @@ def similarity(
             batch_size=batch_size,
             device=device,
             force=force,
+            limit=limit,
+            sheet_images=sheet_images,
+            style=style,
             description=description.to_dict(),
             arguments=command_arguments(),
             progress=_progress("similarity"),
@@ -162,6 +174,7 @@ def similarity(
             f" (SVD, {100 * h['retained_energy']:.1f} % of the energy)" if h["reduction"] else ""
         )
         out.print(f"page: {s['files']['html']} ({h['bytes'] / 1e6:.1f} MB, float16, {kept})", highlight=False)
-    for key in ("sheet", "matches"):
-        if key in s["files"]:
-            out.print(f"{key}: {s['files'][key]}", highlight=False)
+    if "sheet" in s["files"]:
+        out.print(f"sheet: {s['files']['sheet']}{sheet_note(s)}", highlight=False)
+    if "matches" in s["files"]:
+        out.print(f"matches: {s['files']['matches']}", highlight=False)

@@ -42,8 +42,8 @@ def _short(name: str, width: int = 18) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-def draw_png(result: Any, path: str | os.PathLike) -> None:
-    """Write the compare sheet of a ``CompareResult`` to ``path``."""
+def draw_png(result: Any, path: str | os.PathLike, cmap: str | None = None) -> None:
+    """Write the compare sheet of a ``CompareResult`` to ``path`` (``cmap``: the heatmaps', default ``CMAP``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +63,9 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
     ylab, xlab = _axis_names(result)
     fs = 8 if max(n_r, n_c) <= 12 else 6
     for ax, (name, mat) in zip(axes[0], mats.items(), strict=False):
-        im = ax.imshow(mat, cmap=CMAP, vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            mat, cmap=cmap or CMAP, vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest"
+        )
         ax.set_xticks(range(n_c), [_short(c) for c in result.cols], rotation=60, ha="right", fontsize=fs)
         ax.set_yticks(range(n_r), [_short(r) for r in result.rows], fontsize=fs)
         ax.set_xlabel(xlab, fontsize=9)
@@ -74,9 +76,7 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
             for i in range(n_r):
                 for j in range(n_c):
                     v = mat[i, j]
-                    ax.text(
-                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color="black" if v > 0.6 else "white"
-                    )
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5, color=_ink(im, v))
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     if result.knn:
         ax = axes[0][panels - 1]
@@ -100,18 +100,31 @@ def draw_png(result: Any, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def write_page(result: Any, path: str | os.PathLike) -> None:
+def _ink(im: Any, v: float) -> str:
+    """Black text on a light cell of the heatmap ``im``, white on a dark one (by the colour's luminance)."""
+    r, g, b, _ = im.cmap(im.norm(v))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def palette256(cmap: str | None = None) -> list[str]:
+    """The colour map's 256 entries as ``#rrggbb`` (matplotlib's lookup): the page draws with the PNG's colours."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    return [to_hex(c) for c in colormaps[cmap or CMAP](np.arange(256))]
+
+
+def write_page(result: Any, path: str | os.PathLike, cmap: str | None = None) -> None:
     """Write ``compare.html``: every matrix as a heatmap whose cells show their layers and value on hover."""
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
     from bokeh.models import BasicTicker, ColorBar, ColumnDataSource, Div, HoverTool, LinearColorMapper
-    from bokeh.palettes import Magma256
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
 
     ylab, xlab = _axis_names(result)
     rows, cols = list(result.rows), list(result.cols)
-    cmap = LinearColorMapper(palette=Magma256, low=0.0, high=1.0)
+    mapper = LinearColorMapper(palette=palette256(cmap), low=0.0, high=1.0)
     figs = []
     size = max(320, min(640, 28 * max(len(rows), len(cols)) + 160))
     for name, mat in result.matrices.items():
@@ -130,10 +143,10 @@ def write_page(result: Any, path: str | os.PathLike) -> None:
             x_axis_label=xlab,
             y_axis_label=ylab,
         )
-        f.rect("col", "row", 1, 1, source=src, fill_color={"field": "value", "transform": cmap}, line_color=None)
+        f.rect("col", "row", 1, 1, source=src, fill_color={"field": "value", "transform": mapper}, line_color=None)
         f.select_one(HoverTool).tooltips = [(ylab, "@row"), (xlab, "@col"), (name, "@value{0.000}")]
         f.xaxis.major_label_orientation = 1.0
-        f.add_layout(ColorBar(color_mapper=cmap, ticker=BasicTicker(desired_num_ticks=6)), "right")
+        f.add_layout(ColorBar(color_mapper=mapper, ticker=BasicTicker(desired_num_ticks=6)), "right")
         figs.append(f)
     if result.knn:
         f = figure(

@@ -244,8 +244,12 @@ def write_outputs(
     html: bool,
     force: bool,
     arguments: dict[str, Any],
+    cmap: str | None = None,
 ) -> CompareResult:
-    """Write compare.png/json/npz, manifest.json and (``html``) compare.html into ``out_dir``, atomically."""
+    """Write compare.png/json/npz, manifest.json and (``html``) compare.html into ``out_dir``, atomically.
+
+    ``cmap``: the heatmaps' colour map, PNG and page (default ``compare.plots.CMAP``).
+    """
     from featviz.compare.plots import draw_png, write_page
     from featviz.io.outputs import atomic_dir, manifest, to_jsonable, write_json
 
@@ -254,9 +258,9 @@ def write_outputs(
     result.files = {n.split(".")[-1] if n.startswith("compare") else "manifest": str(out_dir / n) for n in names}
     man = manifest("compare", arguments, models=result.models, protocol=result.protocol)
     with atomic_dir(out_dir, force=force, command="compare") as tmp:
-        draw_png(result, tmp / "compare.png")
+        draw_png(result, tmp / "compare.png", cmap=cmap)
         if html:
-            write_page(result, tmp / "compare.html")
+            write_page(result, tmp / "compare.html", cmap=cmap)
         arrays = {f"measure_{k}": v for k, v in result.matrices.items()}
         for i, curve in enumerate(result.knn or []):
             arrays[f"knn_top1/{'ab'[i] if len(result.knn) <= 2 else i}"] = np.asarray(curve["top1"])
@@ -295,6 +299,7 @@ def run_compare(
     force: bool = False,
     arguments: dict[str, Any] | None = None,
     progress: Callable[..., Iterable] | None = None,
+    cmap: str | None = None,
 ) -> CompareResult:
     """Compare the layers of one model (``sides``: one ``stream.Side``) or of two, on the images ``src``.
 
@@ -314,6 +319,7 @@ def run_compare(
         force: Replace an earlier output folder.
         arguments: The command's arguments, for the manifest.
         progress: ``progress(iterable, total=…, description=…)``.
+        cmap: The heatmaps' colour map (``--cmap``; default ``compare.plots.CMAP``).
 
     Raises:
         DataError: fewer than ``k + 1`` images, or none decodable.
@@ -402,6 +408,7 @@ def run_compare(
         html=html,
         force=force,
         arguments=arguments or {},
+        cmap=cmap,
     )
 
 
@@ -470,6 +477,7 @@ def run_compare_files(
     force: bool = False,
     arguments: dict[str, Any] | None = None,
     progress: Callable[..., Iterable] | None = None,
+    cmap: str | None = None,
 ) -> CompareResult:
     """Compare two or more embeddings ``.npz`` of the same images, file × file (no torch).
 
@@ -526,4 +534,5 @@ def run_compare_files(
         html=html,
         force=force,
         arguments=arguments or {},
+        cmap=cmap,
     )

@@ -44,6 +44,7 @@ import numpy as np
 
 from featviz.errors import DataError, FeatvizError, OptionError
 from featviz.io.progress import Progress
+from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.runner import ViewResult, ViewRunner
 
 log = logging.getLogger(__name__)
@@ -217,11 +218,11 @@ def token_norms(
     *,
     hw: tuple[int, int],
     batch_size: int = 8,
-    keep_images: int | None = None,
+    keep: Sequence[int] | None = None,
 ) -> tuple[ModelNorms, list[np.ndarray]]:
     """The norms (and class-token attention) of ``layers`` of ``model`` (placed by the runner) on its images.
 
-    Also returns the first ``keep_images`` RGB inputs in [0, 1] (all when None).
+    Also returns the RGB inputs in [0, 1] of the images ``keep`` (indices, in order; all when None).
     """
     import torch
 
@@ -235,6 +236,7 @@ def token_norms(
     blocks = sorted(set(pairs.values()))
     acc: dict[str, dict[str, list[np.ndarray]]] = {n: {"patch": [], "prefix": [], "att": [], "patt": []} for n in names}
     rgbs: list[np.ndarray] = []
+    seen, kept = 0, None if keep is None else set(keep)
     loader = runner.loader(hw=hw, batch_size=batch_size)
     with torch.inference_mode(), runner.batches(loader) as batches:
         for x, _, _, _ in batches:
@@ -254,8 +256,9 @@ def token_norms(
                     row = att[pairs[n]]
                     acc[n]["att"].append(row[:, layout.prefix :].reshape(len(x), *layout.grid))
                     acc[n]["patt"].append(row[:, : layout.prefix])
-            room = len(x) if keep_images is None else max(0, keep_images - len(rgbs))
-            rgbs += list(runner.rgb(x[:room].cpu()))
+            rows = [j for j in range(len(x)) if kept is None or seen + j in kept]
+            seen += len(x)
+            rgbs += list(runner.rgb(x[rows].cpu())) if rows else []
     cat = lambda v: np.concatenate(v) if v else None  # noqa: E731
     result = [
         LayerNorms(
@@ -373,6 +376,7 @@ class NormsResult(ViewResult):
     models: list[dict[str, Any]]
     files: dict[str, Any]
     warnings: list[str]
+    sheet: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary."""
@@ -383,6 +387,7 @@ class NormsResult(ViewResult):
             "models": self.models,
             "files": self.files,
             "warnings": self.warnings,
+            "sheet": self.sheet,
         }
 
 
@@ -442,6 +447,8 @@ def run_norms(
     arguments: dict[str, Any] | None = None,
     progress: Progress | None = None,
     sheet_images: int = 40,
+    limit: int | None = None,
+    style: PlotStyle = DEFAULT_STYLE,
 ) -> NormsResult:
     """Everything ``featviz norms`` does, for one or several models; writes ``out_dir`` as one atomic folder.
 
@@ -450,7 +457,9 @@ def run_norms(
     ``norms`` (N, h, w), ``outliers`` (N, h, w), ``prefix_norms`` (N, P) for ViT tokens,
     ``cls_attention`` (N, h, w) and ``cls_prefix_attention`` (N, P) where there is attention),
     ``norms_<model>.png`` (one figure per model), ``outliers_<model>.png``
-    (the outlier maps of every image), ``comparison.png`` (two models or more), ``manifest.json``.
+    (the outlier maps of at most ``sheet_images`` images, spread over all by ``views.sheets.sheet_cut``;
+    ``limit``: only the first N images; ``style.cmap``: the maps' colour map), ``comparison.png`` (two
+    models or more), ``manifest.json``.
 
     Raises:
         DataError: bad options, no images, a layer without a spatial map.
@@ -458,6 +467,7 @@ def run_norms(
     """
     from featviz.models.features import arch_name, input_size, resolve_layer
     from featviz.views.norms_figures import comparison_figure, model_figure, outlier_sheet
+    from featviz.views.sheets import sheet_cut
 
     if not models:
         raise DataError("featviz norms needs a model: pass --checkpoint (several for a comparison) or --arch")
@@ -467,13 +477,15 @@ def run_norms(
     names = list(names) if names is not None else [arch_name(m) for m in models]
     labels = labels_for(names)
     descriptions = list(descriptions) if descriptions is not None else [None] * len(models)
-    files, ids = runner.images(inputs)
+    files, ids = runner.images(inputs, limit=limit)
+    cut = sheet_cut(len(ids), sheet_images)
+    cmap = style.heat_cmap("inferno")
     read, summaries, warnings = [], [], []
     for k, model in enumerate(models):
         model = runner.place(model, device)
         hw = input_size(model, image_size)
         wanted = list(layers) if layers else default_layers(model)
-        mn, rgbs = token_norms(runner, model, wanted, hw=hw, batch_size=batch_size, keep_images=sheet_images)
+        mn, rgbs = token_norms(runner, model, wanted, hw=hw, batch_size=batch_size, keep=cut.indices)
         stats = layer_stats(mn, threshold)
         show = shown_layer(stats, None if map_layer is None else resolve_layer(model, map_layer)[0])
         if mn.attention_note and mn.layout is not None:
@@ -499,11 +511,22 @@ def run_norms(
         figures = []
         for k, (_, stats, show, rgbs) in enumerate(read):
             arrays.update(_arrays(k, stats))
-            model_figure(tmp / f"norms_{labels[k]}.png", summaries[k], stats, show, rgbs, ids)
-            outlier_sheet(tmp / f"outliers_{labels[k]}.png", summaries[k], stats[show], rgbs, ids)
+            look = {"model": models[k], "indices": cut.indices, "cmap": cmap}
+            model_figure(tmp / f"norms_{labels[k]}.png", summaries[k], stats, show, rgbs, ids, **look)
+            outlier_sheet(
+                tmp / f"outliers_{labels[k]}.png", summaries[k], stats[show], rgbs, ids, **look, caption=cut.caption()
+            )
             figures.append(runner.path(f"norms_{labels[k]}.png"))
         if len(read) > 1:
-            comparison_figure(tmp / "comparison.png", summaries, [(s, sh, r) for _, s, sh, r in read], ids)
+            comparison_figure(
+                tmp / "comparison.png",
+                summaries,
+                [(s, sh, r) for _, s, sh, r in read],
+                ids,
+                models=models,
+                indices=cut.indices,
+                cmap=cmap,
+            )
         np.savez_compressed(tmp / "norms.npz", **arrays)
         result = NormsResult(
             out=str(runner.out_dir),
@@ -519,6 +542,7 @@ def run_norms(
                 "comparison": runner.path("comparison.png") if len(read) > 1 else None,
             },
             warnings=warnings,
+            sheet=cut.to_dict(),
         )
         from featviz.io.outputs import write_json
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from featviz.views.sheets import grid_sheet, heat_overlay
+from featviz.views.sheets import grid_sheet, heat_overlay, with_caution
 
 OUTLIER = "#00e5ff"
 PATCH = "#7a7a7a"
@@ -28,9 +28,9 @@ def _threshold_text(s: Any) -> str:
     return f"threshold {t:.3g} ({s.split.rule}) · {s.mask.mean():.2%} outliers"
 
 
-def _overlay(rgb: np.ndarray, norms: np.ndarray) -> np.ndarray:
+def _overlay(rgb: np.ndarray, norms: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     """The log norm over the image (log: the outliers would flatten everything else to black)."""
-    return heat_overlay(rgb, np.log(np.maximum(norms, 1e-12)), alpha=0.55, cmap="inferno")
+    return heat_overlay(rgb, np.log(np.maximum(norms, 1e-12)), alpha=0.55, cmap=cmap)
 
 
 def _draw_outliers(ax: Any, mask: np.ndarray, shape: tuple[int, int]) -> None:
@@ -43,8 +43,8 @@ def _draw_outliers(ax: Any, mask: np.ndarray, shape: tuple[int, int]) -> None:
         ax.add_patch(Rectangle((c * sx - 0.5, r * sy - 0.5), sx, sy, fill=False, edgecolor=OUTLIER, linewidth=1.2))
 
 
-def _image_cell(ax: Any, rgb: np.ndarray, s: Any, i: int, title: str) -> None:
-    ax.imshow(_overlay(rgb, s.layer.patch[i]), interpolation="nearest")
+def _image_cell(ax: Any, rgb: np.ndarray, s: Any, i: int, title: str, cmap: str = "inferno") -> None:
+    ax.imshow(_overlay(rgb, s.layer.patch[i], cmap), interpolation="nearest")
     _draw_outliers(ax, s.mask[i], rgb.shape[:2])
     ax.set_xticks([])
     ax.set_yticks([])
@@ -158,8 +158,15 @@ def model_figure(
     rgbs: Sequence[np.ndarray],
     ids: Sequence[str],
     images: int = 8,
+    *,
+    model: Any = None,
+    indices: Sequence[int] | None = None,
+    cmap: str = "inferno",
 ) -> Path:
-    """One model's figure: the per-layer histograms, the per-layer shares, one layer's histogram and maps."""
+    """One model's figure: the per-layer histograms, the per-layer shares, one layer's histogram and maps.
+
+    ``rgbs`` are the images ``indices`` (default: all); ``model``'s random weights are said in the title.
+    """
     from matplotlib.figure import Figure
 
     layout = stats[0].layout
@@ -180,20 +187,22 @@ def model_figure(
     if n_img:
         sub = grid[1:, :].subgridspec(img_rows, per_row)
         s = stats[show]
-        for k, i in enumerate(_spread(len(rgbs), n_img)):
+        at = list(range(len(rgbs))) if indices is None else list(indices)
+        for k, j in enumerate(_spread(len(rgbs), n_img)):
             ax = fig.add_subplot(sub[k // per_row, k % per_row])
-            _image_cell(ax, rgbs[i], s, i, f"{_short(ids[i])} · {int(s.mask[i].sum())} outliers")
-    fig.suptitle(_title(summary, stats[show]), fontsize=9)
+            i = at[j]
+            _image_cell(ax, rgbs[j], s, i, f"{_short(ids[i])} · {int(s.mask[i].sum())} outliers", cmap)
+    fig.suptitle(with_caution(model, _title(summary, stats[show], cmap)), fontsize=9)
     fig.savefig(path, dpi=100)
     return Path(path)
 
 
-def _title(summary: dict[str, Any], s: Any) -> str:
+def _title(summary: dict[str, Any], s: Any, cmap: str = "inferno") -> str:
     tok = summary["tokens"]
     regs = "" if tok is None else f" · {tok['register']} register tokens"
     return (
         f"{summary['name']} ({summary['arch']}) · {summary['image_size'][0]}x{summary['image_size'][1]}{regs} · "
-        f"maps: {s.layer.name}, log token norm (inferno), outliers outlined (cyan)"
+        f"maps: {s.layer.name}, log token norm ({cmap}), outliers outlined (cyan)"
     )
 
 
@@ -207,22 +216,34 @@ def _short(text: str, n: int = 24) -> str:
 
 
 def outlier_sheet(
-    path: str | os.PathLike, summary: dict[str, Any], s: Any, rgbs: Sequence[np.ndarray], ids: Sequence[str]
+    path: str | os.PathLike,
+    summary: dict[str, Any],
+    s: Any,
+    rgbs: Sequence[np.ndarray],
+    ids: Sequence[str],
+    *,
+    model: Any = None,
+    indices: Sequence[int] | None = None,
+    cmap: str = "inferno",
+    caption: str = "",
 ) -> Path:
-    """Every shown image: the input and its norm map at the shown layer, outliers outlined (green)."""
+    """Every shown image (``rgbs``: the images ``indices``, default all): input and norm map, outliers outlined."""
     n = len(rgbs)
+    at = list(range(n)) if indices is None else list(indices)
     per_row = 1 if n <= 4 else 2 if n <= 8 else 4
     cells, titles, contours = [], [], []
     for r in range(0, n, per_row):
         row, tit, con = [], [], []
-        for i in range(r, min(r + per_row, n)):
-            row += [rgbs[i], _overlay(rgbs[i], s.layer.patch[i])]
+        for j in range(r, min(r + per_row, n)):
+            i = at[j]
+            row += [rgbs[j], _overlay(rgbs[j], s.layer.patch[i], cmap)]
             tit += [ids[i], f"{int(s.mask[i].sum())} outliers"]
             con += [None, s.mask[i]]
         cells.append(row)
         titles.append(tit)
         contours.append(con)
-    title = f"{summary['name']} · {s.layer.name} · log token norm (inferno, per image) · {_threshold_text(s)} (green)"
+    title = f"{summary['name']} · {s.layer.name} · log token norm ({cmap}, per image) · {_threshold_text(s)} (green)"
+    title = with_caution(model, title + (f" · {caption}" if caption else ""))
     return grid_sheet(path, cells, cell_titles=titles, contours=contours, title=title, cell=1.9)
 
 
@@ -232,8 +253,15 @@ def comparison_figure(
     read: Sequence[tuple[Sequence[Any], int, Sequence[np.ndarray]]],
     ids: Sequence[str],
     images: int = 3,
+    *,
+    models: Sequence[Any] | None = None,
+    indices: Sequence[int] | None = None,
+    cmap: str = "inferno",
 ) -> Path:
-    """The models side by side: the shown layer's histogram, the per-layer curves, the first images' maps."""
+    """The models side by side: the shown layer's histogram, the per-layer curves, some images' maps.
+
+    ``rgbs`` are the images ``indices`` (default: all); a model with random weights says so in its column.
+    """
     from matplotlib.figure import Figure
 
     k = len(summaries)
@@ -248,19 +276,23 @@ def comparison_figure(
         _histogram(ax, stats[show], layout, legend=True)
         regs = 0 if summary["tokens"] is None else summary["tokens"]["register"]
         ax.set_title(
-            f"{summary['name']} · {regs} registers\n{stats[show].layer.name}: {_threshold_text(stats[show])}",
+            with_caution(None if models is None else models[j], f"{summary['name']} · {regs} registers")
+            + f"\n{stats[show].layer.name}: {_threshold_text(stats[show])}",
             fontsize=8,
         )
         _curves(curves[j], stats, relative=True)
         curves[j].legend(fontsize=6, frameon=False)
         top = max(top, *curves[j].get_ylim())
-        for k, i in enumerate(_spread(len(rgbs), n_img)):
+        at = list(range(len(rgbs))) if indices is None else list(indices)
+        for k, p in enumerate(_spread(len(rgbs), n_img)):
+            i = at[p]
             _image_cell(
                 fig.add_subplot(grid[2 + k, j]),
-                rgbs[i],
+                rgbs[p],
                 stats[show],
                 i,
                 f"{_short(ids[i])} · {int(stats[show].mask[i].sum())} outliers",
+                cmap,
             )
     for ax in curves:  # one scale, so the models compare at a glance
         ax.set_ylim(0, top)

@@ -31,6 +31,7 @@ import numpy as np
 
 from featviz.errors import DataError, OptionError
 from featviz.io.progress import Progress
+from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.matches import Matches, matches_figure, mutual_nearest_neighbours
 from featviz.views.runner import ViewResult, ViewRunner, safe_stem
 from featviz.views.similarity_page import PAGE_BUDGET, joint_scale, page_maps, write_page
@@ -207,11 +208,13 @@ def mark_patch(
     return out
 
 
-def overlay(rgb: np.ndarray, scaled: np.ndarray, query: Query | None, grid: tuple[int, int]) -> np.ndarray:
+def overlay(
+    rgb: np.ndarray, scaled: np.ndarray, query: Query | None, grid: tuple[int, int], cmap: str = CMAP
+) -> np.ndarray:
     """One map over its image (``heat_overlay``, already scaled to [0, 1]), the query patch outlined."""
     from featviz.views.sheets import heat_overlay
 
-    pic = heat_overlay(rgb, scaled, alpha=ALPHA, cmap=CMAP, scale="clip")
+    pic = heat_overlay(rgb, scaled, alpha=ALPHA, cmap=cmap, scale="clip")
     return pic if query is None else mark_patch(pic, query.patch, grid)
 
 
@@ -226,17 +229,19 @@ def similarity_sheet(
     *,
     title: str,
     per_row: int = 5,
+    indices: Sequence[int] | None = None,
+    cmap: str = CMAP,
 ) -> None:
-    """The contact sheet: per query, every image's overlay (rows of ``per_row``), captioned with its best match."""
+    """The contact sheet: per query, the overlays of ``indices`` (default: all; rows of ``per_row``), captioned."""
     from featviz.views.sheets import grid_sheet
 
-    shown = len(rgbs)
+    shown = list(range(len(rgbs))) if indices is None else list(indices)
     cells, titles, labels = [], [], []
     for q, query in enumerate(queries):
-        for start in range(0, shown, per_row):
+        for start in range(0, len(shown), per_row):
             row, tit = [], []
-            for i in range(start, min(start + per_row, shown)):
-                row.append(overlay(rgbs[i], scaled[q, i], query if i == query.image else None, grid))
+            for i in shown[start : start + per_row]:
+                row.append(overlay(rgbs[i], scaled[q, i], query if i == query.image else None, grid, cmap))
                 what = f"query {tuple(query.patch)}" if i == query.image else f"max {raw[q, i].max():.2f}"
                 tit.append(f"{ids[i]} · {what}")
             cells.append(row)
@@ -263,6 +268,7 @@ class SimilarityResult(ViewResult):
     html: dict[str, Any] | None
     files: dict[str, Any]
     warnings: list[str]
+    sheet: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` summary: the fields in order, sizes and grids as lists."""
@@ -290,10 +296,13 @@ def run_similarity(
     progress: Progress | None = None,
     sheet_images: int = 20,
     page_budget: int = PAGE_BUDGET,
+    limit: int | None = None,
+    style: PlotStyle = DEFAULT_STYLE,
 ) -> SimilarityResult:
     """Everything ``featviz similarity`` does; writes ``out_dir`` as one atomic folder.
 
-    Files: ``sheet.png`` (per query, the overlays of the first ``sheet_images`` images),
+    Files: ``sheet.png`` (per query, the overlays of at most ``sheet_images`` images, spread over all
+    of them by ``views.sheets.sheet_cut``; the cut is said),
     ``overlays/<image>.q<k>.png`` (query k's map over each image, at the input size),
     ``similarity.npz`` (``maps`` (Q, N, h, w) cosine similarities, ``queries`` (Q, 3) image, row,
     column; ``ids``, ``grid``, ``image_size``; with ``matches``: ``match_a``, ``match_b`` (M, 2),
@@ -319,8 +328,10 @@ def run_similarity(
         description: The model's description, for the manifest.
         arguments: The command's arguments, for the manifest.
         progress: The progress wrapper of the batch loop.
-        sheet_images: Images per query on the contact sheet.
+        sheet_images: Images per query on the contact sheet (``--sheet-images``).
         page_budget: Bytes the page may take (``views.similarity_page``); its features are reduced to fit.
+        limit: Only the first N images (``--limit``; the manifest says how many of how many).
+        style: ``style.cmap``: the maps' colour map (PNGs and page; default ``inferno``).
 
     Returns:
         The result; its ``to_dict()`` is the summary that ``--json`` prints.
@@ -334,7 +345,7 @@ def run_similarity(
     from featviz.data.images import load_image
     from featviz.models.features import arch_name, input_size, token_layout
     from featviz.views.pca import feature_maps, patch_pca
-    from featviz.views.sheets import save_png
+    from featviz.views.sheets import save_png, sheet_cut, with_caution
 
     runner = ViewRunner("similarity", out_dir, force=force, arguments=arguments, progress=progress)
     if not points and not patches and not html and matches is None:
@@ -344,7 +355,9 @@ def run_similarity(
     if (foreground_only or pair is not None) and matches is None:
         raise OptionError("--foreground-only and --pair apply to --matches N; add --matches")
     hw = input_size(model, image_size)
-    files, ids = runner.images(inputs)
+    files, ids = runner.images(inputs, limit=limit)
+    cut = sheet_cut(len(ids), sheet_images) if points or patches else None
+    cmap = style.heat_cmap(CMAP)
     pair_ix = pick_pair(pair, ids) if matches is not None else None
     first_wh = load_image(files[0]).size if points else (0, 0)
     for p in points:  # checked before the model runs (the grid is not needed for that)
@@ -379,8 +392,7 @@ def run_similarity(
         found = mutual_nearest_neighbours(
             unit[a], unit[b], mask_a=None if fg is None else fg[0], mask_b=None if fg is None else fg[1], limit=matches
         )
-    weights = "random weights" if description is not None and description.get("source") is None else ""
-    head = " · ".join(s for s in (arch, weights, layer_name, f"{hw[0]}x{hw[1]} ({grid[0]}x{grid[1]} patches)") if s)
+    head = " · ".join((arch, layer_name, f"{hw[0]}x{hw[1]} ({grid[0]}x{grid[1]} patches)"))
     per_image = [
         {
             "id": ids[i],
@@ -407,7 +419,7 @@ def run_similarity(
         "tokens": None if lay is None else lay.to_dict(),
         "similarity": "cosine: dot product of the l2-normalised patch features of the layer",
         "colour_scale": "per query, over all images: lowest similarity dark, highest bright "
-        f"(matplotlib {CMAP}, blended at {ALPHA:g} over the image)",
+        f"(matplotlib {cmap}, blended at {ALPHA:g} over the image)",
     }
     with runner.output() as tmp:
         files_out: dict[str, Any] = {
@@ -419,13 +431,26 @@ def run_similarity(
             (tmp / "overlays").mkdir()
             for q, query in enumerate(queries):
                 for i in range(len(ids)):
-                    pic = overlay(rgbs[i], scaled[q, i], query if i == query.image else None, grid)
+                    pic = overlay(rgbs[i], scaled[q, i], query if i == query.image else None, grid, cmap)
                     save_png(pic, tmp / "overlays" / f"{safe_stem(ids[i])}.q{q + 1}.png", min_side=224)
-            title = (
+            title = with_caution(
+                model,
                 f"{head} · cosine similarity to the query patch (cyan square) of {ids[0]}; "
-                "per query one colour scale over all images: dark = lowest, bright = highest"
+                "per query one colour scale over all images: low to high"
+                + (f" · {cut.caption()}" if cut is not None and cut.cut else ""),
             )
-            similarity_sheet(tmp / "sheet.png", rgbs[:sheet_images], scaled, raw, queries, ids, grid, title=title)
+            similarity_sheet(
+                tmp / "sheet.png",
+                rgbs,
+                scaled,
+                raw,
+                queries,
+                ids,
+                grid,
+                title=title,
+                cmap=cmap,
+                indices=None if cut is None else cut.indices,
+            )
             files_out.update(sheet=runner.path("sheet.png"), overlays=len(queries) * len(ids))
         arrays: dict[str, Any] = {
             "ids": np.array(ids),
@@ -452,8 +477,11 @@ def run_similarity(
                 grid,
                 titles=(ids[a], ids[b]),
                 foreground=None if fg is None else (fg[0], fg[1]),
-                title=f"{head} · the {len(found.similarity)} strongest of {found.total} mutual nearest "
-                f"neighbours{where} ({mean}); colour: similarity",
+                title=with_caution(
+                    model,
+                    f"{head} · the {len(found.similarity)} strongest of {found.total} mutual nearest "
+                    f"neighbours{where} ({mean}); colour: similarity",
+                ),
             )
             files_out["matches"] = runner.path("matches.png")
         page = None
@@ -465,8 +493,8 @@ def run_similarity(
                 unit,
                 ids,
                 query=start,
-                title=f"featviz similarity · {head}",
-                cmap=CMAP,
+                title=with_caution(model, f"featviz similarity · {head}"),
+                cmap=cmap,
                 alpha=ALPHA,
                 budget=page_budget,
             )
@@ -535,4 +563,5 @@ def run_similarity(
         html=page,
         files=files_out,
         warnings=warnings,
+        sheet=None if cut is None else cut.to_dict(),
     )
