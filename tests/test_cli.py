@@ -258,7 +258,7 @@ def test_cam_delegates_to_load_model_and_run_cam(cli, monkeypatch, tmp_path):
     assert kw == dict(model="MODEL", methods=["gradcam,eigencam"], layers=["layer3"], target="class:3",
                       image_size="64x96", batch_size=4, aug_smooth=True, eigen_smooth=True, metrics=True, device="auto",
                       seed=2, force=False, strict=True, class_names="imagenet", weights="c.pth", note="trained",
-                      limit=None, sheet_images=24, style=PlotStyle())
+                      limit=None, sheet_images=24, style=PlotStyle(), scores=None, score_steps=20)
 
 
 def _reports():
@@ -301,7 +301,7 @@ def test_collapse_checkpoint_mode_delegates_to_checkpoint_reports(cli, monkeypat
     assert kw == dict(load_kwargs=dict(arch=None, format="auto", num_heads=None, checkpoint_key=None, trust=False),
                       image_size=32, batch_size=8, seed=0, pixels=True, pixels_per_image=9, layer=None, device="auto",
                       drop_nonfinite=False, uniformity_exact_max=20_000, uniformity_pairs=1_000_000,
-                      alpha_range=(10, 100))
+                      alpha_range=(10, 100), views=2)
 
 
 def test_collapse_watch_delegates_to_follow_run(cli, monkeypatch, tmp_path):
@@ -443,7 +443,7 @@ def test_pca_delegates_to_load_model_and_run_pca(cli, monkeypatch, tmp_path):
     assert callable(kw.pop("progress")) and kw.pop("arguments")["components"] == 4
     assert kw == dict(model="MODEL", layer="layer3", image_size=64, components=4, foreground="none", threshold=0.0,
                       batch_size=8, device="auto", seed=1, force=False, description={"name": "resnet18"},
-                      sheet_images=40)
+                      sheet_images=40, recipe="dinov2", mask_dir=None)
 
 
 def test_tsne_delegates_to_run_map(cli, monkeypatch, tmp_path):

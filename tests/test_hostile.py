@@ -48,6 +48,7 @@ def assets(tmp_path_factory) -> Path:
     feats = rng.normal(size=(24, 8)).astype(np.float32)
     _save_npz(a / "emb.npz", features=feats, labels=np.arange(24) % 2, class_names=np.array(["cat", "dog"]),
               ids=np.array([f"img{i}.png" for i in range(24)]), manifest=np.array("{}"))
+    shutil.copy(a / "emb.npz", a / "val.npz")  # knn/probe's val: a file of its own (one file for both is warned about)
     shutil.copy(FEATVIZ_CKPT, a / "fv.safetensors")
     return a
 
@@ -279,9 +280,9 @@ NPZ_VARIANTS = {  # name -> (file, exit code per command or one code, match, env
     "folder": ("", 1, r"folder|does not exist|not a file", {}),
 }
 NPZ_COMMANDS = {
-    "knn": "knn --train {x} --val {a}/emb.npz",
+    "knn": "knn --train {x} --val {a}/val.npz",
     "knn_val": "knn --train {a}/emb.npz --val {x}",
-    "probe": "probe --train {x} --val {a}/emb.npz",
+    "probe": "probe --train {x} --val {a}/val.npz",
     "tsne": "tsne {x} -o map.png --method pca",
     "collapse": "collapse {x} -o out",
 }
@@ -300,7 +301,7 @@ case("npz-str-labels-probe", "probe --train {a}/npz/str_labels.npz --val {a}/npz
 case("npz-str-labels-tsne-html", "tsne {a}/npz/str_labels.npz -o map.png --method pca --html map.html", code=0,
      creates=("map.png", "map.html"))
 case("npz-bad-manifest-tsne", "tsne {a}/npz/bad_manifest.npz -o map.png --method pca", code=0, creates=("map.png",))
-case("npz-nan-features-knn", "knn --train {a}/npz/nan_features.npz --val {a}/emb.npz --k 3", code=1, match=r"NaN")
+case("npz-nan-features-knn", "knn --train {a}/npz/nan_features.npz --val {a}/val.npz --k 3", code=1, match=r"NaN")
 case("npz-nan-features-tsne", "tsne {a}/npz/nan_features.npz -o map.png --method pca", code=1, match=r"NaN")
 case("npy-header-bomb-collapse", "collapse {a}/npz/header_bomb.npy -o out", code=1, match=r"memory budget")
 case("npy-complex-collapse", "collapse {a}/npz/complex.npy -o out", code=1, match=r"complex")
@@ -331,7 +332,7 @@ for _v in ("nan", "inf", "-inf", "NaN"):
     case(f"opt-pca-threshold-{_v}", f"pca {IMGS} {TINY} -o out --threshold {_v}", code=2, match=r"finite")
 for _cmd, _argv in {
     "crops-threshold": f"crops {IMGS} {TINY} -o out --threshold nan",
-    "knn-temperature": "knn --train {a}/emb.npz --val {a}/emb.npz -T nan",
+    "knn-temperature": "knn --train {a}/emb.npz --val {a}/val.npz -T nan",
     "knn-val-fraction": "knn -i digits --val-fraction nan",
     "tsne-perplexity": "tsne {a}/emb.npz -o map.png --perplexity nan",
     "tsne-min-dist": "tsne {a}/emb.npz -o map.png --method umap --min-dist inf",
@@ -339,16 +340,16 @@ for _cmd, _argv in {
     "collapse-max-wait": "collapse --watch {t}/run --max-wait nan",
     "train-lr": "train -m simsiam -d digits -o run --lr nan",
     "train-iou": "tsne --figure cac --arch resnet18_w8 --iou-bound nan 1 -o fig.png",
-    "probe-selection": "probe --train {a}/emb.npz --val {a}/emb.npz --selection-fraction nan",
+    "probe-selection": "probe --train {a}/emb.npz --val {a}/val.npz --selection-fraction nan",
 }.items():
     case(f"opt-nonfinite-{_cmd}", _argv, code=2, match=r"finite|greater than")
 for _k in ("a,b", "0", "-3", "1e3", "", "10;20", "99999999999999999999999"):
-    case(f"opt-knn-k-{_k or 'empty'}", ["knn", "--train", "{a}/emb.npz", "--val", "{a}/emb.npz", "--k", _k], code=2,
+    case(f"opt-knn-k-{_k or 'empty'}", ["knn", "--train", "{a}/emb.npz", "--val", "{a}/val.npz", "--k", _k], code=2,
          match=r"--k")
 for _f in ("1.5", "0", "-0.2", "1"):
-    case(f"opt-probe-selection-{_f}", f"probe --train {{a}}/emb.npz --val {{a}}/emb.npz --selection-fraction {_f}",
+    case(f"opt-probe-selection-{_f}", f"probe --train {{a}}/emb.npz --val {{a}}/val.npz --selection-fraction {_f}",
          code=2, match=r"--selection-fraction", not_in_stderr=("test_size", "train_size", "should be"))
-case("opt-probe-c-grid", "probe --train {a}/emb.npz --val {a}/emb.npz --c-grid x,y", code=2, match=r"--c-grid")
+case("opt-probe-c-grid", "probe --train {a}/emb.npz --val {a}/val.npz --c-grid x,y", code=2, match=r"--c-grid")
 for _h in ("noequals", "=3", "lr=NaN", "x=Infinity"):
     case(f"opt-hparam-{_h}", f"train -m simsiam -d digits -o run --hparam {_h}", code=2, match=r"--hparam")
 for _r in ("10", "a,b", "100,10", "0,5"):
@@ -506,7 +507,7 @@ case("embed-out-not-npz", f"embed {TINY} -i {IMGS} -o e.txt", code=1, match=r"\.
 case("tsne-out-exists", "tsne {a}/emb.npz -o map.png --method pca", _file("map.png"), code=1, match=r"--force")
 case("tsne-coords-user-file", "tsne {a}/emb.npz -o map.png --method pca --coords c.npz", _file("c.npz"), code=1,
      match=r"--force")
-case("knn-out-user-file", "knn --train {a}/emb.npz --val {a}/emb.npz -o r.json", _file("r.json"), code=1,
+case("knn-out-user-file", "knn --train {a}/emb.npz --val {a}/val.npz -o r.json", _file("r.json"), code=1,
      match=r"--force")
 case("convert-out-exists", "convert {a}/fv.safetensors out.safetensors", _file("out.safetensors"), code=1,
      match=r"--force")
@@ -622,7 +623,7 @@ def _no_permission_open(mp, t):
     real = builtins.open
 
     def guarded(file, *a, **k):
-        if str(file).endswith(("moco_v2_tiny.pth.tar", "fv.safetensors", "emb.npz")):
+        if str(file).endswith(("moco_v2_tiny.pth.tar", "fv.safetensors", "emb.npz", "val.npz")):
             raise PermissionError(13, "Permission denied", str(file))
         return real(file, *a, **k)
 
@@ -649,13 +650,13 @@ case("disk-full-convert", "convert {a}/fv.safetensors out.safetensors", code=1, 
      match=r"no space left|disk is full", not_in_stderr=(".tmp", "SafetensorError"))
 case("disk-full-pca", f"pca {IMGS} {TINY} --image-size 32 -o out", code=1, patch=_disk_full_png,
      match=r"no space left|disk is full", not_in_stderr=(".tmp",), progress=r"^warning: the first component")
-case("disk-full-knn-json", "knn --train {a}/emb.npz --val {a}/emb.npz --k 3 -o r.json", code=1,
+case("disk-full-knn-json", "knn --train {a}/emb.npz --val {a}/val.npz --k 3 -o r.json", code=1,
      patch=_disk_full_json, match=r"no space left|disk is full", not_in_stderr=(".tmp",))
 case("permission-checkpoint", "inspect {s}/checkpoints/moco_v2_tiny.pth.tar", code=1, patch=_no_permission,
      match=r"permission denied", not_in_stderr=("corrupt", "truncated"))
 case("permission-checkpoint-open", "inspect {a}/fv.safetensors", code=1, patch=_no_permission_open,
      match=r"permission denied", not_in_stderr=("corrupt", "truncated"))
-case("permission-embeddings", "knn --train {a}/emb.npz --val {a}/emb.npz", code=1, patch=_no_permission_open,
+case("permission-embeddings", "knn --train {a}/emb.npz --val {a}/val.npz", code=1, patch=_no_permission_open,
      match=r"permission denied", not_in_stderr=("corrupt", "not a readable"))
 case("race-losing-writer", f"pca {IMGS} {TINY} --image-size 32 -o out", code=1, patch=_race,
      progress=r"^warning: the first component",

@@ -63,7 +63,7 @@ class JsonlTail:
         return out
 
 
-_TEXT_FIELDS = ("event", "split", "kind", "error", "method")
+_TEXT_FIELDS = ("event", "split", "kind", "error", "method", "checkpoint", "output", "record", "message")
 _COUNT_FIELDS = {"step": 0, "epoch": 0, "n": 0, "d": 1, "n_nonfinite": 0, "uniformity_pairs": 0}  # the least each takes
 
 
