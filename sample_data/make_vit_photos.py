@@ -17,8 +17,8 @@ checkpoints/vit_photos.safetensors  a ViT (timm VisionTransformer: patch 16, wid
 
 The foreground score is the patch tokens' target channel 0, scaled to standard deviation
 FOREGROUND_WEIGHT (10) within each crop, so that it dominates each photo's own PCA of the tokens (the
-first attempt, 3 and 12 epochs, left it at ~2 % of a photo's token variance: per-photo IoU 0.37, the first
-component's sign flipped on 8 of 20 photos).
+first attempt, 3 and 12 epochs, left it at 2-8 % of a photo's token variance: per-photo IoU 0.37, the
+first component's sign opposite to Lite1's on 8 of 20 photos; now 53-76 %, IoU 0.67).
 
 Measured 2026-12-04 on the project's shared 2-core machine at load average 5-6 (other jobs): 10.5 minutes
 (Lite1's outputs 2 of them), 30 epochs of 16 steps. ``--cache FILE`` keeps the crops and Lite1's outputs
