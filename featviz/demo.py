@@ -50,8 +50,8 @@ README_FIGURES = {
 }
 """Each figure the README shows (docs/img/NAME) and the demo output it is a copy of."""
 SIMILARITY_ASTRONAUTS = (1, 0, 2, 3)
-SIMILARITY_POINT = "60,40"
-"""The similarity step's query: a pixel on the face of the first astronaut photo (x = column)."""
+SIMILARITY_POINT = "60,100"
+"""The similarity step's query: a pixel on the suit of the first astronaut photo (x = column)."""
 CAC_SCENE = "scene_034"
 """The CAC figure's scene: from the val split (seg/ImageSets/Segmentation/val.txt), which neither
 bundled segmenter was trained on."""
@@ -209,7 +209,7 @@ def _steps(root: Path, tmp: Path) -> list[Callable[[], Step]]:
         astronauts = [_sample("photos", "astronaut", f"astronaut_{i}.jpg") for i in SIMILARITY_ASTRONAUTS]
         c = run(["similarity", *astronauts, _sample("photos", "rocket", "rocket_0.jpg"), "--checkpoint", vit,
                  "--point", SIMILARITY_POINT, "--out", "{out}/similarity_photos"])
-        return Step("Patch similarity of the bundled ViT: the astronaut's face (cyan) against every patch of "
+        return Step("Patch similarity of the bundled ViT: the astronaut's suit (cyan) against every patch of "
                     "the other photos",
                     ["similarity_photos/sheet.png", "similarity_photos/similarity.json"], c,
                     "featviz similarity YOUR_IMAGES --checkpoint YOUR_VIT.pth --point X,Y --html --out sim",

@@ -116,7 +116,9 @@ def teacher_targets(model, desc, x: torch.Tensor, batch: int = 32) -> tuple[torc
     return torch.cat(maps), torch.cat(pooled)
 
 
-def dense_targets(tmap: torch.Tensor, dim: int, fg_weight: float = FOREGROUND_WEIGHT) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_targets(
+    tmap: torch.Tensor, dim: int, fg_weight: float = FOREGROUND_WEIGHT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lite1's maps as the student's targets, and where its class token should look.
 
     Returns:
