@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.conftest import SAMPLE
+from conftest import SAMPLE
 
 # ------------------------------------------------------------------ the shared assets (once per module)
 FEATVIZ_CKPT = SAMPLE / "checkpoints" / "simsiam_digits.safetensors"  # resnet18_w16-cifar, input 16
