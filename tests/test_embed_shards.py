@@ -203,3 +203,20 @@ def test_torchrun_two_ranks_write_their_shards(tmp_path, sample_dir, one_thread)
     np.testing.assert_array_equal(merged.ids, single.ids)
     np.testing.assert_array_equal(merged.labels, single.labels)
     np.testing.assert_allclose(np.asarray(merged.features), np.asarray(single.features), rtol=1e-5, atol=1e-5)
+
+
+def test_refusals_are_one_line_before_any_work(tmp_path, cli, sample_dir):
+    from featviz.errors import DataError, OutputError
+
+    with pytest.raises(DataError, match=r"folder of shards; give --out a folder name \(e.g. .*/e/\)"):
+        stream.run_embed_sharded(out=tmp_path / "e.npz", images=sample_dir / "photos", shard_size=4, arch=ARCH)
+    with pytest.raises(DataError, match="pixel embeddings .* one .npz: drop --shard-size"):
+        stream.run_embed_sharded(out=tmp_path / "E", images=sample_dir / "seg", shard_size=4, arch=ARCH, pixels=True)
+    res = cli("embed", "--arch", ARCH, "--images", sample_dir / "photos", "--shard-size", "4", "--tensorboard",
+              tmp_path / "tb", "--out", tmp_path / "E")
+    assert res.exit_code == 1 and "--tensorboard needs every row at once" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "E").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by featviz"):  # a user's folder is never written into
+        stream.run_embed_sharded(out=tmp_path / "mine", images=sample_dir / "photos", shard_size=4, arch=ARCH)

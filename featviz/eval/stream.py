@@ -115,7 +115,9 @@ def run_embed_sharded(
         src = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
         extra = provenance(desc, info, precision, seed)
         n = apply_limit(len(src), {"limit": limit}, extra)
-        src = LabelledImages(src.items[:n], src.labels[:n], src.class_names, src.ids[:n])
+        # paths as plain strings: a Path object costs ~600 bytes, a string ~100 (200k images: ~100 MB less)
+        items = [str(p) if isinstance(p, Path) else p for p in src.items[:n]]
+        src = LabelledImages(items, src.labels[:n], src.class_names, src.ids[:n])
         extra.update(image_size=size[0] if size[0] == size[1] else list(size), resize=resize_rule(size, center_crop))
         args = dict(
             images=str(images),
