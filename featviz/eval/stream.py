@@ -33,7 +33,7 @@ from featviz.io import shards as fmt
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.outputs import check_output, manifest, prepare_folder, sha256, write_json, write_marker
 from featviz.io.progress import Progress
-from featviz.models.features import input_size
+from featviz.models.features import input_size, parse_image_size
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,19 @@ def run_embed_sharded(
         from featviz.models.loader import load_model
 
         load_kwargs = load_kwargs or {}
+        # listed before the model is built: the listing's transient objects are freed (``_compact``) before
+        # the model's memory is taken, so the peak does not grow with the number of images
+        hw = parse_image_size(image_size)
+        listed = labelled_images(images, labels_csv=labels_csv, image_size=hw[0] if hw else 32)
+        limited: dict[str, Any] = {}
+        n = apply_limit(len(listed), {"limit": limit}, limited)
+        src = _compact(listed, n)
+        del listed
         model, desc = load_model(checkpoint, arch=arch, seed=seed, **load_kwargs)
         size = input_size(model, image_size)
-        src = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
-        extra = provenance(desc, info, precision, seed)
-        n = apply_limit(len(src), {"limit": limit}, extra)
-        src = _compact(src, n)
+        if not isinstance(src.items, _Names) and size[0] != (hw[0] if hw else 32):  # in-memory images (digits)
+            src = _compact(labelled_images(images, labels_csv=labels_csv, image_size=size[0]), n)
+        extra = {**provenance(desc, info, precision, seed), **limited}
         extra.update(image_size=size[0] if size[0] == size[1] else list(size), resize=resize_rule(size, center_crop))
         args = dict(
             images=str(images),
