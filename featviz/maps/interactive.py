@@ -68,8 +68,13 @@ def map_page(
     notes: Sequence[str] = (),
     force: bool = False,
     palette: str | None = None,
+    mode: str = "auto",
 ) -> Path:
     """The HTML page of a ``TsneMap`` (any method) with thumbnails from its embeddings files.
+
+    Up to ``LARGE_PAGE_POINTS`` (200,000) points (``mode="auto"``), or with ``mode="inline"``: one
+    self-contained Bokeh file, thumbnails inlined. Above, or with ``mode="large"``: a canvas page
+    and its data folder beside it (``featviz.maps.large_page``).
 
     Args:
         m: the fitted map (``featviz.maps.projection.TsneMap``); its ``groups`` index ``embs``.
@@ -85,13 +90,19 @@ def map_page(
         notes: extra lines for the page.
         force: overwrite ``out``.
         palette: the class colours' matplotlib colour map (``--palette``; default tab10/tab20).
+        mode: ``"auto"``, ``"inline"`` or ``"large"`` (``--html-mode``).
 
     Returns:
         The page's path. A warning (not an error) says when images cannot be found; the map is
         written without their thumbnails.
     """
     from featviz.data import thumbnails as th
+    from featviz.maps import large_page
 
+    if large_page.page_mode(len(m.coords), mode) == "large":
+        return large_page.write_large_page(
+            m, embs, out, npz_paths=npz_paths, image_root=image_root, title=title, max_thumbnails=max_thumbnails,
+            seed=seed, notes=notes, force=force, palette=palette)
     npz_paths = list(npz_paths or [None] * len(embs))
     per_panel = [(embs[g], m.rows[m.groups == g]) for g in range(len(embs))]
     resolvers = [
