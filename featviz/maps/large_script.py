@@ -320,7 +320,9 @@ setTimeout(() => {
   for (const p of panels) buildGrid(p);
   state.gridMs = performance.now() - t0;
   state.api.gridMs = () => state.gridMs;
+  const t1 = performance.now();
   for (const p of panels) draw(p);
+  state.drawMs = performance.now() - t1;
   state.ready = true;
 }, 0);
 })();
