@@ -46,8 +46,11 @@ def _pixel_map(n: int, n_lonely: int = 6, *, root: Path | None = SAMPLE / "photo
     ids = np.array([str(f.relative_to(SAMPLE / "photos")) for f in files])[fi]
     flat = rng.choice(128 * 128, n)  # one (y, x) per point; distinct for the sampled rows
     yx = np.c_[flat // 128, flat % 128]
-    man = {"command": "embed", "arguments": {"images": str(root), "pixels": True},
-           "image_root": None if root is None else str(root)}
+    man = {
+        "command": "embed",
+        "arguments": {"images": str(root), "pixels": True},
+        "image_root": None if root is None else str(root),
+    }
     emb = Embeddings(np.zeros((n, 1), np.float32), lab, classes, ids, fi, yx, man)
     m = tsne.TsneMap(coords, lab, classes, np.zeros(n, np.int64), ["pixels"], np.arange(n), {"method": "umap"})
     return m, emb, lonely
@@ -72,6 +75,30 @@ def test_mode_threshold_and_the_folder_name():
     assert large_page.folder_for(Path("out/map.html")) == Path("out/map_files")
 
 
+def test_html_mode_names_match_the_library():
+    from featviz.cli import choices
+
+    assert choices.HtmlMode.__args__ == large_page.HTML_MODES
+
+
+def test_cli_html_mode_large_writes_the_page_and_its_folder(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    emb = Embeddings(
+        rng.normal(size=(300, 6)) + np.repeat(np.eye(3, 6) * 5, 100, 0), np.repeat([0, 1, 2], 100), ["a", "b", "c"]
+    )
+    emb.save(tmp_path / "e.npz")
+    args = ("tsne", tmp_path / "e.npz", "--method", "pca", "--out", tmp_path / "m.png", "--html", tmp_path / "m.html")
+    r = cli(*args, "--html-mode", "large", "--html-thumbnails", "0", "--json")
+    assert r.exit_code == 0, r.output
+    outputs = json.loads(r.stdout)["outputs"]
+    assert outputs["html_files"] == str(tmp_path / "m_files") and (tmp_path / "m_files" / "points.js").is_file()
+    assert "thumbs" not in {p.name for p in (tmp_path / "m_files").iterdir()}
+    again = cli(*args, "--html-mode", "large")
+    assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output
+    bad = cli("tsne", tmp_path / "e.npz", "--out", tmp_path / "n.png", "--html-mode", "large")
+    assert bad.exit_code == 2 and "add --html" in bad.output
+
+
 def test_million_point_page_files_and_size(million):
     out, m, emb, lonely = million
     folder = large_page.folder_for(out)
@@ -82,7 +109,7 @@ def test_million_point_page_files_and_size(million):
     size = points.stat().st_size
     # 1M points: x, y float32, class uint8, file uint8, (y, x) uint8, as base64: 4/3 x 12 MB
     assert 15e6 < size < 17e6, size
-    data = json.loads(points.read_text()[len("window.FEATVIZ_POINTS = "):-2])
+    data = json.loads(points.read_text()[len("window.FEATVIZ_POINTS = ") : -2])
     assert set(data) == {"x", "y", "label", "name", "py", "px", "thumb_point", "thumb_id"}  # no "row": rows are 0..N-1
     assert [data[k][0] for k in ("x", "label", "name", "py")] == ["float32", "uint8", "uint8", "uint8"]
     thumbs = sorted((folder / "thumbs").rglob("*.webp"))
@@ -91,8 +118,10 @@ def test_million_point_page_files_and_size(million):
     assert "points.js" in json.dumps(marker) and "thumbs/000/000000.webp" in json.dumps(marker)
     names = (folder / "names" / "00000.js").read_text()
     assert names.startswith("featviz_names(0, [") and "cat/cat_0.jpg" in names
-    print(f"1M page: {out.stat().st_size / 1e3:.0f} kB page + {size / 1e6:.1f} MB points.js + "
-          f"{sum(t.stat().st_size for t in thumbs) / 1e3:.0f} kB of {len(thumbs)} thumbnails")
+    print(
+        f"1M page: {out.stat().st_size / 1e3:.0f} kB page + {size / 1e6:.1f} MB points.js + "
+        f"{sum(t.stat().st_size for t in thumbs) / 1e3:.0f} kB of {len(thumbs)} thumbnails"
+    )
 
 
 def test_page_and_folder_are_never_overwritten_without_force(tmp_path):
@@ -135,8 +164,11 @@ CARD = """(() => { const c = document.getElementById('featviz-card');
 
 def _hover_card(browser, x: float, y: float, want: str = "") -> dict:
     browser.hover(x, y)
-    browser.wait_for(f"(() => {{ const c = {CARD}; return c !== null && !c.text.includes('…')"
-                     f" && c.text.includes({json.dumps(want)}) && (c.src === null || c.w > 0); }})()", timeout=20)
+    browser.wait_for(
+        f"(() => {{ const c = {CARD}; return c !== null && !c.text.includes('…')"
+        f" && c.text.includes({json.dumps(want)}) && (c.src === null || c.w > 0); }})()",
+        timeout=20,
+    )
     return browser.eval(CARD)
 
 
@@ -149,8 +181,10 @@ def test_million_point_page_hover_shows_the_point_and_its_thumbnail(million, bro
     shot = browser.screenshot()
     a = np.asarray(shot, np.float32)
     assert float(a.std()) > 5 and len(np.unique(a.reshape(-1, 3)[::7], axis=0)) > 50  # drawn, not blank
-    print(f"1M page: ready {opened:.1f} s after opening; grid {browser.eval('featviz.gridMs()'):.0f} ms, "
-          f"one redraw {browser.eval('featviz.drawMs()'):.0f} ms")
+    print(
+        f"1M page: ready {opened:.1f} s after opening; grid {browser.eval('featviz.gridMs()'):.0f} ms, "
+        f"one redraw {browser.eval('featviz.drawMs()'):.0f} ms"
+    )
     # a point alone on the ring that has a thumbnail: the card names it and shows its thumbnail file
     row = int(lonely[0])
     x, y = browser.eval(f"featviz.locate(0, {row})")
@@ -161,8 +195,12 @@ def test_million_point_page_hover_shows_the_point_and_its_thumbnail(million, bro
     assert re.search(r"/map_files/thumbs/\d{3}/\d{6}\.webp$", card["src"]), card["src"]
     assert card["complete"] and card["w"] == large_page.THUMB_SIDE
     shown = Image.open(Path(out.parent, *card["src"].split("/")[-4:])).convert("RGB")
-    want = thumbnails.pixel_thumbnail(Image.open(SAMPLE / "photos" / emb.ids[row]).convert("RGB"),
-                                      int(emb.yx[row][0]), int(emb.yx[row][1]), large_page.THUMB_SIDE)
+    want = thumbnails.pixel_thumbnail(
+        Image.open(SAMPLE / "photos" / emb.ids[row]).convert("RGB"),
+        int(emb.yx[row][0]),
+        int(emb.yx[row][1]),
+        large_page.THUMB_SIDE,
+    )
     assert np.abs(np.asarray(shown, np.float32) - np.asarray(want, np.float32)).mean() < 8  # WebP, lossy
     hovered_shot = browser.screenshot()
     # the lonely point without a thumbnail: its own row, and the page says it has none
@@ -203,8 +241,10 @@ def test_large_page_without_images_shows_class_file_and_row(tmp_path, browser, c
     assert "no thumbnails (images not found)" in out.read_text()
     assert browser.eval("featviz.hovered()") == {"panel": 0, "row": row}
     # a click on a legend entry hides that class: its lonely point is no longer found
-    browser.eval(f"[...document.querySelectorAll('#featviz-legend .item')]"
-                 f".find(e => e.dataset.cls === '{emb.labels[row]}').click()")
+    browser.eval(
+        f"[...document.querySelectorAll('#featviz-legend .item')]"
+        f".find(e => e.dataset.cls === '{emb.labels[row]}').click()"
+    )
     time.sleep(0.2)
     browser.hover(x + 1, y)
     time.sleep(0.2)

@@ -72,6 +72,17 @@ def check_large_outputs(out: str | os.PathLike, *, force: bool = False) -> None:
     if out.suffix.lower() not in (".html", ".htm"):
         raise DataError(f"--html must end in .html, got {out.name!r}")
     check_output(out, force=force, folder=False)
+    check_data_folder(out, force=force)
+
+
+def check_data_folder(out: str | os.PathLike, *, force: bool = False) -> None:
+    """Check the data folder of the page ``out`` (when it exists) as ``check_large_outputs`` does.
+
+    Raises:
+        OutputError, OutputExistsError: see ``featviz.io.outputs.check_output``.
+    """
+    from featviz.io.outputs import check_output
+
     check_output(folder_for(out), force=force, folder=True)
 
 
@@ -120,8 +131,9 @@ def _thumbnails(m, embs, per_panel, resolvers, picked, starts, folder: Path):
         e, res = per_panel[g][0], resolvers[g]
         if e.is_pixels:
             y, x = (int(v) for v in e.yx[r])
-            t = store.add((res.key(r), y, x), lambda res=res, r=r, y=y, x=x: th._pixel_or_none(
-                res.image(r), y, x, store.side))
+            t = store.add(
+                (res.key(r), y, x), lambda res=res, r=r, y=y, x=x: th._pixel_or_none(res.image(r), y, x, store.side)
+            )
         else:
             t = store.add((res.key(r),), lambda res=res, r=r: th._image_or_none(res.image(r), store.side))
         if t < 0:
@@ -216,26 +228,38 @@ def write_large_page(
             log.warning(
                 "thumbnails: %d images of %s could not be found or read (looked in %s; e.g. %s); the map is "
                 "written without them: pass --image-root DIR, the folder the ids are relative to",
-                len(ids), m.group_names[g], resolvers[g].describe(), sorted(ids)[0])
+                len(ids),
+                m.group_names[g],
+                resolvers[g].describe(),
+                sorted(ids)[0],
+            )
         if n_with == 0:
             no_thumb = ""
             note_lines.append("no thumbnails (images not found): hover shows each point's class, file and row")
         else:
-            no_thumb = (f"no thumbnail: {n_with:,} of {n_points:,} points have one"
-                        + (f" (a random sample, seed {seed})" if n_points > max_thumbnails else "")
-                        + ("; some images not found" if missing else ""))
-            note_lines.append(f"thumbnails for {n_with:,} of {n_points:,} points"
-                              + (f" (a random sample, seed {seed}; at most {max_thumbnails:,}: "
-                                 "--html-thumbnails N changes it)" if n_points > max_thumbnails else "")
-                              + (f"; {sum(len(v) for v in missing.values()):,} images not found" if missing else ""))
+            no_thumb = (
+                f"no thumbnail: {n_with:,} of {n_points:,} points have one"
+                + (f" (a random sample, seed {seed})" if n_points > max_thumbnails else "")
+                + ("; some images not found" if missing else "")
+            )
+            note_lines.append(
+                f"thumbnails for {n_with:,} of {n_points:,} points"
+                + (
+                    f" (a random sample, seed {seed}; at most {max_thumbnails:,}: --html-thumbnails N changes it)"
+                    if n_points > max_thumbnails
+                    else ""
+                )
+                + (f"; {sum(len(v) for v in missing.values()):,} images not found" if missing else "")
+            )
         (tmp / "points.js").write_text(
-            "window.FEATVIZ_POINTS = " + json.dumps({k: _b64(v) for k, v in arrays.items()}) + ";\n",
-            encoding="utf-8")
+            "window.FEATVIZ_POINTS = " + json.dumps({k: _b64(v) for k, v in arrays.items()}) + ";\n", encoding="utf-8"
+        )
         (tmp / "names").mkdir()
         for c in range(0, len(distinct), NAMES_CHUNK):
-            chunk = json.dumps([str(s) for s in distinct[c:c + NAMES_CHUNK]], ensure_ascii=False)
+            chunk = json.dumps([str(s) for s in distinct[c : c + NAMES_CHUNK]], ensure_ascii=False)
             (tmp / "names" / f"{c // NAMES_CHUNK:05d}.js").write_text(
-                f"featviz_names({c // NAMES_CHUNK}, {chunk});\n", encoding="utf-8")
+                f"featviz_names({c // NAMES_CHUNK}, {chunk});\n", encoding="utf-8"
+            )
         (x0, x1), (y0, y1) = _limits([SimpleNamespace(coords=coords)])
         meta = {
             "folder": quote(folder.name),
@@ -243,8 +267,9 @@ def write_large_page(
             "colors": class_colors(n_classes, palette),
             "unknown_color": UNKNOWN,
             "bounds": [x0, x1, y0, y1],
-            "panels": [{"title": str(m.group_names[g]), "start": int(starts[g]), "n": sizes[g]}
-                       for g in range(len(sizes))],
+            "panels": [
+                {"title": str(m.group_names[g]), "start": int(starts[g]), "n": sizes[g]} for g in range(len(sizes))
+            ],
             "names_chunk": NAMES_CHUNK,
             "n_names": len(distinct),
             "n_thumbnails": n_thumbs,

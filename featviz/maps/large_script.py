@@ -125,14 +125,34 @@ function draw(p) {
   for (let o = 0; o < acc.length; o += 4) {
     const n = acc[o + 3];
     if (n === 0) { px[o] = px[o + 1] = px[o + 2] = 255; px[o + 3] = 255; continue; }
-    const a = mx <= 1 ? 1 : 0.3 + 0.7 * Math.log1p(n) / L;
+    const a = mx <= 1 ? 1 : 0.45 + 0.55 * Math.log1p(n) / L;
     px[o] = 255 * (1 - a) + a * acc[o] / n;
     px[o + 1] = 255 * (1 - a) + a * acc[o + 1] / n;
     px[o + 2] = 255 * (1 - a) + a * acc[o + 2] / n;
     px[o + 3] = 255;
   }
+  if (d === 1) spread(p, acc, px);
   p.ctx.putImageData(p.image, 0, 0);
   p.visible = nv;
+}
+// like datashader's spread: an empty pixel next to a drawn one takes its colour, so a lone point is
+// 3 x 3 pixels rather than a speck when the view is full (d = 1)
+function spread(p, acc, px) {
+  const W = p.W, H = p.H, taken = new Uint8Array(W * H);
+  for (let v = 0; v < H; v++) {
+    for (let u = 0; u < W; u++) {
+      const o = v * W + u;
+      if (acc[o * 4 + 3] === 0) continue;
+      for (let vv = Math.max(v - 1, 0); vv <= Math.min(v + 1, H - 1); vv++) {
+        for (let uu = Math.max(u - 1, 0); uu <= Math.min(u + 1, W - 1); uu++) {
+          const q = vv * W + uu;
+          if (acc[q * 4 + 3] > 0 || taken[q]) continue;
+          taken[q] = 1;
+          px[q * 4] = px[o * 4]; px[q * 4 + 1] = px[o * 4 + 1]; px[q * 4 + 2] = px[o * 4 + 2];
+        }
+      }
+    }
+  }
 }
 let pending = false;
 function redraw() {

@@ -526,6 +526,10 @@ def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | Non
     for p in (out, coords, html):
         if p is not None:
             check_writable(p, force=force)
+    if html is not None:  # the data folder beside a large page
+        from featviz.maps.large_page import check_data_folder
+
+        check_data_folder(html, force=force)
 
 
 def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
@@ -534,7 +538,8 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
             coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
             image_root: str | os.PathLike | None = None, title: str | None = None,
             drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None,
-            style: PlotStyle | None = None) -> dict[str, Any]:
+            style: PlotStyle | None = None, html_mode: str = "auto",
+            html_thumbnails: int | None = None) -> dict[str, Any]:
     """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
 
     Args:
@@ -554,6 +559,9 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         force: overwrite outputs.
         progress: wraps the fit's iterations (a progress bar).
         style: the plot's palette, point size and opacity (``featviz.style.PlotStyle``).
+        html_mode: ``auto`` (the large page, with its folder, above 200,000 points), ``inline`` or ``large``
+            (``featviz.maps.large_page``).
+        html_thumbnails: at most this many thumbnails on the page (default 20,000; a seeded random sample).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
@@ -587,9 +595,14 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         from featviz.maps import interactive
 
         paths = [str(f) for f in files] if files else None
+        from featviz.maps import large_page
+
         interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
-                             palette=style.palette)
+                             palette=style.palette, mode=html_mode,
+                             max_thumbnails=interactive.MAX_THUMBNAILS if html_thumbnails is None else html_thumbnails)
         written["html"] = str(html)
+        if large_page.page_mode(len(m.coords), html_mode) == "large":
+            written["html_files"] = str(large_page.folder_for(html))
     return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
             "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
 
