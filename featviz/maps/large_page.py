@@ -59,6 +59,11 @@ def folder_for(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + "_files")
 
 
+def page_outputs(out: str | os.PathLike, n_points: int, mode: str | None = "auto") -> dict[str, str]:
+    """What the page ``out`` adds to a command's outputs: ``{"html_files": folder}`` for a large page."""
+    return {"html_files": str(folder_for(out))} if page_mode(n_points, mode or "auto") == "large" else {}
+
+
 def check_large_outputs(out: str | os.PathLike, *, force: bool = False) -> None:
     """Check, before any work, that the page and its folder can be written.
 

@@ -282,7 +282,9 @@ for (const p of panels) {
       drag.x = e.clientX; drag.y = e.clientY; state.hover = null; card(); redraw(); return;
     }
     const x = view.cx + (mx - p.W / 2) / view.s, y = view.cy - (my - p.H / 2) / view.s;
+    const t0 = performance.now();
     const i = nearest(p, x, y, HOVER_PX / view.s);
+    state.hoverMs = performance.now() - t0;
     state.hover = i < 0 ? null : { i: i, cx: e.clientX, cy: e.clientY };
     card(); mark();
   });
@@ -321,6 +323,7 @@ Object.assign(state.api, {
   ready: () => state.ready,
   panels: () => panels.map(p => p.title),
   drawMs: () => state.drawMs,
+  hoverMs: () => state.hoverMs,  // the last hover's nearest-point search
   view: () => ({ cx: view.cx, cy: view.cy, s: view.s, panels: panels.map(p => {
     const r = p.canvas.getBoundingClientRect(); return { left: r.left, top: r.top, W: p.W, H: p.H }; }) }),
   locate(panel, row) {  // page (x, y) of the point of ``panel`` at ``row``
