@@ -252,3 +252,29 @@ def test_large_page_without_images_shows_class_file_and_row(tmp_path, browser, c
     assert browser.eval("featviz.hovered()") is None
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_small.png")
+
+
+def test_large_page_of_a_shared_map_names_the_panel(tmp_path, browser):
+    m, emb, _ = _pixel_map(4_000, root=None)
+    half = 2_000
+    coords = m.coords.copy()
+    coords[-1] = (0, 60)  # the last row of the second input, alone above everything
+    shared = tsne.TsneMap(
+        coords,
+        m.labels,
+        m.class_names,
+        (np.arange(4_000) >= half).astype(np.int64),
+        ["first", "second"],
+        np.arange(4_000) % half,
+        {},
+    )
+    embs = [emb.subset(np.arange(half)), emb.subset(np.arange(half, 4_000))]
+    out = interactive.map_page(shared, embs, tmp_path / "shared.html", mode="large", max_thumbnails=0)
+    browser.open(out.resolve().as_uri())
+    browser.wait_for("window.featviz !== undefined && featviz.ready && featviz.ready()", timeout=30)
+    assert browser.eval("featviz.panels()") == ["first", "second"]
+    x, y = browser.eval(f"featviz.locate(1, {half - 1})")
+    card = _hover_card(browser, x, y, want=f"row {half - 1} of second")
+    assert embs[1].ids[half - 1] in card["text"] and browser.eval("featviz.hovered()") == {"panel": 1, "row": half - 1}
+    if os.environ.get("FEATVIZ_SCREENSHOTS"):
+        browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_shared.png")
