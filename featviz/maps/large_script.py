@@ -15,7 +15,7 @@ body { font-family: sans-serif; margin: 6px 10px; color: #222; }
 #featviz-head h2 { margin: 4px 0; }
 #featviz-head div { font-size: 12px; color: #555; }
 #featviz-main { display: flex; align-items: flex-start; gap: 10px; margin-top: 6px; }
-.featviz-panel { position: relative; }
+.featviz-panel { position: relative; flex-shrink: 0; }
 .featviz-panel .ptitle { font-size: 13px; font-weight: bold; margin: 2px 0; }
 .featviz-panel canvas { position: absolute; left: 0; border: 1px solid #ddd; }
 .featviz-panel canvas.overlay { pointer-events: none; border-color: transparent; }
@@ -74,7 +74,8 @@ function resetView() {
 
 // ---------------------------------------------------------------- layout
 const main = document.getElementById('featviz-main'), legend = document.getElementById('featviz-legend');
-const size = panels.length === 1 ? 820 : panels.length === 2 ? 560 : 420;
+// square panels side by side that fit the window beside the legend (at least 300 px, at most 820)
+const size = Math.max(300, Math.min(820, Math.floor((window.innerWidth - 220) / panels.length) - 14));
 for (const p of panels) {
   p.W = p.H = size;
   const div = document.createElement('div'); div.className = 'featviz-panel';
