@@ -252,6 +252,13 @@ def test_large_page_without_images_shows_class_file_and_row(tmp_path, browser, c
     assert browser.eval("featviz.hovered()") is None
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_small.png")
+    # the page without its folder says what is missing
+    (tmp_path / "noimg_files").rename(tmp_path / "elsewhere")
+    browser.open(out.resolve().as_uri())
+    browser.wait_for("document.getElementById('featviz-error') !== null", timeout=30)
+    assert "noimg_files/ was not found beside this page" in browser.eval(
+        "document.getElementById('featviz-error').textContent"
+    )
 
 
 def test_large_page_of_a_shared_map_names_the_panel(tmp_path, browser):
