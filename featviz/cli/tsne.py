@@ -237,7 +237,7 @@ def tsne(
             reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
             progress=_progress("t-SNE") if method == "tsne" else None, style=style,
-            page=dict(mode=html_mode, seed=seed,
+            page=dict(mode=html_mode, seed=seed, progress=_progress("thumbnails"),
                       **({} if html_thumbnails is None else {"max_thumbnails": html_thumbnails})),
         )
         if files:

@@ -32,6 +32,7 @@ from urllib.parse import quote
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.io.progress import Progress
 from featviz.maps.large_script import SCRIPT, STYLE
 from featviz.maps.page import UNKNOWN, _esc, _limits, class_colors
 
@@ -118,7 +119,7 @@ def _first_seen_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rank[inverse.reshape(-1)], uniq[order]
 
 
-def _thumbnails(m, embs, per_panel, resolvers, picked, starts, folder: Path):
+def _thumbnails(m, embs, per_panel, resolvers, picked, starts, folder: Path, progress: Progress | None):
     """Write the picked points' thumbnails under ``folder/thumbs``; (points, ids) and what was missing."""
     from featviz.data import thumbnails as th
 
@@ -132,7 +133,7 @@ def _thumbnails(m, embs, per_panel, resolvers, picked, starts, folder: Path):
         keyed.append((g, str(e.ids[r]), i, r))
     keyed.sort()
     points, ids, missing = [], [], {}
-    for g, _, i, r in keyed:
+    for g, _, i, r in keyed if progress is None else progress(keyed, description="thumbnails"):
         e, res = per_panel[g][0], resolvers[g]
         if e.is_pixels:
             y, x = (int(v) for v in e.yx[r])
@@ -167,6 +168,7 @@ def write_large_page(
     notes: Sequence[str] = (),
     force: bool = False,
     palette: str | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """The large page of a ``TsneMap``: ``out`` and its folder ``folder_for(out)``, both written atomically.
 
@@ -225,7 +227,7 @@ def write_large_page(
     )
     with atomic_dir(folder, force=force, command="tsne --html") as tmp:
         picked = pick_thumbnails(n_points, max_thumbnails, seed)
-        t_pts, t_ids, missing, n_thumbs = _thumbnails(m, embs, per_panel, resolvers, picked, starts, tmp)
+        t_pts, t_ids, missing, n_thumbs = _thumbnails(m, embs, per_panel, resolvers, picked, starts, tmp, progress)
         n_with = len(t_pts)
         if len(t_pts):
             arrays["thumb_point"], arrays["thumb_id"] = t_pts, t_ids

@@ -556,7 +556,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         force: overwrite outputs.
         progress: wraps the fit's iterations (a progress bar).
         style: the plot's palette, point size and opacity (``featviz.style.PlotStyle``).
-        page: more settings of the HTML page (``interactive.map_page``'s ``mode``, ``max_thumbnails``).
+        page: more settings of the HTML page (``interactive.map_page``'s mode, max_thumbnails, seed, progress).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
