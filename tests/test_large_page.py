@@ -252,6 +252,23 @@ def test_large_page_without_images_shows_class_file_and_row(tmp_path, browser, c
     assert browser.eval("featviz.hovered()") is None
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_small.png")
+    # wheel zooms around the mouse (the point under it stays put), a drag pans, a double-click resets
+    v0 = browser.eval("featviz.view()")
+    other = int(lonely[1])
+    x, y = browser.eval(f"featviz.locate(0, {other})")
+    browser.send("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0, deltaY=-100)
+    time.sleep(0.3)
+    v1 = browser.eval("featviz.view()")
+    assert v1["s"] == pytest.approx(v0["s"] * 1.2)
+    assert np.allclose(browser.eval(f"featviz.locate(0, {other})"), (x, y), atol=1)
+    for kind, dx in (("mousePressed", 0), ("mouseMoved", 40), ("mouseReleased", 40)):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=x + dx, y=y, button="left", buttons=1, clickCount=1)
+    time.sleep(0.3)
+    assert np.allclose(browser.eval(f"featviz.locate(0, {other})"), (x + 40, y), atol=1)
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=2)
+    time.sleep(0.3)
+    assert browser.eval("featviz.view()")["s"] == pytest.approx(v0["s"])
     # the page without its folder says what is missing
     (tmp_path / "noimg_files").rename(tmp_path / "elsewhere")
     browser.open(out.resolve().as_uri())
