@@ -157,9 +157,10 @@ def browser():
 
 CARD = """(() => { const c = document.getElementById('featviz-card');
   if (c.style.display !== 'block') return null;
-  const img = c.querySelector('img');
+  const img = c.querySelector('img.own'), near = c.querySelector('div.near');
   return {text: c.textContent, src: img ? img.src : null, w: img ? img.naturalWidth : 0,
-          complete: img ? img.complete : false}; })()"""
+          complete: img ? img.complete : false, near: near ? near.textContent : null,
+          near_src: near ? near.querySelector('img').src : null}; })()"""
 
 
 def _hover_card(browser, x: float, y: float, want: str = "") -> dict:
@@ -212,14 +213,30 @@ def test_million_point_page_hover_shows_the_point_and_its_thumbnail(million, bro
     v = browser.eval("featviz.view()")
     p = v["panels"][0]
     coords = m.coords.astype(np.float32).astype(np.float64)
-    for fx, fy in ((0.5, 0.33), (0.37, 0.52), (0.62, 0.7)):
-        px, py = round(p["left"] + fx * p["W"]), round(p["top"] + fy * p["H"])  # a mouse event's clientX is whole
+    picked, n_near = large_page.pick_thumbnails(N, N_THUMBS, SEED), 0
+    spots = [(round(p["left"] + fx * p["W"]), round(p["top"] + fy * p["H"])) for fx, fy in ((0.5, 0.33), (0.37, 0.52))]
+    for r in picked[10:13]:  # 6 px beside a point with a thumbnail, in a blob: the nearest point mostly has none
+        x, y = browser.eval(f"featviz.locate(0, {int(r)})")
+        spots.append((round(x) + 6, round(y)))
+    for px, py in spots:  # a mouse event's clientX is whole
         dx = v["cx"] + (px - p["left"] - p["W"] / 2) / v["s"]
         dy = v["cy"] - (py - p["top"] - p["H"] / 2) / v["s"]
-        want = int(np.argmin((coords[:, 0] - dx) ** 2 + (coords[:, 1] - dy) ** 2))
+        d2 = (coords[:, 0] - dx) ** 2 + (coords[:, 1] - dy) ** 2
+        want = int(np.argmin(d2))
         card = _hover_card(browser, px, py, want=f"row {want}(y")
         assert emb.ids[want] in card["text"] and emb.class_names[emb.labels[want]] in card["text"]
+        # no thumbnail of its own: the card shows the nearest point within 12 px that has one, if any
+        assert (card["src"] is not None) == (want in set(picked.tolist()))
+        reach = picked[d2[picked] <= (12 / v["s"]) ** 2]
+        if card["src"] is None and len(reach):
+            near = int(reach[np.argmin(d2[reach])])
+            assert card["near"] is not None and card["near"].endswith(f"row {near}"), (card["near"], near)
+            assert emb.ids[near] in card["near"] and "/map_files/thumbs/" in card["near_src"]
+            n_near += 1
+        else:
+            assert card["near"] is None
         print(f"1M page: a hover inside a blob searched the grid in {browser.eval('featviz.hoverMs()'):.2f} ms")
+    assert n_near >= 1  # the nearest point with a thumbnail was shown at least once
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         d = Path(os.environ["FEATVIZ_SCREENSHOTS"])
         d.mkdir(parents=True, exist_ok=True)

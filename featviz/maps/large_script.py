@@ -29,6 +29,8 @@ body { font-family: sans-serif; margin: 6px 10px; color: #222; }
 #featviz-card img { display: block; margin: 0 0 4px 0; width: 128px; image-rendering: auto; }
 #featviz-card .note { font-size: 10px; color: #888; margin-bottom: 3px; }
 #featviz-card .file { word-break: break-all; font-size: 11px; }
+#featviz-card .near { border-top: 1px dashed #bbb; margin-top: 4px; padding-top: 3px; color: #555; }
+#featviz-card img.near { width: 64px; }
 #featviz-error { color: #b00; font-weight: bold; margin: 20px; }
 """
 
@@ -187,7 +189,7 @@ function buildGrid(p) {
   for (let i = 0; i < p.n; i++) order[fill[cell[i]]++] = p.start + i;
   p.grid = { x0: x0, y0: y0, w: w, h: h, G: G, start: start, order: order };
 }
-function nearest(p, x, y, r) {
+function nearest(p, x, y, r, only) {  // only(i): a condition on the point, or none
   const g = p.grid, hid = state.hidden;
   const ca = Math.max(0, Math.floor((x - r - g.x0) / g.w)), cb = Math.min(g.G - 1, Math.floor((x + r - g.x0) / g.w));
   const ra = Math.max(0, Math.floor((y - r - g.y0) / g.h)), rb = Math.min(g.G - 1, Math.floor((y + r - g.y0) / g.h));
@@ -197,7 +199,7 @@ function nearest(p, x, y, r) {
       const c = cy * g.G + cx;
       for (let k = g.start[c]; k < g.start[c + 1]; k++) {
         const i = g.order[k];
-        if (hid[LAB[i]]) continue;
+        if (hid[LAB[i]] || (only && !only(i))) continue;
         const dx = X[i] - x, dy = Y[i] - y, dd = dx * dx + dy * dy;
         if (dd < bd || (dd === bd && i < best)) { bd = dd; best = i; }
       }
@@ -244,13 +246,20 @@ function card() {
   if (!h) { cardEl.style.display = 'none'; return; }
   const i = h.i, p = panelOf(i), c = LAB[i], t = thumbOf(i), f = nameOf(i);
   let html = '';
-  if (t >= 0) html += '<img src="' + esc(thumbUrl(t)) + '" alt="thumbnail">';
+  if (t >= 0) html += '<img class="own" src="' + esc(thumbUrl(t)) + '" alt="thumbnail">';
   else if (META.note_no_thumb) html += '<div class="note">' + esc(META.note_no_thumb) + '</div>';
   html += '<div><span class="sw" style="background:' + (c < UNK ? META.colors[c] : META.unknown_color) +
     '"></span><b>' + esc(c < UNK ? META.classes[c] : 'unknown') + '</b></div>';
   html += '<div class="file">' + (f === null ? '…' : esc(f)) + '</div>';
   html += '<div>row ' + rowOf(i) + (panels.length > 1 ? ' of ' + esc(p.title) : '') + '</div>';
   if (PY) html += '<div>(y, x) = (' + PY[i] + ', ' + PX[i] + ')</div>';
+  if (h.near >= 0) {
+    const j = h.near, q = panelOf(j), [u0, v0] = screenOf(p, i), [u1, v1] = screenOf(q, j), g = nameOf(j);
+    html += '<div class="near"><div class="note">the nearest point with a thumbnail, ' +
+      Math.round(Math.hypot(u1 - u0, v1 - v0)) + ' px away:</div><img class="near" src="' +
+      esc(thumbUrl(thumbOf(j))) + '" alt="thumbnail"><div>' + esc(LAB[j] < UNK ? META.classes[LAB[j]] : 'unknown') +
+      '</div><div class="file">' + (g === null ? '…' : esc(g)) + '</div><div>row ' + rowOf(j) + '</div></div>';
+  }
   cardEl.innerHTML = html;
   cardEl.style.display = 'block';
   const w = cardEl.offsetWidth, hh = cardEl.offsetHeight;
@@ -286,7 +295,11 @@ for (const p of panels) {
     const t0 = performance.now();
     const i = nearest(p, x, y, HOVER_PX / view.s);
     state.hoverMs = performance.now() - t0;
-    state.hover = i < 0 ? null : { i: i, cx: e.clientX, cy: e.clientY };
+    state.hover = i < 0 ? null : { i: i, cx: e.clientX, cy: e.clientY, near: -1 };
+    // a point without a thumbnail: the card also shows the nearest point within reach that has one
+    if (i >= 0 && TPT && thumbOf(i) < 0) {
+      state.hover.near = nearest(p, x, y, HOVER_PX / view.s, j => thumbOf(j) >= 0);
+    }
     card(); mark();
   });
   el.addEventListener('mouseleave', () => { state.hover = null; card(); mark(); });
