@@ -1,5 +1,8 @@
 """Interactive maps: one self-contained HTML file (Bokeh, JavaScript inlined; no server/network).
 
+Above ``featviz.maps.large_page.LARGE_PAGE_POINTS`` (200,000) points ``map_page`` writes the large
+page instead (a canvas page and its data folder beside it; ``mode`` forces either).
+
 The page and what it does are ``featviz.maps.page``; this module makes its panels from a fitted map
 (``map_page``) or from the CAC figure's views (``views_page``), with their thumbnails.
 
