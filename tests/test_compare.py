@@ -428,6 +428,10 @@ def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
     )
     assert res.exit_code == 1 and "no layer 'layer9'" in res.stderr
     assert not (tmp_path / "x").exists()
+    for opt in ("--layers", "--layers-b"):  # the one layer-list rule (registry.parse_layers): a usage error
+        res = cli("compare", "--arch", "resnet18_w16-cifar", "--images", "digits", opt, ",", "-o", tmp_path / "x")
+        assert res.exit_code == 2 and f"{opt} ',' names no layer; expected 'auto'" in res.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_stream_keeps_every_image_and_leaves_a_short_last_minibatch_out_of_cka(one_thread):
