@@ -82,3 +82,35 @@ def test_cam_title_leads_with_the_caution_and_keeps_the_seed():
 
     title = _sheet_title(build_backbone("resnet18", seed=3), Run(), "random weights, seed 3")
     assert title.startswith(RANDOM_WEIGHTS + " · resnet18 (seed 3)"), title
+
+
+def test_compare_sheet_and_page_say_random_weights(tmp_path, titles):
+    """`featviz compare` titles go through the one caution rule: any model with random weights leads with it."""
+    import numpy as np
+
+    from featviz.compare import plots
+    from featviz.compare.run import run_compare_files
+    from featviz.io.artifacts import Embeddings
+
+    x = np.random.default_rng(0).normal(size=(24, 6)).astype(np.float32)
+    ids = [f"img{i}.png" for i in range(24)]
+
+    def emb(name, random_init):  # as `featviz embed` records the model in the manifest
+        Embeddings(x, None, ids=ids, manifest={"model": {"random_init": random_init}}).save(tmp_path / name)
+        return tmp_path / name
+
+    trained, random = emb("trained.npz", False), emb("random.npz", True)
+    kw = {"names": ["trained", "random"], "measures": ["cka"], "k": 5}
+    result = run_compare_files([trained, random], tmp_path / "mixed", html=True, **kw)
+    assert [m["random_init"] for m in result.models] == [False, True]
+    assert titles == [RANDOM_WEIGHTS + " · 2 embeddings files · 24 images"], titles
+    assert RANDOM_WEIGHTS in (tmp_path / "mixed" / "compare.html").read_text(encoding="utf-8")
+    titles.clear()
+    run_compare_files([trained, emb("trained2.npz", False)], tmp_path / "plain", **kw)
+    assert titles == ["2 embeddings files · 24 images"], titles
+
+    class Result:  # from models: each side's description as `compare.stream.load_sides` records it
+        models = [{"name": "resnet18 (random init)", "random_init": True}]
+        within, n_images = True, 8
+
+    assert plots._title(Result()) == RANDOM_WEIGHTS + " · resnet18 (random init): layer × layer · 8 images"

@@ -281,6 +281,12 @@ def write_outputs(
     return result
 
 
+def _random_init(manifest: dict[str, Any]) -> bool:
+    """Whether an embeddings file's manifest says its model had featviz's random initialisation."""
+    model = manifest.get("model")
+    return isinstance(model, dict) and bool(model.get("random_init"))
+
+
 # ------------------------------------------------------------------ from models
 def run_compare(
     sides: Sequence[Any],
@@ -511,7 +517,13 @@ def run_compare_files(
             }
         ]
     models = [
-        {"name": name, "file": str(f), "dim": e.d, "manifest_command": e.manifest.get("command")}
+        {
+            "name": name,
+            "file": str(f),
+            "dim": e.d,
+            "manifest_command": e.manifest.get("command"),
+            "random_init": _random_init(e.manifest),
+        }
         for name, f, e in zip(names, files, embs, strict=True)
     ]
     protocol = {

@@ -170,8 +170,30 @@ RANDOM_WEIGHTS = "RANDOM WEIGHTS (untrained)"
 
 
 def weights_caution(model: Any) -> str | None:
-    """``RANDOM_WEIGHTS`` for a model with featviz's random initialisation, else None (the title's prefix)."""
-    return RANDOM_WEIGHTS if describe(model).random_init else None
+    """``RANDOM_WEIGHTS`` for a model with featviz's random initialisation, else None (the title's prefix).
+
+    ``model`` may also be its description: a ``ModelDescription`` or a dict with a ``random_init`` key
+    (``to_dict``, a manifest's record of the model), for a figure drawn from files.
+    """
+    if isinstance(model, ModelDescription):
+        random_init = model.random_init
+    elif isinstance(model, dict):
+        random_init = bool(model.get("random_init"))
+    else:
+        random_init = describe(model).random_init
+    return RANDOM_WEIGHTS if random_init else None
+
+
+def with_caution(model: Any, title: str) -> str:
+    """``title``, led by ``RANDOM WEIGHTS (untrained) · `` when the model has featviz's random initialisation.
+
+    Every figure's title goes through it, so no picture of an untrained model passes for a trained one.
+    ``model``: a model, its description (see ``weights_caution``), None (no caution), or a list of
+    them for a figure of several models (``featviz compare``): the caution leads when any has random weights.
+    """
+    models = model if isinstance(model, list | tuple) else [model]
+    caution = next((c for m in models if m is not None and (c := weights_caution(m))), None)
+    return f"{caution} · {title}" if caution else title
 
 
 def attach(model: Any, description: ModelDescription) -> Any:
