@@ -130,7 +130,7 @@ def parse_names(
         if refused and name in refused:
             raise UnknownNameError(f"{option} {name!r} does not apply: {refused[name]}; {expected}")
         if name not in choices:
-            raise UnknownNameError(f"unknown {kind} {name!r} in {option}{did_you_mean(name, choices)}; {expected}")
+            raise UnknownNameError(f"{option}: unknown {kind} {name!r}{did_you_mean(name, choices)}; {expected}")
         if name not in names:
             names.append(name)
     if not names:
