@@ -282,9 +282,11 @@ def write_outputs(
 
 
 def _random_init(manifest: dict[str, Any]) -> bool:
-    """Whether an embeddings file's manifest says its model had featviz's random initialisation."""
+    """Whether an embeddings file's manifest says its model had random weights (``weights_caution``)."""
+    from featviz.models.description import weights_caution
+
     model = manifest.get("model")
-    return isinstance(model, dict) and bool(model.get("random_init"))
+    return isinstance(model, dict) and weights_caution(model) is not None
 
 
 # ------------------------------------------------------------------ from models

@@ -129,6 +129,11 @@ class ModelDescription:
         return self.arch.name if self.arch is not None else "unknown"
 
     @property
+    def random_weights(self) -> bool:
+        """The weights are random: featviz's random initialisation, or a file that says so (its ``source``)."""
+        return self.random_init or bool((self.source or {}).get("random_weights"))
+
+    @property
     def has_classifier(self) -> bool:
         """Whether ``forward`` gives class logits (a classifier, not an encoder)."""
         return self.kind == "classifier"
@@ -170,18 +175,17 @@ RANDOM_WEIGHTS = "RANDOM WEIGHTS (untrained)"
 
 
 def weights_caution(model: Any) -> str | None:
-    """``RANDOM_WEIGHTS`` for a model with featviz's random initialisation, else None (the title's prefix).
+    """``RANDOM_WEIGHTS`` for a model with random weights (``ModelDescription.random_weights``), else None.
 
     ``model`` may also be its description: a ``ModelDescription`` or a dict with a ``random_init`` key
     (``to_dict``, a manifest's record of the model), for a figure drawn from files.
     """
-    if isinstance(model, ModelDescription):
-        random_init = model.random_init
-    elif isinstance(model, dict):
-        random_init = bool(model.get("random_init"))
+    if isinstance(model, dict):
+        source = model.get("source")
+        random = bool(model.get("random_init")) or (isinstance(source, dict) and bool(source.get("random_weights")))
     else:
-        random_init = describe(model).random_init
-    return RANDOM_WEIGHTS if random_init else None
+        random = (model if isinstance(model, ModelDescription) else describe(model)).random_weights
+    return RANDOM_WEIGHTS if random else None
 
 
 def with_caution(model: Any, title: str) -> str:
