@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from featviz.compare import measures as M
+from featviz.errors import OptionError
 
 
 # ------------------------------------------------------------------ transcriptions
@@ -412,6 +413,16 @@ def test_npz_form_reorders_by_ids_and_refuses_other_images(cli, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "hold different images" in lines[0] and "90 vs 80 rows" in lines[0]
     assert not (tmp_path / "ac").exists()
+
+
+def test_measure_names_follow_the_one_name_list_rule():
+    from featviz.compare.run import MEASURES, parse_measures
+
+    assert parse_measures("cka mknn, CKA") == ("cka", "mknn") and parse_measures("all") == MEASURES
+    with pytest.raises(OptionError, match=r"--measure: unknown measure 'ckaa' \(did you mean: cka"):
+        parse_measures("cka,ckaa")  # a usage error (exit 2), with suggestions
+    with pytest.raises(OptionError, match="names no measure"):
+        parse_measures(",")
 
 
 def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
