@@ -83,12 +83,12 @@ def test_tsne_placement_keeps_the_map_and_places_digits_among_their_class(cli, d
     assert (tmp_path / "placed.png").stat().st_size > 10_000
 
 
-def _umap_knn_as_umap_learn(model, x: np.ndarray):
-    """umap-learn 0.5's ``transform`` neighbours below 4,096 points, transcribed: all distances, then sort."""
-    from sklearn.metrics import pairwise_distances
+def _umap_knn_as_umap_learn(ref: np.ndarray, x: np.ndarray, k: int):
+    """umap-learn 0.5's ``transform`` neighbours below 4,096 points, transcribed: all distances, then sort.
 
-    dmat = pairwise_distances(x, model._raw_data, metric=model._input_distance_func)
-    k = model._n_neighbors
+    The digits' pixels are small integers, so these Euclidean distances are exactly umap-learn's.
+    """
+    dmat = np.sqrt(((x[:, None, :].astype(np.float64) - ref[None].astype(np.float64)) ** 2).sum(-1))
     idx = np.argpartition(dmat, k)[:, :k]
     short = np.take_along_axis(dmat, idx, 1)
     order = np.argsort(short)
@@ -109,7 +109,7 @@ def test_umap_placement_is_umap_learns_transform_from_the_saved_map(cli, digits,
     np.testing.assert_array_equal(saved.coords, coords)
     # given umap-learn's neighbours, the rebuilt transform is umap-learn's, from the file alone
     again = placement.umap_place(saved.map_features, saved.coords, held.features, n_neighbors=15, min_dist=0.1,
-                                 seed=0, knn=_umap_knn_as_umap_learn(proj.model, held.features))
+                                 seed=0, knn=_umap_knn_as_umap_learn(fit.features, held.features, 15))
     np.testing.assert_allclose(again, own, atol=1e-4)
     # with featviz's neighbour search (the default), through the command
     held.save(tmp_path / "held.npz")

@@ -290,8 +290,9 @@ def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
                   np.concatenate([m.fitted, np.zeros(sum(len(r) for r in rows), bool)]), m.map_features)
     title = plotting.map_title(params, title) if title else \
         f"{plotting.map_title(params)} · placed into {Path(map_path).name}"
-    plotting.placement_panels(m.coords, [new.panel(k + i) for i in range(len(embs))], new.class_names, out,
-                              titles=names, suptitle=title, force=force, style=style)
+    plotting.placement_panels((m.coords, m.labels), [new.panel(k + i) for i in range(len(embs))], new.class_names,
+                              out, map_name=Path(map_path).name, titles=names, suptitle=title, force=force,
+                              style=style)
     written = {"plot": str(out)}
     if coords is not None:
         new.save(coords, force=force)

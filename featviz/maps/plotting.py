@@ -189,16 +189,16 @@ MAP_GREY = (0.72, 0.72, 0.72, 1.0)
 """The colour of a map's own points under points placed into it."""
 
 
-def placement_panels(background: np.ndarray, panels: Sequence[tuple[np.ndarray, np.ndarray]],
-                     class_names: Sequence[str], out: str | os.PathLike, *, titles: Sequence[str] | None = None,
-                     suptitle: str | None = None, force: bool = False, dpi: int = 150,
-                     style: PlotStyle = DEFAULT_STYLE) -> Path:
-    """Points placed into a map: the map's points in grey under each panel's points coloured by class.
+def placement_panels(background: tuple[np.ndarray, np.ndarray], panels: Sequence[tuple[np.ndarray, np.ndarray]],
+                     class_names: Sequence[str], out: str | os.PathLike, *, map_name: str = "map",
+                     titles: Sequence[str] | None = None, suptitle: str | None = None, force: bool = False,
+                     dpi: int = 150, style: PlotStyle = DEFAULT_STYLE) -> Path:
+    """Points placed into a map: the map as saved, then each input's points over the map in grey.
 
-    ``background``: the map's (N, 2) coordinates, drawn small and light in every panel; ``panels``:
-    (coords, labels) of each input placed into it, on top, with a thin white edge so that they stand
-    out where the map is dense. One frame for all panels (``shared_limits``), one legend (the classes
-    and the map).
+    ``background``: the map's (coords, labels). The first panel shows it coloured by class, as it was
+    published; each further panel draws it small and light grey under one input's placed points
+    (``panels``: (coords, labels)), coloured by class with a thin white edge so that they stand out
+    where the map is dense. One frame for all panels (``shared_limits``), one legend.
 
     Raises:
         DataError: an unsupported extension; OutputExistsError: ``out`` exists and ``force`` is False.
@@ -210,20 +210,21 @@ def placement_panels(background: np.ndarray, panels: Sequence[tuple[np.ndarray, 
 
     out = check_format(out)
     check_writable(out, force=force)
-    background = np.asarray(background).reshape(-1, 2)
-    labels_all = np.concatenate([np.asarray(lab) for _, lab in panels])
+    map_xy, map_labels = np.asarray(background[0]).reshape(-1, 2), np.asarray(background[1])
+    labels_all = np.concatenate([map_labels, *[np.asarray(lab) for _, lab in panels]])
     n_classes = max(len(class_names), int(labels_all.max(initial=-1)) + 1)
     colors = class_colors(n_classes, style.palette)
-    k = len(panels)
+    k = len(panels) + 1
     fig = Figure(figsize=(4.2 * k + 1.8, 4.6), layout="constrained")
     axes = fig.subplots(1, k, squeeze=False)[0]
-    xlim, ylim = shared_limits([background, *[c for c, _ in panels]])
-    grey_size, grey_alpha = point_style(len(background))
-    n_max = max(len(c) for c, _ in panels)
-    size, alpha = point_style(n_max, style)
-    for i, (ax, (coords, labels)) in enumerate(zip(axes, panels, strict=True)):
-        ax.scatter(background[:, 0], background[:, 1], s=grey_size, color=MAP_GREY, alpha=min(grey_alpha, 0.5),
-                   linewidths=0, rasterized=len(background) > 5000)
+    xlim, ylim = shared_limits([map_xy, *[c for c, _ in panels]])
+    draw_scatter(axes[0], map_xy, map_labels, colors, style=style)
+    axes[0].set_title(f"{map_name}  (n={len(map_xy):,}, as saved)", fontsize=10)
+    grey_size, grey_alpha = point_style(len(map_xy))
+    size, alpha = point_style(max(len(c) for c, _ in panels), style)
+    for i, (ax, (coords, labels)) in enumerate(zip(axes[1:], panels, strict=True)):
+        ax.scatter(map_xy[:, 0], map_xy[:, 1], s=grey_size, color=MAP_GREY, alpha=min(grey_alpha, 0.5),
+                   linewidths=0, rasterized=len(map_xy) > 5000)
         coords, labels = np.asarray(coords).reshape(-1, 2), np.asarray(labels)
         order = np.random.default_rng(i).permutation(len(coords))
         c = np.array([colors[j] if 0 <= j < len(colors) else UNKNOWN_COLOR for j in labels[order]]).reshape(-1, 4)
@@ -234,17 +235,18 @@ def placement_panels(background: np.ndarray, panels: Sequence[tuple[np.ndarray, 
         ax.set_aspect("equal", adjustable="box")
         for s in ax.spines.values():
             s.set_color("#bbbbbb")
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
         if titles:
             ax.set_title(f"{titles[i]}  (n={len(coords):,} placed)", fontsize=10)
+    for ax in axes:
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
     present = sorted(int(j) for j in np.unique(labels_all) if j >= 0)
     handles = legend_handles(class_names, colors, present, unknown=bool((labels_all < 0).any()))
     handles.append(Line2D([], [], marker="o", linestyle="", markersize=7, markerfacecolor=MAP_GREY,
-                          markeredgewidth=0, label=f"map ({len(background):,})"))
+                          markeredgewidth=0, label="map (under placed points)"))
     ncol = 1 if len(handles) <= 16 else 2 if len(handles) <= 40 else 3
     fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8, ncol=ncol,
-               title="placed: class", title_fontsize=9)
+               title="class", title_fontsize=9)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     with atomic_path(out, force=True) as tmp:
