@@ -40,7 +40,14 @@ from featviz.errors import ArtifactError, DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
 from featviz.maps.neighbors import NeighborSearch, _knn_index_class
-from featviz.maps.projection import TsneMap, TsneParams, _callbacks, auto_jobs, stratified_sample
+from featviz.maps.projection import (
+    TsneMap,
+    TsneParams,
+    _callbacks,
+    _merge_class_names,
+    auto_jobs,
+    stratified_sample,
+)
 from featviz.style import PlotStyle
 
 TRANSFORMS = {
@@ -217,19 +224,6 @@ def pca_place(map_features: np.ndarray, map_coords: np.ndarray, x: np.ndarray, *
     return np.asarray(pca.transform(x), np.float32)
 
 
-def _class_names(known: Sequence[str], embs: Sequence[Embeddings]) -> list[str]:
-    """The map's class names extended by the new inputs'; they must agree where they overlap."""
-    names = list(known)
-    for e in embs:
-        for i, n in enumerate(e.class_names):
-            if i < len(names) and names[i] != n:
-                raise DataError(f"the new embeddings call class {i} {n!r} but the map calls it {names[i]!r}; "
-                                "embed them with the map's labels/classes")
-            if i >= len(names):
-                names.append(n)
-    return names
-
-
 def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
                   files: Sequence[str | os.PathLike] = (), embeddings: Sequence[Embeddings] | None = None,
                   names: Sequence[str] | None = None, sample: int | None = None,
@@ -283,7 +277,7 @@ def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
     k = len(m.group_names)
     new = TsneMap(np.concatenate([m.coords, *placed]).astype(np.float32),
                   np.concatenate([m.labels, *[e.labels[r] for e, r in zip(embs, rows, strict=True)]]),
-                  _class_names(m.class_names, embs),
+                  _merge_class_names([Embeddings(np.zeros((0, 2)), None, m.class_names), *embs]),
                   np.concatenate([m.groups, *[np.full(len(r), k + i, np.int64) for i, r in enumerate(rows)]]),
                   [*m.group_names, *names], np.concatenate([m.rows, *rows]),
                   {**m.info, "placements": [*m.info.get("placements", []), record]},

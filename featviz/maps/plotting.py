@@ -132,7 +132,7 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     """
     from matplotlib.figure import Figure
 
-    from featviz.io.outputs import atomic_path, check_writable
+    from featviz.io.outputs import check_writable
 
     out = check_format(out)
     check_writable(out, force=force)
@@ -152,6 +152,13 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
         if titles:
             ax.set_title(f"{titles[i]}  (n={len(coords):,})", fontsize=10)
     handles = legend_handles(class_names, colors, present, unknown=bool((labels_all < 0).any()))
+    return _finish(fig, handles, out, suptitle=suptitle, dpi=dpi)
+
+
+def _finish(fig, handles: list, out: Path, *, suptitle: str | None, dpi: int) -> Path:
+    """Add the class legend (when there are entries) and the title to ``fig``, and save it to ``out`` atomically."""
+    from featviz.io.outputs import atomic_path
+
     if handles:
         ncol = 1 if len(handles) <= 16 else 2 if len(handles) <= 40 else 3
         fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8, ncol=ncol,
@@ -206,7 +213,7 @@ def placement_panels(background: tuple[np.ndarray, np.ndarray], panels: Sequence
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from featviz.io.outputs import atomic_path, check_writable
+    from featviz.io.outputs import check_writable
 
     out = check_format(out)
     check_writable(out, force=force)
@@ -244,11 +251,4 @@ def placement_panels(background: tuple[np.ndarray, np.ndarray], panels: Sequence
     handles = legend_handles(class_names, colors, present, unknown=bool((labels_all < 0).any()))
     handles.append(Line2D([], [], marker="o", linestyle="", markersize=7, markerfacecolor=MAP_GREY,
                           markeredgewidth=0, label="map (under placed points)"))
-    ncol = 1 if len(handles) <= 16 else 2 if len(handles) <= 40 else 3
-    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8, ncol=ncol,
-               title="class", title_fontsize=9)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
-    with atomic_path(out, force=True) as tmp:
-        fig.savefig(tmp, dpi=dpi, format=out.suffix.lower().lstrip("."))
-    return out
+    return _finish(fig, handles, out, suptitle=suptitle, dpi=dpi)
