@@ -211,7 +211,7 @@ def tsne(
         from featviz.maps import mapfile
 
         placing = reference is not None and mapfile.is_map_file(reference)  # a saved map, not embeddings
-        files = list(inputs or [])
+        files = [f for f in inputs or [] if not (placing and f == reference)]  # the map is not an input to place
         if reference is not None and reference not in files and not placing:
             files.insert(0, reference)
         if files and (images is not None or checkpoints):
@@ -293,6 +293,7 @@ def _placement(map_path: Path, run: dict, *, html, image_root, method) -> tuple:
     from typer._click.globals import get_current_context
 
     from featviz.maps import placement
+    from featviz.maps.plotting import map_title
 
     if html is not None or image_root is not None:
         raise _usage("--html/--image-root: placing into a saved map (--reference MAP.npz) draws the plot (and "
@@ -307,8 +308,8 @@ def _placement(map_path: Path, run: dict, *, html, image_root, method) -> tuple:
     ignored = [f"--{name.replace('_', '-')} {ctx.params[name]}" for name in sorted(given - {"method"})]
     if ignored:
         logging.getLogger(__name__).warning(
-            "%s: no effect when placing into the saved map %s: its own settings are used (%s)", ", ".join(ignored),
-            map_path.name, ", ".join(f"{k}={v}" for k, v in params.to_dict().items() if v is not None))
+            "%s: no effect when placing into the saved map %s; its own settings are used: %s", ", ".join(ignored),
+            map_path.name, map_title(params))
     keep = ("sample", "coords", "title", "drop_nonfinite", "force", "style")
     run = {k: run[k] for k in keep} | {"progress": _progress("placing") if params.method == "tsne" else None}
     return functools.partial(placement.run_placement, map_path=map_path), run
