@@ -20,7 +20,7 @@ coordinates exactly as saved:
   read. One named deviation: the new points' neighbours come from featviz's search (the true
   nearest neighbours; umap-learn's own is exact below 4,096 map points and NNDescent's
   approximate query above). Given the same neighbours the result equals umap-learn's
-  ``transform`` (``tests/test_placement.py``).
+  ``transform`` bit for bit (``tests/test_placement.py``).
 - **PCA**: scikit-learn's ``PCA(2)`` refitted on the map's features (it is deterministic; the
   refit must reproduce the saved coordinates, or the file is refused), then its ``transform``.
 """
