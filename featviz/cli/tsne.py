@@ -16,7 +16,7 @@ from featviz.cli._app import (
     app,
     split_names,
 )
-from featviz.cli.choices import FigureName, MapMethod
+from featviz.cli.choices import FigureName, HtmlMode, MapMethod
 from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
     ArchOpt,
@@ -79,6 +79,16 @@ def tsne(
     image_root: Annotated[
         Path | None,
         typer.Option("--image-root", help="--html: folder the images' ids are relative to (default: the manifest's)."),
+    ] = None,
+    html_mode: Annotated[
+        HtmlMode,
+        typer.Option("--html-mode", help="--html: 'inline' (one self-contained file), 'large' (a fast canvas page "
+                     "+ a MAP_files/ folder beside it) or 'auto' (large above 200,000 points)."),
+    ] = "auto",
+    html_thumbnails: Annotated[
+        int | None,
+        typer.Option("--html-thumbnails", min=0, help="--html: at most N thumbnails, a seeded random sample "
+                     "(default 20,000)."),
     ] = None,
     perplexity: Annotated[
         float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")
@@ -208,6 +218,8 @@ def tsne(
 
         style = plot_style()  # bad colour maps and sizes fail before any work
 
+        if html is None and (html_mode != "auto" or html_thumbnails is not None):
+            raise _usage("--html-mode and --html-thumbnails shape the --html page; add --html map.html")
         from featviz.maps import mapfile
 
         placing = reference is not None and mapfile.is_map_file(reference)  # a saved map, not embeddings
@@ -234,6 +246,8 @@ def tsne(
             params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
             progress=_progress("t-SNE") if method == "tsne" else None, style=style,
+            page=dict(mode=html_mode, seed=seed, progress=_progress("thumbnails"),
+                      **({} if html_thumbnails is None else {"max_thumbnails": html_thumbnails})),
         )
         mapper = tsne_lib.run_map
         if placing:

@@ -512,7 +512,7 @@ def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | Non
         DataError: a wrong extension; OutputExistsError: an output exists and ``force`` is False.
     """
     from featviz.io.outputs import check_writable
-    from featviz.maps import plotting
+    from featviz.maps import large_page, plotting
 
     plotting.check_format(out)
     if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
@@ -522,6 +522,8 @@ def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | Non
     for p in (out, coords, html):
         if p is not None:
             check_writable(p, force=force)
+    if html is not None:  # and the data folder beside a large page
+        large_page.check_data_folder(html, force=force)
 
 
 def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
@@ -530,7 +532,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
             coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
             image_root: str | os.PathLike | None = None, title: str | None = None,
             drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None,
-            style: PlotStyle | None = None) -> dict[str, Any]:
+            style: PlotStyle | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
 
     Args:
@@ -550,6 +552,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         force: overwrite outputs.
         progress: wraps the fit's iterations (a progress bar).
         style: the plot's palette, point size and opacity (``featviz.style.PlotStyle``).
+        page: more settings of the HTML page (``interactive.map_page``'s mode, max_thumbnails, seed, progress).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
@@ -580,12 +583,12 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         m.save(coords, force=force)
         written["coords"] = str(coords)
     if html is not None:
-        from featviz.maps import interactive
+        from featviz.maps import interactive, large_page
 
         paths = [str(f) for f in files] if files else None
         interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
-                             palette=style.palette)
-        written["html"] = str(html)
+                             palette=style.palette, **(page or {}))
+        written.update(html=str(html), **large_page.page_outputs(html, len(m.coords), (page or {}).get("mode")))
     return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
             "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
 
