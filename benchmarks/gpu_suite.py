@@ -8,13 +8,13 @@ Sections (each row: featviz's figure, the baseline's, their speed ratio, the tar
 - embed: ``featviz embed`` (``featviz.eval.embed.run_embed``, what the command runs) images/s against a bare
   ``torch.inference_mode()`` bf16 loop (torchvision ``ImageFolder`` + ``DataLoader``, channels_last, the same
   transform, batch size and worker count), ResNet-50 and ViT-S/B/L at 224 px, random weights (torchvision /
-  timm constructors), on synthetic JPEGs written to a temporary folder. Both are timed in steady state: from
-  the ``--skip``-th batch to the end. The notes add the same model's throughput on a synthetic batch already on
+  timm constructors), on synthetic JPEGs written to a temporary folder. Both are timed in steady state: after 4
+  warm-up batches, to the end. The notes add the same model's throughput on a synthetic batch already on
   the GPU (model only: the ceiling with no decoding) and timm's published model-only figures on other cards.
 - train: ``featviz train`` (``featviz.train.loop.train``) AMP training steps/s against a bare AMP loop of the same
   model, views, optimiser and batch (the loss written out by hand: SimCLR's NT-Xent; DINO's centred
   self-distillation with the teacher's EMA and the official per-parameter clip), ResNet-50 SimCLR and ViT-S/16
-  DINO at 224 px, steady state (from the ``--skip``-th step).
+  DINO at 224 px, steady state (after 4 warm-up steps).
 - cam: Grad-CAM images/s of featviz's CAM core (``featviz.views.cam.explain``, what ``featviz cam`` runs per
   batch) against pytorch-grad-cam's ``GradCAM`` called directly, same ResNet-50, ``layer4``, batch and top-1
   targets; the largest difference between their maps is printed.
@@ -490,7 +490,8 @@ def section_cam(suite: Suite, cfg: dict, device) -> None:
 # ------------------------------------------------------------------ maps
 def _run_capped(cmd: list[str], cap: float, log: Path) -> tuple[float, int | None, str]:
     """Run ``cmd`` (its own process group) for at most ``cap`` seconds: (seconds, exit code or None, output)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",  # a killed run still leaves its last progress line
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "wb") as fh:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
@@ -511,7 +512,7 @@ def _last_json(text: str):
         if s < 0:
             continue
         try:
-            return json.loads(text[s:])
+            return json.JSONDecoder().raw_decode(text[s:])[0]  # warnings may follow it (stderr is merged)
         except ValueError:
             continue
     return None
