@@ -654,11 +654,13 @@ def _meta(args, device, workers: int) -> dict:
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
         meta["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    for mod in ("featviz", "torchvision", "timm", "pytorch_grad_cam", "openTSNE", "umap", "torchdr"):
-        try:
-            meta[mod] = getattr(__import__(mod), "__version__", "?")
-        except ImportError:
-            meta[mod] = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("featviz", "torchvision", "timm", "grad-cam", "openTSNE", "umap-learn", "torchdr", "faiss-cpu"):
+        try:  # installed versions, without importing them
+            meta[dist] = version(dist)
+        except PackageNotFoundError:
+            meta[dist] = None
     return meta
 
 

@@ -43,11 +43,12 @@ def test_no_cuda_prints_one_skip_line_and_exits_0(tmp_path):
     assert data["skipped"] == lines[0] and data["rows"] == []
 
 
-def test_cpu_small_cam_section_matches_pytorch_grad_cam(tmp_path):
-    """One real section on CPU: both sides timed, the maps equal, the row in the table and the JSON."""
+def test_cpu_small_cam_section_matches_pytorch_grad_cam(suite_mod, tmp_path, monkeypatch, capsys, one_thread):
+    """One real section through main() on CPU: both sides timed, the maps equal, the row in the table and the JSON."""
     out = tmp_path / "cam.json"
-    res = _run("--cpu-small", "--sections", "cam", "--json", str(out))
-    assert res.returncode == 0, res.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--cpu-small", "--sections", "cam", "--json", str(out)])
+    suite_mod.main()
+    printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["meta"]["mode"] == "cpu-small" and data["meta"]["device"] == "cpu"
     (row,) = data["rows"]
@@ -55,7 +56,7 @@ def test_cpu_small_cam_section_matches_pytorch_grad_cam(tmp_path):
     assert row["featviz"] > 0 and row["baseline"] > 0 and row["unit"] == "img/s"
     assert row["ratio"] == pytest.approx(row["featviz"] / row["baseline"])
     assert row["max_map_difference"] < 1e-4  # featviz's Grad-CAM is pytorch-grad-cam's
-    assert "| cam | Grad-CAM resnet18 layer4" in res.stdout and "wall time" in res.stdout
+    assert "| cam | Grad-CAM resnet18 layer4" in printed and "wall time" in printed
 
 
 def test_clock_rate_is_steady_state(suite_mod):
