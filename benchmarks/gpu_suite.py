@@ -645,7 +645,7 @@ def _meta(args, device, workers: int) -> dict:
 
     meta = {"argv": sys.argv[1:], "mode": "cpu-small" if args.cpu_small else "gpu", "device": str(device),
             "python": platform.python_version(), "torch": torch.__version__, "cpu_cores": os.cpu_count(),
-            "workers": workers, "budget_s": args.budget,
+            "workers": workers, "budget_s": args.budget, "timm_published_source": TIMM_SOURCE,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         meta["load_average"] = os.getloadavg()[0]
@@ -718,6 +718,8 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f} s" for k, v in suite.meta["section_s"].items())
           + f"; wall time {suite.elapsed():.0f} s ({budget})\n")
     print(table(suite.rows), flush=True)
+    if any(r.get("timm_published") for r in suite.rows):
+        print(f"\ntimm's published figures (model only, eager AMP NCHW): {TIMM_SOURCE}", flush=True)
 
 
 if __name__ == "__main__":
