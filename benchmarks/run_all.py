@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "train_bench": (["--repeats", "1"], ["--repeats", "3"]),
     "memory_bench": (["--pixels", "50000"], []),
     "similarity_bench": (["--runs", "1"], ["--runs", "3", "--model", "vits16"]),
+    "page_bench": (["--n", "50000", "--large-n", "200000"], []),
 }
 KEYWORDS = ("target", " x ", "x)", "×", "ratio", "faster", "speed", "peak", "chance")
 

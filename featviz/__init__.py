@@ -9,12 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-try:
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("featviz")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.1.0+src"
+from featviz.version import __version__  # noqa: F401 - featviz.__version__
 
 
 def sample_data(*parts: str):

@@ -368,7 +368,7 @@ def _collapse_table(report: dict[str, Any]) -> str:
 
 def render_html(steps: list[Step], root: Path) -> str:
     """One self-contained page: figures inlined as data URIs, commands, collapse table, manifests."""
-    from featviz import __version__
+    from featviz.version import __version__
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>featviz demo</title><style>{_CSS}</style>"
              "</head><body>", "<h1>featviz demo</h1>",

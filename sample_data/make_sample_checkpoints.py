@@ -5,7 +5,9 @@
 checkpoints/moco_v2_tiny.pth.tar  a MoCo v2-layout checkpoint (facebookresearch/moco: 'state_dict' with
                                   module.encoder_q./module.encoder_k., an MLP fc projector, the queue) of a
                                   tiny resnet18_w8-cifar with seeded random weights. It shows layout
-                                  detection and safe loading; its features are untrained.
+                                  detection and safe loading; its features are untrained, and the file says
+                                  so (``featviz_random_weights: True``): its sheets' titles lead with
+                                  "RANDOM WEIGHTS (untrained)".
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from featviz.models.architectures import build_backbone
+from featviz.models.checkpoints.backbone import RANDOM_WEIGHTS_KEY
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,7 +35,8 @@ def moco_v2_tiny(path: Path) -> None:
         state[f"module.{enc}.fc.2.bias"] = torch.zeros(32)
     state["module.queue"] = torch.nn.functional.normalize(torch.randn(32, 256, generator=g), dim=0)
     state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
-    torch.save({"epoch": 200, "arch": "resnet18_w8-cifar", "state_dict": state}, path)
+    # RANDOM_WEIGHTS_KEY: the file says its weights are random, so every sheet of it says "RANDOM WEIGHTS"
+    torch.save({"epoch": 200, "arch": "resnet18_w8-cifar", "state_dict": state, RANDOM_WEIGHTS_KEY: True}, path)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from featviz.cli.choices import CAM_METHOD_NAMES
-from featviz.errors import DataError, FeatvizError, UnknownNameError
+from featviz.errors import DataError, FeatvizError, OptionError, UnknownNameError
 from featviz.models import features as F
 from featviz.models.architectures import build_backbone
 from featviz.models.description import attach, describe
@@ -82,6 +82,9 @@ def test_method_names_match_registry_and_pytorch_grad_cam():
         C.parse_methods("gradcma")
     with pytest.raises(UnknownNameError, match="not a class activation map|explains no target"):
         C.parse_methods("guided_backprop")
+    assert C.parse_methods("Grad-CAM, gradcam_plusplus") == ["gradcam", "gradcam++"]  # aliases, - as _
+    with pytest.raises(OptionError, match="--method ',' names no CAM method"):
+        C.parse_methods(",")
 
 
 def test_parse_target():

@@ -16,7 +16,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from featviz.errors import UnknownNameError
+from featviz.errors import OptionError, UnknownNameError
 from featviz.models.description import attach, describe
 from featviz.views import cam as C
 from featviz.views.cam import scores as S
@@ -131,6 +131,8 @@ def test_parse_scores_and_ranking():
     assert S.parse_scores(None) == []
     with pytest.raises(UnknownNameError, match="did you mean: deletion"):
         S.parse_scores("deletoin")
+    with pytest.raises(OptionError, match="--score ',' names no score"):
+        S.parse_scores(",")
     means = {"a": {"deletion": 0.3, "road": 0.1}, "b": {"deletion": 0.1, "road": 0.2}, "c": {"deletion": np.nan}}
     assert S.ranking(means, "deletion") == ["b", "a", "c"] and S.ranking(means, "road") == ["b", "a"]
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from featviz.compare import measures as M
+from featviz.errors import OptionError
 
 
 # ------------------------------------------------------------------ transcriptions
@@ -414,6 +415,16 @@ def test_npz_form_reorders_by_ids_and_refuses_other_images(cli, tmp_path):
     assert not (tmp_path / "ac").exists()
 
 
+def test_measure_names_follow_the_one_name_list_rule():
+    from featviz.compare.run import MEASURES, parse_measures
+
+    assert parse_measures("cka mknn, CKA") == ("cka", "mknn") and parse_measures("all") == MEASURES
+    with pytest.raises(OptionError, match=r"--measure: unknown measure 'ckaa' \(did you mean: cka"):
+        parse_measures("cka,ckaa")  # a usage error (exit 2), with suggestions
+    with pytest.raises(OptionError, match="names no measure"):
+        parse_measures(",")
+
+
 def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
     res = cli("compare", "--images", "digits", "-o", tmp_path / "x")
     assert res.exit_code == 1 and "--arch for a randomly initialised model" in res.stderr
@@ -427,6 +438,10 @@ def test_bad_inputs_are_one_line(cli, tmp_path, sample_dir):
         "compare", "--arch", "resnet18_w16-cifar", "--images", "digits", "--layers", "layer9", "-o", tmp_path / "x"
     )
     assert res.exit_code == 1 and "no layer 'layer9'" in res.stderr
+    assert not (tmp_path / "x").exists()
+    for opt in ("--layers", "--layers-b"):  # the one layer-list rule (registry.parse_layers): a usage error
+        res = cli("compare", "--arch", "resnet18_w16-cifar", "--images", "digits", opt, ",", "-o", tmp_path / "x")
+        assert res.exit_code == 2 and f"{opt} ',' names no layer; expected 'auto'" in res.stderr
     assert not (tmp_path / "x").exists()
 
 

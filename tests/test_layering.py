@@ -14,7 +14,7 @@ import pytest
 from test_import_graph import PACKAGE, _graph, _modules
 
 RANKS = {
-    "featviz.errors": 0,
+    "featviz.errors": 0, "featviz.version": 0,
     "featviz.io": 1, "featviz.registry": 1, "featviz.distributed": 1, "featviz.style": 1,
     "featviz.models": 2,
     "featviz.data": 3,
@@ -76,6 +76,30 @@ def _private_imports(path: Path, module: str) -> list[str]:
                 if alias.name.startswith("_") and not alias.name.startswith("__"):
                     found.append(f"{module}: from {node.module} import {alias.name}")
     return found
+
+
+def _root_names(path: Path) -> list[str]:
+    """Names ``path`` imports from the root package itself (``from featviz import __version__``), not its modules."""
+    subs = {m.split(".")[1] for m in _modules() if m.count(".") >= 1}
+    return [
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "featviz" and not node.level
+        for alias in node.names
+        if alias.name not in subs
+    ]
+
+
+def test_no_module_imports_the_root_package():
+    """The root package sits above every package (it re-exports them): its names come from their own module."""
+    bad = {mod: names for mod, path in _modules().items() if mod != "featviz" and (names := _root_names(path))}
+    assert bad == {}, "import these from their own module (e.g. featviz.version), not from featviz: " + str(bad)
+
+
+def test_the_root_rule_catches_one(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text("from featviz import __version__\nfrom featviz import demo as d\n")
+    assert _root_names(p) == ["__version__"]
 
 
 def test_no_private_names_across_packages():

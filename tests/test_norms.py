@@ -235,6 +235,7 @@ def test_bad_input_is_one_line(cli, tmp_path, sample_dir):
         (["--layers", "fc"], "no spatial map"),
         (["--map-layer", "layer3"], "--map-layer 'layer3' is not one of the layers read"),
         (["--threshold", "-1"], "--threshold must be a positive norm"),
+        (["--layers", " ,", "--layers", ""], "--layers ' ,,' names no layer"),
     ]:
         r = cli("norms", img, "--arch", "resnet18", "--image-size", "64", "--out", tmp_path / "x", *args)
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from featviz.errors import CheckpointError
 from featviz.models.description import RANDOM_WEIGHTS, ModelDescription, describe, weights_caution
 
 
@@ -82,3 +83,61 @@ def test_cam_title_leads_with_the_caution_and_keeps_the_seed():
 
     title = _sheet_title(build_backbone("resnet18", seed=3), Run(), "random weights, seed 3")
     assert title.startswith(RANDOM_WEIGHTS + " · resnet18 (seed 3)"), title
+
+
+def test_compare_sheet_and_page_say_random_weights(tmp_path, titles):
+    """`featviz compare` titles go through the one caution rule: any model with random weights leads with it."""
+    import numpy as np
+
+    from featviz.compare import plots
+    from featviz.compare.run import run_compare_files
+    from featviz.io.artifacts import Embeddings
+
+    x = np.random.default_rng(0).normal(size=(24, 6)).astype(np.float32)
+    ids = [f"img{i}.png" for i in range(24)]
+
+    def emb(name, random_init):  # as `featviz embed` records the model in the manifest
+        Embeddings(x, None, ids=ids, manifest={"model": {"random_init": random_init}}).save(tmp_path / name)
+        return tmp_path / name
+
+    trained, random = emb("trained.npz", False), emb("random.npz", True)
+    kw = {"names": ["trained", "random"], "measures": ["cka"], "k": 5}
+    result = run_compare_files([trained, random], tmp_path / "mixed", html=True, **kw)
+    assert [m["random_init"] for m in result.models] == [False, True]
+    assert titles == [RANDOM_WEIGHTS + " · 2 embeddings files · 24 images"], titles
+    assert RANDOM_WEIGHTS in (tmp_path / "mixed" / "compare.html").read_text(encoding="utf-8")
+    titles.clear()
+    run_compare_files([trained, emb("trained2.npz", False)], tmp_path / "plain", **kw)
+    assert titles == ["2 embeddings files · 24 images"], titles
+
+    class Result:  # from models: each side's description as `compare.stream.load_sides` records it
+        models = [{"name": "resnet18 (random init)", "random_init": True}]
+        within, n_images = True, 8
+
+    assert plots._title(Result()) == RANDOM_WEIGHTS + " · resnet18 (random init): layer × layer · 8 images"
+
+
+def test_the_moco_sample_says_its_weights_are_random_and_convert_keeps_it(tmp_path, sample_dir):
+    """The bundled moco_v2_tiny holds seeded random weights; the file says so, and so does every title of it."""
+    import json
+
+    from featviz.models.checkpoints import convert_checkpoint
+    from featviz.models.checkpoints.backbone import RANDOM_WEIGHTS_KEY
+    from featviz.models.checkpoints.reader import parse_featviz_meta
+    from featviz.models.loader import load_model
+    from featviz.views.cam.run import _sheet_title
+
+    class Run:
+        layers, target = ["layer4"], "self"
+
+    moco = sample_dir / "checkpoints" / "moco_v2_tiny.pth.tar"
+    model, desc = load_model(moco)
+    assert not desc.random_init and desc.random_weights and desc.source["random_weights"]  # read from a file
+    assert weights_caution(model) == weights_caution(desc.to_dict()) == RANDOM_WEIGHTS
+    assert _sheet_title(model, Run(), "moco_v2_tiny.pth.tar").startswith(RANDOM_WEIGHTS + " · resnet18_w8-cifar")
+    converted, _ = load_model(convert_checkpoint(moco, tmp_path / "moco.safetensors"))
+    assert weights_caution(converted) == RANDOM_WEIGHTS  # featviz convert keeps what the file says
+    trained, _ = load_model(sample_dir / "checkpoints" / "simsiam_digits.safetensors")
+    assert weights_caution(trained) is None and not describe(trained).source["random_weights"]
+    with pytest.raises(CheckpointError, match=f"field '{RANDOM_WEIGHTS_KEY}' is str 'yes'; expected bool"):
+        parse_featviz_meta(json.dumps({RANDOM_WEIGHTS_KEY: "yes"}), "x.safetensors")

@@ -21,8 +21,8 @@ import typer.rich_utils
 from rich.console import Console
 from typer.core import TyperGroup
 
-from featviz import __version__
 from featviz.errors import FeatvizError
+from featviz.version import __version__
 
 PIPE_WIDTH = 160
 """Console width when output goes to a pipe or a file: rich's default there is 80 columns, which cuts

@@ -77,6 +77,8 @@ def _load_report_table(r: dict):
         t.add_row("input size", f"{r['input_size'][0]}x{r['input_size'][1]}")
     if r.get("method"):
         t.add_row("method", r["method"])
+    if r.get("random_weights"):
+        t.add_row("weights", "[yellow]RANDOM WEIGHTS (untrained)[/]  [dim](the file says so; so do its sheets)[/]")
     t.add_row("tensors", f"{r['loaded']} loaded, {len(r['missing'])} missing, "
               f"{len(r['unexpected'])} unexpected (file has {r['tensors_in_file']})")
     for w in r["warnings"]:

@@ -30,6 +30,9 @@ PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 FigureName = Literal["cac"]
 
 MapMethod = Literal["tsne", "umap", "pca"]
+
+HtmlMode = Literal["auto", "inline", "large"]
+"""``featviz tsne --html-mode`` (featviz.maps.large_page.HTML_MODES)."""
 """``featviz tsne --method`` (featviz.maps.projection.MAP_METHODS; a test keeps them in sync)."""
 
 CAM_METHOD_NAMES = (

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from featviz.cli._app import _echo_json, _progress, _user_errors, app, out, usage_error
+from featviz.cli._app import _echo_json, _progress, _user_errors, app, out
 from featviz.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -29,16 +29,6 @@ from featviz.cli.options import (
     plot_style,
     sheet_note,
 )
-
-
-def _layer_list(value: list[str] | None) -> list[str] | None:
-    """``--layers a,b --layers c`` as ``[a, b, c]``."""
-    if not value:
-        return None
-    names = [n.strip() for v in value for n in v.split(",") if n.strip()]
-    if not names:
-        usage_error(f"--layers {','.join(value)!r} names no layer; give layer names (see `featviz layers`)")
-    return names
 
 
 @app.command()
@@ -97,7 +87,7 @@ def norms(
             models=[m for m, _, _ in loaded],
             names=[n for _, _, n in loaded],
             descriptions=[d.to_dict() for _, d, _ in loaded],
-            layers=_layer_list(layers),
+            layers=layers,
             map_layer=map_layer,
             threshold=threshold,
             image_size=image_size,

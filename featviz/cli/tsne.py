@@ -16,7 +16,7 @@ from featviz.cli._app import (
     app,
     split_names,
 )
-from featviz.cli.choices import FigureName, MapMethod
+from featviz.cli.choices import FigureName, HtmlMode, MapMethod
 from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
     ArchOpt,
@@ -61,7 +61,12 @@ def tsne(
         Path | None, typer.Option("--coords", help="Also save the coordinates (.npz) for re-plotting.")
     ] = None,
     reference: Annotated[
-        Path | None, typer.Option("--reference", help="Fit on this file; place the others with openTSNE transform.")
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="Fit on this embeddings file and place the others into its map (openTSNE/UMAP transform); or a map "
+            "a previous run wrote (its --coords .npz): place the inputs into that very map, no refit.",
+        ),
     ] = None,
     sample: Annotated[
         int | None, typer.Option("--sample", min=1, help="At most N points per input, stratified by class.")
@@ -76,6 +81,16 @@ def tsne(
     image_root: Annotated[
         Path | None,
         typer.Option("--image-root", help="--html: folder the images' ids are relative to (default: the manifest's)."),
+    ] = None,
+    html_mode: Annotated[
+        HtmlMode,
+        typer.Option("--html-mode", help="--html: 'inline' (one self-contained file), 'large' (a fast canvas page "
+                     "+ a MAP_files/ folder beside it) or 'auto' (large above 200,000 points)."),
+    ] = "auto",
+    html_thumbnails: Annotated[
+        int | None,
+        typer.Option("--html-thumbnails", min=0, help="--html: at most N thumbnails, a seeded random sample "
+                     "(default 20,000)."),
     ] = None,
     perplexity: Annotated[
         float, typer.Option("--perplexity", min=1.0, help="t-SNE perplexity (clamped for small N).")
@@ -205,8 +220,13 @@ def tsne(
 
         style = plot_style()  # bad colour maps and sizes fail before any work
 
-        files = list(inputs or [])
-        if reference is not None and reference not in files:
+        if html is None and (html_mode != "auto" or html_thumbnails is not None):
+            raise _usage("--html-mode and --html-thumbnails shape the --html page; add --html map.html")
+        from featviz.maps import mapfile
+
+        placing = reference is not None and mapfile.is_map_file(reference)  # a saved map, not embeddings
+        files = [f for f in inputs or [] if not (placing and f == reference)]  # the map is not an input to place
+        if reference is not None and reference not in files and not placing:
             files.insert(0, reference)
         if files and (images is not None or checkpoints):
             raise _usage("give embeddings files, or --images with --checkpoint/--arch, not both")
@@ -224,15 +244,20 @@ def tsne(
             min_dist=min_dist,
         )
         run = dict(
-            reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
+            reference=files.index(reference) if reference is not None and not placing else None, sample=sample,
+            params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
             progress=_progress("t-SNE") if method == "tsne" else None, style=style,
+            page=dict(mode=html_mode, seed=seed, progress=_progress("thumbnails"),
+                      **({} if html_thumbnails is None else {"max_thumbnails": html_thumbnails})),
         )
+        mapper = tsne_lib.run_map
+        if placing:
+            mapper, run = _placement(reference, run, html=html, image_root=image_root, method=method)
         if files:
             tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)
-            summary = tsne_lib.run_map(
-                out_path, files=files, names=split_names(names, len(files), [f.stem for f in files]), **run
-            )
+            panels = split_names(names, len(files), [f.stem for f in files])
+            summary = mapper(out_path, files=files, names=panels, **run)
         else:
             from featviz.eval import embed as embed_lib
 
@@ -262,9 +287,45 @@ def tsne(
                 ),
             )
             default = _checkpoint_name(checkpoints[0]) if checkpoints else f"{arch} (random init)"
-            summary = tsne_lib.run_map(out_path, embeddings=[emb], names=split_names(names, 1, [default]), **run)
+            summary = mapper(out_path, embeddings=[emb], names=split_names(names, 1, [default]), **run)
     if json_out:
         _echo_json(summary)
         return
     for path in summary["outputs"].values():
         typer.echo(path)
+
+
+def _placement(map_path: Path, run: dict, *, html, image_root, method) -> tuple:
+    """``--reference MAP`` (a saved map): ``placement.run_placement`` and its arguments.
+
+    The map's own method and settings place the points: ``--method`` naming another method is
+    refused, a map setting given on the command line is named in a warning, and ``--html`` is
+    refused (the page needs the map's images, which a map file does not carry).
+    """
+    import functools
+    import logging
+
+    from typer._click.core import ParameterSource  # Typer's own click (its contexts), as cli/options.py
+    from typer._click.globals import get_current_context
+
+    from featviz.maps import placement
+    from featviz.maps.plotting import map_title
+
+    if html is not None or image_root is not None:
+        raise _usage("--html/--image-root: placing into a saved map (--reference MAP.npz) draws the plot (and "
+                     "--coords) only; for a page, map the embeddings files together: featviz tsne a.npz b.npz --html")
+    params = placement.map_params(placement.load_placeable(map_path))
+    ctx = get_current_context()
+    given = {name for name in ("method", "perplexity", "neighbors", "min_dist", "iterations", "jobs")
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+    if "method" in given and method != params.method:
+        raise _usage(f"--method {method}: {map_path.name} is a {params.method} map; placing uses the map's own "
+                     f"method (leave out --method, or give --method {params.method})")
+    ignored = [f"--{name.replace('_', '-')} {ctx.params[name]}" for name in sorted(given - {"method"})]
+    if ignored:
+        logging.getLogger(__name__).warning(
+            "%s: no effect when placing into the saved map %s; its own settings are used: %s", ", ".join(ignored),
+            map_path.name, map_title(params))
+    keep = ("sample", "coords", "title", "drop_nonfinite", "force", "style")
+    run = {k: run[k] for k in keep} | {"progress": _progress("placing") if params.method == "tsne" else None}
+    return functools.partial(placement.run_placement, map_path=map_path), run

@@ -28,6 +28,9 @@ def _axis_names(result: Any) -> tuple[str, str]:
 
 
 def _title(result: Any) -> str:
+    """The sheet's and the page's title, led by the random-weights caution when a model has random weights."""
+    from featviz.models.description import with_caution
+
     m = result.models
     if len(m) == 2 and not result.within:
         what = f"{m[0]['name']} (rows) vs {m[1]['name']} (columns)"
@@ -35,7 +38,7 @@ def _title(result: Any) -> str:
         what = f"{m[0]['name']}: layer × layer"
     else:
         what = f"{len(m)} embeddings files"
-    return f"{what} · {result.n_images:,} images"
+    return with_caution(list(m), f"{what} · {result.n_images:,} images")
 
 
 def _short(name: str, width: int = 18) -> str:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from featviz.compare import measures as M
-from featviz.errors import DataError, OptionError
+from featviz.errors import DataError, OptionError, UnknownNameError
+from featviz.registry import parse_names
 
 MEASURES = ("cka", "mknn", "cknna", "svcca")
 DEFAULT_MEASURES = ("cka", "mknn", "cknna")
@@ -40,16 +41,18 @@ SVCCA_VARIANCE = 0.99
 
 
 def parse_measures(value: str | Sequence[str]) -> tuple[str, ...]:
-    """``"cka,mknn"`` as a tuple of known measure names, in the order given.
+    """``"cka,mknn"`` (or spaces between, or ``all``) as a tuple of known measure names, in the order given.
+
+    The one rule for name lists (``registry.parse_names``); a wrong name is a usage error here.
 
     Raises:
-        OptionError: an unknown name, or none.
+        OptionError: an unknown name (with suggestions), or none.
     """
-    items = [p.strip().lower() for p in (re.split(r"[,\s]+", value) if isinstance(value, str) else value) if p.strip()]
-    bad = [p for p in items if p not in MEASURES]
-    if bad or not items:
-        raise OptionError(f"--measure {value!r}: expected a comma-separated list of {', '.join(MEASURES)}")
-    return tuple(dict.fromkeys(items))
+    items = re.split(r"[,\s]+", value) if isinstance(value, str) else value
+    try:
+        return tuple(parse_names(items, MEASURES, option="--measure", kind="measure"))
+    except UnknownNameError as e:
+        raise OptionError(str(e)) from None
 
 
 @dataclass
@@ -279,6 +282,14 @@ def write_outputs(
         write_json(tmp / "compare.json", result.to_dict())
         write_json(tmp / "manifest.json", {**man, "files": sorted(names)})
     return result
+
+
+def _random_init(manifest: dict[str, Any]) -> bool:
+    """Whether an embeddings file's manifest says its model had random weights (``weights_caution``)."""
+    from featviz.models.description import weights_caution
+
+    model = manifest.get("model")
+    return isinstance(model, dict) and weights_caution(model) is not None
 
 
 # ------------------------------------------------------------------ from models
@@ -511,7 +522,13 @@ def run_compare_files(
             }
         ]
     models = [
-        {"name": name, "file": str(f), "dim": e.d, "manifest_command": e.manifest.get("command")}
+        {
+            "name": name,
+            "file": str(f),
+            "dim": e.d,
+            "manifest_command": e.manifest.get("command"),
+            "random_init": _random_init(e.manifest),
+        }
         for name, f, e in zip(names, files, embs, strict=True)
     ]
     protocol = {

@@ -23,6 +23,7 @@ import torch
 from featviz.compare.measures import MinibatchCKA
 from featviz.data.images import LabelledImages, collate, eval_transform, normalization_of, resize_rule
 from featviz.errors import DataError, OptionError
+from featviz.registry import parse_layers
 
 
 @dataclass
@@ -192,18 +193,6 @@ def parse_source(value: Any) -> tuple[str | None, str | None]:
     return s, None
 
 
-def _layer_names(model: Any, layers: str | Sequence[str] | None) -> list[str]:
-    from featviz.models.taps import auto_layers
-
-    if layers is None or (isinstance(layers, str) and layers.strip() == "auto"):
-        return auto_layers(model)
-    names = [p.strip() for p in layers.split(",")] if isinstance(layers, str) else [str(p) for p in layers]
-    names = [n for n in names if n]
-    if not names:
-        raise DataError(f"--layers {layers!r}: expected 'auto' or comma-separated layer names")
-    return names
-
-
 def load_sides(
     checkpoints: Sequence[Any],
     *,
@@ -226,11 +215,13 @@ def load_sides(
         load_kwargs: ``format``, ``num_heads``, ``checkpoint_key``, ``trust`` for the checkpoints.
 
     Raises:
+        OptionError: a layer list that names no layer (``--layers ,``).
         DataError, ArchitectureError, CheckpointError: bad values, or a model that cannot be loaded.
     """
     from featviz.io.outputs import checkpoint_display_name
     from featviz.models.features import arch_name, resolve_layer
     from featviz.models.loader import load_model
+    from featviz.models.taps import auto_layers
 
     values = list(checkpoints or [])
     if len(values) > 2:
@@ -241,6 +232,8 @@ def load_sides(
 
             raise ArchitectureError("give --checkpoint A [--checkpoint B], or --arch for a randomly initialised model")
         values = [f"{RANDOM}:{arch}"]
+    wanted_a = parse_layers(layers, option="--layers")  # checked before any model loads
+    wanted = [wanted_a, wanted_a if layers_b is None else parse_layers(layers_b, option="--layers-b")]
     load_kwargs = dict(load_kwargs or {})
     sides: list[Side] = []
     first_arch: Any = None  # the first model's ArchSpec: what `random` copies
@@ -265,12 +258,7 @@ def load_sides(
             info = {"checkpoint": ckpt, "random_init": False}
         if any(s.name == name for s in sides):
             name += " (B)"
-        names = _layer_names(
-            model,
-            layers
-            if i == 0
-            else (layers_b if layers_b is not None else ("auto" if layers in (None, "auto") else layers)),
-        )
+        names = wanted[i] or auto_layers(model)  # None: auto
         names = [resolve_layer(model, n)[0] for n in names]  # canonical names; unknown ones fail here
         sides.append(Side(name, model, names, {**info, "arch": arch_name(model)}))
         first_arch = first_arch or desc.arch

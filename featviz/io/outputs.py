@@ -510,7 +510,7 @@ def read_manifest(output: str | os.PathLike) -> dict[str, Any] | None:
 
 def versions() -> dict[str, str]:
     """Versions of featviz, Python and the heavy libraries already imported."""
-    from featviz import __version__
+    from featviz.version import __version__
 
     out = {"featviz": __version__, "python": platform.python_version()}
     for mod in ("numpy", "torch", "torchvision", "timm", "openTSNE", "sklearn", "pytorch_grad_cam"):

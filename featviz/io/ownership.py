@@ -81,7 +81,7 @@ def files_under(folder: Path) -> list[str]:
 def write_marker(folder: Path, command: str | None, files: Iterable[str],
                  hashes: dict[str, str] | None = None) -> None:
     """Write ``folder``'s marker: the command, and each file featviz wrote with its SHA-256 (``hashes``)."""
-    from featviz import __version__
+    from featviz.version import __version__
 
     files = sorted(set(files))
     hashes = hashes or {}

@@ -1,5 +1,8 @@
 """Interactive maps: one self-contained HTML file (Bokeh, JavaScript inlined; no server/network).
 
+Above ``featviz.maps.large_page.LARGE_PAGE_POINTS`` (200,000) points ``map_page`` writes the large
+page instead (a canvas page and its data folder beside it; ``mode`` forces either).
+
 The page and what it does are ``featviz.maps.page``; this module makes its panels from a fitted map
 (``map_page``) or from the CAC figure's views (``views_page``), with their thumbnails.
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from featviz.errors import DataError
+from featviz.io.progress import Progress
 from featviz.maps.page import Panel, write_html
 
 log = logging.getLogger(__name__)
@@ -68,8 +72,14 @@ def map_page(
     notes: Sequence[str] = (),
     force: bool = False,
     palette: str | None = None,
+    mode: str = "auto",
+    progress: Progress | None = None,
 ) -> Path:
     """The HTML page of a ``TsneMap`` (any method) with thumbnails from its embeddings files.
+
+    Up to ``LARGE_PAGE_POINTS`` (200,000) points (``mode="auto"``), or with ``mode="inline"``: one
+    self-contained Bokeh file, thumbnails inlined. Above, or with ``mode="large"``: a canvas page
+    and its data folder beside it (``featviz.maps.large_page``).
 
     Args:
         m: the fitted map (``featviz.maps.projection.TsneMap``); its ``groups`` index ``embs``.
@@ -85,13 +95,20 @@ def map_page(
         notes: extra lines for the page.
         force: overwrite ``out``.
         palette: the class colours' matplotlib colour map (``--palette``; default tab10/tab20).
+        mode: ``"auto"``, ``"inline"`` or ``"large"`` (``--html-mode``).
+        progress: wraps the loop that reads the images and makes the thumbnails (a progress bar).
 
     Returns:
         The page's path. A warning (not an error) says when images cannot be found; the map is
         written without their thumbnails.
     """
     from featviz.data import thumbnails as th
+    from featviz.maps import large_page
 
+    if large_page.page_mode(len(m.coords), mode) == "large":
+        return large_page.write_large_page(
+            m, embs, out, npz_paths=npz_paths, image_root=image_root, title=title, max_thumbnails=max_thumbnails,
+            seed=seed, notes=notes, force=force, palette=palette, progress=progress)
     npz_paths = list(npz_paths or [None] * len(embs))
     per_panel = [(embs[g], m.rows[m.groups == g]) for g in range(len(embs))]
     resolvers = [
@@ -114,7 +131,7 @@ def map_page(
     store = th.ThumbnailStore(th.side_for(len(keys)))
     thumbs = [np.full(len(r), -1, np.int64) for _, r in per_panel]
     missing: dict[int, set[str]] = {}
-    for ident in keys:
+    for ident in keys if progress is None else progress(keys, description="thumbnails"):
         g, k = wanted[ident][0]
         e, rows = per_panel[g]
         res, r = resolvers[g], int(rows[k])

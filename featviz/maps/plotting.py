@@ -132,7 +132,7 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
     """
     from matplotlib.figure import Figure
 
-    from featviz.io.outputs import atomic_path, check_writable
+    from featviz.io.outputs import check_writable
 
     out = check_format(out)
     check_writable(out, force=force)
@@ -152,6 +152,13 @@ def scatter_panels(panels: Sequence[tuple[np.ndarray, np.ndarray]], class_names:
         if titles:
             ax.set_title(f"{titles[i]}  (n={len(coords):,})", fontsize=10)
     handles = legend_handles(class_names, colors, present, unknown=bool((labels_all < 0).any()))
+    return _finish(fig, handles, out, suptitle=suptitle, dpi=dpi)
+
+
+def _finish(fig, handles: list, out: Path, *, suptitle: str | None, dpi: int) -> Path:
+    """Add the class legend (when there are entries) and the title to ``fig``, and save it to ``out`` atomically."""
+    from featviz.io.outputs import atomic_path
+
     if handles:
         ncol = 1 if len(handles) <= 16 else 2 if len(handles) <= 40 else 3
         fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=8, ncol=ncol,
@@ -183,3 +190,65 @@ def map_title(params: Any, title: str | None = None) -> str:
               "pca": "components 1-2"}[params.method]
     return f"{name} ({detail})"
 
+
+
+MAP_GREY = (0.72, 0.72, 0.72, 1.0)
+"""The colour of a map's own points under points placed into it."""
+
+
+def placement_panels(background: tuple[np.ndarray, np.ndarray], panels: Sequence[tuple[np.ndarray, np.ndarray]],
+                     class_names: Sequence[str], out: str | os.PathLike, *, map_name: str = "map",
+                     titles: Sequence[str] | None = None, suptitle: str | None = None, force: bool = False,
+                     dpi: int = 150, style: PlotStyle = DEFAULT_STYLE) -> Path:
+    """Points placed into a map: the map as saved, then each input's points over the map in grey.
+
+    ``background``: the map's (coords, labels). The first panel shows it coloured by class, as it was
+    published; each further panel draws it small and light grey under one input's placed points
+    (``panels``: (coords, labels)), coloured by class with a thin white edge so that they stand out
+    where the map is dense. One frame for all panels (``shared_limits``), one legend.
+
+    Raises:
+        DataError: an unsupported extension; OutputExistsError: ``out`` exists and ``force`` is False.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from featviz.io.outputs import check_writable
+
+    out = check_format(out)
+    check_writable(out, force=force)
+    map_xy, map_labels = np.asarray(background[0]).reshape(-1, 2), np.asarray(background[1])
+    labels_all = np.concatenate([map_labels, *[np.asarray(lab) for _, lab in panels]])
+    n_classes = max(len(class_names), int(labels_all.max(initial=-1)) + 1)
+    colors = class_colors(n_classes, style.palette)
+    k = len(panels) + 1
+    fig = Figure(figsize=(4.2 * k + 1.8, 4.6), layout="constrained")
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    xlim, ylim = shared_limits([map_xy, *[c for c, _ in panels]])
+    draw_scatter(axes[0], map_xy, map_labels, colors, style=style)
+    axes[0].set_title(f"{map_name}  (n={len(map_xy):,}, as saved)", fontsize=10)
+    grey_size, grey_alpha = point_style(len(map_xy))
+    size, alpha = point_style(max(len(c) for c, _ in panels), style)
+    for i, (ax, (coords, labels)) in enumerate(zip(axes[1:], panels, strict=True)):
+        ax.scatter(map_xy[:, 0], map_xy[:, 1], s=grey_size, color=MAP_GREY, alpha=min(grey_alpha, 0.5),
+                   linewidths=0, rasterized=len(map_xy) > 5000)
+        coords, labels = np.asarray(coords).reshape(-1, 2), np.asarray(labels)
+        order = np.random.default_rng(i).permutation(len(coords))
+        c = np.array([colors[j] if 0 <= j < len(colors) else UNKNOWN_COLOR for j in labels[order]]).reshape(-1, 4)
+        ax.scatter(coords[order, 0], coords[order, 1], s=max(size, 4.0), c=c, alpha=max(alpha, 0.8),
+                   linewidths=0.3, edgecolors="white", rasterized=len(coords) > 5000)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal", adjustable="box")
+        for s in ax.spines.values():
+            s.set_color("#bbbbbb")
+        if titles:
+            ax.set_title(f"{titles[i]}  (n={len(coords):,} placed)", fontsize=10)
+    for ax in axes:
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+    present = sorted(int(j) for j in np.unique(labels_all) if j >= 0)
+    handles = legend_handles(class_names, colors, present, unknown=bool((labels_all < 0).any()))
+    handles.append(Line2D([], [], marker="o", linestyle="", markersize=7, markerfacecolor=MAP_GREY,
+                          markeredgewidth=0, label="map (under placed points)"))
+    return _finish(fig, handles, out, suptitle=suptitle, dpi=dpi)

@@ -26,7 +26,6 @@ What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from featviz.errors import ArtifactError, DataError
+from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
 from featviz.maps.neighbors import PCA_DIM, NeighborSearch, _knn_index_class, _umap_knn
@@ -313,8 +312,13 @@ class Projection:
     def place(self, features: np.ndarray) -> np.ndarray:
         """(M, 2) coordinates of new rows in the fitted map (the map itself does not move)."""
         x = np.ascontiguousarray(features, np.float32)
-        # openTSNE's transform places each new point against the frozen reference map only
-        return np.asarray(self.model.transform(x), np.float32)
+        if self.params.method != "tsne":
+            return np.asarray(self.model.transform(x), np.float32)
+        # openTSNE's transform centres the frozen map in place first ((max + min) / 2): undo it for map and points
+        centre = (np.max(self.model, axis=0) + np.min(self.model, axis=0)) / 2
+        placed = np.asarray(self.model.transform(x)) + centre
+        self.model += centre
+        return placed.astype(np.float32)
 
 
 def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any, np.ndarray]:
@@ -366,6 +370,7 @@ class TsneMap:
         group_names: one name per input.
         rows: (N,) int64: the point's row in its input file.
         info: settings and provenance (perplexity used, PCA, mode, seed, ...).
+        fitted, map_features: which points the map was fitted on, and their features (``maps.placement``).
     """
 
     coords: np.ndarray
@@ -375,6 +380,8 @@ class TsneMap:
     group_names: list[str]
     rows: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    fitted: np.ndarray | None = None
+    map_features: np.ndarray | None = None
 
     def panel(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """Coordinates and labels of input ``g``."""
@@ -382,37 +389,25 @@ class TsneMap:
         return self.coords[m], self.labels[m]
 
     def save(self, path: str | os.PathLike, *, force: bool = False) -> Path:
-        """Write ``coords.npz`` (allow_pickle=False) atomically."""
-        from featviz.io.outputs import atomic_path, check_writable, to_jsonable
+        """Write ``coords.npz`` (allow_pickle=False) atomically, with what placing into the map needs.
 
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise DataError(f"--coords must end in .npz, got {path.name!r}")
-        check_writable(path, force=force)
-        with atomic_path(path, force=True) as tmp, open(tmp, "wb") as f:
-            np.savez(f, coords=self.coords, labels=self.labels, class_names=np.array(self.class_names, dtype=str),
-                     groups=self.groups, group_names=np.array(self.group_names, dtype=str), rows=self.rows,
-                     info=np.array(json.dumps(to_jsonable(self.info))))
-        return path
+        Raises:
+            DataError: not a .npz name; OutputExistsError: it exists and ``force`` is False.
+        """
+        from featviz.maps.mapfile import write_map_file
+
+        return write_map_file(path, self, force=force)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TsneMap:
-        """Read a coordinates file written by ``save``.
+        """Read a coordinates file written by ``save`` (``featviz.maps.mapfile``).
 
         Raises:
             ArtifactError: missing, unreadable or not a coordinates file.
         """
-        from featviz.io.artifacts import read_npz
+        from featviz.maps.mapfile import read_map_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"coordinates file {str(path)!r} does not exist; write it with `featviz tsne --coords`")
-        d = read_npz(path)
-        if "coords" not in d or "groups" not in d:
-            raise ArtifactError(
-                f"{str(path)!r} has no 'coords'/'groups' arrays; expected `featviz tsne --coords` output")
-        return cls(d["coords"], d["labels"], list(d["class_names"]), d["groups"], list(d["group_names"]), d["rows"],
-                   json.loads(str(d["info"])) if "info" in d else {})
+        return cls(**read_map_file(path))
 
 
 def _merge_class_names(embs: Sequence[Embeddings]) -> list[str]:
@@ -470,17 +465,18 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
                             "n_per_input": [len(r) for r in rows]}
     proj = Projection(params, progress, will_place=reference is not None)
     if reference is None:
-        coords = proj.fit(np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)]))
+        coords = proj.fit(fitted_x := np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)]))
         info.update(mode="union")
     else:
         coords = np.zeros((len(labels), 2), np.float32)
-        coords[groups == reference] = proj.fit(embs[reference].features[rows[reference]])
+        coords[groups == reference] = proj.fit(fitted_x := embs[reference].features[rows[reference]])
         for i, (e, r) in enumerate(zip(embs, rows, strict=True)):
             if i != reference:
                 coords[groups == i] = proj.place(e.features[r])
         info.update(mode="reference", reference=names[reference])
     info.update(proj.info)
-    return TsneMap(coords, labels, class_names, groups, names, all_rows, info)
+    fitted = groups == reference if reference is not None else np.ones(len(groups), bool)
+    return TsneMap(coords, labels, class_names, groups, names, all_rows, info, fitted, np.asarray(fitted_x, np.float32))
 
 
 def leave_one_out_knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
@@ -516,7 +512,7 @@ def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | Non
         DataError: a wrong extension; OutputExistsError: an output exists and ``force`` is False.
     """
     from featviz.io.outputs import check_writable
-    from featviz.maps import plotting
+    from featviz.maps import large_page, plotting
 
     plotting.check_format(out)
     if html is not None and Path(html).suffix.lower() not in (".html", ".htm"):
@@ -526,6 +522,8 @@ def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | Non
     for p in (out, coords, html):
         if p is not None:
             check_writable(p, force=force)
+    if html is not None:  # and the data folder beside a large page
+        large_page.check_data_folder(html, force=force)
 
 
 def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
@@ -534,7 +532,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
             coords: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
             image_root: str | os.PathLike | None = None, title: str | None = None,
             drop_nonfinite: bool = False, force: bool = False, progress: Progress | None = None,
-            style: PlotStyle | None = None) -> dict[str, Any]:
+            style: PlotStyle | None = None, page: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``featviz tsne`` does once its inputs are known: map, plot, coordinates, HTML page.
 
     Args:
@@ -554,6 +552,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         force: overwrite outputs.
         progress: wraps the fit's iterations (a progress bar).
         style: the plot's palette, point size and opacity (``featviz.style.PlotStyle``).
+        page: more settings of the HTML page (``interactive.map_page``'s mode, max_thumbnails, seed, progress).
 
     Returns:
         What was written and how: paths, method, points per input, the map's info.
@@ -584,12 +583,12 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         m.save(coords, force=force)
         written["coords"] = str(coords)
     if html is not None:
-        from featviz.maps import interactive
+        from featviz.maps import interactive, large_page
 
         paths = [str(f) for f in files] if files else None
         interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
-                             palette=style.palette)
-        written["html"] = str(html)
+                             palette=style.palette, **(page or {}))
+        written.update(html=str(html), **large_page.page_outputs(html, len(m.coords), (page or {}).get("mode")))
     return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
             "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
 

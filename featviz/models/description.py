@@ -129,6 +129,11 @@ class ModelDescription:
         return self.arch.name if self.arch is not None else "unknown"
 
     @property
+    def random_weights(self) -> bool:
+        """The weights are random: featviz's random initialisation, or a file that says so (its ``source``)."""
+        return self.random_init or bool((self.source or {}).get("random_weights"))
+
+    @property
     def has_classifier(self) -> bool:
         """Whether ``forward`` gives class logits (a classifier, not an encoder)."""
         return self.kind == "classifier"
@@ -170,8 +175,29 @@ RANDOM_WEIGHTS = "RANDOM WEIGHTS (untrained)"
 
 
 def weights_caution(model: Any) -> str | None:
-    """``RANDOM_WEIGHTS`` for a model with featviz's random initialisation, else None (the title's prefix)."""
-    return RANDOM_WEIGHTS if describe(model).random_init else None
+    """``RANDOM_WEIGHTS`` for a model with random weights (``ModelDescription.random_weights``), else None.
+
+    ``model`` may also be its description: a ``ModelDescription`` or a dict with a ``random_init`` key
+    (``to_dict``, a manifest's record of the model), for a figure drawn from files.
+    """
+    if isinstance(model, dict):
+        source = model.get("source")
+        random = bool(model.get("random_init")) or (isinstance(source, dict) and bool(source.get("random_weights")))
+    else:
+        random = (model if isinstance(model, ModelDescription) else describe(model)).random_weights
+    return RANDOM_WEIGHTS if random else None
+
+
+def with_caution(model: Any, title: str) -> str:
+    """``title``, led by ``RANDOM WEIGHTS (untrained) · `` when the model has featviz's random initialisation.
+
+    Every figure's title goes through it, so no picture of an untrained model passes for a trained one.
+    ``model``: a model, its description (see ``weights_caution``), None (no caution), or a list of
+    them for a figure of several models (``featviz compare``): the caution leads when any has random weights.
+    """
+    models = model if isinstance(model, list | tuple) else [model]
+    caution = next((c for m in models if m is not None and (c := weights_caution(m))), None)
+    return f"{caution} · {title}" if caution else title
 
 
 def attach(model: Any, description: ModelDescription) -> Any:

@@ -44,6 +44,7 @@ import numpy as np
 
 from featviz.errors import DataError, FeatvizError, OptionError
 from featviz.io.progress import Progress
+from featviz.registry import parse_layers
 from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.runner import ViewResult, ViewRunner
 
@@ -437,7 +438,7 @@ def run_norms(
     models: Sequence[Any],
     names: Sequence[str] | None = None,
     descriptions: Sequence[dict[str, Any] | None] | None = None,
-    layers: Sequence[str] | None = None,
+    layers: str | Sequence[str] | None = None,
     map_layer: str | None = None,
     threshold: float | None = None,
     image_size: int | str | Sequence[int] | None = None,
@@ -459,9 +460,11 @@ def run_norms(
     ``norms_<model>.png`` (one figure per model), ``outliers_<model>.png``
     (the outlier maps of at most ``sheet_images`` images, spread over all by ``views.sheets.sheet_cut``;
     ``limit``: only the first N images; ``style.cmap``: the maps' colour map), ``comparison.png`` (two
-    models or more), ``manifest.json``.
+    models or more), ``manifest.json``. ``layers``: ``"a,b"``, a list of such (``registry.parse_layers``),
+    or None/``auto``: each model's ``default_layers``.
 
     Raises:
+        OptionError: a layer list that names no layer (``--layers ,``), a threshold that is not positive.
         DataError: bad options, no images, a layer without a spatial map.
         OutputExistsError: ``out_dir`` exists and ``force`` is False.
     """
@@ -473,6 +476,7 @@ def run_norms(
         raise DataError("featviz norms needs a model: pass --checkpoint (several for a comparison) or --arch")
     if threshold is not None and not threshold > 0:
         raise OptionError(f"--threshold must be a positive norm, got {threshold:g}")
+    layer_names = parse_layers(layers)  # None: each model's default_layers
     runner = ViewRunner("norms", out_dir, force=force, arguments=arguments, progress=progress)
     names = list(names) if names is not None else [arch_name(m) for m in models]
     labels = labels_for(names)
@@ -484,7 +488,7 @@ def run_norms(
     for k, model in enumerate(models):
         model = runner.place(model, device)
         hw = input_size(model, image_size)
-        wanted = list(layers) if layers else default_layers(model)
+        wanted = layer_names or default_layers(model)
         mn, rgbs = token_norms(runner, model, wanted, hw=hw, batch_size=batch_size, keep=cut.indices)
         stats = layer_stats(mn, threshold)
         show = shown_layer(stats, None if map_layer is None else resolve_layer(model, map_layer)[0])

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from featviz.models.description import with_caution  # noqa: F401 - the views' titles import it from here
+
 log = logging.getLogger(__name__)
 
 MASK_COLOR = (0.15, 0.85, 0.35)
@@ -198,17 +200,6 @@ def grid_sheet(
         fig.suptitle(textwrap.fill(title, chars), fontsize=9)
     fig.savefig(path, dpi=dpi)
     return Path(path)
-
-
-def with_caution(model: Any, title: str) -> str:
-    """``title``, led by ``RANDOM WEIGHTS (untrained) · `` when the model has featviz's random initialisation.
-
-    Every sheet's title goes through it, so no picture of an untrained model passes for a trained one.
-    """
-    from featviz.models.description import weights_caution
-
-    caution = weights_caution(model) if model is not None else None
-    return f"{caution} · {title}" if caution else title
 
 
 def _short(text: str, n: int = 22) -> str:

@@ -37,12 +37,27 @@ from featviz.models.description import ArchSpec, ModelDescription, attach
 log = logging.getLogger(__package__)  # "featviz.models.checkpoints", the logger of the package
 
 
+RANDOM_WEIGHTS_KEY = "featviz_random_weights"
+"""A checkpoint's top-level key that says (``True``) its weights are a seeded random initialisation."""
+
+
+def says_random_weights(ck: Any) -> bool:
+    """Whether a checkpoint says its weights are random.
+
+    ``{RANDOM_WEIGHTS_KEY: True}`` at its top level, or in featviz's metadata (``featviz convert`` keeps it).
+    """
+    meta = getattr(ck, "featviz_meta", None) if getattr(ck, "container", None) == "safetensors" else None
+    return any(isinstance(d, dict) and d.get(RANDOM_WEIGHTS_KEY) is True for d in (ck.obj, meta))
+
+
 @dataclass
 class LoadReport:
     """What ``load_backbone`` did, for ``featviz inspect`` and every output manifest.
 
     Plain data: ``to_dict`` is what manifests record and ``featviz inspect --json`` prints;
-    the CLI draws the table (``featviz.cli.checkpoint``).
+    the CLI draws the table (``featviz.cli.checkpoint``). ``random_weights``: the file says its weights
+    are a seeded random initialisation (``RANDOM_WEIGHTS_KEY``, e.g. the bundled ``moco_v2_tiny`` sample,
+    made to show a layout), so every sheet of it says "RANDOM WEIGHTS (untrained)" as a random init's does.
     """
 
     path: str
@@ -64,6 +79,7 @@ class LoadReport:
     classifier: dict[str, Any] | None = None
     method: str | None = None
     input_size: list[int] | None = None
+    random_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-able dict (its fields, in order)."""
@@ -237,7 +253,7 @@ def load_backbone(path: str | os.PathLike, arch: str | ArchSpec | None = None, f
         prefix=ex.prefix, dropped=dropped, arch=spec.to_dict(), arch_details=details, arch_source=source,
         not_inferable=not_inf, normalization=norm.to_dict(), loaded=len(sd), missing=missing,
         unexpected=unexpected, tensors_in_file=_count_tensors(ck.obj), warnings=warnings, classifier=classifier,
-        method=ex.method, input_size=list(size))
+        method=ex.method, input_size=list(size), random_weights=says_random_weights(ck))
     kind = "classifier" if num_classes else "backbone"
     attach(model, ModelDescription(
         arch=spec, kind=kind, head=classifier["name"] if num_classes else None, num_classes=num_classes or None,
@@ -294,4 +310,6 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike, *, fo
     sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
     meta = {"arch": report.arch, "source_format": report.format, "source_file": Path(path).name,
             "normalization": report.normalization, "method": report.method, "input_size": report.input_size}
+    if report.random_weights:  # the converted file still says its weights are random
+        meta[RANDOM_WEIGHTS_KEY] = True
     return save_featviz(output, sd, meta, force=force)

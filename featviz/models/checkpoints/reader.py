@@ -135,7 +135,7 @@ class Checkpoint:
 _META_TYPES: dict[str, tuple[type, ...]] = {
     "version": (int,), "arch": (dict,), "normalization": (dict,), "method": (str, type(None)),
     "heads": (dict,), "class_names": (list,), "num_classes": (int,), "training": (dict,), "hparams": (dict,),
-    "source_format": (str,), "source_file": (str, type(None)),
+    "source_format": (str,), "source_file": (str, type(None)), "featviz_random_weights": (bool,),
 }
 MAX_META_CHARS = 10_000_000
 """The largest ``featviz`` metadata entry read (a header holds a few kB; more is not featviz's)."""
@@ -173,7 +173,7 @@ def parse_featviz_meta(raw: Any, path: str | os.PathLike) -> dict[str, Any] | No
     if not isinstance(meta, dict):
         raise bad(f"must be a JSON object, found {type(meta).__name__} {raw[:40]!r}")
     for key, types in _META_TYPES.items():
-        if key in meta and not isinstance(meta[key], types) or isinstance(meta.get(key), bool):
+        if key in meta and not isinstance(meta[key], types) or isinstance(meta.get(key), bool) and bool not in types:
             raise bad(f"field {key!r} is {type(meta[key]).__name__} {str(meta[key])[:40]!r}; expected "
                       + " or ".join("null" if t is type(None) else t.__name__ for t in types))
     arch = meta.get("arch")

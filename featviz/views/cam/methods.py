@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featviz.errors import FeatvizError, UnknownNameError, did_you_mean
+from featviz.errors import FeatvizError
+from featviz.registry import parse_names
 from featviz.views.cam.layers import ModelInfo
 from featviz.views.cam.mapstats import NOISE_RATIO, MapStats, classify, model_state  # noqa: F401 - re-exported
 from featviz.views.cam.targets import CamTarget, bind_targets
@@ -92,37 +93,25 @@ _CUT_GRAPH = {n for n, s in CAM_METHODS.items() if s.gradients and not s.input_g
 _NO_AUG_SMOOTH = {"finercam", "refinecam", "sess"}  # their __call__ has no aug_smooth
 
 
+METHOD_ALIASES: dict[str, str] = {
+    "gradcam_plusplus": "gradcam++", "gradcampp": "gradcam++", "grad_cam": "gradcam", "kpcacam": "kpca_cam",
+    "score_cam": "scorecam", "eigen_cam": "eigencam", "le_grad": "legrad", "chefer": "gae",
+}
+"""Other spellings of the methods' names (after ``-`` -> ``_``), and the name each stands for."""
+
+
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
     """Turn ``"gradcam,scorecam"``, ``["gradcam", "eigencam"]`` or ``"all"`` into method names.
+
+    ``-`` and ``_`` are the same in a name (``grad-cam`` is ``grad_cam``, an alias of ``gradcam``).
 
     Raises:
         UnknownNameError: an unknown name (with suggestions) or a pytorch-grad-cam export that is
             not a CAM method (with the reason).
+        OptionError: ``spec`` names no method (empty, ``","``).
     """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    names: list[str] = []
-    for item in items:
-        for raw in str(item).split(","):
-            name = raw.strip().lower().replace("-", "_")
-            name = {"gradcam_plusplus": "gradcam++", "gradcampp": "gradcam++", "grad_cam": "gradcam",
-                    "kpcacam": "kpca_cam", "score_cam": "scorecam", "eigen_cam": "eigencam", "le_grad": "legrad",
-                    "chefer": "gae"}.get(name, name)
-            if not name:
-                continue
-            if name == "all":
-                names += [n for n in CAM_METHODS if n not in names]
-                continue
-            if name in NOT_CAM_METHODS:
-                raise UnknownNameError(f"--method {name!r} does not apply: {NOT_CAM_METHODS[name]}")
-            if name not in CAM_METHODS:
-                raise UnknownNameError(
-                    f"unknown CAM method {name!r}{did_you_mean(name, CAM_METHODS)}; expected one of: "
-                    f"{', '.join(CAM_METHODS)} or all")
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise UnknownNameError(f"no CAM method given; expected one of: {', '.join(CAM_METHODS)} or all")
-    return names
+    return parse_names(spec, CAM_METHODS, option="--method", kind="CAM method", aliases=METHOD_ALIASES,
+                       refused=NOT_CAM_METHODS, spelling=lambda n: n.replace("-", "_"))
 
 
 def make_cam(name: str, model: nn.Module, layers: list[nn.Module], reshape_transform=None, *,

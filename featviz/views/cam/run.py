@@ -18,6 +18,7 @@ from featviz.errors import DataError
 from featviz.io.progress import Progress
 from featviz.models.description import describe
 from featviz.models.features import arch_name, parse_image_size
+from featviz.registry import names_all
 from featviz.style import DEFAULT_STYLE, PlotStyle
 from featviz.views.cam.layers import ModelInfo, layer_shapes, probe_model
 from featviz.views.cam.methods import NOISE_RATIO, MapStats, explain, not_applicable, parse_methods
@@ -252,9 +253,7 @@ def _applicable(names: list[str], requested, info: ModelInfo, *, token: bool, au
     """
     skipped = {m: why for m in names if (why := not_applicable(m, info, token_layer=token, aug_smooth=aug_smooth,
                                                               input_hw=hw))}
-    parts = [part.strip().lower() for item in ([requested] if isinstance(requested, str) else requested)
-             for part in str(item).split(",")]
-    if skipped and "all" not in parts:
+    if skipped and not names_all(requested):
         m, why = next(iter(skipped.items()))
         raise DataError(f"--method {m} does not apply to this model: {why}")
     for m, why in skipped.items():

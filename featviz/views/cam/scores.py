@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from featviz.errors import OptionError, UnknownNameError, did_you_mean
+from featviz.registry import parse_names
 from featviz.views.cam.targets import CamTarget, ClassTarget, SegTarget, SelfTarget
 
 SCORES = ("road", "deletion", "insertion")
@@ -52,7 +52,7 @@ SCORE_DEFINITIONS = {
 
 
 def parse_scores(spec: str | Sequence[str] | None) -> list[str]:
-    """``"road,deletion"`` (or a list of such) -> score names; None or empty -> [].
+    """``"road,deletion"`` (or a list of such, or ``"all"``) -> score names; None or empty -> [].
 
     Raises:
         UnknownNameError: a name that is not one of ``SCORES`` (with suggestions).
@@ -60,24 +60,7 @@ def parse_scores(spec: str | Sequence[str] | None) -> list[str]:
     """
     if not spec:
         return []
-    items = [spec] if isinstance(spec, str) else list(spec)
-    names: list[str] = []
-    for item in items:
-        for raw in str(item).split(","):
-            name = raw.strip().lower()
-            if not name:
-                continue
-            if name == "all":
-                names += [n for n in SCORES if n not in names]
-                continue
-            if name not in SCORES:
-                raise UnknownNameError(f"unknown --score {name!r}{did_you_mean(name, SCORES)}; expected one of: "
-                                       f"{', '.join(SCORES)} or all")
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise OptionError(f"--score {spec!r} names no score; expected one of: {', '.join(SCORES)} or all")
-    return names
+    return parse_names(spec, SCORES, option="--score", kind="score")
 
 
 class ScoreTarget:
