@@ -98,6 +98,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (just ``obj`` without a process group)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every process (a no-op when running alone)."""
     if info.enabled:

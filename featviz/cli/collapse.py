@@ -42,7 +42,7 @@ _FILE_MODE, _MODEL_MODE, _WATCH_MODE = "EMB", "--checkpoint/--arch", "--watch"  
 @app.command()
 def collapse(
     embeddings: Annotated[
-        Path | None, typer.Argument(help="Embeddings .npz (from `featviz embed`) or an (N, D) .npy.")
+        Path | None, typer.Argument(help="Embeddings .npz or shard folder (from `featviz embed`), or an (N, D) .npy.")
     ] = None,
     positives: Annotated[
         Path | None, typer.Option("--positives", help="Second views: row i pairs with row i of EMB (for alignment).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +41,12 @@ from featviz.cli.options import (
 def embed(
     out_path: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Output embeddings file E.npz; its manifest E.manifest.json goes beside it."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output embeddings file E.npz (its manifest E.manifest.json goes beside it), or with --shard-size "
+            "a folder of shards.",
+        ),
     ],
     images: RequiredImagesOpt,
     checkpoint: CheckpointOpt = None,
@@ -75,18 +81,33 @@ def embed(
             "needs featviz[tensorboard].",
         ),
     ] = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-size",
+            min=1,
+            help="Stream to the folder --out in shards of N images (memory-mapped .npy, a manifest as it goes); "
+            "a killed run resumes when run again.",
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Embed images (pooled) or pixels (--pixels --masks) with a checkpoint, or seeded random weights (--arch).
 
     Runs under torchrun too: `torchrun --nproc_per_node N -m featviz embed ...` shards the images and rank 0
-    writes one merged file.
+    writes one merged file (with --shard-size every rank writes its own shards, and rank 0 the manifest).
     """
     from featviz.eval import embed as embed_lib
 
     with _user_errors():
         _image_limit(max_image_pixels)
-        emb = embed_lib.run_embed(
+        if shard_size is not None:
+            from featviz.eval.stream import run_embed_sharded
+
+            run = partial(run_embed_sharded, shard_size=shard_size)
+        else:
+            run = embed_lib.run_embed
+        emb = run(
             out=out_path,
             checkpoint=checkpoint,
             arch=arch,
@@ -115,6 +136,7 @@ def embed(
         )
     if emb is not None:  # rank 0 (or a single process)
         kind = "pixels" if emb.is_pixels else "images"
-        typer.echo(f"{out_path}  ({emb.n:,} {kind} x {emb.d} dims, {len(emb.class_names)} classes)")
+        shards = f", {emb.manifest['n_shards']} shards" if shard_size is not None else ""
+        typer.echo(f"{out_path}  ({emb.n:,} {kind} x {emb.d} dims, {len(emb.class_names)} classes{shards})")
         if tensorboard is not None:
             typer.echo(f"{tensorboard}  (tensorboard --logdir {tensorboard}, Projector tab)")

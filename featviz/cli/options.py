@@ -360,9 +360,11 @@ _IMG = "Images through a model"
 
 TrainOpt = Annotated[
     Path | None,
-    typer.Option("--train", help="Training features: an .npz from `featviz embed`.", rich_help_panel=_NPZ),
+    typer.Option(
+        "--train", help="Training features: an .npz or shard folder from `featviz embed`.", rich_help_panel=_NPZ
+    ),
 ]
-ValOpt = Annotated[Path | None, typer.Option("--val", help="Validation features (.npz).", rich_help_panel=_NPZ)]
+ValOpt = Annotated[Path | None, typer.Option("--val", help="Validation features (.npz, shards).", rich_help_panel=_NPZ)]
 TrainImagesOpt = Annotated[
     Path | None,
     typer.Option("--train-images", help="Training images, one subfolder per class.", rich_help_panel=_IMG),

@@ -53,7 +53,9 @@ def tsne(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Plot file: .png, .pdf or .svg.")],
     inputs: Annotated[
         list[Path] | None,
-        typer.Argument(help="Embeddings files (.npz from `featviz embed`); several share one map.", show_default=False),
+        typer.Argument(
+            help="Embeddings (.npz or shard folders, from `featviz embed`); several share one map.", show_default=False
+        ),
     ] = None,
     coords: Annotated[
         Path | None, typer.Option("--coords", help="Also save the coordinates (.npz) for re-plotting.")

@@ -92,17 +92,24 @@ def as_array(z: Any, *, what: str = "embeddings") -> np.ndarray:
 
 
 def load_matrix(path: str | os.PathLike, *, what: str = "embeddings") -> np.ndarray:
-    """Read ``features`` from a featviz ``.npz``, or a raw ``.npy`` matrix (memory-mapped, not loaded).
+    """Read ``features`` from a featviz ``.npz``, a shard folder, or a raw ``.npy`` matrix (memory-mapped).
+
+    A shard folder of one shard, like a ``.npy``, stays memory-mapped; several shards are read into
+    one array (the metrics' SVD and covariance need every row at once).
 
     Raises:
         ArtifactError: missing file, unknown extension or malformed content.
     """
     from featviz.errors import ArtifactError
     from featviz.io.artifacts import Embeddings, check_array_file, check_npy
+    from featviz.io.shards import is_sharded
 
     path = Path(path)
+    if is_sharded(path):  # memory-mapped shards: the metrics read every row once, as one (N, D) array
+        return as_array(Embeddings.load(path).features, what=what)
     if path.is_dir():
-        raise ArtifactError(f"{str(path)!r} is a folder; expected an .npz from `featviz embed` or an (N, D) .npy")
+        raise ArtifactError(f"{str(path)!r} is a folder; expected an .npz from `featviz embed`, a folder from "
+                            "`featviz embed --shard-size`, or an (N, D) .npy")
     if path.suffix == ".npz":
         return Embeddings.load(path).features
     if path.suffix == ".npy":

@@ -467,11 +467,7 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
                     pixels=pixels, masks=None if masks is None else str(masks), layer=layer,
                     max_pixels_per_class=max_pixels_per_class, image_size=image_size, center_crop=center_crop,
                     batch_size=batch_size, device=device, precision=precision, strict=strict, limit=limit)
-        extra = dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
-                     autocast=str(autocast_dtype(info.device, precision)).replace("torch.", "") if
-                     autocast_dtype(info.device, precision) else "float32",
-                     arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict(),
-                     warnings=list(desc.warnings))  # the load's warnings (also on stderr)
+        extra = provenance(desc, info, precision, seed)
         run = dict(batch_size=batch_size, device=info.device, precision=precision, workers=workers, strict=strict,
                    progress=progress if info.is_main else None, limit=limit)
         if pixels:
@@ -501,7 +497,16 @@ def run_embed(*, out: str | os.PathLike | None, images: str | os.PathLike, check
         cleanup(info)
 
 
-def _first(n_all: int, run: dict, extra: dict) -> int:
+def provenance(desc: Any, info: DistInfo, precision: str, seed: int) -> dict[str, Any]:
+    """What an embedding run's manifest says of its model and where it ran (``desc``: the ``ModelDescription``)."""
+    dtype = autocast_dtype(info.device, precision)
+    return dict(seed=seed, checkpoint_report=desc.source, world_size=info.world_size, device=str(info.device),
+                autocast=str(dtype).replace("torch.", "") if dtype else "float32",
+                arch=None if desc.arch is None else desc.arch.to_dict(), model=desc.to_dict(),
+                warnings=list(desc.warnings))  # the load's warnings (also on stderr)
+
+
+def apply_limit(n_all: int, run: dict, extra: dict) -> int:
     """How many images ``run``'s ``limit`` keeps of ``n_all`` (all without one); said in the manifest."""
     if (limit := run.pop("limit", None)) is not None:
         if limit < 1:
@@ -513,7 +518,7 @@ def _first(n_all: int, run: dict, extra: dict) -> int:
 def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict, extra: dict) -> Embeddings | None:
     size = input_size(model, image_size)
     src: LabelledImages = labelled_images(images, labels_csv=labels_csv, image_size=size[0])
-    n = _first(len(src), run, extra)
+    n = apply_limit(len(src), run, extra)
     src = LabelledImages(src.items[:n], src.labels[:n], src.class_names, src.ids[:n])
     extra["image_size"] = size[0] if size[0] == size[1] else list(size)
     extra["resize"] = resize_rule(size, run["center_crop"])
@@ -539,7 +544,7 @@ def _run_images(model, images, labels_csv, image_size, info: DistInfo, run: dict
 def _run_pixels(model, images, masks, layer, image_size, k, seed, info: DistInfo, run: dict,
                 extra: dict) -> Embeddings | None:
     pix = pair_masks(images, masks)
-    n = _first(len(pix.images), run, extra)
+    n = apply_limit(len(pix.images), run, extra)
     pix = PixelSet(pix.images[:n], pix.masks[:n], pix.class_names, pix.ids[:n])
     layer = layer or default_layer(model)
     get_layer(model, layer)  # fail fast with suggestions, before any decoding

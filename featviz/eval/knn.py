@@ -265,6 +265,8 @@ def weighted_knn(
         DataError: bad shapes or labels, non-finite rows, ``k`` larger than the training set, T ≤ 0.
     """
     ks = parse_ks(ks)
+    # a sharded bank (``featviz.io.shards.ShardedArray``) is read here, once: the copy normalised below
+    train_features, val_features = np.asarray(train_features), np.asarray(val_features)
     train_labels = np.asarray(train_labels, np.int64)
     val_labels = np.asarray(val_labels, np.int64)
     check_features(np.asarray(train_features), train_labels, np.asarray(val_features), val_labels)

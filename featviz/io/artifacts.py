@@ -5,6 +5,9 @@ An embeddings file holds ``features`` (N, D) float32, ``labels`` (N,) int64 (-1 
 It is written with ``allow_pickle=False`` and carries its own manifest as a JSON string under
 ``manifest``; the same content is written beside it, named after it (``e.npz`` ->
 ``e.manifest.json``), so two embeddings in one folder keep their own manifests.
+
+A folder written by ``featviz embed --shard-size`` loads the same way (``featviz.io.shards``): its
+features stay memory-mapped (a ``ShardedArray``), and only the rows a reader indexes are read.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from featviz.errors import ArtifactError, DataError
 from featviz.io.outputs import atomic_path, check_companion, check_output, manifest_path, to_jsonable, write_json
+from featviz.io.shards import ShardedArray, is_sharded, read_shards
 
 REQUIRED = ("features", "labels")
 
@@ -48,7 +52,8 @@ class Embeddings:
 
     def __post_init__(self) -> None:
         """Coerce the arrays (float32 features, int64 labels, str ids) and check their shapes."""
-        self.features = np.asarray(self.features, dtype=np.float32)
+        if not (isinstance(self.features, ShardedArray) and self.features.dtype == np.float32):
+            self.features = np.asarray(self.features, dtype=np.float32)  # a float32 memory map stays one
         if self.features.ndim != 2:
             raise ArtifactError(f"features must be (N, D), got shape {self.features.shape}")
         n = len(self.features)
@@ -108,14 +113,22 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:
-        """Read an embeddings ``.npz`` written by ``save`` (or any npz with ``features``).
+        """Read an embeddings ``.npz`` written by ``save`` (or any npz with ``features``), or a shard folder.
+
+        A folder from ``featviz embed --shard-size`` is memory-mapped, not read (``featviz.io.shards``).
 
         Raises:
-            ArtifactError: missing file, not an npz, or without a (N, D) ``features`` array.
+            ArtifactError: missing file, not an npz, or without a (N, D) ``features`` array; an
+                unfinished or damaged shard folder.
         """
         path = Path(path)
+        if is_sharded(path):
+            data = read_shards(path)
+            return cls(features=data["features"], labels=data["labels"], class_names=data["class_names"],
+                       ids=data["ids"], manifest=data["manifest"])
         if path.is_dir():
-            raise ArtifactError(f"{str(path)!r} is a folder; expected an embeddings .npz file from `featviz embed`")
+            raise ArtifactError(f"{str(path)!r} is a folder without a sharded-embeddings manifest.json; expected an "
+                                "embeddings .npz from `featviz embed`, or a folder from `featviz embed --shard-size`")
         if not path.is_file():
             raise ArtifactError(f"embeddings file {str(path)!r} does not exist; create it with `featviz embed`")
         check_array_file(path, "npz", expected="an embeddings .npz from `featviz embed`")
@@ -396,7 +409,8 @@ def check_finite(features: np.ndarray, *, what: str = "features", drop: bool = F
     Raises:
         DataError: NaN/Inf rows exist and ``drop`` is False.
     """
-    ok = np.isfinite(features).all(axis=1)
+    parts = features.parts if isinstance(features, ShardedArray) else [features]  # shard by shard: no copy
+    ok = np.concatenate([np.isfinite(p).all(axis=1) for p in parts])
     bad = int((~ok).sum())
     if bad and not drop:
         raise DataError(f"{bad} of {len(features)} {what} rows contain NaN or Inf; "
