@@ -32,6 +32,9 @@ FigureName = Literal["cac"]
 MapMethod = Literal["tsne", "umap", "pca"]
 """``featviz tsne --method`` (featviz.maps.projection.MAP_METHODS; a test keeps them in sync)."""
 
+MapBackend = Literal["auto", "opentsne", "torchdr"]
+"""``featviz tsne --backend`` (featviz.maps.backends.BACKENDS; a test keeps them in sync)."""
+
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
     "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",
