@@ -39,6 +39,9 @@ BACKENDS = ("auto", "opentsne", "torchdr")
 
 THREADS_FROM = 20_000
 INFO_TSNE_NEGATIVES = 300  # TorchDR InfoTSNE's default number of negative samples per point
+# InfoTSNE's learning rate: N / 3 in both phases. TorchDR's "auto" (scikit-learn's max(N / 12 / 4, 50) during
+# early exaggeration, N / 4 after) left the 2k-point benchmark map at 10-NN class accuracy 0.180 (openTSNE: 0.274);
+# N / 3 reached 0.249, N 0.209, N / 10 0.183 (tsne_bench's data, 256-d, 20 overlapping classes)
 GPU_INSTALL = "pip install 'featviz[gpu]'"
 
 
@@ -266,8 +269,9 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     """Fit TorchDR's ``InfoTSNE`` (t-SNE) or ``UMAP`` on ``x`` on ``device``; FAISS neighbours.
 
     ``params.perplexity`` / ``n_neighbors`` are already clamped. The iterations are openTSNE's:
-    ``early_exaggeration_iter`` with exaggeration 12, then ``n_iter`` (UMAP: ``n_iter`` epochs,
-    umap-learn's count for large N being 200 and TorchDR's default 1000, so 500 is in between).
+    ``early_exaggeration_iter`` with exaggeration 12, then ``n_iter``, at a learning rate of N / 3
+    (see ``INFO_TSNE_NEGATIVES``); UMAP runs ``n_iter`` epochs (umap-learn's count for large N
+    being 200 and TorchDR's default 1000, 500 is in between).
 
     Returns:
         (model, (N, 2) float32 coordinates, what was used: library, estimator, neighbour search).
@@ -298,7 +302,7 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
         total = params.early_exaggeration_iter + params.n_iter
         model = torchdr.InfoTSNE(perplexity=params.perplexity, max_iter=total,
                                  early_exaggeration_iter=params.early_exaggeration_iter,
-                                 n_negatives=min(INFO_TSNE_NEGATIVES, n - 1), **common)
+                                 n_negatives=min(INFO_TSNE_NEGATIVES, n - 1), lr=max(n / 3.0, 50.0), **common)
         k = min(n - 1, int(3 * params.perplexity))
         info: dict[str, Any] = {"estimator": f"InfoTSNE (negative sampling, {min(INFO_TSNE_NEGATIVES, n - 1)} "
                                              "negatives per point)"}
