@@ -237,7 +237,8 @@ def tsne(
         run = dict(
             reference=files.index(reference) if reference is not None else None, sample=sample, params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
-            progress=_progress("t-SNE" if method == "tsne" else "UMAP") if method != "pca" else None, style=style,
+            progress=_progress("t-SNE") if method == "tsne" else _progress("UMAP") if backend == "torchdr" and
+            method == "umap" else None, style=style,
         )
         if files:
             tsne_lib.check_map_outputs(out_path, coords=coords, html=html, force=force)
