@@ -70,6 +70,14 @@ def input_accuracy(x: np.ndarray, y: np.ndarray, k: int = 10, n_eval: int = 5000
     return float((pred == y[q]).mean())
 
 
+def _load() -> float:
+    """The 1-minute load average (NaN where there is none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -136,10 +144,7 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
             print(f"  {name:12s} {s:8.1f} s   10-NN accuracy {q['knn_accuracy@10']:.3f}   10-NN recall "
                   f"{q['knn_recall@10']:.3f}   trustworthiness {q['trustworthiness@10']:.3f}   "
                   f"({used.get('neighbor_search')})", flush=True)
-    try:
-        row["load_at_end"] = os.getloadavg()[0]
-    except OSError:
-        pass
+    row["load_at_end"] = _load()
     a, b = row["openTSNE"], row["TorchDR-CPU"]
     print("\n| N | backend | s | 10-NN class accuracy | 10-NN recall | trustworthiness (5k sample) |")
     print("|---|---|---|---|---|---|")
@@ -181,10 +186,7 @@ def main() -> None:
                     help="--n: stop a method after this many seconds and report it as not finished")
     args = ap.parse_args()
     if args.n is not None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
-            load = float("nan")
+        load = _load()
         print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; {platform.python_version()}; data "
               f"{args.n:,} x {args.dim}, {args.classes} classes, separation {args.separation}; time cap "
               f"{args.time_cap:.0f} s per method", flush=True)
@@ -204,10 +206,7 @@ def main() -> None:
     from featviz.maps import quality
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
+    load = _load()
     print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}; {platform.python_version()}; data {args.dim}-d, "
           f"{args.classes} classes, separation {args.separation}", flush=True)
