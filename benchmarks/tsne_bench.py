@@ -19,6 +19,15 @@ featviz's time ratio and accuracy difference against each peer, with the targets
     python benchmarks/tsne_bench.py                      # 10k, 20k (+ scikit-learn), 100k (+ openTSNE)
     python benchmarks/tsne_bench.py --sizes 10000 --json out.json
     python benchmarks/tsne_bench.py --sizes 20000 --opentsne-min 0   # openTSNE at every size too
+
+``--n N`` is another comparison, at one size: featviz's two CPU backends, openTSNE
+(``--backend opentsne``) against TorchDR on CPU (``--backend torchdr --device cpu``: InfoTSNE, FAISS
+neighbours), each in its own process stopped after ``--time-cap`` seconds ("did not finish in X s",
+with how far it got), and one table: time, the map's quality (``featviz.maps.quality.map_quality``:
+10-NN class accuracy, 10-NN recall, trustworthiness on 5,000 points) and TorchDR's ratios to openTSNE.
+
+    nice python benchmarks/tsne_bench.py --n 20000
+    nice python benchmarks/tsne_bench.py --n 1000000 --time-cap 600
 """
 
 from __future__ import annotations
@@ -33,17 +42,22 @@ import numpy as np
 
 
 def pixel_like(
-    n: int, dim: int, classes: int, seed: int = 0, separation: float = 0.03
+    n: int, dim: int, classes: int, seed: int = 0, separation: float = 0.03, block: int = 100_000
 ) -> tuple[np.ndarray, np.ndarray]:
+    """The data, made ``block`` rows at a time (the same numbers as in one go; 1M x 256 fits in 1 GB)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(classes, dim)) * separation
     labels = rng.integers(0, classes, n)
     scale = np.arange(1, dim + 1) ** -0.75  # std per principal direction: variance ~ i^-1.5
     rot, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
-    x = centres[labels] + (rng.normal(size=(n, dim)) * scale) @ rot.T
-    x = np.maximum(x + 0.5 / np.sqrt(dim), 0)
-    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
-    return x.astype(np.float32), labels.astype(np.int64)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        x = centres[labels[s:e]] + (rng.normal(size=(e - s, dim)) * scale) @ rot.T
+        x = np.maximum(x + 0.5 / np.sqrt(dim), 0)
+        x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-12
+        out[s:e] = x
+    return out, labels.astype(np.int64)
 
 
 def input_accuracy(x: np.ndarray, y: np.ndarray, k: int = 10, n_eval: int = 5000, seed: int = 0) -> float:
@@ -56,10 +70,103 @@ def input_accuracy(x: np.ndarray, y: np.ndarray, k: int = 10, n_eval: int = 5000
     return float((pred == y[q]).mean())
 
 
+def _load() -> float:
+    """The 1-minute load average (NaN where there is none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
     return np.asarray(out, np.float32), time.perf_counter() - t
+
+
+def _fit_child(name: str, x: np.ndarray, seed: int, out: str, done) -> None:
+    """In a child process: fit one backend, report progress in ``done`` (iterations), save the coordinates."""
+    from featviz.io.artifacts import Embeddings
+    from featviz.maps import projection as tsne
+
+    params = tsne.TsneParams(seed=seed, backend="opentsne" if name == "openTSNE" else "torchdr", device="cpu")
+
+    def progress(iterable, total=None, description=""):
+        for item in iterable:
+            yield item
+            done.value += 1
+
+    m = tsne.shared_map([Embeddings(x, None)], params=params, progress=progress)
+    np.save(out, m.coords)
+    with open(out + ".json", "w") as fh:
+        json.dump({k: v for k, v in m.info.items() if k in ("library", "estimator", "neighbor_search", "threads")},
+                  fh)
+
+
+def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
+    """openTSNE against TorchDR on CPU at one size, each capped at ``args.time_cap`` seconds."""
+    import multiprocessing as mp
+    import tempfile
+
+    from featviz.maps import quality
+
+    n = len(x)
+    total = 750  # 250 early-exaggeration + 500 iterations, both backends
+    row: dict = {"n": n, "time_cap_s": args.time_cap}
+    ctx = mp.get_context("fork")  # the child shares x without a copy
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("openTSNE", "TorchDR-CPU"):
+            out = f"{tmp}/{name}.npy"
+            done = ctx.Value("i", 0)
+            t = time.perf_counter()
+            proc = ctx.Process(target=_fit_child, args=(name, x, args.seed, out, done))
+            proc.start()
+            proc.join(args.time_cap)
+            s = time.perf_counter() - t
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+                where = ("still finding neighbours / affinities" if done.value == 0 else
+                         f"at iteration {done.value} of {total}")
+                row[name] = {"finished": False, "s": s, "iterations_done": done.value}
+                print(f"  {name:12s} did not finish in {args.time_cap:.0f} s ({where})", flush=True)
+                continue
+            if proc.exitcode != 0:
+                row[name] = {"finished": False, "s": s, "error": f"exit code {proc.exitcode}"}
+                print(f"  {name:12s} failed (exit code {proc.exitcode}) after {s:.1f} s", flush=True)
+                continue
+            c = np.load(out)
+            with open(out + ".json") as fh:
+                used = json.load(fh)
+            q = quality.map_quality(x, c, y, seed=args.seed)
+            row[name] = {"finished": True, "s": s, **{k: q[k] for k in
+                         ("knn_accuracy@10", "knn_recall@10", "trustworthiness@10")}, "sample": q["sample"], **used}
+            print(f"  {name:12s} {s:8.1f} s   10-NN accuracy {q['knn_accuracy@10']:.3f}   10-NN recall "
+                  f"{q['knn_recall@10']:.3f}   trustworthiness {q['trustworthiness@10']:.3f}   "
+                  f"({used.get('neighbor_search')})", flush=True)
+    row["load_at_end"] = _load()
+    a, b = row["openTSNE"], row["TorchDR-CPU"]
+    print("\n| N | backend | s | 10-NN class accuracy | 10-NN recall | trustworthiness (5k sample) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("openTSNE", a), ("TorchDR-CPU", b)):
+        if r["finished"]:
+            print(f"| {n:,} | {name} | {r['s']:.1f} | {r['knn_accuracy@10']:.3f} | {r['knn_recall@10']:.3f} | "
+                  f"{r['trustworthiness@10']:.3f} |")
+        else:
+            print(f"| {n:,} | {name} | did not finish in {args.time_cap:.0f} s | – | – | – |")
+    if a["finished"] and b["finished"]:
+        row["ratios"] = {"time": b["s"] / a["s"], "accuracy_diff": b["knn_accuracy@10"] - a["knn_accuracy@10"],
+                         "recall_diff": b["knn_recall@10"] - a["knn_recall@10"],
+                         "trustworthiness_diff": b["trustworthiness@10"] - a["trustworthiness@10"]}
+        r = row["ratios"]
+        print(f"\nTorchDR-CPU / openTSNE: time {r['time']:.2f}x, 10-NN class accuracy {r['accuracy_diff']:+.3f}, "
+              f"10-NN recall {r['recall_diff']:+.3f}, trustworthiness {r['trustworthiness_diff']:+.3f} "
+              f"(issue 27: accuracy within 0.02: {'met' if r['accuracy_diff'] >= -0.02 else 'NOT met'})")
+    else:
+        print("\nno ratio: " + ", ".join(f"{k} did not finish in {args.time_cap:.0f} s" for k, r in
+                                        (("openTSNE", a), ("TorchDR-CPU", b)) if not r["finished"]))
+    print(f"load average {load:.1f} at start, {row.get('load_at_end', float('nan')):.1f} at end", flush=True)
+    return row
 
 
 def main() -> None:
@@ -73,23 +180,38 @@ def main() -> None:
     ap.add_argument("--separation", type=float, default=0.03, help="scale of the class centres (0.06: separable)")
     ap.add_argument("--featviz-first", action="store_true", help="time featviz before its peers (default: after)")
     ap.add_argument("--json", type=str, default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--n", type=int, default=None,
+                    help="one size: featviz's openTSNE backend against TorchDR on CPU (instead of --sizes' peers)")
+    ap.add_argument("--time-cap", type=float, default=1800.0,
+                    help="--n: stop a method after this many seconds and report it as not finished")
     args = ap.parse_args()
+    if args.n is not None:
+        load = _load()
+        print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; {platform.python_version()}; data "
+              f"{args.n:,} x {args.dim}, {args.classes} classes, separation {args.separation}; time cap "
+              f"{args.time_cap:.0f} s per method", flush=True)
+        t = time.perf_counter()
+        x, y = pixel_like(args.n, args.dim, args.classes, args.seed, args.separation)
+        print(f"data made in {time.perf_counter() - t:.1f} s", flush=True)
+        row = compare_backends(args, x, y, load)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "load_at_start": load, "results": [row]}, fh, indent=2)
+        return
 
     from openTSNE import TSNE as OpenTSNE
     from sklearn.manifold import TSNE as SkTSNE
 
     from featviz.maps import projection as tsne
+    from featviz.maps import quality
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
+    load = _load()
     print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}; {platform.python_version()}; data {args.dim}-d, "
           f"{args.classes} classes, separation {args.separation}", flush=True)
     runs = {
-        "featviz": lambda x: tsne.fit(x, tsne.TsneParams(seed=args.seed)),
+        "featviz": lambda x: tsne.fit(x, tsne.TsneParams(seed=args.seed, backend="opentsne")),
         "scikit-learn": lambda x: SkTSNE(random_state=args.seed).fit_transform(x),
         "openTSNE": lambda x: OpenTSNE(random_state=args.seed).fit(x),
     }
@@ -105,8 +227,8 @@ def main() -> None:
               flush=True)
         for name in order:
             c, t = timed(lambda name=name, x=x: runs[name](x))
-            row[name] = {"s": t, "knn_accuracy@10": tsne.leave_one_out_knn_accuracy(c, y),
-                         "knn_recall@10": tsne.knn_recall(x, c, 10, n_eval=5000, seed=args.seed)}
+            row[name] = {"s": t, "knn_accuracy@10": quality.leave_one_out_knn_accuracy(c, y),
+                         "knn_recall@10": quality.knn_recall(x, c, 10, n_eval=5000, seed=args.seed)}
             print(f"  {name:13s} {t:8.1f} s   10-NN accuracy {row[name]['knn_accuracy@10']:.3f}   "
                   f"10-NN recall {row[name]['knn_recall@10']:.3f}", flush=True)
         results.append(row)

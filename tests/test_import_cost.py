@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 HEAVY = ["torch", "torchvision", "timm", "cv2", "matplotlib", "sklearn", "openTSNE",
-         "pytorch_grad_cam", "safetensors", "scipy"]
+         "pytorch_grad_cam", "safetensors", "scipy", "torchdr", "faiss"]
 
 SCRIPT = f"""
 import sys

@@ -17,7 +17,7 @@ import pytest
 
 from featviz.errors import ArtifactError, DataError
 from featviz.io.artifacts import Embeddings
-from featviz.maps import placement
+from featviz.maps import placement, quality
 from featviz.maps import projection as tsne
 
 FAST = dict(n_iter=150, early_exaggeration_iter=100, seed=0)
@@ -75,9 +75,12 @@ def test_tsne_placement_keeps_the_map_and_places_digits_among_their_class(cli, d
     np.testing.assert_array_equal(out.fitted[:n], saved.fitted)
     assert not out.fitted[n:].any() and out.group_names == ["map", "held", "held"]
     placed = out.panel(2)[0]
-    in_map = tsne.leave_one_out_knn_accuracy(m.panel(0)[0], fit.labels)
+    in_map = quality.leave_one_out_knn_accuracy(m.panel(0)[0], fit.labels)
     acc = _placed_accuracy(m.panel(0)[0], fit.labels, placed, held.labels)
     assert acc >= 0.9 * in_map, (acc, in_map)
+    # the placed points' own quality is stated, as for every map: their layout against their input
+    q = quality.map_quality(held.features, placed, held.labels, seed=0)
+    assert summary["quality"] == pytest.approx(q) and summary["quality"]["knn_accuracy@10"] > 0.8
     # the same as openTSNE's transform of the map fitted in-process, in the map's own frame
     np.testing.assert_allclose(placed, m.panel(1)[0], atol=1e-3 * np.ptp(m.coords, axis=0).max())
     assert (tmp_path / "placed.png").stat().st_size > 10_000
@@ -120,7 +123,7 @@ def test_umap_placement_is_umap_learns_transform_from_the_saved_map(cli, digits,
     assert json.loads(r.stdout)["placement"]["method"] == "umap" and _sha(tmp_path / "map.npz") == before
     out = tsne.TsneMap.load(tmp_path / "p.npz")
     np.testing.assert_array_equal(out.coords[:fit.n], coords)
-    in_map = tsne.leave_one_out_knn_accuracy(coords, fit.labels)
+    in_map = quality.leave_one_out_knn_accuracy(coords, fit.labels)
     acc = _placed_accuracy(coords, fit.labels, out.panel(1)[0], held.labels)
     assert acc >= 0.9 * in_map, (acc, in_map)
 

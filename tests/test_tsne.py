@@ -9,7 +9,7 @@ import pytest
 
 from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings
-from featviz.maps import plotting
+from featviz.maps import plotting, quality
 from featviz.maps import projection as tsne
 from featviz.maps.neighbors import NeighborSearch
 
@@ -31,8 +31,8 @@ def test_digits_map_is_as_good_as_sklearn():
     d = load_digits()
     idx = tsne.stratified_sample(d.target, 700, seed=0)
     x, y = d.data[idx].astype(np.float32), d.target[idx]
-    ours = tsne.leave_one_out_knn_accuracy(tsne.fit(x, tsne.TsneParams(seed=0)), y)
-    ref = tsne.leave_one_out_knn_accuracy(TSNE(random_state=0, n_jobs=1).fit_transform(x), y)
+    ours = quality.leave_one_out_knn_accuracy(tsne.fit(x, tsne.TsneParams(seed=0)), y)
+    ref = quality.leave_one_out_knn_accuracy(TSNE(random_state=0, n_jobs=1).fit_transform(x), y)
     assert ours >= ref - 0.01, (ours, ref)
     assert ours > 0.9
 
@@ -101,7 +101,7 @@ def test_wide_features_keep_their_map_quality():
     x, y = _blobs(30, 80)
     wide = tsne.shared_map([Embeddings(x, y)], params=FAST)
     assert wide.info["neighbor_search"] == "candidates in 50 PCA dims, re-ranked in all 80"
-    assert tsne.leave_one_out_knn_accuracy(wide.coords, y) > 0.95
+    assert quality.leave_one_out_knn_accuracy(wide.coords, y) > 0.95
 
 
 def test_union_map_keeps_groups_and_rows():
@@ -170,7 +170,7 @@ def test_umap_on_digits_keeps_classes_apart():
     d = load_digits()
     c = tsne.fit(d.data.astype(np.float32), tsne.TsneParams(method="umap", seed=0))
     assert c.shape == (len(d.target), 2)
-    acc = tsne.leave_one_out_knn_accuracy(c, d.target)
+    acc = quality.leave_one_out_knn_accuracy(c, d.target)
     assert acc >= 0.95, acc
 
 

@@ -35,6 +35,9 @@ HtmlMode = Literal["auto", "inline", "large"]
 """``featviz tsne --html-mode`` (featviz.maps.large_page.HTML_MODES)."""
 """``featviz tsne --method`` (featviz.maps.projection.MAP_METHODS; a test keeps them in sync)."""
 
+MapBackend = Literal["auto", "opentsne", "torchdr"]
+"""``featviz tsne --backend`` (featviz.maps.backends.BACKENDS; a test keeps them in sync)."""
+
 CAM_METHOD_NAMES = (
     "gradcam", "hirescam", "gradcam_elementwise", "gradcam++", "xgradcam", "ablationcam", "scorecam",
     "eigencam", "eigengradcam", "layercam", "fullgrad", "kpca_cam", "fem", "shapleycam", "finercam",

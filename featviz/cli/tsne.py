@@ -16,7 +16,7 @@ from featviz.cli._app import (
     app,
     split_names,
 )
-from featviz.cli.choices import FigureName, HtmlMode, MapMethod
+from featviz.cli.choices import FigureName, HtmlMode, MapBackend, MapMethod
 from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
     ArchOpt,
@@ -74,6 +74,14 @@ def tsne(
     method: Annotated[
         MapMethod, typer.Option("--method", help="tsne (openTSNE), umap (umap-learn) or pca (scikit-learn).")
     ] = "tsne",
+    backend: Annotated[
+        MapBackend,
+        typer.Option(
+            "--backend",
+            help="tsne/umap: opentsne (openTSNE, umap-learn; CPU), torchdr (TorchDR on --device; featviz[gpu]) or "
+            "auto (torchdr on CUDA when installed, else opentsne).",
+        ),
+    ] = "auto",
     html: Annotated[
         Path | None,
         typer.Option("--html", help="Also write an interactive page (.html, self-contained; hover shows thumbnails)."),
@@ -184,6 +192,7 @@ def tsne(
 
     [bold]featviz tsne emb.npz --out map.png --html map.html[/]  ·  [bold]featviz tsne e.npz --method umap -o m.png[/]
     ·  [bold]featviz tsne a.npz b.npz --reference a.npz --out maps.png[/]
+    ·  [bold]featviz tsne big.npz --backend torchdr --device cuda --out big.png --json[/]
     ·  [bold]featviz tsne --arch resnet18 --images DIR --out map.png[/]
     ·  [bold]featviz tsne --figure cac -c sup.safetensors -c cac.safetensors --image IMG --mask MASK --out fig.png[/]
     """
@@ -216,7 +225,11 @@ def tsne(
                 html=html,
             )
             return
+        from featviz.maps import backends
         from featviz.maps import projection as tsne_lib
+
+        if backend == "torchdr" and method != "pca":
+            backends.require_torchdr()  # before any work
 
         style = plot_style()  # bad colour maps and sizes fail before any work
 
@@ -241,13 +254,14 @@ def tsne(
             )
         params = tsne_lib.TsneParams(
             method=method, perplexity=perplexity, seed=seed, n_iter=iterations, n_jobs=jobs, n_neighbors=neighbors,
-            min_dist=min_dist,
+            min_dist=min_dist, backend=backend, device=device,
         )
         run = dict(
             reference=files.index(reference) if reference is not None and not placing else None, sample=sample,
             params=params,
             coords=coords, html=html, image_root=image_root, title=title, drop_nonfinite=drop_nonfinite, force=force,
-            progress=_progress("t-SNE") if method == "tsne" else None, style=style,
+            progress=_progress("t-SNE") if method == "tsne" else _progress("UMAP") if backend == "torchdr" and
+            method == "umap" else None, style=style,
             page=dict(mode=html_mode, seed=seed, progress=_progress("thumbnails"),
                       **({} if html_thumbnails is None else {"max_thumbnails": html_thumbnails})),
         )

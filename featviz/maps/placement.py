@@ -39,15 +39,9 @@ import numpy as np
 from featviz.errors import ArtifactError, DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
+from featviz.maps.backends import auto_jobs, callbacks
 from featviz.maps.neighbors import NeighborSearch, _knn_index_class
-from featviz.maps.projection import (
-    TsneMap,
-    TsneParams,
-    _callbacks,
-    _merge_class_names,
-    auto_jobs,
-    stratified_sample,
-)
+from featviz.maps.projection import TsneMap, TsneParams, _merge_class_names, stratified_sample
 from featviz.style import PlotStyle
 
 TRANSFORMS = {
@@ -135,7 +129,7 @@ def tsne_place(map_features: np.ndarray, map_coords: np.ndarray, x: np.ndarray, 
 
     n = len(map_features)
     n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
-    cb, finish = _callbacks(progress, TSNE_PLACE_ITER)
+    cb, finish = callbacks(progress, TSNE_PLACE_ITER)
     tsne = TSNE(perplexity=perplexity, metric=params.metric, negative_gradient_method=params.negative_gradient_method,
                 n_jobs=n_jobs, random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
     if params.neighbors == "auto":  # the search the map's fit used (``projection._tsne_fit``)
@@ -247,7 +241,8 @@ def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
         style: the plot's palette, point size and opacity.
 
     Returns:
-        What was written and how: ``outputs``, ``method``, ``n_per_input``, ``inputs``, ``placement``
+        What was written and how: ``outputs``, ``method``, ``quality`` (of the placed points against
+        their input, ``quality.map_quality``), ``n_per_input``, ``inputs``, ``placement``
         (the map file and its SHA-256, the transform, the number of map points), ``info``, ``title``, ``style``.
 
     Raises:
@@ -271,6 +266,12 @@ def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
     rows = [stratified_sample(e.labels, sample, params.seed) if sample else np.arange(e.n) for e in embs]
     placed = [place(m, e.features[r], what=f"the embeddings of {n}", progress=progress)
               for e, r, n in zip(embs, rows, names, strict=True)]
+    from featviz.maps.quality import map_quality
+
+    new_x = np.concatenate([e.features[r] for e, r in zip(embs, rows, strict=True)])
+    new_y = np.concatenate([e.labels[r] for e, r in zip(embs, rows, strict=True)])
+    # the placed points' own quality: their layout against their input, as for any map
+    placed_quality = map_quality(new_x, np.concatenate(placed), new_y, seed=params.seed)
     record = {"map": str(map_path), "map_sha256": sha256(Path(map_path)), "method": params.method,
               "transform": TRANSFORMS[params.method], "refit": False, "n_map_points": len(m.coords),
               "n_fitted": int(m.fitted.sum()), "inputs": names, "n_per_input": [len(r) for r in rows]}
@@ -291,5 +292,6 @@ def run_placement(out: str | os.PathLike, map_path: str | os.PathLike, *,
     if coords is not None:
         new.save(coords, force=force)
         written["coords"] = str(coords)
-    return {"outputs": written, "method": params.method, "n_per_input": record["n_per_input"], "inputs": names,
-            "placement": record, "info": m.info, "title": title, "style": style.to_dict()}
+    return {"outputs": written, "method": params.method, "quality": placed_quality,
+            "n_per_input": record["n_per_input"], "inputs": names, "placement": record,
+            "info": m.info, "title": title, "style": style.to_dict()}

@@ -1,6 +1,7 @@
 """2-D maps of embeddings (t-SNE with openTSNE, UMAP, PCA): one map, or one shared map for several files.
 
-No torch here: this reads ``Embeddings`` files and writes coordinates and plots.
+No torch here (TorchDR, ``featviz.maps.backends``, imports it when asked for): this reads
+``Embeddings`` files and writes coordinates, plots and each map's quality (``featviz.maps.quality``).
 
 What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2.2):
 
@@ -15,7 +16,8 @@ What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2
 - otherwise openTSNE's defaults (250 early-exaggeration + 500 iterations, learning rate N/12 then
   N, PCA initialisation): more iterations, scikit-learn's learning rate or a coarser FFT grid did
   not close the gap or cost accuracy (docs/tsne.md has the measurements);
-- threads: one below 20k points, above that the cores idle right now (``idle_cores``);
+- threads: one below 20k points, above that the cores idle right now (``backends.idle_cores``);
+- ``--backend``: openTSNE / umap-learn on CPU, or TorchDR on CPU or GPU (``featviz.maps.backends``);
 - the perplexity is clamped, with a warning, when N is too small for it;
 - ``seed`` fixes PCA, the neighbour search and the optimisation, so coordinates repeat;
 - ``stratified_sample`` keeps class proportions when ``--sample`` thins a file;
@@ -38,13 +40,13 @@ import numpy as np
 from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
-from featviz.maps.neighbors import PCA_DIM, NeighborSearch, _knn_index_class, _umap_knn
+from featviz.maps import backends, quality
+from featviz.maps.neighbors import PCA_DIM
 from featviz.style import PlotStyle
 
 log = logging.getLogger(__name__)
 
 MIN_POINTS = 4
-THREADS_FROM = 20_000
 
 
 MAP_METHODS = ("tsne", "umap", "pca")
@@ -53,13 +55,15 @@ MAP_METHODS = ("tsne", "umap", "pca")
 
 @dataclass
 class TsneParams:
-    """Map settings: the method and its options (``n_jobs=None`` picks, see ``auto_jobs``).
+    """Map settings: the method and its options (``n_jobs=None`` picks, see ``backends.auto_jobs``).
 
     ``method`` is ``tsne`` (openTSNE), ``umap`` (umap-learn, ``n_neighbors``/``min_dist``) or
     ``pca`` (scikit-learn, the first two principal components). The t-SNE fields are openTSNE's
     options; ``pca_dim`` is the space featviz's neighbour search draws candidates from before
     re-ranking them by the full-dimensional distance (None: an exact search in all dimensions;
     see ``NeighborSearch``). ``neighbors="auto"`` is that search; another value is openTSNE's.
+    ``backend`` and ``device`` say which library fits t-SNE/UMAP where (``featviz.maps.backends.choose``:
+    ``auto``, ``opentsne`` on CPU, ``torchdr`` on ``device``).
     """
 
     perplexity: float = 30.0
@@ -74,6 +78,8 @@ class TsneParams:
     method: str = "tsne"
     n_neighbors: int = 15
     min_dist: float = 0.1
+    backend: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse an unknown ``method`` (with a did-you-mean)."""
@@ -147,106 +153,6 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 
-def _callbacks(progress: Progress | None, total: int):
-    """Callbacks that advance a progress bar by 50 steps each time openTSNE calls back (every 50 iterations)."""
-    if progress is None:
-        return None, lambda: None
-    it = iter(progress(range(total)))
-
-    def step(*_args) -> bool:
-        for _ in range(50):
-            if next(it, None) is None:
-                break
-        return False
-
-    def finish() -> None:
-        for _ in it:
-            pass
-
-    return step, finish
-
-
-def _cpu_times() -> tuple[float, float] | None:
-    """(idle, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            parts = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return parts[3] + (parts[4] if len(parts) > 4 else 0.0), sum(parts[:8])
-
-
-def idle_cores(window: float = 0.25) -> float:
-    """How many of the cores this process may use are idle now (sampled over ``window`` s).
-
-    Measured from /proc/stat while featviz itself sleeps, so its own earlier work does not count
-    (the 1-minute load average, the fallback elsewhere, still includes a process that has just
-    been busy, e.g. a benchmark that ran another method first).
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    a = _cpu_times()
-    if a is not None:
-        import time
-
-        time.sleep(window)
-        b = _cpu_times()
-        if b is not None and b[1] > a[1]:
-            all_cores = os.cpu_count() or cores
-            idle = (b[0] - a[0]) / (b[1] - a[1]) * all_cores
-            return float(min(cores, idle))
-    try:
-        return float(max(0.0, cores - os.getloadavg()[0]))
-    except OSError:  # not available on this platform
-        return float(cores)
-
-
-def auto_jobs(n: int) -> int:
-    """The openTSNE threads for ``n`` points: one below ``THREADS_FROM``, else the cores that are idle.
-
-    Below 20k points thread start-up costs more than it saves; above, extra threads only help when
-    cores are free: on a busy machine they fight for the same cores (measured on a shared 2-core
-    machine: 20k points, 75 s with 2 threads vs 60 s with 1; digits, 3x slower with 2).
-    """
-    if n < THREADS_FROM:
-        return 1
-    idle = idle_cores()
-    jobs = max(1, int(idle + 0.5))
-    log.debug("openTSNE threads: %d (%.1f idle cores)", jobs, idle)
-    return jobs
-
-
-def _tsne_fit(params: TsneParams, x: np.ndarray, progress: Progress | None):
-    """Fit openTSNE on ``x`` (``params.perplexity`` already clamped); returns its ``TSNEEmbedding``.
-
-    With ``neighbors="auto"`` (the default) the affinities come from featviz's ``NeighborSearch``
-    through openTSNE's ``PerplexityBasedNN(knn_index=...)``; any other value is openTSNE's own
-    method on the features as they are. Everything else is openTSNE's ``TSNE`` with its defaults.
-    """
-    from openTSNE import TSNE, affinity
-
-    n = len(x)
-    cb, finish = _callbacks(progress, params.n_iter + params.early_exaggeration_iter)
-    n_jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
-    tsne = TSNE(perplexity=params.perplexity, n_iter=params.n_iter,
-                early_exaggeration_iter=params.early_exaggeration_iter, metric=params.metric,
-                neighbors=params.neighbors if params.neighbors != "auto" else "exact",
-                negative_gradient_method=params.negative_gradient_method, n_jobs=n_jobs,
-                random_state=params.seed, callbacks=cb, callbacks_every_iters=50)
-    if params.neighbors == "auto":
-        search = NeighborSearch(x, metric=params.metric, pca_dim=params.pca_dim, seed=params.seed, n_jobs=n_jobs)
-        index = _knn_index_class()(search, min(n - 1, int(3 * params.perplexity)))
-        aff = affinity.PerplexityBasedNN(perplexity=params.perplexity, knn_index=index, n_jobs=n_jobs,
-                                         random_state=params.seed)
-        emb = tsne.fit(x, affinities=aff)
-    else:
-        emb = tsne.fit(x)
-    finish()
-    return emb
-
-
 def clamp_neighbors(n_neighbors: int, n: int) -> int:
     """UMAP's ``n_neighbors`` for ``n`` points: at most n - 1 (with a warning)."""
     if n < MIN_POINTS:
@@ -280,21 +186,25 @@ class Projection:
         p = self.params
         n = len(features)
         x = np.ascontiguousarray(features, np.float32)
+        backend, device = backends.choose(p.method, p.backend, p.device)
+        self.info.update(backend=backend, device=device)
         if p.method == "tsne":
             perp = clamp_perplexity(p.perplexity, n)
-            self.model = _tsne_fit(replace(p, perplexity=perp), x, self.progress)
+            if backend == "torchdr":
+                self.model, coords, used = backends.torchdr_fit(replace(p, perplexity=perp), x, device, self.progress)
+                self.info.update(used)
+            else:
+                self.model = backends.opentsne_fit(replace(p, perplexity=perp), x, self.progress)
+                coords = self.model
+                self.info["library"] = "openTSNE"
             self.info["perplexity_used"] = perp
-            coords = self.model
         elif p.method == "umap":
             k = clamp_neighbors(p.n_neighbors, n)
-            # featviz's neighbours (as for t-SNE) unless new points will be placed: UMAP's transform
-            # needs its own NNDescent index. They are also faster for small N (no numba compilation
-            # of UMAP's neighbour search: digits 7 s vs 24 s of CPU)
-            knn = None
-            if not self.will_place and p.neighbors == "auto" and p.metric in ("euclidean", "cosine"):
-                knn = _umap_knn(NeighborSearch(x, metric=p.metric, pca_dim=p.pca_dim, seed=p.seed), k)
-            self.model, coords = _umap_fit(x, k, p, knn)
-            self.info.update(n_neighbors_used=k, neighbors="featviz" if knn is not None else "umap (NNDescent)")
+            if backend == "torchdr":
+                self.model, coords, used = backends.torchdr_fit(replace(p, n_neighbors=k), x, device, self.progress)
+            else:
+                self.model, coords, used = backends.umap_fit(x, k, p, own_index=self.will_place)
+            self.info.update(used, n_neighbors_used=k)
         else:
             if n < MIN_POINTS:
                 raise DataError(f"a map needs at least {MIN_POINTS} points, got {n}")
@@ -303,7 +213,8 @@ class Projection:
             self.model = PCA(n_components=2, random_state=p.seed)
             coords = self.model.fit_transform(x)
             self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
-        if p.method != "pca":
+            self.info["library"] = "scikit-learn"
+        if p.method != "pca" and backend != "torchdr":
             self.info["neighbor_search"] = (f"candidates in {p.pca_dim} PCA dims, re-ranked in all {x.shape[1]}"
                                             if p.pca_dim is not None and x.shape[1] > p.pca_dim else
                                             f"exact in all {x.shape[1]} dims")
@@ -312,34 +223,13 @@ class Projection:
     def place(self, features: np.ndarray) -> np.ndarray:
         """(M, 2) coordinates of new rows in the fitted map (the map itself does not move)."""
         x = np.ascontiguousarray(features, np.float32)
-        if self.params.method != "tsne":
+        if self.params.method != "tsne" or self.info.get("backend") == "torchdr":
             return np.asarray(self.model.transform(x), np.float32)
         # openTSNE's transform centres the frozen map in place first ((max + min) / 2): undo it for map and points
         centre = (np.max(self.model, axis=0) + np.min(self.model, axis=0)) / 2
         placed = np.asarray(self.model.transform(x)) + centre
         self.model += centre
         return placed.astype(np.float32)
-
-
-def _umap_fit(x: np.ndarray, n_neighbors: int, p: TsneParams, knn) -> tuple[Any, np.ndarray]:
-    """A seeded umap-learn ``UMAP`` fitted on ``x`` (seeding makes umap single-threaded, as it warns)."""
-    import warnings
-
-    try:
-        import umap
-    except ImportError:
-        from featviz.errors import MissingDependencyError
-
-        raise MissingDependencyError("--method umap needs umap-learn: pip install 'featviz[umap]' "
-                                     "(or pip install umap-learn)") from None
-    model = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=p.min_dist, metric=p.metric,
-                      random_state=p.seed, n_jobs=1, transform_seed=p.seed,
-                      precomputed_knn=knn if knn is not None else (None, None, None))
-    with warnings.catch_warnings():  # both are known and intended: seeded, and no transform without an index
-        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
-        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        coords = model.fit_transform(x)
-    return model, coords
 
 
 def fit(features: np.ndarray, params: TsneParams | None = None, *, progress: Progress | None = None) -> np.ndarray:
@@ -479,31 +369,6 @@ def shared_map(embs: Sequence[Embeddings], names: Sequence[str] | None = None, *
     return TsneMap(coords, labels, class_names, groups, names, all_rows, info, fitted, np.asarray(fitted_x, np.float32))
 
 
-def leave_one_out_knn_accuracy(coords: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Leave-one-out k-NN class accuracy in a space (majority vote of the k nearest others)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    nn = NearestNeighbors(n_neighbors=k + 1).fit(coords)
-    idx = nn.kneighbors(coords, return_distance=False)[:, 1:]
-    votes = labels[idx]
-    pred = np.array([np.bincount(v - v.min()).argmax() + v.min() for v in votes])
-    return float((pred == labels).mean())
-
-
-def knn_recall(high: np.ndarray, low: np.ndarray, k: int = 10, *, n_eval: int | None = 5000, seed: int = 0) -> float:
-    """Fraction of each point's k high-dimensional neighbours kept among its k map neighbours.
-
-    Kobak & Berens' "KNN" quality; evaluated on ``n_eval`` random query points (all when None).
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    q = np.arange(len(high)) if n_eval is None or n_eval >= len(high) else \
-        np.random.default_rng(seed).choice(len(high), n_eval, replace=False)
-    ih = NearestNeighbors(n_neighbors=k + 1).fit(high).kneighbors(high[q], return_distance=False)[:, 1:]
-    il = NearestNeighbors(n_neighbors=k + 1).fit(low).kneighbors(low[q], return_distance=False)[:, 1:]
-    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ih, il, strict=True)]))
-
-
 def check_map_outputs(out: str | os.PathLike, *, coords: str | os.PathLike | None = None,
                       html: str | os.PathLike | None = None, force: bool = False) -> None:
     """Refuse bad output names and existing outputs (without ``force``) before any work.
@@ -555,7 +420,8 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         page: more settings of the HTML page (``interactive.map_page``'s mode, max_thumbnails, seed, progress).
 
     Returns:
-        What was written and how: paths, method, points per input, the map's info.
+        What was written and how: paths, method, backend and device, the map's quality
+        (``featviz.maps.quality.map_quality``), points per input, the map's info.
 
     Raises:
         DataError / ArtifactError: bad inputs (see ``shared_map``); OutputExistsError: an output
@@ -575,6 +441,7 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
     if drop_nonfinite:
         embs = [e.subset(np.flatnonzero(check_finite(e.features, drop=True))) for e in embs]
     m = shared_map(embs, names, reference=reference, sample=sample, params=params, progress=progress)
+    m.info["quality"] = quality.map_quality(_map_features(m, embs), m.coords, m.labels, seed=params.seed)
     title = plotting.map_title(params, title)
     plotting.scatter_panels([m.panel(g) for g in range(len(embs))], m.class_names, out, titles=names,
                             suptitle=title, force=force, style=style)
@@ -589,6 +456,14 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
         interactive.map_page(m, embs, html, npz_paths=paths, image_root=image_root, title=title, force=force,
                              palette=style.palette, **(page or {}))
         written.update(html=str(html), **large_page.page_outputs(html, len(m.coords), (page or {}).get("mode")))
-    return {"outputs": written, "method": params.method, "n_per_input": m.info["n_per_input"],
+    return {"outputs": written, "method": params.method, "backend": m.info.get("backend"),
+            "device": m.info.get("device"), "quality": m.info["quality"], "n_per_input": m.info["n_per_input"],
             "inputs": names, "info": m.info, "title": title, "style": style.to_dict()}
+
+
+def _map_features(m: TsneMap, embs: Sequence[Embeddings]) -> np.ndarray:
+    """The input rows of every point of ``m``, in the map's order (no copy for one whole input)."""
+    if len(embs) == 1 and len(m.rows) == embs[0].n and (m.rows == np.arange(embs[0].n)).all():
+        return embs[0].features
+    return np.concatenate([embs[g].features[m.rows[m.groups == g]] for g in range(len(embs))])
 
