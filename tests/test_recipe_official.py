@@ -178,6 +178,33 @@ def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
     assert not torch.allclose(per_view.backbone.bn1.running_mean, m.backbone.bn1.running_mean)
 
 
+def test_dino_one_pass_crops_off_is_a_forward_per_view():
+    """``one_pass_crops=False`` (a named deviation, docs/train.md): each view through backbone and head alone,
+    so BatchNorm normalises B images at a time, as featviz did before issue 26; the loss is DINOLoss's."""
+    torch.manual_seed(0)
+    m = build_method("dino", build_backbone(ARCH, seed=0), use_bn_in_head=True, norm_last_layer=False,
+                     one_pass_crops=False).train()
+    ref, init = copy.deepcopy(m), copy.deepcopy(m.state_dict())
+    views = _views(n_local=1)
+    loss = m(views)
+    student_output = torch.cat([ref.projector(ref.backbone(v)) for v in views])
+    with torch.no_grad():
+        teacher_output = torch.cat([ref.target_projector(ref.target_backbone(v)) for v in views[:2]])
+    ref_loss, ref_center = official_dino_loss(student_output, teacher_output, ref.center, len(views), ref.tps,
+                                              ref.tpt, ref.center_momentum)
+    m.on_step_end(0.0)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(m.center, ref_center)
+    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
+                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
+        _assert_same_buffers(mine, theirs)
+    # one BatchNorm update per view: 3 for the student, 2 for the teacher (one pass: 2 and 1)
+    assert int(m.backbone.bn1.num_batches_tracked) == 3 and int(m.target_backbone.bn1.num_batches_tracked) == 2
+    one_pass = build_method("dino", build_backbone(ARCH, seed=0), use_bn_in_head=True, norm_last_layer=False).train()
+    one_pass.load_state_dict(init)  # the same weights: only the forward differs
+    assert not torch.allclose(one_pass(views), loss)
+
+
 def test_swav_multicrop_forward_equals_official_resnet_forward():
     """SwAV with 2 + 2 crops: the loss and the BatchNorm statistics of ``src/resnet50.py``'s forward."""
     torch.manual_seed(0)
