@@ -137,6 +137,16 @@ def _assert_same_buffers(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(ba[k], bb[k], msg=k)
 
 
+def _assert_same_dino_step(m, ref, loss, ref_loss, ref_center) -> None:
+    """After ``m``'s end-of-step update: the official loss and centre, and ``ref``'s BatchNorm statistics."""
+    m.on_step_end(0.0)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(m.center, ref_center)
+    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
+                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
+        _assert_same_buffers(mine, theirs)
+
+
 # ---------------------------------------------------------------- multi-crop forwards
 @pytest.mark.parametrize("bn_head", [True, False])
 def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
@@ -157,12 +167,7 @@ def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
     ref_loss, ref_center = official_dino_loss(student_output, teacher_output, ref.center, len(views), ref.tps,
                                               ref.tpt, ref.center_momentum)
     ref_loss.backward()
-    m.on_step_end(0.0)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(m.center, ref_center)
-    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
-                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
-        _assert_same_buffers(mine, theirs)
+    _assert_same_dino_step(m, ref, loss, ref_loss, ref_center)
     for (name, p), q in zip(m.backbone.named_parameters(), ref.backbone.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert _bn_buffers(m.backbone) and bool(_bn_buffers(m.projector)) == bn_head
@@ -192,12 +197,7 @@ def test_dino_one_pass_crops_off_is_a_forward_per_view():
         teacher_output = torch.cat([ref.target_projector(ref.target_backbone(v)) for v in views[:2]])
     ref_loss, ref_center = official_dino_loss(student_output, teacher_output, ref.center, len(views), ref.tps,
                                               ref.tpt, ref.center_momentum)
-    m.on_step_end(0.0)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(m.center, ref_center)
-    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
-                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
-        _assert_same_buffers(mine, theirs)
+    _assert_same_dino_step(m, ref, loss, ref_loss, ref_center)
     # one BatchNorm update per view: 3 for the student, 2 for the teacher (one pass: 2 and 1)
     assert int(m.backbone.bn1.num_batches_tracked) == 3 and int(m.target_backbone.bn1.num_batches_tracked) == 2
     one_pass = build_method("dino", build_backbone(ARCH, seed=0), use_bn_in_head=True, norm_last_layer=False).train()
