@@ -556,8 +556,7 @@ def test_digits_presets_are_recorded_in_the_run_config(tmp_path):
     dino = resolve_config(TrainConfig(method="dino", data="digits", out=str(tmp_path), optimizer="sgd"))
     assert dino.optimizer == "sgd" and dino.defaults["optimizer"] == "user"
     assert dino.lr == pytest.approx(0.03 * 32 / 256) and dino.defaults["lr"].startswith("method")  # not LARC's 1.0
-    assert dino.hparams == {"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True,
-                            "one_pass_crops": False}
+    assert dino.hparams == {"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True}
     lars = resolve_config(TrainConfig(method="simsiam", data="digits", out=str(tmp_path), optimizer="lars"))
     assert lars.lr == pytest.approx(0.05 * 32 / 256)  # SimSiam's preset lr 0.2 was measured with SGD
     barlow = resolve_config(TrainConfig(method="barlow_twins", data="digits", out=str(tmp_path)))

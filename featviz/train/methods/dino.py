@@ -147,10 +147,8 @@ register(MethodRegistration(
                 "then follow the multi-crop scale of the variant)",
                 "digits preset: LARC lr 1.0, a BatchNorm head with an unnormalised last layer and EMA base 0.99 "
                 "(without the BN head the teacher goes uniform; docs/train.md)",
-                "digits preset: featviz's earlier recipe, measured better on digits than the official one "
-                "(docs/train.md): a forward per view (`--hparam one_pass_crops=true` is the official "
-                "MultiCropWrapper forward) and no lr warm-up (`--warmup-epochs 1` is the official tenth)"),
+                "digits preset: no lr warm-up, as before issue 26 (`--warmup-epochs 1` is the official tenth of "
+                "the epochs; measured worse on digits, docs/train.md)"),
     presets={"digits": _digits(optimizer="larc", lr=1.0, rotate=15.0, shear=10.0, warmup_epochs=0.0,
-                               hparams={"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True,
-                                        "one_pass_crops": False})},
+                               hparams={"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True})},
 ))
