@@ -289,3 +289,46 @@ def test_frozen_batchnorm_leaves_the_statistics_as_they_were():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     net(torch.randn(32, 8) * 5 + 3)  # without it, a train-mode pass moves them
     assert not torch.equal(before["1.running_mean"], net.state_dict()["1.running_mean"])
+
+
+def test_tsne_snapshots_every_k_epochs_in_the_run_folder_and_named_by_watch(cli, digits, tmp_path):
+    """FeatvizMonitor(tsne_every=1): a t-SNE of the held-out queries after each epoch, in RUN/tsne/, and a
+    snapshot line in metrics.jsonl that `featviz collapse --watch` names (its line and --json)."""
+    import lightning.pytorch as L
+    from lightning.pytorch import loggers
+    from matplotlib.image import imread
+
+    xtr, ytr, xva, yva = digits
+    plain, _ = _modules(L)
+    monitor = monitor_class()(every=5, knn=OnlineKnn(xtr[:200], ytr[:200], xva[:120], yva[:120]), tsne_every=1)
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=loggers.CSVLogger(tmp_path, name="run"),
+                        callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, log_every_n_steps=5)
+    trainer.fit(plain(), _loader(xtr[:320], ytr[:320]))  # 5 steps an epoch
+    run = tmp_path / "run" / "version_0"
+    snaps = [r for r in JsonlTail(run / "metrics.jsonl").read() if r.get("event") == "snapshot"]
+    assert [(r["epoch"], r["step"], r["path"], r["n"]) for r in snaps] == [
+        (1, 5, "tsne/epoch_0001.png", 120), (2, 10, "tsne/epoch_0002.png", 120)]
+    assert monitor.snapshots == snaps
+    img = imread(run / "tsne" / "epoch_0002.png")
+    assert img.shape[0] > 300 and img[..., :3].std() > 0.05  # a drawn scatter, not a blank canvas
+    assert json.loads((run / "featviz-monitor.json").read_text())["tsne_every"] == 1
+    watch = cli("collapse", "--watch", run, "--interval", "0.01", "--max-wait", "30", "--out", tmp_path / "w")
+    assert watch.exit_code == 0, watch.output
+    assert f"t-SNE of the held-out split at epoch 2 (step 10): {run / 'tsne' / 'epoch_0002.png'}" in watch.stderr
+    assert "event=snapshot  path=tsne/epoch_0001.png" in watch.stdout
+    full = json.loads(cli("collapse", "--watch", run, "--interval", "0.01", "--json", "--out", tmp_path / "w2").stdout)
+    assert full["snapshots"] == [str(run / "tsne" / "epoch_0001.png"), str(run / "tsne" / "epoch_0002.png")]
+    with pytest.raises(ValueError, match="knn"):
+        monitor_class()(tsne_every=1)
+
+
+def test_watch_names_only_snapshot_paths_inside_the_run(tmp_path):
+    from featviz.collapse.monitor import snapshot_path
+
+    assert snapshot_path(tmp_path, {"event": "snapshot", "path": "tsne/epoch_0003.png"}) == \
+        tmp_path / "tsne" / "epoch_0003.png"
+    for bad in ("../elsewhere.png", "/etc/passwd", "", 3, None):
+        assert snapshot_path(tmp_path, {"event": "snapshot", "path": bad}) is None
+    assert snapshot_path(tmp_path, {"event": "done", "path": "tsne/x.png"}) is None

@@ -137,6 +137,16 @@ def _assert_same_buffers(a: nn.Module, b: nn.Module) -> None:
         torch.testing.assert_close(ba[k], bb[k], msg=k)
 
 
+def _assert_same_dino_step(m, ref, loss, ref_loss, ref_center) -> None:
+    """After ``m``'s end-of-step update: the official loss and centre, and ``ref``'s BatchNorm statistics."""
+    m.on_step_end(0.0)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(m.center, ref_center)
+    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
+                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
+        _assert_same_buffers(mine, theirs)
+
+
 # ---------------------------------------------------------------- multi-crop forwards
 @pytest.mark.parametrize("bn_head", [True, False])
 def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
@@ -157,12 +167,7 @@ def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
     ref_loss, ref_center = official_dino_loss(student_output, teacher_output, ref.center, len(views), ref.tps,
                                               ref.tpt, ref.center_momentum)
     ref_loss.backward()
-    m.on_step_end(0.0)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(m.center, ref_center)
-    for mine, theirs in ((m.backbone, ref.backbone), (m.projector, ref.projector),
-                         (m.target_backbone, ref.target_backbone), (m.target_projector, ref.target_projector)):
-        _assert_same_buffers(mine, theirs)
+    _assert_same_dino_step(m, ref, loss, ref_loss, ref_center)
     for (name, p), q in zip(m.backbone.named_parameters(), ref.backbone.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert _bn_buffers(m.backbone) and bool(_bn_buffers(m.projector)) == bn_head
@@ -176,6 +181,28 @@ def test_dino_multicrop_forward_equals_official_multicrop_wrapper(bn_head):
     for v in views:
         per_view.projector(per_view.backbone(v))
     assert not torch.allclose(per_view.backbone.bn1.running_mean, m.backbone.bn1.running_mean)
+
+
+def test_dino_one_pass_crops_off_is_a_forward_per_view():
+    """``one_pass_crops=False`` (a named deviation, docs/train.md): each view through backbone and head alone,
+    so BatchNorm normalises B images at a time, as featviz did before issue 26; the loss is DINOLoss's."""
+    torch.manual_seed(0)
+    m = build_method("dino", build_backbone(ARCH, seed=0), use_bn_in_head=True, norm_last_layer=False,
+                     one_pass_crops=False).train()
+    ref, init = copy.deepcopy(m), copy.deepcopy(m.state_dict())
+    views = _views(n_local=1)
+    loss = m(views)
+    student_output = torch.cat([ref.projector(ref.backbone(v)) for v in views])
+    with torch.no_grad():
+        teacher_output = torch.cat([ref.target_projector(ref.target_backbone(v)) for v in views[:2]])
+    ref_loss, ref_center = official_dino_loss(student_output, teacher_output, ref.center, len(views), ref.tps,
+                                              ref.tpt, ref.center_momentum)
+    _assert_same_dino_step(m, ref, loss, ref_loss, ref_center)
+    # one BatchNorm update per view: 3 for the student, 2 for the teacher (one pass: 2 and 1)
+    assert int(m.backbone.bn1.num_batches_tracked) == 3 and int(m.target_backbone.bn1.num_batches_tracked) == 2
+    one_pass = build_method("dino", build_backbone(ARCH, seed=0), use_bn_in_head=True, norm_last_layer=False).train()
+    one_pass.load_state_dict(init)  # the same weights: only the forward differs
+    assert not torch.allclose(one_pass(views), loss)
 
 
 def test_swav_multicrop_forward_equals_official_resnet_forward():
@@ -321,6 +348,26 @@ def test_moco_v3_digits_preset_keeps_the_earlier_momentum_index(tmp_path):
     for k in range(6):
         SSLTask.after_step(SimpleNamespace(model=m), k, 6)
     np.testing.assert_allclose(used, [m.momentum(k / 6) for k in range(6)])
+
+
+def test_dino_digits_preset_keeps_its_earlier_schedule_and_takes_the_official_forward(tmp_path):
+    """Measured worse on digits with the official warm-up (docs/train.md), so the digits preset keeps no warm-up
+    (the earlier cosine); its forward is the official one. Every other DINO run warms up; a user's flag wins."""
+    from featviz.train.config import TrainConfig, resolve_config
+    from featviz.train.optim import Schedule
+
+    cfg = resolve_config(TrainConfig(method="dino", data="digits", out=str(tmp_path)))
+    assert cfg.warmup_epochs == 0 and cfg.defaults["warmup_epochs"] == "preset:digits"
+    assert "one_pass_crops" not in cfg.hparams
+    assert build_method("dino", build_backbone(ARCH, seed=0), **cfg.hparams).one_pass_crops is True
+    sched = Schedule.of(cfg, SSL_METHODS.get("dino").optim, 44)
+    lrs = [sched.peak * 0.5 * (1 + math.cos(math.pi * k / sched.total)) for k in range(sched.total)]
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    np.testing.assert_allclose([sched.apply(opt, k) for k in range(sched.total)], lrs, atol=2e-6)  # min_lr: 1e-6
+    user = resolve_config(TrainConfig(method="dino", data="digits", out=str(tmp_path), warmup_epochs=1.0))
+    assert user.warmup_epochs == 1.0 and user.defaults["warmup_epochs"] == "user"
+    other = resolve_config(TrainConfig(method="dino", data=str(tmp_path), out=str(tmp_path / "r"), epochs=20))
+    assert other.warmup_epochs == 2  # the official recipe: a tenth of the epochs
 
 
 # ---------------------------------------------------------------- ContrastiveCrop's scale

@@ -293,6 +293,29 @@ def test_cli_train_runs_and_resumes(cli, tmp_path):
     assert json.loads(r.stdout[r.stdout.index("{"):])["steps"] == 4
 
 
+def test_tsne_every_writes_held_out_snapshots_that_the_watch_names(cli, tmp_path):
+    """--tsne-every 1: a t-SNE of the kNN queries' features after each evaluated epoch, RUN/tsne/epoch_EEEE.png,
+    and a snapshot line in metrics.jsonl that `featviz collapse --watch` names."""
+    run = tmp_path / "run"
+    r = cli("train", "-m", "simsiam", "-d", "digits", "-o", run, "-a", "resnet18_w16-cifar", "--image-size", "16",
+            "-b", "16", "--limit", "60", "-e", "2", "--tsne-every", "1")
+    assert r.exit_code == 0, r.output
+    assert "t-SNE snapshot after epoch 2: tsne/epoch_0002.png" in r.stderr
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    snaps = [x for x in lines if x.get("event") == "snapshot"]
+    epochs = [x for x in lines if x.get("kind") == "epoch"]
+    assert [(x["epoch"], x["step"], x["path"]) for x in snaps] == [(1, 3, "tsne/epoch_0001.png"),
+                                                                      (2, 6, "tsne/epoch_0002.png")]
+    assert all(x["n"] == e["n"] == 12 for x, e in zip(snaps, epochs, strict=True))  # the held-out split
+    assert lines.index(snaps[0]) == lines.index(epochs[0]) + 1  # right after its epoch's line
+    assert all((run / x["path"]).stat().st_size > 10_000 for x in snaps)
+    assert json.loads((run / "config.json").read_text())["tsne_every"] == 1
+    w = cli("collapse", "--watch", run, "--interval", "0.01", "--max-wait", "30", "--json", "--out", tmp_path / "w")
+    assert w.exit_code == 0, w.output
+    assert json.loads(w.stdout)["snapshots"] == [str(run / x["path"]) for x in snaps]
+    assert f"t-SNE of the held-out split at epoch 1 (step 3): {run / 'tsne' / 'epoch_0001.png'}" in w.stderr
+
+
 # ---------------------------------------------------------------- DDP (gloo, 2 CPU processes)
 def test_ddp_two_processes_match_one(tmp_path):
     """2 gloo processes at global batch 8 end with the 1-process weights (DINO on a ViT: no BatchNorm)."""

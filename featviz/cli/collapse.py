@@ -435,6 +435,7 @@ def _watch_run(
 
     from featviz import collapse as C
     from featviz.cli.collapse_view import watch_line
+    from featviz.collapse.monitor import snapshot_path
 
     metrics_fn = None
     if images is not None:
@@ -465,6 +466,15 @@ def _watch_run(
                 first = len(watcher.records) - sum(r.get("event") != "done" for r in info["records"])
                 for i in range(first, len(watcher.records)):
                     out.print(watch_line(watcher, i), highlight=False, markup=False, soft_wrap=True)
+            for r in info.get("records", ()) if kind == "records" else ():
+                snap = snapshot_path(run_dir, r)
+                if snap is not None:  # FeatvizMonitor(tsne_every=K): a t-SNE of the held-out split
+                    say.print(
+                        f"snapshot: t-SNE of the held-out split at epoch {r.get('epoch')} (step {r.get('step')}): "
+                        f"{snap}",
+                        highlight=False,
+                        markup=False,
+                    )
             for a in info.get("alarms", ()):
                 say.print(f"[bold red]ALARM[/] step {a['step']}: {a['message']}", highlight=False)
 

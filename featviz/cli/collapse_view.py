@@ -129,7 +129,8 @@ def watch_line(watcher: CollapseWatcher, i: int) -> str:
 
     r = watcher.records[i]
     if r.get("event"):
-        return f"step {r.get('step')}  event={r['event']}"
+        path = f"  path={r['path']}" if isinstance(r.get("path"), str) else ""
+        return f"step {r.get('step')}  event={r['event']}{path}"
     parts = [f"step {r.get('step')}", record_kind(r)] + ([f"n={r['n']}"] if r.get("n") else [])
     for k in WATCH_KEYS:
         v = r.get(k)

@@ -59,6 +59,8 @@ def _train_progress(every: int):
                 f"{rec['box_iou_previous']:.3f} ({rec['seconds']:.1f}s)",
                 highlight=False,
             )
+        elif rec.get("event") == "snapshot":
+            err.print(f"t-SNE snapshot after epoch {rec.get('epoch')}: {rec.get('path')}", highlight=False)
         elif rec.get("kind") == "epoch":
             extra = "".join(f"  {k} {rec[k]:.3f}" for k in ("knn_acc", "miou", "std_l2") if rec.get(k) is not None)
             err.print(
@@ -191,6 +193,15 @@ def train(
     eval_every: Annotated[
         int, typer.Option("--eval-every", min=1, help="Epochs between kNN/held-out evaluations (the last always).")
     ] = 1,
+    tsne_every: Annotated[
+        int,
+        typer.Option(
+            "--tsne-every",
+            min=0,
+            help="A t-SNE of the held-out split every K evaluated epochs, into RUN/tsne/ (0: none; "
+            "collapse --watch names it).",
+        ),
+    ] = 0,
     hparam: Annotated[
         list[str] | None,
         typer.Option(
@@ -312,6 +323,7 @@ def train(
         rotate=rotate,
         shear=shear,
         eval_every=eval_every,
+        tsne_every=tsne_every,
         hparams=hparams,
         precise_bn=precise_bn,
         threads=threads,

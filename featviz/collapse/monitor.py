@@ -444,6 +444,7 @@ class FollowResult:
     alarms: list[dict[str, Any]]
     last: dict[str, Any]
     out_dir: Path
+    snapshots: list[str] = field(default_factory=list)
 
     @property
     def curves(self) -> Path:
@@ -451,9 +452,22 @@ class FollowResult:
         return self.out_dir / "curves.png"
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` summary: reason, records, alarms, last record, curves path."""
+        """The ``--json`` summary: reason, records, alarms, last record, curves path, snapshots."""
         return {"reason": self.reason, "records": self.records, "alarms": self.alarms, "last": self.last,
-                "curves": str(self.curves)}
+                "curves": str(self.curves), "snapshots": self.snapshots}
+
+
+def snapshot_path(run_dir: str | os.PathLike, rec: dict[str, Any]) -> Path | None:
+    """The file a ``{"event": "snapshot"}`` record names (``featviz.maps.snapshot``), inside ``run_dir``; else None.
+
+    The path is read from the run's own ``metrics.jsonl``: only a relative path that stays inside the
+    run folder is named (the file is never opened here).
+    """
+    rel = rec.get("path")
+    if rec.get("event") != "snapshot" or not isinstance(rel, str) or not rel or os.path.isabs(rel) \
+            or ".." in Path(rel).parts:
+        return None
+    return Path(run_dir) / rel
 
 
 STOP_REASONS = {"done": "the run finished", "until_step": "reached --until-step",
@@ -529,7 +543,8 @@ def follow_run(run_dir: str | os.PathLike, *, watcher: CollapseWatcher | None = 
         raise DataError(f"no metrics appeared in {run_dir} within --max-wait {max_wait:g} s; is the run writing "
                         "metrics.jsonl (CollapseMonitor / featviz train)?")
     last = {k: v for k, v in watcher.records[-1].items() if not k.startswith("_")}
-    return FollowResult(result.reason, result.records, result.alarms, last, out)
+    snaps = [str(p) for p in (snapshot_path(run_dir, r) for r in watcher.records) if p is not None]
+    return FollowResult(result.reason, result.records, result.alarms, last, out, snaps)
 
 
 def _number(v: Any) -> bool:

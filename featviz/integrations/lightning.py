@@ -26,6 +26,11 @@ to the TensorBoard events), and every number goes to each of the Trainer's logge
 TensorBoard, CSV, …) at the same step.
 ``featviz-monitor.json`` in ``out_dir`` states the protocol. Only global rank 0 measures and writes.
 
+With ``tsne_every=K`` (and a ``knn`` split) it also writes a t-SNE snapshot of the held-out
+queries' features every K epochs, ``out_dir/tsne/epoch_EEEE.png`` (``featviz.maps.snapshot``),
+and a ``{"event": "snapshot", "path": …}`` line in ``metrics.jsonl``, which ``featviz collapse
+--watch`` names.
+
 The callback must subclass the ``Callback`` of the package the Trainer comes from: ``FeatvizMonitor``
 uses ``lightning.pytorch`` when installed, else ``pytorch_lightning``; ``monitor_class("pytorch_lightning")``
 gives the other one (e.g. for lightly's examples, which import ``pytorch_lightning``).
@@ -63,6 +68,7 @@ class _MonitorLogic:
         outputs: Callable[[Any, Any], Any] | None = None,
         log_to_loggers: bool = True,
         prefix: str = "featviz/",
+        tsne_every: int | None = None,
         **report_kwargs: Any,
     ):
         """See the module docstring.
@@ -77,11 +83,17 @@ class _MonitorLogic:
             outputs: ``(pl_module, x) -> embeddings`` of the held-out collapse metrics (default: forward).
             log_to_loggers: also send every number to the Trainer's loggers.
             prefix: the loggers' metric name prefix.
+            tsne_every: a t-SNE snapshot of the held-out queries' features every this many epochs
+                (needs ``knn``; None: none).
             **report_kwargs: passed to ``featviz.collapse.collapse_report``.
         """
         super().__init__()
-        if every < 1 or (knn_every is not None and knn_every < 1):
-            raise ValueError(f"every and knn_every must be >= 1, got {every}, {knn_every}")
+        if every < 1 or (knn_every is not None and knn_every < 1) or (tsne_every is not None and tsne_every < 1):
+            raise ValueError(f"every, knn_every and tsne_every must be >= 1, got {every}, {knn_every}, {tsne_every}")
+        if tsne_every is not None and knn is None:
+            raise ValueError("tsne_every maps the held-out split: pass knn=OnlineKnn(...) too")
+        self.tsne_every = tsne_every
+        self.snapshots: list[dict[str, Any]] = []
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.every, self.knn, self.knn_every = every, knn, knn_every or 10 * every
         self.embeddings_fn, self.features_fn, self.outputs_fn = embeddings, features, outputs
@@ -124,6 +136,34 @@ class _MonitorLogic:
                 )
         if self.knn is not None and step % self.knn_every == 0 and step > 0 and step != self._last_knn_step:
             self._held_out(trainer, pl_module, step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: D102
+        epoch = int(trainer.current_epoch) + 1  # the epochs done
+        if self.tsne_every is None or not trainer.is_global_zero or self.monitor is None or epoch % self.tsne_every:
+            return
+        self.snapshot(trainer, pl_module, epoch)
+
+    def snapshot(self, trainer, pl_module, epoch: int) -> dict[str, Any]:
+        """Write the held-out t-SNE snapshot of ``epoch`` and its ``metrics.jsonl`` line; returns that line."""
+        from featviz.maps.snapshot import tsne_snapshot
+
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            feats = self.features_fn or _default_features
+            x = self.knn.embed(lambda q: feats(pl_module, q), self.knn.queries, pl_module.device)
+        finally:
+            pl_module.train(was)
+        record = tsne_snapshot(
+            x,
+            self.knn.query_labels,
+            self.monitor.path.parent,
+            epoch=epoch,
+            step=int(trainer.global_step),
+            metrics=self.monitor.path.name,
+        )
+        self.snapshots.append(record)
+        return record
 
     def on_train_end(self, trainer, pl_module) -> None:  # noqa: D102
         if not trainer.is_global_zero or self.monitor is None:
@@ -192,6 +232,11 @@ class _MonitorLogic:
             if self.knn is not None
             else None,
             "knn": self.knn.protocol() if self.knn is not None else None,
+            "tsne_every": self.tsne_every,
+            "tsne": "t-SNE (featviz.maps.projection.fit, seed 0) of features(pl_module, x) on the held-out queries, "
+            "eval mode, every tsne_every epochs: tsne/epoch_EEEE.png"
+            if self.tsne_every
+            else None,
             "loggers": f"{self.prefix}<split>/<key> at the record's step" if self.log_to_loggers else None,
         }
 

@@ -112,6 +112,8 @@ class TrainConfig:
         precise_bn: re-estimate BatchNorm statistics before each evaluation (PreciseBN); the
             checkpoints carry the re-estimated statistics.
         eval_every: epochs between kNN / held-out evaluations (the last epoch is always evaluated).
+        tsne_every: a t-SNE snapshot of the held-out features every this many epochs, when that
+            epoch is evaluated (``RUN/tsne/epoch_EEEE.png``, ``featviz.maps.snapshot``); 0: none.
         threads: torch CPU threads (None = torch's default; 1 helps on a busy shared CPU).
         val_fraction: held-out share of labelled images for the kNN monitor.
         knn_k: neighbours of the kNN monitor.
@@ -153,6 +155,7 @@ class TrainConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     precise_bn: bool = True
     eval_every: int = 1
+    tsne_every: int = 0
     threads: int | None = None
     val_fraction: float = 0.2
     knn_k: int = 20

@@ -328,6 +328,8 @@ def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume
                        **{k: v for k, v in row.items() if k != "step"})
             if rec and on_log:
                 on_log(rec)
+            if evaluate and cfg.tsne_every and (epoch + 1) % cfg.tsne_every == 0:
+                _snapshot(task, out, epoch + 1, step, on_log)
         boxes_rec = task.after_epoch(epoch, step, device)  # ContrastiveCrop's box update (every rank takes part)
         if info.is_main:
             if boxes_rec:
@@ -344,6 +346,18 @@ def _run(cfg: TrainConfig, task: TrainTask, info: DistInfo, out: Path, *, resume
     monitor.close()
     return TrainResult(out, out / "last.safetensors", out / "best.safetensors", cfg.epochs, step, history,
                        time.perf_counter() - t_start, record)
+
+
+def _snapshot(task: TrainTask, out: Path, epoch: int, step: int, on_log: Callable | None) -> None:
+    """``--tsne-every``: a t-SNE of the held-out features in ``out/tsne/`` and its line in ``metrics.jsonl``."""
+    held = task.held_out_features()
+    if held is None or len(held[0]) < 4:
+        return
+    from featviz.maps.snapshot import tsne_snapshot
+
+    rec = tsne_snapshot(held[0], held[1], out, epoch=epoch, step=step, class_names=held[2] or None)
+    if on_log:
+        on_log(rec)
 
 
 def _log(monitor, task: TrainTask, out: Path, step: int, *, held_out: bool = False, **values: Any) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class SSLTask(TrainTask):
         self.held_out_z: tuple[torch.Tensor, torch.Tensor] | None = None
         self.held_out_alignment: float | None = None
         self.held_out_lidar: float | None = None
+        self._held_out_feats: tuple[np.ndarray, np.ndarray] | None = None
         self.bank_idx, self.query_idx = knn_sets(self.train_idx, self.val_idx, cfg.image_size)
 
     @property
@@ -304,6 +305,7 @@ class SSLTask(TrainTask):
         a1, a2 = mon(v1), mon(v2)
         self.held_out_alignment = alignment(a1.numpy(), a2.numpy())
         self.held_out_lidar = lidar([a1.numpy(), a2.numpy()])
+        self._held_out_feats = (feats[n_tr:].numpy(), y[n_tr:].numpy())
         out: dict[str, Any] = {"knn_acc": knn_accuracy(feats[:n_tr], y[:n_tr], feats[n_tr:], y[n_tr:], self.cfg.knn_k)}
         if "predictor" in model.head_specs and model.monitor_head == "projector":
             from featviz.collapse import rankme, std_l2
@@ -315,6 +317,12 @@ class SSLTask(TrainTask):
             out.update(std_l2_predictor=std_l2(p.numpy()), rankme_predictor=rankme(p.numpy()))
         model.train(was)
         return out
+
+    def held_out_features(self) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+        """The kNN queries' features (the exported backbone, eval mode) and labels of the last ``evaluate``."""
+        if self._held_out_feats is None:
+            return None
+        return (*self._held_out_feats, list(self.class_names or []))
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (``backbone.*``, heads) and metadata for the model checkpoint."""

@@ -113,6 +113,10 @@ class TrainTask(Protocol):
         """After an epoch's evaluation, on every rank; a metrics record to append, or None."""
         ...
 
+    def held_out_features(self) -> tuple[Any, Any, list[str]] | None:
+        """The held-out features, labels and class names the last ``evaluate`` measured (t-SNE snapshots), or None."""
+        ...
+
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The model checkpoint: tensors (``backbone.*`` and heads) and the ``featviz`` metadata."""
         ...

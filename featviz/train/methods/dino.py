@@ -45,9 +45,16 @@ class DINO(MomentumMixin, SSLMethod):
     def __init__(self, backbone: nn.Module, *, out: int | None = None, tps: float = 0.1, tpt: float = 0.04,
                  warmup_tpt: float | None = None, warmup_tpt_epochs: int = 0, center_momentum: float = 0.9,
                  momentum: float = 0.996, norm_last_layer: bool = True, freeze_last_layer: int = 1,
-                 use_bn_in_head: bool = False, hidden_dim: int | None = None, bottleneck_dim: int | None = None):
-        """Build the heads, the teacher and the centre around ``backbone``; the keywords are hyperparameters."""
+                 use_bn_in_head: bool = False, hidden_dim: int | None = None, bottleneck_dim: int | None = None,
+                 one_pass_crops: bool = True):
+        """Build the heads, the teacher and the centre around ``backbone``; the keywords are hyperparameters.
+
+        ``one_pass_crops``: the official forward (``MultiCropWrapper``: same-size crops in one
+        pass, so BatchNorm normalises them together); False: one pass per view, BatchNorm over B
+        images (featviz's earlier forward).
+        """
         super().__init__(backbone)
+        self.one_pass_crops = one_pass_crops
         self.tps, self.tpt, self.center_momentum, self.base_momentum = tps, tpt, center_momentum, momentum
         self.warmup_tpt, self.warmup_tpt_epochs = warmup_tpt, warmup_tpt_epochs
         self.freeze_last_layer = freeze_last_layer
@@ -85,10 +92,16 @@ class DINO(MomentumMixin, SSLMethod):
         the two global crops pass as one batch, the local crops as another, the head once.
         """
         b = views[0].shape[0]
-        feats, out = multicrop_forward(self.backbone, self.projector, views)
-        h, s = feats.split(b), out.split(b)
-        with torch.no_grad():
-            t = multicrop_forward(self.target_backbone, self.target_projector, views[:2])[1].split(b)
+        if self.one_pass_crops:
+            feats, out = multicrop_forward(self.backbone, self.projector, views)
+            h, s = feats.split(b), out.split(b)
+            with torch.no_grad():
+                t = multicrop_forward(self.target_backbone, self.target_projector, views[:2])[1].split(b)
+        else:
+            h = [self.backbone(v) for v in views]
+            s = [self.projector(x) for x in h]
+            with torch.no_grad():
+                t = [self.target_projector(self.target_backbone(v)) for v in views[:2]]
         tpt = self.teacher_temp()
         loss, terms = 0.0, 0
         for i, ti in enumerate(t):
@@ -133,7 +146,9 @@ register(MethodRegistration(
     deviations=("no local crops by default on CPU (`--local-crops 8` is the official multi-crop; global crops "
                 "then follow the multi-crop scale of the variant)",
                 "digits preset: LARC lr 1.0, a BatchNorm head with an unnormalised last layer and EMA base 0.99 "
-                "(without the BN head the teacher goes uniform; docs/train.md)"),
-    presets={"digits": _digits(optimizer="larc", lr=1.0, rotate=15.0, shear=10.0,
+                "(without the BN head the teacher goes uniform; docs/train.md)",
+                "digits preset: no lr warm-up, as before issue 26 (`--warmup-epochs 1` is the official tenth of "
+                "the epochs; measured worse on digits, docs/train.md)"),
+    presets={"digits": _digits(optimizer="larc", lr=1.0, rotate=15.0, shear=10.0, warmup_epochs=0.0,
                                hparams={"momentum": 0.99, "norm_last_layer": False, "use_bn_in_head": True})},
 ))

@@ -184,6 +184,10 @@ class SegTask(TrainTask):
         """Nothing after an epoch."""
         return None
 
+    def held_out_features(self) -> None:
+        """None: a segmenter's held-out split is pixels, not one feature per image (no t-SNE snapshot)."""
+        return None
+
     @torch.no_grad()
     def evaluate(self, device: torch.device) -> dict[str, float]:
         """Mean IoU over classes present in the ``val`` list (full images)."""
