@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 
 import numpy as np
@@ -180,3 +181,20 @@ def test_json_states_backend_device_and_quality(cli, tmp_path):
         assert 0 < s["quality"]["knn_recall@10"] <= 1 and 0.5 < s["quality"]["trustworthiness@10"] <= 1
         saved = tsne.TsneMap.load(tmp_path / f"{method}.npz")
         assert saved.info["quality"] == s["quality"] and saved.info["backend"] == s["backend"]
+
+
+def test_default_backend_choice_imports_no_torch_without_a_gpu_driver(tmp_path):
+    # a t-SNE map of an embeddings file is a no-torch stage even with TorchDR installed: without an NVIDIA
+    # driver the default (auto) needs no torch to know there is no CUDA
+    if backends._nvidia_driver():
+        pytest.skip("this machine has an NVIDIA driver: auto asks torch about CUDA")
+    x, y = _pixel_like(200, dim=8)
+    Embeddings(x, y).save(tmp_path / "e.npz")
+    code = ("import sys\n"
+            "from featviz.maps import projection as P\n"
+            f"s = P.run_map({str(tmp_path / 'm.png')!r}, files=[{str(tmp_path / 'e.npz')!r}], "
+            "params=P.TsneParams(n_iter=50))\n"
+            "print(s['backend'], s['device'], s['quality']['sample'], 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["opentsne", "cpu", "200", "False"]

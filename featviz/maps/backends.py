@@ -102,7 +102,23 @@ def torchdr_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torchdr", "faiss"))
 
 
+def _nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is loaded (its /proc entry or a device node), known without torch."""
+    import glob
+
+    return os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def _cuda_available() -> bool:
+    """Whether CUDA is usable.
+
+    Maps read files with no torch: torch is imported only where it already is, or where an NVIDIA
+    driver is loaded (without one CUDA cannot be available).
+    """
+    import sys
+
+    if sys.modules.get("torch") is None and not _nvidia_driver():
+        return False
     import torch
 
     return bool(torch.cuda.is_available())
