@@ -180,6 +180,8 @@ def test_options_a_saved_map_cannot_honour_are_named(cli, digits, tmp_path):
     assert r.exit_code == 2 and "--html" in r.output
     r = cli(*base, "--perplexity", "10")
     assert r.exit_code == 0 and "--perplexity 10.0: no effect" in r.output
+    r = cli(*base, "--backend", "opentsne", "--force")  # placing runs the map's own CPU transform: named
+    assert r.exit_code == 0 and "--backend opentsne: no effect" in r.output
 
 
 def test_reference_embeddings_file_still_fits_a_map_on_it(cli, digits, tmp_path):

@@ -330,7 +330,7 @@ def _placement(map_path: Path, run: dict, *, html, image_root, method) -> tuple:
                      "--coords) only; for a page, map the embeddings files together: featviz tsne a.npz b.npz --html")
     params = placement.map_params(placement.load_placeable(map_path))
     ctx = get_current_context()
-    given = {name for name in ("method", "perplexity", "neighbors", "min_dist", "iterations", "jobs")
+    given = {name for name in ("method", "perplexity", "neighbors", "min_dist", "iterations", "jobs", "backend")
              if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     if "method" in given and method != params.method:
         raise _usage(f"--method {method}: {map_path.name} is a {params.method} map; placing uses the map's own "
