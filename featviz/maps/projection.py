@@ -462,8 +462,12 @@ def run_map(out: str | os.PathLike, *, files: Sequence[str | os.PathLike] = (),
 
 
 def _map_features(m: TsneMap, embs: Sequence[Embeddings]) -> np.ndarray:
-    """The input rows of every point of ``m``, in the map's order (no copy for one whole input)."""
-    if len(embs) == 1 and len(m.rows) == embs[0].n and (m.rows == np.arange(embs[0].n)).all():
-        return embs[0].features
+    """The input rows of every point of ``m``, in the map's order.
+
+    A map fitted on all its points already holds them (``map_features``, in the map's order); only
+    points placed into a reference map are gathered again.
+    """
+    if m.fitted.all():
+        return m.map_features
     return np.concatenate([embs[g].features[m.rows[m.groups == g]] for g in range(len(embs))])
 
