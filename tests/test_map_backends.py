@@ -78,6 +78,20 @@ def test_torchdr_places_new_points_and_fits_umap():
     assert quality.leave_one_out_knn_accuracy(u.coords, y) > 0.9
 
 
+def test_torchdr_on_cpu_uses_an_ivf_index_for_large_maps(monkeypatch):
+    """From ``IVF_FROM`` points (lowered here) the CPU neighbour search is FAISS IVF, said in the map's info."""
+    monkeypatch.setattr(backends, "IVF_FROM", 1000)
+    x, y = _pixel_like(1500, dim=16, classes=4, separation=0.5, seed=1)
+    params = tsne.TsneParams(seed=0, backend="torchdr", device="cpu", n_iter=150, early_exaggeration_iter=100)
+    m = tsne.shared_map([Embeddings(x, y)], params=params)
+    nlist = int(4 * np.sqrt(1500))
+    assert m.info["neighbor_search"].startswith(f"FAISS IVF (approximate: {nlist} lists, "
+                                                f"{nlist // backends.IVF_PROBE_DIVISOR} probed)")
+    assert quality.leave_one_out_knn_accuracy(m.coords, y) > 0.9
+    small = tsne.shared_map([Embeddings(x[:900], y[:900])], params=params)
+    assert small.info["neighbor_search"].startswith("FAISS Flat (exact)")
+
+
 def _trustworthiness_formula(x: np.ndarray, c: np.ndarray, k: int) -> float:
     """Venna & Kaski's trustworthiness, written out: 1 - 2 / (n k (2n - 3k - 1)) * sum of (rank - k)
     over each point's k map neighbours that are not among its k input neighbours (rank in the input)."""

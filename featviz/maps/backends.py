@@ -7,12 +7,14 @@ TorchDR (``pip install 'featviz[gpu]'``: torchdr and faiss-cpu, both imported on
 - t-SNE is TorchDR's ``InfoTSNE``: the affinities of openTSNE (perplexity-calibrated, on the
   3 x perplexity nearest neighbours) and a Student-t map, with the repulsion estimated from
   ``n_negatives`` random points per point (Damrich et al. 2022) instead of from all N: O(N) per
-  iteration on CPU and GPU. TorchDR's ``TSNE`` computes the repulsion from all N^2 pairs
-  (its "exact" path: 2k points x 500 iterations took 180 s on a 2-core machine, and 1M points
-  would need a 1M x 1M matrix), so featviz never uses it;
+  iteration on CPU and GPU. It descends with ``maps.descent.TsneDescent`` (openTSNE's momentum and
+  gains, a fixed gain and an annealed rate after early exaggeration), not TorchDR's SGD. TorchDR's
+  ``TSNE`` computes the repulsion from all N^2 pairs (its "exact" path: 2k points x 500 iterations
+  took 180 s on a 2-core machine, and 1M points would need a 1M x 1M matrix), so featviz never uses it;
 - UMAP is TorchDR's ``UMAP`` (umap-learn's affinities, a, b from ``min_dist``, negative sampling);
 - the neighbours come from FAISS (``backend="faiss"``: an exact ``Flat`` index), on the GPU when the
-  installed FAISS build has GPU support, else on CPU. No dense N x N matrix is ever built.
+  installed FAISS build has GPU support, else on CPU (an approximate IVF index from ``IVF_FROM`` points).
+  No dense N x N matrix is ever built.
 
 Threads: the CPU libraries and TorchDR on CPU use one thread below ``THREADS_FROM`` points, else
 the cores idle right now (``auto_jobs``): on a busy machine extra threads fight for the same cores
@@ -39,9 +41,11 @@ BACKENDS = ("auto", "opentsne", "torchdr")
 
 THREADS_FROM = 20_000
 INFO_TSNE_NEGATIVES = 300  # TorchDR InfoTSNE's default number of negative samples per point
-# InfoTSNE's learning rate: N / 3 in both phases. TorchDR's "auto" (scikit-learn's max(N / 12 / 4, 50) during
-# early exaggeration, N / 4 after) left the 2k-point benchmark map at 10-NN class accuracy 0.180 (openTSNE: 0.274);
-# N / 3 reached 0.249, N 0.209, N / 10 0.183 (tsne_bench's data, 256-d, 20 overlapping classes)
+IVF_FROM = 200_000
+"""From this many points, TorchDR's neighbours on CPU come from a FAISS IVF index (4 sqrt(N) lists, 1 in
+``IVF_PROBE_DIVISOR`` probed) instead of the exact Flat one: an exact search costs N^2 x D (1M x 256 on 2 cores:
+about 40 min, before the first iteration). On a GPU FAISS searches exactly at any size."""
+IVF_PROBE_DIVISOR = 64
 GPU_INSTALL = "pip install 'featviz[gpu]'"
 
 
@@ -285,9 +289,10 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     """Fit TorchDR's ``InfoTSNE`` (t-SNE) or ``UMAP`` on ``x`` on ``device``; FAISS neighbours.
 
     ``params.perplexity`` / ``n_neighbors`` are already clamped. The iterations are openTSNE's:
-    ``early_exaggeration_iter`` with exaggeration 12, then ``n_iter``, at a learning rate of N / 3
-    (see ``INFO_TSNE_NEGATIVES``); UMAP runs ``n_iter`` epochs (umap-learn's count for large N
-    being 200 and TorchDR's default 1000, 500 is in between).
+    ``early_exaggeration_iter`` with exaggeration 12, then ``n_iter``, at TorchDR's automatic learning rate
+    with featviz's ``maps.descent.TsneDescent`` (openTSNE's descent, made for a sampled gradient); UMAP
+    runs ``n_iter`` epochs (umap-learn's count for large N being 200 and TorchDR's default 1000, 500 is in
+    between).
 
     Returns:
         (model, (N, 2) float32 coordinates, what was used: library, estimator, neighbour search).
@@ -295,14 +300,21 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     require_torchdr()
     import torch
     import torchdr
+    from torchdr.distance import FaissConfig
     from torchdr.utils.faiss_runtime import faiss_gpu_available
 
     n = len(x)
     on_gpu = device.startswith("cuda")
     faiss_gpu = on_gpu and faiss_gpu_available()
     backend: Any = "faiss"
-    if faiss_gpu and ":" in device:
-        backend = torchdr.FaissConfig(device=int(device.split(":")[1]))
+    search = "Flat (exact)"
+    if not faiss_gpu and n >= IVF_FROM:
+        nlist = int(4 * np.sqrt(n))
+        nprobe = max(1, nlist // IVF_PROBE_DIVISOR)
+        backend = FaissConfig(index_type="IVF", nlist=nlist, nprobe=nprobe)
+        search = f"IVF (approximate: {nlist} lists, {nprobe} probed)"
+    elif faiss_gpu and ":" in device:
+        backend = FaissConfig(device=int(device.split(":")[1]))
 
     def prep(a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, np.float32)
@@ -316,12 +328,18 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     common = dict(device=device, backend=backend, random_state=params.seed, verbose=False)
     if params.method == "tsne":
         total = params.early_exaggeration_iter + params.n_iter
+        from featviz.maps.descent import Schedule, TsneDescent
+
+        schedule = Schedule(early_iter=params.early_exaggeration_iter, total_iter=total)
         model = torchdr.InfoTSNE(perplexity=params.perplexity, max_iter=total,
                                  early_exaggeration_iter=params.early_exaggeration_iter,
-                                 n_negatives=min(INFO_TSNE_NEGATIVES, n - 1), lr=max(n / 3.0, 50.0), **common)
+                                 n_negatives=min(INFO_TSNE_NEGATIVES, n - 1), lr="auto", optimizer=TsneDescent,
+                                 optimizer_kwargs={"schedule": schedule}, scheduler=None, min_grad_norm=0.0, **common)
         k = min(n - 1, int(3 * params.perplexity))
         info: dict[str, Any] = {"estimator": f"InfoTSNE (negative sampling, {min(INFO_TSNE_NEGATIVES, n - 1)} "
-                                             "negatives per point)"}
+                                             "negatives per point)",
+                                "optimizer": f"featviz TsneDescent (openTSNE's momentum and gains, gain "
+                                             f"{schedule.late_gain:g} after early exaggeration, rate annealed to 0)"}
     else:
         total = params.n_iter
         model = torchdr.UMAP(n_neighbors=params.n_neighbors, min_dist=params.min_dist, max_iter=total,
@@ -353,6 +371,6 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     coords = np.asarray(coords.detach().cpu().numpy() if hasattr(coords, "detach") else coords, np.float32)
     where = "the GPU" if faiss_gpu else "CPU"
     info.update(library=f"TorchDR {torchdr.__version__}", threads=None if on_gpu else jobs,
-                neighbor_search=f"FAISS Flat (exact) in all {x.shape[1]} dims on {where}, {k} neighbours")
+                neighbor_search=f"FAISS {search} in all {x.shape[1]} dims on {where}, {k} neighbours")
     return TorchdrModel(model, xp, prep), coords, info
 
