@@ -15,7 +15,7 @@ from featviz.io.artifacts import Embeddings
 from featviz.maps import backends, quality
 from featviz.maps import projection as tsne
 
-TORCHDR_N = 2_000  # not the issue's 20k: see the test's docstring
+TORCHDR_N = 5_000  # not the issue's 20k: see the test's docstring
 
 
 def _pixel_like(n: int, dim: int = 64, classes: int = 10, seed: int = 0, separation: float = 0.06):
@@ -37,16 +37,11 @@ def test_backend_names_match_the_library():
 
 
 def test_torchdr_on_cpu_against_opentsnes_class_accuracy():
-    """TorchDR on CPU (FAISS neighbours, InfoTSNE) against openTSNE at 2k points: the measured gap, not the issue's.
+    """TorchDR on CPU (FAISS neighbours, InfoTSNE, featviz's TsneDescent) within 0.02 of openTSNE's class accuracy.
 
-    The issue asks for the openTSNE map's 10-NN class accuracy within 0.02 at 20k. Measured here at 2k
-    (these overlapping classes; 750 iterations for both): openTSNE 0.415, TorchDR 0.349 (TorchDR's own
-    learning rate: worse; 1,500 iterations: 0.379; 1,000 negatives: 0.344). So the bound below is the
-    gap as measured (0.07) plus a margin, which still fails if the map degrades (TorchDR's "auto"
-    learning rate gave a gap of 0.09 on the benchmark's data); docs/tsne.md states the shortfall.
-    Not at 20k: InfoTSNE costs O(N x 300 negatives) per iteration on CPU (0.63 s per iteration at 10k
-    under this machine's load, about 16 min for 20k x 750 iterations), far above a suite test's budget;
-    `benchmarks/tsne_bench.py --n 20000` runs the 20k comparison (figures in docs/tsne.md).
+    The issue asks for 20k points; a 20k TorchDR map takes 6-7 min on this 2-core machine, so the suite
+    checks 5k (openTSNE 0.480, TorchDR 0.484 measured; with TorchDR's SGD, before TsneDescent, the gap was
+    0.07 at 2k and 0.10 at 10k) and `benchmarks/tsne_bench.py --n 20000` measures 20k (docs/tsne.md).
     """
     x, y = _pixel_like(TORCHDR_N)
     embs = [Embeddings(x, y)]
@@ -55,10 +50,11 @@ def test_torchdr_on_cpu_against_opentsnes_class_accuracy():
     q = quality.quality_sample(TORCHDR_N, 5000, seed=0)
     acc = quality.leave_one_out_knn_accuracy(ours.coords, y, queries=q)
     acc_ref = quality.leave_one_out_knn_accuracy(ref.coords, y, queries=q)
-    assert acc >= acc_ref - 0.08, (acc, acc_ref)
+    assert acc >= acc_ref - 0.02, (acc, acc_ref)
     assert acc > 0.3 and acc_ref > 0.3  # classes a map can tell apart, not chance (0.1)
     assert ours.info["backend"] == "torchdr" and ours.info["device"] == "cpu"
     assert ours.info["library"].startswith("TorchDR") and "InfoTSNE" in ours.info["estimator"]
+    assert ours.info["optimizer"].startswith("featviz TsneDescent")
     assert ours.info["neighbor_search"].startswith("FAISS Flat (exact)") and "on CPU" in ours.info["neighbor_search"]
     assert ref.info["backend"] == "opentsne" and ref.info["library"] == "openTSNE"
 

@@ -13,8 +13,9 @@ TorchDR has the descent t-SNE codes use, so featviz writes it here (about 60 lin
 
 Why the change: InfoTSNE's repulsion is estimated from a few hundred random points per point, so near
 convergence the gradient's sign flips at random and openTSNE's gains shrink to about 1 instead of the
-10-25 they reach with the exact gradient (measured at 2k points). The map then stays half as wide as
-openTSNE's and its 10-NN class accuracy falls behind (20k points: 0.413 against 0.622 with TorchDR's SGD).
+13-26 they reach with the exact gradient (measured at 2k points). The map then stays half as wide as
+openTSNE's and its 10-NN class accuracy falls behind (benchmark data, 20k points: 0.413 against openTSNE's
+0.622 with TorchDR's SGD, 0.555 with this descent).
 A fixed larger gain widens it, and annealing the rate removes the jitter the noise leaves (5k points:
 gain 4 without annealing 0.404, with it 0.482; openTSNE 0.480). docs/tsne.md has the measurements.
 
