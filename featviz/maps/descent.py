@@ -45,7 +45,7 @@ class Schedule:
     min_gain: float = 0.01
     max_step_norm: float | None = 5.0
     step: int = 0
-    buffers: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    buffers: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # id(parameter): (update, gains)
 
     def rate_factor(self) -> float:
         """1, then falling linearly to 0 over the last ``anneal_iter`` iterations (None: half the late ones)."""
@@ -82,12 +82,12 @@ class TsneDescent(torch.optim.Optimizer):
         momentum = s.early_momentum if early else s.late_momentum
         factor = s.rate_factor()
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                if i not in s.buffers:
-                    s.buffers[i] = (torch.zeros_like(p), torch.ones_like(p))
-                update, gains = s.buffers[i]
+                if id(p) not in s.buffers:  # the same tensor in both phases' optimizers
+                    s.buffers[id(p)] = (torch.zeros_like(p), torch.ones_like(p))
+                update, gains = s.buffers[id(p)]
                 if early:
                     same = torch.sign(update) == torch.sign(p.grad)
                     gains.copy_(torch.where(same, gains * 0.8 + s.min_gain, gains + 0.2))
