@@ -65,7 +65,6 @@ class TsneDescent(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, *, schedule: Schedule):
-        params = list(params)
         super().__init__(params, {"lr": float(lr)})
         # TorchDR passes the same param-group dicts to the optimizer of each phase, and torch writes an
         # optimizer's defaults into them: the second optimizer would keep the first one's rate (N / 48
