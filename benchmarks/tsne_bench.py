@@ -84,12 +84,23 @@ def timed(fn):
     return np.asarray(out, np.float32), time.perf_counter() - t
 
 
-def _fit_child(name: str, x: np.ndarray, seed: int, out: str, done) -> None:
-    """In a child process: fit one backend, report progress in ``done`` (iterations), save the coordinates."""
+def _fit_child(name: str, x: np.ndarray, seed: int, out: str, done, torchdr_iterations: int | None = None,
+               torchdr_negatives: int | None = None) -> None:
+    """In a child process: fit one backend, report progress in ``done`` (iterations), save the coordinates.
+
+    ``torchdr_iterations`` / ``torchdr_negatives``: TorchDR's iterations after early exaggeration
+    (``--iterations``) and negatives per point (``backends.INFO_TSNE_NEGATIVES``), if not featviz's defaults.
+    """
     from featviz.io.artifacts import Embeddings
+    from featviz.maps import backends
     from featviz.maps import projection as tsne
 
     params = tsne.TsneParams(seed=seed, backend="opentsne" if name == "openTSNE" else "torchdr", device="cpu")
+    if name != "openTSNE":
+        if torchdr_iterations is not None:
+            params = tsne.TsneParams(seed=seed, backend="torchdr", device="cpu", n_iter=torchdr_iterations)
+        if torchdr_negatives is not None:
+            backends.INFO_TSNE_NEGATIVES = torchdr_negatives
 
     def progress(iterable, total=None, description=""):
         for item in iterable:
@@ -111,24 +122,38 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
     from featviz.maps import quality
 
     n = len(x)
-    total = 750  # 250 early-exaggeration + 500 iterations, both backends
-    row: dict = {"n": n, "time_cap_s": args.time_cap}
+    iterations = {"openTSNE": 750, "TorchDR-CPU": 250 + (args.torchdr_iterations or 500)}  # with early exaggeration
+    row: dict = {"n": n, "time_cap_s": args.time_cap, "torchdr_iterations": args.torchdr_iterations,
+                 "torchdr_negatives": args.torchdr_negatives}
     ctx = mp.get_context("fork")  # the child shares x without a copy
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("openTSNE", "TorchDR-CPU"):
             out = f"{tmp}/{name}.npy"
             done = ctx.Value("i", 0)
             t = time.perf_counter()
-            proc = ctx.Process(target=_fit_child, args=(name, x, args.seed, out, done))
+            total = iterations[name]
+            proc = ctx.Process(target=_fit_child, args=(name, x, args.seed, out, done, args.torchdr_iterations,
+                                                        args.torchdr_negatives))
             proc.start()
-            proc.join(args.time_cap)
+            seen = []  # (seconds, iterations) at each change of the count: the pace for a projection
+            while proc.is_alive() and time.perf_counter() - t < args.time_cap:
+                proc.join(min(1.0, max(0.0, args.time_cap - (time.perf_counter() - t))))
+                if done.value and (not seen or seen[-1][1] != done.value):
+                    seen.append((time.perf_counter() - t, done.value))
             s = time.perf_counter() - t
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-                where = ("still finding neighbours / affinities" if done.value == 0 else
-                         f"at iteration {done.value} of {total}")
                 row[name] = {"finished": False, "s": s, "iterations_done": done.value}
+                if done.value == 0:
+                    where = "still finding neighbours / affinities"
+                else:
+                    where = f"at iteration {done.value} of {total}, after {seen[0][0]:.0f} s of neighbours/affinities"
+                    if len(seen) > 1 and seen[-1][1] > seen[0][1]:
+                        pace = (seen[-1][0] - seen[0][0]) / (seen[-1][1] - seen[0][1])
+                        row[name]["projected_s"] = seen[-1][0] + pace * (total - seen[-1][1])
+                        where += (f"; {pace:.2f} s per iteration, projected total "
+                                  f"{row[name]['projected_s']:.0f} s")
                 print(f"  {name:12s} did not finish in {args.time_cap:.0f} s ({where})", flush=True)
                 continue
             if proc.exitcode != 0:
@@ -153,7 +178,8 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
             print(f"| {n:,} | {name} | {r['s']:.1f} | {r['knn_accuracy@10']:.3f} | {r['knn_recall@10']:.3f} | "
                   f"{r['trustworthiness@10']:.3f} |")
         else:
-            print(f"| {n:,} | {name} | did not finish in {args.time_cap:.0f} s | – | – | – |")
+            projected = f" (projected {r['projected_s']:.0f} s)" if "projected_s" in r else ""
+            print(f"| {n:,} | {name} | did not finish in {args.time_cap:.0f} s{projected} | – | – | – |")
     if a["finished"] and b["finished"]:
         row["ratios"] = {"time": b["s"] / a["s"], "accuracy_diff": b["knn_accuracy@10"] - a["knn_accuracy@10"],
                          "recall_diff": b["knn_recall@10"] - a["knn_recall@10"],
@@ -184,12 +210,17 @@ def main() -> None:
                     help="one size: featviz's openTSNE backend against TorchDR on CPU (instead of --sizes' peers)")
     ap.add_argument("--time-cap", type=float, default=1800.0,
                     help="--n: stop a method after this many seconds and report it as not finished")
+    ap.add_argument("--torchdr-iterations", type=int, default=None,
+                    help="--n: TorchDR's iterations after early exaggeration (featviz's default: 500)")
+    ap.add_argument("--torchdr-negatives", type=int, default=None,
+                    help="--n: TorchDR's negatives per point (featviz's default: 300)")
     args = ap.parse_args()
     if args.n is not None:
         load = _load()
         print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; {platform.python_version()}; data "
               f"{args.n:,} x {args.dim}, {args.classes} classes, separation {args.separation}; time cap "
-              f"{args.time_cap:.0f} s per method", flush=True)
+              f"{args.time_cap:.0f} s per method; TorchDR {args.torchdr_iterations or 500} iterations after early "
+              f"exaggeration, {args.torchdr_negatives or 300} negatives", flush=True)
         t = time.perf_counter()
         x, y = pixel_like(args.n, args.dim, args.classes, args.seed, args.separation)
         print(f"data made in {time.perf_counter() - t:.1f} s", flush=True)
