@@ -28,6 +28,10 @@ with how far it got), and one table: time, the map's quality (``featviz.maps.qua
 
     nice python benchmarks/tsne_bench.py --n 20000
     nice python benchmarks/tsne_bench.py --n 1000000 --time-cap 600
+    python benchmarks/tsne_bench.py --n 20000 --torchdr-iterations 1000 --torchdr-negatives 1000
+
+A method stopped by the cap reports how far it got and a projected total at its pace so far (for
+openTSNE a lower bound: its iterations slow down as the map grows).
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
                 if done.value == 0:
                     where = "still finding neighbours / affinities"
                 else:
-                    where = f"at iteration {done.value} of {total}, after {seen[0][0]:.0f} s of neighbours/affinities"
+                    where = f"at iteration {done.value} of {total}; first progress after {seen[0][0]:.0f} s"
                     if len(seen) > 1 and seen[-1][1] > seen[0][1]:
                         pace = (seen[-1][0] - seen[0][0]) / (seen[-1][1] - seen[0][1])
                         row[name]["projected_s"] = seen[-1][0] + pace * (total - seen[-1][1])
