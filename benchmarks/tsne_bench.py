@@ -37,6 +37,7 @@ openTSNE a lower bound: its iterations slow down as the map grows).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -102,7 +103,7 @@ def _fit_child(name: str, x: np.ndarray, seed: int, out: str, done, torchdr_iter
     params = tsne.TsneParams(seed=seed, backend="opentsne" if name == "openTSNE" else "torchdr", device="cpu")
     if name != "openTSNE":
         if torchdr_iterations is not None:
-            params = tsne.TsneParams(seed=seed, backend="torchdr", device="cpu", n_iter=torchdr_iterations)
+            params = dataclasses.replace(params, n_iter=torchdr_iterations)
         if torchdr_negatives is not None:
             backends.INFO_TSNE_NEGATIVES = torchdr_negatives
 

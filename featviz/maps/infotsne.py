@@ -19,8 +19,9 @@ Both ends of each pair receive their share, exactly as autograd gives them;
 those of TorchDR's sampler when only the point itself is excluded (uniform over the other N - 1
 points, with replacement), drawn by ``randint`` and a shift past i instead of a search in sorted
 exclusions. A neighbour FAISS did not find (index -1, from an IVF index) has P = 0 and adds nothing,
-as in TorchDR. While TorchDR places new points (``transform``), only the new points move, so the
-gradient on the frozen map is not computed.
+as in TorchDR; featviz points it at row 0 once per fit, so the gradient needs no check per
+iteration. While TorchDR places new points (``transform``), only the new points move, so the gradient
+on the frozen map is not computed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class FastInfoTSNE(torchdr.InfoTSNE):
         self._placing = False
         super()._exit_transform(saved)
 
+    def on_affinity_computation_end(self):
+        """Once per fit: a neighbour FAISS did not find (-1, from an IVF index) gets P = 0 and a valid index."""
+        super().on_affinity_computation_end()
+        missing = self.NN_indices_ < 0
+        if missing.any():
+            self.affinity_in_.masked_fill_(missing, 0)
+            self.NN_indices_.clamp_(min=0)
+
     def on_training_step_start(self):
         """Draw ``n_negatives`` points per point, uniformly among the other points (with replacement)."""
         if self.exclude_neighbors_from_negative_sampling:
@@ -75,12 +84,9 @@ class FastInfoTSNE(torchdr.InfoTSNE):
         for start in range(0, len(queries), per_block):
             rows = slice(start, start + per_block)
             block = keys[rows]
-            missing = block < 0  # FAISS's -1: fewer neighbours found than asked (IVF); their P is 0
-            if missing.any():
-                block = block.clamp(min=0)
             flat = block.reshape(-1)
             diffs = [c[queries[rows]].unsqueeze(1) - c.index_select(0, flat).view(block.shape) for c in columns]
-            coef = weight(sum(d * d for d in diffs).add_(1).reciprocal_(), rows).masked_fill_(missing, 0)
+            coef = weight(sum(d * d for d in diffs).add_(1).reciprocal_(), rows)
             for axis, d in enumerate(diffs):
                 d.mul_(coef)
                 on_query[rows, axis] = d.sum(1)
