@@ -57,7 +57,7 @@ def test_torchdr_on_cpu_against_opentsnes_class_accuracy():
     assert ours.info["library"].startswith("TorchDR") and "InfoTSNE" in ours.info["estimator"]
     assert "closed-form gradient" in ours.info["estimator"]
     assert ours.info["optimizer"].startswith("featviz TsneDescent")
-    assert ours.info["neighbor_search"].startswith("FAISS Flat (exact)") and "on CPU" in ours.info["neighbor_search"]
+    assert ours.info["neighbor_search"] == ref.info["neighbor_search"] + " on CPU, 90 neighbours"  # one search
     assert ref.info["backend"] == "opentsne" and ref.info["library"] == "openTSNE"
 
 
@@ -76,18 +76,31 @@ def test_torchdr_places_new_points_and_fits_umap():
     assert quality.leave_one_out_knn_accuracy(u.coords, y) > 0.9
 
 
-def test_torchdr_on_cpu_uses_an_ivf_index_for_large_maps(monkeypatch):
-    """From ``IVF_FROM`` points (lowered here) the CPU neighbour search is FAISS IVF, said in the map's info."""
-    monkeypatch.setattr(backends, "IVF_FROM", 1000)
-    x, y = _pixel_like(1500, dim=16, classes=4, separation=0.5, seed=1)
-    params = tsne.TsneParams(seed=0, backend="torchdr", device="cpu", n_iter=150, early_exaggeration_iter=100)
-    m = tsne.shared_map([Embeddings(x, y)], params=params)
-    nlist = int(4 * np.sqrt(1500))
-    assert m.info["neighbor_search"].startswith(f"FAISS IVF (approximate: {nlist} lists, "
-                                                f"{nlist // backends.IVF_PROBE_DIVISOR} probed)")
-    assert quality.leave_one_out_knn_accuracy(m.coords, y) > 0.9
-    small = tsne.shared_map([Embeddings(x[:900], y[:900])], params=params)
-    assert small.info["neighbor_search"].startswith("FAISS Flat (exact)")
+def test_torchdr_on_cpu_takes_its_neighbours_from_featviz_search(monkeypatch):
+    """On CPU TorchDR's affinities use ``NeighborSearch``'s neighbours, as openTSNE's do (not its own FAISS)."""
+    from featviz.maps.infotsne import FastInfoTSNE
+    from featviz.maps.neighbors import NeighborSearch
+
+    seen = {}
+    end = FastInfoTSNE.on_affinity_computation_end
+
+    def record(self):
+        end(self)
+        seen["nn"] = self.NN_indices_.clone().numpy()
+
+    monkeypatch.setattr(FastInfoTSNE, "on_affinity_computation_end", record)
+
+    x, y = _pixel_like(1500, dim=80, classes=4, separation=0.5, seed=1)
+    params = tsne.TsneParams(seed=0, backend="torchdr", device="cpu", perplexity=10, n_iter=150,
+                             early_exaggeration_iter=100)
+    model, coords, info = backends.torchdr_fit(params, x, "cpu")
+    idx, dist = NeighborSearch(x, seed=0).neighbors(30)
+    assert info["neighbor_search"] == "candidates in 50 PCA dims, re-ranked in all 80 on CPU, 30 neighbours"
+    np.testing.assert_array_equal(np.sort(seen["nn"], 1), np.sort(idx, 1))
+    assert quality.leave_one_out_knn_accuracy(coords, y) > 0.9
+    u_params = tsne.TsneParams(method="umap", seed=0, backend="torchdr", device="cpu", n_neighbors=12, n_iter=100)
+    u_model, _, u_info = backends.torchdr_fit(u_params, x, "cpu")
+    assert u_info["neighbor_search"].endswith("on CPU, 12 neighbours")
 
 
 def _trustworthiness_formula(x: np.ndarray, c: np.ndarray, k: int) -> float:

@@ -97,6 +97,37 @@ def test_neighbours_are_exact_in_the_full_space():
     assert (qi[:, 0] == np.arange(5)).all()
 
 
+def test_large_searches_use_a_seeded_faiss_ivf_index_else_annoy_with_a_warning(monkeypatch, caplog):
+    """Above ``EXACT_KNN_MAX`` points (lowered here) the candidates come from FAISS IVF: deterministic, never
+    the point itself, and re-ranked to nearly the exact neighbours; without FAISS from Annoy, with a warning."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from featviz.maps import neighbors
+
+    monkeypatch.setattr(neighbors, "EXACT_KNN_MAX", 1000)
+    rng = np.random.default_rng(0)
+    wide = (rng.normal(size=(6000, 128)) * np.arange(1, 129) ** -0.75).astype(np.float32)
+    search = NeighborSearch(wide, seed=0, n_jobs=2)
+    nlist = int(4 * np.sqrt(6000))
+    assert search.describe() == (f"candidates from FAISS IVF (approximate: {nlist} lists, {nlist // 16} probed) "
+                                 "in 50 PCA dims, re-ranked in all 128")
+    idx, dist = search.neighbors(15)
+    assert not (idx == np.arange(len(wide))[:, None]).any()
+    np.testing.assert_array_equal(idx, NeighborSearch(wide, seed=0, n_jobs=1).neighbors(15)[0])
+    ref = NearestNeighbors(n_neighbors=16).fit(wide).kneighbors(wide, return_distance=False)[:, 1:]
+    recall = np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(idx, ref, strict=True)])
+    assert recall > 0.9, recall
+    qi, _ = search.query(wide[:5] + 1e-4, 3)
+    assert (qi[:, 0] == np.arange(5)).all()
+    assert neighbors.describe(6000, 20, 50).startswith("FAISS IVF (approximate")  # narrow: no PCA
+    monkeypatch.setattr(neighbors, "_faiss_installed", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="featviz.maps.neighbors"):
+        annoy = NeighborSearch(wide[:2000], seed=0).neighbors(15)[0]
+    assert "Annoy" in caplog.text and "pip install faiss-cpu" in caplog.text
+    ref = NearestNeighbors(n_neighbors=16).fit(wide[:2000]).kneighbors(wide[:2000], return_distance=False)[:, 1:]
+    assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(annoy, ref, strict=True)]) > 0.9
+
+
 def test_wide_features_keep_their_map_quality():
     x, y = _blobs(30, 80)
     wide = tsne.shared_map([Embeddings(x, y)], params=FAST)

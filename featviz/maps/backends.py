@@ -14,8 +14,10 @@ TorchDR (``pip install 'featviz[gpu]'``: torchdr and faiss-cpu, both imported on
   ``TSNE`` computes the repulsion from all N^2 pairs (its "exact" path: 2k points x 500 iterations
   took 180 s on a 2-core machine, and 1M points would need a 1M x 1M matrix), so featviz never uses it;
 - UMAP is TorchDR's ``UMAP`` (umap-learn's affinities, a, b from ``min_dist``, negative sampling);
-- the neighbours come from FAISS (``backend="faiss"``: an exact ``Flat`` index), on the GPU when the
-  installed FAISS build has GPU support, else on CPU (an approximate IVF index from ``IVF_FROM`` points).
+- the neighbours: on the GPU, when the installed FAISS build has GPU support, TorchDR's own exact
+  FAISS ``Flat`` search in all dimensions; otherwise featviz's ``NeighborSearch``, the one the CPU
+  libraries use (``_use_neighbor_search``; at 1M x 256 on 2 cores FAISS's exact search in 256-d had not
+  finished after 420 s, nor its IVF index, 1 list in 16 probed, with the affinities after 20 minutes).
   No dense N x N matrix is ever built.
 
 Threads: the CPU libraries and TorchDR on CPU use one thread below ``THREADS_FROM`` points, else
@@ -43,13 +45,6 @@ BACKENDS = ("auto", "opentsne", "torchdr")
 
 THREADS_FROM = 20_000
 INFO_TSNE_NEGATIVES = 300  # TorchDR InfoTSNE's default number of negative samples per point
-IVF_FROM = 200_000
-"""From this many points, TorchDR's neighbours on CPU come from a FAISS IVF index (4 sqrt(N) lists, 1 in
-``IVF_PROBE_DIVISOR`` probed) instead of the exact Flat one: an exact search costs N^2 x D multiply-adds
-(2.6 x 10^14 for 1M x 256; on 2 cores it was still searching after 420 s). On a GPU FAISS searches exactly.
-Measured at 200k x 256 (benchmark data, 2 cores): 1 list in 16 probed finds 97.7 % of the 90 true neighbours
-(search 97 s), 1 in 64 only 82.4 % (27 s)."""
-IVF_PROBE_DIVISOR = 16
 GPU_INSTALL = "pip install 'featviz[gpu]'"
 
 
@@ -310,15 +305,7 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
     n = len(x)
     on_gpu = device.startswith("cuda")
     faiss_gpu = on_gpu and faiss_gpu_available()
-    backend: Any = "faiss"
-    search = "Flat (exact)"
-    if not faiss_gpu and n >= IVF_FROM:
-        nlist = int(4 * np.sqrt(n))
-        nprobe = max(1, nlist // IVF_PROBE_DIVISOR)
-        backend = FaissConfig(index_type="IVF", nlist=nlist, nprobe=nprobe)
-        search = f"IVF (approximate: {nlist} lists, {nprobe} probed)"
-    elif faiss_gpu and ":" in device:
-        backend = FaissConfig(device=int(device.split(":")[1]))
+    backend: Any = FaissConfig(device=int(device.split(":")[1])) if faiss_gpu and ":" in device else "faiss"
 
     def prep(a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, np.float32)
@@ -351,6 +338,11 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
                              metric="euclidean", **common)
         k = params.n_neighbors
         info = {"estimator": "UMAP (negative sampling)"}
+    jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
+    if faiss_gpu:
+        search = f"FAISS Flat (exact) in all {x.shape[1]} dims on the GPU"
+    else:
+        search = _use_neighbor_search(model, NeighborSearch(xp, pca_dim=params.pca_dim, seed=params.seed, n_jobs=jobs))
     step, finish = callbacks(progress, total, every=1)
     if step is not None:
         end = model.on_training_step_end
@@ -360,13 +352,8 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
             step()
 
         model.on_training_step_end = on_step_end  # an instance attribute: nn.Module keeps plain functions as is
-    jobs = params.n_jobs if params.n_jobs is not None else auto_jobs(n)
     threads = torch.get_num_threads()
     try:
-        if not on_gpu or not faiss_gpu:
-            import faiss
-
-            faiss.omp_set_num_threads(jobs)
         if not on_gpu:
             torch.set_num_threads(jobs)
         coords = model.fit_transform(xp)
@@ -374,8 +361,32 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
         torch.set_num_threads(threads)
     finish()
     coords = np.asarray(coords.detach().cpu().numpy() if hasattr(coords, "detach") else coords, np.float32)
-    where = "the GPU" if faiss_gpu else "CPU"
     info.update(library=f"TorchDR {torchdr.__version__}", threads=None if on_gpu else jobs,
-                neighbor_search=f"FAISS {search} in all {x.shape[1]} dims on {where}, {k} neighbours")
+                neighbor_search=f"{search}, {k} neighbours")
     return TorchdrModel(model, xp, prep), coords, info
+
+
+def _use_neighbor_search(model: Any, search: NeighborSearch) -> str:
+    """Make TorchDR ``model``'s input affinity take its neighbours from ``search``; returns ``search.describe()``.
+
+    TorchDR's affinities ask ``_distance_matrix(X, k, return_indices=True)`` for each row's k nearest
+    other rows (their distances in the affinity's metric, squared Euclidean for t-SNE, Euclidean for
+    UMAP) once per fit; this answers from ``search`` (whose rows are X's). Placing new points
+    (``transform``) still searches with TorchDR's exact FAISS index.
+    """
+    import torch
+
+    affinity = model.affinity_in
+    squared = affinity.metric == "sqeuclidean"
+    if affinity.metric not in ("sqeuclidean", "euclidean"):
+        raise DataError(f"featviz's neighbour search gives Euclidean distances, not {affinity.metric!r}")
+
+    def distance_matrix(X, k=None, return_indices=False):
+        idx, dist = search.neighbors(int(k))
+        dist = torch.as_tensor(dist ** 2 if squared else dist, dtype=X.dtype, device=X.device)
+        idx = torch.as_tensor(idx, device=X.device)
+        return (dist, idx) if return_indices else dist
+
+    affinity._distance_matrix = distance_matrix  # an instance attribute: nn.Module keeps plain functions as is
+    return search.describe() + " on CPU"
 

@@ -18,10 +18,9 @@ Both ends of each pair receive their share, exactly as autograd gives them;
 ``tests/test_map_infotsne.py`` checks the equality against TorchDR's own loss. The negatives are
 those of TorchDR's sampler when only the point itself is excluded (uniform over the other N - 1
 points, with replacement), drawn by ``randint`` and a shift past i instead of a search in sorted
-exclusions. A neighbour FAISS did not find (index -1, from an IVF index) has P = 0 and adds nothing,
-as in TorchDR; featviz points it at row 0 once per fit, so the gradient needs no check per
-iteration. While TorchDR places new points (``transform``), only the new points move, so the gradient
-on the frozen map is not computed.
+exclusions. Every neighbour index is a real row (featviz's ``NeighborSearch`` on CPU, FAISS's exact
+search on the GPU), so the gradient needs no check for FAISS's -1. While TorchDR places new points
+(``transform``), only the new points move, so the gradient on the frozen map is not computed.
 """
 
 from __future__ import annotations
@@ -50,14 +49,6 @@ class FastInfoTSNE(torchdr.InfoTSNE):
     def _exit_transform(self, saved):
         self._placing = False
         super()._exit_transform(saved)
-
-    def on_affinity_computation_end(self):
-        """Once per fit: a neighbour FAISS did not find (-1, from an IVF index) gets P = 0 and a valid index."""
-        super().on_affinity_computation_end()
-        missing = self.NN_indices_ < 0
-        if missing.any():
-            self.affinity_in_.masked_fill_(missing, 0)
-            self.NN_indices_.clamp_(min=0)
 
     def on_training_step_start(self):
         """Draw ``n_negatives`` points per point, uniformly among the other points (with replacement)."""

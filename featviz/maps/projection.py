@@ -5,14 +5,15 @@ No torch here (TorchDR, ``featviz.maps.backends``, imports it when asked for): t
 
 What featviz adds around openTSNE (``shared/reference/features-and-apis.md`` §2.2):
 
-- the neighbours behind the affinities are each point's true nearest neighbours in the features
-  as given (``NeighborSearch``): for wide features, candidates from an exact search in 50 PCA
-  dimensions, re-ranked by the full-dimensional distance (99.6 % of the exact 90 neighbours on the
-  benchmark's 256-d features, at about the CPU cost of a brute-force search at 20k; see
-  ``NeighborSearch``). featviz used to search the 50 PCs alone (77 % of the true neighbours), which is why its
-  maps were worse than scikit-learn's on overlapping classes (10-NN class accuracy 0.579 vs 0.625
-  at 20k; with the true neighbours 0.623). openTSNE's default Annoy index finds 75 % of them at
-  100k x 256 (class accuracy 0.814 vs 0.856 with exact neighbours);
+- the neighbours behind the affinities are each point's true nearest neighbours in the features as
+  given (``NeighborSearch``): for wide features, candidates from an exact search in 50 PCA
+  dimensions (a FAISS IVF index above 150k points), re-ranked by the full-dimensional distance
+  (99.6 % of the exact 90 neighbours on the benchmark's 256-d features, at about the CPU cost of a
+  brute-force search at 20k; see ``NeighborSearch``). featviz used to search the 50 PCs alone (77 % of the
+  true neighbours), which is why its maps were worse than scikit-learn's on overlapping classes
+  (10-NN class accuracy 0.579 vs 0.625 at 20k; with the true neighbours 0.623). openTSNE's default
+  Annoy index finds 75 % of them at 100k x 256 (class accuracy 0.814 vs 0.856 with exact
+  neighbours);
 - otherwise openTSNE's defaults (250 early-exaggeration + 500 iterations, learning rate N/12 then
   N, PCA initialisation): more iterations, scikit-learn's learning rate or a coarser FFT grid did
   not close the gap or cost accuracy (docs/tsne.md has the measurements);
@@ -41,7 +42,7 @@ from featviz.errors import DataError
 from featviz.io.artifacts import Embeddings, check_finite
 from featviz.io.progress import Progress
 from featviz.maps import backends, quality
-from featviz.maps.neighbors import PCA_DIM
+from featviz.maps.neighbors import PCA_DIM, describe
 from featviz.style import PlotStyle
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,7 @@ class Projection:
             self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
             self.info["library"] = "scikit-learn"
         if p.method != "pca" and backend != "torchdr":
-            self.info["neighbor_search"] = (f"candidates in {p.pca_dim} PCA dims, re-ranked in all {x.shape[1]}"
-                                            if p.pca_dim is not None and x.shape[1] > p.pca_dim else
-                                            f"exact in all {x.shape[1]} dims")
+            self.info["neighbor_search"] = describe(n, x.shape[1], p.pca_dim)
         return np.asarray(coords, np.float32)
 
     def place(self, features: np.ndarray) -> np.ndarray:
