@@ -21,7 +21,7 @@ featviz's time ratio and accuracy difference against each peer, with the targets
     python benchmarks/tsne_bench.py --sizes 20000 --opentsne-min 0   # openTSNE at every size too
 
 ``--n N`` is another comparison, at one size: featviz's two CPU backends, openTSNE
-(``--backend opentsne``) against TorchDR on CPU (``--backend torchdr --device cpu``: InfoTSNE, FAISS
+(``--backend opentsne``) against TorchDR on CPU (``--backend torchdr --device cpu``: InfoTSNE, featviz's
 neighbours), each in its own process stopped after ``--time-cap`` seconds ("did not finish in X s",
 with how far it got), and one table: time, the map's quality (``featviz.maps.quality.map_quality``:
 10-NN class accuracy, 10-NN recall, trustworthiness on 5,000 points) and TorchDR's ratios to openTSNE.
