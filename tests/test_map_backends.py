@@ -97,6 +97,7 @@ def test_torchdr_on_cpu_takes_its_neighbours_from_featviz_search(monkeypatch):
     idx, dist = NeighborSearch(x, seed=0).neighbors(30)
     assert info["neighbor_search"] == "candidates in 50 PCA dims, re-ranked in all 80 on CPU, 30 neighbours"
     np.testing.assert_array_equal(np.sort(seen["nn"], 1), np.sort(idx, 1))
+    assert "_distance_matrix" not in model.model.affinity_in.__dict__  # the search is not kept with the model
     assert quality.leave_one_out_knn_accuracy(coords, y) > 0.9
     u_params = tsne.TsneParams(method="umap", seed=0, backend="torchdr", device="cpu", n_neighbors=12, n_iter=100)
     u_model, _, u_info = backends.torchdr_fit(u_params, x, "cpu")

@@ -359,6 +359,7 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
         coords = model.fit_transform(xp)
     finally:
         torch.set_num_threads(threads)
+        model.affinity_in.__dict__.pop("_distance_matrix", None)  # the search (its PCA and index) is not kept
     finish()
     coords = np.asarray(coords.detach().cpu().numpy() if hasattr(coords, "detach") else coords, np.float32)
     info.update(library=f"TorchDR {torchdr.__version__}", threads=None if on_gpu else jobs,
@@ -387,6 +388,6 @@ def _use_neighbor_search(model: Any, search: NeighborSearch) -> str:
         idx = torch.as_tensor(idx, device=X.device)
         return (dist, idx) if return_indices else dist
 
-    affinity._distance_matrix = distance_matrix  # an instance attribute: nn.Module keeps plain functions as is
+    affinity._distance_matrix = distance_matrix  # an instance attribute, removed after the fit
     return search.describe() + " on CPU"
 
