@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -126,6 +127,16 @@ def test_large_searches_use_a_seeded_faiss_ivf_index_else_annoy_with_a_warning(m
     assert "Annoy" in caplog.text and "pip install faiss-cpu" in caplog.text
     ref = NearestNeighbors(n_neighbors=16).fit(wide[:2000]).kneighbors(wide[:2000], return_distance=False)[:, 1:]
     assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(annoy, ref, strict=True)]) > 0.9
+
+
+def test_the_info_names_the_neighbour_search_that_ran():
+    x, y = _blobs(30, 80)
+    own = tsne.shared_map([Embeddings(x, y)], params=replace(FAST, neighbors="exact"))
+    assert own.info["neighbor_search"] == "openTSNE's 'exact' search in all 80 dims"
+    umap = tsne.shared_map([Embeddings(x, y), Embeddings(x[:20] + 0.01, y[:20])], reference=0,
+                           params=tsne.TsneParams(method="umap", seed=0, n_neighbors=10))
+    assert umap.info["neighbors"] == "umap (NNDescent)"  # placing needs umap-learn's own index
+    assert umap.info["neighbor_search"] == "umap-learn's NNDescent in all 80 dims"
 
 
 def test_wide_features_keep_their_map_quality():

@@ -216,7 +216,12 @@ class Projection:
             self.info["explained_variance_ratio"] = [float(v) for v in self.model.explained_variance_ratio_]
             self.info["library"] = "scikit-learn"
         if p.method != "pca" and backend != "torchdr":
-            self.info["neighbor_search"] = describe(n, x.shape[1], p.pca_dim)
+            if p.method == "tsne" and p.neighbors != "auto":
+                self.info["neighbor_search"] = f"openTSNE's {p.neighbors!r} search in all {x.shape[1]} dims"
+            elif p.method == "umap" and self.info.get("neighbors") != "featviz":
+                self.info["neighbor_search"] = f"umap-learn's NNDescent in all {x.shape[1]} dims"
+            else:
+                self.info["neighbor_search"] = describe(n, x.shape[1], p.pca_dim)
         return np.asarray(coords, np.float32)
 
     def place(self, features: np.ndarray) -> np.ndarray:
