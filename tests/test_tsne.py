@@ -129,6 +129,20 @@ def test_large_searches_use_a_seeded_faiss_ivf_index_else_annoy_with_a_warning(m
     assert np.mean([len(np.intersect1d(a, b)) / 15 for a, b in zip(annoy, ref, strict=True)]) > 0.9
 
 
+def test_ivf_rows_with_too_few_candidates_are_searched_again():
+    """A row whose probed lists hold fewer than m points (FAISS's -1) is searched with more lists, never -1."""
+    from featviz.maps import neighbors
+
+    z = np.random.default_rng(0).normal(size=(20000, 8)).astype(np.float32)
+    index = neighbors._ivf_index(z, seed=0)  # 565 lists of about 35 points, 35 probed
+    index.nprobe = 1
+    assert (index.search(z[:50], 200)[1] < 0).any()  # one list alone is too small
+    idx = neighbors._ivf_search(index, z[:50], 200)
+    assert (idx >= 0).all() and all(len(set(row)) == 200 for row in idx) and index.nprobe == 1
+    with pytest.raises(DataError, match="20001 neighbours among 20000"):
+        neighbors._ivf_search(index, z[:2], 20001)
+
+
 def test_the_info_names_the_neighbour_search_that_ran():
     x, y = _blobs(30, 80)
     own = tsne.shared_map([Embeddings(x, y)], params=replace(FAST, neighbors="exact"))
