@@ -127,7 +127,11 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
     from featviz.maps import quality
 
     n = len(x)
-    iterations = {"openTSNE": 750, "TorchDR-CPU": 250 + (args.torchdr_iterations or 500)}  # with early exaggeration
+    from featviz.maps import projection
+
+    d = projection.TsneParams()
+    iterations = {"openTSNE": d.early_exaggeration_iter + d.n_iter,  # with early exaggeration
+                  "TorchDR-CPU": d.early_exaggeration_iter + (args.torchdr_iterations or d.n_iter)}
     row: dict = {"n": n, "time_cap_s": args.time_cap, "torchdr_iterations": args.torchdr_iterations,
                  "torchdr_negatives": args.torchdr_negatives}
     ctx = mp.get_context("fork")  # the child shares x without a copy
@@ -221,11 +225,14 @@ def main() -> None:
                     help="--n: TorchDR's negatives per point (featviz's default: 300)")
     args = ap.parse_args()
     if args.n is not None:
+        from featviz.maps.backends import INFO_TSNE_NEGATIVES
+        from featviz.maps.projection import TsneParams
+
         load = _load()
         print(f"{os.cpu_count()} CPU cores, load average {load:.1f} at start; {platform.python_version()}; data "
               f"{args.n:,} x {args.dim}, {args.classes} classes, separation {args.separation}; time cap "
-              f"{args.time_cap:.0f} s per method; TorchDR {args.torchdr_iterations or 500} iterations after early "
-              f"exaggeration, {args.torchdr_negatives or 300} negatives", flush=True)
+              f"{args.time_cap:.0f} s per method; TorchDR {args.torchdr_iterations or TsneParams().n_iter} iterations "
+              f"after early exaggeration, {args.torchdr_negatives or INFO_TSNE_NEGATIVES} negatives", flush=True)
         t = time.perf_counter()
         x, y = pixel_like(args.n, args.dim, args.classes, args.seed, args.separation)
         print(f"data made in {time.perf_counter() - t:.1f} s", flush=True)

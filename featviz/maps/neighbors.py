@@ -58,7 +58,7 @@ class NeighborSearch:
         self.x = self._prep(x)
         self.pca = None
         self.z = self.x
-        if pca_dim is not None and self.x.shape[1] > pca_dim and len(self.x) > pca_dim:
+        if _reduces(len(self.x), self.x.shape[1], pca_dim):
             from sklearn.decomposition import PCA
 
             self.pca = PCA(n_components=pca_dim, random_state=seed)
@@ -147,12 +147,17 @@ def _faiss_installed() -> bool:
     return find_spec("faiss") is not None
 
 
+def _reduces(n: int, dim: int, pca_dim: int | None) -> bool:
+    """Whether ``n`` points of width ``dim`` are searched in ``pca_dim`` principal components (wide features)."""
+    return pca_dim is not None and dim > pca_dim and n > pca_dim
+
+
 def describe(n: int, dim: int, pca_dim: int | None) -> str:
     """``NeighborSearch``'s method for ``n`` points of width ``dim`` (``pca_dim``: the candidates' space, if any)."""
     engine = _engine(n)
     how = {"exact": "", "annoy": " from Annoy (approximate)",
            "faiss": " from FAISS IVF (approximate: {} lists, {} probed)".format(*_ivf_lists(n))}[engine]
-    if pca_dim is not None and dim > pca_dim and n > pca_dim:
+    if _reduces(n, dim, pca_dim):
         return f"candidates{how} in {pca_dim} PCA dims, re-ranked in all {dim}"
     return f"{'exact' if engine == 'exact' else how.strip().removeprefix('from ')} in all {dim} dims"
 
