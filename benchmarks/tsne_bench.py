@@ -169,13 +169,20 @@ def compare_backends(args, x: np.ndarray, y: np.ndarray, load: float) -> dict:
                 row[name] = {"finished": False, "s": s, "error": f"exit code {proc.exitcode}"}
                 print(f"  {name:12s} failed (exit code {proc.exitcode}) after {s:.1f} s", flush=True)
                 continue
-            c = np.load(out)
+            row[name] = {"finished": True, "s": s}
+            print(f"  {name:12s} {s:8.1f} s", flush=True)
+        # The quality is measured once both children are done: scikit-learn's OpenMP pool, started in this
+        # process, would deadlock the next forked child's own scikit-learn search (featviz's NeighborSearch).
+        for name in ("openTSNE", "TorchDR-CPU"):
+            if not row[name]["finished"]:
+                continue
+            out = f"{tmp}/{name}.npy"
             with open(out + ".json") as fh:
                 used = json.load(fh)
-            q = quality.map_quality(x, c, y, seed=args.seed)
-            row[name] = {"finished": True, "s": s, **{k: q[k] for k in
-                         ("knn_accuracy@10", "knn_recall@10", "trustworthiness@10")}, "sample": q["sample"], **used}
-            print(f"  {name:12s} {s:8.1f} s   10-NN accuracy {q['knn_accuracy@10']:.3f}   10-NN recall "
+            q = quality.map_quality(x, np.load(out), y, seed=args.seed)
+            row[name].update({k: q[k] for k in ("knn_accuracy@10", "knn_recall@10", "trustworthiness@10")},
+                             sample=q["sample"], **used)
+            print(f"  {name:12s} 10-NN accuracy {q['knn_accuracy@10']:.3f}   10-NN recall "
                   f"{q['knn_recall@10']:.3f}   trustworthiness {q['trustworthiness@10']:.3f}   "
                   f"({used.get('neighbor_search')})", flush=True)
     row["load_at_end"] = _load()
