@@ -16,3 +16,21 @@ def test_every_command_has_a_panel_and_help_follows_the_panels():
     rows = [line.split()[1] for line in text.splitlines() if line.startswith("│ ") and len(line.split()) > 1]
     listed = [r for r in rows if r in names]
     assert listed.index("demo") < listed.index("inspect") < listed.index("embed") < listed.index("cam")
+
+
+def test_option_help_keeps_its_brackets():
+    """Rich reads ``[word]`` as markup: an option's help saying ``featviz[gpu]`` must escape it or lose it."""
+    import typer
+    from rich.text import Text
+
+    def walk(command):
+        yield command
+        for sub in getattr(command, "commands", {}).values():
+            yield from walk(sub)
+
+    helps = [(c.name, p.name, getattr(p, "help", None) or "") for c in walk(typer.main.get_command(app))
+             for p in c.params]
+    eaten = [(c, p) for c, p, h in helps if Text.from_markup(h).plain != h.replace("\\[", "[")]
+    assert not eaten, f"option help whose [..] rich would swallow (escape it as \\\\[): {eaten}"
+    text = CliRunner().invoke(app, ["tsne", "--help"], terminal_width=200).output
+    assert "featviz[gpu]" in text

@@ -78,7 +78,7 @@ def embed(
         typer.Option(
             "--tensorboard",
             help="Also write TensorBoard projector files here (embeddings, labels, thumbnail sprite); "
-            "needs featviz[tensorboard].",
+            "needs featviz\\[tensorboard].",
         ),
     ] = None,
     shard_size: Annotated[

@@ -76,12 +76,8 @@ def device_value(value: str) -> str:
     return v
 
 
-DeviceOpt = Annotated[
-    str,
-    typer.Option(
-        "--device", callback=device_value, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
-    ),
-]
+DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+DeviceOpt = Annotated[str, typer.Option("--device", callback=device_value, help=DEVICE_HELP)]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]

@@ -19,11 +19,11 @@ from featviz.cli._app import (
 from featviz.cli.choices import FigureName, HtmlMode, MapBackend, MapMethod
 from featviz.cli.figure import cac_figure
 from featviz.cli.options import (
+    DEVICE_HELP,
     ArchOpt,
     BatchSizeOpt,
     CenterCropOpt,
     CheckpointKeyOpt,
-    DeviceOpt,
     DropNonfiniteOpt,
     ForceOpt,
     FormatOpt,
@@ -44,6 +44,7 @@ from featviz.cli.options import (
     TrustOpt,
     WorkersOpt,
     _embed_kwargs,
+    device_value,
     plot_style,
 )
 
@@ -78,7 +79,7 @@ def tsne(
         MapBackend,
         typer.Option(
             "--backend",
-            help="tsne/umap: opentsne (openTSNE, umap-learn; CPU), torchdr (TorchDR on --device; featviz[gpu]) or "
+            help="tsne/umap: opentsne (openTSNE, umap-learn; CPU), torchdr (TorchDR on --device; featviz\\[gpu]) or "
             "auto (torchdr on CUDA when installed, else opentsne).",
         ),
     ] = "auto",
@@ -176,7 +177,12 @@ def tsne(
         typer.Option("--model-seed", help="--figure cac with --arch and no checkpoint: one random-init row per seed."),
     ] = None,
     batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
+    device: Annotated[
+        str,
+        typer.Option("--device", callback=device_value,
+                     help=DEVICE_HELP + " Where checkpoints embed and where --backend torchdr maps; openTSNE, "
+                     "umap-learn and PCA run on the CPU."),
+    ] = "auto",
     precision: PrecisionOpt = "auto",
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
