@@ -237,6 +237,22 @@ def test_million_point_page_hover_shows_the_point_and_its_thumbnail(million, bro
             assert card["near"] is None
         print(f"1M page: a hover inside a blob searched the grid in {browser.eval('featviz.hoverMs()'):.2f} ms")
     assert n_near >= 1  # the nearest point with a thumbnail was shown at least once
+    # shift-drag over the upper blob selects its points: as many as numpy counts in the rectangle
+    (u0, v0), (u1, v1) = [(round(p["left"] + fx * p["W"]), round(p["top"] + fy * p["H"])) for fx, fy in
+                          ((0.4, 0.2), (0.6, 0.4))]
+    t = time.perf_counter()
+    for kind, x, y in (("mousePressed", u0, v0), ("mouseMoved", u1, v1), ("mouseReleased", u1, v1)):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", buttons=1, clickCount=1,
+                     modifiers=8)
+    browser.wait_for("document.getElementById('featviz-selection').textContent.includes('selected')", timeout=20)
+    took = time.perf_counter() - t
+    x0, x1 = sorted(v["cx"] + (u - p["left"] - p["W"] / 2) / v["s"] for u in (u0, u1))
+    y0, y1 = sorted(v["cy"] - (w - p["top"] - p["H"] / 2) / v["s"] for w in (v0, v1))
+    inside = int(np.sum((coords[:, 0] >= x0) & (coords[:, 0] <= x1) & (coords[:, 1] >= y0) & (coords[:, 1] <= y1)))
+    assert inside > 10_000
+    assert browser.eval("document.getElementById('featviz-selection').textContent").startswith(f"{inside:,} points")
+    print(f"1M page: a box selection of {inside:,} points shown in {took:.2f} s")
+    browser.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         d = Path(os.environ["FEATVIZ_SCREENSHOTS"])
         d.mkdir(parents=True, exist_ok=True)
@@ -319,3 +335,77 @@ def test_large_page_of_a_shared_map_names_the_panel(tmp_path, browser):
     assert embs[1].ids[half - 1] in card["text"] and browser.eval("featviz.hovered()") == {"panel": 1, "row": half - 1}
     if os.environ.get("FEATVIZ_SCREENSHOTS"):
         browser.screenshot().save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_shared.png")
+
+
+def test_large_page_box_selection_links_panels_counts_and_downloads_csv(tmp_path, browser):
+    """Shift-drag selects the points in a rectangle; the other panel's points of the same pixels come with them.
+
+    The rows are checked against numpy (the rectangle mapped back to map coordinates), the CSV against the
+    embeddings, and the Download button's file against the CSV; a shift-click and Esc clear the selection.
+    """
+    import csv
+    import io
+
+    m, emb, _ = _pixel_map(3_000, root=None)
+    n = 1_500
+    sub = emb.subset(np.arange(n))
+    coords = np.concatenate([m.coords[:n], m.coords[:n][np.random.default_rng(3).permutation(n)]])
+    shared = tsne.TsneMap(coords, np.tile(m.labels[:n], 2), m.class_names, (np.arange(2 * n) >= n).astype(np.int64),
+                          ["left", "right, shuffled"], np.arange(2 * n) % n, {})
+    out = interactive.map_page(shared, [sub, sub], tmp_path / "sel.html", mode="large", max_thumbnails=0)
+    browser.send("Browser.setDownloadBehavior", browser=True, behavior="allow", downloadPath=str(tmp_path / "dl"))
+    browser.open(out.resolve().as_uri())
+    browser.wait_for("window.featviz !== undefined && featviz.ready && featviz.ready()", timeout=30)
+    v = browser.eval("featviz.view()")
+    p = v["panels"][0]
+    (u0, v0), (u1, v1) = [(round(p["left"] + fx * p["W"]), round(p["top"] + fy * p["H"])) for fx, fy in
+                          ((0.25, 0.2), (0.55, 0.5))]
+
+    def shift_drag(a, b, c, d):
+        for kind, x, y in (("mousePressed", a, b), ("mouseMoved", (a + c) / 2, (b + d) / 2), ("mouseMoved", c, d),
+                           ("mouseReleased", c, d)):
+            browser.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", buttons=1, clickCount=1,
+                         modifiers=8)
+        time.sleep(0.3)
+
+    shift_drag(u0, v0, u1, v1)
+    x0, x1 = sorted(v["cx"] + (u - p["left"] - p["W"] / 2) / v["s"] for u in (u0, u1))
+    y0, y1 = sorted(v["cy"] - (w - p["top"] - p["H"] / 2) / v["s"] for w in (v0, v1))
+    c = coords[:n].astype(np.float64)
+    inside = np.flatnonzero((c[:, 0] >= x0) & (c[:, 0] <= x1) & (c[:, 1] >= y0) & (c[:, 1] <= y1))
+    assert 50 < len(inside) < n // 2
+    keys = {(sub.ids[r], int(sub.yx[r][0]), int(sub.yx[r][1])) for r in inside}
+    linked = [r for r in range(n) if (sub.ids[r], int(sub.yx[r][0]), int(sub.yx[r][1])) in keys]
+    got = browser.eval("featviz.selected()")
+    assert [g["row"] for g in got if g["panel"] == 0] == inside.tolist()
+    assert [g["row"] for g in got if g["panel"] == 1] == linked
+    bar = browser.eval("document.getElementById('featviz-selection').textContent")
+    assert f"{len(inside):,} points selected in left (+ {len(linked):,} the same rows" in bar
+    top = np.bincount(np.r_[m.labels[inside], m.labels[linked]]).argmax()
+    assert f"{m.class_names[top]} {int(np.sum(m.labels[inside] == top) * 2):,}" in bar
+    text = browser.eval("featviz.selectionCsv()")
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["panel", "row", "class", "file", "y", "x"]
+    want = [["left", str(r), m.class_names[m.labels[r]], sub.ids[r], str(sub.yx[r][0]), str(sub.yx[r][1])]
+            for r in inside] + [["right, shuffled", str(r), m.class_names[m.labels[r]], sub.ids[r],
+                                 str(sub.yx[r][0]), str(sub.yx[r][1])] for r in linked]
+    assert rows[1:] == want
+    shot = browser.screenshot()
+    browser.eval("document.getElementById('featviz-csv').click()")
+    saved = tmp_path / "dl" / "sel_selection.csv"
+    end = time.monotonic() + 20
+    while not saved.exists() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert saved.read_text(encoding="utf-8") == text
+    # a shift-click clears it; a new selection, then Esc, too
+    shift_drag(u0, v0, u0, v0)
+    assert browser.eval("featviz.selected()") == [] and not browser.eval(
+        "document.getElementById('featviz-selection').textContent")
+    shift_drag(u0, v0, u1, v1)
+    assert len(browser.eval("featviz.selected()")) == len(inside) + len(linked)
+    browser.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+    time.sleep(0.3)
+    assert browser.eval("featviz.selected()") == []
+    if os.environ.get("FEATVIZ_SCREENSHOTS"):
+        Path(os.environ["FEATVIZ_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shot.save(Path(os.environ["FEATVIZ_SCREENSHOTS"]) / "large_selection.png")

@@ -290,7 +290,8 @@ def write_large_page(
 def _html(meta: dict, title: str | None, notes: Sequence[str], folder: str) -> str:
     lines = list(notes) + [
         "hover a point for its thumbnail, class, file and row; drag to pan, wheel to zoom, double-click to "
-        "reset; click a legend entry to hide a class"
+        "reset; shift-drag to select (the same rows in every panel; counted by class, downloadable as CSV; Esc "
+        "clears); click a legend entry to hide a class"
     ]
     head = (f"<h2>{_esc(title)}</h2>" if title else "") + "".join(f"<div>{_esc(s)}</div>" for s in lines)
     data = json.dumps(meta, ensure_ascii=False).replace("</", "<\\/")

@@ -32,6 +32,9 @@ body { font-family: sans-serif; margin: 6px 10px; color: #222; }
 #featviz-card .near { border-top: 1px dashed #bbb; margin-top: 4px; padding-top: 3px; color: #555; }
 #featviz-card img.near { width: 64px; }
 #featviz-error { color: #b00; font-weight: bold; margin: 20px; }
+#featviz-selection { display: none; font-size: 12px; margin-top: 4px; padding: 3px 6px; background: #eef3fb;
+  border: 1px solid #c5d5ee; border-radius: 3px; }
+#featviz-selection button { font-size: 11px; margin-left: 4px; }
 """
 
 SCRIPT = r"""
@@ -91,15 +94,16 @@ for (const p of panels) {
   p.ctx = p.canvas.getContext('2d'); p.octx = p.overlay.getContext('2d');
   p.image = p.ctx.createImageData(size, size);
   p.acc = new Float32Array(size * size * 4);
+  p.ghost = new Uint8Array(size * size);  // while a selection is shown: pixels with unselected points only
   main.insertBefore(div, legend);
 }
 resetView();
 
 // ---------------------------------------------------------------- drawing: a density raster of the points
 function draw(p) {
-  const W = p.W, H = p.H, acc = p.acc, hid = state.hidden, s = view.s;
-  const ox = W / 2 - view.cx * s, oy = H / 2 + view.cy * s;
-  acc.fill(0);
+  const W = p.W, H = p.H, acc = p.acc, hid = state.hidden, s = view.s, sel = state.sel ? SEL : null;
+  const ox = W / 2 - view.cx * s, oy = H / 2 + view.cy * s, ghost = p.ghost;
+  acc.fill(0); ghost.fill(0);
   let nv = 0;
   for (let i = p.start; i < p.end; i++) {
     if (hid[LAB[i]]) continue;
@@ -114,6 +118,12 @@ function draw(p) {
     if (hid[c]) continue;
     const u = Math.floor(X[i] * s + ox) - h0, v = Math.floor(oy - Y[i] * s) - h0;
     if (u + d <= 0 || u >= W || v + d <= 0 || v >= H) continue;
+    if (sel && !sel[i]) {  // not selected: a faint grey where no selected point is
+      for (let yy = Math.max(v, 0); yy < Math.min(v + d, H); yy++) {
+        for (let xx = Math.max(u, 0); xx < Math.min(u + d, W); xx++) ghost[yy * W + xx] = 1;
+      }
+      continue;
+    }
     const col = RGB[c];
     for (let yy = Math.max(v, 0); yy < Math.min(v + d, H); yy++) {
       for (let xx = Math.max(u, 0); xx < Math.min(u + d, W); xx++) {
@@ -127,7 +137,7 @@ function draw(p) {
   const L = Math.log1p(mx), px = p.image.data;
   for (let o = 0; o < acc.length; o += 4) {
     const n = acc[o + 3];
-    if (n === 0) { px[o] = px[o + 1] = px[o + 2] = 255; px[o + 3] = 255; continue; }
+    if (n === 0) { px[o] = px[o + 1] = px[o + 2] = ghost[o >> 2] ? 226 : 255; px[o + 3] = 255; continue; }
     const a = mx <= 1 ? 1 : 0.45 + 0.55 * Math.log1p(n) / L;
     px[o] = 255 * (1 - a) + a * acc[o] / n;
     px[o + 1] = 255 * (1 - a) + a * acc[o + 1] / n;
@@ -218,6 +228,7 @@ function nameOf(i) {
     loading[c] = true;
     const s = document.createElement('script');
     s.src = DIR + '/names/' + String(c).padStart(5, '0') + '.js';
+    s.onerror = () => { loading[c] = 'failed'; };
     document.head.appendChild(s);
   }
   return null;
@@ -271,6 +282,14 @@ function screenOf(p, i) {
 }
 function mark() {
   for (const p of panels) p.octx.clearRect(0, 0, p.W, p.H);
+  if (box) {
+    const c = box.p.octx, s = view.s, ox = box.p.W / 2 - view.cx * s, oy = box.p.H / 2 + view.cy * s;
+    const u0 = box.x0 * s + ox, v0 = oy - box.y0 * s, u1 = box.x1 * s + ox, v1 = oy - box.y1 * s;
+    const l = Math.min(u0, u1), t = Math.min(v0, v1), w = Math.abs(u1 - u0), h = Math.abs(v1 - v0);
+    c.fillStyle = 'rgba(30, 90, 200, 0.12)'; c.fillRect(l, t, w, h);
+    c.strokeStyle = '#1e5ac8'; c.lineWidth = 1; c.setLineDash([4, 3]); c.strokeRect(l + 0.5, t + 0.5, w, h);
+    c.setLineDash([]);
+  }
   const h = state.hover;
   if (!h) return;
   const p = panelOf(h.i), [u, v] = screenOf(p, h.i);
@@ -282,11 +301,15 @@ function mark() {
 
 // ---------------------------------------------------------------- mouse: hover, pan, zoom, reset
 const HOVER_PX = 12;
-let drag = null;
+let drag = null, box = null;  // box: the selection rectangle being drawn (shift-drag), in map coordinates
 for (const p of panels) {
   const el = p.canvas;
   el.addEventListener('mousemove', e => {
     const r = el.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
+    if (box) {
+      if (box.p === p) { box.x1 = view.cx + (mx - p.W / 2) / view.s; box.y1 = view.cy - (my - p.H / 2) / view.s; }
+      state.hover = null; card(); mark(); return;
+    }
     if (drag) {
       view.cx -= (e.clientX - drag.x) / view.s; view.cy += (e.clientY - drag.y) / view.s;
       drag.x = e.clientX; drag.y = e.clientY; state.hover = null; card(); redraw(); return;
@@ -303,7 +326,13 @@ for (const p of panels) {
     card(); mark();
   });
   el.addEventListener('mouseleave', () => { state.hover = null; card(); mark(); });
-  el.addEventListener('mousedown', e => { drag = { x: e.clientX, y: e.clientY }; e.preventDefault(); });
+  el.addEventListener('mousedown', e => {
+    e.preventDefault();
+    if (!e.shiftKey) { drag = { x: e.clientX, y: e.clientY }; return; }
+    const r = el.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
+    const x = view.cx + (mx - p.W / 2) / view.s, y = view.cy - (my - p.H / 2) / view.s;
+    box = { p: p, x0: x, y0: y, x1: x, y1: y, u: e.clientX, v: e.clientY, moved: false };
+  });
   el.addEventListener('wheel', e => {
     e.preventDefault();
     const r = el.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
@@ -314,7 +343,94 @@ for (const p of panels) {
   }, { passive: false });
   el.addEventListener('dblclick', () => { resetView(); redraw(); });
 }
-window.addEventListener('mouseup', () => { drag = null; });
+window.addEventListener('mouseup', e => {
+  drag = null;
+  if (!box) return;
+  const b = box;
+  box = null;
+  // a shift-click (no drag) clears the selection
+  if (Math.abs(e.clientX - b.u) < 3 && Math.abs(e.clientY - b.v) < 3) clearSelection();
+  else select(b.p, Math.min(b.x0, b.x1), Math.max(b.x0, b.x1), Math.min(b.y0, b.y1), Math.max(b.y0, b.y1));
+  mark();
+});
+window.addEventListener('keydown', e => { if (e.key === 'Escape') clearSelection(); });
+
+// ---------------------------------------------------------------- box selection, linked across panels
+// Shift-drag selects the shown points in a rectangle of one panel; in the other panels the points of the
+// same file (and, for pixels, the same (y, x)) are selected with them. The bar above the map counts them
+// by class and downloads them as CSV (panel, row, class, file[, y, x]); Esc or a shift-click clears it.
+const SEL = new Uint8Array(N);
+const selBar = document.createElement('div');
+selBar.id = 'featviz-selection';
+document.getElementById('featviz-head').appendChild(selBar);
+// a point's file (and pixel) as one number while that is exact in a double, else as a string
+const BIGKEY = Math.max(N, META.n_names) >= 2097152;
+function keyOf(i) {
+  const f = NAME ? NAME[i] : i, px = PY ? PY[i] * 65536 + PX[i] : 0;
+  return BIGKEY ? f + ':' + px : f * 4294967296 + px;
+}
+function select(p, x0, x1, y0, y1) {
+  SEL.fill(0);
+  const hid = state.hidden, keys = new Set();
+  let n = 0, linked = 0;
+  for (let i = p.start; i < p.end; i++) {
+    if (hid[LAB[i]] || X[i] < x0 || X[i] > x1 || Y[i] < y0 || Y[i] > y1) continue;
+    SEL[i] = 1; n++;
+    if (panels.length > 1) keys.add(keyOf(i));
+  }
+  for (const q of panels) {
+    if (q === p || !keys.size) continue;
+    for (let i = q.start; i < q.end; i++) if (!hid[LAB[i]] && keys.has(keyOf(i))) { SEL[i] = 1; linked++; }
+  }
+  state.sel = n ? { panel: p.k, n: n, linked: linked } : null;
+  showSelection(); redraw();
+}
+function clearSelection() { if (!state.sel) return; SEL.fill(0); state.sel = null; showSelection(); redraw(); }
+function selectedPoints() { const out = []; for (let i = 0; i < N; i++) if (SEL[i]) out.push(i); return out; }
+function showSelection() {
+  const s = state.sel;
+  if (!s) { selBar.style.display = 'none'; selBar.innerHTML = ''; return; }
+  const by = new Array(UNK + 1).fill(0);
+  for (let i = 0; i < N; i++) if (SEL[i]) by[LAB[i]]++;
+  const top = by.map((n, c) => [n, c]).filter(a => a[0]).sort((a, b) => b[0] - a[0]);
+  const classes = top.slice(0, 5).map(([n, c]) => esc(c < UNK ? META.classes[c] : 'unknown') + ' ' +
+    n.toLocaleString('en-US')).join(', ') + (top.length > 5 ? ', … (' + top.length + ' classes)' : '');
+  selBar.innerHTML = '<b>' + s.n.toLocaleString('en-US') + ' points selected</b>' +
+    (panels.length > 1 ? ' in ' + esc(panels[s.panel].title) + ' (+ ' + s.linked.toLocaleString('en-US') +
+      ' the same rows in the other panels)' : '') + ': ' + classes +
+    ' <button id="featviz-csv">Download CSV</button> <button id="featviz-clear">Clear (Esc)</button>';
+  selBar.style.display = 'block';
+  document.getElementById('featviz-clear').onclick = clearSelection;
+  document.getElementById('featviz-csv').onclick = () => selectionCsv().then(text => {
+    const a = document.createElement('a');
+    a.href = URL.createObjectURL(new Blob([text], { type: 'text/csv' }));
+    a.download = decodeURIComponent(DIR).replace(/_files$/, '') + '_selection.csv';
+    document.body.appendChild(a); a.click(); a.remove();
+  }, err => { selBar.appendChild(document.createTextNode(' ' + err.message)); });
+}
+function csvField(v) { v = String(v); return /[",\n\r]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
+function selectionCsv() {  // a Promise of the CSV text, once every file name it needs is loaded
+  const pts = selectedPoints();
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    (function attempt() {
+      const missing = pts.find(i => nameOf(i) === null);
+      const failed = Object.keys(loading).filter(c => loading[c] === 'failed');
+      if (failed.length) { reject(new Error('file names not found: ' + DIR + '/names/ is incomplete')); return; }
+      if (missing !== undefined && META.n_names > 0) {
+        if (performance.now() - t0 > 60000) { reject(new Error('file names did not load within 60 s')); return; }
+        setTimeout(attempt, 20); return;
+      }
+      const lines = ['panel,row,class,file' + (PY ? ',y,x' : '')];
+      for (const i of pts) {
+        const c = LAB[i], f = nameOf(i);
+        lines.push([panelOf(i).title, rowOf(i), c < UNK ? META.classes[c] : '', f === null ? '' : f]
+          .concat(PY ? [PY[i], PX[i]] : []).map(csvField).join(','));
+      }
+      resolve(lines.join('\n') + '\n');
+    })();
+  });
+}
 
 // ---------------------------------------------------------------- the legend: click to hide a class
 const counts = new Array(UNK + 1).fill(0);
@@ -351,6 +467,8 @@ Object.assign(state.api, {
     return null;
   },
   hovered: () => state.hover ? { panel: panelOf(state.hover.i).k, row: rowOf(state.hover.i) } : null,
+  selected: () => selectedPoints().map(i => ({ panel: panelOf(i).k, row: rowOf(i) })),
+  selectionCsv: selectionCsv,
 });
 setTimeout(() => {
   const t0 = performance.now();
