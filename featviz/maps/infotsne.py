@@ -4,9 +4,8 @@ TorchDR differentiates InfoTSNE's loss with autograd: on CPU the backward pass o
 (N, k, 2) and (N, m, 2) rows dominates an iteration (20k points, 300 negatives: 0.36 s per
 iteration, half of it in ``backward``). ``FastInfoTSNE`` computes the same gradient directly, one
 coordinate at a time on blocks of rows: 0.1 s per iteration at 20k on 2 cores (3.6x faster), the
-same map. TorchDR has this mode
-(``_use_closed_form_gradients``, which its UMAP uses) but no closed form for InfoTSNE, so featviz
-writes it here (about 50 lines of arithmetic).
+same map. TorchDR has this mode (``_use_closed_form_gradients``, which its UMAP uses) but no closed
+form for InfoTSNE, so featviz writes it here (about 80 lines of arithmetic).
 
 The gradient, for point i with input affinities P_ik to its k neighbours and m negatives j drawn
 uniformly from the other points, q_ij = 1 / (1 + |y_i - y_j|^2), S_i = sum_j q_ij:
