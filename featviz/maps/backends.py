@@ -329,7 +329,8 @@ def torchdr_fit(params: Any, x: np.ndarray, device: str,
                                  optimizer_kwargs={"schedule": schedule}, scheduler=None, min_grad_norm=0.0, **common)
         k = min(n - 1, int(3 * params.perplexity))
         info: dict[str, Any] = {"estimator": f"InfoTSNE (negative sampling, {min(INFO_TSNE_NEGATIVES, n - 1)} "
-                                             "negatives per point; featviz's closed-form gradient)",
+                                             f"negatives per point, drawn once per {model.negative_group} rows; "
+                                             "featviz's closed-form gradient)",
                                 "optimizer": f"featviz TsneDescent (openTSNE's momentum and gains, gain "
                                              f"{schedule.late_gain:g} after early exaggeration, rate annealed to 0)"}
     else:
