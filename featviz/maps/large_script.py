@@ -331,7 +331,7 @@ for (const p of panels) {
     if (!e.shiftKey) { drag = { x: e.clientX, y: e.clientY }; return; }
     const r = el.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
     const x = view.cx + (mx - p.W / 2) / view.s, y = view.cy - (my - p.H / 2) / view.s;
-    box = { p: p, x0: x, y0: y, x1: x, y1: y, u: e.clientX, v: e.clientY, moved: false };
+    box = { p: p, x0: x, y0: y, x1: x, y1: y, u: e.clientX, v: e.clientY };
   });
   el.addEventListener('wheel', e => {
     e.preventDefault();
