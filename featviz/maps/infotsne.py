@@ -79,52 +79,21 @@ class FastInfoTSNE(torchdr.InfoTSNE):
         draw = torch.randint(0, self.n_samples_in_, (groups, self.n_negatives), device=self.chunk_indices_.device)
         self.register_buffer("neg_indices_", draw, persistent=False)
 
-    def _columns(self) -> list[torch.Tensor]:
-        y = self.embedding_.detach()
-        return [y[:, axis].contiguous() for axis in range(y.shape[1])]
+    def _pair_gradient(self, keys: torch.Tensor, group: int, weight) -> torch.Tensor:
+        """The gradient between query rows and their ``keys``, both ends: ``weight(q, query, keys, rows)`` (y_i - y_k).
 
-    def _gradient_buffers(self, columns: list[torch.Tensor]):
-        """(on_query, on_keys): the gradient on each query row, and on every point (None while placing)."""
-        on_query = torch.empty(len(self.chunk_indices_), len(columns), dtype=columns[0].dtype,
-                               device=columns[0].device)
-        return on_query, None if self._placing else [torch.zeros_like(c) for c in columns]
-
-    def _finish(self, on_query: torch.Tensor, on_keys) -> torch.Tensor:
-        if on_keys is None:
-            return on_query
-        return torch.stack(on_keys, 1).index_add_(0, self.chunk_indices_, on_query)
-
-    def _compute_attractive_gradients(self):
-        """2 P_ik q_ik (y_i - y_k) on each query row i from its k neighbours, and the opposite on y_k."""
-        columns = self._columns()
-        keys, queries = self.NN_indices_, self.chunk_indices_
-        on_query, on_keys = self._gradient_buffers(columns)
-        per_block = max(1, BLOCK_PAIRS[columns[0].device.type == "cuda"] // keys.shape[1])
-        for start in range(0, len(queries), per_block):
-            rows = slice(start, start + per_block)
-            block = keys[rows]
-            flat = block.reshape(-1)
-            diffs = [c[queries[rows]].unsqueeze(1) - c.index_select(0, flat).view(block.shape) for c in columns]
-            coef = sum(d * d for d in diffs).add_(1).reciprocal_().mul_(self.affinity_in_[rows]).mul_(2)
-            for axis, d in enumerate(diffs):
-                d.mul_(coef)
-                on_query[rows, axis] = d.sum(1)
-                if on_keys is not None:
-                    on_keys[axis].index_add_(0, flat, d.reshape(-1), alpha=-1)
-        return self._finish(on_query, on_keys)
-
-    def _compute_repulsive_gradients(self):
-        """-2 q_ij^2 (y_i - y_j) / (N S_i) on each query row i from its group's negatives j, the opposite on y_j.
-
-        A group's rows and its negatives broadcast against each other, (groups, rows, negatives), with no
-        gather per pair; a row's own index among the draws gets q = 0 (it is not one of its negatives).
+        ``keys`` is (groups, m): each group of ``group`` consecutive query rows shares one row of keys (1: every
+        row its own, as the neighbours). A group's rows and its keys broadcast against each other, (groups,
+        rows, m), so shared keys are gathered once per group. ``weight`` maps the Student-t kernel q of a
+        block to its per-pair coefficients. Blocks hold about ``BLOCK_PAIRS`` pairs, so the temporaries stay
+        in cache on CPU and bounded in memory at any N.
         """
-        columns = self._columns()
-        queries, negatives = self.chunk_indices_, self.neg_indices_
-        on_query, on_keys = self._gradient_buffers(columns)
-        scale = -2.0 / self.n_samples_in_
-        group = self.negative_group
-        per_block = max(1, BLOCK_PAIRS[columns[0].device.type == "cuda"] // (group * negatives.shape[1]))
+        y = self.embedding_.detach()
+        columns = [y[:, axis].contiguous() for axis in range(y.shape[1])]
+        queries = self.chunk_indices_
+        on_query = torch.empty(len(queries), len(columns), dtype=y.dtype, device=y.device)
+        on_keys = None if self._placing else [torch.zeros_like(c) for c in columns]
+        per_block = max(1, BLOCK_PAIRS[y.device.type == "cuda"] // (group * keys.shape[1]))
         whole = len(queries) // group  # whole groups of rows; a last, shorter one follows
         spans = [(g, min(g + per_block, whole), group) for g in range(0, whole, per_block)]
         if whole * group < len(queries):
@@ -132,14 +101,33 @@ class FastInfoTSNE(torchdr.InfoTSNE):
         for first, end, size in spans:
             rows = slice(first * group, first * group + (end - first) * size)
             query = queries[rows].view(end - first, size, 1)
-            drawn = negatives[first:end]
-            flat = drawn.reshape(-1)
+            block = keys[first:end]
+            flat = block.reshape(-1)
             diffs = [c[query] - c.index_select(0, flat).view(end - first, 1, -1) for c in columns]
-            q = sum(d * d for d in diffs).add_(1).reciprocal_().masked_fill_(query == drawn.unsqueeze(1), 0)
-            coef = q.square().div_(q.sum(2, keepdim=True).clamp_min_(1e-30)).mul_(scale)
+            coef = weight(sum(d * d for d in diffs).add_(1).reciprocal_(), query, block, rows)
             for axis, d in enumerate(diffs):
                 d.mul_(coef)
                 on_query[rows, axis] = d.sum(2).reshape(-1)
                 if on_keys is not None:
-                    on_keys[axis].index_add_(0, flat, d.sum(1).reshape(-1), alpha=-1)
-        return self._finish(on_query, on_keys)
+                    on_keys[axis].index_add_(0, flat, (d.sum(1) if size > 1 else d).reshape(-1), alpha=-1)
+        if on_keys is None:
+            return on_query
+        return torch.stack(on_keys, 1).index_add_(0, queries, on_query)
+
+    def _compute_attractive_gradients(self):
+        """2 P_ik q_ik (y_i - y_k) on each query row i from its k neighbours, and the opposite on y_k."""
+        return self._pair_gradient(self.NN_indices_, 1,
+                                   lambda q, query, keys, rows: q.mul_(self.affinity_in_[rows].unsqueeze(1)).mul_(2))
+
+    def _compute_repulsive_gradients(self):
+        """-2 q_ij^2 (y_i - y_j) / (N S_i) on each query row i from its group's negatives j, the opposite on y_j.
+
+        A row's own index among its group's draws gets q = 0 (it is not one of its negatives).
+        """
+        scale = -2.0 / self.n_samples_in_
+
+        def weight(q, query, drawn, rows):
+            q.masked_fill_(query == drawn.unsqueeze(1), 0)
+            return q.square().div_(q.sum(2, keepdim=True).clamp_min_(1e-30)).mul_(scale)
+
+        return self._pair_gradient(self.neg_indices_, self.negative_group, weight)
