@@ -371,18 +371,20 @@ function keyOf(i) {
 }
 function select(p, x0, x1, y0, y1) {
   SEL.fill(0);
-  const hid = state.hidden, keys = new Set();
+  const hid = state.hidden, keys = new Set(), by = new Array(UNK + 1).fill(0);
   let n = 0, linked = 0;
   for (let i = p.start; i < p.end; i++) {
     if (hid[LAB[i]] || X[i] < x0 || X[i] > x1 || Y[i] < y0 || Y[i] > y1) continue;
-    SEL[i] = 1; n++;
+    SEL[i] = 1; n++; by[LAB[i]]++;
     if (panels.length > 1) keys.add(keyOf(i));
   }
   for (const q of panels) {
     if (q === p || !keys.size) continue;
-    for (let i = q.start; i < q.end; i++) if (!hid[LAB[i]] && keys.has(keyOf(i))) { SEL[i] = 1; linked++; }
+    for (let i = q.start; i < q.end; i++) {
+      if (!hid[LAB[i]] && keys.has(keyOf(i))) { SEL[i] = 1; linked++; by[LAB[i]]++; }
+    }
   }
-  state.sel = n ? { panel: p.k, n: n, linked: linked } : null;
+  state.sel = n ? { panel: p.k, n: n, linked: linked, by: by } : null;
   showSelection(); redraw();
 }
 function clearSelection() { if (!state.sel) return; SEL.fill(0); state.sel = null; showSelection(); redraw(); }
@@ -390,9 +392,7 @@ function selectedPoints() { const out = []; for (let i = 0; i < N; i++) if (SEL[
 function showSelection() {
   const s = state.sel;
   if (!s) { selBar.style.display = 'none'; selBar.innerHTML = ''; return; }
-  const by = new Array(UNK + 1).fill(0);
-  for (let i = 0; i < N; i++) if (SEL[i]) by[LAB[i]]++;
-  const top = by.map((n, c) => [n, c]).filter(a => a[0]).sort((a, b) => b[0] - a[0]);
+  const top = s.by.map((n, c) => [n, c]).filter(a => a[0]).sort((a, b) => b[0] - a[0]);
   const classes = top.slice(0, 5).map(([n, c]) => esc(c < UNK ? META.classes[c] : 'unknown') + ' ' +
     n.toLocaleString('en-US')).join(', ') + (top.length > 5 ? ', … (' + top.length + ' classes)' : '');
   selBar.innerHTML = '<b>' + s.n.toLocaleString('en-US') + ' points selected</b>' +
